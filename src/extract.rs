@@ -1,0 +1,676 @@
+//! Who is calling: extractors turn a request into an [`Identity`].
+//!
+//! An [`Extractor`] reads a request's head (never its body), synchronously
+//! and without allocating, and returns the caller's [`Identity`] or a
+//! [`Rejection`] that becomes a clear 400 or 401 (gRPC `INVALID_ARGUMENT` or
+//! `UNAUTHENTICATED`). Closures are extractors too.
+//!
+//! Built in: [`ApiKey`] (`Authorization: Bearer` or `X-API-Key`, the same
+//! keys in gRPC metadata), [`PeerIp`] (with an explicit trusted-proxy rule),
+//! [`FromExtension`] (an identity an earlier auth layer put in the request's
+//! extensions) and [`GlobalKey`] (one limit for everyone).
+//!
+//! # Async key lookups
+//!
+//! Extractors are synchronous on purpose: a database lookup of an API key
+//! belongs in an authentication layer that runs *before* this one and puts
+//! an [`Identity`] into the request's extensions, where [`FromExtension`]
+//! finds it. See `examples/auth_first.rs`.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use http::{Extensions, HeaderMap, Method, Uri, header};
+
+use crate::key::KeyId;
+use crate::policy::{Policy, TierId};
+
+/// A borrowed view of a request's head, handed to extractors.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestRef<'a> {
+    /// The method.
+    pub method: &'a Method,
+    /// The URI.
+    pub uri: &'a Uri,
+    /// The headers (gRPC metadata are headers too).
+    pub headers: &'a HeaderMap,
+    /// The extensions (peer address, identities from earlier layers).
+    pub extensions: &'a Extensions,
+}
+
+impl<'a> RequestRef<'a> {
+    /// A view of `req`'s head.
+    pub fn new<B>(req: &'a http::Request<B>) -> Self {
+        RequestRef {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+            extensions: req.extensions(),
+        }
+    }
+
+    /// The connection's peer address, from axum's `ConnectInfo` or tonic's
+    /// `TcpConnectInfo`, or a bare [`SocketAddr`] extension.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        #[cfg(feature = "axum")]
+        if let Some(ci) = self
+            .extensions
+            .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        {
+            return Some(ci.0);
+        }
+        #[cfg(feature = "tonic")]
+        if let Some(ci) = self
+            .extensions
+            .get::<tonic::transport::server::TcpConnectInfo>()
+        {
+            return ci.remote_addr();
+        }
+        self.extensions.get::<SocketAddr>().copied()
+    }
+}
+
+/// A request's declared priority (`X-Request-Priority`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Priority {
+    /// May be refused first.
+    Sheddable,
+    /// The default.
+    #[default]
+    Normal,
+    /// May use capacity reserved for critical requests.
+    Critical,
+}
+
+/// Who the caller is, as far as limits are concerned.
+///
+/// Put one into a request's extensions from an authentication layer and
+/// [`FromExtension`] will use it:
+///
+/// ```
+/// use tierlimit::Identity;
+///
+/// let id = Identity::new("user-42");
+/// assert_eq!(id.tier(), None);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    key: KeyId,
+    tier: Option<TierId>,
+    cost: Option<u32>,
+    priority: Priority,
+}
+
+impl Identity {
+    /// The identity of a textual key (hashed at once; the text is not kept).
+    pub fn new(key: &str) -> Self {
+        Self::from_key_id(KeyId::of(key))
+    }
+
+    /// The identity of an already hashed key.
+    pub const fn from_key_id(key: KeyId) -> Self {
+        Identity {
+            key,
+            tier: None,
+            cost: None,
+            priority: Priority::Normal,
+        }
+    }
+
+    /// Sets the caller's tier (otherwise the policy decides).
+    #[must_use]
+    pub const fn with_tier(mut self, tier: TierId) -> Self {
+        self.tier = Some(tier);
+        self
+    }
+
+    /// Sets this request's cost, overriding the route's.
+    #[must_use]
+    pub const fn with_cost(mut self, cost: u32) -> Self {
+        self.cost = Some(cost);
+        self
+    }
+
+    /// Sets this request's priority.
+    #[must_use]
+    pub const fn with_priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// The key.
+    pub const fn key(&self) -> KeyId {
+        self.key
+    }
+
+    /// The tier, if known.
+    pub const fn tier(&self) -> Option<TierId> {
+        self.tier
+    }
+
+    /// The cost, if set.
+    pub const fn cost(&self) -> Option<u32> {
+        self.cost
+    }
+
+    /// The priority.
+    pub const fn priority(&self) -> Priority {
+        self.priority
+    }
+}
+
+/// Why a request was refused before any limit was checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// No credential was sent: 401 / `UNAUTHENTICATED`.
+    MissingKey,
+    /// A credential was sent but cannot be read: 400 / `INVALID_ARGUMENT`.
+    MalformedKey(&'static str),
+    /// The key is not known to the policy: 401 / `UNAUTHENTICATED`.
+    UnknownKey,
+    /// The request's cost is not acceptable: 400 / `INVALID_ARGUMENT`.
+    InvalidCost(&'static str),
+    /// The peer address needed to identify the caller is not available
+    /// (the server was not started with connect info): 500-free, a 401.
+    NoPeerAddress,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::MissingKey => f.write_str(
+                "no API key: send it as `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+            ),
+            Rejection::MalformedKey(why) => write!(f, "malformed API key: {why}"),
+            Rejection::UnknownKey => f.write_str("unknown API key"),
+            Rejection::InvalidCost(why) => write!(f, "invalid request cost: {why}"),
+            Rejection::NoPeerAddress => {
+                f.write_str("the caller cannot be identified: no API key and no peer address")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+/// Turns a request into the caller's [`Identity`].
+///
+/// Implemented by closures `Fn(&RequestRef<'_>, &Policy) -> Result<Identity, Rejection>`:
+///
+/// ```
+/// use tierlimit::{Identity, Policy, Rejection, RequestRef};
+///
+/// let by_tenant = |req: &RequestRef<'_>, _: &Policy| {
+///     req.headers
+///         .get("x-tenant")
+///         .and_then(|v| v.to_str().ok())
+///         .map(Identity::new)
+///         .ok_or(Rejection::MissingKey)
+/// };
+/// # fn takes<E: tierlimit::Extractor>(_: E) {}
+/// takes(by_tenant);
+/// ```
+pub trait Extractor: Send + Sync + 'static {
+    /// Identifies the caller. `policy` is the policy in force, for key → tier
+    /// lookups.
+    fn extract(&self, req: &RequestRef<'_>, policy: &Policy) -> Result<Identity, Rejection>;
+}
+
+impl<F> Extractor for F
+where
+    F: Fn(&RequestRef<'_>, &Policy) -> Result<Identity, Rejection> + Send + Sync + 'static,
+{
+    #[inline]
+    fn extract(&self, req: &RequestRef<'_>, policy: &Policy) -> Result<Identity, Rejection> {
+        self(req, policy)
+    }
+}
+
+/// The default longest key accepted.
+pub const DEFAULT_MAX_KEY_LEN: usize = 256;
+
+const X_API_KEY: &str = "x-api-key";
+
+type TierFn = dyn Fn(&str) -> Option<TierId> + Send + Sync;
+
+/// The API key from `Authorization: Bearer <key>` or `X-API-Key: <key>`
+/// (in gRPC: the `authorization` or `x-api-key` metadata).
+///
+/// The key's tier comes from the policy's `[keys]` table, else from the
+/// resolver given to [`tiers`](Self::tiers), else the policy's rule for
+/// unknown keys applies. Keys are at most 256 bytes by default, visible
+/// ASCII, no spaces; anything else is a 400 that says what is wrong.
+#[must_use]
+pub struct ApiKey {
+    max_len: usize,
+    resolver: Option<Box<TierFn>>,
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("max_len", &self.max_len)
+            .field("resolver", &self.resolver.is_some())
+            .finish()
+    }
+}
+
+impl Default for ApiKey {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ApiKey {
+    /// Reads keys from `Authorization: Bearer` or `X-API-Key`.
+    pub fn new() -> Self {
+        ApiKey {
+            max_len: DEFAULT_MAX_KEY_LEN,
+            resolver: None,
+        }
+    }
+
+    /// The longest key accepted (default 256 bytes).
+    pub fn max_len(mut self, max: usize) -> Self {
+        self.max_len = max;
+        self
+    }
+
+    /// Resolves keys the policy's table does not list (for example keys
+    /// with a tier prefix, `pk_live_pro_…`). Runs on every such request, so
+    /// keep it fast; look tiers up once with [`Policy::tier`].
+    pub fn tiers<F>(mut self, resolver: F) -> Self
+    where
+        F: Fn(&str) -> Option<TierId> + Send + Sync + 'static,
+    {
+        self.resolver = Some(Box::new(resolver));
+        self
+    }
+
+    /// The raw key of a request, validated, without resolving a tier.
+    pub fn read<'r>(&self, headers: &'r HeaderMap) -> Result<&'r str, Rejection> {
+        let mut found = None;
+        for value in headers.get_all(header::AUTHORIZATION) {
+            let v = value.as_bytes();
+            let Some(rest) = strip_prefix_ignore_case(v, b"bearer ") else {
+                return Err(Rejection::MalformedKey(
+                    "the Authorization header must be `Bearer <key>`",
+                ));
+            };
+            if found.replace(trim(rest)).is_some() {
+                return Err(Rejection::MalformedKey("more than one API key was sent"));
+            }
+        }
+        for value in headers.get_all(X_API_KEY) {
+            if found.replace(trim(value.as_bytes())).is_some() {
+                return Err(Rejection::MalformedKey("more than one API key was sent"));
+            }
+        }
+        let Some(key) = found else {
+            return Err(Rejection::MissingKey);
+        };
+        if key.is_empty() {
+            return Err(Rejection::MalformedKey("the API key is empty"));
+        }
+        if key.len() > self.max_len {
+            return Err(Rejection::MalformedKey("the API key is too long"));
+        }
+        if !key.iter().all(|&b| b.is_ascii_graphic()) {
+            return Err(Rejection::MalformedKey(
+                "the API key must be printable ASCII without spaces",
+            ));
+        }
+        // Visible ASCII is valid UTF-8.
+        std::str::from_utf8(key).map_err(|_| Rejection::MalformedKey("the API key is not UTF-8"))
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(v: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    (v.len() >= prefix.len() && v[..prefix.len()].eq_ignore_ascii_case(prefix))
+        .then(|| &v[prefix.len()..])
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    v.trim_ascii()
+}
+
+impl Extractor for ApiKey {
+    #[inline]
+    fn extract(&self, req: &RequestRef<'_>, policy: &Policy) -> Result<Identity, Rejection> {
+        let key = self.read(req.headers)?;
+        let id = KeyId::of(key);
+        let tier = policy
+            .key_tier(key, id)
+            .or_else(|| self.resolver.as_ref().and_then(|r| r(key)));
+        Ok(Identity {
+            key: id,
+            tier,
+            cost: None,
+            priority: Priority::Normal,
+        })
+    }
+}
+
+/// The caller's IP address, for anonymous limits.
+///
+/// By default the connection's peer address is used and forwarding
+/// headers are ignored. Behind proxies, name them with
+/// [`trust_proxies`](Self::trust_proxies): when the peer is one of them, the
+/// client is the rightmost `X-Forwarded-For` entry that is *not* a trusted
+/// proxy (the leftmost entry is whatever the client wrote, so it is never
+/// believed).
+///
+/// ```
+/// use tierlimit::PeerIp;
+///
+/// let behind_lb = PeerIp::new().trust_proxies(["10.0.0.0/8".parse().unwrap()]);
+/// # let _ = behind_lb;
+/// ```
+#[derive(Clone, Debug, Default)]
+#[must_use]
+pub struct PeerIp {
+    trusted: Vec<IpNet>,
+    tier: Option<TierId>,
+}
+
+impl PeerIp {
+    /// The connection's peer address; no proxy trusted.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Trusts these proxy networks' `X-Forwarded-For`.
+    pub fn trust_proxies(mut self, nets: impl IntoIterator<Item = IpNet>) -> Self {
+        self.trusted.extend(nets);
+        self
+    }
+
+    /// Gives every caller this tier (otherwise the policy's `missing_key`
+    /// tier applies).
+    pub fn tier(mut self, tier: TierId) -> Self {
+        self.tier = Some(tier);
+        self
+    }
+
+    /// The client address of a request, following trusted proxies.
+    pub fn client_ip(&self, req: &RequestRef<'_>) -> Option<IpAddr> {
+        let peer = req.peer_addr()?.ip();
+        if !self.is_trusted(peer) {
+            return Some(peer);
+        }
+        let mut client = peer;
+        // Walk X-Forwarded-For from the right, skipping trusted hops.
+        for value in req.headers.get_all("x-forwarded-for").iter().rev() {
+            let Ok(s) = value.to_str() else {
+                return Some(client);
+            };
+            for hop in s.rsplit(',') {
+                let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+                    return Some(client);
+                };
+                client = ip;
+                if !self.is_trusted(ip) {
+                    return Some(ip);
+                }
+            }
+        }
+        Some(client)
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|n| n.contains(ip))
+    }
+}
+
+impl Extractor for PeerIp {
+    fn extract(&self, req: &RequestRef<'_>, policy: &Policy) -> Result<Identity, Rejection> {
+        let ip = self.client_ip(req).ok_or(Rejection::NoPeerAddress)?;
+        let mut id = Identity::from_key_id(KeyId::of_ip(ip));
+        id.tier = self.tier.or_else(|| policy.missing_key_tier());
+        Ok(id)
+    }
+}
+
+/// An [`Identity`] placed in the request's extensions by an earlier layer
+/// (your authentication). A request without one is [`Rejection::MissingKey`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FromExtension;
+
+impl Extractor for FromExtension {
+    #[inline]
+    fn extract(&self, req: &RequestRef<'_>, _: &Policy) -> Result<Identity, Rejection> {
+        req.extensions
+            .get::<Identity>()
+            .copied()
+            .ok_or(Rejection::MissingKey)
+    }
+}
+
+/// One identity for every request: a global limit under `tier`.
+#[derive(Clone, Copy, Debug)]
+pub struct GlobalKey {
+    tier: TierId,
+}
+
+impl GlobalKey {
+    /// Every request counts as the same caller in `tier`.
+    pub const fn new(tier: TierId) -> Self {
+        GlobalKey { tier }
+    }
+}
+
+impl Extractor for GlobalKey {
+    #[inline]
+    fn extract(&self, _: &RequestRef<'_>, _: &Policy) -> Result<Identity, Rejection> {
+        Ok(Identity::from_key_id(KeyId::GLOBAL).with_tier(self.tier))
+    }
+}
+
+/// An IP network (`10.0.0.0/8`, `::1/128`, or a bare address), for
+/// [`PeerIp::trust_proxies`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// `addr/prefix`; `None` if the prefix is too long for the address.
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (prefix <= max).then_some(IpNet { addr, prefix })
+    }
+
+    /// Whether `ip` is in this network (IPv4-mapped IPv6 counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Why an [`IpNet`] did not parse.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpNetParseError(String);
+
+impl fmt::Display for IpNetParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}` is not an IP network such as 10.0.0.0/8", self.0)
+    }
+}
+
+impl std::error::Error for IpNetParseError {}
+
+impl std::str::FromStr for IpNet {
+    type Err = IpNetParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || IpNetParseError(s.to_owned());
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| err())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.trim().parse().map_err(|_| err())?,
+            None => max,
+        };
+        IpNet::new(addr, prefix).ok_or_else(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderValue, Request};
+
+    fn policy() -> Policy {
+        Policy::from_toml_str(
+            r#"
+categories = ["read", "write"]
+[tiers.free]
+read = "10/s"
+write = "10/s"
+[keys]
+"k-free" = "free"
+"#,
+        )
+        .unwrap()
+    }
+
+    fn req(headers: &[(&str, &[u8])]) -> Request<()> {
+        let mut r = Request::new(());
+        for (k, v) in headers {
+            r.headers_mut().append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(v).unwrap(),
+            );
+        }
+        r
+    }
+
+    #[test]
+    fn api_key_sources_and_errors() {
+        let p = policy();
+        let x = ApiKey::new();
+        let ok = |r: &Request<()>| x.extract(&RequestRef::new(r), &p);
+        let id = ok(&req(&[("authorization", b"Bearer k-free")])).unwrap();
+        assert_eq!(id.key(), KeyId::of("k-free"));
+        assert_eq!(id.tier(), p.tier("free"));
+        let id = ok(&req(&[("x-api-key", b"  k-free ")])).unwrap();
+        assert_eq!(id.tier(), p.tier("free"));
+        let id = ok(&req(&[("authorization", b"bearer other")])).unwrap();
+        assert_eq!(id.tier(), None);
+
+        assert_eq!(ok(&req(&[])).unwrap_err(), Rejection::MissingKey);
+        assert!(matches!(
+            ok(&req(&[("authorization", b"Basic abc")])),
+            Err(Rejection::MalformedKey(_))
+        ));
+        assert!(matches!(
+            ok(&req(&[("x-api-key", b"")])),
+            Err(Rejection::MalformedKey(_))
+        ));
+        assert!(matches!(
+            ok(&req(&[("x-api-key", b"\xff\xfe")])),
+            Err(Rejection::MalformedKey(_))
+        ));
+        assert!(matches!(
+            ok(&req(&[("x-api-key", b"a b")])),
+            Err(Rejection::MalformedKey(_))
+        ));
+        let long = vec![b'a'; 257];
+        assert!(matches!(
+            ok(&req(&[("x-api-key", &long)])),
+            Err(Rejection::MalformedKey(_))
+        ));
+        assert!(matches!(
+            ok(&req(&[("x-api-key", b"a"), ("authorization", b"Bearer b")])),
+            Err(Rejection::MalformedKey(_))
+        ));
+    }
+
+    #[test]
+    fn resolver_is_consulted_after_the_table() {
+        let p = policy();
+        let free = p.tier("free").unwrap();
+        let x = ApiKey::new().tiers(move |k| k.starts_with("pk_free_").then_some(free));
+        let r = req(&[("x-api-key", b"pk_free_123")]);
+        assert_eq!(
+            x.extract(&RequestRef::new(&r), &p).unwrap().tier(),
+            Some(free)
+        );
+    }
+
+    #[test]
+    fn peer_ip_trusts_only_named_proxies() {
+        let with = |peer: &str, xff: &[&[u8]]| {
+            let mut r = req(&xff
+                .iter()
+                .map(|v| ("x-forwarded-for", *v))
+                .collect::<Vec<_>>());
+            r.extensions_mut()
+                .insert(peer.parse::<SocketAddr>().unwrap());
+            r
+        };
+        let plain = PeerIp::new();
+        let r = with("203.0.113.9:1000", &[b"1.2.3.4"]);
+        assert_eq!(
+            plain.client_ip(&RequestRef::new(&r)),
+            Some("203.0.113.9".parse().unwrap())
+        );
+
+        let lb = PeerIp::new().trust_proxies(["10.0.0.0/8".parse().unwrap()]);
+        // The client forged a leftmost entry; the proxy appended the real one.
+        let r = with("10.0.0.2:1000", &[b"6.6.6.6, 198.51.100.7, 10.0.0.3"]);
+        assert_eq!(
+            lb.client_ip(&RequestRef::new(&r)),
+            Some("198.51.100.7".parse().unwrap())
+        );
+        // Untrusted peer: forwarding headers ignored.
+        let r = with("198.51.100.1:1000", &[b"6.6.6.6"]);
+        assert_eq!(
+            lb.client_ip(&RequestRef::new(&r)),
+            Some("198.51.100.1".parse().unwrap())
+        );
+        // Garbage stops the walk at the last good hop.
+        let r = with("10.0.0.2:1000", &[b"nonsense"]);
+        assert_eq!(
+            lb.client_ip(&RequestRef::new(&r)),
+            Some("10.0.0.2".parse().unwrap())
+        );
+        assert_eq!(plain.client_ip(&RequestRef::new(&req(&[]))), None);
+    }
+
+    #[test]
+    fn ipnet_parse_and_contains() {
+        let n: IpNet = "192.168.0.0/16".parse().unwrap();
+        assert!(n.contains("192.168.4.5".parse().unwrap()));
+        assert!(n.contains("::ffff:192.168.4.5".parse().unwrap()));
+        assert!(!n.contains("192.169.0.1".parse().unwrap()));
+        let all: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("1.1.1.1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+        assert!("x/8".parse::<IpNet>().is_err());
+        let one: IpNet = "::1".parse().unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+    }
+}

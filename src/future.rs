@@ -1,0 +1,149 @@
+//! The response future of [`RateLimit`](crate::RateLimit).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use crate::backend::{BackendError, Decision};
+use crate::key::KeyId;
+use crate::policy::{CategoryId, Policy, TierId};
+use crate::response::ResponseBody;
+use crate::response::headers::{HeaderOptions as Options, HeaderPlan};
+use crate::service::{ServiceStep, finish};
+
+/// What a deferred check needs to finish.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub(crate) policy: Arc<Policy>,
+    pub(crate) tier: TierId,
+    pub(crate) category: CategoryId,
+    pub(crate) key: KeyId,
+    pub(crate) policy_header: HeaderValue,
+    pub(crate) options: Options,
+    pub(crate) grpc: bool,
+}
+
+pin_project! {
+    /// The response future of [`RateLimit`](crate::RateLimit): the inner
+    /// service's future (then headers), a ready refusal, or a backend check
+    /// still under way.
+    pub struct ResponseFuture<F, S, Req, BF> {
+        #[pin]
+        state: State<F, S, Req, BF>,
+        plan: Option<HeaderPlan>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, S, Req, BF> {
+        Inner { #[pin] fut: F },
+        Ready { res: Option<Response<Bytes>> },
+        Checking {
+            #[pin]
+            check: BF,
+            inner: Option<S>,
+            req: Option<Req>,
+            pending: Option<Box<Pending>>,
+        },
+    }
+}
+
+impl<F, S, Req, BF> fmt::Debug for ResponseFuture<F, S, Req, BF> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, S, Req, BF> ResponseFuture<F, S, Req, BF> {
+    pub(crate) fn inner(fut: F, plan: Option<HeaderPlan>) -> Self {
+        ResponseFuture {
+            state: State::Inner { fut },
+            plan,
+        }
+    }
+
+    pub(crate) fn ready(res: Response<Bytes>) -> Self {
+        ResponseFuture {
+            state: State::Ready { res: Some(res) },
+            plan: None,
+        }
+    }
+
+    pub(crate) fn checking(check: BF, inner: S, req: Req, pending: Box<Pending>) -> Self {
+        ResponseFuture {
+            state: State::Checking {
+                check,
+                inner: Some(inner),
+                req: Some(req),
+                pending: Some(pending),
+            },
+            plan: None,
+        }
+    }
+}
+
+impl<F, S, ReqBody, BF, ResBody, E> Future for ResponseFuture<F, S, Request<ReqBody>, BF>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>, Error = E, Future = F>,
+    BF: Future<Output = Result<Decision, BackendError>>,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Inner { fut } => {
+                    let res = ready!(fut.poll(cx))?;
+                    let mut res = res.map(ResponseBody::inner);
+                    if let Some(plan) = this.plan.take() {
+                        plan.write(res.headers_mut());
+                    }
+                    return Poll::Ready(Ok(res));
+                }
+                StateProj::Ready { res } => {
+                    let res = res.take().expect("ResponseFuture polled after completion");
+                    return Poll::Ready(Ok(res.map(ResponseBody::full)));
+                }
+                StateProj::Checking {
+                    check,
+                    inner,
+                    req,
+                    pending,
+                } => {
+                    let result = ready!(check.poll(cx));
+                    let p = pending
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    let plan = |decision| HeaderPlan {
+                        decision,
+                        policy_header: p.policy_header.clone(),
+                        options: p.options,
+                    };
+                    match finish::<()>(result, plan, &p.policy, p.tier, p.category, p.key, p.grpc) {
+                        ServiceStep::Allow(plan) => {
+                            let mut svc = inner.take().expect("inner service taken once");
+                            let req = req.take().expect("request taken once");
+                            *this.plan = Some(plan);
+                            let fut = svc.call(req);
+                            this.state.set(State::Inner { fut });
+                        }
+                        ServiceStep::Refuse(res) => this.state.set(State::Ready { res: Some(res) }),
+                        ServiceStep::Pass | ServiceStep::Wait(..) => {
+                            unreachable!("finish only allows or refuses")
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

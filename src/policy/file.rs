@@ -1,0 +1,237 @@
+//! Loading a [`Policy`] from TOML, with line numbers in every error.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{KeyRule, Policy, PolicyBuilder, PolicyError, Route, Rule, Tier};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    categories: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    defaults: Option<Defaults>,
+    tiers: Spanned<BTreeMap<Spanned<String>, Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>>,
+    #[serde(default)]
+    routes: Vec<Spanned<RouteSpec>>,
+    #[serde(default)]
+    keys: BTreeMap<Spanned<String>, Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Defaults {
+    read: Option<Spanned<String>>,
+    write: Option<Spanned<String>>,
+    unknown_key: Option<Spanned<String>>,
+    missing_key: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteSpec {
+    #[serde(default)]
+    method: Option<Methods>,
+    path: String,
+    category: Option<String>,
+    cost: Option<u32>,
+    #[serde(default)]
+    exempt: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Methods {
+    One(String),
+    Many(Vec<String>),
+}
+
+pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
+    let line_of =
+        |offset: usize| Some(source[..offset.min(source.len())].matches('\n').count() + 1);
+    let file: File = toml::from_str(source).map_err(|e| {
+        let (entry, line) = match e.span() {
+            Some(span) => {
+                let text = source.get(span.clone()).unwrap_or("").trim();
+                let text = text.lines().next().unwrap_or("");
+                let text: String = text.chars().take(60).collect();
+                (
+                    if text.is_empty() {
+                        "(file)".to_owned()
+                    } else {
+                        text
+                    },
+                    line_of(span.start),
+                )
+            }
+            None => ("(file)".to_owned(), None),
+        };
+        PolicyError::new(entry, line, e.message().trim().to_owned())
+    })?;
+
+    let mut b: PolicyBuilder = Policy::builder();
+    b.categories = file
+        .categories
+        .get_ref()
+        .iter()
+        .map(|c| (c.get_ref().clone(), line_of(c.span().start)))
+        .collect();
+    if b.categories.is_empty() {
+        return Err(PolicyError::new(
+            "categories",
+            line_of(file.categories.span().start),
+            "at least one category is needed",
+        ));
+    }
+
+    // Tiers in file order (a BTreeMap sorts by name; the spans remember).
+    let mut tiers: Vec<_> = file.tiers.into_inner().into_iter().collect();
+    tiers.sort_by_key(|(name, _)| name.span().start);
+    for (name, rules) in tiers {
+        let mut tier = Tier::new(name.get_ref().clone());
+        tier.line = line_of(name.span().start);
+        let mut rules: Vec<_> = rules.into_inner().into_iter().collect();
+        rules.sort_by_key(|(cat, _)| cat.span().start);
+        for (cat, spec) in rules {
+            let line = line_of(spec.span().start);
+            let rule = Rule::parse(spec.get_ref()).map_err(|m| {
+                PolicyError::new(
+                    format!("tiers.{}.{}", name.get_ref(), cat.get_ref()),
+                    line,
+                    m,
+                )
+            })?;
+            tier.rules.push((cat.into_inner(), rule, line));
+        }
+        b.tiers.push(tier);
+    }
+
+    for spec in file.routes {
+        let line = line_of(spec.span().start);
+        let spec = spec.into_inner();
+        let methods = match spec.method {
+            None => Vec::new(),
+            Some(Methods::One(m)) => vec![m],
+            Some(Methods::Many(ms)) => ms,
+        };
+        b.routes.push(Route {
+            methods,
+            path: spec.path,
+            category: spec.category,
+            cost: spec.cost.unwrap_or(1),
+            exempt: spec.exempt,
+            line,
+        });
+    }
+
+    let mut keys: Vec<_> = file.keys.into_iter().collect();
+    keys.sort_by_key(|(k, _)| k.span().start);
+    for (key, tier) in keys {
+        b.keys.push((
+            key.into_inner(),
+            tier.get_ref().clone(),
+            line_of(tier.span().start),
+        ));
+    }
+
+    if let Some(d) = file.defaults {
+        b.default_read = d
+            .read
+            .map(|s| (s.get_ref().clone(), line_of(s.span().start)));
+        b.default_write = d
+            .write
+            .map(|s| (s.get_ref().clone(), line_of(s.span().start)));
+        let rule = |s: Spanned<String>| {
+            let line = line_of(s.span().start);
+            let v = s.into_inner();
+            let rule = if v.eq_ignore_ascii_case("reject") {
+                KeyRule::Reject
+            } else {
+                KeyRule::Tier(v)
+            };
+            (rule, line)
+        };
+        if let Some(s) = d.unknown_key {
+            b.unknown_key = rule(s);
+        }
+        if let Some(s) = d.missing_key {
+            b.missing_key = rule(s);
+        }
+    }
+    b.build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+categories = ["read", "write"]
+
+[tiers.free]
+read = "100/hour"
+write = "20/hour"
+
+[tiers.pro]
+read = "1000/hour"
+write = "unlimited"
+
+[[routes]]
+method = ["POST", "PUT"]
+path = "/v1/jobs"
+category = "write"
+cost = 5
+
+[keys]
+"k1" = "pro"
+"#;
+
+    #[test]
+    fn parses_in_file_order() {
+        let p = parse(GOOD).unwrap();
+        assert_eq!(p.tier("free").unwrap().index(), 0);
+        assert_eq!(p.tier("pro").unwrap().index(), 1);
+        assert_eq!(
+            p.rule(p.tier("pro").unwrap(), p.category("write").unwrap()),
+            Rule::Unlimited
+        );
+    }
+
+    fn err(src: &str) -> PolicyError {
+        parse(src).unwrap_err()
+    }
+
+    #[test]
+    fn errors_carry_entry_and_line() {
+        let e = err(&GOOD.replace("write = \"20/hour\"", "write = \"0/hour\""));
+        assert_eq!((e.entry(), e.line()), ("tiers.free.write", Some(6)));
+        assert!(e.message().contains("at least 1"));
+
+        let e = err(&GOOD.replace("category = \"write\"", "category = \"gpu\""));
+        assert_eq!((e.entry(), e.line()), ("routes[0]", Some(12)));
+
+        let e = err(&GOOD.replace("category = \"write\"\n", ""));
+        assert!(e.message().contains("no category"), "{e}");
+
+        let e = err(&GOOD.replace("\"k1\" = \"pro\"", "\"k1\" = \"gold\""));
+        assert_eq!(e.line(), Some(19));
+        assert!(e.message().contains("unknown tier `gold`"));
+
+        // Duplicate tier: the TOML parser refuses it, with its line.
+        let e = err(&format!("{GOOD}\n[tiers.free]\nread = \"1/h\"\n"));
+        assert!(
+            e.message().contains("duplicate") || e.message().contains("redefin"),
+            "{e}"
+        );
+        assert!(e.line().is_some());
+
+        let e = err(&GOOD.replace("cost = 5", "cots = 5"));
+        assert!(e.message().contains("unknown field"), "{e}");
+        assert_eq!(e.line(), Some(16));
+
+        let e = err(&GOOD.replace("[\"read\", \"write\"]", "[\"read\", \"write\", \"read\"]"));
+        assert_eq!((e.entry(), e.line()), ("categories[2]", Some(2)));
+    }
+}

@@ -1,0 +1,160 @@
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use super::ceil_secs;
+use crate::backend::Decision;
+
+pub(crate) static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+pub(crate) static X_RATELIMIT_REMAINING: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining");
+pub(crate) static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+pub(crate) static X_RATELIMIT_WINDOW: HeaderName = HeaderName::from_static("x-ratelimit-window");
+pub(crate) static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+pub(crate) static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+
+/// Which rate-limit header fields are written.
+///
+/// By default `X-RateLimit-Limit`, `-Remaining`, `-Reset` (Unix seconds)
+/// and `-Window` (seconds) on every limited response, and `Retry-After`
+/// (seconds, at least 1) on refusals. The IETF draft fields (`RateLimit`
+/// and `RateLimit-Policy`, draft-ietf-httpapi-ratelimit-headers-11 syntax:
+/// `"free.read";q=100;w=3600` and `"free.read";r=99;t=36`) are opt-in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub struct HeaderOptions {
+    pub(crate) x_ratelimit: bool,
+    pub(crate) ietf_draft: bool,
+}
+
+impl Default for HeaderOptions {
+    fn default() -> Self {
+        HeaderOptions {
+            x_ratelimit: true,
+            ietf_draft: false,
+        }
+    }
+}
+
+impl HeaderOptions {
+    /// Writes the `X-RateLimit-*` fields (default on).
+    pub fn x_ratelimit(mut self, on: bool) -> Self {
+        self.x_ratelimit = on;
+        self
+    }
+
+    /// Writes the IETF draft `RateLimit` and `RateLimit-Policy` fields
+    /// (default off).
+    pub fn ietf_draft(mut self, on: bool) -> Self {
+        self.ietf_draft = on;
+        self
+    }
+}
+
+/// Integers 0..=4096 as static header values: most limits, remainders,
+/// windows and delays, written without allocating.
+const SMALL: usize = 4097;
+static SMALL_INTS: LazyLock<Box<[HeaderValue]>> = LazyLock::new(|| {
+    let mut text = String::new();
+    let mut ends = Vec::with_capacity(SMALL);
+    for i in 0..SMALL {
+        text.push_str(&i.to_string());
+        ends.push(text.len());
+    }
+    let text: &'static str = Box::leak(text.into_boxed_str());
+    let mut start = 0;
+    ends.into_iter()
+        .map(|end| {
+            let v = HeaderValue::from_static(&text[start..end]);
+            start = end;
+            v
+        })
+        .collect()
+});
+
+/// A header value for an integer, allocation-free when small.
+#[inline]
+pub(crate) fn int(n: u64) -> HeaderValue {
+    match SMALL_INTS.get(n as usize) {
+        Some(v) if n < SMALL as u64 => v.clone(),
+        _ => HeaderValue::from(n),
+    }
+}
+
+pub(crate) fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// Everything needed to write the headers of one decision.
+#[derive(Clone, Debug)]
+pub(crate) struct HeaderPlan {
+    pub(crate) decision: Decision,
+    pub(crate) policy_header: HeaderValue,
+    pub(crate) options: HeaderOptions,
+}
+
+impl HeaderPlan {
+    /// Writes the headers into `headers` (HTTP headers or gRPC metadata).
+    pub(crate) fn write(&self, headers: &mut HeaderMap) {
+        let d = &self.decision;
+        let reset = ceil_secs(d.reset_after);
+        if self.options.x_ratelimit {
+            headers.insert(X_RATELIMIT_LIMIT.clone(), int(u64::from(d.limit)));
+            headers.insert(X_RATELIMIT_REMAINING.clone(), int(u64::from(d.remaining)));
+            headers.insert(
+                X_RATELIMIT_RESET.clone(),
+                HeaderValue::from(ceil_secs(unix_now() + d.reset_after)),
+            );
+            headers.insert(X_RATELIMIT_WINDOW.clone(), int(ceil_secs(d.window)));
+        }
+        if self.options.ietf_draft {
+            headers.insert(RATELIMIT_POLICY.clone(), self.policy_header.clone());
+            let name = self.policy_header.as_bytes();
+            let name = &name[..name.iter().position(|&b| b == b';').unwrap_or(name.len())];
+            let mut buf = Vec::with_capacity(name.len() + 32);
+            buf.extend_from_slice(name);
+            buf.extend_from_slice(b";r=");
+            buf.extend_from_slice(itoa_buf(u64::from(d.remaining)).as_bytes());
+            buf.extend_from_slice(b";t=");
+            buf.extend_from_slice(itoa_buf(reset).as_bytes());
+            if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)) {
+                headers.insert(RATELIMIT.clone(), v);
+            }
+        }
+        if let Some(retry) = d.retry_after {
+            headers.insert(http::header::RETRY_AFTER, int(retry_secs(retry)));
+        }
+    }
+}
+
+/// Retry-After in whole seconds: rounded up, at least 1.
+pub(crate) fn retry_secs(d: Duration) -> u64 {
+    ceil_secs(d).max(1)
+}
+
+fn itoa_buf(n: u64) -> String {
+    n.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_ints_are_exact() {
+        for n in [0u64, 1, 9, 10, 99, 100, 4095, 4096, 4097, 10_000, u64::MAX] {
+            assert_eq!(int(n).to_str().unwrap(), n.to_string());
+        }
+    }
+
+    #[test]
+    fn rounding_is_up_and_retry_at_least_one() {
+        assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
+        assert_eq!(ceil_secs(Duration::from_secs(36)), 36);
+        assert_eq!(ceil_secs(Duration::from_millis(36_001)), 37);
+        assert_eq!(retry_secs(Duration::ZERO), 1);
+    }
+}

@@ -1,0 +1,151 @@
+//! Refusals as HTTP problem documents (RFC 9457) or gRPC trailers-only
+//! responses, chosen by the request's content type.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use serde_json::json;
+
+use super::grpc;
+use super::headers::{HeaderPlan, retry_secs};
+use crate::extract::Rejection;
+use crate::key::KeyId;
+
+const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
+
+/// Why the layer answered instead of the inner service.
+#[derive(Debug)]
+pub(crate) enum Refusal<'a> {
+    /// Over the limit: 429 / RESOURCE_EXHAUSTED.
+    Limited {
+        plan: HeaderPlan,
+        tier: &'a str,
+        category: &'a str,
+        key: KeyId,
+    },
+    /// A client mistake before any limit was checked.
+    Client(Rejection),
+    /// A cost that could never fit the limit.
+    CostTooHigh {
+        cost: u32,
+        max: u32,
+        tier: &'a str,
+        category: &'a str,
+    },
+    /// The backend could not decide.
+    Unavailable,
+}
+
+impl Refusal<'_> {
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Limited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::Client(Rejection::MalformedKey(_) | Rejection::InvalidCost(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            Refusal::Client(_) => StatusCode::UNAUTHORIZED,
+            Refusal::CostTooHigh { .. } => StatusCode::BAD_REQUEST,
+            Refusal::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub(crate) fn problem_type(&self) -> &'static str {
+        match self {
+            Refusal::Limited { .. } => "rate-limited",
+            Refusal::Client(Rejection::MissingKey | Rejection::NoPeerAddress) => "missing-api-key",
+            Refusal::Client(Rejection::MalformedKey(_)) => "malformed-api-key",
+            Refusal::Client(Rejection::UnknownKey) => "unknown-api-key",
+            Refusal::Client(Rejection::InvalidCost(_)) => "invalid-cost",
+            Refusal::CostTooHigh { .. } => "cost-exceeds-limit",
+            Refusal::Unavailable => "rate-limiter-unavailable",
+        }
+    }
+
+    pub(crate) fn detail(&self) -> String {
+        match self {
+            Refusal::Limited {
+                plan,
+                tier,
+                category,
+                ..
+            } => format!(
+                "rate limit exceeded: tier `{tier}` allows {} `{category}` requests per {} s; retry in {} s",
+                plan.decision.limit,
+                super::ceil_secs(plan.decision.window),
+                retry_secs(plan.decision.retry_after.unwrap_or_default()),
+            ),
+            Refusal::Client(r) => r.to_string(),
+            Refusal::CostTooHigh {
+                cost,
+                max,
+                tier,
+                category,
+            } => format!(
+                "this request costs {cost} but tier `{tier}` allows at most {max} `{category}` requests at once, so it can never succeed; split it into smaller requests"
+            ),
+            Refusal::Unavailable => "the rate limiter is unavailable; try again shortly".to_owned(),
+        }
+    }
+
+    /// The response, in the form the caller speaks.
+    pub(crate) fn into_response(self, grpc: bool) -> Response<Bytes> {
+        if grpc {
+            return grpc::response(&self);
+        }
+        let status = self.status();
+        let mut body = json!({
+            "type": format!("urn:tierlimit:problem:{}", self.problem_type()),
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "detail": self.detail(),
+        });
+        match &self {
+            Refusal::Limited {
+                plan,
+                tier,
+                category,
+                ..
+            } => {
+                let d = &plan.decision;
+                let obj = body.as_object_mut().expect("a json object");
+                obj.insert("tier".into(), json!(tier));
+                obj.insert("category".into(), json!(category));
+                obj.insert("limit".into(), json!(d.limit));
+                obj.insert("remaining".into(), json!(d.remaining));
+                obj.insert("window_seconds".into(), json!(super::ceil_secs(d.window)));
+                obj.insert(
+                    "retry_after_seconds".into(),
+                    json!(retry_secs(d.retry_after.unwrap_or_default())),
+                );
+            }
+            Refusal::CostTooHigh {
+                cost,
+                max,
+                tier,
+                category,
+            } => {
+                let obj = body.as_object_mut().expect("a json object");
+                obj.insert("tier".into(), json!(tier));
+                obj.insert("category".into(), json!(category));
+                obj.insert("cost".into(), json!(cost));
+                obj.insert("limit".into(), json!(max));
+            }
+            _ => {}
+        }
+        let mut res = Response::new(Bytes::from(body.to_string()));
+        *res.status_mut() = status;
+        res.headers_mut().insert(header::CONTENT_TYPE, PROBLEM_JSON);
+        if let Refusal::Limited { plan, .. } = &self {
+            plan.write(res.headers_mut());
+            res.extensions_mut().insert(plan.decision);
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        res
+    }
+}

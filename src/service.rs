@@ -1,0 +1,250 @@
+//! [`RateLimit`], the middleware service.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::backend::MemoryBackend;
+use crate::backend::{Backend, BackendError, Decision, Subject};
+use crate::extract::{ApiKey, Extractor, Identity, Rejection, RequestRef};
+use crate::future::{Pending, ResponseFuture};
+use crate::key::KeyId;
+use crate::layer::Shared;
+use crate::policy::{CategoryId, Policy, Rule, Target, TierId};
+use crate::response::ResponseBody;
+use crate::response::grpc::is_grpc;
+use crate::response::headers::HeaderPlan;
+use crate::response::http::Refusal;
+
+/// The rate-limiting service made by [`RateLimitLayer`](crate::RateLimitLayer).
+///
+/// Cheap to clone (an `Arc` and the inner service). The check happens in
+/// `call`, never in `poll_ready`, so every clone enforces the same limits.
+pub struct RateLimit<S, E = ApiKey, B = MemoryBackend> {
+    inner: S,
+    shared: Arc<Shared<E, B>>,
+}
+
+impl<S: Clone, E, B> Clone for RateLimit<S, E, B> {
+    fn clone(&self) -> Self {
+        RateLimit {
+            inner: self.inner.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S: fmt::Debug, E, B> fmt::Debug for RateLimit<S, E, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, E, B> RateLimit<S, E, B> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<E, B>>) -> Self {
+        RateLimit { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+/// What `call` decided before any inner call.
+pub(crate) enum Step<BF> {
+    /// Not limited: no headers.
+    Pass,
+    /// Allowed: call the inner service, then write these headers.
+    Allow(HeaderPlan),
+    /// Answered by the layer.
+    Refuse(Response<Bytes>),
+    /// The backend needs to wait (a network round trip).
+    Wait(BF, Box<Pending>),
+}
+
+impl<S, E, B, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, E, B>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    E: Extractor,
+    B: Backend,
+    B::Future: Unpin,
+    ResBody: Body<Data = Bytes>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, S, Request<ReqBody>, B::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        match self.decide(&req) {
+            Step::Pass => ResponseFuture::inner(self.inner.call(req), None),
+            Step::Allow(plan) => ResponseFuture::inner(self.inner.call(req), Some(plan)),
+            Step::Refuse(res) => ResponseFuture::ready(res),
+            Step::Wait(check, pending) => {
+                // The ready inner service goes with the request; this one
+                // keeps a fresh clone (tower's rule for deferred calls).
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::checking(check, inner, req, pending)
+            }
+        }
+    }
+}
+
+impl<S, E, B> RateLimit<S, E, B>
+where
+    E: Extractor,
+    B: Backend,
+    B::Future: Unpin,
+{
+    fn decide<ReqBody>(&self, req: &Request<ReqBody>) -> Step<B::Future> {
+        let shared = &*self.shared;
+        let policy_guard = shared.policy.load();
+        let policy: &Policy = &policy_guard;
+        let grpc = is_grpc(req.headers());
+        let view = RequestRef::new(req);
+
+        let (category, route_cost) = match policy.classify(req.method(), req.uri().path()) {
+            Target::Exempt => return Step::Pass,
+            Target::Category { category, cost } => (category, cost),
+        };
+        let identity = match shared.extractor.extract(&view, policy) {
+            Ok(id) => id,
+            Err(Rejection::MissingKey) if policy.missing_key_tier().is_some() => {
+                match shared.anonymous.extract(&view, policy) {
+                    Ok(id) => id,
+                    Err(r) => return refuse(Refusal::Client(r), grpc),
+                }
+            }
+            Err(r) => return refuse(Refusal::Client(r), grpc),
+        };
+        let Some(tier) = identity.tier().or_else(|| policy.unknown_key_tier()) else {
+            return refuse(Refusal::Client(Rejection::UnknownKey), grpc);
+        };
+        let Some(slot) = policy.slot(tier, category) else {
+            // A tier id from another policy: treat as an unknown key.
+            return refuse(Refusal::Client(Rejection::UnknownKey), grpc);
+        };
+        let limit = match slot.rule {
+            Rule::Unlimited => return Step::Pass,
+            Rule::Limited(limit) => limit,
+        };
+        let cost = identity.cost().unwrap_or(route_cost);
+        if cost == 0 {
+            return refuse(
+                Refusal::Client(Rejection::InvalidCost("a cost must be at least 1")),
+                grpc,
+            );
+        }
+        if cost > limit.max() {
+            return refuse(
+                Refusal::CostTooHigh {
+                    cost,
+                    max: limit.max(),
+                    tier: policy.tier_name(tier),
+                    category: policy.category_name(category),
+                },
+                grpc,
+            );
+        }
+        let subject = subject(&identity, tier, category, cost, slot.scope);
+        let mut check = shared.backend.check(&subject, &limit);
+        let plan = |decision: Decision| HeaderPlan {
+            decision,
+            policy_header: slot.policy_header.clone(),
+            options: shared.headers,
+        };
+        match Pin::new(&mut check).poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(result) => {
+                finish(result, plan, policy, tier, category, identity.key(), grpc)
+            }
+            Poll::Pending => Step::Wait(
+                check,
+                Box::new(Pending {
+                    policy: policy_guard.clone(),
+                    tier,
+                    category,
+                    key: identity.key(),
+                    policy_header: slot.policy_header.clone(),
+                    options: shared.headers,
+                    grpc,
+                }),
+            ),
+        }
+    }
+}
+
+#[inline]
+fn subject(
+    identity: &Identity,
+    tier: TierId,
+    category: CategoryId,
+    cost: u32,
+    scope: u64,
+) -> Subject {
+    Subject {
+        key: identity.key(),
+        tier,
+        category,
+        cost,
+        priority: identity.priority(),
+        scope,
+    }
+}
+
+fn refuse<BF>(refusal: Refusal<'_>, grpc: bool) -> Step<BF> {
+    Step::Refuse(refusal.into_response(grpc))
+}
+
+/// Turns a backend's answer into the next step.
+pub(crate) fn finish<BF>(
+    result: Result<Decision, BackendError>,
+    plan: impl FnOnce(Decision) -> HeaderPlan,
+    policy: &Policy,
+    tier: TierId,
+    category: CategoryId,
+    key: KeyId,
+    grpc: bool,
+) -> Step<BF> {
+    match result {
+        Ok(d) if d.allowed => Step::Allow(plan(d)),
+        Ok(d) => refuse(
+            Refusal::Limited {
+                plan: plan(d),
+                tier: policy.tier_name(tier),
+                category: policy.category_name(category),
+                key,
+            },
+            grpc,
+        ),
+        Err(BackendError::CostExceedsLimit { cost, max }) => refuse(
+            Refusal::CostTooHigh {
+                cost,
+                max,
+                tier: policy.tier_name(tier),
+                category: policy.category_name(category),
+            },
+            grpc,
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "rate-limit backend failed; answering 503");
+            refuse(Refusal::Unavailable, grpc)
+        }
+    }
+}
+
+pub(crate) use Step as ServiceStep;
