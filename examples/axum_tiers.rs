@@ -1,0 +1,86 @@
+//! The demo API server: the spec's plans and categories on an axum router.
+//!
+//! ```sh
+//! cargo run --example axum_tiers
+//! curl -i -H 'X-API-Key: free-demo-key' http://127.0.0.1:3000/v1/account
+//! ```
+//!
+//! `BIND` (default `127.0.0.1:3000`) and `POLICY` (default
+//! `examples/policy.toml`) configure it. Demo keys: `free-demo-key`,
+//! `pro-demo-key`, `enterprise-demo-key`.
+
+use std::net::SocketAddr;
+
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use tierlimit::{Backend, Extractor, Policy, RateLimitLayer};
+
+/// The demo's routes behind one rate-limit layer, `/healthz` outside it.
+pub(crate) fn app<E: Extractor, B: Backend>(limits: RateLimitLayer<E, B>) -> Router
+where
+    B::Future: Unpin,
+{
+    let api = Router::new()
+        .route("/v1/account", get(account).patch(update_account))
+        .route("/v1/clusters", get(list_clusters).post(create_cluster))
+        .route("/v1/endpoints", get(list_endpoints).post(create_endpoint))
+        .route("/v1/ai/completions", post(completion))
+        .route("/v1/training/jobs", post(create_training_job))
+        .layer(limits);
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
+        .merge(api)
+}
+
+async fn account() -> Json<Value> {
+    Json(json!({ "id": "acct_demo", "plan": "see X-RateLimit-Limit" }))
+}
+async fn update_account() -> Json<Value> {
+    Json(json!({ "id": "acct_demo", "updated": true }))
+}
+async fn list_clusters() -> Json<Value> {
+    Json(json!({ "clusters": [{ "id": "gpu-a100-1", "gpus": 8 }] }))
+}
+async fn create_cluster() -> Json<Value> {
+    Json(json!({ "id": "gpu-h100-2", "status": "provisioning" }))
+}
+async fn list_endpoints() -> Json<Value> {
+    Json(json!({ "endpoints": [{ "id": "ep_1", "model": "llama" }] }))
+}
+async fn create_endpoint() -> Json<Value> {
+    Json(json!({ "id": "ep_2", "status": "deploying" }))
+}
+async fn completion() -> Json<Value> {
+    Json(json!({ "choices": [{ "text": "Hello from the demo model." }] }))
+}
+async fn create_training_job() -> Json<Value> {
+    Json(json!({ "id": "job_1", "status": "queued" }))
+}
+
+#[allow(dead_code)] // the tests include this file for `app`
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let bind: SocketAddr = std::env::var("BIND")
+        .unwrap_or_else(|_| "127.0.0.1:3000".into())
+        .parse()
+        .map_err(|e| format!("BIND is not an address: {e}"))?;
+    let policy_path = std::env::var("POLICY").unwrap_or_else(|_| "examples/policy.toml".into());
+    let policy = Policy::from_toml_file(&policy_path)?;
+
+    let listener = tokio::net::TcpListener::bind(bind).await?;
+    println!(
+        "tierlimit demo on http://{} (policy {policy_path}); try: curl -i -H 'X-API-Key: free-demo-key' http://{}/v1/account",
+        listener.local_addr()?,
+        listener.local_addr()?
+    );
+    axum::serve(
+        listener,
+        app(RateLimitLayer::new(policy)).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await?;
+    Ok(())
+}

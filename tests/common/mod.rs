@@ -1,0 +1,68 @@
+//! Shared fixtures: the spec's policy, a real server on 127.0.0.1:0, and the
+//! GCRA conformance table every backend must pass.
+#![allow(dead_code, unreachable_pub)]
+
+pub mod conformance;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use tierlimit::Policy;
+use tokio::task::JoinHandle;
+
+/// The demo's policy file: the spec's table.
+pub fn spec_policy() -> Policy {
+    Policy::from_toml_file(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policy.toml"))
+        .expect("examples/policy.toml is valid")
+}
+
+/// A running server; aborted when dropped.
+pub struct Server {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves `app` on 127.0.0.1:0 with peer addresses (axum `ConnectInfo`).
+pub async fn serve(app: Router) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap();
+    });
+    Server { addr, task }
+}
+
+/// An HTTP client that gives up rather than hang a test.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}

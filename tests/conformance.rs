@@ -1,0 +1,108 @@
+//! GCRA conformance of the memory backend on a fake clock, and exactness
+//! under contention.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use governor::clock::FakeRelativeClock;
+use tierlimit::{Backend, KeyId, Limit, MemoryBackend, Policy, Priority, Subject};
+
+#[tokio::test]
+async fn memory_backend_passes_the_conformance_table() {
+    let clock = FakeRelativeClock::default();
+    let backend = MemoryBackend::builder().clock(clock.clone()).build();
+    common::conformance::run(&backend, |d| clock.advance(d)).await;
+}
+
+#[tokio::test]
+async fn conformance_holds_with_a_tiny_key_cap() {
+    // At a cap of one key, the second key is limited through the overflow
+    // bucket: it still follows GCRA exactly.
+    let clock = FakeRelativeClock::default();
+    let backend = MemoryBackend::builder()
+        .clock(clock.clone())
+        .max_keys(1)
+        .build();
+    common::conformance::run(&backend, |d| clock.advance(d)).await;
+}
+
+fn subject(policy: &Policy, key: &str) -> Subject {
+    Subject {
+        key: KeyId::of(key),
+        tier: policy.tier("t").unwrap(),
+        category: policy.category("read").unwrap(),
+        cost: 1,
+        priority: Priority::Normal,
+        scope: 1,
+    }
+}
+
+#[test]
+fn exactly_max_allowed_under_contention_on_threads() {
+    let policy = Policy::from_toml_str(
+        "categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1000/hour\"\nwrite = \"1/hour\"",
+    )
+    .unwrap();
+    let limit = Limit::per_hour(1000);
+    for round in 0..5 {
+        let clock = FakeRelativeClock::default(); // frozen: nothing refills
+        let backend = MemoryBackend::builder().clock(clock).build();
+        let allowed = Arc::new(AtomicU32::new(0));
+        let subject = subject(&policy, &format!("hot-key-{round}"));
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                let (backend, allowed) = (&backend, &allowed);
+                s.spawn(move || {
+                    for _ in 0..500 {
+                        if backend.check_now(&subject, &limit).unwrap().allowed {
+                            allowed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            allowed.load(Ordering::Relaxed),
+            1000,
+            "round {round}: 4000 tries"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_max_allowed_under_contention_on_tasks() {
+    let policy = Policy::from_toml_str(
+        "categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"100/hour\"\nwrite = \"1/hour\"",
+    )
+    .unwrap();
+    let limit = Limit::per_hour(100);
+    let clock = FakeRelativeClock::default();
+    let backend = Arc::new(MemoryBackend::builder().clock(clock.clone()).build());
+    let subject = subject(&policy, "k");
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let backend = Arc::clone(&backend);
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            for _ in 0..20 {
+                if backend.check(&subject, &limit).await.unwrap().allowed {
+                    n += 1;
+                }
+                tokio::task::yield_now().await;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, 100, "1280 tries at a frozen clock");
+    // One interval later, exactly one more.
+    clock.advance(Duration::from_secs(36));
+    assert!(backend.check(&subject, &limit).await.unwrap().allowed);
+    assert!(!backend.check(&subject, &limit).await.unwrap().allowed);
+}

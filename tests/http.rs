@@ -1,0 +1,564 @@
+//! Black-box tests: the demo server on 127.0.0.1:0, a real HTTP client, a
+//! fake clock.
+
+mod common;
+
+#[allow(dead_code)]
+#[path = "../examples/axum_tiers.rs"]
+mod demo;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use common::{client, serve, spec_policy, unix_now};
+use governor::clock::FakeRelativeClock;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tierlimit::{
+    ApiKey, Extractor, HeaderOptions, Identity, MemoryBackend, Policy, RateLimitLayer, Rejection,
+    RequestRef,
+};
+
+fn fake_layer(
+    policy: Policy,
+    clock: &FakeRelativeClock,
+) -> RateLimitLayer<ApiKey, MemoryBackend<FakeRelativeClock>> {
+    RateLimitLayer::builder(policy)
+        .backend(MemoryBackend::builder().clock(clock.clone()).build())
+        .build()
+}
+
+async fn demo_server() -> (common::Server, FakeRelativeClock) {
+    let clock = FakeRelativeClock::default();
+    let server = serve(demo::app(fake_layer(spec_policy(), &clock))).await;
+    (server, clock)
+}
+
+fn header(res: &reqwest::Response, name: &str) -> Option<u64> {
+    res.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+}
+
+#[tokio::test]
+async fn every_limited_response_has_the_four_headers() {
+    let (server, _clock) = demo_server().await;
+    let c = client();
+    let before = unix_now();
+    let res = c
+        .get(server.url("/v1/account"))
+        .header("X-API-Key", "free-demo-key")
+        .send()
+        .await
+        .unwrap();
+    let after = unix_now();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "x-ratelimit-limit"), Some(100));
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some(99));
+    assert_eq!(header(&res, "x-ratelimit-window"), Some(3600));
+    // Full again one emission interval (36 s) after one request.
+    let reset = header(&res, "x-ratelimit-reset").unwrap();
+    assert!(
+        (before + 36..=after + 37).contains(&reset),
+        "reset {reset} vs now {before}"
+    );
+    assert!(res.headers().get("retry-after").is_none());
+    assert!(
+        res.headers().get("ratelimit").is_none(),
+        "draft fields are opt-in"
+    );
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["id"], "acct_demo");
+
+    // Bearer works too, and each category has its own bucket.
+    for (method, path, limit, window) in [
+        ("PATCH", "/v1/account", 20, 3600),
+        ("GET", "/v1/clusters", 100, 3600),
+        ("POST", "/v1/clusters", 20, 3600),
+        ("GET", "/v1/endpoints", 100, 3600),
+        ("POST", "/v1/endpoints", 20, 3600),
+        ("POST", "/v1/ai/completions", 50, 3600),
+        ("POST", "/v1/training/jobs", 5, 86400),
+    ] {
+        let res = c
+            .request(method.parse().unwrap(), server.url(path))
+            .header("Authorization", "Bearer free-demo-key")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{method} {path}");
+        assert_eq!(
+            header(&res, "x-ratelimit-limit"),
+            Some(limit),
+            "{method} {path}"
+        );
+        assert_eq!(
+            header(&res, "x-ratelimit-window"),
+            Some(window),
+            "{method} {path}"
+        );
+    }
+    // Reads share one bucket across read routes: 100 − 1 − 2 = 97 left.
+    let res = c
+        .get(server.url("/v1/account"))
+        .header("X-API-Key", "free-demo-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some(96));
+}
+
+#[tokio::test]
+async fn free_tier_101st_read_is_refused_with_429() {
+    let (server, clock) = demo_server().await;
+    let c = client();
+    for i in 0..100u64 {
+        let res = c
+            .get(server.url("/v1/clusters"))
+            .header("X-API-Key", "free-demo-key")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "read {}", i + 1);
+        assert_eq!(header(&res, "x-ratelimit-remaining"), Some(99 - i));
+    }
+    let res = c
+        .get(server.url("/v1/clusters"))
+        .header("X-API-Key", "free-demo-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    assert_eq!(header(&res, "retry-after"), Some(36));
+    assert_eq!(header(&res, "x-ratelimit-limit"), Some(100));
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some(0));
+    assert_eq!(header(&res, "x-ratelimit-window"), Some(3600));
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["status"], 429);
+    assert_eq!(body["tier"], "free");
+    assert_eq!(body["category"], "read");
+    assert_eq!(body["limit"], 100);
+    assert_eq!(body["retry_after_seconds"], 36);
+    assert_eq!(body["type"], "urn:tierlimit:problem:rate-limited");
+    assert!(body["detail"].as_str().unwrap().contains("retry in 36 s"));
+
+    // Other categories are unaffected; other keys too.
+    let res = c
+        .post(server.url("/v1/clusters"))
+        .header("X-API-Key", "free-demo-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = c
+        .get(server.url("/v1/clusters"))
+        .header("X-API-Key", "pro-demo-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&res, "x-ratelimit-limit"), Some(1000));
+
+    // 35 s later still refused (retry rounds up); at 36 s exactly one more.
+    clock.advance(Duration::from_secs(35));
+    let res = c
+        .get(server.url("/v1/clusters"))
+        .header("X-API-Key", "free-demo-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&res, "retry-after"), Some(1));
+    clock.advance(Duration::from_secs(1));
+    let res = c
+        .get(server.url("/v1/clusters"))
+        .header("X-API-Key", "free-demo-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some(0));
+    let res = c
+        .get(server.url("/v1/clusters"))
+        .header("X-API-Key", "free-demo-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
+async fn free_training_sixth_job_refused_enterprise_unlimited() {
+    let (server, _clock) = demo_server().await;
+    let c = client();
+    for _ in 0..5 {
+        let res = c
+            .post(server.url("/v1/training/jobs"))
+            .header("X-API-Key", "free-demo-key")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    let res = c
+        .post(server.url("/v1/training/jobs"))
+        .header("X-API-Key", "free-demo-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&res, "retry-after"), Some(86_400 / 5));
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["category"], "training");
+
+    for i in 0..60 {
+        let res = c
+            .post(server.url("/v1/training/jobs"))
+            .header("X-API-Key", "enterprise-demo-key")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "enterprise job {i}");
+        assert!(
+            res.headers().get("x-ratelimit-limit").is_none(),
+            "unlimited carries no headers"
+        );
+        assert!(res.headers().get("x-ratelimit-remaining").is_none());
+    }
+    // Enterprise's other categories are limited and say so.
+    let res = c
+        .get(server.url("/v1/account"))
+        .header("X-API-Key", "enterprise-demo-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&res, "x-ratelimit-limit"), Some(10_000));
+}
+
+#[tokio::test]
+async fn healthz_needs_no_key_and_carries_no_headers() {
+    let (server, _clock) = demo_server().await;
+    let res = client().get(server.url("/healthz")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers().get("x-ratelimit-limit").is_none());
+}
+
+#[tokio::test]
+async fn bad_credentials_get_clear_4xx_never_500() {
+    let (server, _clock) = demo_server().await;
+    let c = client();
+    let long = "k".repeat(300);
+    let cases: Vec<(&str, Vec<(&str, Vec<u8>)>, StatusCode, &str)> = vec![
+        (
+            "missing",
+            vec![],
+            StatusCode::UNAUTHORIZED,
+            "missing-api-key",
+        ),
+        (
+            "unknown",
+            vec![("x-api-key", b"nope".to_vec())],
+            StatusCode::UNAUTHORIZED,
+            "unknown-api-key",
+        ),
+        (
+            "basic auth",
+            vec![("authorization", b"Basic Zm9vOmJhcg==".to_vec())],
+            StatusCode::BAD_REQUEST,
+            "malformed-api-key",
+        ),
+        (
+            "empty",
+            vec![("x-api-key", b"".to_vec())],
+            StatusCode::BAD_REQUEST,
+            "malformed-api-key",
+        ),
+        (
+            "empty bearer",
+            vec![("authorization", b"Bearer ".to_vec())],
+            StatusCode::BAD_REQUEST,
+            "malformed-api-key",
+        ),
+        (
+            "non-utf8",
+            vec![("x-api-key", b"k\xff\xfe".to_vec())],
+            StatusCode::BAD_REQUEST,
+            "malformed-api-key",
+        ),
+        (
+            "oversized",
+            vec![("x-api-key", long.clone().into_bytes())],
+            StatusCode::BAD_REQUEST,
+            "malformed-api-key",
+        ),
+        (
+            "two keys",
+            vec![
+                ("x-api-key", b"free-demo-key".to_vec()),
+                ("authorization", b"Bearer pro-demo-key".to_vec()),
+            ],
+            StatusCode::BAD_REQUEST,
+            "malformed-api-key",
+        ),
+    ];
+    for (name, headers, status, kind) in cases {
+        let mut req = c.get(server.url("/v1/account"));
+        for (k, v) in headers {
+            req = req.header(k, reqwest::header::HeaderValue::from_bytes(&v).unwrap());
+        }
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status(), status, "{name}");
+        assert_eq!(
+            res.headers()["content-type"],
+            "application/problem+json",
+            "{name}"
+        );
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(
+            body["type"],
+            format!("urn:tierlimit:problem:{kind}"),
+            "{name}"
+        );
+        assert_eq!(body["status"], status.as_u16(), "{name}");
+        assert!(!body["detail"].as_str().unwrap().is_empty(), "{name}");
+        assert!(
+            !body.to_string().contains("free-demo-key"),
+            "{name}: never echo a key"
+        );
+    }
+}
+
+#[tokio::test]
+async fn exact_count_under_concurrent_http_clients() {
+    let (server, _clock) = demo_server().await;
+    let c = client();
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (c, url) = (c.clone(), server.url("/v1/endpoints"));
+        tasks.push(tokio::spawn(async move {
+            c.post(url)
+                .header("X-API-Key", "free-demo-key")
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }));
+    }
+    let mut ok = 0;
+    let mut limited = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => limited += 1,
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert_eq!((ok, limited), (20, 180), "free writes: 20 per hour");
+}
+
+#[tokio::test]
+async fn ietf_draft_fields_are_opt_in() {
+    let clock = FakeRelativeClock::default();
+    let layer = RateLimitLayer::builder(spec_policy())
+        .backend(MemoryBackend::builder().clock(clock.clone()).build())
+        .headers(HeaderOptions::default().ietf_draft(true).x_ratelimit(false))
+        .build();
+    let server = serve(demo::app(layer)).await;
+    let res = client()
+        .get(server.url("/v1/account"))
+        .header("X-API-Key", "pro-demo-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.headers()["ratelimit-policy"],
+        "\"pro.read\";q=1000;w=3600"
+    );
+    assert_eq!(res.headers()["ratelimit"], "\"pro.read\";r=999;t=4");
+    assert!(res.headers().get("x-ratelimit-limit").is_none());
+}
+
+const COST_POLICY: &str = r#"
+categories = ["read", "write"]
+[defaults]
+missing_key = "anon"
+[tiers.anon]
+read = "3/minute"
+write = "5/minute"
+[tiers.free]
+read = "100/hour"
+write = "20/hour"
+[[routes]]
+method = "POST"
+path = "/v1/batch"
+category = "write"
+cost = 5
+[keys]
+"k" = "free"
+"#;
+
+/// Cost from `X-Batch-Size` (1..=1000), otherwise the route's.
+fn batch_cost(req: &RequestRef<'_>, policy: &Policy) -> Result<Identity, Rejection> {
+    let id = ApiKey::new().extract(req, policy)?;
+    match req.headers.get("x-batch-size") {
+        None => Ok(id),
+        Some(v) => {
+            let n: u32 = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .filter(|n| (1..=1000).contains(n))
+                .ok_or(Rejection::InvalidCost(
+                    "X-Batch-Size must be a number from 1 to 1000",
+                ))?;
+            Ok(id.with_cost(n))
+        }
+    }
+}
+
+#[tokio::test]
+async fn route_costs_extractor_costs_and_costs_above_the_limit() {
+    let clock = FakeRelativeClock::default();
+    let policy = Policy::from_toml_str(COST_POLICY).unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .extractor(batch_cost)
+        .backend(MemoryBackend::builder().clock(clock.clone()).build())
+        .build();
+    let app = Router::new()
+        .route("/v1/batch", post(|| async { "done" }))
+        .route("/v1/items", post(|| async { "ok" }))
+        .layer(layer);
+    let server = serve(app).await;
+    let c = client();
+    // The route costs 5.
+    let res = c
+        .post(server.url("/v1/batch"))
+        .header("X-API-Key", "k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some(15));
+    // The extractor's cost wins.
+    let res = c
+        .post(server.url("/v1/batch"))
+        .header("X-API-Key", "k")
+        .header("x-batch-size", "10")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some(5));
+    // 6 with 5 left: a 429 that will pass later.
+    let res = c
+        .post(server.url("/v1/items"))
+        .header("X-API-Key", "k")
+        .header("x-batch-size", "6")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some(5));
+    // 21 can never fit 20: a 400 that says so, not an endless 429 loop.
+    let res = c
+        .post(server.url("/v1/items"))
+        .header("X-API-Key", "k")
+        .header("x-batch-size", "21")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["type"], "urn:tierlimit:problem:cost-exceeds-limit");
+    assert_eq!(
+        (body["cost"].as_u64(), body["limit"].as_u64()),
+        (Some(21), Some(20))
+    );
+    assert!(body["detail"].as_str().unwrap().contains("never succeed"));
+    // A malformed cost is a 400 too.
+    let res = c
+        .post(server.url("/v1/items"))
+        .header("X-API-Key", "k")
+        .header("x-batch-size", "lots")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["type"], "urn:tierlimit:problem:invalid-cost");
+}
+
+#[tokio::test]
+async fn anonymous_callers_are_limited_per_peer_ip() {
+    let clock = FakeRelativeClock::default();
+    let layer = fake_layer(Policy::from_toml_str(COST_POLICY).unwrap(), &clock);
+    let server = serve(
+        Router::new()
+            .route("/v1/items", get(|| async { "ok" }))
+            .layer(layer),
+    )
+    .await;
+    let c = client();
+    for left in [2, 1, 0] {
+        let res = c.get(server.url("/v1/items")).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(header(&res, "x-ratelimit-remaining"), Some(left));
+    }
+    let res = c.get(server.url("/v1/items")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&res, "retry-after"), Some(20));
+    // A forged X-Forwarded-For does not buy a new bucket (no proxy trusted).
+    let res = c
+        .get(server.url("/v1/items"))
+        .header("x-forwarded-for", "6.6.6.6")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    // A key still works.
+    let res = c
+        .get(server.url("/v1/items"))
+        .header("x-api-key", "k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&res, "x-ratelimit-limit"), Some(100));
+}
+
+#[tokio::test]
+async fn identity_from_an_earlier_auth_layer() {
+    let clock = FakeRelativeClock::default();
+    let policy = spec_policy();
+    let pro = policy.tier("pro").unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .extractor(tierlimit::FromExtension)
+        .backend(MemoryBackend::builder().clock(clock.clone()).build())
+        .build();
+    // The "auth layer": maps a session header to an identity.
+    let app = Router::new()
+        .route("/v1/account", get(|| async { "ok" }))
+        .layer(layer)
+        .layer(axum::middleware::from_fn(
+            move |mut req: axum::extract::Request, next: axum::middleware::Next| async move {
+                if req.headers().contains_key("x-session") {
+                    req.extensions_mut()
+                        .insert(Identity::new("user-7").with_tier(pro));
+                }
+                next.run(req).await
+            },
+        ));
+    let server = serve(app).await;
+    let res = client()
+        .get(server.url("/v1/account"))
+        .header("x-session", "s")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&res, "x-ratelimit-limit"), Some(1000));
+    let res = client()
+        .get(server.url("/v1/account"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+}
