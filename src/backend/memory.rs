@@ -12,37 +12,45 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
-use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::state::{RateLimiter, StateStore};
 
 use super::{Backend, BackendError, Decision, Subject};
 use crate::policy::Limit;
 
 const SHARDS: usize = 64;
-/// Below this many tracked keys no sweep is attempted.
+/// Below this many tracked keys, growth triggers no sweep.
 const MIN_SWEEP: usize = 4096;
 
 /// The keyed, in-process backend (the default).
 ///
 /// State lives in governor rate limiters, one per distinct [`Limit`], keyed
-/// by [`Subject::bucket`] (a 64-bit hash: 16 bytes of map entry per
-/// tracked key, about 20–40 bytes with the table's slack). Checks are
-/// synchronous; the returned future is ready at once and nothing is
-/// allocated per request once a key is tracked.
+/// by [`Subject::bucket`] (a 64-bit hash) in a sharded table: 16 bytes of
+/// entry per tracked key, about 36 bytes with the table's slack (measured
+/// by `tests/memory.rs`). Checks are synchronous; the returned future is
+/// ready at once, and nothing is allocated per request once a key is
+/// tracked.
 ///
 /// # Memory stays bounded
 ///
-/// - **Idle keys are reclaimed by the requests themselves**: when the
-///   number of tracked keys doubles since the last sweep, the request that
-///   notices sweeps every key whose bucket is full again (such a key is
-///   indistinguishable from a new one, so nothing is lost). No thread or
-///   task is spawned; dropping the layer drops everything.
-/// - **A hard cap** (default 1,000,000 keys, [`MemoryBackendBuilder::max_keys`]):
-///   at the cap, after a sweep, a key not yet tracked is not added. It is
-///   limited instead through one shared *overflow* bucket per limit, which
-///   every untracked key of that limit shares. Tracked keys keep their
-///   state; callers are never let through unlimited; under a key spray the
-///   newcomers share one limit until idle keys are reclaimed.
+/// A key whose bucket is full again is indistinguishable from a key never
+/// seen, so dropping it loses nothing. Such idle keys are reclaimed by the
+/// requests themselves; no thread or task is spawned, and dropping the
+/// layer drops everything.
+///
+/// - **Steadily**: one of 64 shards is swept every
+///   [`idle_sweep_interval`](MemoryBackendBuilder::idle_sweep_interval) / 64
+///   (default: the whole table once a minute, a few microseconds of work
+///   at a time).
+/// - **On growth**: when the number of tracked keys doubles since the last
+///   sweep, the request that notices sweeps the whole table.
+/// - **At the hard cap** (default 1,000,000 keys,
+///   [`max_keys`](MemoryBackendBuilder::max_keys)): a key not yet tracked is
+///   not added. It is limited instead through one shared *overflow* bucket
+///   per limit, which every untracked key of that limit shares. Tracked
+///   keys keep their state and nobody is let through unlimited: under a key
+///   spray the newcomers share one limit until sweeps (at most one per
+///   [`min_sweep_interval`](MemoryBackendBuilder::min_sweep_interval))
+///   make room.
 ///
 /// ```
 /// use governor::clock::FakeRelativeClock;
@@ -64,16 +72,36 @@ impl<C: Clock> Clone for MemoryBackend<C> {
     }
 }
 
-type Limiter<C> = RateLimiter<u64, KeyStore, C, StateInformationMiddleware>;
+type Limiter<C> = RateLimiter<u64, SharedStore, C, StateInformationMiddleware>;
+
+/// One governor limiter and a handle on its store, for sweeping.
+struct Entry<C: Clock> {
+    limiter: Limiter<C>,
+    store: Arc<KeyStore>,
+    /// Read after the limiter was made, so never before its own start:
+    /// sweeps computed from it are conservative.
+    start: C::Instant,
+    t: u64,
+}
+
+impl<C: Clock> Entry<C> {
+    /// Buckets whose TAT is at or below this are full again.
+    fn drop_below(&self, now: C::Instant) -> u64 {
+        u64::from(Nanos::from(now.duration_since(self.start))).saturating_sub(self.t)
+    }
+}
 
 struct Inner<C: Clock> {
     clock: C,
     start: C::Instant,
-    limiters: RwLock<HashMap<Limit, Limiter<C>, foldhash::fast::RandomState>>,
+    limiters: RwLock<HashMap<Limit, Entry<C>, foldhash::fast::RandomState>>,
     budget: Arc<Budget>,
     sweep: Mutex<()>,
-    last_sweep_nanos: AtomicU64,
-    min_sweep_interval: Duration,
+    last_full_sweep: AtomicU64,
+    min_sweep_interval: u64,
+    next_step_at: AtomicU64,
+    step_interval: u64,
+    cursor: AtomicUsize,
 }
 
 struct Budget {
@@ -121,6 +149,7 @@ impl MemoryBackend {
             clock: DefaultClock::default(),
             max_keys: 1_000_000,
             min_sweep_interval: Duration::from_secs(1),
+            idle_sweep_interval: Duration::from_secs(60),
         }
     }
 }
@@ -138,6 +167,7 @@ pub struct MemoryBackendBuilder<C = DefaultClock> {
     clock: C,
     max_keys: usize,
     min_sweep_interval: Duration,
+    idle_sweep_interval: Duration,
 }
 
 impl<C: Clock> MemoryBackendBuilder<C> {
@@ -148,6 +178,7 @@ impl<C: Clock> MemoryBackendBuilder<C> {
             clock,
             max_keys: self.max_keys,
             min_sweep_interval: self.min_sweep_interval,
+            idle_sweep_interval: self.idle_sweep_interval,
         }
     }
 
@@ -158,16 +189,24 @@ impl<C: Clock> MemoryBackendBuilder<C> {
         self
     }
 
-    /// At the cap, the least time between two sweeps (default one second),
-    /// so that a full table is not swept on every request.
+    /// At the cap, the least time between two whole-table sweeps (default
+    /// one second), so that a full table is not swept on every request.
     pub fn min_sweep_interval(mut self, interval: Duration) -> Self {
         self.min_sweep_interval = interval;
+        self
+    }
+
+    /// How long a steady sweep of the whole table takes, one shard at a
+    /// time (default one minute).
+    pub fn idle_sweep_interval(mut self, interval: Duration) -> Self {
+        self.idle_sweep_interval = interval;
         self
     }
 
     /// Builds the backend.
     pub fn build(self) -> MemoryBackend<C> {
         let start = self.clock.now();
+        let step_interval = (self.idle_sweep_interval.as_nanos() / SHARDS as u128).max(1) as u64;
         MemoryBackend {
             inner: Arc::new(Inner {
                 clock: self.clock,
@@ -179,8 +218,11 @@ impl<C: Clock> MemoryBackendBuilder<C> {
                     next_sweep: AtomicUsize::new(MIN_SWEEP.min(self.max_keys)),
                 }),
                 sweep: Mutex::new(()),
-                last_sweep_nanos: AtomicU64::new(0),
-                min_sweep_interval: self.min_sweep_interval,
+                last_full_sweep: AtomicU64::new(0),
+                min_sweep_interval: self.min_sweep_interval.as_nanos() as u64,
+                next_step_at: AtomicU64::new(step_interval),
+                step_interval,
+                cursor: AtomicUsize::new(0),
             }),
         }
     }
@@ -194,15 +236,15 @@ where
     /// Checks one request synchronously.
     pub fn check_now(&self, subject: &Subject, limit: &Limit) -> Result<Decision, BackendError> {
         let inner = &*self.inner;
-        let Some(n) = NonZeroU32::new(subject.cost.max(1)) else {
-            unreachable!("max(1) is never zero")
-        };
+        let n = NonZeroU32::new(subject.cost).unwrap_or(NonZeroU32::MIN);
         if n.get() > limit.max() {
             return Err(BackendError::CostExceedsLimit {
                 cost: n.get(),
                 max: limit.max(),
             });
         }
+        // Upkeep first, so that a sweep at the cap makes room for this key.
+        self.maintain();
         let bucket = subject.bucket();
         let outcome = {
             let limiters = inner
@@ -210,43 +252,45 @@ where
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
             match limiters.get(limit) {
-                Some(l) => Self::decide(l, bucket, n, limit),
+                Some(e) => Self::decide(e, bucket, n, limit),
                 None => {
                     drop(limiters);
                     let mut w = inner
                         .limiters
                         .write()
                         .unwrap_or_else(PoisonError::into_inner);
-                    let l = w.entry(*limit).or_insert_with(|| {
-                        Limiter::new(
+                    let e = w.entry(*limit).or_insert_with(|| {
+                        let store = Arc::new(KeyStore::new(Arc::clone(&inner.budget)));
+                        let limiter = Limiter::new(
                             limit.to_quota(),
-                            KeyStore::new(Arc::clone(&inner.budget)),
+                            SharedStore(Arc::clone(&store)),
                             inner.clock.clone(),
-                        )
+                        );
+                        Entry {
+                            limiter,
+                            store,
+                            start: inner.clock.now(),
+                            t: limit.emission_interval_nanos(),
+                        }
                     });
-                    Self::decide(l, bucket, n, limit)
+                    Self::decide(e, bucket, n, limit)
                 }
             }
         };
-        if inner.budget.tracked.load(Ordering::Relaxed)
-            >= inner.budget.next_sweep.load(Ordering::Relaxed)
-        {
-            self.sweep(false);
-        }
         outcome
     }
 
     #[inline]
     fn decide(
-        l: &Limiter<C>,
+        e: &Entry<C>,
         bucket: u64,
         n: NonZeroU32,
         limit: &Limit,
     ) -> Result<Decision, BackendError> {
-        match l.check_key_n(&bucket, n) {
+        match e.limiter.check_key_n(&bucket, n) {
             Ok(Ok(snapshot)) => Ok(Decision::allow(limit, snapshot.remaining_burst_capacity())),
             Ok(Err(not_until)) => {
-                let wait = not_until.wait_time_from(l.clock().now());
+                let wait = not_until.wait_time_from(e.limiter.clock().now());
                 Ok(Decision::deny(limit, n.get(), wait))
             }
             Err(_) => Err(BackendError::CostExceedsLimit {
@@ -256,38 +300,75 @@ where
         }
     }
 
-    /// Reclaims every key whose bucket is full again. Runs by itself as
-    /// keys accumulate; call it to reclaim now.
-    pub fn sweep_now(&self) {
-        self.sweep(true);
+    /// The per-request upkeep: a steady sweep step when one is due, a whole
+    /// sweep when the table has grown.
+    #[inline]
+    fn maintain(&self) {
+        let inner = &*self.inner;
+        let budget = &inner.budget;
+        if budget.tracked.load(Ordering::Relaxed) >= budget.next_sweep.load(Ordering::Relaxed) {
+            self.full_sweep(false);
+            return;
+        }
+        let now = self.elapsed();
+        let due = inner.next_step_at.load(Ordering::Relaxed);
+        if now >= due
+            && inner
+                .next_step_at
+                .compare_exchange(
+                    due,
+                    now + inner.step_interval,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            let shard = inner.cursor.fetch_add(1, Ordering::Relaxed) % SHARDS;
+            self.sweep_shards(shard..shard + 1);
+        }
     }
 
-    fn sweep(&self, forced: bool) {
+    fn elapsed(&self) -> u64 {
+        u64::from(Nanos::from(
+            self.inner.clock.now().duration_since(self.inner.start),
+        ))
+    }
+
+    fn sweep_shards(&self, shards: std::ops::Range<usize>) {
+        let inner = &*self.inner;
+        let limiters = inner
+            .limiters
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = inner.clock.now();
+        for e in limiters.values() {
+            let drop_below = e.drop_below(now);
+            for shard in shards.clone() {
+                e.store.retain_shard(shard, drop_below);
+            }
+            e.store.retain_overflow(drop_below);
+        }
+    }
+
+    /// Reclaims every key whose bucket is full again, now. This happens by
+    /// itself as requests come; call it to reclaim at once.
+    pub fn sweep_now(&self) {
+        self.full_sweep(true);
+    }
+
+    fn full_sweep(&self, forced: bool) {
         let inner = &*self.inner;
         let Ok(_guard) = inner.sweep.try_lock() else {
             return; // another request is sweeping
         };
-        let now = u64::from(Nanos::from(inner.clock.now().duration_since(inner.start)));
-        let last = inner.last_sweep_nanos.load(Ordering::Relaxed);
+        let now = self.elapsed().max(1);
+        let last = inner.last_full_sweep.load(Ordering::Relaxed);
         let budget = &inner.budget;
-        let at_cap = budget.tracked.load(Ordering::Relaxed) >= budget.cap;
-        if !forced
-            && at_cap
-            && last != 0
-            && now.saturating_sub(last) < inner.min_sweep_interval.as_nanos() as u64
-        {
+        if !forced && last != 0 && now.saturating_sub(last) < inner.min_sweep_interval {
             return;
         }
-        {
-            let limiters = inner
-                .limiters
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            for l in limiters.values() {
-                l.retain_recent();
-            }
-        }
-        inner.last_sweep_nanos.store(now.max(1), Ordering::Relaxed);
+        self.sweep_shards(0..SHARDS);
+        inner.last_full_sweep.store(now, Ordering::Relaxed);
         let live = budget.tracked.load(Ordering::Relaxed);
         let next = live.saturating_mul(2).max(MIN_SWEEP).min(budget.cap);
         budget.next_sweep.store(next, Ordering::Relaxed);
@@ -337,9 +418,9 @@ impl Hasher for IdentityHasher {
 
 type Shard = Mutex<HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>>;
 
-/// A governor state store: 64 mutex-guarded shards of `bucket → TAT`,
-/// charged against a shared key budget, with one overflow state for keys
-/// that arrive when the budget is spent.
+/// 64 mutex-guarded shards of `bucket → TAT`, charged against a shared key
+/// budget, with one overflow state for keys that arrive when the budget is
+/// spent.
 struct KeyStore {
     shards: Box<[Shard]>,
     overflow: Mutex<Option<Nanos>>,
@@ -362,16 +443,42 @@ impl KeyStore {
         // Middle bits: the table itself uses the low bits and the top seven.
         &self.shards[(key >> 32) as usize % SHARDS]
     }
+
+    fn retain_shard(&self, shard: usize, drop_below: u64) {
+        let mut map = self.shards[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let before = map.len();
+        map.retain(|_, tat| *tat > drop_below);
+        let removed = before - map.len();
+        if removed > 0 {
+            self.budget.release(removed);
+            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+                map.shrink_to_fit();
+            }
+        }
+    }
+
+    fn retain_overflow(&self, drop_below: u64) {
+        let mut overflow = self.overflow.lock().unwrap_or_else(PoisonError::into_inner);
+        if overflow.is_some_and(|tat| u64::from(tat) <= drop_below) {
+            *overflow = None;
+        }
+    }
 }
 
-impl StateStore for KeyStore {
+/// The store as governor sees it.
+struct SharedStore(Arc<KeyStore>);
+
+impl StateStore for SharedStore {
     type Key = u64;
 
     fn measure_and_replace<T, F, E>(&self, key: &u64, f: F) -> Result<T, E>
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        let mut map = self
+        let store = &*self.0;
+        let mut map = store
             .shard(*key)
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -382,48 +489,18 @@ impl StateStore for KeyStore {
         }
         // A key not yet tracked. A refusal writes nothing.
         let (t, next) = f(None)?;
-        if self.budget.try_acquire() {
+        if store.budget.try_acquire() {
             map.insert(*key, next.into());
             return Ok(t);
         }
         drop(map);
         // At the cap: count the request in the shared overflow bucket.
-        let mut overflow = self.overflow.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut overflow = store
+            .overflow
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let (t, next) = f(*overflow)?;
         *overflow = Some(next);
         Ok(t)
-    }
-}
-
-impl ShrinkableKeyedStateStore<u64> for KeyStore {
-    fn retain_recent(&self, drop_below: Nanos) {
-        let drop_below = u64::from(drop_below);
-        for shard in self.shards.iter() {
-            let mut map = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            let before = map.len();
-            map.retain(|_, tat| *tat > drop_below);
-            let removed = before - map.len();
-            if removed > 0 {
-                self.budget.release(removed);
-                if map.capacity() > 64 && map.len() < map.capacity() / 4 {
-                    map.shrink_to_fit();
-                }
-            }
-        }
-        let mut overflow = self.overflow.lock().unwrap_or_else(PoisonError::into_inner);
-        if overflow.is_some_and(|tat| u64::from(tat) <= drop_below) {
-            *overflow = None;
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
-            .sum()
     }
 }

@@ -195,6 +195,15 @@ impl Rule {
     }
 }
 
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rule::Limited(l) => l.fmt(f),
+            Rule::Unlimited => f.write_str("unlimited"),
+        }
+    }
+}
+
 impl From<Limit> for Rule {
     fn from(l: Limit) -> Self {
         Rule::Limited(l)

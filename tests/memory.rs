@@ -1,0 +1,159 @@
+//! Memory stays bounded: a spray of a million distinct keys, the cap, the
+//! overflow bucket, automatic reclamation, and bytes per tracked key.
+
+use std::alloc::System;
+use std::time::Duration;
+
+use governor::clock::FakeRelativeClock;
+use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+use tierlimit::{KeyId, Limit, MemoryBackend, Policy, Priority, Subject};
+
+/// Counts heap bytes, to measure what tracked keys cost.
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+/// Live bytes allocated since `region` began.
+fn live(region: &Region<'_, System>) -> isize {
+    let c = region.change();
+    c.bytes_allocated as isize - c.bytes_deallocated as isize + c.bytes_reallocated
+}
+
+fn subject(policy: &Policy, i: u64) -> Subject {
+    Subject {
+        key: KeyId::from_raw(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        tier: policy.tier("t").unwrap(),
+        category: policy.category("read").unwrap(),
+        cost: 1,
+        priority: Priority::Normal,
+        scope: 3,
+    }
+}
+
+fn policy() -> Policy {
+    Policy::from_toml_str(
+        "categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"10/minute\"\nwrite = \"1/minute\"",
+    )
+    .unwrap()
+}
+
+/// One test, run alone in this binary, so the allocation counter sees only it.
+#[test]
+fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
+    let policy = policy();
+    let limit = Limit::per_minute(10);
+    const SPRAY: u64 = 1_000_000;
+
+    // 1. Uncapped: every key tracked; measure bytes per key.
+    let clock = FakeRelativeClock::default();
+    let backend = MemoryBackend::builder()
+        .clock(clock.clone())
+        .max_keys(usize::MAX)
+        .build();
+    backend
+        .check_now(&subject(&policy, u64::MAX), &limit)
+        .unwrap(); // create the limiter
+    let region = Region::new(GLOBAL);
+    for i in 0..SPRAY {
+        assert!(
+            backend
+                .check_now(&subject(&policy, i), &limit)
+                .unwrap()
+                .allowed
+        );
+    }
+    let used = live(&region);
+    assert_eq!(backend.tracked_keys(), SPRAY as usize + 1);
+    let per_key = used as f64 / SPRAY as f64;
+    println!("bytes per tracked key: {per_key:.1} ({used} bytes for {SPRAY} keys)");
+    assert!(per_key < 64.0, "{per_key} bytes per key");
+
+    // Once their buckets are full again, the steady sweep reclaims them all,
+    // driven by ordinary traffic alone (one shard per 60 s / 64).
+    clock.advance(Duration::from_secs(61));
+    for _ in 0..64 {
+        clock.advance(Duration::from_millis(940));
+        backend
+            .check_now(&subject(&policy, u64::MAX), &limit)
+            .unwrap();
+    }
+    assert!(
+        backend.tracked_keys() <= 1,
+        "{} left",
+        backend.tracked_keys()
+    );
+    let after = live(&region);
+    println!("bytes after reclaiming: {after}");
+    assert!(after < 1 << 20, "{after} bytes still held");
+    drop(backend);
+
+    // 2. Capped at 100,000: the spray never grows the table past the cap;
+    // keys beyond it share the overflow bucket (10 at once, then refused);
+    // tracked keys keep their exact state.
+    let clock = FakeRelativeClock::default();
+    let cap = 100_000;
+    let backend = MemoryBackend::builder()
+        .clock(clock.clone())
+        .max_keys(cap)
+        .build();
+    for _ in 0..10 {
+        assert!(
+            backend
+                .check_now(&subject(&policy, 0), &limit)
+                .unwrap()
+                .allowed
+        );
+    }
+    let region = Region::new(GLOBAL);
+    let mut allowed_untracked = 0;
+    for i in 1..SPRAY {
+        let d = backend.check_now(&subject(&policy, i), &limit).unwrap();
+        if (i as usize) < cap {
+            assert!(d.allowed, "key {i} under the cap");
+        } else if d.allowed {
+            allowed_untracked += 1;
+        }
+        assert!(backend.tracked_keys() <= cap);
+    }
+    let used = live(&region);
+    println!("bytes for a capped spray of {SPRAY}: {used}");
+    assert_eq!(backend.tracked_keys(), cap);
+    assert_eq!(
+        allowed_untracked, 10,
+        "untracked keys share one bucket of 10"
+    );
+    // Key 0 is still exactly empty: its state survived the spray.
+    assert!(
+        !backend
+            .check_now(&subject(&policy, 0), &limit)
+            .unwrap()
+            .allowed
+    );
+
+    // Time passes: every bucket is full again; the next request at the cap
+    // sweeps, and new keys are tracked again.
+    clock.advance(Duration::from_secs(61));
+    let d = backend
+        .check_now(&subject(&policy, SPRAY + 1), &limit)
+        .unwrap();
+    assert!(d.allowed);
+    assert!(
+        backend.tracked_keys() < 10,
+        "{} tracked after the sweep",
+        backend.tracked_keys()
+    );
+    for _ in 0..9 {
+        assert!(
+            backend
+                .check_now(&subject(&policy, SPRAY + 1), &limit)
+                .unwrap()
+                .allowed
+        );
+    }
+    assert!(
+        !backend
+            .check_now(&subject(&policy, SPRAY + 1), &limit)
+            .unwrap()
+            .allowed,
+        "tracked with its own state"
+    );
+}
