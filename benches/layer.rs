@@ -1,1 +1,290 @@
-fn main() {}
+#![allow(missing_docs)] // criterion_group! generates an undocumented function
+//! Per-request cost through an axum `Router`: bare, tierlimit (1 key and
+//! 100,000 keys), and, on the same work (same quota, key from the same
+//! `X-API-Key` header, rate-limit headers on), `tower_governor` and
+//! `tower-rate-tier`; then the limiter's decision alone next to a raw
+//! governor keyed check.
+//!
+//! ```sh
+//! cargo bench --bench layer
+//! ```
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::get;
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderValue, Request, StatusCode};
+use tower::{Service, ServiceExt};
+
+/// Big enough that nothing is refused during a run: every row measures the
+/// allowed path, the one every successful request takes.
+const MAX: u32 = 1_000_000_000;
+
+fn keys(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("key-{i:08}-abcdefghijklmnop"))
+        .collect()
+}
+
+fn bare() -> Router {
+    Router::new().route("/v1/account", get(|| async { "{}" }))
+}
+
+fn tierlimit(keys: &[String]) -> Router {
+    let mut toml = format!(
+        "categories = [\"read\", \"write\"]\n[tiers.free]\nread = \"{MAX}/hour\"\nwrite = \"{MAX}/hour\"\n[keys]\n"
+    );
+    for k in keys {
+        toml.push_str(&format!("\"{k}\" = \"free\"\n"));
+    }
+    let policy = tierlimit::Policy::from_toml_str(&toml).unwrap();
+    bare().layer(tierlimit::RateLimitLayer::new(policy))
+}
+
+#[derive(Clone)]
+struct HeaderKey;
+
+impl tower_governor::key_extractor::KeyExtractor for HeaderKey {
+    type Key = String;
+    fn extract<T>(&self, req: &Request<T>) -> Result<String, tower_governor::GovernorError> {
+        req.headers()
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or(tower_governor::GovernorError::UnableToExtractKey)
+    }
+}
+
+fn tower_governor() -> Router {
+    let config = tower_governor::governor::GovernorConfigBuilder::default()
+        .period(Duration::from_secs(3600) / MAX)
+        .burst_size(MAX)
+        .key_extractor(HeaderKey)
+        .use_headers()
+        .finish()
+        .unwrap();
+    bare().layer(tower_governor::GovernorLayer::new(Arc::new(config)))
+}
+
+fn tower_rate_tier(keys: &[String]) -> Router {
+    let tiers: Arc<HashMap<String, String>> = Arc::new(
+        keys.iter()
+            .map(|k| (k.clone(), "free".to_owned()))
+            .collect(),
+    );
+    let rate_tier = tower_rate_tier::RateTier::builder()
+        .tier(
+            "free",
+            tower_rate_tier::Quota::with_window(MAX, Duration::from_secs(3600)),
+        )
+        .build();
+    let layer = tower_rate_tier::TierLimitLayer::new(rate_tier).identifier_fn(move |h| {
+        let key = h.get("x-api-key")?.to_str().ok()?;
+        let tier = tiers.get(key)?;
+        Some(tower_rate_tier::TierIdentity::new(key, tier.as_str()))
+    });
+    bare().layer(layer)
+}
+
+fn request(key: &HeaderValue) -> Request<Body> {
+    let mut req = Request::get("/v1/account").body(Body::empty()).unwrap();
+    req.headers_mut().insert("x-api-key", key.clone());
+    req
+}
+
+/// Every row in one run, on the same machine state.
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let one = keys(1);
+    let many = keys(100_000);
+    let one_hv: Vec<HeaderValue> = one.iter().map(|k| k.parse().unwrap()).collect();
+    let many_hv: Vec<HeaderValue> = many.iter().map(|k| k.parse().unwrap()).collect();
+
+    let rows: Vec<(&str, Router, &[HeaderValue], bool)> = vec![
+        ("bare router", bare(), &one_hv, false),
+        (
+            "bare router + no-op layer",
+            bare().layer(tower::util::MapResponseLayer::new(
+                |r: axum::response::Response| r,
+            )),
+            &one_hv,
+            false,
+        ),
+        ("tierlimit, 1 key", tierlimit(&one), &one_hv, true),
+        ("tierlimit, 100k keys", tierlimit(&many), &many_hv, true),
+        ("tower_governor, 1 key", tower_governor(), &one_hv, true),
+        (
+            "tower_governor, 100k keys",
+            tower_governor(),
+            &many_hv,
+            true,
+        ),
+        (
+            "tower-rate-tier, 1 key",
+            tower_rate_tier(&one),
+            &one_hv,
+            true,
+        ),
+        (
+            "tower-rate-tier, 100k keys",
+            tower_rate_tier(&many),
+            &many_hv,
+            true,
+        ),
+    ];
+
+    let mut group = c.benchmark_group("per request through axum");
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
+    for (name, router, keys, limited) in rows {
+        // Sanity: the row does the work it claims (allowed, headers on).
+        let res = rt
+            .block_on(router.clone().oneshot(request(&keys[0])))
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{name}");
+        assert_eq!(
+            res.headers().contains_key("x-ratelimit-remaining"),
+            limited,
+            "{name}"
+        );
+        // Touch every key once so the 100k rows measure a populated table.
+        for k in keys {
+            rt.block_on(router.clone().oneshot(request(k))).unwrap();
+        }
+        let mut svc = router.clone();
+        let mut i = 0usize;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 1) % keys.len();
+                let req = request(&keys[i]);
+                let res = rt.block_on(async {
+                    ServiceExt::<Request<Body>>::ready(&mut svc).await.unwrap();
+                    svc.call(req).await.unwrap()
+                });
+                black_box(res)
+            })
+        });
+    }
+    group.finish();
+
+    // The limiter alone, without HTTP plumbing: tierlimit's whole decision
+    // (route → category, key from the header, key → tier, GCRA check)
+    // against a raw governor keyed check (DashMap state, String keys).
+    let mut group = c.benchmark_group("limiter check alone");
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
+    for (name, keys, hv) in [
+        ("tierlimit, 1 key", &one, &one_hv),
+        ("tierlimit, 100k keys", &many, &many_hv),
+    ] {
+        use tierlimit::Extractor;
+        let mut toml = format!(
+            "categories = [\"read\", \"write\"]\n[tiers.free]\nread = \"{MAX}/hour\"\nwrite = \"{MAX}/hour\"\n[keys]\n"
+        );
+        for k in keys.iter() {
+            toml.push_str(&format!("\"{k}\" = \"free\"\n"));
+        }
+        let policy = tierlimit::Policy::from_toml_str(&toml).unwrap();
+        let backend = tierlimit::MemoryBackend::new();
+        let extractor = tierlimit::ApiKey::new();
+        let requests: Vec<Request<()>> = hv
+            .iter()
+            .map(|k| {
+                let mut r = Request::get("/v1/account").body(()).unwrap();
+                r.headers_mut().insert("x-api-key", k.clone());
+                r
+            })
+            .collect();
+        let check = |req: &Request<()>| {
+            let tierlimit::Target::Category { category, cost } =
+                policy.classify(req.method(), req.uri().path())
+            else {
+                unreachable!()
+            };
+            let id = extractor
+                .extract(&tierlimit::RequestRef::new(req), &policy)
+                .unwrap();
+            let tier = id.tier().unwrap();
+            let tierlimit::Rule::Limited(limit) = policy.rule(tier, category) else {
+                unreachable!()
+            };
+            let subject = tierlimit::Subject {
+                key: id.key(),
+                tier,
+                category,
+                cost,
+                priority: id.priority(),
+                scope: 1,
+            };
+            backend.check_now(&subject, &limit).unwrap().allowed
+        };
+        for r in &requests {
+            assert!(check(r));
+        }
+        let mut i = 0usize;
+        group.bench_function(format!("{name}, from the request"), |b| {
+            b.iter(|| {
+                i = (i + 1) % requests.len();
+                black_box(check(&requests[i]))
+            })
+        });
+        // Given the key's text, as the raw governor row is.
+        let (tier, category) = (
+            policy.tier("free").unwrap(),
+            policy.category("read").unwrap(),
+        );
+        let tierlimit::Rule::Limited(limit) = policy.rule(tier, category) else {
+            unreachable!()
+        };
+        let by_key = |key: &str| {
+            let id = tierlimit::KeyId::of(key);
+            let tier = policy.key_tier(key, id).unwrap();
+            let subject = tierlimit::Subject {
+                key: id,
+                tier,
+                category,
+                cost: 1,
+                priority: tierlimit::Priority::Normal,
+                scope: 1,
+            };
+            backend.check_now(&subject, &limit).unwrap().allowed
+        };
+        group.bench_function(format!("{name}, key given"), |b| {
+            b.iter(|| {
+                i = (i + 1) % keys.len();
+                black_box(by_key(&keys[i]))
+            })
+        });
+    }
+    let quota = governor::Quota::with_period(Duration::from_secs(3600) / MAX)
+        .unwrap()
+        .allow_burst(NonZeroU32::new(MAX).unwrap());
+    for (name, keys) in [
+        ("raw governor keyed, 1 key", &one),
+        ("raw governor keyed, 100k keys", &many),
+    ] {
+        let limiter = governor::RateLimiter::keyed(quota);
+        for k in keys.iter() {
+            let _ = limiter.check_key(k);
+        }
+        let mut i = 0usize;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 1) % keys.len();
+                black_box(limiter.check_key(&keys[i]).is_ok())
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

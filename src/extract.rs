@@ -230,7 +230,7 @@ where
 /// The default longest key accepted.
 pub const DEFAULT_MAX_KEY_LEN: usize = 256;
 
-const X_API_KEY: &str = "x-api-key";
+static X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
 
 type TierFn = dyn Fn(&str) -> Option<TierId> + Send + Sync;
 
@@ -290,20 +290,26 @@ impl ApiKey {
 
     /// The raw key of a request, validated, without resolving a tier.
     pub fn read<'r>(&self, headers: &'r HeaderMap) -> Result<&'r str, Rejection> {
-        let mut found = None;
+        const NOT_ASCII: Rejection =
+            Rejection::MalformedKey("the API key must be printable ASCII without spaces");
+        let mut found: Option<&str> = None;
         for value in headers.get_all(header::AUTHORIZATION) {
-            let v = value.as_bytes();
-            let Some(rest) = strip_prefix_ignore_case(v, b"bearer ") else {
-                return Err(Rejection::MalformedKey(
-                    "the Authorization header must be `Bearer <key>`",
-                ));
+            let v = value.to_str().map_err(|_| NOT_ASCII)?;
+            let rest = match v.get(..7) {
+                Some(p) if p.eq_ignore_ascii_case("bearer ") => &v[7..],
+                _ => {
+                    return Err(Rejection::MalformedKey(
+                        "the Authorization header must be `Bearer <key>`",
+                    ));
+                }
             };
-            if found.replace(trim(rest)).is_some() {
+            if found.replace(rest.trim_ascii()).is_some() {
                 return Err(Rejection::MalformedKey("more than one API key was sent"));
             }
         }
-        for value in headers.get_all(X_API_KEY) {
-            if found.replace(trim(value.as_bytes())).is_some() {
+        for value in headers.get_all(&X_API_KEY) {
+            let v = value.to_str().map_err(|_| NOT_ASCII)?;
+            if found.replace(v.trim_ascii()).is_some() {
                 return Err(Rejection::MalformedKey("more than one API key was sent"));
             }
         }
@@ -316,23 +322,12 @@ impl ApiKey {
         if key.len() > self.max_len {
             return Err(Rejection::MalformedKey("the API key is too long"));
         }
-        if !key.iter().all(|&b| b.is_ascii_graphic()) {
-            return Err(Rejection::MalformedKey(
-                "the API key must be printable ASCII without spaces",
-            ));
+        // `to_str` admitted visible ASCII, spaces and tabs; refuse the latter.
+        if key.bytes().any(|b| b <= b' ') {
+            return Err(NOT_ASCII);
         }
-        // Visible ASCII is valid UTF-8.
-        std::str::from_utf8(key).map_err(|_| Rejection::MalformedKey("the API key is not UTF-8"))
+        Ok(key)
     }
-}
-
-fn strip_prefix_ignore_case<'a>(v: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
-    (v.len() >= prefix.len() && v[..prefix.len()].eq_ignore_ascii_case(prefix))
-        .then(|| &v[prefix.len()..])
-}
-
-fn trim(v: &[u8]) -> &[u8] {
-    v.trim_ascii()
 }
 
 impl Extractor for ApiKey {

@@ -7,15 +7,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::backend::{BackendError, Decision};
 use crate::key::KeyId;
 use crate::policy::{CategoryId, Policy, TierId};
-use crate::response::ResponseBody;
 use crate::response::headers::{HeaderOptions as Options, HeaderPlan};
+use crate::response::{ResponseBody, SlotHeaders};
 use crate::service::{ServiceStep, finish};
 
 /// What a deferred check needs to finish.
@@ -25,7 +25,7 @@ pub(crate) struct Pending {
     pub(crate) tier: TierId,
     pub(crate) category: CategoryId,
     pub(crate) key: KeyId,
-    pub(crate) policy_header: HeaderValue,
+    pub(crate) slot: Arc<SlotHeaders>,
     pub(crate) options: Options,
     pub(crate) grpc: bool,
 }
@@ -45,15 +45,19 @@ pin_project! {
     #[project = StateProj]
     enum State<F, S, Req, BF> {
         Inner { #[pin] fut: F },
-        Ready { res: Option<Response<Bytes>> },
-        Checking {
-            #[pin]
-            check: BF,
-            inner: Option<S>,
-            req: Option<Req>,
-            pending: Option<Box<Pending>>,
-        },
+        // Refusals and deferred checks are boxed: they are rare, and the
+        // future every allowed request moves around stays small.
+        Ready { res: Option<Box<Response<Bytes>>> },
+        Checking { checking: Option<Box<Checking<S, Req, BF>>> },
     }
+}
+
+/// A backend check under way, with the ready inner service and the request.
+struct Checking<S, Req, BF> {
+    check: BF,
+    inner: S,
+    req: Req,
+    pending: Box<Pending>,
 }
 
 impl<F, S, Req, BF> fmt::Debug for ResponseFuture<F, S, Req, BF> {
@@ -72,7 +76,9 @@ impl<F, S, Req, BF> ResponseFuture<F, S, Req, BF> {
 
     pub(crate) fn ready(res: Response<Bytes>) -> Self {
         ResponseFuture {
-            state: State::Ready { res: Some(res) },
+            state: State::Ready {
+                res: Some(Box::new(res)),
+            },
             plan: None,
         }
     }
@@ -80,10 +86,12 @@ impl<F, S, Req, BF> ResponseFuture<F, S, Req, BF> {
     pub(crate) fn checking(check: BF, inner: S, req: Req, pending: Box<Pending>) -> Self {
         ResponseFuture {
             state: State::Checking {
-                check,
-                inner: Some(inner),
-                req: Some(req),
-                pending: Some(pending),
+                checking: Some(Box::new(Checking {
+                    check,
+                    inner,
+                    req,
+                    pending,
+                })),
             },
             plan: None,
         }
@@ -94,7 +102,7 @@ impl<F, S, ReqBody, BF, ResBody, E> Future for ResponseFuture<F, S, Request<ReqB
 where
     F: Future<Output = Result<Response<ResBody>, E>>,
     S: Service<Request<ReqBody>, Response = Response<ResBody>, Error = E, Future = F>,
-    BF: Future<Output = Result<Decision, BackendError>>,
+    BF: Future<Output = Result<Decision, BackendError>> + Unpin,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, E>;
 
@@ -114,30 +122,33 @@ where
                     let res = res.take().expect("ResponseFuture polled after completion");
                     return Poll::Ready(Ok(res.map(ResponseBody::full)));
                 }
-                StateProj::Checking {
-                    check,
-                    inner,
-                    req,
-                    pending,
-                } => {
-                    let result = ready!(check.poll(cx));
-                    let p = pending
-                        .take()
+                StateProj::Checking { checking } => {
+                    let c = checking
+                        .as_mut()
                         .expect("ResponseFuture polled after completion");
+                    let result = ready!(Pin::new(&mut c.check).poll(cx));
+                    let Checking {
+                        mut inner,
+                        req,
+                        pending: p,
+                        ..
+                    } = *checking.take().expect("checked above");
                     let plan = |decision| HeaderPlan {
                         decision,
-                        policy_header: p.policy_header.clone(),
+                        slot: Arc::clone(&p.slot),
                         options: p.options,
                     };
-                    match finish::<()>(result, plan, &p.policy, p.tier, p.category, p.key, p.grpc) {
+                    match finish::<()>(result, plan, &p.policy, p.tier, p.category, p.key, || {
+                        p.grpc
+                    }) {
                         ServiceStep::Allow(plan) => {
-                            let mut svc = inner.take().expect("inner service taken once");
-                            let req = req.take().expect("request taken once");
                             *this.plan = Some(plan);
-                            let fut = svc.call(req);
+                            let fut = inner.call(req);
                             this.state.set(State::Inner { fut });
                         }
-                        ServiceStep::Refuse(res) => this.state.set(State::Ready { res: Some(res) }),
+                        ServiceStep::Refuse(res) => this.state.set(State::Ready {
+                            res: Some(Box::new(res)),
+                        }),
                         ServiceStep::Pass | ServiceStep::Wait(..) => {
                             unreachable!("finish only allows or refuses")
                         }

@@ -115,7 +115,6 @@ where
         let shared = &*self.shared;
         let policy_guard = shared.policy.load();
         let policy: &Policy = &policy_guard;
-        let grpc = is_grpc(req.headers());
         let view = RequestRef::new(req);
 
         let (category, route_cost) = match policy.classify(req.method(), req.uri().path()) {
@@ -127,17 +126,17 @@ where
             Err(Rejection::MissingKey) if policy.missing_key_tier().is_some() => {
                 match shared.anonymous.extract(&view, policy) {
                     Ok(id) => id,
-                    Err(r) => return refuse(Refusal::Client(r), grpc),
+                    Err(r) => return refuse_to(Refusal::Client(r), req),
                 }
             }
-            Err(r) => return refuse(Refusal::Client(r), grpc),
+            Err(r) => return refuse_to(Refusal::Client(r), req),
         };
         let Some(tier) = identity.tier().or_else(|| policy.unknown_key_tier()) else {
-            return refuse(Refusal::Client(Rejection::UnknownKey), grpc);
+            return refuse_to(Refusal::Client(Rejection::UnknownKey), req);
         };
         let Some(slot) = policy.slot(tier, category) else {
             // A tier id from another policy: treat as an unknown key.
-            return refuse(Refusal::Client(Rejection::UnknownKey), grpc);
+            return refuse_to(Refusal::Client(Rejection::UnknownKey), req);
         };
         let limit = match slot.rule {
             Rule::Unlimited => return Step::Pass,
@@ -145,32 +144,34 @@ where
         };
         let cost = identity.cost().unwrap_or(route_cost);
         if cost == 0 {
-            return refuse(
+            return refuse_to(
                 Refusal::Client(Rejection::InvalidCost("a cost must be at least 1")),
-                grpc,
+                req,
             );
         }
         if cost > limit.max() {
-            return refuse(
+            return refuse_to(
                 Refusal::CostTooHigh {
                     cost,
                     max: limit.max(),
                     tier: policy.tier_name(tier),
                     category: policy.category_name(category),
                 },
-                grpc,
+                req,
             );
         }
         let subject = subject(&identity, tier, category, cost, slot.scope);
         let mut check = shared.backend.check(&subject, &limit);
         let plan = |decision: Decision| HeaderPlan {
             decision,
-            policy_header: slot.policy_header.clone(),
+            slot: Arc::clone(&slot.headers),
             options: shared.headers,
         };
         match Pin::new(&mut check).poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(result) => {
-                finish(result, plan, policy, tier, category, identity.key(), grpc)
+                finish(result, plan, policy, tier, category, identity.key(), || {
+                    is_grpc(req.headers())
+                })
             }
             Poll::Pending => Step::Wait(
                 check,
@@ -179,9 +180,9 @@ where
                     tier,
                     category,
                     key: identity.key(),
-                    policy_header: slot.policy_header.clone(),
+                    slot: Arc::clone(&slot.headers),
                     options: shared.headers,
-                    grpc,
+                    grpc: is_grpc(req.headers()),
                 }),
             ),
         }
@@ -210,6 +211,11 @@ fn refuse<BF>(refusal: Refusal<'_>, grpc: bool) -> Step<BF> {
     Step::Refuse(refusal.into_response(grpc))
 }
 
+/// A refusal in the form `req` speaks (looked up only when refusing).
+fn refuse_to<BF, T>(refusal: Refusal<'_>, req: &Request<T>) -> Step<BF> {
+    refuse(refusal, is_grpc(req.headers()))
+}
+
 /// Turns a backend's answer into the next step.
 pub(crate) fn finish<BF>(
     result: Result<Decision, BackendError>,
@@ -218,7 +224,7 @@ pub(crate) fn finish<BF>(
     tier: TierId,
     category: CategoryId,
     key: KeyId,
-    grpc: bool,
+    grpc: impl FnOnce() -> bool,
 ) -> Step<BF> {
     match result {
         Ok(d) if d.allowed => Step::Allow(plan(d)),
@@ -229,7 +235,7 @@ pub(crate) fn finish<BF>(
                 category: policy.category_name(category),
                 key,
             },
-            grpc,
+            grpc(),
         ),
         Err(BackendError::CostExceedsLimit { cost, max }) => refuse(
             Refusal::CostTooHigh {
@@ -238,11 +244,11 @@ pub(crate) fn finish<BF>(
                 tier: policy.tier_name(tier),
                 category: policy.category_name(category),
             },
-            grpc,
+            grpc(),
         ),
         Err(e) => {
             tracing::warn!(error = %e, "rate-limit backend failed; answering 503");
-            refuse(Refusal::Unavailable, grpc)
+            refuse(Refusal::Unavailable, grpc())
         }
     }
 }

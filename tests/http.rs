@@ -249,7 +249,8 @@ async fn bad_credentials_get_clear_4xx_never_500() {
     let (server, _clock) = demo_server().await;
     let c = client();
     let long = "k".repeat(300);
-    let cases: Vec<(&str, Vec<(&str, Vec<u8>)>, StatusCode, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, Vec<u8>)>, StatusCode, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         (
             "missing",
             vec![],

@@ -6,7 +6,9 @@ use std::future::{Ready, ready};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock, Reference};
@@ -73,6 +75,7 @@ impl<C: Clock> Clone for MemoryBackend<C> {
 }
 
 type Limiter<C> = RateLimiter<u64, SharedStore, C, StateInformationMiddleware>;
+type LimiterMap<C> = HashMap<Limit, Arc<Entry<C>>, foldhash::fast::RandomState>;
 
 /// One governor limiter and a handle on its store, for sweeping.
 struct Entry<C: Clock> {
@@ -87,14 +90,17 @@ struct Entry<C: Clock> {
 impl<C: Clock> Entry<C> {
     /// Buckets whose TAT is at or below this are full again.
     fn drop_below(&self, now: C::Instant) -> u64 {
-        u64::from(Nanos::from(now.duration_since(self.start))).saturating_sub(self.t)
+        u64::from(now.duration_since(self.start)).saturating_sub(self.t)
     }
 }
 
 struct Inner<C: Clock> {
     clock: C,
     start: C::Instant,
-    limiters: RwLock<HashMap<Limit, Entry<C>, foldhash::fast::RandomState>>,
+    /// Read on every check without writing shared memory (arc-swap), copied
+    /// on the rare write (a limit seen for the first time).
+    limiters: ArcSwap<LimiterMap<C>>,
+    grow: Mutex<()>,
     budget: Arc<Budget>,
     sweep: Mutex<()>,
     last_full_sweep: AtomicU64,
@@ -211,7 +217,8 @@ impl<C: Clock> MemoryBackendBuilder<C> {
             inner: Arc::new(Inner {
                 clock: self.clock,
                 start,
-                limiters: RwLock::new(HashMap::default()),
+                limiters: ArcSwap::from_pointee(HashMap::default()),
+                grow: Mutex::new(()),
                 budget: Arc::new(Budget {
                     tracked: AtomicUsize::new(0),
                     cap: self.max_keys,
@@ -246,38 +253,41 @@ where
         // Upkeep first, so that a sweep at the cap makes room for this key.
         self.maintain();
         let bucket = subject.bucket();
-        let outcome = {
-            let limiters = inner
-                .limiters
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            match limiters.get(limit) {
-                Some(e) => Self::decide(e, bucket, n, limit),
-                None => {
-                    drop(limiters);
-                    let mut w = inner
-                        .limiters
-                        .write()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    let e = w.entry(*limit).or_insert_with(|| {
-                        let store = Arc::new(KeyStore::new(Arc::clone(&inner.budget)));
-                        let limiter = Limiter::new(
-                            limit.to_quota(),
-                            SharedStore(Arc::clone(&store)),
-                            inner.clock.clone(),
-                        );
-                        Entry {
-                            limiter,
-                            store,
-                            start: inner.clock.now(),
-                            t: limit.emission_interval_nanos(),
-                        }
-                    });
-                    Self::decide(e, bucket, n, limit)
-                }
+        let limiters = inner.limiters.load();
+        match limiters.get(limit) {
+            Some(e) => Self::decide(e, bucket, n, limit),
+            None => {
+                drop(limiters);
+                Self::decide(&self.add_limiter(limit), bucket, n, limit)
             }
-        };
-        outcome
+        }
+    }
+
+    /// Makes the limiter of a limit seen for the first time.
+    #[cold]
+    fn add_limiter(&self, limit: &Limit) -> Arc<Entry<C>> {
+        let inner = &*self.inner;
+        let _grow = inner.grow.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = inner.limiters.load();
+        if let Some(e) = current.get(limit) {
+            return Arc::clone(e);
+        }
+        let store = Arc::new(KeyStore::new(Arc::clone(&inner.budget)));
+        let limiter = Limiter::new(
+            limit.to_quota(),
+            SharedStore(Arc::clone(&store)),
+            inner.clock.clone(),
+        );
+        let entry = Arc::new(Entry {
+            limiter,
+            store,
+            start: inner.clock.now(),
+            t: limit.emission_interval_nanos(),
+        });
+        let mut next = LimiterMap::clone(&current);
+        next.insert(*limit, Arc::clone(&entry));
+        inner.limiters.store(Arc::new(next));
+        entry
     }
 
     #[inline]
@@ -329,17 +339,12 @@ where
     }
 
     fn elapsed(&self) -> u64 {
-        u64::from(Nanos::from(
-            self.inner.clock.now().duration_since(self.inner.start),
-        ))
+        u64::from(self.inner.clock.now().duration_since(self.inner.start))
     }
 
     fn sweep_shards(&self, shards: std::ops::Range<usize>) {
         let inner = &*self.inner;
-        let limiters = inner
-            .limiters
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let limiters = inner.limiters.load();
         let now = inner.clock.now();
         for e in limiters.values() {
             let drop_below = e.drop_below(now);

@@ -21,6 +21,8 @@ use std::time::Duration;
 pub struct Limit {
     max: NonZeroU32,
     per: Duration,
+    /// `per / max` in nanoseconds, computed once (a 128-bit division).
+    interval: u64,
 }
 
 impl Limit {
@@ -30,7 +32,7 @@ impl Limit {
         if per.as_nanos() < u128::from(max.get()) || per.as_nanos() > u128::from(u64::MAX) {
             return None;
         }
-        Some(Limit { max, per })
+        Some(Limit::make(max, per))
     }
 
     /// `max` requests per second.
@@ -39,10 +41,7 @@ impl Limit {
     ///
     /// If `max` is zero (at compile time in a `const`).
     pub const fn per_second(max: u32) -> Self {
-        Limit {
-            max: nonzero(max),
-            per: Duration::from_secs(1),
-        }
+        Limit::make(nonzero(max), Duration::from_secs(1))
     }
 
     /// `max` requests per minute.
@@ -51,10 +50,7 @@ impl Limit {
     ///
     /// If `max` is zero (at compile time in a `const`).
     pub const fn per_minute(max: u32) -> Self {
-        Limit {
-            max: nonzero(max),
-            per: Duration::from_secs(60),
-        }
+        Limit::make(nonzero(max), Duration::from_secs(60))
     }
 
     /// `max` requests per hour.
@@ -63,10 +59,7 @@ impl Limit {
     ///
     /// If `max` is zero (at compile time in a `const`).
     pub const fn per_hour(max: u32) -> Self {
-        Limit {
-            max: nonzero(max),
-            per: Duration::from_secs(3600),
-        }
+        Limit::make(nonzero(max), Duration::from_secs(3600))
     }
 
     /// `max` requests per day.
@@ -75,10 +68,7 @@ impl Limit {
     ///
     /// If `max` is zero (at compile time in a `const`).
     pub const fn per_day(max: u32) -> Self {
-        Limit {
-            max: nonzero(max),
-            per: Duration::from_secs(86_400),
-        }
+        Limit::make(nonzero(max), Duration::from_secs(86_400))
     }
 
     /// The burst size: how many requests may come at once.
@@ -96,8 +86,17 @@ impl Limit {
         Duration::from_nanos(self.emission_interval_nanos())
     }
 
-    pub(crate) fn emission_interval_nanos(&self) -> u64 {
-        (self.per.as_nanos() / u128::from(self.max.get())) as u64
+    #[inline]
+    pub(crate) const fn emission_interval_nanos(&self) -> u64 {
+        self.interval
+    }
+
+    const fn make(max: NonZeroU32, per: Duration) -> Self {
+        Limit {
+            max,
+            per,
+            interval: (per.as_nanos() / max.get() as u128) as u64,
+        }
     }
 
     /// The same limit as a governor quota.
@@ -114,8 +113,7 @@ impl Limit {
         })?;
         let max: u32 = max
             .trim()
-            .replace('_', "")
-            .replace(',', "")
+            .replace(['_', ','], "")
             .parse()
             .map_err(|_| format!("`{}` is not a whole number of requests", max.trim()))?;
         let max = NonZeroU32::new(max).ok_or_else(|| {

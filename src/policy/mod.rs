@@ -49,7 +49,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use hashbrown::HashTable;
-use http::{HeaderValue, Method};
+use http::Method;
+
+use crate::response::SlotHeaders;
 
 use crate::key::{KeyId, hash_str};
 
@@ -472,14 +474,14 @@ impl PolicyBuilder {
                         ));
                     }
                     for (t, name) in tier_names.iter().enumerate() {
-                        if let Rule::Limited(l) = slots[t * ncat + category.index()].rule {
-                            if r.cost > l.max() {
-                                return Err(err(format!(
-                                    "cost {} is larger than tier `{name}`'s `{cat}` limit of {}, so such requests could never succeed",
-                                    r.cost,
-                                    l.max()
-                                )));
-                            }
+                        if let Rule::Limited(l) = slots[t * ncat + category.index()].rule
+                            && r.cost > l.max()
+                        {
+                            return Err(err(format!(
+                                "cost {} is larger than tier `{name}`'s `{cat}` limit of {}, so such requests could never succeed",
+                                r.cost,
+                                l.max()
+                            )));
                         }
                     }
                     Target::Category {
@@ -600,21 +602,19 @@ pub(crate) struct Slot {
     /// Separates this cell's buckets from every other cell's in a backend
     /// (a hash of the tier and category names, stable in one process).
     pub(crate) scope: u64,
-    pub(crate) policy_header: HeaderValue,
+    pub(crate) headers: Arc<SlotHeaders>,
 }
 
 impl Slot {
     fn new(rule: Rule, tier: &str, category: &str) -> Self {
         let (max, window) = match rule {
-            Rule::Limited(l) => (u64::from(l.max()), crate::response::ceil_secs(l.per())),
-            Rule::Unlimited => (0, 0),
+            Rule::Limited(l) => (l.max(), l.per()),
+            Rule::Unlimited => (0, std::time::Duration::ZERO),
         };
-        let name = format!("{tier}.{category}");
         Slot {
             rule,
             scope: hash_str(&format!("{tier}\0{category}")),
-            policy_header: HeaderValue::try_from(format!("\"{name}\";q={max};w={window}"))
-                .expect("tier and category names are checked to be header-safe"),
+            headers: Arc::new(SlotHeaders::new(tier, category, max, window)),
         }
     }
 }

@@ -104,10 +104,10 @@ pub(crate) struct CompiledRoute {
 impl CompiledRoute {
     #[inline]
     pub(crate) fn matches(&self, method: &Method, path: &str) -> bool {
-        if let Some(methods) = &self.methods {
-            if !methods.iter().any(|m| m == method) {
-                return false;
-            }
+        if let Some(methods) = &self.methods
+            && !methods.iter().any(|m| m == method)
+        {
+            return false;
         }
         self.pattern.matches(path)
     }

@@ -1,4 +1,4 @@
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -88,11 +88,40 @@ pub(crate) fn unix_now() -> Duration {
         .unwrap_or_default()
 }
 
+/// Header values fixed by a tier × category cell, made once per policy.
+#[derive(Debug)]
+pub(crate) struct SlotHeaders {
+    max: u32,
+    window_secs: u64,
+    limit: HeaderValue,
+    window: HeaderValue,
+    /// The draft `RateLimit-Policy` value, `"tier.category";q=MAX;w=SECS`.
+    policy: HeaderValue,
+    /// The length of its `"tier.category"` name.
+    name_len: usize,
+}
+
+impl SlotHeaders {
+    pub(crate) fn new(tier: &str, category: &str, max: u32, window: Duration) -> Self {
+        let window_secs = ceil_secs(window);
+        let name = format!("\"{tier}.{category}\"");
+        SlotHeaders {
+            max,
+            window_secs,
+            limit: HeaderValue::from(max),
+            window: HeaderValue::from(window_secs),
+            policy: HeaderValue::try_from(format!("{name};q={max};w={window_secs}"))
+                .expect("tier and category names are checked to be header-safe"),
+            name_len: name.len(),
+        }
+    }
+}
+
 /// Everything needed to write the headers of one decision.
 #[derive(Clone, Debug)]
 pub(crate) struct HeaderPlan {
     pub(crate) decision: Decision,
-    pub(crate) policy_header: HeaderValue,
+    pub(crate) slot: Arc<SlotHeaders>,
     pub(crate) options: HeaderOptions,
 }
 
@@ -101,19 +130,30 @@ impl HeaderPlan {
     pub(crate) fn write(&self, headers: &mut HeaderMap) {
         let d = &self.decision;
         let reset = ceil_secs(d.reset_after);
+        let slot = &*self.slot;
         if self.options.x_ratelimit {
-            headers.insert(X_RATELIMIT_LIMIT.clone(), int(u64::from(d.limit)));
+            let limit = if d.limit == slot.max {
+                slot.limit.clone()
+            } else {
+                int(u64::from(d.limit))
+            };
+            headers.insert(X_RATELIMIT_LIMIT.clone(), limit);
             headers.insert(X_RATELIMIT_REMAINING.clone(), int(u64::from(d.remaining)));
             headers.insert(
                 X_RATELIMIT_RESET.clone(),
                 HeaderValue::from(ceil_secs(unix_now() + d.reset_after)),
             );
-            headers.insert(X_RATELIMIT_WINDOW.clone(), int(ceil_secs(d.window)));
+            let window = ceil_secs(d.window);
+            let window = if window == slot.window_secs {
+                slot.window.clone()
+            } else {
+                int(window)
+            };
+            headers.insert(X_RATELIMIT_WINDOW.clone(), window);
         }
         if self.options.ietf_draft {
-            headers.insert(RATELIMIT_POLICY.clone(), self.policy_header.clone());
-            let name = self.policy_header.as_bytes();
-            let name = &name[..name.iter().position(|&b| b == b';').unwrap_or(name.len())];
+            headers.insert(RATELIMIT_POLICY.clone(), slot.policy.clone());
+            let name = &slot.policy.as_bytes()[..slot.name_len];
             let mut buf = Vec::with_capacity(name.len() + 32);
             buf.extend_from_slice(name);
             buf.extend_from_slice(b";r=");

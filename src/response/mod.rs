@@ -10,6 +10,7 @@ use std::time::Duration;
 
 pub use body::ResponseBody;
 pub use headers::HeaderOptions;
+pub(crate) use headers::SlotHeaders;
 
 /// Whole seconds, rounded up.
 pub(crate) fn ceil_secs(d: Duration) -> u64 {
