@@ -98,6 +98,34 @@ fn request(key: &HeaderValue) -> Request<Body> {
     req
 }
 
+/// One gRPC call, its body read to the end (where tonic encodes the reply).
+fn grpc_call<S, B>(
+    rt: &tokio::runtime::Runtime,
+    svc: &mut S,
+    req: Request<tonic::body::Body>,
+) -> (
+    http::response::Parts,
+    http_body_util::Collected<bytes::Bytes>,
+)
+where
+    S: Service<Request<tonic::body::Body>, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body<Data = bytes::Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    rt.block_on(async {
+        let res = ServiceExt::ready(svc)
+            .await
+            .unwrap()
+            .call(req)
+            .await
+            .unwrap();
+        let (parts, body) = res.into_parts();
+        let body = http_body_util::BodyExt::collect(body).await.unwrap();
+        (parts, body)
+    })
+}
+
 /// Every row in one run, on the same machine state.
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -173,6 +201,53 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    group.finish();
+
+    // gRPC: one Health/Check call through tonic's routes, bare and limited.
+    let mut group = c.benchmark_group("per gRPC call through tonic");
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
+    let grpc_policy = tierlimit::Policy::from_toml_str(&format!(
+        "categories = [\"read\", \"write\"]\n[tiers.free]\nread = \"{MAX}/hour\"\nwrite = \"{MAX}/hour\"\n[[grpc]]\nservice = \"grpc.health.v1.Health\"\ncategory = \"read\"\n[keys]\n\"{}\" = \"free\"\n",
+        one[0]
+    ))
+    .unwrap();
+    let routes = || {
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        tonic::service::Routes::new(health)
+    };
+    let grpc_request = |key: &HeaderValue| {
+        // An empty HealthCheckRequest in one gRPC frame.
+        let body = http_body_util::Full::new(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]));
+        let mut req = Request::post("/grpc.health.v1.Health/Check")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::new(body))
+            .unwrap();
+        req.headers_mut().insert("x-api-key", key.clone());
+        req
+    };
+    macro_rules! grpc_row {
+        ($name:expr, $svc:expr, $limited:expr) => {{
+            let mut svc = $svc;
+            let run = |svc: &mut _| grpc_call(&rt, svc, grpc_request(&one_hv[0]));
+            let (parts, body) = run(&mut svc);
+            assert_eq!(parts.status, StatusCode::OK, $name);
+            assert_eq!(
+                parts.headers.contains_key("x-ratelimit-remaining"),
+                $limited,
+                $name
+            );
+            assert_eq!(body.trailers().unwrap()["grpc-status"], "0", $name);
+            group.bench_function($name, |b| b.iter(|| black_box(run(&mut svc))));
+        }};
+    }
+    grpc_row!("bare tonic routes", routes(), false);
+    grpc_row!(
+        "tierlimit, 1 key",
+        tower::Layer::layer(&tierlimit::RateLimitLayer::new(grpc_policy), routes()),
+        true
+    );
     group.finish();
 
     // The limiter alone, without HTTP plumbing: tierlimit's whole decision

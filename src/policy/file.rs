@@ -17,6 +17,8 @@ struct File {
     #[serde(default)]
     routes: Vec<Spanned<RouteSpec>>,
     #[serde(default)]
+    grpc: Vec<Spanned<GrpcSpec>>,
+    #[serde(default)]
     keys: BTreeMap<Spanned<String>, Spanned<String>>,
 }
 
@@ -38,6 +40,17 @@ struct RouteSpec {
     #[serde(default)]
     method: Option<Methods>,
     path: String,
+    category: Option<String>,
+    cost: Option<u32>,
+    #[serde(default)]
+    exempt: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrpcSpec {
+    service: String,
+    method: Option<String>,
     category: Option<String>,
     cost: Option<u32>,
     #[serde(default)]
@@ -116,7 +129,36 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
         b.tiers.push(tier);
     }
 
-    for spec in file.routes {
+    // gRPC rules first: their paths (`/package.Service/Method`) never
+    // overlap HTTP routes, and the more specific rules should win.
+    for (i, spec) in file.grpc.into_iter().enumerate() {
+        let line = line_of(spec.span().start);
+        let spec = spec.into_inner();
+        let label = format!("grpc[{i}]");
+        let bad_name = |s: &str| s.is_empty() || s.contains('/') || s.contains('*');
+        if bad_name(&spec.service) || spec.method.as_deref().is_some_and(bad_name) {
+            return Err(PolicyError::new(
+                label,
+                line,
+                "`service` is a full name such as `grpc.health.v1.Health` and `method` a bare name such as `Check`; leave `method` out for the whole service",
+            ));
+        }
+        b.routes.push(Route {
+            methods: vec!["POST".to_owned()],
+            path: format!(
+                "/{}/{}",
+                spec.service,
+                spec.method.as_deref().unwrap_or("*")
+            ),
+            category: spec.category,
+            cost: spec.cost.unwrap_or(1),
+            exempt: spec.exempt,
+            line,
+            label: Some(label),
+        });
+    }
+
+    for (i, spec) in file.routes.into_iter().enumerate() {
         let line = line_of(spec.span().start);
         let spec = spec.into_inner();
         let methods = match spec.method {
@@ -131,6 +173,7 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
             cost: spec.cost.unwrap_or(1),
             exempt: spec.exempt,
             line,
+            label: Some(format!("routes[{i}]")),
         });
     }
 
@@ -197,6 +240,47 @@ cost = 5
 "#;
 
     #[test]
+    fn grpc_rules_by_service_and_method() {
+        let p = parse(&format!(
+            "{GOOD}\n[[grpc]]\nservice = \"grpc.health.v1.Health\"\ncategory = \"read\"\n[[grpc]]\nservice = \"demo.v1.Jobs\"\nmethod = \"Submit\"\ncategory = \"write\"\ncost = 2\n"
+        ))
+        .unwrap();
+        let read = p.category("read").unwrap();
+        let write = p.category("write").unwrap();
+        let post = http::Method::POST;
+        use crate::policy::Target::Category;
+        assert_eq!(
+            p.classify(&post, "/grpc.health.v1.Health/Check"),
+            Category {
+                category: read,
+                cost: 1
+            }
+        );
+        assert_eq!(
+            p.classify(&post, "/grpc.health.v1.Health/Watch"),
+            Category {
+                category: read,
+                cost: 1
+            }
+        );
+        assert_eq!(
+            p.classify(&post, "/demo.v1.Jobs/Submit"),
+            Category {
+                category: write,
+                cost: 2
+            }
+        );
+        // Unmatched gRPC methods are POSTs: the default write category.
+        assert_eq!(
+            p.classify(&post, "/demo.v1.Jobs/List"),
+            Category {
+                category: write,
+                cost: 1
+            }
+        );
+    }
+
+    #[test]
     fn parses_in_file_order() {
         let p = parse(GOOD).unwrap();
         assert_eq!(p.tier("free").unwrap().index(), 0);
@@ -234,6 +318,15 @@ cost = 5
             "{e}"
         );
         assert!(e.line().is_some());
+
+        let e = err(&format!(
+            "{GOOD}\n[[grpc]]\nservice = \"a.B\"\ncategory = \"gpu\"\n"
+        ));
+        assert_eq!((e.entry(), e.line()), ("grpc[0]", Some(21)), "{e}");
+        let e = err(&format!(
+            "{GOOD}\n[[grpc]]\nservice = \"a.B/C\"\ncategory = \"read\"\n"
+        ));
+        assert_eq!(e.entry(), "grpc[0]");
 
         let e = err(&GOOD.replace("cost = 5", "cots = 5"));
         assert!(e.message().contains("unknown field"), "{e}");

@@ -118,6 +118,7 @@ pub struct Route {
     cost: u32,
     exempt: bool,
     line: Option<usize>,
+    label: Option<String>,
 }
 
 impl Route {
@@ -130,6 +131,7 @@ impl Route {
             cost: 1,
             exempt: false,
             line: None,
+            label: None,
         }
     }
 
@@ -142,7 +144,25 @@ impl Route {
             cost: 1,
             exempt: true,
             line: None,
+            label: None,
         }
+    }
+
+    /// gRPC calls to `service` (a fully qualified name such as
+    /// `grpc.health.v1.Health`), or only to its `method`, count against
+    /// `category`. gRPC calls no rule matches are POSTs, so they fall in the
+    /// default write category.
+    ///
+    /// ```
+    /// use tierlimit::Route;
+    ///
+    /// let health = Route::grpc("grpc.health.v1.Health", None, "read");
+    /// let submit = Route::grpc("demo.v1.Jobs", Some("Submit"), "training");
+    /// # let _ = (health, submit);
+    /// ```
+    pub fn grpc(service: &str, method: Option<&str>, category: impl Into<String>) -> Self {
+        let path = format!("/{service}/{}", method.unwrap_or("*"));
+        Route::new(path, category).method("POST")
     }
 
     /// Restricts the rule to one method (call again to add more).
@@ -433,7 +453,7 @@ impl PolicyBuilder {
         // Routes.
         let mut routes = Vec::with_capacity(self.routes.len());
         for (i, r) in self.routes.iter().enumerate() {
-            let entry = format!("routes[{i}]");
+            let entry = r.label.clone().unwrap_or_else(|| format!("routes[{i}]"));
             let err = |m: String| PolicyError::new(&entry, r.line, m);
             let pattern = Pattern::parse(&r.path).map_err(err)?;
             let methods = if r.methods.is_empty() {

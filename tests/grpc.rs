@@ -1,0 +1,331 @@
+//! gRPC through a real tonic server on 127.0.0.1:0 and a real tonic client;
+//! and the mixed HTTP + gRPC server on one port.
+
+mod common;
+
+#[allow(dead_code)]
+#[path = "../examples/tonic_grpc.rs"]
+mod demo;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{client, spec_policy, unix_now};
+use governor::clock::FakeRelativeClock;
+use tierlimit::{ApiKey, MemoryBackend, RateLimitLayer};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt;
+
+type Layer = RateLimitLayer<ApiKey, MemoryBackend<FakeRelativeClock>>;
+
+fn fake_layer(clock: &FakeRelativeClock) -> Layer {
+    RateLimitLayer::builder(spec_policy())
+        .backend(MemoryBackend::builder().clock(clock.clone()).build())
+        .build()
+}
+
+struct Running {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A tonic server with the layer, on 127.0.0.1:0.
+async fn tonic_server(layer: Layer) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let routes = demo::grpc_routes().await;
+    let task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .layer(layer)
+            .add_routes(routes)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+            .unwrap();
+    });
+    Running { addr, task }
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn check_request(headers: &[(&'static str, &str)]) -> tonic::Request<HealthCheckRequest> {
+    let mut req = tonic::Request::new(HealthCheckRequest {
+        service: String::new(),
+    });
+    for (k, v) in headers {
+        req.metadata_mut().insert(*k, v.parse().unwrap());
+    }
+    req
+}
+
+fn meta(md: &tonic::metadata::MetadataMap, key: &str) -> Option<u64> {
+    md.get(key).map(|v| v.to_str().unwrap().parse().unwrap())
+}
+
+#[tokio::test]
+async fn allowed_calls_carry_rate_limit_metadata() {
+    let clock = FakeRelativeClock::default();
+    let server = tonic_server(fake_layer(&clock)).await;
+    let mut health = HealthClient::new(channel(server.addr).await);
+    let before = unix_now();
+    let res = health
+        .check(check_request(&[("x-api-key", "free-demo-key")]))
+        .await
+        .unwrap();
+    let md = res.metadata();
+    assert_eq!(
+        meta(md, "x-ratelimit-limit"),
+        Some(100),
+        "Health/Check is read"
+    );
+    assert_eq!(meta(md, "x-ratelimit-remaining"), Some(99));
+    assert_eq!(meta(md, "x-ratelimit-window"), Some(3600));
+    let reset = meta(md, "x-ratelimit-reset").unwrap();
+    assert!((before + 36..=unix_now() + 37).contains(&reset));
+    assert_eq!(res.into_inner().status, 1, "SERVING");
+
+    // Bearer in `authorization` works too; the demo's own service is ai.
+    let mut req = tonic::Request::new(demo::inference::CompleteRequest {
+        prompt: "hi".into(),
+    });
+    req.metadata_mut()
+        .insert("authorization", "Bearer pro-demo-key".parse().unwrap());
+    let res = demo::inference::complete(channel(server.addr).await, req)
+        .await
+        .unwrap();
+    assert_eq!(meta(res.metadata(), "x-ratelimit-limit"), Some(500));
+    assert!(res.into_inner().text.starts_with("hi"));
+}
+
+#[tokio::test]
+async fn the_101st_check_is_resource_exhausted_with_retry_details() {
+    let clock = FakeRelativeClock::default();
+    let server = tonic_server(fake_layer(&clock)).await;
+    let mut health = HealthClient::new(channel(server.addr).await);
+    for i in 0..100 {
+        let res = health
+            .check(check_request(&[("x-api-key", "free-demo-key")]))
+            .await;
+        assert!(res.is_ok(), "call {}: {res:?}", i + 1);
+    }
+    let status = health
+        .check(check_request(&[("x-api-key", "free-demo-key")]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("`free`"), "{}", status.message());
+    assert!(status.message().contains("`read`"), "{}", status.message());
+    assert!(
+        status.message().contains("retry in 36 s"),
+        "{}",
+        status.message()
+    );
+
+    let md = status.metadata();
+    assert_eq!(meta(md, "x-ratelimit-limit"), Some(100));
+    assert_eq!(meta(md, "x-ratelimit-remaining"), Some(0));
+    assert_eq!(meta(md, "x-ratelimit-window"), Some(3600));
+    assert_eq!(meta(md, "retry-after"), Some(36));
+    assert_eq!(meta(md, "grpc-retry-pushback-ms"), Some(36_000));
+    assert!(meta(md, "x-ratelimit-reset").is_some());
+
+    let retry = status
+        .get_details_retry_info()
+        .expect("RetryInfo in grpc-status-details-bin");
+    assert_eq!(retry.retry_delay, Some(Duration::from_secs(36)));
+    let quota = status.get_details_quota_failure().expect("QuotaFailure");
+    assert_eq!(quota.violations.len(), 1);
+    let v = &quota.violations[0];
+    assert!(v.subject.starts_with("key:"), "{}", v.subject);
+    assert!(!v.subject.contains("free-demo-key"), "never the whole key");
+    assert!(
+        v.description.contains("`free`") && v.description.contains("read"),
+        "{}",
+        v.description
+    );
+
+    // Time passes on the fake clock: one more call conforms.
+    clock.advance(Duration::from_secs(36));
+    assert!(
+        health
+            .check(check_request(&[("x-api-key", "free-demo-key")]))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn bad_keys_get_unauthenticated_or_invalid_argument_never_internal() {
+    let clock = FakeRelativeClock::default();
+    let server = tonic_server(fake_layer(&clock)).await;
+    let mut health = HealthClient::new(channel(server.addr).await);
+    let long = "k".repeat(300);
+    let cases: [(&[(&'static str, &str)], Code); 5] = [
+        (&[], Code::Unauthenticated),
+        (&[("x-api-key", "nope")], Code::Unauthenticated),
+        (
+            &[("authorization", "Basic Zm9vOmJhcg==")],
+            Code::InvalidArgument,
+        ),
+        (&[("x-api-key", &long)], Code::InvalidArgument),
+        (
+            &[("x-api-key", "a"), ("authorization", "Bearer b")],
+            Code::InvalidArgument,
+        ),
+    ];
+    for (headers, code) in cases {
+        let status = health.check(check_request(headers)).await.unwrap_err();
+        assert_eq!(status.code(), code, "{headers:?}: {}", status.message());
+        assert!(!status.message().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn mixed_server_answers_each_protocol_in_its_own_form() {
+    let clock = FakeRelativeClock::default();
+    let app = demo::mixed_app(fake_layer(&clock)).await;
+    let server = common::serve(app).await;
+    let http = client();
+    let mut health = HealthClient::new(channel(server.addr).await);
+
+    // gRPC reads and HTTP reads share the key's read bucket: 50 + 50.
+    for _ in 0..50 {
+        health
+            .check(check_request(&[("x-api-key", "free-demo-key")]))
+            .await
+            .unwrap();
+        let res = http
+            .get(server.url("/v1/account"))
+            .header("x-api-key", "free-demo-key")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    let status = health
+        .check(check_request(&[("x-api-key", "free-demo-key")]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    let res = http
+        .get(server.url("/v1/account"))
+        .header("x-api-key", "free-demo-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429, "an HTTP caller gets a 429");
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+
+    // Same state, same numbers, whichever protocol asks.
+    let md = status.metadata();
+    for key in [
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-window",
+        "retry-after",
+    ] {
+        let h: u64 = res.headers()[key].to_str().unwrap().parse().unwrap();
+        assert_eq!(meta(md, key), Some(h), "{key}");
+    }
+    let h_reset: u64 = res.headers()["x-ratelimit-reset"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(meta(md, "x-ratelimit-reset").unwrap().abs_diff(h_reset) <= 1);
+
+    // The AI category over gRPC: the demo service on the same port.
+    let mut req = tonic::Request::new(demo::inference::CompleteRequest { prompt: "x".into() });
+    req.metadata_mut()
+        .insert("x-api-key", "free-demo-key".parse().unwrap());
+    let res = demo::inference::complete(channel(server.addr).await, req)
+        .await
+        .unwrap();
+    assert_eq!(meta(res.metadata(), "x-ratelimit-limit"), Some(50));
+    // A gRPC caller never sees an HTTP 429, even for bad keys.
+    let status = health
+        .check(check_request(&[("x-api-key", "nope")]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn a_refusal_is_an_http_200_trailers_only_response() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    let policy = tierlimit::Policy::from_toml_str(
+        "categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1/hour\"\nwrite = \"1/hour\"\n[keys]\n\"k\" = \"t\"",
+    )
+    .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .backend(
+            MemoryBackend::builder()
+                .clock(FakeRelativeClock::default())
+                .build(),
+        )
+        .build();
+    let app = axum::Router::new()
+        .route("/pkg.Svc/M", axum::routing::post(|| async { "ok" }))
+        .layer(layer);
+    let call = |ct: &'static str| {
+        http::Request::post("/pkg.Svc/M")
+            .header("content-type", ct)
+            .header("x-api-key", "k")
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    assert_eq!(
+        app.clone()
+            .oneshot(call("application/grpc"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let res = app
+        .clone()
+        .oneshot(call("application/grpc+proto"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "gRPC errors ride on HTTP 200");
+    assert_eq!(res.headers()["content-type"], "application/grpc");
+    assert_eq!(res.headers()["grpc-status"], "8");
+    assert!(res.headers().contains_key("grpc-status-details-bin"));
+    let decision = res
+        .extensions()
+        .get::<tierlimit::Decision>()
+        .copied()
+        .expect("Decision in extensions");
+    assert!(!decision.allowed);
+    assert_eq!(decision.retry_after, Some(Duration::from_secs(3600)));
+    assert!(
+        res.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .is_empty(),
+        "trailers-only: no body"
+    );
+    // The same refusal to a plain HTTP caller is a 429.
+    let res = app.oneshot(call("application/json")).await.unwrap();
+    assert_eq!(res.status(), 429);
+    assert!(res.extensions().get::<tierlimit::Decision>().is_some());
+}
