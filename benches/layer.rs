@@ -9,94 +9,20 @@
 //! cargo bench --bench layer
 //! ```
 
-use std::collections::HashMap;
 use std::hint::black_box;
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::routing::get;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderValue, Request, StatusCode};
 use tower::{Service, ServiceExt};
 
-/// Big enough that nothing is refused during a run: every row measures the
-/// allowed path, the one every successful request takes.
-const MAX: u32 = 1_000_000_000;
+#[path = "support/mod.rs"]
+mod support;
 
-fn keys(n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| format!("key-{i:08}-abcdefghijklmnop"))
-        .collect()
-}
-
-fn bare() -> Router {
-    Router::new().route("/v1/account", get(|| async { "{}" }))
-}
-
-fn tierlimit(keys: &[String]) -> Router {
-    let mut toml = format!(
-        "categories = [\"read\", \"write\"]\n[tiers.free]\nread = \"{MAX}/hour\"\nwrite = \"{MAX}/hour\"\n[keys]\n"
-    );
-    for k in keys {
-        toml.push_str(&format!("\"{k}\" = \"free\"\n"));
-    }
-    let policy = tierlimit::Policy::from_toml_str(&toml).unwrap();
-    bare().layer(tierlimit::RateLimitLayer::new(policy))
-}
-
-#[derive(Clone)]
-struct HeaderKey;
-
-impl tower_governor::key_extractor::KeyExtractor for HeaderKey {
-    type Key = String;
-    fn extract<T>(&self, req: &Request<T>) -> Result<String, tower_governor::GovernorError> {
-        req.headers()
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .ok_or(tower_governor::GovernorError::UnableToExtractKey)
-    }
-}
-
-fn tower_governor() -> Router {
-    let config = tower_governor::governor::GovernorConfigBuilder::default()
-        .period(Duration::from_secs(3600) / MAX)
-        .burst_size(MAX)
-        .key_extractor(HeaderKey)
-        .use_headers()
-        .finish()
-        .unwrap();
-    bare().layer(tower_governor::GovernorLayer::new(Arc::new(config)))
-}
-
-fn tower_rate_tier(keys: &[String]) -> Router {
-    let tiers: Arc<HashMap<String, String>> = Arc::new(
-        keys.iter()
-            .map(|k| (k.clone(), "free".to_owned()))
-            .collect(),
-    );
-    let rate_tier = tower_rate_tier::RateTier::builder()
-        .tier(
-            "free",
-            tower_rate_tier::Quota::with_window(MAX, Duration::from_secs(3600)),
-        )
-        .build();
-    let layer = tower_rate_tier::TierLimitLayer::new(rate_tier).identifier_fn(move |h| {
-        let key = h.get("x-api-key")?.to_str().ok()?;
-        let tier = tiers.get(key)?;
-        Some(tower_rate_tier::TierIdentity::new(key, tier.as_str()))
-    });
-    bare().layer(layer)
-}
-
-fn request(key: &HeaderValue) -> Request<Body> {
-    let mut req = Request::get("/v1/account").body(Body::empty()).unwrap();
-    req.headers_mut().insert("x-api-key", key.clone());
-    req
-}
+use support::*;
 
 /// One gRPC call, its body read to the end (where tonic encodes the reply).
 fn grpc_call<S, B>(

@@ -297,7 +297,13 @@ where
         n: NonZeroU32,
         limit: &Limit,
     ) -> Result<Decision, BackendError> {
-        match e.limiter.check_key_n(&bucket, n) {
+        // A single cell takes governor's faster path.
+        let outcome = if n == NonZeroU32::MIN {
+            Ok(e.limiter.check_key(&bucket))
+        } else {
+            e.limiter.check_key_n(&bucket, n)
+        };
+        match outcome {
             Ok(Ok(snapshot)) => Ok(Decision::allow(limit, snapshot.remaining_burst_capacity())),
             Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(e.limiter.clock().now());

@@ -1,0 +1,89 @@
+//! Routers shared by the benches: the same work for every row (same
+//! quota, key from the same `X-API-Key` header, rate-limit headers on).
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::get;
+use http::{HeaderValue, Request};
+
+/// Big enough that nothing is refused during a run: every row measures the
+/// allowed path, the one every successful request takes.
+pub const MAX: u32 = 1_000_000_000;
+
+pub fn keys(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("key-{i:08}-abcdefghijklmnop"))
+        .collect()
+}
+
+pub fn bare() -> Router {
+    Router::new().route("/v1/account", get(|| async { "{}" }))
+}
+
+pub fn tierlimit(keys: &[String]) -> Router {
+    let mut toml = format!(
+        "categories = [\"read\", \"write\"]\n[tiers.free]\nread = \"{MAX}/hour\"\nwrite = \"{MAX}/hour\"\n[keys]\n"
+    );
+    for k in keys {
+        toml.push_str(&format!("\"{k}\" = \"free\"\n"));
+    }
+    let policy = tierlimit::Policy::from_toml_str(&toml).unwrap();
+    bare().layer(tierlimit::RateLimitLayer::new(policy))
+}
+
+#[derive(Clone)]
+pub struct HeaderKey;
+
+impl tower_governor::key_extractor::KeyExtractor for HeaderKey {
+    type Key = String;
+    fn extract<T>(&self, req: &Request<T>) -> Result<String, tower_governor::GovernorError> {
+        req.headers()
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or(tower_governor::GovernorError::UnableToExtractKey)
+    }
+}
+
+pub fn tower_governor() -> Router {
+    let config = tower_governor::governor::GovernorConfigBuilder::default()
+        .period(Duration::from_secs(3600) / MAX)
+        .burst_size(MAX)
+        .key_extractor(HeaderKey)
+        .use_headers()
+        .finish()
+        .unwrap();
+    bare().layer(tower_governor::GovernorLayer::new(Arc::new(config)))
+}
+
+pub fn tower_rate_tier(keys: &[String]) -> Router {
+    let tiers: Arc<HashMap<String, String>> = Arc::new(
+        keys.iter()
+            .map(|k| (k.clone(), "free".to_owned()))
+            .collect(),
+    );
+    let rate_tier = tower_rate_tier::RateTier::builder()
+        .tier(
+            "free",
+            tower_rate_tier::Quota::with_window(MAX, Duration::from_secs(3600)),
+        )
+        .build();
+    let layer = tower_rate_tier::TierLimitLayer::new(rate_tier).identifier_fn(move |h| {
+        let key = h.get("x-api-key")?.to_str().ok()?;
+        let tier = tiers.get(key)?;
+        Some(tower_rate_tier::TierIdentity::new(key, tier.as_str()))
+    });
+    bare().layer(layer)
+}
+
+pub fn request(key: &HeaderValue) -> Request<Body> {
+    let mut req = Request::get("/v1/account").body(Body::empty()).unwrap();
+    req.headers_mut().insert("x-api-key", key.clone());
+    req
+}
+
