@@ -94,3 +94,8 @@ pub use service::RateLimit;
 
 /// Re-exported so users name the same clocks the backend takes.
 pub use governor;
+
+/// The README's Rust examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
