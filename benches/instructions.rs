@@ -25,23 +25,32 @@ use support::*;
 use tower::{Service, ServiceExt};
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let [row, n] = args.as_slice() else {
-        eprintln!("usage: instructions ROW N (rows: bare noop tierlimit tower_governor tower_rate_tier)");
+        eprintln!(
+            "usage: instructions ROW N (rows: bare noop tierlimit tower_governor tower_rate_tier)"
+        );
         return;
     };
     let n: usize = n.parse().expect("N is a number");
     let one = keys(1);
     let mut svc: Router = match row.as_str() {
         "bare" => bare(),
-        "noop" => bare().layer(tower::util::MapResponseLayer::new(|r: axum::response::Response| r)),
+        "noop" => bare().layer(tower::util::MapResponseLayer::new(
+            |r: axum::response::Response| r,
+        )),
         "tierlimit" => tierlimit(&one),
         "tower_governor" => tower_governor(),
         "tower_rate_tier" => tower_rate_tier(&one),
         other => panic!("unknown row {other}"),
     };
     let key: HeaderValue = one[0].parse().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     for _ in 0..n {
         let req = request(&key);
         let res = rt.block_on(async {

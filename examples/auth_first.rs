@@ -50,21 +50,26 @@ async fn authenticate(State(accounts): State<Accounts>, mut req: Request, next: 
     let Some((account, tier)) = accounts.lookup(&key).await else {
         return (StatusCode::UNAUTHORIZED, "unknown key").into_response();
     };
-    req.extensions_mut().insert(Identity::new(account).with_tier(tier));
+    req.extensions_mut()
+        .insert(Identity::new(account).with_tier(tier));
     next.run(req).await
 }
 
 /// The app: the auth layer is added last, so it runs first.
 fn app(policy: Policy) -> Router {
     let pro = policy.tier("pro").expect("the demo policy has a pro tier");
-    let free = policy.tier("free").expect("the demo policy has a free tier");
+    let free = policy
+        .tier("free")
+        .expect("the demo policy has a free tier");
     let accounts = Accounts {
         by_key: Arc::new(HashMap::from([
             ("sk_live_pro_42", ("acct_42", pro)),
             ("sk_live_free_7", ("acct_7", free)),
         ])),
     };
-    let limits = RateLimitLayer::builder(policy).extractor(FromExtension).build();
+    let limits = RateLimitLayer::builder(policy)
+        .extractor(FromExtension)
+        .build();
     Router::new()
         .route("/v1/account", get(|| async { "{\"id\":\"acct\"}" }))
         .layer(limits)
@@ -76,6 +81,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let policy = Policy::from_toml_file("examples/policy.toml")?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3001").await?;
     println!("auth-first demo on http://{}", listener.local_addr()?);
-    axum::serve(listener, app(policy).into_make_service_with_connect_info::<SocketAddr>()).await?;
+    axum::serve(
+        listener,
+        app(policy).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await?;
     Ok(())
 }

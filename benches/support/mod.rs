@@ -86,4 +86,3 @@ pub fn request(key: &HeaderValue) -> Request<Body> {
     req.headers_mut().insert("x-api-key", key.clone());
     req
 }
-
