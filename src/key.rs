@@ -3,13 +3,85 @@
 use std::fmt;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 
-/// The hasher every [`KeyId`] is computed with: foldhash, seeded once per
-/// process from the OS's randomness, so an outsider cannot aim keys at a
-/// collision.
-static HASHER: LazyLock<foldhash::quality::RandomState> =
-    LazyLock::new(foldhash::quality::RandomState::default);
+use foldhash::quality::FixedState;
+
+/// The secret every [`KeyId`] is hashed with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seed {
+    value: u64,
+    /// Set from a configured secret, so other instances can share it.
+    shared: bool,
+}
+
+static SEED: OnceLock<Seed> = OnceLock::new();
+
+/// The environment variable [`set_key_secret`] falls back to.
+pub const KEY_SECRET_ENV: &str = "TIERLIMIT_KEY_SECRET";
+
+fn derive(secret: &[u8]) -> u64 {
+    FixedState::with_seed(0x7469_6572_6c69_6d74).hash_one(secret)
+}
+
+fn seed() -> Seed {
+    *SEED.get_or_init(|| match std::env::var(KEY_SECRET_ENV) {
+        Ok(s) if !s.is_empty() => Seed {
+            value: derive(s.as_bytes()),
+            shared: true,
+        },
+        _ => Seed {
+            value: foldhash::quality::RandomState::default().hash_one(0u64),
+            shared: false,
+        },
+    })
+}
+
+/// The hasher every [`KeyId`] is computed with: foldhash keyed by a secret
+/// seed, so an outsider cannot aim keys at a collision.
+static HASHER: LazyLock<FixedState> = LazyLock::new(|| FixedState::with_seed(seed().value));
+
+/// Sets the secret that keys are hashed with.
+///
+/// Without one, each process draws a random secret: fine for the memory
+/// backend, but instances that share limits through Redis must hash a key
+/// to the same bucket, so they need the same secret. Call this before any
+/// policy is built or key is hashed, or set `TIERLIMIT_KEY_SECRET`. Use at
+/// least 16 random bytes; the secret keeps keys from being recovered from
+/// Redis.
+///
+/// # Errors
+///
+/// If keys were already hashed with another secret.
+pub fn set_key_secret(secret: &[u8]) -> Result<(), KeySecretError> {
+    let wanted = Seed {
+        value: derive(secret),
+        shared: true,
+    };
+    let got = *SEED.get_or_init(|| wanted);
+    if got == wanted {
+        Ok(())
+    } else {
+        Err(KeySecretError)
+    }
+}
+
+/// Whether keys are hashed with a configured (shareable) secret.
+pub fn key_secret_is_shared() -> bool {
+    seed().shared
+}
+
+/// Keys were hashed before [`set_key_secret`] was called, with another secret.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeySecretError;
+
+impl fmt::Display for KeySecretError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("keys were already hashed with another secret: set the key secret before building a policy")
+    }
+}
+
+impl std::error::Error for KeySecretError {}
 
 /// A 64-bit, per-process seeded hash of a caller's identity (an API key, a
 /// peer address, an authenticated user id).

@@ -78,12 +78,18 @@ mod response;
 mod service;
 
 pub use backend::{Backend, BackendError, Decision, MemoryBackend, MemoryBackendBuilder, Subject};
+#[cfg(feature = "redis")]
+pub use backend::{
+    BackendState, FailurePolicy, RedisBackend, RedisBackendBuilder, RedisSetupError,
+};
 pub use extract::{
     ApiKey, Extractor, FromExtension, GlobalKey, Identity, IpNet, PeerIp, Priority, Rejection,
     RequestRef,
 };
 pub use future::ResponseFuture;
-pub use key::{KeyId, Redacted};
+pub use key::{
+    KEY_SECRET_ENV, KeyId, KeySecretError, Redacted, key_secret_is_shared, set_key_secret,
+};
 pub use layer::{RateLimitLayer, RateLimitLayerBuilder};
 pub use policy::{
     CategoryId, KeyRule, Limit, Policy, PolicyBuilder, PolicyError, Route, Rule, Target, Tier,

@@ -6,12 +6,18 @@
 //! requests may come at once, then one every `per / max`.
 
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::error::Error;
 use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{
+    BackendState, FailurePolicy, RedisBackend, RedisBackendBuilder, RedisSetupError,
+};
 pub use memory::{MemoryBackend, MemoryBackendBuilder};
 
 use crate::extract::Priority;

@@ -1,0 +1,305 @@
+//! RedisBackend against real `redis-server` processes started by the
+//! fixture: conformance (single node and cluster), exactness across
+//! instances, round trips counted by Redis, the deny cache, and faults.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::redis::{RedisCluster, RedisServer, available, init_secret};
+use governor::clock::FakeRelativeClock;
+use tierlimit::{
+    Backend, BackendState, FailurePolicy, KeyId, Limit, Policy, Priority, RedisBackend, Subject,
+};
+
+fn subject(key: &str) -> Subject {
+    Subject {
+        key: KeyId::of(key),
+        tier: policy().tier("t").unwrap(),
+        category: policy().category("read").unwrap(),
+        cost: 1,
+        priority: Priority::Normal,
+        scope: 11,
+    }
+}
+
+fn policy() -> Policy {
+    Policy::from_toml_str(
+        "categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1/s\"\nwrite = \"1/s\"",
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn conformance_single_node() {
+    if !available() {
+        return;
+    }
+    init_secret();
+    let server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let backend = RedisBackend::builder(server.url())
+        .fake_clock(clock.clone())
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    common::conformance::run(&backend, |d| clock.advance(d)).await;
+    assert_eq!(backend.state(), BackendState::Connected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_cluster_and_keys_spread_over_masters() {
+    if !available() {
+        return;
+    }
+    init_secret();
+    let cluster = RedisCluster::start();
+    let clock = FakeRelativeClock::default();
+    let backend = RedisBackend::cluster(cluster.urls())
+        .fake_clock(clock.clone())
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    common::conformance::run(&backend, |d| clock.advance(d)).await;
+    // Many keys: each lands in its hash-tag slot; all three masters hold some.
+    let limit = Limit::per_hour(5);
+    for i in 0..60 {
+        assert!(
+            backend
+                .check(&subject(&format!("spread-{i}")), &limit)
+                .await
+                .unwrap()
+                .allowed
+        );
+    }
+    for n in &cluster.nodes {
+        let keys: u64 = n.cli(&["DBSIZE"]).unwrap().parse().unwrap();
+        assert!(keys > 0, "master {} holds no bucket", n.port);
+    }
+}
+
+/// Several independent backends (separate connections, as separate
+/// instances have), many concurrent tasks: exactly N allowed in total.
+async fn exact_across_instances(make: impl AsyncFn() -> RedisBackend) {
+    let limit = Limit::per_hour(50);
+    let allowed = Arc::new(AtomicU32::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let backend = make().await;
+        for _ in 0..16 {
+            let (backend, allowed) = (backend.clone(), Arc::clone(&allowed));
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..10 {
+                    if backend
+                        .check(&subject("shared"), &limit)
+                        .await
+                        .unwrap()
+                        .allowed
+                    {
+                        allowed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        allowed.load(Ordering::Relaxed),
+        50,
+        "640 tries over 4 instances"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_n_across_instances_single_node() {
+    if !available() {
+        return;
+    }
+    init_secret();
+    let server = RedisServer::start();
+    let url = server.url();
+    exact_across_instances(async || {
+        RedisBackend::builder(url.clone())
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .unwrap()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_n_across_instances_cluster() {
+    if !available() {
+        return;
+    }
+    init_secret();
+    let cluster = RedisCluster::start();
+    let urls = cluster.urls();
+    exact_across_instances(async || {
+        RedisBackend::cluster(urls.clone())
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .unwrap()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_script_call_per_allowed_request_none_for_cached_refusals() {
+    if !available() {
+        return;
+    }
+    init_secret();
+    let server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let backend = RedisBackend::builder(server.url())
+        .fake_clock(clock.clone())
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    let limit = Limit::per_minute(10);
+    // Load the script first, then count from zero.
+    backend.check(&subject("warm-up"), &limit).await.unwrap();
+    assert_eq!(server.cli(&["CONFIG", "RESETSTAT"]).as_deref(), Some("OK"));
+
+    for _ in 0..10 {
+        assert!(backend.check(&subject("k"), &limit).await.unwrap().allowed);
+    }
+    let first_refusal = backend.check(&subject("k"), &limit).await.unwrap();
+    assert!(!first_refusal.allowed);
+    assert_eq!(
+        server.command_calls("evalsha"),
+        11,
+        "10 allowed + the first refusal"
+    );
+    // Inside the retry delay: answered locally, same headers.
+    clock.advance(Duration::from_secs(2));
+    for _ in 0..20 {
+        let d = backend.check(&subject("k"), &limit).await.unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, Some(Duration::from_secs(4)));
+        assert_eq!(
+            (d.limit, d.remaining, d.window),
+            (10, 0, Duration::from_secs(60))
+        );
+    }
+    assert_eq!(
+        server.command_calls("evalsha"),
+        11,
+        "the deny cache made no round trip"
+    );
+    // After it: Redis again, and one more is allowed.
+    clock.advance(Duration::from_secs(4));
+    assert!(backend.check(&subject("k"), &limit).await.unwrap().allowed);
+    assert_eq!(server.command_calls("evalsha"), 12);
+    // Idle keys expire when full again: the TTL is at most the window.
+    let keys = server.cli(&["KEYS", "tierlimit:*"]).unwrap();
+    let key = keys.lines().next().unwrap();
+    let ttl: i64 = server.cli(&["PTTL", key]).unwrap().parse().unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "ttl {ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_is_not_an_outage_and_limits_resume_after_restart() {
+    if !available() {
+        return;
+    }
+    init_secret();
+    let mut server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let backend = RedisBackend::builder(server.url())
+        .fake_clock(clock.clone())
+        .timeout(Duration::from_millis(200))
+        .retry_interval(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let limit = Limit::per_hour(5);
+    for _ in 0..5 {
+        assert!(backend.check(&subject("k"), &limit).await.unwrap().allowed);
+    }
+    server.kill();
+
+    // Under load: every request gets an answer (bounded), none panics; the
+    // fallback limits in memory with the same limit.
+    let mut allowed = 0;
+    for i in 0..40 {
+        let d = tokio::time::timeout(
+            Duration::from_secs(5),
+            backend.check(&subject("other"), &limit),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("check {i} hung"))
+        .unwrap();
+        allowed += u32::from(d.allowed);
+    }
+    assert_eq!(backend.state(), BackendState::Degraded);
+    assert_eq!(allowed, 5, "fallback: the same limit, in memory");
+
+    // Back: after the retry interval one request probes; limits are shared
+    // again without restarting anything. Redis restarted empty, so key `k`
+    // starts full.
+    server.restart();
+    let mut back = false;
+    for _ in 0..50 {
+        clock.advance(Duration::from_secs(1));
+        let d = backend.check(&subject("k2"), &limit).await.unwrap();
+        if backend.state() == BackendState::Connected {
+            assert!(d.allowed);
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // let the connection come back
+    }
+    assert!(back, "the backend returned to Redis by itself");
+    let before = server.command_calls("evalsha");
+    assert!(backend.check(&subject("k2"), &limit).await.unwrap().allowed);
+    assert_eq!(
+        server.command_calls("evalsha"),
+        before + 1,
+        "checks go to Redis again"
+    );
+}
+
+#[tokio::test]
+async fn fail_open_and_fail_closed() {
+    if !available() {
+        return;
+    }
+    init_secret();
+    let mut server = RedisServer::start();
+    let limit = Limit::per_hour(1);
+    let open = RedisBackend::builder(server.url())
+        .timeout(Duration::from_millis(200))
+        .failure_policy(FailurePolicy::FailOpen)
+        .connect()
+        .await
+        .unwrap();
+    let closed = RedisBackend::builder(server.url())
+        .timeout(Duration::from_millis(200))
+        .failure_policy(FailurePolicy::FailClosed)
+        .connect()
+        .await
+        .unwrap();
+    server.kill();
+    for _ in 0..3 {
+        assert!(
+            open.check(&subject("k"), &limit).await.unwrap().allowed,
+            "fail open lets through"
+        );
+        assert!(matches!(
+            closed.check(&subject("k"), &limit).await,
+            Err(tierlimit::BackendError::Unavailable(_))
+        ));
+    }
+}
