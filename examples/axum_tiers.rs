@@ -69,17 +69,48 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .parse()
         .map_err(|e| format!("BIND is not an address: {e}"))?;
     let policy_path = std::env::var("POLICY").unwrap_or_else(|_| "examples/policy.toml".into());
-    let policy = Policy::from_toml_file(&policy_path)?;
 
+    // With `--features redis` and REDIS_URL set, every instance shares one
+    // limit through Redis. Instances must hash keys alike: the key secret
+    // comes from TIERLIMIT_KEY_SECRET, or a demo secret (not for production).
+    #[cfg(feature = "redis")]
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        if std::env::var_os(tierlimit::KEY_SECRET_ENV).is_none() {
+            eprintln!("warning: TIERLIMIT_KEY_SECRET is not set; using the demo secret");
+            tierlimit::set_key_secret(b"tierlimit-demo-secret-not-for-production")?;
+        }
+        let policy = Policy::from_toml_file(&policy_path)?;
+        let backend = tierlimit::RedisBackend::builder(url.as_str())
+            .connect()
+            .await?;
+        let limits = RateLimitLayer::builder(policy).backend(backend).build();
+        return serve(bind, &policy_path, &format!("redis {url}"), app(limits)).await;
+    }
+    let policy = Policy::from_toml_file(&policy_path)?;
+    serve(
+        bind,
+        &policy_path,
+        "memory",
+        app(RateLimitLayer::new(policy)),
+    )
+    .await
+}
+
+async fn serve(
+    bind: SocketAddr,
+    policy_path: &str,
+    backend: &str,
+    app: Router,
+) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(bind).await?;
     println!(
-        "tierlimit demo on http://{} (policy {policy_path}); try: curl -i -H 'X-API-Key: free-demo-key' http://{}/v1/account",
+        "tierlimit demo on http://{} (policy {policy_path}, limits in {backend}); try: curl -i -H 'X-API-Key: free-demo-key' http://{}/v1/account",
         listener.local_addr()?,
         listener.local_addr()?
     );
     axum::serve(
         listener,
-        app(RateLimitLayer::new(policy)).into_make_service_with_connect_info::<SocketAddr>(),
+        app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .await?;
     Ok(())

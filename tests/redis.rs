@@ -5,6 +5,10 @@
 
 mod common;
 
+#[allow(dead_code)]
+#[path = "../examples/axum_tiers.rs"]
+mod demo;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -202,6 +206,11 @@ async fn one_script_call_per_allowed_request_none_for_cached_refusals() {
     clock.advance(Duration::from_secs(4));
     assert!(backend.check(&subject("k"), &limit).await.unwrap().allowed);
     assert_eq!(server.command_calls("evalsha"), 12);
+    // A flushed script cache (a restarted or failed-over Redis): the
+    // script is loaded again on NOSCRIPT, transparently.
+    assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).as_deref(), Some("OK"));
+    assert!(backend.check(&subject("k3"), &limit).await.unwrap().allowed);
+    assert_eq!(server.command_calls("script|load"), 1, "reloaded once");
     // Idle keys expire when full again: the TTL is at most the window.
     let keys = server.cli(&["KEYS", "tierlimit:*"]).unwrap();
     let key = keys.lines().next().unwrap();
@@ -301,5 +310,55 @@ async fn fail_open_and_fail_closed() {
             closed.check(&subject("k"), &limit).await,
             Err(tierlimit::BackendError::Unavailable(_))
         ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_demo_servers_share_one_limit_through_redis() {
+    if !available() {
+        return;
+    }
+    init_secret();
+    let server = RedisServer::start();
+    let mut urls = Vec::new();
+    let mut running = Vec::new();
+    for _ in 0..2 {
+        let backend = RedisBackend::builder(server.url())
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .unwrap();
+        let layer = tierlimit::RateLimitLayer::builder(common::spec_policy())
+            .backend(backend)
+            .build();
+        let s = common::serve(demo::app(layer)).await;
+        urls.push(s.url("/v1/account"));
+        running.push(s);
+    }
+    let c = common::client();
+    for i in 0..100 {
+        let res = c
+            .get(&urls[i % 2])
+            .header("x-api-key", "free-demo-key")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "read {}", i + 1);
+        let remaining: u64 = res.headers()["x-ratelimit-remaining"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(remaining, 99 - i as u64, "one shared bucket");
+    }
+    for url in &urls {
+        let res = c
+            .get(url)
+            .header("x-api-key", "free-demo-key")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 429);
+        assert_eq!(res.headers()["retry-after"], "36");
     }
 }
