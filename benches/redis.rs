@@ -1,0 +1,134 @@
+//! Checks per second against a real Redis, 64 checks in flight, next to
+//! `redis-benchmark` running the same script with 64 clients in the same
+//! run: the physical limit of this machine's Redis.
+//!
+//! ```sh
+//! cargo bench --features redis --bench redis
+//! ```
+#![allow(missing_docs)]
+
+#[path = "../tests/common/redis.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod fixture;
+
+use std::hint::black_box;
+use std::process::Command;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use tierlimit::{Backend, KeyId, Limit, Policy, Priority, RedisBackend, Subject};
+
+const IN_FLIGHT: usize = 64;
+const KEYS: u64 = 100_000;
+
+fn bench(c: &mut Criterion) {
+    if !fixture::available() {
+        return;
+    }
+    fixture::init_secret();
+    let server = fixture::RedisServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let backend = rt.block_on(async {
+        RedisBackend::builder(server.url())
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .unwrap()
+    });
+    let policy = Policy::from_toml_str("categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1000000000/hour\"\nwrite = \"1/hour\"").unwrap();
+    let limit = Limit::per_hour(1_000_000_000);
+    let subject = |i: u64| Subject {
+        key: KeyId::from_raw(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        tier: policy.tier("t").unwrap(),
+        category: policy.category("read").unwrap(),
+        cost: 1,
+        priority: Priority::Normal,
+        scope: 1,
+    };
+    // Warm up: loads the script, fills some keys.
+    rt.block_on(async {
+        for i in 0..1000 {
+            assert!(backend.check(&subject(i), &limit).await.unwrap().allowed);
+        }
+    });
+
+    // The physical limit: redis-benchmark, 64 clients, the same script
+    // (one EVALSHA per check, Redis's clock, random keys).
+    let script = include_str!("../src/backend/gcra.lua");
+    let sha = server.cli(&["SCRIPT", "LOAD", script]).unwrap();
+    let out = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &server.port.to_string()])
+        .args([
+            "-c",
+            &IN_FLIGHT.to_string(),
+            "-n",
+            "200000",
+            "-r",
+            &KEYS.to_string(),
+            "-q",
+        ])
+        .args([
+            "EVALSHA",
+            &sha,
+            "1",
+            "tierlimit:{__rand_int__}",
+            "3",
+            "1000000000",
+            "1",
+            "",
+        ])
+        .output()
+        .expect("redis-benchmark runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .split("requests per second")
+        .next()
+        .and_then(|s| s.rsplit(':').next())
+        .map(str::trim)
+        .unwrap_or("?")
+        .to_owned();
+    // The script really ran, without errors.
+    let calls = server.command_calls("evalsha");
+    assert!(calls >= 200_000, "only {calls} EVALSHA calls: {text}");
+    let stats = server.cli(&["INFO", "commandstats"]).unwrap_or_default();
+    let evalsha = stats
+        .lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .unwrap_or_default();
+    // One failure is expected: the warm-up's first EVALSHA (NOSCRIPT).
+    let failed: u64 = evalsha
+        .split("failed_calls=")
+        .nth(1)
+        .and_then(|n| n.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(failed <= 1, "script errors: {evalsha}");
+    println!("redis-benchmark, same script, {IN_FLIGHT} clients: {rps} checks per second");
+
+    let mut group = c.benchmark_group("redis checks, 64 in flight");
+    group.throughput(Throughput::Elements(IN_FLIGHT as u64));
+    group.measurement_time(Duration::from_secs(5));
+    let mut n = 0u64;
+    group.bench_function("tierlimit RedisBackend", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let mut tasks = Vec::with_capacity(IN_FLIGHT);
+                for _ in 0..IN_FLIGHT {
+                    n = n.wrapping_add(7919);
+                    tasks.push(backend.check(&subject(n % KEYS), &limit));
+                }
+                for d in futures_util::future::join_all(tasks).await {
+                    black_box(d.unwrap());
+                }
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,25 @@
+-- tierlimit's GCRA, governor's arithmetic in microseconds.
+-- KEYS[1]: the bucket. ARGV: interval (us), max, cost, now (us; empty: Redis TIME).
+-- Returns {1, remaining} when allowed, {0, retry_after_us} when refused.
+local t = tonumber(ARGV[1])
+local max = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local now
+if ARGV[4] ~= '' then
+  now = tonumber(ARGV[4])
+else
+  local tm = redis.call('TIME')
+  now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])
+end
+local tau = t * (max - 1)
+local add = t * (n - 1)
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if not tat then tat = now end
+local earliest = tat + add - tau
+if now < earliest then
+  return {0, earliest - now}
+end
+local nxt = math.max(tat, now) + t + add
+redis.call('SET', KEYS[1], string.format('%d', nxt), 'PX', string.format('%d', math.ceil((nxt - now) / 1000)))
+local rem = math.floor(math.min(now + tau + t - nxt, tau + t) / t)
+return {1, rem}
