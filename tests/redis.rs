@@ -19,6 +19,33 @@ use tierlimit::{
     Backend, BackendState, FailurePolicy, KeyId, Limit, Policy, Priority, RedisBackend, Subject,
 };
 
+/// Log lines of this test binary, for the state-change events.
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(|| LogWriter)
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .try_init();
+}
+
+fn logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
+}
+
 fn subject(key: &str) -> Subject {
     Subject {
         key: KeyId::of(key),
@@ -224,6 +251,7 @@ async fn redis_down_is_not_an_outage_and_limits_resume_after_restart() {
         return;
     }
     init_secret();
+    capture_logs();
     let mut server = RedisServer::start();
     let clock = FakeRelativeClock::default();
     let backend = RedisBackend::builder(server.url())
@@ -237,10 +265,37 @@ async fn redis_down_is_not_an_outage_and_limits_resume_after_restart() {
     for _ in 0..5 {
         assert!(backend.check(&subject("k"), &limit).await.unwrap().allowed);
     }
-    server.kill();
 
-    // Under load: every request gets an answer (bounded), none panics; the
-    // fallback limits in memory with the same limit.
+    // Load: 8 tasks checking many keys while the server is killed under
+    // them. Every check gets an answer (each bounded), none fails or panics.
+    let done = Arc::new(AtomicU32::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let (backend, done) = (backend.clone(), Arc::clone(&done));
+        tasks.push(tokio::spawn(async move {
+            let big = Limit::per_hour(1_000_000);
+            for i in 0..100 {
+                let check = backend.check(&subject(&format!("load-{t}-{i}")), &big);
+                let d = tokio::time::timeout(Duration::from_secs(5), check)
+                    .await
+                    .expect("a check hung")
+                    .expect("no error under the fallback policy");
+                assert!(d.allowed);
+                done.fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    while done.load(Ordering::Relaxed) < 100 {
+        tokio::task::yield_now().await;
+    }
+    server.kill();
+    for t in tasks {
+        t.await.expect("no task panicked");
+    }
+    assert_eq!(done.load(Ordering::Relaxed), 800);
+
+    // While down: the fallback limits in memory, with the same limit.
     let mut allowed = 0;
     for i in 0..40 {
         let d = tokio::time::timeout(
@@ -254,6 +309,11 @@ async fn redis_down_is_not_an_outage_and_limits_resume_after_restart() {
     }
     assert_eq!(backend.state(), BackendState::Degraded);
     assert_eq!(allowed, 5, "fallback: the same limit, in memory");
+    assert!(
+        logs().contains("WARN") && logs().contains("redis unreachable"),
+        "{}",
+        logs()
+    );
 
     // Back: after the retry interval one request probes; limits are shared
     // again without restarting anything. Redis restarted empty, so key `k`
@@ -271,6 +331,7 @@ async fn redis_down_is_not_an_outage_and_limits_resume_after_restart() {
         tokio::time::sleep(Duration::from_millis(50)).await; // let the connection come back
     }
     assert!(back, "the backend returned to Redis by itself");
+    assert!(logs().contains("redis reachable again"), "{}", logs());
     let before = server.command_calls("evalsha");
     assert!(backend.check(&subject("k2"), &limit).await.unwrap().allowed);
     assert_eq!(
