@@ -224,6 +224,7 @@ fn bench(c: &mut Criterion) {
                 cost,
                 priority: id.priority(),
                 scope: 1,
+                reserve: 0,
             };
             backend.check_now(&subject, &limit).unwrap().allowed
         };
@@ -255,6 +256,7 @@ fn bench(c: &mut Criterion) {
                 cost: 1,
                 priority: tierlimit::Priority::Normal,
                 scope: 1,
+                reserve: 0,
             };
             backend.check_now(&subject, &limit).unwrap().allowed
         };

@@ -48,6 +48,7 @@ fn bench(c: &mut Criterion) {
         cost: 1,
         priority: Priority::Normal,
         scope: 1,
+        reserve: 0,
     };
     // Warm up: loads the script, fills some keys.
     rt.block_on(async {

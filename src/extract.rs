@@ -171,6 +171,9 @@ pub enum Rejection {
     UnknownKey,
     /// The request's cost is not acceptable: 400 / `INVALID_ARGUMENT`.
     InvalidCost(&'static str),
+    /// `X-Request-Priority` is not `critical`, `normal` or `sheddable`:
+    /// 400 / `INVALID_ARGUMENT`.
+    InvalidPriority,
     /// The peer address needed to identify the caller is not available
     /// (the server was not started with connect info): 500-free, a 401.
     NoPeerAddress,
@@ -185,6 +188,9 @@ impl fmt::Display for Rejection {
             Rejection::MalformedKey(why) => write!(f, "malformed API key: {why}"),
             Rejection::UnknownKey => f.write_str("unknown API key"),
             Rejection::InvalidCost(why) => write!(f, "invalid request cost: {why}"),
+            Rejection::InvalidPriority => {
+                f.write_str("X-Request-Priority must be `critical`, `normal` or `sheddable`")
+            }
             Rejection::NoPeerAddress => {
                 f.write_str("the caller cannot be identified: no API key and no peer address")
             }

@@ -16,7 +16,7 @@ use crate::key::KeyId;
 use crate::policy::{CategoryId, Policy, TierId};
 use crate::response::headers::{HeaderOptions as Options, HeaderPlan};
 use crate::response::{ResponseBody, SlotHeaders};
-use crate::service::{ServiceStep, finish};
+use crate::service::{Post, ServiceStep, finish};
 
 /// What a deferred check needs to finish.
 #[derive(Debug)]
@@ -28,6 +28,9 @@ pub(crate) struct Pending {
     pub(crate) slot: Arc<SlotHeaders>,
     pub(crate) options: Options,
     pub(crate) grpc: bool,
+    pub(crate) reserve: u32,
+    pub(crate) shadow: bool,
+    pub(crate) shadowed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 pin_project! {
@@ -138,9 +141,21 @@ where
                         slot: Arc::clone(&p.slot),
                         options: p.options,
                     };
-                    match finish::<()>(result, plan, &p.policy, p.tier, p.category, p.key, || {
-                        p.grpc
-                    }) {
+                    let post = Post {
+                        reserve: p.reserve,
+                        shadow: p.shadow,
+                        shadowed: &p.shadowed,
+                    };
+                    match finish::<()>(
+                        result,
+                        plan,
+                        &p.policy,
+                        p.tier,
+                        p.category,
+                        p.key,
+                        post,
+                        || p.grpc,
+                    ) {
                         ServiceStep::Allow(plan) => {
                             *this.plan = Some(plan);
                             let fut = inner.call(req);

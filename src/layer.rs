@@ -2,13 +2,14 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use tower_layer::Layer;
 
 use crate::backend::{Backend, MemoryBackend};
 use crate::extract::{ApiKey, Extractor, PeerIp};
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyBuilder, PolicyError};
 use crate::response::HeaderOptions;
 use crate::service::RateLimit;
 
@@ -19,6 +20,21 @@ pub(crate) struct Shared<E, B> {
     pub(crate) policy: Arc<ArcSwap<Policy>>,
     pub(crate) anonymous: PeerIp,
     pub(crate) headers: HeaderOptions,
+    pub(crate) shadowed: Arc<AtomicU64>,
+    pub(crate) unix_clock: Option<UnixClock>,
+}
+
+/// A source of Unix time in seconds (for boosts; tests inject one).
+pub type UnixClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+impl<E, B> Shared<E, B> {
+    /// Unix seconds now.
+    pub(crate) fn unix_now(&self) -> u64 {
+        match &self.unix_clock {
+            Some(c) => c(),
+            None => crate::response::unix_now_secs(),
+        }
+    }
 }
 
 /// A tower [`Layer`] that rate-limits requests by key, tier and category.
@@ -80,6 +96,7 @@ impl RateLimitLayer {
             backend: MemoryBackend::new(),
             anonymous: PeerIp::new(),
             headers: HeaderOptions::default(),
+            unix_clock: None,
         }
     }
 }
@@ -93,6 +110,87 @@ impl<E, B> RateLimitLayer<E, B> {
     /// The backend.
     pub fn backend(&self) -> &B {
         &self.shared.backend
+    }
+
+    /// A handle to change the policy at run time.
+    pub fn policy_handle(&self) -> PolicyHandle {
+        PolicyHandle {
+            policy: Arc::clone(&self.shared.policy),
+            edit: Arc::new(std::sync::Mutex::new(())),
+        }
+    }
+
+    /// Requests shadow mode let through that would have been refused.
+    pub fn shadow_refusals(&self) -> u64 {
+        self.shared.shadowed.load(Ordering::Relaxed)
+    }
+}
+
+/// Changes a layer's policy at run time, atomically: each request sees the
+/// whole old policy or the whole new one, an invalid policy is refused with
+/// its error (the old one stays), and requests in flight are unaffected.
+///
+/// What a change does to capacity already used: buckets belong to a tier ×
+/// category cell and a limit. A key moved to another tier (an upgrade) is
+/// limited by its new tier from its next request, starting with a full
+/// bucket there; a changed limit (a custom limit, a boost, a new table)
+/// starts a fresh bucket too. A limit that did not change keeps its state.
+///
+/// ```
+/// # use tierlimit::{Policy, RateLimitLayer};
+/// # let policy = Policy::from_toml_str("categories = [\"read\", \"write\"]\n[tiers.free]\nread = \"1/s\"\nwrite = \"1/s\"\n[tiers.pro]\nread = \"9/s\"\nwrite = \"9/s\"").unwrap();
+/// let layer = RateLimitLayer::new(policy);
+/// let handle = layer.policy_handle();
+/// handle.update(|b| b.set_key_tier("customer-key", "pro")).unwrap();
+/// assert!(handle.update(|b| b.set_key_tier("customer-key", "gold")).is_err());
+/// ```
+#[derive(Clone)]
+pub struct PolicyHandle {
+    policy: Arc<ArcSwap<Policy>>,
+    edit: Arc<std::sync::Mutex<()>>,
+}
+
+impl fmt::Debug for PolicyHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PolicyHandle").finish_non_exhaustive()
+    }
+}
+
+impl PolicyHandle {
+    /// The policy in force.
+    pub fn current(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Replaces the whole policy.
+    pub fn replace(&self, policy: Policy) {
+        let _edit = self
+            .edit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.policy.store(Arc::new(policy));
+    }
+
+    /// Reloads a policy file; on error nothing changes.
+    pub fn reload(&self, path: impl AsRef<std::path::Path>) -> Result<(), PolicyError> {
+        let policy = Policy::from_toml_file(path)?;
+        self.replace(policy);
+        Ok(())
+    }
+
+    /// Edits the policy in force (a custom limit, a boost, a key's tier)
+    /// and swaps it in; on error nothing changes.
+    pub fn update(
+        &self,
+        edit: impl FnOnce(PolicyBuilder) -> PolicyBuilder,
+    ) -> Result<(), PolicyError> {
+        let _edit = self
+            .edit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let next = edit(self.policy.load().to_builder()).build()?;
+        self.policy.store(Arc::new(next));
+        Ok(())
     }
 }
 
@@ -126,6 +224,7 @@ pub struct RateLimitLayerBuilder<E = ApiKey, B = MemoryBackend> {
     backend: B,
     anonymous: PeerIp,
     headers: HeaderOptions,
+    unix_clock: Option<UnixClock>,
 }
 
 impl<E: fmt::Debug, B: fmt::Debug> fmt::Debug for RateLimitLayerBuilder<E, B> {
@@ -147,6 +246,7 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
             backend: self.backend,
             anonymous: self.anonymous,
             headers: self.headers,
+            unix_clock: self.unix_clock,
         }
     }
 
@@ -158,6 +258,7 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
             backend,
             anonymous: self.anonymous,
             headers: self.headers,
+            unix_clock: self.unix_clock,
         }
     }
 
@@ -166,6 +267,13 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
     /// no proxy trusted).
     pub fn anonymous(mut self, peer: PeerIp) -> Self {
         self.anonymous = peer;
+        self
+    }
+
+    /// The Unix time (seconds) boosts are checked against (default: the
+    /// system clock). Tests inject one to start and end boosts exactly.
+    pub fn unix_clock(mut self, clock: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        self.unix_clock = Some(Arc::new(clock));
         self
     }
 
@@ -184,6 +292,8 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
                 policy: Arc::new(ArcSwap::from_pointee(self.policy)),
                 anonymous: self.anonymous,
                 headers: self.headers,
+                shadowed: Arc::new(AtomicU64::new(0)),
+                unix_clock: self.unix_clock,
             }),
         }
     }

@@ -90,7 +90,7 @@ pub use future::ResponseFuture;
 pub use key::{
     KEY_SECRET_ENV, KeyId, KeySecretError, Redacted, key_secret_is_shared, set_key_secret,
 };
-pub use layer::{RateLimitLayer, RateLimitLayerBuilder};
+pub use layer::{PolicyHandle, RateLimitLayer, RateLimitLayerBuilder, UnixClock};
 pub use policy::{
     CategoryId, KeyRule, Limit, Policy, PolicyBuilder, PolicyError, Route, Rule, Target, Tier,
     TierId,

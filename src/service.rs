@@ -4,6 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -13,7 +14,7 @@ use tower_service::Service;
 
 use crate::backend::MemoryBackend;
 use crate::backend::{Backend, BackendError, Decision, Subject};
-use crate::extract::{ApiKey, Extractor, Identity, Rejection, RequestRef};
+use crate::extract::{ApiKey, Extractor, Priority, Rejection, RequestRef};
 use crate::future::{Pending, ResponseFuture};
 use crate::key::KeyId;
 use crate::layer::Shared;
@@ -138,7 +139,17 @@ where
             // A tier id from another policy: treat as an unknown key.
             return refuse_to(Refusal::Client(Rejection::UnknownKey), req);
         };
-        let limit = match slot.rule {
+        let rule = if policy.has_adjustments() {
+            let now = if policy.has_boosts() {
+                shared.unix_now()
+            } else {
+                0
+            };
+            policy.effective_rule(tier, category, identity.key(), now)
+        } else {
+            slot.rule
+        };
+        let limit = match rule {
             Rule::Unlimited => return Step::Pass,
             Rule::Limited(limit) => limit,
         };
@@ -160,7 +171,37 @@ where
                 req,
             );
         }
-        let subject = subject(&identity, tier, category, cost, slot.scope);
+        // Priority: only tiers with a reserve read the header.
+        let mut priority = identity.priority();
+        let mut reserve = 0;
+        let pct = policy.priority_reserve(tier);
+        if pct > 0 {
+            if let Some(v) = req.headers().get(&X_REQUEST_PRIORITY) {
+                priority = match parse_priority(v.as_bytes()) {
+                    Some(p) => p,
+                    None => {
+                        return refuse_to(Refusal::Client(Rejection::InvalidPriority), req);
+                    }
+                };
+            }
+            if priority != Priority::Critical {
+                reserve = (u64::from(limit.max()) * u64::from(pct)).div_ceil(100) as u32;
+            }
+        }
+        let subject = Subject {
+            key: identity.key(),
+            tier,
+            category,
+            cost,
+            priority,
+            scope: slot.scope,
+            reserve,
+        };
+        let post = Post {
+            reserve,
+            shadow: policy.is_shadow(tier, category),
+            shadowed: &shared.shadowed,
+        };
         let mut check = shared.backend.check(&subject, &limit);
         let plan = |decision: Decision| HeaderPlan {
             decision,
@@ -168,11 +209,16 @@ where
             options: shared.headers,
         };
         match Pin::new(&mut check).poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(result) => {
-                finish(result, plan, policy, tier, category, identity.key(), || {
-                    is_grpc(req.headers())
-                })
-            }
+            Poll::Ready(result) => finish(
+                result,
+                plan,
+                policy,
+                tier,
+                category,
+                identity.key(),
+                post,
+                || is_grpc(req.headers()),
+            ),
             Poll::Pending => Step::Wait(
                 check,
                 Box::new(Pending {
@@ -183,28 +229,37 @@ where
                     slot: Arc::clone(&slot.headers),
                     options: shared.headers,
                     grpc: is_grpc(req.headers()),
+                    reserve,
+                    shadow: post.shadow,
+                    shadowed: Arc::clone(&shared.shadowed),
                 }),
             ),
         }
     }
 }
 
-#[inline]
-fn subject(
-    identity: &Identity,
-    tier: TierId,
-    category: CategoryId,
-    cost: u32,
-    scope: u64,
-) -> Subject {
-    Subject {
-        key: identity.key(),
-        tier,
-        category,
-        cost,
-        priority: identity.priority(),
-        scope,
+static X_REQUEST_PRIORITY: http::HeaderName = http::HeaderName::from_static("x-request-priority");
+
+fn parse_priority(v: &[u8]) -> Option<Priority> {
+    let v = v.trim_ascii();
+    if v.eq_ignore_ascii_case(b"critical") {
+        Some(Priority::Critical)
+    } else if v.eq_ignore_ascii_case(b"normal") {
+        Some(Priority::Normal)
+    } else if v.eq_ignore_ascii_case(b"sheddable") {
+        Some(Priority::Sheddable)
+    } else {
+        None
     }
+}
+
+/// What happens to a decision after the backend: the reserve is reported
+/// as part of the limit, and shadow mode turns refusals into counted passes.
+#[derive(Clone, Copy)]
+pub(crate) struct Post<'a> {
+    pub(crate) reserve: u32,
+    pub(crate) shadow: bool,
+    pub(crate) shadowed: &'a AtomicU64,
 }
 
 fn refuse<BF>(refusal: Refusal<'_>, grpc: bool) -> Step<BF> {
@@ -224,10 +279,31 @@ pub(crate) fn finish<BF>(
     tier: TierId,
     category: CategoryId,
     key: KeyId,
+    post: Post<'_>,
     grpc: impl FnOnce() -> bool,
 ) -> Step<BF> {
+    let result = result.map(|mut d| {
+        if post.reserve > 0 {
+            // Report the limit that applied to this request.
+            d.limit = d.limit.saturating_sub(post.reserve);
+            d.remaining = d.remaining.saturating_sub(post.reserve);
+        }
+        d
+    });
     match result {
         Ok(d) if d.allowed => Step::Allow(plan(d)),
+        Ok(mut d) if post.shadow => {
+            post.shadowed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                tier = policy.tier_name(tier),
+                category = policy.category_name(category),
+                key = %key.redacted(),
+                retry_after = ?d.retry_after,
+                "shadow mode: would have refused"
+            );
+            d.retry_after = None;
+            Step::Allow(plan(d))
+        }
         Ok(d) => refuse(
             Refusal::Limited {
                 plan: plan(d),

@@ -37,6 +37,7 @@ fn subject(policy: &Policy, key: &str) -> Subject {
         cost: 1,
         priority: Priority::Normal,
         scope: 1,
+        reserve: 0,
     }
 }
 

@@ -26,6 +26,7 @@ fn subject(policy: &Policy, i: u64) -> Subject {
         cost: 1,
         priority: Priority::Normal,
         scope: 3,
+        reserve: 0,
     }
 }
 

@@ -54,6 +54,7 @@ fn subject(key: &str) -> Subject {
         cost: 1,
         priority: Priority::Normal,
         scope: 11,
+        reserve: 0,
     }
 }
 

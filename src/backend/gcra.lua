@@ -1,6 +1,7 @@
 -- tierlimit's GCRA, governor's arithmetic in microseconds.
--- KEYS[1]: the bucket. ARGV: interval (us), max, cost, now (us; empty: Redis TIME).
--- Returns {1, remaining} when allowed, {0, retry_after_us} when refused.
+-- KEYS[1]: the bucket. ARGV: interval (us), max, cost, now (us; empty: Redis TIME),
+-- reserve (cells a non-critical request must leave), peek ('1': report, count nothing).
+-- Returns {1, remaining} when allowed (or peeked), {0, retry_after_us} when refused.
 local t = tonumber(ARGV[1])
 local max = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
@@ -11,11 +12,15 @@ else
   local tm = redis.call('TIME')
   now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])
 end
+local reserve = tonumber(ARGV[5]) or 0
 local tau = t * (max - 1)
 local add = t * (n - 1)
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if not tat then tat = now end
-local earliest = tat + add - tau
+if ARGV[6] == '1' then
+  return {1, math.floor(math.min(math.max(now + tau + t - tat, 0), tau + t) / t)}
+end
+local earliest = tat + add + reserve * t - tau
 if now < earliest then
   return {0, earliest - now}
 end

@@ -1,5 +1,6 @@
 //! The in-memory backend: governor's GCRA over a bounded, sharded key store.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::{Ready, ready};
@@ -20,6 +21,13 @@ use super::{Backend, BackendError, Decision, Subject};
 use crate::policy::Limit;
 
 const SHARDS: usize = 64;
+
+thread_local! {
+    /// The priority reserve of the check under way on this thread, in
+    /// nanoseconds of TAT (and the request's cost in nanoseconds): set by
+    /// `check_now` around governor's call, read by the store inside it.
+    static RESERVE: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
 /// Below this many tracked keys, growth triggers no sweep.
 const MIN_SWEEP: usize = 4096;
 
@@ -253,14 +261,45 @@ where
         // Upkeep first, so that a sweep at the cap makes room for this key.
         self.maintain();
         let bucket = subject.bucket();
+        if subject.reserve > 0 {
+            if u64::from(n.get()) + u64::from(subject.reserve) > u64::from(limit.max()) {
+                // Only the reserve (or less) could ever be left for it.
+                return Ok(Decision::deny(limit, n.get(), limit.per()));
+            }
+            let shift = u64::from(subject.reserve) * limit.emission_interval_nanos();
+            RESERVE.with(|r| r.set((shift, limit.emission_interval_nanos() * u64::from(n.get()))));
+        }
         let limiters = inner.limiters.load();
-        match limiters.get(limit) {
+        let outcome = match limiters.get(limit) {
             Some(e) => Self::decide(e, bucket, n, limit),
             None => {
                 drop(limiters);
                 Self::decide(&self.add_limiter(limit), bucket, n, limit)
             }
+        };
+        if subject.reserve > 0 {
+            RESERVE.with(|r| r.set((0, 0)));
         }
+        outcome
+    }
+
+    /// A subject's capacity now, without counting anything.
+    pub fn peek_now(&self, subject: &Subject, limit: &Limit) -> Decision {
+        let inner = &*self.inner;
+        let limiters = inner.limiters.load();
+        let Some(e) = limiters.get(limit) else {
+            return Decision::allow(limit, limit.max());
+        };
+        let t = limit.emission_interval_nanos().max(1);
+        let now = u64::from(inner.clock.now().duration_since(e.start));
+        let remaining = match e.store.get(subject.bucket()) {
+            None => limit.max(),
+            Some(tat) => {
+                let cap = u64::from(limit.max()) * t;
+                ((now + cap).saturating_sub(tat).min(cap) / t) as u32
+            }
+        };
+        Decision::allow(limit, remaining)
     }
 
     /// Makes the limiter of a limit seen for the first time.
@@ -407,6 +446,10 @@ where
     fn check(&self, subject: &Subject, limit: &Limit) -> Self::Future {
         ready(self.check_now(subject, limit))
     }
+
+    fn peek(&self, subject: &Subject, limit: &Limit) -> Self::Future {
+        ready(Ok(self.peek_now(subject, limit)))
+    }
 }
 
 /// The key hash is already uniform: use it as the table's hash.
@@ -455,6 +498,14 @@ impl KeyStore {
         &self.shards[(key >> 32) as usize % SHARDS]
     }
 
+    fn get(&self, key: u64) -> Option<u64> {
+        self.shard(key)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .copied()
+    }
+
     fn retain_shard(&self, shard: usize, drop_below: u64) {
         let mut map = self.shards[shard]
             .lock()
@@ -493,6 +544,18 @@ impl StateStore for SharedStore {
             .shard(*key)
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        // A priority reserve: the request must conform as if `reserve` more
+        // cells were taken; then it is counted normally. Both under the
+        // shard lock, so concurrent requests never eat into the reserve.
+        let (shift, cost_nanos) = RESERVE.with(Cell::get);
+        if shift > 0 {
+            let tat = match map.get(key) {
+                Some(&tat) => tat,
+                // A new key's TAT is now: recover it from governor's answer.
+                None => u64::from(f(None)?.1).saturating_sub(cost_nanos),
+            };
+            f(Some(Nanos::from(tat + shift)))?;
+        }
         if let Some(tat) = map.get_mut(key) {
             let (t, next) = f(Some(Nanos::from(*tat)))?;
             *tat = next.into();

@@ -41,6 +41,9 @@ pub struct Subject {
     /// Separates the buckets of different tier × category cells (and of
     /// per-key overrides) that share a key.
     pub scope: u64,
+    /// Capacity this request must leave untouched (a priority reserve, for
+    /// requests that are not critical); 0 for most requests.
+    pub reserve: u32,
 }
 
 impl Subject {
@@ -164,6 +167,11 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Checks (and, if it conforms, counts) one request.
     fn check(&self, subject: &Subject, limit: &Limit) -> Self::Future;
+
+    /// Reports the subject's current capacity without counting anything
+    /// (for usage checks): an allowed decision whose `remaining` is what
+    /// could come at once now.
+    fn peek(&self, subject: &Subject, limit: &Limit) -> Self::Future;
 }
 
 impl<B: Backend> Backend for std::sync::Arc<B> {
@@ -171,6 +179,10 @@ impl<B: Backend> Backend for std::sync::Arc<B> {
 
     fn check(&self, subject: &Subject, limit: &Limit) -> Self::Future {
         (**self).check(subject, limit)
+    }
+
+    fn peek(&self, subject: &Subject, limit: &Limit) -> Self::Future {
+        (**self).peek(subject, limit)
     }
 }
 

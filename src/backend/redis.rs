@@ -289,14 +289,26 @@ impl Inner {
         }
     }
 
-    async fn eval(&self, key: &str, limit: &Limit, cost: u32) -> redis::RedisResult<(i64, i64)> {
+    async fn eval(
+        &self,
+        key: &str,
+        limit: &Limit,
+        cost: u32,
+        reserve: u32,
+        peek: bool,
+    ) -> redis::RedisResult<(i64, i64)> {
         let t = (limit.emission_interval_nanos() / 1_000).max(1);
         let now = match &self.fake {
             Some(_) => self.local_micros().to_string(),
             None => String::new(),
         };
         let mut inv = self.script.key(key);
-        inv.arg(t).arg(limit.max()).arg(cost).arg(now);
+        inv.arg(t)
+            .arg(limit.max())
+            .arg(cost)
+            .arg(now)
+            .arg(reserve)
+            .arg(if peek { "1" } else { "0" });
         match &self.conn {
             Conn::Single(c) => inv.invoke_async(&mut c.clone()).await,
             Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
@@ -391,7 +403,8 @@ impl RedisBackend {
         let t_us = (limit.emission_interval_nanos() / 1_000).max(1);
         let bucket = subject.bucket();
         let now = inner.local_micros();
-        // 1. A recent refusal: answered here.
+        // 1. A recent refusal: answered here. (Only refusals of requests
+        // without a reserve are cached, and they bind every request.)
         if let Some(until) = inner.deny.get(bucket, &limit, now) {
             let retry = until - now + u64::from(cost - 1) * t_us;
             return Ok(Decision::deny(&limit, cost, Duration::from_micros(retry)));
@@ -414,8 +427,13 @@ impl RedisBackend {
             }
         }
         // 3. Redis, bounded by the timeout.
+        if u64::from(cost) + u64::from(subject.reserve) > u64::from(limit.max()) {
+            // Only the reserve (or less) could ever be left for it.
+            return Ok(Decision::deny(&limit, cost, limit.per()));
+        }
         let key = redis_key(&inner.prefix, &subject, &limit);
-        match tokio::time::timeout(inner.timeout, inner.eval(&key, &limit, cost)).await {
+        let eval = inner.eval(&key, &limit, cost, subject.reserve, false);
+        match tokio::time::timeout(inner.timeout, eval).await {
             Ok(Ok((allowed, value))) => {
                 inner.mark(true);
                 let value = u64::try_from(value).unwrap_or(0);
@@ -426,7 +444,7 @@ impl RedisBackend {
                     // When one request conforms again: the refusal's delay
                     // less what the extra cost added.
                     let one = value.saturating_sub(u64::from(cost - 1) * t_us);
-                    if one > 0 {
+                    if one > 0 && subject.reserve == 0 {
                         inner.deny.put(bucket, &limit, now + one, now);
                     }
                     Ok(Decision::deny(&limit, cost, retry))
@@ -446,6 +464,26 @@ impl RedisBackend {
     }
 }
 
+impl RedisBackend {
+    /// A subject's capacity now, counting nothing. While Redis is
+    /// unreachable, the fallback's view (or a full bucket) is reported.
+    pub async fn peek_async(
+        &self,
+        subject: Subject,
+        limit: Limit,
+    ) -> Result<Decision, BackendError> {
+        let inner = &*self.inner;
+        let key = redis_key(&inner.prefix, &subject, &limit);
+        if !inner.degraded.load(Ordering::Relaxed)
+            && let Ok(Ok((_, rem))) =
+                tokio::time::timeout(inner.timeout, inner.eval(&key, &limit, 1, 0, true)).await
+        {
+            return Ok(Decision::allow(&limit, u32::try_from(rem).unwrap_or(0)));
+        }
+        Ok(inner.fallback.peek_now(&subject, &limit))
+    }
+}
+
 impl Backend for RedisBackend {
     type Future = Pin<Box<dyn Future<Output = Result<Decision, BackendError>> + Send>>;
 
@@ -453,5 +491,11 @@ impl Backend for RedisBackend {
         let this = self.clone();
         let (subject, limit) = (*subject, *limit);
         Box::pin(async move { this.check_async(subject, limit).await })
+    }
+
+    fn peek(&self, subject: &Subject, limit: &Limit) -> Self::Future {
+        let this = self.clone();
+        let (subject, limit) = (*subject, *limit);
+        Box::pin(async move { this.peek_async(subject, limit).await })
     }
 }

@@ -5,7 +5,11 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{KeyRule, Policy, PolicyBuilder, PolicyError, Route, Rule, Tier};
+use super::operator::parse_time;
+use super::{
+    Adjust, Boost, BoostTarget, KeyRule, Policy, PolicyBuilder, PolicyError, Route, Rule, Shadow,
+    Tier,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,6 +24,34 @@ struct File {
     grpc: Vec<Spanned<GrpcSpec>>,
     #[serde(default)]
     keys: BTreeMap<Spanned<String>, Spanned<String>>,
+    #[serde(default)]
+    overrides: BTreeMap<Spanned<String>, TierRules>,
+    #[serde(default)]
+    boosts: Vec<Spanned<BoostSpec>>,
+    #[serde(default)]
+    shadow: Option<ShadowSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BoostSpec {
+    key: Option<String>,
+    tier: Option<String>,
+    category: Option<String>,
+    adjust: String,
+    start: String,
+    end: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ShadowSpec {
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    tiers: Vec<String>,
+    #[serde(default)]
+    categories: Vec<String>,
 }
 
 /// A tier's table: category → `"100/hour"`.
@@ -117,6 +149,24 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
         rules.sort_by_key(|(cat, _)| cat.span().start);
         for (cat, spec) in rules {
             let line = line_of(spec.span().start);
+            if cat.get_ref() == "priority_reserve" {
+                let entry = format!("tiers.{}.priority_reserve", name.get_ref());
+                let pct = spec
+                    .get_ref()
+                    .trim()
+                    .trim_end_matches('%')
+                    .trim()
+                    .parse::<u8>()
+                    .map_err(|_| {
+                        PolicyError::new(
+                            &entry,
+                            line,
+                            "write the reserve as a percentage such as \"20%\"",
+                        )
+                    })?;
+                tier.reserve = Some((pct, line));
+                continue;
+            }
             let rule = Rule::parse(spec.get_ref()).map_err(|m| {
                 PolicyError::new(
                     format!("tiers.{}.{}", name.get_ref(), cat.get_ref()),
@@ -185,6 +235,56 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
             tier.get_ref().clone(),
             line_of(tier.span().start),
         ));
+    }
+
+    let mut overrides: Vec<_> = file.overrides.into_iter().collect();
+    overrides.sort_by_key(|(k, _)| k.span().start);
+    for (key, cells) in overrides {
+        let mut cells: Vec<_> = cells.into_iter().collect();
+        cells.sort_by_key(|(c, _)| c.span().start);
+        for (cat, spec) in cells {
+            let line = line_of(spec.span().start);
+            let adjust = Adjust::parse(spec.get_ref()).map_err(|m| {
+                PolicyError::new(
+                    format!(
+                        "overrides.\"{}\".{}",
+                        crate::KeyId::of(key.get_ref()).redacted(),
+                        cat.get_ref()
+                    ),
+                    line,
+                    m,
+                )
+            })?;
+            b.overrides
+                .push((key.get_ref().clone(), cat.into_inner(), adjust, line));
+        }
+    }
+
+    for (i, spec) in file.boosts.into_iter().enumerate() {
+        let line = line_of(spec.span().start);
+        let spec = spec.into_inner();
+        let entry = format!("boosts[{i}]");
+        let err = |m: String| PolicyError::new(&entry, line, m);
+        let target = match (spec.key, spec.tier) {
+            (Some(k), None) => BoostTarget::Key(k),
+            (None, Some(t)) => BoostTarget::Tier(t),
+            _ => return Err(err("a boost names either `key` or `tier`".into())),
+        };
+        let adjust = Adjust::parse(&spec.adjust).map_err(err)?;
+        let start = parse_time(&spec.start).map_err(err)?;
+        let end = parse_time(&spec.end).map_err(err)?;
+        let mut boost = Boost::new(target, adjust, start, end);
+        boost.category = spec.category;
+        boost.line = line;
+        b.boosts.push(boost);
+    }
+
+    if let Some(sh) = file.shadow {
+        b.shadow = Shadow {
+            all: sh.all,
+            tiers: sh.tiers,
+            categories: sh.categories,
+        };
     }
 
     if let Some(d) = file.defaults {

@@ -43,10 +43,13 @@
 
 mod file;
 mod limit;
+mod operator;
 mod route;
 
 use std::fmt;
 use std::sync::Arc;
+
+use std::collections::HashMap;
 
 use hashbrown::HashTable;
 use http::Method;
@@ -56,6 +59,8 @@ use crate::response::SlotHeaders;
 use crate::key::{KeyId, hash_str};
 
 pub use limit::{Limit, Rule};
+pub use operator::{Adjust, Boost, BoostTarget, Shadow};
+use operator::{CompiledBoost, more_generous};
 pub use route::Target;
 use route::{CompiledRoute, Pattern};
 
@@ -196,6 +201,7 @@ pub struct Tier {
     name: String,
     rules: Vec<(String, Rule, Option<usize>)>,
     line: Option<usize>,
+    reserve: Option<(u8, Option<usize>)>,
 }
 
 impl Tier {
@@ -205,6 +211,7 @@ impl Tier {
             name: name.into(),
             rules: Vec::new(),
             line: None,
+            reserve: None,
         }
     }
 
@@ -216,6 +223,15 @@ impl Tier {
     /// Leaves `category` unlimited.
     pub fn unlimited(self, category: impl Into<String>) -> Self {
         self.rule(category, Rule::Unlimited)
+    }
+
+    /// Reserves `percent` of every category's burst for requests that
+    /// declare `X-Request-Priority: critical`: normal and sheddable requests
+    /// are refused once only the reserve is left. Without a reserve, the
+    /// tier ignores the header.
+    pub fn priority_reserve(mut self, percent: u8) -> Self {
+        self.reserve = Some((percent, None));
+        self
     }
 
     /// Sets the rule for `category`.
@@ -300,9 +316,50 @@ pub struct PolicyBuilder {
     default_write: Option<(String, Option<usize>)>,
     unknown_key: (KeyRule, Option<usize>),
     missing_key: (KeyRule, Option<usize>),
+    overrides: Vec<(String, String, Adjust, Option<usize>)>,
+    boosts: Vec<Boost>,
+    shadow: Shadow,
 }
 
 impl PolicyBuilder {
+    /// A custom limit for one API key in one category (`"*"`: every
+    /// category). It takes precedence over the key's tier limit.
+    pub fn custom_limit(
+        mut self,
+        key: impl Into<String>,
+        category: impl Into<String>,
+        adjust: Adjust,
+    ) -> Self {
+        self.overrides
+            .push((key.into(), category.into(), adjust, None));
+        self
+    }
+
+    /// Removes a key's custom limits (all of them).
+    pub fn clear_custom_limits(mut self, key: &str) -> Self {
+        self.overrides.retain(|(k, ..)| k != key);
+        self
+    }
+
+    /// Adds a temporary boost.
+    pub fn boost(mut self, boost: Boost) -> Self {
+        self.boosts.push(boost);
+        self
+    }
+
+    /// Sets where shadow mode applies.
+    pub fn shadow(mut self, shadow: Shadow) -> Self {
+        self.shadow = shadow;
+        self
+    }
+
+    /// Moves a key to another tier (an upgrade), replacing its entry.
+    pub fn set_key_tier(mut self, key: &str, tier: impl Into<String>) -> Self {
+        self.keys.retain(|(k, ..)| k != key);
+        self.keys.push((key.to_owned(), tier.into(), None));
+        self
+    }
+
     /// Declares the endpoint categories, in order.
     pub fn categories<I, S>(mut self, names: I) -> Self
     where
@@ -575,8 +632,125 @@ impl PolicyBuilder {
             keys.insert_unique(h, (key.as_str().into(), t), |(k, _)| hash_str(k));
         }
 
+        // Priority reserves.
+        let mut reserves = Vec::with_capacity(self.tiers.len());
+        for tier in &self.tiers {
+            let pct = match tier.reserve {
+                None => 0,
+                Some((p, line)) if p >= 100 => {
+                    return Err(PolicyError::new(
+                        format!("tiers.{}.priority_reserve", tier.name),
+                        line.or(tier.line),
+                        format!(
+                            "a reserve of {p}% leaves nothing for normal requests; use 1 to 99"
+                        ),
+                    ));
+                }
+                Some((p, _)) => p,
+            };
+            reserves.push(pct);
+        }
+
+        // Custom limits per key.
+        let mut overrides: HashMap<u64, Box<[Option<Adjust>]>, foldhash::fast::RandomState> =
+            HashMap::default();
+        for (key, cat, adjust, line) in &self.overrides {
+            let entry = format!("overrides.\"{}\".{cat}", KeyId::of(key).redacted());
+            let cells = overrides
+                .entry(KeyId::of(key).as_u64())
+                .or_insert_with(|| vec![None; ncat].into_boxed_slice());
+            if cat == "*" {
+                for c in cells.iter_mut().filter(|c| c.is_none()) {
+                    *c = Some(*adjust);
+                }
+            } else {
+                let id = category_id(cat).ok_or_else(|| {
+                    PolicyError::new(
+                        &entry,
+                        *line,
+                        format!("unknown category `{cat}` (declared: {})", join(&categories)),
+                    )
+                })?;
+                cells[id.index()] = Some(*adjust);
+            }
+        }
+
+        // Boosts.
+        let mut boosts = Vec::with_capacity(self.boosts.len());
+        for (i, b) in self.boosts.iter().enumerate() {
+            let entry = format!("boosts[{i}]");
+            if b.start >= b.end {
+                return Err(PolicyError::new(
+                    &entry,
+                    b.line,
+                    "a boost must start before it ends",
+                ));
+            }
+            let (key, tier) = match &b.target {
+                BoostTarget::Key(k) => (Some(KeyId::of(k).as_u64()), None),
+                BoostTarget::Tier(t) => (
+                    None,
+                    Some(tier_id(t).ok_or_else(|| {
+                        PolicyError::new(
+                            &entry,
+                            b.line,
+                            format!("unknown tier `{t}` (declared: {})", join(&tier_names)),
+                        )
+                    })?),
+                ),
+            };
+            let category = match &b.category {
+                None => None,
+                Some(c) => Some(category_id(c).ok_or_else(|| {
+                    PolicyError::new(
+                        &entry,
+                        b.line,
+                        format!("unknown category `{c}` (declared: {})", join(&categories)),
+                    )
+                })?),
+            };
+            boosts.push(CompiledBoost {
+                key,
+                tier,
+                category,
+                adjust: b.adjust,
+                start: b.start,
+                end: b.end,
+            });
+        }
+
+        // Shadow mode.
+        let mut shadow_tiers = vec![self.shadow.all; tier_names.len()];
+        for t in &self.shadow.tiers {
+            let id = tier_id(t).ok_or_else(|| {
+                PolicyError::new(
+                    "shadow.tiers",
+                    None,
+                    format!("unknown tier `{t}` (declared: {})", join(&tier_names)),
+                )
+            })?;
+            shadow_tiers[id.index()] = true;
+        }
+        let mut shadow_categories = vec![false; ncat];
+        for c in &self.shadow.categories {
+            let id = category_id(c).ok_or_else(|| {
+                PolicyError::new(
+                    "shadow.categories",
+                    None,
+                    format!("unknown category `{c}` (declared: {})", join(&categories)),
+                )
+            })?;
+            shadow_categories[id.index()] = true;
+        }
+
         Ok(Policy {
             inner: Arc::new(PolicyInner {
+                reserves: reserves.into_boxed_slice(),
+                overrides,
+                boosts: boosts.into_boxed_slice(),
+                shadow_tiers: shadow_tiers.into_boxed_slice(),
+                shadow_categories: shadow_categories.into_boxed_slice(),
+                source: self.clone(),
                 tiers: tier_names.into_boxed_slice(),
                 categories: categories.into_boxed_slice(),
                 slots: slots.into_boxed_slice(),
@@ -650,6 +824,12 @@ struct PolicyInner {
     keys: HashTable<(Box<str>, TierId)>,
     unknown_key: Option<TierId>,
     missing_key: Option<TierId>,
+    reserves: Box<[u8]>,
+    overrides: HashMap<u64, Box<[Option<Adjust>]>, foldhash::fast::RandomState>,
+    boosts: Box<[CompiledBoost]>,
+    shadow_tiers: Box<[bool]>,
+    shadow_categories: Box<[bool]>,
+    source: PolicyBuilder,
 }
 
 /// A validated rate-limit policy. Cheap to clone (one `Arc`).
@@ -777,6 +957,74 @@ impl Policy {
             .keys
             .find(id.as_u64(), |(k, _)| **k == *key)
             .map(|(_, t)| *t)
+    }
+
+    /// The rule that applies to `key` in a tier and category at `now_unix`
+    /// (seconds): the tier's rule, then the key's custom limit (which takes
+    /// precedence), then the most generous active boost for the key or its
+    /// tier, if it is more generous.
+    pub fn effective_rule(
+        &self,
+        tier: TierId,
+        category: CategoryId,
+        key: KeyId,
+        now_unix: u64,
+    ) -> Rule {
+        let mut rule = self.rule(tier, category);
+        if let Some(cells) = self.inner.overrides.get(&key.as_u64())
+            && let Some(Some(adjust)) = cells.get(category.index())
+        {
+            rule = adjust.apply(rule);
+        }
+        let base = rule;
+        for b in self.inner.boosts.iter() {
+            if b.applies(key.as_u64(), tier, category, now_unix) {
+                let boosted = b.adjust.apply(base);
+                if more_generous(boosted, rule) {
+                    rule = boosted;
+                }
+            }
+        }
+        rule
+    }
+
+    /// Whether any custom limit or boost exists (else the tier rule is final).
+    #[inline]
+    pub(crate) fn has_adjustments(&self) -> bool {
+        !self.inner.overrides.is_empty() || !self.inner.boosts.is_empty()
+    }
+
+    /// Whether the policy has boosts (which need the time of day).
+    #[inline]
+    pub(crate) fn has_boosts(&self) -> bool {
+        !self.inner.boosts.is_empty()
+    }
+
+    /// The share of each burst a tier reserves for critical requests, in
+    /// percent (0: the tier ignores `X-Request-Priority`).
+    pub fn priority_reserve(&self, tier: TierId) -> u8 {
+        self.inner.reserves.get(tier.index()).copied().unwrap_or(0)
+    }
+
+    /// Whether shadow mode applies to a tier and category.
+    pub fn is_shadow(&self, tier: TierId, category: CategoryId) -> bool {
+        self.inner
+            .shadow_tiers
+            .get(tier.index())
+            .copied()
+            .unwrap_or(false)
+            || self
+                .inner
+                .shadow_categories
+                .get(category.index())
+                .copied()
+                .unwrap_or(false)
+    }
+
+    /// This policy's definition, to change and build again (for run-time
+    /// edits through a [`PolicyHandle`](crate::PolicyHandle)).
+    pub fn to_builder(&self) -> PolicyBuilder {
+        self.inner.source.clone()
     }
 
     /// The tier for keys the policy does not know, if they are accepted.

@@ -33,9 +33,9 @@ pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
 pub(crate) fn status_code(refusal: &Refusal<'_>) -> i32 {
     match refusal {
         Refusal::Limited { .. } => code::RESOURCE_EXHAUSTED,
-        Refusal::Client(Rejection::MalformedKey(_) | Rejection::InvalidCost(_)) => {
-            code::INVALID_ARGUMENT
-        }
+        Refusal::Client(
+            Rejection::MalformedKey(_) | Rejection::InvalidCost(_) | Rejection::InvalidPriority,
+        ) => code::INVALID_ARGUMENT,
         Refusal::Client(_) => code::UNAUTHENTICATED,
         Refusal::CostTooHigh { .. } => code::INVALID_ARGUMENT,
         Refusal::Unavailable => code::UNAVAILABLE,

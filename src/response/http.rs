@@ -39,9 +39,9 @@ impl Refusal<'_> {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             Refusal::Limited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Refusal::Client(Rejection::MalformedKey(_) | Rejection::InvalidCost(_)) => {
-                StatusCode::BAD_REQUEST
-            }
+            Refusal::Client(
+                Rejection::MalformedKey(_) | Rejection::InvalidCost(_) | Rejection::InvalidPriority,
+            ) => StatusCode::BAD_REQUEST,
             Refusal::Client(_) => StatusCode::UNAUTHORIZED,
             Refusal::CostTooHigh { .. } => StatusCode::BAD_REQUEST,
             Refusal::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -55,6 +55,7 @@ impl Refusal<'_> {
             Refusal::Client(Rejection::MalformedKey(_)) => "malformed-api-key",
             Refusal::Client(Rejection::UnknownKey) => "unknown-api-key",
             Refusal::Client(Rejection::InvalidCost(_)) => "invalid-cost",
+            Refusal::Client(Rejection::InvalidPriority) => "invalid-priority",
             Refusal::CostTooHigh { .. } => "cost-exceeds-limit",
             Refusal::Unavailable => "rate-limiter-unavailable",
         }

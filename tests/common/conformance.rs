@@ -121,6 +121,7 @@ fn subject(policy: &Policy, key: &str, cost: u32) -> Subject {
         cost,
         priority: Priority::Normal,
         scope: 7,
+        reserve: 0,
     }
 }
 
