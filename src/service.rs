@@ -272,6 +272,7 @@ fn refuse_to<BF, T>(refusal: Refusal<'_>, req: &Request<T>) -> Step<BF> {
 }
 
 /// Turns a backend's answer into the next step.
+#[allow(clippy::too_many_arguments)] // one private call site per path (ready, deferred)
 pub(crate) fn finish<BF>(
     result: Result<Decision, BackendError>,
     plan: impl FnOnce(Decision) -> HeaderPlan,
