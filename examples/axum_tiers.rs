@@ -14,7 +14,48 @@ use std::net::SocketAddr;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use tierlimit::{Backend, Extractor, Policy, RateLimitLayer};
+use tierlimit::{
+    ApiKey, Backend, Extractor, Identity, Policy, RateLimitLayer, Rejection, RequestRef,
+};
+
+/// The demo's extractor: API keys, and a batch's cost from `X-Batch-Size`
+/// or `?size=` (1 to 100; anything else is a 400 that says so).
+pub(crate) type DemoExtractor = fn(&RequestRef<'_>, &Policy) -> Result<Identity, Rejection>;
+
+pub(crate) fn demo_extractor(req: &RequestRef<'_>, policy: &Policy) -> Result<Identity, Rejection> {
+    let id = ApiKey::new().extract(req, policy)?;
+    let from_query = || {
+        req.uri
+            .query()?
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("size="))
+    };
+    let size = match req.headers.get("x-batch-size") {
+        Some(v) => Some(v.to_str().unwrap_or("")),
+        None if req.uri.path() == "/v1/batch" => from_query(),
+        None => None,
+    };
+    match size {
+        None => Ok(id),
+        Some(s) => s
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=100).contains(n))
+            .map(|n| id.with_cost(n))
+            .ok_or(Rejection::InvalidCost(
+                "the batch size (X-Batch-Size or ?size=) must be a number from 1 to 100",
+            )),
+    }
+}
+
+/// The demo's layer on any backend.
+pub(crate) fn limits<B: Backend>(policy: Policy, backend: B) -> RateLimitLayer<DemoExtractor, B> {
+    RateLimitLayer::builder(policy)
+        .extractor(demo_extractor as DemoExtractor)
+        .backend(backend)
+        .build()
+}
 
 /// The demo's routes behind one rate-limit layer, `/healthz` outside it.
 pub(crate) fn app<E: Extractor, B: Backend>(limits: RateLimitLayer<E, B>) -> Router
@@ -27,6 +68,8 @@ where
         .route("/v1/endpoints", get(list_endpoints).post(create_endpoint))
         .route("/v1/ai/completions", post(completion))
         .route("/v1/training/jobs", post(create_training_job))
+        .route("/v1/batch", post(batch))
+        .route_service("/v1/rate_limit", limits.usage_service())
         .layer(limits);
     Router::new()
         .route(
@@ -57,6 +100,9 @@ async fn create_endpoint() -> Json<Value> {
 async fn completion() -> Json<Value> {
     Json(json!({ "choices": [{ "text": "Hello from the demo model." }] }))
 }
+async fn batch() -> Json<Value> {
+    Json(json!({ "status": "accepted" }))
+}
 async fn create_training_job() -> Json<Value> {
     Json(json!({ "id": "job_1", "status": "queued" }))
 }
@@ -83,15 +129,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let backend = tierlimit::RedisBackend::builder(url.as_str())
             .connect()
             .await?;
-        let limits = RateLimitLayer::builder(policy).backend(backend).build();
-        return serve(bind, &policy_path, &format!("redis {url}"), app(limits)).await;
+        let app = app(limits(policy, backend));
+        return serve(bind, &policy_path, &format!("redis {url}"), app).await;
     }
     let policy = Policy::from_toml_file(&policy_path)?;
     serve(
         bind,
         &policy_path,
         "memory",
-        app(RateLimitLayer::new(policy)),
+        app(limits(policy, tierlimit::MemoryBackend::new())),
     )
     .await
 }

@@ -120,6 +120,11 @@ impl<E, B> RateLimitLayer<E, B> {
         }
     }
 
+    /// A service that reports the caller's usage without counting it.
+    pub fn usage_service(&self) -> crate::UsageService<E, B> {
+        crate::UsageService::new(Arc::clone(&self.shared))
+    }
+
     /// Requests shadow mode let through that would have been refused.
     pub fn shadow_refusals(&self) -> u64 {
         self.shared.shadowed.load(Ordering::Relaxed)

@@ -76,6 +76,7 @@ mod layer;
 pub mod policy;
 mod response;
 mod service;
+mod usage;
 
 pub use backend::{Backend, BackendError, Decision, MemoryBackend, MemoryBackendBuilder, Subject};
 #[cfg(feature = "redis")]
@@ -97,6 +98,7 @@ pub use policy::{
 };
 pub use response::{HeaderOptions, ResponseBody};
 pub use service::RateLimit;
+pub use usage::UsageService;
 
 /// Re-exported so users name the same clocks the backend takes.
 pub use governor;

@@ -31,7 +31,8 @@ fn fake_layer(
 
 async fn demo_server() -> (common::Server, FakeRelativeClock) {
     let clock = FakeRelativeClock::default();
-    let server = serve(demo::app(fake_layer(spec_policy(), &clock))).await;
+    let backend = MemoryBackend::builder().clock(clock.clone()).build();
+    let server = serve(demo::app(demo::limits(spec_policy(), backend))).await;
     (server, clock)
 }
 

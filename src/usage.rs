@@ -1,0 +1,164 @@
+//! [`UsageService`]: the caller's current usage in every category, as JSON,
+//! counting nothing.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, header};
+use serde_json::{Map, Value, json};
+use tower_service::Service;
+
+use crate::backend::{Backend, Subject};
+use crate::extract::{Extractor, Priority, Rejection, RequestRef};
+use crate::layer::Shared;
+use crate::policy::Rule;
+use crate::response::grpc::is_grpc;
+use crate::response::http::Refusal;
+use crate::response::{ResponseBody, ceil_secs, unix_now_secs};
+
+/// Answers `GET /v1/rate_limit`-style usage checks for the caller's key:
+/// every category's limit, remaining, reset (Unix seconds) and window, with
+/// custom limits and active boosts applied, without counting anything.
+///
+/// Mount it on an exempt route (or outside the layer) so that checking
+/// usage does not count against the read limit:
+///
+/// ```
+/// use axum::Router;
+/// use tierlimit::{Policy, RateLimitLayer, Route, Tier, Limit};
+///
+/// let policy = Policy::builder()
+///     .categories(["read", "write"])
+///     .tier(Tier::new("free").limit("read", Limit::per_hour(100)).limit("write", Limit::per_hour(20)))
+///     .route(Route::exempt("/v1/rate_limit"))
+///     .build()
+///     .unwrap();
+/// let layer = RateLimitLayer::new(policy);
+/// let app: Router = Router::new()
+///     .route_service("/v1/rate_limit", layer.usage_service())
+///     .layer(layer);
+/// ```
+pub struct UsageService<E, B> {
+    shared: Arc<Shared<E, B>>,
+}
+
+impl<E, B> UsageService<E, B> {
+    pub(crate) fn new(shared: Arc<Shared<E, B>>) -> Self {
+        UsageService { shared }
+    }
+}
+
+impl<E, B> Clone for UsageService<E, B> {
+    fn clone(&self) -> Self {
+        UsageService {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<E, B> fmt::Debug for UsageService<E, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UsageService").finish_non_exhaustive()
+    }
+}
+
+type UsageFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ResponseBody<String>>, Infallible>> + Send>>;
+
+impl<E, B, ReqBody> Service<Request<ReqBody>> for UsageService<E, B>
+where
+    E: Extractor,
+    B: Backend,
+{
+    type Response = Response<ResponseBody<String>>;
+    type Error = Infallible;
+    type Future = UsageFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let shared = &*self.shared;
+        let policy = shared.policy.load_full();
+        let grpc = is_grpc(req.headers());
+        let refuse = |r: Rejection| -> UsageFuture {
+            let res = Refusal::Client(r)
+                .into_response(grpc)
+                .map(ResponseBody::full);
+            Box::pin(std::future::ready(Ok(res)))
+        };
+        let view = RequestRef::new(&req);
+        let identity = match shared.extractor.extract(&view, &policy) {
+            Ok(id) => id,
+            Err(Rejection::MissingKey) if policy.missing_key_tier().is_some() => {
+                match shared.anonymous.extract(&view, &policy) {
+                    Ok(id) => id,
+                    Err(r) => return refuse(r),
+                }
+            }
+            Err(r) => return refuse(r),
+        };
+        let Some(tier) = identity.tier().or_else(|| policy.unknown_key_tier()) else {
+            return refuse(Rejection::UnknownKey);
+        };
+        let now = shared.unix_now();
+        let mut peeks = Vec::new();
+        for category in policy.categories() {
+            let Some(slot) = policy.slot(tier, category) else {
+                return refuse(Rejection::UnknownKey);
+            };
+            let rule = policy.effective_rule(tier, category, identity.key(), now);
+            let subject = Subject {
+                key: identity.key(),
+                tier,
+                category,
+                cost: 1,
+                priority: Priority::Normal,
+                scope: slot.scope,
+                reserve: 0,
+            };
+            let peek = match rule {
+                Rule::Unlimited => None,
+                Rule::Limited(limit) => Some(shared.backend.peek(&subject, &limit)),
+            };
+            peeks.push((category, peek));
+        }
+        Box::pin(async move {
+            let mut categories = Map::new();
+            let unix = unix_now_secs();
+            for (category, peek) in peeks {
+                let name = policy.category_name(category).to_owned();
+                let value = match peek {
+                    None => json!({ "unlimited": true }),
+                    Some(fut) => match fut.await {
+                        Ok(d) => json!({
+                            "limit": d.limit,
+                            "remaining": d.remaining,
+                            "reset": unix + ceil_secs(d.reset_after),
+                            "window": ceil_secs(d.window),
+                        }),
+                        Err(e) => json!({ "error": e.to_string() }),
+                    },
+                };
+                categories.insert(name, value);
+            }
+            let body = json!({
+                "tier": policy.tier_name(tier),
+                "key": identity.key().redacted().to_string(),
+                "categories": Value::Object(categories),
+            });
+            let mut res = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            Ok(res)
+        })
+    }
+}
