@@ -47,6 +47,11 @@ category = "read"
 adjust = "x2"
 start = "1000"
 end = "2000"
+[[boosts]]
+key = "k"
+adjust = "50/minute"
+start = "3000"
+end = "4000"
 "#;
 
 /// Every test hashes keys with the Redis tests' shared secret, set first.
@@ -94,6 +99,12 @@ where
     assert_eq!(get_limit(&app, "vip").await.1, Some(60));
     // The boost lapses by itself.
     unix.store(2000, Ordering::Relaxed);
+    assert_eq!(get_limit(&app, "k").await.1, Some(10));
+    // A boost for one key, with an absolute limit, in every category.
+    unix.store(3500, Ordering::Relaxed);
+    assert_eq!(get_limit(&app, "k").await.1, Some(50));
+    assert_eq!(get_limit(&app, "vip").await.1, Some(30), "only that key");
+    unix.store(4000, Ordering::Relaxed);
     assert_eq!(get_limit(&app, "k").await.1, Some(10));
 
     // A custom limit set at run time, from the next request on.

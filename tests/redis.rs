@@ -424,3 +424,44 @@ async fn two_demo_servers_share_one_limit_through_redis() {
         assert_eq!(res.headers()["retry-after"], "36");
     }
 }
+
+#[tokio::test]
+async fn peek_reports_capacity_without_counting() {
+    if !available() {
+        return;
+    }
+    init_secret();
+    let server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let backend = RedisBackend::builder(server.url())
+        .fake_clock(clock.clone())
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    let limit = Limit::per_minute(10);
+    assert_eq!(
+        backend.peek(&subject("p"), &limit).await.unwrap().remaining,
+        10
+    );
+    for _ in 0..3 {
+        assert!(backend.check(&subject("p"), &limit).await.unwrap().allowed);
+    }
+    for _ in 0..20 {
+        let d = backend.peek(&subject("p"), &limit).await.unwrap();
+        assert_eq!(
+            (d.limit, d.remaining, d.reset_after),
+            (10, 7, Duration::from_secs(18))
+        );
+    }
+    clock.advance(Duration::from_secs(6));
+    assert_eq!(
+        backend.peek(&subject("p"), &limit).await.unwrap().remaining,
+        8
+    );
+    assert!(backend.check(&subject("p"), &limit).await.unwrap().allowed);
+    assert_eq!(
+        backend.peek(&subject("p"), &limit).await.unwrap().remaining,
+        7
+    );
+}
