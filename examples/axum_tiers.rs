@@ -71,12 +71,36 @@ where
         .route("/v1/batch", post(batch))
         .route_service("/v1/rate_limit", limits.usage_service())
         .layer(limits);
-    Router::new()
+    let app = Router::new()
         .route(
             "/healthz",
             get(|| async { Json(json!({ "status": "ok" })) }),
         )
-        .merge(api)
+        .merge(api);
+    // Prometheus text at /metrics (not limited), with `--features metrics`.
+    #[cfg(feature = "metrics")]
+    let app = match METRICS.get() {
+        Some(handle) => {
+            let handle = handle.clone();
+            app.route("/metrics", get(move || std::future::ready(handle.render())))
+        }
+        None => app,
+    };
+    app
+}
+
+#[cfg(feature = "metrics")]
+static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+    std::sync::OnceLock::new();
+
+/// Installs the Prometheus recorder once; call before building the app.
+#[cfg(feature = "metrics")]
+pub(crate) fn install_metrics() {
+    METRICS.get_or_init(|| {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("one metrics recorder per process")
+    });
 }
 
 async fn account() -> Json<Value> {
@@ -115,6 +139,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .parse()
         .map_err(|e| format!("BIND is not an address: {e}"))?;
     let policy_path = std::env::var("POLICY").unwrap_or_else(|_| "examples/policy.toml".into());
+    #[cfg(feature = "metrics")]
+    install_metrics();
 
     // With `--features redis` and REDIS_URL set, every instance shares one
     // limit through Redis. Instances must hash keys alike: the key secret

@@ -31,6 +31,8 @@ pub(crate) struct Pending {
     pub(crate) reserve: u32,
     pub(crate) shadow: bool,
     pub(crate) shadowed: Arc<std::sync::atomic::AtomicU64>,
+    #[cfg(feature = "metrics")]
+    pub(crate) started: std::time::Instant,
 }
 
 pin_project! {
@@ -130,6 +132,8 @@ where
                         .as_mut()
                         .expect("ResponseFuture polled after completion");
                     let result = ready!(Pin::new(&mut c.check).poll(cx));
+                    #[cfg(feature = "metrics")]
+                    crate::telemetry::check_duration(c.pending.started.elapsed());
                     let Checking {
                         mut inner,
                         req,

@@ -76,6 +76,7 @@ mod layer;
 pub mod policy;
 mod response;
 mod service;
+pub mod telemetry;
 mod usage;
 
 pub use backend::{Backend, BackendError, Decision, MemoryBackend, MemoryBackendBuilder, Subject};

@@ -202,13 +202,20 @@ where
             shadow: policy.is_shadow(tier, category),
             shadowed: &shared.shadowed,
         };
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
         let mut check = shared.backend.check(&subject, &limit);
         let plan = |decision: Decision| HeaderPlan {
             decision,
             slot: Arc::clone(&slot.headers),
             options: shared.headers,
         };
-        match Pin::new(&mut check).poll(&mut Context::from_waker(Waker::noop())) {
+        let polled = Pin::new(&mut check).poll(&mut Context::from_waker(Waker::noop()));
+        #[cfg(feature = "metrics")]
+        if polled.is_ready() {
+            crate::telemetry::check_duration(started.elapsed());
+        }
+        match polled {
             Poll::Ready(result) => finish(
                 result,
                 plan,
@@ -232,6 +239,8 @@ where
                     reserve,
                     shadow: post.shadow,
                     shadowed: Arc::clone(&shared.shadowed),
+                    #[cfg(feature = "metrics")]
+                    started,
                 }),
             ),
         }
@@ -291,9 +300,21 @@ pub(crate) fn finish<BF>(
         }
         d
     });
+    #[cfg(feature = "metrics")]
+    let counters = policy.slot_metrics(tier, category);
     match result {
-        Ok(d) if d.allowed => Step::Allow(plan(d)),
+        Ok(d) if d.allowed => {
+            #[cfg(feature = "metrics")]
+            if let Some(m) = counters {
+                m.allowed.increment(1);
+            }
+            Step::Allow(plan(d))
+        }
         Ok(mut d) if post.shadow => {
+            #[cfg(feature = "metrics")]
+            if let Some(m) = counters {
+                m.shadow.increment(1);
+            }
             post.shadowed.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 tier = policy.tier_name(tier),
@@ -305,15 +326,28 @@ pub(crate) fn finish<BF>(
             d.retry_after = None;
             Step::Allow(plan(d))
         }
-        Ok(d) => refuse(
-            Refusal::Limited {
-                plan: plan(d),
-                tier: policy.tier_name(tier),
-                category: policy.category_name(category),
-                key,
-            },
-            grpc(),
-        ),
+        Ok(d) => {
+            #[cfg(feature = "metrics")]
+            if let Some(m) = counters {
+                m.refused.increment(1);
+            }
+            tracing::debug!(
+                tier = policy.tier_name(tier),
+                category = policy.category_name(category),
+                key = %key.redacted(),
+                retry_after = ?d.retry_after,
+                "rate limited"
+            );
+            refuse(
+                Refusal::Limited {
+                    plan: plan(d),
+                    tier: policy.tier_name(tier),
+                    category: policy.category_name(category),
+                    key,
+                },
+                grpc(),
+            )
+        }
         Err(BackendError::CostExceedsLimit { cost, max }) => refuse(
             Refusal::CostTooHigh {
                 cost,

@@ -136,6 +136,7 @@ impl Budget {
 
     fn release(&self, n: usize) {
         self.tracked.fetch_sub(n, Ordering::Relaxed);
+        crate::telemetry::tracked_keys(-(n as f64));
     }
 }
 
@@ -564,6 +565,7 @@ impl StateStore for SharedStore {
         // A key not yet tracked. A refusal writes nothing.
         let (t, next) = f(None)?;
         if store.budget.try_acquire() {
+            crate::telemetry::tracked_keys(1.0);
             map.insert(*key, next.into());
             return Ok(t);
         }

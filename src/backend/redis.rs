@@ -317,6 +317,12 @@ impl Inner {
 
     fn mark(&self, ok: bool) {
         let was = self.degraded.swap(!ok, Ordering::Relaxed);
+        if was != !ok {
+            crate::telemetry::backend_state("redis", ok);
+        }
+        if !ok {
+            crate::telemetry::backend_error("redis");
+        }
         if was && ok {
             tracing::info!(prefix = %self.prefix, "redis reachable again: shared rate limits resume");
         } else if !was && !ok {
@@ -329,6 +335,12 @@ impl Inner {
     }
 
     fn on_failure(&self, subject: &Subject, limit: &Limit) -> Result<Decision, BackendError> {
+        let policy = match self.failure {
+            FailurePolicy::Fallback => "fallback",
+            FailurePolicy::FailOpen => "fail_open",
+            FailurePolicy::FailClosed => "fail_closed",
+        };
+        crate::telemetry::fallback("redis", policy);
         match self.failure {
             FailurePolicy::Fallback => self.fallback.check_now(subject, limit),
             FailurePolicy::FailOpen => Ok(Decision::allow(

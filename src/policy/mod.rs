@@ -797,6 +797,8 @@ pub(crate) struct Slot {
     /// (a hash of the tier and category names, stable in one process).
     pub(crate) scope: u64,
     pub(crate) headers: Arc<SlotHeaders>,
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: std::sync::OnceLock<crate::telemetry::SlotMetrics>,
 }
 
 impl Slot {
@@ -809,6 +811,8 @@ impl Slot {
             rule,
             scope: hash_str(&format!("{tier}\0{category}")),
             headers: Arc::new(SlotHeaders::new(tier, category, max, window)),
+            #[cfg(feature = "metrics")]
+            metrics: std::sync::OnceLock::new(),
         }
     }
 }
@@ -1025,6 +1029,19 @@ impl Policy {
     /// edits through a [`PolicyHandle`](crate::PolicyHandle)).
     pub fn to_builder(&self) -> PolicyBuilder {
         self.inner.source.clone()
+    }
+
+    /// The counters of a tier × category cell (made on first use).
+    #[cfg(feature = "metrics")]
+    pub(crate) fn slot_metrics(
+        &self,
+        tier: TierId,
+        category: CategoryId,
+    ) -> Option<&crate::telemetry::SlotMetrics> {
+        let slot = self.slot(tier, category)?;
+        Some(slot.metrics.get_or_init(|| {
+            crate::telemetry::SlotMetrics::new(self.tier_name(tier), self.category_name(category))
+        }))
     }
 
     /// The tier for keys the policy does not know, if they are accepted.

@@ -89,6 +89,9 @@ impl Refusal<'_> {
 
     /// The response, in the form the caller speaks.
     pub(crate) fn into_response(self, grpc: bool) -> Response<Bytes> {
+        if !matches!(self, Refusal::Limited { .. }) {
+            crate::telemetry::rejection(self.problem_type());
+        }
         if grpc {
             return grpc::response(&self);
         }

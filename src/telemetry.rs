@@ -1,0 +1,98 @@
+//! Metrics (feature `metrics`, through the `metrics` facade) and tracing
+//! events. Labels never contain an API key: only tier, category, reason and
+//! backend names.
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `tierlimit_requests_total` | counter | `tier`, `category`, `outcome` = `allowed` / `refused` / `shadow_refused` |
+//! | `tierlimit_rejections_total` | counter | `reason` (`missing-api-key`, `malformed-api-key`, `unknown-api-key`, `invalid-cost`, `invalid-priority`, `cost-exceeds-limit`, `rate-limiter-unavailable`) |
+//! | `tierlimit_backend_errors_total` | counter | `backend` |
+//! | `tierlimit_fallback_total` | counter | `backend`, `policy` |
+//! | `tierlimit_backend_state` | gauge (1 connected, 0 degraded) | `backend` |
+//! | `tierlimit_check_duration_seconds` | histogram | — |
+//! | `tierlimit_tracked_keys` | gauge | — |
+//!
+//! Install the recorder (an exporter) before the first request: handles
+//! are made on first use and cached.
+
+/// Per tier × category counters, made on first use.
+#[cfg(feature = "metrics")]
+#[derive(Debug)]
+pub(crate) struct SlotMetrics {
+    pub(crate) allowed: metrics::Counter,
+    pub(crate) refused: metrics::Counter,
+    pub(crate) shadow: metrics::Counter,
+}
+
+#[cfg(feature = "metrics")]
+impl SlotMetrics {
+    pub(crate) fn new(tier: &str, category: &str) -> Self {
+        let c = |outcome: &'static str| {
+            metrics::counter!(
+                "tierlimit_requests_total",
+                "tier" => tier.to_owned(),
+                "category" => category.to_owned(),
+                "outcome" => outcome
+            )
+        };
+        SlotMetrics {
+            allowed: c("allowed"),
+            refused: c("refused"),
+            shadow: c("shadow_refused"),
+        }
+    }
+}
+
+/// A request refused before or instead of a limit check.
+#[inline]
+pub(crate) fn rejection(_reason: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("tierlimit_rejections_total", "reason" => _reason).increment(1);
+}
+
+/// A backend failure (an error or a timeout).
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn backend_error(_backend: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("tierlimit_backend_errors_total", "backend" => _backend).increment(1);
+}
+
+/// A request answered by the failure policy instead of the backend.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn fallback(_backend: &'static str, _policy: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("tierlimit_fallback_total", "backend" => _backend, "policy" => _policy)
+        .increment(1);
+}
+
+/// The backend's state: connected or degraded.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn backend_state(_backend: &'static str, _connected: bool) {
+    #[cfg(feature = "metrics")]
+    metrics::gauge!("tierlimit_backend_state", "backend" => _backend).set(if _connected {
+        1.0
+    } else {
+        0.0
+    });
+}
+
+/// Keys tracked in memory, up or down.
+#[inline]
+pub(crate) fn tracked_keys(_delta: f64) {
+    #[cfg(feature = "metrics")]
+    {
+        static GAUGE: std::sync::OnceLock<metrics::Gauge> = std::sync::OnceLock::new();
+        GAUGE
+            .get_or_init(|| metrics::gauge!("tierlimit_tracked_keys"))
+            .increment(_delta);
+    }
+}
+
+/// How long a check took.
+#[cfg(feature = "metrics")]
+#[inline]
+pub(crate) fn check_duration(elapsed: std::time::Duration) {
+    static HIST: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
+    HIST.get_or_init(|| metrics::histogram!("tierlimit_check_duration_seconds"))
+        .record(elapsed.as_secs_f64());
+}
