@@ -317,7 +317,7 @@ impl Inner {
 
     fn mark(&self, ok: bool) {
         let was = self.degraded.swap(!ok, Ordering::Relaxed);
-        if was != !ok {
+        if was == ok {
             crate::telemetry::backend_state("redis", ok);
         }
         if !ok {
