@@ -69,6 +69,8 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod backend;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod extract;
 mod future;
 mod key;

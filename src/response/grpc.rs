@@ -170,6 +170,11 @@ pub(crate) fn status_details(
     status
 }
 
+#[cfg(all(test, feature = "client"))]
+pub(crate) fn base64_for_tests(data: &[u8]) -> String {
+    base64(data)
+}
+
 /// Standard base64 without padding (what gRPC binary metadata carries).
 fn base64(data: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

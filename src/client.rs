@@ -1,0 +1,419 @@
+//! The client side (feature `client`): [`RetryLayer`], a tower layer for
+//! HTTP and gRPC clients (a tonic `Channel`, a hyper-util client) that
+//! honours rate-limit hints.
+//!
+//! - **HTTP 429**: waits `Retry-After` (seconds), else until
+//!   `X-RateLimit-Reset` (Unix seconds).
+//! - **gRPC `RESOURCE_EXHAUSTED`** (a trailers-only answer): waits
+//!   `grpc-retry-pushback-ms`, else `google.rpc.RetryInfo`'s delay from
+//!   `grpc-status-details-bin`.
+//! - **No hint**: exponential backoff with full jitter: a random wait in
+//!   `[0, min(cap, base × 2ⁿ))` before retry `n + 1`.
+//! - **Bounds**: at most `max_attempts` attempts in all, no single wait above
+//!   `max_wait`, and no more than `max_total_wait` in all. A hint beyond a
+//!   bound is not slept on: the server's answer is returned at once.
+//! - **Only replayable requests are retried**: the body is kept for a
+//!   retry only when its size is known and at most 64 KiB (see
+//!   [`ReplayBody`]); anything else is sent once. A refused request was not
+//!   processed by the server, so replaying it is safe for any method.
+//!
+//! Waits use `tokio::time`, so tests run on a paused clock.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tierlimit::client::RetryLayer;
+//!
+//! let layer = RetryLayer::new()
+//!     .max_attempts(5)
+//!     .max_total_wait(Duration::from_secs(30));
+//! # let _ = layer;
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// The largest body kept for replay.
+pub const MAX_REPLAY_BYTES: u64 = 64 * 1024;
+
+/// The retry bounds and backoff of a [`RetryLayer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub struct RetryLayer {
+    max_attempts: u32,
+    max_wait: Duration,
+    max_total_wait: Duration,
+    base: Duration,
+    cap: Duration,
+}
+
+impl Default for RetryLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RetryLayer {
+    /// 4 attempts, waits of at most 60 s each and 120 s in all, backoff from
+    /// 100 ms up to 10 s.
+    pub const fn new() -> Self {
+        RetryLayer {
+            max_attempts: 4,
+            max_wait: Duration::from_secs(60),
+            max_total_wait: Duration::from_secs(120),
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(10),
+        }
+    }
+
+    /// Attempts in all, the first included (at least 1).
+    pub const fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = if n == 0 { 1 } else { n };
+        self
+    }
+
+    /// The longest single wait honoured.
+    pub const fn max_wait(mut self, d: Duration) -> Self {
+        self.max_wait = d;
+        self
+    }
+
+    /// The longest total wait across retries.
+    pub const fn max_total_wait(mut self, d: Duration) -> Self {
+        self.max_total_wait = d;
+        self
+    }
+
+    /// The backoff's first ceiling and its cap, when the server gives no hint.
+    pub const fn backoff(mut self, base: Duration, cap: Duration) -> Self {
+        self.base = base;
+        self.cap = cap;
+        self
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Retry {
+            inner,
+            policy: *self,
+            rng: Arc::new(AtomicU64::new(seed())),
+        }
+    }
+}
+
+fn seed() -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::quality::RandomState::default().hash_one(0x5eed_u64) | 1
+}
+
+/// The service made by [`RetryLayer`].
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
+    policy: RetryLayer,
+    rng: Arc<AtomicU64>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for Retry<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+/// A request body that can be kept for a retry: rebuilt from its bytes.
+pub trait ReplayBody: Body<Data = Bytes> + Sized + Send + 'static {
+    /// The body again, from its bytes.
+    fn from_bytes(bytes: Bytes) -> Self;
+}
+
+impl ReplayBody for http_body_util::Full<Bytes> {
+    fn from_bytes(bytes: Bytes) -> Self {
+        http_body_util::Full::new(bytes)
+    }
+}
+
+impl ReplayBody for String {
+    fn from_bytes(bytes: Bytes) -> Self {
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+#[cfg(feature = "axum")]
+impl ReplayBody for axum::body::Body {
+    fn from_bytes(bytes: Bytes) -> Self {
+        axum::body::Body::from(bytes)
+    }
+}
+
+#[cfg(feature = "tonic")]
+impl ReplayBody for tonic::body::Body {
+    fn from_bytes(bytes: Bytes) -> Self {
+        tonic::body::Body::new(http_body_util::Full::new(bytes))
+    }
+}
+
+/// Why a response asks for a retry.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Verdict {
+    /// Not a rate-limit refusal.
+    Done,
+    /// Refused, with the server's hint (or none).
+    Refused(Option<Duration>),
+}
+
+/// Reads a response head for a refusal and its hint.
+pub(crate) fn classify(status: StatusCode, headers: &HeaderMap) -> Verdict {
+    let num = |name: &str| -> Option<u64> { headers.get(name)?.to_str().ok()?.trim().parse().ok() };
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        if let Some(s) = num("retry-after") {
+            return Verdict::Refused(Some(Duration::from_secs(s)));
+        }
+        if let Some(reset) = num("x-ratelimit-reset") {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            return Verdict::Refused(Some(Duration::from_secs(reset).saturating_sub(now)));
+        }
+        return Verdict::Refused(None);
+    }
+    if headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"8")
+    {
+        if let Some(ms) = num("grpc-retry-pushback-ms") {
+            return Verdict::Refused(Some(Duration::from_millis(ms)));
+        }
+        let info = headers
+            .get("grpc-status-details-bin")
+            .and_then(|v| base64_decode(v.as_bytes()))
+            .and_then(|b| retry_delay(&b));
+        return Verdict::Refused(info);
+    }
+    Verdict::Done
+}
+
+impl<S, B, ResBody> Service<Request<B>> for Retry<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    B: ReplayBody,
+    ResBody: Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResBody>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // The ready service takes this attempt; a clone takes the retries.
+        let clone = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        let mut svc = self.inner.clone();
+        let policy = self.policy;
+        let rng = Arc::clone(&self.rng);
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let replay = body
+                .size_hint()
+                .upper()
+                .is_some_and(|n| n <= MAX_REPLAY_BYTES)
+                && policy.max_attempts > 1;
+            if !replay {
+                return ready.call(Request::from_parts(parts, body)).await;
+            }
+            let bytes = match body.collect().await {
+                Ok(c) => c.to_bytes(),
+                // The body failed while buffering: send what the caller
+                // gave, empty, and let the server say what it thinks.
+                Err(_) => Bytes::new(),
+            };
+            let rebuild = |parts: &http::request::Parts| {
+                let mut req = Request::new(B::from_bytes(bytes.clone()));
+                *req.method_mut() = parts.method.clone();
+                *req.uri_mut() = parts.uri.clone();
+                *req.version_mut() = parts.version;
+                *req.headers_mut() = parts.headers.clone();
+                req
+            };
+            let mut res = ready.call(rebuild(&parts)).await?;
+            let mut waited = Duration::ZERO;
+            for retry in 0..policy.max_attempts - 1 {
+                let hint = match classify(res.status(), res.headers()) {
+                    Verdict::Done => return Ok(res),
+                    Verdict::Refused(hint) => hint,
+                };
+                let wait = hint.unwrap_or_else(|| jitter(&rng, policy, retry));
+                if wait > policy.max_wait || waited + wait > policy.max_total_wait {
+                    tracing::debug!(?wait, "rate-limit hint beyond the retry bounds; giving up");
+                    return Ok(res);
+                }
+                tracing::debug!(
+                    ?wait,
+                    retry = retry + 1,
+                    "rate limited; waiting before retrying"
+                );
+                tokio::time::sleep(wait).await;
+                waited += wait;
+                std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
+                res = svc.call(rebuild(&parts)).await?;
+            }
+            Ok(res)
+        })
+    }
+}
+
+/// Full jitter: uniform in `[0, min(cap, base × 2^retry))`.
+fn jitter(rng: &AtomicU64, policy: RetryLayer, retry: u32) -> Duration {
+    let ceiling = policy
+        .base
+        .checked_mul(1u32.checked_shl(retry).unwrap_or(u32::MAX))
+        .unwrap_or(policy.cap)
+        .min(policy.cap);
+    // xorshift64*
+    let mut x = rng.load(Ordering::Relaxed);
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    rng.store(x, Ordering::Relaxed);
+    let r = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
+    let nanos = ceiling.as_nanos() as u64;
+    if nanos == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_nanos(r % nanos)
+}
+
+fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let s: Vec<u8> = s.iter().copied().filter(|&c| c != b'=').collect();
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= val(c)? << (18 - 6 * i);
+        }
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..chunk.len().saturating_sub(1)]);
+    }
+    Some(out)
+}
+
+/// Protobuf reading, just enough for `google.rpc.Status.details[] →
+/// RetryInfo.retry_delay`.
+fn fields(mut b: &[u8]) -> Vec<(u32, u8, u64, &[u8])> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let Some(key) = varint(&mut b) else { break };
+        let (field, wire) = ((key >> 3) as u32, (key & 7) as u8);
+        match wire {
+            0 => match varint(&mut b) {
+                Some(v) => out.push((field, 0, v, &[][..])),
+                None => break,
+            },
+            2 => {
+                let Some(len) = varint(&mut b) else { break };
+                let len = len as usize;
+                if len > b.len() {
+                    break;
+                }
+                out.push((field, 2, 0, &b[..len]));
+                b = &b[len..];
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+pub(crate) fn retry_delay(status: &[u8]) -> Option<Duration> {
+    for (field, wire, _, any) in fields(status) {
+        if field != 3 || wire != 2 {
+            continue;
+        }
+        let parts = fields(any);
+        let url = parts.iter().find(|p| p.0 == 1).map(|p| p.3)?;
+        if url != b"type.googleapis.com/google.rpc.RetryInfo" {
+            continue;
+        }
+        let info = parts.iter().find(|p| p.0 == 2).map(|p| p.3)?;
+        let duration = fields(info).into_iter().find(|p| p.0 == 1)?.3;
+        let d = fields(duration);
+        let secs = d.iter().find(|p| p.0 == 1).map_or(0, |p| p.2);
+        let nanos = d.iter().find(|p| p.0 == 2).map_or(0, |p| p.2);
+        return Some(Duration::from_secs(secs) + Duration::from_nanos(nanos));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_back_the_servers_retry_info() {
+        let status = crate::response::grpc::status_details(
+            8,
+            "m",
+            Duration::from_millis(36_500),
+            "key:1",
+            "d",
+        );
+        assert_eq!(retry_delay(&status), Some(Duration::from_millis(36_500)));
+        let b64 = crate::response::grpc::base64_for_tests(&status);
+        assert_eq!(base64_decode(b64.as_bytes()).unwrap(), status);
+    }
+
+    #[test]
+    fn jitter_stays_within_bounds() {
+        let rng = AtomicU64::new(seed());
+        let p = RetryLayer::new().backoff(Duration::from_millis(100), Duration::from_secs(1));
+        for retry in 0..10 {
+            let ceiling = Duration::from_millis(100 * (1 << retry)).min(Duration::from_secs(1));
+            for _ in 0..1000 {
+                assert!(jitter(&rng, p, retry) < ceiling);
+            }
+        }
+    }
+}
