@@ -14,8 +14,12 @@
 //!   bound is not slept on: the server's answer is returned at once.
 //! - **Only replayable requests are retried**: the body is kept for a
 //!   retry only when its size is known and at most 64 KiB (see
-//!   [`ReplayBody`]); anything else is sent once. A refused request was not
-//!   processed by the server, so replaying it is safe for any method.
+//!   [`ReplayBody`]), or when the request carries the [`Replayable`]
+//!   extension. tonic encodes even unary messages as a body of unknown size,
+//!   so mark unary gRPC calls:
+//!   `request.extensions_mut().insert(Replayable)`. Anything else is sent
+//!   once. A refused request was not processed by the server, so replaying
+//!   it is safe for any method.
 //!
 //! Waits use `tokio::time`, so tests run on a paused clock.
 //!
@@ -137,6 +141,11 @@ impl<S: fmt::Debug> fmt::Debug for Retry<S> {
     }
 }
 
+/// Marks a request whose body may be buffered for a retry even though its
+/// size is unknown (a unary gRPC call). Never use it on a streaming call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Replayable;
+
 /// A request body that can be kept for a retry: rebuilt from its bytes.
 pub trait ReplayBody: Body<Data = Bytes> + Sized + Send + 'static {
     /// The body again, from its bytes.
@@ -234,11 +243,12 @@ where
         let rng = Arc::clone(&self.rng);
         Box::pin(async move {
             let (parts, body) = req.into_parts();
-            let replay = body
-                .size_hint()
-                .upper()
-                .is_some_and(|n| n <= MAX_REPLAY_BYTES)
-                && policy.max_attempts > 1;
+            let replay = policy.max_attempts > 1
+                && (parts.extensions.get::<Replayable>().is_some()
+                    || body
+                        .size_hint()
+                        .upper()
+                        .is_some_and(|n| n <= MAX_REPLAY_BYTES));
             if !replay {
                 return ready.call(Request::from_parts(parts, body)).await;
             }
@@ -254,6 +264,7 @@ where
                 *req.uri_mut() = parts.uri.clone();
                 *req.version_mut() = parts.version;
                 *req.headers_mut() = parts.headers.clone();
+                *req.extensions_mut() = parts.extensions.clone();
                 req
             };
             let mut res = ready.call(rebuild(&parts)).await?;

@@ -1,0 +1,278 @@
+//! The client retry layer against the crate's own HTTP and gRPC services,
+//! on a paused tokio clock (the limiter's clock follows it, so waits are
+//! exact and instant).
+#![cfg(feature = "client")]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::get;
+use governor::clock::Clock;
+use governor::nanos::Nanos;
+use http::{Request, Response, StatusCode};
+use tierlimit::client::RetryLayer;
+use tierlimit::{MemoryBackend, Policy, RateLimitLayer};
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+
+/// A governor clock that follows tokio's (paused) time.
+#[derive(Clone, Debug)]
+struct TokioClock {
+    start: Instant,
+}
+
+impl Clock for TokioClock {
+    type Instant = Nanos;
+    fn now(&self) -> Nanos {
+        Nanos::from(self.start.elapsed())
+    }
+}
+
+fn policy() -> Policy {
+    Policy::from_toml_str(
+        r#"
+categories = ["read", "write"]
+[tiers.t]
+read = "2/10s"
+write = "1/hour"
+[[grpc]]
+service = "grpc.health.v1.Health"
+category = "read"
+[keys]
+"k" = "t"
+"#,
+    )
+    .unwrap()
+}
+
+fn limited_router() -> Router {
+    let layer = RateLimitLayer::builder(policy())
+        .backend(
+            MemoryBackend::builder()
+                .clock(TokioClock {
+                    start: Instant::now(),
+                })
+                .build(),
+        )
+        .build();
+    Router::new()
+        .route("/r", get(|| async { "ok" }))
+        .layer(layer)
+}
+
+fn get_r() -> Request<Body> {
+    Request::get("/r")
+        .header("x-api-key", "k")
+        .body(Body::empty())
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn http_429_waits_exactly_the_retry_after() {
+    let mut client = RetryLayer::new().layer(limited_router());
+    for _ in 0..2 {
+        assert_eq!(
+            ServiceExt::<Request<Body>>::ready(&mut client)
+                .await
+                .unwrap()
+                .call(get_r())
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let start = Instant::now();
+    let res = ServiceExt::<Request<Body>>::ready(&mut client)
+        .await
+        .unwrap()
+        .call(get_r())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "retried after the hint");
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_secs(5),
+        "Retry-After: 5 (one every 10 s / 2)"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hint_beyond_the_bound_returns_the_servers_answer_at_once() {
+    let mut client = RetryLayer::new()
+        .max_wait(Duration::from_secs(2))
+        .layer(limited_router());
+    for _ in 0..2 {
+        ServiceExt::<Request<Body>>::ready(&mut client)
+            .await
+            .unwrap()
+            .call(get_r())
+            .await
+            .unwrap();
+    }
+    let start = Instant::now();
+    let res = ServiceExt::<Request<Body>>::ready(&mut client)
+        .await
+        .unwrap()
+        .call(get_r())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(res.headers()["retry-after"], "5");
+    assert_eq!(
+        start.elapsed(),
+        Duration::ZERO,
+        "no sleeping on a 5 s hint with a 2 s bound"
+    );
+}
+
+/// A server that always refuses without a hint, recording when it is called.
+fn always_refusing(
+    calls: Arc<Mutex<Vec<Instant>>>,
+) -> impl Service<
+    Request<Body>,
+    Response = Response<Body>,
+    Error = std::convert::Infallible,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |_req: Request<Body>| {
+        calls.lock().unwrap().push(Instant::now());
+        let mut res = Response::new(Body::empty());
+        *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        std::future::ready(Ok(res))
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_hints_full_jitter_and_the_attempt_bound() {
+    for _ in 0..20 {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let mut client = RetryLayer::new()
+            .max_attempts(5)
+            .backoff(Duration::from_millis(100), Duration::from_millis(300))
+            .layer(always_refusing(Arc::clone(&calls)));
+        let res = client
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(Body::empty()))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 5, "max_attempts");
+        for (retry, pair) in calls.windows(2).enumerate() {
+            let gap = pair[1] - pair[0];
+            let ceiling = Duration::from_millis(100 << retry).min(Duration::from_millis(300));
+            // (tokio's timer rounds a sleep up to the next millisecond.)
+            assert!(
+                gap <= ceiling,
+                "retry {retry}: waited {gap:?}, ceiling {ceiling:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_total_wait_bound_holds() {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let mut client = RetryLayer::new()
+        .max_attempts(50)
+        .max_total_wait(Duration::from_secs(1))
+        .backoff(Duration::from_millis(400), Duration::from_millis(400))
+        .layer(always_refusing(Arc::clone(&calls)));
+    let start = Instant::now();
+    client
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(Body::empty()))
+        .await
+        .unwrap();
+    assert!(start.elapsed() <= Duration::from_secs(1));
+    assert!(calls.lock().unwrap().len() < 50);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bodies_of_unknown_size_are_not_replayed() {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let mut client = RetryLayer::new().layer(always_refusing(Arc::clone(&calls)));
+    let stream =
+        futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"chunk"))]);
+    let req = Request::post("/r").body(Body::from_stream(stream)).unwrap();
+    let res = client.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        1,
+        "a streaming body is sent once"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_resource_exhausted_waits_the_pushback() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let layer = RateLimitLayer::builder(policy())
+        .backend(
+            MemoryBackend::builder()
+                .clock(TokioClock {
+                    start: Instant::now(),
+                })
+                .build(),
+        )
+        .build();
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let server = tower::Layer::layer(&layer, tonic::service::Routes::new(health));
+    let client = RetryLayer::new().layer(server);
+    let mut health = HealthClient::with_origin(client, "http://localhost".parse().unwrap());
+    let check = || {
+        let mut req = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        req.metadata_mut().insert("x-api-key", "k".parse().unwrap());
+        // A unary call: its body may be buffered for a retry.
+        req.extensions_mut().insert(tierlimit::client::Replayable);
+        req
+    };
+    health.check(check()).await.unwrap();
+    health.check(check()).await.unwrap();
+    let start = Instant::now();
+    let res = health.check(check()).await;
+    assert!(
+        res.is_ok(),
+        "retried after the pushback ({:?} later): {res:?}",
+        start.elapsed()
+    );
+    assert_eq!(start.elapsed(), Duration::from_secs(5));
+
+    // With a bound below the hint, the caller gets RESOURCE_EXHAUSTED at once.
+    let layer = RateLimitLayer::builder(policy())
+        .backend(
+            MemoryBackend::builder()
+                .clock(TokioClock {
+                    start: Instant::now(),
+                })
+                .build(),
+        )
+        .build();
+    let (_reporter, health_svc) = tonic_health::server::health_reporter();
+    let server = tower::Layer::layer(&layer, tonic::service::Routes::new(health_svc));
+    let client = RetryLayer::new()
+        .max_wait(Duration::from_secs(1))
+        .layer(server);
+    let mut health = HealthClient::with_origin(client, "http://localhost".parse().unwrap());
+    health.check(check()).await.unwrap();
+    health.check(check()).await.unwrap();
+    let start = Instant::now();
+    let status = health.check(check()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+}
