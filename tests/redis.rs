@@ -42,6 +42,27 @@ fn capture_logs() {
         .try_init();
 }
 
+/// The Prometheus text of this test binary's metrics (feature `metrics`).
+#[cfg(feature = "metrics")]
+fn metrics_text() -> String {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .unwrap()
+        })
+        .render()
+}
+
+#[cfg(feature = "metrics")]
+fn metric(name_and_labels: &str) -> Option<f64> {
+    metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
 fn logs() -> String {
     String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
 }
@@ -253,6 +274,8 @@ async fn redis_down_is_not_an_outage_and_limits_resume_after_restart() {
     }
     init_secret();
     capture_logs();
+    #[cfg(feature = "metrics")]
+    metrics_text(); // install the recorder before the first check
     let mut server = RedisServer::start();
     let clock = FakeRelativeClock::default();
     let backend = RedisBackend::builder(server.url())
@@ -333,6 +356,11 @@ async fn redis_down_is_not_an_outage_and_limits_resume_after_restart() {
     }
     assert!(back, "the backend returned to Redis by itself");
     assert!(logs().contains("redis reachable again"), "{}", logs());
+    #[cfg(feature = "metrics")]
+    assert_eq!(
+        metric("tierlimit_backend_state{backend=\"redis\"}"),
+        Some(1.0)
+    );
     let before = server.command_calls("evalsha");
     assert!(backend.check(&subject("k2"), &limit).await.unwrap().allowed);
     assert_eq!(
