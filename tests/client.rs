@@ -215,11 +215,13 @@ async fn bodies_of_unknown_size_are_not_replayed() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn grpc_resource_exhausted_waits_the_pushback() {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_client::HealthClient;
+type GrpcServer =
+    tierlimit::RateLimit<tonic::service::Routes, tierlimit::ApiKey, MemoryBackend<TokioClock>>;
 
+/// The crate's gRPC service (health, limited) behind a retrying client.
+fn grpc_client(
+    retry: RetryLayer,
+) -> tonic_health::pb::health_client::HealthClient<tierlimit::client::Retry<GrpcServer>> {
     let layer = RateLimitLayer::builder(policy())
         .backend(
             MemoryBackend::builder()
@@ -231,8 +233,17 @@ async fn grpc_resource_exhausted_waits_the_pushback() {
         .build();
     let (_reporter, health) = tonic_health::server::health_reporter();
     let server = tower::Layer::layer(&layer, tonic::service::Routes::new(health));
-    let client = RetryLayer::new().layer(server);
-    let mut health = HealthClient::with_origin(client, "http://localhost".parse().unwrap());
+    tonic_health::pb::health_client::HealthClient::with_origin(
+        retry.layer(server),
+        "http://localhost".parse().unwrap(),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_resource_exhausted_waits_the_pushback() {
+    use tonic_health::pb::HealthCheckRequest;
+
+    let mut health = grpc_client(RetryLayer::new());
     let check = || {
         let mut req = tonic::Request::new(HealthCheckRequest {
             service: String::new(),
@@ -254,21 +265,7 @@ async fn grpc_resource_exhausted_waits_the_pushback() {
     assert_eq!(start.elapsed(), Duration::from_secs(5));
 
     // With a bound below the hint, the caller gets RESOURCE_EXHAUSTED at once.
-    let layer = RateLimitLayer::builder(policy())
-        .backend(
-            MemoryBackend::builder()
-                .clock(TokioClock {
-                    start: Instant::now(),
-                })
-                .build(),
-        )
-        .build();
-    let (_reporter, health_svc) = tonic_health::server::health_reporter();
-    let server = tower::Layer::layer(&layer, tonic::service::Routes::new(health_svc));
-    let client = RetryLayer::new()
-        .max_wait(Duration::from_secs(1))
-        .layer(server);
-    let mut health = HealthClient::with_origin(client, "http://localhost".parse().unwrap());
+    let mut health = grpc_client(RetryLayer::new().max_wait(Duration::from_secs(1)));
     health.check(check()).await.unwrap();
     health.check(check()).await.unwrap();
     let start = Instant::now();

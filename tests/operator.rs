@@ -10,7 +10,6 @@ mod demo;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -156,12 +155,7 @@ async fn overrides_boosts_and_upgrades_on_redis() {
     }
     common::redis::init_secret();
     let server = common::redis::RedisServer::start();
-    let backend = tierlimit::RedisBackend::builder(server.url())
-        .fake_clock(FakeRelativeClock::default())
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
+    let backend = common::redis::fake_clock_backend(&server, &FakeRelativeClock::default()).await;
     overrides_boosts_upgrades(backend).await;
 }
 
@@ -273,12 +267,7 @@ async fn priority_reserve_under_contention_on_redis() {
     }
     common::redis::init_secret();
     let server = common::redis::RedisServer::start();
-    let backend = tierlimit::RedisBackend::builder(server.url())
-        .fake_clock(FakeRelativeClock::default())
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
+    let backend = common::redis::fake_clock_backend(&server, &FakeRelativeClock::default()).await;
     priority_reserve(backend).await;
 }
 

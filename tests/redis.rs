@@ -94,12 +94,7 @@ async fn conformance_single_node() {
     init_secret();
     let server = RedisServer::start();
     let clock = FakeRelativeClock::default();
-    let backend = RedisBackend::builder(server.url())
-        .fake_clock(clock.clone())
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
+    let backend = common::redis::fake_clock_backend(&server, &clock).await;
     common::conformance::run(&backend, |d| clock.advance(d)).await;
     assert_eq!(backend.state(), BackendState::Connected);
 }
@@ -214,12 +209,7 @@ async fn one_script_call_per_allowed_request_none_for_cached_refusals() {
     init_secret();
     let server = RedisServer::start();
     let clock = FakeRelativeClock::default();
-    let backend = RedisBackend::builder(server.url())
-        .fake_clock(clock.clone())
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
+    let backend = common::redis::fake_clock_backend(&server, &clock).await;
     let limit = Limit::per_minute(10);
     // Load the script first, then count from zero.
     backend.check(&subject("warm-up"), &limit).await.unwrap();
@@ -461,12 +451,7 @@ async fn peek_reports_capacity_without_counting() {
     init_secret();
     let server = RedisServer::start();
     let clock = FakeRelativeClock::default();
-    let backend = RedisBackend::builder(server.url())
-        .fake_clock(clock.clone())
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
+    let backend = common::redis::fake_clock_backend(&server, &clock).await;
     let limit = Limit::per_minute(10);
     assert_eq!(
         backend.peek(&subject("p"), &limit).await.unwrap().remaining,

@@ -202,3 +202,16 @@ impl RedisCluster {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 }
+
+/// A backend on `server` that reads `clock` instead of Redis's `TIME`.
+pub async fn fake_clock_backend(
+    server: &RedisServer,
+    clock: &governor::clock::FakeRelativeClock,
+) -> tierlimit::RedisBackend {
+    tierlimit::RedisBackend::builder(server.url())
+        .fake_clock(clock.clone())
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap()
+}
