@@ -36,6 +36,15 @@ async fn demo_server() -> (common::Server, FakeRelativeClock) {
     (server, clock)
 }
 
+/// One request with an API key.
+async fn call(c: &reqwest::Client, method: &str, url: &str, key: &str) -> reqwest::Response {
+    c.request(method.parse().unwrap(), url)
+        .header("X-API-Key", key)
+        .send()
+        .await
+        .unwrap()
+}
+
 fn header(res: &reqwest::Response, name: &str) -> Option<u64> {
     res.headers()
         .get(name)
@@ -47,12 +56,7 @@ async fn every_limited_response_has_the_four_headers() {
     let (server, _clock) = demo_server().await;
     let c = client();
     let before = unix_now();
-    let res = c
-        .get(server.url("/v1/account"))
-        .header("X-API-Key", "free-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = call(&c, "GET", &server.url("/v1/account"), "free-demo-key").await;
     let after = unix_now();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(header(&res, "x-ratelimit-limit"), Some(100));
@@ -101,12 +105,7 @@ async fn every_limited_response_has_the_four_headers() {
         );
     }
     // Reads share one bucket across read routes: 100 − 1 − 2 = 97 left.
-    let res = c
-        .get(server.url("/v1/account"))
-        .header("X-API-Key", "free-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = call(&c, "GET", &server.url("/v1/account"), "free-demo-key").await;
     assert_eq!(header(&res, "x-ratelimit-remaining"), Some(96));
 }
 
@@ -115,21 +114,11 @@ async fn free_tier_101st_read_is_refused_with_429() {
     let (server, clock) = demo_server().await;
     let c = client();
     for i in 0..100u64 {
-        let res = c
-            .get(server.url("/v1/clusters"))
-            .header("X-API-Key", "free-demo-key")
-            .send()
-            .await
-            .unwrap();
+        let res = call(&c, "GET", &server.url("/v1/clusters"), "free-demo-key").await;
         assert_eq!(res.status(), StatusCode::OK, "read {}", i + 1);
         assert_eq!(header(&res, "x-ratelimit-remaining"), Some(99 - i));
     }
-    let res = c
-        .get(server.url("/v1/clusters"))
-        .header("X-API-Key", "free-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = call(&c, "GET", &server.url("/v1/clusters"), "free-demo-key").await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(res.headers()["content-type"], "application/problem+json");
     assert_eq!(header(&res, "retry-after"), Some(36));
@@ -146,46 +135,21 @@ async fn free_tier_101st_read_is_refused_with_429() {
     assert!(body["detail"].as_str().unwrap().contains("retry in 36 s"));
 
     // Other categories are unaffected; other keys too.
-    let res = c
-        .post(server.url("/v1/clusters"))
-        .header("X-API-Key", "free-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = call(&c, "POST", &server.url("/v1/clusters"), "free-demo-key").await;
     assert_eq!(res.status(), StatusCode::OK);
-    let res = c
-        .get(server.url("/v1/clusters"))
-        .header("X-API-Key", "pro-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = call(&c, "GET", &server.url("/v1/clusters"), "pro-demo-key").await;
     assert_eq!(header(&res, "x-ratelimit-limit"), Some(1000));
 
     // 35 s later still refused (retry rounds up); at 36 s exactly one more.
     clock.advance(Duration::from_secs(35));
-    let res = c
-        .get(server.url("/v1/clusters"))
-        .header("X-API-Key", "free-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = call(&c, "GET", &server.url("/v1/clusters"), "free-demo-key").await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(header(&res, "retry-after"), Some(1));
     clock.advance(Duration::from_secs(1));
-    let res = c
-        .get(server.url("/v1/clusters"))
-        .header("X-API-Key", "free-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = call(&c, "GET", &server.url("/v1/clusters"), "free-demo-key").await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(header(&res, "x-ratelimit-remaining"), Some(0));
-    let res = c
-        .get(server.url("/v1/clusters"))
-        .header("X-API-Key", "free-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = call(&c, "GET", &server.url("/v1/clusters"), "free-demo-key").await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
 }
 
@@ -193,33 +157,25 @@ async fn free_tier_101st_read_is_refused_with_429() {
 async fn free_training_sixth_job_refused_enterprise_unlimited() {
     let (server, _clock) = demo_server().await;
     let c = client();
+    let jobs = server.url("/v1/training/jobs");
+    let free_job = || call(&c, "POST", &jobs, "free-demo-key");
     for _ in 0..5 {
-        let res = c
-            .post(server.url("/v1/training/jobs"))
-            .header("X-API-Key", "free-demo-key")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(free_job().await.status(), StatusCode::OK);
     }
-    let res = c
-        .post(server.url("/v1/training/jobs"))
-        .header("X-API-Key", "free-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = free_job().await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(header(&res, "retry-after"), Some(86_400 / 5));
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["category"], "training");
 
     for i in 0..60 {
-        let res = c
-            .post(server.url("/v1/training/jobs"))
-            .header("X-API-Key", "enterprise-demo-key")
-            .send()
-            .await
-            .unwrap();
+        let res = call(
+            &c,
+            "POST",
+            &server.url("/v1/training/jobs"),
+            "enterprise-demo-key",
+        )
+        .await;
         assert_eq!(res.status(), StatusCode::OK, "enterprise job {i}");
         assert!(
             res.headers().get("x-ratelimit-limit").is_none(),
@@ -228,12 +184,7 @@ async fn free_training_sixth_job_refused_enterprise_unlimited() {
         assert!(res.headers().get("x-ratelimit-remaining").is_none());
     }
     // Enterprise's other categories are limited and say so.
-    let res = c
-        .get(server.url("/v1/account"))
-        .header("X-API-Key", "enterprise-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = call(&c, "GET", &server.url("/v1/account"), "enterprise-demo-key").await;
     assert_eq!(header(&res, "x-ratelimit-limit"), Some(10_000));
 }
 
@@ -433,42 +384,26 @@ async fn route_costs_extractor_costs_and_costs_above_the_limit() {
         .layer(layer);
     let server = serve(app).await;
     let c = client();
+    let send = |path: &str, size: Option<&str>| {
+        let mut req = c.post(server.url(path)).header("X-API-Key", "k");
+        if let Some(size) = size {
+            req = req.header("x-batch-size", size);
+        }
+        req.send()
+    };
     // The route costs 5.
-    let res = c
-        .post(server.url("/v1/batch"))
-        .header("X-API-Key", "k")
-        .send()
-        .await
-        .unwrap();
+    let res = send("/v1/batch", None).await.unwrap();
     assert_eq!(header(&res, "x-ratelimit-remaining"), Some(15));
     // The extractor's cost wins.
-    let res = c
-        .post(server.url("/v1/batch"))
-        .header("X-API-Key", "k")
-        .header("x-batch-size", "10")
-        .send()
-        .await
-        .unwrap();
+    let res = send("/v1/batch", Some("10")).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(header(&res, "x-ratelimit-remaining"), Some(5));
     // 6 with 5 left: a 429 that will pass later.
-    let res = c
-        .post(server.url("/v1/items"))
-        .header("X-API-Key", "k")
-        .header("x-batch-size", "6")
-        .send()
-        .await
-        .unwrap();
+    let res = send("/v1/items", Some("6")).await.unwrap();
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(header(&res, "x-ratelimit-remaining"), Some(5));
     // 21 can never fit 20: a 400 that says so, not an endless 429 loop.
-    let res = c
-        .post(server.url("/v1/items"))
-        .header("X-API-Key", "k")
-        .header("x-batch-size", "21")
-        .send()
-        .await
-        .unwrap();
+    let res = send("/v1/items", Some("21")).await.unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["type"], "urn:tierlimit:problem:cost-exceeds-limit");
@@ -478,13 +413,7 @@ async fn route_costs_extractor_costs_and_costs_above_the_limit() {
     );
     assert!(body["detail"].as_str().unwrap().contains("never succeed"));
     // A malformed cost is a 400 too.
-    let res = c
-        .post(server.url("/v1/items"))
-        .header("X-API-Key", "k")
-        .header("x-batch-size", "lots")
-        .send()
-        .await
-        .unwrap();
+    let res = send("/v1/items", Some("lots")).await.unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["type"], "urn:tierlimit:problem:invalid-cost");
@@ -518,12 +447,7 @@ async fn anonymous_callers_are_limited_per_peer_ip() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     // A key still works.
-    let res = c
-        .get(server.url("/v1/items"))
-        .header("x-api-key", "k")
-        .send()
-        .await
-        .unwrap();
+    let res = call(&c, "GET", &server.url("/v1/items"), "k").await;
     assert_eq!(header(&res, "x-ratelimit-limit"), Some(100));
 }
 
