@@ -8,8 +8,8 @@ use arc_swap::ArcSwap;
 use tower_layer::Layer;
 
 use crate::backend::{Backend, MemoryBackend};
-use crate::extract::{ApiKey, Extractor, PeerIp};
-use crate::policy::{Policy, PolicyBuilder, PolicyError};
+use crate::extract::{ApiKey, Extractor, Identity, PeerIp, Rejection, RequestRef};
+use crate::policy::{Policy, PolicyBuilder, PolicyError, TierId};
 use crate::response::HeaderOptions;
 use crate::service::RateLimit;
 
@@ -26,6 +26,29 @@ pub(crate) struct Shared<E, B> {
 
 /// A source of Unix time in seconds (for boosts; tests inject one).
 pub type UnixClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+impl<E: Extractor, B> Shared<E, B> {
+    /// The caller and its tier: the extractor's identity (or, without a
+    /// key, the peer address when the policy has a tier for that), its tier
+    /// from the identity or the policy's rule for unknown keys.
+    pub(crate) fn identify(
+        &self,
+        view: &RequestRef<'_>,
+        policy: &Policy,
+    ) -> Result<(Identity, TierId), Rejection> {
+        let identity = match self.extractor.extract(view, policy) {
+            Err(Rejection::MissingKey) if policy.missing_key_tier().is_some() => {
+                self.anonymous.extract(view, policy)?
+            }
+            other => other?,
+        };
+        let tier = identity
+            .tier()
+            .or_else(|| policy.unknown_key_tier())
+            .ok_or(Rejection::UnknownKey)?;
+        Ok((identity, tier))
+    }
+}
 
 impl<E, B> Shared<E, B> {
     /// Unix seconds now.

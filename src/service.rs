@@ -122,18 +122,9 @@ where
             Target::Exempt => return Step::Pass,
             Target::Category { category, cost } => (category, cost),
         };
-        let identity = match shared.extractor.extract(&view, policy) {
-            Ok(id) => id,
-            Err(Rejection::MissingKey) if policy.missing_key_tier().is_some() => {
-                match shared.anonymous.extract(&view, policy) {
-                    Ok(id) => id,
-                    Err(r) => return refuse_to(Refusal::Client(r), req),
-                }
-            }
+        let (identity, tier) = match shared.identify(&view, policy) {
+            Ok(found) => found,
             Err(r) => return refuse_to(Refusal::Client(r), req),
-        };
-        let Some(tier) = identity.tier().or_else(|| policy.unknown_key_tier()) else {
-            return refuse_to(Refusal::Client(Rejection::UnknownKey), req);
         };
         let Some(slot) = policy.slot(tier, category) else {
             // A tier id from another policy: treat as an unknown key.

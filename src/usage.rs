@@ -94,18 +94,9 @@ where
             Box::pin(std::future::ready(Ok(res)))
         };
         let view = RequestRef::new(&req);
-        let identity = match shared.extractor.extract(&view, &policy) {
-            Ok(id) => id,
-            Err(Rejection::MissingKey) if policy.missing_key_tier().is_some() => {
-                match shared.anonymous.extract(&view, &policy) {
-                    Ok(id) => id,
-                    Err(r) => return refuse(r),
-                }
-            }
+        let (identity, tier) = match shared.identify(&view, &policy) {
+            Ok(found) => found,
             Err(r) => return refuse(r),
-        };
-        let Some(tier) = identity.tier().or_else(|| policy.unknown_key_tier()) else {
-            return refuse(Rejection::UnknownKey);
         };
         let now = shared.unix_now();
         let mut peeks = Vec::new();
