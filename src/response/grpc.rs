@@ -5,9 +5,7 @@
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Response};
 
-use super::headers::retry_secs;
 use super::http::Refusal;
-use crate::extract::Rejection;
 
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
@@ -30,15 +28,14 @@ pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// The gRPC code of a refusal, derived from its HTTP status, so the two
+/// forms always classify a refusal alike.
 pub(crate) fn status_code(refusal: &Refusal<'_>) -> i32 {
-    match refusal {
-        Refusal::Limited { .. } => code::RESOURCE_EXHAUSTED,
-        Refusal::Client(
-            Rejection::MalformedKey(_) | Rejection::InvalidCost(_) | Rejection::InvalidPriority,
-        ) => code::INVALID_ARGUMENT,
-        Refusal::Client(_) => code::UNAUTHENTICATED,
-        Refusal::CostTooHigh { .. } => code::INVALID_ARGUMENT,
-        Refusal::Unavailable => code::UNAVAILABLE,
+    match refusal.status() {
+        http::StatusCode::TOO_MANY_REQUESTS => code::RESOURCE_EXHAUSTED,
+        http::StatusCode::BAD_REQUEST => code::INVALID_ARGUMENT,
+        http::StatusCode::UNAUTHORIZED => code::UNAUTHENTICATED,
+        _ => code::UNAVAILABLE,
     }
 }
 
@@ -83,7 +80,6 @@ pub(crate) fn response(refusal: &Refusal<'_>) -> Response<Bytes> {
             h.insert(GRPC_DETAILS, v);
         }
         res.extensions_mut().insert(plan.decision);
-        let _ = retry_secs; // Retry-After is written by the plan.
     }
     res
 }
