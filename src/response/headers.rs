@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -156,10 +157,8 @@ impl HeaderPlan {
             let name = &slot.policy.as_bytes()[..slot.name_len];
             let mut buf = Vec::with_capacity(name.len() + 32);
             buf.extend_from_slice(name);
-            buf.extend_from_slice(b";r=");
-            buf.extend_from_slice(itoa_buf(u64::from(d.remaining)).as_bytes());
-            buf.extend_from_slice(b";t=");
-            buf.extend_from_slice(itoa_buf(reset).as_bytes());
+            // Writing into a Vec cannot fail.
+            let _ = write!(buf, ";r={};t={reset}", d.remaining);
             if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)) {
                 headers.insert(RATELIMIT.clone(), v);
             }
@@ -173,10 +172,6 @@ impl HeaderPlan {
 /// Retry-After in whole seconds: rounded up, at least 1.
 pub(crate) fn retry_secs(d: Duration) -> u64 {
     ceil_secs(d).max(1)
-}
-
-fn itoa_buf(n: u64) -> String {
-    n.to_string()
 }
 
 #[cfg(test)]
