@@ -218,13 +218,9 @@ fn bench(c: &mut Criterion) {
                 unreachable!()
             };
             let subject = tierlimit::Subject {
-                key: id.key(),
-                tier,
-                category,
                 cost,
                 priority: id.priority(),
-                scope: 1,
-                reserve: 0,
+                ..tierlimit::Subject::new(id.key(), tier, category, 1)
             };
             backend.check_now(&subject, &limit).unwrap().allowed
         };
@@ -249,15 +245,7 @@ fn bench(c: &mut Criterion) {
         let by_key = |key: &str| {
             let id = tierlimit::KeyId::of(key);
             let tier = policy.key_tier(key, id).unwrap();
-            let subject = tierlimit::Subject {
-                key: id,
-                tier,
-                category,
-                cost: 1,
-                priority: tierlimit::Priority::Normal,
-                scope: 1,
-                reserve: 0,
-            };
+            let subject = tierlimit::Subject::new(id, tier, category, 1);
             backend.check_now(&subject, &limit).unwrap().allowed
         };
         group.bench_function(format!("{name}, key given"), |b| {

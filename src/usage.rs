@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use tower_service::Service;
 
 use crate::backend::{Backend, Subject};
-use crate::extract::{Extractor, Priority, Rejection, RequestRef};
+use crate::extract::{Extractor, Rejection, RequestRef};
 use crate::layer::Shared;
 use crate::policy::Rule;
 use crate::response::grpc::is_grpc;
@@ -105,15 +105,7 @@ where
                 return refuse(Rejection::UnknownKey);
             };
             let rule = policy.effective_rule(tier, category, identity.key(), now);
-            let subject = Subject {
-                key: identity.key(),
-                tier,
-                category,
-                cost: 1,
-                priority: Priority::Normal,
-                scope: slot.scope,
-                reserve: 0,
-            };
+            let subject = Subject::new(identity.key(), tier, category, slot.scope);
             let peek = match rule {
                 Rule::Unlimited => None,
                 Rule::Limited(limit) => Some(shared.backend.peek(&subject, &limit)),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use governor::clock::FakeRelativeClock;
-use tierlimit::{Backend, KeyId, Limit, MemoryBackend, Policy, Priority, Subject};
+use tierlimit::{Backend, KeyId, Limit, MemoryBackend, Policy, Subject};
 
 #[tokio::test]
 async fn memory_backend_passes_the_conformance_table() {
@@ -30,15 +30,12 @@ async fn conformance_holds_with_a_tiny_key_cap() {
 }
 
 fn subject(policy: &Policy, key: &str) -> Subject {
-    Subject {
-        key: KeyId::of(key),
-        tier: policy.tier("t").unwrap(),
-        category: policy.category("read").unwrap(),
-        cost: 1,
-        priority: Priority::Normal,
-        scope: 1,
-        reserve: 0,
-    }
+    Subject::new(
+        KeyId::of(key),
+        policy.tier("t").unwrap(),
+        policy.category("read").unwrap(),
+        1,
+    )
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use governor::clock::FakeRelativeClock;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
-use tierlimit::{KeyId, Limit, MemoryBackend, Policy, Priority, Subject};
+use tierlimit::{KeyId, Limit, MemoryBackend, Policy, Subject};
 
 /// Counts heap bytes, to measure what tracked keys cost.
 #[global_allocator]
@@ -19,15 +19,12 @@ fn live(region: &Region<'_, System>) -> isize {
 }
 
 fn subject(policy: &Policy, i: u64) -> Subject {
-    Subject {
-        key: KeyId::from_raw(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-        tier: policy.tier("t").unwrap(),
-        category: policy.category("read").unwrap(),
-        cost: 1,
-        priority: Priority::Normal,
-        scope: 3,
-        reserve: 0,
-    }
+    Subject::new(
+        KeyId::from_raw(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        policy.tier("t").unwrap(),
+        policy.category("read").unwrap(),
+        3,
+    )
 }
 
 fn policy() -> Policy {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::redis::{RedisCluster, RedisServer, available, init_secret};
 use governor::clock::FakeRelativeClock;
 use tierlimit::{
-    Backend, BackendState, FailurePolicy, KeyId, Limit, Policy, Priority, RedisBackend, Subject,
+    Backend, BackendState, FailurePolicy, KeyId, Limit, Policy, RedisBackend, Subject,
 };
 
 /// Log lines of this test binary, for the state-change events.
@@ -68,15 +68,12 @@ fn logs() -> String {
 }
 
 fn subject(key: &str) -> Subject {
-    Subject {
-        key: KeyId::of(key),
-        tier: policy().tier("t").unwrap(),
-        category: policy().category("read").unwrap(),
-        cost: 1,
-        priority: Priority::Normal,
-        scope: 11,
-        reserve: 0,
-    }
+    Subject::new(
+        KeyId::of(key),
+        policy().tier("t").unwrap(),
+        policy().category("read").unwrap(),
+        11,
+    )
 }
 
 fn policy() -> Policy {

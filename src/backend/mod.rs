@@ -47,6 +47,28 @@ pub struct Subject {
 }
 
 impl Subject {
+    /// One request of cost 1, normal priority and no reserve, for `key` in
+    /// a tier × category cell whose buckets are separated by `scope`.
+    ///
+    /// ```
+    /// use tierlimit::{KeyId, Policy, Subject};
+    /// # let policy = Policy::from_toml_str("categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1/s\"\nwrite = \"1/s\"").unwrap();
+    /// let s = Subject::new(KeyId::of("k"), policy.tier("t").unwrap(), policy.category("read").unwrap(), 7);
+    /// let batch = Subject { cost: 10, ..s };
+    /// assert_eq!((s.cost, batch.cost), (1, 10));
+    /// ```
+    pub const fn new(key: KeyId, tier: TierId, category: CategoryId, scope: u64) -> Self {
+        Subject {
+            key,
+            tier,
+            category,
+            cost: 1,
+            priority: Priority::Normal,
+            scope,
+            reserve: 0,
+        }
+    }
+
     /// The 64-bit bucket this subject is counted in: its key within its
     /// scope.
     #[inline]

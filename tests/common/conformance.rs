@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tierlimit::{Backend, BackendError, Decision, KeyId, Limit, Policy, Priority, Subject};
+use tierlimit::{Backend, BackendError, Decision, KeyId, Limit, Policy, Subject};
 
 /// One step: move the clock, check `cost` for `key`, expect an outcome.
 pub struct Step {
@@ -114,15 +114,13 @@ pub fn table() -> Vec<Step> {
 }
 
 fn subject(policy: &Policy, key: &str, cost: u32) -> Subject {
-    Subject {
-        key: KeyId::of(key),
-        tier: policy.tier("t").unwrap(),
-        category: policy.category("c").unwrap(),
-        cost,
-        priority: Priority::Normal,
-        scope: 7,
-        reserve: 0,
-    }
+    let cell = Subject::new(
+        KeyId::of(key),
+        policy.tier("t").unwrap(),
+        policy.category("c").unwrap(),
+        7,
+    );
+    Subject { cost, ..cell }
 }
 
 /// Runs the table; `advance` moves the backend's clock.
