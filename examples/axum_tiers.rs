@@ -24,6 +24,11 @@ pub(crate) type DemoExtractor = fn(&RequestRef<'_>, &Policy) -> Result<Identity,
 
 pub(crate) fn demo_extractor(req: &RequestRef<'_>, policy: &Policy) -> Result<Identity, Rejection> {
     let id = ApiKey::new().extract(req, policy)?;
+    // Only the batch route reads a batch size; everywhere else the route's
+    // cost stands and these inputs are ignored.
+    if req.uri.path() != "/v1/batch" {
+        return Ok(id);
+    }
     let from_query = || {
         req.uri
             .query()?
@@ -32,11 +37,11 @@ pub(crate) fn demo_extractor(req: &RequestRef<'_>, policy: &Policy) -> Result<Id
     };
     let size = match req.headers.get("x-batch-size") {
         Some(v) => Some(v.to_str().unwrap_or("")),
-        None if req.uri.path() == "/v1/batch" => from_query(),
-        None => None,
+        None => from_query(),
     };
     match size {
         None => Ok(id),
+        // The count multiplies the route's cost; it never replaces it.
         Some(s) => s
             .trim()
             .parse::<u32>()
@@ -131,14 +136,42 @@ async fn create_training_job() -> Json<Value> {
     Json(json!({ "id": "job_1", "status": "queued" }))
 }
 
+/// How long a client may take to send a request's headers before the
+/// connection is closed (slow-header clients hold a connection otherwise).
+pub(crate) const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[allow(dead_code)] // the tests include this file for `app`
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> std::process::ExitCode {
+    // `RUST_LOG=tierlimit=debug` shows refusals; the default shows the
+    // Redis backend's WARN/INFO state changes.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The error's own words (a policy error names the entry and line).
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[allow(dead_code)]
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let bind: SocketAddr = std::env::var("BIND")
         .unwrap_or_else(|_| "127.0.0.1:3000".into())
         .parse()
         .map_err(|e| format!("BIND is not an address: {e}"))?;
     let policy_path = std::env::var("POLICY").unwrap_or_else(|_| "examples/policy.toml".into());
+    let load = || {
+        Policy::from_toml_file(&policy_path)
+            .map_err(|e| format!("the policy file {policy_path} is invalid: {e}"))
+    };
     #[cfg(feature = "metrics")]
     install_metrics();
 
@@ -148,26 +181,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     #[cfg(feature = "redis")]
     if let Ok(url) = std::env::var("REDIS_URL") {
         if std::env::var_os(tierlimit::KEY_SECRET_ENV).is_none() {
-            eprintln!("warning: TIERLIMIT_KEY_SECRET is not set; using the demo secret");
+            tracing::warn!("TIERLIMIT_KEY_SECRET is not set; using the demo secret");
             tierlimit::set_key_secret(b"tierlimit-demo-secret-not-for-production")?;
         }
-        let policy = Policy::from_toml_file(&policy_path)?;
+        // Key hashes depend on the secret: load the policy after setting it.
+        let policy = load()?;
         let backend = tierlimit::RedisBackend::builder(url.as_str())
             .connect()
             .await?;
         let app = app(limits(policy, backend));
         return serve(bind, &policy_path, &format!("redis {url}"), app).await;
     }
-    let policy = Policy::from_toml_file(&policy_path)?;
+    let policy = load()?;
+    let mut memory = tierlimit::MemoryBackend::builder();
+    if let Ok(n) = std::env::var("MAX_KEYS") {
+        let n: usize = n
+            .parse()
+            .map_err(|_| format!("MAX_KEYS is not a number: {n}"))?;
+        memory = memory.max_keys(n);
+    }
     serve(
         bind,
         &policy_path,
         "memory",
-        app(limits(policy, tierlimit::MemoryBackend::new())),
+        app(limits(policy, memory.build())),
     )
     .await
 }
 
+#[allow(dead_code)]
 async fn serve(
     bind: SocketAddr,
     policy_path: &str,
@@ -175,15 +217,50 @@ async fn serve(
     app: Router,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(bind).await?;
+    let addr = listener.local_addr()?;
     println!(
-        "tierlimit demo on http://{} (policy {policy_path}, limits in {backend}); try: curl -i -H 'X-API-Key: free-demo-key' http://{}/v1/account",
-        listener.local_addr()?,
-        listener.local_addr()?
+        "tierlimit demo on http://{addr} (policy {policy_path}, limits in {backend}); try: curl -i -H 'X-API-Key: free-demo-key' http://{addr}/v1/account"
     );
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .await?;
+    serve_connections(listener, app, HEADER_READ_TIMEOUT).await;
     Ok(())
+}
+
+/// Serves `app` with the production settings `axum::serve` does not
+/// expose: a header-read timeout, and the peer address as axum's
+/// `ConnectInfo` (for per-IP limits). Runs until the task is dropped.
+pub(crate) async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_read_timeout: std::time::Duration,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors, say: wait a little, keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let app = app.clone();
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                app.clone().oneshot(req.map(axum::body::Body::new))
+            });
+        tokio::spawn(async move {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
+            // A client that goes away is not an error worth reporting.
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
 }

@@ -124,7 +124,10 @@ impl Identity {
         self
     }
 
-    /// Sets this request's cost, overriding the route's.
+    /// Sets how many units this request counts (a batch's size). The
+    /// route's cost is a floor the caller cannot lower: the request takes
+    /// `route cost × count` (a batch of 10 on a route of cost 2 takes 20).
+    /// A count of 0 is a 400.
     #[must_use]
     pub const fn with_cost(mut self, cost: u32) -> Self {
         self.cost = Some(cost);
@@ -322,17 +325,25 @@ impl ApiKey {
         let Some(key) = found else {
             return Err(Rejection::MissingKey);
         };
-        if key.is_empty() {
-            return Err(Rejection::MalformedKey("the API key is empty"));
+        match key_problem(key, self.max_len) {
+            None => Ok(key),
+            Some(why) => Err(Rejection::MalformedKey(why)),
         }
-        if key.len() > self.max_len {
-            return Err(Rejection::MalformedKey("the API key is too long"));
-        }
-        // `to_str` admitted visible ASCII, spaces and tabs; refuse the latter.
-        if key.bytes().any(|b| b <= b' ') {
-            return Err(NOT_ASCII);
-        }
-        Ok(key)
+    }
+}
+
+/// Why a key could never be read from a request (`None`: it can): empty,
+/// longer than `max_len`, or not printable ASCII without spaces. The
+/// policy's key tables are checked with the same rule.
+pub(crate) fn key_problem(key: &str, max_len: usize) -> Option<&'static str> {
+    if key.is_empty() {
+        Some("the API key is empty")
+    } else if key.len() > max_len {
+        Some("the API key is too long")
+    } else if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        Some("the API key must be printable ASCII without spaces")
+    } else {
+        None
     }
 }
 

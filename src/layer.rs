@@ -18,6 +18,9 @@ pub(crate) struct Shared<E, B> {
     pub(crate) extractor: E,
     pub(crate) backend: B,
     pub(crate) policy: Arc<ArcSwap<Policy>>,
+    /// Serialises every [`PolicyHandle`]'s edits (one lock per layer, so
+    /// two handles cannot interleave an update and lose one).
+    pub(crate) edit: Arc<std::sync::Mutex<()>>,
     pub(crate) anonymous: PeerIp,
     pub(crate) headers: HeaderOptions,
     pub(crate) shadowed: Arc<AtomicU64>,
@@ -135,11 +138,12 @@ impl<E, B> RateLimitLayer<E, B> {
         &self.shared.backend
     }
 
-    /// A handle to change the policy at run time.
+    /// A handle to change the policy at run time. Every handle of a layer
+    /// shares one edit lock, so concurrent updates never lose one another.
     pub fn policy_handle(&self) -> PolicyHandle {
         PolicyHandle {
             policy: Arc::clone(&self.shared.policy),
-            edit: Arc::new(std::sync::Mutex::new(())),
+            edit: Arc::clone(&self.shared.edit),
         }
     }
 
@@ -318,6 +322,7 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
                 extractor: self.extractor,
                 backend: self.backend,
                 policy: Arc::new(ArcSwap::from_pointee(self.policy)),
+                edit: Arc::new(std::sync::Mutex::new(())),
                 anonymous: self.anonymous,
                 headers: self.headers,
                 shadowed: Arc::new(AtomicU64::new(0)),

@@ -144,7 +144,10 @@ where
             Rule::Unlimited => return Step::Pass,
             Rule::Limited(limit) => limit,
         };
-        let cost = identity.cost().unwrap_or(route_cost);
+        // The route's cost is a floor: an extractor's count multiplies it.
+        let cost = identity
+            .cost()
+            .map_or(route_cost, |n| route_cost.saturating_mul(n));
         if cost == 0 {
             return refuse_to(
                 Refusal::Client(Rejection::InvalidCost("a cost must be at least 1")),
@@ -176,7 +179,9 @@ where
                 };
             }
             if priority != Priority::Critical {
-                reserve = (u64::from(limit.max()) * u64::from(pct)).div_ceil(100) as u32;
+                // A custom limit or a scaled one may be smaller than the
+                // tier's: never reserve the whole burst.
+                reserve = crate::policy::reserve_of(limit.max(), pct).min(limit.max() - 1);
             }
         }
         let subject = Subject {

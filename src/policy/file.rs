@@ -105,21 +105,22 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
         .collect();
     let line_of = |offset: usize| Some(newlines.partition_point(|&nl| nl < offset) + 1);
     let file: File = toml::from_str(source).map_err(|e| {
-        let (entry, line) = match e.span() {
-            Some(span) => {
-                let text = source.get(span.clone()).unwrap_or("").trim();
-                let text = text.lines().next().unwrap_or("");
-                let text: String = text.chars().take(60).collect();
-                (
-                    if text.is_empty() {
-                        "(file)".to_owned()
-                    } else {
-                        text
-                    },
-                    line_of(span.start),
-                )
-            }
-            None => ("(file)".to_owned(), None),
+        let Some(span) = e.span() else {
+            return PolicyError::new("(file)", None, e.message().trim().to_owned());
+        };
+        let line = line_of(span.start);
+        let text = source.get(span.clone()).unwrap_or("").trim();
+        let text = text.lines().next().unwrap_or("");
+        if let Some(section) = secret_section(source, span.start, text) {
+            // API keys are table keys here: name the section and line, and
+            // echo nothing the file wrote.
+            return PolicyError::new(section, line, scrub(e.message().trim()));
+        }
+        let text: String = text.chars().take(60).collect();
+        let entry = if text.is_empty() {
+            "(file)".to_owned()
+        } else {
+            text
         };
         PolicyError::new(entry, line, e.message().trim().to_owned())
     })?;
@@ -314,6 +315,59 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
     b.build()
 }
 
+/// The sections whose text may hold API keys (`[keys]`, `[overrides.*]`,
+/// `[[boosts]]`), if `offset` (whose text is `text`) lies in one.
+fn secret_section(source: &str, offset: usize, text: &str) -> Option<&'static str> {
+    const SECRET: [&str; 3] = ["keys", "overrides", "boosts"];
+    let name = |header: &str| {
+        let h = header.trim().trim_start_matches('[').trim_start();
+        SECRET.into_iter().find(|s| h.starts_with(s))
+    };
+    // The error may sit on a section header itself.
+    if text.starts_with('[') {
+        return name(text);
+    }
+    let before = source.get(..offset).unwrap_or("");
+    match before
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('['))
+    {
+        Some(header) => name(header),
+        // Top level: an inline table such as `keys = { … }`.
+        None => {
+            let line = before.rsplit('\n').next().unwrap_or("");
+            name(line).or_else(|| name(text))
+        }
+    }
+}
+
+/// A parser message without anything it quotes from the file.
+fn scrub(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quote: Option<char> = None;
+    for c in message.chars() {
+        match quote {
+            Some(q) if c == q => {
+                out.push('…');
+                out.push(c);
+                quote = None;
+            }
+            Some(_) => {}
+            None => {
+                out.push(c);
+                if matches!(c, '`' | '"' | '\'') {
+                    quote = Some(c);
+                }
+            }
+        }
+    }
+    if quote.is_some() {
+        out.push('…');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,5 +488,85 @@ cost = 5
 
         let e = err(&GOOD.replace("[\"read\", \"write\"]", "[\"read\", \"write\", \"read\"]"));
         assert_eq!((e.entry(), e.line()), ("categories[2]", Some(2)));
+    }
+
+    #[test]
+    fn errors_never_print_a_key() {
+        let secret = "sk-live-very-secret-key";
+        let cases = [
+            // A duplicate key (the TOML parser's own error).
+            format!("{GOOD}\"{secret}\" = \"free\"\n\"{secret}\" = \"pro\"\n"),
+            // A duplicate override table.
+            format!(
+                "{GOOD}\n[overrides.\"{secret}\"]\nread = \"x2\"\n[overrides.\"{secret}\"]\nread = \"x3\"\n"
+            ),
+            // An unknown tier, a bad override, a key no request can send.
+            format!("{GOOD}\"{secret}\" = \"gold\"\n"),
+            format!("{GOOD}\n[overrides.\"{secret}\"]\nread = \"lots\"\n"),
+            format!("{GOOD}\"{secret} with spaces\" = \"pro\"\n"),
+            format!(
+                "{GOOD}\n[[boosts]]\nkey = \"{secret} x\"\nadjust = \"x2\"\nstart = \"1\"\nend = \"2\"\n"
+            ),
+            // Inline at the top level, with a syntax error.
+            format!("keys = {{ \"{secret}\" = \"free\", \"{secret}\" = \"free\" }}\n{GOOD}"),
+            format!("{GOOD}\"{secret}\" = free\n"),
+        ];
+        for (i, src) in cases.iter().enumerate() {
+            let e = err(src);
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains("very-secret"), "case {i}: {shown}");
+            assert!(e.line().is_some(), "case {i}: {shown}");
+        }
+    }
+
+    #[test]
+    fn policies_at_the_edges_are_refused() {
+        let cases: [(&str, &str, &str); 8] = [
+            (
+                "read = \"100/hour\"",
+                "read = \"1/18446744073709ms\"",
+                "tiers.free.read",
+            ),
+            (
+                "read = \"100/hour\"",
+                "read = \"2000000/1s\"",
+                "tiers.free.read",
+            ),
+            (
+                "read = \"100/hour\"",
+                "read = \"1/hour\"\npriority_reserve = \"1%\"",
+                "tiers.free.priority_reserve",
+            ),
+            ("\"k1\" = \"pro\"", "\"pro demo key\" = \"pro\"", "keys."),
+            ("\"k1\" = \"pro\"", "\"clé\" = \"pro\"", "keys."),
+            ("\"k1\" = \"pro\"", "\"\" = \"pro\"", "keys."),
+            ("cost = 5", "cost = 4294967296", "expected u32"),
+            ("cost = 5", "cost = 21", "routes[0]"),
+        ];
+        for (from, to, entry) in cases {
+            let src = GOOD.replace(from, to);
+            assert_ne!(src, GOOD);
+            let e = err(&src);
+            assert!(
+                e.entry().starts_with(entry) || e.to_string().contains(entry),
+                "{to}: {e}"
+            );
+            assert!(e.line().is_some(), "{to}: {e}");
+        }
+        let long = "k".repeat(300);
+        let e = err(&GOOD.replace("\"k1\"", &format!("\"{long}\"")));
+        assert!(e.message().contains("too long"), "{e}");
+        assert!(!e.to_string().contains(&long));
+        for date in ["2026-02-31", "2026-04-31", "2027-02-29"] {
+            let src = format!(
+                "{GOOD}\n[[boosts]]\ntier = \"pro\"\nadjust = \"x2\"\nstart = \"{date}T00:00:00Z\"\nend = \"2030-01-01T00:00:00Z\"\n"
+            );
+            let e = err(&src);
+            assert_eq!(e.entry(), "boosts[0]", "{e}");
+        }
+        let src = format!(
+            "{GOOD}\n[[boosts]]\ntier = \"pro\"\nadjust = \"x2\"\nstart = \"999999999-01-01T00:00:00Z\"\nend = \"999999999\"\n"
+        );
+        assert_eq!(err(&src).entry(), "boosts[0]");
     }
 }

@@ -26,20 +26,46 @@ pub struct Limit {
 }
 
 impl Limit {
-    /// `max` requests per `per`. Returns `None` when `per` is zero or too
-    /// short to give each request at least one nanosecond.
+    /// `max` requests per `per`. Returns `None` when the arithmetic of
+    /// either backend could not hold it: `per` longer than
+    /// [`MAX_WINDOW`](Self::MAX_WINDOW) (ten years), or shorter than
+    /// [`MIN_INTERVAL`](Self::MIN_INTERVAL) (one microsecond) per request.
+    ///
+    /// ```
+    /// use std::num::NonZeroU32;
+    /// use std::time::Duration;
+    /// use tierlimit::Limit;
+    ///
+    /// let one = NonZeroU32::MIN;
+    /// assert!(Limit::new(one, Duration::from_secs(3600)).is_some());
+    /// assert!(Limit::new(one, Duration::from_secs(400 * 86_400 * 365)).is_none());
+    /// assert!(Limit::new(NonZeroU32::new(2_000_000).unwrap(), Duration::from_secs(1)).is_none());
+    /// ```
     pub fn new(max: NonZeroU32, per: Duration) -> Option<Self> {
-        if per.as_nanos() < u128::from(max.get()) || per.as_nanos() > u128::from(u64::MAX) {
+        let min = Self::MIN_INTERVAL.as_nanos() * u128::from(max.get());
+        if per.as_nanos() < min || per > Self::MAX_WINDOW {
             return None;
         }
         Some(Limit::make(max, per))
     }
 
+    /// The longest window a limit may have: ten years (of 365 days). Time
+    /// arithmetic stays far inside governor's 64-bit nanoseconds and the
+    /// Redis script's 53-bit microseconds.
+    pub const MAX_WINDOW: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+    /// The shortest time one request's capacity may take to come back
+    /// (`per / max`): one microsecond, the Redis script's resolution, so
+    /// both backends compute the same answers (at most a million requests
+    /// per second per key).
+    pub const MIN_INTERVAL: Duration = Duration::from_micros(1);
+
     /// `max` requests per second.
     ///
     /// # Panics
     ///
-    /// If `max` is zero (at compile time in a `const`).
+    /// If `max` is zero, or above one per microsecond (at compile time in
+    /// a `const`).
     pub const fn per_second(max: u32) -> Self {
         Limit::make(nonzero(max), Duration::from_secs(1))
     }
@@ -48,7 +74,8 @@ impl Limit {
     ///
     /// # Panics
     ///
-    /// If `max` is zero (at compile time in a `const`).
+    /// If `max` is zero, or above one per microsecond (at compile time in
+    /// a `const`).
     pub const fn per_minute(max: u32) -> Self {
         Limit::make(nonzero(max), Duration::from_secs(60))
     }
@@ -57,7 +84,8 @@ impl Limit {
     ///
     /// # Panics
     ///
-    /// If `max` is zero (at compile time in a `const`).
+    /// If `max` is zero, or above one per microsecond (at compile time in
+    /// a `const`).
     pub const fn per_hour(max: u32) -> Self {
         Limit::make(nonzero(max), Duration::from_secs(3600))
     }
@@ -66,7 +94,8 @@ impl Limit {
     ///
     /// # Panics
     ///
-    /// If `max` is zero (at compile time in a `const`).
+    /// If `max` is zero, or above one per microsecond (at compile time in
+    /// a `const`).
     pub const fn per_day(max: u32) -> Self {
         Limit::make(nonzero(max), Duration::from_secs(86_400))
     }
@@ -92,6 +121,9 @@ impl Limit {
     }
 
     const fn make(max: NonZeroU32, per: Duration) -> Self {
+        if per.as_nanos() < max.get() as u128 * 1_000 {
+            panic!("a limit must leave at least 1 µs per request");
+        }
         Limit {
             max,
             per,
@@ -121,8 +153,18 @@ impl Limit {
                 .to_owned()
         })?;
         let per = parse_duration(per.trim())?;
-        Limit::new(max, per)
-            .ok_or_else(|| format!("the window `{}` is too short for {max} requests", s))
+        if per > Limit::MAX_WINDOW {
+            return Err(format!(
+                "the window of `{}` is longer than the longest supported, 10 years",
+                s.trim()
+            ));
+        }
+        Limit::new(max, per).ok_or_else(|| {
+            format!(
+                "the window of `{}` is too short for {max} requests (at least 1 µs per request)",
+                s.trim()
+            )
+        })
     }
 }
 
@@ -245,6 +287,22 @@ mod tests {
                 .contains("not a usable window")
         );
         assert!(Limit::parse("10/5ms").is_ok());
+        // The edges of the arithmetic.
+        assert!(
+            Limit::parse("1/18446744073709ms")
+                .unwrap_err()
+                .contains("10 years")
+        );
+        assert!(Limit::parse("1/3650d").is_ok());
+        assert!(Limit::parse("1/3651d").unwrap_err().contains("10 years"));
+        assert!(Limit::parse("1000/1ms").is_ok());
+        assert!(Limit::parse("1001/1ms").unwrap_err().contains("1 µs"));
+        assert!(
+            Limit::parse("4294967295/1s")
+                .unwrap_err()
+                .contains("too short")
+        );
+        assert!(Limit::parse("4294967295/3650d").is_ok());
     }
 
     #[test]

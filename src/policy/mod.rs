@@ -611,13 +611,7 @@ impl PolicyBuilder {
         let mut keys: HashTable<(Box<str>, TierId)> = HashTable::with_capacity(self.keys.len());
         for (key, tier, line) in &self.keys {
             let entry = format!("keys.\"{}\"", KeyId::of(key).redacted());
-            if key.is_empty() {
-                return Err(PolicyError::new(
-                    "keys",
-                    *line,
-                    "an API key may not be empty",
-                ));
-            }
+            check_key(key, &entry, *line)?;
             let t = tier_id(tier).ok_or_else(|| {
                 PolicyError::new(
                     &entry,
@@ -646,7 +640,26 @@ impl PolicyBuilder {
                         ),
                     ));
                 }
-                Some((p, _)) => p,
+                Some((p, line)) => {
+                    // Every limited cell of the tier must leave normal
+                    // requests at least one request of its burst.
+                    let t = tier_id(&tier.name).map_or(0, TierId::index);
+                    for (c, cat) in categories.iter().enumerate() {
+                        if let Rule::Limited(l) = slots[t * ncat + c].rule
+                            && reserve_of(l.max(), p) >= l.max()
+                        {
+                            return Err(PolicyError::new(
+                                format!("tiers.{}.priority_reserve", tier.name),
+                                line.or(tier.line),
+                                format!(
+                                    "a reserve of {p}% of `{cat}`'s limit of {} leaves nothing for normal requests; raise the limit or lower the reserve",
+                                    l.max()
+                                ),
+                            ));
+                        }
+                    }
+                    p
+                }
             };
             reserves.push(pct);
         }
@@ -656,6 +669,7 @@ impl PolicyBuilder {
             HashMap::default();
         for (key, cat, adjust, line) in &self.overrides {
             let entry = format!("overrides.\"{}\".{cat}", KeyId::of(key).redacted());
+            check_key(key, &entry, *line)?;
             let cells = overrides
                 .entry(KeyId::of(key).as_u64())
                 .or_insert_with(|| vec![None; ncat].into_boxed_slice());
@@ -686,8 +700,18 @@ impl PolicyBuilder {
                     "a boost must start before it ends",
                 ));
             }
+            if b.end > operator::MAX_UNIX {
+                return Err(PolicyError::new(
+                    &entry,
+                    b.line,
+                    "a boost must end by the end of year 9999",
+                ));
+            }
             let (key, tier) = match &b.target {
-                BoostTarget::Key(k) => (Some(KeyId::of(k).as_u64()), None),
+                BoostTarget::Key(k) => {
+                    check_key(k, &entry, b.line)?;
+                    (Some(KeyId::of(k).as_u64()), None)
+                }
                 BoostTarget::Tier(t) => (
                     None,
                     Some(tier_id(t).ok_or_else(|| {
@@ -762,6 +786,25 @@ impl PolicyBuilder {
                 missing_key,
             }),
         })
+    }
+}
+
+/// The requests of a burst of `max` that a reserve of `pct` percent keeps
+/// for critical requests (rounded up).
+pub(crate) fn reserve_of(max: u32, pct: u8) -> u32 {
+    (u64::from(max) * u64::from(pct)).div_ceil(100) as u32
+}
+
+/// Refuses a key no request could ever present (the same rule as
+/// [`ApiKey`](crate::ApiKey)'s), naming the entry but never the key.
+fn check_key(key: &str, entry: &str, line: Option<usize>) -> Result<(), PolicyError> {
+    match crate::extract::key_problem(key, crate::extract::DEFAULT_MAX_KEY_LEN) {
+        None => Ok(()),
+        Some(why) => Err(PolicyError::new(
+            entry,
+            line,
+            format!("{why}, so no request could ever present it"),
+        )),
     }
 }
 

@@ -22,9 +22,9 @@ impl Adjust {
             (Adjust::Set(r), _) => r,
             (Adjust::Scale(_), Rule::Unlimited) => Rule::Unlimited,
             (Adjust::Scale(k), Rule::Limited(l)) => {
-                let max = (f64::from(l.max()) * k)
-                    .ceil()
-                    .clamp(1.0, f64::from(u32::MAX)) as u32;
+                // The most the window can hold at one request per µs.
+                let most = (l.per().as_micros()).min(u128::from(u32::MAX)) as f64;
+                let max = (f64::from(l.max()) * k).ceil().clamp(1.0, most) as u32;
                 Limit::new(max.try_into().unwrap_or(std::num::NonZeroU32::MIN), l.per())
                     .map_or(rule, Rule::Limited)
             }
@@ -177,49 +177,29 @@ impl Shadow {
     }
 }
 
-/// Parses `2026-12-01T00:00:00Z` (UTC, RFC 3339 without offsets other than
-/// `Z` or `+00:00`) or a number of Unix seconds.
+/// The latest time a boost may name: the end of year 9999 (UTC).
+pub(crate) const MAX_UNIX: u64 = 253_402_300_799;
+
+/// Parses an RFC 3339 time with an offset (`2026-12-01T00:00:00Z`,
+/// `2026-12-01T09:00:00+09:00`) through `jiff`, which refuses impossible
+/// dates such as `2026-02-31`, or a number of Unix seconds; either must lie
+/// between 1970 and the end of 9999.
 pub(crate) fn parse_time(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    if let Ok(n) = t.parse::<u64>() {
-        return Ok(n);
+    let range = || format!("`{s}` is outside the years 1970 to 9999");
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return match t.parse::<u64>() {
+            Ok(n) if n <= MAX_UNIX => Ok(n),
+            _ => Err(range()),
+        };
     }
-    let err = || format!("`{s}` is not a UTC time such as 2026-12-01T00:00:00Z");
-    let t = t
-        .strip_suffix('Z')
-        .or_else(|| t.strip_suffix("+00:00"))
-        .ok_or_else(err)?;
-    let (date, time) = t.split_once(['T', ' ']).ok_or_else(err)?;
-    let d: Vec<&str> = date.split('-').collect();
-    let h: Vec<&str> = time.split(':').collect();
-    if d.len() != 3 || h.len() != 3 {
-        return Err(err());
-    }
-    let num = |x: &str| x.parse::<i64>().map_err(|_| err());
-    let (y, m, day) = (num(d[0])?, num(d[1])?, num(d[2])?);
-    let (hh, mm, ss) = (
-        num(h[0])?,
-        num(h[1])?,
-        num(h[2].split('.').next().unwrap_or(""))?,
-    );
-    if !(1..=12).contains(&m)
-        || !(1..=31).contains(&day)
-        || hh > 23
-        || mm > 59
-        || ss > 60
-        || y < 1970
-    {
-        return Err(err());
-    }
-    // Days from civil (Howard Hinnant's algorithm).
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Ok((days * 86_400 + hh * 3600 + mm * 60 + ss) as u64)
+    let ts: jiff::Timestamp = t.parse().map_err(|e: jiff::Error| {
+        format!("`{s}` is not a time such as 2026-12-01T00:00:00Z: {e}")
+    })?;
+    u64::try_from(ts.as_second())
+        .ok()
+        .filter(|&n| n <= MAX_UNIX)
+        .ok_or_else(range)
 }
 
 #[cfg(test)]
@@ -232,8 +212,29 @@ mod tests {
         assert_eq!(parse_time("2026-12-01T00:00:00Z").unwrap(), 1_796_083_200);
         assert_eq!(parse_time("2024-02-29T12:30:15Z").unwrap(), 1_709_209_815);
         assert_eq!(parse_time("1796083200").unwrap(), 1_796_083_200);
+        assert_eq!(
+            parse_time("2026-12-01T09:00:00+09:00").unwrap(),
+            1_796_083_200
+        );
         assert!(parse_time("2026-13-01T00:00:00Z").is_err());
         assert!(parse_time("tomorrow").is_err());
+        // Impossible dates are refused, not rolled into the next month.
+        for bad in [
+            "2026-02-31T00:00:00Z",
+            "2026-04-31T00:00:00Z",
+            "2027-02-29T00:00:00Z",
+            "2026-12-01T24:00:00Z",
+            "999999999-01-01T00:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "2026-12-01T00:00:00", // no offset: which zone?
+            "",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad} was accepted");
+        }
+        assert!(parse_time("2028-02-29T00:00:00Z").is_ok());
+        assert!(parse_time("253402300799").is_ok());
+        assert!(parse_time("253402300800").unwrap_err().contains("9999"));
+        assert!(parse_time("99999999999999999999999").is_err());
     }
 
     #[test]
