@@ -99,6 +99,7 @@ pub struct Identity {
     tier: Option<TierId>,
     cost: Option<u32>,
     priority: Priority,
+    known: bool,
 }
 
 impl Identity {
@@ -114,14 +115,35 @@ impl Identity {
             tier: None,
             cost: None,
             priority: Priority::Normal,
+            known: false,
         }
     }
 
-    /// Sets the caller's tier (otherwise the policy decides).
+    /// Sets the caller's tier (otherwise the policy decides). An identity
+    /// with a tier is [known](Self::is_known).
     #[must_use]
     pub const fn with_tier(mut self, tier: TierId) -> Self {
         self.tier = Some(tier);
+        self.known = true;
         self
+    }
+
+    /// Marks the caller as known (authenticated) without naming a tier.
+    /// [`FromExtension`] does this for identities an auth layer put in
+    /// the request.
+    #[must_use]
+    pub const fn known(mut self) -> Self {
+        self.known = true;
+        self
+    }
+
+    /// Whether the caller is known to the policy: a listed key, a key the
+    /// resolver gave a tier, or an identity from an authentication layer.
+    /// Under a key spray, known callers always keep their own buckets;
+    /// unknown and anonymous callers give way first (see
+    /// [`MemoryBackend`](crate::MemoryBackend)).
+    pub const fn is_known(&self) -> bool {
+        self.known
     }
 
     /// Sets how many units this request counts (a batch's size). The
@@ -360,6 +382,7 @@ impl Extractor for ApiKey {
             tier,
             cost: None,
             priority: Priority::Normal,
+            known: tier.is_some(),
         })
     }
 }
@@ -438,6 +461,7 @@ impl PeerIp {
 impl Extractor for PeerIp {
     fn extract(&self, req: &RequestRef<'_>, policy: &Policy) -> Result<Identity, Rejection> {
         let ip = self.client_ip(req).ok_or(Rejection::NoPeerAddress)?;
+        // Anonymous callers are never known, whatever their tier.
         let mut id = Identity::from_key_id(KeyId::of_ip(ip));
         id.tier = self.tier.or_else(|| policy.missing_key_tier());
         Ok(id)
@@ -454,7 +478,7 @@ impl Extractor for FromExtension {
     fn extract(&self, req: &RequestRef<'_>, _: &Policy) -> Result<Identity, Rejection> {
         req.extensions
             .get::<Identity>()
-            .copied()
+            .map(|id| id.known())
             .ok_or(Rejection::MissingKey)
     }
 }

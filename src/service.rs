@@ -192,6 +192,7 @@ where
             priority,
             scope: slot.scope,
             reserve,
+            known: identity.is_known(),
         };
         let post = Post {
             reserve,

@@ -394,10 +394,20 @@ async fn route_costs_extractor_costs_and_costs_above_the_limit() {
     // The route costs 5.
     let res = send("/v1/batch", None).await.unwrap();
     assert_eq!(header(&res, "x-ratelimit-remaining"), Some(15));
-    // The extractor's cost wins.
-    let res = send("/v1/batch", Some("10")).await.unwrap();
+    // The route's cost is a floor: a count of 1 still takes 5 …
+    let res = send("/v1/batch", Some("1")).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some(10));
+    // … and the extractor's count multiplies it: 1 × 5 = 5 more.
+    let res = send("/v1/batch", Some("1")).await.unwrap();
     assert_eq!(header(&res, "x-ratelimit-remaining"), Some(5));
+    // 2 × 5 = 10 with 5 left: refused (nothing taken), never lowered.
+    let res = send("/v1/batch", Some("2")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&res, "x-ratelimit-remaining"), Some(5));
+    // A count whose product overflows is a cost above the limit, not a wrap.
+    let res = send("/v1/batch", Some("1000")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     // 6 with 5 left: a 429 that will pass later.
     let res = send("/v1/items", Some("6")).await.unwrap();
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -487,4 +497,39 @@ async fn identity_from_an_earlier_auth_layer() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn the_demo_closes_connections_that_never_finish_their_headers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = demo::app(demo::limits(spec_policy(), MemoryBackend::new()));
+    let server = tokio::spawn(demo::serve_connections(
+        listener,
+        app,
+        Duration::from_millis(200),
+    ));
+    // A complete request is served, with the peer address known.
+    let res = client()
+        .get(format!("http://{addr}/v1/account"))
+        .header("x-api-key", "free-demo-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // Half a request head, then silence: the server hangs up by itself.
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /v1/account HTTP/1.1\r\nHost: x\r\nX-API-Key: free")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection was still open after 10 s");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "unexpected answer: {text}"
+    );
+    server.abort();
 }

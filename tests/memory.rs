@@ -27,6 +27,14 @@ fn subject(policy: &Policy, i: u64) -> Subject {
     )
 }
 
+/// A caller the policy does not know (an unknown key, an anonymous IP).
+fn guest(policy: &Policy, i: u64) -> Subject {
+    Subject {
+        known: false,
+        ..subject(policy, i)
+    }
+}
+
 fn policy() -> Policy {
     Policy::from_toml_str(
         "categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"10/minute\"\nwrite = \"1/minute\"",
@@ -84,9 +92,9 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
     assert!(after < 1 << 20, "{after} bytes still held");
     drop(backend);
 
-    // 2. Capped at 100,000: the spray never grows the table past the cap;
-    // keys beyond it share the overflow bucket (10 at once, then refused);
-    // tracked keys keep their exact state.
+    // 2. Capped at 100,000: a spray of unknown keys never grows the table
+    // past the cap; guests beyond it share the overflow bucket (10 at once,
+    // then refused); tracked keys keep their exact state.
     let clock = FakeRelativeClock::default();
     let cap = 100_000;
     let backend = MemoryBackend::builder()
@@ -96,7 +104,7 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
     for _ in 0..10 {
         assert!(
             backend
-                .check_now(&subject(&policy, 0), &limit)
+                .check_now(&guest(&policy, 0), &limit)
                 .unwrap()
                 .allowed
         );
@@ -104,7 +112,7 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
     let region = Region::new(GLOBAL);
     let mut allowed_untracked = 0;
     for i in 1..SPRAY {
-        let d = backend.check_now(&subject(&policy, i), &limit).unwrap();
+        let d = backend.check_now(&guest(&policy, i), &limit).unwrap();
         if (i as usize) < cap {
             assert!(d.allowed, "key {i} under the cap");
         } else if d.allowed {
@@ -117,21 +125,47 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
     assert_eq!(backend.tracked_keys(), cap);
     assert_eq!(
         allowed_untracked, 10,
-        "untracked keys share one bucket of 10"
+        "untracked guests share one bucket of 10"
     );
     // Key 0 is still exactly empty: its state survived the spray.
     assert!(
         !backend
-            .check_now(&subject(&policy, 0), &limit)
+            .check_now(&guest(&policy, 0), &limit)
             .unwrap()
             .allowed
     );
 
+    // 3. During the spray, customers whose keys the policy knows arrive
+    // for the first time: each gets its own bucket and its full limit
+    // (exactly 10, then refused), and the table stays at the cap (guests
+    // give way).
+    for k in 0..1_000u64 {
+        let customer = subject(&policy, SPRAY * 10 + k);
+        for n in 0..10 {
+            let d = backend.check_now(&customer, &limit).unwrap();
+            assert!(d.allowed, "customer {k}, request {n}");
+            assert_eq!(d.remaining, 9 - n);
+        }
+        assert!(!backend.check_now(&customer, &limit).unwrap().allowed);
+        assert_eq!(backend.tracked_keys(), cap);
+    }
+    // The spray goes on: guests still cannot push customers out.
+    for i in SPRAY..SPRAY + 100_000 {
+        backend.check_now(&guest(&policy, i), &limit).unwrap();
+    }
+    assert!(
+        !backend
+            .check_now(&subject(&policy, SPRAY * 10), &limit)
+            .unwrap()
+            .allowed,
+        "a customer's state survived the spray"
+    );
+
     // Time passes: every bucket is full again; the next request at the cap
     // sweeps, and new keys are tracked again.
-    clock.advance(Duration::from_secs(61));
+    clock.advance(Duration::from_secs(70));
     let d = backend
-        .check_now(&subject(&policy, SPRAY + 1), &limit)
+        .check_now(&guest(&policy, SPRAY + 1), &limit)
         .unwrap();
     assert!(d.allowed);
     assert!(
@@ -142,16 +176,49 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
     for _ in 0..9 {
         assert!(
             backend
-                .check_now(&subject(&policy, SPRAY + 1), &limit)
+                .check_now(&guest(&policy, SPRAY + 1), &limit)
                 .unwrap()
                 .allowed
         );
     }
     assert!(
         !backend
-            .check_now(&subject(&policy, SPRAY + 1), &limit)
+            .check_now(&guest(&policy, SPRAY + 1), &limit)
             .unwrap()
             .allowed,
         "tracked with its own state"
     );
+    drop(backend);
+
+    // 4. With no guest left to give way, known callers grow the table past
+    // the cap up to the hard bound of twice the cap, then share the
+    // overflow bucket: memory stays bounded whatever the resolver admits.
+    let clock = FakeRelativeClock::default();
+    let backend = MemoryBackend::builder()
+        .clock(clock.clone())
+        .max_keys(1_000)
+        .build();
+    let mut own = 0;
+    for i in 0..5_000 {
+        if backend
+            .check_now(&subject(&policy, i), &limit)
+            .unwrap()
+            .allowed
+            && i < 2_000
+        {
+            own += 1;
+        }
+    }
+    assert_eq!(own, 2_000);
+    assert_eq!(backend.tracked_keys(), 2_000);
+
+    // 5. When traffic stops, idle state is still reclaimed: no request
+    // comes after the clock moves, yet the reaper thread empties the table.
+    clock.advance(Duration::from_secs(61));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while backend.tracked_keys() > 0 && std::time::Instant::now() < deadline {
+        std::thread::yield_now();
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+    assert_eq!(backend.tracked_keys(), 0, "reclaimed with no traffic");
 }

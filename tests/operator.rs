@@ -437,6 +437,29 @@ async fn usage_endpoint_override_from_file_and_batches_through_the_demo() {
     );
     let res = batch(Some("6"), "").await.unwrap();
     assert_eq!(res.status(), 429, "6 with 5 left");
+
+    // Only the batch route reads a batch size: elsewhere it changes nothing.
+    for (method, path) in [("GET", "/v1/account"), ("POST", "/v1/ai/completions")] {
+        let res = c
+            .request(method.parse().unwrap(), server.url(path))
+            .header("x-api-key", "pro-demo-key")
+            .header("x-batch-size", "5")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        let limit: u32 = res.headers()["x-ratelimit-limit"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let remaining: u32 = res.headers()["x-ratelimit-remaining"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(remaining, limit - 1, "{path}: a cost of 1, not 5");
+    }
 }
 
 #[tokio::test]
@@ -493,4 +516,69 @@ async fn shadow_mode_refuses_nothing_but_counts_and_sends_headers() {
         .unwrap();
     assert_eq!(res.status(), 429);
     assert_eq!(layer.shadow_refusals(), 3);
+}
+
+#[test]
+fn policy_handles_of_one_layer_serialise_their_updates() {
+    // Two handles, 500 updates each, all at once: every edit survives.
+    let layer = RateLimitLayer::new(Policy::from_toml_str(OPS).unwrap());
+    let handles = [layer.policy_handle(), layer.policy_handle()];
+    std::thread::scope(|s| {
+        for (h, handle) in handles.iter().enumerate() {
+            for t in 0..4 {
+                s.spawn(move || {
+                    for i in 0..125 {
+                        let key = format!("h{h}-t{t}-{i}");
+                        handle.update(|b| b.set_key_tier(&key, "pro")).unwrap();
+                    }
+                });
+            }
+        }
+    });
+    let policy = layer.policy();
+    let pro = policy.tier("pro").unwrap();
+    let mut listed = 0;
+    for h in 0..2 {
+        for t in 0..4 {
+            for i in 0..125 {
+                let key = format!("h{h}-t{t}-{i}");
+                if policy.key_tier(&key, tierlimit::KeyId::of(&key)) == Some(pro) {
+                    listed += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(listed, 1_000, "edits lost between handles");
+}
+
+#[tokio::test]
+async fn a_reserve_never_takes_a_whole_custom_limit() {
+    // The tier reserves 20%; a custom limit of 1/hour for one key would
+    // reserve all of it. Normal requests still get the one request.
+    let policy = Policy::from_toml_str(OPS)
+        .unwrap()
+        .to_builder()
+        .custom_limit("c", "*", Adjust::Set(Rule::Limited(Limit::per_hour(1))))
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .backend(
+            MemoryBackend::builder()
+                .clock(FakeRelativeClock::default())
+                .build(),
+        )
+        .build();
+    let app = Router::new()
+        .route("/x", get(|| async { "ok" }))
+        .layer(layer);
+    let req = || {
+        Request::get("/x")
+            .header("x-api-key", "c")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let res = app.clone().oneshot(req()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = app.oneshot(req()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
 }

@@ -1,6 +1,5 @@
 //! The in-memory backend: governor's GCRA over a bounded, sharded key store.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::{Ready, ready};
@@ -22,12 +21,6 @@ use crate::policy::Limit;
 
 const SHARDS: usize = 64;
 
-thread_local! {
-    /// The priority reserve of the check under way on this thread, in
-    /// nanoseconds of TAT (and the request's cost in nanoseconds): set by
-    /// `check_now` around governor's call, read by the store inside it.
-    static RESERVE: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
-}
 /// Below this many tracked keys, growth triggers no sweep.
 const MIN_SWEEP: usize = 4096;
 
@@ -44,8 +37,9 @@ const MIN_SWEEP: usize = 4096;
 ///
 /// A key whose bucket is full again is indistinguishable from a key never
 /// seen, so dropping it loses nothing. Such idle keys are reclaimed by the
-/// requests themselves; no thread or task is spawned, and dropping the
-/// layer drops everything.
+/// requests themselves and, when traffic stops, by one `tierlimit-reaper`
+/// thread per process that runs the same upkeep four times a second
+/// (holding only a weak reference: dropping the layer drops everything).
 ///
 /// - **Steadily**: one of 64 shards is swept every
 ///   [`idle_sweep_interval`](MemoryBackendBuilder::idle_sweep_interval) / 64
@@ -53,14 +47,25 @@ const MIN_SWEEP: usize = 4096;
 ///   at a time).
 /// - **On growth**: when the number of tracked keys doubles since the last
 ///   sweep, the request that notices sweeps the whole table.
-/// - **At the hard cap** (default 1,000,000 keys,
-///   [`max_keys`](MemoryBackendBuilder::max_keys)): a key not yet tracked is
-///   not added. It is limited instead through one shared *overflow* bucket
-///   per limit, which every untracked key of that limit shares. Tracked
-///   keys keep their state and nobody is let through unlimited: under a key
-///   spray the newcomers share one limit until sweeps (at most one per
-///   [`min_sweep_interval`](MemoryBackendBuilder::min_sweep_interval))
-///   make room.
+/// - **At the cap** (default 1,000,000 keys,
+///   [`max_keys`](MemoryBackendBuilder::max_keys)), callers are served by
+///   class ([`Subject::known`]):
+///   - a *known* caller (a listed key, a key the resolver gave a tier, an
+///     identity from an auth layer) always gets its own bucket and its full
+///     limit: a guest's state in the same shard gives way to it, or, with
+///     no guest left there, the table grows past the cap up to a hard bound
+///     of twice the cap;
+///   - a *guest* (an unknown key under `unknown_key = "<tier>"`, an
+///     anonymous caller keyed by IP) not yet tracked is not added. It is
+///     limited through one shared *overflow* bucket per limit, which every
+///     untracked guest of that limit shares, so nobody is let through
+///     unlimited and a key spray locks out no customer, only other
+///     newcomers without a key the policy knows. Sweeps (at most one per
+///     [`min_sweep_interval`](MemoryBackendBuilder::min_sweep_interval))
+///     make room again.
+///
+/// Memory is bounded by twice `max_keys` entries at all times (about 72
+/// bytes per key each, measured by `tests/memory.rs`).
 ///
 /// ```
 /// use governor::clock::FakeRelativeClock;
@@ -82,7 +87,20 @@ impl<C: Clock> Clone for MemoryBackend<C> {
     }
 }
 
-type Limiter<C> = RateLimiter<u64, SharedStore, C, StateInformationMiddleware>;
+type Limiter<C> = RateLimiter<Probe, SharedStore, C, StateInformationMiddleware>;
+
+/// What the store is asked about one check: the bucket, and what governor's
+/// key carries to the store on our behalf (governor hands its store only
+/// the key): whether the caller is known, and the priority reserve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Probe {
+    bucket: u64,
+    known: bool,
+    /// The reserve the request must leave, in nanoseconds of TAT (0: none).
+    reserve_nanos: u64,
+    /// The request's cost in nanoseconds of TAT (with a reserve only).
+    cost_nanos: u64,
+}
 type LimiterMap<C> = HashMap<Limit, Arc<Entry<C>>, foldhash::fast::RandomState>;
 
 /// One governor limiter and a handle on its store, for sweeping.
@@ -130,6 +148,17 @@ impl Budget {
         self.tracked
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 (n < self.cap).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// A known caller's slot past the cap, up to twice it (the hard bound).
+    #[cold]
+    fn force_acquire(&self) -> bool {
+        let hard = self.cap.saturating_mul(2);
+        self.tracked
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < hard).then_some(n + 1)
             })
             .is_ok()
     }
@@ -185,7 +214,11 @@ pub struct MemoryBackendBuilder<C = DefaultClock> {
     idle_sweep_interval: Duration,
 }
 
-impl<C: Clock> MemoryBackendBuilder<C> {
+impl<C> MemoryBackendBuilder<C>
+where
+    C: Clock + Clone + Send + Sync + 'static,
+    C::Instant: Send + Sync,
+{
     /// Uses another clock: governor's `FakeRelativeClock` makes tests exact
     /// and instant.
     pub fn clock<C2: Clock>(self, clock: C2) -> MemoryBackendBuilder<C2> {
@@ -222,7 +255,7 @@ impl<C: Clock> MemoryBackendBuilder<C> {
     pub fn build(self) -> MemoryBackend<C> {
         let start = self.clock.now();
         let step_interval = (self.idle_sweep_interval.as_nanos() / SHARDS as u128).max(1) as u64;
-        MemoryBackend {
+        let backend = MemoryBackend {
             inner: Arc::new(Inner {
                 clock: self.clock,
                 start,
@@ -240,7 +273,65 @@ impl<C: Clock> MemoryBackendBuilder<C> {
                 step_interval,
                 cursor: AtomicUsize::new(0),
             }),
+        };
+        reaper::register(Box::new(Arc::downgrade(&backend.inner)));
+        backend
+    }
+}
+
+impl<C> reaper::Reap for std::sync::Weak<Inner<C>>
+where
+    C: Clock + Clone + Send + Sync + 'static,
+    C::Instant: Send + Sync,
+{
+    fn reap(&self) -> bool {
+        match self.upgrade() {
+            Some(inner) => {
+                MemoryBackend { inner }.maintain();
+                true
+            }
+            None => false,
         }
+    }
+}
+
+/// Idle state is reclaimed even when no request comes: one thread per
+/// process (started with the first backend) runs every live backend's
+/// upkeep four times a second, the same time-gated step a request runs,
+/// and forgets backends that were dropped.
+mod reaper {
+    use std::sync::{Mutex, Once, PoisonError};
+    use std::time::Duration;
+
+    pub(super) trait Reap: Send {
+        /// Runs the upkeep; `false` once the backend is gone.
+        fn reap(&self) -> bool;
+    }
+
+    static LIVE: Mutex<Vec<Box<dyn Reap>>> = Mutex::new(Vec::new());
+    static START: Once = Once::new();
+    const TICK: Duration = Duration::from_millis(250);
+
+    pub(super) fn register(backend: Box<dyn Reap>) {
+        LIVE.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(backend);
+        START.call_once(|| {
+            let spawned = std::thread::Builder::new()
+                .name("tierlimit-reaper".into())
+                .spawn(|| {
+                    loop {
+                        std::thread::sleep(TICK);
+                        LIVE.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .retain(|b| b.reap());
+                    }
+                });
+            if let Err(e) = spawned {
+                // Requests still reclaim state as they come.
+                tracing::warn!(error = %e, "tierlimit: no reaper thread; idle state is reclaimed by requests only");
+            }
+        });
     }
 }
 
@@ -261,27 +352,28 @@ where
         }
         // Upkeep first, so that a sweep at the cap makes room for this key.
         self.maintain();
-        let bucket = subject.bucket();
+        let mut probe = Probe {
+            bucket: subject.bucket(),
+            known: subject.known,
+            reserve_nanos: 0,
+            cost_nanos: 0,
+        };
         if subject.reserve > 0 {
             if u64::from(n.get()) + u64::from(subject.reserve) > u64::from(limit.max()) {
                 // Only the reserve (or less) could ever be left for it.
                 return Ok(Decision::deny(limit, n.get(), limit.per()));
             }
-            let shift = u64::from(subject.reserve) * limit.emission_interval_nanos();
-            RESERVE.with(|r| r.set((shift, limit.emission_interval_nanos() * u64::from(n.get()))));
+            probe.reserve_nanos = u64::from(subject.reserve) * limit.emission_interval_nanos();
+            probe.cost_nanos = limit.emission_interval_nanos() * u64::from(n.get());
         }
         let limiters = inner.limiters.load();
-        let outcome = match limiters.get(limit) {
-            Some(e) => Self::decide(e, bucket, n, limit),
+        match limiters.get(limit) {
+            Some(e) => Self::decide(e, &probe, n, limit),
             None => {
                 drop(limiters);
-                Self::decide(&self.add_limiter(limit), bucket, n, limit)
+                Self::decide(&self.add_limiter(limit), &probe, n, limit)
             }
-        };
-        if subject.reserve > 0 {
-            RESERVE.with(|r| r.set((0, 0)));
         }
-        outcome
     }
 
     /// A subject's capacity now, without counting anything.
@@ -333,15 +425,15 @@ where
     #[inline]
     fn decide(
         e: &Entry<C>,
-        bucket: u64,
+        probe: &Probe,
         n: NonZeroU32,
         limit: &Limit,
     ) -> Result<Decision, BackendError> {
         // A single cell takes governor's faster path.
         let outcome = if n == NonZeroU32::MIN {
-            Ok(e.limiter.check_key(&bucket))
+            Ok(e.limiter.check_key(probe))
         } else {
-            e.limiter.check_key_n(&bucket, n)
+            e.limiter.check_key_n(probe, n)
         };
         match outcome {
             Ok(Ok(snapshot)) => Ok(Decision::allow(limit, snapshot.remaining_burst_capacity())),
@@ -379,8 +471,15 @@ where
                 )
                 .is_ok()
         {
-            let shard = inner.cursor.fetch_add(1, Ordering::Relaxed) % SHARDS;
-            self.sweep_shards(shard..shard + 1);
+            // Catch up on steps missed while no request came (the
+            // background reaper, or the first request after a quiet spell).
+            let missed = (now - due) / inner.step_interval.max(1);
+            let steps = (missed + 1).min(SHARDS as u64) as usize;
+            let first = inner.cursor.fetch_add(steps, Ordering::Relaxed);
+            for i in 0..steps {
+                let shard = (first + i) % SHARDS;
+                self.sweep_shards(shard..shard + 1);
+            }
         }
     }
 
@@ -471,11 +570,34 @@ impl Hasher for IdentityHasher {
     }
 }
 
-type Shard = Mutex<HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>>;
+type Table = HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>;
+
+/// One shard: `bucket → TAT`, known callers and guests (unknown keys and
+/// anonymous callers) apart, so that guests can give way at the cap.
+#[derive(Default)]
+struct ShardMaps {
+    known: Table,
+    guests: Table,
+}
+
+impl ShardMaps {
+    fn get(&self, key: u64) -> Option<u64> {
+        self.known
+            .get(&key)
+            .or_else(|| self.guests.get(&key))
+            .copied()
+    }
+
+    fn len(&self) -> usize {
+        self.known.len() + self.guests.len()
+    }
+}
+
+type Shard = Mutex<ShardMaps>;
 
 /// 64 mutex-guarded shards of `bucket → TAT`, charged against a shared key
-/// budget, with one overflow state for keys that arrive when the budget is
-/// spent.
+/// budget, with one overflow state for guests that arrive when the budget
+/// is spent.
 struct KeyStore {
     shards: Box<[Shard]>,
     overflow: Mutex<Option<Nanos>>,
@@ -485,9 +607,7 @@ struct KeyStore {
 impl KeyStore {
     fn new(budget: Arc<Budget>) -> Self {
         KeyStore {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::default()))
-                .collect(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             overflow: Mutex::new(None),
             budget,
         }
@@ -503,22 +623,24 @@ impl KeyStore {
         self.shard(key)
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-            .copied()
+            .get(key)
     }
 
     fn retain_shard(&self, shard: usize, drop_below: u64) {
-        let mut map = self.shards[shard]
+        let mut guard = self.shards[shard]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let before = map.len();
-        map.retain(|_, tat| *tat > drop_below);
-        let removed = before - map.len();
+        let maps = &mut *guard;
+        let before = maps.len();
+        for table in [&mut maps.known, &mut maps.guests] {
+            table.retain(|_, tat| *tat > drop_below);
+            if table.capacity() > 64 && table.len() < table.capacity() / 4 {
+                table.shrink_to_fit();
+            }
+        }
+        let removed = before - maps.len();
         if removed > 0 {
             self.budget.release(removed);
-            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
-                map.shrink_to_fit();
-            }
         }
     }
 
@@ -534,42 +656,70 @@ impl KeyStore {
 struct SharedStore(Arc<KeyStore>);
 
 impl StateStore for SharedStore {
-    type Key = u64;
+    type Key = Probe;
 
-    fn measure_and_replace<T, F, E>(&self, key: &u64, f: F) -> Result<T, E>
+    fn measure_and_replace<T, F, E>(&self, probe: &Probe, f: F) -> Result<T, E>
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
         let store = &*self.0;
-        let mut map = store
-            .shard(*key)
+        let key = probe.bucket;
+        let mut guard = store
+            .shard(key)
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        // A priority reserve: the request must conform as if `reserve` more
-        // cells were taken; then it is counted normally. Both under the
-        // shard lock, so concurrent requests never eat into the reserve.
-        let (shift, cost_nanos) = RESERVE.with(Cell::get);
-        if shift > 0 {
-            let tat = match map.get(key) {
-                Some(&tat) => tat,
+        let maps = &mut *guard;
+        // A priority reserve: the request must conform as if the reserve
+        // were taken too; then it is counted normally. Both under the shard
+        // lock, so concurrent requests never eat into the reserve.
+        if probe.reserve_nanos > 0 {
+            let tat = match maps.get(key) {
+                Some(tat) => tat,
                 // A new key's TAT is now: recover it from governor's answer.
-                None => u64::from(f(None)?.1).saturating_sub(cost_nanos),
+                None => u64::from(f(None)?.1).saturating_sub(probe.cost_nanos),
             };
-            f(Some(Nanos::from(tat + shift)))?;
+            f(Some(Nanos::from(tat + probe.reserve_nanos)))?;
         }
-        if let Some(tat) = map.get_mut(key) {
+        let (mine, other) = if probe.known {
+            (&mut maps.known, &mut maps.guests)
+        } else {
+            (&mut maps.guests, &mut maps.known)
+        };
+        if let Some(tat) = mine.get_mut(&key) {
             let (t, next) = f(Some(Nanos::from(*tat)))?;
             *tat = next.into();
+            return Ok(t);
+        }
+        if let Some(&tat) = other.get(&key) {
+            // The caller changed class (a guest key was listed): move it.
+            let (t, next) = f(Some(Nanos::from(tat)))?;
+            other.remove(&key);
+            mine.insert(key, next.into());
             return Ok(t);
         }
         // A key not yet tracked. A refusal writes nothing.
         let (t, next) = f(None)?;
         if store.budget.try_acquire() {
             crate::telemetry::tracked_keys(1.0);
-            map.insert(*key, next.into());
+            mine.insert(key, next.into());
             return Ok(t);
         }
-        drop(map);
+        if probe.known {
+            // At the cap, a guest gives way to a known caller: one from this
+            // shard if there is one, else the table grows past the cap, up
+            // to twice it.
+            if let Some(&victim) = maps.guests.keys().next() {
+                maps.guests.remove(&victim);
+                maps.known.insert(key, next.into());
+                return Ok(t);
+            }
+            if store.budget.force_acquire() {
+                crate::telemetry::tracked_keys(1.0);
+                maps.known.insert(key, next.into());
+                return Ok(t);
+            }
+        }
+        drop(guard);
         // At the cap: count the request in the shared overflow bucket.
         let mut overflow = store
             .overflow

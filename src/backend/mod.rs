@@ -44,11 +44,15 @@ pub struct Subject {
     /// Capacity this request must leave untouched (a priority reserve, for
     /// requests that are not critical); 0 for most requests.
     pub reserve: u32,
+    /// Whether the caller is known to the policy ([`Identity::is_known`](crate::Identity::is_known)).
+    /// A backend with bounded memory keeps known callers' state first.
+    pub known: bool,
 }
 
 impl Subject {
-    /// One request of cost 1, normal priority and no reserve, for `key` in
-    /// a tier × category cell whose buckets are separated by `scope`.
+    /// One request of cost 1, normal priority and no reserve, for a known
+    /// `key` in a tier × category cell whose buckets are separated by
+    /// `scope`.
     ///
     /// ```
     /// use tierlimit::{KeyId, Policy, Subject};
@@ -66,6 +70,7 @@ impl Subject {
             priority: Priority::Normal,
             scope,
             reserve: 0,
+            known: true,
         }
     }
 
