@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -26,9 +26,11 @@ const GCRA: &str = include_str!("gcra.lua");
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum FailurePolicy {
-    /// Limit each instance in memory, with the same policy (the default:
-    /// the service stays protected, each instance enforcing the full limit
-    /// on its own).
+    /// Limit each instance in memory (the default: the service stays
+    /// protected). Each instance enforces its
+    /// [`fallback_share`](RedisBackendBuilder::fallback_share) of every
+    /// limit on its own, so while Redis is down, at most `instances × share
+    /// × limit` more requests are admitted per window than Redis counted.
     #[default]
     Fallback,
     /// Let every request through, unlimited.
@@ -60,7 +62,15 @@ struct Inner {
     failure: FailurePolicy,
     fallback: MemoryBackend,
     retry_interval: Duration,
-    /// Degraded since, in micros of the local clock; 0 when connected.
+    io: IoThread,
+    /// The share of each limit the fallback enforces per instance.
+    fallback_share: f64,
+    /// Checks waiting on Redis at once; later ones queue here, and the
+    /// timeout starts only once a check is sent.
+    in_flight: tokio::sync::Semaphore,
+    /// Consecutive failed checks that mark the backend degraded.
+    trip_after: u32,
+    consecutive_failures: AtomicU32,
     degraded: AtomicBool,
     next_probe: AtomicU64,
     deny: DenyCache,
@@ -81,10 +91,20 @@ struct Inner {
 /// - After a refusal, that bucket's requests are refused on this instance
 ///   until the retry delay passes, without a round trip, with the same
 ///   headers.
-/// - Every check is bounded by a timeout (default 50 ms). A failed check
-///   marks the backend degraded: for the next second (`retry_interval`) no
-///   request waits on Redis, the [`FailurePolicy`] answers instead; then one
-///   request probes again, and the backend returns to Redis by itself.
+/// - [`connect`](RedisBackendBuilder::connect) connects and loads the
+///   script before it returns, so the first requests find Redis ready.
+/// - At most [`max_in_flight`](RedisBackendBuilder::max_in_flight) checks
+///   (default 64) wait on Redis at once; the others queue in the process.
+///   The timeout (default 50 ms) bounds the Redis round trip of a check
+///   that was sent, never its wait in that queue: local queueing under a
+///   burst is not a Redis failure, and a burst of any size on any number
+///   of instances admits exactly the limit.
+/// - A check that fails or times out gets the [`FailurePolicy`]'s answer.
+///   [`trip_after`](RedisBackendBuilder::trip_after) consecutive failures
+///   (default 3) mark the backend degraded: for the next
+///   `retry_interval` (one second) no request waits on Redis, queued ones
+///   included; then one request probes, and the backend returns to Redis by
+///   itself. One slow answer trips nothing.
 ///
 /// Instances share buckets only if they hash keys alike: set the same
 /// [`set_key_secret`](crate::set_key_secret) (or `TIERLIMIT_KEY_SECRET`) on
@@ -113,17 +133,24 @@ pub struct RedisBackendBuilder {
     timeout: Duration,
     failure: FailurePolicy,
     retry_interval: Duration,
+    fallback_share: f64,
+    max_in_flight: usize,
+    trip_after: u32,
+    lazy: bool,
     fake: Option<FakeRelativeClock>,
 }
 
 /// Why a [`RedisBackend`] could not be made.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum RedisSetupError {
     /// Keys are hashed with a random per-process secret, so instances
     /// would not share buckets.
     NoSharedKeySecret,
     /// The URL or the first connection failed.
     Redis(redis::RedisError),
+    /// The backend's I/O thread could not be started.
+    Io(std::io::Error),
 }
 
 impl fmt::Display for RedisSetupError {
@@ -133,11 +160,20 @@ impl fmt::Display for RedisSetupError {
                 "instances must hash keys alike: call tierlimit::set_key_secret or set TIERLIMIT_KEY_SECRET before building the policy",
             ),
             RedisSetupError::Redis(e) => write!(f, "redis: {e}"),
+            RedisSetupError::Io(e) => write!(f, "the redis I/O thread could not start: {e}"),
         }
     }
 }
 
-impl std::error::Error for RedisSetupError {}
+impl std::error::Error for RedisSetupError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RedisSetupError::Redis(e) => Some(e),
+            RedisSetupError::Io(e) => Some(e),
+            RedisSetupError::NoSharedKeySecret => None,
+        }
+    }
+}
 
 impl From<redis::RedisError> for RedisSetupError {
     fn from(e: redis::RedisError) -> Self {
@@ -155,6 +191,10 @@ impl RedisBackend {
             timeout: Duration::from_millis(50),
             failure: FailurePolicy::Fallback,
             retry_interval: Duration::from_secs(1),
+            fallback_share: 1.0,
+            max_in_flight: 64,
+            trip_after: 3,
+            lazy: false,
             fake: None,
         }
     }
@@ -224,6 +264,45 @@ impl RedisBackendBuilder {
         self
     }
 
+    /// The share of each limit that one instance enforces on its own while
+    /// Redis is unreachable, under [`FailurePolicy::Fallback`] (default
+    /// 1.0: the whole limit; values are clamped to (0, 1]). With `n`
+    /// instances, `1 / n` keeps the whole service within about one limit
+    /// per window during an outage (plus what Redis had already counted).
+    /// The burst and the rate are both scaled: `0.25` turns 100/hour into
+    /// 25/hour per instance.
+    pub fn fallback_share(mut self, share: f64) -> Self {
+        self.fallback_share = if share.is_finite() && share > 0.0 {
+            share.min(1.0)
+        } else {
+            1.0
+        };
+        self
+    }
+
+    /// The most checks waiting on Redis at once (default 64). Further
+    /// checks queue in the process without their timeout running.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        self
+    }
+
+    /// How many consecutive failed checks mark the backend degraded
+    /// (default 3; at least 1).
+    pub fn trip_after(mut self, failures: u32) -> Self {
+        self.trip_after = failures.max(1);
+        self
+    }
+
+    /// Connects in the background instead of in
+    /// [`connect`](Self::connect) (single node only), so a service can
+    /// start while Redis is down; its first requests then wait for the
+    /// connection, up to the timeout, and fall back if it does not come.
+    pub fn lazy(mut self, lazy: bool) -> Self {
+        self.lazy = lazy;
+        self
+    }
+
     /// Uses a fake clock instead of Redis's (for tests): the script is
     /// given the time instead of reading `TIME`.
     pub fn fake_clock(mut self, clock: FakeRelativeClock) -> Self {
@@ -231,28 +310,55 @@ impl RedisBackendBuilder {
         self
     }
 
-    /// Connects. A single node is connected lazily, so a service that starts
-    /// while Redis is down still serves, through its failure policy.
+    /// Connects and loads the script, so that the first requests find
+    /// Redis ready (unless [`lazy`](Self::lazy)). Fails when Redis cannot
+    /// be reached within the connection timeout (the longer of the check
+    /// timeout and 1 s).
     pub async fn connect(self) -> Result<RedisBackend, RedisSetupError> {
         if !crate::key::key_secret_is_shared() {
             return Err(RedisSetupError::NoSharedKeySecret);
         }
-        let conn = if self.cluster {
-            let client = redis::cluster::ClusterClient::builder(self.urls.clone())
-                .connection_timeout(self.timeout.max(Duration::from_millis(100)))
-                .response_timeout(self.timeout)
-                .retries(1)
-                .build()?;
-            Conn::Cluster(client.get_async_connection().await?)
-        } else {
-            let client = redis::Client::open(self.urls[0].as_str())?;
+        let script = redis::Script::new(GCRA);
+        let connect_timeout = self.timeout.max(Duration::from_secs(1));
+        // redis-rs's own response timeout is a backstop only: the check's
+        // timeout is applied to the round trip by the backend.
+        let response_timeout = self
+            .timeout
+            .saturating_mul(4)
+            .max(Duration::from_millis(500));
+        let io = IoThread::start().map_err(|e| RedisSetupError::Io(e))?;
+        let urls = self.urls.clone();
+        let (cluster, lazy) = (self.cluster, self.lazy);
+        let load = script.clone();
+        // The connection is made on the I/O thread, so its tasks live there.
+        let connecting = io.handle().spawn(async move {
+            if cluster {
+                let client = redis::cluster::ClusterClient::builder(urls)
+                    .connection_timeout(connect_timeout)
+                    .response_timeout(response_timeout)
+                    .retries(1)
+                    .build()?;
+                let conn = client.get_async_connection().await?;
+                return Ok(Conn::Cluster(conn));
+            }
+            let client = redis::Client::open(urls[0].as_str())?;
             let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(100))))
-                .set_response_timeout(Some(self.timeout))
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(Some(response_timeout))
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_millis(200));
-            Conn::Single(ConnectionManager::new_lazy_with_config(client, config)?)
-        };
+            if lazy {
+                return Ok(Conn::Single(ConnectionManager::new_lazy_with_config(
+                    client, config,
+                )?));
+            }
+            let mut conn = ConnectionManager::new_with_config(client, config).await?;
+            load.prepare_invoke().load_async(&mut conn).await?;
+            Ok::<_, redis::RedisError>(Conn::Single(conn))
+        });
+        let conn = connecting
+            .await
+            .map_err(|e| RedisSetupError::Io(std::io::Error::other(e)))??;
         let fallback = MemoryBackend::new();
         let fake = self.fake.map(|c| {
             let start = c.now();
@@ -262,12 +368,17 @@ impl RedisBackendBuilder {
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 conn,
-                script: redis::Script::new(GCRA),
+                script,
                 prefix: self.prefix,
                 timeout: self.timeout,
                 failure: self.failure,
                 fallback,
                 retry_interval: self.retry_interval,
+                io,
+                fallback_share: self.fallback_share,
+                in_flight: tokio::sync::Semaphore::new(self.max_in_flight),
+                trip_after: self.trip_after,
+                consecutive_failures: AtomicU32::new(0),
                 degraded: AtomicBool::new(false),
                 next_probe: AtomicU64::new(0),
                 deny: DenyCache::default(),
@@ -289,49 +400,112 @@ impl Inner {
         }
     }
 
+    /// Runs the script once, on the backend's own I/O thread, bounded by
+    /// the timeout there: the time measured is Redis's round trip, never
+    /// the wait for a busy application runtime to poll the connection.
     async fn eval(
-        &self,
-        key: &str,
+        self: &Arc<Self>,
+        key: String,
         limit: &Limit,
         cost: u32,
         reserve: u32,
         peek: bool,
-    ) -> redis::RedisResult<(i64, i64)> {
+    ) -> Result<(i64, i64), EvalError> {
         let t = (limit.emission_interval_nanos() / 1_000).max(1);
+        let max = limit.max();
         let now = match &self.fake {
             Some(_) => self.local_micros().to_string(),
             None => String::new(),
         };
-        let mut inv = self.script.key(key);
-        inv.arg(t)
-            .arg(limit.max())
-            .arg(cost)
-            .arg(now)
-            .arg(reserve)
-            .arg(if peek { "1" } else { "0" });
-        match &self.conn {
-            Conn::Single(c) => inv.invoke_async(&mut c.clone()).await,
-            Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
+        let inner = Arc::clone(self);
+        let round_trip = async move {
+            let mut inv = inner.script.key(key);
+            inv.arg(t)
+                .arg(max)
+                .arg(cost)
+                .arg(now)
+                .arg(reserve)
+                .arg(if peek { "1" } else { "0" });
+            let call = async {
+                match &inner.conn {
+                    Conn::Single(c) => inv.invoke_async(&mut c.clone()).await,
+                    Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
+                }
+            };
+            match tokio::time::timeout(inner.timeout, call).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(EvalError::Redis(e)),
+                Err(_) => Err(EvalError::Timeout),
+            }
+        };
+        match self.io.handle().spawn(round_trip).await {
+            Ok(result) => result,
+            Err(_) => Err(EvalError::Lost),
         }
     }
 
-    fn mark(&self, ok: bool) {
-        let was = self.degraded.swap(!ok, Ordering::Relaxed);
-        if was == ok {
-            crate::telemetry::backend_state("redis", ok);
-        }
-        if !ok {
-            crate::telemetry::backend_error("redis");
-        }
-        if was && ok {
+    /// A check succeeded: failures start counting from zero, and a
+    /// degraded backend returns to Redis.
+    fn succeeded(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        if self.degraded.swap(false, Ordering::Relaxed) {
+            crate::telemetry::backend_state("redis", true);
             tracing::info!(prefix = %self.prefix, "redis reachable again: shared rate limits resume");
-        } else if !was && !ok {
-            tracing::warn!(prefix = %self.prefix, policy = ?self.failure, "redis unreachable: rate limits degraded");
         }
-        if !ok {
+    }
+
+    /// A check failed: counted, and after `trip_after` in a row (or any
+    /// failure of a probe) the backend is degraded until the next probe.
+    fn failed(&self) {
+        crate::telemetry::backend_error("redis");
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let degraded = self.degraded.load(Ordering::Relaxed);
+        if degraded || n >= self.trip_after {
             let next = self.local_micros() + self.retry_interval.as_micros() as u64;
             self.next_probe.store(next, Ordering::Relaxed);
+            if !self.degraded.swap(true, Ordering::Relaxed) {
+                crate::telemetry::backend_state("redis", false);
+                tracing::warn!(
+                    prefix = %self.prefix,
+                    policy = ?self.failure,
+                    failures = n,
+                    "redis unreachable: rate limits degraded"
+                );
+            }
         }
+    }
+
+    /// How a check goes now: to Redis, to Redis as the one probe of a
+    /// degraded backend, or around it (degraded, not yet time to probe).
+    fn route(&self, now: u64) -> Route {
+        if !self.degraded.load(Ordering::Relaxed) {
+            return Route::Redis;
+        }
+        let due = self.next_probe.load(Ordering::Relaxed);
+        let probe = now >= due
+            && self
+                .next_probe
+                .compare_exchange(
+                    due,
+                    now + self.retry_interval.as_micros() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok();
+        if probe { Route::Probe } else { Route::Around }
+    }
+
+    /// The limit the fallback enforces: this instance's share of `limit`.
+    fn fallback_limit(&self, limit: &Limit) -> Limit {
+        if self.fallback_share >= 1.0 {
+            return *limit;
+        }
+        let max = (f64::from(limit.max()) * self.fallback_share)
+            .ceil()
+            .clamp(1.0, f64::from(limit.max())) as u32;
+        std::num::NonZeroU32::new(max)
+            .and_then(|m| Limit::new(m, limit.per()))
+            .unwrap_or(*limit)
     }
 
     fn on_failure(&self, subject: &Subject, limit: &Limit) -> Result<Decision, BackendError> {
@@ -342,7 +516,27 @@ impl Inner {
         };
         crate::telemetry::fallback("redis", policy);
         match self.failure {
-            FailurePolicy::Fallback => self.fallback.check_now(subject, limit),
+            FailurePolicy::Fallback => {
+                let share = self.fallback_limit(limit);
+                if subject.cost > share.max() {
+                    // Fits the limit, not this instance's share of it: ask
+                    // again once Redis may be back (a 429, not a 400).
+                    return Ok(Decision::deny(&share, subject.cost, self.retry_interval));
+                }
+                let reserve = if subject.reserve == 0 {
+                    0
+                } else {
+                    let scaled = (f64::from(subject.reserve) * self.fallback_share).ceil() as u32;
+                    scaled.clamp(1, share.max() - 1)
+                };
+                self.fallback.check_now(
+                    &Subject {
+                        reserve,
+                        ..*subject
+                    },
+                    &share,
+                )
+            }
             FailurePolicy::FailOpen => Ok(Decision::allow(
                 limit,
                 limit.max() - subject.cost.min(limit.max()),
@@ -350,6 +544,61 @@ impl Inner {
             FailurePolicy::FailClosed => Err(BackendError::Unavailable("redis unreachable".into())),
         }
     }
+}
+
+/// Why a script call gave no answer.
+#[derive(Debug)]
+enum EvalError {
+    Redis(redis::RedisError),
+    Timeout,
+    /// The I/O thread is gone (the backend is being dropped).
+    Lost,
+}
+
+impl fmt::Display for EvalError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EvalError::Redis(e) => e.fmt(f),
+            EvalError::Timeout => f.write_str("timed out"),
+            EvalError::Lost => f.write_str("the redis I/O thread stopped"),
+        }
+    }
+}
+
+/// The backend's own single-threaded runtime for Redis I/O: the
+/// connection's tasks and every round trip run there, so a saturated
+/// application runtime cannot make Redis look slow.
+struct IoThread(Option<tokio::runtime::Runtime>);
+
+impl IoThread {
+    fn start() -> std::io::Result<Self> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tierlimit-redis")
+            .enable_all()
+            .build()
+            .map(|rt| IoThread(Some(rt)))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("present until dropped").handle()
+    }
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        // Dropping may happen inside an async context: don't block there.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Redis,
+    Probe,
+    Around,
 }
 
 /// Refusals remembered locally until their retry delay passes.
@@ -422,32 +671,32 @@ impl RedisBackend {
             return Ok(Decision::deny(&limit, cost, Duration::from_micros(retry)));
         }
         // 2. Degraded and not yet time to probe: no waiting on Redis.
-        if inner.degraded.load(Ordering::Relaxed) {
-            let due = inner.next_probe.load(Ordering::Relaxed);
-            let probe = now >= due
-                && inner
-                    .next_probe
-                    .compare_exchange(
-                        due,
-                        now + inner.retry_interval.as_micros() as u64,
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    )
-                    .is_ok();
-            if !probe {
-                return inner.on_failure(&subject, &limit);
-            }
+        let route = inner.route(now);
+        if route == Route::Around {
+            return inner.on_failure(&subject, &limit);
         }
-        // 3. Redis, bounded by the timeout.
         if u64::from(cost) + u64::from(subject.reserve) > u64::from(limit.max()) {
             // Only the reserve (or less) could ever be left for it.
             return Ok(Decision::deny(&limit, cost, limit.per()));
         }
+        // 3. Queue for a place among the checks in flight: waiting here is
+        // local queueing, not Redis's time. (The semaphore is never closed.)
+        let Ok(_permit) = inner.in_flight.acquire().await else {
+            return inner.on_failure(&subject, &limit);
+        };
+        // Redis may have been found down while this check queued.
+        if route == Route::Redis && inner.degraded.load(Ordering::Relaxed) {
+            return inner.on_failure(&subject, &limit);
+        }
+        // 4. The round trip, bounded by the timeout.
         let key = redis_key(&inner.prefix, &subject, &limit);
-        let eval = inner.eval(&key, &limit, cost, subject.reserve, false);
-        match tokio::time::timeout(inner.timeout, eval).await {
-            Ok(Ok((allowed, value))) => {
-                inner.mark(true);
+        match self
+            .inner
+            .eval(key, &limit, cost, subject.reserve, false)
+            .await
+        {
+            Ok((allowed, value)) => {
+                inner.succeeded();
                 let value = u64::try_from(value).unwrap_or(0);
                 if allowed == 1 {
                     Ok(Decision::allow(&limit, value as u32))
@@ -462,14 +711,9 @@ impl RedisBackend {
                     Ok(Decision::deny(&limit, cost, retry))
                 }
             }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "redis check failed");
-                inner.mark(false);
-                inner.on_failure(&subject, &limit)
-            }
-            Err(_) => {
-                tracing::debug!(timeout = ?inner.timeout, "redis check timed out");
-                inner.mark(false);
+            Err(e) => {
+                tracing::debug!(error = %e, timeout = ?inner.timeout, "redis check failed");
+                inner.failed();
                 inner.on_failure(&subject, &limit)
             }
         }
@@ -487,8 +731,7 @@ impl RedisBackend {
         let inner = &*self.inner;
         let key = redis_key(&inner.prefix, &subject, &limit);
         if !inner.degraded.load(Ordering::Relaxed)
-            && let Ok(Ok((_, rem))) =
-                tokio::time::timeout(inner.timeout, inner.eval(&key, &limit, 1, 0, true)).await
+            && let Ok((_, rem)) = self.inner.eval(key, &limit, 1, 0, true).await
         {
             return Ok(Decision::allow(&limit, u32::try_from(rem).unwrap_or(0)));
         }
