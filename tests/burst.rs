@@ -66,19 +66,13 @@ async fn burst(urls: &[String], key: &str, n: usize) -> [u32; 3] {
     [0, 1, 2].map(|i| counts[i].load(Ordering::Relaxed))
 }
 
+/// Two demo instances, each with its own backend from `connect`, take
+/// three bursts of 2,000 requests (pro write: 200/hour), one key each; the
+/// first comes right after start-up, on a cold connection.
 #[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_bursts_on_two_instances_admit_exactly_the_limit() {
-    use common::redis::{RedisServer, available};
-    use tierlimit::{BackendState, RedisBackend};
+async fn bursts_admit_exactly_the_limit(connect: impl AsyncFn() -> tierlimit::RedisBackend) {
+    use tierlimit::BackendState;
 
-    if !available() {
-        return;
-    }
-    setup();
-    let redis = RedisServer::start();
-    // pro write: 200/hour. Three keys, one per burst; the first burst
-    // comes right after start-up (a cold connection).
     let policy = spec_policy()
         .to_builder()
         .key("burst-0", "pro")
@@ -89,8 +83,7 @@ async fn redis_bursts_on_two_instances_admit_exactly_the_limit() {
     let mut backends = Vec::new();
     let mut servers = Vec::new();
     for _ in 0..2 {
-        // The defaults: a 50 ms timeout, fallback to memory.
-        let backend = RedisBackend::builder(redis.url()).connect().await.unwrap();
+        let backend = connect().await;
         servers.push(serve(demo::app(demo::limits(policy.clone(), backend.clone()))).await);
         backends.push(backend);
     }
@@ -105,6 +98,43 @@ async fn redis_bursts_on_two_instances_admit_exactly_the_limit() {
             assert_eq!(b.state(), BackendState::Connected, "no fallback");
         }
     }
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_bursts_on_two_instances_admit_exactly_the_limit() {
+    use common::redis::{RedisServer, available};
+    if !available() {
+        return;
+    }
+    setup();
+    let redis = RedisServer::start();
+    // The defaults: a 50 ms timeout, fallback to memory.
+    bursts_admit_exactly_the_limit(async || {
+        tierlimit::RedisBackend::builder(redis.url())
+            .connect()
+            .await
+            .unwrap()
+    })
+    .await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_bursts_on_two_instances_admit_exactly_the_limit() {
+    use common::redis::{RedisCluster, available};
+    if !available() {
+        return;
+    }
+    setup();
+    let cluster = RedisCluster::start();
+    bursts_admit_exactly_the_limit(async || {
+        tierlimit::RedisBackend::cluster(cluster.urls())
+            .connect()
+            .await
+            .unwrap()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

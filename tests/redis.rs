@@ -475,3 +475,233 @@ async fn peek_reports_capacity_without_counting() {
         7
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_over_admits_at_most_each_instances_share() {
+    if !available() {
+        return;
+    }
+    init_secret();
+    let mut server = RedisServer::start();
+    let limit = Limit::per_hour(10);
+    let mut backends = Vec::new();
+    for _ in 0..2 {
+        backends.push(
+            RedisBackend::builder(server.url())
+                .timeout(Duration::from_millis(200))
+                .fallback_share(0.5)
+                .connect()
+                .await
+                .unwrap(),
+        );
+    }
+    // 4 of 10 used through Redis, then Redis dies.
+    for i in 0..4 {
+        let d = backends[i % 2]
+            .check(&subject("out"), &limit)
+            .await
+            .unwrap();
+        assert!(d.allowed);
+    }
+    server.kill();
+    // Each instance now enforces half the limit on its own: 5 each.
+    let mut admitted = 0;
+    for b in &backends {
+        for _ in 0..40 {
+            let d = tokio::time::timeout(Duration::from_secs(5), b.check(&subject("out"), &limit))
+                .await
+                .expect("answered in time")
+                .unwrap();
+            if d.allowed {
+                admitted += 1;
+                assert_eq!(d.limit, 5, "the headers show the share in force");
+            }
+        }
+        assert_eq!(b.state(), BackendState::Degraded);
+    }
+    // The bound: instances × share × limit = 2 × 0.5 × 10.
+    assert_eq!(admitted, 10, "over-admission bounded by the shares");
+    // A request whose cost fits the limit but not the share: a 429 to try
+    // again when Redis is back, never a 400.
+    let d = backends[0]
+        .check(
+            &Subject {
+                cost: 8,
+                ..subject("big")
+            },
+            &limit,
+        )
+        .await
+        .unwrap();
+    assert!(!d.allowed);
+    assert!(d.retry_after.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slow_answer_trips_nothing() {
+    if !available() {
+        return;
+    }
+    init_secret();
+    let server = RedisServer::start();
+    let backend = RedisBackend::builder(server.url())
+        .timeout(Duration::from_millis(100))
+        .connect()
+        .await
+        .unwrap();
+    let limit = Limit::per_hour(100);
+    assert!(
+        backend
+            .check(&subject("slow"), &limit)
+            .await
+            .unwrap()
+            .allowed
+    );
+    // Redis stalls for 300 ms once (DEBUG SLEEP): the checks caught in it
+    // time out; fewer than three in a row keep the backend on Redis.
+    let port = server.port;
+    let stall = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "DEBUG", "SLEEP", "0.3"])
+            .output()
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await; // let the stall begin
+    let _ = backend.check(&subject("slow"), &limit).await.unwrap();
+    stall.await.unwrap();
+    assert_eq!(backend.state(), BackendState::Connected, "one slow answer");
+    let before = server.command_calls("evalsha");
+    assert!(
+        backend
+            .check(&subject("slow"), &limit)
+            .await
+            .unwrap()
+            .allowed
+    );
+    assert_eq!(
+        server.command_calls("evalsha"),
+        before + 1,
+        "still on Redis"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_failover_under_load_answers_every_request_within_the_bound() {
+    if !available() {
+        return;
+    }
+    init_secret();
+    let mut cluster = RedisCluster::start_with_replicas(1);
+    let limit = Limit::per_hour(50);
+    let backend = RedisBackend::cluster(cluster.urls())
+        .timeout(Duration::from_millis(200))
+        .retry_interval(Duration::from_millis(200))
+        .fallback_share(0.2)
+        .connect()
+        .await
+        .unwrap();
+    // 20 of 50 through Redis; wait (bounded) until the replica has them.
+    for _ in 0..20 {
+        assert!(backend.check(&subject("fo"), &limit).await.unwrap().allowed);
+    }
+    let key = backend.redis_key(&subject("fo"), &limit);
+    let master = cluster.master_of(&key).expect("a master holds the bucket");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = cluster.nodes[master].cli(&["INFO", "replication"]).unwrap();
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+        };
+        let offset = field("master_repl_offset:").unwrap_or_default();
+        let replica = field("slave0:").unwrap_or_default();
+        if !offset.is_empty() && replica.contains(&format!("offset={offset},")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "replication: {info}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Load: 4 tasks on the failing bucket and on others, through the kill
+    // and the failover. Every check is answered in time, none fails.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let admitted = Arc::new(AtomicU32::new(0));
+    let answered = Arc::new(AtomicU32::new(0));
+    let degraded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (backend, stop, degraded) = (backend.clone(), Arc::clone(&stop), Arc::clone(&degraded));
+        let (admitted, answered) = (Arc::clone(&admitted), Arc::clone(&answered));
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0u32;
+            while !stop.load(Ordering::Relaxed) && i < 20_000 {
+                // The failing bucket about 40 times a second in all.
+                let key = if i % 25 == 0 {
+                    "fo".to_owned()
+                } else {
+                    format!("other-{t}-{i}")
+                };
+                let d = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    backend.check(&subject(&key), &limit),
+                )
+                .await
+                .expect("a check took longer than 2 s")
+                .expect("no error under the fallback policy");
+                if key == "fo" && d.allowed {
+                    admitted.fetch_add(1, Ordering::Relaxed);
+                }
+                if backend.state() == BackendState::Degraded {
+                    degraded.store(true, Ordering::Relaxed);
+                }
+                answered.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cluster.nodes[master].kill();
+    // The replica takes over; wait (bounded) for the cluster and for the
+    // backend to be back on Redis.
+    tokio::task::block_in_place(|| cluster.wait_failover(master));
+    // Until Redis (limit 50), not the fallback (its share, 10), serves the
+    // failing bucket again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while backend.peek(&subject("fo"), &limit).await.unwrap().limit != 50
+        || backend.state() != BackendState::Connected
+    {
+        assert!(std::time::Instant::now() < deadline, "never back on Redis");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("no task panicked");
+    }
+    let mut admitted = admitted.load(Ordering::Relaxed);
+    // Use up what Redis still has for the bucket.
+    for _ in 0..100 {
+        let d = backend.check(&subject("fo"), &limit).await.unwrap();
+        if !d.allowed {
+            assert_eq!(d.limit, 50, "refused by Redis, not the fallback");
+            break;
+        }
+        admitted += 1;
+    }
+    println!(
+        "failover: {} checks answered, {admitted} more admitted on the failing bucket",
+        answered.load(Ordering::Relaxed)
+    );
+    assert!(
+        degraded.load(Ordering::Relaxed),
+        "the fallback served the failover"
+    );
+    // Redis had 30 left (the replica kept the 20); the fallback adds at
+    // most its share, 0.2 × 50 = 10, on this one instance.
+    assert!(
+        (30..=40).contains(&admitted),
+        "{admitted} admitted: the bound is 30 + 10"
+    );
+    assert_eq!(backend.state(), BackendState::Connected);
+}

@@ -54,8 +54,19 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
+/// The cluster client, kept to rebuild the connection after a failover:
+/// redis-rs reconnects to a dead master's address but does not look the
+/// topology up again when that address refuses connections.
+struct Rebuild {
+    client: redis::cluster::ClusterClient,
+    running: AtomicBool,
+    /// Local micros before which no other rebuild starts.
+    not_before: AtomicU64,
+}
+
 struct Inner {
-    conn: Conn,
+    conn: arc_swap::ArcSwap<Conn>,
+    rebuild: Option<Rebuild>,
     script: redis::Script,
     prefix: String,
     timeout: Duration,
@@ -331,15 +342,21 @@ impl RedisBackendBuilder {
         let (cluster, lazy) = (self.cluster, self.lazy);
         let load = script.clone();
         // The connection is made on the I/O thread, so its tasks live there.
-        let connecting = io.handle().spawn(async move {
-            if cluster {
-                let client = redis::cluster::ClusterClient::builder(urls)
+        let cluster_client = if cluster {
+            Some(
+                redis::cluster::ClusterClient::builder(urls.clone())
                     .connection_timeout(connect_timeout)
                     .response_timeout(response_timeout)
                     .retries(1)
-                    .build()?;
-                let conn = client.get_async_connection().await?;
-                return Ok(Conn::Cluster(conn));
+                    .build()?,
+            )
+        } else {
+            None
+        };
+        let cluster_conn = cluster_client.clone();
+        let connecting = io.handle().spawn(async move {
+            if let Some(client) = cluster_conn {
+                return Ok(Conn::Cluster(client.get_async_connection().await?));
             }
             let client = redis::Client::open(urls[0].as_str())?;
             let config = ConnectionManagerConfig::new()
@@ -367,7 +384,12 @@ impl RedisBackendBuilder {
         });
         Ok(RedisBackend {
             inner: Arc::new(Inner {
-                conn,
+                conn: arc_swap::ArcSwap::from_pointee(conn),
+                rebuild: cluster_client.map(|client| Rebuild {
+                    client,
+                    running: AtomicBool::new(false),
+                    not_before: AtomicU64::new(0),
+                }),
                 script,
                 prefix: self.prefix,
                 timeout: self.timeout,
@@ -426,8 +448,9 @@ impl Inner {
                 .arg(now)
                 .arg(reserve)
                 .arg(if peek { "1" } else { "0" });
+            let conn = inner.conn.load_full();
             let call = async {
-                match &inner.conn {
+                match &*conn {
                     Conn::Single(c) => inv.invoke_async(&mut c.clone()).await,
                     Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
                 }
@@ -454,9 +477,43 @@ impl Inner {
         }
     }
 
+    /// On a cluster, looks the topology up again with a new connection (at
+    /// most once per retry interval, in the background on the I/O thread),
+    /// so that a replica promoted after a failover is found.
+    fn rebuild_cluster(self: &Arc<Self>) {
+        let Some(rebuild) = &self.rebuild else {
+            return;
+        };
+        let now = self.local_micros();
+        if now < rebuild.not_before.load(Ordering::Relaxed)
+            || rebuild.running.swap(true, Ordering::Acquire)
+        {
+            return;
+        }
+        rebuild.not_before.store(
+            now + self.retry_interval.as_micros() as u64,
+            Ordering::Relaxed,
+        );
+        let inner = Arc::clone(self);
+        self.io.handle().spawn(async move {
+            let Some(rebuild) = &inner.rebuild else {
+                return;
+            };
+            match rebuild.client.get_async_connection().await {
+                Ok(conn) => {
+                    inner.conn.store(Arc::new(Conn::Cluster(conn)));
+                    tracing::debug!("redis cluster connection rebuilt");
+                }
+                Err(e) => tracing::debug!(error = %e, "redis cluster connection not rebuilt"),
+            }
+            rebuild.running.store(false, Ordering::Release);
+        });
+    }
+
     /// A check failed: counted, and after `trip_after` in a row (or any
     /// failure of a probe) the backend is degraded until the next probe.
-    fn failed(&self) {
+    fn failed(self: &Arc<Self>) {
+        self.rebuild_cluster();
         crate::telemetry::backend_error("redis");
         let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         let degraded = self.degraded.load(Ordering::Relaxed);
@@ -713,7 +770,7 @@ impl RedisBackend {
             }
             Err(e) => {
                 tracing::debug!(error = %e, timeout = ?inner.timeout, "redis check failed");
-                inner.failed();
+                self.inner.failed();
                 inner.on_failure(&subject, &limit)
             }
         }

@@ -157,7 +157,13 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..3)
+        Self::start_with_replicas(0)
+    }
+
+    /// Three masters with `replicas` replicas each; a replica takes over
+    /// about a second after its master stops answering.
+    pub fn start_with_replicas(replicas: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3 * (1 + replicas))
             .map(|_| {
                 RedisServer::start_with(&[
                     "--cluster-enabled",
@@ -165,7 +171,7 @@ impl RedisCluster {
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
-                    "2000",
+                    if replicas > 0 { "1000" } else { "2000" },
                 ])
             })
             .collect();
@@ -176,7 +182,7 @@ impl RedisCluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli runs");
         assert!(
@@ -184,8 +190,18 @@ impl RedisCluster {
             "cluster create: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for n in &nodes {
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok(&[]);
+        cluster
+    }
+
+    /// Waits (bounded) until every live node reports the cluster ok.
+    pub fn wait_ok(&self, dead: &[usize]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (i, n) in self.nodes.iter().enumerate() {
+            if dead.contains(&i) {
+                continue;
+            }
             while !n
                 .cli(&["CLUSTER", "INFO"])
                 .unwrap_or_default()
@@ -195,7 +211,41 @@ impl RedisCluster {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        RedisCluster { nodes }
+    }
+
+    /// Waits (bounded) until the cluster has failed node `dead` over: the
+    /// others mark it failed, and all of them report the cluster ok.
+    pub fn wait_failover(&self, dead: usize) {
+        let port = format!(":{}@", self.nodes[dead].port);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (i, n) in self.nodes.iter().enumerate() {
+            if i == dead {
+                continue;
+            }
+            loop {
+                let nodes = n.cli(&["CLUSTER", "NODES"]).unwrap_or_default();
+                let failed = nodes
+                    .lines()
+                    .any(|l| l.contains(&port) && l.contains(",fail") && !l.contains("fail?"));
+                let ok = n
+                    .cli(&["CLUSTER", "INFO"])
+                    .unwrap_or_default()
+                    .contains("cluster_state:ok");
+                if failed && ok {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no failover: {nodes}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// The index of the master that holds `key`.
+    pub fn master_of(&self, key: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| {
+            n.cli(&["ROLE"]).is_some_and(|r| r.starts_with("master"))
+                && n.cli(&["EXISTS", key]).as_deref() == Some("1")
+        })
     }
 
     pub fn urls(&self) -> Vec<String> {
