@@ -721,20 +721,23 @@ impl RedisBackend {
         let t_us = (limit.emission_interval_nanos() / 1_000).max(1);
         let bucket = subject.bucket();
         let now = inner.local_micros();
+        if u64::from(cost) + u64::from(subject.reserve) > u64::from(limit.max()) {
+            // Only the reserve (or less) could ever be left for it.
+            return Ok(Decision::deny(&limit, cost, limit.per()));
+        }
         // 1. A recent refusal: answered here. (Only refusals of requests
-        // without a reserve are cached, and they bind every request.)
+        // without a reserve are cached, and they bind every request: `until`
+        // is when one request of cost 1 and no reserve conforms again, so a
+        // larger cost or a reserve waits that many intervals more.)
         if let Some(until) = inner.deny.get(bucket, &limit, now) {
-            let retry = until - now + u64::from(cost - 1) * t_us;
+            let extra = u64::from(cost - 1) + u64::from(subject.reserve);
+            let retry = until - now + extra * t_us;
             return Ok(Decision::deny(&limit, cost, Duration::from_micros(retry)));
         }
         // 2. Degraded and not yet time to probe: no waiting on Redis.
         let route = inner.route(now);
         if route == Route::Around {
             return inner.on_failure(&subject, &limit);
-        }
-        if u64::from(cost) + u64::from(subject.reserve) > u64::from(limit.max()) {
-            // Only the reserve (or less) could ever be left for it.
-            return Ok(Decision::deny(&limit, cost, limit.per()));
         }
         // 3. Queue for a place among the checks in flight: waiting here is
         // local queueing, not Redis's time. (The semaphore is never closed.)
