@@ -178,17 +178,37 @@ impl ReplayBody for tonic::body::Body {
     }
 }
 
-/// Why a response asks for a retry.
-#[derive(Debug, PartialEq)]
-pub(crate) enum Verdict {
+/// What a response head says about retrying, as [`Retry`] reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Verdict {
     /// Not a rate-limit refusal.
     Done,
-    /// Refused, with the server's hint (or none).
+    /// Refused (HTTP 429 or gRPC `RESOURCE_EXHAUSTED`), with the wait the
+    /// server asks for, if it says: `Retry-After`, else the time until
+    /// `X-RateLimit-Reset`; `grpc-retry-pushback-ms`, else the
+    /// `google.rpc.RetryInfo` in `grpc-status-details-bin`.
     Refused(Option<Duration>),
 }
 
-/// Reads a response head for a refusal and its hint.
-pub(crate) fn classify(status: StatusCode, headers: &HeaderMap) -> Verdict {
+/// Reads a response head for a rate-limit refusal and the server's hint,
+/// for clients that schedule their own retries. Never panics, whatever the
+/// server sent.
+///
+/// ```
+/// use http::{HeaderMap, StatusCode};
+/// use std::time::Duration;
+/// use tierlimit::client::{Verdict, classify};
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("retry-after", "36".parse().unwrap());
+/// assert_eq!(
+///     classify(StatusCode::TOO_MANY_REQUESTS, &headers),
+///     Verdict::Refused(Some(Duration::from_secs(36)))
+/// );
+/// assert_eq!(classify(StatusCode::OK, &HeaderMap::new()), Verdict::Done);
+/// ```
+pub fn classify(status: StatusCode, headers: &HeaderMap) -> Verdict {
     let num = |name: &str| -> Option<u64> { headers.get(name)?.to_str().ok()?.trim().parse().ok() };
     if status == StatusCode::TOO_MANY_REQUESTS {
         if let Some(s) = num("retry-after") {
@@ -393,7 +413,8 @@ pub(crate) fn retry_delay(status: &[u8]) -> Option<Duration> {
         let d = fields(duration);
         let secs = d.iter().find(|p| p.0 == 1).map_or(0, |p| p.2);
         let nanos = d.iter().find(|p| p.0 == 2).map_or(0, |p| p.2);
-        return Some(Duration::from_secs(secs) + Duration::from_nanos(nanos));
+        // Hostile values never overflow: an impossible delay is no hint.
+        return Duration::from_secs(secs).checked_add(Duration::from_nanos(nanos));
     }
     None
 }
@@ -401,6 +422,20 @@ pub(crate) fn retry_delay(status: &[u8]) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hostile_retry_info_is_no_hint_and_no_panic() {
+        // RetryInfo { retry_delay: { seconds: u64::MAX, nanos: 2e9 } }
+        let status = [
+            &[0x1a, 0x3f, 0x0a, 0x28][..],
+            b"type.googleapis.com/google.rpc.RetryInfo",
+            &[0x12, 0x13, 0x0a, 0x11, 0x08],
+            &[0xff; 9],
+            &[0x01, 0x10, 0x80, 0xa8, 0xd6, 0xb9, 0x07],
+        ]
+        .concat();
+        assert_eq!(retry_delay(&status), None);
+    }
 
     #[test]
     fn reads_back_the_servers_retry_info() {

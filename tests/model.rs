@@ -93,8 +93,10 @@ fn policy() -> Policy {
     // One key secret for the binary, before any key is hashed.
     #[cfg(feature = "redis")]
     common::redis::init_secret();
-    Policy::from_toml_str("categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1/s\"\nwrite = \"1/s\"")
-        .unwrap()
+    Policy::from_toml_str(
+        "categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1/s\"\nwrite = \"1/s\"",
+    )
+    .unwrap()
 }
 
 static KEYS: AtomicU64 = AtomicU64::new(0);
@@ -173,9 +175,20 @@ mod redis_script {
     use std::sync::OnceLock;
 
     /// One server and one backend (fake clock) for every case.
-    fn shared() -> Option<&'static (RedisServer, FakeRelativeClock, tierlimit::RedisBackend, tokio::runtime::Runtime)> {
-        static SHARED: OnceLock<Option<(RedisServer, FakeRelativeClock, tierlimit::RedisBackend, tokio::runtime::Runtime)>> =
-            OnceLock::new();
+    fn shared() -> Option<&'static (
+        RedisServer,
+        FakeRelativeClock,
+        tierlimit::RedisBackend,
+        tokio::runtime::Runtime,
+    )> {
+        static SHARED: OnceLock<
+            Option<(
+                RedisServer,
+                FakeRelativeClock,
+                tierlimit::RedisBackend,
+                tokio::runtime::Runtime,
+            )>,
+        > = OnceLock::new();
         SHARED
             .get_or_init(|| {
                 if !available() {

@@ -637,7 +637,7 @@ async fn cluster_failover_under_load_answers_every_request_within_the_bound() {
             let mut i = 0u32;
             while !stop.load(Ordering::Relaxed) && i < 20_000 {
                 // The failing bucket about 40 times a second in all.
-                let key = if i % 25 == 0 {
+                let key = if i.is_multiple_of(25) {
                     "fo".to_owned()
                 } else {
                     format!("other-{t}-{i}")

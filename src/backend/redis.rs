@@ -337,7 +337,7 @@ impl RedisBackendBuilder {
             .timeout
             .saturating_mul(4)
             .max(Duration::from_millis(500));
-        let io = IoThread::start().map_err(|e| RedisSetupError::Io(e))?;
+        let io = IoThread::start().map_err(RedisSetupError::Io)?;
         let urls = self.urls.clone();
         let (cluster, lazy) = (self.cluster, self.lazy);
         let load = script.clone();
