@@ -315,17 +315,36 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
     b.build()
 }
 
-/// The sections whose text may hold API keys (`[keys]`, `[overrides.*]`,
-/// `[[boosts]]`), if `offset` (whose text is `text`) lies in one.
+/// Where a parser error may echo the file's text: only in sections that
+/// hold no API keys. Anywhere else (`[keys]`, `[overrides.*]`,
+/// `[[boosts]]`, and any table the loader does not know, where keys may
+/// stand after a typo), the error names the section instead: `Some(name)`.
 fn secret_section(source: &str, offset: usize, text: &str) -> Option<&'static str> {
+    const PLAIN: [&str; 6] = [
+        "tiers",
+        "routes",
+        "grpc",
+        "defaults",
+        "shadow",
+        "categories",
+    ];
     const SECRET: [&str; 3] = ["keys", "overrides", "boosts"];
-    let name = |header: &str| {
-        let h = header.trim().trim_start_matches('[').trim_start();
-        SECRET.into_iter().find(|s| h.starts_with(s))
+    let classify = |line: &str| {
+        let h = line.trim().trim_start_matches('[').trim_start();
+        if PLAIN.iter().any(|p| h.starts_with(p)) {
+            None
+        } else {
+            Some(
+                SECRET
+                    .into_iter()
+                    .find(|s| h.starts_with(s))
+                    .unwrap_or("(file)"),
+            )
+        }
     };
     // The error may sit on a section header itself.
     if text.starts_with('[') {
-        return name(text);
+        return classify(text);
     }
     let before = source.get(..offset).unwrap_or("");
     match before
@@ -333,11 +352,13 @@ fn secret_section(source: &str, offset: usize, text: &str) -> Option<&'static st
         .rev()
         .find(|l| l.trim_start().starts_with('['))
     {
-        Some(header) => name(header),
-        // Top level: an inline table such as `keys = { … }`.
+        Some(header) => classify(header),
+        // Top level: `categories = …`, or an inline table such as
+        // `keys = { … }`.
         None => {
             let line = before.rsplit('\n').next().unwrap_or("");
-            name(line).or_else(|| name(text))
+            let line = if line.trim().is_empty() { text } else { line };
+            classify(line)
         }
     }
 }
@@ -507,6 +528,8 @@ cost = 5
             format!(
                 "{GOOD}\n[[boosts]]\nkey = \"{secret} x\"\nadjust = \"x2\"\nstart = \"1\"\nend = \"2\"\n"
             ),
+            // A table the loader does not know (a typo of [keys]).
+            format!("{GOOD}\n[kyes]\n\"{secret}\" = \"free\"\n\"{secret}\" = \"free\"\n"),
             // Inline at the top level, with a syntax error.
             format!("keys = {{ \"{secret}\" = \"free\", \"{secret}\" = \"free\" }}\n{GOOD}"),
             format!("{GOOD}\"{secret}\" = free\n"),
