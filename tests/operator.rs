@@ -520,6 +520,7 @@ async fn shadow_mode_refuses_nothing_but_counts_and_sends_headers() {
 
 #[test]
 fn policy_handles_of_one_layer_serialise_their_updates() {
+    setup();
     // Two handles, 500 updates each, all at once: every edit survives.
     let layer = RateLimitLayer::new(Policy::from_toml_str(OPS).unwrap());
     let handles = [layer.policy_handle(), layer.policy_handle()];
@@ -553,6 +554,7 @@ fn policy_handles_of_one_layer_serialise_their_updates() {
 
 #[tokio::test]
 async fn a_reserve_never_takes_a_whole_custom_limit() {
+    setup();
     // The tier reserves 20%; a custom limit of 1/hour for one key would
     // reserve all of it. Normal requests still get the one request.
     let policy = Policy::from_toml_str(OPS)

@@ -1,0 +1,392 @@
+//! The request path, in one module: **identify → classify → rule →
+//! backend check → outcome**.
+//!
+//! [`Shared::admit`] reads a request's head and returns a [`Step`]: pass
+//! (not limited), allow (with the headers to write), answer (a refusal or a
+//! rejection, ready to send) or wait (a backend that needs a round trip).
+//! A deferred check carries everything it needs in an owned [`Deferred`],
+//! whose [`settle`](Deferred::settle) turns the backend's answer into the
+//! same outcome the ready path gets. The service, its future, the layer and
+//! the usage service depend on this module; it depends on none of them.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Request, Response};
+
+use crate::backend::{Backend, BackendError, Decision, Subject};
+use crate::extract::{Extractor, Identity, PeerIp, Priority, Rejection, RequestRef};
+use crate::key::KeyId;
+use crate::policy::{CategoryId, Policy, Rule, Target, TierId};
+use crate::response::grpc::is_grpc;
+use crate::response::{Answer, HeaderOptions, HeaderPlan};
+use crate::view::{CellView, PolicyView};
+
+/// A source of Unix time in seconds (for boosts; tests inject one).
+pub type UnixClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// What every clone of the service, the layer and its handles share.
+pub(crate) struct Shared<E, B> {
+    pub(crate) extractor: E,
+    pub(crate) backend: B,
+    /// The policy in force with its compiled view, swapped as one.
+    pub(crate) view: Arc<ArcSwap<PolicyView>>,
+    /// Serialises every [`PolicyHandle`](crate::PolicyHandle)'s edits.
+    pub(crate) edit: Arc<Mutex<()>>,
+    pub(crate) anonymous: PeerIp,
+    pub(crate) headers: HeaderOptions,
+    pub(crate) shadowed: Arc<AtomicU64>,
+    pub(crate) unix_clock: Option<UnixClock>,
+}
+
+/// What the layer does with a request, decided before any inner call.
+pub(crate) enum Step<BF> {
+    /// Not limited: call the inner service, write no headers.
+    Pass,
+    /// Allowed: call the inner service, then write these headers.
+    Allow(HeaderPlan),
+    /// Answered by the layer (a refusal or a rejection).
+    Answer(Response<Bytes>),
+    /// The backend needs a round trip; settle its answer with `Deferred`.
+    Wait(BF, Box<Deferred>),
+}
+
+/// The outcome of a backend's answer.
+pub(crate) enum Settled {
+    /// Allowed: call the inner service, then write these headers.
+    Allow(HeaderPlan),
+    /// Answered by the layer.
+    Answer(Response<Bytes>),
+}
+
+impl<E, B> Shared<E, B> {
+    /// Unix seconds now.
+    pub(crate) fn unix_now(&self) -> u64 {
+        match &self.unix_clock {
+            Some(c) => c(),
+            None => crate::response::unix_now_secs(),
+        }
+    }
+}
+
+impl<E: Extractor, B> Shared<E, B> {
+    /// The caller and its tier: the extractor's identity (or, without a
+    /// key, the peer address when the policy has a tier for that), its tier
+    /// from the identity or the policy's rule for unknown keys.
+    pub(crate) fn identify(
+        &self,
+        view: &RequestRef<'_>,
+        policy: &Policy,
+    ) -> Result<(Identity, TierId), Rejection> {
+        let identity = match self.extractor.extract(view, policy) {
+            Err(Rejection::MissingKey) if policy.missing_key_tier().is_some() => {
+                self.anonymous.extract(view, policy)?
+            }
+            other => other?,
+        };
+        let tier = identity
+            .tier()
+            .or_else(|| policy.unknown_key_tier())
+            .ok_or(Rejection::UnknownKey)?;
+        Ok((identity, tier))
+    }
+}
+
+impl<E: Extractor, B: Backend> Shared<E, B> {
+    /// The whole request path up to the backend's answer.
+    pub(crate) fn admit<T>(&self, req: &Request<T>) -> Step<B::Future> {
+        let guard = self.view.load();
+        let view: &PolicyView = &guard;
+        let policy: &Policy = &view.policy;
+        let answer = |a: Answer<'_>| Step::Answer(a.into_response(is_grpc(req.headers())));
+
+        // Classify: which category, at what cost (exempt routes pass).
+        let (category, route_cost) = match policy.classify(req.method(), req.uri().path()) {
+            Target::Exempt => return Step::Pass,
+            Target::Category { category, cost } => (category, cost),
+        };
+        // Identify: who, in which tier.
+        let (identity, tier) = match self.identify(&RequestRef::new(req), policy) {
+            Ok(found) => found,
+            Err(r) => return answer(Answer::Rejected(r)),
+        };
+        // Rule: the cell's limit, with custom limits and boosts applied.
+        let (Some(cell), Some(cell_view)) =
+            (policy.cell(tier, category), view.cell(tier, category))
+        else {
+            // A tier id from another policy: treat as an unknown key.
+            return answer(Answer::Rejected(Rejection::UnknownKey));
+        };
+        let rule = if policy.has_adjustments() {
+            let now = if policy.has_boosts() {
+                self.unix_now()
+            } else {
+                0
+            };
+            policy.effective_rule(tier, category, identity.key(), now)
+        } else {
+            cell.rule
+        };
+        let limit = match rule {
+            Rule::Unlimited => return Step::Pass,
+            Rule::Limited(limit) => limit,
+        };
+        // Cost: the route's cost is a floor; an extractor's count multiplies it.
+        let cost = identity
+            .cost()
+            .map_or(route_cost, |n| route_cost.saturating_mul(n));
+        if cost == 0 {
+            return answer(Answer::Rejected(Rejection::InvalidCost(
+                "a cost must be at least 1",
+            )));
+        }
+        if cost > limit.max() {
+            return answer(Answer::CostTooHigh {
+                cost,
+                max: limit.max(),
+                tier: policy.tier_name(tier),
+                category: policy.category_name(category),
+            });
+        }
+        // Priority: only tiers with a reserve read the header.
+        let pct = policy.priority_reserve(tier);
+        let reserve = if pct == 0 {
+            0
+        } else {
+            match reserve(req.headers(), identity.priority(), pct, limit.max()) {
+                Ok(reserve) => reserve,
+                Err(r) => return answer(Answer::Rejected(r)),
+            }
+        };
+        let subject = Subject {
+            key: identity.key(),
+            tier,
+            category,
+            cost,
+            scope: cell.scope,
+            reserve,
+            known: identity.is_known(),
+        };
+        // Check, and settle at once when the backend answered at once.
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
+        let mut check = self.backend.check(&subject, &limit);
+        let polled = Pin::new(&mut check).poll(&mut Context::from_waker(Waker::noop()));
+        match polled {
+            Poll::Ready(result) => {
+                #[cfg(feature = "metrics")]
+                crate::telemetry::check_duration(started.elapsed());
+                let outcome = Outcome {
+                    policy,
+                    cell: cell_view,
+                    tier,
+                    category,
+                    key: identity.key(),
+                    reserve,
+                    shadowed: &self.shadowed,
+                    options: self.headers,
+                };
+                match outcome.settle(result, || is_grpc(req.headers())) {
+                    Settled::Allow(plan) => Step::Allow(plan),
+                    Settled::Answer(res) => Step::Answer(res),
+                }
+            }
+            Poll::Pending => Step::Wait(
+                check,
+                Box::new(Deferred {
+                    view: Arc::clone(&guard),
+                    tier,
+                    category,
+                    key: identity.key(),
+                    reserve,
+                    grpc: is_grpc(req.headers()),
+                    shadowed: Arc::clone(&self.shadowed),
+                    options: self.headers,
+                    #[cfg(feature = "metrics")]
+                    started,
+                }),
+            ),
+        }
+    }
+}
+
+/// The capacity a request of a tier with a reserve of `pct` percent must
+/// leave for critical ones: none if it is critical (by its
+/// `X-Request-Priority`, else its identity's priority).
+fn reserve(
+    headers: &http::HeaderMap,
+    priority: Priority,
+    pct: u8,
+    max: u32,
+) -> Result<u32, Rejection> {
+    let priority = match headers.get(&X_REQUEST_PRIORITY) {
+        Some(v) => parse_priority(v.as_bytes()).ok_or(Rejection::InvalidPriority)?,
+        None => priority,
+    };
+    if priority == Priority::Critical {
+        return Ok(0);
+    }
+    // A custom or scaled limit may be smaller than the tier's: never
+    // reserve the whole burst.
+    Ok(crate::policy::reserve_of(max, pct).min(max - 1))
+}
+
+static X_REQUEST_PRIORITY: http::HeaderName = http::HeaderName::from_static("x-request-priority");
+
+fn parse_priority(v: &[u8]) -> Option<Priority> {
+    let v = v.trim_ascii();
+    if v.eq_ignore_ascii_case(b"critical") {
+        Some(Priority::Critical)
+    } else if v.eq_ignore_ascii_case(b"normal") {
+        Some(Priority::Normal)
+    } else if v.eq_ignore_ascii_case(b"sheddable") {
+        Some(Priority::Sheddable)
+    } else {
+        None
+    }
+}
+
+/// What settling a backend's answer needs, borrowed (the ready path) or
+/// from a [`Deferred`] (the deferred path): one code path for both.
+struct Outcome<'a> {
+    policy: &'a Policy,
+    cell: &'a CellView,
+    tier: TierId,
+    category: CategoryId,
+    key: KeyId,
+    reserve: u32,
+    shadowed: &'a AtomicU64,
+    options: HeaderOptions,
+}
+
+impl Outcome<'_> {
+    /// Turns a backend's answer into the outcome: the reserve is reported
+    /// as part of the limit, and shadow mode turns refusals into counted
+    /// passes.
+    fn settle(
+        &self,
+        result: Result<Decision, BackendError>,
+        grpc: impl FnOnce() -> bool,
+    ) -> Settled {
+        let policy = self.policy;
+        let (tier, category) = (self.tier, self.category);
+        let names = (policy.tier_name(tier), policy.category_name(category));
+        let plan = |decision: Decision| HeaderPlan {
+            decision,
+            cell: Arc::clone(&self.cell.headers),
+            options: self.options,
+        };
+        let result = result.map(|mut d| {
+            if self.reserve > 0 {
+                // Report the limit that applied to this request.
+                d.limit = d.limit.saturating_sub(self.reserve);
+                d.remaining = d.remaining.saturating_sub(self.reserve);
+            }
+            d
+        });
+        #[cfg(feature = "metrics")]
+        let counters = Some(self.cell.metrics(names.0, names.1));
+        match result {
+            Ok(d) if d.allowed => {
+                #[cfg(feature = "metrics")]
+                if let Some(m) = counters {
+                    m.allowed.increment(1);
+                }
+                Settled::Allow(plan(d))
+            }
+            Ok(mut d) if policy.is_shadow(tier, category) => {
+                #[cfg(feature = "metrics")]
+                if let Some(m) = counters {
+                    m.shadow.increment(1);
+                }
+                self.shadowed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    tier = names.0,
+                    category = names.1,
+                    key = %self.key.redacted(),
+                    retry_after = ?d.retry_after,
+                    "shadow mode: would have refused"
+                );
+                d.retry_after = None;
+                Settled::Allow(plan(d))
+            }
+            Ok(d) => {
+                #[cfg(feature = "metrics")]
+                if let Some(m) = counters {
+                    m.refused.increment(1);
+                }
+                tracing::debug!(
+                    tier = names.0,
+                    category = names.1,
+                    key = %self.key.redacted(),
+                    retry_after = ?d.retry_after,
+                    "rate limited"
+                );
+                let refused = Answer::Refused {
+                    plan: plan(d),
+                    tier: names.0,
+                    category: names.1,
+                    key: self.key,
+                };
+                Settled::Answer(refused.into_response(grpc()))
+            }
+            Err(BackendError::CostExceedsLimit { cost, max }) => {
+                let answer = Answer::CostTooHigh {
+                    cost,
+                    max,
+                    tier: names.0,
+                    category: names.1,
+                };
+                Settled::Answer(answer.into_response(grpc()))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "rate-limit backend failed; answering 503");
+                Settled::Answer(Answer::Unavailable.into_response(grpc()))
+            }
+        }
+    }
+}
+
+/// A check under way: everything needed to settle it, owned.
+#[derive(Debug)]
+pub(crate) struct Deferred {
+    view: Arc<PolicyView>,
+    tier: TierId,
+    category: CategoryId,
+    key: KeyId,
+    reserve: u32,
+    grpc: bool,
+    shadowed: Arc<AtomicU64>,
+    options: HeaderOptions,
+    #[cfg(feature = "metrics")]
+    started: std::time::Instant,
+}
+
+impl Deferred {
+    /// Turns the backend's answer into the outcome (as the ready path does).
+    pub(crate) fn settle(self, result: Result<Decision, BackendError>) -> Settled {
+        #[cfg(feature = "metrics")]
+        crate::telemetry::check_duration(self.started.elapsed());
+        let Some(cell) = self.view.cell(self.tier, self.category) else {
+            // Not reachable with ids admit() took from this same view; an
+            // unknown key is the safe answer all the same.
+            let answer = Answer::Rejected(Rejection::UnknownKey);
+            return Settled::Answer(answer.into_response(self.grpc));
+        };
+        let outcome = Outcome {
+            policy: &self.view.policy,
+            cell,
+            tier: self.tier,
+            category: self.category,
+            key: self.key,
+            reserve: self.reserve,
+            shadowed: &self.shadowed,
+            options: self.options,
+        };
+        outcome.settle(result, || self.grpc)
+    }
+}
