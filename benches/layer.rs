@@ -219,7 +219,6 @@ fn bench(c: &mut Criterion) {
             };
             let subject = tierlimit::Subject {
                 cost,
-                priority: id.priority(),
                 ..tierlimit::Subject::new(id.key(), tier, category, 1)
             };
             backend.check_now(&subject, &limit).unwrap().allowed

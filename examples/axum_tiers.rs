@@ -63,10 +63,7 @@ pub(crate) fn limits<B: Backend>(policy: Policy, backend: B) -> RateLimitLayer<D
 }
 
 /// The demo's routes behind one rate-limit layer, `/healthz` outside it.
-pub(crate) fn app<E: Extractor, B: Backend>(limits: RateLimitLayer<E, B>) -> Router
-where
-    B::Future: Unpin,
-{
+pub(crate) fn app<E: Extractor, B: Backend>(limits: RateLimitLayer<E, B>) -> Router {
     let api = Router::new()
         .route("/v1/account", get(account).patch(update_account))
         .route("/v1/clusters", get(list_clusters).post(create_cluster))

@@ -32,10 +32,7 @@ pub(crate) async fn grpc_routes() -> tonic::service::Routes {
 /// answers each request in its own protocol (chosen by `content-type`).
 pub(crate) async fn mixed_app<E: Extractor, B: Backend>(
     limits: RateLimitLayer<E, B>,
-) -> axum::Router
-where
-    B::Future: Unpin,
-{
+) -> axum::Router {
     grpc_routes()
         .await
         .into_axum_router()

@@ -68,7 +68,7 @@ impl<E, B> Shared<E, B> {
     pub(crate) fn unix_now(&self) -> u64 {
         match &self.unix_clock {
             Some(c) => c(),
-            None => crate::response::unix_now_secs(),
+            None => crate::time::unix_now_secs(),
         }
     }
 }

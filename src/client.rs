@@ -181,9 +181,9 @@ impl ReplayBody for tonic::body::Body {
 /// What a response head says about retrying, as [`Retry`] reads it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Verdict {
+pub enum RetryHint {
     /// Not a rate-limit refusal.
-    Done,
+    NotRefused,
     /// Refused (HTTP 429 or gRPC `RESOURCE_EXHAUSTED`), with the wait the
     /// server asks for, if it says: `Retry-After`, else the time until
     /// `X-RateLimit-Reset`; `grpc-retry-pushback-ms`, else the
@@ -198,44 +198,44 @@ pub enum Verdict {
 /// ```
 /// use http::{HeaderMap, StatusCode};
 /// use std::time::Duration;
-/// use tierlimit::client::{Verdict, classify};
+/// use tierlimit::client::{RetryHint, retry_hint};
 ///
 /// let mut headers = HeaderMap::new();
 /// headers.insert("retry-after", "36".parse().unwrap());
 /// assert_eq!(
-///     classify(StatusCode::TOO_MANY_REQUESTS, &headers),
-///     Verdict::Refused(Some(Duration::from_secs(36)))
+///     retry_hint(StatusCode::TOO_MANY_REQUESTS, &headers),
+///     RetryHint::Refused(Some(Duration::from_secs(36)))
 /// );
-/// assert_eq!(classify(StatusCode::OK, &HeaderMap::new()), Verdict::Done);
+/// assert_eq!(retry_hint(StatusCode::OK, &HeaderMap::new()), RetryHint::NotRefused);
 /// ```
-pub fn classify(status: StatusCode, headers: &HeaderMap) -> Verdict {
+pub fn retry_hint(status: StatusCode, headers: &HeaderMap) -> RetryHint {
     let num = |name: &str| -> Option<u64> { headers.get(name)?.to_str().ok()?.trim().parse().ok() };
     if status == StatusCode::TOO_MANY_REQUESTS {
         if let Some(s) = num("retry-after") {
-            return Verdict::Refused(Some(Duration::from_secs(s)));
+            return RetryHint::Refused(Some(Duration::from_secs(s)));
         }
         if let Some(reset) = num("x-ratelimit-reset") {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default();
-            return Verdict::Refused(Some(Duration::from_secs(reset).saturating_sub(now)));
+            return RetryHint::Refused(Some(Duration::from_secs(reset).saturating_sub(now)));
         }
-        return Verdict::Refused(None);
+        return RetryHint::Refused(None);
     }
     if headers
         .get("grpc-status")
         .is_some_and(|v| v.as_bytes() == b"8")
     {
         if let Some(ms) = num("grpc-retry-pushback-ms") {
-            return Verdict::Refused(Some(Duration::from_millis(ms)));
+            return RetryHint::Refused(Some(Duration::from_millis(ms)));
         }
         let info = headers
             .get("grpc-status-details-bin")
-            .and_then(|v| base64_decode(v.as_bytes()))
-            .and_then(|b| retry_delay(&b));
-        return Verdict::Refused(info);
+            .and_then(|v| crate::proto::decode_bin(v.as_bytes()))
+            .and_then(|b| crate::proto::retry_delay(&b));
+        return RetryHint::Refused(info);
     }
-    Verdict::Done
+    RetryHint::NotRefused
 }
 
 impl<S, B, ResBody> Service<Request<B>> for Retry<S>
@@ -290,9 +290,9 @@ where
             let mut res = ready.call(rebuild(&parts)).await?;
             let mut waited = Duration::ZERO;
             for retry in 0..policy.max_attempts - 1 {
-                let hint = match classify(res.status(), res.headers()) {
-                    Verdict::Done => return Ok(res),
-                    Verdict::Refused(hint) => hint,
+                let hint = match retry_hint(res.status(), res.headers()) {
+                    RetryHint::NotRefused => return Ok(res),
+                    RetryHint::Refused(hint) => hint,
                 };
                 let wait = hint.unwrap_or_else(|| jitter(&rng, policy, retry));
                 if wait > policy.max_wait || waited + wait > policy.max_total_wait {
@@ -335,121 +335,9 @@ fn jitter(rng: &AtomicU64, policy: RetryLayer, retry: u32) -> Duration {
     Duration::from_nanos(r % nanos)
 }
 
-fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let s: Vec<u8> = s.iter().copied().filter(|&c| c != b'=').collect();
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    for chunk in s.chunks(4) {
-        let mut n = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            n |= val(c)? << (18 - 6 * i);
-        }
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..chunk.len().saturating_sub(1)]);
-    }
-    Some(out)
-}
-
-/// Protobuf reading, just enough for `google.rpc.Status.details[] →
-/// RetryInfo.retry_delay`.
-fn fields(mut b: &[u8]) -> Vec<(u32, u8, u64, &[u8])> {
-    fn varint(b: &mut &[u8]) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let (&byte, rest) = b.split_first()?;
-            *b = rest;
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Some(v);
-            }
-        }
-        None
-    }
-    let mut out = Vec::new();
-    while !b.is_empty() {
-        let Some(key) = varint(&mut b) else { break };
-        let (field, wire) = ((key >> 3) as u32, (key & 7) as u8);
-        match wire {
-            0 => match varint(&mut b) {
-                Some(v) => out.push((field, 0, v, &[][..])),
-                None => break,
-            },
-            2 => {
-                let Some(len) = varint(&mut b) else { break };
-                let len = len as usize;
-                if len > b.len() {
-                    break;
-                }
-                out.push((field, 2, 0, &b[..len]));
-                b = &b[len..];
-            }
-            _ => break,
-        }
-    }
-    out
-}
-
-pub(crate) fn retry_delay(status: &[u8]) -> Option<Duration> {
-    for (field, wire, _, any) in fields(status) {
-        if field != 3 || wire != 2 {
-            continue;
-        }
-        let parts = fields(any);
-        let url = parts.iter().find(|p| p.0 == 1).map(|p| p.3)?;
-        if url != b"type.googleapis.com/google.rpc.RetryInfo" {
-            continue;
-        }
-        let info = parts.iter().find(|p| p.0 == 2).map(|p| p.3)?;
-        let duration = fields(info).into_iter().find(|p| p.0 == 1)?.3;
-        let d = fields(duration);
-        let secs = d.iter().find(|p| p.0 == 1).map_or(0, |p| p.2);
-        let nanos = d.iter().find(|p| p.0 == 2).map_or(0, |p| p.2);
-        // Hostile values never overflow: an impossible delay is no hint.
-        return Duration::from_secs(secs).checked_add(Duration::from_nanos(nanos));
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_hostile_retry_info_is_no_hint_and_no_panic() {
-        // RetryInfo { retry_delay: { seconds: u64::MAX, nanos: 2e9 } }
-        let status = [
-            &[0x1a, 0x3f, 0x0a, 0x28][..],
-            b"type.googleapis.com/google.rpc.RetryInfo",
-            &[0x12, 0x13, 0x0a, 0x11, 0x08],
-            &[0xff; 9],
-            &[0x01, 0x10, 0x80, 0xa8, 0xd6, 0xb9, 0x07],
-        ]
-        .concat();
-        assert_eq!(retry_delay(&status), None);
-    }
-
-    #[test]
-    fn reads_back_the_servers_retry_info() {
-        let status = crate::response::grpc::status_details(
-            8,
-            "m",
-            Duration::from_millis(36_500),
-            "key:1",
-            "d",
-        );
-        assert_eq!(retry_delay(&status), Some(Duration::from_millis(36_500)));
-        let b64 = crate::response::grpc::base64_for_tests(&status);
-        assert_eq!(base64_decode(b64.as_bytes()).unwrap(), status);
-    }
 
     #[test]
     fn jitter_stays_within_bounds() {

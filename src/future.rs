@@ -3,7 +3,6 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -11,29 +10,9 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use crate::admission::{Deferred, Settled};
 use crate::backend::{BackendError, Decision};
-use crate::key::KeyId;
-use crate::policy::{CategoryId, Policy, TierId};
-use crate::response::headers::{HeaderOptions as Options, HeaderPlan};
-use crate::response::{ResponseBody, SlotHeaders};
-use crate::service::{Post, ServiceStep, finish};
-
-/// What a deferred check needs to finish.
-#[derive(Debug)]
-pub(crate) struct Pending {
-    pub(crate) policy: Arc<Policy>,
-    pub(crate) tier: TierId,
-    pub(crate) category: CategoryId,
-    pub(crate) key: KeyId,
-    pub(crate) slot: Arc<SlotHeaders>,
-    pub(crate) options: Options,
-    pub(crate) grpc: bool,
-    pub(crate) reserve: u32,
-    pub(crate) shadow: bool,
-    pub(crate) shadowed: Arc<std::sync::atomic::AtomicU64>,
-    #[cfg(feature = "metrics")]
-    pub(crate) started: std::time::Instant,
-}
+use crate::response::{HeaderPlan, ResponseBody};
 
 pin_project! {
     /// The response future of [`RateLimit`](crate::RateLimit): the inner
@@ -62,7 +41,7 @@ struct Checking<S, Req, BF> {
     check: BF,
     inner: S,
     req: Req,
-    pending: Box<Pending>,
+    deferred: Box<Deferred>,
 }
 
 impl<F, S, Req, BF> fmt::Debug for ResponseFuture<F, S, Req, BF> {
@@ -88,14 +67,14 @@ impl<F, S, Req, BF> ResponseFuture<F, S, Req, BF> {
         }
     }
 
-    pub(crate) fn checking(check: BF, inner: S, req: Req, pending: Box<Pending>) -> Self {
+    pub(crate) fn checking(check: BF, inner: S, req: Req, deferred: Box<Deferred>) -> Self {
         ResponseFuture {
             state: State::Checking {
                 checking: Some(Box::new(Checking {
                     check,
                     inner,
                     req,
-                    pending,
+                    deferred,
                 })),
             },
             plan: None,
@@ -132,45 +111,21 @@ where
                         .as_mut()
                         .expect("ResponseFuture polled after completion");
                     let result = ready!(Pin::new(&mut c.check).poll(cx));
-                    #[cfg(feature = "metrics")]
-                    crate::telemetry::check_duration(c.pending.started.elapsed());
                     let Checking {
                         mut inner,
                         req,
-                        pending: p,
+                        deferred,
                         ..
                     } = *checking.take().expect("checked above");
-                    let plan = |decision| HeaderPlan {
-                        decision,
-                        slot: Arc::clone(&p.slot),
-                        options: p.options,
-                    };
-                    let post = Post {
-                        reserve: p.reserve,
-                        shadow: p.shadow,
-                        shadowed: &p.shadowed,
-                    };
-                    match finish::<()>(
-                        result,
-                        plan,
-                        &p.policy,
-                        p.tier,
-                        p.category,
-                        p.key,
-                        post,
-                        || p.grpc,
-                    ) {
-                        ServiceStep::Allow(plan) => {
+                    match deferred.settle(result) {
+                        Settled::Allow(plan) => {
                             *this.plan = Some(plan);
                             let fut = inner.call(req);
                             this.state.set(State::Inner { fut });
                         }
-                        ServiceStep::Refuse(res) => this.state.set(State::Ready {
+                        Settled::Answer(res) => this.state.set(State::Ready {
                             res: Some(Box::new(res)),
                         }),
-                        ServiceStep::Pass | ServiceStep::Wait(..) => {
-                            unreachable!("finish only allows or refuses")
-                        }
                     }
                 }
             }

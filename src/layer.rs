@@ -7,61 +7,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 use tower_layer::Layer;
 
+use crate::admission::Shared;
+pub use crate::admission::UnixClock;
 use crate::backend::{Backend, MemoryBackend};
-use crate::extract::{ApiKey, Extractor, Identity, PeerIp, Rejection, RequestRef};
-use crate::policy::{Policy, PolicyBuilder, PolicyError, TierId};
+use crate::extract::{ApiKey, Extractor, PeerIp};
+use crate::policy::{Policy, PolicyBuilder, PolicyError};
 use crate::response::HeaderOptions;
 use crate::service::RateLimit;
-
-/// What every clone of the service shares.
-pub(crate) struct Shared<E, B> {
-    pub(crate) extractor: E,
-    pub(crate) backend: B,
-    pub(crate) policy: Arc<ArcSwap<Policy>>,
-    /// Serialises every [`PolicyHandle`]'s edits (one lock per layer, so
-    /// two handles cannot interleave an update and lose one).
-    pub(crate) edit: Arc<std::sync::Mutex<()>>,
-    pub(crate) anonymous: PeerIp,
-    pub(crate) headers: HeaderOptions,
-    pub(crate) shadowed: Arc<AtomicU64>,
-    pub(crate) unix_clock: Option<UnixClock>,
-}
-
-/// A source of Unix time in seconds (for boosts; tests inject one).
-pub type UnixClock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-impl<E: Extractor, B> Shared<E, B> {
-    /// The caller and its tier: the extractor's identity (or, without a
-    /// key, the peer address when the policy has a tier for that), its tier
-    /// from the identity or the policy's rule for unknown keys.
-    pub(crate) fn identify(
-        &self,
-        view: &RequestRef<'_>,
-        policy: &Policy,
-    ) -> Result<(Identity, TierId), Rejection> {
-        let identity = match self.extractor.extract(view, policy) {
-            Err(Rejection::MissingKey) if policy.missing_key_tier().is_some() => {
-                self.anonymous.extract(view, policy)?
-            }
-            other => other?,
-        };
-        let tier = identity
-            .tier()
-            .or_else(|| policy.unknown_key_tier())
-            .ok_or(Rejection::UnknownKey)?;
-        Ok((identity, tier))
-    }
-}
-
-impl<E, B> Shared<E, B> {
-    /// Unix seconds now.
-    pub(crate) fn unix_now(&self) -> u64 {
-        match &self.unix_clock {
-            Some(c) => c(),
-            None => crate::response::unix_now_secs(),
-        }
-    }
-}
+use crate::view::PolicyView;
 
 /// A tower [`Layer`] that rate-limits requests by key, tier and category.
 ///
@@ -130,7 +83,7 @@ impl RateLimitLayer {
 impl<E, B> RateLimitLayer<E, B> {
     /// The policy in force now.
     pub fn policy(&self) -> Arc<Policy> {
-        self.shared.policy.load_full()
+        Arc::clone(&self.shared.view.load().policy)
     }
 
     /// The backend.
@@ -142,7 +95,7 @@ impl<E, B> RateLimitLayer<E, B> {
     /// shares one edit lock, so concurrent updates never lose one another.
     pub fn policy_handle(&self) -> PolicyHandle {
         PolicyHandle {
-            policy: Arc::clone(&self.shared.policy),
+            view: Arc::clone(&self.shared.view),
             edit: Arc::clone(&self.shared.edit),
         }
     }
@@ -178,7 +131,7 @@ impl<E, B> RateLimitLayer<E, B> {
 /// ```
 #[derive(Clone)]
 pub struct PolicyHandle {
-    policy: Arc<ArcSwap<Policy>>,
+    view: Arc<ArcSwap<PolicyView>>,
     edit: Arc<std::sync::Mutex<()>>,
 }
 
@@ -191,16 +144,17 @@ impl fmt::Debug for PolicyHandle {
 impl PolicyHandle {
     /// The policy in force.
     pub fn current(&self) -> Arc<Policy> {
-        self.policy.load_full()
+        Arc::clone(&self.view.load().policy)
     }
 
     /// Replaces the whole policy.
     pub fn replace(&self, policy: Policy) {
+        let view = Arc::new(PolicyView::new(Arc::new(policy)));
         let _edit = self
             .edit
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.policy.store(Arc::new(policy));
+        self.view.store(view);
     }
 
     /// Reloads a policy file; on error nothing changes.
@@ -220,8 +174,8 @@ impl PolicyHandle {
             .edit
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let next = edit(self.policy.load().to_builder()).build()?;
-        self.policy.store(Arc::new(next));
+        let next = edit(self.view.load().policy.to_builder()).build()?;
+        self.view.store(Arc::new(PolicyView::new(Arc::new(next))));
         Ok(())
     }
 }
@@ -321,7 +275,9 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
             shared: Arc::new(Shared {
                 extractor: self.extractor,
                 backend: self.backend,
-                policy: Arc::new(ArcSwap::from_pointee(self.policy)),
+                view: Arc::new(ArcSwap::from_pointee(PolicyView::new(Arc::new(
+                    self.policy,
+                )))),
                 edit: Arc::new(std::sync::Mutex::new(())),
                 anonymous: self.anonymous,
                 headers: self.headers,

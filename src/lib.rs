@@ -46,18 +46,48 @@
 //! # The request path
 //!
 //! ```text
-//! request ─► Policy::classify (method, path → category, cost) ─► Extractor (→ Identity)
-//!         ─► tier (key table, resolver, or the policy's default) ─► Rule (Limit | Unlimited)
-//!         ─► Backend::check(Subject, Limit) ─► Decision ─► inner service + headers | 429
+//! request ─► classify (method, path → category, cost) ─► identify (Extractor → Identity, tier)
+//!         ─► rule (the cell's Limit | Unlimited, custom limits, boosts) ─► cost and priority
+//!         ─► Backend::check(Subject, Limit) ─► Decision
+//!         ─► allowed: inner service, then headers │ refused or rejected: the layer answers
 //! ```
+//!
+//! One private module, `admission`, owns that path; the service, its
+//! future, the layer and the usage service call it and nothing else calls
+//! them. A backend that answers at once (memory) is settled in `call`; one
+//! that needs a round trip (Redis) carries an owned context into the
+//! response future and is settled there by the same code.
 //!
 //! - [`Policy`]: tiers × categories → [`Rule`], routes → categories, keys →
 //!   tiers. Names are interned to [`TierId`] / [`CategoryId`] when built.
+//!   The policy knows nothing of headers or metrics: the layer compiles
+//!   those per cell into a view it swaps together with the policy.
 //! - [`Extractor`]: the caller's [`Identity`] ([`ApiKey`], [`PeerIp`],
 //!   [`FromExtension`], [`GlobalKey`], or a closure).
-//! - [`Backend`]: [`MemoryBackend`] (governor, bounded memory).
+//! - [`Backend`]: [`MemoryBackend`] (governor, bounded memory), and
+//!   `RedisBackend` (feature `redis`).
 //! - [`Decision`]: allowed, limit, remaining, reset, retry-after, window.
 //!
+//! # Words
+//!
+//! | word | means |
+//! |---|---|
+//! | *cell* | one tier × category pair of the policy's table, with its rule |
+//! | *rule* | a cell's [`Limit`] or `Unlimited`, after custom limits and boosts |
+//! | *subject* | what a backend checks: a key's bucket in a cell, a cost, a reserve |
+//! | *check* | one [`Backend::check`]: counts the request if it conforms; a *peek* counts nothing |
+//! | *decision* | a backend's answer ([`Decision`]): allowed, or not and when to retry |
+//! | *refusal* | a rate-limit answer: 429, or gRPC `RESOURCE_EXHAUSTED` |
+//! | *rejection* | a client mistake found before any limit ([`Rejection`]): 400 or 401 |
+//! | *answer* | whatever the layer sends instead of the inner service: a refusal, a rejection, a cost that never fits, an unavailable backend |
+//! | *known* caller | a listed key, a resolved one, or an identity from an auth layer ([`Identity::is_known`]); others are *guests* |
+//!
+//! # Where things are
+//!
+//! Everything a user names is exported at the root; the modules group the
+//! rest for the docs: [`policy`], [`extract`], [`backend`], [`telemetry`]
+//! and, with feature `client`, `client` (the client side's retry layer).
+
 //! # Semantics
 //!
 //! A limit of `max` per `per` admits `max` requests at once, then one every
@@ -68,18 +98,23 @@
 
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod admission;
 pub mod backend;
 #[cfg(feature = "client")]
 pub mod client;
+mod decision;
 pub mod extract;
 mod future;
 mod key;
 mod layer;
 pub mod policy;
+mod proto;
 mod response;
 mod service;
 pub mod telemetry;
+mod time;
 mod usage;
+mod view;
 
 pub use backend::{Backend, BackendError, Decision, MemoryBackend, MemoryBackendBuilder, Subject};
 #[cfg(feature = "redis")]
@@ -96,8 +131,8 @@ pub use key::{
 };
 pub use layer::{PolicyHandle, RateLimitLayer, RateLimitLayerBuilder, UnixClock};
 pub use policy::{
-    CategoryId, KeyRule, Limit, Policy, PolicyBuilder, PolicyError, Route, Rule, Target, Tier,
-    TierId,
+    Adjust, Boost, BoostTarget, CategoryId, KeyRule, Limit, Policy, PolicyBuilder, PolicyError,
+    Route, Rule, Shadow, Target, Tier, TierId,
 };
 pub use response::{HeaderOptions, ResponseBody};
 pub use service::RateLimit;

@@ -15,17 +15,17 @@
 //! Install the recorder (an exporter) before the first request: handles
 //! are made on first use and cached.
 
-/// Per tier × category counters, made on first use.
+/// A cell's (tier × category) request counters, made on first use.
 #[cfg(feature = "metrics")]
 #[derive(Debug)]
-pub(crate) struct SlotMetrics {
+pub(crate) struct CellMetrics {
     pub(crate) allowed: metrics::Counter,
     pub(crate) refused: metrics::Counter,
     pub(crate) shadow: metrics::Counter,
 }
 
 #[cfg(feature = "metrics")]
-impl SlotMetrics {
+impl CellMetrics {
     pub(crate) fn new(tier: &str, category: &str) -> Self {
         let c = |outcome: &'static str| {
             metrics::counter!(
@@ -35,7 +35,7 @@ impl SlotMetrics {
                 "outcome" => outcome
             )
         };
-        SlotMetrics {
+        CellMetrics {
             allowed: c("allowed"),
             refused: c("refused"),
             shadow: c("shadow_refused"),

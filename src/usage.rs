@@ -13,13 +13,13 @@ use http::{HeaderValue, Request, Response, header};
 use serde_json::{Map, Value, json};
 use tower_service::Service;
 
+use crate::admission::Shared;
 use crate::backend::{Backend, Subject};
 use crate::extract::{Extractor, Rejection, RequestRef};
-use crate::layer::Shared;
 use crate::policy::Rule;
 use crate::response::grpc::is_grpc;
-use crate::response::http::Refusal;
-use crate::response::{ResponseBody, ceil_secs, unix_now_secs};
+use crate::response::{Answer, ResponseBody};
+use crate::time::{ceil_secs, unix_now_secs};
 
 /// Answers `GET /v1/rate_limit`-style usage checks for the caller's key:
 /// every category's limit, remaining, reset (Unix seconds) and window, with
@@ -85,10 +85,10 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let shared = &*self.shared;
-        let policy = shared.policy.load_full();
+        let policy = Arc::clone(&shared.view.load().policy);
         let grpc = is_grpc(req.headers());
         let refuse = |r: Rejection| -> UsageFuture {
-            let res = Refusal::Client(r)
+            let res = Answer::Rejected(r)
                 .into_response(grpc)
                 .map(ResponseBody::full);
             Box::pin(std::future::ready(Ok(res)))
@@ -101,11 +101,11 @@ where
         let now = shared.unix_now();
         let mut peeks = Vec::new();
         for category in policy.categories() {
-            let Some(slot) = policy.slot(tier, category) else {
+            let Some(cell) = policy.cell(tier, category) else {
                 return refuse(Rejection::UnknownKey);
             };
             let rule = policy.effective_rule(tier, category, identity.key(), now);
-            let subject = Subject::new(identity.key(), tier, category, slot.scope);
+            let subject = Subject::new(identity.key(), tier, category, cell.scope);
             let peek = match rule {
                 Rule::Unlimited => None,
                 Rule::Limited(limit) => Some(shared.backend.peek(&subject, &limit)),

@@ -168,7 +168,7 @@ proptest! {
     }
 }
 
-#[cfg(feature = "redis")]
+#[cfg(all(feature = "redis", feature = "test-util"))]
 mod redis_script {
     use super::*;
     use common::redis::{RedisServer, available, init_secret};

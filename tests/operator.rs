@@ -74,10 +74,7 @@ async fn get_limit(app: &Router, key: &str) -> (StatusCode, Option<u64>) {
 
 /// Custom limits, boosts starting and lapsing, run-time edits and an
 /// upgrade, on any backend.
-async fn overrides_boosts_upgrades<B: Backend>(backend: B)
-where
-    B::Future: Unpin,
-{
+async fn overrides_boosts_upgrades<B: Backend>(backend: B) {
     let unix = Arc::new(AtomicU64::new(500));
     let clock = Arc::clone(&unix);
     let layer = RateLimitLayer::builder(Policy::from_toml_str(OPS).unwrap())
@@ -146,7 +143,7 @@ async fn overrides_boosts_and_upgrades_in_memory() {
     .await;
 }
 
-#[cfg(feature = "redis")]
+#[cfg(all(feature = "redis", feature = "test-util"))]
 #[tokio::test]
 async fn overrides_boosts_and_upgrades_on_redis() {
     setup();
@@ -161,10 +158,7 @@ async fn overrides_boosts_and_upgrades_on_redis() {
 
 /// 20% reserve: concurrent normal requests stop at 80, critical ones get
 /// the other 20, and the total never exceeds 100.
-async fn priority_reserve<B: Backend>(backend: B)
-where
-    B::Future: Unpin,
-{
+async fn priority_reserve<B: Backend>(backend: B) {
     let layer = RateLimitLayer::builder(Policy::from_toml_str(OPS).unwrap())
         .backend(backend)
         .build();
@@ -258,7 +252,7 @@ async fn priority_reserve_under_contention_in_memory() {
     .await;
 }
 
-#[cfg(feature = "redis")]
+#[cfg(all(feature = "redis", feature = "test-util"))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn priority_reserve_under_contention_on_redis() {
     setup();

@@ -1,7 +1,7 @@
 //! RedisBackend against real `redis-server` processes started by the
 //! fixture: conformance (single node and cluster), exactness across
 //! instances, round trips counted by Redis, the deny cache, and faults.
-#![cfg(feature = "redis")]
+#![cfg(all(feature = "redis", feature = "test-util"))]
 
 mod common;
 

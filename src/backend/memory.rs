@@ -361,7 +361,7 @@ where
         if subject.reserve > 0 {
             if u64::from(n.get()) + u64::from(subject.reserve) > u64::from(limit.max()) {
                 // Only the reserve (or less) could ever be left for it.
-                return Ok(Decision::deny(limit, n.get(), limit.per()));
+                return Ok(Decision::refuse(limit, n.get(), limit.per()));
             }
             probe.reserve_nanos = u64::from(subject.reserve) * limit.emission_interval_nanos();
             probe.cost_nanos = limit.emission_interval_nanos() * u64::from(n.get());
@@ -439,7 +439,7 @@ where
             Ok(Ok(snapshot)) => Ok(Decision::allow(limit, snapshot.remaining_burst_capacity())),
             Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(e.limiter.clock().now());
-                Ok(Decision::deny(limit, n.get(), wait))
+                Ok(Decision::refuse(limit, n.get(), wait))
             }
             Err(_) => Err(BackendError::CostExceedsLimit {
                 cost: n.get(),

@@ -12,7 +12,6 @@ mod redis;
 use std::error::Error;
 use std::fmt;
 use std::future::Future;
-use std::time::Duration;
 
 #[cfg(feature = "redis")]
 pub use self::redis::{
@@ -20,7 +19,7 @@ pub use self::redis::{
 };
 pub use memory::{MemoryBackend, MemoryBackendBuilder};
 
-use crate::extract::Priority;
+pub use crate::decision::Decision;
 use crate::key::KeyId;
 use crate::policy::{CategoryId, Limit, TierId};
 
@@ -36,8 +35,6 @@ pub struct Subject {
     pub category: CategoryId,
     /// Units this request takes (at least 1).
     pub cost: u32,
-    /// The request's declared priority.
-    pub priority: Priority,
     /// Separates the buckets of different tier × category cells (and of
     /// per-key overrides) that share a key.
     pub scope: u64,
@@ -67,7 +64,6 @@ impl Subject {
             tier,
             category,
             cost: 1,
-            priority: Priority::Normal,
             scope,
             reserve: 0,
             known: true,
@@ -80,68 +76,6 @@ impl Subject {
     pub fn bucket(&self) -> u64 {
         self.key.as_u64() ^ self.scope
     }
-}
-
-/// The outcome of one check.
-///
-/// Seconds in headers are derived from these durations and always rounded
-/// up, never down.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Decision {
-    /// Whether the request conforms.
-    pub allowed: bool,
-    /// The limit's burst size (`max`).
-    pub limit: u32,
-    /// Requests that could still come at once, after this one.
-    pub remaining: u32,
-    /// Time until the bucket is full again if nothing else comes.
-    pub reset_after: Duration,
-    /// For a refusal: time until this request would conform.
-    pub retry_after: Option<Duration>,
-    /// The limit's window (`per`).
-    pub window: Duration,
-}
-
-impl Decision {
-    /// The decision for an allowed request that leaves `remaining` of
-    /// `limit` (GCRA: the bucket is full again `(max - remaining) × per/max`
-    /// later, to the emission interval's resolution).
-    pub fn allow(limit: &Limit, remaining: u32) -> Self {
-        let remaining = remaining.min(limit.max());
-        Decision {
-            allowed: true,
-            limit: limit.max(),
-            remaining,
-            reset_after: nanos(
-                u128::from(limit.max() - remaining) * u128::from(limit.emission_interval_nanos()),
-            ),
-            retry_after: None,
-            window: limit.per(),
-        }
-    }
-
-    /// The decision for a refused request of `cost` that would conform
-    /// `retry_after` from now.
-    pub fn deny(limit: &Limit, cost: u32, retry_after: Duration) -> Self {
-        let t = u128::from(limit.emission_interval_nanos());
-        let cost = cost.clamp(1, limit.max());
-        let retry = retry_after.as_nanos();
-        // Capacity now: cost × T − retry, in whole requests (fewer than cost).
-        let remaining =
-            ((u128::from(cost) * t).saturating_sub(retry) / t).min(u128::from(cost - 1)) as u32;
-        Decision {
-            allowed: false,
-            limit: limit.max(),
-            remaining,
-            reset_after: nanos(retry + u128::from(limit.max() - cost) * t),
-            retry_after: Some(retry_after),
-            window: limit.per(),
-        }
-    }
-}
-
-fn nanos(n: u128) -> Duration {
-    Duration::from_nanos(n.min(u128::from(u64::MAX)) as u64)
 }
 
 /// Why a backend could not decide.
@@ -189,8 +123,9 @@ impl Error for BackendError {
 /// once returns a ready future ([`std::future::Ready`]), which the layer
 /// resolves without yielding.
 pub trait Backend: Send + Sync + 'static {
-    /// The future of one check.
-    type Future: Future<Output = Result<Decision, BackendError>> + Send + 'static;
+    /// The future of one check. `Unpin`, so the layer can poll it in place
+    /// (box a future that is not: `Pin<Box<dyn Future<…> + Send>>` is).
+    type Future: Future<Output = Result<Decision, BackendError>> + Send + Unpin + 'static;
 
     /// Checks (and, if it conforms, counts) one request.
     fn check(&self, subject: &Subject, limit: &Limit) -> Self::Future;
@@ -210,24 +145,5 @@ impl<B: Backend> Backend for std::sync::Arc<B> {
 
     fn peek(&self, subject: &Subject, limit: &Limit) -> Self::Future {
         (**self).peek(subject, limit)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deny_arithmetic() {
-        let l = Limit::per_second(10); // T = 100ms
-        let d = Decision::deny(&l, 1, Duration::from_millis(40));
-        assert_eq!(d.remaining, 0);
-        assert_eq!(d.reset_after, Duration::from_millis(940));
-        // A cost of 5 with 3 available: retry after 2 × T.
-        let d = Decision::deny(&l, 5, Duration::from_millis(200));
-        assert_eq!(d.remaining, 3);
-        assert_eq!(d.reset_after, Duration::from_millis(700));
-        let a = Decision::allow(&l, 7);
-        assert_eq!(a.reset_after, Duration::from_millis(300));
     }
 }

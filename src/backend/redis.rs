@@ -314,8 +314,9 @@ impl RedisBackendBuilder {
         self
     }
 
-    /// Uses a fake clock instead of Redis's (for tests): the script is
+    /// (Feature `test-util`.) Uses a fake clock instead of Redis's: the script is
     /// given the time instead of reading `TIME`.
+    #[cfg(feature = "test-util")]
     pub fn fake_clock(mut self, clock: FakeRelativeClock) -> Self {
         self.fake = Some(clock);
         self
@@ -429,10 +430,12 @@ impl Inner {
         self: &Arc<Self>,
         key: String,
         limit: &Limit,
-        cost: u32,
-        reserve: u32,
-        peek: bool,
+        call: Call,
     ) -> Result<(i64, i64), EvalError> {
+        let (cost, reserve, peek) = match call {
+            Call::Check { cost, reserve } => (cost, reserve, false),
+            Call::Peek => (1, 0, true),
+        };
         let t = (limit.emission_interval_nanos() / 1_000).max(1);
         let max = limit.max();
         let now = match &self.fake {
@@ -578,7 +581,7 @@ impl Inner {
                 if subject.cost > share.max() {
                     // Fits the limit, not this instance's share of it: ask
                     // again once Redis may be back (a 429, not a 400).
-                    return Ok(Decision::deny(&share, subject.cost, self.retry_interval));
+                    return Ok(Decision::refuse(&share, subject.cost, self.retry_interval));
                 }
                 let reserve = if subject.reserve == 0 {
                     0
@@ -601,6 +604,15 @@ impl Inner {
             FailurePolicy::FailClosed => Err(BackendError::Unavailable("redis unreachable".into())),
         }
     }
+}
+
+/// What one script call asks.
+#[derive(Clone, Copy)]
+enum Call {
+    /// Count `cost` cells if they conform, leaving `reserve` untouched.
+    Check { cost: u32, reserve: u32 },
+    /// Report the capacity left, counting nothing.
+    Peek,
 }
 
 /// Why a script call gave no answer.
@@ -723,7 +735,7 @@ impl RedisBackend {
         let now = inner.local_micros();
         if u64::from(cost) + u64::from(subject.reserve) > u64::from(limit.max()) {
             // Only the reserve (or less) could ever be left for it.
-            return Ok(Decision::deny(&limit, cost, limit.per()));
+            return Ok(Decision::refuse(&limit, cost, limit.per()));
         }
         // 1. A recent refusal: answered here. (Only refusals of requests
         // without a reserve are cached, and they bind every request: `until`
@@ -732,7 +744,7 @@ impl RedisBackend {
         if let Some(until) = inner.deny.get(bucket, &limit, now) {
             let extra = u64::from(cost - 1) + u64::from(subject.reserve);
             let retry = until - now + extra * t_us;
-            return Ok(Decision::deny(&limit, cost, Duration::from_micros(retry)));
+            return Ok(Decision::refuse(&limit, cost, Duration::from_micros(retry)));
         }
         // 2. Degraded and not yet time to probe: no waiting on Redis.
         let route = inner.route(now);
@@ -752,7 +764,14 @@ impl RedisBackend {
         let key = redis_key(&inner.prefix, &subject, &limit);
         match self
             .inner
-            .eval(key, &limit, cost, subject.reserve, false)
+            .eval(
+                key,
+                &limit,
+                Call::Check {
+                    cost,
+                    reserve: subject.reserve,
+                },
+            )
             .await
         {
             Ok((allowed, value)) => {
@@ -768,7 +787,7 @@ impl RedisBackend {
                     if one > 0 && subject.reserve == 0 {
                         inner.deny.put(bucket, &limit, now + one, now);
                     }
-                    Ok(Decision::deny(&limit, cost, retry))
+                    Ok(Decision::refuse(&limit, cost, retry))
                 }
             }
             Err(e) => {
@@ -791,7 +810,7 @@ impl RedisBackend {
         let inner = &*self.inner;
         let key = redis_key(&inner.prefix, &subject, &limit);
         if !inner.degraded.load(Ordering::Relaxed)
-            && let Ok((_, rem)) = self.inner.eval(key, &limit, 1, 0, true).await
+            && let Ok((_, rem)) = self.inner.eval(key, &limit, Call::Peek).await
         {
             return Ok(Decision::allow(&limit, u32::try_from(rem).unwrap_or(0)));
         }

@@ -126,13 +126,10 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
     })?;
 
     let mut b: PolicyBuilder = Policy::builder();
-    b.categories = file
-        .categories
-        .get_ref()
-        .iter()
-        .map(|c| (c.get_ref().clone(), line_of(c.span().start)))
-        .collect();
-    if b.categories.is_empty() {
+    for c in file.categories.get_ref() {
+        b = b.category_at(c.get_ref().clone(), line_of(c.span().start));
+    }
+    if !b.has_categories() {
         return Err(PolicyError::new(
             "categories",
             line_of(file.categories.span().start),
@@ -144,8 +141,7 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
     let mut tiers: Vec<_> = file.tiers.into_inner().into_iter().collect();
     tiers.sort_by_key(|(name, _)| name.span().start);
     for (name, rules) in tiers {
-        let mut tier = Tier::new(name.get_ref().clone());
-        tier.line = line_of(name.span().start);
+        let mut tier = Tier::new(name.get_ref().clone()).at(line_of(name.span().start));
         let mut rules: Vec<_> = rules.into_inner().into_iter().collect();
         rules.sort_by_key(|(cat, _)| cat.span().start);
         for (cat, spec) in rules {
@@ -165,7 +161,7 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
                             "write the reserve as a percentage such as \"20%\"",
                         )
                     })?;
-                tier.reserve = Some((pct, line));
+                tier = tier.priority_reserve_at(pct, line);
                 continue;
             }
             let rule = Rule::parse(spec.get_ref()).map_err(|m| {
@@ -175,9 +171,9 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
                     m,
                 )
             })?;
-            tier.rules.push((cat.into_inner(), rule, line));
+            tier = tier.rule_at(cat.into_inner(), rule, line);
         }
-        b.tiers.push(tier);
+        b = b.tier(tier);
     }
 
     // gRPC rules first: their paths (`/package.Service/Method`) never
@@ -194,19 +190,19 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
                 "`service` is a full name such as `grpc.health.v1.Health` and `method` a bare name such as `Check`; leave `method` out for the whole service",
             ));
         }
-        b.routes.push(Route {
-            methods: vec!["POST".to_owned()],
-            path: format!(
-                "/{}/{}",
-                spec.service,
-                spec.method.as_deref().unwrap_or("*")
-            ),
-            category: spec.category,
-            cost: spec.cost.unwrap_or(1),
-            exempt: spec.exempt,
-            line,
-            label: Some(label),
-        });
+        let path = format!(
+            "/{}/{}",
+            spec.service,
+            spec.method.as_deref().unwrap_or("*")
+        );
+        let route = Route::from_file(
+            vec!["POST".to_owned()],
+            path,
+            spec.category,
+            spec.cost.unwrap_or(1),
+            spec.exempt,
+        );
+        b = b.route(route.at(label, line));
     }
 
     for (i, spec) in file.routes.into_iter().enumerate() {
@@ -217,25 +213,21 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
             Some(Methods::One(m)) => vec![m],
             Some(Methods::Many(ms)) => ms,
         };
-        b.routes.push(Route {
+        let route = Route::from_file(
             methods,
-            path: spec.path,
-            category: spec.category,
-            cost: spec.cost.unwrap_or(1),
-            exempt: spec.exempt,
-            line,
-            label: Some(format!("routes[{i}]")),
-        });
+            spec.path,
+            spec.category,
+            spec.cost.unwrap_or(1),
+            spec.exempt,
+        );
+        b = b.route(route.at(format!("routes[{i}]"), line));
     }
 
     let mut keys: Vec<_> = file.keys.into_iter().collect();
     keys.sort_by_key(|(k, _)| k.span().start);
     for (key, tier) in keys {
-        b.keys.push((
-            key.into_inner(),
-            tier.get_ref().clone(),
-            line_of(tier.span().start),
-        ));
+        let line = line_of(tier.span().start);
+        b = b.key_at(key.into_inner(), tier.into_inner(), line);
     }
 
     let mut overrides: Vec<_> = file.overrides.into_iter().collect();
@@ -256,8 +248,7 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
                     m,
                 )
             })?;
-            b.overrides
-                .push((key.get_ref().clone(), cat.into_inner(), adjust, line));
+            b = b.custom_limit_at(key.get_ref().clone(), cat.into_inner(), adjust, line);
         }
     }
 
@@ -274,42 +265,41 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
         let adjust = Adjust::parse(&spec.adjust).map_err(err)?;
         let start = parse_time(&spec.start).map_err(err)?;
         let end = parse_time(&spec.end).map_err(err)?;
-        let mut boost = Boost::new(target, adjust, start, end);
-        boost.category = spec.category;
-        boost.line = line;
-        b.boosts.push(boost);
+        let mut boost = Boost::new(target, adjust, start, end).at(line);
+        if let Some(c) = spec.category {
+            boost = boost.category(c);
+        }
+        b = b.boost(boost);
     }
 
     if let Some(sh) = file.shadow {
-        b.shadow = Shadow {
+        b = b.shadow(Shadow {
             all: sh.all,
             tiers: sh.tiers,
             categories: sh.categories,
-        };
+        });
     }
 
     if let Some(d) = file.defaults {
-        b.default_read = d
-            .read
-            .map(|s| (s.get_ref().clone(), line_of(s.span().start)));
-        b.default_write = d
-            .write
-            .map(|s| (s.get_ref().clone(), line_of(s.span().start)));
-        let rule = |s: Spanned<String>| {
-            let line = line_of(s.span().start);
-            let v = s.into_inner();
-            let rule = if v.eq_ignore_ascii_case("reject") {
+        let located = |s: Spanned<String>| (line_of(s.span().start), s.into_inner());
+        if let Some((line, name)) = d.read.map(located) {
+            b = b.default_read_at(name, line);
+        }
+        if let Some((line, name)) = d.write.map(located) {
+            b = b.default_write_at(name, line);
+        }
+        let rule = |v: String| {
+            if v.eq_ignore_ascii_case("reject") {
                 KeyRule::Reject
             } else {
                 KeyRule::Tier(v)
-            };
-            (rule, line)
+            }
         };
-        if let Some(s) = d.unknown_key {
-            b.unknown_key = rule(s);
+        if let Some((line, v)) = d.unknown_key.map(located) {
+            b = b.unknown_keys_at(rule(v), line);
         }
-        if let Some(s) = d.missing_key {
-            b.missing_key = rule(s);
+        if let Some((line, v)) = d.missing_key.map(located) {
+            b = b.missing_keys_at(rule(v), line);
         }
     }
     b.build()

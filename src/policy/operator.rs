@@ -121,6 +121,12 @@ impl Boost {
         self.category = Some(category.into());
         self
     }
+
+    /// Records the line the boost was written on (for the loader).
+    pub(crate) fn at(mut self, line: Option<usize>) -> Self {
+        self.line = line;
+        self
+    }
 }
 
 #[derive(Clone, Debug)]

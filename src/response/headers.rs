@@ -1,11 +1,11 @@
 use std::io::Write;
 use std::sync::{Arc, LazyLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::ceil_secs;
 use crate::backend::Decision;
+use crate::time::{ceil_secs, retry_secs, unix_now};
 
 pub(crate) static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 pub(crate) static X_RATELIMIT_REMAINING: HeaderName =
@@ -83,15 +83,9 @@ pub(crate) fn int(n: u64) -> HeaderValue {
     }
 }
 
-pub(crate) fn unix_now() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-}
-
 /// Header values fixed by a tier × category cell, made once per policy.
 #[derive(Debug)]
-pub(crate) struct SlotHeaders {
+pub(crate) struct CellHeaders {
     max: u32,
     window_secs: u64,
     limit: HeaderValue,
@@ -102,11 +96,11 @@ pub(crate) struct SlotHeaders {
     name_len: usize,
 }
 
-impl SlotHeaders {
+impl CellHeaders {
     pub(crate) fn new(tier: &str, category: &str, max: u32, window: Duration) -> Self {
         let window_secs = ceil_secs(window);
         let name = format!("\"{tier}.{category}\"");
-        SlotHeaders {
+        CellHeaders {
             max,
             window_secs,
             limit: HeaderValue::from(max),
@@ -122,7 +116,7 @@ impl SlotHeaders {
 #[derive(Clone, Debug)]
 pub(crate) struct HeaderPlan {
     pub(crate) decision: Decision,
-    pub(crate) slot: Arc<SlotHeaders>,
+    pub(crate) cell: Arc<CellHeaders>,
     pub(crate) options: HeaderOptions,
 }
 
@@ -131,10 +125,10 @@ impl HeaderPlan {
     pub(crate) fn write(&self, headers: &mut HeaderMap) {
         let d = &self.decision;
         let reset = ceil_secs(d.reset_after);
-        let slot = &*self.slot;
+        let cell = &*self.cell;
         if self.options.x_ratelimit {
-            let limit = if d.limit == slot.max {
-                slot.limit.clone()
+            let limit = if d.limit == cell.max {
+                cell.limit.clone()
             } else {
                 int(u64::from(d.limit))
             };
@@ -145,16 +139,16 @@ impl HeaderPlan {
                 HeaderValue::from(ceil_secs(unix_now() + d.reset_after)),
             );
             let window = ceil_secs(d.window);
-            let window = if window == slot.window_secs {
-                slot.window.clone()
+            let window = if window == cell.window_secs {
+                cell.window.clone()
             } else {
                 int(window)
             };
             headers.insert(X_RATELIMIT_WINDOW.clone(), window);
         }
         if self.options.ietf_draft {
-            headers.insert(RATELIMIT_POLICY.clone(), slot.policy.clone());
-            let name = &slot.policy.as_bytes()[..slot.name_len];
+            headers.insert(RATELIMIT_POLICY.clone(), cell.policy.clone());
+            let name = &cell.policy.as_bytes()[..cell.name_len];
             let mut buf = Vec::with_capacity(name.len() + 32);
             buf.extend_from_slice(name);
             // Writing into a Vec cannot fail.
@@ -169,11 +163,6 @@ impl HeaderPlan {
     }
 }
 
-/// Retry-After in whole seconds: rounded up, at least 1.
-pub(crate) fn retry_secs(d: Duration) -> u64 {
-    ceil_secs(d).max(1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,13 +172,5 @@ mod tests {
         for n in [0u64, 1, 9, 10, 99, 100, 4095, 4096, 4097, 10_000, u64::MAX] {
             assert_eq!(int(n).to_str().unwrap(), n.to_string());
         }
-    }
-
-    #[test]
-    fn rounding_is_up_and_retry_at_least_one() {
-        assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
-        assert_eq!(ceil_secs(Duration::from_secs(36)), 36);
-        assert_eq!(ceil_secs(Duration::from_millis(36_001)), 37);
-        assert_eq!(retry_secs(Duration::ZERO), 1);
     }
 }

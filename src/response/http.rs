@@ -6,24 +6,27 @@ use http::{HeaderValue, Response, StatusCode, header};
 use serde_json::json;
 
 use super::grpc;
-use super::headers::{HeaderPlan, retry_secs};
+use super::headers::HeaderPlan;
 use crate::extract::Rejection;
 use crate::key::KeyId;
+use crate::time::retry_secs;
 
 const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
 
-/// Why the layer answered instead of the inner service.
+/// What the layer answers instead of the inner service: a *refusal* (over
+/// a limit), a *rejection* (a client mistake before any limit), a cost that
+/// can never fit, or an unavailable backend.
 #[derive(Debug)]
-pub(crate) enum Refusal<'a> {
-    /// Over the limit: 429 / RESOURCE_EXHAUSTED.
-    Limited {
+pub(crate) enum Answer<'a> {
+    /// A refusal, over the limit: 429 / RESOURCE_EXHAUSTED.
+    Refused {
         plan: HeaderPlan,
         tier: &'a str,
         category: &'a str,
         key: KeyId,
     },
-    /// A client mistake before any limit was checked.
-    Client(Rejection),
+    /// A rejection: a client mistake before any limit was checked.
+    Rejected(Rejection),
     /// A cost that could never fit the limit.
     CostTooHigh {
         cost: u32,
@@ -35,35 +38,35 @@ pub(crate) enum Refusal<'a> {
     Unavailable,
 }
 
-impl Refusal<'_> {
+impl Answer<'_> {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
-            Refusal::Limited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Refusal::Client(
+            Answer::Refused { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Answer::Rejected(
                 Rejection::MalformedKey(_) | Rejection::InvalidCost(_) | Rejection::InvalidPriority,
             ) => StatusCode::BAD_REQUEST,
-            Refusal::Client(_) => StatusCode::UNAUTHORIZED,
-            Refusal::CostTooHigh { .. } => StatusCode::BAD_REQUEST,
-            Refusal::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Answer::Rejected(_) => StatusCode::UNAUTHORIZED,
+            Answer::CostTooHigh { .. } => StatusCode::BAD_REQUEST,
+            Answer::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     pub(crate) fn problem_type(&self) -> &'static str {
         match self {
-            Refusal::Limited { .. } => "rate-limited",
-            Refusal::Client(Rejection::MissingKey | Rejection::NoPeerAddress) => "missing-api-key",
-            Refusal::Client(Rejection::MalformedKey(_)) => "malformed-api-key",
-            Refusal::Client(Rejection::UnknownKey) => "unknown-api-key",
-            Refusal::Client(Rejection::InvalidCost(_)) => "invalid-cost",
-            Refusal::Client(Rejection::InvalidPriority) => "invalid-priority",
-            Refusal::CostTooHigh { .. } => "cost-exceeds-limit",
-            Refusal::Unavailable => "rate-limiter-unavailable",
+            Answer::Refused { .. } => "rate-limited",
+            Answer::Rejected(Rejection::MissingKey | Rejection::NoPeerAddress) => "missing-api-key",
+            Answer::Rejected(Rejection::MalformedKey(_)) => "malformed-api-key",
+            Answer::Rejected(Rejection::UnknownKey) => "unknown-api-key",
+            Answer::Rejected(Rejection::InvalidCost(_)) => "invalid-cost",
+            Answer::Rejected(Rejection::InvalidPriority) => "invalid-priority",
+            Answer::CostTooHigh { .. } => "cost-exceeds-limit",
+            Answer::Unavailable => "rate-limiter-unavailable",
         }
     }
 
     pub(crate) fn detail(&self) -> String {
         match self {
-            Refusal::Limited {
+            Answer::Refused {
                 plan,
                 tier,
                 category,
@@ -71,11 +74,11 @@ impl Refusal<'_> {
             } => format!(
                 "rate limit exceeded: tier `{tier}` allows {} `{category}` requests per {} s; retry in {} s",
                 plan.decision.limit,
-                super::ceil_secs(plan.decision.window),
+                crate::time::ceil_secs(plan.decision.window),
                 retry_secs(plan.decision.retry_after.unwrap_or_default()),
             ),
-            Refusal::Client(r) => r.to_string(),
-            Refusal::CostTooHigh {
+            Answer::Rejected(r) => r.to_string(),
+            Answer::CostTooHigh {
                 cost,
                 max,
                 tier,
@@ -83,13 +86,13 @@ impl Refusal<'_> {
             } => format!(
                 "this request costs {cost} but tier `{tier}` allows at most {max} `{category}` requests at once, so it can never succeed; split it into smaller requests"
             ),
-            Refusal::Unavailable => "the rate limiter is unavailable; try again shortly".to_owned(),
+            Answer::Unavailable => "the rate limiter is unavailable; try again shortly".to_owned(),
         }
     }
 
     /// The response, in the form the caller speaks.
     pub(crate) fn into_response(self, grpc: bool) -> Response<Bytes> {
-        if !matches!(self, Refusal::Limited { .. }) {
+        if !matches!(self, Answer::Refused { .. }) {
             crate::telemetry::rejection(self.problem_type());
         }
         if grpc {
@@ -103,7 +106,7 @@ impl Refusal<'_> {
             "detail": self.detail(),
         });
         match &self {
-            Refusal::Limited {
+            Answer::Refused {
                 plan,
                 tier,
                 category,
@@ -115,13 +118,16 @@ impl Refusal<'_> {
                 obj.insert("category".into(), json!(category));
                 obj.insert("limit".into(), json!(d.limit));
                 obj.insert("remaining".into(), json!(d.remaining));
-                obj.insert("window_seconds".into(), json!(super::ceil_secs(d.window)));
+                obj.insert(
+                    "window_seconds".into(),
+                    json!(crate::time::ceil_secs(d.window)),
+                );
                 obj.insert(
                     "retry_after_seconds".into(),
                     json!(retry_secs(d.retry_after.unwrap_or_default())),
                 );
             }
-            Refusal::CostTooHigh {
+            Answer::CostTooHigh {
                 cost,
                 max,
                 tier,
@@ -138,7 +144,7 @@ impl Refusal<'_> {
         let mut res = Response::new(Bytes::from(body.to_string()));
         *res.status_mut() = status;
         res.headers_mut().insert(header::CONTENT_TYPE, PROBLEM_JSON);
-        if let Refusal::Limited { plan, .. } = &self {
+        if let Answer::Refused { plan, .. } = &self {
             plan.write(res.headers_mut());
             res.extensions_mut().insert(plan.decision);
         }

@@ -254,6 +254,7 @@ impl RedisCluster {
 }
 
 /// A backend on `server` that reads `clock` instead of Redis's `TIME`.
+#[cfg(feature = "test-util")]
 pub async fn fake_clock_backend(
     server: &RedisServer,
     clock: &governor::clock::FakeRelativeClock,

@@ -171,7 +171,7 @@ fn req_clone(req: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
 /// client's reading never panics, and an HTTP status other than 429 without
 /// `grpc-status: 8` is never a refusal.
 pub fn client_hints(data: &[u8]) {
-    use tierlimit::client::{Verdict, classify};
+    use tierlimit::client::{RetryHint, retry_hint};
     let Some((&flags, rest)) = data.split_first() else {
         return;
     };
@@ -208,12 +208,12 @@ pub fn client_hints(data: &[u8]) {
     } else {
         StatusCode::OK
     };
-    let verdict = classify(status, &headers);
+    let verdict = retry_hint(status, &headers);
     let grpc8 = headers
         .get("grpc-status")
         .is_some_and(|v| v.as_bytes() == b"8");
     if status != StatusCode::TOO_MANY_REQUESTS && !grpc8 {
-        assert_eq!(verdict, Verdict::Done);
+        assert_eq!(verdict, RetryHint::NotRefused);
     }
 }
 

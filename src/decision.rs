@@ -1,0 +1,87 @@
+//! [`Decision`]: what a backend answers for one check (a leaf: it knows
+//! only limits).
+
+use std::time::Duration;
+
+use crate::policy::Limit;
+
+/// The outcome of one check.
+///
+/// Seconds in headers are derived from these durations and always rounded
+/// up, never down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request conforms.
+    pub allowed: bool,
+    /// The limit's burst size (`max`).
+    pub limit: u32,
+    /// Requests that could still come at once, after this one.
+    pub remaining: u32,
+    /// Time until the bucket is full again if nothing else comes.
+    pub reset_after: Duration,
+    /// For a refusal: time until this request would conform.
+    pub retry_after: Option<Duration>,
+    /// The limit's window (`per`).
+    pub window: Duration,
+}
+
+impl Decision {
+    /// The decision for an allowed request that leaves `remaining` of
+    /// `limit` (GCRA: the bucket is full again `(max - remaining) × per/max`
+    /// later, to the emission interval's resolution).
+    pub fn allow(limit: &Limit, remaining: u32) -> Self {
+        let remaining = remaining.min(limit.max());
+        Decision {
+            allowed: true,
+            limit: limit.max(),
+            remaining,
+            reset_after: nanos(
+                u128::from(limit.max() - remaining) * u128::from(limit.emission_interval_nanos()),
+            ),
+            retry_after: None,
+            window: limit.per(),
+        }
+    }
+
+    /// The decision for a refused request of `cost` that would conform
+    /// `retry_after` from now.
+    pub fn refuse(limit: &Limit, cost: u32, retry_after: Duration) -> Self {
+        let t = u128::from(limit.emission_interval_nanos());
+        let cost = cost.clamp(1, limit.max());
+        let retry = retry_after.as_nanos();
+        // Capacity now: cost × T − retry, in whole requests (fewer than cost).
+        let remaining =
+            ((u128::from(cost) * t).saturating_sub(retry) / t).min(u128::from(cost - 1)) as u32;
+        Decision {
+            allowed: false,
+            limit: limit.max(),
+            remaining,
+            reset_after: nanos(retry + u128::from(limit.max() - cost) * t),
+            retry_after: Some(retry_after),
+            window: limit.per(),
+        }
+    }
+}
+
+fn nanos(n: u128) -> Duration {
+    Duration::from_nanos(n.min(u128::from(u64::MAX)) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_arithmetic() {
+        let l = Limit::per_second(10); // T = 100ms
+        let d = Decision::refuse(&l, 1, Duration::from_millis(40));
+        assert_eq!(d.remaining, 0);
+        assert_eq!(d.reset_after, Duration::from_millis(940));
+        // A cost of 5 with 3 available: retry after 2 × T.
+        let d = Decision::refuse(&l, 5, Duration::from_millis(200));
+        assert_eq!(d.remaining, 3);
+        assert_eq!(d.reset_after, Duration::from_millis(700));
+        let a = Decision::allow(&l, 7);
+        assert_eq!(a.reset_after, Duration::from_millis(300));
+    }
+}
