@@ -259,8 +259,8 @@ where
     }
 }
 
-/// The default longest key accepted.
-pub const DEFAULT_MAX_KEY_LEN: usize = 256;
+pub use crate::key::DEFAULT_MAX_KEY_LEN;
+use crate::key::key_problem;
 
 static X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
 
@@ -352,21 +352,6 @@ impl ApiKey {
             None => Ok(key),
             Some(why) => Err(Rejection::MalformedKey(why)),
         }
-    }
-}
-
-/// Why a key could never be read from a request (`None`: it can): empty,
-/// longer than `max_len`, or not printable ASCII without spaces. The
-/// policy's key tables are checked with the same rule.
-pub(crate) fn key_problem(key: &str, max_len: usize) -> Option<&'static str> {
-    if key.is_empty() {
-        Some("the API key is empty")
-    } else if key.len() > max_len {
-        Some("the API key is too long")
-    } else if !key.bytes().all(|b| b.is_ascii_graphic()) {
-        Some("the API key must be printable ASCII without spaces")
-    } else {
-        None
     }
 }
 

@@ -161,6 +161,24 @@ pub(crate) fn hash_str(s: &str) -> u64 {
     HASHER.hash_one(s)
 }
 
+/// The default longest API key accepted.
+pub const DEFAULT_MAX_KEY_LEN: usize = 256;
+
+/// Why a key could never be read from a request (`None`: it can): empty,
+/// longer than `max_len`, or not printable ASCII without spaces. The
+/// policy's key tables are checked with the same rule.
+pub(crate) fn key_problem(key: &str, max_len: usize) -> Option<&'static str> {
+    if key.is_empty() {
+        Some("the API key is empty")
+    } else if key.len() > max_len {
+        Some("the API key is too long")
+    } else if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        Some("the API key must be printable ASCII without spaces")
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

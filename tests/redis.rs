@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::redis::{RedisCluster, RedisServer, available, init_secret};
+use common::redis::{RedisCluster, RedisServer, ready};
 use governor::clock::FakeRelativeClock;
 use tierlimit::{
     Backend, BackendState, FailurePolicy, KeyId, Limit, Policy, RedisBackend, Subject,
@@ -85,10 +85,9 @@ fn policy() -> Policy {
 
 #[tokio::test]
 async fn conformance_single_node() {
-    if !available() {
+    if !ready() {
         return;
     }
-    init_secret();
     let server = RedisServer::start();
     let clock = FakeRelativeClock::default();
     let backend = common::redis::fake_clock_backend(&server, &clock).await;
@@ -98,10 +97,9 @@ async fn conformance_single_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_cluster_and_keys_spread_over_masters() {
-    if !available() {
+    if !ready() {
         return;
     }
-    init_secret();
     let cluster = RedisCluster::start();
     let clock = FakeRelativeClock::default();
     let backend = RedisBackend::cluster(cluster.urls())
@@ -164,10 +162,9 @@ async fn exact_across_instances(make: impl AsyncFn() -> RedisBackend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exactly_n_across_instances_single_node() {
-    if !available() {
+    if !ready() {
         return;
     }
-    init_secret();
     let server = RedisServer::start();
     let url = server.url();
     exact_across_instances(async || {
@@ -182,10 +179,9 @@ async fn exactly_n_across_instances_single_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exactly_n_across_instances_cluster() {
-    if !available() {
+    if !ready() {
         return;
     }
-    init_secret();
     let cluster = RedisCluster::start();
     let urls = cluster.urls();
     exact_across_instances(async || {
@@ -200,10 +196,9 @@ async fn exactly_n_across_instances_cluster() {
 
 #[tokio::test]
 async fn one_script_call_per_allowed_request_none_for_cached_refusals() {
-    if !available() {
+    if !ready() {
         return;
     }
-    init_secret();
     let server = RedisServer::start();
     let clock = FakeRelativeClock::default();
     let backend = common::redis::fake_clock_backend(&server, &clock).await;
@@ -256,10 +251,9 @@ async fn one_script_call_per_allowed_request_none_for_cached_refusals() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_is_not_an_outage_and_limits_resume_after_restart() {
-    if !available() {
+    if !ready() {
         return;
     }
-    init_secret();
     capture_logs();
     #[cfg(feature = "metrics")]
     metrics_text(); // install the recorder before the first check
@@ -359,10 +353,9 @@ async fn redis_down_is_not_an_outage_and_limits_resume_after_restart() {
 
 #[tokio::test]
 async fn fail_open_and_fail_closed() {
-    if !available() {
+    if !ready() {
         return;
     }
-    init_secret();
     let mut server = RedisServer::start();
     let limit = Limit::per_hour(1);
     let open = RedisBackend::builder(server.url())
@@ -392,10 +385,9 @@ async fn fail_open_and_fail_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_demo_servers_share_one_limit_through_redis() {
-    if !available() {
+    if !ready() {
         return;
     }
-    init_secret();
     let server = RedisServer::start();
     let mut urls = Vec::new();
     let mut running = Vec::new();
@@ -442,10 +434,9 @@ async fn two_demo_servers_share_one_limit_through_redis() {
 
 #[tokio::test]
 async fn peek_reports_capacity_without_counting() {
-    if !available() {
+    if !ready() {
         return;
     }
-    init_secret();
     let server = RedisServer::start();
     let clock = FakeRelativeClock::default();
     let backend = common::redis::fake_clock_backend(&server, &clock).await;
@@ -478,10 +469,9 @@ async fn peek_reports_capacity_without_counting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_over_admits_at_most_each_instances_share() {
-    if !available() {
+    if !ready() {
         return;
     }
-    init_secret();
     let mut server = RedisServer::start();
     let limit = Limit::per_hour(10);
     let mut backends = Vec::new();
@@ -539,10 +529,9 @@ async fn an_outage_over_admits_at_most_each_instances_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_slow_answer_trips_nothing() {
-    if !available() {
+    if !ready() {
         return;
     }
-    init_secret();
     let server = RedisServer::start();
     let backend = RedisBackend::builder(server.url())
         .timeout(Duration::from_millis(100))
@@ -587,10 +576,9 @@ async fn one_slow_answer_trips_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_failover_under_load_answers_every_request_within_the_bound() {
-    if !available() {
+    if !ready() {
         return;
     }
-    init_secret();
     let mut cluster = RedisCluster::start_with_replicas(1);
     let limit = Limit::per_hour(50);
     let backend = RedisBackend::cluster(cluster.urls())

@@ -972,7 +972,7 @@ pub(crate) fn reserve_of(max: u32, pct: u8) -> u32 {
 /// Refuses a key no request could ever present (the same rule as
 /// [`ApiKey`](crate::ApiKey)'s), naming the entry but never the key.
 fn check_key(key: &str, entry: &str, line: Option<usize>) -> Result<(), PolicyError> {
-    match crate::extract::key_problem(key, crate::extract::DEFAULT_MAX_KEY_LEN) {
+    match crate::key::key_problem(key, crate::key::DEFAULT_MAX_KEY_LEN) {
         None => Ok(()),
         Some(why) => Err(PolicyError::new(
             entry,

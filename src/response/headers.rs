@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::backend::Decision;
+use crate::decision::Decision;
 use crate::time::{ceil_secs, retry_secs, unix_now};
 
 pub(crate) static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");

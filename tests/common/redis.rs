@@ -14,6 +14,15 @@ pub fn init_secret() {
     tierlimit::set_key_secret(SECRET).expect("one secret per test binary");
 }
 
+/// Whether Redis tests can run here (see [`available`]); sets the secret.
+pub fn ready() -> bool {
+    let found = available();
+    if found {
+        init_secret();
+    }
+    found
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
