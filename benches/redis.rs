@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tierlimit::{Backend, KeyId, Limit, Policy, RedisBackend, Subject};
+use tierlimit::{Backend, KeyId, Limit, RedisBackend, Subject};
 
 const IN_FLIGHT: usize = 64;
 const KEYS: u64 = 100_000;
@@ -39,16 +39,8 @@ fn bench(c: &mut Criterion) {
             .await
             .unwrap()
     });
-    let policy = Policy::from_toml_str("categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1000000000/hour\"\nwrite = \"1/hour\"").unwrap();
     let limit = Limit::per_hour(1_000_000_000);
-    let subject = |i: u64| {
-        Subject::new(
-            KeyId::from_raw(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-            policy.tier("t").unwrap(),
-            policy.category("read").unwrap(),
-            1,
-        )
-    };
+    let subject = |i: u64| Subject::new(KeyId::from_raw(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)), 1);
     // Warm up: loads the script, fills some keys.
     rt.block_on(async {
         for i in 0..1000 {

@@ -164,8 +164,6 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         };
         let subject = Subject {
             key: identity.key(),
-            tier,
-            category,
             cost,
             scope: cell.scope,
             reserve,

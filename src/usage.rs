@@ -105,7 +105,7 @@ where
                 return refuse(Rejection::UnknownKey);
             };
             let rule = policy.effective_rule(tier, category, identity.key(), now);
-            let subject = Subject::new(identity.key(), tier, category, cell.scope);
+            let subject = Subject::new(identity.key(), cell.scope);
             let peek = match rule {
                 Rule::Unlimited => None,
                 Rule::Limited(limit) => Some(shared.backend.peek(&subject, &limit)),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use governor::clock::FakeRelativeClock;
-use tierlimit::{Backend, KeyId, Limit, MemoryBackend, Policy, Subject};
+use tierlimit::{Backend, KeyId, Limit, MemoryBackend, Subject};
 
 #[tokio::test]
 async fn memory_backend_passes_the_conformance_table() {
@@ -29,27 +29,18 @@ async fn conformance_holds_with_a_tiny_key_cap() {
     common::conformance::run(&backend, |d| clock.advance(d)).await;
 }
 
-fn subject(policy: &Policy, key: &str) -> Subject {
-    Subject::new(
-        KeyId::of(key),
-        policy.tier("t").unwrap(),
-        policy.category("read").unwrap(),
-        1,
-    )
+fn subject(key: &str) -> Subject {
+    Subject::new(KeyId::of(key), 1)
 }
 
 #[test]
 fn exactly_max_allowed_under_contention_on_threads() {
-    let policy = Policy::from_toml_str(
-        "categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1000/hour\"\nwrite = \"1/hour\"",
-    )
-    .unwrap();
     let limit = Limit::per_hour(1000);
     for round in 0..5 {
         let clock = FakeRelativeClock::default(); // frozen: nothing refills
         let backend = MemoryBackend::builder().clock(clock).build();
         let allowed = Arc::new(AtomicU32::new(0));
-        let subject = subject(&policy, &format!("hot-key-{round}"));
+        let subject = subject(&format!("hot-key-{round}"));
         std::thread::scope(|s| {
             for _ in 0..8 {
                 let (backend, allowed) = (&backend, &allowed);
@@ -72,14 +63,10 @@ fn exactly_max_allowed_under_contention_on_threads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exactly_max_allowed_under_contention_on_tasks() {
-    let policy = Policy::from_toml_str(
-        "categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"100/hour\"\nwrite = \"1/hour\"",
-    )
-    .unwrap();
     let limit = Limit::per_hour(100);
     let clock = FakeRelativeClock::default();
     let backend = Arc::new(MemoryBackend::builder().clock(clock.clone()).build());
-    let subject = subject(&policy, "k");
+    let subject = subject("k");
     let mut tasks = Vec::new();
     for _ in 0..64 {
         let backend = Arc::clone(&backend);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use governor::clock::FakeRelativeClock;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
-use tierlimit::{KeyId, Limit, MemoryBackend, Policy, Subject};
+use tierlimit::{KeyId, Limit, MemoryBackend, Subject};
 
 /// Counts heap bytes, to measure what tracked keys cost.
 #[global_allocator]
@@ -18,34 +18,21 @@ fn live(region: &Region<'_, System>) -> isize {
     c.bytes_allocated as isize - c.bytes_deallocated as isize + c.bytes_reallocated
 }
 
-fn subject(policy: &Policy, i: u64) -> Subject {
-    Subject::new(
-        KeyId::from_raw(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-        policy.tier("t").unwrap(),
-        policy.category("read").unwrap(),
-        3,
-    )
+fn subject(i: u64) -> Subject {
+    Subject::new(KeyId::from_raw(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)), 3)
 }
 
 /// A caller the policy does not know (an unknown key, an anonymous IP).
-fn guest(policy: &Policy, i: u64) -> Subject {
+fn guest(i: u64) -> Subject {
     Subject {
         known: false,
-        ..subject(policy, i)
+        ..subject(i)
     }
-}
-
-fn policy() -> Policy {
-    Policy::from_toml_str(
-        "categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"10/minute\"\nwrite = \"1/minute\"",
-    )
-    .unwrap()
 }
 
 /// One test, run alone in this binary, so the allocation counter sees only it.
 #[test]
 fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
-    let policy = policy();
     let limit = Limit::per_minute(10);
     const SPRAY: u64 = 1_000_000;
 
@@ -55,17 +42,10 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
         .clock(clock.clone())
         .max_keys(usize::MAX)
         .build();
-    backend
-        .check_now(&subject(&policy, u64::MAX), &limit)
-        .unwrap(); // create the limiter
+    backend.check_now(&subject(u64::MAX), &limit).unwrap(); // create the limiter
     let region = Region::new(GLOBAL);
     for i in 0..SPRAY {
-        assert!(
-            backend
-                .check_now(&subject(&policy, i), &limit)
-                .unwrap()
-                .allowed
-        );
+        assert!(backend.check_now(&subject(i), &limit).unwrap().allowed);
     }
     let used = live(&region);
     assert_eq!(backend.tracked_keys(), SPRAY as usize + 1);
@@ -78,9 +58,7 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
     clock.advance(Duration::from_secs(61));
     for _ in 0..64 {
         clock.advance(Duration::from_millis(940));
-        backend
-            .check_now(&subject(&policy, u64::MAX), &limit)
-            .unwrap();
+        backend.check_now(&subject(u64::MAX), &limit).unwrap();
     }
     assert!(
         backend.tracked_keys() <= 1,
@@ -102,17 +80,12 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
         .max_keys(cap)
         .build();
     for _ in 0..10 {
-        assert!(
-            backend
-                .check_now(&guest(&policy, 0), &limit)
-                .unwrap()
-                .allowed
-        );
+        assert!(backend.check_now(&guest(0), &limit).unwrap().allowed);
     }
     let region = Region::new(GLOBAL);
     let mut allowed_untracked = 0;
     for i in 1..SPRAY {
-        let d = backend.check_now(&guest(&policy, i), &limit).unwrap();
+        let d = backend.check_now(&guest(i), &limit).unwrap();
         if (i as usize) < cap {
             assert!(d.allowed, "key {i} under the cap");
         } else if d.allowed {
@@ -128,19 +101,14 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
         "untracked guests share one bucket of 10"
     );
     // Key 0 is still exactly empty: its state survived the spray.
-    assert!(
-        !backend
-            .check_now(&guest(&policy, 0), &limit)
-            .unwrap()
-            .allowed
-    );
+    assert!(!backend.check_now(&guest(0), &limit).unwrap().allowed);
 
     // 3. During the spray, customers whose keys the policy knows arrive
     // for the first time: each gets its own bucket and its full limit
     // (exactly 10, then refused), and the table stays at the cap (guests
     // give way).
     for k in 0..1_000u64 {
-        let customer = subject(&policy, SPRAY * 10 + k);
+        let customer = subject(SPRAY * 10 + k);
         for n in 0..10 {
             let d = backend.check_now(&customer, &limit).unwrap();
             assert!(d.allowed, "customer {k}, request {n}");
@@ -151,11 +119,11 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
     }
     // The spray goes on: guests still cannot push customers out.
     for i in SPRAY..SPRAY + 100_000 {
-        backend.check_now(&guest(&policy, i), &limit).unwrap();
+        backend.check_now(&guest(i), &limit).unwrap();
     }
     assert!(
         !backend
-            .check_now(&subject(&policy, SPRAY * 10), &limit)
+            .check_now(&subject(SPRAY * 10), &limit)
             .unwrap()
             .allowed,
         "a customer's state survived the spray"
@@ -164,9 +132,7 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
     // Time passes: every bucket is full again; the next request at the cap
     // sweeps, and new keys are tracked again.
     clock.advance(Duration::from_secs(70));
-    let d = backend
-        .check_now(&guest(&policy, SPRAY + 1), &limit)
-        .unwrap();
+    let d = backend.check_now(&guest(SPRAY + 1), &limit).unwrap();
     assert!(d.allowed);
     assert!(
         backend.tracked_keys() < 10,
@@ -176,14 +142,14 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
     for _ in 0..9 {
         assert!(
             backend
-                .check_now(&guest(&policy, SPRAY + 1), &limit)
+                .check_now(&guest(SPRAY + 1), &limit)
                 .unwrap()
                 .allowed
         );
     }
     assert!(
         !backend
-            .check_now(&guest(&policy, SPRAY + 1), &limit)
+            .check_now(&guest(SPRAY + 1), &limit)
             .unwrap()
             .allowed,
         "tracked with its own state"
@@ -200,12 +166,7 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
         .build();
     let mut own = 0;
     for i in 0..5_000 {
-        if backend
-            .check_now(&subject(&policy, i), &limit)
-            .unwrap()
-            .allowed
-            && i < 2_000
-        {
+        if backend.check_now(&subject(i), &limit).unwrap().allowed && i < 2_000 {
             own += 1;
         }
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use governor::clock::FakeRelativeClock;
 use proptest::prelude::*;
-use tierlimit::{Backend, BackendError, Decision, KeyId, Limit, MemoryBackend, Policy, Subject};
+use tierlimit::{Backend, BackendError, Decision, KeyId, Limit, MemoryBackend, Subject};
 
 /// What the model says one check gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,27 +89,18 @@ fn steps() -> impl Strategy<Value = Vec<(u64, u32, u32)>> {
     )
 }
 
-fn policy() -> Policy {
-    // One key secret for the binary, before any key is hashed.
+/// One key secret for the binary, before any key is hashed.
+fn setup() {
     #[cfg(feature = "redis")]
     common::redis::init_secret();
-    Policy::from_toml_str(
-        "categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1/s\"\nwrite = \"1/s\"",
-    )
-    .unwrap()
 }
 
 static KEYS: AtomicU64 = AtomicU64::new(0);
 
 /// A fresh subject per case, so cases never share a bucket.
-fn fresh_subject(policy: &Policy) -> Subject {
+fn fresh_subject() -> Subject {
     let n = KEYS.fetch_add(1, Ordering::Relaxed);
-    Subject::new(
-        KeyId::of(&format!("model-{n}")),
-        policy.tier("t").unwrap(),
-        policy.category("read").unwrap(),
-        5,
-    )
+    Subject::new(KeyId::of(&format!("model-{n}")), 5)
 }
 
 /// Runs one case against `check`, which moves its clock by the step's
@@ -125,8 +116,8 @@ async fn run_case(
         Duration::from_millis(t_ms * u64::from(max)),
     )
     .unwrap();
-    let policy = policy();
-    let base = fresh_subject(&policy);
+    setup();
+    let base = fresh_subject();
     let mut model = Model {
         t: t_ms * 1_000_000,
         max,

@@ -15,9 +15,7 @@ use std::time::Duration;
 
 use common::redis::{RedisCluster, RedisServer, ready};
 use governor::clock::FakeRelativeClock;
-use tierlimit::{
-    Backend, BackendState, FailurePolicy, KeyId, Limit, Policy, RedisBackend, Subject,
-};
+use tierlimit::{Backend, BackendState, FailurePolicy, KeyId, Limit, RedisBackend, Subject};
 
 /// Log lines of this test binary, for the state-change events.
 static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
@@ -68,19 +66,7 @@ fn logs() -> String {
 }
 
 fn subject(key: &str) -> Subject {
-    Subject::new(
-        KeyId::of(key),
-        policy().tier("t").unwrap(),
-        policy().category("read").unwrap(),
-        11,
-    )
-}
-
-fn policy() -> Policy {
-    Policy::from_toml_str(
-        "categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1/s\"\nwrite = \"1/s\"",
-    )
-    .unwrap()
+    Subject::new(KeyId::of(key), 11)
 }
 
 #[tokio::test]

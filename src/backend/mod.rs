@@ -21,18 +21,15 @@ pub use memory::{MemoryBackend, MemoryBackendBuilder};
 
 pub use crate::decision::Decision;
 use crate::key::KeyId;
-use crate::policy::{CategoryId, Limit, TierId};
+use crate::policy::Limit;
 
-/// Who is asking, for what, at what cost: everything a backend needs about
-/// one request.
+/// Who is asking, in which bucket, at what cost: everything a backend reads
+/// about one request, and nothing else (the tier and category are folded
+/// into `scope`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Subject {
     /// The caller's identity.
     pub key: KeyId,
-    /// The caller's tier.
-    pub tier: TierId,
-    /// The endpoint category.
-    pub category: CategoryId,
     /// Units this request takes (at least 1).
     pub cost: u32,
     /// Separates the buckets of different tier × category cells (and of
@@ -47,22 +44,20 @@ pub struct Subject {
 }
 
 impl Subject {
-    /// One request of cost 1, normal priority and no reserve, for a known
-    /// `key` in a tier × category cell whose buckets are separated by
-    /// `scope`.
+    /// One request of cost 1 and no reserve, for a known `key` in a
+    /// tier × category cell whose buckets are separated by `scope` (the
+    /// layer gives each cell its own).
     ///
     /// ```
     /// use tierlimit::{KeyId, Policy, Subject};
     /// # let policy = Policy::from_toml_str("categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1/s\"\nwrite = \"1/s\"").unwrap();
-    /// let s = Subject::new(KeyId::of("k"), policy.tier("t").unwrap(), policy.category("read").unwrap(), 7);
+    /// let s = Subject::new(KeyId::of("k"), 7);
     /// let batch = Subject { cost: 10, ..s };
     /// assert_eq!((s.cost, batch.cost), (1, 10));
     /// ```
-    pub const fn new(key: KeyId, tier: TierId, category: CategoryId, scope: u64) -> Self {
+    pub const fn new(key: KeyId, scope: u64) -> Self {
         Subject {
             key,
-            tier,
-            category,
             cost: 1,
             scope,
             reserve: 0,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tierlimit::{Backend, BackendError, Decision, KeyId, Limit, Policy, Subject};
+use tierlimit::{Backend, BackendError, Decision, KeyId, Limit, Subject};
 
 /// One step: move the clock, check `cost` for `key`, expect an outcome.
 pub struct Step {
@@ -113,28 +113,19 @@ pub fn table() -> Vec<Step> {
     t
 }
 
-fn subject(policy: &Policy, key: &str, cost: u32) -> Subject {
-    let cell = Subject::new(
-        KeyId::of(key),
-        policy.tier("t").unwrap(),
-        policy.category("c").unwrap(),
-        7,
-    );
+fn subject(key: &str, cost: u32) -> Subject {
+    let cell = Subject::new(KeyId::of(key), 7);
     Subject { cost, ..cell }
 }
 
 /// Runs the table; `advance` moves the backend's clock.
 pub async fn run<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
-    let policy = Policy::from_toml_str("categories = [\"c\"]\ndefaults = { read = \"c\", write = \"c\" }\n[tiers.t]\nc = \"10/10s\"")
-        .unwrap();
     let limit = limit();
     for (i, step) in table().into_iter().enumerate() {
         if step.advance_ms > 0 {
             advance(Duration::from_millis(step.advance_ms));
         }
-        let got = backend
-            .check(&subject(&policy, step.key, step.cost), &limit)
-            .await;
+        let got = backend.check(&subject(step.key, step.cost), &limit).await;
         let ctx = format!("step {i} (key {}, cost {})", step.key, step.cost);
         match (step.expect, got) {
             (
