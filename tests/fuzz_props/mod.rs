@@ -41,7 +41,14 @@ pub fn policy_loader(data: &[u8]) {
 /// treats text as secret: not in `categories`, `[tiers.*]`, `[[routes]]`,
 /// `[[grpc]]`, `[defaults]` or `[shadow]`.
 fn written_only_as_a_key(text: &str, key: &str) -> bool {
-    const PLAIN: [&str; 6] = ["tiers", "routes", "grpc", "defaults", "shadow", "categories"];
+    const PLAIN: [&str; 6] = [
+        "tiers",
+        "routes",
+        "grpc",
+        "defaults",
+        "shadow",
+        "categories",
+    ];
     let plain = |line: &str| {
         let h = line.trim().trim_start_matches('[').trim_start();
         PLAIN.iter().any(|p| h.starts_with(p))
