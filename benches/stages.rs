@@ -1,0 +1,171 @@
+#![allow(missing_docs)] // criterion_group! generates an undocumented function
+//! The request path stage by stage, on the same setup as `benches/layer.rs`
+//! (key from `X-API-Key`, a quota that never refuses): each stage alone
+//! through the crate's public API, then the whole layer around a trivial
+//! inner service with headers on and off (their difference is header
+//! writing), then the same layer inside an axum `Router` (adding axum's
+//! routing and its re-boxing of the layer's response body).
+//!
+//! ```sh
+//! cargo bench --bench stages
+//! ```
+
+use std::convert::Infallible;
+use std::hint::black_box;
+use std::time::Duration;
+
+use axum::body::Body;
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderValue, Method, Request, Response};
+use tierlimit::{
+    ApiKey, HeaderOptions, KeyId, Limit, MemoryBackend, Policy, RateLimitLayer, Subject,
+};
+use tower::{Layer, Service, ServiceExt};
+
+#[path = "support/mod.rs"]
+mod support;
+
+use support::*;
+
+fn policy(keys: &[String]) -> Policy {
+    let mut toml = format!(
+        "categories = [\"read\", \"write\"]\n[tiers.free]\nread = \"{MAX}/hour\"\nwrite = \"{MAX}/hour\"\n[keys]\n"
+    );
+    for k in keys {
+        toml.push_str(&format!("\"{k}\" = \"free\"\n"));
+    }
+    Policy::from_toml_str(&toml).unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let one = keys(1);
+    let many = keys(100_000);
+    let many_hv: Vec<HeaderValue> = many.iter().map(|k| k.parse().unwrap()).collect();
+    let one_hv: HeaderValue = one[0].parse().unwrap();
+    let policy_one = policy(&one);
+    let policy_many = policy(&many);
+
+    let mut group = c.benchmark_group("stages");
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(2));
+
+    // 1. Route classification.
+    let get = Method::GET;
+    group.bench_function("classify (method, path → category)", |b| {
+        b.iter(|| black_box(policy_one.classify(black_box(&get), black_box("/v1/account"))))
+    });
+
+    // 2. Key extraction from the headers (validation included).
+    let req = request(&one_hv);
+    let api = ApiKey::new();
+    group.bench_function("key extraction (ApiKey::read)", |b| {
+        b.iter(|| black_box(api.read(black_box(req.headers())).unwrap().len()))
+    });
+
+    // 3. Key hashing.
+    let key = one[0].as_str();
+    group.bench_function("key hashing (KeyId::of)", |b| {
+        b.iter(|| black_box(KeyId::of(black_box(key))))
+    });
+
+    // 4. Tier lookup in the key table (1 and 100,000 listed keys).
+    let id = KeyId::of(key);
+    group.bench_function("tier lookup, 1 key listed", |b| {
+        b.iter(|| black_box(policy_one.key_tier(black_box(key), id)))
+    });
+    let ids: Vec<KeyId> = many.iter().map(|k| KeyId::of(k)).collect();
+    let mut i = 0usize;
+    group.bench_function("tier lookup, 100k keys listed", |b| {
+        b.iter(|| {
+            i = (i + 1) % many.len();
+            black_box(policy_many.key_tier(&many[i], ids[i]))
+        })
+    });
+
+    // 5. The backend check (1 key, and 100,000 tracked keys).
+    let limit = Limit::per_hour(MAX);
+    let backend = MemoryBackend::new();
+    let subject = Subject::new(id, 1);
+    group.bench_function("backend check, 1 key", |b| {
+        b.iter(|| black_box(backend.check_now(black_box(&subject), &limit).unwrap()))
+    });
+    let subjects: Vec<Subject> = ids.iter().map(|&k| Subject::new(k, 1)).collect();
+    for s in &subjects {
+        backend.check_now(s, &limit).unwrap();
+    }
+    group.bench_function("backend check, 100k keys", |b| {
+        b.iter(|| {
+            i = (i + 1) % subjects.len();
+            black_box(backend.check_now(&subjects[i], &limit).unwrap())
+        })
+    });
+
+    // 6. The whole layer around a trivial inner service, headers on and
+    // off: their difference is header writing.
+    let inner = tower::service_fn(|_req: Request<Body>| async {
+        Ok::<_, Infallible>(Response::new(Body::empty()))
+    });
+    for (name, headers) in [
+        ("whole layer, headers on", HeaderOptions::default()),
+        (
+            "whole layer, headers off",
+            HeaderOptions::default().x_ratelimit(false),
+        ),
+    ] {
+        let layer = RateLimitLayer::builder(policy_one.clone())
+            .headers(headers)
+            .build();
+        let mut svc = layer.layer(inner);
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let res = rt.block_on(async {
+                    ServiceExt::<Request<Body>>::ready(&mut svc).await.unwrap();
+                    svc.call(request(&one_hv)).await.unwrap()
+                });
+                black_box(res)
+            })
+        });
+    }
+
+    // 7. In an axum Router: routing and the re-boxed body added.
+    for (name, mut router) in [
+        ("axum router, bare", bare()),
+        ("axum router, tierlimit", tierlimit(&one)),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let res = rt.block_on(async {
+                    ServiceExt::<Request<Body>>::ready(&mut router)
+                        .await
+                        .unwrap();
+                    router.call(request(&one_hv)).await.unwrap()
+                });
+                black_box(res)
+            })
+        });
+    }
+    // And the 100k-key layer, for the table's second column.
+    let mut router = tierlimit(&many);
+    for k in &many_hv {
+        rt.block_on(router.clone().oneshot(request(k))).unwrap();
+    }
+    group.bench_function("axum router, tierlimit, 100k keys", |b| {
+        b.iter(|| {
+            i = (i + 1) % many_hv.len();
+            let res = rt.block_on(async {
+                ServiceExt::<Request<Body>>::ready(&mut router)
+                    .await
+                    .unwrap();
+                router.call(request(&many_hv[i])).await.unwrap()
+            });
+            black_box(res)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
