@@ -17,25 +17,13 @@ use std::time::Duration;
 use axum::body::Body;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderValue, Method, Request, Response};
-use tierlimit::{
-    ApiKey, HeaderOptions, KeyId, Limit, MemoryBackend, Policy, RateLimitLayer, Subject,
-};
+use tierlimit::{ApiKey, HeaderOptions, KeyId, Limit, MemoryBackend, RateLimitLayer, Subject};
 use tower::{Layer, Service, ServiceExt};
 
 #[path = "support/mod.rs"]
 mod support;
 
 use support::*;
-
-fn policy(keys: &[String]) -> Policy {
-    let mut toml = format!(
-        "categories = [\"read\", \"write\"]\n[tiers.free]\nread = \"{MAX}/hour\"\nwrite = \"{MAX}/hour\"\n[keys]\n"
-    );
-    for k in keys {
-        toml.push_str(&format!("\"{k}\" = \"free\"\n"));
-    }
-    Policy::from_toml_str(&toml).unwrap()
-}
 
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -25,15 +25,19 @@ pub fn bare() -> Router {
     Router::new().route("/v1/account", get(|| async { "{}" }))
 }
 
-pub fn tierlimit(keys: &[String]) -> Router {
+/// The benches' policy: one tier, the quota above, every key listed.
+pub fn policy(keys: &[String]) -> tierlimit::Policy {
     let mut toml = format!(
         "categories = [\"read\", \"write\"]\n[tiers.free]\nread = \"{MAX}/hour\"\nwrite = \"{MAX}/hour\"\n[keys]\n"
     );
     for k in keys {
         toml.push_str(&format!("\"{k}\" = \"free\"\n"));
     }
-    let policy = tierlimit::Policy::from_toml_str(&toml).unwrap();
-    bare().layer(tierlimit::RateLimitLayer::new(policy))
+    tierlimit::Policy::from_toml_str(&toml).unwrap()
+}
+
+pub fn tierlimit(keys: &[String]) -> Router {
+    bare().layer(tierlimit::RateLimitLayer::new(policy(keys)))
 }
 
 #[derive(Clone)]
