@@ -73,6 +73,14 @@ impl<E, B> Shared<E, B> {
     }
 }
 
+/// Unix time now, by the injected clock if there is one.
+fn unix_time(clock: Option<&UnixClock>) -> std::time::Duration {
+    match clock {
+        Some(c) => std::time::Duration::from_secs(c()),
+        None => crate::time::unix_now(),
+    }
+}
+
 impl<E: Extractor, B> Shared<E, B> {
     /// The caller and its tier: the extractor's identity (or, without a
     /// key, the peer address when the policy has a tier for that), its tier
@@ -187,6 +195,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                     reserve,
                     shadowed: &self.shadowed,
                     options: self.headers,
+                    unix_clock: self.unix_clock.as_ref(),
                 };
                 match outcome.settle(result, || is_grpc(req.headers())) {
                     Settled::Allow(plan) => Step::Allow(plan),
@@ -204,6 +213,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                     grpc: is_grpc(req.headers()),
                     shadowed: Arc::clone(&self.shadowed),
                     options: self.headers,
+                    unix_clock: self.unix_clock.clone(),
                     #[cfg(feature = "metrics")]
                     started,
                 }),
@@ -259,6 +269,7 @@ struct Outcome<'a> {
     reserve: u32,
     shadowed: &'a AtomicU64,
     options: HeaderOptions,
+    unix_clock: Option<&'a UnixClock>,
 }
 
 impl Outcome<'_> {
@@ -277,6 +288,11 @@ impl Outcome<'_> {
             decision,
             cell: Arc::clone(&self.cell.headers),
             options: self.options,
+            now: if self.options.need_time() {
+                unix_time(self.unix_clock)
+            } else {
+                std::time::Duration::ZERO
+            },
         };
         let result = result.map(|mut d| {
             if self.reserve > 0 {
@@ -350,7 +366,6 @@ impl Outcome<'_> {
 }
 
 /// A check under way: everything needed to settle it, owned.
-#[derive(Debug)]
 pub(crate) struct Deferred {
     view: Arc<PolicyView>,
     tier: TierId,
@@ -360,8 +375,19 @@ pub(crate) struct Deferred {
     grpc: bool,
     shadowed: Arc<AtomicU64>,
     options: HeaderOptions,
+    unix_clock: Option<UnixClock>,
     #[cfg(feature = "metrics")]
     started: std::time::Instant,
+}
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deferred")
+            .field("tier", &self.tier)
+            .field("category", &self.category)
+            .field("key", &self.key.redacted())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Deferred {
@@ -384,6 +410,7 @@ impl Deferred {
             reserve: self.reserve,
             shadowed: &self.shadowed,
             options: self.options,
+            unix_clock: self.unix_clock.as_ref(),
         };
         outcome.settle(result, || self.grpc)
     }

@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use crate::admission::{Deferred, Settled};
 use crate::backend::{BackendError, Decision};
-use crate::response::{HeaderPlan, ResponseBody};
+use crate::response::{AnswerBody, HeaderPlan};
 
 pin_project! {
     /// The response future of [`RateLimit`](crate::RateLimit): the inner
@@ -87,16 +87,17 @@ where
     F: Future<Output = Result<Response<ResBody>, E>>,
     S: Service<Request<ReqBody>, Response = Response<ResBody>, Error = E, Future = F>,
     BF: Future<Output = Result<Decision, BackendError>> + Unpin,
+    ResBody: AnswerBody,
 {
-    type Output = Result<Response<ResponseBody<ResBody>>, E>;
+    type Output = Result<Response<ResBody>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
                 StateProj::Inner { fut } => {
-                    let res = ready!(fut.poll(cx))?;
-                    let mut res = res.map(ResponseBody::inner);
+                    // The inner response leaves as it came (no re-boxing).
+                    let mut res = ready!(fut.poll(cx))?;
                     if let Some(plan) = this.plan.take() {
                         plan.write(res.headers_mut());
                     }
@@ -104,7 +105,7 @@ where
                 }
                 StateProj::Ready { res } => {
                     let res = res.take().expect("ResponseFuture polled after completion");
-                    return Poll::Ready(Ok(res.map(ResponseBody::full)));
+                    return Poll::Ready(Ok(res.map(ResBody::from_answer)));
                 }
                 StateProj::Checking { checking } => {
                     let c = checking

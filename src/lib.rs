@@ -134,7 +134,7 @@ pub use policy::{
     Adjust, Boost, BoostTarget, CategoryId, KeyRule, Limit, Policy, PolicyBuilder, PolicyError,
     Route, Rule, Shadow, Target, Tier, TierId,
 };
-pub use response::{HeaderOptions, ResponseBody};
+pub use response::{AnswerBody, HeaderOptions, ResponseBody};
 pub use service::RateLimit;
 pub use usage::UsageService;
 

@@ -5,16 +5,14 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{Request, Response};
-use http_body::Body;
 use tower_service::Service;
 
 use crate::admission::{Shared, Step};
 use crate::backend::{Backend, MemoryBackend};
 use crate::extract::{ApiKey, Extractor};
 use crate::future::ResponseFuture;
-use crate::response::ResponseBody;
+use crate::response::AnswerBody;
 
 /// The rate-limiting service made by [`RateLimitLayer`](crate::RateLimitLayer).
 ///
@@ -58,9 +56,9 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     E: Extractor,
     B: Backend,
-    ResBody: Body<Data = Bytes>,
+    ResBody: AnswerBody,
 {
-    type Response = Response<ResponseBody<ResBody>>;
+    type Response = Response<ResBody>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future, S, Request<ReqBody>, B::Future>;
 

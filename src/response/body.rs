@@ -5,12 +5,107 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+/// A response body type the layer passes through **unchanged**, and in
+/// which it builds its own answers (a 429 problem document, a 401, a gRPC
+/// trailers-only refusal).
+///
+/// The layer's response is `Response<B>` for the inner service's `B`: an
+/// allowed response leaves the layer exactly as it came, so axum's
+/// `Router::layer` and tonic's server take it without boxing it again (no
+/// allocation per request). Implemented for axum's and tonic's body types
+/// (with the `axum` and `tonic` features), `String`,
+/// `http_body_util::Full<Bytes>`, `BoxBody` and `UnsyncBoxBody`.
+///
+/// Any other body type: wrap it in [`ResponseBody`], which implements this
+/// trait for every body, for example with tower's `MapResponseBodyLayer`
+/// under the rate-limit layer:
+///
+/// ```
+/// use http::{Request, Response};
+/// use http_body_util::Empty;
+/// use bytes::Bytes;
+/// use tierlimit::{Policy, RateLimitLayer, ResponseBody};
+/// use tower::ServiceBuilder;
+///
+/// let policy = Policy::from_toml_str(r#"
+///     categories = ["read", "write"]
+///     [tiers.free]
+///     read = "10/minute"
+///     write = "1/minute"
+/// "#)?;
+/// let svc = ServiceBuilder::new()
+///     .layer(RateLimitLayer::new(policy))
+///     .map_response_body(ResponseBody::new)
+///     .service_fn(|_req: Request<()>| async {
+///         Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
+///     });
+/// # let _ = svc;
+/// # Ok::<(), tierlimit::PolicyError>(())
+/// ```
+pub trait AnswerBody: Body<Data = Bytes> + Sized {
+    /// A body holding `bytes` (empty for gRPC answers and bare statuses).
+    fn from_answer(bytes: Bytes) -> Self;
+}
+
+#[cfg(feature = "axum")]
+impl AnswerBody for axum::body::Body {
+    fn from_answer(bytes: Bytes) -> Self {
+        axum::body::Body::from(bytes)
+    }
+}
+
+#[cfg(feature = "tonic")]
+impl AnswerBody for tonic::body::Body {
+    fn from_answer(bytes: Bytes) -> Self {
+        if bytes.is_empty() {
+            tonic::body::Body::empty()
+        } else {
+            tonic::body::Body::new(http_body_util::Full::new(bytes))
+        }
+    }
+}
+
+impl AnswerBody for String {
+    fn from_answer(bytes: Bytes) -> Self {
+        // The layer's answers are JSON or empty: always UTF-8.
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl AnswerBody for http_body_util::Full<Bytes> {
+    fn from_answer(bytes: Bytes) -> Self {
+        http_body_util::Full::new(bytes)
+    }
+}
+
+impl<E: 'static> AnswerBody for http_body_util::combinators::UnsyncBoxBody<Bytes, E> {
+    fn from_answer(bytes: Bytes) -> Self {
+        use http_body_util::BodyExt;
+        http_body_util::Full::new(bytes)
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    }
+}
+
+impl<E: 'static> AnswerBody for http_body_util::combinators::BoxBody<Bytes, E> {
+    fn from_answer(bytes: Bytes) -> Self {
+        use http_body_util::BodyExt;
+        http_body_util::Full::new(bytes)
+            .map_err(|never| match never {})
+            .boxed()
+    }
+}
+
+impl<B: Body<Data = Bytes>> AnswerBody for ResponseBody<B> {
+    fn from_answer(bytes: Bytes) -> Self {
+        ResponseBody::full(bytes)
+    }
+}
+
 pin_project! {
-    /// The layer's response body: the inner service's body, or a small
-    /// body the layer wrote itself (a 429, a 401).
-    ///
-    /// Wrapping, rather than requiring `From<String>` of the inner body,
-    /// keeps the layer usable with any body type axum or tonic accepts.
+    /// A body of any type, or a small body the layer wrote itself (a 429,
+    /// a 401): the adapter that lets the layer answer in front of an inner
+    /// service whose body type is not an [`AnswerBody`].
     #[derive(Debug)]
     pub struct ResponseBody<B> {
         #[pin]
@@ -36,7 +131,8 @@ impl<B> ResponseBody<B> {
         }
     }
 
-    pub(crate) fn inner(body: B) -> Self {
+    /// Wraps the inner service's body.
+    pub fn new(body: B) -> Self {
         ResponseBody {
             kind: Kind::Inner { body },
         }

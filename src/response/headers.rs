@@ -1,11 +1,12 @@
-use std::io::Write;
+use std::cell::RefCell;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::decision::Decision;
-use crate::time::{ceil_secs, retry_secs, unix_now};
+use crate::time::{ceil_secs, retry_secs};
 
 pub(crate) static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 pub(crate) static X_RATELIMIT_REMAINING: HeaderName =
@@ -74,12 +75,70 @@ static SMALL_INTS: LazyLock<Box<[HeaderValue]>> = LazyLock::new(|| {
         .collect()
 });
 
-/// A header value for an integer, allocation-free when small.
+/// A header value for an integer, without allocating: from the static
+/// table when small, else cut from this thread's [`Arena`].
 #[inline]
 pub(crate) fn int(n: u64) -> HeaderValue {
-    match SMALL_INTS.get(n as usize) {
-        Some(v) if n < SMALL as u64 => v.clone(),
-        _ => HeaderValue::from(n),
+    if n < SMALL as u64 {
+        if let Some(v) = SMALL_INTS.get(n as usize) {
+            return v.clone();
+        }
+    }
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(n).as_bytes();
+    Arena::value(&[digits]).unwrap_or_else(|| HeaderValue::from(n))
+}
+
+/// How much text one arena chunk holds: a few hundred values.
+const CHUNK: usize = 4096;
+/// More than one response's values: below this much room, the arena tries
+/// to take its chunk back before cutting more.
+const SLACK: usize = 512;
+
+/// Per-request header text (integers beyond the static table, the draft
+/// `RateLimit` field) cut from one buffer per thread.
+///
+/// Each value shares the chunk (a reference count, no allocation). When
+/// the chunk is used up and every value cut from it is gone (a response's
+/// headers are dropped once written out), the same memory is taken back
+/// for the next values: the steady state allocates nothing. Only when
+/// values from a full chunk are still alive (responses held somewhere) is
+/// a new chunk allocated: two allocations per few hundred values.
+struct Arena {
+    buf: BytesMut,
+}
+
+thread_local! {
+    static ARENA: RefCell<Arena> = RefCell::new(Arena { buf: BytesMut::new() });
+}
+
+impl Arena {
+    /// The concatenation of `parts` as a header value; `None` only when it
+    /// is not a valid header value or the thread's arena is gone (thread
+    /// teardown), for the caller to fall back on.
+    fn value(parts: &[&[u8]]) -> Option<HeaderValue> {
+        ARENA
+            .try_with(|arena| {
+                let mut arena = arena.try_borrow_mut().ok()?;
+                let buf = &mut arena.buf;
+                let len: usize = parts.iter().map(|p| p.len()).sum();
+                // Near the end of the chunk, take it back as soon as every
+                // value cut from it is gone: before the next request's
+                // first value, while there is still room for this
+                // request's other values.
+                if buf.capacity() < SLACK.max(len) {
+                    let reclaimed = buf.try_reclaim(CHUNK.max(len));
+                    if !reclaimed && buf.capacity() < len {
+                        *buf = BytesMut::with_capacity(CHUNK.max(len));
+                    }
+                }
+                for part in parts {
+                    buf.extend_from_slice(part);
+                }
+                HeaderValue::from_maybe_shared(buf.split().freeze()).ok()
+            })
+            .ok()
+            .flatten()
     }
 }
 
@@ -118,6 +177,16 @@ pub(crate) struct HeaderPlan {
     pub(crate) decision: Decision,
     pub(crate) cell: Arc<CellHeaders>,
     pub(crate) options: HeaderOptions,
+    /// Unix time when the decision was made (for `X-RateLimit-Reset`).
+    pub(crate) now: Duration,
+}
+
+impl HeaderOptions {
+    /// Whether the headers written need the Unix time.
+    #[inline]
+    pub(crate) fn need_time(self) -> bool {
+        self.x_ratelimit || self.ietf_draft
+    }
 }
 
 impl HeaderPlan {
@@ -136,7 +205,7 @@ impl HeaderPlan {
             headers.insert(X_RATELIMIT_REMAINING.clone(), int(u64::from(d.remaining)));
             headers.insert(
                 X_RATELIMIT_RESET.clone(),
-                HeaderValue::from(ceil_secs(unix_now() + d.reset_after)),
+                int(ceil_secs(self.now + d.reset_after)),
             );
             let window = ceil_secs(d.window);
             let window = if window == cell.window_secs {
@@ -149,11 +218,10 @@ impl HeaderPlan {
         if self.options.ietf_draft {
             headers.insert(RATELIMIT_POLICY.clone(), cell.policy.clone());
             let name = &cell.policy.as_bytes()[..cell.name_len];
-            let mut buf = Vec::with_capacity(name.len() + 32);
-            buf.extend_from_slice(name);
-            // Writing into a Vec cannot fail.
-            let _ = write!(buf, ";r={};t={reset}", d.remaining);
-            if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)) {
+            let (mut r, mut t) = (itoa::Buffer::new(), itoa::Buffer::new());
+            let (r, t) = (r.format(d.remaining), t.format(reset));
+            let parts = [name, b";r=", r.as_bytes(), b";t=", t.as_bytes()];
+            if let Some(v) = Arena::value(&parts) {
                 headers.insert(RATELIMIT.clone(), v);
             }
         }
@@ -168,9 +236,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn small_ints_are_exact() {
+    fn ints_are_exact() {
         for n in [0u64, 1, 9, 10, 99, 100, 4095, 4096, 4097, 10_000, u64::MAX] {
             assert_eq!(int(n).to_str().unwrap(), n.to_string());
+        }
+    }
+
+    #[test]
+    fn arena_values_survive_the_chunk_being_reused_or_replaced() {
+        // Hold some values across many chunks' worth of others: each keeps
+        // its own text whether its chunk was reclaimed or replaced.
+        let held: Vec<(u64, HeaderValue)> = (0..500u64)
+            .map(|i| {
+                let n = 1_000_000_000 + i * 7;
+                for j in 0..20 {
+                    drop(int(5_000 + j));
+                }
+                (n, int(n))
+            })
+            .collect();
+        for (n, v) in held {
+            assert_eq!(v.to_str().unwrap(), n.to_string());
         }
     }
 }

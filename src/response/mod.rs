@@ -6,7 +6,7 @@ pub(crate) mod grpc;
 pub(crate) mod headers;
 pub(crate) mod http;
 
-pub use body::ResponseBody;
+pub use body::{AnswerBody, ResponseBody};
 pub use headers::HeaderOptions;
 pub(crate) use headers::{CellHeaders, HeaderPlan};
 pub(crate) use http::Answer;
