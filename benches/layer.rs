@@ -6,7 +6,7 @@
 //! governor keyed check.
 //!
 //! ```sh
-//! cargo bench --bench layer
+//! cargo bench --features tonic --bench layer
 //! ```
 
 use std::hint::black_box;

@@ -77,7 +77,7 @@ impl<E, B> Shared<E, B> {
 fn unix_time(clock: Option<&UnixClock>) -> std::time::Duration {
     match clock {
         Some(c) => std::time::Duration::from_secs(c()),
-        None => crate::time::unix_now(),
+        None => crate::time::unix_now_fast(),
     }
 }
 
@@ -286,7 +286,7 @@ impl Outcome<'_> {
         let names = (policy.tier_name(tier), policy.category_name(category));
         let plan = |decision: Decision| HeaderPlan {
             decision,
-            cell: Arc::clone(&self.cell.headers),
+            cell: self.cell.headers.clone(),
             options: self.options,
             now: if self.options.need_time() {
                 unix_time(self.unix_clock)

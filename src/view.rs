@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crate::policy::{CategoryId, Policy, Rule, TierId};
-use crate::response::CellHeaders;
+use crate::response::{CellHeaders, CellRef};
 
 /// A policy and its cells' precomputed parts, in force as one.
 #[derive(Debug)]
@@ -19,7 +19,7 @@ pub(crate) struct PolicyView {
 /// One cell's precomputed parts.
 #[derive(Debug)]
 pub(crate) struct CellView {
-    pub(crate) headers: Arc<CellHeaders>,
+    pub(crate) headers: CellRef,
     #[cfg(feature = "metrics")]
     metrics: std::sync::OnceLock<crate::telemetry::CellMetrics>,
 }
@@ -35,12 +35,12 @@ impl PolicyView {
                     Rule::Unlimited => (0, std::time::Duration::ZERO),
                 };
                 cells.push(CellView {
-                    headers: Arc::new(CellHeaders::new(
+                    headers: CellHeaders::get(
                         policy.tier_name(tier),
                         policy.category_name(category),
                         max,
                         window,
-                    )),
+                    ),
                     #[cfg(feature = "metrics")]
                     metrics: std::sync::OnceLock::new(),
                 });

@@ -3,12 +3,11 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::{Ready, ready};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock, Reference};
@@ -103,8 +102,92 @@ struct Probe {
 }
 type LimiterMap<C> = HashMap<Limit, Arc<Entry<C>>, foldhash::fast::RandomState>;
 
+/// Slots in the limiter table; limits beyond it (or beyond a probe run) go
+/// to an overflow map behind a mutex.
+const LIMITER_SLOTS: usize = 1024;
+const LIMITER_PROBES: usize = 16;
+
+/// One governor limiter per distinct [`Limit`], found without writing
+/// shared memory: an append-only open-addressing table whose slots are set
+/// once (under `grow`) and never change, so a lookup is plain loads — no
+/// reference count, no lock. A lookup that meets an empty slot knows the
+/// limit is not in the table (a slot is filled only when every slot
+/// before it on the probe run is full); the rare miss takes the slow path,
+/// which looks again under the lock.
+struct Limiters<C: Clock> {
+    slots: Box<[OnceLock<Arc<Entry<C>>>]>,
+    hasher: foldhash::fast::FixedState,
+    /// Limits that found no slot (a policy with hundreds of distinct
+    /// custom limits): correct, a little slower.
+    overflow: Mutex<LimiterMap<C>>,
+    /// Serialises additions.
+    grow: Mutex<()>,
+}
+
+impl<C: Clock> Limiters<C> {
+    fn new() -> Self {
+        Limiters {
+            slots: (0..LIMITER_SLOTS).map(|_| OnceLock::new()).collect(),
+            hasher: foldhash::fast::FixedState::with_seed(0x7469_6572),
+            overflow: Mutex::new(HashMap::default()),
+            grow: Mutex::new(()),
+        }
+    }
+
+    #[inline]
+    fn probe_run(&self, limit: &Limit) -> impl Iterator<Item = &OnceLock<Arc<Entry<C>>>> {
+        let h = self.hasher.hash_one(limit) as usize;
+        (0..LIMITER_PROBES).map(move |i| &self.slots[(h + i) % LIMITER_SLOTS])
+    }
+
+    /// The limiter of `limit`, if it is in the table (not the overflow).
+    #[inline]
+    fn get(&self, limit: &Limit) -> Option<&Arc<Entry<C>>> {
+        for slot in self.probe_run(limit) {
+            match slot.get() {
+                Some(e) if e.limit == *limit => return Some(e),
+                Some(_) => {}
+                None => return None,
+            }
+        }
+        None
+    }
+
+    /// The limiter of `limit`, made if new (the slow path).
+    #[cold]
+    fn get_or_add(&self, limit: &Limit, make: impl FnOnce() -> Entry<C>) -> Arc<Entry<C>> {
+        let _grow = self.grow.lock().unwrap_or_else(PoisonError::into_inner);
+        for slot in self.probe_run(limit) {
+            match slot.get() {
+                Some(e) if e.limit == *limit => return Arc::clone(e),
+                Some(_) => {}
+                None => {
+                    let e = Arc::new(make());
+                    // Only additions set slots, and they hold `grow`.
+                    let _ = slot.set(Arc::clone(&e));
+                    return e;
+                }
+            }
+        }
+        let mut overflow = self.overflow.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(overflow.entry(*limit).or_insert_with(|| Arc::new(make())))
+    }
+
+    /// Calls `f` on every limiter without allocating (sweeps run often).
+    fn for_each(&self, mut f: impl FnMut(&Entry<C>)) {
+        for e in self.slots.iter().filter_map(OnceLock::get) {
+            f(e);
+        }
+        let overflow = self.overflow.lock().unwrap_or_else(PoisonError::into_inner);
+        for e in overflow.values() {
+            f(e);
+        }
+    }
+}
+
 /// One governor limiter and a handle on its store, for sweeping.
 struct Entry<C: Clock> {
+    limit: Limit,
     limiter: Limiter<C>,
     store: Arc<KeyStore>,
     /// Read after the limiter was made, so never before its own start:
@@ -123,10 +206,8 @@ impl<C: Clock> Entry<C> {
 struct Inner<C: Clock> {
     clock: C,
     start: C::Instant,
-    /// Read on every check without writing shared memory (arc-swap), copied
-    /// on the rare write (a limit seen for the first time).
-    limiters: ArcSwap<LimiterMap<C>>,
-    grow: Mutex<()>,
+    /// Read on every check without writing shared memory.
+    limiters: Limiters<C>,
     budget: Arc<Budget>,
     sweep: Mutex<()>,
     last_full_sweep: AtomicU64,
@@ -259,8 +340,7 @@ where
             inner: Arc::new(Inner {
                 clock: self.clock,
                 start,
-                limiters: ArcSwap::from_pointee(HashMap::default()),
-                grow: Mutex::new(()),
+                limiters: Limiters::new(),
                 budget: Arc::new(Budget {
                     tracked: AtomicUsize::new(0),
                     cap: self.max_keys,
@@ -366,22 +446,32 @@ where
             probe.reserve_nanos = u64::from(subject.reserve) * limit.emission_interval_nanos();
             probe.cost_nanos = limit.emission_interval_nanos() * u64::from(n.get());
         }
-        let limiters = inner.limiters.load();
-        match limiters.get(limit) {
+        match inner.limiters.get(limit) {
             Some(e) => Self::decide(e, &probe, n, limit),
-            None => {
-                drop(limiters);
-                Self::decide(&self.add_limiter(limit), &probe, n, limit)
-            }
+            None => Self::decide(&self.add_limiter(limit), &probe, n, limit),
         }
     }
 
     /// A subject's capacity now, without counting anything.
     pub fn peek_now(&self, subject: &Subject, limit: &Limit) -> Decision {
         let inner = &*self.inner;
-        let limiters = inner.limiters.load();
-        let Some(e) = limiters.get(limit) else {
-            return Decision::allow(limit, limit.max());
+        let found;
+        let e = match inner.limiters.get(limit) {
+            Some(e) => e,
+            None => {
+                let overflow = inner
+                    .limiters
+                    .overflow
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                match overflow.get(limit) {
+                    Some(e) => {
+                        found = Arc::clone(e);
+                        &found
+                    }
+                    None => return Decision::allow(limit, limit.max()),
+                }
+            }
         };
         let t = limit.emission_interval_nanos().max(1);
         let now = u64::from(inner.clock.now().duration_since(e.start));
@@ -399,27 +489,21 @@ where
     #[cold]
     fn add_limiter(&self, limit: &Limit) -> Arc<Entry<C>> {
         let inner = &*self.inner;
-        let _grow = inner.grow.lock().unwrap_or_else(PoisonError::into_inner);
-        let current = inner.limiters.load();
-        if let Some(e) = current.get(limit) {
-            return Arc::clone(e);
-        }
-        let store = Arc::new(KeyStore::new(Arc::clone(&inner.budget)));
-        let limiter = Limiter::new(
-            limit.to_quota(),
-            SharedStore(Arc::clone(&store)),
-            inner.clock.clone(),
-        );
-        let entry = Arc::new(Entry {
-            limiter,
-            store,
-            start: inner.clock.now(),
-            t: limit.emission_interval_nanos(),
-        });
-        let mut next = LimiterMap::clone(&current);
-        next.insert(*limit, Arc::clone(&entry));
-        inner.limiters.store(Arc::new(next));
-        entry
+        inner.limiters.get_or_add(limit, || {
+            let store = Arc::new(KeyStore::new(Arc::clone(&inner.budget)));
+            let limiter = Limiter::new(
+                limit.to_quota(),
+                SharedStore(Arc::clone(&store)),
+                inner.clock.clone(),
+            );
+            Entry {
+                limit: *limit,
+                limiter,
+                store,
+                start: inner.clock.now(),
+                t: limit.emission_interval_nanos(),
+            }
+        })
     }
 
     #[inline]
@@ -489,15 +573,14 @@ where
 
     fn sweep_shards(&self, shards: std::ops::Range<usize>) {
         let inner = &*self.inner;
-        let limiters = inner.limiters.load();
         let now = inner.clock.now();
-        for e in limiters.values() {
+        inner.limiters.for_each(|e| {
             let drop_below = e.drop_below(now);
             for shard in shards.clone() {
                 e.store.retain_shard(shard, drop_below);
             }
             e.store.retain_overflow(drop_below);
-        }
+        });
     }
 
     /// Reclaims every key whose bucket is full again, now. This happens by

@@ -42,6 +42,10 @@ use pin_project_lite::pin_project;
 /// # let _ = svc;
 /// # Ok::<(), tierlimit::PolicyError>(())
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "the rate-limit layer cannot answer in a `{Self}` body",
+    note = "for axum's or tonic's body, enable tierlimit's `axum` or `tonic` feature; for any other body, wrap it in `tierlimit::ResponseBody` (`.map_response_body(ResponseBody::new)` under the layer)"
+)]
 pub trait AnswerBody: Body<Data = Bytes> + Sized {
     /// A body holding `bytes` (empty for gRPC answers and bare statuses).
     fn from_answer(bytes: Bytes) -> Self;

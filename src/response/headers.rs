@@ -155,19 +155,89 @@ pub(crate) struct CellHeaders {
     name_len: usize,
 }
 
+/// A cell's header values, shared by every request of the cell.
+///
+/// Usually `Static`: cells are interned for the life of the process, their
+/// text in static memory, so a request copies a pointer and clones header
+/// values without touching a reference count (no atomic write to memory
+/// every core shares). The interner is bounded ([`MAX_INTERNED`] distinct
+/// cells, a few hundred bytes each); past it, cells are reference-counted.
+#[derive(Clone, Debug)]
+pub(crate) enum CellRef {
+    Static(&'static CellHeaders),
+    Shared(Arc<CellHeaders>),
+}
+
+impl std::ops::Deref for CellRef {
+    type Target = CellHeaders;
+    #[inline]
+    fn deref(&self) -> &CellHeaders {
+        match self {
+            CellRef::Static(c) => c,
+            CellRef::Shared(c) => c,
+        }
+    }
+}
+
+/// The most distinct cells interned (tier name, category name, limit,
+/// window): far more than any policy's history holds; beyond it, cells are
+/// reference-counted and nothing more is kept.
+const MAX_INTERNED: usize = 65_536;
+
+type CellKey = (Box<str>, Box<str>, u32, u64);
+
+static INTERNED: std::sync::Mutex<
+    Option<std::collections::HashMap<CellKey, &'static CellHeaders>>,
+> = std::sync::Mutex::new(None);
+
+/// A header value over static text (cloned without a reference count).
+fn leak_value(text: String) -> Option<HeaderValue> {
+    let text: &'static str = Box::leak(text.into_boxed_str());
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_static(text.as_bytes())).ok()
+}
+
 impl CellHeaders {
-    pub(crate) fn new(tier: &str, category: &str, max: u32, window: Duration) -> Self {
-        let window_secs = ceil_secs(window);
+    fn make(tier: &str, category: &str, max: u32, window_secs: u64, leak: bool) -> Option<Self> {
         let name = format!("\"{tier}.{category}\"");
-        CellHeaders {
+        let value = |text: String| {
+            if leak {
+                leak_value(text)
+            } else {
+                HeaderValue::try_from(text).ok()
+            }
+        };
+        Some(CellHeaders {
             max,
             window_secs,
-            limit: HeaderValue::from(max),
-            window: HeaderValue::from(window_secs),
-            policy: HeaderValue::try_from(format!("{name};q={max};w={window_secs}"))
-                .expect("tier and category names are checked to be header-safe"),
+            limit: value(max.to_string())?,
+            window: value(window_secs.to_string())?,
+            policy: value(format!("{name};q={max};w={window_secs}"))?,
             name_len: name.len(),
+        })
+    }
+
+    /// The cell's header values, interned when the interner has room.
+    pub(crate) fn get(tier: &str, category: &str, max: u32, window: Duration) -> CellRef {
+        let window_secs = ceil_secs(window);
+        let mut interned = INTERNED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let table = interned.get_or_insert_with(Default::default);
+        let key: CellKey = (tier.into(), category.into(), max, window_secs);
+        if let Some(cell) = table.get(&key) {
+            return CellRef::Static(cell);
         }
+        if table.len() < MAX_INTERNED {
+            if let Some(cell) = Self::make(tier, category, max, window_secs, true) {
+                let cell: &'static CellHeaders = Box::leak(Box::new(cell));
+                table.insert(key, cell);
+                return CellRef::Static(cell);
+            }
+        }
+        drop(interned);
+        let cell = Self::make(tier, category, max, window_secs, false)
+            .expect("tier and category names are checked to be header-safe");
+        CellRef::Shared(Arc::new(cell))
     }
 }
 
@@ -175,7 +245,7 @@ impl CellHeaders {
 #[derive(Clone, Debug)]
 pub(crate) struct HeaderPlan {
     pub(crate) decision: Decision,
-    pub(crate) cell: Arc<CellHeaders>,
+    pub(crate) cell: CellRef,
     pub(crate) options: HeaderOptions,
     /// Unix time when the decision was made (for `X-RateLimit-Reset`).
     pub(crate) now: Duration,

@@ -1,0 +1,192 @@
+//! The issue's comparison, robust to a noisy machine: every row in one
+//! process, rounds interleaved (each round runs every row once, in a
+//! rotating order), medians over the rounds. Prints the added cost per
+//! request over the bare router and its ratio to tower_governor's, then
+//! the multi-threaded hot-key throughput.
+//!
+//! ```sh
+//! cargo bench --bench interleaved            # 15 rounds of 20,000 requests
+//! ROUNDS=5 PER_ROUND=10000 cargo bench --bench interleaved
+//! ```
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use http::{HeaderValue, Request, StatusCode};
+use tower::{Service, ServiceExt};
+
+#[path = "support/mod.rs"]
+mod support;
+
+use support::*;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Runs `n` requests through `router`, cycling through `keys`; ns/request.
+fn run(rt: &tokio::runtime::Runtime, router: &mut Router, keys: &[HeaderValue], n: usize) -> f64 {
+    let start = Instant::now();
+    rt.block_on(async {
+        for i in 0..n {
+            let req = request(&keys[i % keys.len()]);
+            ServiceExt::<Request<Body>>::ready(&mut *router)
+                .await
+                .unwrap();
+            black_box(router.call(req).await.unwrap());
+        }
+    });
+    start.elapsed().as_nanos() as f64 / n as f64
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` and friends
+    }
+    let rounds = env("ROUNDS", 15);
+    let per_round = env("PER_ROUND", 20_000);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let one = keys(1);
+    let many = keys(100_000);
+    let one_hv: Vec<HeaderValue> = one.iter().map(|k| k.parse().unwrap()).collect();
+    let many_hv: Vec<HeaderValue> = many.iter().map(|k| k.parse().unwrap()).collect();
+
+    let mut rows: Vec<(&str, Router, &[HeaderValue])> = vec![
+        ("bare router", bare(), &one_hv),
+        ("tower_governor, 1 key", tower_governor(), &one_hv),
+        ("tower_governor, 100k keys", tower_governor(), &many_hv),
+        ("tower-rate-tier, 1 key", tower_rate_tier(&one), &one_hv),
+        (
+            "tower-rate-tier, 100k keys",
+            tower_rate_tier(&many),
+            &many_hv,
+        ),
+        ("tierlimit, 1 key", tierlimit(&one), &one_hv),
+        ("tierlimit, 100k keys", tierlimit(&many), &many_hv),
+    ];
+    for (name, router, keys) in &mut rows {
+        let res = rt
+            .block_on(router.clone().oneshot(request(&keys[0])))
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{name}");
+        if *name != "bare router" {
+            assert!(
+                res.headers().contains_key("x-ratelimit-remaining"),
+                "{name}"
+            );
+        }
+        // Every key tracked, caches warm.
+        run(&rt, router, keys, keys.len().max(per_round));
+    }
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
+    for round in 0..rounds {
+        for k in 0..rows.len() {
+            let i = (k + round) % rows.len();
+            let (_, router, keys) = &mut rows[i];
+            times[i].push(run(&rt, router, keys, per_round));
+        }
+    }
+    let medians: Vec<f64> = times.into_iter().map(median).collect();
+    let bare = medians[0];
+    let added = |name: &str| {
+        let i = rows.iter().position(|r| r.0 == name).unwrap();
+        medians[i] - bare
+    };
+    println!(
+        "\n{rounds} interleaved rounds of {per_round} requests per row; medians (ns per request)\n"
+    );
+    println!("| row | per request | added over bare | added / tower_governor's |");
+    println!("|---|---:|---:|---:|");
+    for (i, (name, _, _)) in rows.iter().enumerate() {
+        let tg = if name.contains("100k") {
+            added("tower_governor, 100k keys")
+        } else {
+            added("tower_governor, 1 key")
+        };
+        if i == 0 {
+            println!("| {name} | {:.0} | — | — |", medians[i]);
+        } else {
+            let a = medians[i] - bare;
+            println!("| {name} | {:.0} | +{a:.0} | {:.2}× |", medians[i], a / tg);
+        }
+    }
+
+    multi_thread(&one_hv, rounds.min(5), per_round);
+}
+
+/// One hot key on a multi-thread runtime with both cores: 8 tasks each send
+/// their share of requests through clones of one router; requests/s.
+fn multi_thread(one: &[HeaderValue], rounds: usize, per_round: usize) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let rows: Vec<(&str, Router)> = vec![
+        ("bare router", bare()),
+        ("tower_governor, 1 hot key", tower_governor()),
+        ("tierlimit, 1 hot key", tierlimit(&keys(1))),
+    ];
+    const TASKS: usize = 8;
+    let total = per_round * 4;
+    let go = |router: &Router| -> f64 {
+        let start = Instant::now();
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..TASKS)
+                .map(|_| {
+                    let mut router = router.clone();
+                    let key = one[0].clone();
+                    tokio::spawn(async move {
+                        for _ in 0..total / TASKS {
+                            let req = request(&key);
+                            ServiceExt::<Request<Body>>::ready(&mut router)
+                                .await
+                                .unwrap();
+                            let res = router.call(req).await.unwrap();
+                            assert_eq!(res.status(), StatusCode::OK);
+                            black_box(res);
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        total as f64 / start.elapsed().as_secs_f64()
+    };
+    for (_, r) in &rows {
+        go(r); // warm up
+    }
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
+    for round in 0..rounds {
+        for k in 0..rows.len() {
+            let i = (k + round) % rows.len();
+            rates[i].push(go(&rows[i].1));
+        }
+    }
+    let medians: Vec<f64> = rates.into_iter().map(median).collect();
+    println!(
+        "\nMulti-thread runtime (2 workers, {TASKS} tasks, one hot key), {rounds} interleaved rounds of {total} requests; medians\n"
+    );
+    println!("| row | requests/s | vs tower_governor |");
+    println!("|---|---:|---:|");
+    for (i, (name, _)) in rows.iter().enumerate() {
+        println!(
+            "| {name} | {:.0} | {:.2}× |",
+            medians[i],
+            medians[i] / medians[1]
+        );
+    }
+}

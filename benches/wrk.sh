@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# End to end on loopback: wrk against the bare router, tower_governor and
+# tierlimit (benches/wrk_server.rs), rounds interleaved, then each row's
+# median requests/s and its ratio to the bare router's.
+#
+#   bash benches/wrk.sh                 # 3 rounds of 10 s, 1 thread, 32 connections
+#   ROUNDS=5 DURATION=5s bash benches/wrk.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-32}
+if ! command -v wrk >/dev/null; then
+  echo "wrk is not installed (Debian: apt-get install wrk); nothing measured" >&2
+  exit 1
+fi
+cargo bench --bench wrk_server --no-run >/dev/null 2>&1
+BIN=$(ls -t target/release/deps/wrk_server-* | grep -v '\.d$' | head -1)
+OUT=$(mktemp)
+"$BIN" serve >"$OUT" &
+PID=$!
+trap 'kill $PID 2>/dev/null; rm -f "$OUT"' EXIT
+for _ in $(seq 50); do [ -s "$OUT" ] && break; sleep 0.1; done
+read -r -a PORTS <"$OUT"
+KEY="key-00000000-abcdefghijklmnop"   # benches/support: keys(1)
+RESULTS=$(mktemp)
+for round in $(seq "$ROUNDS"); do
+  # Rotate the order each round so no row always runs first.
+  n=${#PORTS[@]}
+  for k in $(seq 0 $((n - 1))); do
+    entry=${PORTS[$(((k + round) % n))]}
+    name=${entry%%=*}; port=${entry##*=}
+    rps=$(wrk -t1 -c"$CONNS" -d"$DURATION" -H "X-API-Key: $KEY" "http://127.0.0.1:$port/v1/account" \
+      | awk '/Requests\/sec/ {print $2}')
+    echo "round $round  $name  $rps req/s"
+    echo "$name $rps" >>"$RESULTS"
+  done
+done
+echo
+echo "| row | median requests/s | vs bare |"
+echo "|---|---:|---:|"
+median() { grep "^$1 " "$RESULTS" | awk '{print $2}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+BARE=$(median bare)
+for name in bare tower_governor tierlimit; do
+  m=$(median "$name")
+  awk -v n="$name" -v m="$m" -v b="$BARE" 'BEGIN {printf "| %s | %.0f | %.1f%% |\n", n, m, 100 * m / b}'
+done
+rm -f "$RESULTS"
