@@ -75,18 +75,27 @@ fn main() {
         ),
         ("tierlimit, 1 key", tierlimit(&one), &one_hv),
         ("tierlimit, 100k keys", tierlimit(&many), &many_hv),
+        (
+            "tower_governor, 1 key, no headers",
+            tower_governor_no_headers(),
+            &one_hv,
+        ),
+        (
+            "tierlimit, 1 key, no headers",
+            tierlimit_no_headers(&one),
+            &one_hv,
+        ),
     ];
     for (name, router, keys) in &mut rows {
         let res = rt
             .block_on(router.clone().oneshot(request(&keys[0])))
             .unwrap();
         assert_eq!(res.status(), StatusCode::OK, "{name}");
-        if *name != "bare router" {
-            assert!(
-                res.headers().contains_key("x-ratelimit-remaining"),
-                "{name}"
-            );
-        }
+        assert_eq!(
+            res.headers().contains_key("x-ratelimit-remaining"),
+            !(*name == "bare router" || name.ends_with("no headers")),
+            "{name}"
+        );
         // Every key tracked, caches warm.
         run(&rt, router, keys, keys.len().max(per_round));
     }
@@ -112,6 +121,8 @@ fn main() {
     for (i, (name, _, _)) in rows.iter().enumerate() {
         let tg = if name.contains("100k") {
             added("tower_governor, 100k keys")
+        } else if name.ends_with("no headers") {
+            added("tower_governor, 1 key, no headers")
         } else {
             added("tower_governor, 1 key")
         };

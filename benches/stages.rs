@@ -91,7 +91,45 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    // 6. The whole layer around a trivial inner service, headers on and
+    // 6. Header writing's floor: inserting into a response's `HeaderMap`
+    // (http hashes a custom name byte by byte; a standard name is an enum).
+    // The spec's four `X-RateLimit-*` fields against the two that
+    // tower_governor writes on an allowed response.
+    let names: Vec<http::HeaderName> = [
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+        "x-ratelimit-window",
+    ]
+    .iter()
+    .map(|n| http::HeaderName::from_static(n))
+    .collect();
+    let value = HeaderValue::from_static("1000000000");
+    let response_map = || {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+        h
+    };
+    for (label, n) in [
+        ("response map, content-type only", 0),
+        ("response map + 2 X-RateLimit-* inserts", 2),
+        ("response map + 4 X-RateLimit-* inserts", 4),
+    ] {
+        group.bench_function(label, |b| {
+            b.iter(|| {
+                let mut h = response_map();
+                for name in &names[..n] {
+                    h.insert(name.clone(), value.clone());
+                }
+                black_box(h)
+            })
+        });
+    }
+
+    // 7. The whole layer around a trivial inner service, headers on and
     // off: their difference is header writing.
     // Like a handler's response, it has a header already (so a map).
     let inner = tower::service_fn(|_req: Request<Body>| async {
@@ -136,7 +174,42 @@ fn bench(c: &mut Criterion) {
         });
     }
 
-    // 7. In an axum Router: routing and the re-boxed body added.
+    // The same trivial inner service under tower_governor (same quota, key
+    // from the same header), with and without its headers.
+    macro_rules! tower_governor_row {
+        ($name:expr, $builder:expr) => {{
+            let mut builder = tower_governor::governor::GovernorConfigBuilder::default();
+            builder
+                .period(Duration::from_secs(3600) / MAX)
+                .burst_size(MAX);
+            #[allow(clippy::redundant_closure_call)]
+            let config = ($builder)(&mut builder.key_extractor(HeaderKey));
+            let mut svc =
+                tower_governor::GovernorLayer::new(std::sync::Arc::new(config)).layer(inner);
+            group.bench_function($name, |b| {
+                b.iter(|| {
+                    let res = rt.block_on(async {
+                        ServiceExt::<Request<Body>>::ready(&mut svc).await.unwrap();
+                        svc.call(request(&one_hv)).await.unwrap()
+                    });
+                    black_box(res)
+                })
+            });
+        }};
+    }
+    tower_governor_row!(
+        "whole tower_governor layer, headers on",
+        |b: &mut tower_governor::governor::GovernorConfigBuilder<HeaderKey, _>| b
+            .use_headers()
+            .finish()
+            .unwrap()
+    );
+    tower_governor_row!(
+        "whole tower_governor layer, headers off",
+        |b: &mut tower_governor::governor::GovernorConfigBuilder<HeaderKey, _>| b.finish().unwrap()
+    );
+
+    // 8. In an axum Router: routing added.
     for (name, mut router) in [
         ("axum router, bare", bare()),
         ("axum router, tierlimit", tierlimit(&one)),

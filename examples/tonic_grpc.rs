@@ -2,7 +2,7 @@
 //! behind one tierlimit layer.
 //!
 //! ```sh
-//! cargo run --example tonic_grpc
+//! cargo run --features tonic --example tonic_grpc
 //! grpcurl -plaintext -H 'x-api-key: free-demo-key' 127.0.0.1:50051 grpc.health.v1.Health/Check
 //! ```
 //!

@@ -191,7 +191,7 @@ fn an_allowed_request_allocates_nothing_in_the_layer() {
         let svc = tower::util::MapRequest::new(svc, |req: Request<Body>| {
             n += 1;
             clock.advance(step);
-            if n % 100 == 0 {
+            if n.is_multiple_of(100) {
                 unix.fetch_add(1, Ordering::Relaxed);
             }
             req

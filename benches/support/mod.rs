@@ -40,6 +40,15 @@ pub fn tierlimit(keys: &[String]) -> Router {
     bare().layer(tierlimit::RateLimitLayer::new(policy(keys)))
 }
 
+/// tierlimit writing no header: the decision alone.
+pub fn tierlimit_no_headers(keys: &[String]) -> Router {
+    bare().layer(
+        tierlimit::RateLimitLayer::builder(policy(keys))
+            .headers(tierlimit::HeaderOptions::default().x_ratelimit(false))
+            .build(),
+    )
+}
+
 #[derive(Clone)]
 pub struct HeaderKey;
 
@@ -60,6 +69,17 @@ pub fn tower_governor() -> Router {
         .burst_size(MAX)
         .key_extractor(HeaderKey)
         .use_headers()
+        .finish()
+        .unwrap();
+    bare().layer(tower_governor::GovernorLayer::new(Arc::new(config)))
+}
+
+/// tower_governor writing no header: the decision alone.
+pub fn tower_governor_no_headers() -> Router {
+    let config = tower_governor::governor::GovernorConfigBuilder::default()
+        .period(Duration::from_secs(3600) / MAX)
+        .burst_size(MAX)
+        .key_extractor(HeaderKey)
         .finish()
         .unwrap();
     bare().layer(tower_governor::GovernorLayer::new(Arc::new(config)))

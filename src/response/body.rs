@@ -17,8 +17,8 @@ use pin_project_lite::pin_project;
 /// `http_body_util::Full<Bytes>`, `BoxBody` and `UnsyncBoxBody`.
 ///
 /// Any other body type: wrap it in [`ResponseBody`], which implements this
-/// trait for every body, for example with tower's `MapResponseBodyLayer`
-/// under the rate-limit layer:
+/// trait for every body, under the rate-limit layer (`map_response` here;
+/// tower-http's `MapResponseBodyLayer` does the same):
 ///
 /// ```
 /// use http::{Request, Response};
@@ -35,7 +35,7 @@ use pin_project_lite::pin_project;
 /// "#)?;
 /// let svc = ServiceBuilder::new()
 ///     .layer(RateLimitLayer::new(policy))
-///     .map_response_body(ResponseBody::new)
+///     .map_response(|res: Response<Empty<Bytes>>| res.map(ResponseBody::new))
 ///     .service_fn(|_req: Request<()>| async {
 ///         Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
 ///     });
@@ -44,7 +44,7 @@ use pin_project_lite::pin_project;
 /// ```
 #[diagnostic::on_unimplemented(
     message = "the rate-limit layer cannot answer in a `{Self}` body",
-    note = "for axum's or tonic's body, enable tierlimit's `axum` or `tonic` feature; for any other body, wrap it in `tierlimit::ResponseBody` (`.map_response_body(ResponseBody::new)` under the layer)"
+    note = "for axum's or tonic's body, enable tierlimit's `axum` or `tonic` feature; for any other body, wrap it in `tierlimit::ResponseBody` under the layer (`res.map(ResponseBody::new)`)"
 )]
 pub trait AnswerBody: Body<Data = Bytes> + Sized {
     /// A body holding `bytes` (empty for gRPC answers and bare statuses).

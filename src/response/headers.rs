@@ -79,10 +79,10 @@ static SMALL_INTS: LazyLock<Box<[HeaderValue]>> = LazyLock::new(|| {
 /// table when small, else cut from this thread's [`Arena`].
 #[inline]
 pub(crate) fn int(n: u64) -> HeaderValue {
-    if n < SMALL as u64 {
-        if let Some(v) = SMALL_INTS.get(n as usize) {
-            return v.clone();
-        }
+    if n < SMALL as u64
+        && let Some(v) = SMALL_INTS.get(n as usize)
+    {
+        return v.clone();
     }
     let mut digits = itoa::Buffer::new();
     let digits = digits.format(n).as_bytes();
@@ -106,40 +106,68 @@ const SLACK: usize = 512;
 /// a new chunk allocated: two allocations per few hundred values.
 struct Arena {
     buf: BytesMut,
+    /// The last `X-RateLimit-Reset` cut on this thread: the same second is
+    /// written by many requests in a row. Dropped before the chunk is
+    /// taken back, so it never pins one.
+    reset: Option<(u64, HeaderValue)>,
 }
 
 thread_local! {
-    static ARENA: RefCell<Arena> = RefCell::new(Arena { buf: BytesMut::new() });
+    static ARENA: RefCell<Arena> = RefCell::new(Arena { buf: BytesMut::new(), reset: None });
 }
 
 impl Arena {
-    /// The concatenation of `parts` as a header value; `None` only when it
-    /// is not a valid header value or the thread's arena is gone (thread
-    /// teardown), for the caller to fall back on.
-    fn value(parts: &[&[u8]]) -> Option<HeaderValue> {
+    /// Runs `f` on this thread's arena; `None` when the arena is gone
+    /// (thread teardown) or busy, for the caller to fall back on.
+    #[inline]
+    fn with<T>(f: impl FnOnce(&mut Arena) -> Option<T>) -> Option<T> {
         ARENA
-            .try_with(|arena| {
-                let mut arena = arena.try_borrow_mut().ok()?;
-                let buf = &mut arena.buf;
-                let len: usize = parts.iter().map(|p| p.len()).sum();
-                // Near the end of the chunk, take it back as soon as every
-                // value cut from it is gone: before the next request's
-                // first value, while there is still room for this
-                // request's other values.
-                if buf.capacity() < SLACK.max(len) {
-                    let reclaimed = buf.try_reclaim(CHUNK.max(len));
-                    if !reclaimed && buf.capacity() < len {
-                        *buf = BytesMut::with_capacity(CHUNK.max(len));
-                    }
-                }
-                for part in parts {
-                    buf.extend_from_slice(part);
-                }
-                HeaderValue::from_maybe_shared(buf.split().freeze()).ok()
-            })
+            .try_with(|arena| f(&mut *arena.try_borrow_mut().ok()?))
             .ok()
             .flatten()
     }
+
+    /// The concatenation of `parts` as a header value (`None` if it is not
+    /// a valid one).
+    fn cut(&mut self, parts: &[&[u8]]) -> Option<HeaderValue> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        // Near the end of the chunk, take it back as soon as every value
+        // cut from it is gone: before the next request's first value,
+        // while there is still room for this request's other values.
+        if self.buf.capacity() < SLACK.max(len) {
+            self.reset = None;
+            let reclaimed = self.buf.try_reclaim(CHUNK.max(len));
+            if !reclaimed && self.buf.capacity() < len {
+                self.buf = BytesMut::with_capacity(CHUNK.max(len));
+            }
+        }
+        for part in parts {
+            self.buf.extend_from_slice(part);
+        }
+        HeaderValue::from_maybe_shared(self.buf.split().freeze()).ok()
+    }
+
+    fn value(parts: &[&[u8]]) -> Option<HeaderValue> {
+        Self::with(|arena| arena.cut(parts))
+    }
+
+    /// The `X-RateLimit-Reset` value for Unix second `secs`.
+    fn reset(&mut self, secs: u64) -> Option<HeaderValue> {
+        if let Some((s, v)) = &self.reset
+            && *s == secs
+        {
+            return Some(v.clone());
+        }
+        let mut digits = itoa::Buffer::new();
+        let v = self.cut(&[digits.format(secs).as_bytes()])?;
+        self.reset = Some((secs, v.clone()));
+        Some(v)
+    }
+}
+
+/// `X-RateLimit-Reset`'s value: Unix seconds, the same for many requests.
+fn reset_value(secs: u64) -> HeaderValue {
+    Arena::with(|arena| arena.reset(secs)).unwrap_or_else(|| int(secs))
 }
 
 /// Header values fixed by a tier × category cell, made once per policy.
@@ -227,12 +255,12 @@ impl CellHeaders {
         if let Some(cell) = table.get(&key) {
             return CellRef::Static(cell);
         }
-        if table.len() < MAX_INTERNED {
-            if let Some(cell) = Self::make(tier, category, max, window_secs, true) {
-                let cell: &'static CellHeaders = Box::leak(Box::new(cell));
-                table.insert(key, cell);
-                return CellRef::Static(cell);
-            }
+        if table.len() < MAX_INTERNED
+            && let Some(cell) = Self::make(tier, category, max, window_secs, true)
+        {
+            let cell: &'static CellHeaders = Box::leak(Box::new(cell));
+            table.insert(key, cell);
+            return CellRef::Static(cell);
         }
         drop(interned);
         let cell = Self::make(tier, category, max, window_secs, false)
@@ -275,7 +303,7 @@ impl HeaderPlan {
             headers.insert(X_RATELIMIT_REMAINING.clone(), int(u64::from(d.remaining)));
             headers.insert(
                 X_RATELIMIT_RESET.clone(),
-                int(ceil_secs(self.now + d.reset_after)),
+                reset_value(ceil_secs(self.now + d.reset_after)),
             );
             let window = ceil_secs(d.window);
             let window = if window == cell.window_secs {
