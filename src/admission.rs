@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};
 
@@ -24,7 +23,7 @@ use crate::key::KeyId;
 use crate::policy::{CategoryId, Policy, Rule, Target, TierId};
 use crate::response::grpc::is_grpc;
 use crate::response::{Answer, HeaderOptions, HeaderPlan};
-use crate::view::{CellView, PolicyView};
+use crate::view::{CellView, PolicyView, ViewSlot};
 
 /// A source of Unix time in seconds (for boosts; tests inject one).
 pub type UnixClock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -34,7 +33,7 @@ pub(crate) struct Shared<E, B> {
     pub(crate) extractor: E,
     pub(crate) backend: B,
     /// The policy in force with its compiled view, swapped as one.
-    pub(crate) view: Arc<ArcSwap<PolicyView>>,
+    pub(crate) view: Arc<ViewSlot>,
     /// Serialises every [`PolicyHandle`](crate::PolicyHandle)'s edits.
     pub(crate) edit: Arc<Mutex<()>>,
     pub(crate) anonymous: PeerIp,
@@ -107,8 +106,11 @@ impl<E: Extractor, B> Shared<E, B> {
 impl<E: Extractor, B: Backend> Shared<E, B> {
     /// The whole request path up to the backend's answer.
     pub(crate) fn admit<T>(&self, req: &Request<T>) -> Step<B::Future> {
-        let guard = self.view.load();
-        let view: &PolicyView = &guard;
+        self.view.with(|view| self.admit_in(view, req))
+    }
+
+    fn admit_in<T>(&self, guard: &Arc<PolicyView>, req: &Request<T>) -> Step<B::Future> {
+        let view: &PolicyView = guard;
         let policy: &Policy = &view.policy;
         let answer = |a: Answer<'_>| Step::Answer(a.into_response(is_grpc(req.headers())));
 
@@ -205,7 +207,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             Poll::Pending => Step::Wait(
                 check,
                 Box::new(Deferred {
-                    view: Arc::clone(&guard),
+                    view: Arc::clone(guard),
                     tier,
                     category,
                     key: identity.key(),

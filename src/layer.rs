@@ -4,7 +4,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use arc_swap::ArcSwap;
 use tower_layer::Layer;
 
 use crate::admission::Shared;
@@ -14,7 +13,7 @@ use crate::extract::{ApiKey, Extractor, PeerIp};
 use crate::policy::{Policy, PolicyBuilder, PolicyError};
 use crate::response::HeaderOptions;
 use crate::service::RateLimit;
-use crate::view::PolicyView;
+use crate::view::{PolicyView, ViewSlot};
 
 /// A tower [`Layer`] that rate-limits requests by key, tier and category.
 ///
@@ -131,7 +130,7 @@ impl<E, B> RateLimitLayer<E, B> {
 /// ```
 #[derive(Clone)]
 pub struct PolicyHandle {
-    view: Arc<ArcSwap<PolicyView>>,
+    view: Arc<ViewSlot>,
     edit: Arc<std::sync::Mutex<()>>,
 }
 
@@ -275,9 +274,7 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
             shared: Arc::new(Shared {
                 extractor: self.extractor,
                 backend: self.backend,
-                view: Arc::new(ArcSwap::from_pointee(PolicyView::new(Arc::new(
-                    self.policy,
-                )))),
+                view: Arc::new(ViewSlot::new(PolicyView::new(Arc::new(self.policy)))),
                 edit: Arc::new(std::sync::Mutex::new(())),
                 anonymous: self.anonymous,
                 headers: self.headers,

@@ -71,3 +71,133 @@ impl CellView {
             .get_or_init(|| crate::telemetry::CellMetrics::new(tier, category))
     }
 }
+
+/// The view in force: swapped atomically by a
+/// [`PolicyHandle`](crate::PolicyHandle), read by every request.
+///
+/// A request reads it through a small per-thread cache checked against a
+/// version number (one plain load), not through an `arc-swap` load (a
+/// thread-local lookup and two atomic writes per request). Each thread
+/// keeps at most [`CACHED_VIEWS`] views alive (of the layers it serves); a
+/// replaced view is let go by each thread at its next request through that
+/// layer.
+pub(crate) struct ViewSlot {
+    current: arc_swap::ArcSwap<PolicyView>,
+    version: std::sync::atomic::AtomicU64,
+    /// Tells this slot's cache entries from other layers'.
+    id: u64,
+}
+
+/// Views a thread keeps cached, one per layer it serves (most recently
+/// used first).
+const CACHED_VIEWS: usize = 8;
+
+type ViewCache = Vec<(u64, u64, Arc<PolicyView>)>;
+
+thread_local! {
+    static VIEWS: std::cell::RefCell<ViewCache> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl std::fmt::Debug for ViewSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewSlot").finish_non_exhaustive()
+    }
+}
+
+impl ViewSlot {
+    pub(crate) fn new(view: PolicyView) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static IDS: AtomicU64 = AtomicU64::new(1);
+        ViewSlot {
+            current: arc_swap::ArcSwap::from_pointee(view),
+            version: AtomicU64::new(0),
+            id: IDS.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// The view in force, owned.
+    pub(crate) fn load(&self) -> Arc<PolicyView> {
+        self.current.load_full()
+    }
+
+    /// Puts `view` in force.
+    pub(crate) fn store(&self, view: Arc<PolicyView>) {
+        self.current.store(view);
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Runs `f` on the view in force, through this thread's cache.
+    #[inline]
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&Arc<PolicyView>) -> R) -> R {
+        // Read the version first: a view loaded after it is at least as
+        // new as the store that set it.
+        let version = self.version.load(std::sync::atomic::Ordering::Acquire);
+        if VIEWS.try_with(|_| ()).is_err() {
+            // Thread teardown: no cache.
+            return f(&self.current.load_full());
+        }
+        VIEWS.with(|cache| match cache.try_borrow_mut() {
+            Ok(mut cache) => {
+                let i = match cache.iter().position(|e| e.0 == self.id) {
+                    Some(i) if cache[i].1 == version => i,
+                    Some(i) => {
+                        cache[i] = (self.id, version, self.current.load_full());
+                        i
+                    }
+                    None => {
+                        cache.truncate(CACHED_VIEWS - 1);
+                        cache.insert(0, (self.id, version, self.current.load_full()));
+                        0
+                    }
+                };
+                f(&cache[i].2)
+            }
+            // A nested call on this thread: read the slot directly.
+            Err(_) => f(&self.current.load_full()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+
+    fn view(limit: &str) -> PolicyView {
+        let toml = format!(
+            "categories = [\"read\", \"write\"]\n[tiers.free]\nread = \"{limit}\"\nwrite = \"1/s\"\n"
+        );
+        PolicyView::new(Arc::new(Policy::from_toml_str(&toml).unwrap()))
+    }
+
+    fn read_max(slot: &ViewSlot) -> u32 {
+        slot.with(|v| {
+            let p = &v.policy;
+            match p.rule(p.tier("free").unwrap(), p.category("read").unwrap()) {
+                Rule::Limited(l) => l.max(),
+                Rule::Unlimited => 0,
+            }
+        })
+    }
+
+    #[test]
+    fn a_stored_view_is_seen_by_the_next_read_and_caches_never_mix_slots() {
+        // More slots than the cache holds, read in turns on one thread.
+        let slots: Vec<ViewSlot> = (1..=20)
+            .map(|n| ViewSlot::new(view(&format!("{n}/s"))))
+            .collect();
+        for round in 0..3 {
+            for (i, slot) in slots.iter().enumerate() {
+                assert_eq!(read_max(slot), (i + 1 + round * 100) as u32);
+            }
+            for (i, slot) in slots.iter().enumerate() {
+                slot.store(Arc::new(view(&format!("{}/s", i + 1 + (round + 1) * 100))));
+            }
+        }
+        // A nested read on the same thread still sees the view in force.
+        let outer = &slots[0];
+        let nested = outer.with(|_| read_max(&slots[1]));
+        assert_eq!(nested, 302);
+    }
+}

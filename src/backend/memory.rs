@@ -20,6 +20,26 @@ use crate::policy::Limit;
 
 const SHARDS: usize = 64;
 
+/// A request looks at the clock for the steady sweep once in this many
+/// requests on its thread.
+const STEP_CHECK_EVERY: u8 = 16;
+
+/// Whether this request on this thread looks at the clock for the steady
+/// sweep (a thread-local count: nothing shared is written).
+#[inline]
+fn step_check_due() -> bool {
+    thread_local! {
+        static COUNT: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+    }
+    COUNT
+        .try_with(|c| {
+            let n = c.get().wrapping_add(1) % STEP_CHECK_EVERY;
+            c.set(n);
+            n == 0
+        })
+        .unwrap_or(true)
+}
+
 /// Below this many tracked keys, growth triggers no sweep.
 const MIN_SWEEP: usize = 4096;
 
@@ -367,7 +387,7 @@ where
     fn reap(&self) -> bool {
         match self.upgrade() {
             Some(inner) => {
-                MemoryBackend { inner }.maintain();
+                MemoryBackend { inner }.maintain(true);
                 true
             }
             None => false,
@@ -431,7 +451,7 @@ where
             });
         }
         // Upkeep first, so that a sweep at the cap makes room for this key.
-        self.maintain();
+        self.maintain(false);
         let mut probe = Probe {
             bucket: subject.bucket(),
             known: subject.known,
@@ -532,14 +552,20 @@ where
         }
     }
 
-    /// The per-request upkeep: a steady sweep step when one is due, a whole
-    /// sweep when the table has grown.
+    /// The per-request upkeep: a whole sweep when the table has grown, and
+    /// a steady sweep step when one is due. A request looks at the clock
+    /// for steps only once in [`STEP_CHECK_EVERY`] on its thread (a clock
+    /// read costs more than the rest of the upkeep); a late look catches up
+    /// on every step missed, and the reaper looks on every tick.
     #[inline]
-    fn maintain(&self) {
+    fn maintain(&self, every_time: bool) {
         let inner = &*self.inner;
         let budget = &inner.budget;
         if budget.tracked.load(Ordering::Relaxed) >= budget.next_sweep.load(Ordering::Relaxed) {
             self.full_sweep(false);
+            return;
+        }
+        if !every_time && !step_check_due() {
             return;
         }
         let now = self.elapsed();
