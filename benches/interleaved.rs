@@ -65,6 +65,7 @@ fn main() {
 
     let mut rows: Vec<(&str, Router, &[HeaderValue])> = vec![
         ("bare router", bare(), &one_hv),
+        ("no-op layer holding an Arc", noop_layer(), &one_hv),
         ("tower_governor, 1 key", tower_governor(), &one_hv),
         ("tower_governor, 100k keys", tower_governor(), &many_hv),
         ("tower-rate-tier, 1 key", tower_rate_tier(&one), &one_hv),
@@ -85,6 +86,7 @@ fn main() {
             tierlimit_no_headers(&one),
             &one_hv,
         ),
+        ("tierlimit, exempt route", tierlimit_exempt(&one), &one_hv),
     ];
     for (name, router, keys) in &mut rows {
         let res = rt
@@ -93,7 +95,10 @@ fn main() {
         assert_eq!(res.status(), StatusCode::OK, "{name}");
         assert_eq!(
             res.headers().contains_key("x-ratelimit-remaining"),
-            !(*name == "bare router" || name.ends_with("no headers")),
+            !(*name == "bare router"
+                || name.starts_with("no-op")
+                || name.ends_with("no headers")
+                || name.ends_with("exempt route")),
             "{name}"
         );
         // Every key tracked, caches warm.
@@ -119,7 +124,9 @@ fn main() {
     println!("| row | per request | added over bare | added / tower_governor's |");
     println!("|---|---:|---:|---:|");
     for (i, (name, _, _)) in rows.iter().enumerate() {
-        let tg = if name.contains("100k") {
+        let tg = if name.starts_with("no-op") || name.ends_with("exempt route") {
+            added("tower_governor, 1 key")
+        } else if name.contains("100k") {
             added("tower_governor, 100k keys")
         } else if name.ends_with("no headers") {
             added("tower_governor, 1 key, no headers")

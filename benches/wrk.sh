@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# End to end on loopback: wrk against the bare router, tower_governor and
-# tierlimit (benches/wrk_server.rs), rounds interleaved, then each row's
+# End to end on loopback: wrk against the bare router, the same router under
+# a no-op layer (what any layer costs), tower_governor and tierlimit
+# (benches/wrk_server.rs), rounds interleaved, then each row's
 # median requests/s and its ratio to the bare router's.
 #
 #   bash benches/wrk.sh                 # 3 rounds of 10 s, 1 thread, 32 connections
@@ -41,7 +42,7 @@ echo "| row | median requests/s | vs bare |"
 echo "|---|---:|---:|"
 median() { grep "^$1 " "$RESULTS" | awk '{print $2}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 BARE=$(median bare)
-for name in bare tower_governor tierlimit; do
+for name in bare noop_layer tower_governor tierlimit; do
   m=$(median "$name")
   awk -v n="$name" -v m="$m" -v b="$BARE" 'BEGIN {printf "| %s | %.0f | %.1f%% |\n", n, m, 100 * m / b}'
 done

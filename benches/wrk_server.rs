@@ -1,11 +1,13 @@
 #![allow(missing_docs)]
-//! The servers `benches/wrk.sh` drives: the benches' bare router,
-//! tower_governor and tierlimit (same routes, same quota, key from
-//! `X-API-Key`, headers on), each on its own loopback port, on one
-//! current-thread runtime (wrk gets the other core).
+//! The servers `benches/wrk.sh` drives: the benches' bare router, the
+//! same router under a no-op layer (any layer's floor), tower_governor and
+//! tierlimit (same routes, same quota, key from `X-API-Key`, headers on),
+//! each on its own loopback port, on one current-thread runtime (wrk gets
+//! the other core).
 //!
-//! `wrk_server serve` prints `bare=PORT tower_governor=PORT tierlimit=PORT`
-//! and serves until killed; under plain `cargo bench` it does nothing.
+//! `wrk_server serve` prints `bare=PORT noop_layer=PORT tower_governor=PORT
+//! tierlimit=PORT` and serves until killed; under plain `cargo bench` it
+//! does nothing.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -23,6 +25,7 @@ fn main() {
     rt.block_on(async {
         let apps = [
             ("bare", bare()),
+            ("noop_layer", noop_layer()),
             ("tower_governor", tower_governor()),
             ("tierlimit", tierlimit(&keys(1))),
         ];

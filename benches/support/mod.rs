@@ -40,6 +40,33 @@ pub fn tierlimit(keys: &[String]) -> Router {
     bare().layer(tierlimit::RateLimitLayer::new(policy(keys)))
 }
 
+/// A layer that does nothing but hold an `Arc`, as every real layer does:
+/// what axum's `Router::layer` costs any layer by itself (a router called
+/// directly turns its handler into a route per request, cloning the boxed
+/// layer, and boxes the layered future).
+pub fn noop_layer() -> Router {
+    let state = Arc::new(());
+    bare().layer(tower::util::MapResponseLayer::new(
+        move |r: axum::response::Response| {
+            let _ = &state;
+            r
+        },
+    ))
+}
+
+/// tierlimit on a route the policy exempts: the layer's skeleton alone.
+pub fn tierlimit_exempt(keys: &[String]) -> Router {
+    let mut toml = format!(
+        "categories = [\"read\", \"write\"]\n[tiers.free]\nread = \"{MAX}/hour\"\nwrite = \"{MAX}/hour\"\n[[routes]]\npath = \"/v1/account\"\nexempt = true\n[keys]\n"
+    );
+    for k in keys {
+        toml.push_str(&format!("\"{k}\" = \"free\"\n"));
+    }
+    bare().layer(tierlimit::RateLimitLayer::new(
+        tierlimit::Policy::from_toml_str(&toml).unwrap(),
+    ))
+}
+
 /// tierlimit writing no header: the decision alone.
 pub fn tierlimit_no_headers(keys: &[String]) -> Router {
     bare().layer(
