@@ -60,8 +60,8 @@ fn main() {
         .unwrap();
     let one = keys(1);
     let many = keys(100_000);
-    let one_hv: Vec<HeaderValue> = one.iter().map(|k| k.parse().unwrap()).collect();
-    let many_hv: Vec<HeaderValue> = many.iter().map(|k| k.parse().unwrap()).collect();
+    let one_hv = header_values(&one);
+    let many_hv = header_values(&many);
 
     let mut rows: Vec<(&str, Router, &[HeaderValue])> = vec![
         ("bare router", bare(), &one_hv),

@@ -59,8 +59,8 @@ fn bench(c: &mut Criterion) {
         .unwrap();
     let one = keys(1);
     let many = keys(100_000);
-    let one_hv: Vec<HeaderValue> = one.iter().map(|k| k.parse().unwrap()).collect();
-    let many_hv: Vec<HeaderValue> = many.iter().map(|k| k.parse().unwrap()).collect();
+    let one_hv = header_values(&one);
+    let many_hv = header_values(&many);
 
     let rows: Vec<(&str, Router, &[HeaderValue], bool)> = vec![
         ("bare router", bare(), &one_hv, false),

@@ -177,15 +177,9 @@ fn bench(c: &mut Criterion) {
     // The same trivial inner service under tower_governor (same quota, key
     // from the same header), with and without its headers.
     macro_rules! tower_governor_row {
-        ($name:expr, $builder:expr) => {{
-            let mut builder = tower_governor::governor::GovernorConfigBuilder::default();
-            builder
-                .period(Duration::from_secs(3600) / MAX)
-                .burst_size(MAX);
-            #[allow(clippy::redundant_closure_call)]
-            let config = ($builder)(&mut builder.key_extractor(HeaderKey));
-            let mut svc =
-                tower_governor::GovernorLayer::new(std::sync::Arc::new(config)).layer(inner);
+        ($name:expr, $config:expr) => {{
+            let layer = tower_governor::GovernorLayer::new(std::sync::Arc::new($config));
+            let mut svc = layer.layer(inner);
             group.bench_function($name, |b| {
                 b.iter(|| {
                     let res = rt.block_on(async {
@@ -199,14 +193,11 @@ fn bench(c: &mut Criterion) {
     }
     tower_governor_row!(
         "whole tower_governor layer, headers on",
-        |b: &mut tower_governor::governor::GovernorConfigBuilder<HeaderKey, _>| b
-            .use_headers()
-            .finish()
-            .unwrap()
+        governor_builder().use_headers().finish().unwrap()
     );
     tower_governor_row!(
         "whole tower_governor layer, headers off",
-        |b: &mut tower_governor::governor::GovernorConfigBuilder<HeaderKey, _>| b.finish().unwrap()
+        governor_builder().finish().unwrap()
     );
 
     // 8. In an axum Router: routing added.

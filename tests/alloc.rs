@@ -83,6 +83,16 @@ where
         .unwrap_or(0)
 }
 
+/// Prints the counts and fails if `limited` allocated more than `baseline`.
+fn assert_none_added(name: &str, limited: usize, baseline_name: &str, baseline: usize) {
+    println!("{name}: {limited} allocations for {N} requests ({baseline_name}: {baseline})");
+    assert!(
+        limited <= baseline,
+        "{name}: the layer allocated {} times in {N} allowed requests",
+        limited - baseline
+    );
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .build()
@@ -197,12 +207,7 @@ fn an_allowed_request_allocates_nothing_in_the_layer() {
             req
         });
         let limited = allocations(&rt, svc, check);
-        println!("{name}: {limited} allocations for {N} requests (inner service alone: {bare})");
-        assert!(
-            limited <= bare,
-            "{name}: the layer allocated {} times in {N} allowed requests",
-            limited - bare
-        );
+        assert_none_added(name, limited, "inner service alone", bare);
     }
 }
 
@@ -228,12 +233,7 @@ fn every_header_field_allocates_nothing_given_room_in_the_map() {
         assert!(res.headers().contains_key("ratelimit"));
         assert!(res.headers().contains_key("ratelimit-policy"));
     });
-    println!("every header: {limited} allocations for {N} requests (inner service alone: {bare})");
-    assert!(
-        limited <= bare,
-        "the layer allocated {} times",
-        limited - bare
-    );
+    assert_none_added("every header", limited, "inner service alone", bare);
 }
 
 #[test]
@@ -258,10 +258,5 @@ fn an_allowed_request_through_axum_allocates_nothing_more_than_any_layer() {
     );
     let (layer, _clock, _unix) = layer("1000000000/hour", HeaderOptions::default());
     let limited = allocations(&rt, bare().layer(layer), allowed_with_headers);
-    println!("axum: {limited} allocations for {N} requests (no-op layer: {noop})");
-    assert!(
-        limited <= noop,
-        "tierlimit allocated {} times more than a no-op layer in {N} allowed requests",
-        limited - noop
-    );
+    assert_none_added("axum", limited, "no-op layer", noop);
 }

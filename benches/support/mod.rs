@@ -15,6 +15,11 @@ use http::{HeaderValue, Request};
 /// allowed path, the one every successful request takes.
 pub const MAX: u32 = 1_000_000_000;
 
+/// The keys as `X-API-Key` header values.
+pub fn header_values(keys: &[String]) -> Vec<HeaderValue> {
+    keys.iter().map(|k| k.parse().unwrap()).collect()
+}
+
 pub fn keys(n: usize) -> Vec<String> {
     (0..n)
         .map(|i| format!("key-{i:08}-abcdefghijklmnop"))
@@ -90,25 +95,25 @@ impl tower_governor::key_extractor::KeyExtractor for HeaderKey {
     }
 }
 
-pub fn tower_governor() -> Router {
-    let config = tower_governor::governor::GovernorConfigBuilder::default()
+/// tower_governor's builder on the benches' quota and key.
+pub fn governor_builder() -> tower_governor::governor::GovernorConfigBuilder<
+    HeaderKey,
+    governor::middleware::NoOpMiddleware<governor::clock::QuantaInstant>,
+> {
+    tower_governor::governor::GovernorConfigBuilder::default()
         .period(Duration::from_secs(3600) / MAX)
         .burst_size(MAX)
         .key_extractor(HeaderKey)
-        .use_headers()
-        .finish()
-        .unwrap();
+}
+
+pub fn tower_governor() -> Router {
+    let config = governor_builder().use_headers().finish().unwrap();
     bare().layer(tower_governor::GovernorLayer::new(Arc::new(config)))
 }
 
 /// tower_governor writing no header: the decision alone.
 pub fn tower_governor_no_headers() -> Router {
-    let config = tower_governor::governor::GovernorConfigBuilder::default()
-        .period(Duration::from_secs(3600) / MAX)
-        .burst_size(MAX)
-        .key_extractor(HeaderKey)
-        .finish()
-        .unwrap();
+    let config = governor_builder().finish().unwrap();
     bare().layer(tower_governor::GovernorLayer::new(Arc::new(config)))
 }
 
