@@ -60,38 +60,60 @@ impl RedisServer {
         Self::start_with(&[])
     }
 
+    /// Starts a server on a free port, with a few fresh ports if the
+    /// first is taken between finding it and the server binding it (the
+    /// burst tests open thousands of client ports). A cluster node also
+    /// gets its bus port chosen free (by default it is the port + 10000,
+    /// which may be taken, or past 65535).
     fn start_with(extra: &[&str]) -> RedisServer {
-        let port = free_port();
-        let dir =
-            std::env::temp_dir().join(format!("tierlimit-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            dir.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut server = RedisServer {
-            port,
-            dir,
-            child: None,
-            args,
-        };
-        server.spawn();
-        server
+        for _ in 0..5 {
+            let port = free_port();
+            let dir =
+                std::env::temp_dir().join(format!("tierlimit-redis-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut args: Vec<String> = [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                dir.to_str().unwrap(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            args.extend(extra.iter().map(|s| s.to_string()));
+            if extra.contains(&"--cluster-enabled") {
+                args.extend(["--cluster-port".to_owned(), free_port().to_string()]);
+            }
+            let mut server = RedisServer {
+                port,
+                dir,
+                child: None,
+                args,
+            };
+            if server.try_spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on any of five free ports");
     }
 
     fn spawn(&mut self) {
+        assert!(
+            self.try_spawn(),
+            "redis-server on {} did not start",
+            self.port
+        );
+    }
+
+    /// Starts the process and waits (bounded) until it answers; on failure
+    /// the process is stopped.
+    fn try_spawn(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args(&self.args)
             .stdout(Stdio::null())
@@ -99,16 +121,19 @@ impl RedisServer {
             .spawn()
             .expect("redis-server starts");
         self.child = Some(child);
-        // Wait (bounded) until it answers.
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.cli(&["PING"]).as_deref() != Some("PONG") {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on {} did not start",
-                self.port
-            );
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_some()));
+            if exited || Instant::now() >= deadline {
+                self.kill();
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     pub fn url(&self) -> String {
