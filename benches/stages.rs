@@ -142,18 +142,14 @@ fn bench(c: &mut Criterion) {
         );
         Ok::<_, Infallible>(res)
     });
-    {
-        let mut svc = inner;
-        group.bench_function("trivial inner service alone", |b| {
-            b.iter(|| {
-                let res = rt.block_on(async {
-                    ServiceExt::<Request<Body>>::ready(&mut svc).await.unwrap();
-                    svc.call(request(&one_hv)).await.unwrap()
-                });
-                black_box(res)
-            })
-        });
-    }
+    let mut one_request = || request(&one_hv);
+    per_request(
+        &mut group,
+        "trivial inner service alone",
+        &rt,
+        inner,
+        &mut one_request,
+    );
     for (name, headers) in [
         ("whole layer, headers on", HeaderOptions::default()),
         (
@@ -164,79 +160,77 @@ fn bench(c: &mut Criterion) {
         let layer = RateLimitLayer::builder(policy_one.clone())
             .headers(headers)
             .build();
-        let mut svc = layer.layer(inner);
-        group.bench_function(name, |b| {
-            b.iter(|| {
-                let res = rt.block_on(async {
-                    ServiceExt::<Request<Body>>::ready(&mut svc).await.unwrap();
-                    svc.call(request(&one_hv)).await.unwrap()
-                });
-                black_box(res)
-            })
-        });
+        per_request(&mut group, name, &rt, layer.layer(inner), &mut one_request);
     }
 
     // The same trivial inner service under tower_governor (same quota, key
     // from the same header), with and without its headers.
-    macro_rules! tower_governor_row {
-        ($name:expr, $config:expr) => {{
-            let layer = tower_governor::GovernorLayer::new(std::sync::Arc::new($config));
-            let mut svc = layer.layer(inner);
-            group.bench_function($name, |b| {
-                b.iter(|| {
-                    let res = rt.block_on(async {
-                        ServiceExt::<Request<Body>>::ready(&mut svc).await.unwrap();
-                        svc.call(request(&one_hv)).await.unwrap()
-                    });
-                    black_box(res)
-                })
-            });
-        }};
-    }
-    tower_governor_row!(
+    // (The two configurations have different middleware types.)
+    let with_headers = governor_builder().use_headers().finish().unwrap();
+    let layer = tower_governor::GovernorLayer::new(std::sync::Arc::new(with_headers));
+    per_request(
+        &mut group,
         "whole tower_governor layer, headers on",
-        governor_builder().use_headers().finish().unwrap()
+        &rt,
+        layer.layer(inner),
+        &mut one_request,
     );
-    tower_governor_row!(
+    let without = governor_builder().finish().unwrap();
+    let layer = tower_governor::GovernorLayer::new(std::sync::Arc::new(without));
+    per_request(
+        &mut group,
         "whole tower_governor layer, headers off",
-        governor_builder().finish().unwrap()
+        &rt,
+        layer.layer(inner),
+        &mut one_request,
     );
 
     // 8. In an axum Router: routing added.
-    for (name, mut router) in [
+    for (name, router) in [
         ("axum router, bare", bare()),
         ("axum router, tierlimit", tierlimit(&one)),
     ] {
-        group.bench_function(name, |b| {
-            b.iter(|| {
-                let res = rt.block_on(async {
-                    ServiceExt::<Request<Body>>::ready(&mut router)
-                        .await
-                        .unwrap();
-                    router.call(request(&one_hv)).await.unwrap()
-                });
-                black_box(res)
-            })
-        });
+        per_request(&mut group, name, &rt, router, &mut one_request);
     }
     // And the 100k-key layer, for the table's second column.
-    let mut router = tierlimit(&many);
+    let router = tierlimit(&many);
     for k in &many_hv {
         rt.block_on(router.clone().oneshot(request(k))).unwrap();
     }
-    group.bench_function("axum router, tierlimit, 100k keys", |b| {
-        b.iter(|| {
+    per_request(
+        &mut group,
+        "axum router, tierlimit, 100k keys",
+        &rt,
+        router,
+        &mut || {
             i = (i + 1) % many_hv.len();
+            request(&many_hv[i])
+        },
+    );
+    group.finish();
+}
+
+/// One row: `svc` answers a request from `next` per iteration.
+fn per_request<S>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    rt: &tokio::runtime::Runtime,
+    mut svc: S,
+    next: &mut dyn FnMut() -> Request<Body>,
+) where
+    S: Service<Request<Body>>,
+    S::Error: std::fmt::Debug,
+{
+    group.bench_function(name, |b| {
+        b.iter(|| {
+            let req = next();
             let res = rt.block_on(async {
-                ServiceExt::<Request<Body>>::ready(&mut router)
-                    .await
-                    .unwrap();
-                router.call(request(&many_hv[i])).await.unwrap()
+                ServiceExt::<Request<Body>>::ready(&mut svc).await.unwrap();
+                svc.call(req).await.unwrap()
             });
             black_box(res)
         })
     });
-    group.finish();
 }
 
 criterion_group!(benches, bench);
