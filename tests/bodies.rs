@@ -33,6 +33,15 @@ fn request(key: Option<&str>) -> Request<()> {
     req.body(()).unwrap()
 }
 
+/// One request through `svc`, with `key` in `X-API-Key` if any.
+async fn send<S>(svc: &mut S, key: Option<&str>) -> S::Response
+where
+    S: Service<Request<()>>,
+    S::Error: std::fmt::Debug,
+{
+    svc.ready().await.unwrap().call(request(key)).await.unwrap()
+}
+
 /// Runs: allowed (the inner body untouched), refused (429), rejected (401),
 /// each body read back through the body type `B`.
 async fn exercise<B>(make: fn(&'static str) -> B)
@@ -57,23 +66,11 @@ where
         (status, String::from_utf8(body.to_vec()).unwrap())
     };
 
-    let res = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(request(Some(KEY)))
-        .await
-        .unwrap();
+    let res = send(&mut svc, Some(KEY)).await;
     assert!(res.headers().contains_key("x-ratelimit-remaining"));
     assert_eq!(text(res).await, (StatusCode::OK, "inner body".to_owned()));
 
-    let res = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(request(Some(KEY)))
-        .await
-        .unwrap();
+    let res = send(&mut svc, Some(KEY)).await;
     let (status, body) = text(res).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     let problem: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -82,13 +79,7 @@ where
         "{body}"
     );
 
-    let res = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(request(None))
-        .await
-        .unwrap();
+    let res = send(&mut svc, None).await;
     let (status, body) = text(res).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(body.contains("missing-api-key"), "{body}");
@@ -127,22 +118,10 @@ async fn any_other_body_works_behind_response_body() {
         .layer(RateLimitLayer::new(policy()))
         .map_response(|res: Response<Empty<Bytes>>| res.map(ResponseBody::new))
         .service(inner);
-    let res = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(request(Some(KEY)))
-        .await
-        .unwrap();
+    let res = send(&mut svc, Some(KEY)).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert!(res.body().is_end_stream());
-    let res = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(request(Some(KEY)))
-        .await
-        .unwrap();
+    let res = send(&mut svc, Some(KEY)).await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(
         !res.into_body()
@@ -190,13 +169,7 @@ async fn a_policy_update_is_seen_at_once_on_every_worker_thread() {
                 tokio::spawn(async move {
                     let mut allowed = 0u32;
                     for _ in 0..n / 2 {
-                        let res = svc
-                            .ready()
-                            .await
-                            .unwrap()
-                            .call(request(Some(&key)))
-                            .await
-                            .unwrap();
+                        let res = send(&mut svc, Some(&key)).await;
                         allowed += u32::from(res.status() == StatusCode::OK);
                         tokio::task::yield_now().await;
                     }
