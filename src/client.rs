@@ -43,10 +43,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body::Body;
 use http_body_util::BodyExt;
 use tower_layer::Layer;
 use tower_service::Service;
+
+use crate::response::AnswerBody;
 
 /// The largest body kept for replay.
 pub const MAX_REPLAY_BYTES: u64 = 64 * 1024;
@@ -146,37 +147,13 @@ impl<S: fmt::Debug> fmt::Debug for Retry<S> {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Replayable;
 
-/// A request body that can be kept for a retry: rebuilt from its bytes.
-pub trait ReplayBody: Body<Data = Bytes> + Sized + Send + 'static {
-    /// The body again, from its bytes.
-    fn from_bytes(bytes: Bytes) -> Self;
-}
+/// A request body that can be kept for a retry: rebuilt from its bytes
+/// with [`AnswerBody::from_answer`], the one "body from bytes" the crate
+/// has (the layer builds its answers with it too). Every `Send` body type
+/// that is an [`AnswerBody`] is one.
+pub trait ReplayBody: AnswerBody + Send + 'static {}
 
-impl ReplayBody for http_body_util::Full<Bytes> {
-    fn from_bytes(bytes: Bytes) -> Self {
-        http_body_util::Full::new(bytes)
-    }
-}
-
-impl ReplayBody for String {
-    fn from_bytes(bytes: Bytes) -> Self {
-        String::from_utf8_lossy(&bytes).into_owned()
-    }
-}
-
-#[cfg(feature = "axum")]
-impl ReplayBody for axum::body::Body {
-    fn from_bytes(bytes: Bytes) -> Self {
-        axum::body::Body::from(bytes)
-    }
-}
-
-#[cfg(feature = "tonic")]
-impl ReplayBody for tonic::body::Body {
-    fn from_bytes(bytes: Bytes) -> Self {
-        tonic::body::Body::new(http_body_util::Full::new(bytes))
-    }
-}
+impl<B: AnswerBody + Send + 'static> ReplayBody for B {}
 
 /// What a response head says about retrying, as [`Retry`] reads it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,7 +256,7 @@ where
                 Err(_) => Bytes::new(),
             };
             let rebuild = |parts: &http::request::Parts| {
-                let mut req = Request::new(B::from_bytes(bytes.clone()));
+                let mut req = Request::new(B::from_answer(bytes.clone()));
                 *req.method_mut() = parts.method.clone();
                 *req.uri_mut() = parts.uri.clone();
                 *req.version_mut() = parts.version;

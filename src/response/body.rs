@@ -5,9 +5,11 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-/// A response body type the layer passes through **unchanged**, and in
-/// which it builds its own answers (a 429 problem document, a 401, a gRPC
-/// trailers-only refusal).
+/// A body type the crate can build from bytes: the layer passes it through
+/// **unchanged** and builds its own answers in it (a 429 problem document,
+/// a 401, a gRPC trailers-only refusal); the client's `RetryLayer`
+/// (feature `client`) rebuilds a request body in it for a retry
+/// (`client::ReplayBody`).
 ///
 /// The layer's response is `Response<B>` for the inner service's `B`: an
 /// allowed response leaves the layer exactly as it came, so axum's
@@ -43,8 +45,8 @@ use pin_project_lite::pin_project;
 /// # Ok::<(), tierlimit::PolicyError>(())
 /// ```
 #[diagnostic::on_unimplemented(
-    message = "the rate-limit layer cannot answer in a `{Self}` body",
-    note = "for axum's or tonic's body, enable tierlimit's `axum` or `tonic` feature; for any other body, wrap it in `tierlimit::ResponseBody` under the layer (`res.map(ResponseBody::new)`)"
+    message = "tierlimit cannot build a `{Self}` body from bytes",
+    note = "for axum's or tonic's body, enable tierlimit's `axum` or `tonic` feature; for any other response body, wrap it in `tierlimit::ResponseBody` under the layer (`res.map(ResponseBody::new)`)"
 )]
 pub trait AnswerBody: Body<Data = Bytes> + Sized {
     /// A body holding `bytes` (empty for gRPC answers and bare statuses).
