@@ -63,12 +63,9 @@ pub(crate) enum Settled {
 }
 
 impl<E, B> Shared<E, B> {
-    /// Unix seconds now.
+    /// Unix seconds now (for boosts), by the same clock as the headers.
     pub(crate) fn unix_now(&self) -> u64 {
-        match &self.unix_clock {
-            Some(c) => c(),
-            None => crate::time::unix_now_secs(),
-        }
+        unix_time(self.unix_clock.as_ref()).as_secs()
     }
 }
 
