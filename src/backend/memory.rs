@@ -173,6 +173,12 @@ impl<C: Clock> Limiters<C> {
         None
     }
 
+    /// The limiter of `limit` in the overflow map, if it is there.
+    fn get_overflow(&self, limit: &Limit) -> Option<Arc<Entry<C>>> {
+        let overflow = self.overflow.lock().unwrap_or_else(PoisonError::into_inner);
+        overflow.get(limit).cloned()
+    }
+
     /// The limiter of `limit`, made if new (the slow path).
     #[cold]
     fn get_or_add(&self, limit: &Limit, make: impl FnOnce() -> Entry<C>) -> Arc<Entry<C>> {
@@ -478,20 +484,13 @@ where
         let found;
         let e = match inner.limiters.get(limit) {
             Some(e) => e,
-            None => {
-                let overflow = inner
-                    .limiters
-                    .overflow
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                match overflow.get(limit) {
-                    Some(e) => {
-                        found = Arc::clone(e);
-                        &found
-                    }
-                    None => return Decision::allow(limit, limit.max()),
+            None => match inner.limiters.get_overflow(limit) {
+                Some(e) => {
+                    found = e;
+                    &found
                 }
-            }
+                None => return Decision::allow(limit, limit.max()),
+            },
         };
         let t = limit.emission_interval_nanos().max(1);
         let now = u64::from(inner.clock.now().duration_since(e.start));
