@@ -23,6 +23,11 @@ pub struct Decision {
     pub retry_after: Option<Duration>,
     /// The limit's window (`per`).
     pub window: Duration,
+    /// Which of a request's limits this decision describes, when it was
+    /// checked against several ([`Backend::check_all`](crate::Backend::check_all)):
+    /// its position among the check's charges (per-key limits first, then
+    /// per-account ones). 0 for a single limit.
+    pub index: u8,
 }
 
 impl Decision {
@@ -40,6 +45,7 @@ impl Decision {
             ),
             retry_after: None,
             window: limit.per(),
+            index: 0,
         }
     }
 
@@ -59,6 +65,42 @@ impl Decision {
             reset_after: nanos(retry + u128::from(limit.max() - cost) * t),
             retry_after: Some(retry_after),
             window: limit.per(),
+            index: 0,
+        }
+    }
+}
+
+impl Decision {
+    /// The decision that describes a request checked against several
+    /// limits, given each limit's (allowed or refused) decision in charge
+    /// order: on an allow, the limit with the fewest requests remaining
+    /// (ties: the longer window); on a refusal, the refusing limit with the
+    /// longest retry delay, which is also when *every* limit admits the
+    /// request. `None` for an empty list.
+    pub fn binding(decisions: impl IntoIterator<Item = Decision>) -> Option<Decision> {
+        let mut best: Option<Decision> = None;
+        for (i, mut d) in decisions.into_iter().enumerate() {
+            d.index = i as u8;
+            best = Some(match best {
+                None => d,
+                Some(b) => {
+                    if b.binds_less_than(&d) { d } else { b }
+                }
+            });
+        }
+        best
+    }
+
+    /// Whether `other` describes the request better than `self`.
+    fn binds_less_than(&self, other: &Decision) -> bool {
+        match (self.allowed, other.allowed) {
+            (true, false) => true,
+            (false, true) => false,
+            (false, false) => other.retry_after > self.retry_after,
+            (true, true) => {
+                other.remaining < self.remaining
+                    || (other.remaining == self.remaining && other.window > self.window)
+            }
         }
     }
 }

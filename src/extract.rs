@@ -97,6 +97,7 @@ pub enum Priority {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Identity {
     key: KeyId,
+    account: Option<KeyId>,
     tier: Option<TierId>,
     cost: Option<u32>,
     priority: Priority,
@@ -113,6 +114,7 @@ impl Identity {
     pub const fn from_key_id(key: KeyId) -> Self {
         Identity {
             key,
+            account: None,
             tier: None,
             cost: None,
             priority: Priority::Normal,
@@ -127,6 +129,46 @@ impl Identity {
         self.tier = Some(tier);
         self.known = true;
         self
+    }
+
+    /// Sets the caller's account: limits counted per account (a tier with
+    /// `pool = "account"`, or `per_account` limits) are shared by every
+    /// key of it. Without one, a key is its own account.
+    ///
+    /// ```
+    /// use tierlimit::Identity;
+    ///
+    /// let a = Identity::new("acme-key-1").with_account("acme");
+    /// let b = Identity::new("acme-key-2").with_account("acme");
+    /// assert_eq!(a.account(), b.account());
+    /// assert_ne!(a.key(), b.key());
+    /// ```
+    #[must_use]
+    pub fn with_account(self, account: &str) -> Self {
+        self.with_account_id(KeyId::of_account(account))
+    }
+
+    /// Sets the caller's account by an id hashed elsewhere
+    /// ([`KeyId::of_account`], or [`KeyId::from_raw`] of an account number).
+    #[must_use]
+    pub const fn with_account_id(mut self, account: KeyId) -> Self {
+        self.account = Some(account);
+        self
+    }
+
+    /// The account, if one was set.
+    pub const fn account(&self) -> Option<KeyId> {
+        self.account
+    }
+
+    /// The id per-account limits are counted under: the account, else
+    /// the key itself.
+    #[inline]
+    pub const fn account_or_key(&self) -> KeyId {
+        match self.account {
+            Some(a) => a,
+            None => self.key,
+        }
     }
 
     /// Marks the caller as known (authenticated) without naming a tier.
@@ -264,7 +306,7 @@ use crate::key::key_problem;
 
 static X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
 
-type TierFn = dyn Fn(&str) -> Option<TierId> + Send + Sync;
+type TierFn = dyn Fn(&str) -> Option<(TierId, Option<KeyId>)> + Send + Sync;
 
 /// The API key from `Authorization: Bearer <key>` or `X-API-Key: <key>`
 /// (in gRPC: the `authorization` or `x-api-key` metadata).
@@ -315,6 +357,28 @@ impl ApiKey {
     pub fn tiers<F>(mut self, resolver: F) -> Self
     where
         F: Fn(&str) -> Option<TierId> + Send + Sync + 'static,
+    {
+        self.resolver = Some(Box::new(move |key| resolver(key).map(|t| (t, None))));
+        self
+    }
+
+    /// Like [`tiers`](Self::tiers), and the key's account too (`None`: the
+    /// key is its own account), for limits shared by an account's keys.
+    ///
+    /// ```
+    /// use tierlimit::{ApiKey, KeyId, TierId};
+    ///
+    /// # let pro: TierId = tierlimit::Policy::from_toml_str("categories=[\"r\"]\n[tiers.pro]\nr=\"1/s\"").unwrap().tier("pro").unwrap();
+    /// // Keys look like `acct_<account>_<secret>`.
+    /// let keys = ApiKey::new().resolve(move |key| {
+    ///     let account = key.strip_prefix("acct_")?.split('_').next()?;
+    ///     Some((pro, Some(KeyId::of_account(account))))
+    /// });
+    /// # let _ = keys;
+    /// ```
+    pub fn resolve<F>(mut self, resolver: F) -> Self
+    where
+        F: Fn(&str) -> Option<(TierId, Option<KeyId>)> + Send + Sync + 'static,
     {
         self.resolver = Some(Box::new(resolver));
         self
@@ -402,11 +466,16 @@ impl Extractor for ApiKey {
     fn extract(&self, req: &RequestRef<'_>, policy: &Policy) -> Result<Identity, Rejection> {
         let key = self.read(req.headers)?;
         let id = KeyId::of(key);
-        let tier = policy
-            .key_tier(key, id)
-            .or_else(|| self.resolver.as_ref().and_then(|r| r(key)));
+        let (tier, account) = match policy
+            .key_entry(key, id)
+            .or_else(|| self.resolver.as_ref().and_then(|r| r(key)))
+        {
+            Some((t, a)) => (Some(t), a),
+            None => (None, None),
+        };
         Ok(Identity {
             key: id,
+            account,
             tier,
             cost: None,
             priority: Priority::Normal,

@@ -109,6 +109,13 @@ impl KeyId {
         KeyId(HASHER.hash_one(key))
     }
 
+    /// Hashes an account name (apart from keys: an account named like a
+    /// key never shares its buckets).
+    #[inline]
+    pub fn of_account(account: &str) -> Self {
+        KeyId(HASHER.hash_one((0x5Au8, account)))
+    }
+
     /// Hashes a peer address.
     #[inline]
     pub fn of_ip(ip: IpAddr) -> Self {

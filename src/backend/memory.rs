@@ -15,7 +15,8 @@ use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
 use governor::state::{RateLimiter, StateStore};
 
-use super::{Backend, BackendError, Decision, Subject};
+use super::{Backend, BackendError, Charge, Check, Decision, Subject};
+use crate::policy::MAX_LIMITS;
 use crate::policy::Limit;
 
 const SHARDS: usize = 64;
@@ -234,6 +235,8 @@ struct Inner<C: Clock> {
     start: C::Instant,
     /// Read on every check without writing shared memory.
     limiters: Limiters<C>,
+    /// Buckets of requests checked against several limits at once.
+    multi: MultiStore,
     budget: Arc<Budget>,
     sweep: Mutex<()>,
     last_full_sweep: AtomicU64,
@@ -367,6 +370,7 @@ where
                 clock: self.clock,
                 start,
                 limiters: Limiters::new(),
+                multi: MultiStore::new(),
                 budget: Arc::new(Budget {
                     tracked: AtomicUsize::new(0),
                     cap: self.max_keys,
@@ -504,6 +508,136 @@ where
         Decision::allow(limit, remaining)
     }
 
+    /// Checks one request against several limits synchronously, all or
+    /// nothing (see [`Backend::check_all`]).
+    ///
+    /// Every charge of one owner lives in one of 64 shards, so the check
+    /// takes one lock: it reads every charge's state, decides, and writes
+    /// all of them or none. The arithmetic is governor's GCRA, the same as
+    /// the single-limit path and the Redis script (the conformance suite
+    /// runs the same cases through all of them).
+    pub fn check_all_now(&self, check: &Check<'_>) -> Result<Decision, BackendError> {
+        let inner = &*self.inner;
+        let n = check.cost.max(1);
+        let charges = &check.charges[..check.charges.len().min(MAX_LIMITS)];
+        for c in charges {
+            if n > c.limit.max() {
+                return Err(BackendError::CostExceedsLimit {
+                    cost: n,
+                    max: c.limit.max(),
+                });
+            }
+        }
+        self.maintain(false);
+        let now = self.elapsed();
+        let store = &inner.multi;
+        let mut guard = store.shard(check.owner).lock().unwrap_or_else(PoisonError::into_inner);
+        let maps = &mut *guard;
+        let mut overflow = None;
+        // Each charge's state: its TAT, and where it lives.
+        let mut slots = [Slot::Tracked(0); MAX_LIMITS];
+        let mut acquired = 0usize;
+        for (i, c) in charges.iter().enumerate() {
+            slots[i] = match maps.get(c.bucket) {
+                Some(tat) => Slot::Tracked(tat),
+                None if inner.budget.try_acquire() => {
+                    acquired += 1;
+                    Slot::New
+                }
+                None if check.known => {
+                    if inner.budget.force_acquire() {
+                        acquired += 1;
+                        Slot::New
+                    } else {
+                        Slot::Evict
+                    }
+                }
+                None => {
+                    let map = overflow.get_or_insert_with(|| {
+                        store.overflow.lock().unwrap_or_else(PoisonError::into_inner)
+                    });
+                    Slot::Overflow(map.get(&(i as u8, c.limit)).copied())
+                }
+            };
+        }
+        let gcra = |i: usize, c: &Charge| -> Gcra {
+            let tat = match slots[i] {
+                Slot::Tracked(tat) | Slot::Overflow(Some(tat)) => tat,
+                Slot::New | Slot::Evict | Slot::Overflow(None) => now,
+            };
+            Gcra::new(&c.limit, n, c.reserve, tat, now)
+        };
+        let mut refused = false;
+        for (i, c) in charges.iter().enumerate() {
+            refused |= gcra(i, c).retry.is_some();
+        }
+        if refused {
+            if acquired > 0 {
+                inner.budget.tracked.fetch_sub(acquired, Ordering::Relaxed);
+            }
+            let decisions = charges.iter().enumerate().map(|(i, c)| gcra(i, c).decision(&c.limit, n));
+            return Ok(Decision::binding(decisions).expect("at least one charge"));
+        }
+        if acquired > 0 {
+            crate::telemetry::tracked_keys(acquired as f64);
+        }
+        let mut decisions = [Decision::allow(&Limit::per_second(1), 0); MAX_LIMITS];
+        for (i, c) in charges.iter().enumerate() {
+            let g = gcra(i, c);
+            decisions[i] = g.decision(&c.limit, n);
+            let next = g.next;
+            match slots[i] {
+                Slot::Tracked(_) => maps.set(c.bucket, next, check.known),
+                Slot::New => {
+                    maps.table(check.known).insert(c.bucket, next);
+                }
+                Slot::Evict => {
+                    // At the hard bound: a guest of this shard gives way.
+                    if let Some(&victim) = maps.guests.keys().next() {
+                        maps.guests.remove(&victim);
+                        maps.known.insert(c.bucket, next);
+                    } else if let Some(map) = overflow.as_mut() {
+                        map.insert((i as u8, c.limit), next);
+                    } else {
+                        store
+                            .overflow
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .insert((i as u8, c.limit), next);
+                    }
+                }
+                Slot::Overflow(_) => {
+                    if let Some(map) = overflow.as_mut() {
+                        map.insert((i as u8, c.limit), next);
+                    }
+                }
+            }
+        }
+        Ok(Decision::binding(decisions[..charges.len()].iter().copied()).expect("at least one charge"))
+    }
+
+    /// One charge's capacity now, counting nothing.
+    pub fn peek_charge_now(&self, owner: u64, charge: &Charge) -> Decision {
+        let now = self.elapsed();
+        let tat = self
+            .inner
+            .multi
+            .shard(owner)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(charge.bucket);
+        let limit = &charge.limit;
+        let remaining = match tat {
+            None => limit.max(),
+            Some(tat) => {
+                let t = limit.emission_interval_nanos().max(1);
+                let cap = u64::from(limit.max()) * t;
+                ((now + cap).saturating_sub(tat).min(cap) / t) as u32
+            }
+        };
+        Decision::allow(limit, remaining)
+    }
+
     /// Makes the limiter of a limit seen for the first time.
     #[cold]
     fn add_limiter(&self, limit: &Limit) -> Arc<Entry<C>> {
@@ -598,6 +732,11 @@ where
 
     fn sweep_shards(&self, shards: std::ops::Range<usize>) {
         let inner = &*self.inner;
+        let elapsed = self.elapsed();
+        for shard in shards.clone() {
+            inner.multi.retain_shard(shard, elapsed, &inner.budget);
+        }
+        inner.multi.retain_overflow(elapsed);
         let now = inner.clock.now();
         inner.limiters.for_each(|e| {
             let drop_below = e.drop_below(now);
@@ -658,6 +797,130 @@ where
     fn peek(&self, subject: &Subject, limit: &Limit) -> Self::Future {
         ready(Ok(self.peek_now(subject, limit)))
     }
+
+    #[inline]
+    fn check_all(&self, check: &Check<'_>) -> Self::Future {
+        ready(self.check_all_now(check))
+    }
+
+    fn peek_charge(&self, owner: u64, charge: &Charge) -> Self::Future {
+        ready(Ok(self.peek_charge_now(owner, charge)))
+    }
+}
+
+/// Where one charge of a several-limit check stands.
+#[derive(Clone, Copy)]
+enum Slot {
+    /// Tracked, with this TAT.
+    Tracked(u64),
+    /// Not tracked; a place in the table is reserved for it.
+    New,
+    /// Not tracked, a known caller at the hard bound: a guest gives way.
+    Evict,
+    /// Not tracked, a guest at the cap: counted in the shared overflow
+    /// bucket of its limit (with that bucket's TAT, if any).
+    Overflow(Option<u64>),
+}
+
+/// GCRA for one limit, exactly as governor computes it (and the Redis
+/// script): `max` at once, then one every `t`, in nanoseconds.
+struct Gcra {
+    /// `None`: conforms; else how long until it would.
+    retry: Option<u64>,
+    /// The TAT to store if it is counted.
+    next: u64,
+    /// Requests left after it, if counted.
+    remaining: u32,
+}
+
+impl Gcra {
+    #[inline]
+    fn new(limit: &Limit, n: u32, reserve: u32, tat: u64, now: u64) -> Self {
+        let t = limit.emission_interval_nanos().max(1);
+        let max = u64::from(limit.max());
+        let tau = t * (max - 1);
+        let add = t * (u64::from(n) - 1);
+        // A reserve the request cannot leave: only critical requests
+        // could ever use what is left.
+        if u64::from(n) + u64::from(reserve) > max {
+            return Gcra {
+                retry: Some(limit.per().as_nanos() as u64),
+                next: tat,
+                remaining: 0,
+            };
+        }
+        let earliest = (tat + add + u64::from(reserve) * t).saturating_sub(tau);
+        if now < earliest {
+            return Gcra {
+                retry: Some(earliest - now),
+                next: tat,
+                remaining: 0,
+            };
+        }
+        let next = tat.max(now) + t + add;
+        let remaining = ((now + tau + t).saturating_sub(next).min(tau + t) / t) as u32;
+        Gcra {
+            retry: None,
+            next,
+            remaining,
+        }
+    }
+
+    fn decision(&self, limit: &Limit, n: u32) -> Decision {
+        match self.retry {
+            None => Decision::allow(limit, self.remaining),
+            Some(r) => Decision::refuse(limit, n, Duration::from_nanos(r)),
+        }
+    }
+}
+
+/// The buckets of several-limit checks: one owner's in one shard (one
+/// lock per check), charged against the backend's key budget like the
+/// single-limit buckets, with one overflow state per limit for guests
+/// that arrive at the cap.
+struct MultiStore {
+    shards: Box<[Shard]>,
+    overflow: Mutex<HashMap<(u8, Limit), u64>>,
+}
+
+impl MultiStore {
+    fn new() -> Self {
+        MultiStore {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            overflow: Mutex::new(HashMap::new()),
+        }
+    }
+
+    #[inline]
+    fn shard(&self, owner: u64) -> &Shard {
+        &self.shards[(owner >> 32) as usize % SHARDS]
+    }
+
+    /// Drops buckets full again (TAT at or before `now`).
+    fn retain_shard(&self, shard: usize, now: u64, budget: &Budget) {
+        let mut guard = self.shards[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let maps = &mut *guard;
+        let before = maps.len();
+        for table in [&mut maps.known, &mut maps.guests] {
+            table.retain(|_, tat| *tat > now);
+            if table.capacity() > 64 && table.len() < table.capacity() / 4 {
+                table.shrink_to_fit();
+            }
+        }
+        let removed = before - maps.len();
+        if removed > 0 {
+            budget.release(removed);
+        }
+    }
+
+    fn retain_overflow(&self, now: u64) {
+        let mut overflow = self.overflow.lock().unwrap_or_else(PoisonError::into_inner);
+        if !overflow.is_empty() {
+            overflow.retain(|_, tat| *tat > now);
+        }
+    }
 }
 
 /// The key hash is already uniform: use it as the table's hash.
@@ -698,6 +961,24 @@ impl ShardMaps {
 
     fn len(&self) -> usize {
         self.known.len() + self.guests.len()
+    }
+
+    fn table(&mut self, known: bool) -> &mut Table {
+        if known {
+            &mut self.known
+        } else {
+            &mut self.guests
+        }
+    }
+
+    /// Stores a tracked bucket's TAT, moving it to the caller's class.
+    fn set(&mut self, key: u64, tat: u64, known: bool) {
+        if let Some(v) = self.table(known).get_mut(&key) {
+            *v = tat;
+            return;
+        }
+        self.table(!known).remove(&key);
+        self.table(known).insert(key, tat);
     }
 }
 

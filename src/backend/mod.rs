@@ -73,6 +73,44 @@ impl Subject {
     }
 }
 
+/// One limit of a request checked against several ([`Backend::check_all`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Charge {
+    /// The 64-bit bucket the limit is counted in (distinct for every
+    /// limit of a cell, and for per-key and per-account limits).
+    pub bucket: u64,
+    /// The limit.
+    pub limit: Limit,
+    /// Capacity of this limit the request must leave untouched (a
+    /// priority reserve); 0 for most requests.
+    pub reserve: u32,
+}
+
+/// A request checked against several limits at once, all or nothing: it
+/// is allowed only if every charge's limit admits its cost, and a refused
+/// request counts against none of them.
+#[derive(Clone, Copy, Debug)]
+pub struct Check<'a> {
+    /// What the charges have in common: the account when any of them is
+    /// counted per account, else the key. A backend keeps every charge of
+    /// one owner together (one lock in memory, one hash slot in Redis
+    /// Cluster), so the check is one step.
+    pub owner: u64,
+    /// Units this request takes in every limit (at least 1).
+    pub cost: u32,
+    /// Whether the caller is known ([`Subject::known`]).
+    pub known: bool,
+    /// The limits, at most [`MAX_LIMITS`](crate::policy::MAX_LIMITS).
+    pub charges: &'a [Charge],
+}
+
+/// Mixes a limit into a bucket, so that every limit of a cell has its own.
+#[inline]
+pub(crate) fn limit_bucket(bucket: u64, limit: &Limit) -> u64 {
+    let l = (u64::from(limit.max()) << 32) ^ (limit.per().as_nanos() as u64);
+    (bucket ^ l.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(17)
+}
+
 /// Why a backend could not decide.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -129,6 +167,18 @@ pub trait Backend: Send + Sync + 'static {
     /// (for usage checks): an allowed decision whose `remaining` is what
     /// could come at once now.
     fn peek(&self, subject: &Subject, limit: &Limit) -> Self::Future;
+
+    /// Checks one request against several limits in one step: if every
+    /// charge's limit admits it, it is counted in all of them; otherwise in
+    /// none. The answer is the binding limit's decision
+    /// ([`Decision::binding`]), its [`index`](Decision::index) naming the
+    /// charge. Must be exact under concurrency: two requests that each
+    /// conform alone but not together are never both allowed.
+    fn check_all(&self, check: &Check<'_>) -> Self::Future;
+
+    /// One charge's capacity now, counting nothing (the usage endpoint's
+    /// view of a limit checked with [`check_all`](Self::check_all)).
+    fn peek_charge(&self, owner: u64, charge: &Charge) -> Self::Future;
 }
 
 impl<B: Backend> Backend for std::sync::Arc<B> {
@@ -140,5 +190,13 @@ impl<B: Backend> Backend for std::sync::Arc<B> {
 
     fn peek(&self, subject: &Subject, limit: &Limit) -> Self::Future {
         (**self).peek(subject, limit)
+    }
+
+    fn check_all(&self, check: &Check<'_>) -> Self::Future {
+        (**self).check_all(check)
+    }
+
+    fn peek_charge(&self, owner: u64, charge: &Charge) -> Self::Future {
+        (**self).peek_charge(owner, charge)
     }
 }

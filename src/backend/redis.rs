@@ -13,14 +13,17 @@ use governor::clock::{Clock, FakeRelativeClock, Reference};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 
-use super::{Backend, BackendError, Decision, MemoryBackend, Subject};
-use crate::policy::Limit;
+use super::{Backend, BackendError, Charge, Check, Decision, MemoryBackend, Subject};
+use crate::policy::{Limit, MAX_LIMITS};
 
 /// GCRA exactly as governor computes it, in microseconds, on Redis's clock
 /// (`TIME`) unless a time is passed (tests). A refusal writes nothing; an
 /// allowed request stores the new TAT and expires it when the bucket is
 /// full again, so idle keys cost Redis nothing.
 const GCRA: &str = include_str!("gcra.lua");
+
+/// The same over several limits at once, all or nothing, in one call.
+const GCRA_ALL: &str = include_str!("gcra_all.lua");
 
 /// What happens to requests while Redis cannot be reached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -68,6 +71,7 @@ struct Inner {
     conn: arc_swap::ArcSwap<Conn>,
     rebuild: Option<Rebuild>,
     script: redis::Script,
+    script_all: redis::Script,
     prefix: String,
     timeout: Duration,
     failure: FailurePolicy,
@@ -237,6 +241,13 @@ impl RedisBackend {
     }
 }
 
+/// The key of one charge of a several-limit check: the owner is the hash
+/// tag, so every charge of a check lives in one Cluster slot (the bucket
+/// already mixes in the limit).
+fn charge_key(prefix: &str, owner: u64, charge: &Charge) -> String {
+    format!("{prefix}:{{{owner:016x}}}:m:{:016x}", charge.bucket)
+}
+
 fn redis_key(prefix: &str, subject: &Subject, limit: &Limit) -> String {
     // The limit is part of the key so that a changed limit starts afresh
     // rather than reading a TAT computed for another interval.
@@ -392,6 +403,7 @@ impl RedisBackendBuilder {
                     not_before: AtomicU64::new(0),
                 }),
                 script,
+                script_all: redis::Script::new(GCRA_ALL),
                 prefix: self.prefix,
                 timeout: self.timeout,
                 failure: self.failure,
@@ -467,6 +479,102 @@ impl Inner {
         match self.io.handle().spawn(round_trip).await {
             Ok(result) => result,
             Err(_) => Err(EvalError::Lost),
+        }
+    }
+
+    /// Runs the several-limit script once (see [`eval`](Self::eval)).
+    async fn eval_all(
+        self: &Arc<Self>,
+        owner: u64,
+        cost: u32,
+        charges: &[Charge],
+    ) -> Result<Vec<i64>, EvalError> {
+        let now = match &self.fake {
+            Some(_) => self.local_micros().to_string(),
+            None => String::new(),
+        };
+        let keys: Vec<String> = charges
+            .iter()
+            .map(|c| charge_key(&self.prefix, owner, c))
+            .collect();
+        let mut args: Vec<u64> = Vec::with_capacity(charges.len() * 3 + 1);
+        args.push(u64::from(cost));
+        for c in charges {
+            let t = (c.limit.emission_interval_nanos() / 1_000).max(1);
+            args.extend([t, u64::from(c.limit.max()), u64::from(c.reserve)]);
+        }
+        let inner = Arc::clone(self);
+        let round_trip = async move {
+            let mut inv = inner.script_all.prepare_invoke();
+            for k in keys {
+                inv.key(k);
+            }
+            inv.arg(now);
+            for a in args {
+                inv.arg(a);
+            }
+            let conn = inner.conn.load_full();
+            let call = async {
+                match &*conn {
+                    Conn::Single(c) => inv.invoke_async(&mut c.clone()).await,
+                    Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
+                }
+            };
+            match tokio::time::timeout(inner.timeout, call).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(EvalError::Redis(e)),
+                Err(_) => Err(EvalError::Timeout),
+            }
+        };
+        match self.io.handle().spawn(round_trip).await {
+            Ok(result) => result,
+            Err(_) => Err(EvalError::Lost),
+        }
+    }
+
+    /// A several-limit check while Redis is unreachable: the failure
+    /// policy, applied to every limit at once.
+    fn on_failure_all(&self, check: &Check<'_>) -> Result<Decision, BackendError> {
+        let policy = match self.failure {
+            FailurePolicy::Fallback => "fallback",
+            FailurePolicy::FailOpen => "fail_open",
+            FailurePolicy::FailClosed => "fail_closed",
+        };
+        crate::telemetry::fallback("redis", policy);
+        let cost = check.cost.max(1);
+        match self.failure {
+            FailurePolicy::Fallback => {
+                let mut shares = [check.charges[0]; MAX_LIMITS];
+                for (i, c) in check.charges.iter().enumerate() {
+                    let share = self.fallback_limit(&c.limit);
+                    if cost > share.max() {
+                        // Fits the limit, not this instance's share of it.
+                        let mut d = Decision::refuse(&share, cost, self.retry_interval);
+                        d.index = i as u8;
+                        return Ok(d);
+                    }
+                    let reserve = if c.reserve == 0 {
+                        0
+                    } else {
+                        let scaled = (f64::from(c.reserve) * self.fallback_share).ceil() as u32;
+                        scaled.clamp(1, share.max() - 1)
+                    };
+                    shares[i] = Charge {
+                        bucket: c.bucket,
+                        limit: share,
+                        reserve,
+                    };
+                }
+                self.fallback.check_all_now(&Check {
+                    charges: &shares[..check.charges.len()],
+                    ..*check
+                })
+            }
+            FailurePolicy::FailOpen => Ok(Decision::binding(check.charges.iter().map(|c| {
+                Decision::allow(&c.limit, c.limit.max() - cost.min(c.limit.max()))
+            }))
+            .expect("at least one charge")),
+            FailurePolicy::FailClosed => Err(BackendError::Unavailable("redis unreachable".into())),
         }
     }
 
@@ -818,6 +926,128 @@ impl RedisBackend {
     }
 }
 
+/// A several-limit check's charges, owned by its future.
+#[derive(Clone, Copy)]
+struct Charges {
+    owner: u64,
+    cost: u32,
+    known: bool,
+    items: [Charge; MAX_LIMITS],
+    len: usize,
+}
+
+impl Charges {
+    fn new(check: &Check<'_>) -> Option<Self> {
+        let first = *check.charges.first()?;
+        let mut items = [first; MAX_LIMITS];
+        let len = check.charges.len().min(MAX_LIMITS);
+        items[..len].copy_from_slice(&check.charges[..len]);
+        Some(Charges {
+            owner: check.owner,
+            cost: check.cost,
+            known: check.known,
+            items,
+            len,
+        })
+    }
+
+    fn check(&self) -> Check<'_> {
+        Check {
+            owner: self.owner,
+            cost: self.cost,
+            known: self.known,
+            charges: &self.items[..self.len],
+        }
+    }
+}
+
+impl RedisBackend {
+    /// Checks one request against several limits in one script call, all
+    /// or nothing (or through the failure policy). Refusals are not cached
+    /// locally: the binding limit's retry delay needs every limit's state.
+    pub async fn check_all_async(&self, check: Check<'_>) -> Result<Decision, BackendError> {
+        let inner = &self.inner;
+        let cost = check.cost.max(1);
+        for c in check.charges {
+            if cost > c.limit.max() {
+                return Err(BackendError::CostExceedsLimit {
+                    cost,
+                    max: c.limit.max(),
+                });
+            }
+        }
+        if let Some((i, c)) = check
+            .charges
+            .iter()
+            .enumerate()
+            .find(|(_, c)| u64::from(cost) + u64::from(c.reserve) > u64::from(c.limit.max()))
+        {
+            // Only the reserve (or less) could ever be left for it.
+            let mut d = Decision::refuse(&c.limit, cost, c.limit.per());
+            d.index = i as u8;
+            return Ok(d);
+        }
+        if check.charges.is_empty() {
+            return Err(BackendError::Unavailable("a check without charges".into()));
+        }
+        let now = inner.local_micros();
+        let route = inner.route(now);
+        if route == Route::Around {
+            return inner.on_failure_all(&check);
+        }
+        let Ok(_permit) = inner.in_flight.acquire().await else {
+            return inner.on_failure_all(&check);
+        };
+        if route == Route::Redis && inner.degraded.load(Ordering::Relaxed) {
+            return inner.on_failure_all(&check);
+        }
+        match inner.eval_all(check.owner, cost, check.charges).await {
+            Ok(v) if v.len() == check.charges.len() + 1 => {
+                inner.succeeded();
+                let allowed = v[0] == 1;
+                let decisions = check.charges.iter().zip(&v[1..]).map(|(c, &x)| {
+                    let x = u64::try_from(x).unwrap_or(0);
+                    if allowed {
+                        Decision::allow(&c.limit, x as u32)
+                    } else if x == 0 {
+                        // Admits it, but another limit refuses.
+                        Decision::allow(&c.limit, 0)
+                    } else {
+                        Decision::refuse(&c.limit, cost, Duration::from_micros(x))
+                    }
+                });
+                let mut d = Decision::binding(decisions).expect("at least one charge");
+                if !allowed && d.allowed {
+                    d.allowed = false;
+                }
+                Ok(d)
+            }
+            Ok(v) => {
+                tracing::warn!(len = v.len(), "redis: unexpected answer from the several-limit script");
+                inner.failed();
+                inner.on_failure_all(&check)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, timeout = ?inner.timeout, "redis check failed");
+                inner.failed();
+                inner.on_failure_all(&check)
+            }
+        }
+    }
+
+    /// One charge's capacity now, counting nothing.
+    pub async fn peek_charge_async(&self, owner: u64, charge: Charge) -> Result<Decision, BackendError> {
+        let inner = &*self.inner;
+        let key = charge_key(&inner.prefix, owner, &charge);
+        if !inner.degraded.load(Ordering::Relaxed)
+            && let Ok((_, rem)) = self.inner.eval(key, &charge.limit, Call::Peek).await
+        {
+            return Ok(Decision::allow(&charge.limit, u32::try_from(rem).unwrap_or(0)));
+        }
+        Ok(inner.fallback.peek_charge_now(owner, &charge))
+    }
+}
+
 impl Backend for RedisBackend {
     type Future = Pin<Box<dyn Future<Output = Result<Decision, BackendError>> + Send>>;
 
@@ -831,5 +1061,22 @@ impl Backend for RedisBackend {
         let this = self.clone();
         let (subject, limit) = (*subject, *limit);
         Box::pin(async move { this.peek_async(subject, limit).await })
+    }
+
+    fn check_all(&self, check: &Check<'_>) -> Self::Future {
+        let this = self.clone();
+        let charges = Charges::new(check);
+        Box::pin(async move {
+            match charges {
+                Some(c) => this.check_all_async(c.check()).await,
+                None => Err(BackendError::Unavailable("a check without charges".into())),
+            }
+        })
+    }
+
+    fn peek_charge(&self, owner: u64, charge: &Charge) -> Self::Future {
+        let this = self.clone();
+        let charge = *charge;
+        Box::pin(async move { this.peek_charge_async(owner, charge).await })
     }
 }

@@ -11,9 +11,10 @@ use http::Method;
 
 use super::operator::{CompiledBoost, MAX_UNIX};
 use super::route::{CompiledRoute, Pattern};
+use super::set::{MAX_LIMITS, Pool};
 use super::{
-    Adjust, Boost, BoostTarget, CategoryId, Cell, Limit, Policy, PolicyInner, Rule, Shadow, Target,
-    TierId,
+    Adjust, Boost, BoostTarget, CategoryId, Cell, KeyRow, Limit, Policy, PolicyInner, Rule, Shadow,
+    Target, TierId,
 };
 use crate::key::{KeyId, hash_str};
 
@@ -157,7 +158,10 @@ impl Route {
 #[must_use]
 pub struct Tier {
     name: String,
-    rules: Vec<Located<(String, Rule)>>,
+    /// `None`: unlimited.
+    rules: Vec<Located<(String, Option<Vec<Limit>>)>>,
+    per_account: Vec<Located<(String, Vec<Limit>)>>,
+    pool: Located<Pool>,
     line: Option<usize>,
     reserve: Option<Located<u8>>,
 }
@@ -168,6 +172,8 @@ impl Tier {
         Tier {
             name: name.into(),
             rules: Vec::new(),
+            per_account: Vec::new(),
+            pool: Located::new(Pool::Key),
             line: None,
             reserve: None,
         }
@@ -176,6 +182,54 @@ impl Tier {
     /// Limits `category` to `limit`.
     pub fn limit(self, category: impl Into<String>, limit: Limit) -> Self {
         self.rule(category, Rule::Limited(limit))
+    }
+
+    /// Limits `category` by every one of `limits` at once (a burst guard
+    /// and a sustained budget: `[Limit::per_second(10), Limit::per_hour(1_000)]`).
+    /// A request is allowed only if all of them admit it, and a refused
+    /// request counts against none of them.
+    ///
+    /// ```
+    /// use tierlimit::{Limit, Policy, Tier};
+    ///
+    /// let policy = Policy::builder()
+    ///     .categories(["read"])
+    ///     .tier(Tier::new("free").limits("read", [Limit::per_second(10), Limit::per_hour(100)]))
+    ///     .build()
+    ///     .unwrap();
+    /// let (free, read) = (policy.tier("free").unwrap(), policy.category("read").unwrap());
+    /// assert_eq!(policy.limits(free, read).per_key().len(), 2);
+    /// ```
+    pub fn limits(mut self, category: impl Into<String>, limits: impl IntoIterator<Item = Limit>) -> Self {
+        let limits = limits.into_iter().collect();
+        self.rules.push(Located::new((category.into(), Some(limits))));
+        self
+    }
+
+    /// Adds limits counted per *account* in `category`, on top of the
+    /// per-key ones: every key of an account shares them. (A key without
+    /// an account is its own account.)
+    ///
+    /// ```
+    /// use tierlimit::{Limit, Tier};
+    ///
+    /// let pro = Tier::new("pro")
+    ///     .limit("write", Limit::per_hour(100))                 // each key
+    ///     .per_account("write", [Limit::per_hour(500)]);         // all of an account's keys
+    /// # let _ = pro;
+    /// ```
+    pub fn per_account(mut self, category: impl Into<String>, limits: impl IntoIterator<Item = Limit>) -> Self {
+        let limits = limits.into_iter().collect();
+        self.per_account.push(Located::new((category.into(), limits)));
+        self
+    }
+
+    /// Whose count the tier's limits are kept in (default [`Pool::Key`]):
+    /// with [`Pool::Account`], all keys of an account share them, so an
+    /// account cannot multiply its plan by creating keys.
+    pub fn pool(mut self, pool: Pool) -> Self {
+        self.pool = Located::new(pool);
+        self
     }
 
     /// Leaves `category` unlimited.
@@ -194,7 +248,11 @@ impl Tier {
 
     /// Sets the rule for `category`.
     pub fn rule(mut self, category: impl Into<String>, rule: Rule) -> Self {
-        self.rules.push(Located::new((category.into(), rule)));
+        let limits = match rule {
+            Rule::Limited(l) => Some(vec![l]),
+            Rule::Unlimited => None,
+        };
+        self.rules.push(Located::new((category.into(), limits)));
         self
     }
 
@@ -204,9 +262,26 @@ impl Tier {
         self
     }
 
-    /// A rule written on `line` (for the loader).
-    pub(super) fn rule_at(mut self, category: String, rule: Rule, line: Option<usize>) -> Self {
-        self.rules.push(Located::at((category, rule), line));
+    /// Rules written on `line` (for the loader; `None`: unlimited).
+    pub(super) fn rules_at(
+        mut self,
+        category: String,
+        limits: Option<Vec<Limit>>,
+        line: Option<usize>,
+    ) -> Self {
+        self.rules.push(Located::at((category, limits), line));
+        self
+    }
+
+    /// Per-account limits written on `line` (for the loader).
+    pub(super) fn per_account_at(mut self, category: String, limits: Vec<Limit>, line: Option<usize>) -> Self {
+        self.per_account.push(Located::at((category, limits), line));
+        self
+    }
+
+    /// A pool written on `line` (for the loader).
+    pub(super) fn pool_at(mut self, pool: Pool, line: Option<usize>) -> Self {
+        self.pool = Located::at(pool, line);
         self
     }
 
@@ -240,6 +315,7 @@ impl<T> Located<T> {
 struct KeyEntry {
     key: String,
     tier: String,
+    account: Option<String>,
 }
 
 /// A custom limit for one key in one category (or `*`).
@@ -395,8 +471,13 @@ impl PolicyBuilder {
 
     /// Moves a key to another tier (an upgrade), replacing its entry.
     pub fn set_key_tier(mut self, key: &str, tier: impl Into<String>) -> Self {
+        let account = self
+            .keys
+            .iter()
+            .find(|k| k.value.key == key)
+            .and_then(|k| k.value.account.clone());
         self.keys.retain(|k| k.value.key != key);
-        self.key(key, tier)
+        self.key_at(key.to_owned(), tier.into(), account, None)
     }
 
     /// Declares the endpoint categories, in order.
@@ -424,7 +505,32 @@ impl PolicyBuilder {
 
     /// Maps an API key to a tier.
     pub fn key(self, key: impl Into<String>, tier: impl Into<String>) -> Self {
-        self.key_at(key.into(), tier.into(), None)
+        self.key_at(key.into(), tier.into(), None, None)
+    }
+
+    /// Maps an API key to a tier and an account: limits counted per account
+    /// (a tier with [`Pool::Account`], or [`Tier::per_account`] limits) are
+    /// shared by every key of the account.
+    ///
+    /// ```
+    /// use tierlimit::{Limit, Policy, Tier, policy::Pool};
+    ///
+    /// let policy = Policy::builder()
+    ///     .categories(["read"])
+    ///     .tier(Tier::new("pro").pool(Pool::Account).limit("read", Limit::per_hour(1000)))
+    ///     .key_in_account("acme-key-1", "pro", "acme")
+    ///     .key_in_account("acme-key-2", "pro", "acme")
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = policy;
+    /// ```
+    pub fn key_in_account(
+        self,
+        key: impl Into<String>,
+        tier: impl Into<String>,
+        account: impl Into<String>,
+    ) -> Self {
+        self.key_at(key.into(), tier.into(), Some(account.into()), None)
     }
 
     /// The categories of requests no route matches: `read` for GET, HEAD
@@ -461,8 +567,15 @@ impl PolicyBuilder {
         !self.categories.is_empty()
     }
 
-    pub(super) fn key_at(mut self, key: String, tier: String, line: Option<usize>) -> Self {
-        self.keys.push(Located::at(KeyEntry { key, tier }, line));
+    pub(super) fn key_at(
+        mut self,
+        key: String,
+        tier: String,
+        account: Option<String>,
+        line: Option<usize>,
+    ) -> Self {
+        self.keys
+            .push(Located::at(KeyEntry { key, tier, account }, line));
         self
     }
 
@@ -598,9 +711,17 @@ impl PolicyBuilder {
                     format!("tier `{}` is declared twice", tier.name),
                 ));
             }
-            let mut rules: Vec<Option<Rule>> = vec![None; categories.len()];
+            let unknown = |cat: &str, entry: &str, line: Option<usize>| {
+                PolicyError::new(
+                    entry,
+                    line,
+                    format!("unknown category `{cat}` (declared: {})", join(categories)),
+                )
+            };
+            let mut rules: Vec<Option<Vec<Limit>>> = vec![None; categories.len()];
+            let mut set = vec![false; categories.len()];
             for Located {
-                value: (cat, rule),
+                value: (cat, limits),
                 line,
             } in &tier.rules
             {
@@ -608,33 +729,67 @@ impl PolicyBuilder {
                 let id = categories
                     .iter()
                     .position(|c| **c == **cat)
-                    .ok_or_else(|| {
-                        PolicyError::new(
-                            &entry,
-                            *line,
-                            format!("unknown category `{cat}` (declared: {})", join(categories)),
-                        )
-                    })?;
-                if rules[id].replace(*rule).is_some() {
+                    .ok_or_else(|| unknown(cat, &entry, *line))?;
+                if std::mem::replace(&mut set[id], true) {
                     return Err(PolicyError::new(
                         &entry,
                         *line,
                         format!("tier `{}` sets `{cat}` twice", tier.name),
                     ));
                 }
+                if let Some(limits) = limits {
+                    check_list(limits).map_err(|m| PolicyError::new(&entry, *line, m))?;
+                }
+                rules[id] = limits.clone();
+            }
+            let mut per_account: Vec<Vec<Limit>> = vec![Vec::new(); categories.len()];
+            for Located {
+                value: (cat, limits),
+                line,
+            } in &tier.per_account
+            {
+                let entry = format!("tiers.{}.per_account.{}", tier.name, cat);
+                let id = categories
+                    .iter()
+                    .position(|c| **c == **cat)
+                    .ok_or_else(|| unknown(cat, &entry, *line))?;
+                if !per_account[id].is_empty() {
+                    return Err(PolicyError::new(
+                        &entry,
+                        *line,
+                        format!("tier `{}` sets per-account `{cat}` twice", tier.name),
+                    ));
+                }
+                check_list(limits).map_err(|m| PolicyError::new(&entry, *line, m))?;
+                if rules[id].as_ref().map_or(0, Vec::len) + limits.len() > MAX_LIMITS {
+                    return Err(PolicyError::new(
+                        &entry,
+                        *line,
+                        format!(
+                            "`{cat}` has more than {MAX_LIMITS} limits per key and per account together"
+                        ),
+                    ));
+                }
+                per_account[id] = limits.clone();
             }
             for (i, rule) in rules.into_iter().enumerate() {
-                let rule = rule.ok_or_else(|| {
-                    PolicyError::new(
+                if !set[i] {
+                    return Err(PolicyError::new(
                         &entry,
                         tier.line,
                         format!(
                             "tier `{}` has no rule for category `{}`; give a limit such as \"100/hour\" or \"unlimited\"",
                             tier.name, categories[i]
                         ),
-                    )
-                })?;
-                cells.push(Cell::new(rule, &tier.name, &categories[i]));
+                    ));
+                }
+                cells.push(Cell::new(
+                    rule.unwrap_or_default(),
+                    std::mem::take(&mut per_account[i]),
+                    tier.pool.value,
+                    &tier.name,
+                    &categories[i],
+                ));
             }
             tier_names.push(tier.name.as_str().into());
         }
@@ -691,8 +846,9 @@ impl PolicyBuilder {
                         ));
                     }
                     for (t, name) in names.tiers.iter().enumerate() {
-                        if let Rule::Limited(l) = names.rule(t, category.index())
-                            && r.cost > l.max()
+                        if let Some(l) = names
+                            .limits(t, category.index())
+                            .find(|l| r.cost > l.max())
                         {
                             return Err(err(format!(
                                 "cost {} is larger than tier `{name}`'s `{cat}` limit of {}, so such requests could never succeed",
@@ -736,10 +892,10 @@ impl PolicyBuilder {
         })
     }
 
-    fn build_keys(&self, names: &Names) -> Result<HashTable<(Box<str>, TierId)>, PolicyError> {
-        let mut keys: HashTable<(Box<str>, TierId)> = HashTable::with_capacity(self.keys.len());
+    fn build_keys(&self, names: &Names) -> Result<HashTable<KeyRow>, PolicyError> {
+        let mut keys: HashTable<KeyRow> = HashTable::with_capacity(self.keys.len());
         for Located {
-            value: KeyEntry { key, tier },
+            value: KeyEntry { key, tier, account },
             line,
         } in &self.keys
         {
@@ -752,11 +908,32 @@ impl PolicyBuilder {
                     format!("unknown tier `{tier}` (declared: {})", join(&names.tiers)),
                 )
             })?;
+            let account = match account {
+                None => None,
+                Some(a) => {
+                    if a.is_empty() || a.len() > crate::key::DEFAULT_MAX_KEY_LEN {
+                        return Err(PolicyError::new(
+                            &entry,
+                            *line,
+                            "an account is a name of 1 to 256 bytes",
+                        ));
+                    }
+                    Some(KeyId::of_account(a))
+                }
+            };
             let h = hash_str(key);
-            if keys.find(h, |(k, _)| **k == **key).is_some() {
+            if keys.find(h, |row| *row.key == **key).is_some() {
                 return Err(PolicyError::new(&entry, *line, "this key is listed twice"));
             }
-            keys.insert_unique(h, (key.as_str().into(), t), |(k, _)| hash_str(k));
+            keys.insert_unique(
+                h,
+                KeyRow {
+                    key: key.as_str().into(),
+                    tier: t,
+                    account,
+                },
+                |row| hash_str(&row.key),
+            );
         }
         Ok(keys)
     }
@@ -780,8 +957,9 @@ impl PolicyBuilder {
             // Every limited cell of the tier must leave normal requests at
             // least one request of its burst.
             for (c, cat) in names.categories.iter().enumerate() {
-                if let Rule::Limited(l) = names.rule(t, c)
-                    && reserve_of(l.max(), p) >= l.max()
+                if let Some(l) = names
+                    .limits(t, c)
+                    .find(|l| reserve_of(l.max(), p) >= l.max())
                 {
                     return Err(PolicyError::new(
                         entry,
@@ -813,12 +991,15 @@ impl PolicyBuilder {
         {
             let entry = format!("overrides.\"{}\".{cat}", KeyId::of(key).redacted());
             check_key(key, &entry, *line)?;
+            names
+                .check_adjust(adjust)
+                .map_err(|m| PolicyError::new(&entry, *line, m))?;
             let cells = overrides
                 .entry(KeyId::of(key).as_u64())
                 .or_insert_with(|| vec![None; ncat].into_boxed_slice());
             if cat == "*" {
                 for c in cells.iter_mut().filter(|c| c.is_none()) {
-                    *c = Some(*adjust);
+                    *c = Some(adjust.clone());
                 }
             } else {
                 let id = names.category(cat).ok_or_else(|| {
@@ -831,7 +1012,7 @@ impl PolicyBuilder {
                         ),
                     )
                 })?;
-                cells[id.index()] = Some(*adjust);
+                cells[id.index()] = Some(adjust.clone());
             }
         }
         Ok(overrides)
@@ -848,6 +1029,7 @@ impl PolicyBuilder {
             if b.end > MAX_UNIX {
                 return Err(err("a boost must end by the end of year 9999".into()));
             }
+            names.check_adjust(&b.adjust).map_err(err)?;
             let (key, tier) = match &b.target {
                 BoostTarget::Key(k) => {
                     check_key(k, &entry, b.line)?;
@@ -876,7 +1058,7 @@ impl PolicyBuilder {
                 key,
                 tier,
                 category,
-                adjust: b.adjust,
+                adjust: b.adjust.clone(),
                 start: b.start,
                 end: b.end,
             });
@@ -940,8 +1122,26 @@ impl Names {
             .map(|i| TierId(i as u16))
     }
 
-    fn rule(&self, tier: usize, category: usize) -> Rule {
-        self.cells[tier * self.categories.len() + category].rule
+    /// A list given by a custom limit or a boost must fit beside every
+    /// tier's per-account limits.
+    fn check_adjust(&self, adjust: &Adjust) -> Result<(), String> {
+        let Adjust::SetAll(limits) = adjust else {
+            return Ok(());
+        };
+        check_list(limits)?;
+        let most_per_account = self.cells.iter().map(|c| c.per_account.len()).max().unwrap_or(0);
+        if limits.len() + most_per_account > MAX_LIMITS {
+            return Err(format!(
+                "with the per-account limits, more than {MAX_LIMITS} limits would apply"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every limit of a cell (per key, then per account).
+    fn limits(&self, tier: usize, category: usize) -> impl Iterator<Item = Limit> + '_ {
+        let cell = &self.cells[tier * self.categories.len() + category];
+        cell.per_key.iter().chain(cell.per_account.iter()).copied()
     }
 
     /// A `defaults.unknown_key` / `missing_key` rule: reject, or a tier.
@@ -961,6 +1161,33 @@ impl Names {
             }),
         }
     }
+}
+
+/// A list of limits for one cell: not empty, at most [`MAX_LIMITS`], no
+/// two with the same window (the smaller would make the other pointless).
+fn check_list(limits: &[Limit]) -> Result<(), String> {
+    if limits.is_empty() {
+        return Err("an empty list of limits; write \"unlimited\" or at least one limit".into());
+    }
+    if limits.len() > MAX_LIMITS {
+        return Err(format!("more than {MAX_LIMITS} limits in one list"));
+    }
+    for (i, a) in limits.iter().enumerate() {
+        if limits[..i].iter().any(|b| b.per() == a.per()) {
+            return Err(format!(
+                "two limits with the same window ({}); keep one",
+                humantime_secs(a.per())
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn humantime_secs(d: std::time::Duration) -> String {
+    Limit::new(std::num::NonZeroU32::MIN, d).map_or_else(
+        || format!("{d:?}"),
+        |l| l.to_string().trim_start_matches("1 ").to_owned(),
+    )
 }
 
 /// The requests of a burst of `max` that a reserve of `pct` percent keeps

@@ -7,8 +7,8 @@ use toml::Spanned;
 
 use super::operator::parse_time;
 use super::{
-    Adjust, Boost, BoostTarget, KeyRule, Policy, PolicyBuilder, PolicyError, Route, Rule, Shadow,
-    Tier,
+    Adjust, Boost, BoostTarget, KeyRule, Limit, Policy, PolicyBuilder, PolicyError, Pool, Route,
+    Rule, Shadow, Tier,
 };
 
 #[derive(Deserialize)]
@@ -23,7 +23,7 @@ struct File {
     #[serde(default)]
     grpc: Vec<Spanned<GrpcSpec>>,
     #[serde(default)]
-    keys: BTreeMap<Spanned<String>, Spanned<String>>,
+    keys: BTreeMap<Spanned<String>, Spanned<KeySpec>>,
     #[serde(default)]
     overrides: BTreeMap<Spanned<String>, TierRules>,
     #[serde(default)]
@@ -38,7 +38,7 @@ struct BoostSpec {
     key: Option<String>,
     tier: Option<String>,
     category: Option<String>,
-    adjust: String,
+    adjust: toml::Value,
     start: String,
     end: String,
 }
@@ -54,8 +54,71 @@ struct ShadowSpec {
     categories: Vec<String>,
 }
 
-/// A tier's table: category → `"100/hour"`.
-type TierRules = BTreeMap<Spanned<String>, Spanned<String>>;
+/// A tier's table: category → `"100/hour"`, a list of limits, or
+/// `{ requests = … }`; and `pool`, `priority_reserve`, `per_account`.
+type TierRules = BTreeMap<Spanned<String>, Spanned<toml::Value>>;
+
+/// A `[keys]` entry: `"free"` or `{ tier = "pro", account = "acme" }`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum KeySpec {
+    Tier(String),
+    Full {
+        tier: String,
+        #[serde(default)]
+        account: Option<String>,
+    },
+}
+
+/// A custom limit as written: `"x5"`, `"500/hour"`, `"unlimited"`, or a
+/// list of limits (plain or as `{ requests = … }`).
+fn parse_adjust(v: &toml::Value) -> Result<Adjust, String> {
+    match v {
+        toml::Value::String(s) => Adjust::parse(s),
+        other => match parse_limits(other)? {
+            Some(limits) => Ok(Adjust::SetAll(limits)),
+            None => Ok(Adjust::Set(Rule::Unlimited)),
+        },
+    }
+}
+
+/// A cell's limits as written: `"100/hour"`, `"unlimited"`,
+/// `["10/second", "100/hour"]` or `{ requests = … }` (`None`: unlimited).
+fn parse_limits(v: &toml::Value) -> Result<Option<Vec<Limit>>, String> {
+    use toml::Value;
+    const HOW: &str =
+        "write a limit such as \"100/hour\", a list such as [\"10/second\", \"100/hour\"], or \"unlimited\"";
+    match v {
+        Value::String(s) => match Rule::parse(s)? {
+            Rule::Unlimited => Ok(None),
+            Rule::Limited(l) => Ok(Some(vec![l])),
+        },
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(format!("an empty list; {HOW}"));
+            }
+            items
+                .iter()
+                .map(|i| match i {
+                    Value::String(s) => Limit::parse(s),
+                    _ => Err(HOW.to_owned()),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some)
+        }
+        Value::Table(t) => {
+            if let Some(k) = t.keys().find(|k| *k != "requests") {
+                return Err(format!("unknown field `{k}` (expected `requests`)"));
+            }
+            match t.get("requests") {
+                Some(r @ (Value::String(_) | Value::Array(_))) => parse_limits(r),
+                Some(_) => Err(HOW.to_owned()),
+                None => Err("a table of limits needs `requests`".to_owned()),
+            }
+        }
+        _ => Err(HOW.to_owned()),
+    }
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -146,32 +209,72 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
         rules.sort_by_key(|(cat, _)| cat.span().start);
         for (cat, spec) in rules {
             let line = line_of(spec.span().start);
-            if cat.get_ref() == "priority_reserve" {
-                let entry = format!("tiers.{}.priority_reserve", name.get_ref());
-                let pct = spec
-                    .get_ref()
-                    .trim()
-                    .trim_end_matches('%')
-                    .trim()
-                    .parse::<u8>()
-                    .map_err(|_| {
-                        PolicyError::new(
+            let entry = format!("tiers.{}.{}", name.get_ref(), cat.get_ref());
+            let as_str = |what: &str| {
+                spec.get_ref().as_str().ok_or_else(|| {
+                    PolicyError::new(&entry, line, format!("write the {what} as a string"))
+                })
+            };
+            match cat.get_ref().as_str() {
+                "priority_reserve" => {
+                    let pct = as_str("reserve")?
+                        .trim()
+                        .trim_end_matches('%')
+                        .trim()
+                        .parse::<u8>()
+                        .map_err(|_| {
+                            PolicyError::new(
+                                &entry,
+                                line,
+                                "write the reserve as a percentage such as \"20%\"",
+                            )
+                        })?;
+                    tier = tier.priority_reserve_at(pct, line);
+                }
+                "pool" => {
+                    let pool = match as_str("pool")?.trim() {
+                        "key" => Pool::Key,
+                        "account" => Pool::Account,
+                        other => {
+                            return Err(PolicyError::new(
+                                &entry,
+                                line,
+                                format!("unknown pool `{other}` (use \"key\" or \"account\")"),
+                            ));
+                        }
+                    };
+                    tier = tier.pool_at(pool, line);
+                }
+                "per_account" => {
+                    let Some(table) = spec.get_ref().as_table() else {
+                        return Err(PolicyError::new(
                             &entry,
                             line,
-                            "write the reserve as a percentage such as \"20%\"",
-                        )
-                    })?;
-                tier = tier.priority_reserve_at(pct, line);
-                continue;
+                            "write per-account limits as a table: [tiers.NAME.per_account]",
+                        ));
+                    };
+                    for (cat, v) in table {
+                        let entry = format!("tiers.{}.per_account.{cat}", name.get_ref());
+                        let limits = match parse_limits(v) {
+                            Ok(Some(limits)) => limits,
+                            Ok(None) => {
+                                return Err(PolicyError::new(
+                                    entry,
+                                    line,
+                                    "a per-account limit cannot be unlimited; leave the category out",
+                                ));
+                            }
+                            Err(m) => return Err(PolicyError::new(entry, line, m)),
+                        };
+                        tier = tier.per_account_at(cat.clone(), limits, line);
+                    }
+                }
+                _ => {
+                    let limits = parse_limits(spec.get_ref())
+                        .map_err(|m| PolicyError::new(&entry, line, m))?;
+                    tier = tier.rules_at(cat.into_inner(), limits, line);
+                }
             }
-            let rule = Rule::parse(spec.get_ref()).map_err(|m| {
-                PolicyError::new(
-                    format!("tiers.{}.{}", name.get_ref(), cat.get_ref()),
-                    line,
-                    m,
-                )
-            })?;
-            tier = tier.rule_at(cat.into_inner(), rule, line);
         }
         b = b.tier(tier);
     }
@@ -225,9 +328,13 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
 
     let mut keys: Vec<_> = file.keys.into_iter().collect();
     keys.sort_by_key(|(k, _)| k.span().start);
-    for (key, tier) in keys {
-        let line = line_of(tier.span().start);
-        b = b.key_at(key.into_inner(), tier.into_inner(), line);
+    for (key, spec) in keys {
+        let line = line_of(spec.span().start);
+        let (tier, account) = match spec.into_inner() {
+            KeySpec::Tier(t) => (t, None),
+            KeySpec::Full { tier, account } => (tier, account),
+        };
+        b = b.key_at(key.into_inner(), tier, account, line);
     }
 
     let mut overrides: Vec<_> = file.overrides.into_iter().collect();
@@ -237,7 +344,7 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
         cells.sort_by_key(|(c, _)| c.span().start);
         for (cat, spec) in cells {
             let line = line_of(spec.span().start);
-            let adjust = Adjust::parse(spec.get_ref()).map_err(|m| {
+            let adjust = parse_adjust(spec.get_ref()).map_err(|m| {
                 PolicyError::new(
                     format!(
                         "overrides.\"{}\".{}",
@@ -262,7 +369,7 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
             (None, Some(t)) => BoostTarget::Tier(t),
             _ => return Err(err("a boost names either `key` or `tier`".into())),
         };
-        let adjust = Adjust::parse(&spec.adjust).map_err(err)?;
+        let adjust = parse_adjust(&spec.adjust).map_err(err)?;
         let start = parse_time(&spec.start).map_err(err)?;
         let end = parse_time(&spec.end).map_err(err)?;
         let mut boost = Boost::new(target, adjust, start, end).at(line);

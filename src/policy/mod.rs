@@ -46,6 +46,7 @@ mod file;
 mod limit;
 mod operator;
 mod route;
+mod set;
 
 use std::sync::Arc;
 
@@ -58,9 +59,11 @@ pub(crate) use builder::reserve_of;
 pub use builder::{KeyRule, PolicyBuilder, PolicyError, Route, Tier};
 pub use limit::{Limit, Rule};
 pub use operator::{Adjust, Boost, BoostTarget, Shadow};
-use operator::{CompiledBoost, more_generous};
+use operator::{CompiledBoost, more_generous_all};
 use route::CompiledRoute;
 pub use route::Target;
+pub(crate) use set::{Applied, LimitBuf};
+pub use set::{MAX_LIMITS, Pool};
 
 /// A plan tier (`free`, `pro`, …), interned to an index when the policy is
 /// built. Obtain one with [`Policy::tier`].
@@ -86,22 +89,95 @@ impl CategoryId {
     }
 }
 
-/// One cell of the tier × category table: its rule, and what separates its
-/// buckets from every other cell's in a backend.
+/// One cell of the tier × category table: its limits, and what separates
+/// its buckets from every other cell's in a backend.
 #[derive(Debug)]
 pub(crate) struct Cell {
+    /// The first per-key limit (or unlimited), for [`Policy::rule`].
     pub(crate) rule: Rule,
+    /// Limits counted per key (per account in a pooled tier); empty:
+    /// unlimited per key.
+    pub(crate) per_key: Box<[Limit]>,
+    /// Limits counted per account, on top of the per-key ones.
+    pub(crate) per_account: Box<[Limit]>,
+    pub(crate) pool: Pool,
+    /// The cell's only limit, when it has exactly one and it is counted
+    /// per key (or per account in a pooled tier): the fast path.
+    pub(crate) single: Option<Limit>,
     /// A hash of the tier and category names, stable in one process (and
     /// across instances that share a key secret).
     pub(crate) scope: u64,
+    /// The same for the cell's per-account limits.
+    pub(crate) account_scope: u64,
 }
 
 impl Cell {
-    pub(super) fn new(rule: Rule, tier: &str, category: &str) -> Self {
+    pub(super) fn new(
+        per_key: Vec<Limit>,
+        per_account: Vec<Limit>,
+        pool: Pool,
+        tier: &str,
+        category: &str,
+    ) -> Self {
+        let single = match (per_key.as_slice(), per_account.is_empty()) {
+            ([one], true) => Some(*one),
+            _ => None,
+        };
         Cell {
-            rule,
+            rule: per_key.first().map_or(Rule::Unlimited, |l| Rule::Limited(*l)),
+            per_key: per_key.into_boxed_slice(),
+            per_account: per_account.into_boxed_slice(),
+            pool,
+            single,
             scope: hash_str(&format!("{tier}\0{category}")),
+            account_scope: hash_str(&format!("{tier}\0{category}\0account")),
         }
+    }
+
+    /// Whether nothing limits the cell.
+    #[inline]
+    pub(crate) fn is_unlimited(&self) -> bool {
+        self.per_key.is_empty() && self.per_account.is_empty()
+    }
+
+    /// The cell's limits as a tier gives them.
+    pub(crate) fn applied(&self) -> Applied {
+        Applied {
+            per_key: LimitBuf::from_slice(&self.per_key),
+            per_account: LimitBuf::from_slice(&self.per_account),
+        }
+    }
+}
+
+/// A `[keys]` entry: the key's text, its tier and its account.
+#[derive(Debug)]
+pub(super) struct KeyRow {
+    pub(super) key: Box<str>,
+    pub(super) tier: TierId,
+    pub(super) account: Option<KeyId>,
+}
+
+/// The limits of one tier × category cell ([`Policy::limits`]).
+#[derive(Clone, Copy, Debug)]
+pub struct CellLimits<'a> {
+    cell: &'a Cell,
+}
+
+impl<'a> CellLimits<'a> {
+    /// Limits counted per key (per account when [`pool`](Self::pool) is
+    /// [`Pool::Account`]); empty when the cell is unlimited per key.
+    pub fn per_key(&self) -> &'a [Limit] {
+        &self.cell.per_key
+    }
+
+    /// Limits counted per account, on top of the per-key ones.
+    pub fn per_account(&self) -> &'a [Limit] {
+        &self.cell.per_account
+    }
+
+    /// Whose count the per-key limits are kept in.
+    pub fn pool(&self) -> Pool {
+        self.cell.pool
     }
 }
 
@@ -113,7 +189,7 @@ pub(super) struct PolicyInner {
     pub(super) routes: Box<[CompiledRoute]>,
     pub(super) default_read: CategoryId,
     pub(super) default_write: CategoryId,
-    pub(super) keys: HashTable<(Box<str>, TierId)>,
+    pub(super) keys: HashTable<KeyRow>,
     pub(super) unknown_key: Option<TierId>,
     pub(super) missing_key: Option<TierId>,
     pub(super) reserves: Box<[u8]>,
@@ -202,11 +278,23 @@ impl Policy {
             .map_or("?", |c| c)
     }
 
-    /// The rule of one tier in one category. Ids out of range give
-    /// [`Rule::Unlimited`] only if no cell exists; prefer ids from this policy.
+    /// The rule of one tier in one category: its first per-key limit, or
+    /// unlimited (see [`limits`](Self::limits) for every limit of a
+    /// cell). Ids from another policy may give [`Rule::Unlimited`]; prefer
+    /// ids from this policy.
     pub fn rule(&self, tier: TierId, category: CategoryId) -> Rule {
         self.cell(tier, category)
             .map_or(Rule::Unlimited, |c| c.rule)
+    }
+
+    /// Every limit of one tier in one category, per key and per account.
+    /// Ids from another policy give an unlimited cell's (empty) lists.
+    pub fn limits(&self, tier: TierId, category: CategoryId) -> CellLimits<'_> {
+        static UNLIMITED: std::sync::OnceLock<Cell> = std::sync::OnceLock::new();
+        let cell = self.cell(tier, category).unwrap_or_else(|| {
+            UNLIMITED.get_or_init(|| Cell::new(Vec::new(), Vec::new(), Pool::Key, "", ""))
+        });
+        CellLimits { cell }
     }
 
     /// A tier × category cell; `None` for ids from another policy.
@@ -241,16 +329,24 @@ impl Policy {
     /// `id` must be `KeyId::of(key)`.
     #[inline]
     pub fn key_tier(&self, key: &str, id: KeyId) -> Option<TierId> {
+        self.key_entry(key, id).map(|(t, _)| t)
+    }
+
+    /// The tier and account (if listed) the key table gives `key`.
+    /// `id` must be `KeyId::of(key)`.
+    #[inline]
+    pub fn key_entry(&self, key: &str, id: KeyId) -> Option<(TierId, Option<KeyId>)> {
         self.inner
             .keys
-            .find(id.as_u64(), |(k, _)| **k == *key)
-            .map(|(_, t)| *t)
+            .find(id.as_u64(), |row| *row.key == *key)
+            .map(|row| (row.tier, row.account))
     }
 
     /// The rule that applies to `key` in a tier and category at `now_unix`
     /// (seconds): the tier's rule, then the key's custom limit (which takes
     /// precedence), then the most generous active boost for the key or its
-    /// tier, if it is more generous.
+    /// tier, if it is more generous. For a cell with several limits, this
+    /// is the first per-key limit after the same steps.
     pub fn effective_rule(
         &self,
         tier: TierId,
@@ -258,22 +354,44 @@ impl Policy {
         key: KeyId,
         now_unix: u64,
     ) -> Rule {
-        let mut rule = self.rule(tier, category);
+        let Some(cell) = self.cell(tier, category) else {
+            return Rule::Unlimited;
+        };
+        let applied = self.effective(cell, tier, category, key, now_unix);
+        applied
+            .per_key
+            .as_slice()
+            .first()
+            .map_or(Rule::Unlimited, |l| Rule::Limited(*l))
+    }
+
+    /// Every limit that applies to `key` in a cell at `now_unix`: the
+    /// tier's, then the key's custom limit, then the most generous active
+    /// boost if it is more generous (no allocation).
+    pub(crate) fn effective(
+        &self,
+        cell: &Cell,
+        tier: TierId,
+        category: CategoryId,
+        key: KeyId,
+        now_unix: u64,
+    ) -> Applied {
+        let mut applied = cell.applied();
         if let Some(cells) = self.inner.overrides.get(&key.as_u64())
             && let Some(Some(adjust)) = cells.get(category.index())
         {
-            rule = adjust.apply(rule);
+            applied = adjust.apply_all(&applied);
         }
-        let base = rule;
+        let base = applied;
         for b in self.inner.boosts.iter() {
             if b.applies(key.as_u64(), tier, category, now_unix) {
-                let boosted = b.adjust.apply(base);
-                if more_generous(boosted, rule) {
-                    rule = boosted;
+                let boosted = b.adjust.apply_all(&base);
+                if more_generous_all(&boosted, &applied) {
+                    applied = boosted;
                 }
             }
         }
-        rule
+        applied
     }
 
     /// Whether any custom limit or boost exists (else the tier rule is final).

@@ -3,31 +3,56 @@
 
 use std::fmt;
 
+use super::set::{
+    Applied, LimitBuf, list_more_generous, scale, tightest,
+};
 use super::{CategoryId, Limit, Rule, TierId};
 
 /// How a custom limit or a boost changes a rule.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Adjust {
-    /// Replace the rule (a custom limit, or `Unlimited`).
+    /// Replace the per-key rule (a custom limit, or `Unlimited`).
     Set(Rule),
-    /// Multiply the burst (`max`) by this factor, keeping the window: `x5`
-    /// turns 100/hour into 500/hour. Unlimited stays unlimited.
+    /// Replace the per-key rule with several limits that all apply
+    /// (`["100/second", "10000/hour"]` in a policy file).
+    SetAll(Vec<Limit>),
+    /// Multiply the burst (`max`) of every limit that applies — per key
+    /// and per account — by this factor, keeping each window: `x5` turns
+    /// 100/hour into 500/hour. Unlimited stays unlimited.
     Scale(f64),
 }
 
 impl Adjust {
-    /// The rule after the adjustment.
+    /// The rule after the adjustment (of a cell with one limit; a list
+    /// gives its tightest limit).
     pub fn apply(&self, rule: Rule) -> Rule {
-        match (*self, rule) {
-            (Adjust::Set(r), _) => r,
+        match (self, rule) {
+            (Adjust::Set(r), _) => *r,
+            (Adjust::SetAll(ls), _) => tightest(ls).map_or(Rule::Unlimited, Rule::Limited),
             (Adjust::Scale(_), Rule::Unlimited) => Rule::Unlimited,
-            (Adjust::Scale(k), Rule::Limited(l)) => {
-                // The most the window can hold at one request per µs.
-                let most = (l.per().as_micros()).min(u128::from(u32::MAX)) as f64;
-                let max = (f64::from(l.max()) * k).ceil().clamp(1.0, most) as u32;
-                Limit::new(max.try_into().unwrap_or(std::num::NonZeroU32::MIN), l.per())
-                    .map_or(rule, Rule::Limited)
-            }
+            (Adjust::Scale(k), Rule::Limited(l)) => Rule::Limited(scale(l, *k)),
+        }
+    }
+
+    /// The limits after the adjustment.
+    pub(crate) fn apply_all(&self, limits: &Applied) -> Applied {
+        match self {
+            Adjust::Set(Rule::Unlimited) => Applied {
+                per_key: LimitBuf::EMPTY,
+                ..*limits
+            },
+            Adjust::Set(Rule::Limited(l)) => Applied {
+                per_key: LimitBuf::from_slice(&[*l]),
+                ..*limits
+            },
+            Adjust::SetAll(ls) => Applied {
+                per_key: LimitBuf::from_slice(ls),
+                ..*limits
+            },
+            Adjust::Scale(k) => Applied {
+                per_key: limits.per_key.scaled(*k),
+                per_account: limits.per_account.scaled(*k),
+            },
         }
     }
 
@@ -52,23 +77,42 @@ impl fmt::Display for Adjust {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Adjust::Set(r) => r.fmt(f),
+            Adjust::SetAll(ls) => {
+                f.write_str("[")?;
+                for (i, l) in ls.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    l.fmt(f)?;
+                }
+                f.write_str("]")
+            }
             Adjust::Scale(k) => write!(f, "x{k}"),
         }
     }
 }
 
 /// Whether `a` lets more through than `b`.
+#[cfg(test)]
 pub(crate) fn more_generous(a: Rule, b: Rule) -> bool {
     match (a, b) {
         (Rule::Unlimited, Rule::Limited(_)) => true,
         (_, Rule::Unlimited) => false,
-        (Rule::Limited(x), Rule::Limited(y)) => {
-            // Compare rates (max/per), then bursts.
-            let rx = u128::from(x.max()) * y.per().as_nanos();
-            let ry = u128::from(y.max()) * x.per().as_nanos();
-            rx > ry || (rx == ry && x.max() > y.max())
-        }
+        (Rule::Limited(x), Rule::Limited(y)) => super::set::more_generous_limit(x, y),
     }
+}
+
+/// Whether the limits `a` let more through than `b`: per key first, then
+/// per account (each list by its tightest limit).
+pub(crate) fn more_generous_all(a: &Applied, b: &Applied) -> bool {
+    let (ak, bk) = (a.per_key.as_slice(), b.per_key.as_slice());
+    if list_more_generous(ak, bk) {
+        return true;
+    }
+    if list_more_generous(bk, ak) {
+        return false;
+    }
+    list_more_generous(a.per_account.as_slice(), b.per_account.as_slice())
 }
 
 /// Who a boost applies to.

@@ -136,6 +136,7 @@ pub async fn run<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
                 Ok(d),
             ) => {
                 let want = Decision {
+                    index: 0,
                     allowed: true,
                     limit: 10,
                     remaining,
@@ -154,6 +155,7 @@ pub async fn run<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
                 Ok(d),
             ) => {
                 let want = Decision {
+                    index: 0,
                     allowed: false,
                     limit: 10,
                     remaining,
