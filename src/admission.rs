@@ -17,10 +17,10 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use http::{Request, Response};
 
-use crate::backend::{Backend, BackendError, Decision, Subject};
+use crate::backend::{Backend, BackendError, Charge, Check, Decision, Subject, limit_bucket};
 use crate::extract::{Extractor, Identity, PeerIp, Priority, Rejection, RequestRef};
 use crate::key::KeyId;
-use crate::policy::{CategoryId, Policy, Rule, Target, TierId};
+use crate::policy::{Applied, CategoryId, Cell, Limit, MAX_LIMITS, Policy, Pool, Target, TierId};
 use crate::response::grpc::is_grpc;
 use crate::response::{Answer, HeaderOptions, HeaderPlan};
 use crate::view::{CellView, PolicyView, ViewSlot};
@@ -121,27 +121,66 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             Ok(found) => found,
             Err(r) => return answer(Answer::Rejected(r)),
         };
-        // Rule: the cell's limit, with custom limits and boosts applied.
         let (Some(cell), Some(cell_view)) =
             (policy.cell(tier, category), view.cell(tier, category))
         else {
             // A tier id from another policy: treat as an unknown key.
             return answer(Answer::Rejected(Rejection::UnknownKey));
         };
-        let rule = if policy.has_adjustments() {
+        // Limits: the cell's, with custom limits and boosts applied.
+        let applied: Applied;
+        let multi: &Applied = if policy.has_adjustments() {
             let now = if policy.has_boosts() {
                 self.unix_now()
             } else {
                 0
             };
-            policy.effective_rule(tier, category, identity.key(), now)
+            applied = policy.effective(cell, tier, category, identity.key(), now);
+            match (applied.per_key.as_slice(), applied.per_account.is_empty()) {
+                ([], true) => return Step::Pass,
+                ([one], true) => {
+                    return self.admit_one(
+                        guard, req, cell, cell_view, &identity, tier, category, route_cost, *one,
+                    );
+                }
+                _ => &applied,
+            }
         } else {
-            cell.rule
+            match cell.single {
+                Some(limit) => {
+                    return self.admit_one(
+                        guard, req, cell, cell_view, &identity, tier, category, route_cost, limit,
+                    );
+                }
+                None if cell.is_unlimited() => return Step::Pass,
+                None => {
+                    applied = cell.applied();
+                    &applied
+                }
+            }
         };
-        let limit = match rule {
-            Rule::Unlimited => return Step::Pass,
-            Rule::Limited(limit) => limit,
-        };
+        self.admit_all(
+            guard, req, cell, cell_view, &identity, tier, category, route_cost, multi,
+        )
+    }
+
+    /// A request under one limit (the fast path).
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn admit_one<T>(
+        &self,
+        guard: &Arc<PolicyView>,
+        req: &Request<T>,
+        cell: &Cell,
+        cell_view: &CellView,
+        identity: &Identity,
+        tier: TierId,
+        category: CategoryId,
+        route_cost: u32,
+        limit: Limit,
+    ) -> Step<B::Future> {
+        let policy: &Policy = &guard.policy;
+        let answer = |a: Answer<'_>| Step::Answer(a.into_response(is_grpc(req.headers())));
         // Cost: the route's cost is a floor; an extractor's count multiplies it.
         let cost = identity
             .cost()
@@ -164,34 +203,145 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         let reserve = if pct == 0 {
             0
         } else {
-            match reserve(req.headers(), identity.priority(), pct, limit.max()) {
-                Ok(reserve) => reserve,
+            match critical(req.headers(), identity.priority()) {
+                Ok(true) => 0,
+                Ok(false) => reserve_for(pct, limit.max()),
                 Err(r) => return answer(Answer::Rejected(r)),
             }
         };
+        let key = match cell.pool {
+            Pool::Key => identity.key(),
+            Pool::Account => identity.account_or_key(),
+        };
         let subject = Subject {
-            key: identity.key(),
+            key,
             cost,
             scope: cell.scope,
             reserve,
             known: identity.is_known(),
         };
-        // Check, and settle at once when the backend answered at once.
         #[cfg(feature = "metrics")]
         let started = std::time::Instant::now();
-        let mut check = self.backend.check(&subject, &limit);
+        let check = self.backend.check(&subject, &limit);
+        let mut reserves = [0; MAX_LIMITS];
+        reserves[0] = reserve;
+        self.settle_now(
+            guard,
+            req,
+            check,
+            Settle {
+                cell: cell_view,
+                tier,
+                category,
+                key: identity.key(),
+                reserves,
+                #[cfg(feature = "metrics")]
+                started,
+            },
+        )
+    }
+
+    /// A request under several limits at once, all or nothing.
+    #[allow(clippy::too_many_arguments)]
+    fn admit_all<T>(
+        &self,
+        guard: &Arc<PolicyView>,
+        req: &Request<T>,
+        cell: &Cell,
+        cell_view: &CellView,
+        identity: &Identity,
+        tier: TierId,
+        category: CategoryId,
+        route_cost: u32,
+        applied: &Applied,
+    ) -> Step<B::Future> {
+        let policy: &Policy = &guard.policy;
+        let answer = |a: Answer<'_>| Step::Answer(a.into_response(is_grpc(req.headers())));
+        let cost = identity
+            .cost()
+            .map_or(route_cost, |n| route_cost.saturating_mul(n));
+        if cost == 0 {
+            return answer(Answer::Rejected(Rejection::InvalidCost(
+                "a cost must be at least 1",
+            )));
+        }
+        let limits = applied
+            .per_key
+            .as_slice()
+            .iter()
+            .map(|l| (*l, false))
+            .chain(applied.per_account.as_slice().iter().map(|l| (*l, true)));
+        if let Some((l, _)) = limits.clone().find(|(l, _)| cost > l.max()) {
+            return answer(Answer::CostTooHigh {
+                cost,
+                max: l.max(),
+                tier: policy.tier_name(tier),
+                category: policy.category_name(category),
+            });
+        }
+        let pct = policy.priority_reserve(tier);
+        let critical = if pct == 0 {
+            true
+        } else {
+            match critical(req.headers(), identity.priority()) {
+                Ok(c) => c,
+                Err(r) => return answer(Answer::Rejected(r)),
+            }
+        };
+        let set = ChargeSet::new(cell, applied, identity, |max| {
+            if critical { 0 } else { reserve_for(pct, max) }
+        });
+        let mut reserves = [0; MAX_LIMITS];
+        for (r, c) in reserves.iter_mut().zip(set.charges()) {
+            *r = c.reserve;
+        }
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
+        let check = self.backend.check_all(&Check {
+            owner: set.owner,
+            cost,
+            known: identity.is_known(),
+            charges: set.charges(),
+        });
+        self.settle_now(
+            guard,
+            req,
+            check,
+            Settle {
+                cell: cell_view,
+                tier,
+                category,
+                key: identity.key(),
+                reserves,
+                #[cfg(feature = "metrics")]
+                started,
+            },
+        )
+    }
+
+    /// Settles a check at once when the backend answered at once, else
+    /// hands it to the future with everything it needs.
+    #[inline]
+    fn settle_now<T>(
+        &self,
+        guard: &Arc<PolicyView>,
+        req: &Request<T>,
+        mut check: B::Future,
+        s: Settle<'_>,
+    ) -> Step<B::Future> {
+        let policy: &Policy = &guard.policy;
         let polled = Pin::new(&mut check).poll(&mut Context::from_waker(Waker::noop()));
         match polled {
             Poll::Ready(result) => {
                 #[cfg(feature = "metrics")]
-                crate::telemetry::check_duration(started.elapsed());
+                crate::telemetry::check_duration(s.started.elapsed());
                 let outcome = Outcome {
                     policy,
-                    cell: cell_view,
-                    tier,
-                    category,
-                    key: identity.key(),
-                    reserve,
+                    cell: s.cell,
+                    tier: s.tier,
+                    category: s.category,
+                    key: s.key,
+                    reserves: s.reserves,
                     shadowed: &self.shadowed,
                     options: self.headers,
                     unix_clock: self.unix_clock.as_ref(),
@@ -205,41 +355,111 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 check,
                 Box::new(Deferred {
                     view: Arc::clone(guard),
-                    tier,
-                    category,
-                    key: identity.key(),
-                    reserve,
+                    tier: s.tier,
+                    category: s.category,
+                    key: s.key,
+                    reserves: s.reserves,
                     grpc: is_grpc(req.headers()),
                     shadowed: Arc::clone(&self.shadowed),
                     options: self.headers,
                     unix_clock: self.unix_clock.clone(),
                     #[cfg(feature = "metrics")]
-                    started,
+                    started: s.started,
                 }),
             ),
         }
     }
 }
 
-/// The capacity a request of a tier with a reserve of `pct` percent must
-/// leave for critical ones: none if it is critical (by its
-/// `X-Request-Priority`, else its identity's priority).
-fn reserve(
-    headers: &http::HeaderMap,
-    priority: Priority,
-    pct: u8,
-    max: u32,
-) -> Result<u32, Rejection> {
+/// The charges of a request under several limits: per-key limits (per
+/// account in a pooled tier), then per-account ones, each in its own
+/// bucket, all under one owner.
+pub(crate) struct ChargeSet {
+    pub(crate) owner: u64,
+    items: [Charge; MAX_LIMITS],
+    len: usize,
+}
+
+impl ChargeSet {
+    pub(crate) fn new(
+        cell: &Cell,
+        applied: &Applied,
+        identity: &Identity,
+        reserve: impl Fn(u32) -> u32,
+    ) -> Self {
+        let account = identity.account_or_key().as_u64();
+        let key_owner = match cell.pool {
+            Pool::Key => identity.key().as_u64(),
+            Pool::Account => account,
+        };
+        let owner = if cell.pool == Pool::Account || !applied.per_account.is_empty() {
+            account
+        } else {
+            key_owner
+        };
+        let limits = applied
+            .per_key
+            .as_slice()
+            .iter()
+            .map(|l| (*l, key_owner ^ cell.scope))
+            .chain(
+                applied
+                    .per_account
+                    .as_slice()
+                    .iter()
+                    .map(|l| (*l, account ^ cell.account_scope)),
+            );
+        let mut items = [Charge {
+            bucket: 0,
+            limit: Limit::per_second(1),
+            reserve: 0,
+        }; MAX_LIMITS];
+        let mut len = 0;
+        for (slot, (limit, base)) in items.iter_mut().zip(limits) {
+            *slot = Charge {
+                bucket: limit_bucket(base, &limit),
+                limit,
+                reserve: reserve(limit.max()),
+            };
+            len += 1;
+        }
+        ChargeSet { owner, items, len }
+    }
+
+    #[inline]
+    pub(crate) fn charges(&self) -> &[Charge] {
+        &self.items[..self.len]
+    }
+}
+
+/// What settling a check needs from the path that made it.
+struct Settle<'a> {
+    cell: &'a CellView,
+    tier: TierId,
+    category: CategoryId,
+    key: KeyId,
+    reserves: [u32; MAX_LIMITS],
+    #[cfg(feature = "metrics")]
+    started: std::time::Instant,
+}
+
+impl<E: Extractor, B: Backend> Shared<E, B> {}
+
+/// Whether a request is critical (by its `X-Request-Priority`, else its
+/// identity's priority): critical requests may use a tier's reserve.
+fn critical(headers: &http::HeaderMap, priority: Priority) -> Result<bool, Rejection> {
     let priority = match headers.get(&X_REQUEST_PRIORITY) {
         Some(v) => parse_priority(v.as_bytes()).ok_or(Rejection::InvalidPriority)?,
         None => priority,
     };
-    if priority == Priority::Critical {
-        return Ok(0);
-    }
-    // A custom or scaled limit may be smaller than the tier's: never
-    // reserve the whole burst.
-    Ok(crate::policy::reserve_of(max, pct).min(max - 1))
+    Ok(priority == Priority::Critical)
+}
+
+/// The capacity of a limit of burst `max` a request that is not critical
+/// must leave, under a reserve of `pct` percent. A custom or scaled limit
+/// may be smaller than the tier's: never reserve the whole burst.
+fn reserve_for(pct: u8, max: u32) -> u32 {
+    crate::policy::reserve_of(max, pct).min(max - 1)
 }
 
 static X_REQUEST_PRIORITY: http::HeaderName = http::HeaderName::from_static("x-request-priority");
@@ -265,7 +485,8 @@ struct Outcome<'a> {
     tier: TierId,
     category: CategoryId,
     key: KeyId,
-    reserve: u32,
+    /// The reserve each charge had to leave (by charge index).
+    reserves: [u32; MAX_LIMITS],
     shadowed: &'a AtomicU64,
     options: HeaderOptions,
     unix_clock: Option<&'a UnixClock>,
@@ -294,10 +515,15 @@ impl Outcome<'_> {
             },
         };
         let result = result.map(|mut d| {
-            if self.reserve > 0 {
+            let reserve = self
+                .reserves
+                .get(usize::from(d.index))
+                .copied()
+                .unwrap_or(0);
+            if reserve > 0 {
                 // Report the limit that applied to this request.
-                d.limit = d.limit.saturating_sub(self.reserve);
-                d.remaining = d.remaining.saturating_sub(self.reserve);
+                d.limit = d.limit.saturating_sub(reserve);
+                d.remaining = d.remaining.saturating_sub(reserve);
             }
             d
         });
@@ -370,7 +596,7 @@ pub(crate) struct Deferred {
     tier: TierId,
     category: CategoryId,
     key: KeyId,
-    reserve: u32,
+    reserves: [u32; MAX_LIMITS],
     grpc: bool,
     shadowed: Arc<AtomicU64>,
     options: HeaderOptions,
@@ -406,7 +632,7 @@ impl Deferred {
             tier: self.tier,
             category: self.category,
             key: self.key,
-            reserve: self.reserve,
+            reserves: self.reserves,
             shadowed: &self.shadowed,
             options: self.options,
             unix_clock: self.unix_clock.as_ref(),

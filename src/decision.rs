@@ -84,7 +84,11 @@ impl Decision {
             best = Some(match best {
                 None => d,
                 Some(b) => {
-                    if b.binds_less_than(&d) { d } else { b }
+                    if b.binds_less_than(&d) {
+                        d
+                    } else {
+                        b
+                    }
                 }
             });
         }

@@ -13,10 +13,10 @@ use http::{HeaderValue, Request, Response, header};
 use serde_json::{Map, Value, json};
 use tower_service::Service;
 
-use crate::admission::Shared;
-use crate::backend::{Backend, Subject};
+use crate::admission::{ChargeSet, Shared};
+use crate::backend::{Backend, Decision, Subject};
 use crate::extract::{Extractor, Rejection, RequestRef};
-use crate::policy::Rule;
+use crate::policy::Pool;
 use crate::response::grpc::is_grpc;
 use crate::response::{Answer, ResponseBody};
 use crate::time::{ceil_secs, unix_now_secs};
@@ -99,35 +99,75 @@ where
             Err(r) => return refuse(r),
         };
         let now = shared.unix_now();
+        // Per category: each limit's peek, and whether it is per account.
         let mut peeks = Vec::new();
         for category in policy.categories() {
             let Some(cell) = policy.cell(tier, category) else {
                 return refuse(Rejection::UnknownKey);
             };
-            let rule = policy.effective_rule(tier, category, identity.key(), now);
-            let subject = Subject::new(identity.key(), cell.scope);
-            let peek = match rule {
-                Rule::Unlimited => None,
-                Rule::Limited(limit) => Some(shared.backend.peek(&subject, &limit)),
-            };
-            peeks.push((category, peek));
+            let applied = policy.effective(cell, tier, category, identity.key(), now);
+            let mut limits = Vec::new();
+            match (applied.per_key.as_slice(), applied.per_account.is_empty()) {
+                ([], true) => {}
+                ([one], true) => {
+                    let key = match cell.pool {
+                        Pool::Key => identity.key(),
+                        Pool::Account => identity.account_or_key(),
+                    };
+                    let subject = Subject::new(key, cell.scope);
+                    limits.push((
+                        shared.backend.peek(&subject, one),
+                        cell.pool == Pool::Account,
+                    ));
+                }
+                _ => {
+                    let set = ChargeSet::new(cell, &applied, &identity, |_| 0);
+                    let nkey = applied.per_key.as_slice().len();
+                    for (i, c) in set.charges().iter().enumerate() {
+                        let pooled = i >= nkey || cell.pool == Pool::Account;
+                        limits.push((shared.backend.peek_charge(set.owner, c), pooled));
+                    }
+                }
+            }
+            peeks.push((category, limits));
         }
         Box::pin(async move {
             let mut categories = Map::new();
             let unix = unix_now_secs();
-            for (category, peek) in peeks {
+            for (category, limits) in peeks {
                 let name = policy.category_name(category).to_owned();
-                let value = match peek {
-                    None => json!({ "unlimited": true }),
-                    Some(fut) => match fut.await {
-                        Ok(d) => json!({
-                            "limit": d.limit,
-                            "remaining": d.remaining,
-                            "reset": unix + ceil_secs(d.reset_after),
-                            "window": ceil_secs(d.window),
-                        }),
-                        Err(e) => json!({ "error": e.to_string() }),
-                    },
+                if limits.is_empty() {
+                    categories.insert(name, json!({ "unlimited": true }));
+                    continue;
+                }
+                let mut decisions = Vec::with_capacity(limits.len());
+                let mut listed = Vec::with_capacity(limits.len());
+                let mut error = None;
+                for (fut, per_account) in limits {
+                    match fut.await {
+                        Ok(d) => {
+                            listed.push(json!({
+                                "limit": d.limit,
+                                "remaining": d.remaining,
+                                "reset": unix + ceil_secs(d.reset_after),
+                                "window": ceil_secs(d.window),
+                                "per": if per_account { "account" } else { "key" },
+                            }));
+                            decisions.push(d);
+                        }
+                        Err(e) => error = Some(e.to_string()),
+                    }
+                }
+                let value = match (error, Decision::binding(decisions)) {
+                    (Some(e), _) => json!({ "error": e }),
+                    (None, None) => json!({ "unlimited": true }),
+                    (None, Some(d)) => json!({
+                        "limit": d.limit,
+                        "remaining": d.remaining,
+                        "reset": unix + ceil_secs(d.reset_after),
+                        "window": ceil_secs(d.window),
+                        "limits": listed,
+                    }),
                 };
                 categories.insert(name, value);
             }

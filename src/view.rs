@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use crate::policy::{CategoryId, Policy, Rule, TierId};
-use crate::response::{CellHeaders, CellRef};
+use crate::policy::{CategoryId, Policy, TierId};
+use crate::response::{CellHeaders, CellRef, LimitText};
 
 /// A policy and its cells' precomputed parts, in force as one.
 #[derive(Debug)]
@@ -30,16 +30,30 @@ impl PolicyView {
         let mut cells = Vec::with_capacity(policy.tiers().len() * policy.categories().len());
         for tier in policy.tiers() {
             for category in policy.categories() {
-                let (max, window) = match policy.rule(tier, category) {
-                    Rule::Limited(l) => (l.max(), l.per()),
-                    Rule::Unlimited => (0, std::time::Duration::ZERO),
-                };
+                let limits = policy.limits(tier, category);
+                let mut texts: Vec<LimitText> = limits
+                    .per_key()
+                    .iter()
+                    .map(|l| (l, false))
+                    .chain(limits.per_account().iter().map(|l| (l, true)))
+                    .map(|(l, per_account)| LimitText {
+                        max: l.max(),
+                        window: l.per(),
+                        per_account,
+                    })
+                    .collect();
+                if texts.is_empty() {
+                    texts.push(LimitText {
+                        max: 0,
+                        window: std::time::Duration::ZERO,
+                        per_account: false,
+                    });
+                }
                 cells.push(CellView {
                     headers: CellHeaders::get(
                         policy.tier_name(tier),
                         policy.category_name(category),
-                        max,
-                        window,
+                        &texts,
                     ),
                     #[cfg(feature = "metrics")]
                     metrics: std::sync::OnceLock::new(),

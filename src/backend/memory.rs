@@ -16,8 +16,8 @@ use governor::nanos::Nanos;
 use governor::state::{RateLimiter, StateStore};
 
 use super::{Backend, BackendError, Charge, Check, Decision, Subject};
-use crate::policy::MAX_LIMITS;
 use crate::policy::Limit;
+use crate::policy::MAX_LIMITS;
 
 const SHARDS: usize = 64;
 
@@ -531,7 +531,10 @@ where
         self.maintain(false);
         let now = self.elapsed();
         let store = &inner.multi;
-        let mut guard = store.shard(check.owner).lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = store
+            .shard(check.owner)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let maps = &mut *guard;
         let mut overflow = None;
         // Each charge's state: its TAT, and where it lives.
@@ -554,7 +557,10 @@ where
                 }
                 None => {
                     let map = overflow.get_or_insert_with(|| {
-                        store.overflow.lock().unwrap_or_else(PoisonError::into_inner)
+                        store
+                            .overflow
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
                     });
                     Slot::Overflow(map.get(&(i as u8, c.limit)).copied())
                 }
@@ -575,7 +581,10 @@ where
             if acquired > 0 {
                 inner.budget.tracked.fetch_sub(acquired, Ordering::Relaxed);
             }
-            let decisions = charges.iter().enumerate().map(|(i, c)| gcra(i, c).decision(&c.limit, n));
+            let decisions = charges
+                .iter()
+                .enumerate()
+                .map(|(i, c)| gcra(i, c).decision(&c.limit, n));
             return Ok(Decision::binding(decisions).expect("at least one charge"));
         }
         if acquired > 0 {
@@ -613,7 +622,10 @@ where
                 }
             }
         }
-        Ok(Decision::binding(decisions[..charges.len()].iter().copied()).expect("at least one charge"))
+        Ok(
+            Decision::binding(decisions[..charges.len()].iter().copied())
+                .expect("at least one charge"),
+        )
     }
 
     /// One charge's capacity now, counting nothing.

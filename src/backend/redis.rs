@@ -570,9 +570,12 @@ impl Inner {
                     ..*check
                 })
             }
-            FailurePolicy::FailOpen => Ok(Decision::binding(check.charges.iter().map(|c| {
-                Decision::allow(&c.limit, c.limit.max() - cost.min(c.limit.max()))
-            }))
+            FailurePolicy::FailOpen => Ok(Decision::binding(
+                check
+                    .charges
+                    .iter()
+                    .map(|c| Decision::allow(&c.limit, c.limit.max() - cost.min(c.limit.max()))),
+            )
             .expect("at least one charge")),
             FailurePolicy::FailClosed => Err(BackendError::Unavailable("redis unreachable".into())),
         }
@@ -1023,7 +1026,10 @@ impl RedisBackend {
                 Ok(d)
             }
             Ok(v) => {
-                tracing::warn!(len = v.len(), "redis: unexpected answer from the several-limit script");
+                tracing::warn!(
+                    len = v.len(),
+                    "redis: unexpected answer from the several-limit script"
+                );
                 inner.failed();
                 inner.on_failure_all(&check)
             }
@@ -1036,13 +1042,20 @@ impl RedisBackend {
     }
 
     /// One charge's capacity now, counting nothing.
-    pub async fn peek_charge_async(&self, owner: u64, charge: Charge) -> Result<Decision, BackendError> {
+    pub async fn peek_charge_async(
+        &self,
+        owner: u64,
+        charge: Charge,
+    ) -> Result<Decision, BackendError> {
         let inner = &*self.inner;
         let key = charge_key(&inner.prefix, owner, &charge);
         if !inner.degraded.load(Ordering::Relaxed)
             && let Ok((_, rem)) = self.inner.eval(key, &charge.limit, Call::Peek).await
         {
-            return Ok(Decision::allow(&charge.limit, u32::try_from(rem).unwrap_or(0)));
+            return Ok(Decision::allow(
+                &charge.limit,
+                u32::try_from(rem).unwrap_or(0),
+            ));
         }
         Ok(inner.fallback.peek_charge_now(owner, &charge))
     }

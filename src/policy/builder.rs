@@ -200,9 +200,14 @@ impl Tier {
     /// let (free, read) = (policy.tier("free").unwrap(), policy.category("read").unwrap());
     /// assert_eq!(policy.limits(free, read).per_key().len(), 2);
     /// ```
-    pub fn limits(mut self, category: impl Into<String>, limits: impl IntoIterator<Item = Limit>) -> Self {
+    pub fn limits(
+        mut self,
+        category: impl Into<String>,
+        limits: impl IntoIterator<Item = Limit>,
+    ) -> Self {
         let limits = limits.into_iter().collect();
-        self.rules.push(Located::new((category.into(), Some(limits))));
+        self.rules
+            .push(Located::new((category.into(), Some(limits))));
         self
     }
 
@@ -218,9 +223,14 @@ impl Tier {
     ///     .per_account("write", [Limit::per_hour(500)]);         // all of an account's keys
     /// # let _ = pro;
     /// ```
-    pub fn per_account(mut self, category: impl Into<String>, limits: impl IntoIterator<Item = Limit>) -> Self {
+    pub fn per_account(
+        mut self,
+        category: impl Into<String>,
+        limits: impl IntoIterator<Item = Limit>,
+    ) -> Self {
         let limits = limits.into_iter().collect();
-        self.per_account.push(Located::new((category.into(), limits)));
+        self.per_account
+            .push(Located::new((category.into(), limits)));
         self
     }
 
@@ -274,7 +284,12 @@ impl Tier {
     }
 
     /// Per-account limits written on `line` (for the loader).
-    pub(super) fn per_account_at(mut self, category: String, limits: Vec<Limit>, line: Option<usize>) -> Self {
+    pub(super) fn per_account_at(
+        mut self,
+        category: String,
+        limits: Vec<Limit>,
+        line: Option<usize>,
+    ) -> Self {
         self.per_account.push(Located::at((category, limits), line));
         self
     }
@@ -846,9 +861,8 @@ impl PolicyBuilder {
                         ));
                     }
                     for (t, name) in names.tiers.iter().enumerate() {
-                        if let Some(l) = names
-                            .limits(t, category.index())
-                            .find(|l| r.cost > l.max())
+                        if let Some(l) =
+                            names.limits(t, category.index()).find(|l| r.cost > l.max())
                         {
                             return Err(err(format!(
                                 "cost {} is larger than tier `{name}`'s `{cat}` limit of {}, so such requests could never succeed",
@@ -1129,7 +1143,12 @@ impl Names {
             return Ok(());
         };
         check_list(limits)?;
-        let most_per_account = self.cells.iter().map(|c| c.per_account.len()).max().unwrap_or(0);
+        let most_per_account = self
+            .cells
+            .iter()
+            .map(|c| c.per_account.len())
+            .max()
+            .unwrap_or(0);
         if limits.len() + most_per_account > MAX_LIMITS {
             return Err(format!(
                 "with the per-account limits, more than {MAX_LIMITS} limits would apply"

@@ -86,8 +86,7 @@ fn parse_adjust(v: &toml::Value) -> Result<Adjust, String> {
 /// `["10/second", "100/hour"]` or `{ requests = … }` (`None`: unlimited).
 fn parse_limits(v: &toml::Value) -> Result<Option<Vec<Limit>>, String> {
     use toml::Value;
-    const HOW: &str =
-        "write a limit such as \"100/hour\", a list such as [\"10/second\", \"100/hour\"], or \"unlimited\"";
+    const HOW: &str = "write a limit such as \"100/hour\", a list such as [\"10/second\", \"100/hour\"], or \"unlimited\"";
     match v {
         Value::String(s) => match Rule::parse(s)? {
             Rule::Unlimited => Ok(None),

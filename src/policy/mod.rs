@@ -124,7 +124,9 @@ impl Cell {
             _ => None,
         };
         Cell {
-            rule: per_key.first().map_or(Rule::Unlimited, |l| Rule::Limited(*l)),
+            rule: per_key
+                .first()
+                .map_or(Rule::Unlimited, |l| Rule::Limited(*l)),
             per_key: per_key.into_boxed_slice(),
             per_account: per_account.into_boxed_slice(),
             pool,

@@ -3,9 +3,7 @@
 
 use std::fmt;
 
-use super::set::{
-    Applied, LimitBuf, list_more_generous, scale, tightest,
-};
+use super::set::{Applied, LimitBuf, list_more_generous, scale, tightest};
 use super::{CategoryId, Limit, Rule, TierId};
 
 /// How a custom limit or a boost changes a rule.

@@ -84,11 +84,6 @@ impl LimitBuf {
     }
 
     #[inline]
-    pub(crate) fn len(&self) -> usize {
-        usize::from(self.len)
-    }
-
-    #[inline]
     pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -115,9 +110,10 @@ pub(crate) fn scale(l: Limit, k: f64) -> Limit {
 /// rate (`max / per`), then the smallest burst. `None` for an empty
 /// (unlimited) list.
 pub(crate) fn tightest(limits: &[Limit]) -> Option<Limit> {
-    limits.iter().copied().reduce(|a, b| {
-        if more_generous_limit(a, b) { b } else { a }
-    })
+    limits
+        .iter()
+        .copied()
+        .reduce(|a, b| if more_generous_limit(a, b) { b } else { a })
 }
 
 /// Whether `a` lets more through than `b`: a higher rate, or the same
@@ -144,23 +140,4 @@ pub(crate) fn list_more_generous(a: &[Limit], b: &[Limit]) -> bool {
 pub(crate) struct Applied {
     pub(crate) per_key: LimitBuf,
     pub(crate) per_account: LimitBuf,
-}
-
-impl Applied {
-    pub(crate) fn len(&self) -> usize {
-        self.per_key.len() + self.per_account.len()
-    }
-
-    /// The `i`-th limit, per-key limits first.
-    pub(crate) fn get(&self, i: usize) -> Option<(Limit, bool)> {
-        let k = self.per_key.as_slice();
-        match k.get(i) {
-            Some(l) => Some((*l, false)),
-            None => self
-                .per_account
-                .as_slice()
-                .get(i - k.len())
-                .map(|l| (*l, true)),
-        }
-    }
 }

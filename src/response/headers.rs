@@ -173,14 +173,25 @@ fn reset_value(secs: u64) -> HeaderValue {
 /// Header values fixed by a tier × category cell, made once per policy.
 #[derive(Debug)]
 pub(crate) struct CellHeaders {
+    /// The first limit's burst and window (the usual binding limit).
     max: u32,
     window_secs: u64,
     limit: HeaderValue,
     window: HeaderValue,
-    /// The draft `RateLimit-Policy` value, `"tier.category";q=MAX;w=SECS`.
+    /// The draft `RateLimit-Policy` value: every limit of the cell,
+    /// `"tier.category";q=MAX;w=SECS`, separated by `, `.
     policy: HeaderValue,
-    /// The length of its `"tier.category"` name.
-    name_len: usize,
+    /// Where each limit's quoted name lies in `policy` (start, length), by
+    /// charge index.
+    names: Box<[(u16, u16)]>,
+}
+
+/// One limit of a cell, as its headers name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct LimitText {
+    pub(crate) max: u32,
+    pub(crate) window: Duration,
+    pub(crate) per_account: bool,
 }
 
 /// A cell's header values, shared by every request of the cell.
@@ -212,7 +223,7 @@ impl std::ops::Deref for CellRef {
 /// reference-counted and nothing more is kept.
 const MAX_INTERNED: usize = 65_536;
 
-type CellKey = (Box<str>, Box<str>, u32, u64);
+type CellKey = (Box<str>, Box<str>, Box<[LimitText]>);
 
 static INTERNED: std::sync::Mutex<
     Option<std::collections::HashMap<CellKey, &'static CellHeaders>>,
@@ -225,8 +236,7 @@ fn leak_value(text: String) -> Option<HeaderValue> {
 }
 
 impl CellHeaders {
-    fn make(tier: &str, category: &str, max: u32, window_secs: u64, leak: bool) -> Option<Self> {
-        let name = format!("\"{tier}.{category}\"");
+    fn make(tier: &str, category: &str, limits: &[LimitText], leak: bool) -> Option<Self> {
         let value = |text: String| {
             if leak {
                 leak_value(text)
@@ -234,38 +244,82 @@ impl CellHeaders {
                 HeaderValue::try_from(text).ok()
             }
         };
+        let (keys, accounts) = (
+            limits.iter().filter(|l| !l.per_account).count(),
+            limits.iter().filter(|l| l.per_account).count(),
+        );
+        let mut policy = String::new();
+        let mut names = Vec::with_capacity(limits.len());
+        for l in limits {
+            let secs = ceil_secs(l.window);
+            // One limit per key keeps the plain `"tier.category"` name;
+            // several are told apart by their windows.
+            let name = match (l.per_account, if l.per_account { accounts } else { keys }) {
+                (false, 1) => format!("\"{tier}.{category}\""),
+                (false, _) => format!("\"{tier}.{category}.{secs}s\""),
+                (true, 1) => format!("\"{tier}.{category}.account\""),
+                (true, _) => format!("\"{tier}.{category}.account.{secs}s\""),
+            };
+            if !policy.is_empty() {
+                policy.push_str(", ");
+            }
+            names.push((
+                u16::try_from(policy.len()).ok()?,
+                u16::try_from(name.len()).ok()?,
+            ));
+            policy.push_str(&name);
+            policy.push_str(&format!(";q={};w={secs}", l.max));
+        }
+        let first = limits.first()?;
+        let window_secs = ceil_secs(first.window);
         Some(CellHeaders {
-            max,
+            max: first.max,
             window_secs,
-            limit: value(max.to_string())?,
+            limit: value(first.max.to_string())?,
             window: value(window_secs.to_string())?,
-            policy: value(format!("{name};q={max};w={window_secs}"))?,
-            name_len: name.len(),
+            policy: value(policy)?,
+            names: names.into_boxed_slice(),
         })
     }
 
     /// The cell's header values, interned when the interner has room.
-    pub(crate) fn get(tier: &str, category: &str, max: u32, window: Duration) -> CellRef {
-        let window_secs = ceil_secs(window);
+    /// `limits` lists the cell's limits in charge order (per key, then per
+    /// account); an unlimited cell passes one limit of 0.
+    pub(crate) fn get(tier: &str, category: &str, limits: &[LimitText]) -> CellRef {
         let mut interned = INTERNED
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let table = interned.get_or_insert_with(Default::default);
-        let key: CellKey = (tier.into(), category.into(), max, window_secs);
+        let key: CellKey = (tier.into(), category.into(), limits.into());
         if let Some(cell) = table.get(&key) {
             return CellRef::Static(cell);
         }
         if table.len() < MAX_INTERNED
-            && let Some(cell) = Self::make(tier, category, max, window_secs, true)
+            && let Some(cell) = Self::make(tier, category, limits, true)
         {
             let cell: &'static CellHeaders = Box::leak(Box::new(cell));
             table.insert(key, cell);
             return CellRef::Static(cell);
         }
         drop(interned);
-        let cell = Self::make(tier, category, max, window_secs, false)
+        let cell = Self::make(tier, category, limits, false)
             .expect("tier and category names are checked to be header-safe");
         CellRef::Shared(Arc::new(cell))
+    }
+
+    /// The quoted name of the limit at charge `index` (the first's if the
+    /// request's limits were not the cell's own).
+    fn name(&self, index: u8) -> &[u8] {
+        let bytes = self.policy.as_bytes();
+        let (start, len) = self
+            .names
+            .get(usize::from(index))
+            .or(self.names.first())
+            .copied()
+            .unwrap_or((0, 0));
+        bytes
+            .get(usize::from(start)..usize::from(start) + usize::from(len))
+            .unwrap_or(bytes)
     }
 }
 
@@ -315,7 +369,7 @@ impl HeaderPlan {
         }
         if self.options.ietf_draft {
             headers.insert(RATELIMIT_POLICY.clone(), cell.policy.clone());
-            let name = &cell.policy.as_bytes()[..cell.name_len];
+            let name = cell.name(d.index);
             let (mut r, mut t) = (itoa::Buffer::new(), itoa::Buffer::new());
             let (r, t) = (r.format(d.remaining), t.format(reset));
             let parts = [name, b";r=", r.as_bytes(), b";t=", t.as_bytes()];

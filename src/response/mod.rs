@@ -8,5 +8,5 @@ pub(crate) mod http;
 
 pub use body::{AnswerBody, ResponseBody};
 pub use headers::HeaderOptions;
-pub(crate) use headers::{CellHeaders, CellRef, HeaderPlan};
+pub(crate) use headers::{CellHeaders, CellRef, HeaderPlan, LimitText};
 pub(crate) use http::Answer;
