@@ -368,7 +368,7 @@ impl ApiKey {
     /// ```
     /// use tierlimit::{ApiKey, KeyId, TierId};
     ///
-    /// # let pro: TierId = tierlimit::Policy::from_toml_str("categories=[\"r\"]\n[tiers.pro]\nr=\"1/s\"").unwrap().tier("pro").unwrap();
+    /// # let pro: TierId = tierlimit::Policy::from_toml_str("categories=[\"read\", \"write\"]\n[tiers.pro]\nread=\"1/s\"\nwrite=\"1/s\"").unwrap().tier("pro").unwrap();
     /// // Keys look like `acct_<account>_<secret>`.
     /// let keys = ApiKey::new().resolve(move |key| {
     ///     let account = key.strip_prefix("acct_")?.split('_').next()?;

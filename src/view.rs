@@ -189,8 +189,8 @@ mod tests {
         slot.with(|v| {
             let p = &v.policy;
             match p.rule(p.tier("free").unwrap(), p.category("read").unwrap()) {
-                Rule::Limited(l) => l.max(),
-                Rule::Unlimited => 0,
+                crate::policy::Rule::Limited(l) => l.max(),
+                crate::policy::Rule::Unlimited => 0,
             }
         })
     }

@@ -91,3 +91,32 @@ async fn exactly_max_allowed_under_contention_on_tasks() {
     assert!(backend.check(&subject, &limit).await.unwrap().allowed);
     assert!(!backend.check(&subject, &limit).await.unwrap().allowed);
 }
+
+#[tokio::test]
+async fn memory_backend_passes_the_several_limit_table() {
+    let clock = FakeRelativeClock::default();
+    let backend = MemoryBackend::builder().clock(clock.clone()).build();
+    common::conformance::run_multi(&backend, |d| clock.advance(d)).await;
+}
+
+#[tokio::test]
+async fn several_limit_table_holds_with_a_tiny_key_cap() {
+    // Guests at a cap of one key go through the overflow buckets: still
+    // all or nothing, still exact.
+    let clock = FakeRelativeClock::default();
+    let backend = MemoryBackend::builder()
+        .clock(clock.clone())
+        .max_keys(1)
+        .build();
+    common::conformance::run_multi(&backend, |d| clock.advance(d)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_limits_exact_under_contention() {
+    for _ in 0..5 {
+        let backend = MemoryBackend::builder()
+            .clock(FakeRelativeClock::default())
+            .build();
+        common::conformance::exact_under_contention(vec![backend]).await;
+    }
+}

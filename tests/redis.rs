@@ -112,6 +112,79 @@ async fn conformance_cluster_and_keys_spread_over_masters() {
     }
 }
 
+#[tokio::test]
+async fn several_limit_table_single_node() {
+    if !ready() {
+        return;
+    }
+    let server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let backend = common::redis::fake_clock_backend(&server, &clock).await;
+    common::conformance::run_multi(&backend, |d| clock.advance(d)).await;
+    assert_eq!(backend.state(), BackendState::Connected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_limit_table_cluster_in_one_slot() {
+    if !ready() {
+        return;
+    }
+    let cluster = RedisCluster::start();
+    let clock = FakeRelativeClock::default();
+    let backend = RedisBackend::cluster(cluster.urls())
+        .fake_clock(clock.clone())
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    // A script over keys of several slots would fail with CROSSSLOT: the
+    // table passing on a cluster shows every charge shares the owner's slot.
+    common::conformance::run_multi(&backend, |d| clock.advance(d)).await;
+    assert_eq!(backend.state(), BackendState::Connected);
+}
+
+async fn several_limits_across_instances(make: impl AsyncFn() -> RedisBackend) {
+    let mut backends = Vec::new();
+    for _ in 0..4 {
+        backends.push(make().await);
+    }
+    common::conformance::exact_under_contention(backends).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_limits_exact_across_instances_single_node() {
+    if !ready() {
+        return;
+    }
+    let server = RedisServer::start();
+    let url = server.url();
+    several_limits_across_instances(async || {
+        RedisBackend::builder(url.clone())
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .unwrap()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_limits_exact_across_instances_cluster() {
+    if !ready() {
+        return;
+    }
+    let cluster = RedisCluster::start();
+    let urls = cluster.urls();
+    several_limits_across_instances(async || {
+        RedisBackend::cluster(urls.clone())
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .unwrap()
+    })
+    .await;
+}
+
 /// Several independent backends (separate connections, as separate
 /// instances have), many concurrent tasks: exactly N allowed in total.
 async fn exact_across_instances(make: impl AsyncFn() -> RedisBackend) {

@@ -193,8 +193,12 @@ impl Tier {
     /// use tierlimit::{Limit, Policy, Tier};
     ///
     /// let policy = Policy::builder()
-    ///     .categories(["read"])
-    ///     .tier(Tier::new("free").limits("read", [Limit::per_second(10), Limit::per_hour(100)]))
+    ///     .categories(["read", "write"])
+    ///     .tier(
+    ///         Tier::new("free")
+    ///             .limits("read", [Limit::per_second(10), Limit::per_hour(100)])
+    ///             .limit("write", Limit::per_hour(20)),
+    ///     )
     ///     .build()
     ///     .unwrap();
     /// let (free, read) = (policy.tier("free").unwrap(), policy.category("read").unwrap());
@@ -531,8 +535,13 @@ impl PolicyBuilder {
     /// use tierlimit::{Limit, Policy, Tier, policy::Pool};
     ///
     /// let policy = Policy::builder()
-    ///     .categories(["read"])
-    ///     .tier(Tier::new("pro").pool(Pool::Account).limit("read", Limit::per_hour(1000)))
+    ///     .categories(["read", "write"])
+    ///     .tier(
+    ///         Tier::new("pro")
+    ///             .pool(Pool::Account)
+    ///             .limit("read", Limit::per_hour(1000))
+    ///             .limit("write", Limit::per_hour(100)),
+    ///     )
     ///     .key_in_account("acme-key-1", "pro", "acme")
     ///     .key_in_account("acme-key-2", "pro", "acme")
     ///     .build()

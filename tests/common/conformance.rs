@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use tierlimit::backend::{Charge, Check};
 use tierlimit::{Backend, BackendError, Decision, KeyId, Limit, Subject};
 
 /// One step: move the clock, check `cost` for `key`, expect an outcome.
@@ -171,4 +172,191 @@ pub async fn run<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
             (_, got) => panic!("{ctx}: unexpected {got:?}"),
         }
     }
+}
+
+/// The two limits of the several-limit table: a burst guard of 3 per 3 s
+/// (one a second) and a budget of 5 per 50 s (one every 10 s).
+pub fn multi_limits() -> [Limit; 2] {
+    [
+        Limit::new(3.try_into().unwrap(), Duration::from_secs(3)).unwrap(),
+        Limit::new(5.try_into().unwrap(), Duration::from_secs(50)).unwrap(),
+    ]
+}
+
+/// The charges of `key` under both limits (each in its own bucket, one
+/// owner, as the layer makes them).
+pub fn multi_charges(key: &str) -> [Charge; 2] {
+    let base = KeyId::of(key).as_u64();
+    let [a, b] = multi_limits();
+    [
+        Charge {
+            bucket: base ^ 0xA,
+            limit: a,
+            reserve: 0,
+        },
+        Charge {
+            bucket: base ^ 0xB,
+            limit: b,
+            reserve: 0,
+        },
+    ]
+}
+
+/// One step of the several-limit table: move the clock, check `cost`
+/// against both limits, expect the binding limit's decision (`index` 0:
+/// the 3/3 s guard, 1: the 5/50 s budget) and each limit's remaining
+/// capacity afterwards (by peeking, which counts nothing).
+struct MultiStep {
+    advance_ms: u64,
+    cost: u32,
+    /// `None`: allowed, else refused with this retry delay (ms).
+    retry_ms: Option<u64>,
+    index: u8,
+    remaining: u32,
+    after: [u32; 2],
+}
+
+const fn ok(advance_ms: u64, cost: u32, index: u8, remaining: u32, after: [u32; 2]) -> MultiStep {
+    MultiStep {
+        advance_ms,
+        cost,
+        retry_ms: None,
+        index,
+        remaining,
+        after,
+    }
+}
+
+const fn no(advance_ms: u64, cost: u32, index: u8, retry_ms: u64, after: [u32; 2]) -> MultiStep {
+    MultiStep {
+        advance_ms,
+        cost,
+        retry_ms: Some(retry_ms),
+        index,
+        remaining: 0,
+        after,
+    }
+}
+
+/// Times are cumulative from the first step.
+fn multi_table() -> Vec<MultiStep> {
+    vec![
+        // The guard binds: fewest remaining.
+        ok(0, 1, 0, 2, [2, 4]),
+        ok(0, 1, 0, 1, [1, 3]),
+        ok(0, 1, 0, 0, [0, 2]),
+        // The guard refuses; the budget would admit. Nothing is taken
+        // from the budget (2 left before and after).
+        no(0, 1, 0, 1_000, [0, 2]),
+        no(0, 1, 0, 1_000, [0, 2]),
+        // At t = 1 s the guard has one again.
+        ok(1_000, 1, 0, 0, [0, 1]),
+        // At t = 2 s both are left with 0: the tie goes to the longer window.
+        ok(1_000, 1, 1, 0, [0, 0]),
+        // At t = 3 s the guard admits, the budget refuses for 7 s more:
+        // the budget binds, and the guard keeps what it had.
+        no(1_000, 1, 1, 7_000, [1, 0]),
+        // At t = 10 s both admit; the budget has the fewest left.
+        ok(7_000, 1, 1, 0, [2, 0]),
+        // A cost of 3: both refuse; the longest retry binds (and is when
+        // both admit): the budget's 30 s, not the guard's 1 s.
+        no(0, 3, 1, 30_000, [2, 0]),
+    ]
+}
+
+/// Runs the several-limit table through [`Backend::check_all`]: all or
+/// nothing, the binding limit, and a cost above one of the limits.
+pub async fn run_multi<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
+    let charges = multi_charges("multi");
+    let owner = KeyId::of("multi").as_u64();
+    let limits = multi_limits();
+    for (i, step) in multi_table().into_iter().enumerate() {
+        if step.advance_ms > 0 {
+            advance(Duration::from_millis(step.advance_ms));
+        }
+        let check = Check {
+            owner,
+            cost: step.cost,
+            known: true,
+            charges: &charges,
+        };
+        let d = backend.check_all(&check).await.unwrap();
+        let ctx = format!("multi step {i}");
+        let binding = &limits[usize::from(step.index)];
+        let mut want = match step.retry_ms {
+            None => Decision::allow(binding, step.remaining),
+            Some(ms) => Decision::refuse(binding, step.cost, Duration::from_millis(ms)),
+        };
+        want.index = step.index;
+        assert_eq!(d, want, "{ctx}");
+        for (j, c) in charges.iter().enumerate() {
+            let left = backend.peek_charge(owner, c).await.unwrap().remaining;
+            assert_eq!(left, step.after[j], "{ctx}: limit {j} afterwards");
+        }
+    }
+    // A cost above the guard's burst can never succeed.
+    let check = Check {
+        owner,
+        cost: 4,
+        known: true,
+        charges: &charges,
+    };
+    match backend.check_all(&check).await {
+        Err(BackendError::CostExceedsLimit { cost: 4, max: 3 }) => {}
+        other => panic!("a cost of 4 under a limit of 3: {other:?}"),
+    }
+}
+
+/// Two limits on one bucket owner, `instances` backends, many tasks on
+/// several threads, a frozen clock: exactly the binding limit's burst is
+/// admitted (40 of the 40/hour guard, not 100 of the 100/day budget), and
+/// the refused requests leave the budget's remaining unchanged (60).
+pub async fn exact_under_contention<B: Backend + Clone>(backends: Vec<B>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let key = KeyId::of("contended").as_u64();
+    let charges = [
+        Charge {
+            bucket: key ^ 1,
+            limit: Limit::per_hour(40),
+            reserve: 0,
+        },
+        Charge {
+            bucket: key ^ 2,
+            limit: Limit::per_day(100),
+            reserve: 0,
+        },
+    ];
+    let allowed = Arc::new(AtomicU32::new(0));
+    let mut tasks = Vec::new();
+    for backend in &backends {
+        for _ in 0..16 {
+            let (backend, allowed) = (backend.clone(), Arc::clone(&allowed));
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..10 {
+                    let check = Check {
+                        owner: key,
+                        cost: 1,
+                        known: true,
+                        charges: &charges,
+                    };
+                    let d = backend.check_all(&check).await.unwrap();
+                    if d.allowed {
+                        allowed.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        assert_eq!(d.index, 0, "the guard refuses");
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let tries = backends.len() * 160;
+    assert_eq!(allowed.load(Ordering::Relaxed), 40, "{tries} tries");
+    let budget = backends[0].peek_charge(key, &charges[1]).await.unwrap();
+    assert_eq!(budget.remaining, 60, "refusals took nothing from the budget");
+    let guard = backends[0].peek_charge(key, &charges[0]).await.unwrap();
+    assert_eq!(guard.remaining, 0);
 }
