@@ -1,0 +1,350 @@
+//! Several limits per category, all or nothing, and limits shared by an
+//! account's keys: black-box through the demo server (a policy file with
+//! the new forms, loaded as `$POLICY` is), a real HTTP client, a fake clock.
+
+mod common;
+
+#[allow(dead_code)]
+#[path = "../examples/axum_tiers.rs"]
+mod demo;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::{client, serve};
+use governor::clock::FakeRelativeClock;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tierlimit::{HeaderOptions, MemoryBackend, Policy, RateLimitLayer};
+
+/// The policy file of these tests: every new form.
+pub const MULTI_POLICY: &str = r#"
+categories = ["read", "write", "ai", "training"]
+
+[tiers.free]
+read = ["2/second", "8/hour"]                 # a burst guard and a budget
+write = "20/hour"
+ai = { requests = ["2/minute", "5/hour"] }    # the table form
+training = "5/day"
+
+[tiers.pro]
+pool = "account"                              # shared by an account's keys
+read = "100/hour"
+write = "6/hour"
+ai = "50/hour"
+training = "unlimited"
+
+[tiers.team]
+read = "100/hour"
+write = "3/hour"                              # each key
+ai = "50/hour"
+training = "unlimited"
+
+[tiers.team.per_account]
+write = "5/hour"                              # all of an account's keys
+
+[[routes]]
+path = "/v1/rate_limit"
+exempt = true
+
+[[routes]]
+method = "POST"
+path = "/v1/training/jobs"
+category = "training"
+
+[[routes]]
+path = "/v1/ai/*"
+category = "ai"
+
+[keys]
+"free-demo-key" = "free"
+"acme-key-1" = { tier = "pro", account = "acme" }
+"acme-key-2" = { tier = "pro", account = "acme" }
+"globex-key" = { tier = "pro", account = "globex" }
+"team-a" = { tier = "team", account = "initech" }
+"team-b" = { tier = "team", account = "initech" }
+"team-solo" = "team"
+"#;
+
+/// The policy, read from a file as the demo reads `$POLICY`.
+fn policy_from_file() -> Policy {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tierlimit-multi-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("policy.toml");
+    std::fs::write(&path, MULTI_POLICY).unwrap();
+    let policy = Policy::from_toml_file(&path).expect("the multi policy is valid");
+    let _ = std::fs::remove_dir_all(&dir);
+    policy
+}
+
+async fn demo_server(headers: HeaderOptions) -> (common::Server, FakeRelativeClock) {
+    let clock = FakeRelativeClock::default();
+    let backend = MemoryBackend::builder().clock(clock.clone()).build();
+    let layer = RateLimitLayer::builder(policy_from_file())
+        .extractor(demo::demo_extractor as demo::DemoExtractor)
+        .backend(backend)
+        .headers(headers)
+        .build();
+    (serve(demo::app(layer)).await, clock)
+}
+
+async fn call(c: &reqwest::Client, method: &str, url: &str, key: &str) -> reqwest::Response {
+    c.request(method.parse().unwrap(), url)
+        .header("X-API-Key", key)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn header(res: &reqwest::Response, name: &str) -> Option<u64> {
+    res.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+}
+
+fn text<'a>(res: &'a reqwest::Response, name: &str) -> &'a str {
+    res.headers()
+        .get(name)
+        .map_or("", |v| v.to_str().unwrap())
+}
+
+/// (limit, remaining, window) of the X-RateLimit headers.
+fn named(res: &reqwest::Response) -> (Option<u64>, Option<u64>, Option<u64>) {
+    (
+        header(res, "x-ratelimit-limit"),
+        header(res, "x-ratelimit-remaining"),
+        header(res, "x-ratelimit-window"),
+    )
+}
+
+#[tokio::test]
+async fn headers_name_the_binding_limit_and_retry_after_is_when_every_limit_admits() {
+    let (server, clock) = demo_server(HeaderOptions::default()).await;
+    let c = client();
+    let url = server.url("/v1/account");
+    let read = || call(&c, "GET", &url, "free-demo-key");
+    // t = 0: the 2/second guard has the fewest left.
+    let res = read().await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(named(&res), (Some(2), Some(1), Some(1)));
+    let res = read().await;
+    assert_eq!(named(&res), (Some(2), Some(0), Some(1)));
+    // The guard refuses (the budget would admit): retry in half a second,
+    // rounded up to 1; the problem body names the guard's window.
+    let res = read().await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(named(&res), (Some(2), Some(0), Some(1)));
+    assert_eq!(header(&res, "retry-after"), Some(1));
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(
+        (body["limit"].as_u64(), body["window_seconds"].as_u64()),
+        (Some(2), Some(1)),
+        "{body}"
+    );
+    for _ in 0..2 {
+        // t = 1 s, 2 s: two more each time (the budget: 8 → 4).
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(read().await.status(), StatusCode::OK);
+        let res = read().await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(header(&res, "x-ratelimit-limit"), Some(2));
+    }
+    // t = 3 s: both have 1 left, then both 0: the tie goes to the longer
+    // window, the hourly budget.
+    clock.advance(Duration::from_secs(1));
+    let res = read().await;
+    assert_eq!(named(&res), (Some(8), Some(1), Some(3600)));
+    let res = read().await;
+    assert_eq!(named(&res), (Some(8), Some(0), Some(3600)));
+    // Both refuse; the budget's wait is the longer, and it is when both
+    // admit: the 9th request conforms at 8 × 450 s − 7 × 450 s = 450 s,
+    // 447 s from now.
+    let res = read().await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(named(&res), (Some(8), Some(0), Some(3600)));
+    assert_eq!(header(&res, "retry-after"), Some(447));
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["window_seconds"].as_u64(), Some(3600), "{body}");
+    assert_eq!(body["retry_after_seconds"].as_u64(), Some(447), "{body}");
+    // A second later the guard would admit, the budget still refuses, and
+    // the refusals took nothing from the guard: the usage endpoint shows
+    // it full (2) while the budget is empty.
+    clock.advance(Duration::from_secs(1));
+    let res = read().await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&res, "retry-after"), Some(446));
+    let usage: Value = call(&c, "GET", &server.url("/v1/rate_limit"), "free-demo-key")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let read = &usage["categories"]["read"];
+    assert_eq!(read["limit"], 8, "{usage}");
+    assert_eq!(read["remaining"], 0, "{usage}");
+    let limits = read["limits"].as_array().unwrap();
+    assert_eq!(limits.len(), 2, "{usage}");
+    assert_eq!(
+        (&limits[0]["limit"], &limits[0]["window"], &limits[0]["remaining"]),
+        (&Value::from(2), &Value::from(1), &Value::from(2)),
+        "{usage}"
+    );
+    assert_eq!(
+        (&limits[1]["limit"], &limits[1]["window"], &limits[1]["remaining"]),
+        (&Value::from(8), &Value::from(3600), &Value::from(0)),
+        "{usage}"
+    );
+    // The table form lists both of ai's limits too; one-limit categories
+    // list their one.
+    let ai = usage["categories"]["ai"]["limits"].as_array().unwrap();
+    assert_eq!(ai.len(), 2, "{usage}");
+    let write = usage["categories"]["write"]["limits"].as_array().unwrap();
+    assert_eq!(write.len(), 1, "{usage}");
+    assert_eq!(usage["categories"]["write"]["remaining"], 20, "{usage}");
+}
+
+#[tokio::test]
+async fn draft_fields_list_every_policy_and_name_the_binding_one() {
+    let (server, _clock) = demo_server(HeaderOptions::default().ietf_draft(true)).await;
+    let c = client();
+    let res = call(&c, "GET", &server.url("/v1/account"), "free-demo-key").await;
+    assert_eq!(
+        text(&res, "ratelimit-policy"),
+        "\"free.read.1s\";q=2;w=1, \"free.read.3600s\";q=8;w=3600"
+    );
+    assert_eq!(text(&res, "ratelimit"), "\"free.read.1s\";r=1;t=1");
+    // A one-limit category keeps its plain name.
+    let res = call(&c, "POST", &server.url("/v1/clusters"), "free-demo-key").await;
+    assert_eq!(text(&res, "ratelimit-policy"), "\"free.write\";q=20;w=3600");
+    // Per-account limits are named apart.
+    let res = call(&c, "POST", &server.url("/v1/clusters"), "team-a").await;
+    assert_eq!(
+        text(&res, "ratelimit-policy"),
+        "\"team.write\";q=3;w=3600, \"team.write.account\";q=5;w=3600"
+    );
+    // After one write: 2 of the key's 3 left, 4 of the account's 5.
+    assert_eq!(text(&res, "ratelimit"), "\"team.write\";r=2;t=1200");
+}
+
+#[tokio::test]
+async fn keys_of_a_pooled_account_share_its_limits_and_other_accounts_are_unaffected() {
+    let (server, _clock) = demo_server(HeaderOptions::default()).await;
+    let c = client();
+    let url = server.url("/v1/clusters");
+    // acme's two keys take 6 writes together.
+    for (i, key) in ["acme-key-1", "acme-key-2"].into_iter().cycle().take(6).enumerate() {
+        let res = call(&c, "POST", &url, key).await;
+        assert_eq!(res.status(), StatusCode::OK, "write {}", i + 1);
+        assert_eq!(header(&res, "x-ratelimit-remaining"), Some(5 - i as u64));
+    }
+    for key in ["acme-key-1", "acme-key-2"] {
+        let res = call(&c, "POST", &url, key).await;
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS, "{key}");
+        assert_eq!(header(&res, "retry-after"), Some(600));
+    }
+    // globex has its own 6.
+    for _ in 0..6 {
+        assert_eq!(call(&c, "POST", &url, "globex-key").await.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        call(&c, "POST", &url, "globex-key").await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // The usage endpoint shows acme's shared count from either key.
+    let usage: Value = call(&c, "GET", &server.url("/v1/rate_limit"), "acme-key-2")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let write = &usage["categories"]["write"];
+    assert_eq!(write["remaining"], 0, "{usage}");
+    assert_eq!(write["limits"][0]["per"], "account", "{usage}");
+}
+
+#[tokio::test]
+async fn per_account_limits_bind_on_top_of_per_key_limits() {
+    let (server, _clock) = demo_server(HeaderOptions::default()).await;
+    let c = client();
+    let url = server.url("/v1/clusters");
+    // team-a: its own 3 per hour bind first (the account has 5).
+    for left in [2, 1, 0] {
+        let res = call(&c, "POST", &url, "team-a").await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(named(&res), (Some(3), Some(left), Some(3600)));
+    }
+    let res = call(&c, "POST", &url, "team-a").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&res, "x-ratelimit-limit"), Some(3));
+    // team-b, same account: 2 left of the account's 5 (its own 3 are
+    // untouched); the account binds once it has fewer left.
+    let res = call(&c, "POST", &url, "team-b").await;
+    assert_eq!(named(&res), (Some(5), Some(1), Some(3600)));
+    let res = call(&c, "POST", &url, "team-b").await;
+    assert_eq!(named(&res), (Some(5), Some(0), Some(3600)));
+    let res = call(&c, "POST", &url, "team-b").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(named(&res), (Some(5), Some(0), Some(3600)));
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["limit"], 5, "{body}");
+    // team-b's own limit kept what the refusal did not take: 1 of 3.
+    let usage: Value = call(&c, "GET", &server.url("/v1/rate_limit"), "team-b")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let limits = usage["categories"]["write"]["limits"].as_array().unwrap().clone();
+    assert_eq!(
+        (&limits[0]["per"], &limits[0]["remaining"]),
+        (&Value::from("key"), &Value::from(1)),
+        "{usage}"
+    );
+    assert_eq!(
+        (&limits[1]["per"], &limits[1]["remaining"]),
+        (&Value::from("account"), &Value::from(0)),
+        "{usage}"
+    );
+    // A key without an account is its own account.
+    for _ in 0..3 {
+        assert_eq!(call(&c, "POST", &url, "team-solo").await.status(), StatusCode::OK);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_keys_of_one_account_share_exactly_under_concurrency() {
+    let (server, _clock) = demo_server(HeaderOptions::default()).await;
+    let c = client();
+    let allowed = Arc::new(AtomicU32::new(0));
+    let per_key = Arc::new([AtomicU32::new(0), AtomicU32::new(0)]);
+    let mut tasks = Vec::new();
+    for t in 0..32 {
+        let (c, allowed, per_key) = (c.clone(), Arc::clone(&allowed), Arc::clone(&per_key));
+        let url = server.url("/v1/clusters");
+        tasks.push(tokio::spawn(async move {
+            let (key, slot) = if t % 2 == 0 { ("team-a", 0) } else { ("team-b", 1) };
+            for _ in 0..4 {
+                let res = call(&c, "POST", &url, key).await;
+                match res.status() {
+                    StatusCode::OK => {
+                        allowed.fetch_add(1, Ordering::Relaxed);
+                        per_key[slot].fetch_add(1, Ordering::Relaxed);
+                    }
+                    StatusCode::TOO_MANY_REQUESTS => {}
+                    other => panic!("unexpected {other}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // The account's 5 in total; neither key above its own 3.
+    assert_eq!(allowed.load(Ordering::Relaxed), 5, "128 tries");
+    for (i, n) in per_key.iter().enumerate() {
+        assert!(n.load(Ordering::Relaxed) <= 3, "key {i}: {n:?}");
+    }
+    // Another account's key is unaffected.
+    let res = call(&c, "POST", &server.url("/v1/clusters"), "team-solo").await;
+    assert_eq!(named(&res), (Some(3), Some(2), Some(3600)));
+}
