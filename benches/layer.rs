@@ -74,6 +74,18 @@ fn bench(c: &mut Criterion) {
         ),
         ("tierlimit, 1 key", tierlimit(&one), &one_hv, true),
         ("tierlimit, 100k keys", tierlimit(&many), &many_hv, true),
+        (
+            "tierlimit, 1 key, 2 limits",
+            tierlimit_two_limits(&one),
+            &one_hv,
+            true,
+        ),
+        (
+            "tierlimit, 100k keys, 2 limits",
+            tierlimit_two_limits(&many),
+            &many_hv,
+            true,
+        ),
         ("tower_governor, 1 key", tower_governor(), &one_hv, true),
         (
             "tower_governor, 100k keys",

@@ -273,3 +273,60 @@ async fn grpc_resource_exhausted_waits_the_pushback() {
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     assert_eq!(start.elapsed(), Duration::ZERO);
 }
+
+/// With several limits, the hint is when *every* limit admits: the client
+/// waits for the guard once (5 s), and does not waste a retry when only
+/// the guard would have room but the hourly budget is spent.
+#[tokio::test(start_paused = true)]
+async fn with_several_limits_the_client_waits_for_all_of_them() {
+    let policy = Policy::from_toml_str(
+        r#"
+categories = ["read", "write"]
+[tiers.t]
+read = ["2/10s", "3/hour"]
+write = "1/hour"
+[keys]
+"k" = "t"
+"#,
+    )
+    .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .backend(
+            MemoryBackend::builder()
+                .clock(TokioClock {
+                    start: Instant::now(),
+                })
+                .build(),
+        )
+        .build();
+    let router = Router::new()
+        .route("/r", get(|| async { "ok" }))
+        .layer(layer);
+    let mut client = RetryLayer::new().layer(router);
+    let mut send = async || {
+        ServiceExt::<Request<Body>>::ready(&mut client)
+            .await
+            .unwrap()
+            .call(get_r())
+            .await
+            .unwrap()
+    };
+    for _ in 0..2 {
+        assert_eq!(send().await.status(), StatusCode::OK);
+    }
+    let start = Instant::now();
+    assert_eq!(send().await.status(), StatusCode::OK, "retried once");
+    assert_eq!(start.elapsed(), Duration::from_secs(5), "the guard's hint");
+    // The budget (3 per hour) is spent: its wait, not the guard's, is the
+    // hint, and it is beyond the client's bound: answered at once.
+    let start = Instant::now();
+    let res = send().await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        res.headers()["retry-after"],
+        "1195",
+        "1200 s − the 5 s waited"
+    );
+    assert_eq!(res.headers()["x-ratelimit-limit"], "3");
+    assert_eq!(start.elapsed(), Duration::ZERO);
+}

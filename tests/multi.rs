@@ -106,9 +106,7 @@ fn header(res: &reqwest::Response, name: &str) -> Option<u64> {
 }
 
 fn text<'a>(res: &'a reqwest::Response, name: &str) -> &'a str {
-    res.headers()
-        .get(name)
-        .map_or("", |v| v.to_str().unwrap())
+    res.headers().get(name).map_or("", |v| v.to_str().unwrap())
 }
 
 /// (limit, remaining, window) of the X-RateLimit headers.
@@ -187,12 +185,20 @@ async fn headers_name_the_binding_limit_and_retry_after_is_when_every_limit_admi
     let limits = read["limits"].as_array().unwrap();
     assert_eq!(limits.len(), 2, "{usage}");
     assert_eq!(
-        (&limits[0]["limit"], &limits[0]["window"], &limits[0]["remaining"]),
+        (
+            &limits[0]["limit"],
+            &limits[0]["window"],
+            &limits[0]["remaining"]
+        ),
         (&Value::from(2), &Value::from(1), &Value::from(2)),
         "{usage}"
     );
     assert_eq!(
-        (&limits[1]["limit"], &limits[1]["window"], &limits[1]["remaining"]),
+        (
+            &limits[1]["limit"],
+            &limits[1]["window"],
+            &limits[1]["remaining"]
+        ),
         (&Value::from(8), &Value::from(3600), &Value::from(0)),
         "{usage}"
     );
@@ -234,7 +240,12 @@ async fn keys_of_a_pooled_account_share_its_limits_and_other_accounts_are_unaffe
     let c = client();
     let url = server.url("/v1/clusters");
     // acme's two keys take 6 writes together.
-    for (i, key) in ["acme-key-1", "acme-key-2"].into_iter().cycle().take(6).enumerate() {
+    for (i, key) in ["acme-key-1", "acme-key-2"]
+        .into_iter()
+        .cycle()
+        .take(6)
+        .enumerate()
+    {
         let res = call(&c, "POST", &url, key).await;
         assert_eq!(res.status(), StatusCode::OK, "write {}", i + 1);
         assert_eq!(header(&res, "x-ratelimit-remaining"), Some(5 - i as u64));
@@ -246,7 +257,10 @@ async fn keys_of_a_pooled_account_share_its_limits_and_other_accounts_are_unaffe
     }
     // globex has its own 6.
     for _ in 0..6 {
-        assert_eq!(call(&c, "POST", &url, "globex-key").await.status(), StatusCode::OK);
+        assert_eq!(
+            call(&c, "POST", &url, "globex-key").await.status(),
+            StatusCode::OK
+        );
     }
     assert_eq!(
         call(&c, "POST", &url, "globex-key").await.status(),
@@ -294,7 +308,10 @@ async fn per_account_limits_bind_on_top_of_per_key_limits() {
         .json()
         .await
         .unwrap();
-    let limits = usage["categories"]["write"]["limits"].as_array().unwrap().clone();
+    let limits = usage["categories"]["write"]["limits"]
+        .as_array()
+        .unwrap()
+        .clone();
     assert_eq!(
         (&limits[0]["per"], &limits[0]["remaining"]),
         (&Value::from("key"), &Value::from(1)),
@@ -307,7 +324,10 @@ async fn per_account_limits_bind_on_top_of_per_key_limits() {
     );
     // A key without an account is its own account.
     for _ in 0..3 {
-        assert_eq!(call(&c, "POST", &url, "team-solo").await.status(), StatusCode::OK);
+        assert_eq!(
+            call(&c, "POST", &url, "team-solo").await.status(),
+            StatusCode::OK
+        );
     }
 }
 
@@ -322,7 +342,11 @@ async fn two_keys_of_one_account_share_exactly_under_concurrency() {
         let (c, allowed, per_key) = (c.clone(), Arc::clone(&allowed), Arc::clone(&per_key));
         let url = server.url("/v1/clusters");
         tasks.push(tokio::spawn(async move {
-            let (key, slot) = if t % 2 == 0 { ("team-a", 0) } else { ("team-b", 1) };
+            let (key, slot) = if t % 2 == 0 {
+                ("team-a", 0)
+            } else {
+                ("team-b", 1)
+            };
             for _ in 0..4 {
                 let res = call(&c, "POST", &url, key).await;
                 match res.status() {
@@ -347,4 +371,167 @@ async fn two_keys_of_one_account_share_exactly_under_concurrency() {
     // Another account's key is unaffected.
     let res = call(&c, "POST", &server.url("/v1/clusters"), "team-solo").await;
     assert_eq!(named(&res), (Some(3), Some(2), Some(3600)));
+}
+
+/// A server for `policy` on a fake clock, its Unix time fixed at `unix`.
+async fn server_for(
+    policy: Policy,
+    unix: u64,
+) -> (
+    common::Server,
+    RateLimitLayer<tierlimit::ApiKey, MemoryBackend<FakeRelativeClock>>,
+) {
+    let clock = FakeRelativeClock::default();
+    let layer = RateLimitLayer::builder(policy)
+        .backend(MemoryBackend::builder().clock(clock).build())
+        .unix_clock(move || unix)
+        .build();
+    let app = axum::Router::new()
+        .route(
+            "/v1/account",
+            axum::routing::get(|| async { "{}" }).post(|| async { "{}" }),
+        )
+        .route_service("/v1/rate_limit", layer.usage_service())
+        .layer(layer.clone());
+    (serve(app).await, layer)
+}
+
+/// `MULTI_POLICY` with extra TOML appended (sections after `[keys]`).
+fn with(extra: &str) -> Policy {
+    Policy::from_toml_str(&format!("{MULTI_POLICY}\n{extra}")).unwrap()
+}
+
+async fn usage_limits(
+    c: &reqwest::Client,
+    server: &common::Server,
+    key: &str,
+    cat: &str,
+) -> Vec<(u64, u64)> {
+    let usage: Value = call(c, "GET", &server.url("/v1/rate_limit"), key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    usage["categories"][cat]["limits"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{usage}"))
+        .iter()
+        .map(|l| (l["limit"].as_u64().unwrap(), l["window"].as_u64().unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn custom_limits_and_boosts_take_lists_and_scale_every_limit() {
+    let policy = with(
+        r#"
+[overrides."free-demo-key"]
+write = ["1/second", "3/hour"]     # a list replaces the key's limits
+read = "x2"                        # a multiplier scales every limit
+
+[[boosts]]
+tier = "team"
+category = "write"
+adjust = "x3"                      # per key and per account
+start = "2026-01-01T00:00:00Z"
+end = "2027-01-01T00:00:00Z"
+"#,
+    );
+    let now = 1_790_000_000; // inside the boost
+    let (server, _layer) = server_for(policy, now).await;
+    let c = client();
+    assert_eq!(
+        usage_limits(&c, &server, "free-demo-key", "read").await,
+        [(4, 1), (16, 3600)]
+    );
+    assert_eq!(
+        usage_limits(&c, &server, "free-demo-key", "write").await,
+        [(1, 1), (3, 3600)]
+    );
+    let res = call(&c, "POST", &server.url("/v1/account"), "free-demo-key").await;
+    assert_eq!(named(&res), (Some(1), Some(0), Some(1)));
+    let res = call(&c, "POST", &server.url("/v1/account"), "free-demo-key").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        usage_limits(&c, &server, "team-a", "write").await,
+        [(9, 3600), (15, 3600)]
+    );
+    // Outside the boost, the tier's limits.
+    let (server, _layer) = server_for(with(""), 1_900_000_000).await;
+    assert_eq!(
+        usage_limits(&c, &server, "team-a", "write").await,
+        [(3, 3600), (5, 3600)]
+    );
+}
+
+#[tokio::test]
+async fn a_priority_reserve_applies_to_every_limit() {
+    // 50%: the guard keeps 1 of 2, the budget 4 of 8 for critical requests.
+    let policy = Policy::from_toml_str(&MULTI_POLICY.replace(
+        "[tiers.free]\n",
+        "[tiers.free]\npriority_reserve = \"50%\"\n",
+    ))
+    .unwrap();
+    let (server, _layer) = server_for(policy, 1_790_000_000).await;
+    let c = client();
+    let url = server.url("/v1/account");
+    let res = call(&c, "GET", &url, "free-demo-key").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    // The guard binds, reported as the 1 a normal request may use.
+    assert_eq!(named(&res), (Some(1), Some(0), Some(1)));
+    let res = call(&c, "GET", &url, "free-demo-key").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let critical = c
+        .get(&url)
+        .header("X-API-Key", "free-demo-key")
+        .header("X-Request-Priority", "critical")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        critical.status(),
+        StatusCode::OK,
+        "the reserve is the critical one's"
+    );
+    assert_eq!(named(&critical), (Some(2), Some(0), Some(1)));
+}
+
+#[tokio::test]
+async fn shadow_mode_and_live_reload_work_with_lists() {
+    let (server, layer) = server_for(with("[shadow]\ntiers = [\"free\"]\n"), 1_790_000_000).await;
+    let c = client();
+    let url = server.url("/v1/account");
+    for _ in 0..3 {
+        assert_eq!(
+            call(&c, "GET", &url, "free-demo-key").await.status(),
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        layer.shadow_refusals(),
+        1,
+        "the third would have been refused by the guard"
+    );
+    // Live: the read list becomes one limit, and back.
+    let handle = layer.policy_handle();
+    handle
+        .update(|b| {
+            b.tier(
+                tierlimit::Tier::new("solo")
+                    .limit("read", tierlimit::Limit::per_hour(7))
+                    .limit("write", tierlimit::Limit::per_hour(7))
+                    .limit("ai", tierlimit::Limit::per_hour(7))
+                    .unlimited("training"),
+            )
+            .set_key_tier("free-demo-key", "solo")
+        })
+        .unwrap();
+    let res = call(&c, "GET", &url, "free-demo-key").await;
+    assert_eq!(named(&res), (Some(7), Some(6), Some(3600)));
+    handle.replace(with(""));
+    let res = call(&c, "GET", &url, "free-demo-key").await;
+    assert_eq!(
+        header(&res, "x-ratelimit-window"),
+        Some(1),
+        "the guard again"
+    );
 }

@@ -45,6 +45,19 @@ pub fn tierlimit(keys: &[String]) -> Router {
     bare().layer(tierlimit::RateLimitLayer::new(policy(keys)))
 }
 
+/// The same, with two limits on every category (a burst guard and a
+/// budget, both too large to refuse): the all-or-nothing path.
+pub fn tierlimit_two_limits(keys: &[String]) -> Router {
+    let mut toml = format!(
+        "categories = [\"read\", \"write\"]\n[tiers.free]\nread = [\"{MAX}/hour\", \"{MAX}/day\"]\nwrite = \"{MAX}/hour\"\n[keys]\n"
+    );
+    for k in keys {
+        toml.push_str(&format!("\"{k}\" = \"free\"\n"));
+    }
+    let policy = tierlimit::Policy::from_toml_str(&toml).unwrap();
+    bare().layer(tierlimit::RateLimitLayer::new(policy))
+}
+
 /// A layer that does nothing but hold an `Arc`, as every real layer does:
 /// what axum's `Router::layer` costs any layer by itself (a router called
 /// directly turns its handler into a route per request, cloning the boxed

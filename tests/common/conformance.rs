@@ -356,7 +356,10 @@ pub async fn exact_under_contention<B: Backend + Clone>(backends: Vec<B>) {
     let tries = backends.len() * 160;
     assert_eq!(allowed.load(Ordering::Relaxed), 40, "{tries} tries");
     let budget = backends[0].peek_charge(key, &charges[1]).await.unwrap();
-    assert_eq!(budget.remaining, 60, "refusals took nothing from the budget");
+    assert_eq!(
+        budget.remaining, 60,
+        "refusals took nothing from the budget"
+    );
     let guard = backends[0].peek_charge(key, &charges[0]).await.unwrap();
     assert_eq!(guard.remaining, 0);
 }
