@@ -329,3 +329,67 @@ async fn a_refusal_is_an_http_200_trailers_only_response() {
     assert_eq!(res.status(), 429);
     assert!(res.extensions().get::<tierlimit::Decision>().is_some());
 }
+
+#[tokio::test]
+async fn a_refusal_under_several_limits_names_the_binding_one_in_quota_failure() {
+    let clock = FakeRelativeClock::default();
+    let policy = tierlimit::Policy::from_toml_str(
+        r#"
+categories = ["read", "write", "ai"]
+[tiers.free]
+read = ["2/second", "3/hour"]
+write = "20/hour"
+ai = "50/hour"
+[[grpc]]
+service = "grpc.health.v1.Health"
+category = "read"
+[keys]
+"free-demo-key" = "free"
+"#,
+    )
+    .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .backend(MemoryBackend::builder().clock(clock.clone()).build())
+        .build();
+    let server = tonic_server(layer).await;
+    let mut health = HealthClient::new(channel(server.addr).await);
+    let check = || check_request(&[("x-api-key", "free-demo-key")]);
+    let res = health.check(check()).await.unwrap();
+    assert_eq!(meta(res.metadata(), "x-ratelimit-limit"), Some(2));
+    assert_eq!(meta(res.metadata(), "x-ratelimit-window"), Some(1));
+    health.check(check()).await.unwrap();
+    // The guard refuses: 1 s.
+    let status = health.check(check()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(meta(status.metadata(), "x-ratelimit-window"), Some(1));
+    assert_eq!(meta(status.metadata(), "retry-after"), Some(1));
+    let quota = status.get_details_quota_failure().expect("QuotaFailure");
+    assert!(
+        quota.violations[0]
+            .description
+            .contains("limit of 2 per 1 s"),
+        "{}",
+        quota.violations[0].description
+    );
+    // One more second: the third call spends the hourly budget; the next
+    // is refused by the budget, whose wait (when both admit) is the hint.
+    clock.advance(Duration::from_secs(1));
+    health.check(check()).await.unwrap();
+    clock.advance(Duration::from_secs(1));
+    let status = health.check(check()).await.unwrap_err();
+    let md = status.metadata();
+    assert_eq!(meta(md, "x-ratelimit-limit"), Some(3));
+    assert_eq!(meta(md, "x-ratelimit-window"), Some(3600));
+    assert_eq!(meta(md, "retry-after"), Some(1198), "1200 s − 2 s");
+    assert_eq!(meta(md, "grpc-retry-pushback-ms"), Some(1_198_000));
+    let retry = status.get_details_retry_info().expect("RetryInfo");
+    assert_eq!(retry.retry_delay, Some(Duration::from_secs(1198)));
+    let quota = status.get_details_quota_failure().expect("QuotaFailure");
+    assert!(
+        quota.violations[0]
+            .description
+            .contains("limit of 3 per 3600 s"),
+        "{}",
+        quota.violations[0].description
+    );
+}

@@ -12,60 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::{client, serve};
+use common::{MULTI_POLICY, client, serve};
 use governor::clock::FakeRelativeClock;
 use reqwest::StatusCode;
 use serde_json::Value;
 use tierlimit::{HeaderOptions, MemoryBackend, Policy, RateLimitLayer};
-
-/// The policy file of these tests: every new form.
-pub const MULTI_POLICY: &str = r#"
-categories = ["read", "write", "ai", "training"]
-
-[tiers.free]
-read = ["2/second", "8/hour"]                 # a burst guard and a budget
-write = "20/hour"
-ai = { requests = ["2/minute", "5/hour"] }    # the table form
-training = "5/day"
-
-[tiers.pro]
-pool = "account"                              # shared by an account's keys
-read = "100/hour"
-write = "6/hour"
-ai = "50/hour"
-training = "unlimited"
-
-[tiers.team]
-read = "100/hour"
-write = "3/hour"                              # each key
-ai = "50/hour"
-training = "unlimited"
-
-[tiers.team.per_account]
-write = "5/hour"                              # all of an account's keys
-
-[[routes]]
-path = "/v1/rate_limit"
-exempt = true
-
-[[routes]]
-method = "POST"
-path = "/v1/training/jobs"
-category = "training"
-
-[[routes]]
-path = "/v1/ai/*"
-category = "ai"
-
-[keys]
-"free-demo-key" = "free"
-"acme-key-1" = { tier = "pro", account = "acme" }
-"acme-key-2" = { tier = "pro", account = "acme" }
-"globex-key" = { tier = "pro", account = "globex" }
-"team-a" = { tier = "team", account = "initech" }
-"team-b" = { tier = "team", account = "initech" }
-"team-solo" = "team"
-"#;
 
 /// The policy, read from a file as the demo reads `$POLICY`.
 fn policy_from_file() -> Policy {

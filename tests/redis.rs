@@ -112,6 +112,109 @@ async fn conformance_cluster_and_keys_spread_over_masters() {
     }
 }
 
+/// Two demo servers on one Redis (single node or Cluster), a fake clock:
+/// an account's two keys, each on its own server, many concurrent
+/// requests: exactly the account's 5 are admitted, neither key above its
+/// own 3; the free tier's guard and budget bind across both servers.
+async fn accounts_and_lists_across_two_servers(make: impl AsyncFn() -> RedisBackend) {
+    let policy = tierlimit::Policy::from_toml_str(common::MULTI_POLICY).unwrap();
+    let mut urls = Vec::new();
+    let mut running = Vec::new();
+    for _ in 0..2 {
+        let layer = tierlimit::RateLimitLayer::builder(policy.clone())
+            .backend(make().await)
+            .build();
+        let s = common::serve(demo::app(layer)).await;
+        urls.push(s.url(""));
+        running.push(s);
+    }
+    let c = common::client();
+    let allowed = Arc::new(AtomicU32::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let (c, allowed) = (c.clone(), Arc::clone(&allowed));
+        let (key, url) = if t % 2 == 0 {
+            ("team-a", format!("{}/v1/clusters", urls[0]))
+        } else {
+            ("team-b", format!("{}/v1/clusters", urls[1]))
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut mine = 0;
+            for _ in 0..4 {
+                let res = c.post(&url).header("x-api-key", key).send().await.unwrap();
+                match res.status().as_u16() {
+                    200 => {
+                        allowed.fetch_add(1, Ordering::Relaxed);
+                        mine += 1;
+                    }
+                    429 => {}
+                    other => panic!("unexpected {other}"),
+                }
+            }
+            (key, mine)
+        }));
+    }
+    let (mut a, mut b) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            ("team-a", n) => a += n,
+            (_, n) => b += n,
+        }
+    }
+    assert_eq!(
+        allowed.load(Ordering::Relaxed),
+        5,
+        "the account's 5 of 64 tries"
+    );
+    assert!(a <= 3 && b <= 3, "each key within its own 3: {a} + {b}");
+    // The free tier's read guard (2 at once) binds across both servers,
+    // then its budget (8) does, and refusals take nothing.
+    let read = |i: usize| {
+        c.get(format!("{}/v1/account", urls[i % 2]))
+            .header("x-api-key", "free-demo-key")
+            .send()
+    };
+    assert_eq!(read(0).await.unwrap().status(), 200);
+    let res = read(1).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-ratelimit-window"], "1");
+    let res = read(0).await.unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["x-ratelimit-window"], "1");
+    assert_eq!(res.headers()["retry-after"], "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn accounts_and_lists_across_two_servers_single_node() {
+    if !ready() {
+        return;
+    }
+    let server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    accounts_and_lists_across_two_servers(async || {
+        common::redis::fake_clock_backend(&server, &clock).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn accounts_and_lists_across_two_servers_cluster() {
+    if !ready() {
+        return;
+    }
+    let cluster = RedisCluster::start();
+    let clock = FakeRelativeClock::default();
+    accounts_and_lists_across_two_servers(async || {
+        RedisBackend::cluster(cluster.urls())
+            .fake_clock(clock.clone())
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .unwrap()
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn several_limit_table_single_node() {
     if !ready() {
@@ -437,6 +540,66 @@ async fn fail_open_and_fail_closed() {
         );
         assert!(matches!(
             closed.check(&subject("k"), &limit).await,
+            Err(tierlimit::BackendError::Unavailable(_))
+        ));
+    }
+}
+
+#[tokio::test]
+async fn several_limits_while_redis_is_down_follow_the_failure_policy() {
+    if !ready() {
+        return;
+    }
+    use tierlimit::backend::{Charge, Check};
+    let mut server = RedisServer::start();
+    let make = async |policy| {
+        RedisBackend::builder(server.url())
+            .timeout(Duration::from_millis(200))
+            .failure_policy(policy)
+            .fallback_share(0.5)
+            .connect()
+            .await
+            .unwrap()
+    };
+    let fallback = make(FailurePolicy::Fallback).await;
+    let open = make(FailurePolicy::FailOpen).await;
+    let closed = make(FailurePolicy::FailClosed).await;
+    let charges = [
+        Charge {
+            bucket: 1,
+            limit: Limit::per_hour(4),
+            reserve: 0,
+        },
+        Charge {
+            bucket: 2,
+            limit: Limit::per_day(10),
+            reserve: 0,
+        },
+    ];
+    let check = Check {
+        owner: 7,
+        cost: 1,
+        known: true,
+        charges: &charges,
+    };
+    server.kill();
+    // The fallback enforces half of each limit, all or nothing: 2 of the
+    // hourly 4, then refusals by the hourly limit (never a 503).
+    let mut allowed = 0;
+    for _ in 0..5 {
+        let d = fallback.check_all(&check).await.unwrap();
+        if d.allowed {
+            allowed += 1;
+        } else {
+            assert_eq!((d.index, d.limit), (0, 2), "the hourly share binds");
+        }
+    }
+    assert_eq!(allowed, 2);
+    assert_eq!(fallback.state(), BackendState::Degraded);
+    for _ in 0..3 {
+        assert!(open.check_all(&check).await.unwrap().allowed, "fail open");
+        assert!(matches!(
+            closed.check_all(&check).await,
             Err(tierlimit::BackendError::Unavailable(_))
         ));
     }

@@ -697,6 +697,15 @@ impl PolicyBuilder {
         let mut categories: Vec<Box<str>> = Vec::with_capacity(self.categories.len());
         for (i, Located { value: name, line }) in self.categories.iter().enumerate() {
             check_name(name).map_err(|m| PolicyError::new(format!("categories[{i}]"), *line, m))?;
+            if ["pool", "per_account", "priority_reserve"].contains(&name.as_str()) {
+                return Err(PolicyError::new(
+                    format!("categories[{i}]"),
+                    *line,
+                    format!(
+                        "`{name}` is reserved for a tier's settings; name the category otherwise"
+                    ),
+                ));
+            }
             if categories.iter().any(|c| **c == **name) {
                 return Err(PolicyError::new(
                     format!("categories[{i}]"),

@@ -488,6 +488,7 @@ fn scrub(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::Pool;
 
     const GOOD: &str = r#"
 categories = ["read", "write"]
@@ -564,6 +565,142 @@ cost = 5
 
     fn err(src: &str) -> PolicyError {
         parse(src).unwrap_err()
+    }
+
+    const LISTS: &str = r#"
+categories = ["read", "write"]
+
+[tiers.free]
+read = ["10/second", "100/hour"]
+write = { requests = "20/hour" }
+
+[tiers.pro]
+pool = "account"
+read = "1000/hour"
+write = "unlimited"
+
+[tiers.pro.per_account]
+write = ["5/second", "500/hour"]
+
+[keys]
+"k1" = "free"
+"k2" = { tier = "pro", account = "acme" }
+"#;
+
+    #[test]
+    fn lists_tables_pools_and_accounts() {
+        let p = parse(LISTS).unwrap();
+        let (free, pro) = (p.tier("free").unwrap(), p.tier("pro").unwrap());
+        let (read, write) = (p.category("read").unwrap(), p.category("write").unwrap());
+        let l = p.limits(free, read);
+        assert_eq!(l.per_key(), [Limit::per_second(10), Limit::per_hour(100)]);
+        assert!(l.per_account().is_empty());
+        assert_eq!(l.pool(), Pool::Key);
+        assert_eq!(p.limits(free, write).per_key(), [Limit::per_hour(20)]);
+        assert_eq!(p.rule(free, read), Rule::Limited(Limit::per_second(10)));
+        let l = p.limits(pro, write);
+        assert!(l.per_key().is_empty(), "unlimited per key");
+        assert_eq!(
+            l.per_account(),
+            [Limit::per_second(5), Limit::per_hour(500)]
+        );
+        assert_eq!(l.pool(), Pool::Account);
+        let k2 = crate::KeyId::of("k2");
+        assert_eq!(
+            p.key_entry("k2", k2),
+            Some((pro, Some(crate::KeyId::of_account("acme"))))
+        );
+        assert_eq!(
+            p.key_entry("k1", crate::KeyId::of("k1")),
+            Some((free, None))
+        );
+    }
+
+    #[test]
+    fn bad_lists_and_accounts_are_refused_by_name() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            (
+                "read = [\"10/second\", \"100/hour\"]",
+                "read = []",
+                "tiers.free.read",
+                "empty list",
+            ),
+            (
+                "read = [\"10/second\", \"100/hour\"]",
+                "read = [\"10/second\", \"20/1s\"]",
+                "tiers.free.read",
+                "same window",
+            ),
+            (
+                "read = [\"10/second\", \"100/hour\"]",
+                "read = [\"1/1s\", \"2/2s\", \"3/3s\", \"4/4s\", \"5/5s\", \"6/6s\", \"7/7s\", \"8/8s\", \"9/9s\"]",
+                "tiers.free.read",
+                "more than 8",
+            ),
+            (
+                "read = [\"10/second\", \"100/hour\"]",
+                "read = [\"10/second\", 5]",
+                "tiers.free.read",
+                "a list such as",
+            ),
+            (
+                "write = { requests = \"20/hour\" }",
+                "write = { request = \"20/hour\" }",
+                "tiers.free.write",
+                "unknown field `request`",
+            ),
+            (
+                "pool = \"account\"",
+                "pool = \"org\"",
+                "tiers.pro.pool",
+                "unknown pool",
+            ),
+            (
+                "write = [\"5/second\", \"500/hour\"]",
+                "gpu = \"5/second\"",
+                "tiers.pro.per_account.gpu",
+                "unknown category",
+            ),
+            (
+                "write = [\"5/second\", \"500/hour\"]",
+                "write = \"unlimited\"",
+                "tiers.pro.per_account.write",
+                "cannot be unlimited",
+            ),
+            (
+                "{ tier = \"pro\", account = \"acme\" }",
+                "{ tier = \"pro\", account = \"\" }",
+                "keys.",
+                "an account",
+            ),
+        ];
+        for (from, to, entry, message) in cases {
+            let src = LISTS.replace(from, to);
+            assert_ne!(src, LISTS, "{from}");
+            let e = err(&src);
+            assert!(e.entry().starts_with(entry), "{to}: {e}");
+            assert!(e.message().contains(message), "{to}: {e}");
+            assert!(e.line().is_some(), "{to}: {e}");
+        }
+        // A route cost above any limit of a list could never succeed.
+        let e = err(&format!(
+            "{LISTS}\n[[routes]]\npath = \"/bulk\"\ncategory = \"read\"\ncost = 11\n"
+        ));
+        assert!(e.message().contains("limit of 10"), "{e}");
+        // So is a reserve that leaves a list's smallest burst nothing.
+        let e = err(&LISTS.replace(
+            "read = [\"10/second\", \"100/hour\"]",
+            "read = [\"1/second\", \"100/hour\"]\npriority_reserve = \"10%\"",
+        ));
+        assert!(e.message().contains("limit of 1 "), "{e}");
+        // A custom limit's list must fit beside the per-account limits.
+        let e = err(&format!(
+            "{LISTS}\n[overrides.\"k2\"]\nwrite = [\"1/1s\", \"2/2s\", \"3/3s\", \"4/4s\", \"5/5s\", \"6/6s\", \"7/7s\"]\n"
+        ));
+        assert!(e.message().contains("per-account"), "{e}");
+        // Names a tier table reads itself cannot be categories.
+        let e = err(&LISTS.replace("[\"read\", \"write\"]", "[\"read\", \"write\", \"pool\"]"));
+        assert!(e.message().contains("reserved"), "{e}");
     }
 
     #[test]

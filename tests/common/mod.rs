@@ -68,3 +68,53 @@ pub fn unix_now() -> u64 {
         .unwrap()
         .as_secs()
 }
+
+/// A policy with every form of issue 12: lists of limits, the table
+/// form, a pooled tier, per-account limits, keys with accounts.
+pub const MULTI_POLICY: &str = r#"
+categories = ["read", "write", "ai", "training"]
+
+[tiers.free]
+read = ["2/second", "8/hour"]                 # a burst guard and a budget
+write = "20/hour"
+ai = { requests = ["2/minute", "5/hour"] }    # the table form
+training = "5/day"
+
+[tiers.pro]
+pool = "account"                              # shared by an account's keys
+read = "100/hour"
+write = "6/hour"
+ai = "50/hour"
+training = "unlimited"
+
+[tiers.team]
+read = "100/hour"
+write = "3/hour"                              # each key
+ai = "50/hour"
+training = "unlimited"
+
+[tiers.team.per_account]
+write = "5/hour"                              # all of an account's keys
+
+[[routes]]
+path = "/v1/rate_limit"
+exempt = true
+
+[[routes]]
+method = "POST"
+path = "/v1/training/jobs"
+category = "training"
+
+[[routes]]
+path = "/v1/ai/*"
+category = "ai"
+
+[keys]
+"free-demo-key" = "free"
+"acme-key-1" = { tier = "pro", account = "acme" }
+"acme-key-2" = { tier = "pro", account = "acme" }
+"globex-key" = { tier = "pro", account = "globex" }
+"team-a" = { tier = "team", account = "initech" }
+"team-b" = { tier = "team", account = "initech" }
+"team-solo" = "team"
+"#;
