@@ -77,6 +77,9 @@
 //! | *subject* | what a backend checks: a key's bucket in a cell, a cost, a reserve |
 //! | *check* | one [`Backend::check`]: counts the request if it conforms; a *peek* counts nothing |
 //! | *decision* | a backend's answer ([`Decision`]): allowed, or not and when to retry |
+//! | *charge* | one limit of a request checked against several at once ([`backend::Check`]), all or nothing |
+//! | *binding limit* | of several, the one the headers describe: fewest remaining on an allow, longest wait on a refusal |
+//! | *account* | what a key's per-account limits are counted under ([`Identity::with_account`]); a key without one is its own |
 //! | *refusal* | a rate-limit answer: 429, or gRPC `RESOURCE_EXHAUSTED` |
 //! | *rejection* | a client mistake found before any limit ([`Rejection`]): 400 or 401 |
 //! | *answer* | whatever the layer sends instead of the inner service: a refusal, a rejection, a cost that never fits, an unavailable backend |
@@ -132,7 +135,7 @@ pub use key::{
 pub use layer::{PolicyHandle, RateLimitLayer, RateLimitLayerBuilder, UnixClock};
 pub use policy::{
     Adjust, Boost, BoostTarget, CategoryId, KeyRule, Limit, Policy, PolicyBuilder, PolicyError,
-    Route, Rule, Shadow, Target, Tier, TierId,
+    Pool, Route, Rule, Shadow, Target, Tier, TierId,
 };
 pub use response::{AnswerBody, HeaderOptions, ResponseBody};
 pub use service::RateLimit;
