@@ -31,9 +31,17 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const KEY: &str = "alloc-test-key-0001";
 const N: usize = 1_000;
 
+/// `limit` is one limit (`1000/hour`) or a TOML list of them; the key is
+/// in an account, and the tier has a per-account limit when `limit` is a
+/// list (the all-or-nothing path with every kind of charge).
 fn policy(limit: &str) -> Policy {
+    let (value, per_account) = if limit.starts_with('[') {
+        (limit.to_owned(), "[tiers.free.per_account]\nread = \"2000000000/hour\"\n")
+    } else {
+        (format!("\"{limit}\""), "")
+    };
     Policy::from_toml_str(&format!(
-        "categories = [\"read\", \"write\"]\n[tiers.free]\nread = \"{limit}\"\nwrite = \"{limit}\"\n[keys]\n\"{KEY}\" = \"free\"\n"
+        "categories = [\"read\", \"write\"]\n[tiers.free]\nread = {value}\nwrite = {value}\n{per_account}[keys]\n\"{KEY}\" = {{ tier = \"free\", account = \"acme\" }}\n"
     ))
     .unwrap()
 }
@@ -186,6 +194,18 @@ fn an_allowed_request_allocates_nothing_in_the_layer() {
             "1000000000/hour",
             Duration::from_micros(1),
             HeaderOptions::default().x_ratelimit(false),
+        ),
+        (
+            "several limits and a per-account limit",
+            r#"["1000000000/hour", "2000000000/day"]"#,
+            Duration::from_micros(1),
+            HeaderOptions::default(),
+        ),
+        (
+            "several limits, IETF draft fields instead",
+            r#"["1000000000/hour", "2000000000/day"]"#,
+            Duration::from_micros(1),
+            HeaderOptions::default().x_ratelimit(false).ietf_draft(true),
         ),
     ] {
         let (layer, clock, unix) = layer(limit, headers);
