@@ -127,26 +127,34 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             // A tier id from another policy: treat as an unknown key.
             return answer(Answer::Rejected(Rejection::UnknownKey));
         };
-        // Limits: the cell's, with custom limits and boosts applied.
-        let applied: Applied;
-        let multi: &Applied = if policy.has_adjustments() {
+        // Limits: the cell's, with custom limits and boosts applied (when a
+        // policy has any, and they touch this key).
+        let adjusted = if policy.has_adjustments() {
             let now = if policy.has_boosts() {
                 self.unix_now()
             } else {
                 0
             };
-            applied = policy.effective(cell, tier, category, identity.key(), now);
-            match (applied.per_key.as_slice(), applied.per_account.is_empty()) {
-                ([], true) => return Step::Pass,
-                ([one], true) => {
-                    return self.admit_one(
-                        guard, req, cell, cell_view, &identity, tier, category, route_cost, *one,
-                    );
-                }
-                _ => &applied,
-            }
+            policy.adjusted(cell, tier, category, identity.key(), now)
         } else {
-            match cell.single {
+            None
+        };
+        let applied: Applied;
+        let multi: &Applied = match adjusted {
+            Some(a) => {
+                applied = a;
+                match (applied.per_key.as_slice(), applied.per_account.is_empty()) {
+                    ([], true) => return Step::Pass,
+                    ([one], true) => {
+                        return self.admit_one(
+                            guard, req, cell, cell_view, &identity, tier, category, route_cost,
+                            *one,
+                        );
+                    }
+                    _ => &applied,
+                }
+            }
+            None => match cell.single {
                 Some(limit) => {
                     return self.admit_one(
                         guard, req, cell, cell_view, &identity, tier, category, route_cost, limit,
@@ -157,7 +165,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                     applied = cell.applied();
                     &applied
                 }
-            }
+            },
         };
         self.admit_all(
             guard, req, cell, cell_view, &identity, tier, category, route_cost, multi,

@@ -36,7 +36,10 @@ const N: usize = 1_000;
 /// list (the all-or-nothing path with every kind of charge).
 fn policy(limit: &str) -> Policy {
     let (value, per_account) = if limit.starts_with('[') {
-        (limit.to_owned(), "[tiers.free.per_account]\nread = \"2000000000/hour\"\n")
+        (
+            limit.to_owned(),
+            "[tiers.free.per_account]\nread = \"2000000000/hour\"\n",
+        )
     } else {
         (format!("\"{limit}\""), "")
     };

@@ -120,3 +120,72 @@ async fn several_limits_exact_under_contention() {
         common::conformance::exact_under_contention(vec![backend]).await;
     }
 }
+
+#[test]
+fn a_key_spray_locks_out_no_customer_under_several_limits() {
+    use tierlimit::backend::{Charge, Check};
+    let limits = [Limit::per_minute(10), Limit::per_hour(100)];
+    let charges = |owner: u64| {
+        limits.map(|limit| Charge {
+            bucket: owner ^ u64::from(limit.max()),
+            limit,
+            reserve: 0,
+        })
+    };
+    let check = |backend: &MemoryBackend<FakeRelativeClock>, owner: u64, known: bool| {
+        let owner = owner.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let charges = charges(owner);
+        backend
+            .check_all_now(&Check {
+                owner,
+                cost: 1,
+                known,
+                charges: &charges,
+            })
+            .unwrap()
+    };
+    let cap = 1_000;
+    let backend = MemoryBackend::builder()
+        .clock(FakeRelativeClock::default())
+        .max_keys(cap)
+        .build();
+    // 5,000 guests, two buckets each: the first 500 are tracked (1,000
+    // buckets, the cap); the rest share one overflow bucket per limit, so
+    // exactly 10 of them get through (the per-minute burst), all or nothing.
+    let mut untracked_allowed = 0;
+    for i in 0..5_000 {
+        let d = check(&backend, i, false);
+        if i < 500 {
+            assert!(d.allowed, "guest {i} under the cap");
+        } else if d.allowed {
+            untracked_allowed += 1;
+        }
+        assert!(backend.tracked_keys() <= cap);
+    }
+    assert_eq!(untracked_allowed, 10);
+    // Customers arriving during the spray get their own buckets and
+    // their whole limit: exactly 10, then refused by the per-minute limit.
+    for k in 0..200 {
+        let customer = 1_000_000 + k;
+        for n in 0..10 {
+            let d = check(&backend, customer, true);
+            assert!(d.allowed, "customer {k}, request {n}");
+            assert_eq!(d.remaining, 9 - n);
+        }
+        let d = check(&backend, customer, true);
+        assert!(!d.allowed);
+        assert_eq!(d.index, 0, "the per-minute limit refuses");
+        assert!(backend.tracked_keys() <= 2 * cap, "the hard bound");
+    }
+    // The spray goes on; the customers' state survives it.
+    for i in 5_000..20_000 {
+        check(&backend, i, false);
+    }
+    for k in 0..200 {
+        assert!(
+            !check(&backend, 1_000_000 + k, true).allowed,
+            "customer {k}"
+        );
+    }
+    assert!(backend.tracked_keys() <= 2 * cap);
+}

@@ -540,6 +540,9 @@ where
         // Each charge's state: its TAT, and where it lives.
         let mut slots = [Slot::Tracked(0); MAX_LIMITS];
         let mut acquired = 0usize;
+        // Guests of this shard that may give way to a known caller at the
+        // hard bound (one per new bucket).
+        let mut spare_guests = maps.guests.len();
         for (i, c) in charges.iter().enumerate() {
             slots[i] = match maps.get(c.bucket) {
                 Some(tat) => Slot::Tracked(tat),
@@ -547,13 +550,13 @@ where
                     acquired += 1;
                     Slot::New
                 }
-                None if check.known => {
-                    if inner.budget.force_acquire() {
-                        acquired += 1;
-                        Slot::New
-                    } else {
-                        Slot::Evict
-                    }
+                None if check.known && inner.budget.force_acquire() => {
+                    acquired += 1;
+                    Slot::New
+                }
+                None if check.known && spare_guests > 0 => {
+                    spare_guests -= 1;
+                    Slot::Evict
                 }
                 None => {
                     let map = overflow.get_or_insert_with(|| {
@@ -601,19 +604,12 @@ where
                     maps.table(check.known).insert(c.bucket, next);
                 }
                 Slot::Evict => {
-                    // At the hard bound: a guest of this shard gives way.
+                    // At the hard bound: a guest of this shard gives way
+                    // (counted when the slot was chosen, so one is there).
                     if let Some(&victim) = maps.guests.keys().next() {
                         maps.guests.remove(&victim);
-                        maps.known.insert(c.bucket, next);
-                    } else if let Some(map) = overflow.as_mut() {
-                        map.insert((i as u8, c.limit), next);
-                    } else {
-                        store
-                            .overflow
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .insert((i as u8, c.limit), next);
                     }
+                    maps.known.insert(c.bucket, next);
                 }
                 Slot::Overflow(_) => {
                     if let Some(map) = overflow.as_mut() {
@@ -827,7 +823,8 @@ enum Slot {
     Tracked(u64),
     /// Not tracked; a place in the table is reserved for it.
     New,
-    /// Not tracked, a known caller at the hard bound: a guest gives way.
+    /// Not tracked, a known caller at the hard bound: a guest of the shard
+    /// gives way (with none left, the caller goes to the overflow).
     Evict,
     /// Not tracked, a guest at the cap: counted in the shared overflow
     /// bucket of its limit (with that bucket's TAT, if any).

@@ -378,22 +378,49 @@ impl Policy {
         key: KeyId,
         now_unix: u64,
     ) -> Applied {
+        self.adjusted(cell, tier, category, key, now_unix)
+            .unwrap_or_else(|| cell.applied())
+    }
+
+    /// Like [`effective`](Self::effective), but `None` when no custom
+    /// limit or active boost touches this key in this cell (the cell's own
+    /// limits apply, and the request path keeps its fast path).
+    #[inline]
+    pub(crate) fn adjusted(
+        &self,
+        cell: &Cell,
+        tier: TierId,
+        category: CategoryId,
+        key: KeyId,
+        now_unix: u64,
+    ) -> Option<Applied> {
+        let custom = self
+            .inner
+            .overrides
+            .get(&key.as_u64())
+            .and_then(|cells| cells.get(category.index()))
+            .and_then(Option::as_ref);
+        let mut boosts = self
+            .inner
+            .boosts
+            .iter()
+            .filter(|b| b.applies(key.as_u64(), tier, category, now_unix))
+            .peekable();
+        if custom.is_none() && boosts.peek().is_none() {
+            return None;
+        }
         let mut applied = cell.applied();
-        if let Some(cells) = self.inner.overrides.get(&key.as_u64())
-            && let Some(Some(adjust)) = cells.get(category.index())
-        {
+        if let Some(adjust) = custom {
             applied = adjust.apply_all(&applied);
         }
         let base = applied;
-        for b in self.inner.boosts.iter() {
-            if b.applies(key.as_u64(), tier, category, now_unix) {
-                let boosted = b.adjust.apply_all(&base);
-                if more_generous_all(&boosted, &applied) {
-                    applied = boosted;
-                }
+        for b in boosts {
+            let boosted = b.adjust.apply_all(&base);
+            if more_generous_all(&boosted, &applied) {
+                applied = boosted;
             }
         }
-        applied
+        Some(applied)
     }
 
     /// Whether any custom limit or boost exists (else the tier rule is final).
