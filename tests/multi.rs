@@ -486,3 +486,129 @@ async fn shadow_mode_and_live_reload_work_with_lists() {
         "the guard again"
     );
 }
+
+#[tokio::test]
+async fn accounts_from_an_auth_layer_and_from_a_resolver() {
+    let policy = policy_from_file();
+    let pro = policy.tier("pro").unwrap();
+    let c = client();
+    // 1. An auth layer that knows the account: users 1 and 2 of org 9.
+    let layer = RateLimitLayer::builder(policy.clone())
+        .extractor(tierlimit::FromExtension)
+        .backend(
+            MemoryBackend::builder()
+                .clock(FakeRelativeClock::default())
+                .build(),
+        )
+        .build();
+    let app = axum::Router::new()
+        .route("/v1/account", axum::routing::post(|| async { "{}" }))
+        .layer(layer)
+        .layer(axum::middleware::from_fn(
+            move |mut req: axum::extract::Request, next: axum::middleware::Next| async move {
+                let user = req.headers()["x-user"].to_str().unwrap().to_owned();
+                let org = req.headers()["x-org"].to_str().unwrap().to_owned();
+                req.extensions_mut().insert(
+                    tierlimit::Identity::new(&user)
+                        .with_tier(pro)
+                        .with_account(&org),
+                );
+                next.run(req).await
+            },
+        ));
+    let server = serve(app).await;
+    let post = |user: &'static str, org: &'static str| {
+        c.post(server.url("/v1/account"))
+            .header("x-user", user)
+            .header("x-org", org)
+            .send()
+    };
+    for i in 0..6 {
+        let user = if i % 2 == 0 { "u1" } else { "u2" };
+        assert_eq!(post(user, "org-9").await.unwrap().status(), StatusCode::OK);
+    }
+    // pro's 6 writes per hour are org 9's, whichever user asks.
+    assert_eq!(
+        post("u3", "org-9").await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(post("u1", "org-10").await.unwrap().status(), StatusCode::OK);
+
+    // 2. A resolver for keys the table does not list: `org_<account>_<n>`.
+    let resolver = tierlimit::ApiKey::new().resolve(move |key| {
+        let account = key.strip_prefix("org_")?.split('_').next()?;
+        Some((pro, Some(tierlimit::KeyId::of_account(account))))
+    });
+    let layer = RateLimitLayer::builder(policy)
+        .extractor(resolver)
+        .backend(
+            MemoryBackend::builder()
+                .clock(FakeRelativeClock::default())
+                .build(),
+        )
+        .build();
+    let app = axum::Router::new()
+        .route("/v1/account", axum::routing::post(|| async { "{}" }))
+        .layer(layer);
+    let server = serve(app).await;
+    let url = server.url("/v1/account");
+    for i in 0..6 {
+        let key = if i % 2 == 0 {
+            "org_umbrella_1"
+        } else {
+            "org_umbrella_2"
+        };
+        let res = call(&c, "POST", &url, key).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(header(&res, "x-ratelimit-remaining"), Some(5 - i));
+    }
+    let res = call(&c, "POST", &url, "org_umbrella_3").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        call(&c, "POST", &url, "org_wayne_1").await.status(),
+        StatusCode::OK
+    );
+    // Unknown keys the resolver does not take stay unknown.
+    assert_eq!(
+        call(&c, "POST", &url, "nobody").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn a_cost_above_any_limit_of_the_list_can_never_succeed() {
+    let (server, _clock) = demo_server(HeaderOptions::default()).await;
+    let c = client();
+    // team's writes: 3 per key, 5 per account. A batch of 4 fits the
+    // account's limit but never the key's: a 400 naming the limit of 3.
+    let res = c
+        .post(server.url("/v1/batch"))
+        .header("X-API-Key", "team-a")
+        .header("X-Batch-Size", "4")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["type"], "urn:tierlimit:problem:cost-exceeds-limit");
+    assert_eq!(
+        (body["cost"].as_u64(), body["limit"].as_u64()),
+        (Some(4), Some(3))
+    );
+    // A batch of 3 fits both, and takes 3 from each.
+    let res = c
+        .post(server.url("/v1/batch"))
+        .header("X-API-Key", "team-a")
+        .header("X-Batch-Size", "3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(named(&res), (Some(3), Some(0), Some(3600)));
+    let res = call(&c, "POST", &server.url("/v1/clusters"), "team-b").await;
+    assert_eq!(
+        named(&res),
+        (Some(5), Some(1), Some(3600)),
+        "the account had 2 left"
+    );
+}
