@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use governor::clock::FakeRelativeClock;
 use proptest::prelude::*;
+use tierlimit::backend::{Charge, Check};
 use tierlimit::{Backend, BackendError, Decision, KeyId, Limit, MemoryBackend, Subject};
 
 /// What the model says one check gives.
@@ -22,6 +23,7 @@ enum Outcome {
 
 /// GCRA as DESIGN.md states it (governor's arithmetic), in nanoseconds:
 /// `max` at once, then one every `t`; a reserve of `r` cells must be left.
+#[derive(Clone, Copy)]
 struct Model {
     t: u64,
     max: u32,
@@ -165,37 +167,33 @@ mod redis_script {
     use common::redis::{RedisServer, available, init_secret};
     use std::sync::OnceLock;
 
-    /// One server and one backend (fake clock) for every case.
-    fn shared() -> Option<&'static (
+    /// A server, a fake clock and a backend on it, shared by every case
+    /// of one test (each test has its own: they move their clocks).
+    pub(super) type Shared = (
         RedisServer,
         FakeRelativeClock,
         tierlimit::RedisBackend,
         tokio::runtime::Runtime,
-    )> {
-        static SHARED: OnceLock<
-            Option<(
-                RedisServer,
-                FakeRelativeClock,
-                tierlimit::RedisBackend,
-                tokio::runtime::Runtime,
-            )>,
-        > = OnceLock::new();
-        SHARED
-            .get_or_init(|| {
-                if !available() {
-                    return None;
-                }
-                init_secret();
-                let server = RedisServer::start();
-                let clock = FakeRelativeClock::default();
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                let backend = rt.block_on(common::redis::fake_clock_backend(&server, &clock));
-                Some((server, clock, backend, rt))
-            })
-            .as_ref()
+    );
+
+    pub(super) fn start() -> Option<Shared> {
+        if !available() {
+            return None;
+        }
+        init_secret();
+        let server = RedisServer::start();
+        let clock = FakeRelativeClock::default();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let backend = rt.block_on(common::redis::fake_clock_backend(&server, &clock));
+        Some((server, clock, backend, rt))
+    }
+
+    fn shared() -> Option<&'static Shared> {
+        static SHARED: OnceLock<Option<Shared>> = OnceLock::new();
+        SHARED.get_or_init(start).as_ref()
     }
 
     proptest! {
@@ -207,6 +205,152 @@ mod redis_script {
                 return Ok(());
             };
             rt.block_on(run_case(limit, &steps, |d| clock.advance(d), async |s, l| backend.check(&s, &l).await))?;
+        }
+    }
+}
+
+/// Two limits checked all or nothing: the model is two GCRA models, each
+/// asked on a copy; the request counts in both only if both allow. The
+/// backend answers with the binding limit: on an allow the fewest
+/// remaining, on a refusal the longest retry delay.
+type MultiSteps = Vec<(u64, u32, u32, u32)>;
+
+fn multi_steps() -> impl Strategy<Value = MultiSteps> {
+    prop::collection::vec(
+        (
+            prop_oneof![Just(0u64), 0u64..50, 0u64..5_000, 0u64..60_000],
+            prop_oneof![Just(1u32), 1u32..=25],
+            prop_oneof![Just(0u32), Just(0u32), 1u32..=10],
+            prop_oneof![Just(0u32), Just(0u32), 1u32..=10],
+        ),
+        1..40,
+    )
+}
+
+fn multi_expected(models: &mut [Model; 2], now: u64, cost: u32, reserves: [u32; 2]) -> Outcome {
+    if models.iter().any(|m| cost > m.max) {
+        return Outcome::CostTooHigh;
+    }
+    let mut tries = [
+        Model {
+            tat: models[0].tat,
+            ..models[0]
+        },
+        Model {
+            tat: models[1].tat,
+            ..models[1]
+        },
+    ];
+    let outcomes = [
+        tries[0].check(now, cost, reserves[0]),
+        tries[1].check(now, cost, reserves[1]),
+    ];
+    match outcomes {
+        [
+            Outcome::Allow { remaining: a },
+            Outcome::Allow { remaining: b },
+        ] => {
+            *models = tries;
+            Outcome::Allow {
+                remaining: a.min(b),
+            }
+        }
+        _ => {
+            let retry = outcomes
+                .iter()
+                .filter_map(|o| match o {
+                    Outcome::Deny { retry } => Some(*retry),
+                    _ => None,
+                })
+                .max()
+                .expect("one refused");
+            Outcome::Deny { retry }
+        }
+    }
+}
+
+async fn run_multi_case(
+    limits: [(u32, u64); 2],
+    steps: &[(u64, u32, u32, u32)],
+    advance: impl Fn(Duration),
+    check: impl AsyncFn(Check<'_>) -> Result<Decision, BackendError>,
+) -> Result<(), TestCaseError> {
+    setup();
+    let owner = fresh_subject().key.as_u64();
+    let limit = |(max, t_ms): (u32, u64)| {
+        Limit::new(
+            max.try_into().unwrap(),
+            Duration::from_millis(t_ms * u64::from(max)),
+        )
+        .unwrap()
+    };
+    let mut models = limits.map(|(max, t_ms)| Model {
+        t: t_ms * 1_000_000,
+        max,
+        tat: None,
+    });
+    let mut now = 0u64;
+    for (i, &(advance_ms, cost, r0, r1)) in steps.iter().enumerate() {
+        advance(Duration::from_millis(advance_ms));
+        now += advance_ms * 1_000_000;
+        let charges = [
+            Charge {
+                bucket: owner ^ 1,
+                limit: limit(limits[0]),
+                reserve: r0,
+            },
+            Charge {
+                bucket: owner ^ 2,
+                limit: limit(limits[1]),
+                reserve: r1,
+            },
+        ];
+        let want = multi_expected(&mut models, now, cost, [r0, r1]);
+        let got = observed(
+            check(Check {
+                owner,
+                cost,
+                known: true,
+                charges: &charges,
+            })
+            .await,
+        );
+        prop_assert_eq!(got, want, "step {} of {:?} (limits {:?})", i, steps, limits);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn memory_backend_matches_the_model_under_two_limits(a in limits(), b in limits(), steps in multi_steps()) {
+        let clock = FakeRelativeClock::default();
+        let backend = MemoryBackend::builder().clock(clock.clone()).build();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(run_multi_case([a, b], &steps, |d| clock.advance(d), async |c| backend.check_all(&c).await))?;
+    }
+}
+
+#[cfg(all(feature = "redis", feature = "test-util"))]
+mod redis_multi_script {
+    use super::*;
+    use std::sync::OnceLock;
+
+    fn shared() -> Option<&'static redis_script::Shared> {
+        static SHARED: OnceLock<Option<redis_script::Shared>> = OnceLock::new();
+        SHARED.get_or_init(redis_script::start).as_ref()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn redis_script_matches_the_model_under_two_limits(a in limits(), b in limits(), steps in multi_steps()) {
+            let Some((_server, clock, backend, rt)) = shared() else {
+                return Ok(());
+            };
+            rt.block_on(run_multi_case([a, b], &steps, |d| clock.advance(d), async |c| backend.check_all(&c).await))?;
         }
     }
 }

@@ -27,7 +27,11 @@ for i = 1, k do
   if not tat then tat = now end
   tats[i] = tat
   local earliest = tat + add + reserve * t - tau
-  if now < earliest then
+  if n + reserve > max then
+    -- Only the reserve (or less) could ever be left: a whole window.
+    refused = true
+    out[i] = t * max
+  elseif now < earliest then
     refused = true
     out[i] = earliest - now
   else

@@ -979,17 +979,6 @@ impl RedisBackend {
                 });
             }
         }
-        if let Some((i, c)) = check
-            .charges
-            .iter()
-            .enumerate()
-            .find(|(_, c)| u64::from(cost) + u64::from(c.reserve) > u64::from(c.limit.max()))
-        {
-            // Only the reserve (or less) could ever be left for it.
-            let mut d = Decision::refuse(&c.limit, cost, c.limit.per());
-            d.index = i as u8;
-            return Ok(d);
-        }
         if check.charges.is_empty() {
             return Err(BackendError::Unavailable("a check without charges".into()));
         }
