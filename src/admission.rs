@@ -228,25 +228,10 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             reserve,
             known: identity.is_known(),
         };
-        #[cfg(feature = "metrics")]
-        let started = std::time::Instant::now();
+        let mut settle = Settle::start(cell_view, tier, category, identity.key());
+        settle.reserves[0] = reserve;
         let check = self.backend.check(&subject, &limit);
-        let mut reserves = [0; MAX_LIMITS];
-        reserves[0] = reserve;
-        self.settle_now(
-            guard,
-            req,
-            check,
-            Settle {
-                cell: cell_view,
-                tier,
-                category,
-                key: identity.key(),
-                reserves,
-                #[cfg(feature = "metrics")]
-                started,
-            },
-        )
+        self.settle_now(guard, req, check, settle)
     }
 
     /// A request under several limits at once, all or nothing.
@@ -299,32 +284,17 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         let set = ChargeSet::new(cell, applied, identity, |max| {
             if critical { 0 } else { reserve_for(pct, max) }
         });
-        let mut reserves = [0; MAX_LIMITS];
-        for (r, c) in reserves.iter_mut().zip(set.charges()) {
+        let mut settle = Settle::start(cell_view, tier, category, identity.key());
+        for (r, c) in settle.reserves.iter_mut().zip(set.charges()) {
             *r = c.reserve;
         }
-        #[cfg(feature = "metrics")]
-        let started = std::time::Instant::now();
         let check = self.backend.check_all(&Check {
             owner: set.owner,
             cost,
             known: identity.is_known(),
             charges: set.charges(),
         });
-        self.settle_now(
-            guard,
-            req,
-            check,
-            Settle {
-                cell: cell_view,
-                tier,
-                category,
-                key: identity.key(),
-                reserves,
-                #[cfg(feature = "metrics")]
-                started,
-            },
-        )
+        self.settle_now(guard, req, check, settle)
     }
 
     /// Settles a check at once when the backend answered at once, else
@@ -446,9 +416,26 @@ struct Settle<'a> {
     tier: TierId,
     category: CategoryId,
     key: KeyId,
+    /// The reserve each charge had to leave (by charge index).
     reserves: [u32; MAX_LIMITS],
     #[cfg(feature = "metrics")]
     started: std::time::Instant,
+}
+
+impl<'a> Settle<'a> {
+    /// Made just before the backend is asked (the check's duration starts).
+    #[inline]
+    fn start(cell: &'a CellView, tier: TierId, category: CategoryId, key: KeyId) -> Self {
+        Settle {
+            cell,
+            tier,
+            category,
+            key,
+            reserves: [0; MAX_LIMITS],
+            #[cfg(feature = "metrics")]
+            started: std::time::Instant::now(),
+        }
+    }
 }
 
 impl<E: Extractor, B: Backend> Shared<E, B> {}

@@ -907,21 +907,7 @@ impl MultiStore {
 
     /// Drops buckets full again (TAT at or before `now`).
     fn retain_shard(&self, shard: usize, now: u64, budget: &Budget) {
-        let mut guard = self.shards[shard]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let maps = &mut *guard;
-        let before = maps.len();
-        for table in [&mut maps.known, &mut maps.guests] {
-            table.retain(|_, tat| *tat > now);
-            if table.capacity() > 64 && table.len() < table.capacity() / 4 {
-                table.shrink_to_fit();
-            }
-        }
-        let removed = before - maps.len();
-        if removed > 0 {
-            budget.release(removed);
-        }
+        retain_full(&self.shards[shard], now, budget);
     }
 
     fn retain_overflow(&self, now: u64) {
@@ -993,6 +979,25 @@ impl ShardMaps {
 
 type Shard = Mutex<ShardMaps>;
 
+/// Drops a shard's buckets whose TAT is at or below `drop_below` (full
+/// again), shrinks tables left mostly empty, and returns their places to
+/// the budget.
+fn retain_full(shard: &Shard, drop_below: u64, budget: &Budget) {
+    let mut guard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+    let maps = &mut *guard;
+    let before = maps.len();
+    for table in [&mut maps.known, &mut maps.guests] {
+        table.retain(|_, tat| *tat > drop_below);
+        if table.capacity() > 64 && table.len() < table.capacity() / 4 {
+            table.shrink_to_fit();
+        }
+    }
+    let removed = before - maps.len();
+    if removed > 0 {
+        budget.release(removed);
+    }
+}
+
 /// 64 mutex-guarded shards of `bucket → TAT`, charged against a shared key
 /// budget, with one overflow state for guests that arrive when the budget
 /// is spent.
@@ -1025,21 +1030,7 @@ impl KeyStore {
     }
 
     fn retain_shard(&self, shard: usize, drop_below: u64) {
-        let mut guard = self.shards[shard]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let maps = &mut *guard;
-        let before = maps.len();
-        for table in [&mut maps.known, &mut maps.guests] {
-            table.retain(|_, tat| *tat > drop_below);
-            if table.capacity() > 64 && table.len() < table.capacity() / 4 {
-                table.shrink_to_fit();
-            }
-        }
-        let removed = before - maps.len();
-        if removed > 0 {
-            self.budget.release(removed);
-        }
+        retain_full(&self.shards[shard], drop_below, &self.budget);
     }
 
     fn retain_overflow(&self, drop_below: u64) {

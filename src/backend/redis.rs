@@ -435,9 +435,7 @@ impl Inner {
         }
     }
 
-    /// Runs the script once, on the backend's own I/O thread, bounded by
-    /// the timeout there: the time measured is Redis's round trip, never
-    /// the wait for a busy application runtime to poll the connection.
+    /// Runs the one-limit script once (see [`invoke`](Self::invoke)).
     async fn eval(
         self: &Arc<Self>,
         key: String,
@@ -449,67 +447,70 @@ impl Inner {
             Call::Peek => (1, 0, true),
         };
         let t = (limit.emission_interval_nanos() / 1_000).max(1);
-        let max = limit.max();
-        let now = match &self.fake {
-            Some(_) => self.local_micros().to_string(),
-            None => String::new(),
-        };
-        let inner = Arc::clone(self);
-        let round_trip = async move {
-            let mut inv = inner.script.key(key);
-            inv.arg(t)
-                .arg(max)
-                .arg(cost)
-                .arg(now)
-                .arg(reserve)
-                .arg(if peek { "1" } else { "0" });
-            let conn = inner.conn.load_full();
-            let call = async {
-                match &*conn {
-                    Conn::Single(c) => inv.invoke_async(&mut c.clone()).await,
-                    Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
-                }
-            };
-            match tokio::time::timeout(inner.timeout, call).await {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(EvalError::Redis(e)),
-                Err(_) => Err(EvalError::Timeout),
-            }
-        };
-        match self.io.handle().spawn(round_trip).await {
-            Ok(result) => result,
-            Err(_) => Err(EvalError::Lost),
-        }
+        let args = vec![
+            t.to_string(),
+            limit.max().to_string(),
+            cost.to_string(),
+            self.script_now(),
+            reserve.to_string(),
+            if peek { "1" } else { "0" }.to_owned(),
+        ];
+        self.invoke(Script::One, vec![key], args).await
     }
 
-    /// Runs the several-limit script once (see [`eval`](Self::eval)).
+    /// Runs the several-limit script once (see [`invoke`](Self::invoke)).
     async fn eval_all(
         self: &Arc<Self>,
         owner: u64,
         cost: u32,
         charges: &[Charge],
     ) -> Result<Vec<i64>, EvalError> {
-        let now = match &self.fake {
-            Some(_) => self.local_micros().to_string(),
-            None => String::new(),
-        };
-        let keys: Vec<String> = charges
+        let keys = charges
             .iter()
             .map(|c| charge_key(&self.prefix, owner, c))
             .collect();
-        let mut args: Vec<u64> = Vec::with_capacity(charges.len() * 3 + 1);
-        args.push(u64::from(cost));
+        let mut args = Vec::with_capacity(charges.len() * 3 + 2);
+        args.push(self.script_now());
+        args.push(cost.to_string());
         for c in charges {
             let t = (c.limit.emission_interval_nanos() / 1_000).max(1);
-            args.extend([t, u64::from(c.limit.max()), u64::from(c.reserve)]);
+            args.extend([
+                t.to_string(),
+                c.limit.max().to_string(),
+                c.reserve.to_string(),
+            ]);
         }
+        self.invoke(Script::All, keys, args).await
+    }
+
+    /// The time the scripts are given: the fake clock's in tests, else
+    /// empty (the script reads Redis's `TIME`).
+    fn script_now(&self) -> String {
+        match &self.fake {
+            Some(_) => self.local_micros().to_string(),
+            None => String::new(),
+        }
+    }
+
+    /// Runs a script once, on the backend's own I/O thread, bounded by the
+    /// timeout there: the time measured is Redis's round trip, never the
+    /// wait for a busy application runtime to poll the connection.
+    async fn invoke<T: redis::FromRedisValue + Send + 'static>(
+        self: &Arc<Self>,
+        script: Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<T, EvalError> {
         let inner = Arc::clone(self);
         let round_trip = async move {
-            let mut inv = inner.script_all.prepare_invoke();
+            let script = match script {
+                Script::One => &inner.script,
+                Script::All => &inner.script_all,
+            };
+            let mut inv = script.prepare_invoke();
             for k in keys {
                 inv.key(k);
             }
-            inv.arg(now);
             for a in args {
                 inv.arg(a);
             }
@@ -715,6 +716,15 @@ impl Inner {
             FailurePolicy::FailClosed => Err(BackendError::Unavailable("redis unreachable".into())),
         }
     }
+}
+
+/// Which script a call runs.
+#[derive(Clone, Copy)]
+enum Script {
+    /// One limit (`gcra.lua`).
+    One,
+    /// Several limits, all or nothing (`gcra_all.lua`).
+    All,
 }
 
 /// What one script call asks.
