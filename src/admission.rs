@@ -139,27 +139,28 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         } else {
             None
         };
+        let found = Found {
+            guard,
+            req,
+            cell,
+            cell_view,
+            identity,
+            tier,
+            category,
+            route_cost,
+        };
         let applied: Applied;
         let multi: &Applied = match adjusted {
             Some(a) => {
                 applied = a;
                 match (applied.per_key.as_slice(), applied.per_account.is_empty()) {
                     ([], true) => return Step::Pass,
-                    ([one], true) => {
-                        return self.admit_one(
-                            guard, req, cell, cell_view, &identity, tier, category, route_cost,
-                            *one,
-                        );
-                    }
+                    ([one], true) => return self.admit_one(&found, *one),
                     _ => &applied,
                 }
             }
             None => match cell.single {
-                Some(limit) => {
-                    return self.admit_one(
-                        guard, req, cell, cell_view, &identity, tier, category, route_cost, limit,
-                    );
-                }
+                Some(limit) => return self.admit_one(&found, limit),
                 None if cell.is_unlimited() => return Step::Pass,
                 None => {
                     applied = cell.applied();
@@ -167,134 +168,62 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 }
             },
         };
-        self.admit_all(
-            guard, req, cell, cell_view, &identity, tier, category, route_cost, multi,
-        )
+        self.admit_all(&found, multi)
     }
 
     /// A request under one limit (the fast path).
-    #[allow(clippy::too_many_arguments)]
     #[inline]
-    fn admit_one<T>(
-        &self,
-        guard: &Arc<PolicyView>,
-        req: &Request<T>,
-        cell: &Cell,
-        cell_view: &CellView,
-        identity: &Identity,
-        tier: TierId,
-        category: CategoryId,
-        route_cost: u32,
-        limit: Limit,
-    ) -> Step<B::Future> {
-        let policy: &Policy = &guard.policy;
-        let answer = |a: Answer<'_>| Step::Answer(a.into_response(is_grpc(req.headers())));
-        // Cost: the route's cost is a floor; an extractor's count multiplies it.
-        let cost = identity
-            .cost()
-            .map_or(route_cost, |n| route_cost.saturating_mul(n));
-        if cost == 0 {
-            return answer(Answer::Rejected(Rejection::InvalidCost(
-                "a cost must be at least 1",
-            )));
-        }
-        if cost > limit.max() {
-            return answer(Answer::CostTooHigh {
-                cost,
-                max: limit.max(),
-                tier: policy.tier_name(tier),
-                category: policy.category_name(category),
-            });
-        }
-        // Priority: only tiers with a reserve read the header.
-        let pct = policy.priority_reserve(tier);
-        let reserve = if pct == 0 {
-            0
-        } else {
-            match critical(req.headers(), identity.priority()) {
-                Ok(true) => 0,
-                Ok(false) => reserve_for(pct, limit.max()),
-                Err(r) => return answer(Answer::Rejected(r)),
-            }
+    fn admit_one<T>(&self, f: &Found<'_, T>, limit: Limit) -> Step<B::Future> {
+        let cost = match f.cost(std::iter::once(limit)) {
+            Ok(cost) => cost,
+            Err(step) => return step,
         };
-        let key = match cell.pool {
-            Pool::Key => identity.key(),
-            Pool::Account => identity.account_or_key(),
+        let reserve = match f.reserve_pct() {
+            Ok(pct) => pct.map_or(0, |p| reserve_for(p, limit.max())),
+            Err(step) => return step,
+        };
+        let key = match f.cell.pool {
+            Pool::Key => f.identity.key(),
+            Pool::Account => f.identity.account_or_key(),
         };
         let subject = Subject {
             key,
             cost,
-            scope: cell.scope,
+            scope: f.cell.scope,
             reserve,
-            known: identity.is_known(),
+            known: f.identity.is_known(),
         };
-        let mut settle = Settle::start(cell_view, tier, category, identity.key());
+        let mut settle = f.settle();
         settle.reserves[0] = reserve;
         let check = self.backend.check(&subject, &limit);
-        self.settle_now(guard, req, check, settle)
+        self.settle_now(f.guard, f.req, check, settle)
     }
 
     /// A request under several limits at once, all or nothing.
-    #[allow(clippy::too_many_arguments)]
-    fn admit_all<T>(
-        &self,
-        guard: &Arc<PolicyView>,
-        req: &Request<T>,
-        cell: &Cell,
-        cell_view: &CellView,
-        identity: &Identity,
-        tier: TierId,
-        category: CategoryId,
-        route_cost: u32,
-        applied: &Applied,
-    ) -> Step<B::Future> {
-        let policy: &Policy = &guard.policy;
-        let answer = |a: Answer<'_>| Step::Answer(a.into_response(is_grpc(req.headers())));
-        let cost = identity
-            .cost()
-            .map_or(route_cost, |n| route_cost.saturating_mul(n));
-        if cost == 0 {
-            return answer(Answer::Rejected(Rejection::InvalidCost(
-                "a cost must be at least 1",
-            )));
-        }
-        let limits = applied
-            .per_key
-            .as_slice()
-            .iter()
-            .map(|l| (*l, false))
-            .chain(applied.per_account.as_slice().iter().map(|l| (*l, true)));
-        if let Some((l, _)) = limits.clone().find(|(l, _)| cost > l.max()) {
-            return answer(Answer::CostTooHigh {
-                cost,
-                max: l.max(),
-                tier: policy.tier_name(tier),
-                category: policy.category_name(category),
-            });
-        }
-        let pct = policy.priority_reserve(tier);
-        let critical = if pct == 0 {
-            true
-        } else {
-            match critical(req.headers(), identity.priority()) {
-                Ok(c) => c,
-                Err(r) => return answer(Answer::Rejected(r)),
-            }
+    fn admit_all<T>(&self, f: &Found<'_, T>, applied: &Applied) -> Step<B::Future> {
+        let limits = applied.per_key.as_slice().iter();
+        let cost = match f.cost(limits.chain(applied.per_account.as_slice()).copied()) {
+            Ok(cost) => cost,
+            Err(step) => return step,
         };
-        let set = ChargeSet::new(cell, applied, identity, |max| {
-            if critical { 0 } else { reserve_for(pct, max) }
+        let pct = match f.reserve_pct() {
+            Ok(pct) => pct,
+            Err(step) => return step,
+        };
+        let set = ChargeSet::new(f.cell, applied, &f.identity, |max| {
+            pct.map_or(0, |p| reserve_for(p, max))
         });
-        let mut settle = Settle::start(cell_view, tier, category, identity.key());
+        let mut settle = f.settle();
         for (r, c) in settle.reserves.iter_mut().zip(set.charges()) {
             *r = c.reserve;
         }
         let check = self.backend.check_all(&Check {
             owner: set.owner,
             cost,
-            known: identity.is_known(),
+            known: f.identity.is_known(),
             charges: set.charges(),
         });
-        self.settle_now(guard, req, check, settle)
+        self.settle_now(f.guard, f.req, check, settle)
     }
 
     /// Settles a check at once when the backend answered at once, else
@@ -346,6 +275,82 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 }),
             ),
         }
+    }
+}
+
+/// A request classified and identified, its cell found: what both
+/// admission paths read.
+struct Found<'a, T> {
+    guard: &'a Arc<PolicyView>,
+    req: &'a Request<T>,
+    cell: &'a Cell,
+    cell_view: &'a CellView,
+    identity: Identity,
+    tier: TierId,
+    category: CategoryId,
+    route_cost: u32,
+}
+
+impl<T> Found<'_, T> {
+    fn answer<F>(&self, a: Answer<'_>) -> Step<F> {
+        Step::Answer(a.into_response(is_grpc(self.req.headers())))
+    }
+
+    /// The request's cost: the route's cost is a floor, an extractor's
+    /// count multiplies it; 0 is a rejection, and a cost above any of
+    /// `limits`' bursts could never succeed.
+    #[inline]
+    #[allow(clippy::result_large_err)] // the answer itself, moved once, on the error path only
+    fn cost<F>(&self, limits: impl Iterator<Item = Limit>) -> Result<u32, Step<F>> {
+        let route = self.route_cost;
+        let cost = self
+            .identity
+            .cost()
+            .map_or(route, |n| route.saturating_mul(n));
+        if cost == 0 {
+            return Err(self.answer(Answer::Rejected(Rejection::InvalidCost(
+                "a cost must be at least 1",
+            ))));
+        }
+        let mut limits = limits;
+        if let Some(l) = limits.find(|l| cost > l.max()) {
+            let policy = &self.guard.policy;
+            return Err(self.answer(Answer::CostTooHigh {
+                cost,
+                max: l.max(),
+                tier: policy.tier_name(self.tier),
+                category: policy.category_name(self.category),
+            }));
+        }
+        Ok(cost)
+    }
+
+    /// The tier's priority reserve, in percent, if this request must leave
+    /// it (`None`: no reserve, or a critical request). Only tiers with a
+    /// reserve read `X-Request-Priority`.
+    #[inline]
+    #[allow(clippy::result_large_err)] // as `cost`
+    fn reserve_pct<F>(&self) -> Result<Option<u8>, Step<F>> {
+        let pct = self.guard.policy.priority_reserve(self.tier);
+        if pct == 0 {
+            return Ok(None);
+        }
+        match critical(self.req.headers(), self.identity.priority()) {
+            Ok(true) => Ok(None),
+            Ok(false) => Ok(Some(pct)),
+            Err(r) => Err(self.answer(Answer::Rejected(r))),
+        }
+    }
+
+    /// The settlement's parts, made just before the backend is asked.
+    #[inline]
+    fn settle(&self) -> Settle<'_> {
+        Settle::start(
+            self.cell_view,
+            self.tier,
+            self.category,
+            self.identity.key(),
+        )
     }
 }
 

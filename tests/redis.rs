@@ -246,7 +246,7 @@ async fn several_limit_table_cluster_in_one_slot() {
     assert_eq!(backend.state(), BackendState::Connected);
 }
 
-async fn several_limits_across_instances(make: impl AsyncFn() -> RedisBackend) {
+async fn several_limits_across_instances(make: &impl AsyncFn() -> RedisBackend) {
     let mut backends = Vec::new();
     for _ in 0..4 {
         backends.push(make().await);
@@ -254,43 +254,9 @@ async fn several_limits_across_instances(make: impl AsyncFn() -> RedisBackend) {
     common::conformance::exact_under_contention(backends).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn several_limits_exact_across_instances_single_node() {
-    if !ready() {
-        return;
-    }
-    let server = RedisServer::start();
-    let url = server.url();
-    several_limits_across_instances(async || {
-        RedisBackend::builder(url.clone())
-            .timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .unwrap()
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn several_limits_exact_across_instances_cluster() {
-    if !ready() {
-        return;
-    }
-    let cluster = RedisCluster::start();
-    let urls = cluster.urls();
-    several_limits_across_instances(async || {
-        RedisBackend::cluster(urls.clone())
-            .timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .unwrap()
-    })
-    .await;
-}
-
 /// Several independent backends (separate connections, as separate
 /// instances have), many concurrent tasks: exactly N allowed in total.
-async fn exact_across_instances(make: impl AsyncFn() -> RedisBackend) {
+async fn exact_across_instances(make: &impl AsyncFn() -> RedisBackend) {
     let limit = Limit::per_hour(50);
     let allowed = Arc::new(AtomicU32::new(0));
     let mut tasks = Vec::new();
@@ -329,14 +295,16 @@ async fn exactly_n_across_instances_single_node() {
     }
     let server = RedisServer::start();
     let url = server.url();
-    exact_across_instances(async || {
+    let make = async || {
         RedisBackend::builder(url.clone())
             .timeout(Duration::from_secs(2))
             .connect()
             .await
             .unwrap()
-    })
-    .await;
+    };
+    exact_across_instances(&make).await;
+    // Two limits on one owner: exactly the binding one's burst.
+    several_limits_across_instances(&make).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -346,14 +314,16 @@ async fn exactly_n_across_instances_cluster() {
     }
     let cluster = RedisCluster::start();
     let urls = cluster.urls();
-    exact_across_instances(async || {
+    let make = async || {
         RedisBackend::cluster(urls.clone())
             .timeout(Duration::from_secs(2))
             .connect()
             .await
             .unwrap()
-    })
-    .await;
+    };
+    exact_across_instances(&make).await;
+    // Two limits on one owner: exactly the binding one's burst.
+    several_limits_across_instances(&make).await;
 }
 
 #[tokio::test]
