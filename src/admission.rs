@@ -172,7 +172,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
     }
 
     /// A request under one limit (the fast path).
-    #[inline]
+    #[inline(always)]
     fn admit_one<T>(&self, f: &Found<'_, T>, limit: Limit) -> Step<B::Future> {
         let cost = match f.cost(std::iter::once(limit)) {
             Ok(cost) => cost,
@@ -299,7 +299,7 @@ impl<T> Found<'_, T> {
     /// The request's cost: the route's cost is a floor, an extractor's
     /// count multiplies it; 0 is a rejection, and a cost above any of
     /// `limits`' bursts could never succeed.
-    #[inline]
+    #[inline(always)]
     #[allow(clippy::result_large_err)] // the answer itself, moved once, on the error path only
     fn cost<F>(&self, limits: impl Iterator<Item = Limit>) -> Result<u32, Step<F>> {
         let route = self.route_cost;
@@ -328,7 +328,7 @@ impl<T> Found<'_, T> {
     /// The tier's priority reserve, in percent, if this request must leave
     /// it (`None`: no reserve, or a critical request). Only tiers with a
     /// reserve read `X-Request-Priority`.
-    #[inline]
+    #[inline(always)]
     #[allow(clippy::result_large_err)] // as `cost`
     fn reserve_pct<F>(&self) -> Result<Option<u8>, Step<F>> {
         let pct = self.guard.policy.priority_reserve(self.tier);
