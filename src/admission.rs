@@ -210,7 +210,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             Ok(pct) => pct,
             Err(step) => return step,
         };
-        let set = ChargeSet::new(f.cell, applied, &f.identity, |max| {
+        let set = ChargeSet::new(f.cell, applied, &f.identity, cost, |max| {
             pct.map_or(0, |p| reserve_for(p, max))
         });
         let mut settle = f.settle();
@@ -219,7 +219,6 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         }
         let check = self.backend.check_all(&Check {
             owner: set.owner,
-            cost,
             known: f.identity.is_known(),
             charges: set.charges(),
         });
@@ -368,6 +367,7 @@ impl ChargeSet {
         cell: &Cell,
         applied: &Applied,
         identity: &Identity,
+        cost: u32,
         reserve: impl Fn(u32) -> u32,
     ) -> Self {
         let account = identity.account_or_key().as_u64();
@@ -395,6 +395,7 @@ impl ChargeSet {
         let mut items = [Charge {
             bucket: 0,
             limit: Limit::per_second(1),
+            cost: 1,
             reserve: 0,
         }; MAX_LIMITS];
         let mut len = 0;
@@ -402,6 +403,7 @@ impl ChargeSet {
             *slot = Charge {
                 bucket: limit_bucket(base, &limit),
                 limit,
+                cost,
                 reserve: reserve(limit.max()),
             };
             len += 1;

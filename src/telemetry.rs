@@ -65,6 +65,14 @@ pub(crate) fn fallback(_backend: &'static str, _policy: &'static str) {
         .increment(1);
 }
 
+/// A settlement the backend could not make (Redis unreachable), made by
+/// the fallback instead.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn settlement_fallback(_backend: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("tierlimit_settlement_fallbacks_total", "backend" => _backend).increment(1);
+}
+
 /// The backend's state: connected or degraded.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn backend_state(_backend: &'static str, _connected: bool) {

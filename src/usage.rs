@@ -121,7 +121,7 @@ where
                     ));
                 }
                 _ => {
-                    let set = ChargeSet::new(cell, &applied, &identity, |_| 0);
+                    let set = ChargeSet::new(cell, &applied, &identity, 1, |_| 0);
                     let nkey = applied.per_key.as_slice().len();
                     for (i, c) in set.charges().iter().enumerate() {
                         let pooled = i >= nkey || cell.pool == Pool::Account;

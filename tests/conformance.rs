@@ -129,6 +129,7 @@ fn a_key_spray_locks_out_no_customer_under_several_limits() {
         limits.map(|limit| Charge {
             bucket: owner ^ u64::from(limit.max()),
             limit,
+            cost: 1,
             reserve: 0,
         })
     };
@@ -138,7 +139,6 @@ fn a_key_spray_locks_out_no_customer_under_several_limits() {
         backend
             .check_all_now(&Check {
                 owner,
-                cost: 1,
                 known,
                 charges: &charges,
             })
@@ -188,4 +188,11 @@ fn a_key_spray_locks_out_no_customer_under_several_limits() {
         );
     }
     assert!(backend.tracked_keys() <= 2 * cap);
+}
+
+#[tokio::test]
+async fn memory_backend_reserves_and_settles() {
+    let clock = FakeRelativeClock::default();
+    let backend = MemoryBackend::builder().clock(clock.clone()).build();
+    common::conformance::run_settle(&backend, |d| clock.advance(d)).await;
 }

@@ -297,11 +297,13 @@ async fn run_multi_case(
             Charge {
                 bucket: owner ^ 1,
                 limit: limit(limits[0]),
+                cost,
                 reserve: r0,
             },
             Charge {
                 bucket: owner ^ 2,
                 limit: limit(limits[1]),
+                cost,
                 reserve: r1,
             },
         ];
@@ -309,7 +311,6 @@ async fn run_multi_case(
         let got = observed(
             check(Check {
                 owner,
-                cost,
                 known: true,
                 charges: &charges,
             })

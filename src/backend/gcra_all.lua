@@ -1,8 +1,8 @@
 -- tierlimit's GCRA over several limits at once, all or nothing: governor's
 -- arithmetic in microseconds. Every key shares one hash tag (the owner), so
 -- on Redis Cluster they live in one slot and this is one atomic call.
--- KEYS[i]: the buckets. ARGV[1]: now (us; empty: Redis TIME), ARGV[2]: cost,
--- then per key: interval (us), max, reserve.
+-- KEYS[i]: the buckets. ARGV[1]: now (us; empty: Redis TIME), then per key:
+-- interval (us), max, reserve, cost.
 -- Returns {1, remaining_1, ..., remaining_k} when every limit admits the
 -- request (and counts it in all), else {0, retry_1, ..., retry_k} (us; 0 for
 -- a limit that admits it) and counts nothing.
@@ -13,14 +13,14 @@ else
   local tm = redis.call('TIME')
   now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])
 end
-local n = tonumber(ARGV[2])
 local k = #KEYS
 local tats, out = {}, {}
 local refused = false
 for i = 1, k do
-  local t = tonumber(ARGV[3 * i])
-  local max = tonumber(ARGV[3 * i + 1])
-  local reserve = tonumber(ARGV[3 * i + 2])
+  local t = tonumber(ARGV[4 * i - 2])
+  local max = tonumber(ARGV[4 * i - 1])
+  local reserve = tonumber(ARGV[4 * i])
+  local n = tonumber(ARGV[4 * i + 1])
   local tau = t * (max - 1)
   local add = t * (n - 1)
   local tat = tonumber(redis.call('GET', KEYS[i]))
@@ -43,8 +43,9 @@ if refused then
   return out
 end
 for i = 1, k do
-  local t = tonumber(ARGV[3 * i])
-  local max = tonumber(ARGV[3 * i + 1])
+  local t = tonumber(ARGV[4 * i - 2])
+  local max = tonumber(ARGV[4 * i - 1])
+  local n = tonumber(ARGV[4 * i + 1])
   local tau = t * (max - 1)
   local add = t * (n - 1)
   local nxt = math.max(tats[i], now) + t + add

@@ -15,7 +15,7 @@ use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
 use governor::state::{RateLimiter, StateStore};
 
-use super::{Backend, BackendError, Charge, Check, Decision, Subject};
+use super::{Adjustment, Backend, BackendError, Charge, Check, Decision, Subject};
 use crate::policy::Limit;
 use crate::policy::MAX_LIMITS;
 
@@ -518,12 +518,11 @@ where
     /// runs the same cases through all of them).
     pub fn check_all_now(&self, check: &Check<'_>) -> Result<Decision, BackendError> {
         let inner = &*self.inner;
-        let n = check.cost.max(1);
         let charges = &check.charges[..check.charges.len().min(MAX_LIMITS)];
         for c in charges {
-            if n > c.limit.max() {
+            if c.cost > c.limit.max() {
                 return Err(BackendError::CostExceedsLimit {
-                    cost: n,
+                    cost: c.cost,
                     max: c.limit.max(),
                 });
             }
@@ -574,7 +573,7 @@ where
                 Slot::Tracked(tat) | Slot::Overflow(Some(tat)) => tat,
                 Slot::New | Slot::Evict | Slot::Overflow(None) => now,
             };
-            Gcra::new(&c.limit, n, c.reserve, tat, now)
+            Gcra::new(&c.limit, c.cost.max(1), c.reserve, tat, now)
         };
         let mut refused = false;
         for (i, c) in charges.iter().enumerate() {
@@ -587,7 +586,7 @@ where
             let decisions = charges
                 .iter()
                 .enumerate()
-                .map(|(i, c)| gcra(i, c).decision(&c.limit, n));
+                .map(|(i, c)| gcra(i, c).decision(&c.limit, c.cost.max(1)));
             return Ok(Decision::binding(decisions).expect("at least one charge"));
         }
         if acquired > 0 {
@@ -596,7 +595,7 @@ where
         let mut decisions = [Decision::allow(&Limit::per_second(1), 0); MAX_LIMITS];
         for (i, c) in charges.iter().enumerate() {
             let g = gcra(i, c);
-            decisions[i] = g.decision(&c.limit, n);
+            decisions[i] = g.decision(&c.limit, c.cost.max(1));
             let next = g.next;
             match slots[i] {
                 Slot::Tracked(_) => maps.set(c.bucket, next, check.known),
@@ -622,6 +621,58 @@ where
             Decision::binding(decisions[..charges.len()].iter().copied())
                 .expect("at least one charge"),
         )
+    }
+
+    /// Settles charges after the fact (see [`Backend::settle`]): under the
+    /// owner's shard lock, each bucket takes its debt or gives back its
+    /// refund; a bucket full again is dropped.
+    pub fn settle_now(&self, owner: u64, adjustments: &[Adjustment]) -> Decision {
+        let inner = &*self.inner;
+        let now = self.elapsed();
+        let mut guard = inner
+            .multi
+            .shard(owner)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let maps = &mut *guard;
+        let mut states = [Decision::allow(&Limit::per_second(1), 0); MAX_LIMITS];
+        let adjustments = &adjustments[..adjustments.len().min(MAX_LIMITS)];
+        for (i, a) in adjustments.iter().enumerate() {
+            let t = a.limit.emission_interval_nanos().max(1);
+            let tracked = maps.get(a.bucket);
+            let base = i128::from(tracked.unwrap_or(now).max(now));
+            let next = base + i128::from(a.units) * i128::from(t);
+            if next <= i128::from(now) {
+                // Full again: nothing to keep.
+                if tracked.is_some() {
+                    maps.known.remove(&a.bucket);
+                    maps.guests.remove(&a.bucket);
+                    inner.budget.release(1);
+                }
+                states[i] = Decision::allow(&a.limit, a.limit.max());
+                continue;
+            }
+            let next = u64::try_from(next).unwrap_or(u64::MAX);
+            match tracked {
+                Some(_) => {
+                    let known = maps.known.contains_key(&a.bucket);
+                    maps.set(a.bucket, next, known);
+                }
+                None => {
+                    // A debt on a bucket no longer tracked (it was full
+                    // again): tracked again, past the cap if it must be —
+                    // a settlement is never lost.
+                    inner.budget.tracked.fetch_add(1, Ordering::Relaxed);
+                    crate::telemetry::tracked_keys(1.0);
+                    maps.known.insert(a.bucket, next);
+                }
+            }
+            let cap = u64::from(a.limit.max()) * t;
+            let remaining = ((now + cap).saturating_sub(next).min(cap) / t) as u32;
+            states[i] = Decision::allow(&a.limit, remaining);
+        }
+        Decision::binding(states[..adjustments.len()].iter().copied())
+            .unwrap_or_else(|| Decision::allow(&Limit::per_second(1), 1))
     }
 
     /// One charge's capacity now, counting nothing.
@@ -813,6 +864,10 @@ where
 
     fn peek_charge(&self, owner: u64, charge: &Charge) -> Self::Future {
         ready(Ok(self.peek_charge_now(owner, charge)))
+    }
+
+    fn settle(&self, owner: u64, adjustments: &[Adjustment]) -> Self::Future {
+        ready(Ok(self.settle_now(owner, adjustments)))
     }
 }
 

@@ -81,9 +81,26 @@ pub struct Charge {
     pub bucket: u64,
     /// The limit.
     pub limit: Limit,
+    /// Units this request takes in this limit (at least 1): its cost for a
+    /// request limit, its estimate for a token limit.
+    pub cost: u32,
     /// Capacity of this limit the request must leave untouched (a
     /// priority reserve); 0 for most requests.
     pub reserve: u32,
+}
+
+/// A change to one charge's bucket after the fact ([`Backend::settle`]):
+/// `units` more (a debt, when a request used more than it reserved) or,
+/// when negative, fewer (a refund).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Adjustment {
+    /// The bucket, as it was charged ([`Charge::bucket`]).
+    pub bucket: u64,
+    /// The limit it was charged under.
+    pub limit: Limit,
+    /// Units to add (positive: a debt that delays later requests) or to
+    /// give back (negative: never more than makes the bucket full).
+    pub units: i64,
 }
 
 /// A request checked against several limits at once, all or nothing: it
@@ -96,8 +113,6 @@ pub struct Check<'a> {
     /// one owner together (one lock in memory, one hash slot in Redis
     /// Cluster), so the check is one step.
     pub owner: u64,
-    /// Units this request takes in every limit (at least 1).
-    pub cost: u32,
     /// Whether the caller is known ([`Subject::known`]).
     pub known: bool,
     /// The limits, at most [`MAX_LIMITS`](crate::policy::MAX_LIMITS).
@@ -179,6 +194,15 @@ pub trait Backend: Send + Sync + 'static {
     /// One charge's capacity now, counting nothing (the usage endpoint's
     /// view of a limit checked with [`check_all`](Self::check_all)).
     fn peek_charge(&self, owner: u64, charge: &Charge) -> Self::Future;
+
+    /// Settles charges after the fact, in one step for one owner: each
+    /// bucket takes `units` more (a debt: later requests wait until it is
+    /// paid) or, when negative, gives them back (a refund, at most up to a
+    /// full bucket). Unconditional: a settlement is never refused. The
+    /// work must proceed even if the returned future is dropped unpolled
+    /// (the layer settles from a `Drop`); its answer is the binding limit's
+    /// state afterwards.
+    fn settle(&self, owner: u64, adjustments: &[Adjustment]) -> Self::Future;
 }
 
 impl<B: Backend> Backend for std::sync::Arc<B> {
@@ -198,5 +222,9 @@ impl<B: Backend> Backend for std::sync::Arc<B> {
 
     fn peek_charge(&self, owner: u64, charge: &Charge) -> Self::Future {
         (**self).peek_charge(owner, charge)
+    }
+
+    fn settle(&self, owner: u64, adjustments: &[Adjustment]) -> Self::Future {
+        (**self).settle(owner, adjustments)
     }
 }

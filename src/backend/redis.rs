@@ -13,7 +13,7 @@ use governor::clock::{Clock, FakeRelativeClock, Reference};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 
-use super::{Backend, BackendError, Charge, Check, Decision, MemoryBackend, Subject};
+use super::{Adjustment, Backend, BackendError, Charge, Check, Decision, MemoryBackend, Subject};
 use crate::policy::{Limit, MAX_LIMITS};
 
 /// GCRA exactly as governor computes it, in microseconds, on Redis's clock
@@ -24,6 +24,9 @@ const GCRA: &str = include_str!("gcra.lua");
 
 /// The same over several limits at once, all or nothing, in one call.
 const GCRA_ALL: &str = include_str!("gcra_all.lua");
+
+/// Settlement: debts and refunds on one owner's buckets, in one call.
+const GCRA_SETTLE: &str = include_str!("gcra_settle.lua");
 
 /// What happens to requests while Redis cannot be reached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -72,6 +75,7 @@ struct Inner {
     rebuild: Option<Rebuild>,
     script: redis::Script,
     script_all: redis::Script,
+    script_settle: redis::Script,
     prefix: String,
     timeout: Duration,
     failure: FailurePolicy,
@@ -244,8 +248,8 @@ impl RedisBackend {
 /// The key of one charge of a several-limit check: the owner is the hash
 /// tag, so every charge of a check lives in one Cluster slot (the bucket
 /// already mixes in the limit).
-fn charge_key(prefix: &str, owner: u64, charge: &Charge) -> String {
-    format!("{prefix}:{{{owner:016x}}}:m:{:016x}", charge.bucket)
+fn charge_key(prefix: &str, owner: u64, bucket: u64) -> String {
+    format!("{prefix}:{{{owner:016x}}}:m:{bucket:016x}")
 }
 
 fn redis_key(prefix: &str, subject: &Subject, limit: &Limit) -> String {
@@ -404,6 +408,7 @@ impl RedisBackendBuilder {
                 }),
                 script,
                 script_all: redis::Script::new(GCRA_ALL),
+                script_settle: redis::Script::new(GCRA_SETTLE),
                 prefix: self.prefix,
                 timeout: self.timeout,
                 failure: self.failure,
@@ -462,25 +467,47 @@ impl Inner {
     async fn eval_all(
         self: &Arc<Self>,
         owner: u64,
-        cost: u32,
         charges: &[Charge],
     ) -> Result<Vec<i64>, EvalError> {
         let keys = charges
             .iter()
-            .map(|c| charge_key(&self.prefix, owner, c))
+            .map(|c| charge_key(&self.prefix, owner, c.bucket))
             .collect();
-        let mut args = Vec::with_capacity(charges.len() * 3 + 2);
+        let mut args = Vec::with_capacity(charges.len() * 4 + 1);
         args.push(self.script_now());
-        args.push(cost.to_string());
         for c in charges {
             let t = (c.limit.emission_interval_nanos() / 1_000).max(1);
             args.extend([
                 t.to_string(),
                 c.limit.max().to_string(),
                 c.reserve.to_string(),
+                c.cost.max(1).to_string(),
             ]);
         }
         self.invoke(Script::All, keys, args).await
+    }
+
+    /// Runs the settlement script once (see [`invoke`](Self::invoke)).
+    async fn eval_settle(
+        self: &Arc<Self>,
+        owner: u64,
+        adjustments: &[Adjustment],
+    ) -> Result<Vec<i64>, EvalError> {
+        let keys = adjustments
+            .iter()
+            .map(|a| charge_key(&self.prefix, owner, a.bucket))
+            .collect();
+        let mut args = Vec::with_capacity(adjustments.len() * 3 + 1);
+        args.push(self.script_now());
+        for a in adjustments {
+            let t = (a.limit.emission_interval_nanos() / 1_000).max(1);
+            args.extend([
+                t.to_string(),
+                a.limit.max().to_string(),
+                a.units.to_string(),
+            ]);
+        }
+        self.invoke(Script::Settle, keys, args).await
     }
 
     /// The time the scripts are given: the fake clock's in tests, else
@@ -506,6 +533,7 @@ impl Inner {
             let script = match script {
                 Script::One => &inner.script,
                 Script::All => &inner.script_all,
+                Script::Settle => &inner.script_settle,
             };
             let mut inv = script.prepare_invoke();
             for k in keys {
@@ -542,12 +570,12 @@ impl Inner {
             FailurePolicy::FailClosed => "fail_closed",
         };
         crate::telemetry::fallback("redis", policy);
-        let cost = check.cost.max(1);
         match self.failure {
             FailurePolicy::Fallback => {
                 let mut shares = [check.charges[0]; MAX_LIMITS];
                 for (i, c) in check.charges.iter().enumerate() {
                     let share = self.fallback_limit(&c.limit);
+                    let cost = c.cost.max(1);
                     if cost > share.max() {
                         // Fits the limit, not this instance's share of it.
                         let mut d = Decision::refuse(&share, cost, self.retry_interval);
@@ -561,9 +589,9 @@ impl Inner {
                         scaled.clamp(1, share.max() - 1)
                     };
                     shares[i] = Charge {
-                        bucket: c.bucket,
                         limit: share,
                         reserve,
+                        ..*c
                     };
                 }
                 self.fallback.check_all_now(&Check {
@@ -571,12 +599,9 @@ impl Inner {
                     ..*check
                 })
             }
-            FailurePolicy::FailOpen => Ok(Decision::binding(
-                check
-                    .charges
-                    .iter()
-                    .map(|c| Decision::allow(&c.limit, c.limit.max() - cost.min(c.limit.max()))),
-            )
+            FailurePolicy::FailOpen => Ok(Decision::binding(check.charges.iter().map(|c| {
+                Decision::allow(&c.limit, c.limit.max() - c.cost.max(1).min(c.limit.max()))
+            }))
             .expect("at least one charge")),
             FailurePolicy::FailClosed => Err(BackendError::Unavailable("redis unreachable".into())),
         }
@@ -725,6 +750,8 @@ enum Script {
     One,
     /// Several limits, all or nothing (`gcra_all.lua`).
     All,
+    /// Settlement (`gcra_settle.lua`).
+    Settle,
 }
 
 /// What one script call asks.
@@ -943,7 +970,6 @@ impl RedisBackend {
 #[derive(Clone, Copy)]
 struct Charges {
     owner: u64,
-    cost: u32,
     known: bool,
     items: [Charge; MAX_LIMITS],
     len: usize,
@@ -957,7 +983,6 @@ impl Charges {
         items[..len].copy_from_slice(&check.charges[..len]);
         Some(Charges {
             owner: check.owner,
-            cost: check.cost,
             known: check.known,
             items,
             len,
@@ -967,7 +992,6 @@ impl Charges {
     fn check(&self) -> Check<'_> {
         Check {
             owner: self.owner,
-            cost: self.cost,
             known: self.known,
             charges: &self.items[..self.len],
         }
@@ -980,11 +1004,10 @@ impl RedisBackend {
     /// locally: the binding limit's retry delay needs every limit's state.
     pub async fn check_all_async(&self, check: Check<'_>) -> Result<Decision, BackendError> {
         let inner = &self.inner;
-        let cost = check.cost.max(1);
         for c in check.charges {
-            if cost > c.limit.max() {
+            if c.cost > c.limit.max() {
                 return Err(BackendError::CostExceedsLimit {
-                    cost,
+                    cost: c.cost,
                     max: c.limit.max(),
                 });
             }
@@ -1003,7 +1026,7 @@ impl RedisBackend {
         if route == Route::Redis && inner.degraded.load(Ordering::Relaxed) {
             return inner.on_failure_all(&check);
         }
-        match inner.eval_all(check.owner, cost, check.charges).await {
+        match inner.eval_all(check.owner, check.charges).await {
             Ok(v) if v.len() == check.charges.len() + 1 => {
                 inner.succeeded();
                 let allowed = v[0] == 1;
@@ -1015,7 +1038,7 @@ impl RedisBackend {
                         // Admits it, but another limit refuses.
                         Decision::allow(&c.limit, 0)
                     } else {
-                        Decision::refuse(&c.limit, cost, Duration::from_micros(x))
+                        Decision::refuse(&c.limit, c.cost.max(1), Duration::from_micros(x))
                     }
                 });
                 let mut d = Decision::binding(decisions).expect("at least one charge");
@@ -1040,6 +1063,53 @@ impl RedisBackend {
         }
     }
 
+    /// Settles charges after the fact in one script call (see
+    /// [`Backend::settle`]). While Redis is unreachable, or if the call
+    /// fails, the settlement goes to the fallback (this instance's memory)
+    /// and is counted (`tierlimit_settlement_fallbacks_total`): never
+    /// dropped.
+    pub async fn settle_async(
+        &self,
+        owner: u64,
+        adjustments: &[Adjustment],
+    ) -> Result<Decision, BackendError> {
+        let inner = &self.inner;
+        let adjustments = &adjustments[..adjustments.len().min(MAX_LIMITS)];
+        if adjustments.is_empty() {
+            return Ok(Decision::allow(&Limit::per_second(1), 1));
+        }
+        if !inner.degraded.load(Ordering::Relaxed) {
+            match inner.eval_settle(owner, adjustments).await {
+                Ok(v) if v.len() == adjustments.len() => {
+                    inner.succeeded();
+                    let states = adjustments.iter().zip(&v).map(|(a, &rem)| {
+                        Decision::allow(&a.limit, u32::try_from(rem).unwrap_or(0))
+                    });
+                    return Ok(Decision::binding(states).expect("at least one"));
+                }
+                Ok(_) => {
+                    tracing::warn!("redis: unexpected answer from the settlement script");
+                    inner.failed();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "redis settlement failed");
+                    inner.failed();
+                }
+            }
+        }
+        crate::telemetry::settlement_fallback("redis");
+        let mut shares = [adjustments[0]; MAX_LIMITS];
+        for (s, a) in shares.iter_mut().zip(adjustments) {
+            *s = Adjustment {
+                limit: inner.fallback_limit(&a.limit),
+                ..*a
+            };
+        }
+        Ok(inner
+            .fallback
+            .settle_now(owner, &shares[..adjustments.len()]))
+    }
+
     /// One charge's capacity now, counting nothing.
     pub async fn peek_charge_async(
         &self,
@@ -1047,7 +1117,7 @@ impl RedisBackend {
         charge: Charge,
     ) -> Result<Decision, BackendError> {
         let inner = &*self.inner;
-        let key = charge_key(&inner.prefix, owner, &charge);
+        let key = charge_key(&inner.prefix, owner, charge.bucket);
         if !inner.degraded.load(Ordering::Relaxed)
             && let Ok((_, rem)) = self.inner.eval(key, &charge.limit, Call::Peek).await
         {
@@ -1090,5 +1160,27 @@ impl Backend for RedisBackend {
         let this = self.clone();
         let charge = *charge;
         Box::pin(async move { this.peek_charge_async(owner, charge).await })
+    }
+
+    /// Runs on the backend's own I/O thread: the settlement proceeds even
+    /// if the returned future is dropped (the layer settles from a `Drop`).
+    fn settle(&self, owner: u64, adjustments: &[Adjustment]) -> Self::Future {
+        let this = self.clone();
+        let n = adjustments.len().min(MAX_LIMITS);
+        let mut items = [Adjustment {
+            bucket: 0,
+            limit: Limit::per_second(1),
+            units: 0,
+        }; MAX_LIMITS];
+        items[..n].copy_from_slice(&adjustments[..n]);
+        let task = self
+            .inner
+            .io
+            .handle()
+            .spawn(async move { this.settle_async(owner, &items[..n]).await });
+        Box::pin(async move {
+            task.await
+                .unwrap_or_else(|e| Err(BackendError::Unavailable(Box::new(e))))
+        })
     }
 }
