@@ -11,10 +11,10 @@ use http::Method;
 
 use super::operator::{CompiledBoost, MAX_UNIX};
 use super::route::{CompiledRoute, Pattern};
-use super::set::{MAX_LIMITS, Pool};
+use super::set::{MAX_LIMITS, Pool, RefundOn};
 use super::{
-    Adjust, Boost, BoostTarget, CategoryId, Cell, KeyRow, Limit, Policy, PolicyInner, Rule, Shadow,
-    Target, TierId,
+    Adjust, Boost, BoostTarget, CategoryId, Cell, KeyRow, Limit, Metering, Policy, PolicyInner,
+    Rule, Shadow, Target, TierId,
 };
 use crate::key::{KeyId, hash_str};
 
@@ -161,6 +161,10 @@ pub struct Tier {
     /// `None`: unlimited.
     rules: Vec<Located<(String, Option<Vec<Limit>>)>>,
     per_account: Vec<Located<(String, Vec<Limit>)>>,
+    /// Token limits: (category, limits, per account).
+    tokens: Vec<Located<(String, Vec<Limit>, bool)>>,
+    refund_on: Option<Located<RefundOn>>,
+    refunds: Vec<Located<(String, RefundOn)>>,
     pool: Located<Pool>,
     line: Option<usize>,
     reserve: Option<Located<u8>>,
@@ -173,6 +177,9 @@ impl Tier {
             name: name.into(),
             rules: Vec::new(),
             per_account: Vec::new(),
+            tokens: Vec::new(),
+            refund_on: None,
+            refunds: Vec::new(),
             pool: Located::new(Pool::Key),
             line: None,
             reserve: None,
@@ -235,6 +242,84 @@ impl Tier {
         let limits = limits.into_iter().collect();
         self.per_account
             .push(Located::new((category.into(), limits)));
+        self
+    }
+
+    /// Meters `category` in tokens: a request is admitted only if every
+    /// token limit can cover its estimate
+    /// ([`Identity::with_tokens`](crate::Identity::with_tokens), else 1),
+    /// which it reserves; the difference with what it reports through its
+    /// [`TokenMeter`](crate::TokenMeter) is settled when the response ends.
+    ///
+    /// ```
+    /// use tierlimit::{Limit, Tier};
+    ///
+    /// let free = Tier::new("free")
+    ///     .limit("ai", Limit::per_hour(50))
+    ///     .tokens("ai", [Limit::per_hour(1_000)]);
+    /// # let _ = free;
+    /// ```
+    pub fn tokens(
+        mut self,
+        category: impl Into<String>,
+        limits: impl IntoIterator<Item = Limit>,
+    ) -> Self {
+        let limits = limits.into_iter().collect();
+        self.tokens
+            .push(Located::new((category.into(), limits, false)));
+        self
+    }
+
+    /// Token limits counted per account, on top of the per-key ones.
+    pub fn per_account_tokens(
+        mut self,
+        category: impl Into<String>,
+        limits: impl IntoIterator<Item = Limit>,
+    ) -> Self {
+        let limits = limits.into_iter().collect();
+        self.tokens
+            .push(Located::new((category.into(), limits, true)));
+        self
+    }
+
+    /// Refunds requests of every category of the tier whose responses
+    /// match (`RefundOn::none().class(5)`: server errors).
+    pub fn refund_on(mut self, refund: RefundOn) -> Self {
+        self.refund_on = Some(Located::new(refund));
+        self
+    }
+
+    /// Refunds requests of one category whose responses match (in place of
+    /// the tier's [`refund_on`](Self::refund_on)).
+    pub fn refund_on_category(mut self, category: impl Into<String>, refund: RefundOn) -> Self {
+        self.refunds.push(Located::new((category.into(), refund)));
+        self
+    }
+
+    /// Token limits written on `line` (for the loader).
+    pub(super) fn tokens_at(
+        mut self,
+        category: String,
+        limits: Vec<Limit>,
+        per_account: bool,
+        line: Option<usize>,
+    ) -> Self {
+        self.tokens
+            .push(Located::at((category, limits, per_account), line));
+        self
+    }
+
+    /// A refund rule written on `line` (for the loader; `None`: the tier's).
+    pub(super) fn refund_at(
+        mut self,
+        category: Option<String>,
+        refund: RefundOn,
+        line: Option<usize>,
+    ) -> Self {
+        match category {
+            Some(c) => self.refunds.push(Located::at((c, refund), line)),
+            None => self.refund_on = Some(Located::at(refund, line)),
+        }
         self
     }
 
@@ -697,7 +782,7 @@ impl PolicyBuilder {
         let mut categories: Vec<Box<str>> = Vec::with_capacity(self.categories.len());
         for (i, Located { value: name, line }) in self.categories.iter().enumerate() {
             check_name(name).map_err(|m| PolicyError::new(format!("categories[{i}]"), *line, m))?;
-            if ["pool", "per_account", "priority_reserve"].contains(&name.as_str()) {
+            if ["pool", "per_account", "priority_reserve", "refund_on"].contains(&name.as_str()) {
                 return Err(PolicyError::new(
                     format!("categories[{i}]"),
                     *line,
@@ -805,6 +890,63 @@ impl PolicyBuilder {
                 }
                 per_account[id] = limits.clone();
             }
+            let mut tokens: Vec<[Vec<Limit>; 2]> = vec![[Vec::new(), Vec::new()]; categories.len()];
+            for Located {
+                value: (cat, limits, is_account),
+                line,
+            } in &tier.tokens
+            {
+                let entry = if *is_account {
+                    format!("tiers.{}.per_account.{}.tokens", tier.name, cat)
+                } else {
+                    format!("tiers.{}.{}.tokens", tier.name, cat)
+                };
+                let id = categories
+                    .iter()
+                    .position(|c| **c == **cat)
+                    .ok_or_else(|| unknown(cat, &entry, *line))?;
+                let slot = &mut tokens[id][usize::from(*is_account)];
+                if !slot.is_empty() {
+                    return Err(PolicyError::new(
+                        &entry,
+                        *line,
+                        format!("tier `{}` sets `{cat}`'s tokens twice", tier.name),
+                    ));
+                }
+                check_list(limits).map_err(|m| PolicyError::new(&entry, *line, m))?;
+                *slot = limits.clone();
+                let total = rules[id].as_ref().map_or(0, Vec::len)
+                    + per_account[id].len()
+                    + tokens[id][0].len()
+                    + tokens[id][1].len();
+                if total > MAX_LIMITS {
+                    return Err(PolicyError::new(
+                        &entry,
+                        *line,
+                        format!(
+                            "`{cat}` has more than {MAX_LIMITS} limits of requests and tokens together"
+                        ),
+                    ));
+                }
+            }
+            let mut refunds: Vec<RefundOn> = vec![
+                tier.refund_on
+                    .as_ref()
+                    .map_or(RefundOn::none(), |r| r.value);
+                categories.len()
+            ];
+            for Located {
+                value: (cat, refund),
+                line,
+            } in &tier.refunds
+            {
+                let entry = format!("tiers.{}.{}.refund_on", tier.name, cat);
+                let id = categories
+                    .iter()
+                    .position(|c| **c == **cat)
+                    .ok_or_else(|| unknown(cat, &entry, *line))?;
+                refunds[id] = *refund;
+            }
             for (i, rule) in rules.into_iter().enumerate() {
                 if !set[i] {
                     return Err(PolicyError::new(
@@ -816,9 +958,15 @@ impl PolicyBuilder {
                         ),
                     ));
                 }
+                let [key_tokens, account_tokens] = std::mem::take(&mut tokens[i]);
                 cells.push(Cell::new(
                     rule.unwrap_or_default(),
                     std::mem::take(&mut per_account[i]),
+                    Metering {
+                        tokens: key_tokens,
+                        account_tokens,
+                        refund: refunds[i],
+                    },
                     tier.pool.value,
                     &tier.name,
                     &categories[i],
@@ -1157,17 +1305,25 @@ impl Names {
     /// A list given by a custom limit or a boost must fit beside every
     /// tier's per-account limits.
     fn check_adjust(&self, adjust: &Adjust) -> Result<(), String> {
-        let Adjust::SetAll(limits) = adjust else {
-            return Ok(());
+        let (requests, tokens) = match adjust {
+            Adjust::SetAll(limits) => (Some(limits.as_slice()), None),
+            Adjust::Table { requests, tokens } => (requests.as_deref(), tokens.as_deref()),
+            Adjust::Set(_) | Adjust::Scale(_) => return Ok(()),
         };
-        check_list(limits)?;
-        let most_per_account = self
-            .cells
-            .iter()
-            .map(|c| c.per_account.len())
-            .max()
-            .unwrap_or(0);
-        if limits.len() + most_per_account > MAX_LIMITS {
+        if let Some(r) = requests.filter(|r| !r.is_empty()) {
+            check_list(r)?;
+        }
+        if let Some(t) = tokens {
+            check_list(t)?;
+        }
+        let too_many = self.cells.iter().any(|c| {
+            requests.map_or(c.per_key.len(), <[Limit]>::len)
+                + c.per_account.len()
+                + tokens.map_or(c.tokens.len(), <[Limit]>::len)
+                + c.account_tokens.len()
+                > MAX_LIMITS
+        });
+        if too_many {
             return Err(format!(
                 "with the per-account limits, more than {MAX_LIMITS} limits would apply"
             ));

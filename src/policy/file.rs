@@ -7,8 +7,8 @@ use toml::Spanned;
 
 use super::operator::parse_time;
 use super::{
-    Adjust, Boost, BoostTarget, KeyRule, Limit, Policy, PolicyBuilder, PolicyError, Pool, Route,
-    Rule, Shadow, Tier,
+    Adjust, Boost, BoostTarget, KeyRule, Limit, Policy, PolicyBuilder, PolicyError, Pool, RefundOn,
+    Route, Rule, Shadow, Tier,
 };
 
 #[derive(Deserialize)]
@@ -75,6 +75,16 @@ enum KeySpec {
 fn parse_adjust(v: &toml::Value) -> Result<Adjust, String> {
     match v {
         toml::Value::String(s) => Adjust::parse(s),
+        toml::Value::Table(_) => {
+            let spec = parse_cell(v)?;
+            if spec.refund.is_some() {
+                return Err("a custom limit cannot set `refund_on`; set it on the tier".into());
+            }
+            Ok(Adjust::Table {
+                requests: spec.requests.map(Option::unwrap_or_default),
+                tokens: spec.tokens,
+            })
+        }
         other => match parse_limits(other)? {
             Some(limits) => Ok(Adjust::SetAll(limits)),
             None => Ok(Adjust::Set(Rule::Unlimited)),
@@ -82,11 +92,12 @@ fn parse_adjust(v: &toml::Value) -> Result<Adjust, String> {
     }
 }
 
-/// A cell's limits as written: `"100/hour"`, `"unlimited"`,
-/// `["10/second", "100/hour"]` or `{ requests = … }` (`None`: unlimited).
+const HOW: &str = "write a limit such as \"100/hour\", a list such as [\"10/second\", \"100/hour\"], or \"unlimited\"";
+
+/// Limits as written: `"100/hour"`, `"unlimited"` or
+/// `["10/second", "100/hour"]` (`None`: unlimited).
 fn parse_limits(v: &toml::Value) -> Result<Option<Vec<Limit>>, String> {
     use toml::Value;
-    const HOW: &str = "write a limit such as \"100/hour\", a list such as [\"10/second\", \"100/hour\"], or \"unlimited\"";
     match v {
         Value::String(s) => match Rule::parse(s)? {
             Rule::Unlimited => Ok(None),
@@ -105,18 +116,67 @@ fn parse_limits(v: &toml::Value) -> Result<Option<Vec<Limit>>, String> {
                 .collect::<Result<Vec<_>, _>>()
                 .map(Some)
         }
-        Value::Table(t) => {
-            if let Some(k) = t.keys().find(|k| *k != "requests") {
-                return Err(format!("unknown field `{k}` (expected `requests`)"));
-            }
-            match t.get("requests") {
-                Some(r @ (Value::String(_) | Value::Array(_))) => parse_limits(r),
-                Some(_) => Err(HOW.to_owned()),
-                None => Err("a table of limits needs `requests`".to_owned()),
-            }
-        }
         _ => Err(HOW.to_owned()),
     }
+}
+
+/// A cell as written: limits (`"100/hour"`, a list) or the table form
+/// `{ requests = …, tokens = …, refund_on = […] }`.
+#[derive(Default)]
+struct CellSpec {
+    /// `None`: not given; `Some(None)`: unlimited.
+    requests: Option<Option<Vec<Limit>>>,
+    tokens: Option<Vec<Limit>>,
+    refund: Option<RefundOn>,
+}
+
+fn parse_cell(v: &toml::Value) -> Result<CellSpec, String> {
+    use toml::Value;
+    let Value::Table(t) = v else {
+        return Ok(CellSpec {
+            requests: Some(parse_limits(v)?),
+            ..CellSpec::default()
+        });
+    };
+    if let Some(k) = t
+        .keys()
+        .find(|k| !["requests", "tokens", "refund_on"].contains(&k.as_str()))
+    {
+        return Err(format!(
+            "unknown field `{k}` (expected `requests`, `tokens` or `refund_on`)"
+        ));
+    }
+    let mut spec = CellSpec::default();
+    if let Some(r) = t.get("requests") {
+        spec.requests = Some(match r {
+            Value::String(_) | Value::Array(_) => parse_limits(r)?,
+            _ => return Err(HOW.to_owned()),
+        });
+    }
+    if let Some(tk) = t.get("tokens") {
+        match parse_limits(tk).map_err(|m| format!("tokens: {m}"))? {
+            Some(limits) => spec.tokens = Some(limits),
+            None => return Err("tokens: leave `tokens` out rather than \"unlimited\"".into()),
+        }
+    }
+    if let Some(r) = t.get("refund_on") {
+        spec.refund = Some(parse_refund(r)?);
+    }
+    if spec.requests.is_none() && spec.tokens.is_none() {
+        return Err("a table of limits needs `requests` or `tokens`".to_owned());
+    }
+    Ok(spec)
+}
+
+/// `refund_on = ["5xx", "304"]`.
+fn parse_refund(v: &toml::Value) -> Result<RefundOn, String> {
+    let how = "write refund_on as a list such as [\"5xx\", \"304\"]";
+    let items = v.as_array().ok_or(how)?;
+    let items: Vec<&str> = items
+        .iter()
+        .map(|i| i.as_str().ok_or(how))
+        .collect::<Result<_, _>>()?;
+    RefundOn::parse(items)
 }
 
 #[derive(Deserialize)]
@@ -244,6 +304,11 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
                     };
                     tier = tier.pool_at(pool, line);
                 }
+                "refund_on" => {
+                    let refund = parse_refund(spec.get_ref())
+                        .map_err(|m| PolicyError::new(&entry, line, m))?;
+                    tier = tier.refund_at(None, refund, line);
+                }
                 "per_account" => {
                     let Some(table) = spec.get_ref().as_table() else {
                         return Err(PolicyError::new(
@@ -254,24 +319,37 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
                     };
                     for (cat, v) in table {
                         let entry = format!("tiers.{}.per_account.{cat}", name.get_ref());
-                        let limits = match parse_limits(v) {
-                            Ok(Some(limits)) => limits,
-                            Ok(None) => {
-                                return Err(PolicyError::new(
-                                    entry,
-                                    line,
-                                    "a per-account limit cannot be unlimited; leave the category out",
-                                ));
+                        let err = |m: String| PolicyError::new(&entry, line, m);
+                        let cell = parse_cell(v).map_err(err)?;
+                        if cell.refund.is_some() {
+                            return Err(err("set `refund_on` on the tier's own table".into()));
+                        }
+                        match cell.requests {
+                            Some(None) => {
+                                return Err(err("a per-account limit cannot be unlimited; leave the category out".into()));
                             }
-                            Err(m) => return Err(PolicyError::new(entry, line, m)),
-                        };
-                        tier = tier.per_account_at(cat.clone(), limits, line);
+                            Some(Some(limits)) => {
+                                tier = tier.per_account_at(cat.clone(), limits, line);
+                            }
+                            None => {}
+                        }
+                        if let Some(tokens) = cell.tokens {
+                            tier = tier.tokens_at(cat.clone(), tokens, true, line);
+                        }
                     }
                 }
                 _ => {
-                    let limits = parse_limits(spec.get_ref())
+                    let cell = parse_cell(spec.get_ref())
                         .map_err(|m| PolicyError::new(&entry, line, m))?;
-                    tier = tier.rules_at(cat.into_inner(), limits, line);
+                    let cat = cat.into_inner();
+                    // A table with tokens only leaves requests unlimited.
+                    tier = tier.rules_at(cat.clone(), cell.requests.unwrap_or(None), line);
+                    if let Some(tokens) = cell.tokens {
+                        tier = tier.tokens_at(cat.clone(), tokens, false, line);
+                    }
+                    if let Some(refund) = cell.refund {
+                        tier = tier.refund_at(Some(cat), refund, line);
+                    }
                 }
             }
         }

@@ -63,7 +63,7 @@ use operator::{CompiledBoost, more_generous_all};
 use route::CompiledRoute;
 pub use route::Target;
 pub(crate) use set::{Applied, LimitBuf};
-pub use set::{MAX_LIMITS, Pool};
+pub use set::{MAX_LIMITS, Pool, RefundOn};
 
 /// A plan tier (`free`, `pro`, …), interned to an index when the policy is
 /// built. Obtain one with [`Policy::tier`].
@@ -100,6 +100,15 @@ pub(crate) struct Cell {
     pub(crate) per_key: Box<[Limit]>,
     /// Limits counted per account, on top of the per-key ones.
     pub(crate) per_account: Box<[Limit]>,
+    /// Token limits, per key (per account in a pooled tier).
+    pub(crate) tokens: Box<[Limit]>,
+    /// Token limits per account.
+    pub(crate) account_tokens: Box<[Limit]>,
+    /// Responses whose requests are refunded.
+    pub(crate) refund: RefundOn,
+    /// Whether a request of the cell is settled after its response (token
+    /// limits, or refunds): it always takes the several-limit path.
+    pub(crate) metered: bool,
     pub(crate) pool: Pool,
     /// The cell's only limit, when it has exactly one and it is counted
     /// per key (or per account in a pooled tier): the fast path.
@@ -115,12 +124,16 @@ impl Cell {
     pub(super) fn new(
         per_key: Vec<Limit>,
         per_account: Vec<Limit>,
+        extra: Metering,
         pool: Pool,
         tier: &str,
         category: &str,
     ) -> Self {
-        let single = match (per_key.as_slice(), per_account.is_empty()) {
-            ([one], true) => Some(*one),
+        let metered = !extra.tokens.is_empty()
+            || !extra.account_tokens.is_empty()
+            || !extra.refund.is_empty();
+        let single = match (per_key.as_slice(), per_account.is_empty(), metered) {
+            ([one], true, false) => Some(*one),
             _ => None,
         };
         Cell {
@@ -129,6 +142,10 @@ impl Cell {
                 .map_or(Rule::Unlimited, |l| Rule::Limited(*l)),
             per_key: per_key.into_boxed_slice(),
             per_account: per_account.into_boxed_slice(),
+            tokens: extra.tokens.into_boxed_slice(),
+            account_tokens: extra.account_tokens.into_boxed_slice(),
+            refund: extra.refund,
+            metered,
             pool,
             single,
             scope: hash_str(&format!("{tier}\0{category}")),
@@ -139,7 +156,10 @@ impl Cell {
     /// Whether nothing limits the cell.
     #[inline]
     pub(crate) fn is_unlimited(&self) -> bool {
-        self.per_key.is_empty() && self.per_account.is_empty()
+        self.per_key.is_empty()
+            && self.per_account.is_empty()
+            && self.tokens.is_empty()
+            && self.account_tokens.is_empty()
     }
 
     /// The cell's limits as a tier gives them.
@@ -147,8 +167,18 @@ impl Cell {
         Applied {
             per_key: LimitBuf::from_slice(&self.per_key),
             per_account: LimitBuf::from_slice(&self.per_account),
+            tokens: LimitBuf::from_slice(&self.tokens),
+            account_tokens: LimitBuf::from_slice(&self.account_tokens),
         }
     }
+}
+
+/// A cell's token limits and refunds (what is settled after a response).
+#[derive(Clone, Debug, Default)]
+pub(super) struct Metering {
+    pub(super) tokens: Vec<Limit>,
+    pub(super) account_tokens: Vec<Limit>,
+    pub(super) refund: RefundOn,
 }
 
 /// A `[keys]` entry: the key's text, its tier and its account.
@@ -180,6 +210,21 @@ impl<'a> CellLimits<'a> {
     /// Whose count the per-key limits are kept in.
     pub fn pool(&self) -> Pool {
         self.cell.pool
+    }
+
+    /// Token limits, per key (per account when pooled).
+    pub fn tokens(&self) -> &'a [Limit] {
+        &self.cell.tokens
+    }
+
+    /// Token limits per account.
+    pub fn account_tokens(&self) -> &'a [Limit] {
+        &self.cell.account_tokens
+    }
+
+    /// The responses whose requests are refunded.
+    pub fn refund_on(&self) -> RefundOn {
+        self.cell.refund
     }
 }
 
@@ -294,7 +339,16 @@ impl Policy {
     pub fn limits(&self, tier: TierId, category: CategoryId) -> CellLimits<'_> {
         static UNLIMITED: std::sync::OnceLock<Cell> = std::sync::OnceLock::new();
         let cell = self.cell(tier, category).unwrap_or_else(|| {
-            UNLIMITED.get_or_init(|| Cell::new(Vec::new(), Vec::new(), Pool::Key, "", ""))
+            UNLIMITED.get_or_init(|| {
+                Cell::new(
+                    Vec::new(),
+                    Vec::new(),
+                    Metering::default(),
+                    Pool::Key,
+                    "",
+                    "",
+                )
+            })
         });
         CellLimits { cell }
     }

@@ -15,9 +15,19 @@ pub enum Adjust {
     /// (`["100/second", "10000/hour"]` in a policy file).
     SetAll(Vec<Limit>),
     /// Multiply the burst (`max`) of every limit that applies — per key
-    /// and per account — by this factor, keeping each window: `x5` turns
-    /// 100/hour into 500/hour. Unlimited stays unlimited.
+    /// and per account, of requests and of tokens — by this factor,
+    /// keeping each window: `x5` turns 100/hour into 500/hour. Unlimited
+    /// stays unlimited.
     Scale(f64),
+    /// Replace the per-key request limits (`Some(empty)`: unlimited) and
+    /// token limits, each only if given (`{ requests = …, tokens = … }` in
+    /// a policy file).
+    Table {
+        /// The request limits, if replaced.
+        requests: Option<Vec<Limit>>,
+        /// The token limits, if replaced.
+        tokens: Option<Vec<Limit>>,
+    },
 }
 
 impl Adjust {
@@ -27,6 +37,13 @@ impl Adjust {
         match (self, rule) {
             (Adjust::Set(r), _) => *r,
             (Adjust::SetAll(ls), _) => tightest(ls).map_or(Rule::Unlimited, Rule::Limited),
+            (Adjust::Table { requests: None, .. }, r) => r,
+            (
+                Adjust::Table {
+                    requests: Some(ls), ..
+                },
+                _,
+            ) => tightest(ls).map_or(Rule::Unlimited, Rule::Limited),
             (Adjust::Scale(_), Rule::Unlimited) => Rule::Unlimited,
             (Adjust::Scale(k), Rule::Limited(l)) => Rule::Limited(scale(l, *k)),
         }
@@ -50,6 +67,17 @@ impl Adjust {
             Adjust::Scale(k) => Applied {
                 per_key: limits.per_key.scaled(*k),
                 per_account: limits.per_account.scaled(*k),
+                tokens: limits.tokens.scaled(*k),
+                account_tokens: limits.account_tokens.scaled(*k),
+            },
+            Adjust::Table { requests, tokens } => Applied {
+                per_key: requests
+                    .as_deref()
+                    .map_or(limits.per_key, LimitBuf::from_slice),
+                tokens: tokens
+                    .as_deref()
+                    .map_or(limits.tokens, LimitBuf::from_slice),
+                ..*limits
             },
         }
     }
@@ -86,6 +114,28 @@ impl fmt::Display for Adjust {
                 f.write_str("]")
             }
             Adjust::Scale(k) => write!(f, "x{k}"),
+            Adjust::Table { requests, tokens } => {
+                let list = |f: &mut fmt::Formatter<'_>, ls: &[Limit]| -> fmt::Result {
+                    f.write_str("[")?;
+                    for (i, l) in ls.iter().enumerate() {
+                        if i > 0 {
+                            f.write_str(", ")?;
+                        }
+                        l.fmt(f)?;
+                    }
+                    f.write_str("]")
+                };
+                f.write_str("{")?;
+                if let Some(r) = requests {
+                    f.write_str(" requests = ")?;
+                    list(f, r)?;
+                }
+                if let Some(t) = tokens {
+                    f.write_str(" tokens = ")?;
+                    list(f, t)?;
+                }
+                f.write_str(" }")
+            }
         }
     }
 }

@@ -135,9 +135,118 @@ pub(crate) fn list_more_generous(a: &[Limit], b: &[Limit]) -> bool {
 }
 
 /// The limits that apply to one request in one cell, after custom limits
-/// and boosts: per key (or per account, in a pooled tier) and per account.
+/// and boosts: per key (or per account, in a pooled tier) and per account,
+/// of requests and of tokens.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Applied {
     pub(crate) per_key: LimitBuf,
     pub(crate) per_account: LimitBuf,
+    pub(crate) tokens: LimitBuf,
+    pub(crate) account_tokens: LimitBuf,
+}
+
+impl Applied {
+    /// Whether only request limits apply (no tokens).
+    #[inline]
+    pub(crate) fn has_tokens(&self) -> bool {
+        !self.tokens.is_empty() || !self.account_tokens.is_empty()
+    }
+}
+
+/// The responses whose requests are refunded: their cost is given back to
+/// every request limit they were charged to (a provider's own failure is
+/// not the customer's). Off by default.
+///
+/// ```toml
+/// [tiers.free]
+/// refund_on = ["5xx", "304"]                            # every category of the tier
+/// ai = { requests = "50/hour", refund_on = ["5xx"] }   # or one category
+/// ```
+///
+/// ```
+/// use tierlimit::policy::RefundOn;
+///
+/// let r = RefundOn::none().class(5).status(304);
+/// assert!(r.matches(503) && r.matches(304) && !r.matches(404));
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[must_use]
+pub struct RefundOn {
+    /// Bit `n` set: every `n`xx status.
+    classes: u8,
+    codes: [u16; 4],
+    len: u8,
+}
+
+impl RefundOn {
+    /// Refunds nothing.
+    pub const fn none() -> Self {
+        RefundOn {
+            classes: 0,
+            codes: [0; 4],
+            len: 0,
+        }
+    }
+
+    /// Also refunds every status of a class: `5` for 5xx (1 to 5; others
+    /// are ignored).
+    pub const fn class(mut self, hundreds: u8) -> Self {
+        if hundreds >= 1 && hundreds <= 5 {
+            self.classes |= 1 << hundreds;
+        }
+        self
+    }
+
+    /// Also refunds one status (up to four; more are ignored, use a class).
+    pub const fn status(mut self, code: u16) -> Self {
+        if (self.len as usize) < self.codes.len() {
+            self.codes[self.len as usize] = code;
+            self.len += 1;
+        }
+        self
+    }
+
+    /// Whether a response of `status` is refunded.
+    #[inline]
+    pub fn matches(&self, status: u16) -> bool {
+        let class = status / 100;
+        (class <= 7 && self.classes & (1 << class) != 0)
+            || self.codes[..usize::from(self.len)].contains(&status)
+    }
+
+    /// Whether nothing is refunded.
+    pub const fn is_empty(&self) -> bool {
+        self.classes == 0 && self.len == 0
+    }
+
+    /// Parses `["5xx", "304"]`.
+    pub(crate) fn parse<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut r = RefundOn::none();
+        for item in items {
+            let t = item.trim();
+            let class = t
+                .strip_suffix("xx")
+                .or_else(|| t.strip_suffix("XX"))
+                .and_then(|d| d.parse::<u8>().ok());
+            match class {
+                Some(c @ 1..=5) => r = r.class(c),
+                _ => match t.parse::<u16>() {
+                    Ok(code @ 100..=599) if usize::from(r.len) < r.codes.len() => {
+                        r = r.status(code)
+                    }
+                    Ok(100..=599) => {
+                        return Err(
+                            "at most four single statuses; use a class such as \"5xx\"".into()
+                        );
+                    }
+                    _ => {
+                        return Err(format!(
+                            "`{t}` is not a status such as \"304\" or a class such as \"5xx\""
+                        ));
+                    }
+                },
+            }
+        }
+        Ok(r)
+    }
 }
