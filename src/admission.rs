@@ -23,6 +23,7 @@ use crate::key::KeyId;
 use crate::policy::{Applied, CategoryId, Cell, Limit, MAX_LIMITS, Policy, Pool, Target, TierId};
 use crate::response::grpc::is_grpc;
 use crate::response::{Answer, HeaderOptions, HeaderPlan};
+use crate::meter::{Seed, Settler, TokenMeter};
 use crate::view::{CellView, PolicyView, ViewSlot};
 
 /// A source of Unix time in seconds (for boosts; tests inject one).
@@ -31,7 +32,8 @@ pub type UnixClock = Arc<dyn Fn() -> u64 + Send + Sync>;
 /// What every clone of the service, the layer and its handles share.
 pub(crate) struct Shared<E, B> {
     pub(crate) extractor: E,
-    pub(crate) backend: B,
+    /// Shared with the token meters of requests in flight (to settle).
+    pub(crate) backend: Arc<B>,
     /// The policy in force with its compiled view, swapped as one.
     pub(crate) view: Arc<ViewSlot>,
     /// Serialises every [`PolicyHandle`](crate::PolicyHandle)'s edits.
@@ -154,8 +156,8 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             Some(a) => {
                 applied = a;
                 match (applied.per_key.as_slice(), applied.per_account.is_empty()) {
-                    ([], true) => return Step::Pass,
-                    ([one], true) => return self.admit_one(&found, *one),
+                    ([], true) if !applied.has_tokens() => return Step::Pass,
+                    ([one], true) if !cell.metered => return self.admit_one(&found, *one),
                     _ => &applied,
                 }
             }
@@ -210,17 +212,42 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             Ok(pct) => pct,
             Err(step) => return step,
         };
-        let set = ChargeSet::new(f.cell, applied, &f.identity, cost, |max| {
+        let estimate = if applied.has_tokens() {
+            match f.estimate(applied) {
+                Ok(e) => e,
+                Err(step) => return step,
+            }
+        } else {
+            0
+        };
+        let set = ChargeSet::new(f.cell, applied, &f.identity, cost, estimate, |max| {
             pct.map_or(0, |p| reserve_for(p, max))
         });
         let mut settle = f.settle();
         for (r, c) in settle.reserves.iter_mut().zip(set.charges()) {
             *r = c.reserve;
         }
+        if f.cell.metered {
+            settle.seed = Some(Seed {
+                owner: set.owner,
+                charges: set.items,
+                len: set.len as u8,
+                tokens: set.tokens,
+                estimate,
+                refund: f.cell.refund,
+                sink: Arc::clone(&self.backend) as Arc<dyn Settler>,
+                #[cfg(feature = "metrics")]
+                counters: Some(f.cell_view.tokens(
+                    f.guard.policy.tier_name(f.tier),
+                    f.guard.policy.category_name(f.category),
+                )),
+            });
+        }
         let check = self.backend.check_all(&Check {
             owner: set.owner,
             known: f.identity.is_known(),
             charges: set.charges(),
+            tokens: set.tokens,
         });
         self.settle_now(f.guard, f.req, check, settle)
     }
@@ -248,6 +275,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                     category: s.category,
                     key: s.key,
                     reserves: s.reserves,
+                    seed: s.seed,
                     shadowed: &self.shadowed,
                     options: self.headers,
                     unix_clock: self.unix_clock.as_ref(),
@@ -265,6 +293,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                     category: s.category,
                     key: s.key,
                     reserves: s.reserves,
+                    seed: s.seed,
                     grpc: is_grpc(req.headers()),
                     shadowed: Arc::clone(&self.shadowed),
                     options: self.headers,
@@ -319,9 +348,33 @@ impl<T> Found<'_, T> {
                 max: l.max(),
                 tier: policy.tier_name(self.tier),
                 category: policy.category_name(self.category),
+                unit: "requests",
             }));
         }
         Ok(cost)
+    }
+
+    /// The request's token estimate (1 unless the extractor set one),
+    /// which must fit every token limit's burst.
+    #[allow(clippy::result_large_err)] // as `cost`
+    fn estimate<F>(&self, applied: &Applied) -> Result<u32, Step<F>> {
+        let estimate = self.identity.tokens().unwrap_or(1).max(1);
+        let mut limits = applied
+            .tokens
+            .as_slice()
+            .iter()
+            .chain(applied.account_tokens.as_slice());
+        if let Some(l) = limits.find(|l| estimate > l.max()) {
+            let policy = &self.guard.policy;
+            return Err(self.answer(Answer::CostTooHigh {
+                cost: estimate,
+                max: l.max(),
+                tier: policy.tier_name(self.tier),
+                category: policy.category_name(self.category),
+                unit: "tokens",
+            }));
+        }
+        Ok(estimate)
     }
 
     /// The tier's priority reserve, in percent, if this request must leave
@@ -360,6 +413,8 @@ pub(crate) struct ChargeSet {
     pub(crate) owner: u64,
     items: [Charge; MAX_LIMITS],
     len: usize,
+    /// How many of the last charges are token limits.
+    pub(crate) tokens: u8,
 }
 
 impl ChargeSet {
@@ -368,6 +423,7 @@ impl ChargeSet {
         applied: &Applied,
         identity: &Identity,
         cost: u32,
+        estimate: u32,
         reserve: impl Fn(u32) -> u32,
     ) -> Self {
         let account = identity.account_or_key().as_u64();
@@ -375,7 +431,10 @@ impl ChargeSet {
             Pool::Key => identity.key().as_u64(),
             Pool::Account => account,
         };
-        let owner = if cell.pool == Pool::Account || !applied.per_account.is_empty() {
+        let owner = if cell.pool == Pool::Account
+            || !applied.per_account.is_empty()
+            || !applied.account_tokens.is_empty()
+        {
             account
         } else {
             key_owner
@@ -408,7 +467,36 @@ impl ChargeSet {
             };
             len += 1;
         }
-        ChargeSet { owner, items, len }
+        // Token buckets apart from request buckets of the same limit.
+        let tokens = applied
+            .tokens
+            .as_slice()
+            .iter()
+            .map(|l| (*l, key_owner ^ cell.scope ^ TOKENS))
+            .chain(
+                applied
+                    .account_tokens
+                    .as_slice()
+                    .iter()
+                    .map(|l| (*l, account ^ cell.account_scope ^ TOKENS)),
+            );
+        let mut n = 0u8;
+        for (slot, (limit, base)) in items[len..].iter_mut().zip(tokens) {
+            *slot = Charge {
+                bucket: limit_bucket(base, &limit),
+                limit,
+                cost: estimate.max(1),
+                reserve: 0,
+            };
+            len += 1;
+            n += 1;
+        }
+        ChargeSet {
+            owner,
+            items,
+            len,
+            tokens: n,
+        }
     }
 
     #[inline]
@@ -416,6 +504,9 @@ impl ChargeSet {
         &self.items[..self.len]
     }
 }
+
+/// Mixed into token buckets ("tokens").
+const TOKENS: u64 = 0x746f_6b65_6e73;
 
 /// What settling a check needs from the path that made it.
 struct Settle<'a> {
@@ -425,6 +516,8 @@ struct Settle<'a> {
     key: KeyId,
     /// The reserve each charge had to leave (by charge index).
     reserves: [u32; MAX_LIMITS],
+    /// A metered request's charges, to settle after its response.
+    seed: Option<Seed>,
     #[cfg(feature = "metrics")]
     started: std::time::Instant,
 }
@@ -439,6 +532,7 @@ impl<'a> Settle<'a> {
             category,
             key,
             reserves: [0; MAX_LIMITS],
+            seed: None,
             #[cfg(feature = "metrics")]
             started: std::time::Instant::now(),
         }
@@ -489,6 +583,8 @@ struct Outcome<'a> {
     key: KeyId,
     /// The reserve each charge had to leave (by charge index).
     reserves: [u32; MAX_LIMITS],
+    /// A metered request's charges, to settle after its response.
+    seed: Option<Seed>,
     shadowed: &'a AtomicU64,
     options: HeaderOptions,
     unix_clock: Option<&'a UnixClock>,
@@ -499,10 +595,11 @@ impl Outcome<'_> {
     /// as part of the limit, and shadow mode turns refusals into counted
     /// passes.
     fn settle(
-        &self,
+        mut self,
         result: Result<Decision, BackendError>,
         grpc: impl FnOnce() -> bool,
     ) -> Settled {
+        let seed = self.seed.take();
         let policy = self.policy;
         let (tier, category) = (self.tier, self.category);
         let names = (policy.tier_name(tier), policy.category_name(category));
@@ -515,6 +612,7 @@ impl Outcome<'_> {
             } else {
                 std::time::Duration::ZERO
             },
+            meter: None,
         };
         let result = result.map(|mut d| {
             let reserve = self
@@ -537,7 +635,9 @@ impl Outcome<'_> {
                 if let Some(m) = counters {
                     m.allowed.increment(1);
                 }
-                Settled::Allow(plan(d))
+                let mut plan = plan(d);
+                plan.meter = seed.map(|s| TokenMeter::new(s, true));
+                Settled::Allow(plan)
             }
             Ok(mut d) if policy.is_shadow(tier, category) => {
                 #[cfg(feature = "metrics")]
@@ -553,7 +653,10 @@ impl Outcome<'_> {
                     "shadow mode: would have refused"
                 );
                 d.retry_after = None;
-                Settled::Allow(plan(d))
+                // Nothing was counted: the meter settles nothing.
+                let mut plan = plan(d);
+                plan.meter = seed.map(|s| TokenMeter::new(s, false));
+                Settled::Allow(plan)
             }
             Ok(d) => {
                 #[cfg(feature = "metrics")]
@@ -581,6 +684,7 @@ impl Outcome<'_> {
                     max,
                     tier: names.0,
                     category: names.1,
+                    unit: "requests",
                 };
                 Settled::Answer(answer.into_response(grpc()))
             }
@@ -599,6 +703,7 @@ pub(crate) struct Deferred {
     category: CategoryId,
     key: KeyId,
     reserves: [u32; MAX_LIMITS],
+    seed: Option<Seed>,
     grpc: bool,
     shadowed: Arc<AtomicU64>,
     options: HeaderOptions,
@@ -635,6 +740,7 @@ impl Deferred {
             category: self.category,
             key: self.key,
             reserves: self.reserves,
+            seed: self.seed,
             shadowed: &self.shadowed,
             options: self.options,
             unix_clock: self.unix_clock.as_ref(),

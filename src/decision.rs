@@ -28,6 +28,38 @@ pub struct Decision {
     /// its position among the check's charges (per-key limits first, then
     /// per-account ones). 0 for a single limit.
     pub index: u8,
+    /// For a request metered in tokens: its binding token limit at
+    /// admission (the token charges' [`Decision::binding`]).
+    pub tokens: Option<TokenState>,
+}
+
+/// The binding token limit of a request metered in tokens, at admission
+/// (what `X-RateLimit-*-Tokens` describe). The response may still charge
+/// more when it settles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenState {
+    /// The token limit's burst (`max`).
+    pub limit: u32,
+    /// Tokens left after this request's estimate.
+    pub remaining: u32,
+    /// Time until the token bucket is full again.
+    pub reset_after: Duration,
+    /// The token limit's window.
+    pub window: Duration,
+    /// Its charge's position in the check.
+    pub index: u8,
+}
+
+impl From<Decision> for TokenState {
+    fn from(d: Decision) -> Self {
+        TokenState {
+            limit: d.limit,
+            remaining: d.remaining,
+            reset_after: d.reset_after,
+            window: d.window,
+            index: d.index,
+        }
+    }
 }
 
 impl Decision {
@@ -46,6 +78,7 @@ impl Decision {
             retry_after: None,
             window: limit.per(),
             index: 0,
+            tokens: None,
         }
     }
 
@@ -66,6 +99,7 @@ impl Decision {
             retry_after: Some(retry_after),
             window: limit.per(),
             index: 0,
+            tokens: None,
         }
     }
 }
@@ -93,6 +127,27 @@ impl Decision {
             });
         }
         best
+    }
+
+    /// Whether this (binding) decision is a token limit's.
+    #[inline]
+    pub fn is_tokens(&self) -> bool {
+        self.tokens.is_some_and(|t| t.index == self.index)
+    }
+
+    /// [`binding`](Self::binding) over all of a check's decisions, with the
+    /// last `tokens` of them (the token charges) also giving
+    /// [`tokens`](Self::tokens): their own binding limit.
+    pub fn binding_with_tokens(decisions: &[Decision], tokens: usize) -> Option<Decision> {
+        let mut d = Decision::binding(decisions.iter().copied())?;
+        if tokens > 0 && tokens <= decisions.len() {
+            let from = decisions.len() - tokens;
+            d.tokens = Decision::binding(decisions[from..].iter().copied()).map(|mut t| {
+                t.index += from as u8;
+                TokenState::from(t)
+            });
+        }
+        Some(d)
     }
 
     /// Whether `other` describes the request better than `self`.

@@ -100,6 +100,7 @@ pub struct Identity {
     account: Option<KeyId>,
     tier: Option<TierId>,
     cost: Option<u32>,
+    tokens: Option<u32>,
     priority: Priority,
     known: bool,
 }
@@ -117,6 +118,7 @@ impl Identity {
             account: None,
             tier: None,
             cost: None,
+            tokens: None,
             priority: Priority::Normal,
             known: false,
         }
@@ -197,6 +199,23 @@ impl Identity {
     pub const fn with_cost(mut self, cost: u32) -> Self {
         self.cost = Some(cost);
         self
+    }
+
+    /// Sets this request's estimate of the tokens it will use (for
+    /// categories with token limits; without one, the estimate is 1). The
+    /// estimate is reserved at admission; what the response reports
+    /// through its [`TokenMeter`](crate::TokenMeter) settles the
+    /// difference. An estimate above a token limit's burst could never be
+    /// admitted: a 400, like a cost above a request limit.
+    #[must_use]
+    pub const fn with_tokens(mut self, estimate: u32) -> Self {
+        self.tokens = Some(estimate);
+        self
+    }
+
+    /// The token estimate, if set.
+    pub const fn tokens(&self) -> Option<u32> {
+        self.tokens
     }
 
     /// Sets this request's priority.
@@ -478,6 +497,7 @@ impl Extractor for ApiKey {
             account,
             tier,
             cost: None,
+            tokens: None,
             priority: Priority::Normal,
             known: tier.is_some(),
         })

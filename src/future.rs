@@ -100,6 +100,11 @@ where
                     let mut res = ready!(fut.poll(cx))?;
                     if let Some(plan) = this.plan.take() {
                         plan.write(res.headers_mut());
+                        if let Some(meter) = plan.meter {
+                            // The layer's hold ends here: the handler's and
+                            // the body's clones settle when they drop.
+                            meter.on_response(res.status(), res.extensions());
+                        }
                     }
                     return Poll::Ready(Ok(res));
                 }
@@ -120,6 +125,10 @@ where
                     } = *checking.take().expect("checked above");
                     match deferred.settle(result) {
                         Settled::Allow(plan) => {
+                            let mut req = req;
+                            if let Some(meter) = &plan.meter {
+                                req.extensions_mut().insert(meter.clone());
+                            }
                             *this.plan = Some(plan);
                             let fut = inner.call(req);
                             this.state.set(State::Inner { fut });

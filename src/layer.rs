@@ -273,7 +273,7 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
         RateLimitLayer {
             shared: Arc::new(Shared {
                 extractor: self.extractor,
-                backend: self.backend,
+                backend: Arc::new(self.backend),
                 view: Arc::new(ViewSlot::new(PolicyView::new(Arc::new(self.policy)))),
                 edit: Arc::new(std::sync::Mutex::new(())),
                 anonymous: self.anonymous,

@@ -110,6 +110,7 @@ pub mod extract;
 mod future;
 mod key;
 mod layer;
+mod meter;
 pub mod policy;
 mod proto;
 mod response;
@@ -119,7 +120,9 @@ mod time;
 mod usage;
 mod view;
 
-pub use backend::{Backend, BackendError, Decision, MemoryBackend, MemoryBackendBuilder, Subject};
+pub use backend::{
+    Backend, BackendError, Decision, MemoryBackend, MemoryBackendBuilder, Subject, TokenState,
+};
 #[cfg(feature = "redis")]
 pub use backend::{
     BackendState, FailurePolicy, RedisBackend, RedisBackendBuilder, RedisSetupError,
@@ -133,6 +136,7 @@ pub use key::{
     KEY_SECRET_ENV, KeyId, KeySecretError, Redacted, key_secret_is_shared, set_key_secret,
 };
 pub use layer::{PolicyHandle, RateLimitLayer, RateLimitLayerBuilder, UnixClock};
+pub use meter::{TokenMeter, TokenUsage};
 pub use policy::{
     Adjust, Boost, BoostTarget, CategoryId, KeyRule, Limit, Policy, PolicyBuilder, PolicyError,
     Pool, Route, Rule, Shadow, Target, Tier, TierId,

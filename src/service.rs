@@ -70,7 +70,13 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.shared.admit(&req) {
             Step::Pass => ResponseFuture::inner(self.inner.call(req), None),
-            Step::Allow(plan) => ResponseFuture::inner(self.inner.call(req), Some(plan)),
+            Step::Allow(plan) => {
+                let mut req = req;
+                if let Some(meter) = &plan.meter {
+                    req.extensions_mut().insert(meter.clone());
+                }
+                ResponseFuture::inner(self.inner.call(req), Some(plan))
+            }
             Step::Answer(res) => ResponseFuture::ready(res),
             Step::Wait(check, deferred) => {
                 // The ready inner service goes with the request; this one

@@ -11,6 +11,10 @@
 //! | `tierlimit_backend_state` | gauge (1 connected, 0 degraded) | `backend` |
 //! | `tierlimit_check_duration_seconds` | histogram | — |
 //! | `tierlimit_tracked_keys` | gauge | — |
+//! | `tierlimit_tokens_charged_total` | counter | `tier`, `category`: tokens used beyond the estimates |
+//! | `tierlimit_tokens_refunded_total` | counter | `tier`, `category`: tokens of estimates given back |
+//! | `tierlimit_refunds_total` | counter | `tier`, `category`: requests refunded by their response (`refund_on`) |
+//! | `tierlimit_settlement_fallbacks_total` | counter | `backend`: settlements made by the fallback while Redis was unreachable |
 //!
 //! Install the recorder (an exporter) before the first request: handles
 //! are made on first use and cached.
@@ -39,6 +43,32 @@ impl CellMetrics {
             allowed: c("allowed"),
             refused: c("refused"),
             shadow: c("shadow_refused"),
+        }
+    }
+}
+
+/// A metered cell's token and refund counters.
+#[cfg(feature = "metrics")]
+#[derive(Clone, Debug)]
+pub(crate) struct TokenCounters {
+    /// Tokens charged beyond the estimates (debts).
+    pub(crate) charged: metrics::Counter,
+    /// Tokens of estimates given back (unused).
+    pub(crate) refunded: metrics::Counter,
+    /// Requests refunded by their response (`refund_on`).
+    pub(crate) refunds: metrics::Counter,
+}
+
+#[cfg(feature = "metrics")]
+impl TokenCounters {
+    pub(crate) fn new(tier: &str, category: &str) -> Self {
+        let c = |name: &'static str| {
+            metrics::counter!(name, "tier" => tier.to_owned(), "category" => category.to_owned())
+        };
+        TokenCounters {
+            charged: c("tierlimit_tokens_charged_total"),
+            refunded: c("tierlimit_tokens_refunded_total"),
+            refunds: c("tierlimit_refunds_total"),
         }
     }
 }

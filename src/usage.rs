@@ -109,7 +109,7 @@ where
             let mut limits = Vec::new();
             match (applied.per_key.as_slice(), applied.per_account.is_empty()) {
                 ([], true) => {}
-                ([one], true) => {
+                ([one], true) if !applied.has_tokens() => {
                     let key = match cell.pool {
                         Pool::Key => identity.key(),
                         Pool::Account => identity.account_or_key(),
@@ -121,7 +121,7 @@ where
                     ));
                 }
                 _ => {
-                    let set = ChargeSet::new(cell, &applied, &identity, 1, |_| 0);
+                    let set = ChargeSet::new(cell, &applied, &identity, 1, 1, |_| 0);
                     let nkey = applied.per_key.as_slice().len();
                     for (i, c) in set.charges().iter().enumerate() {
                         let pooled = i >= nkey || cell.pool == Pool::Account;

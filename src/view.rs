@@ -22,6 +22,8 @@ pub(crate) struct CellView {
     pub(crate) headers: CellRef,
     #[cfg(feature = "metrics")]
     metrics: std::sync::OnceLock<crate::telemetry::CellMetrics>,
+    #[cfg(feature = "metrics")]
+    tokens: std::sync::OnceLock<crate::telemetry::TokenCounters>,
 }
 
 impl PolicyView {
@@ -57,6 +59,8 @@ impl PolicyView {
                     ),
                     #[cfg(feature = "metrics")]
                     metrics: std::sync::OnceLock::new(),
+                    #[cfg(feature = "metrics")]
+                    tokens: std::sync::OnceLock::new(),
                 });
             }
         }
@@ -78,6 +82,14 @@ impl PolicyView {
 }
 
 impl CellView {
+    /// The cell's token and refund counters, made on first use.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn tokens(&self, tier: &str, category: &str) -> crate::telemetry::TokenCounters {
+        self.tokens
+            .get_or_init(|| crate::telemetry::TokenCounters::new(tier, category))
+            .clone()
+    }
+
     /// The cell's request counters, made on first use with its names.
     #[cfg(feature = "metrics")]
     pub(crate) fn metrics(&self, tier: &str, category: &str) -> &crate::telemetry::CellMetrics {

@@ -141,6 +141,7 @@ fn a_key_spray_locks_out_no_customer_under_several_limits() {
                 owner,
                 known,
                 charges: &charges,
+                tokens: 0,
             })
             .unwrap()
     };

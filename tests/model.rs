@@ -313,6 +313,7 @@ async fn run_multi_case(
                 owner,
                 known: true,
                 charges: &charges,
+                tokens: 0,
             })
             .await,
         );

@@ -581,6 +581,7 @@ async fn several_limits_while_redis_is_down_follow_the_failure_policy() {
         owner: 7,
         known: true,
         charges: &charges,
+        tokens: 0,
     };
     server.kill();
     // The fallback enforces half of each limit, all or nothing: 2 of the

@@ -583,11 +583,12 @@ where
             if acquired > 0 {
                 inner.budget.tracked.fetch_sub(acquired, Ordering::Relaxed);
             }
-            let decisions = charges
-                .iter()
-                .enumerate()
-                .map(|(i, c)| gcra(i, c).decision(&c.limit, c.cost.max(1)));
-            return Ok(Decision::binding(decisions).expect("at least one charge"));
+            let mut decisions = [Decision::allow(&Limit::per_second(1), 0); MAX_LIMITS];
+            for (i, c) in charges.iter().enumerate() {
+                decisions[i] = gcra(i, c).decision(&c.limit, c.cost.max(1));
+            }
+            let d = Decision::binding_with_tokens(&decisions[..charges.len()], usize::from(check.tokens));
+            return Ok(d.expect("at least one charge"));
         }
         if acquired > 0 {
             crate::telemetry::tracked_keys(acquired as f64);
@@ -617,10 +618,9 @@ where
                 }
             }
         }
-        Ok(
-            Decision::binding(decisions[..charges.len()].iter().copied())
-                .expect("at least one charge"),
-        )
+        let d =
+            Decision::binding_with_tokens(&decisions[..charges.len()], usize::from(check.tokens));
+        Ok(d.expect("at least one charge"))
     }
 
     /// Settles charges after the fact (see [`Backend::settle`]): under the

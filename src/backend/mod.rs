@@ -19,7 +19,7 @@ pub use self::redis::{
 };
 pub use memory::{MemoryBackend, MemoryBackendBuilder};
 
-pub use crate::decision::Decision;
+pub use crate::decision::{Decision, TokenState};
 use crate::key::KeyId;
 use crate::policy::Limit;
 
@@ -117,6 +117,9 @@ pub struct Check<'a> {
     pub known: bool,
     /// The limits, at most [`MAX_LIMITS`](crate::policy::MAX_LIMITS).
     pub charges: &'a [Charge],
+    /// How many of the last charges are token limits (0: none). The
+    /// decision's [`tokens`](Decision::tokens) describes their binding one.
+    pub tokens: u8,
 }
 
 /// Mixes a limit into a bucket, so that every limit of a cell has its own.

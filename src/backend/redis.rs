@@ -599,10 +599,16 @@ impl Inner {
                     ..*check
                 })
             }
-            FailurePolicy::FailOpen => Ok(Decision::binding(check.charges.iter().map(|c| {
-                Decision::allow(&c.limit, c.limit.max() - c.cost.max(1).min(c.limit.max()))
-            }))
-            .expect("at least one charge")),
+            FailurePolicy::FailOpen => {
+                let mut decisions = [Decision::allow(&Limit::per_second(1), 0); MAX_LIMITS];
+                for (slot, c) in decisions.iter_mut().zip(check.charges) {
+                    let left = c.limit.max() - c.cost.max(1).min(c.limit.max());
+                    *slot = Decision::allow(&c.limit, left);
+                }
+                let n = check.charges.len().min(MAX_LIMITS);
+                Ok(Decision::binding_with_tokens(&decisions[..n], usize::from(check.tokens))
+                    .expect("at least one charge"))
+            }
             FailurePolicy::FailClosed => Err(BackendError::Unavailable("redis unreachable".into())),
         }
     }
@@ -971,6 +977,7 @@ impl RedisBackend {
 struct Charges {
     owner: u64,
     known: bool,
+    tokens: u8,
     items: [Charge; MAX_LIMITS],
     len: usize,
 }
@@ -984,6 +991,7 @@ impl Charges {
         Some(Charges {
             owner: check.owner,
             known: check.known,
+            tokens: check.tokens,
             items,
             len,
         })
@@ -993,6 +1001,7 @@ impl Charges {
         Check {
             owner: self.owner,
             known: self.known,
+            tokens: self.tokens,
             charges: &self.items[..self.len],
         }
     }
@@ -1030,18 +1039,21 @@ impl RedisBackend {
             Ok(v) if v.len() == check.charges.len() + 1 => {
                 inner.succeeded();
                 let allowed = v[0] == 1;
-                let decisions = check.charges.iter().zip(&v[1..]).map(|(c, &x)| {
+                let mut decisions = [Decision::allow(&Limit::per_second(1), 0); MAX_LIMITS];
+                for ((slot, c), &x) in decisions.iter_mut().zip(check.charges).zip(&v[1..]) {
                     let x = u64::try_from(x).unwrap_or(0);
-                    if allowed {
+                    *slot = if allowed {
                         Decision::allow(&c.limit, x as u32)
                     } else if x == 0 {
                         // Admits it, but another limit refuses.
                         Decision::allow(&c.limit, 0)
                     } else {
                         Decision::refuse(&c.limit, c.cost.max(1), Duration::from_micros(x))
-                    }
-                });
-                let mut d = Decision::binding(decisions).expect("at least one charge");
+                    };
+                }
+                let n = check.charges.len().min(MAX_LIMITS);
+                let mut d = Decision::binding_with_tokens(&decisions[..n], usize::from(check.tokens))
+                    .expect("at least one charge");
                 if !allowed && d.allowed {
                     d.allowed = false;
                 }

@@ -71,7 +71,8 @@ pub(crate) fn response(refusal: &Answer<'_>) -> Response<Bytes> {
             retry,
             subject: &key.redacted().to_string(),
             description: &format!(
-                "tier `{tier}`: {category} limit of {} per {} s",
+                "tier `{tier}`: {category} {}limit of {} per {} s",
+                if plan.decision.is_tokens() { "token " } else { "" },
                 plan.decision.limit,
                 crate::time::ceil_secs(plan.decision.window)
             ),

@@ -15,6 +15,10 @@ pub(crate) static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-rat
 pub(crate) static X_RATELIMIT_WINDOW: HeaderName = HeaderName::from_static("x-ratelimit-window");
 pub(crate) static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 pub(crate) static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static X_RATELIMIT_LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+static X_RATELIMIT_REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-tokens");
+static X_RATELIMIT_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
 /// Which rate-limit header fields are written.
 ///
@@ -331,6 +335,9 @@ pub(crate) struct HeaderPlan {
     pub(crate) options: HeaderOptions,
     /// Unix time when the decision was made (for `X-RateLimit-Reset`).
     pub(crate) now: Duration,
+    /// A metered request's meter: the layer's clone, held until the
+    /// response head has passed.
+    pub(crate) meter: Option<crate::TokenMeter>,
 }
 
 impl HeaderOptions {
@@ -376,6 +383,19 @@ impl HeaderPlan {
             if let Some(v) = Arena::value(&parts) {
                 headers.insert(RATELIMIT.clone(), v);
             }
+        }
+        if let Some(t) = &d.tokens
+            && self.options.x_ratelimit
+        {
+            headers.insert(X_RATELIMIT_LIMIT_TOKENS.clone(), int(u64::from(t.limit)));
+            headers.insert(
+                X_RATELIMIT_REMAINING_TOKENS.clone(),
+                int(u64::from(t.remaining)),
+            );
+            headers.insert(
+                X_RATELIMIT_RESET_TOKENS.clone(),
+                reset_value(ceil_secs(self.now + t.reset_after)),
+            );
         }
         if let Some(retry) = d.retry_after {
             headers.insert(http::header::RETRY_AFTER, int(retry_secs(retry)));

@@ -33,6 +33,8 @@ pub(crate) enum Answer<'a> {
         max: u32,
         tier: &'a str,
         category: &'a str,
+        /// `"requests"` or `"tokens"`.
+        unit: &'static str,
     },
     /// The backend could not decide.
     Unavailable,
@@ -72,8 +74,9 @@ impl Answer<'_> {
                 category,
                 ..
             } => format!(
-                "rate limit exceeded: tier `{tier}` allows {} `{category}` requests per {} s; retry in {} s",
+                "rate limit exceeded: tier `{tier}` allows {} `{category}` {} per {} s; retry in {} s",
                 plan.decision.limit,
+                if plan.decision.is_tokens() { "tokens" } else { "requests" },
                 crate::time::ceil_secs(plan.decision.window),
                 retry_secs(plan.decision.retry_after.unwrap_or_default()),
             ),
@@ -83,8 +86,9 @@ impl Answer<'_> {
                 max,
                 tier,
                 category,
+                unit,
             } => format!(
-                "this request costs {cost} but tier `{tier}` allows at most {max} `{category}` requests at once, so it can never succeed; split it into smaller requests"
+                "this request costs {cost} but tier `{tier}` allows at most {max} `{category}` {unit} at once, so it can never succeed; split it into smaller requests"
             ),
             Answer::Unavailable => "the rate limiter is unavailable; try again shortly".to_owned(),
         }
@@ -114,6 +118,10 @@ impl Answer<'_> {
             } => {
                 let d = &plan.decision;
                 let obj = body.as_object_mut().expect("a json object");
+                obj.insert(
+                    "unit".into(),
+                    json!(if d.is_tokens() { "tokens" } else { "requests" }),
+                );
                 obj.insert("tier".into(), json!(tier));
                 obj.insert("category".into(), json!(category));
                 obj.insert("limit".into(), json!(d.limit));
@@ -132,8 +140,10 @@ impl Answer<'_> {
                 max,
                 tier,
                 category,
+                unit,
             } => {
                 let obj = body.as_object_mut().expect("a json object");
+                obj.insert("unit".into(), json!(unit));
                 obj.insert("tier".into(), json!(tier));
                 obj.insert("category".into(), json!(category));
                 obj.insert("cost".into(), json!(cost));

@@ -138,6 +138,7 @@ pub async fn run<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
             ) => {
                 let want = Decision {
                     index: 0,
+                    tokens: None,
                     allowed: true,
                     limit: 10,
                     remaining,
@@ -157,6 +158,7 @@ pub async fn run<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
             ) => {
                 let want = Decision {
                     index: 0,
+                    tokens: None,
                     allowed: false,
                     limit: 10,
                     remaining,
@@ -284,6 +286,7 @@ pub async fn run_multi<B: Backend>(backend: &B, mut advance: impl FnMut(Duration
             owner,
             known: true,
             charges: &charges,
+            tokens: 0,
         };
         let d = backend.check_all(&check).await.unwrap();
         let ctx = format!("multi step {i}");
@@ -305,6 +308,7 @@ pub async fn run_multi<B: Backend>(backend: &B, mut advance: impl FnMut(Duration
         owner,
         known: true,
         charges: &charges,
+        tokens: 0,
     };
     match backend.check_all(&check).await {
         Err(BackendError::CostExceedsLimit { cost: 4, max: 3 }) => {}
@@ -345,6 +349,7 @@ pub async fn exact_under_contention<B: Backend + Clone>(backends: Vec<B>) {
                         owner: key,
                         known: true,
                         charges: &charges,
+                        tokens: 0,
                     };
                     let d = backend.check_all(&check).await.unwrap();
                     if d.allowed {
@@ -401,6 +406,7 @@ pub async fn run_settle<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
                 owner,
                 known: true,
                 charges: &charges,
+                tokens: 1,
             })
             .await
             .unwrap()
@@ -428,6 +434,13 @@ pub async fn run_settle<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
     // Reserve 40 of 100 tokens with one request.
     let d = check(40).await;
     assert!(d.allowed);
+    // The binding limit overall is the requests' (9 left); the tokens'
+    // own binding limit is reported beside it.
+    assert_eq!((d.index, d.remaining), (0, 9));
+    let t = d.tokens.expect("a token state");
+    assert_eq!((t.index, t.limit, t.remaining), (1, 100, 60));
+    assert_eq!(t.reset_after, Duration::from_secs(40));
+    assert!(!d.is_tokens());
     assert_eq!(tokens_left().await, 60);
     // Used 10: 30 come back.
     let after = settle(10 - 40).await;
@@ -445,6 +458,7 @@ pub async fn run_settle<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
     let d = check(1).await;
     assert!(!d.allowed);
     assert_eq!(d.index, 1, "the token limit refuses");
+    assert!(d.is_tokens());
     assert_eq!(d.retry_after, Some(Duration::from_secs(31)));
     // The refusal took nothing from the requests (8 left of 10).
     assert_eq!(

@@ -1,0 +1,193 @@
+//! Token metering and refunds: what a request reserved at admission is
+//! settled once its response is over.
+//!
+//! A metered request (its category has token limits, or refunds) gets a
+//! [`TokenMeter`] in its request extensions. The handler reports what it
+//! used, as often as it likes (a stream reports per chunk); the layer
+//! settles when the last clone of the meter is gone: the handler's, the
+//! stream's that it moved into the response body, and the layer's own,
+//! which it keeps until the response head has been seen (to read a
+//! [`TokenUsage`] response extension and the status, for `refund_on`).
+//! A client that goes away drops the body, and with it the stream's meter:
+//! it is charged for what was reported until then. Settlement runs once,
+//! from a `Drop`, and never blocks: the memory backend settles in place,
+//! Redis on its own I/O thread.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::backend::{Adjustment, Backend, Charge};
+use crate::policy::{Limit, MAX_LIMITS, RefundOn};
+
+/// Where settlements go: the layer's backend.
+pub(crate) trait Settler: Send + Sync {
+    fn settle(&self, owner: u64, adjustments: &[Adjustment]);
+}
+
+impl<B: Backend> Settler for B {
+    fn settle(&self, owner: u64, adjustments: &[Adjustment]) {
+        // The backend proceeds without being polled (its contract).
+        drop(Backend::settle(self, owner, adjustments));
+    }
+}
+
+/// What a metered request was charged at admission, to settle later.
+#[derive(Clone)]
+pub(crate) struct Seed {
+    pub(crate) owner: u64,
+    /// Request charges first, then `tokens` token charges.
+    pub(crate) charges: [Charge; MAX_LIMITS],
+    pub(crate) len: u8,
+    pub(crate) tokens: u8,
+    pub(crate) estimate: u32,
+    /// The responses that refund the request.
+    pub(crate) refund: RefundOn,
+    pub(crate) sink: Arc<dyn Settler>,
+    #[cfg(feature = "metrics")]
+    pub(crate) counters: Option<crate::telemetry::TokenCounters>,
+}
+
+/// Reports what a request used, in tokens (for categories with token
+/// limits), from a handler or a stream; the layer puts one in every
+/// metered request's extensions.
+///
+/// The request reserved its estimate at admission
+/// ([`Identity::with_tokens`](crate::Identity::with_tokens), else 1). When
+/// the response is over — the last clone of this meter dropped — the layer
+/// charges the difference: a refund if less was used, a debt if more
+/// (later requests wait until it is paid). Clone it into a response stream
+/// to keep metering until the stream ends; a client that disconnects is
+/// charged for what was reported until then.
+///
+/// ```
+/// use axum::{Extension, Json};
+/// use tierlimit::TokenMeter;
+///
+/// async fn complete(Extension(meter): Extension<TokenMeter>) -> Json<u64> {
+///     let tokens = 42; // what the model used
+///     meter.add(tokens);
+///     Json(tokens)
+/// }
+/// # let _ = complete;
+/// ```
+#[derive(Clone)]
+pub struct TokenMeter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    used: AtomicU64,
+    refund: AtomicBool,
+    /// Whether the admission counted anything (not a shadow-mode pass).
+    charged: bool,
+    seed: Seed,
+}
+
+impl fmt::Debug for TokenMeter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenMeter")
+            .field("estimate", &self.inner.seed.estimate)
+            .field("used", &self.used())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A response extension for the simple case: the tokens a response used,
+/// read by the layer when the response head passes (added to what the
+/// handler reported through its [`TokenMeter`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenUsage(pub u64);
+
+impl TokenMeter {
+    pub(crate) fn new(seed: Seed, charged: bool) -> Self {
+        TokenMeter {
+            inner: Arc::new(Inner {
+                used: AtomicU64::new(0),
+                refund: AtomicBool::new(false),
+                charged,
+                seed,
+            }),
+        }
+    }
+
+    /// Reports `tokens` more used (callable any number of times).
+    pub fn add(&self, tokens: u64) {
+        self.inner.used.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    /// The tokens reported so far.
+    pub fn used(&self) -> u64 {
+        self.inner.used.load(Ordering::Relaxed)
+    }
+
+    /// The tokens reserved at admission.
+    pub fn estimate(&self) -> u32 {
+        self.inner.seed.estimate
+    }
+
+    /// What the layer does when the response head passes: adds a
+    /// [`TokenUsage`] extension's count, and marks the request refunded if
+    /// its status matches the policy's `refund_on`.
+    pub(crate) fn on_response(&self, status: http::StatusCode, extensions: &http::Extensions) {
+        if let Some(TokenUsage(n)) = extensions.get::<TokenUsage>() {
+            self.add(*n);
+        }
+        if self.inner.seed.refund.matches(status.as_u16()) {
+            self.inner.refund.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if !self.charged {
+            return;
+        }
+        let seed = &self.seed;
+        let used = *self.used.get_mut();
+        let refund = *self.refund.get_mut();
+        let len = usize::from(seed.len).min(MAX_LIMITS);
+        let tokens = usize::from(seed.tokens).min(len);
+        let mut adjustments = [Adjustment {
+            bucket: 0,
+            limit: Limit::per_second(1),
+            units: 0,
+        }; MAX_LIMITS];
+        let mut n = 0;
+        for (i, c) in seed.charges[..len].iter().enumerate() {
+            let units = if i >= len - tokens {
+                i64::try_from(used).unwrap_or(i64::MAX) - i64::from(c.cost)
+            } else if refund {
+                -i64::from(c.cost)
+            } else {
+                0
+            };
+            if units != 0 {
+                adjustments[n] = Adjustment {
+                    bucket: c.bucket,
+                    limit: c.limit,
+                    units,
+                };
+                n += 1;
+            }
+        }
+        #[cfg(feature = "metrics")]
+        if let Some(m) = &seed.counters {
+            if tokens > 0 {
+                let estimate = u64::from(seed.estimate);
+                if used > estimate {
+                    m.charged.increment(used - estimate);
+                } else {
+                    m.refunded.increment(estimate - used);
+                }
+            }
+            if refund {
+                m.refunds.increment(1);
+            }
+        }
+        if n > 0 {
+            seed.sink.settle(seed.owner, &adjustments[..n]);
+        }
+    }
+}
