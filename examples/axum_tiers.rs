@@ -23,7 +23,21 @@ use tierlimit::{
 pub(crate) type DemoExtractor = fn(&RequestRef<'_>, &Policy) -> Result<Identity, Rejection>;
 
 pub(crate) fn demo_extractor(req: &RequestRef<'_>, policy: &Policy) -> Result<Identity, Rejection> {
-    let id = ApiKey::new().extract(req, policy)?;
+    let mut id = ApiKey::new().extract(req, policy)?;
+    // A client may say how many tokens it expects to use: the layer
+    // reserves that many (else 1) and settles the rest when the answer
+    // is over.
+    if let Some(v) = req.headers.get("x-max-tokens") {
+        let n = v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .filter(|n| (1..=8192).contains(n))
+            .ok_or(Rejection::InvalidCost(
+                "X-Max-Tokens must be a number of tokens from 1 to 8192",
+            ))?;
+        id = id.with_tokens(n);
+    }
     // Only the batch route reads a batch size; everywhere else the route's
     // cost stands and these inputs are ignored.
     if req.uri.path() != "/v1/batch" {
@@ -123,8 +137,111 @@ async fn list_endpoints() -> Json<Value> {
 async fn create_endpoint() -> Json<Value> {
     Json(json!({ "id": "ep_2", "status": "deploying" }))
 }
-async fn completion() -> Json<Value> {
-    Json(json!({ "choices": [{ "text": "Hello from the demo model." }] }))
+/// The demo model's request: `{"prompt": "...", "max_tokens": N, "stream": false}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompletionRequest {
+    prompt: String,
+    #[serde(default = "default_max_tokens")]
+    max_tokens: u32,
+    #[serde(default)]
+    stream: bool,
+}
+
+fn default_max_tokens() -> u32 {
+    16
+}
+
+/// A 400 for a body the demo model cannot take.
+fn bad_completion(detail: String) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body = json!({
+        "type": "urn:tierlimit-demo:problem:invalid-completion",
+        "title": "Bad Request",
+        "status": 400,
+        "detail": detail,
+    });
+    (
+        axum::http::StatusCode::BAD_REQUEST,
+        [(axum::http::header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// A fake model: "generates" `max_tokens` tokens. Usage is the prompt's
+/// whitespace-separated words plus `max_tokens`, reported to the layer's
+/// [`TokenMeter`] (as OpenAI reports `usage`); with `"stream": true`, as
+/// server-sent events, one per chunk of up to 16 tokens, reporting each
+/// chunk as it goes, then `[DONE]`. A client that goes away mid-stream is
+/// charged for the chunks sent until then.
+async fn completion(
+    meter: Option<axum::Extension<tierlimit::TokenMeter>>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let req: CompletionRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_completion(format!("the body must be JSON {{\"prompt\": \"...\", \"max_tokens\": 1-4096, \"stream\": false}}: {e}")),
+    };
+    if !(1..=4096).contains(&req.max_tokens) {
+        return bad_completion("max_tokens must be from 1 to 4096".into());
+    }
+    let meter = meter.map(|axum::Extension(m)| m);
+    let prompt_tokens = req.prompt.split_whitespace().count() as u64;
+    let n = u64::from(req.max_tokens);
+    if !req.stream {
+        if let Some(m) = &meter {
+            m.add(prompt_tokens + n);
+        }
+        let text = vec!["tok"; req.max_tokens as usize].join(" ");
+        return Json(json!({
+            "object": "text_completion",
+            "choices": [{ "text": text, "finish_reason": "length" }],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": n,
+                "total_tokens": prompt_tokens + n,
+            },
+        }))
+        .into_response();
+    }
+    // Streaming: the stream holds the meter, so the request settles when
+    // the stream ends or is dropped.
+    if let Some(m) = &meter {
+        m.add(prompt_tokens);
+    }
+    let chunks = n.div_ceil(16);
+    let events = futures_util::stream::unfold(0u64, move |i| {
+        let meter = meter.clone();
+        async move {
+            if i > chunks {
+                return None;
+            }
+            let event = if i == chunks {
+                axum::response::sse::Event::default().data("[DONE]")
+            } else {
+                let size = (n - i * 16).min(16);
+                if let Some(m) = &meter {
+                    m.add(size);
+                }
+                let text = vec!["tok"; size as usize].join(" ");
+                let mut chunk = json!({ "object": "text_completion.chunk", "choices": [{ "text": text }] });
+                if i + 1 == chunks {
+                    chunk["usage"] = json!({
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": n,
+                        "total_tokens": prompt_tokens + n,
+                    });
+                }
+                axum::response::sse::Event::default().data(chunk.to_string())
+            };
+            // A real model takes time per chunk: yield between them.
+            tokio::task::yield_now().await;
+            Some((Ok::<_, std::convert::Infallible>(event), i + 1))
+        }
+    });
+    axum::response::sse::Sse::new(events).into_response()
 }
 async fn batch() -> Json<Value> {
     Json(json!({ "status": "accepted" }))

@@ -108,7 +108,7 @@ where
             let applied = policy.effective(cell, tier, category, identity.key(), now);
             let mut limits = Vec::new();
             match (applied.per_key.as_slice(), applied.per_account.is_empty()) {
-                ([], true) => {}
+                ([], true) if !applied.has_tokens() => {}
                 ([one], true) if !applied.has_tokens() => {
                     let key = match cell.pool {
                         Pool::Key => identity.key(),
@@ -118,14 +118,19 @@ where
                     limits.push((
                         shared.backend.peek(&subject, one),
                         cell.pool == Pool::Account,
+                        false,
                     ));
                 }
                 _ => {
                     let set = ChargeSet::new(cell, &applied, &identity, 1, 1, |_| 0);
                     let nkey = applied.per_key.as_slice().len();
+                    let nreq = nkey + applied.per_account.as_slice().len();
+                    let ntok = nreq + applied.tokens.as_slice().len();
                     for (i, c) in set.charges().iter().enumerate() {
-                        let pooled = i >= nkey || cell.pool == Pool::Account;
-                        limits.push((shared.backend.peek_charge(set.owner, c), pooled));
+                        let tokens = i >= nreq;
+                        let per_account = (i >= nkey && i < nreq) || i >= ntok;
+                        let pooled = per_account || cell.pool == Pool::Account;
+                        limits.push((shared.backend.peek_charge(set.owner, c), pooled, tokens));
                     }
                 }
             }
@@ -140,34 +145,50 @@ where
                     categories.insert(name, json!({ "unlimited": true }));
                     continue;
                 }
-                let mut decisions = Vec::with_capacity(limits.len());
+                let mut requests = Vec::with_capacity(limits.len());
+                let mut tokens = Vec::new();
                 let mut listed = Vec::with_capacity(limits.len());
                 let mut error = None;
-                for (fut, per_account) in limits {
+                for (fut, per_account, is_tokens) in limits {
                     match fut.await {
                         Ok(d) => {
                             listed.push(json!({
+                                "unit": if is_tokens { "tokens" } else { "requests" },
                                 "limit": d.limit,
                                 "remaining": d.remaining,
                                 "reset": unix + ceil_secs(d.reset_after),
                                 "window": ceil_secs(d.window),
                                 "per": if per_account { "account" } else { "key" },
                             }));
-                            decisions.push(d);
+                            if is_tokens {
+                                tokens.push(d);
+                            } else {
+                                requests.push(d);
+                            }
                         }
                         Err(e) => error = Some(e.to_string()),
                     }
                 }
-                let value = match (error, Decision::binding(decisions)) {
-                    (Some(e), _) => json!({ "error": e }),
-                    (None, None) => json!({ "unlimited": true }),
-                    (None, Some(d)) => json!({
+                let shown = |d: Decision| {
+                    json!({
                         "limit": d.limit,
                         "remaining": d.remaining,
                         "reset": unix + ceil_secs(d.reset_after),
                         "window": ceil_secs(d.window),
-                        "limits": listed,
-                    }),
+                    })
+                };
+                let tokens = Decision::binding(tokens);
+                let value = match (error, Decision::binding(requests).or(tokens)) {
+                    (Some(e), _) => json!({ "error": e }),
+                    (None, None) => json!({ "unlimited": true }),
+                    (None, Some(d)) => {
+                        let mut v = shown(d);
+                        v["limits"] = Value::from(listed);
+                        if let Some(t) = tokens {
+                            v["tokens"] = shown(t);
+                        }
+                        v
+                    }
                 };
                 categories.insert(name, value);
             }
