@@ -182,7 +182,11 @@ async fn completion(
     use axum::response::IntoResponse;
     let req: CompletionRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return bad_completion(format!("the body must be JSON {{\"prompt\": \"...\", \"max_tokens\": 1-4096, \"stream\": false}}: {e}")),
+        Err(e) => {
+            return bad_completion(format!(
+                "the body must be JSON {{\"prompt\": \"...\", \"max_tokens\": 1-4096, \"stream\": false}}: {e}"
+            ));
+        }
     };
     if !(1..=4096).contains(&req.max_tokens) {
         return bad_completion("max_tokens must be from 1 to 4096".into());
@@ -226,7 +230,8 @@ async fn completion(
                     m.add(size);
                 }
                 let text = vec!["tok"; size as usize].join(" ");
-                let mut chunk = json!({ "object": "text_completion.chunk", "choices": [{ "text": text }] });
+                let mut chunk =
+                    json!({ "object": "text_completion.chunk", "choices": [{ "text": text }] });
                 if i + 1 == chunks {
                     chunk["usage"] = json!({
                         "prompt_tokens": prompt_tokens,

@@ -20,10 +20,10 @@ use http::{Request, Response};
 use crate::backend::{Backend, BackendError, Charge, Check, Decision, Subject, limit_bucket};
 use crate::extract::{Extractor, Identity, PeerIp, Priority, Rejection, RequestRef};
 use crate::key::KeyId;
+use crate::meter::{Seed, Settler, TokenMeter};
 use crate::policy::{Applied, CategoryId, Cell, Limit, MAX_LIMITS, Policy, Pool, Target, TierId};
 use crate::response::grpc::is_grpc;
 use crate::response::{Answer, HeaderOptions, HeaderPlan};
-use crate::meter::{Seed, Settler, TokenMeter};
 use crate::view::{CellView, PolicyView, ViewSlot};
 
 /// A source of Unix time in seconds (for boosts; tests inject one).

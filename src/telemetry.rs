@@ -62,9 +62,7 @@ pub(crate) struct TokenCounters {
 #[cfg(feature = "metrics")]
 impl TokenCounters {
     pub(crate) fn new(tier: &str, category: &str) -> Self {
-        let c = |name: &'static str| {
-            metrics::counter!(name, "tier" => tier.to_owned(), "category" => category.to_owned())
-        };
+        let c = |name: &'static str| metrics::counter!(name, "tier" => tier.to_owned(), "category" => category.to_owned());
         TokenCounters {
             charged: c("tierlimit_tokens_charged_total"),
             refunded: c("tierlimit_tokens_refunded_total"),

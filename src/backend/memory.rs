@@ -587,7 +587,10 @@ where
             for (i, c) in charges.iter().enumerate() {
                 decisions[i] = gcra(i, c).decision(&c.limit, c.cost.max(1));
             }
-            let d = Decision::binding_with_tokens(&decisions[..charges.len()], usize::from(check.tokens));
+            let d = Decision::binding_with_tokens(
+                &decisions[..charges.len()],
+                usize::from(check.tokens),
+            );
             return Ok(d.expect("at least one charge"));
         }
         if acquired > 0 {

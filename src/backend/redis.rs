@@ -606,8 +606,10 @@ impl Inner {
                     *slot = Decision::allow(&c.limit, left);
                 }
                 let n = check.charges.len().min(MAX_LIMITS);
-                Ok(Decision::binding_with_tokens(&decisions[..n], usize::from(check.tokens))
-                    .expect("at least one charge"))
+                Ok(
+                    Decision::binding_with_tokens(&decisions[..n], usize::from(check.tokens))
+                        .expect("at least one charge"),
+                )
             }
             FailurePolicy::FailClosed => Err(BackendError::Unavailable("redis unreachable".into())),
         }
@@ -1052,8 +1054,9 @@ impl RedisBackend {
                     };
                 }
                 let n = check.charges.len().min(MAX_LIMITS);
-                let mut d = Decision::binding_with_tokens(&decisions[..n], usize::from(check.tokens))
-                    .expect("at least one charge");
+                let mut d =
+                    Decision::binding_with_tokens(&decisions[..n], usize::from(check.tokens))
+                        .expect("at least one charge");
                 if !allowed && d.allowed {
                     d.allowed = false;
                 }

@@ -72,7 +72,11 @@ pub(crate) fn response(refusal: &Answer<'_>) -> Response<Bytes> {
             subject: &key.redacted().to_string(),
             description: &format!(
                 "tier `{tier}`: {category} {}limit of {} per {} s",
-                if plan.decision.is_tokens() { "token " } else { "" },
+                if plan.decision.is_tokens() {
+                    "token "
+                } else {
+                    ""
+                },
                 plan.decision.limit,
                 crate::time::ceil_secs(plan.decision.window)
             ),

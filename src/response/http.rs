@@ -76,7 +76,11 @@ impl Answer<'_> {
             } => format!(
                 "rate limit exceeded: tier `{tier}` allows {} `{category}` {} per {} s; retry in {} s",
                 plan.decision.limit,
-                if plan.decision.is_tokens() { "tokens" } else { "requests" },
+                if plan.decision.is_tokens() {
+                    "tokens"
+                } else {
+                    "requests"
+                },
                 crate::time::ceil_secs(plan.decision.window),
                 retry_secs(plan.decision.retry_after.unwrap_or_default()),
             ),

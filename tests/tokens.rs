@@ -1,0 +1,477 @@
+//! Token metering and refunds: reserve at admission, settle when the
+//! response is over — through the demo server (JSON and server-sent
+//! events), under concurrency with clients that go away mid-stream, on the
+//! memory backend and on Redis; refunds by response status.
+
+mod common;
+
+#[allow(dead_code)]
+#[path = "../examples/axum_tiers.rs"]
+mod demo;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use common::{client, serve};
+use governor::clock::FakeRelativeClock;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tierlimit::{Backend, MemoryBackend, Policy, RateLimitLayer, TokenMeter};
+
+/// One key secret for the binary, before any key is hashed (the Redis
+/// tests need one shared by their backends).
+fn setup() {
+    #[cfg(feature = "redis")]
+    common::redis::init_secret();
+}
+
+/// The spec's table, with the issue's token limits on `ai`.
+fn token_policy() -> Policy {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/policy.toml"
+    ))
+    .unwrap()
+    .replacen(
+        "[tiers.free]\nread = \"100/hour\"\nwrite = \"20/hour\"\nai = \"50/hour\"",
+        "[tiers.free]\nread = \"100/hour\"\nwrite = \"20/hour\"\nai = { requests = \"50/hour\", tokens = \"1000/hour\" }",
+        1,
+    )
+    .replacen(
+        "ai = \"500/hour\"",
+        "ai = { requests = \"500/hour\", tokens = [\"20000/minute\", \"500000/day\"] }",
+        1,
+    );
+    assert!(
+        text.contains("tokens = \"1000/hour\""),
+        "the spec table moved"
+    );
+    Policy::from_toml_str(&text).unwrap()
+}
+
+fn header(res: &reqwest::Response, name: &str) -> Option<u64> {
+    res.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+}
+
+async fn complete(c: &reqwest::Client, url: &str, key: &str, body: Value) -> reqwest::Response {
+    c.post(url)
+        .header("x-api-key", key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_fourth_completion_is_refused_for_tokens_while_requests_have_room() {
+    setup();
+    let backend = MemoryBackend::builder()
+        .clock(FakeRelativeClock::default())
+        .build();
+    let server = serve(demo::app(demo::limits(token_policy(), backend))).await;
+    let c = client();
+    let url = server.url("/v1/ai/completions");
+    let body = json!({ "prompt": "hello world", "max_tokens": 398 });
+    // Each call reserves 1 token (no estimate given) and settles 400 (2
+    // prompt words + 398) when its response is over.
+    for (i, left) in [999, 599, 199].into_iter().enumerate() {
+        let res = complete(&c, &url, "free-demo-key", body.clone()).await;
+        assert_eq!(res.status(), StatusCode::OK, "call {}", i + 1);
+        assert_eq!(header(&res, "x-ratelimit-limit-tokens"), Some(1000));
+        assert_eq!(
+            header(&res, "x-ratelimit-remaining-tokens"),
+            Some(left),
+            "call {}: at admission, before this call settles",
+            i + 1
+        );
+        assert!(header(&res, "x-ratelimit-reset-tokens").is_some());
+        // The request limit is the binding one in X-RateLimit-*.
+        assert_eq!(header(&res, "x-ratelimit-limit"), Some(50));
+        let json: Value = res.json().await.unwrap();
+        assert_eq!(json["usage"]["total_tokens"], 400);
+        assert_eq!(json["usage"]["prompt_tokens"], 2);
+    }
+    // 1,200 used of 1,000: in debt by 200. The fourth is refused for
+    // tokens, though the requests have 47 left. It conforms when the debt
+    // and its own token are paid: 201 × 3.6 s = 723.6 s → 724.
+    let res = complete(&c, &url, "free-demo-key", body.clone()).await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&res, "retry-after"), Some(724));
+    assert_eq!(
+        header(&res, "x-ratelimit-limit"),
+        Some(1000),
+        "the token limit binds"
+    );
+    assert_eq!(header(&res, "x-ratelimit-remaining-tokens"), Some(0));
+    let problem: Value = res.json().await.unwrap();
+    assert_eq!(problem["unit"], "tokens", "{problem}");
+    assert_eq!(problem["limit"], 1000, "{problem}");
+    assert_eq!(problem["window_seconds"], 3600, "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("1000 `ai` tokens per 3600 s"),
+        "{problem}"
+    );
+    // The usage endpoint shows both: requests with room, tokens spent.
+    let usage: Value = c
+        .get(server.url("/v1/rate_limit"))
+        .header("x-api-key", "free-demo-key")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ai = &usage["categories"]["ai"];
+    assert_eq!(ai["remaining"], 47, "{usage}");
+    assert_eq!(ai["tokens"]["limit"], 1000, "{usage}");
+    assert_eq!(ai["tokens"]["remaining"], 0, "{usage}");
+    let units: Vec<&str> = ai["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["unit"].as_str().unwrap())
+        .collect();
+    assert_eq!(units, ["requests", "tokens"], "{usage}");
+    // A bad body is a 400, and an estimate above the limit can never fit.
+    let res = complete(
+        &c,
+        &url,
+        "pro-demo-key",
+        json!({ "prompt": "x", "max_tokens": 0 }),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let res = c
+        .post(&url)
+        .header("x-api-key", "free-demo-key")
+        .header("x-max-tokens", "2000")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let problem: Value = res.json().await.unwrap();
+    assert_eq!(problem["type"], "urn:tierlimit:problem:cost-exceeds-limit");
+    assert_eq!(
+        (problem["unit"].as_str(), problem["limit"].as_u64()),
+        (Some("tokens"), Some(1000))
+    );
+}
+
+#[tokio::test]
+async fn a_stream_settles_what_it_reported_and_an_estimate_is_reserved() {
+    setup();
+    let backend = MemoryBackend::builder()
+        .clock(FakeRelativeClock::default())
+        .build();
+    let layer = demo::limits(token_policy(), backend);
+    let handle = layer.clone();
+    let server = serve(demo::app(layer)).await;
+    let c = client();
+    let url = server.url("/v1/ai/completions");
+    // An estimate of 500 is reserved at admission.
+    let res = c
+        .post(&url)
+        .header("x-api-key", "free-demo-key")
+        .header("x-max-tokens", "500")
+        .json(&json!({ "prompt": "one two three", "max_tokens": 40, "stream": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "x-ratelimit-remaining-tokens"), Some(500));
+    let text = res.text().await.unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(
+        events.len(),
+        4,
+        "3 chunks of 16, 16, 8, then [DONE]: {text}"
+    );
+    assert_eq!(events[3], "[DONE]");
+    let last: Value = serde_json::from_str(events[2]).unwrap();
+    assert_eq!(last["usage"]["total_tokens"], 43);
+    // Settled: 43 used, the rest of the 500 refunded.
+    assert_eq!(
+        tokens_left(&handle, &c, &server, "free-demo-key", 1000 - 43).await,
+        1000 - 43
+    );
+}
+
+/// The `ai` tokens left for `key`, as the usage endpoint reports them,
+/// once they equal `want` (a settlement lands when the server drops the
+/// stream, a moment after the client read its end): bounded.
+async fn tokens_left<E, B>(
+    _layer: &RateLimitLayer<E, B>,
+    c: &reqwest::Client,
+    server: &common::Server,
+    key: &str,
+    want: u64,
+) -> u64 {
+    let mut last = 0;
+    for _ in 0..500 {
+        let usage: Value = c
+            .get(server.url("/v1/rate_limit"))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        last = usage["categories"]["ai"]["tokens"]["remaining"]
+            .as_u64()
+            .unwrap();
+        if last == want {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    last
+}
+
+/// A streaming endpoint that reports 10 tokens per chunk, 20 chunks, and
+/// counts what it reported (the server-side truth).
+fn streaming_app<B: Backend>(policy: Policy, backend: B, reported: Arc<AtomicU64>) -> Router {
+    use axum::response::sse::{Event, Sse};
+    let layer = RateLimitLayer::builder(policy).backend(backend).build();
+    Router::new()
+        .route(
+            "/v1/ai/stream",
+            axum::routing::post(move |axum::Extension(meter): axum::Extension<TokenMeter>| {
+                let reported = Arc::clone(&reported);
+                async move {
+                    let events = futures_util::stream::unfold(0u32, move |i| {
+                        let (meter, reported) = (meter.clone(), Arc::clone(&reported));
+                        async move {
+                            if i == 20 {
+                                return None;
+                            }
+                            meter.add(10);
+                            reported.fetch_add(10, Ordering::Relaxed);
+                            tokio::task::yield_now().await;
+                            Some((
+                                Ok::<_, std::convert::Infallible>(
+                                    Event::default().data("tok ".repeat(10)),
+                                ),
+                                i + 1,
+                            ))
+                        }
+                    });
+                    Sse::new(events)
+                }
+            }),
+        )
+        .layer(layer)
+}
+
+const STREAM_POLICY: &str = r#"
+categories = ["read", "write", "ai"]
+[tiers.t]
+read = "10/hour"
+write = "10/hour"
+ai = { requests = "100000/hour", tokens = "1000000/hour" }
+[[routes]]
+path = "/v1/ai/*"
+category = "ai"
+[keys]
+"k" = "t"
+"#;
+
+/// 40 concurrent streams, every third dropped by its client after its
+/// first event: the bucket ends exactly at what the server reported.
+async fn streams_settle_exactly_once<B: Backend + Clone>(backend: B) {
+    let reported = Arc::new(AtomicU64::new(0));
+    let policy = Policy::from_toml_str(STREAM_POLICY).unwrap();
+    let server = serve(streaming_app(
+        policy,
+        backend.clone(),
+        Arc::clone(&reported),
+    ))
+    .await;
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let (c, url) = (c.clone(), server.url("/v1/ai/stream"));
+        tasks.push(tokio::spawn(async move {
+            let mut res = c.post(url).header("x-api-key", "k").send().await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            if i % 3 == 0 {
+                // Read one event, then go away.
+                let _ = res.chunk().await.unwrap();
+                drop(res);
+            } else {
+                while res.chunk().await.unwrap().is_some() {}
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Every stream settles once its server side is dropped: wait (bounded)
+    // for the bucket to reach what was reported; it must land exactly.
+    let policy = Policy::from_toml_str(STREAM_POLICY).unwrap();
+    let (t, ai) = (policy.tier("t").unwrap(), policy.category("ai").unwrap());
+    let token_limit = policy.limits(t, ai).tokens()[0];
+    let layer = RateLimitLayer::builder(policy).backend(backend).build();
+    let usage_server =
+        serve(Router::new().route_service("/v1/rate_limit", layer.usage_service())).await;
+    let mut left = 0;
+    let mut want = 0;
+    for _ in 0..2_000 {
+        want = u64::from(token_limit.max()) - reported.load(Ordering::Relaxed);
+        let usage: Value = c
+            .get(usage_server.url("/v1/rate_limit"))
+            .header("x-api-key", "k")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        left = usage["categories"]["ai"]["tokens"]["remaining"]
+            .as_u64()
+            .unwrap();
+        if left == want {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let total = reported.load(Ordering::Relaxed);
+    assert!(total < 40 * 200, "some streams were cut short: {total}");
+    assert!(total >= 27 * 200, "the others ran to the end: {total}");
+    assert_eq!(
+        left, want,
+        "the bucket holds exactly the {total} tokens reported"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_settle_exactly_once_on_memory() {
+    setup();
+    let backend = MemoryBackend::builder()
+        .clock(FakeRelativeClock::default())
+        .build();
+    streams_settle_exactly_once(backend).await;
+}
+
+#[cfg(all(feature = "redis", feature = "test-util"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_settle_exactly_once_on_redis() {
+    setup();
+    if !common::redis::ready() {
+        return;
+    }
+    let server = common::redis::RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let backend = common::redis::fake_clock_backend(&server, &clock).await;
+    streams_settle_exactly_once(backend).await;
+}
+
+/// Refunds by response: 5xx and 304 give the request back, others count.
+async fn refunds_by_status<B: Backend>(backend: B) {
+    let policy = Policy::from_toml_str(
+        r#"
+categories = ["read", "write"]
+[tiers.t]
+refund_on = ["5xx", "304"]
+read = "3/hour"
+write = "3/hour"
+[[routes]]
+path = "/usage"
+exempt = true
+[keys]
+"k" = "t"
+"#,
+    )
+    .unwrap();
+    let layer = RateLimitLayer::builder(policy).backend(backend).build();
+    let app = Router::new()
+        .route_service("/usage", layer.usage_service())
+        .route(
+            "/status/{code}",
+            axum::routing::get(
+                |axum::extract::Path(code): axum::extract::Path<u16>| async move {
+                    axum::http::StatusCode::from_u16(code).unwrap()
+                },
+            ),
+        )
+        .layer(layer);
+    let server = serve(app).await;
+    let c = client();
+    let get = |code: u16| {
+        c.get(server.url(&format!("/status/{code}")))
+            .header("x-api-key", "k")
+            .send()
+    };
+    // Ten server errors and not-modifieds: every one given back (each is
+    // charged at admission: at most 2 left, and never refused).
+    for code in [500, 503, 304, 502, 304, 500, 500, 304, 599, 500] {
+        let res = get(code).await.unwrap();
+        assert_eq!(res.status().as_u16(), code);
+        assert!(header(&res, "x-ratelimit-remaining").is_some_and(|n| n <= 2));
+    }
+    // Refunds land when each response head passes (on Redis, on the
+    // backend's own thread): wait, bounded, for the bucket to be full.
+    let mut left = 0;
+    for _ in 0..2_000 {
+        let usage: Value = c
+            .get(server.url("/usage"))
+            .header("x-api-key", "k")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        left = usage["categories"]["read"]["remaining"].as_u64().unwrap();
+        if left == 3 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(left, 3, "every refund landed, none twice");
+    // Successes and client errors count: three, then refused.
+    for (code, left) in [(200, 2), (404, 1), (200, 0)] {
+        let res = get(code).await.unwrap();
+        assert_eq!(res.status().as_u16(), code);
+        assert_eq!(header(&res, "x-ratelimit-remaining"), Some(left));
+    }
+    let res = get(200).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
+async fn refunds_by_status_on_memory() {
+    setup();
+    let backend = MemoryBackend::builder()
+        .clock(FakeRelativeClock::default())
+        .build();
+    refunds_by_status(backend).await;
+}
+
+#[cfg(all(feature = "redis", feature = "test-util"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_by_status_on_redis_cluster() {
+    setup();
+    if !common::redis::ready() {
+        return;
+    }
+    let cluster = common::redis::RedisCluster::start();
+    let backend = tierlimit::RedisBackend::cluster(cluster.urls())
+        .fake_clock(FakeRelativeClock::default())
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    refunds_by_status(backend).await;
+}
