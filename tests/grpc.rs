@@ -102,6 +102,7 @@ async fn allowed_calls_carry_rate_limit_metadata() {
     // Bearer in `authorization` works too; the demo's own service is ai.
     let mut req = tonic::Request::new(demo::inference::CompleteRequest {
         prompt: "hi".into(),
+        max_tokens: 0,
     });
     req.metadata_mut()
         .insert("authorization", "Bearer pro-demo-key".parse().unwrap());
@@ -109,7 +110,9 @@ async fn allowed_calls_carry_rate_limit_metadata() {
         .await
         .unwrap();
     assert_eq!(meta(res.metadata(), "x-ratelimit-limit"), Some(500));
-    assert!(res.into_inner().text.starts_with("hi"));
+    let reply = res.into_inner();
+    assert!(reply.text.starts_with("tok"));
+    assert_eq!(reply.total_tokens, 17, "1 prompt word + 16 by default");
 }
 
 #[tokio::test]
@@ -250,7 +253,10 @@ async fn mixed_server_answers_each_protocol_in_its_own_form() {
     assert!(meta(md, "x-ratelimit-reset").unwrap().abs_diff(h_reset) <= 1);
 
     // The AI category over gRPC: the demo service on the same port.
-    let mut req = tonic::Request::new(demo::inference::CompleteRequest { prompt: "x".into() });
+    let mut req = tonic::Request::new(demo::inference::CompleteRequest {
+        prompt: "x".into(),
+        max_tokens: 0,
+    });
     req.metadata_mut()
         .insert("x-api-key", "free-demo-key".parse().unwrap());
     let res = demo::inference::complete(channel(server.addr).await, req)
@@ -391,5 +397,150 @@ category = "read"
             .contains("limit of 3 per 3600 s"),
         "{}",
         quota.violations[0].description
+    );
+}
+
+/// The spec's policy with the token limit on free `ai` (1000/hour).
+fn token_layer(clock: &FakeRelativeClock) -> Layer {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policy.toml"))
+            .unwrap()
+            .replacen(
+                "ai = \"50/hour\"",
+                "ai = { requests = \"50/hour\", tokens = \"1000/hour\" }",
+                1,
+            );
+    RateLimitLayer::builder(tierlimit::Policy::from_toml_str(&text).unwrap())
+        .backend(MemoryBackend::builder().clock(clock.clone()).build())
+        .build()
+}
+
+fn completion(prompt: &str, max_tokens: u32) -> tonic::Request<demo::inference::CompleteRequest> {
+    let mut req = tonic::Request::new(demo::inference::CompleteRequest {
+        prompt: prompt.into(),
+        max_tokens,
+    });
+    req.metadata_mut()
+        .insert("x-api-key", "free-demo-key".parse().unwrap());
+    req
+}
+
+/// The `ai` tokens left for the free demo key, from the usage service
+/// called in process (no HTTP server needed), once they equal `want`.
+async fn tokens_left(layer: &Layer, want: u64) -> u64 {
+    use tower::ServiceExt;
+    let mut left = 0;
+    for _ in 0..2_000 {
+        let req = http::Request::get("/v1/rate_limit")
+            .header("x-api-key", "free-demo-key")
+            .body(())
+            .unwrap();
+        let res = layer.usage_service().oneshot(req).await.unwrap();
+        let body = http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let usage: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        left = usage["categories"]["ai"]["tokens"]["remaining"]
+            .as_u64()
+            .unwrap();
+        if left == want {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    left
+}
+
+#[tokio::test]
+async fn unary_completions_settle_tokens_and_the_fourth_is_resource_exhausted() {
+    let clock = FakeRelativeClock::default();
+    let layer = token_layer(&clock);
+    let server = tonic_server(layer.clone()).await;
+    for left in [999, 599, 199] {
+        let res =
+            demo::inference::complete(channel(server.addr).await, completion("hello world", 398))
+                .await
+                .unwrap();
+        assert_eq!(meta(res.metadata(), "x-ratelimit-limit-tokens"), Some(1000));
+        assert_eq!(
+            meta(res.metadata(), "x-ratelimit-remaining-tokens"),
+            Some(left)
+        );
+        assert_eq!(res.into_inner().total_tokens, 400);
+    }
+    let status =
+        demo::inference::complete(channel(server.addr).await, completion("hello world", 398))
+            .await
+            .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(meta(status.metadata(), "retry-after"), Some(724));
+    let quota = status.get_details_quota_failure().expect("QuotaFailure");
+    assert!(
+        quota.violations[0]
+            .description
+            .contains("ai token limit of 1000 per 3600 s"),
+        "{}",
+        quota.violations[0].description
+    );
+    assert_eq!(tokens_left(&layer, 0).await, 0);
+}
+
+#[tokio::test]
+async fn a_server_stream_settles_when_it_ends_or_the_client_goes_away() {
+    let clock = FakeRelativeClock::default();
+    let layer = token_layer(&clock);
+    let server = tonic_server(layer.clone()).await;
+    // To the end: 3 prompt words + 40 tokens in 3 messages.
+    let res = demo::inference::complete_stream(
+        channel(server.addr).await,
+        completion("one two three", 40),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        meta(res.metadata(), "x-ratelimit-remaining-tokens"),
+        Some(999)
+    );
+    let mut stream = res.into_inner();
+    let mut messages = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        messages.push(m);
+    }
+    assert_eq!(messages.len(), 3);
+    assert_eq!(messages[2].total_tokens, 43);
+    assert_eq!(tokens_left(&layer, 1000 - 43).await, 1000 - 43);
+    // Gone after the first message of 4,096 tokens: charged for what the
+    // server reported before the stream was dropped (at least the prompt
+    // and one chunk, far less than the whole). A 1 KiB flow-control window
+    // keeps the server from running ahead of this client.
+    let small = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .initial_stream_window_size(Some(1024))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let res = demo::inference::complete_stream(small, completion("a b", 4096))
+        .await
+        .unwrap();
+    let mut stream = res.into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    drop(stream);
+    let mut left = 0;
+    for _ in 0..2_000 {
+        left = tokens_left(&layer, u64::MAX).await;
+        if left <= 1000 - 43 - 18 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        left <= 1000 - 43 - 18,
+        "settled: at least 2 + 16 charged ({left} left)"
+    );
+    assert!(
+        left >= 1000 - 43 - 2 - 16 * 40,
+        "not the whole 4,098: {left} left"
     );
 }
