@@ -330,3 +330,57 @@ write = "1/hour"
     assert_eq!(res.headers()["x-ratelimit-limit"], "3");
     assert_eq!(start.elapsed(), Duration::ZERO);
 }
+
+/// A refusal for tokens (a debt left by a response that used more than it
+/// reserved) is honoured like any other: the client waits the hint once.
+#[tokio::test(start_paused = true)]
+async fn a_token_refusal_is_waited_out_like_any_other() {
+    let policy = Policy::from_toml_str(
+        r#"
+categories = ["read", "write"]
+[tiers.t]
+read = { requests = "100/hour", tokens = "10/10s" }
+write = "1/hour"
+[keys]
+"k" = "t"
+"#,
+    )
+    .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .backend(
+            MemoryBackend::builder()
+                .clock(TokioClock {
+                    start: Instant::now(),
+                })
+                .build(),
+        )
+        .build();
+    // Every answer used 15 tokens: 14 more than the 1 reserved.
+    let router = Router::new()
+        .route(
+            "/r",
+            get(
+                |axum::Extension(meter): axum::Extension<tierlimit::TokenMeter>| async move {
+                    meter.add(15);
+                    "ok"
+                },
+            ),
+        )
+        .layer(layer);
+    let mut client = RetryLayer::new().layer(router);
+    let mut send = async || {
+        ServiceExt::<Request<Body>>::ready(&mut client)
+            .await
+            .unwrap()
+            .call(get_r())
+            .await
+            .unwrap()
+    };
+    assert_eq!(send().await.status(), StatusCode::OK);
+    // In debt by 5 tokens: the next token comes 6 s later (15 s of tokens
+    // used, 9 s of burst).
+    let start = Instant::now();
+    let res = send().await;
+    assert_eq!(res.status(), StatusCode::OK, "retried after the hint");
+    assert_eq!(start.elapsed(), Duration::from_secs(6));
+}

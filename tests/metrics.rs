@@ -102,4 +102,65 @@ async fn metrics_after_known_traffic_are_exact() {
     );
     // Labels never carry a key.
     assert!(!text.contains("demo-key") && !text.contains("nope"));
+
+    // Token metering and refunds: a server with token limits on `ai` and
+    // refunds of server errors on `write`.
+    let policy = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policy.toml"))
+        .unwrap()
+        .replacen(
+            "ai = \"50/hour\"",
+            "ai = { requests = \"50/hour\", tokens = \"1000/hour\" }\nrefund_on = [\"5xx\"]",
+            1,
+        );
+    let backend = MemoryBackend::builder()
+        .clock(FakeRelativeClock::default())
+        .build();
+    let layer = demo::limits(tierlimit::Policy::from_toml_str(&policy).unwrap(), backend);
+    let tokens = serve(
+        demo::app(layer.clone()).merge(
+            axum::Router::new()
+                .route("/v1/fail", axum::routing::post(|| async { axum::http::StatusCode::BAD_GATEWAY }))
+                .layer(layer),
+        ),
+    )
+    .await;
+    // 400 used of 1 reserved: 399 charged; 10 used of 500 reserved: 490 back.
+    c.post(tokens.url("/v1/ai/completions"))
+        .header("x-api-key", "free-demo-key")
+        .json(&serde_json::json!({ "prompt": "hello world", "max_tokens": 398 }))
+        .send()
+        .await
+        .unwrap();
+    c.post(tokens.url("/v1/ai/completions"))
+        .header("x-api-key", "free-demo-key")
+        .header("x-max-tokens", "500")
+        .json(&serde_json::json!({ "prompt": "a b c", "max_tokens": 7 }))
+        .send()
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let res = c
+            .post(tokens.url("/v1/fail"))
+            .header("x-api-key", "free-demo-key")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 502);
+    }
+    let text = c
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let cell = [("tier", "free"), ("category", "ai")];
+    assert_eq!(sample(&text, "tierlimit_tokens_charged_total", &cell), Some(399.0), "{text}");
+    assert_eq!(sample(&text, "tierlimit_tokens_refunded_total", &cell), Some(490.0), "{text}");
+    assert_eq!(
+        sample(&text, "tierlimit_refunds_total", &[("tier", "free"), ("category", "write")]),
+        Some(3.0),
+        "{text}"
+    );
 }
