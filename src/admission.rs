@@ -228,7 +228,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             *r = c.reserve;
         }
         if f.cell.metered {
-            settle.seed = Some(Seed {
+            settle.meter = Some(TokenMeter::new(Seed {
                 owner: set.owner,
                 charges: set.items,
                 len: set.len as u8,
@@ -241,7 +241,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                     f.guard.policy.tier_name(f.tier),
                     f.guard.policy.category_name(f.category),
                 )),
-            });
+            }));
         }
         let check = self.backend.check_all(&Check {
             owner: set.owner,
@@ -275,7 +275,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                     category: s.category,
                     key: s.key,
                     reserves: s.reserves,
-                    seed: s.seed,
+                    meter: s.meter,
                     shadowed: &self.shadowed,
                     options: self.headers,
                     unix_clock: self.unix_clock.as_ref(),
@@ -293,7 +293,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                     category: s.category,
                     key: s.key,
                     reserves: s.reserves,
-                    seed: s.seed,
+                    meter: s.meter,
                     grpc: is_grpc(req.headers()),
                     shadowed: Arc::clone(&self.shadowed),
                     options: self.headers,
@@ -516,8 +516,8 @@ struct Settle<'a> {
     key: KeyId,
     /// The reserve each charge had to leave (by charge index).
     reserves: [u32; MAX_LIMITS],
-    /// A metered request's charges, to settle after its response.
-    seed: Option<Seed>,
+    /// A metered request's meter, to settle after its response.
+    meter: Option<TokenMeter>,
     #[cfg(feature = "metrics")]
     started: std::time::Instant,
 }
@@ -532,7 +532,7 @@ impl<'a> Settle<'a> {
             category,
             key,
             reserves: [0; MAX_LIMITS],
-            seed: None,
+            meter: None,
             #[cfg(feature = "metrics")]
             started: std::time::Instant::now(),
         }
@@ -583,8 +583,8 @@ struct Outcome<'a> {
     key: KeyId,
     /// The reserve each charge had to leave (by charge index).
     reserves: [u32; MAX_LIMITS],
-    /// A metered request's charges, to settle after its response.
-    seed: Option<Seed>,
+    /// A metered request's meter, to settle after its response.
+    meter: Option<TokenMeter>,
     shadowed: &'a AtomicU64,
     options: HeaderOptions,
     unix_clock: Option<&'a UnixClock>,
@@ -599,7 +599,7 @@ impl Outcome<'_> {
         result: Result<Decision, BackendError>,
         grpc: impl FnOnce() -> bool,
     ) -> Settled {
-        let seed = self.seed.take();
+        let meter = self.meter.take();
         let policy = self.policy;
         let (tier, category) = (self.tier, self.category);
         let names = (policy.tier_name(tier), policy.category_name(category));
@@ -636,7 +636,10 @@ impl Outcome<'_> {
                     m.allowed.increment(1);
                 }
                 let mut plan = plan(d);
-                plan.meter = seed.map(|s| TokenMeter::new(s, true));
+                if let Some(m) = &meter {
+                    m.charged();
+                }
+                plan.meter = meter;
                 Settled::Allow(plan)
             }
             Ok(mut d) if policy.is_shadow(tier, category) => {
@@ -655,7 +658,7 @@ impl Outcome<'_> {
                 d.retry_after = None;
                 // Nothing was counted: the meter settles nothing.
                 let mut plan = plan(d);
-                plan.meter = seed.map(|s| TokenMeter::new(s, false));
+                plan.meter = meter;
                 Settled::Allow(plan)
             }
             Ok(d) => {
@@ -703,7 +706,7 @@ pub(crate) struct Deferred {
     category: CategoryId,
     key: KeyId,
     reserves: [u32; MAX_LIMITS],
-    seed: Option<Seed>,
+    meter: Option<TokenMeter>,
     grpc: bool,
     shadowed: Arc<AtomicU64>,
     options: HeaderOptions,
@@ -740,7 +743,7 @@ impl Deferred {
             category: self.category,
             key: self.key,
             reserves: self.reserves,
-            seed: self.seed,
+            meter: self.meter,
             shadowed: &self.shadowed,
             options: self.options,
             unix_clock: self.unix_clock.as_ref(),

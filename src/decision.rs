@@ -44,8 +44,6 @@ pub struct TokenState {
     pub remaining: u32,
     /// Time until the token bucket is full again.
     pub reset_after: Duration,
-    /// The token limit's window.
-    pub window: Duration,
     /// Its charge's position in the check.
     pub index: u8,
 }
@@ -56,7 +54,6 @@ impl From<Decision> for TokenState {
             limit: d.limit,
             remaining: d.remaining,
             reset_after: d.reset_after,
-            window: d.window,
             index: d.index,
         }
     }

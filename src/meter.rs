@@ -79,8 +79,9 @@ pub struct TokenMeter {
 struct Inner {
     used: AtomicU64,
     refund: AtomicBool,
-    /// Whether the admission counted anything (not a shadow-mode pass).
-    charged: bool,
+    /// Whether the admission counted the request (set when it is allowed;
+    /// a refusal or a shadow-mode pass counted nothing to settle).
+    charged: AtomicBool,
     seed: Seed,
 }
 
@@ -100,15 +101,22 @@ impl fmt::Debug for TokenMeter {
 pub struct TokenUsage(pub u64);
 
 impl TokenMeter {
-    pub(crate) fn new(seed: Seed, charged: bool) -> Self {
+    /// A meter for a request being admitted; it settles nothing unless
+    /// [`charged`](Self::charged) is called.
+    pub(crate) fn new(seed: Seed) -> Self {
         TokenMeter {
             inner: Arc::new(Inner {
                 used: AtomicU64::new(0),
                 refund: AtomicBool::new(false),
-                charged,
+                charged: AtomicBool::new(false),
                 seed,
             }),
         }
+    }
+
+    /// The backend counted the request: settle it when it is over.
+    pub(crate) fn charged(&self) {
+        self.inner.charged.store(true, Ordering::Relaxed);
     }
 
     /// Reports `tokens` more used (callable any number of times).
@@ -141,7 +149,7 @@ impl TokenMeter {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if !self.charged {
+        if !*self.charged.get_mut() {
             return;
         }
         let seed = &self.seed;
