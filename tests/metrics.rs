@@ -105,13 +105,14 @@ async fn metrics_after_known_traffic_are_exact() {
 
     // Token metering and refunds: a server with token limits on `ai` and
     // refunds of server errors on `write`.
-    let policy = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policy.toml"))
-        .unwrap()
-        .replacen(
-            "ai = \"50/hour\"",
-            "ai = { requests = \"50/hour\", tokens = \"1000/hour\" }\nrefund_on = [\"5xx\"]",
-            1,
-        );
+    let policy =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policy.toml"))
+            .unwrap()
+            .replacen(
+                "ai = \"50/hour\"",
+                "ai = { requests = \"50/hour\", tokens = \"1000/hour\" }\nrefund_on = [\"5xx\"]",
+                1,
+            );
     let backend = MemoryBackend::builder()
         .clock(FakeRelativeClock::default())
         .build();
@@ -119,7 +120,10 @@ async fn metrics_after_known_traffic_are_exact() {
     let tokens = serve(
         demo::app(layer.clone()).merge(
             axum::Router::new()
-                .route("/v1/fail", axum::routing::post(|| async { axum::http::StatusCode::BAD_GATEWAY }))
+                .route(
+                    "/v1/fail",
+                    axum::routing::post(|| async { axum::http::StatusCode::BAD_GATEWAY }),
+                )
                 .layer(layer),
         ),
     )
@@ -156,10 +160,22 @@ async fn metrics_after_known_traffic_are_exact() {
         .await
         .unwrap();
     let cell = [("tier", "free"), ("category", "ai")];
-    assert_eq!(sample(&text, "tierlimit_tokens_charged_total", &cell), Some(399.0), "{text}");
-    assert_eq!(sample(&text, "tierlimit_tokens_refunded_total", &cell), Some(490.0), "{text}");
     assert_eq!(
-        sample(&text, "tierlimit_refunds_total", &[("tier", "free"), ("category", "write")]),
+        sample(&text, "tierlimit_tokens_charged_total", &cell),
+        Some(399.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "tierlimit_tokens_refunded_total", &cell),
+        Some(490.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "tierlimit_refunds_total",
+            &[("tier", "free"), ("category", "write")]
+        ),
         Some(3.0),
         "{text}"
     );

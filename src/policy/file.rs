@@ -695,6 +695,84 @@ write = ["5/second", "500/hour"]
     }
 
     #[test]
+    fn tokens_refunds_and_their_custom_limits_and_boosts() {
+        let src = r#"
+categories = ["read", "ai"]
+[defaults]
+write = "ai"
+[tiers.free]
+refund_on = ["5xx", "304"]
+read = "100/hour"
+ai = { requests = "50/hour", tokens = "1000/hour", refund_on = ["5xx"] }
+[tiers.pro]
+read = "1000/hour"
+ai = { tokens = ["20000/minute", "500000/day"] }
+[tiers.pro.per_account]
+ai = { tokens = "1000000/day" }
+[overrides."k1"]
+ai = { tokens = "5000/hour" }
+[[boosts]]
+tier = "pro"
+category = "ai"
+adjust = "x2"
+start = "2026-01-01T00:00:00Z"
+end = "2027-01-01T00:00:00Z"
+[keys]
+"k1" = "free"
+"k2" = "pro"
+"#;
+        let p = parse(src).unwrap();
+        let (free, pro) = (p.tier("free").unwrap(), p.tier("pro").unwrap());
+        let (read, ai) = (p.category("read").unwrap(), p.category("ai").unwrap());
+        let l = p.limits(free, ai);
+        assert_eq!(l.per_key(), [Limit::per_hour(50)]);
+        assert_eq!(l.tokens(), [Limit::per_hour(1000)]);
+        // The category's refund rule replaces the tier's.
+        assert!(l.refund_on().matches(502) && !l.refund_on().matches(304));
+        assert!(p.limits(free, read).refund_on().matches(304));
+        let l = p.limits(pro, ai);
+        assert!(l.per_key().is_empty(), "tokens only: requests unlimited");
+        assert_eq!(l.tokens().len(), 2);
+        assert_eq!(l.account_tokens(), [Limit::per_day(1_000_000)]);
+        // A custom limit replaces the key's token limits only.
+        let cell = p.cell(free, ai).unwrap();
+        let k1 = crate::KeyId::of("k1");
+        let a = p.effective(cell, free, ai, k1, 0);
+        assert_eq!(a.per_key.as_slice(), [Limit::per_hour(50)]);
+        assert_eq!(a.tokens.as_slice(), [Limit::per_hour(5000)]);
+        // A boost's multiplier scales token limits, per key and per account.
+        let cell = p.cell(pro, ai).unwrap();
+        let k2 = crate::KeyId::of("k2");
+        let a = p.effective(cell, pro, ai, k2, 1_790_000_000);
+        assert_eq!(
+            a.tokens.as_slice(),
+            [Limit::per_minute(40_000), Limit::per_day(1_000_000)]
+        );
+        assert_eq!(a.account_tokens.as_slice(), [Limit::per_day(2_000_000)]);
+        // Errors name the entry.
+        for (bad, message) in [
+            ("ai = { tokens = \"unlimited\" }", "leave `tokens` out"),
+            ("ai = { tokens = [] }", "empty list"),
+            (
+                "ai = { requests = \"5/hour\", refund_on = [\"6xx\"] }",
+                "not a status",
+            ),
+            (
+                "ai = { requests = \"5/hour\", refund_on = \"5xx\" }",
+                "as a list",
+            ),
+            ("ai = { }", "needs `requests` or `tokens`"),
+        ] {
+            let e = err(&src.replace(
+                "ai = { requests = \"50/hour\", tokens = \"1000/hour\", refund_on = [\"5xx\"] }",
+                bad,
+            ));
+            assert_eq!(e.entry(), "tiers.free.ai", "{bad}: {e}");
+            assert!(e.message().contains(message), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn bad_lists_and_accounts_are_refused_by_name() {
         let cases: &[(&str, &str, &str, &str)] = &[
             (

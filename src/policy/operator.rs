@@ -150,17 +150,25 @@ pub(crate) fn more_generous(a: Rule, b: Rule) -> bool {
     }
 }
 
-/// Whether the limits `a` let more through than `b`: per key first, then
-/// per account (each list by its tightest limit).
+/// Whether the limits `a` let more through than `b`: request limits per
+/// key first, then per account, then token limits (each list by its
+/// tightest limit); the first that differs decides.
 pub(crate) fn more_generous_all(a: &Applied, b: &Applied) -> bool {
-    let (ak, bk) = (a.per_key.as_slice(), b.per_key.as_slice());
-    if list_more_generous(ak, bk) {
-        return true;
+    let pairs = [
+        (a.per_key.as_slice(), b.per_key.as_slice()),
+        (a.per_account.as_slice(), b.per_account.as_slice()),
+        (a.tokens.as_slice(), b.tokens.as_slice()),
+        (a.account_tokens.as_slice(), b.account_tokens.as_slice()),
+    ];
+    for (x, y) in pairs {
+        if list_more_generous(x, y) {
+            return true;
+        }
+        if list_more_generous(y, x) {
+            return false;
+        }
     }
-    if list_more_generous(bk, ak) {
-        return false;
-    }
-    list_more_generous(a.per_account.as_slice(), b.per_account.as_slice())
+    false
 }
 
 /// Who a boost applies to.
