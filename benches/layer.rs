@@ -86,6 +86,12 @@ fn bench(c: &mut Criterion) {
             &many_hv,
             true,
         ),
+        (
+            "tierlimit, 1 key, tokens metered",
+            tierlimit_tokens(&one),
+            &one_hv,
+            true,
+        ),
         ("tower_governor, 1 key", tower_governor(), &one_hv, true),
         (
             "tower_governor, 100k keys",

@@ -21,7 +21,9 @@ use crate::backend::{Backend, BackendError, Charge, Check, Decision, Subject, li
 use crate::extract::{Extractor, Identity, PeerIp, Priority, Rejection, RequestRef};
 use crate::key::KeyId;
 use crate::meter::{Seed, Settler, TokenMeter};
-use crate::policy::{Applied, CategoryId, Cell, Limit, MAX_LIMITS, Policy, Pool, Target, TierId};
+use crate::policy::{
+    Applied, CategoryId, Cell, Limit, Limits, MAX_LIMITS, Policy, Pool, Target, TierId,
+};
 use crate::response::grpc::is_grpc;
 use crate::response::{Answer, HeaderOptions, HeaderPlan};
 use crate::view::{CellView, PolicyView, ViewSlot};
@@ -152,22 +154,19 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             route_cost,
         };
         let applied: Applied;
-        let multi: &Applied = match adjusted {
+        let multi: Limits<'_> = match adjusted {
             Some(a) => {
                 applied = a;
                 match (applied.per_key.as_slice(), applied.per_account.is_empty()) {
                     ([], true) if !applied.has_tokens() => return Step::Pass,
                     ([one], true) if !cell.metered => return self.admit_one(&found, *one),
-                    _ => &applied,
+                    _ => applied.limits(),
                 }
             }
             None => match cell.single {
                 Some(limit) => return self.admit_one(&found, limit),
                 None if cell.is_unlimited() => return Step::Pass,
-                None => {
-                    applied = cell.applied();
-                    &applied
-                }
+                None => cell.limits(),
             },
         };
         self.admit_all(&found, multi)
@@ -202,9 +201,9 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
     }
 
     /// A request under several limits at once, all or nothing.
-    fn admit_all<T>(&self, f: &Found<'_, T>, applied: &Applied) -> Step<B::Future> {
-        let limits = applied.per_key.as_slice().iter();
-        let cost = match f.cost(limits.chain(applied.per_account.as_slice()).copied()) {
+    fn admit_all<T>(&self, f: &Found<'_, T>, applied: Limits<'_>) -> Step<B::Future> {
+        let limits = applied.per_key.iter();
+        let cost = match f.cost(limits.chain(applied.per_account).copied()) {
             Ok(cost) => cost,
             Err(step) => return step,
         };
@@ -268,7 +267,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             Poll::Ready(result) => {
                 #[cfg(feature = "metrics")]
                 crate::telemetry::check_duration(s.started.elapsed());
-                let outcome = Outcome {
+                let mut outcome = Outcome {
                     policy,
                     cell: s.cell,
                     tier: s.tier,
@@ -357,13 +356,9 @@ impl<T> Found<'_, T> {
     /// The request's token estimate (1 unless the extractor set one),
     /// which must fit every token limit's burst.
     #[allow(clippy::result_large_err)] // as `cost`
-    fn estimate<F>(&self, applied: &Applied) -> Result<u32, Step<F>> {
+    fn estimate<F>(&self, applied: Limits<'_>) -> Result<u32, Step<F>> {
         let estimate = self.identity.tokens().unwrap_or(1).max(1);
-        let mut limits = applied
-            .tokens
-            .as_slice()
-            .iter()
-            .chain(applied.account_tokens.as_slice());
+        let mut limits = applied.tokens.iter().chain(applied.account_tokens);
         if let Some(l) = limits.find(|l| estimate > l.max()) {
             let policy = &self.guard.policy;
             return Err(self.answer(Answer::CostTooHigh {
@@ -420,7 +415,7 @@ pub(crate) struct ChargeSet {
 impl ChargeSet {
     pub(crate) fn new(
         cell: &Cell,
-        applied: &Applied,
+        applied: Limits<'_>,
         identity: &Identity,
         cost: u32,
         estimate: u32,
@@ -441,13 +436,11 @@ impl ChargeSet {
         };
         let limits = applied
             .per_key
-            .as_slice()
             .iter()
             .map(|l| (*l, key_owner ^ cell.scope))
             .chain(
                 applied
                     .per_account
-                    .as_slice()
                     .iter()
                     .map(|l| (*l, account ^ cell.account_scope)),
             );
@@ -470,13 +463,11 @@ impl ChargeSet {
         // Token buckets apart from request buckets of the same limit.
         let tokens = applied
             .tokens
-            .as_slice()
             .iter()
             .map(|l| (*l, key_owner ^ cell.scope ^ TOKENS))
             .chain(
                 applied
                     .account_tokens
-                    .as_slice()
                     .iter()
                     .map(|l| (*l, account ^ cell.account_scope ^ TOKENS)),
             );
@@ -595,7 +586,7 @@ impl Outcome<'_> {
     /// as part of the limit, and shadow mode turns refusals into counted
     /// passes.
     fn settle(
-        mut self,
+        &mut self,
         result: Result<Decision, BackendError>,
         grpc: impl FnOnce() -> bool,
     ) -> Settled {
@@ -673,8 +664,12 @@ impl Outcome<'_> {
                     retry_after = ?d.retry_after,
                     "rate limited"
                 );
+                // The meter names the token limits for the headers; it
+                // was never charged, so it settles nothing.
+                let mut plan = plan(d);
+                plan.meter = meter;
                 let refused = Answer::Refused {
-                    plan: plan(d),
+                    plan,
                     tier: names.0,
                     category: names.1,
                     key: self.key,
@@ -736,7 +731,7 @@ impl Deferred {
             let answer = Answer::Rejected(Rejection::UnknownKey);
             return Settled::Answer(answer.into_response(self.grpc));
         };
-        let outcome = Outcome {
+        let mut outcome = Outcome {
             policy: &self.view.policy,
             cell,
             tier: self.tier,

@@ -34,29 +34,15 @@ pub struct Decision {
 }
 
 /// The binding token limit of a request metered in tokens, at admission
-/// (what `X-RateLimit-*-Tokens` describe). The response may still charge
-/// more when it settles.
+/// (what `X-RateLimit-*-Tokens` describe: the limit is its charge's). The
+/// response may still charge more when it settles. Small on purpose: every
+/// decision carries the field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenState {
-    /// The token limit's burst (`max`).
-    pub limit: u32,
     /// Tokens left after this request's estimate.
     pub remaining: u32,
-    /// Time until the token bucket is full again.
-    pub reset_after: Duration,
     /// Its charge's position in the check.
     pub index: u8,
-}
-
-impl From<Decision> for TokenState {
-    fn from(d: Decision) -> Self {
-        TokenState {
-            limit: d.limit,
-            remaining: d.remaining,
-            reset_after: d.reset_after,
-            index: d.index,
-        }
-    }
 }
 
 impl Decision {
@@ -139,9 +125,9 @@ impl Decision {
         let mut d = Decision::binding(decisions.iter().copied())?;
         if tokens > 0 && tokens <= decisions.len() {
             let from = decisions.len() - tokens;
-            d.tokens = Decision::binding(decisions[from..].iter().copied()).map(|mut t| {
-                t.index += from as u8;
-                TokenState::from(t)
+            d.tokens = Decision::binding(decisions[from..].iter().copied()).map(|t| TokenState {
+                remaining: t.remaining,
+                index: t.index + from as u8,
             });
         }
         Some(d)

@@ -134,6 +134,14 @@ impl TokenMeter {
         self.inner.seed.estimate
     }
 
+    /// The limit of the charge at `index`.
+    pub(crate) fn limit_of(&self, index: u8) -> Option<Limit> {
+        let seed = &self.inner.seed;
+        seed.charges[..usize::from(seed.len).min(MAX_LIMITS)]
+            .get(usize::from(index))
+            .map(|c| c.limit)
+    }
+
     /// What the layer does when the response head passes: adds a
     /// [`TokenUsage`] extension's count, and marks the request refunded if
     /// its status matches the policy's `refund_on`.

@@ -122,7 +122,7 @@ where
                     ));
                 }
                 _ => {
-                    let set = ChargeSet::new(cell, &applied, &identity, 1, 1, |_| 0);
+                    let set = ChargeSet::new(cell, applied.limits(), &identity, 1, 1, |_| 0);
                     let nkey = applied.per_key.as_slice().len();
                     let nreq = nkey + applied.per_account.as_slice().len();
                     let ntok = nreq + applied.tokens.as_slice().len();

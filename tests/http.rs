@@ -89,6 +89,8 @@ async fn every_limited_response_has_the_four_headers() {
         let res = c
             .request(method.parse().unwrap(), server.url(path))
             .header("Authorization", "Bearer free-demo-key")
+            // The demo model takes a JSON body; the other routes ignore it.
+            .json(&serde_json::json!({ "prompt": "hi" }))
             .send()
             .await
             .unwrap();

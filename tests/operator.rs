@@ -388,6 +388,7 @@ async fn usage_endpoint_override_from_file_and_batches_through_the_demo() {
     let res = c
         .post(server.url("/v1/ai/completions"))
         .header("x-api-key", "enterprise-demo-key")
+        .json(&serde_json::json!({ "prompt": "hi" }))
         .send()
         .await
         .unwrap();
@@ -438,6 +439,7 @@ async fn usage_endpoint_override_from_file_and_batches_through_the_demo() {
             .request(method.parse().unwrap(), server.url(path))
             .header("x-api-key", "pro-demo-key")
             .header("x-batch-size", "5")
+            .json(&serde_json::json!({ "prompt": "hi" }))
             .send()
             .await
             .unwrap();

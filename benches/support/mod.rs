@@ -45,6 +45,30 @@ pub fn tierlimit(keys: &[String]) -> Router {
     bare().layer(tierlimit::RateLimitLayer::new(policy(keys)))
 }
 
+/// Token metering on `read` (a request limit and a token limit, both too
+/// large to refuse): the handler reports 10 tokens through its meter, and
+/// the layer settles the difference with the estimate of 1.
+pub fn tierlimit_tokens(keys: &[String]) -> Router {
+    let mut toml = format!(
+        "categories = [\"read\", \"write\"]\n[tiers.free]\nread = {{ requests = \"{MAX}/hour\", tokens = \"{MAX}/hour\" }}\nwrite = \"{MAX}/hour\"\n[keys]\n"
+    );
+    for k in keys {
+        toml.push_str(&format!("\"{k}\" = \"free\"\n"));
+    }
+    let policy = tierlimit::Policy::from_toml_str(&toml).unwrap();
+    Router::new()
+        .route(
+            "/v1/account",
+            get(
+                |axum::Extension(meter): axum::Extension<tierlimit::TokenMeter>| async move {
+                    meter.add(10);
+                    "{}"
+                },
+            ),
+        )
+        .layer(tierlimit::RateLimitLayer::new(policy))
+}
+
 /// The same, with two limits on every category (a burst guard and a
 /// budget, both too large to refuse): the all-or-nothing path.
 pub fn tierlimit_two_limits(keys: &[String]) -> Router {

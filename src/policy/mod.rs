@@ -62,7 +62,7 @@ pub use operator::{Adjust, Boost, BoostTarget, Shadow};
 use operator::{CompiledBoost, more_generous_all};
 use route::CompiledRoute;
 pub use route::Target;
-pub(crate) use set::{Applied, LimitBuf};
+pub(crate) use set::{Applied, LimitBuf, Limits};
 pub use set::{MAX_LIMITS, Pool, RefundOn};
 
 /// A plan tier (`free`, `pro`, …), interned to an index when the policy is
@@ -162,7 +162,18 @@ impl Cell {
             && self.account_tokens.is_empty()
     }
 
-    /// The cell's limits as a tier gives them.
+    /// The cell's limits, borrowed.
+    #[inline]
+    pub(crate) fn limits(&self) -> Limits<'_> {
+        Limits {
+            per_key: &self.per_key,
+            per_account: &self.per_account,
+            tokens: &self.tokens,
+            account_tokens: &self.account_tokens,
+        }
+    }
+
+    /// The cell's limits as a tier gives them (a copy to adjust).
     pub(crate) fn applied(&self) -> Applied {
         Applied {
             per_key: LimitBuf::from_slice(&self.per_key),

@@ -146,7 +146,36 @@ pub(crate) struct Applied {
 }
 
 impl Applied {
-    /// Whether only request limits apply (no tokens).
+    /// Whether token limits apply.
+    #[inline]
+    pub(crate) fn has_tokens(&self) -> bool {
+        !self.tokens.is_empty() || !self.account_tokens.is_empty()
+    }
+
+    /// The lists, borrowed.
+    #[inline]
+    pub(crate) fn limits(&self) -> Limits<'_> {
+        Limits {
+            per_key: self.per_key.as_slice(),
+            per_account: self.per_account.as_slice(),
+            tokens: self.tokens.as_slice(),
+            account_tokens: self.account_tokens.as_slice(),
+        }
+    }
+}
+
+/// The limits that apply to one request, borrowed from its cell or from
+/// an [`Applied`] on the stack (four slices: nothing copied).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits<'a> {
+    pub(crate) per_key: &'a [Limit],
+    pub(crate) per_account: &'a [Limit],
+    pub(crate) tokens: &'a [Limit],
+    pub(crate) account_tokens: &'a [Limit],
+}
+
+impl Limits<'_> {
+    /// Whether token limits apply.
     #[inline]
     pub(crate) fn has_tokens(&self) -> bool {
         !self.tokens.is_empty() || !self.account_tokens.is_empty()

@@ -349,6 +349,37 @@ impl HeaderOptions {
 }
 
 impl HeaderPlan {
+    /// The token headers of a metered request (out of line: most requests
+    /// have none).
+    #[cold]
+    #[inline(never)]
+    fn write_tokens(&self, headers: &mut HeaderMap) {
+        let d = &self.decision;
+        let Some(t) = d.tokens else {
+            return;
+        };
+        let Some(limit) = self.meter.as_ref().and_then(|m| m.limit_of(t.index)) else {
+            return;
+        };
+        // The binding token limit: the decision itself when tokens bind
+        // it, else its charge's state at admission.
+        let (max, remaining, reset) = if d.is_tokens() {
+            (d.limit, d.remaining, d.reset_after)
+        } else {
+            let state = Decision::allow(&limit, t.remaining);
+            (state.limit, state.remaining, state.reset_after)
+        };
+        headers.insert(X_RATELIMIT_LIMIT_TOKENS.clone(), int(u64::from(max)));
+        headers.insert(
+            X_RATELIMIT_REMAINING_TOKENS.clone(),
+            int(u64::from(remaining)),
+        );
+        headers.insert(
+            X_RATELIMIT_RESET_TOKENS.clone(),
+            reset_value(ceil_secs(self.now + reset)),
+        );
+    }
+
     /// Writes the headers into `headers` (HTTP headers or gRPC metadata).
     pub(crate) fn write(&self, headers: &mut HeaderMap) {
         let d = &self.decision;
@@ -384,18 +415,8 @@ impl HeaderPlan {
                 headers.insert(RATELIMIT.clone(), v);
             }
         }
-        if let Some(t) = &d.tokens
-            && self.options.x_ratelimit
-        {
-            headers.insert(X_RATELIMIT_LIMIT_TOKENS.clone(), int(u64::from(t.limit)));
-            headers.insert(
-                X_RATELIMIT_REMAINING_TOKENS.clone(),
-                int(u64::from(t.remaining)),
-            );
-            headers.insert(
-                X_RATELIMIT_RESET_TOKENS.clone(),
-                reset_value(ceil_secs(self.now + t.reset_after)),
-            );
+        if d.tokens.is_some() && self.options.x_ratelimit {
+            self.write_tokens(headers);
         }
         if let Some(retry) = d.retry_after {
             headers.insert(http::header::RETRY_AFTER, int(retry_secs(retry)));
