@@ -550,6 +550,8 @@ async fn several_limits_while_redis_is_down_follow_the_failure_policy() {
         return;
     }
     use tierlimit::backend::{Charge, Check};
+    #[cfg(feature = "metrics")]
+    let _ = metrics_text(); // the recorder, before anything is counted
     let mut server = RedisServer::start();
     let make = async |policy| {
         RedisBackend::builder(server.url())
@@ -611,6 +613,12 @@ async fn several_limits_while_redis_is_down_follow_the_failure_policy() {
         .await
         .unwrap();
     assert_eq!((after.remaining, after.limit), (0, 2));
+    #[cfg(feature = "metrics")]
+    assert_eq!(
+        metric("tierlimit_settlement_fallbacks_total{backend=\"redis\"}"),
+        Some(1.0),
+        "the settlement the fallback made is counted"
+    );
     for _ in 0..3 {
         assert!(open.check_all(&check).await.unwrap().allowed, "fail open");
         assert!(matches!(

@@ -475,3 +475,56 @@ async fn refunds_by_status_on_redis_cluster() {
         .unwrap();
     refunds_by_status(backend).await;
 }
+
+/// The simple case: a handler that knows its usage only when it builds
+/// its response puts a `TokenUsage` in the response's extensions.
+#[tokio::test]
+async fn a_response_extension_reports_usage() {
+    setup();
+    let policy = Policy::from_toml_str(STREAM_POLICY).unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .backend(
+            MemoryBackend::builder()
+                .clock(FakeRelativeClock::default())
+                .build(),
+        )
+        .build();
+    let app = Router::new()
+        .route(
+            "/v1/ai/simple",
+            axum::routing::post(|| async {
+                let mut res = axum::response::IntoResponse::into_response("done");
+                res.extensions_mut().insert(tierlimit::TokenUsage(25));
+                res
+            }),
+        )
+        .route_service("/v1/rate_limit", layer.usage_service())
+        .layer(layer);
+    let server = serve(app).await;
+    let c = client();
+    for _ in 0..4 {
+        let res = c
+            .post(server.url("/v1/ai/simple"))
+            .header("x-api-key", "k")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    // The usage route is under the layer here: it counts one `read`, and
+    // shows 4 × 25 tokens charged (settled before each response left).
+    let usage: Value = c
+        .get(server.url("/v1/rate_limit"))
+        .header("x-api-key", "k")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        usage["categories"]["ai"]["tokens"]["remaining"],
+        1_000_000 - 100,
+        "{usage}"
+    );
+}
