@@ -99,40 +99,33 @@ impl Adjust {
     }
 }
 
+/// `[100 per hour, 5 per second]`.
+fn write_list(f: &mut fmt::Formatter<'_>, limits: &[Limit]) -> fmt::Result {
+    f.write_str("[")?;
+    for (i, l) in limits.iter().enumerate() {
+        if i > 0 {
+            f.write_str(", ")?;
+        }
+        write!(f, "{l}")?;
+    }
+    f.write_str("]")
+}
+
 impl fmt::Display for Adjust {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Adjust::Set(r) => r.fmt(f),
-            Adjust::SetAll(ls) => {
-                f.write_str("[")?;
-                for (i, l) in ls.iter().enumerate() {
-                    if i > 0 {
-                        f.write_str(", ")?;
-                    }
-                    l.fmt(f)?;
-                }
-                f.write_str("]")
-            }
+            Adjust::SetAll(ls) => write_list(f, ls),
             Adjust::Scale(k) => write!(f, "x{k}"),
             Adjust::Table { requests, tokens } => {
-                let list = |f: &mut fmt::Formatter<'_>, ls: &[Limit]| -> fmt::Result {
-                    f.write_str("[")?;
-                    for (i, l) in ls.iter().enumerate() {
-                        if i > 0 {
-                            f.write_str(", ")?;
-                        }
-                        l.fmt(f)?;
-                    }
-                    f.write_str("]")
-                };
                 f.write_str("{")?;
                 if let Some(r) = requests {
                     f.write_str(" requests = ")?;
-                    list(f, r)?;
+                    write_list(f, r)?;
                 }
                 if let Some(t) = tokens {
                     f.write_str(" tokens = ")?;
-                    list(f, t)?;
+                    write_list(f, t)?;
                 }
                 f.write_str(" }")
             }
