@@ -167,21 +167,24 @@ async fn accounts_and_lists_across_two_servers(make: impl AsyncFn() -> RedisBack
         "the account's 5 of 64 tries"
     );
     assert!(a <= 3 && b <= 3, "each key within its own 3: {a} + {b}");
-    // The free tier's read guard (2 at once) binds across both servers,
-    // then its budget (8) does, and refusals take nothing.
-    let read = |i: usize| {
-        c.get(format!("{}/v1/account", urls[i % 2]))
+    // The free tier's `ai` guard (2 per minute) binds across both servers,
+    // and its refusal waits for it alone. (Minute-long intervals: with a
+    // fake clock that stands still, Redis's real-time key expiry must not
+    // drop a bucket mid-test, as it could a 500 ms one on a slow machine.)
+    let complete = |i: usize| {
+        c.post(format!("{}/v1/ai/completions", urls[i % 2]))
             .header("x-api-key", "free-demo-key")
+            .json(&serde_json::json!({ "prompt": "hi" }))
             .send()
     };
-    assert_eq!(read(0).await.unwrap().status(), 200);
-    let res = read(1).await.unwrap();
+    assert_eq!(complete(0).await.unwrap().status(), 200);
+    let res = complete(1).await.unwrap();
     assert_eq!(res.status(), 200);
-    assert_eq!(res.headers()["x-ratelimit-window"], "1");
-    let res = read(0).await.unwrap();
+    assert_eq!(res.headers()["x-ratelimit-window"], "60");
+    let res = complete(0).await.unwrap();
     assert_eq!(res.status(), 429);
-    assert_eq!(res.headers()["x-ratelimit-window"], "1");
-    assert_eq!(res.headers()["retry-after"], "1");
+    assert_eq!(res.headers()["x-ratelimit-window"], "60");
+    assert_eq!(res.headers()["retry-after"], "30");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
