@@ -496,16 +496,11 @@ where
                 None => return Decision::allow(limit, limit.max()),
             },
         };
-        let t = limit.emission_interval_nanos().max(1);
         let now = u64::from(inner.clock.now().duration_since(e.start));
-        let remaining = match e.store.get(subject.bucket()) {
-            None => limit.max(),
-            Some(tat) => {
-                let cap = u64::from(limit.max()) * t;
-                ((now + cap).saturating_sub(tat).min(cap) / t) as u32
-            }
-        };
-        Decision::allow(limit, remaining)
+        Decision::allow(
+            limit,
+            capacity_at(limit, e.store.get(subject.bucket()), now),
+        )
     }
 
     /// Checks one request against several limits synchronously, all or
@@ -670,9 +665,7 @@ where
                     maps.known.insert(a.bucket, next);
                 }
             }
-            let cap = u64::from(a.limit.max()) * t;
-            let remaining = ((now + cap).saturating_sub(next).min(cap) / t) as u32;
-            states[i] = Decision::allow(&a.limit, remaining);
+            states[i] = Decision::allow(&a.limit, capacity_at(&a.limit, Some(next), now));
         }
         Decision::binding(states[..adjustments.len()].iter().copied())
             .unwrap_or_else(|| Decision::allow(&Limit::per_second(1), 1))
@@ -688,16 +681,7 @@ where
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(charge.bucket);
-        let limit = &charge.limit;
-        let remaining = match tat {
-            None => limit.max(),
-            Some(tat) => {
-                let t = limit.emission_interval_nanos().max(1);
-                let cap = u64::from(limit.max()) * t;
-                ((now + cap).saturating_sub(tat).min(cap) / t) as u32
-            }
-        };
-        Decision::allow(limit, remaining)
+        Decision::allow(&charge.limit, capacity_at(&charge.limit, tat, now))
     }
 
     /// Makes the limiter of a limit seen for the first time.
@@ -872,6 +856,17 @@ where
     fn settle(&self, owner: u64, adjustments: &[Adjustment]) -> Self::Future {
         ready(Ok(self.settle_now(owner, adjustments)))
     }
+}
+
+/// The requests a bucket with TAT `tat` (none: untracked, full) could take
+/// at once at `now` (0 while in debt): GCRA's remaining burst capacity.
+fn capacity_at(limit: &Limit, tat: Option<u64>, now: u64) -> u32 {
+    let Some(tat) = tat else {
+        return limit.max();
+    };
+    let t = limit.emission_interval_nanos().max(1);
+    let cap = u64::from(limit.max()) * t;
+    ((now + cap).saturating_sub(tat).min(cap) / t) as u32
 }
 
 /// Where one charge of a several-limit check stands.

@@ -248,6 +248,12 @@ impl RedisBackend {
 /// The key of one charge of a several-limit check: the owner is the hash
 /// tag, so every charge of a check lives in one Cluster slot (the bucket
 /// already mixes in the limit).
+/// A limit's emission interval in the scripts' unit, microseconds (at
+/// least 1).
+fn interval_us(limit: &Limit) -> u64 {
+    (limit.emission_interval_nanos() / 1_000).max(1)
+}
+
 fn charge_key(prefix: &str, owner: u64, bucket: u64) -> String {
     format!("{prefix}:{{{owner:016x}}}:m:{bucket:016x}")
 }
@@ -451,7 +457,7 @@ impl Inner {
             Call::Check { cost, reserve } => (cost, reserve, false),
             Call::Peek => (1, 0, true),
         };
-        let t = (limit.emission_interval_nanos() / 1_000).max(1);
+        let t = interval_us(limit);
         let args = vec![
             t.to_string(),
             limit.max().to_string(),
@@ -476,7 +482,7 @@ impl Inner {
         let mut args = Vec::with_capacity(charges.len() * 4 + 1);
         args.push(self.script_now());
         for c in charges {
-            let t = (c.limit.emission_interval_nanos() / 1_000).max(1);
+            let t = interval_us(&c.limit);
             args.extend([
                 t.to_string(),
                 c.limit.max().to_string(),
@@ -500,7 +506,7 @@ impl Inner {
         let mut args = Vec::with_capacity(adjustments.len() * 3 + 1);
         args.push(self.script_now());
         for a in adjustments {
-            let t = (a.limit.emission_interval_nanos() / 1_000).max(1);
+            let t = interval_us(&a.limit);
             args.extend([
                 t.to_string(),
                 a.limit.max().to_string(),
@@ -564,12 +570,7 @@ impl Inner {
     /// A several-limit check while Redis is unreachable: the failure
     /// policy, applied to every limit at once.
     fn on_failure_all(&self, check: &Check<'_>) -> Result<Decision, BackendError> {
-        let policy = match self.failure {
-            FailurePolicy::Fallback => "fallback",
-            FailurePolicy::FailOpen => "fail_open",
-            FailurePolicy::FailClosed => "fail_closed",
-        };
-        crate::telemetry::fallback("redis", policy);
+        self.count_failure();
         match self.failure {
             FailurePolicy::Fallback => {
                 let mut shares = [check.charges[0]; MAX_LIMITS];
@@ -582,12 +583,7 @@ impl Inner {
                         d.index = i as u8;
                         return Ok(d);
                     }
-                    let reserve = if c.reserve == 0 {
-                        0
-                    } else {
-                        let scaled = (f64::from(c.reserve) * self.fallback_share).ceil() as u32;
-                        scaled.clamp(1, share.max() - 1)
-                    };
+                    let reserve = self.fallback_reserve(c.reserve, &share);
                     shares[i] = Charge {
                         limit: share,
                         reserve,
@@ -700,6 +696,26 @@ impl Inner {
         if probe { Route::Probe } else { Route::Around }
     }
 
+    /// Counts a check answered by the failure policy, labelled with it.
+    fn count_failure(&self) {
+        let policy = match self.failure {
+            FailurePolicy::Fallback => "fallback",
+            FailurePolicy::FailOpen => "fail_open",
+            FailurePolicy::FailClosed => "fail_closed",
+        };
+        crate::telemetry::fallback("redis", policy);
+    }
+
+    /// A priority reserve scaled to this instance's `share` of its limit
+    /// (at least 1 if there was one, never the whole share).
+    fn fallback_reserve(&self, reserve: u32, share: &Limit) -> u32 {
+        if reserve == 0 {
+            return 0;
+        }
+        let scaled = (f64::from(reserve) * self.fallback_share).ceil() as u32;
+        scaled.clamp(1, share.max() - 1)
+    }
+
     /// The limit the fallback enforces: this instance's share of `limit`.
     fn fallback_limit(&self, limit: &Limit) -> Limit {
         if self.fallback_share >= 1.0 {
@@ -714,12 +730,7 @@ impl Inner {
     }
 
     fn on_failure(&self, subject: &Subject, limit: &Limit) -> Result<Decision, BackendError> {
-        let policy = match self.failure {
-            FailurePolicy::Fallback => "fallback",
-            FailurePolicy::FailOpen => "fail_open",
-            FailurePolicy::FailClosed => "fail_closed",
-        };
-        crate::telemetry::fallback("redis", policy);
+        self.count_failure();
         match self.failure {
             FailurePolicy::Fallback => {
                 let share = self.fallback_limit(limit);
@@ -728,12 +739,7 @@ impl Inner {
                     // again once Redis may be back (a 429, not a 400).
                     return Ok(Decision::refuse(&share, subject.cost, self.retry_interval));
                 }
-                let reserve = if subject.reserve == 0 {
-                    0
-                } else {
-                    let scaled = (f64::from(subject.reserve) * self.fallback_share).ceil() as u32;
-                    scaled.clamp(1, share.max() - 1)
-                };
+                let reserve = self.fallback_reserve(subject.reserve, &share);
                 self.fallback.check_now(
                     &Subject {
                         reserve,
@@ -886,7 +892,7 @@ impl RedisBackend {
                 max: limit.max(),
             });
         }
-        let t_us = (limit.emission_interval_nanos() / 1_000).max(1);
+        let t_us = interval_us(&limit);
         let bucket = subject.bucket();
         let now = inner.local_micros();
         if u64::from(cost) + u64::from(subject.reserve) > u64::from(limit.max()) {
