@@ -17,9 +17,12 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use http::{Request, Response};
 
-use crate::backend::{Backend, BackendError, Charge, Check, Decision, Subject, limit_bucket};
+use crate::backend::{
+    Backend, BackendError, Charge, Check, Decision, Lease, MAX_LEASES, Subject, limit_bucket,
+};
 use crate::extract::{Extractor, Identity, PeerIp, Priority, Rejection, RequestRef};
 use crate::key::KeyId;
+use crate::lease::{LeaseGuard, Releaser};
 use crate::meter::{Seed, Settler, TokenMeter};
 use crate::policy::{
     Applied, CategoryId, Cell, Limit, Limits, MAX_LIMITS, Policy, Pool, Target, TierId,
@@ -158,8 +161,10 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             Some(a) => {
                 applied = a;
                 match (applied.per_key.as_slice(), applied.per_account.is_empty()) {
-                    ([], true) if !applied.has_tokens() => return Step::Pass,
-                    ([one], true) if !cell.metered => return self.admit_one(&found, *one),
+                    ([], true) if !applied.has_tokens() && !cell.leased => return Step::Pass,
+                    ([one], true) if !cell.metered && !cell.leased => {
+                        return self.admit_one(&found, *one);
+                    }
                     _ => applied.limits(),
                 }
             }
@@ -242,11 +247,25 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 )),
             }));
         }
+        let lease_id = if set.nleases > 0 {
+            let id = crate::lease::next_id();
+            settle.lease = Some(LeaseGuard::pending(
+                set.owner,
+                set.leases(),
+                id,
+                Arc::clone(&self.backend) as Arc<dyn Releaser>,
+            ));
+            id
+        } else {
+            0
+        };
         let check = self.backend.check_all(&Check {
             owner: set.owner,
             known: f.identity.is_known(),
             charges: set.charges(),
             tokens: set.tokens,
+            leases: set.leases(),
+            lease_id,
         });
         self.settle_now(f.guard, f.req, check, settle)
     }
@@ -275,6 +294,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                     key: s.key,
                     reserves: s.reserves,
                     meter: s.meter,
+                    lease: s.lease,
                     shadowed: &self.shadowed,
                     options: self.headers,
                     unix_clock: self.unix_clock.as_ref(),
@@ -293,6 +313,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                     key: s.key,
                     reserves: s.reserves,
                     meter: s.meter,
+                    lease: s.lease,
                     grpc: is_grpc(req.headers()),
                     shadowed: Arc::clone(&self.shadowed),
                     options: self.headers,
@@ -410,6 +431,8 @@ pub(crate) struct ChargeSet {
     len: usize,
     /// How many of the last charges are token limits.
     pub(crate) tokens: u8,
+    leases: [Lease; MAX_LEASES],
+    pub(crate) nleases: usize,
 }
 
 impl ChargeSet {
@@ -429,6 +452,7 @@ impl ChargeSet {
         let owner = if cell.pool == Pool::Account
             || !applied.per_account.is_empty()
             || !applied.account_tokens.is_empty()
+            || cell.account_concurrency.is_some()
         {
             account
         } else {
@@ -482,11 +506,33 @@ impl ChargeSet {
             len += 1;
             n += 1;
         }
+        let mut leases = [Lease {
+            bucket: 0,
+            max: 1,
+            per_account: false,
+        }; MAX_LEASES];
+        let mut nleases = 0;
+        let wanted = [
+            cell.concurrency
+                .map(|max| (max, key_owner ^ cell.scope, false)),
+            cell.account_concurrency
+                .map(|max| (max, account ^ cell.account_scope, true)),
+        ];
+        for (max, base, per_account) in wanted.into_iter().flatten() {
+            leases[nleases] = Lease {
+                bucket: (base ^ LEASES).rotate_left(29),
+                max,
+                per_account,
+            };
+            nleases += 1;
+        }
         ChargeSet {
             owner,
             items,
             len,
             tokens: n,
+            leases,
+            nleases,
         }
     }
 
@@ -494,10 +540,18 @@ impl ChargeSet {
     pub(crate) fn charges(&self) -> &[Charge] {
         &self.items[..self.len]
     }
+
+    #[inline]
+    pub(crate) fn leases(&self) -> &[Lease] {
+        &self.leases[..self.nleases]
+    }
 }
 
 /// Mixed into token buckets ("tokens").
 const TOKENS: u64 = 0x746f_6b65_6e73;
+
+/// Mixed into concurrency buckets ("leases").
+const LEASES: u64 = 0x6c65_6173_6573;
 
 /// What settling a check needs from the path that made it.
 struct Settle<'a> {
@@ -509,6 +563,8 @@ struct Settle<'a> {
     reserves: [u32; MAX_LIMITS],
     /// A metered request's meter, to settle after its response.
     meter: Option<TokenMeter>,
+    /// A request's concurrency leases, to hold until its response is over.
+    lease: Option<LeaseGuard>,
     #[cfg(feature = "metrics")]
     started: std::time::Instant,
 }
@@ -524,6 +580,7 @@ impl<'a> Settle<'a> {
             key,
             reserves: [0; MAX_LIMITS],
             meter: None,
+            lease: None,
             #[cfg(feature = "metrics")]
             started: std::time::Instant::now(),
         }
@@ -576,6 +633,8 @@ struct Outcome<'a> {
     reserves: [u32; MAX_LIMITS],
     /// A metered request's meter, to settle after its response.
     meter: Option<TokenMeter>,
+    /// A request's leases (pending until the answer is known).
+    lease: Option<LeaseGuard>,
     shadowed: &'a AtomicU64,
     options: HeaderOptions,
     unix_clock: Option<&'a UnixClock>,
@@ -591,6 +650,16 @@ impl Outcome<'_> {
         grpc: impl FnOnce() -> bool,
     ) -> Settled {
         let meter = self.meter.take();
+        // Leases are held only by an admitted request; any other answer
+        // took none (a shadow-mode pass included).
+        let lease = match (self.lease.take(), &result) {
+            (Some(g), Ok(d)) if d.allowed => Some(g),
+            (Some(g), _) => {
+                g.refused();
+                None
+            }
+            (None, _) => None,
+        };
         let policy = self.policy;
         let (tier, category) = (self.tier, self.category);
         let names = (policy.tier_name(tier), policy.category_name(category));
@@ -604,6 +673,7 @@ impl Outcome<'_> {
                 std::time::Duration::ZERO
             },
             meter: None,
+            lease: None,
         };
         let result = result.map(|mut d| {
             let reserve = self
@@ -631,6 +701,12 @@ impl Outcome<'_> {
                     m.charged();
                 }
                 plan.meter = meter;
+                plan.lease = lease.map(|g| {
+                    g.held(
+                        #[cfg(feature = "metrics")]
+                        Some(self.cell.leases(names.0, names.1)),
+                    )
+                });
                 Settled::Allow(plan)
             }
             Ok(mut d) if policy.is_shadow(tier, category) => {
@@ -656,6 +732,7 @@ impl Outcome<'_> {
                 #[cfg(feature = "metrics")]
                 if let Some(m) = counters {
                     m.refused.increment(1);
+                    m.refusal(&d).increment(1);
                 }
                 tracing::debug!(
                     tier = names.0,
@@ -702,6 +779,7 @@ pub(crate) struct Deferred {
     key: KeyId,
     reserves: [u32; MAX_LIMITS],
     meter: Option<TokenMeter>,
+    lease: Option<LeaseGuard>,
     grpc: bool,
     shadowed: Arc<AtomicU64>,
     options: HeaderOptions,
@@ -739,6 +817,7 @@ impl Deferred {
             key: self.key,
             reserves: self.reserves,
             meter: self.meter,
+            lease: self.lease,
             shadowed: &self.shadowed,
             options: self.options,
             unix_clock: self.unix_clock.as_ref(),

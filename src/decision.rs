@@ -31,7 +31,46 @@ pub struct Decision {
     /// For a request metered in tokens: its binding token limit at
     /// admission (the token charges' [`Decision::binding`]).
     pub tokens: Option<TokenState>,
+    /// For a request under a concurrency limit: its binding lease (the
+    /// fewest left), at admission. A refusal for concurrency has
+    /// [`LeaseState::refused`] set (and a one-second retry).
+    pub lease: Option<LeaseState>,
 }
+
+/// The binding concurrency limit of a request at admission (what
+/// `X-Concurrency-Limit` and `X-Concurrency-Remaining` describe).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseState {
+    /// The concurrency limit: requests that may be in flight at once.
+    pub limit: u32,
+    /// Requests that could still start now, after this one (0 on a
+    /// refusal).
+    pub remaining: u32,
+    /// Whether this limit refused the request (every lease it asked for
+    /// was free of rate limits, but this one was full).
+    pub refused: bool,
+    /// Whether the limit is counted per account.
+    pub per_account: bool,
+}
+
+impl LeaseState {
+    /// The lease that binds a request among several: a full one if any
+    /// (the request is refused), else the one with the fewest left.
+    pub fn binding(leases: impl IntoIterator<Item = LeaseState>) -> Option<LeaseState> {
+        leases.into_iter().reduce(|a, b| {
+            let worse = match (a.refused, b.refused) {
+                (false, true) => true,
+                (true, false) => false,
+                _ => b.remaining < a.remaining,
+            };
+            if worse { b } else { a }
+        })
+    }
+}
+
+/// How long a request refused for concurrency is told to wait: a lease is
+/// freed when any request in flight ends, which cannot be predicted.
+pub const LEASE_RETRY: Duration = Duration::from_secs(1);
 
 /// The binding token limit of a request metered in tokens, at admission
 /// (what `X-RateLimit-*-Tokens` describe: the limit is its charge's). The
@@ -62,6 +101,7 @@ impl Decision {
             window: limit.per(),
             index: 0,
             tokens: None,
+            lease: None,
         }
     }
 
@@ -83,6 +123,7 @@ impl Decision {
             window: limit.per(),
             index: 0,
             tokens: None,
+            lease: None,
         }
     }
 }
@@ -110,6 +151,41 @@ impl Decision {
             });
         }
         best
+    }
+
+    /// Whether the request was refused because a concurrency limit was full.
+    #[inline]
+    pub fn is_concurrency_refusal(&self) -> bool {
+        !self.allowed && self.lease.is_some_and(|l| l.refused)
+    }
+
+    /// The decision for a request under concurrency limits only (no rate
+    /// limit): `window` is zero, and the layer writes no `X-RateLimit-*`.
+    pub fn leases_only(lease: LeaseState) -> Self {
+        Decision {
+            allowed: !lease.refused,
+            limit: lease.limit,
+            remaining: lease.remaining,
+            reset_after: Duration::ZERO,
+            retry_after: lease.refused.then_some(LEASE_RETRY),
+            window: Duration::ZERO,
+            index: 0,
+            tokens: None,
+            lease: Some(lease),
+        }
+    }
+
+    /// This decision, for a request whose leases were all free
+    /// (`lease` is the binding one) or, when `lease.refused`, whose rate
+    /// limits all admit it but one lease is full: refused, with a
+    /// one-second retry, counting nothing.
+    pub fn with_lease(mut self, lease: LeaseState) -> Self {
+        if lease.refused {
+            self.allowed = false;
+            self.retry_after = Some(LEASE_RETRY);
+        }
+        self.lease = Some(lease);
+        self
     }
 
     /// Whether this (binding) decision is a token limit's.

@@ -105,6 +105,10 @@ where
                             // the body's clones settle when they drop.
                             meter.on_response(res.status(), res.extensions());
                         }
+                        if let Some(lease) = plan.lease {
+                            // Held until the body ends or is dropped.
+                            res = res.map(|body| body.hold(lease));
+                        }
                     }
                     return Poll::Ready(Ok(res));
                 }

@@ -110,6 +110,7 @@ pub mod extract;
 mod future;
 mod key;
 mod layer;
+mod lease;
 mod meter;
 pub mod policy;
 mod proto;
@@ -121,7 +122,8 @@ mod usage;
 mod view;
 
 pub use backend::{
-    Backend, BackendError, Decision, MemoryBackend, MemoryBackendBuilder, Subject, TokenState,
+    Backend, BackendError, Decision, LeaseState, MemoryBackend, MemoryBackendBuilder, Subject,
+    TokenState,
 };
 #[cfg(feature = "redis")]
 pub use backend::{
@@ -136,6 +138,7 @@ pub use key::{
     KEY_SECRET_ENV, KeyId, KeySecretError, Redacted, key_secret_is_shared, set_key_secret,
 };
 pub use layer::{PolicyHandle, RateLimitLayer, RateLimitLayerBuilder, UnixClock};
+pub use lease::{LeaseGuard, Leased};
 pub use meter::{TokenMeter, TokenUsage};
 pub use policy::{
     Adjust, Boost, BoostTarget, CategoryId, KeyRule, Limit, Policy, PolicyBuilder, PolicyError,

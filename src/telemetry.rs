@@ -15,6 +15,8 @@
 //! | `tierlimit_tokens_refunded_total` | counter | `tier`, `category`: tokens of estimates given back |
 //! | `tierlimit_refunds_total` | counter | `tier`, `category`: requests refunded by their response (`refund_on`) |
 //! | `tierlimit_settlement_fallbacks_total` | counter | `backend`: settlements made by the fallback while Redis was unreachable |
+//! | `tierlimit_refusals_total` | counter | `tier`, `category`, `reason` = `rate` / `tokens` / `concurrency`: refusals by the limit that refused |
+//! | `tierlimit_leases_held` | gauge | `tier`, `category`: concurrency leases held by requests in flight on this instance |
 //!
 //! Install the recorder (an exporter) before the first request: handles
 //! are made on first use and cached.
@@ -26,6 +28,9 @@ pub(crate) struct CellMetrics {
     pub(crate) allowed: metrics::Counter,
     pub(crate) refused: metrics::Counter,
     pub(crate) shadow: metrics::Counter,
+    refused_rate: metrics::Counter,
+    refused_tokens: metrics::Counter,
+    refused_concurrency: metrics::Counter,
 }
 
 #[cfg(feature = "metrics")]
@@ -39,10 +44,32 @@ impl CellMetrics {
                 "outcome" => outcome
             )
         };
+        let r = |reason: &'static str| {
+            metrics::counter!(
+                "tierlimit_refusals_total",
+                "tier" => tier.to_owned(),
+                "category" => category.to_owned(),
+                "reason" => reason
+            )
+        };
         CellMetrics {
             allowed: c("allowed"),
             refused: c("refused"),
             shadow: c("shadow_refused"),
+            refused_rate: r("rate"),
+            refused_tokens: r("tokens"),
+            refused_concurrency: r("concurrency"),
+        }
+    }
+
+    /// The refusal counter of the limit that refused `d`.
+    pub(crate) fn refusal(&self, d: &crate::Decision) -> &metrics::Counter {
+        if d.is_concurrency_refusal() {
+            &self.refused_concurrency
+        } else if d.is_tokens() {
+            &self.refused_tokens
+        } else {
+            &self.refused_rate
         }
     }
 }

@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use tower_service::Service;
 
 use crate::admission::{ChargeSet, Shared};
-use crate::backend::{Backend, Decision, Subject};
+use crate::backend::{Backend, Decision, LeaseState, Subject};
 use crate::extract::{Extractor, Rejection, RequestRef};
 use crate::policy::Pool;
 use crate::response::grpc::is_grpc;
@@ -134,14 +134,57 @@ where
                     }
                 }
             }
-            peeks.push((category, limits));
+            let mut leases = Vec::new();
+            if cell.leased {
+                let set = ChargeSet::new(cell, applied.limits(), &identity, 1, 1, |_| 0);
+                for l in set.leases() {
+                    leases.push((shared.backend.peek_lease(set.owner, l), l.per_account));
+                }
+            }
+            peeks.push((category, limits, leases));
         }
         Box::pin(async move {
             let mut categories = Map::new();
             let unix = unix_now_secs();
-            for (category, limits) in peeks {
+            for (category, limits, leases) in peeks {
                 let name = policy.category_name(category).to_owned();
+                // Concurrency limits: the binding one, and each in `limits`.
+                let mut in_flight = Vec::with_capacity(leases.len());
+                let mut lease_error = None;
+                for (fut, per_account) in leases {
+                    match fut.await {
+                        Ok(d) => {
+                            if let Some(l) = d.lease {
+                                in_flight.push(LeaseState { per_account, ..l });
+                            }
+                        }
+                        Err(e) => lease_error = Some(e.to_string()),
+                    }
+                }
+                let lease_json = |l: &LeaseState| {
+                    json!({
+                        "unit": "concurrent requests",
+                        "limit": l.limit,
+                        "in_flight": l.limit - l.remaining,
+                        "remaining": l.remaining,
+                        "per": if l.per_account { "account" } else { "key" },
+                    })
+                };
+                let concurrency = LeaseState::binding(in_flight.iter().copied()).map(|l| {
+                    let mut v = lease_json(&l);
+                    v.as_object_mut().map(|o| o.remove("unit"));
+                    v
+                });
+                if let Some(e) = lease_error {
+                    categories.insert(name, json!({ "error": e }));
+                    continue;
+                }
                 if limits.is_empty() {
+                    if let Some(c) = concurrency {
+                        let listed: Vec<Value> = in_flight.iter().map(lease_json).collect();
+                        categories.insert(name, json!({ "concurrency": c, "limits": listed }));
+                        continue;
+                    }
                     categories.insert(name, json!({ "unlimited": true }));
                     continue;
                 }
@@ -183,9 +226,13 @@ where
                     (None, None) => json!({ "unlimited": true }),
                     (None, Some(d)) => {
                         let mut v = shown(d);
+                        listed.extend(in_flight.iter().map(lease_json));
                         v["limits"] = Value::from(listed);
                         if let Some(t) = tokens {
                             v["tokens"] = shown(t);
+                        }
+                        if let Some(c) = concurrency {
+                            v["concurrency"] = c;
                         }
                         v
                     }

@@ -24,6 +24,8 @@ pub(crate) struct CellView {
     metrics: std::sync::OnceLock<crate::telemetry::CellMetrics>,
     #[cfg(feature = "metrics")]
     tokens: std::sync::OnceLock<crate::telemetry::TokenCounters>,
+    #[cfg(feature = "metrics")]
+    leases: std::sync::OnceLock<metrics::Gauge>,
 }
 
 impl PolicyView {
@@ -61,6 +63,8 @@ impl PolicyView {
                     metrics: std::sync::OnceLock::new(),
                     #[cfg(feature = "metrics")]
                     tokens: std::sync::OnceLock::new(),
+                    #[cfg(feature = "metrics")]
+                    leases: std::sync::OnceLock::new(),
                 });
             }
         }
@@ -87,6 +91,20 @@ impl CellView {
     pub(crate) fn tokens(&self, tier: &str, category: &str) -> crate::telemetry::TokenCounters {
         self.tokens
             .get_or_init(|| crate::telemetry::TokenCounters::new(tier, category))
+            .clone()
+    }
+
+    /// The cell's gauge of leases held (`tierlimit_leases_held`).
+    #[cfg(feature = "metrics")]
+    pub(crate) fn leases(&self, tier: &str, category: &str) -> metrics::Gauge {
+        self.leases
+            .get_or_init(|| {
+                metrics::gauge!(
+                    "tierlimit_leases_held",
+                    "tier" => tier.to_owned(),
+                    "category" => category.to_owned()
+                )
+            })
             .clone()
     }
 

@@ -15,7 +15,10 @@ use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
 use governor::state::{RateLimiter, StateStore};
 
-use super::{Adjustment, Backend, BackendError, Charge, Check, Decision, Subject};
+use super::{
+    Adjustment, Backend, BackendError, Charge, Check, Decision, Lease, LeaseState, MAX_LEASES,
+    Subject, decide_all,
+};
 use crate::policy::Limit;
 use crate::policy::MAX_LIMITS;
 
@@ -574,19 +577,44 @@ where
         for (i, c) in charges.iter().enumerate() {
             refused |= gcra(i, c).retry.is_some();
         }
-        if refused {
+        // The leases, once every charge admits the request.
+        let leases = &check.leases[..check.leases.len().min(MAX_LEASES)];
+        let lease = if refused {
+            None
+        } else {
+            LeaseState::binding(leases.iter().map(|l| {
+                let held = maps.leases.get(&l.bucket).map_or(0, |&n| n as u32);
+                LeaseState {
+                    limit: l.max,
+                    remaining: l.max.saturating_sub(held).saturating_sub(1),
+                    refused: held >= l.max,
+                    per_account: l.per_account,
+                }
+            }))
+        };
+        let lease_refused = lease.is_some_and(|l| l.refused);
+        if refused || lease_refused {
             if acquired > 0 {
                 inner.budget.tracked.fetch_sub(acquired, Ordering::Relaxed);
             }
             let mut decisions = [Decision::allow(&Limit::per_second(1), 0); MAX_LIMITS];
             for (i, c) in charges.iter().enumerate() {
-                decisions[i] = gcra(i, c).decision(&c.limit, c.cost.max(1));
+                decisions[i] = if lease_refused {
+                    // Every charge admits it: report each one's capacity
+                    // now, untouched.
+                    let tat = match slots[i] {
+                        Slot::Tracked(tat) | Slot::Overflow(Some(tat)) => Some(tat),
+                        Slot::New | Slot::Evict | Slot::Overflow(None) => None,
+                    };
+                    Decision::allow(&c.limit, capacity_at(&c.limit, tat, now))
+                } else {
+                    gcra(i, c).decision(&c.limit, c.cost.max(1))
+                };
             }
-            let d = Decision::binding_with_tokens(
-                &decisions[..charges.len()],
-                usize::from(check.tokens),
-            );
-            return Ok(d.expect("at least one charge"));
+            return Ok(decide_all(&decisions[..charges.len()], check.tokens, lease));
+        }
+        for l in leases {
+            *maps.leases.entry(l.bucket).or_insert(0) += 1;
         }
         if acquired > 0 {
             crate::telemetry::tracked_keys(acquired as f64);
@@ -616,9 +644,49 @@ where
                 }
             }
         }
-        let d =
-            Decision::binding_with_tokens(&decisions[..charges.len()], usize::from(check.tokens));
-        Ok(d.expect("at least one charge"))
+        Ok(decide_all(&decisions[..charges.len()], check.tokens, lease))
+    }
+
+    /// Releases a request's leases (see [`Backend::release`]): under the
+    /// owner's shard lock, each bucket holds one lease fewer.
+    pub fn release_now(&self, owner: u64, leases: &[Lease]) {
+        let mut guard = self
+            .inner
+            .multi
+            .shard(owner)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for l in &leases[..leases.len().min(MAX_LEASES)] {
+            if let Some(n) = guard.leases.get_mut(&l.bucket) {
+                *n -= 1;
+                if *n == 0 {
+                    guard.leases.remove(&l.bucket);
+                }
+            }
+        }
+    }
+
+    /// Leases held in a bucket now.
+    pub fn leases_held(&self, owner: u64, lease: &Lease) -> u32 {
+        self.inner
+            .multi
+            .shard(owner)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .leases
+            .get(&lease.bucket)
+            .map_or(0, |&n| n as u32)
+    }
+
+    /// One concurrency limit's state now (see [`Backend::peek_lease`]).
+    pub fn peek_lease_now(&self, owner: u64, lease: &Lease) -> Decision {
+        let held = self.leases_held(owner, lease);
+        Decision::leases_only(LeaseState {
+            limit: lease.max,
+            remaining: lease.max.saturating_sub(held),
+            refused: false,
+            per_account: lease.per_account,
+        })
     }
 
     /// Settles charges after the fact (see [`Backend::settle`]): under the
@@ -856,6 +924,14 @@ where
     fn settle(&self, owner: u64, adjustments: &[Adjustment]) -> Self::Future {
         ready(Ok(self.settle_now(owner, adjustments)))
     }
+
+    fn release(&self, owner: u64, leases: &[Lease], _lease_id: u64) {
+        self.release_now(owner, leases);
+    }
+
+    fn peek_lease(&self, owner: u64, lease: &Lease) -> Self::Future {
+        ready(Ok(self.peek_lease_now(owner, lease)))
+    }
 }
 
 /// The requests a bucket with TAT `tat` (none: untracked, full) could take
@@ -997,6 +1073,10 @@ type Table = HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>;
 struct ShardMaps {
     known: Table,
     guests: Table,
+    /// Leases held per concurrency bucket (a bucket is dropped when its
+    /// last lease is released, so this holds no more than the requests in
+    /// flight; it is not charged to the key budget).
+    leases: Table,
 }
 
 impl ShardMaps {

@@ -19,7 +19,7 @@ pub use self::redis::{
 };
 pub use memory::{MemoryBackend, MemoryBackendBuilder};
 
-pub use crate::decision::{Decision, TokenState};
+pub use crate::decision::{Decision, LEASE_RETRY, LeaseState, TokenState};
 use crate::key::KeyId;
 use crate::policy::Limit;
 
@@ -89,6 +89,22 @@ pub struct Charge {
     pub reserve: u32,
 }
 
+/// One concurrency limit of a request ([`Check::leases`]): while the
+/// request is in flight it holds one of `max` leases of its bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The bucket the leases are counted in (per key or per account).
+    pub bucket: u64,
+    /// Requests that may hold a lease of the bucket at once.
+    pub max: u32,
+    /// Whether the bucket is an account's (for the headers and usage).
+    pub per_account: bool,
+}
+
+/// The most concurrency limits one request can be under: one per key
+/// (or per account in a pooled tier) and one per account.
+pub const MAX_LEASES: usize = 2;
+
 /// A change to one charge's bucket after the fact ([`Backend::settle`]):
 /// `units` more (a debt, when a request used more than it reserved) or,
 /// when negative, fewer (a refund).
@@ -120,6 +136,47 @@ pub struct Check<'a> {
     /// How many of the last charges are token limits (0: none). The
     /// decision's [`tokens`](Decision::tokens) describes their binding one.
     pub tokens: u8,
+    /// Concurrency limits (at most [`MAX_LEASES`]): an allowed request
+    /// takes one lease of each, in the same step as its charges, and holds
+    /// them until [`Backend::release`]. A request refused by a charge
+    /// takes no lease; one refused by a full lease counts in no charge.
+    pub leases: &'a [Lease],
+    /// Names this request's leases (unique in the process; the layer
+    /// numbers them), for [`Backend::release`].
+    pub lease_id: u64,
+}
+
+impl<'a> Check<'a> {
+    /// A check of `charges` for `owner`, with no leases.
+    pub fn new(owner: u64, known: bool, charges: &'a [Charge]) -> Self {
+        Check {
+            owner,
+            known,
+            charges,
+            tokens: 0,
+            leases: &[],
+            lease_id: 0,
+        }
+    }
+}
+
+/// The decision of a several-limit check: the binding charge's, with the
+/// binding lease (a check under concurrency limits only is described by
+/// its lease).
+pub(crate) fn decide_all(
+    decisions: &[Decision],
+    tokens: u8,
+    lease: Option<LeaseState>,
+) -> Decision {
+    match (
+        Decision::binding_with_tokens(decisions, usize::from(tokens)),
+        lease,
+    ) {
+        (Some(d), Some(l)) => d.with_lease(l),
+        (Some(d), None) => d,
+        (None, Some(l)) => Decision::leases_only(l),
+        (None, None) => Decision::allow(&Limit::per_second(1), 1),
+    }
 }
 
 /// Mixes a limit into a bucket, so that every limit of a cell has its own.
@@ -206,6 +263,20 @@ pub trait Backend: Send + Sync + 'static {
     /// (the layer settles from a `Drop`); its answer is the binding limit's
     /// state afterwards.
     fn settle(&self, owner: u64, adjustments: &[Adjustment]) -> Self::Future;
+
+    /// Releases the leases that the check numbered `lease_id` took (with
+    /// the same `owner` and `leases`). The layer calls it exactly once for
+    /// every check with leases that was not refused, when the response
+    /// ends — and also for a check whose future was dropped before it
+    /// answered: a backend whose check may still be under way then
+    /// releases its leases as soon as it takes them. Never blocks; the
+    /// work proceeds on its own.
+    fn release(&self, owner: u64, leases: &[Lease], lease_id: u64);
+
+    /// One concurrency limit's state now, taking nothing: a
+    /// [`Decision::leases_only`] whose lease's `remaining` is what could
+    /// start now (the usage endpoint's in-flight count is `max − remaining`).
+    fn peek_lease(&self, owner: u64, lease: &Lease) -> Self::Future;
 }
 
 impl<B: Backend> Backend for std::sync::Arc<B> {
@@ -229,5 +300,13 @@ impl<B: Backend> Backend for std::sync::Arc<B> {
 
     fn settle(&self, owner: u64, adjustments: &[Adjustment]) -> Self::Future {
         (**self).settle(owner, adjustments)
+    }
+
+    fn release(&self, owner: u64, leases: &[Lease], lease_id: u64) {
+        (**self).release(owner, leases, lease_id)
+    }
+
+    fn peek_lease(&self, owner: u64, lease: &Lease) -> Self::Future {
+        (**self).peek_lease(owner, lease)
     }
 }

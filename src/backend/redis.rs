@@ -13,7 +13,10 @@ use governor::clock::{Clock, FakeRelativeClock, Reference};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 
-use super::{Adjustment, Backend, BackendError, Charge, Check, Decision, MemoryBackend, Subject};
+use super::{
+    Adjustment, Backend, BackendError, Charge, Check, Decision, Lease, LeaseState, MAX_LEASES,
+    MemoryBackend, Subject, decide_all,
+};
 use crate::policy::{Limit, MAX_LIMITS};
 
 /// GCRA exactly as governor computes it, in microseconds, on Redis's clock
@@ -27,6 +30,9 @@ const GCRA_ALL: &str = include_str!("gcra_all.lua");
 
 /// Settlement: debts and refunds on one owner's buckets, in one call.
 const GCRA_SETTLE: &str = include_str!("gcra_settle.lua");
+
+/// Concurrency leases after admission: release, renew, peek.
+const LEASE: &str = include_str!("lease.lua");
 
 /// What happens to requests while Redis cannot be reached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -76,6 +82,7 @@ struct Inner {
     script: redis::Script,
     script_all: redis::Script,
     script_settle: redis::Script,
+    script_lease: redis::Script,
     prefix: String,
     timeout: Duration,
     failure: FailurePolicy,
@@ -93,6 +100,7 @@ struct Inner {
     degraded: AtomicBool,
     next_probe: AtomicU64,
     deny: DenyCache,
+    leases: LeaseBook,
     fake: Option<(
         FakeRelativeClock,
         <FakeRelativeClock as Clock>::Instant,
@@ -156,6 +164,7 @@ pub struct RedisBackendBuilder {
     max_in_flight: usize,
     trip_after: u32,
     lazy: bool,
+    lease_ttl: Duration,
     fake: Option<FakeRelativeClock>,
 }
 
@@ -214,6 +223,7 @@ impl RedisBackend {
             max_in_flight: 64,
             trip_after: 3,
             lazy: false,
+            lease_ttl: Duration::from_secs(60),
             fake: None,
         }
     }
@@ -256,6 +266,12 @@ fn interval_us(limit: &Limit) -> u64 {
 
 fn charge_key(prefix: &str, owner: u64, bucket: u64) -> String {
     format!("{prefix}:{{{owner:016x}}}:m:{bucket:016x}")
+}
+
+/// The sorted set of a concurrency bucket's leases (same hash tag as the
+/// owner's charges: one Cluster slot).
+fn lease_key(prefix: &str, owner: u64, bucket: u64) -> String {
+    format!("{prefix}:{{{owner:016x}}}:c:{bucket:016x}")
 }
 
 fn redis_key(prefix: &str, subject: &Subject, limit: &Limit) -> String {
@@ -323,6 +339,16 @@ impl RedisBackendBuilder {
     /// (default 3; at least 1).
     pub fn trip_after(mut self, failures: u32) -> Self {
         self.trip_after = failures.max(1);
+        self
+    }
+
+    /// How long a concurrency lease lives in Redis unless renewed
+    /// (default 60 s; at least 100 ms). A request in flight renews its
+    /// leases every third of this (the backend does, on its I/O thread),
+    /// so a long stream keeps them; the leases of an instance that crashed
+    /// expire after at most this long, and its customers' slots come back.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl.max(Duration::from_millis(100));
         self
     }
 
@@ -415,6 +441,7 @@ impl RedisBackendBuilder {
                 script,
                 script_all: redis::Script::new(GCRA_ALL),
                 script_settle: redis::Script::new(GCRA_SETTLE),
+                script_lease: redis::Script::new(LEASE),
                 prefix: self.prefix,
                 timeout: self.timeout,
                 failure: self.failure,
@@ -428,6 +455,7 @@ impl RedisBackendBuilder {
                 degraded: AtomicBool::new(false),
                 next_probe: AtomicU64::new(0),
                 deny: DenyCache::default(),
+                leases: LeaseBook::new(self.lease_ttl),
                 fake,
                 start: Instant::now(),
             }),
@@ -470,17 +498,23 @@ impl Inner {
     }
 
     /// Runs the several-limit script once (see [`invoke`](Self::invoke)).
-    async fn eval_all(
-        self: &Arc<Self>,
-        owner: u64,
-        charges: &[Charge],
-    ) -> Result<Vec<i64>, EvalError> {
+    async fn eval_all(self: &Arc<Self>, check: &Check<'_>) -> Result<Vec<i64>, EvalError> {
+        let (owner, charges) = (check.owner, check.charges);
         let keys = charges
             .iter()
             .map(|c| charge_key(&self.prefix, owner, c.bucket))
+            .chain(
+                check
+                    .leases
+                    .iter()
+                    .map(|l| lease_key(&self.prefix, owner, l.bucket)),
+            )
             .collect();
-        let mut args = Vec::with_capacity(charges.len() * 4 + 1);
+        let mut args = Vec::with_capacity(charges.len() * 4 + check.leases.len() + 4);
         args.push(self.script_now());
+        args.push(charges.len().to_string());
+        args.push(self.leases.member(check.lease_id));
+        args.push(self.leases.ttl_us().to_string());
         for c in charges {
             let t = interval_us(&c.limit);
             args.extend([
@@ -490,7 +524,29 @@ impl Inner {
                 c.cost.max(1).to_string(),
             ]);
         }
+        args.extend(check.leases.iter().map(|l| l.max.to_string()));
         self.invoke(Script::All, keys, args).await
+    }
+
+    /// Runs the lease script once for one request's leases.
+    async fn eval_lease(
+        self: &Arc<Self>,
+        mode: &'static str,
+        owner: u64,
+        leases: &[Lease],
+        lease_id: u64,
+    ) -> Result<i64, EvalError> {
+        let keys = leases
+            .iter()
+            .map(|l| lease_key(&self.prefix, owner, l.bucket))
+            .collect();
+        let args = vec![
+            mode.to_owned(),
+            self.script_now(),
+            self.leases.ttl_us().to_string(),
+            self.leases.member(lease_id),
+        ];
+        self.invoke(Script::Lease, keys, args).await
     }
 
     /// Runs the settlement script once (see [`invoke`](Self::invoke)).
@@ -540,6 +596,7 @@ impl Inner {
                 Script::One => &inner.script,
                 Script::All => &inner.script_all,
                 Script::Settle => &inner.script_settle,
+                Script::Lease => &inner.script_lease,
             };
             let mut inv = script.prepare_invoke();
             for k in keys {
@@ -573,8 +630,8 @@ impl Inner {
         self.count_failure();
         match self.failure {
             FailurePolicy::Fallback => {
-                let mut shares = [check.charges[0]; MAX_LIMITS];
-                for (i, c) in check.charges.iter().enumerate() {
+                let mut shares = [PLACEHOLDER; MAX_LIMITS];
+                for (i, c) in check.charges.iter().enumerate().take(MAX_LIMITS) {
                     let share = self.fallback_limit(&c.limit);
                     let cost = c.cost.max(1);
                     if cost > share.max() {
@@ -590,8 +647,16 @@ impl Inner {
                         ..*c
                     };
                 }
+                let mut leases = [PLACEHOLDER_LEASE; MAX_LEASES];
+                for (slot, l) in leases.iter_mut().zip(check.leases) {
+                    *slot = Lease {
+                        max: self.fallback_lease_max(l.max),
+                        ..*l
+                    };
+                }
                 self.fallback.check_all_now(&Check {
-                    charges: &shares[..check.charges.len()],
+                    charges: &shares[..check.charges.len().min(MAX_LIMITS)],
+                    leases: &leases[..check.leases.len().min(MAX_LEASES)],
                     ..*check
                 })
             }
@@ -602,13 +667,25 @@ impl Inner {
                     *slot = Decision::allow(&c.limit, left);
                 }
                 let n = check.charges.len().min(MAX_LIMITS);
-                Ok(
-                    Decision::binding_with_tokens(&decisions[..n], usize::from(check.tokens))
-                        .expect("at least one charge"),
-                )
+                // No lease is taken: nothing limits concurrency either.
+                let lease = LeaseState::binding(check.leases.iter().map(|l| LeaseState {
+                    limit: l.max,
+                    remaining: l.max,
+                    refused: false,
+                    per_account: l.per_account,
+                }));
+                Ok(decide_all(&decisions[..n], check.tokens, lease))
             }
             FailurePolicy::FailClosed => Err(BackendError::Unavailable("redis unreachable".into())),
         }
+    }
+
+    /// This instance's share of a concurrency limit while Redis is down.
+    fn fallback_lease_max(&self, max: u32) -> u32 {
+        if self.fallback_share >= 1.0 {
+            return max;
+        }
+        ((f64::from(max) * self.fallback_share).ceil() as u32).clamp(1, max)
     }
 
     /// A check succeeded: failures start counting from zero, and a
@@ -766,6 +843,8 @@ enum Script {
     All,
     /// Settlement (`gcra_settle.lua`).
     Settle,
+    /// Leases after admission (`lease.lua`).
+    Lease,
 }
 
 /// What one script call asks.
@@ -981,6 +1060,22 @@ impl RedisBackend {
 }
 
 /// A several-limit check's charges, owned by its future.
+/// A placeholder charge for fixed-size arrays.
+const PLACEHOLDER: Charge = Charge {
+    bucket: 0,
+    limit: Limit::per_second(1),
+    cost: 1,
+    reserve: 0,
+};
+
+/// A placeholder lease for fixed-size arrays.
+const PLACEHOLDER_LEASE: Lease = Lease {
+    bucket: 0,
+    max: 1,
+    per_account: false,
+};
+
+/// A check, owned (to move into a future or onto the I/O thread).
 #[derive(Clone, Copy)]
 struct Charges {
     owner: u64,
@@ -988,21 +1083,29 @@ struct Charges {
     tokens: u8,
     items: [Charge; MAX_LIMITS],
     len: usize,
+    leases: [Lease; MAX_LEASES],
+    nleases: usize,
+    lease_id: u64,
 }
 
 impl Charges {
-    fn new(check: &Check<'_>) -> Option<Self> {
-        let first = *check.charges.first()?;
-        let mut items = [first; MAX_LIMITS];
+    fn new(check: &Check<'_>) -> Self {
+        let mut items = [PLACEHOLDER; MAX_LIMITS];
         let len = check.charges.len().min(MAX_LIMITS);
         items[..len].copy_from_slice(&check.charges[..len]);
-        Some(Charges {
+        let mut leases = [PLACEHOLDER_LEASE; MAX_LEASES];
+        let nleases = check.leases.len().min(MAX_LEASES);
+        leases[..nleases].copy_from_slice(&check.leases[..nleases]);
+        Charges {
             owner: check.owner,
             known: check.known,
             tokens: check.tokens,
             items,
             len,
-        })
+            leases,
+            nleases,
+            lease_id: check.lease_id,
+        }
     }
 
     fn check(&self) -> Check<'_> {
@@ -1011,62 +1114,172 @@ impl Charges {
             known: self.known,
             tokens: self.tokens,
             charges: &self.items[..self.len],
+            leases: &self.leases[..self.nleases],
+            lease_id: self.lease_id,
         }
+    }
+}
+
+/// Where a check's leases were taken.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Taken {
+    /// Nowhere (no leases, a refusal, or fail-open).
+    Nowhere,
+    /// In Redis.
+    Redis,
+    /// In this instance's fallback (Redis was unreachable).
+    Fallback,
+}
+
+/// The leases this instance holds (to release and renew them), and the
+/// checks with leases still under way.
+struct LeaseBook {
+    ttl: Duration,
+    /// This instance's part of every lease id in Redis.
+    base: u64,
+    entries: Mutex<HashMap<u64, Held>>,
+    renewing: AtomicBool,
+}
+
+enum Held {
+    /// The check is under way; `cancelled`: released before it answered,
+    /// so its leases are released as soon as it takes them.
+    Pending { cancelled: bool },
+    /// Held, in Redis or in the fallback.
+    Taken(Charges, Taken),
+}
+
+impl LeaseBook {
+    fn new(ttl: Duration) -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        LeaseBook {
+            ttl,
+            base: h.finish(),
+            entries: Mutex::new(HashMap::new()),
+            renewing: AtomicBool::new(false),
+        }
+    }
+
+    fn ttl_us(&self) -> u64 {
+        self.ttl.as_micros().max(1) as u64
+    }
+
+    /// A lease's member in Redis: unique across instances.
+    fn member(&self, lease_id: u64) -> String {
+        format!("{:016x}{lease_id:016x}", self.base)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Held>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Leases held by this instance now.
+    fn held(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|h| matches!(h, Held::Taken(..)))
+            .count()
     }
 }
 
 impl RedisBackend {
     /// Checks one request against several limits in one script call, all
-    /// or nothing (or through the failure policy). Refusals are not cached
-    /// locally: the binding limit's retry delay needs every limit's state.
+    /// or nothing (or through the failure policy), taking its leases if it
+    /// has any. Refusals are not cached locally: the binding limit's retry
+    /// delay needs every limit's state.
+    ///
+    /// Leases taken here are held until [`Backend::release`]. Called
+    /// through [`Backend::check_all`], a check with leases runs on the
+    /// backend's I/O thread, so that it finishes (and its leases can be
+    /// released) even if its caller goes away.
     pub async fn check_all_async(&self, check: Check<'_>) -> Result<Decision, BackendError> {
+        let (result, taken) = self.check_all_routed(&check).await;
+        if !check.leases.is_empty() {
+            self.finish_leases(&Charges::new(&check), &result, taken);
+        }
+        result
+    }
+
+    async fn check_all_routed(&self, check: &Check<'_>) -> (Result<Decision, BackendError>, Taken) {
         let inner = &self.inner;
         for c in check.charges {
             if c.cost > c.limit.max() {
-                return Err(BackendError::CostExceedsLimit {
+                let e = BackendError::CostExceedsLimit {
                     cost: c.cost,
                     max: c.limit.max(),
-                });
+                };
+                return (Err(e), Taken::Nowhere);
             }
         }
-        if check.charges.is_empty() {
-            return Err(BackendError::Unavailable("a check without charges".into()));
+        if check.charges.is_empty() && check.leases.is_empty() {
+            let e = BackendError::Unavailable("a check without charges".into());
+            return (Err(e), Taken::Nowhere);
         }
+        let fallback = |r: Result<Decision, BackendError>| {
+            let taken = match &r {
+                Ok(d) if d.allowed && inner.failure == FailurePolicy::Fallback => Taken::Fallback,
+                _ => Taken::Nowhere,
+            };
+            (r, taken)
+        };
         let now = inner.local_micros();
         let route = inner.route(now);
         if route == Route::Around {
-            return inner.on_failure_all(&check);
+            return fallback(inner.on_failure_all(check));
         }
         let Ok(_permit) = inner.in_flight.acquire().await else {
-            return inner.on_failure_all(&check);
+            return fallback(inner.on_failure_all(check));
         };
         if route == Route::Redis && inner.degraded.load(Ordering::Relaxed) {
-            return inner.on_failure_all(&check);
+            return fallback(inner.on_failure_all(check));
         }
-        match inner.eval_all(check.owner, check.charges).await {
-            Ok(v) if v.len() == check.charges.len() + 1 => {
+        let (k, m) = (check.charges.len(), check.leases.len());
+        match inner.eval_all(check).await {
+            Ok(v) if v.len() == k + 1 || v.len() == k + m + 1 => {
                 inner.succeeded();
-                let allowed = v[0] == 1;
+                let status = v[0];
                 let mut decisions = [Decision::allow(&Limit::per_second(1), 0); MAX_LIMITS];
                 for ((slot, c), &x) in decisions.iter_mut().zip(check.charges).zip(&v[1..]) {
                     let x = u64::try_from(x).unwrap_or(0);
-                    *slot = if allowed {
-                        Decision::allow(&c.limit, x as u32)
-                    } else if x == 0 {
+                    *slot = match status {
+                        // Remaining after (1) or capacity now (2).
+                        1 | 2 => Decision::allow(&c.limit, x as u32),
                         // Admits it, but another limit refuses.
-                        Decision::allow(&c.limit, 0)
-                    } else {
-                        Decision::refuse(&c.limit, c.cost.max(1), Duration::from_micros(x))
+                        _ if x == 0 => Decision::allow(&c.limit, 0),
+                        _ => Decision::refuse(&c.limit, c.cost.max(1), Duration::from_micros(x)),
                     };
                 }
-                let n = check.charges.len().min(MAX_LIMITS);
-                let mut d =
-                    Decision::binding_with_tokens(&decisions[..n], usize::from(check.tokens))
-                        .expect("at least one charge");
-                if !allowed && d.allowed {
+                let lease = if status == 0 || v.len() != k + m + 1 {
+                    None
+                } else {
+                    LeaseState::binding(check.leases.iter().zip(&v[k + 1..]).map(|(l, &held)| {
+                        let held = u32::try_from(held).unwrap_or(u32::MAX);
+                        LeaseState {
+                            limit: l.max,
+                            remaining: l.max.saturating_sub(held),
+                            refused: status == 2 && held >= l.max,
+                            per_account: l.per_account,
+                        }
+                    }))
+                };
+                let mut d = decide_all(&decisions[..k.min(MAX_LIMITS)], check.tokens, lease);
+                if status != 1 && d.allowed {
                     d.allowed = false;
                 }
-                Ok(d)
+                let taken = if status == 1 && m > 0 {
+                    Taken::Redis
+                } else {
+                    Taken::Nowhere
+                };
+                (Ok(d), taken)
             }
             Ok(v) => {
                 tracing::warn!(
@@ -1074,14 +1287,115 @@ impl RedisBackend {
                     "redis: unexpected answer from the several-limit script"
                 );
                 inner.failed();
-                inner.on_failure_all(&check)
+                fallback(inner.on_failure_all(check))
             }
             Err(e) => {
                 tracing::debug!(error = %e, timeout = ?inner.timeout, "redis check failed");
                 inner.failed();
-                inner.on_failure_all(&check)
+                fallback(inner.on_failure_all(check))
             }
         }
+    }
+
+    /// A check with leases answered: records the leases it took (to
+    /// release and renew them), or releases them at once if the request
+    /// was released while its check was under way.
+    fn finish_leases(&self, c: &Charges, result: &Result<Decision, BackendError>, taken: Taken) {
+        let took = matches!(result, Ok(d) if d.allowed) && taken != Taken::Nowhere;
+        let mut book = self.inner.leases.lock();
+        let prev = book.remove(&c.lease_id);
+        if !took {
+            return;
+        }
+        if let Some(Held::Pending { cancelled: true }) = prev {
+            drop(book);
+            self.release_taken(*c, taken);
+            return;
+        }
+        book.insert(c.lease_id, Held::Taken(*c, taken));
+        drop(book);
+        if taken == Taken::Redis {
+            self.start_renewing();
+        }
+    }
+
+    /// Releases leases this instance took.
+    fn release_taken(&self, c: Charges, taken: Taken) {
+        let check = c.check();
+        match taken {
+            Taken::Nowhere => {}
+            Taken::Fallback => self.inner.fallback.release_now(check.owner, check.leases),
+            Taken::Redis => {
+                let inner = Arc::clone(&self.inner);
+                self.inner.io.handle().spawn(async move {
+                    let check = c.check();
+                    if let Err(e) = inner
+                        .eval_lease("release", check.owner, check.leases, check.lease_id)
+                        .await
+                    {
+                        // The lease expires by itself after the TTL.
+                        crate::telemetry::backend_error("redis");
+                        tracing::debug!(error = %e, "redis: a lease was not released; it expires after its TTL");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Starts the renewal task (once): every third of the lease TTL, the
+    /// leases this instance holds in Redis are renewed.
+    fn start_renewing(&self) {
+        if self.inner.leases.renewing.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let period = (self.inner.leases.ttl / 3).max(Duration::from_millis(10));
+        self.inner.io.handle().spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                RedisBackend { inner }.renew_leases().await;
+            }
+        });
+    }
+
+    /// Renews every lease this instance holds in Redis now (their expiry
+    /// moves to now + the TTL); returns how many were renewed. The backend
+    /// does this by itself every third of the TTL while leases are held.
+    pub async fn renew_leases(&self) -> usize {
+        let inner = &self.inner;
+        if inner.degraded.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let held: Vec<Charges> = inner
+            .leases
+            .lock()
+            .values()
+            .filter_map(|h| match h {
+                Held::Taken(c, Taken::Redis) => Some(*c),
+                _ => None,
+            })
+            .collect();
+        let mut renewed = 0;
+        for c in held {
+            let check = c.check();
+            match inner
+                .eval_lease("renew", check.owner, check.leases, check.lease_id)
+                .await
+            {
+                Ok(n) if n > 0 => renewed += 1,
+                Ok(_) => tracing::debug!("redis: a lease had expired before its renewal"),
+                Err(e) => tracing::debug!(error = %e, "redis: lease renewal failed"),
+            }
+        }
+        renewed
+    }
+
+    /// Leases this instance holds now (in Redis or in its fallback).
+    pub fn leases_held(&self) -> usize {
+        self.inner.leases.held()
     }
 
     /// Settles charges after the fact in one script call (see
@@ -1169,11 +1483,24 @@ impl Backend for RedisBackend {
     fn check_all(&self, check: &Check<'_>) -> Self::Future {
         let this = self.clone();
         let charges = Charges::new(check);
+        if check.leases.is_empty() {
+            return Box::pin(async move { this.check_all_async(charges.check()).await });
+        }
+        // A check with leases runs on the I/O thread: it finishes, and
+        // its leases are recorded (or released), even if this future is
+        // dropped; `release` meanwhile finds it pending.
+        self.inner
+            .leases
+            .lock()
+            .insert(check.lease_id, Held::Pending { cancelled: false });
+        let task = self
+            .inner
+            .io
+            .handle()
+            .spawn(async move { this.check_all_async(charges.check()).await });
         Box::pin(async move {
-            match charges {
-                Some(c) => this.check_all_async(c.check()).await,
-                None => Err(BackendError::Unavailable("a check without charges".into())),
-            }
+            task.await
+                .unwrap_or_else(|e| Err(BackendError::Unavailable(Box::new(e))))
         })
     }
 
@@ -1202,6 +1529,46 @@ impl Backend for RedisBackend {
         Box::pin(async move {
             task.await
                 .unwrap_or_else(|e| Err(BackendError::Unavailable(Box::new(e))))
+        })
+    }
+
+    fn release(&self, owner: u64, leases: &[Lease], lease_id: u64) {
+        let mut book = self.inner.leases.lock();
+        match book.get_mut(&lease_id) {
+            Some(Held::Pending { cancelled }) => *cancelled = true,
+            Some(Held::Taken(..)) => {
+                if let Some(Held::Taken(c, taken)) = book.remove(&lease_id) {
+                    drop(book);
+                    self.release_taken(c, taken);
+                }
+            }
+            None => {
+                // Not taken through `check_all` (or released already).
+                tracing::trace!(owner, leases = leases.len(), "redis: no such lease");
+            }
+        }
+    }
+
+    fn peek_lease(&self, owner: u64, lease: &Lease) -> Self::Future {
+        let this = self.clone();
+        let lease = *lease;
+        Box::pin(async move {
+            let inner = &this.inner;
+            if !inner.degraded.load(Ordering::Relaxed)
+                && let Ok(held) = inner
+                    .eval_lease("peek", owner, std::slice::from_ref(&lease), 0)
+                    .await
+            {
+                return Ok(Decision::leases_only(LeaseState {
+                    limit: lease.max,
+                    remaining: lease
+                        .max
+                        .saturating_sub(u32::try_from(held).unwrap_or(u32::MAX)),
+                    refused: false,
+                    per_account: lease.per_account,
+                }));
+            }
+            Ok(inner.fallback.peek_lease_now(owner, &lease))
         })
     }
 }

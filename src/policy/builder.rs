@@ -11,7 +11,7 @@ use http::Method;
 
 use super::operator::{CompiledBoost, MAX_UNIX};
 use super::route::{CompiledRoute, Pattern};
-use super::set::{MAX_LIMITS, Pool, RefundOn};
+use super::set::{MAX_CONCURRENCY, MAX_LIMITS, Pool, RefundOn};
 use super::{
     Adjust, Boost, BoostTarget, CategoryId, Cell, KeyRow, Limit, Metering, Policy, PolicyInner,
     Rule, Shadow, Target, TierId,
@@ -165,6 +165,8 @@ pub struct Tier {
     tokens: Vec<Located<(String, Vec<Limit>, bool)>>,
     refund_on: Option<Located<RefundOn>>,
     refunds: Vec<Located<(String, RefundOn)>>,
+    /// Concurrency limits: (category, requests at once, per account).
+    concurrency: Vec<Located<(String, u32, bool)>>,
     pool: Located<Pool>,
     line: Option<usize>,
     reserve: Option<Located<u8>>,
@@ -180,6 +182,7 @@ impl Tier {
             tokens: Vec::new(),
             refund_on: None,
             refunds: Vec::new(),
+            concurrency: Vec::new(),
             pool: Located::new(Pool::Key),
             line: None,
             reserve: None,
@@ -293,6 +296,48 @@ impl Tier {
     /// the tier's [`refund_on`](Self::refund_on)).
     pub fn refund_on_category(mut self, category: impl Into<String>, refund: RefundOn) -> Self {
         self.refunds.push(Located::new((category.into(), refund)));
+        self
+    }
+
+    /// Limits how many requests of `category` one key (one account in a
+    /// pooled tier) may have in flight at once. A request takes a lease at
+    /// admission, in the same step as its rate limits, and gives it back
+    /// when its response body ends or is dropped; a request over the limit
+    /// is refused (429 `concurrency-limited`, `Retry-After: 1`) and counts
+    /// against no rate limit.
+    ///
+    /// ```
+    /// use tierlimit::{Limit, Tier};
+    ///
+    /// let free = Tier::new("free")
+    ///     .limit("ai", Limit::per_hour(50))
+    ///     .concurrency("ai", 2); // at most 2 AI calls at once per key
+    /// # let _ = free;
+    /// ```
+    pub fn concurrency(mut self, category: impl Into<String>, requests: u32) -> Self {
+        self.concurrency
+            .push(Located::new((category.into(), requests, false)));
+        self
+    }
+
+    /// Limits how many requests of `category` all of an account's keys
+    /// together may have in flight at once.
+    pub fn per_account_concurrency(mut self, category: impl Into<String>, requests: u32) -> Self {
+        self.concurrency
+            .push(Located::new((category.into(), requests, true)));
+        self
+    }
+
+    /// A concurrency limit written on `line` (for the loader).
+    pub(super) fn concurrency_at(
+        mut self,
+        category: String,
+        requests: u32,
+        per_account: bool,
+        line: Option<usize>,
+    ) -> Self {
+        self.concurrency
+            .push(Located::at((category, requests, per_account), line));
         self
     }
 
@@ -947,6 +992,40 @@ impl PolicyBuilder {
                     .ok_or_else(|| unknown(cat, &entry, *line))?;
                 refunds[id] = *refund;
             }
+            let mut concurrency: Vec<[Option<u32>; 2]> = vec![[None, None]; categories.len()];
+            for Located {
+                value: (cat, n, is_account),
+                line,
+            } in &tier.concurrency
+            {
+                let entry = if *is_account {
+                    format!("tiers.{}.per_account.{}.concurrency", tier.name, cat)
+                } else {
+                    format!("tiers.{}.{}.concurrency", tier.name, cat)
+                };
+                let id = categories
+                    .iter()
+                    .position(|c| **c == **cat)
+                    .ok_or_else(|| unknown(cat, &entry, *line))?;
+                if *n == 0 || *n > MAX_CONCURRENCY {
+                    return Err(PolicyError::new(
+                        &entry,
+                        *line,
+                        format!(
+                            "a concurrency limit is a number of requests from 1 to {MAX_CONCURRENCY}"
+                        ),
+                    ));
+                }
+                let slot = &mut concurrency[id][usize::from(*is_account)];
+                if slot.is_some() {
+                    return Err(PolicyError::new(
+                        &entry,
+                        *line,
+                        format!("tier `{}` sets `{cat}`'s concurrency twice", tier.name),
+                    ));
+                }
+                *slot = Some(*n);
+            }
             for (i, rule) in rules.into_iter().enumerate() {
                 if !set[i] {
                     return Err(PolicyError::new(
@@ -966,6 +1045,8 @@ impl PolicyBuilder {
                         tokens: key_tokens,
                         account_tokens,
                         refund: refunds[i],
+                        concurrency: concurrency[i][0],
+                        account_concurrency: concurrency[i][1],
                     },
                     tier.pool.value,
                     &tier.name,

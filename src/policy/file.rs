@@ -80,6 +80,14 @@ fn parse_adjust(v: &toml::Value) -> Result<Adjust, String> {
             if spec.refund.is_some() {
                 return Err("a custom limit cannot set `refund_on`; set it on the tier".into());
             }
+            if spec.concurrency.is_some() {
+                return Err(
+                    "a custom limit or boost cannot set `concurrency`; set it on the tier".into(),
+                );
+            }
+            if spec.requests.is_none() && spec.tokens.is_none() {
+                return Err("a custom limit needs `requests` or `tokens`".into());
+            }
             Ok(Adjust::Table {
                 requests: spec.requests.map(Option::unwrap_or_default),
                 tokens: spec.tokens,
@@ -128,6 +136,8 @@ struct CellSpec {
     requests: Option<Option<Vec<Limit>>>,
     tokens: Option<Vec<Limit>>,
     refund: Option<RefundOn>,
+    /// Requests in flight at once.
+    concurrency: Option<u32>,
 }
 
 fn parse_cell(v: &toml::Value) -> Result<CellSpec, String> {
@@ -140,10 +150,10 @@ fn parse_cell(v: &toml::Value) -> Result<CellSpec, String> {
     };
     if let Some(k) = t
         .keys()
-        .find(|k| !["requests", "tokens", "refund_on"].contains(&k.as_str()))
+        .find(|k| !["requests", "tokens", "refund_on", "concurrency"].contains(&k.as_str()))
     {
         return Err(format!(
-            "unknown field `{k}` (expected `requests`, `tokens` or `refund_on`)"
+            "unknown field `{k}` (expected `requests`, `tokens`, `concurrency` or `refund_on`)"
         ));
     }
     let mut spec = CellSpec::default();
@@ -162,8 +172,22 @@ fn parse_cell(v: &toml::Value) -> Result<CellSpec, String> {
     if let Some(r) = t.get("refund_on") {
         spec.refund = Some(parse_refund(r)?);
     }
-    if spec.requests.is_none() && spec.tokens.is_none() {
-        return Err("a table of limits needs `requests` or `tokens`".to_owned());
+    if let Some(c) = t.get("concurrency") {
+        let how = || {
+            format!(
+                "concurrency: write the number of requests that may be in flight at once, from 1 to {}",
+                crate::policy::MAX_CONCURRENCY
+            )
+        };
+        let n = c.as_integer().ok_or_else(how)?;
+        let n = u32::try_from(n)
+            .ok()
+            .filter(|n| (1..=crate::policy::MAX_CONCURRENCY).contains(n))
+            .ok_or_else(how)?;
+        spec.concurrency = Some(n);
+    }
+    if spec.requests.is_none() && spec.tokens.is_none() && spec.concurrency.is_none() {
+        return Err("a table of limits needs `requests`, `tokens` or `concurrency`".to_owned());
     }
     Ok(spec)
 }
@@ -336,6 +360,9 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
                         if let Some(tokens) = cell.tokens {
                             tier = tier.tokens_at(cat.clone(), tokens, true, line);
                         }
+                        if let Some(n) = cell.concurrency {
+                            tier = tier.concurrency_at(cat.clone(), n, true, line);
+                        }
                     }
                 }
                 _ => {
@@ -346,6 +373,9 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
                     tier = tier.rules_at(cat.clone(), cell.requests.unwrap_or(None), line);
                     if let Some(tokens) = cell.tokens {
                         tier = tier.tokens_at(cat.clone(), tokens, false, line);
+                    }
+                    if let Some(n) = cell.concurrency {
+                        tier = tier.concurrency_at(cat.clone(), n, false, line);
                     }
                     if let Some(refund) = cell.refund {
                         tier = tier.refund_at(Some(cat), refund, line);

@@ -63,7 +63,7 @@ use operator::{CompiledBoost, more_generous_all};
 use route::CompiledRoute;
 pub use route::Target;
 pub(crate) use set::{Applied, LimitBuf, Limits};
-pub use set::{MAX_LIMITS, Pool, RefundOn};
+pub use set::{MAX_CONCURRENCY, MAX_LIMITS, Pool, RefundOn};
 
 /// A plan tier (`free`, `pro`, …), interned to an index when the policy is
 /// built. Obtain one with [`Policy::tier`].
@@ -109,6 +109,14 @@ pub(crate) struct Cell {
     /// Whether a request of the cell is settled after its response (token
     /// limits, or refunds): it always takes the several-limit path.
     pub(crate) metered: bool,
+    /// Requests of one key (one account in a pooled tier) in flight at
+    /// once; `None`: no concurrency limit per key.
+    pub(crate) concurrency: Option<u32>,
+    /// Requests of one account in flight at once.
+    pub(crate) account_concurrency: Option<u32>,
+    /// Whether a request of the cell holds leases (a concurrency limit):
+    /// it always takes the several-limit path.
+    pub(crate) leased: bool,
     pub(crate) pool: Pool,
     /// The cell's only limit, when it has exactly one and it is counted
     /// per key (or per account in a pooled tier): the fast path.
@@ -132,7 +140,12 @@ impl Cell {
         let metered = !extra.tokens.is_empty()
             || !extra.account_tokens.is_empty()
             || !extra.refund.is_empty();
-        let single = match (per_key.as_slice(), per_account.is_empty(), metered) {
+        let leased = extra.concurrency.is_some() || extra.account_concurrency.is_some();
+        let single = match (
+            per_key.as_slice(),
+            per_account.is_empty(),
+            metered || leased,
+        ) {
             ([one], true, false) => Some(*one),
             _ => None,
         };
@@ -146,6 +159,9 @@ impl Cell {
             account_tokens: extra.account_tokens.into_boxed_slice(),
             refund: extra.refund,
             metered,
+            concurrency: extra.concurrency,
+            account_concurrency: extra.account_concurrency,
+            leased,
             pool,
             single,
             scope: hash_str(&format!("{tier}\0{category}")),
@@ -160,6 +176,7 @@ impl Cell {
             && self.per_account.is_empty()
             && self.tokens.is_empty()
             && self.account_tokens.is_empty()
+            && !self.leased
     }
 
     /// The cell's limits, borrowed.
@@ -190,6 +207,8 @@ pub(super) struct Metering {
     pub(super) tokens: Vec<Limit>,
     pub(super) account_tokens: Vec<Limit>,
     pub(super) refund: RefundOn,
+    pub(super) concurrency: Option<u32>,
+    pub(super) account_concurrency: Option<u32>,
 }
 
 /// A `[keys]` entry: the key's text, its tier and its account.
@@ -236,6 +255,17 @@ impl<'a> CellLimits<'a> {
     /// The responses whose requests are refunded.
     pub fn refund_on(&self) -> RefundOn {
         self.cell.refund
+    }
+
+    /// Requests of one key (one account when pooled) that may be in flight
+    /// at once; `None`: no concurrency limit per key.
+    pub fn concurrency(&self) -> Option<u32> {
+        self.cell.concurrency
+    }
+
+    /// Requests of one account that may be in flight at once.
+    pub fn account_concurrency(&self) -> Option<u32> {
+        self.cell.account_concurrency
     }
 }
 

@@ -10,6 +10,10 @@ use super::Limit;
 /// is refused when it is built.
 pub const MAX_LIMITS: usize = 8;
 
+/// The largest concurrency limit a policy may set (requests in flight at
+/// once per key or per account).
+pub const MAX_CONCURRENCY: u32 = 1_000_000;
+
 /// Whose count a tier's limits are kept in.
 ///
 /// ```toml

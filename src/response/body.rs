@@ -51,12 +51,26 @@ use pin_project_lite::pin_project;
 pub trait AnswerBody: Body<Data = Bytes> + Sized {
     /// A body holding `bytes` (empty for gRPC answers and bare statuses).
     fn from_answer(bytes: Bytes) -> Self;
+
+    /// This body, holding a request's concurrency leases until it ends or
+    /// is dropped (only requests under a concurrency limit get here; wrap
+    /// with [`Leased`](crate::Leased)). The default gives the leases back
+    /// at once, when the response head leaves the layer: right for bodies
+    /// that are already complete (`String`, `Full`), early for a stream.
+    fn hold(self, lease: crate::LeaseGuard) -> Self {
+        drop(lease);
+        self
+    }
 }
 
 #[cfg(feature = "axum")]
 impl AnswerBody for axum::body::Body {
     fn from_answer(bytes: Bytes) -> Self {
         axum::body::Body::from(bytes)
+    }
+
+    fn hold(self, lease: crate::LeaseGuard) -> Self {
+        axum::body::Body::new(crate::Leased::new(self, lease))
     }
 }
 
@@ -68,6 +82,10 @@ impl AnswerBody for tonic::body::Body {
         } else {
             tonic::body::Body::new(http_body_util::Full::new(bytes))
         }
+    }
+
+    fn hold(self, lease: crate::LeaseGuard) -> Self {
+        tonic::body::Body::new(crate::Leased::new(self, lease))
     }
 }
 
@@ -91,6 +109,11 @@ impl<E: 'static> AnswerBody for http_body_util::combinators::UnsyncBoxBody<Bytes
             .map_err(|never| match never {})
             .boxed_unsync()
     }
+
+    fn hold(self, lease: crate::LeaseGuard) -> Self {
+        use http_body_util::BodyExt;
+        crate::Leased::new(self, lease).boxed_unsync()
+    }
 }
 
 impl<E: 'static> AnswerBody for http_body_util::combinators::BoxBody<Bytes, E> {
@@ -100,11 +123,21 @@ impl<E: 'static> AnswerBody for http_body_util::combinators::BoxBody<Bytes, E> {
             .map_err(|never| match never {})
             .boxed()
     }
+
+    fn hold(self, lease: crate::LeaseGuard) -> Self {
+        use http_body_util::BodyExt;
+        crate::Leased::new(self, lease).boxed()
+    }
 }
 
 impl<B: Body<Data = Bytes>> AnswerBody for ResponseBody<B> {
     fn from_answer(bytes: Bytes) -> Self {
         ResponseBody::full(bytes)
+    }
+
+    fn hold(mut self, lease: crate::LeaseGuard) -> Self {
+        self.lease = Some(lease);
+        self
     }
 }
 
@@ -116,6 +149,8 @@ pin_project! {
     pub struct ResponseBody<B> {
         #[pin]
         kind: Kind<B>,
+        // A request's concurrency leases, until the body ends.
+        lease: Option<crate::LeaseGuard>,
     }
 }
 
@@ -134,6 +169,7 @@ impl<B> ResponseBody<B> {
             kind: Kind::Full {
                 data: (!data.is_empty()).then_some(data),
             },
+            lease: None,
         }
     }
 
@@ -141,6 +177,7 @@ impl<B> ResponseBody<B> {
     pub fn new(body: B) -> Self {
         ResponseBody {
             kind: Kind::Inner { body },
+            lease: None,
         }
     }
 }
@@ -156,10 +193,15 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        match self.project().kind.project() {
+        let this = self.project();
+        let polled = match this.kind.project() {
             KindProj::Inner { body } => body.poll_frame(cx),
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        };
+        if let Poll::Ready(None | Some(Err(_))) = &polled {
+            this.lease.take();
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -70,16 +70,23 @@ pub(crate) fn response(refusal: &Answer<'_>) -> Response<Bytes> {
             message: &message,
             retry,
             subject: &key.redacted().to_string(),
-            description: &format!(
-                "tier `{tier}`: {category} {}limit of {} per {} s",
-                if plan.decision.is_tokens() {
-                    "token "
-                } else {
-                    ""
-                },
-                plan.decision.limit,
-                crate::time::ceil_secs(plan.decision.window)
-            ),
+            description: &match plan.decision.lease {
+                Some(l) if plan.decision.is_concurrency_refusal() => format!(
+                    "tier `{tier}`: {category} concurrency limit of {} requests in flight{}",
+                    l.limit,
+                    if l.per_account { " per account" } else { "" }
+                ),
+                _ => format!(
+                    "tier `{tier}`: {category} {}limit of {} per {} s",
+                    if plan.decision.is_tokens() {
+                        "token "
+                    } else {
+                        ""
+                    },
+                    plan.decision.limit,
+                    crate::time::ceil_secs(plan.decision.window)
+                ),
+            },
         }
         .encode();
         if let Ok(v) = HeaderValue::from_str(&crate::proto::encode_bin(&details)) {

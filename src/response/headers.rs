@@ -19,6 +19,8 @@ static X_RATELIMIT_LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelim
 static X_RATELIMIT_REMAINING_TOKENS: HeaderName =
     HeaderName::from_static("x-ratelimit-remaining-tokens");
 static X_RATELIMIT_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+static X_CONCURRENCY_LIMIT: HeaderName = HeaderName::from_static("x-concurrency-limit");
+static X_CONCURRENCY_REMAINING: HeaderName = HeaderName::from_static("x-concurrency-remaining");
 
 /// Which rate-limit header fields are written.
 ///
@@ -328,7 +330,7 @@ impl CellHeaders {
 }
 
 /// Everything needed to write the headers of one decision.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) struct HeaderPlan {
     pub(crate) decision: Decision,
     pub(crate) cell: CellRef,
@@ -338,6 +340,9 @@ pub(crate) struct HeaderPlan {
     /// A metered request's meter: the layer's clone, held until the
     /// response head has passed.
     pub(crate) meter: Option<crate::TokenMeter>,
+    /// An admitted request's concurrency leases, moved into the response
+    /// body when the head passes.
+    pub(crate) lease: Option<crate::LeaseGuard>,
 }
 
 impl HeaderOptions {
@@ -380,9 +385,31 @@ impl HeaderPlan {
         );
     }
 
+    /// The concurrency headers of a request under a concurrency limit
+    /// (out of line: most requests have none).
+    #[cold]
+    #[inline(never)]
+    fn write_lease(&self, headers: &mut HeaderMap) {
+        let Some(l) = self.decision.lease else {
+            return;
+        };
+        headers.insert(X_CONCURRENCY_LIMIT.clone(), int(u64::from(l.limit)));
+        headers.insert(X_CONCURRENCY_REMAINING.clone(), int(u64::from(l.remaining)));
+    }
+
     /// Writes the headers into `headers` (HTTP headers or gRPC metadata).
     pub(crate) fn write(&self, headers: &mut HeaderMap) {
         let d = &self.decision;
+        if d.lease.is_some() {
+            self.write_lease(headers);
+            if d.window.is_zero() {
+                // Concurrency limits only: no rate limit to describe.
+                if let Some(retry) = d.retry_after {
+                    headers.insert(http::header::RETRY_AFTER, int(retry_secs(retry)));
+                }
+                return;
+            }
+        }
         let reset = ceil_secs(d.reset_after);
         let cell = &*self.cell;
         if self.options.x_ratelimit {

@@ -55,6 +55,9 @@ impl Answer<'_> {
 
     pub(crate) fn problem_type(&self) -> &'static str {
         match self {
+            Answer::Refused { plan, .. } if plan.decision.is_concurrency_refusal() => {
+                "concurrency-limited"
+            }
             Answer::Refused { .. } => "rate-limited",
             Answer::Rejected(Rejection::MissingKey | Rejection::NoPeerAddress) => "missing-api-key",
             Answer::Rejected(Rejection::MalformedKey(_)) => "malformed-api-key",
@@ -68,6 +71,21 @@ impl Answer<'_> {
 
     pub(crate) fn detail(&self) -> String {
         match self {
+            Answer::Refused {
+                plan,
+                tier,
+                category,
+                ..
+            } if plan.decision.is_concurrency_refusal() => format!(
+                "concurrency limit reached: tier `{tier}` allows {} `{category}` requests in flight at once{}; retry in {} s",
+                plan.decision.lease.map_or(0, |l| l.limit),
+                if plan.decision.lease.is_some_and(|l| l.per_account) {
+                    " per account"
+                } else {
+                    ""
+                },
+                retry_secs(plan.decision.retry_after.unwrap_or_default()),
+            ),
             Answer::Refused {
                 plan,
                 tier,
@@ -122,22 +140,38 @@ impl Answer<'_> {
             } => {
                 let d = &plan.decision;
                 let obj = body.as_object_mut().expect("a json object");
-                obj.insert(
-                    "unit".into(),
-                    json!(if d.is_tokens() { "tokens" } else { "requests" }),
-                );
-                obj.insert("tier".into(), json!(tier));
-                obj.insert("category".into(), json!(category));
-                obj.insert("limit".into(), json!(d.limit));
-                obj.insert("remaining".into(), json!(d.remaining));
-                obj.insert(
-                    "window_seconds".into(),
-                    json!(crate::time::ceil_secs(d.window)),
-                );
-                obj.insert(
-                    "retry_after_seconds".into(),
-                    json!(retry_secs(d.retry_after.unwrap_or_default())),
-                );
+                if let Some(l) = d.lease.filter(|_| d.is_concurrency_refusal()) {
+                    obj.insert("unit".into(), json!("concurrent requests"));
+                    obj.insert("tier".into(), json!(tier));
+                    obj.insert("category".into(), json!(category));
+                    obj.insert("limit".into(), json!(l.limit));
+                    obj.insert("in_flight".into(), json!(l.limit - l.remaining));
+                    obj.insert(
+                        "per".into(),
+                        json!(if l.per_account { "account" } else { "key" }),
+                    );
+                    obj.insert(
+                        "retry_after_seconds".into(),
+                        json!(retry_secs(d.retry_after.unwrap_or_default())),
+                    );
+                } else {
+                    obj.insert(
+                        "unit".into(),
+                        json!(if d.is_tokens() { "tokens" } else { "requests" }),
+                    );
+                    obj.insert("tier".into(), json!(tier));
+                    obj.insert("category".into(), json!(category));
+                    obj.insert("limit".into(), json!(d.limit));
+                    obj.insert("remaining".into(), json!(d.remaining));
+                    obj.insert(
+                        "window_seconds".into(),
+                        json!(crate::time::ceil_secs(d.window)),
+                    );
+                    obj.insert(
+                        "retry_after_seconds".into(),
+                        json!(retry_secs(d.retry_after.unwrap_or_default())),
+                    );
+                }
             }
             Answer::CostTooHigh {
                 cost,
