@@ -11,6 +11,7 @@
 
 use std::net::SocketAddr;
 
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
@@ -125,8 +126,29 @@ async fn account() -> Json<Value> {
 async fn update_account() -> Json<Value> {
     Json(json!({ "id": "acct_demo", "updated": true }))
 }
-async fn list_clusters() -> Json<Value> {
-    Json(json!({ "clusters": [{ "id": "gpu-a100-1", "gpus": 8 }] }))
+/// `?delay_ms=N` (0 to 10,000): how long a slow demo route waits before
+/// answering, so that concurrency limits can be seen with curl.
+fn delay_of(uri: &axum::http::Uri) -> Result<std::time::Duration, (StatusCode, Json<Value>)> {
+    let Some(v) = uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("delay_ms=")))
+    else {
+        return Ok(std::time::Duration::ZERO);
+    };
+    match v.parse::<u64>() {
+        Ok(ms) if ms <= 10_000 => Ok(std::time::Duration::from_millis(ms)),
+        _ => Err((
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "delay_ms must be a number of milliseconds from 0 to 10000" })),
+        )),
+    }
+}
+
+async fn list_clusters(uri: axum::http::Uri) -> Result<Json<Value>, (StatusCode, Json<Value>)> {
+    tokio::time::sleep(delay_of(&uri)?).await;
+    Ok(Json(
+        json!({ "clusters": [{ "id": "gpu-a100-1", "gpus": 8 }] }),
+    ))
 }
 async fn create_cluster() -> Json<Value> {
     Json(json!({ "id": "gpu-h100-2", "status": "provisioning" }))
@@ -162,7 +184,7 @@ fn bad_completion(detail: String) -> axum::response::Response {
         "detail": detail,
     });
     (
-        axum::http::StatusCode::BAD_REQUEST,
+        StatusCode::BAD_REQUEST,
         [(axum::http::header::CONTENT_TYPE, "application/problem+json")],
         body.to_string(),
     )
@@ -251,8 +273,11 @@ async fn completion(
 async fn batch() -> Json<Value> {
     Json(json!({ "status": "accepted" }))
 }
-async fn create_training_job() -> Json<Value> {
-    Json(json!({ "id": "job_1", "status": "queued" }))
+async fn create_training_job(
+    uri: axum::http::Uri,
+) -> Result<Json<Value>, (StatusCode, Json<Value>)> {
+    tokio::time::sleep(delay_of(&uri)?).await;
+    Ok(Json(json!({ "id": "job_1", "status": "queued" })))
 }
 
 /// How long a client may take to send a request's headers before the

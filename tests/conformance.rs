@@ -142,6 +142,8 @@ fn a_key_spray_locks_out_no_customer_under_several_limits() {
                 known,
                 charges: &charges,
                 tokens: 0,
+                leases: &[],
+                lease_id: 0,
             })
             .unwrap()
     };

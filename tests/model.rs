@@ -314,6 +314,8 @@ async fn run_multi_case(
                 known: true,
                 charges: &charges,
                 tokens: 0,
+                leases: &[],
+                lease_id: 0,
             })
             .await,
         );

@@ -587,6 +587,8 @@ async fn several_limits_while_redis_is_down_follow_the_failure_policy() {
         known: true,
         charges: &charges,
         tokens: 0,
+        leases: &[],
+        lease_id: 0,
     };
     server.kill();
     // The fallback enforces half of each limit, all or nothing: 2 of the

@@ -791,7 +791,16 @@ end = "2027-01-01T00:00:00Z"
                 "ai = { requests = \"5/hour\", refund_on = \"5xx\" }",
                 "as a list",
             ),
-            ("ai = { }", "needs `requests` or `tokens`"),
+            ("ai = { }", "needs `requests`, `tokens` or `concurrency`"),
+            ("ai = { requests = \"5/hour\", concurrency = 0 }", "from 1 to"),
+            ("ai = { requests = \"5/hour\", concurrency = -3 }", "from 1 to"),
+            ("ai = { requests = \"5/hour\", concurrency = 2.5 }", "from 1 to"),
+            ("ai = { requests = \"5/hour\", concurrency = \"2\" }", "from 1 to"),
+            (
+                "ai = { requests = \"5/hour\", concurrency = 1000001 }",
+                "from 1 to 1000000",
+            ),
+            ("ai = { requests = \"5/hour\", concurency = 2 }", "unknown field `concurency`"),
         ] {
             let e = err(&src.replace(
                 "ai = { requests = \"50/hour\", tokens = \"1000/hour\", refund_on = [\"5xx\"] }",
@@ -887,6 +896,65 @@ end = "2027-01-01T00:00:00Z"
         // Names a tier table reads itself cannot be categories.
         let e = err(&LISTS.replace("[\"read\", \"write\"]", "[\"read\", \"write\", \"pool\"]"));
         assert!(e.message().contains("reserved"), "{e}");
+    }
+
+    #[test]
+    fn concurrency_limits_per_key_and_per_account() {
+        let p = Policy::from_toml_str(
+            r#"
+categories = ["read", "write", "ai"]
+[tiers.free]
+ai = { requests = "50/hour", concurrency = 2 }
+read = { concurrency = 10 }
+write = "1/hour"
+[tiers.pro]
+ai = "500/hour"
+read = "1000/hour"
+write = "1/hour"
+[tiers.pro.per_account]
+ai = { concurrency = 20 }
+"#,
+        )
+        .unwrap();
+        let (free, pro) = (p.tier("free").unwrap(), p.tier("pro").unwrap());
+        let (read, ai) = (p.category("read").unwrap(), p.category("ai").unwrap());
+        let l = p.limits(free, ai);
+        assert_eq!((l.concurrency(), l.account_concurrency()), (Some(2), None));
+        assert_eq!(l.per_key(), [Limit::per_hour(50)]);
+        // Concurrency only: no rate limit, and never the unlimited path.
+        let l = p.limits(free, read);
+        assert_eq!((l.concurrency(), l.per_key()), (Some(10), &[][..]));
+        assert!(!p.cell(free, read).unwrap().is_unlimited());
+        assert!(p.cell(free, ai).unwrap().single.is_none());
+        let l = p.limits(pro, ai);
+        assert_eq!((l.concurrency(), l.account_concurrency()), (None, Some(20)));
+        assert!(p.limits(pro, read).concurrency().is_none());
+        assert!(p.cell(pro, read).unwrap().single.is_some());
+        // A custom limit cannot set concurrency.
+        let e = err(
+            r#"
+categories = ["read", "write"]
+[tiers.free]
+read = "1/hour"
+write = "1/hour"
+[keys]
+"k" = "free"
+[overrides."k"]
+read = { requests = "2/hour", concurrency = 3 }
+"#,
+        );
+        assert!(e.message().contains("cannot set `concurrency`"), "{e}");
+        let e = err(
+            r#"
+categories = ["read", "write"]
+[tiers.free]
+read = "1/hour"
+write = "1/hour"
+[tiers.free.per_account]
+raed = { concurrency = 3 }
+"#,
+        );
+        assert_eq!(e.entry(), "tiers.free.per_account.raed.concurrency", "{e}");
     }
 
     #[test]

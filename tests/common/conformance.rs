@@ -139,6 +139,7 @@ pub async fn run<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
                 let want = Decision {
                     index: 0,
                     tokens: None,
+                    lease: None,
                     allowed: true,
                     limit: 10,
                     remaining,
@@ -159,6 +160,7 @@ pub async fn run<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
                 let want = Decision {
                     index: 0,
                     tokens: None,
+                    lease: None,
                     allowed: false,
                     limit: 10,
                     remaining,
@@ -287,6 +289,8 @@ pub async fn run_multi<B: Backend>(backend: &B, mut advance: impl FnMut(Duration
             known: true,
             charges: &charges,
             tokens: 0,
+            leases: &[],
+            lease_id: 0,
         };
         let d = backend.check_all(&check).await.unwrap();
         let ctx = format!("multi step {i}");
@@ -309,6 +313,8 @@ pub async fn run_multi<B: Backend>(backend: &B, mut advance: impl FnMut(Duration
         known: true,
         charges: &charges,
         tokens: 0,
+        leases: &[],
+        lease_id: 0,
     };
     match backend.check_all(&check).await {
         Err(BackendError::CostExceedsLimit { cost: 4, max: 3 }) => {}
@@ -350,6 +356,8 @@ pub async fn exact_under_contention<B: Backend + Clone>(backends: Vec<B>) {
                         known: true,
                         charges: &charges,
                         tokens: 0,
+                        leases: &[],
+                        lease_id: 0,
                     };
                     let d = backend.check_all(&check).await.unwrap();
                     if d.allowed {
@@ -407,6 +415,8 @@ pub async fn run_settle<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
                 known: true,
                 charges: &charges,
                 tokens: 1,
+                leases: &[],
+                lease_id: 0,
             })
             .await
             .unwrap()
