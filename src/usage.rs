@@ -109,7 +109,8 @@ where
             let mut limits = Vec::new();
             match (applied.per_key.as_slice(), applied.per_account.is_empty()) {
                 ([], true) if !applied.has_tokens() => {}
-                ([one], true) if !applied.has_tokens() => {
+                // The one-limit path, as admission takes it.
+                ([one], true) if !cell.metered && !cell.leased && !applied.has_tokens() => {
                     let key = match cell.pool {
                         Pool::Key => identity.key(),
                         Pool::Account => identity.account_or_key(),

@@ -100,6 +100,24 @@ async fn memory_backend_passes_the_several_limit_table() {
 }
 
 #[tokio::test]
+async fn memory_backend_passes_the_lease_table() {
+    let clock = FakeRelativeClock::default();
+    let backend = MemoryBackend::builder().clock(clock.clone()).build();
+    common::conformance::run_leases(&backend, |d| clock.advance(d)).await;
+}
+
+#[tokio::test]
+async fn lease_table_holds_with_a_tiny_key_cap() {
+    // Leases are not keys of the budget: a cap of one changes nothing.
+    let clock = FakeRelativeClock::default();
+    let backend = MemoryBackend::builder()
+        .clock(clock.clone())
+        .max_keys(1)
+        .build();
+    common::conformance::run_leases(&backend, |d| clock.advance(d)).await;
+}
+
+#[tokio::test]
 async fn several_limit_table_holds_with_a_tiny_key_cap() {
     // Guests at a cap of one key go through the overflow buckets: still
     // all or nothing, still exact.

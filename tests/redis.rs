@@ -219,6 +219,33 @@ async fn accounts_and_lists_across_two_servers_cluster() {
 }
 
 #[tokio::test]
+async fn lease_table_single_node() {
+    if !ready() {
+        return;
+    }
+    let server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let backend = common::redis::fake_clock_backend(&server, &clock).await;
+    common::conformance::run_leases(&backend, |d| clock.advance(d)).await;
+}
+
+#[tokio::test]
+async fn lease_table_cluster() {
+    if !ready() {
+        return;
+    }
+    let cluster = RedisCluster::start();
+    let clock = FakeRelativeClock::default();
+    let backend = RedisBackend::cluster(cluster.urls())
+        .fake_clock(clock.clone())
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    common::conformance::run_leases(&backend, |d| clock.advance(d)).await;
+}
+
+#[tokio::test]
 async fn several_limit_table_single_node() {
     if !ready() {
         return;

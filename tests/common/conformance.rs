@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tierlimit::backend::{Adjustment, Charge, Check};
+use tierlimit::backend::{Adjustment, Charge, Check, Lease};
 use tierlimit::{Backend, BackendError, Decision, KeyId, Limit, Subject};
 
 /// One step: move the clock, check `cost` for `key`, expect an outcome.
@@ -489,4 +489,124 @@ pub async fn run_settle<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
     let after = settle(30).await;
     assert_eq!(after.remaining, 70);
     assert_eq!(tokens_left().await, 70);
+}
+
+/// Leases held in `lease`'s bucket, once they equal `want` (a backend may
+/// release on its own I/O thread: wait for that event, boundedly).
+pub async fn held_once<B: Backend>(backend: &B, owner: u64, lease: &Lease, want: u32) -> u32 {
+    let mut held = u32::MAX;
+    for _ in 0..1_000 {
+        let d = backend.peek_lease(owner, lease).await.unwrap();
+        let l = d.lease.expect("a lease state");
+        held = l.limit - l.remaining;
+        if held == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    held
+}
+
+/// The concurrency conformance table: leases taken with rate limits, all
+/// or nothing, released exactly once; a concurrency-only check; a per-key
+/// and a per-account lease at once.
+pub async fn run_leases<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
+    let owner = KeyId::of("lease-owner").as_u64();
+    let rate = [Charge {
+        bucket: 0x1eA5e,
+        limit: Limit::per_hour(3),
+        cost: 1,
+        reserve: 0,
+    }];
+    let lease = Lease {
+        bucket: 0xC0FFEE,
+        max: 2,
+        per_account: false,
+    };
+    let check = |id: u64| Check {
+        owner,
+        known: true,
+        charges: &rate,
+        tokens: 0,
+        leases: std::slice::from_ref(&lease),
+        lease_id: id,
+    };
+    // 1, 2: both admitted; each takes a rate unit and a lease.
+    let d = backend.check_all(&check(1)).await.unwrap();
+    assert!(d.allowed, "1: {d:?}");
+    assert_eq!(d.remaining, 2, "1: rate remaining");
+    let l = d.lease.expect("1: lease state");
+    assert_eq!((l.limit, l.remaining, l.refused), (2, 1, false));
+    let d = backend.check_all(&check(2)).await.unwrap();
+    assert!(d.allowed, "2: {d:?}");
+    assert_eq!((d.remaining, d.lease.unwrap().remaining), (1, 0));
+    // 3: the leases are full: refused for concurrency, a one-second
+    // retry, and no rate unit taken.
+    let d = backend.check_all(&check(3)).await.unwrap();
+    assert!(!d.allowed && d.is_concurrency_refusal(), "3: {d:?}");
+    assert_eq!(d.retry_after, Some(Duration::from_secs(1)));
+    assert_eq!(d.remaining, 1, "3: the rate capacity now, untouched");
+    let left = backend.peek_charge(owner, &rate[0]).await.unwrap().remaining;
+    assert_eq!(left, 1, "3: a concurrency refusal consumes no rate");
+    assert_eq!(held_once(backend, owner, &lease, 2).await, 2);
+    // Release 1 (a second release of the same id changes nothing).
+    backend.release(owner, std::slice::from_ref(&lease), 1);
+    assert_eq!(held_once(backend, owner, &lease, 1).await, 1);
+    // 4: admitted again; the rate budget is now spent.
+    let d = backend.check_all(&check(4)).await.unwrap();
+    assert!(d.allowed, "4: {d:?}");
+    assert_eq!((d.remaining, d.lease.unwrap().remaining), (0, 0));
+    backend.release(owner, std::slice::from_ref(&lease), 2);
+    assert_eq!(held_once(backend, owner, &lease, 1).await, 1);
+    // 5: a free lease but no rate: refused by the rate limit, takes no
+    // lease.
+    let d = backend.check_all(&check(5)).await.unwrap();
+    assert!(!d.allowed && !d.is_concurrency_refusal(), "5: {d:?}");
+    assert_eq!(d.retry_after, Some(Duration::from_secs(1200)));
+    assert_eq!(held_once(backend, owner, &lease, 1).await, 1);
+    backend.release(owner, std::slice::from_ref(&lease), 4);
+    assert_eq!(held_once(backend, owner, &lease, 0).await, 0);
+    // Concurrency only, per key (2) and per account (1) at once: the
+    // account's binds.
+    let leases = [
+        Lease {
+            bucket: 0xBEEF,
+            max: 2,
+            per_account: false,
+        },
+        Lease {
+            bucket: 0xACC7,
+            max: 1,
+            per_account: true,
+        },
+    ];
+    let only = |id: u64| Check {
+        owner,
+        known: false,
+        charges: &[],
+        tokens: 0,
+        leases: &leases,
+        lease_id: id,
+    };
+    let d = backend.check_all(&only(10)).await.unwrap();
+    assert!(d.allowed, "10: {d:?}");
+    assert!(d.window.is_zero(), "10: no rate limit");
+    let l = d.lease.unwrap();
+    assert_eq!((l.limit, l.remaining, l.per_account), (1, 0, true));
+    let d = backend.check_all(&only(11)).await.unwrap();
+    assert!(d.is_concurrency_refusal(), "11: {d:?}");
+    assert!(d.lease.unwrap().per_account, "11: the account's lease refused");
+    assert_eq!(held_once(backend, owner, &leases[0], 1).await, 1, "11 took none");
+    backend.release(owner, &leases, 10);
+    assert_eq!(held_once(backend, owner, &leases[1], 0).await, 0);
+    assert_eq!(held_once(backend, owner, &leases[0], 0).await, 0);
+    // Time alone frees nothing in flight (a request may run for hours):
+    // only a release does, or, in Redis, a lease's TTL when its instance
+    // stops renewing it (tested apart).
+    let d = backend.check_all(&only(12)).await.unwrap();
+    assert!(d.allowed);
+    advance(Duration::from_secs(30));
+    assert!(backend.check_all(&only(13)).await.unwrap().is_concurrency_refusal());
+    backend.release(owner, &leases, 12);
+    assert_eq!(held_once(backend, owner, &leases[1], 0).await, 0);
 }
