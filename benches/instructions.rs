@@ -5,7 +5,7 @@
 //! ```sh
 //! cargo bench --bench instructions --no-run
 //! B=$(ls -t target/release/deps/instructions-* | grep -v '\.d$' | head -1)
-//! for row in bare noop tierlimit tower_governor tower_rate_tier tierlimit_no_headers tower_governor_no_headers tierlimit_two_limits tierlimit_tokens; do
+//! for row in bare noop tierlimit tower_governor tower_rate_tier tierlimit_no_headers tower_governor_no_headers tierlimit_two_limits tierlimit_tokens tierlimit_concurrency; do
 //!   a=$(valgrind --tool=callgrind --callgrind-out-file=/dev/null $B $row 1000 2>&1 | grep -oP 'Collected : \K\d+')
 //!   b=$(valgrind --tool=callgrind --callgrind-out-file=/dev/null $B $row 11000 2>&1 | grep -oP 'Collected : \K\d+')
 //!   echo "$row $(( (b - a) / 10000 )) instructions per request"
@@ -31,7 +31,7 @@ fn main() {
         .collect();
     let [row, n] = args.as_slice() else {
         eprintln!(
-            "usage: instructions ROW N (rows: bare noop tierlimit tower_governor tower_rate_tier tierlimit_no_headers tower_governor_no_headers tierlimit_two_limits tierlimit_tokens)"
+            "usage: instructions ROW N (rows: bare noop tierlimit tower_governor tower_rate_tier tierlimit_no_headers tower_governor_no_headers tierlimit_two_limits tierlimit_tokens tierlimit_concurrency)"
         );
         return;
     };
@@ -48,6 +48,7 @@ fn main() {
         "tierlimit_no_headers" => tierlimit_no_headers(&one),
         "tierlimit_two_limits" => tierlimit_two_limits(&one),
         "tierlimit_tokens" => tierlimit_tokens(&one),
+        "tierlimit_concurrency" => tierlimit_concurrency(&one),
         "tower_governor_no_headers" => tower_governor_no_headers(),
         other => panic!("unknown row {other}"),
     };

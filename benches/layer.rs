@@ -92,6 +92,12 @@ fn bench(c: &mut Criterion) {
             &one_hv,
             true,
         ),
+        (
+            "tierlimit, 1 key, concurrency limit",
+            tierlimit_concurrency(&one),
+            &one_hv,
+            true,
+        ),
         ("tower_governor, 1 key", tower_governor(), &one_hv, true),
         (
             "tower_governor, 100k keys",

@@ -283,3 +283,41 @@ fn an_allowed_request_through_axum_allocates_nothing_more_than_any_layer() {
     let limited = allocations(&rt, bare().layer(layer), allowed_with_headers);
     assert_none_added("axum", limited, "no-op layer", noop);
 }
+
+/// A request under a concurrency limit pays for its lease: its guard, and
+/// the body that holds it (axum's body type boxes what it wraps): at most
+/// two allocations per request, and none on the paths that have no
+/// concurrency limit (the tests above).
+#[test]
+fn a_request_under_a_concurrency_limit_allocates_at_most_twice() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let rt = runtime();
+    // Room in the response's map for the two concurrency fields, as in
+    // `every_header_field_allocates_nothing_given_room_in_the_map`.
+    let bare = allocations(&rt, inner_with_room(16), |r| {
+        assert_eq!(r.status(), StatusCode::OK)
+    });
+    let policy = Policy::from_toml_str(&format!(
+        "categories = [\"read\", \"write\"]\n[tiers.free]\nread = {{ requests = \"1000000000/hour\", concurrency = 10 }}\nwrite = \"1/hour\"\n[keys]\n\"{KEY}\" = \"free\"\n"
+    ))
+    .unwrap();
+    let clock = FakeRelativeClock::default();
+    let layer = RateLimitLayer::builder(policy)
+        .backend(MemoryBackend::builder().clock(clock.clone()).build())
+        .build();
+    let svc =
+        tower::util::MapRequest::new(layer.layer(inner_with_room(16)), |req: Request<Body>| {
+            clock.advance(Duration::from_micros(1));
+            req
+        });
+    let limited = allocations(&rt, svc, |res| {
+        allowed_with_headers(res);
+        assert_eq!(res.headers()["x-concurrency-remaining"], "9");
+    });
+    println!("concurrency: {limited} allocations for {N} requests (inner alone: {bare})");
+    assert!(
+        limited <= bare + 2 * N,
+        "{} allocations per request",
+        (limited - bare) as f64 / N as f64
+    );
+}

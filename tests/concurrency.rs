@@ -232,7 +232,10 @@ async fn fifty_against_five(urls: &[String], gate: &Gate) {
         refused += 1;
     }
     assert_eq!(gate.entered.load(Ordering::SeqCst), 5, "5 handlers running");
-    assert_eq!(in_flight_once(&urls[0], "free-demo-key", "read", 5).await, 5);
+    assert_eq!(
+        in_flight_once(&urls[0], "free-demo-key", "read", 5).await,
+        5
+    );
     // A refusal for concurrency took no rate: 5 of 1000 are spent.
     let read = usage(&urls[0], "free-demo-key", "read").await;
     assert_eq!(read["remaining"], 995, "{read}");
@@ -248,7 +251,10 @@ async fn fifty_against_five(urls: &[String], gate: &Gate) {
         ok += 1;
     }
     assert_eq!(ok, 5);
-    assert_eq!(in_flight_once(&urls[0], "free-demo-key", "read", 0).await, 0);
+    assert_eq!(
+        in_flight_once(&urls[0], "free-demo-key", "read", 0).await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -296,7 +302,10 @@ async fn a_lease_is_held_until_the_body_ends() {
     for res in held {
         assert_eq!(res.text().await.unwrap(), "first\nlast\n");
     }
-    assert_eq!(in_flight_once(&s.url(""), "free-demo-key", "read", 0).await, 0);
+    assert_eq!(
+        in_flight_once(&s.url(""), "free-demo-key", "read", 0).await,
+        0
+    );
 }
 
 #[tokio::test]
@@ -319,7 +328,10 @@ async fn a_handler_panic_caught_outside_frees_its_lease() {
             .unwrap();
         assert_eq!(res.status(), 500);
     }
-    assert_eq!(in_flight_once(&s.url(""), "free-demo-key", "read", 0).await, 0);
+    assert_eq!(
+        in_flight_once(&s.url(""), "free-demo-key", "read", 0).await,
+        0
+    );
 }
 
 /// Through the demo server, as with curl: slow requests hold leases;
@@ -468,10 +480,8 @@ async fn a_grpc_stream_holds_its_lease_until_the_client_cancels() {
     let addr = listener.local_addr().unwrap();
     let routes = grpc_demo::grpc_routes().await;
     let usage_url = {
-        let s = common::serve(
-            Router::new().route_service("/v1/rate_limit", layer.usage_service()),
-        )
-        .await;
+        let s = common::serve(Router::new().route_service("/v1/rate_limit", layer.usage_service()))
+            .await;
         let url = s.url("");
         // Keep it serving for the test's length.
         std::mem::forget(s);
@@ -508,20 +518,24 @@ async fn a_grpc_stream_holds_its_lease_until_the_client_cancels() {
             .await
             .unwrap();
         assert_eq!(res.metadata().get("x-concurrency-limit").unwrap(), "1");
-        assert_eq!(in_flight_once(&usage_url, "free-demo-key", "ai", 0).await, 0);
+        assert_eq!(
+            in_flight_once(&usage_url, "free-demo-key", "ai", 0).await,
+            0
+        );
     }
     // A long stream the client reads slowly (a 1 KiB window): it holds the
     // lease past its head.
-    let res = grpc_demo::inference::complete_stream(
-        channel(Some(1024)).await.unwrap(),
-        request(4096),
-    )
-    .await
-    .unwrap();
+    let res =
+        grpc_demo::inference::complete_stream(channel(Some(1024)).await.unwrap(), request(4096))
+            .await
+            .unwrap();
     assert_eq!(res.metadata().get("x-concurrency-remaining").unwrap(), "0");
     let mut stream = res.into_inner();
     assert!(stream.message().await.unwrap().is_some());
-    assert_eq!(in_flight_once(&usage_url, "free-demo-key", "ai", 1).await, 1);
+    assert_eq!(
+        in_flight_once(&usage_url, "free-demo-key", "ai", 1).await,
+        1
+    );
     let status = grpc_demo::inference::complete(channel(None).await.unwrap(), request(8))
         .await
         .unwrap_err();
@@ -537,7 +551,10 @@ async fn a_grpc_stream_holds_its_lease_until_the_client_cancels() {
     );
     // The client cancels the stream: the lease comes back.
     drop(stream);
-    assert_eq!(in_flight_once(&usage_url, "free-demo-key", "ai", 0).await, 0);
+    assert_eq!(
+        in_flight_once(&usage_url, "free-demo-key", "ai", 0).await,
+        0
+    );
     let res = grpc_demo::inference::complete(channel(None).await.unwrap(), request(8)).await;
     assert!(res.is_ok(), "{res:?}");
     server.abort();

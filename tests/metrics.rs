@@ -179,4 +179,90 @@ async fn metrics_after_known_traffic_are_exact() {
         Some(3.0),
         "{text}"
     );
+    // Refusals by reason: the two training refusals above were the rate's.
+    let refusals = |category, reason| {
+        sample(
+            &text,
+            "tierlimit_refusals_total",
+            &[("tier", "free"), ("category", category), ("reason", reason)],
+        )
+    };
+    assert_eq!(refusals("training", "rate"), Some(2.0), "{text}");
+
+    // Concurrency: one training job at once; leases held, and a refusal
+    // for concurrency.
+    let policy =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policy.toml"))
+            .unwrap()
+            .replacen(
+                "training = \"5/day\"",
+                "training = { requests = \"5/day\", concurrency = 1 }",
+                1,
+            );
+    let backend = MemoryBackend::builder()
+        .clock(FakeRelativeClock::default())
+        .build();
+    let layer = demo::limits(tierlimit::Policy::from_toml_str(&policy).unwrap(), backend);
+    let leases = serve(demo::app(layer)).await;
+    let held = |text: &str| {
+        sample(
+            text,
+            "tierlimit_leases_held",
+            &[("tier", "free"), ("category", "training")],
+        )
+    };
+    let slow = {
+        let (c, url) = (c.clone(), leases.url("/v1/training/jobs?delay_ms=10000"));
+        tokio::spawn(async move {
+            c.post(url)
+                .header("x-api-key", "free-demo-key")
+                .send()
+                .await
+        })
+    };
+    let metrics = async || {
+        c.get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // Wait (boundedly) for the slow job to be admitted.
+    let mut text = metrics().await;
+    for _ in 0..500 {
+        if held(&text) == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        text = metrics().await;
+    }
+    assert_eq!(held(&text), Some(1.0), "{text}");
+    let res = c
+        .post(leases.url("/v1/training/jobs"))
+        .header("x-api-key", "free-demo-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    slow.abort();
+    let mut text = metrics().await;
+    for _ in 0..500 {
+        if held(&text) == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        text = metrics().await;
+    }
+    assert_eq!(held(&text), Some(0.0), "{text}");
+    let refusals = |category, reason| {
+        sample(
+            &text,
+            "tierlimit_refusals_total",
+            &[("tier", "free"), ("category", category), ("reason", reason)],
+        )
+    };
+    assert_eq!(refusals("training", "concurrency"), Some(1.0), "{text}");
+    assert_eq!(refusals("training", "rate"), Some(2.0), "{text}");
 }

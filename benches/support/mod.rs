@@ -69,6 +69,22 @@ pub fn tierlimit_tokens(keys: &[String]) -> Router {
         .layer(tierlimit::RateLimitLayer::new(policy))
 }
 
+/// A concurrency limit on `read` (beside its request limit, both too large
+/// to refuse): every request takes a lease at admission and gives it back
+/// when its body ends.
+pub fn tierlimit_concurrency(keys: &[String]) -> Router {
+    let mut toml = format!(
+        "categories = [\"read\", \"write\"]\n[tiers.free]\nread = {{ requests = \"{MAX}/hour\", concurrency = 1000 }}\nwrite = \"{MAX}/hour\"\n[keys]\n"
+    );
+    for k in keys {
+        toml.push_str(&format!("\"{k}\" = \"free\"\n"));
+    }
+    let policy = tierlimit::Policy::from_toml_str(&toml).unwrap();
+    Router::new()
+        .route("/v1/account", get(|| async { "{}" }))
+        .layer(tierlimit::RateLimitLayer::new(policy))
+}
+
 /// The same, with two limits on every category (a burst guard and a
 /// budget, both too large to refuse): the all-or-nothing path.
 pub fn tierlimit_two_limits(keys: &[String]) -> Router {

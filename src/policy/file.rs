@@ -792,15 +792,30 @@ end = "2027-01-01T00:00:00Z"
                 "as a list",
             ),
             ("ai = { }", "needs `requests`, `tokens` or `concurrency`"),
-            ("ai = { requests = \"5/hour\", concurrency = 0 }", "from 1 to"),
-            ("ai = { requests = \"5/hour\", concurrency = -3 }", "from 1 to"),
-            ("ai = { requests = \"5/hour\", concurrency = 2.5 }", "from 1 to"),
-            ("ai = { requests = \"5/hour\", concurrency = \"2\" }", "from 1 to"),
+            (
+                "ai = { requests = \"5/hour\", concurrency = 0 }",
+                "from 1 to",
+            ),
+            (
+                "ai = { requests = \"5/hour\", concurrency = -3 }",
+                "from 1 to",
+            ),
+            (
+                "ai = { requests = \"5/hour\", concurrency = 2.5 }",
+                "from 1 to",
+            ),
+            (
+                "ai = { requests = \"5/hour\", concurrency = \"2\" }",
+                "from 1 to",
+            ),
             (
                 "ai = { requests = \"5/hour\", concurrency = 1000001 }",
                 "from 1 to 1000000",
             ),
-            ("ai = { requests = \"5/hour\", concurency = 2 }", "unknown field `concurency`"),
+            (
+                "ai = { requests = \"5/hour\", concurency = 2 }",
+                "unknown field `concurency`",
+            ),
         ] {
             let e = err(&src.replace(
                 "ai = { requests = \"50/hour\", tokens = \"1000/hour\", refund_on = [\"5xx\"] }",
@@ -931,8 +946,7 @@ ai = { concurrency = 20 }
         assert!(p.limits(pro, read).concurrency().is_none());
         assert!(p.cell(pro, read).unwrap().single.is_some());
         // A custom limit cannot set concurrency.
-        let e = err(
-            r#"
+        let e = err(r#"
 categories = ["read", "write"]
 [tiers.free]
 read = "1/hour"
@@ -941,19 +955,16 @@ write = "1/hour"
 "k" = "free"
 [overrides."k"]
 read = { requests = "2/hour", concurrency = 3 }
-"#,
-        );
+"#);
         assert!(e.message().contains("cannot set `concurrency`"), "{e}");
-        let e = err(
-            r#"
+        let e = err(r#"
 categories = ["read", "write"]
 [tiers.free]
 read = "1/hour"
 write = "1/hour"
 [tiers.free.per_account]
 raed = { concurrency = 3 }
-"#,
-        );
+"#);
         assert_eq!(e.entry(), "tiers.free.per_account.raed.concurrency", "{e}");
     }
 

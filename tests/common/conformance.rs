@@ -546,7 +546,11 @@ pub async fn run_leases<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
     assert!(!d.allowed && d.is_concurrency_refusal(), "3: {d:?}");
     assert_eq!(d.retry_after, Some(Duration::from_secs(1)));
     assert_eq!(d.remaining, 1, "3: the rate capacity now, untouched");
-    let left = backend.peek_charge(owner, &rate[0]).await.unwrap().remaining;
+    let left = backend
+        .peek_charge(owner, &rate[0])
+        .await
+        .unwrap()
+        .remaining;
     assert_eq!(left, 1, "3: a concurrency refusal consumes no rate");
     assert_eq!(held_once(backend, owner, &lease, 2).await, 2);
     // Release 1 (a second release of the same id changes nothing).
@@ -595,8 +599,15 @@ pub async fn run_leases<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
     assert_eq!((l.limit, l.remaining, l.per_account), (1, 0, true));
     let d = backend.check_all(&only(11)).await.unwrap();
     assert!(d.is_concurrency_refusal(), "11: {d:?}");
-    assert!(d.lease.unwrap().per_account, "11: the account's lease refused");
-    assert_eq!(held_once(backend, owner, &leases[0], 1).await, 1, "11 took none");
+    assert!(
+        d.lease.unwrap().per_account,
+        "11: the account's lease refused"
+    );
+    assert_eq!(
+        held_once(backend, owner, &leases[0], 1).await,
+        1,
+        "11 took none"
+    );
     backend.release(owner, &leases, 10);
     assert_eq!(held_once(backend, owner, &leases[1], 0).await, 0);
     assert_eq!(held_once(backend, owner, &leases[0], 0).await, 0);
@@ -606,7 +617,13 @@ pub async fn run_leases<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
     let d = backend.check_all(&only(12)).await.unwrap();
     assert!(d.allowed);
     advance(Duration::from_secs(30));
-    assert!(backend.check_all(&only(13)).await.unwrap().is_concurrency_refusal());
+    assert!(
+        backend
+            .check_all(&only(13))
+            .await
+            .unwrap()
+            .is_concurrency_refusal()
+    );
     backend.release(owner, &leases, 12);
     assert_eq!(held_once(backend, owner, &leases[1], 0).await, 0);
 }
