@@ -80,7 +80,8 @@
 //! | *charge* | one limit of a request checked against several at once ([`backend::Check`]), all or nothing |
 //! | *binding limit* | of several, the one the headers describe: fewest remaining on an allow, longest wait on a refusal |
 //! | *account* | what a key's per-account limits are counted under ([`Identity::with_account`]); a key without one is its own |
-//! | *refusal* | a rate-limit answer: 429, or gRPC `RESOURCE_EXHAUSTED` |
+//! | *lease* | one of a concurrency limit's slots, held by a request in flight ([`backend::Lease`], [`LeaseGuard`]) from admission until its response body ends or is dropped |
+//! | *refusal* | a rate-limit answer: 429, or gRPC `RESOURCE_EXHAUSTED` (a rate, token or concurrency limit) |
 //! | *rejection* | a client mistake found before any limit ([`Rejection`]): 400 or 401 |
 //! | *answer* | whatever the layer sends instead of the inner service: a refusal, a rejection, a cost that never fits, an unavailable backend |
 //! | *known* caller | a listed key, a resolved one, or an identity from an auth layer ([`Identity::is_known`]); others are *guests* |

@@ -1146,7 +1146,31 @@ enum Held {
     /// so its leases are released as soon as it takes them.
     Pending { cancelled: bool },
     /// Held, in Redis or in the fallback.
-    Taken(Charges, Taken),
+    Taken(HeldLeases, Taken),
+}
+
+/// One request's leases, as held.
+#[derive(Clone, Copy)]
+struct HeldLeases {
+    owner: u64,
+    leases: [Lease; MAX_LEASES],
+    len: usize,
+    lease_id: u64,
+}
+
+impl HeldLeases {
+    fn of(c: &Charges) -> Self {
+        HeldLeases {
+            owner: c.owner,
+            leases: c.leases,
+            len: c.nleases,
+            lease_id: c.lease_id,
+        }
+    }
+
+    fn leases(&self) -> &[Lease] {
+        &self.leases[..self.len.min(MAX_LEASES)]
+    }
 }
 
 impl LeaseBook {
@@ -1309,10 +1333,10 @@ impl RedisBackend {
         }
         if let Some(Held::Pending { cancelled: true }) = prev {
             drop(book);
-            self.release_taken(*c, taken);
+            self.release_taken(HeldLeases::of(c), taken);
             return;
         }
-        book.insert(c.lease_id, Held::Taken(*c, taken));
+        book.insert(c.lease_id, Held::Taken(HeldLeases::of(c), taken));
         drop(book);
         if taken == Taken::Redis {
             self.start_renewing();
@@ -1320,17 +1344,15 @@ impl RedisBackend {
     }
 
     /// Releases leases this instance took.
-    fn release_taken(&self, c: Charges, taken: Taken) {
-        let check = c.check();
+    fn release_taken(&self, h: HeldLeases, taken: Taken) {
         match taken {
             Taken::Nowhere => {}
-            Taken::Fallback => self.inner.fallback.release_now(check.owner, check.leases),
+            Taken::Fallback => self.inner.fallback.release_now(h.owner, h.leases()),
             Taken::Redis => {
                 let inner = Arc::clone(&self.inner);
                 self.inner.io.handle().spawn(async move {
-                    let check = c.check();
                     if let Err(e) = inner
-                        .eval_lease("release", check.owner, check.leases, check.lease_id)
+                        .eval_lease("release", h.owner, h.leases(), h.lease_id)
                         .await
                     {
                         // The lease expires by itself after the TTL.
@@ -1369,7 +1391,7 @@ impl RedisBackend {
         if inner.degraded.load(Ordering::Relaxed) {
             return 0;
         }
-        let held: Vec<Charges> = inner
+        let held: Vec<HeldLeases> = inner
             .leases
             .lock()
             .values()
@@ -1379,10 +1401,9 @@ impl RedisBackend {
             })
             .collect();
         let mut renewed = 0;
-        for c in held {
-            let check = c.check();
+        for h in held {
             match inner
-                .eval_lease("renew", check.owner, check.leases, check.lease_id)
+                .eval_lease("renew", h.owner, h.leases(), h.lease_id)
                 .await
             {
                 Ok(n) if n > 0 => renewed += 1,

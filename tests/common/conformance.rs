@@ -513,7 +513,7 @@ pub async fn held_once<B: Backend>(backend: &B, owner: u64, lease: &Lease, want:
 pub async fn run_leases<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
     let owner = KeyId::of("lease-owner").as_u64();
     let rate = [Charge {
-        bucket: 0x1eA5e,
+        bucket: 0x1EA5E,
         limit: Limit::per_hour(3),
         cost: 1,
         reserve: 0,
