@@ -68,6 +68,60 @@ impl LeaseState {
     }
 }
 
+/// [`Decision::binding_with_tokens`] folded one decision at a time, in
+/// charge order (no array of decisions on the request path).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Binder {
+    best: Option<Decision>,
+    token_best: Option<Decision>,
+    token_from: usize,
+}
+
+impl Binder {
+    /// For `n` decisions, of which the last `tokens` are token limits'.
+    #[inline]
+    pub(crate) fn new(n: usize, tokens: usize) -> Self {
+        Binder {
+            best: None,
+            token_best: None,
+            token_from: if tokens > 0 && tokens <= n {
+                n - tokens
+            } else {
+                usize::MAX
+            },
+        }
+    }
+
+    /// The decision of charge `i`.
+    #[inline]
+    pub(crate) fn push(&mut self, i: usize, mut d: Decision) {
+        d.index = i as u8;
+        if i >= self.token_from {
+            self.token_best = Some(match self.token_best {
+                Some(b) if !b.binds_less_than(&d) => b,
+                _ => d,
+            });
+        }
+        self.best = Some(match self.best {
+            Some(b) if !b.binds_less_than(&d) => b,
+            _ => d,
+        });
+    }
+
+    /// The binding decision, with its binding token limit.
+    #[inline]
+    pub(crate) fn finish(self) -> Option<Decision> {
+        let mut d = self.best?;
+        if let Some(t) = self.token_best {
+            d.tokens = Some(TokenState {
+                remaining: t.remaining,
+                index: t.index,
+            });
+        }
+        Some(d)
+    }
+}
+
 /// How long a request refused for concurrency is told to wait: a lease is
 /// freed when any request in flight ends, which cannot be predicted.
 pub const LEASE_RETRY: Duration = Duration::from_secs(1);
@@ -198,15 +252,11 @@ impl Decision {
     /// last `tokens` of them (the token charges) also giving
     /// [`tokens`](Self::tokens): their own binding limit.
     pub fn binding_with_tokens(decisions: &[Decision], tokens: usize) -> Option<Decision> {
-        let mut d = Decision::binding(decisions.iter().copied())?;
-        if tokens > 0 && tokens <= decisions.len() {
-            let from = decisions.len() - tokens;
-            d.tokens = Decision::binding(decisions[from..].iter().copied()).map(|t| TokenState {
-                remaining: t.remaining,
-                index: t.index + from as u8,
-            });
+        let mut b = Binder::new(decisions.len(), tokens);
+        for (i, d) in decisions.iter().enumerate() {
+            b.push(i, *d);
         }
-        Some(d)
+        b.finish()
     }
 
     /// Whether `other` describes the request better than `self`.

@@ -17,8 +17,9 @@ use governor::state::{RateLimiter, StateStore};
 
 use super::{
     Adjustment, Backend, BackendError, Charge, Check, Decision, Lease, LeaseState, MAX_LEASES,
-    Subject, decide_all,
+    Subject, decide,
 };
+use crate::decision::Binder;
 use crate::policy::Limit;
 use crate::policy::MAX_LIMITS;
 
@@ -593,13 +594,13 @@ where
             }))
         };
         let lease_refused = lease.is_some_and(|l| l.refused);
+        let mut binder = Binder::new(charges.len(), usize::from(check.tokens));
         if refused || lease_refused {
             if acquired > 0 {
                 inner.budget.tracked.fetch_sub(acquired, Ordering::Relaxed);
             }
-            let mut decisions = [Decision::allow(&Limit::per_second(1), 0); MAX_LIMITS];
             for (i, c) in charges.iter().enumerate() {
-                decisions[i] = if lease_refused {
+                let d = if lease_refused {
                     // Every charge admits it: report each one's capacity
                     // now, untouched.
                     let tat = match slots[i] {
@@ -610,8 +611,9 @@ where
                 } else {
                     gcra(i, c).decision(&c.limit, c.cost.max(1))
                 };
+                binder.push(i, d);
             }
-            return Ok(decide_all(&decisions[..charges.len()], check.tokens, lease));
+            return Ok(decide(binder.finish(), lease));
         }
         for l in leases {
             *maps.leases.entry(l.bucket).or_insert(0) += 1;
@@ -619,10 +621,9 @@ where
         if acquired > 0 {
             crate::telemetry::tracked_keys(acquired as f64);
         }
-        let mut decisions = [Decision::allow(&Limit::per_second(1), 0); MAX_LIMITS];
         for (i, c) in charges.iter().enumerate() {
             let g = gcra(i, c);
-            decisions[i] = g.decision(&c.limit, c.cost.max(1));
+            binder.push(i, g.decision(&c.limit, c.cost.max(1)));
             let next = g.next;
             match slots[i] {
                 Slot::Tracked(_) => maps.set(c.bucket, next, check.known),
@@ -644,7 +645,7 @@ where
                 }
             }
         }
-        Ok(decide_all(&decisions[..charges.len()], check.tokens, lease))
+        Ok(decide(binder.finish(), lease))
     }
 
     /// Releases a request's leases (see [`Backend::release`]): under the

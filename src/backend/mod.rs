@@ -168,10 +168,16 @@ pub(crate) fn decide_all(
     tokens: u8,
     lease: Option<LeaseState>,
 ) -> Decision {
-    match (
+    decide(
         Decision::binding_with_tokens(decisions, usize::from(tokens)),
         lease,
-    ) {
+    )
+}
+
+/// The same, from the binding charge's decision (`None`: no charges).
+#[inline]
+pub(crate) fn decide(binding: Option<Decision>, lease: Option<LeaseState>) -> Decision {
+    match (binding, lease) {
         (Some(d), Some(l)) => d.with_lease(l),
         (Some(d), None) => d,
         (None, Some(l)) => Decision::leases_only(l),
