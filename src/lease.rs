@@ -166,6 +166,18 @@ impl<B> Leased<B> {
     }
 }
 
+/// A body's last frame (or its error) was polled: its lease goes back now,
+/// not when the body is dropped.
+#[inline]
+pub(crate) fn release_at_end<T, E>(
+    polled: &Poll<Option<Result<T, E>>>,
+    lease: &mut Option<LeaseGuard>,
+) {
+    if let Poll::Ready(None | Some(Err(_))) = polled {
+        lease.take();
+    }
+}
+
 impl<B: Body<Data = Bytes>> Body for Leased<B> {
     type Data = Bytes;
     type Error = B::Error;
@@ -176,10 +188,7 @@ impl<B: Body<Data = Bytes>> Body for Leased<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let polled = this.body.poll_frame(cx);
-        if let Poll::Ready(None | Some(Err(_))) = &polled {
-            // Over: the lease goes back now, not when the body is dropped.
-            this.lease.take();
-        }
+        release_at_end(&polled, this.lease);
         polled
     }
 

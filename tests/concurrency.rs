@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::routing::get;
+use axum::routing;
 use serde_json::Value;
 use tierlimit::{Backend, MemoryBackend, Policy, RateLimitLayer};
 use tokio::sync::watch;
@@ -112,7 +112,7 @@ fn gated_app<B: Backend>(layer: RateLimitLayer<tierlimit::ApiKey, B>, gate: &Gat
     let api = Router::new()
         .route(
             "/v1/clusters",
-            get(move || {
+            routing::get(move || {
                 let g = g1.clone();
                 async move {
                     g.wait().await;
@@ -122,7 +122,7 @@ fn gated_app<B: Backend>(layer: RateLimitLayer<tierlimit::ApiKey, B>, gate: &Gat
         )
         .route(
             "/v1/stream",
-            get(move || {
+            routing::get(move || {
                 let g = g2.clone();
                 async move {
                     let chunks = futures_util::stream::unfold(0, move |i| {
@@ -144,7 +144,7 @@ fn gated_app<B: Backend>(layer: RateLimitLayer<tierlimit::ApiKey, B>, gate: &Gat
         )
         .route(
             "/v1/panic",
-            get(|| async {
+            routing::get(|| async {
                 if true {
                     panic!("handler bug");
                 }
@@ -156,14 +156,43 @@ fn gated_app<B: Backend>(layer: RateLimitLayer<tierlimit::ApiKey, B>, gate: &Gat
     api.layer(tower_http::catch_panic::CatchPanicLayer::new())
 }
 
-/// The `category`'s usage for `key` through the usage endpoint.
-async fn usage(url: &str, key: &str, category: &str) -> Value {
-    let res = common::client()
-        .get(format!("{url}/v1/rate_limit"))
+/// The layer on a memory backend.
+fn memory_layer() -> RateLimitLayer {
+    RateLimitLayer::builder(policy())
+        .backend(MemoryBackend::new())
+        .build()
+}
+
+/// A gated app on a memory backend, served.
+async fn gated_server() -> (common::Server, Gate) {
+    let gate = Gate::new();
+    let s = common::serve(gated_app(memory_layer(), &gate)).await;
+    (s, gate)
+}
+
+/// `GET url` as `key`.
+async fn get(url: impl reqwest::IntoUrl, key: &str) -> reqwest::Response {
+    common::client()
+        .get(url)
         .header("x-api-key", key)
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// `POST url` as `key`.
+async fn post(url: impl reqwest::IntoUrl, key: &str) -> reqwest::Response {
+    common::client()
+        .post(url)
+        .header("x-api-key", key)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The `category`'s usage for `key` through the usage endpoint.
+async fn usage(url: &str, key: &str, category: &str) -> Value {
+    let res = get(format!("{url}/v1/rate_limit"), key).await;
     assert_eq!(res.status(), 200);
     let v: Value = res.json().await.unwrap();
     v["categories"][category].clone()
@@ -190,18 +219,11 @@ async fn in_flight_once(url: &str, key: &str, category: &str, want: u64) -> u64 
 /// sharing one limit of 5): exactly 5 are admitted and held, 45 are
 /// refused for concurrency at once; when the 5 end, their leases are free.
 async fn fifty_against_five(urls: &[String], gate: &Gate) {
-    let c = common::client();
     let mut set = tokio::task::JoinSet::new();
     for i in 0..50 {
         let url = format!("{}/v1/clusters", urls[i % urls.len()]);
-        let c = c.clone();
         set.spawn(async move {
-            let res = c
-                .get(url)
-                .header("x-api-key", "free-demo-key")
-                .send()
-                .await
-                .unwrap();
+            let res = get(url, "free-demo-key").await;
             let status = res.status().as_u16();
             let headers = res.headers().clone();
             let body = res.text().await.unwrap();
@@ -261,9 +283,7 @@ async fn fifty_against_five(urls: &[String], gate: &Gate) {
 async fn exactly_five_of_fifty_at_once_on_memory() {
     // Two servers sharing one layer (one backend): two instances in one
     // process.
-    let layer = RateLimitLayer::builder(policy())
-        .backend(MemoryBackend::new())
-        .build();
+    let layer = memory_layer();
     let gate = Gate::new();
     let a = common::serve(gated_app(layer.clone(), &gate)).await;
     let b = common::serve(gated_app(layer, &gate)).await;
@@ -272,31 +292,16 @@ async fn exactly_five_of_fifty_at_once_on_memory() {
 
 #[tokio::test]
 async fn a_lease_is_held_until_the_body_ends() {
-    let layer = RateLimitLayer::builder(policy())
-        .backend(MemoryBackend::new())
-        .build();
-    let gate = Gate::new();
-    let s = common::serve(gated_app(layer, &gate)).await;
-    let c = common::client();
+    let (s, gate) = gated_server().await;
     let mut held = Vec::new();
     for left in (0..5).rev() {
-        let res = c
-            .get(s.url("/v1/stream"))
-            .header("x-api-key", "free-demo-key")
-            .send()
-            .await
-            .unwrap();
+        let res = get(s.url("/v1/stream"), "free-demo-key").await;
         // The head is out, the body is not over: the lease is still held.
         assert_eq!(res.status(), 200);
         assert_eq!(res.headers()["x-concurrency-remaining"], left.to_string());
         held.push(res);
     }
-    let res = c
-        .get(s.url("/v1/stream"))
-        .header("x-api-key", "free-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = get(s.url("/v1/stream"), "free-demo-key").await;
     assert_eq!(res.status(), 429);
     gate.open();
     for res in held {
@@ -310,22 +315,12 @@ async fn a_lease_is_held_until_the_body_ends() {
 
 #[tokio::test]
 async fn a_handler_panic_caught_outside_frees_its_lease() {
-    let layer = RateLimitLayer::builder(policy())
-        .backend(MemoryBackend::new())
-        .build();
-    let gate = Gate::new();
-    let s = common::serve(gated_app(layer, &gate)).await;
-    let c = common::client();
+    let (s, _gate) = gated_server().await;
     // Ten panics in a row under a limit of 5: each one's lease comes back,
     // so every one reaches the handler (a 500 from CatchPanicLayer, never
     // a 429).
     for _ in 0..10 {
-        let res = c
-            .get(s.url("/v1/panic"))
-            .header("x-api-key", "free-demo-key")
-            .send()
-            .await
-            .unwrap();
+        let res = get(s.url("/v1/panic"), "free-demo-key").await;
         assert_eq!(res.status(), 500);
     }
     assert_eq!(
@@ -354,24 +349,14 @@ async fn the_demo_frees_the_leases_of_clients_that_go_away() {
         }));
     }
     assert_eq!(in_flight_once(&url, "free-demo-key", "read", 5).await, 5);
-    let res = c
-        .get(format!("{url}/v1/clusters"))
-        .header("x-api-key", "free-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = get(format!("{url}/v1/clusters"), "free-demo-key").await;
     assert_eq!(res.status(), 429);
     assert_eq!(res.headers()["retry-after"], "1");
     let problem: Value = res.json().await.unwrap();
     assert_eq!(problem["type"], "urn:tierlimit:problem:concurrency-limited");
     assert_eq!(problem["per"], "key");
     // A bad delay is the client's mistake, and holds nothing.
-    let res = c
-        .get(format!("{url}/v1/clusters?delay_ms=99999"))
-        .header("x-api-key", "free-other")
-        .send()
-        .await
-        .unwrap();
+    let res = get(format!("{url}/v1/clusters?delay_ms=99999"), "free-other").await;
     assert_eq!(res.status(), 400);
     // The five clients go away: their connections close, the server drops
     // their requests, and the leases come back.
@@ -382,12 +367,7 @@ async fn the_demo_frees_the_leases_of_clients_that_go_away() {
         assert!(t.await.unwrap_err().is_cancelled());
     }
     assert_eq!(in_flight_once(&url, "free-demo-key", "read", 0).await, 0);
-    let res = c
-        .get(format!("{url}/v1/clusters?delay_ms=0"))
-        .header("x-api-key", "free-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = get(format!("{url}/v1/clusters?delay_ms=0"), "free-demo-key").await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["x-concurrency-limit"], "5");
     assert_eq!(res.headers()["x-concurrency-remaining"], "4");
@@ -405,12 +385,7 @@ async fn the_demo_frees_the_leases_of_clients_that_go_away() {
         in_flight_once(&url, "free-demo-key", "training", 1).await,
         1
     );
-    let res = c
-        .post(format!("{url}/v1/training/jobs"))
-        .header("x-api-key", "free-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = post(format!("{url}/v1/training/jobs"), "free-demo-key").await;
     assert_eq!(res.status(), 429);
     assert!(!res.headers().contains_key("x-ratelimit-limit"));
     assert_eq!(res.headers()["x-concurrency-limit"], "1");
@@ -420,12 +395,11 @@ async fn the_demo_frees_the_leases_of_clients_that_go_away() {
         in_flight_once(&url, "free-demo-key", "training", 0).await,
         0
     );
-    let res = c
-        .post(format!("{url}/v1/training/jobs?delay_ms=0"))
-        .header("x-api-key", "free-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = post(
+        format!("{url}/v1/training/jobs?delay_ms=0"),
+        "free-demo-key",
+    )
+    .await;
     assert_eq!(res.status(), 200);
     assert!(!res.headers().contains_key("x-ratelimit-limit"));
     assert_eq!(res.headers()["x-concurrency-remaining"], "0");
@@ -433,26 +407,14 @@ async fn the_demo_frees_the_leases_of_clients_that_go_away() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_account_shares_its_concurrency_across_keys() {
-    let layer = RateLimitLayer::builder(policy())
-        .backend(MemoryBackend::new())
-        .build();
-    let gate = Gate::new();
-    let s = common::serve(gated_app(layer, &gate)).await;
-    let c = common::client();
+    let (s, gate) = gated_server().await;
     let mut held = Vec::new();
     for key in ["acme-1", "acme-2", "acme-1"] {
-        let (c, url) = (c.clone(), s.url("/v1/clusters"));
-        held.push(tokio::spawn(async move {
-            c.get(url).header("x-api-key", key).send().await.unwrap()
-        }));
+        let url = s.url("/v1/clusters");
+        held.push(tokio::spawn(async move { get(url, key).await }));
     }
     assert_eq!(in_flight_once(&s.url(""), "acme-2", "read", 3).await, 3);
-    let res = c
-        .get(s.url("/v1/clusters"))
-        .header("x-api-key", "acme-2")
-        .send()
-        .await
-        .unwrap();
+    let res = get(s.url("/v1/clusters"), "acme-2").await;
     assert_eq!(res.status(), 429);
     let problem: Value = res.json().await.unwrap();
     assert_eq!(problem["per"], "account", "{problem}");
@@ -473,9 +435,7 @@ async fn an_account_shares_its_concurrency_across_keys() {
 async fn a_grpc_stream_holds_its_lease_until_the_client_cancels() {
     use tonic::Code;
     use tonic::transport::Channel;
-    let layer = RateLimitLayer::builder(policy())
-        .backend(MemoryBackend::new())
-        .build();
+    let layer = memory_layer();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let routes = grpc_demo::grpc_routes().await;
@@ -568,14 +528,18 @@ mod redis {
     use tierlimit::RedisBackend;
     use tierlimit::backend::{Check, Lease};
 
-    async fn two_instances<B: Backend>(make: impl AsyncFn() -> B) {
+    /// Two servers, each with its own backend from `builder`.
+    async fn two_instances(builder: impl Fn() -> tierlimit::RedisBackendBuilder) {
         let gate = Gate::new();
         let mut urls = Vec::new();
         let mut servers = Vec::new();
         for _ in 0..2 {
-            let layer = RateLimitLayer::builder(policy())
-                .backend(make().await)
-                .build();
+            let backend = builder()
+                .timeout(Duration::from_secs(2))
+                .connect()
+                .await
+                .unwrap();
+            let layer = RateLimitLayer::builder(policy()).backend(backend).build();
             let s = common::serve(gated_app(layer, &gate)).await;
             urls.push(s.url(""));
             servers.push(s);
@@ -589,14 +553,7 @@ mod redis {
             return;
         }
         let server = RedisServer::start();
-        two_instances(async || {
-            RedisBackend::builder(server.url())
-                .timeout(Duration::from_secs(2))
-                .connect()
-                .await
-                .unwrap()
-        })
-        .await;
+        two_instances(|| RedisBackend::builder(server.url())).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -605,14 +562,7 @@ mod redis {
             return;
         }
         let cluster = RedisCluster::start();
-        two_instances(async || {
-            RedisBackend::cluster(cluster.urls())
-                .timeout(Duration::from_secs(2))
-                .connect()
-                .await
-                .unwrap()
-        })
-        .await;
+        two_instances(|| RedisBackend::cluster(cluster.urls())).await;
     }
 
     fn check(lease: &Lease, id: u64) -> Check<'_> {
@@ -642,6 +592,18 @@ mod redis {
             .unwrap()
     }
 
+    /// Two instances; A holds both of the lease's slots (ids 1 and 2).
+    async fn a_holds_both(
+        server: &RedisServer,
+        clock: &FakeRelativeClock,
+    ) -> (RedisBackend, RedisBackend) {
+        let a = backend(server, clock).await;
+        let b = backend(server, clock).await;
+        assert!(a.check_all(&check(&LEASE, 1)).await.unwrap().allowed);
+        assert!(a.check_all(&check(&LEASE, 2)).await.unwrap().allowed);
+        (a, b)
+    }
+
     #[tokio::test]
     async fn a_crashed_instances_leases_expire_after_the_ttl() {
         if !ready() {
@@ -649,10 +611,7 @@ mod redis {
         }
         let server = RedisServer::start();
         let clock = FakeRelativeClock::default();
-        let a = backend(&server, &clock).await;
-        let b = backend(&server, &clock).await;
-        assert!(a.check_all(&check(&LEASE, 1)).await.unwrap().allowed);
-        assert!(a.check_all(&check(&LEASE, 2)).await.unwrap().allowed);
+        let (a, b) = a_holds_both(&server, &clock).await;
         assert_eq!(a.leases_held(), 2);
         // Instance A stops without releasing anything (a crash).
         drop(a);
@@ -674,10 +633,7 @@ mod redis {
         }
         let server = RedisServer::start();
         let clock = FakeRelativeClock::default();
-        let a = backend(&server, &clock).await;
-        let b = backend(&server, &clock).await;
-        assert!(a.check_all(&check(&LEASE, 1)).await.unwrap().allowed);
-        assert!(a.check_all(&check(&LEASE, 2)).await.unwrap().allowed);
+        let (a, b) = a_holds_both(&server, &clock).await;
         // Renewed before the TTL runs out (the backend does this every
         // third of the TTL; here by hand, on the fake clock).
         clock.advance(Duration::from_secs(50));

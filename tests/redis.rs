@@ -88,12 +88,7 @@ async fn conformance_cluster_and_keys_spread_over_masters() {
     }
     let cluster = RedisCluster::start();
     let clock = FakeRelativeClock::default();
-    let backend = RedisBackend::cluster(cluster.urls())
-        .fake_clock(clock.clone())
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
+    let backend = common::redis::fake_clock_cluster_backend(&cluster, &clock).await;
     common::conformance::run(&backend, |d| clock.advance(d)).await;
     // Many keys: each lands in its hash-tag slot; all three masters hold some.
     let limit = Limit::per_hour(5);
@@ -208,12 +203,7 @@ async fn accounts_and_lists_across_two_servers_cluster() {
     let cluster = RedisCluster::start();
     let clock = FakeRelativeClock::default();
     accounts_and_lists_across_two_servers(async || {
-        RedisBackend::cluster(cluster.urls())
-            .fake_clock(clock.clone())
-            .timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .unwrap()
+        common::redis::fake_clock_cluster_backend(&cluster, &clock).await
     })
     .await;
 }
@@ -236,12 +226,7 @@ async fn lease_table_cluster() {
     }
     let cluster = RedisCluster::start();
     let clock = FakeRelativeClock::default();
-    let backend = RedisBackend::cluster(cluster.urls())
-        .fake_clock(clock.clone())
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
+    let backend = common::redis::fake_clock_cluster_backend(&cluster, &clock).await;
     common::conformance::run_leases(&backend, |d| clock.advance(d)).await;
 }
 
@@ -264,12 +249,7 @@ async fn several_limit_table_cluster_in_one_slot() {
     }
     let cluster = RedisCluster::start();
     let clock = FakeRelativeClock::default();
-    let backend = RedisBackend::cluster(cluster.urls())
-        .fake_clock(clock.clone())
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
+    let backend = common::redis::fake_clock_cluster_backend(&cluster, &clock).await;
     // A script over keys of several slots would fail with CROSSSLOT: the
     // table passing on a cluster shows every charge shares the owner's slot.
     common::conformance::run_multi(&backend, |d| clock.advance(d)).await;
@@ -295,12 +275,7 @@ async fn reserve_and_settle_cluster() {
     }
     let cluster = RedisCluster::start();
     let clock = FakeRelativeClock::default();
-    let backend = RedisBackend::cluster(cluster.urls())
-        .fake_clock(clock.clone())
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
+    let backend = common::redis::fake_clock_cluster_backend(&cluster, &clock).await;
     common::conformance::run_settle(&backend, |d| clock.advance(d)).await;
     assert_eq!(backend.state(), BackendState::Connected);
 }

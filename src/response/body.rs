@@ -198,9 +198,7 @@ where
             KindProj::Inner { body } => body.poll_frame(cx),
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         };
-        if let Poll::Ready(None | Some(Err(_))) = &polled {
-            this.lease.take();
-        }
+        crate::lease::release_at_end(&polled, this.lease);
         polled
     }
 

@@ -300,3 +300,17 @@ pub async fn fake_clock_backend(
         .await
         .unwrap()
 }
+
+/// A backend on `cluster` that reads `clock` instead of Redis's `TIME`.
+#[cfg(feature = "test-util")]
+pub async fn fake_clock_cluster_backend(
+    cluster: &RedisCluster,
+    clock: &governor::clock::FakeRelativeClock,
+) -> tierlimit::RedisBackend {
+    tierlimit::RedisBackend::cluster(cluster.urls())
+        .fake_clock(clock.clone())
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap()
+}
