@@ -11,7 +11,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -41,8 +41,9 @@ pub(crate) struct Shared<E, B> {
     pub(crate) backend: Arc<B>,
     /// The policy in force with its compiled view, swapped as one.
     pub(crate) view: Arc<ViewSlot>,
-    /// Serialises every [`PolicyHandle`](crate::PolicyHandle)'s edits.
-    pub(crate) edit: Arc<Mutex<()>>,
+    /// The base policy and the operator state layered over it: what every
+    /// [`PolicyHandle`](crate::PolicyHandle) and the admin service change.
+    pub(crate) plane: Arc<crate::plane::Plane>,
     pub(crate) anonymous: PeerIp,
     pub(crate) headers: HeaderOptions,
     pub(crate) shadowed: Arc<AtomicU64>,

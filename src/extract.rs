@@ -485,6 +485,9 @@ impl Extractor for ApiKey {
     fn extract(&self, req: &RequestRef<'_>, policy: &Policy) -> Result<Identity, Rejection> {
         let key = self.read(req.headers)?;
         let id = KeyId::of(key);
+        if policy.has_revocations() && policy.is_revoked(key, id) {
+            return Err(Rejection::UnknownKey);
+        }
         let (tier, account) = match policy
             .key_entry(key, id)
             .or_else(|| self.resolver.as_ref().and_then(|r| r(key)))

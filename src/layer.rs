@@ -13,6 +13,7 @@ use crate::extract::{ApiKey, Extractor, PeerIp};
 use crate::policy::{Policy, PolicyBuilder, PolicyError};
 use crate::response::HeaderOptions;
 use crate::service::RateLimit;
+use crate::plane::Plane;
 use crate::view::{PolicyView, ViewSlot};
 
 /// A tower [`Layer`] that rate-limits requests by key, tier and category.
@@ -94,8 +95,7 @@ impl<E, B> RateLimitLayer<E, B> {
     /// shares one edit lock, so concurrent updates never lose one another.
     pub fn policy_handle(&self) -> PolicyHandle {
         PolicyHandle {
-            view: Arc::clone(&self.shared.view),
-            edit: Arc::clone(&self.shared.edit),
+            plane: Arc::clone(&self.shared.plane),
         }
     }
 
@@ -104,11 +104,62 @@ impl<E, B> RateLimitLayer<E, B> {
         crate::UsageService::new(Arc::clone(&self.shared))
     }
 
+    /// The operator API ([`AdminService`](crate::AdminService)): keys,
+    /// custom limits, boosts and usage checks, layered over the base
+    /// policy. Give it at least one token; mount it outside this layer.
+    pub fn admin_service(&self) -> crate::AdminService<E, B> {
+        crate::AdminService::new(Arc::clone(&self.shared))
+    }
+
     /// Requests shadow mode let through that would have been refused.
     pub fn shadow_refusals(&self) -> u64 {
         self.shared.shadowed.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(feature = "redis")]
+impl<E, B> RateLimitLayer<E, B> {
+    /// Shares the operators' changes (the [admin service](Self::admin_service)'s
+    /// keys, custom limits and boosts) with every instance on the same
+    /// Redis, through `redis` (any backend of that Redis; usually the
+    /// layer's own). Loads every change made so far before it returns, so a
+    /// new instance starts with them; then follows them: a change made
+    /// through any instance is written to Redis (a hash under
+    /// `PREFIX:{admin}`, one field per change, and a version), published on
+    /// [`RedisBackend::admin_channel`](crate::RedisBackend::admin_channel),
+    /// and applied by every instance within [`OPERATOR_SYNC_INTERVAL`]
+    /// (each polls the version on its Redis I/O thread, which also works
+    /// on a Cluster and never misses a change the way a lost pub/sub
+    /// message could). Ended boosts are removed by themselves.
+    pub async fn share_operator_state(
+        &self,
+        redis: &crate::RedisBackend,
+    ) -> Result<(), crate::RedisSetupError> {
+        let plane = &self.shared.plane;
+        plane
+            .share(Arc::new(redis.clone()))
+            .await
+            .map_err(crate::RedisSetupError::OperatorState)?;
+        let weak = Arc::downgrade(plane);
+        redis.spawn_io(async move {
+            loop {
+                tokio::time::sleep(OPERATOR_SYNC_INTERVAL).await;
+                let Some(plane) = weak.upgrade() else {
+                    return;
+                };
+                if let Err(e) = plane.sync().await {
+                    tracing::debug!(error = %e, "operator state not synced; retrying");
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// How often an instance sharing operator state through Redis checks for
+/// changes ([`RateLimitLayer::share_operator_state`]).
+#[cfg(feature = "redis")]
+pub const OPERATOR_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Changes a layer's policy at run time, atomically: each request sees the
 /// whole old policy or the whole new one, an invalid policy is refused with
@@ -130,8 +181,7 @@ impl<E, B> RateLimitLayer<E, B> {
 /// ```
 #[derive(Clone)]
 pub struct PolicyHandle {
-    view: Arc<ViewSlot>,
-    edit: Arc<std::sync::Mutex<()>>,
+    plane: Arc<Plane>,
 }
 
 impl fmt::Debug for PolicyHandle {
@@ -141,41 +191,38 @@ impl fmt::Debug for PolicyHandle {
 }
 
 impl PolicyHandle {
-    /// The policy in force.
+    /// The policy in force (the base policy with the operators' changes).
     pub fn current(&self) -> Arc<Policy> {
-        Arc::clone(&self.view.load().policy)
+        Arc::clone(&self.plane.view.load().policy)
     }
 
-    /// Replaces the whole policy.
+    /// The base policy: the file's (or what code built), without the
+    /// operators' changes (keys, custom limits and boosts made through the
+    /// admin service), which are layered over it.
+    pub fn base(&self) -> Arc<Policy> {
+        self.plane.base()
+    }
+
+    /// Replaces the base policy; the operators' changes stay layered over
+    /// it.
     pub fn replace(&self, policy: Policy) {
-        let view = Arc::new(PolicyView::new(Arc::new(policy)));
-        let _edit = self
-            .edit
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.view.store(view);
+        self.plane.replace_base(policy);
     }
 
-    /// Reloads a policy file; on error nothing changes.
+    /// Reloads a policy file as the base policy; on error nothing changes.
     pub fn reload(&self, path: impl AsRef<std::path::Path>) -> Result<(), PolicyError> {
         let policy = Policy::from_toml_file(path)?;
         self.replace(policy);
         Ok(())
     }
 
-    /// Edits the policy in force (a custom limit, a boost, a key's tier)
-    /// and swaps it in; on error nothing changes.
+    /// Edits the base policy (a custom limit, a boost, a key's tier) and
+    /// swaps it in; on error nothing changes.
     pub fn update(
         &self,
         edit: impl FnOnce(PolicyBuilder) -> PolicyBuilder,
     ) -> Result<(), PolicyError> {
-        let _edit = self
-            .edit
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let next = edit(self.view.load().policy.to_builder()).build()?;
-        self.view.store(Arc::new(PolicyView::new(Arc::new(next))));
-        Ok(())
+        self.plane.update_base(edit)
     }
 }
 
@@ -270,12 +317,13 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
 
     /// Builds the layer.
     pub fn build(self) -> RateLimitLayer<E, B> {
+        let view = Arc::new(ViewSlot::new(PolicyView::new(Arc::new(self.policy.clone()))));
         RateLimitLayer {
             shared: Arc::new(Shared {
                 extractor: self.extractor,
                 backend: Arc::new(self.backend),
-                view: Arc::new(ViewSlot::new(PolicyView::new(Arc::new(self.policy)))),
-                edit: Arc::new(std::sync::Mutex::new(())),
+                view: Arc::clone(&view),
+                plane: Arc::new(Plane::new(self.policy, view, self.unix_clock.clone())),
                 anonymous: self.anonymous,
                 headers: self.headers,
                 shadowed: Arc::new(AtomicU64::new(0)),

@@ -102,6 +102,7 @@
 
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod admin;
 mod admission;
 pub mod backend;
 #[cfg(feature = "client")]
@@ -113,6 +114,7 @@ mod key;
 mod layer;
 mod lease;
 mod meter;
+mod plane;
 pub mod policy;
 mod proto;
 mod response;
@@ -121,6 +123,8 @@ pub mod telemetry;
 mod time;
 mod usage;
 mod view;
+#[cfg(feature = "watch")]
+mod watch;
 
 pub use backend::{
     Backend, BackendError, Decision, LeaseState, MemoryBackend, MemoryBackendBuilder, Subject,
@@ -139,6 +143,8 @@ pub use key::{
     KEY_SECRET_ENV, KeyId, KeySecretError, Redacted, key_secret_is_shared, set_key_secret,
 };
 pub use layer::{PolicyHandle, RateLimitLayer, RateLimitLayerBuilder, UnixClock};
+#[cfg(feature = "redis")]
+pub use layer::OPERATOR_SYNC_INTERVAL;
 pub use lease::{LeaseGuard, Leased};
 pub use meter::{TokenMeter, TokenUsage};
 pub use policy::{
@@ -147,6 +153,9 @@ pub use policy::{
 };
 pub use response::{AnswerBody, HeaderOptions, ResponseBody};
 pub use service::RateLimit;
+pub use admin::AdminService;
+#[cfg(feature = "watch")]
+pub use watch::{PolicyWatcher, WATCH_DEBOUNCE};
 pub use usage::UsageService;
 
 /// Re-exported so users name the same clocks the backend takes.

@@ -15,8 +15,8 @@ use tower_service::Service;
 
 use crate::admission::{ChargeSet, Shared};
 use crate::backend::{Backend, Decision, LeaseState, Subject};
-use crate::extract::{Extractor, Rejection, RequestRef};
-use crate::policy::Pool;
+use crate::extract::{Extractor, Identity, Rejection, RequestRef};
+use crate::policy::{Policy, Pool, TierId};
 use crate::response::grpc::is_grpc;
 use crate::response::{Answer, ResponseBody};
 use crate::time::{ceil_secs, unix_now_secs};
@@ -67,7 +67,7 @@ impl<E, B> fmt::Debug for UsageService<E, B> {
     }
 }
 
-type UsageFuture =
+pub(crate) type UsageFuture =
     Pin<Box<dyn Future<Output = Result<Response<ResponseBody<String>>, Infallible>> + Send>>;
 
 impl<E, B, ReqBody> Service<Request<ReqBody>> for UsageService<E, B>
@@ -98,12 +98,25 @@ where
             Ok(found) => found,
             Err(r) => return refuse(r),
         };
+        report(shared, policy, identity, tier).unwrap_or_else(refuse)
+    }
+}
+
+/// The usage of `identity` in `tier` under `policy`, as the usage service
+/// shows it (the admin service's usage check too); counts nothing.
+pub(crate) fn report<E, B: Backend>(
+    shared: &Shared<E, B>,
+    policy: Arc<Policy>,
+    identity: Identity,
+    tier: TierId,
+) -> Result<UsageFuture, Rejection> {
+    {
         let now = shared.unix_now();
         // Per category: each limit's peek, and whether it is per account.
         let mut peeks = Vec::new();
         for category in policy.categories() {
             let Some(cell) = policy.cell(tier, category) else {
-                return refuse(Rejection::UnknownKey);
+                return Err(Rejection::UnknownKey);
             };
             let applied = policy.effective(cell, tier, category, identity.key(), now);
             let mut limits = Vec::new();
@@ -144,7 +157,7 @@ where
             }
             peeks.push((category, limits, leases));
         }
-        Box::pin(async move {
+        Ok(Box::pin(async move {
             let mut categories = Map::new();
             let unix = unix_now_secs();
             for (category, limits, leases) in peeks {
@@ -251,6 +264,6 @@ where
                 HeaderValue::from_static("application/json"),
             );
             Ok(res)
-        })
+        }))
     }
 }

@@ -163,6 +163,7 @@ impl<'a> Check<'a> {
 /// The decision of a several-limit check: the binding charge's, with the
 /// binding lease (a check under concurrency limits only is described by
 /// its lease).
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn decide_all(
     decisions: &[Decision],
     tokens: u8,

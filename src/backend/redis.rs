@@ -34,6 +34,9 @@ const GCRA_SETTLE: &str = include_str!("gcra_settle.lua");
 /// Concurrency leases after admission: release, renew, peek.
 const LEASE: &str = include_str!("lease.lua");
 
+/// The operators' shared state: write, load, version.
+const ADMIN: &str = include_str!("admin.lua");
+
 /// What happens to requests while Redis cannot be reached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -83,6 +86,7 @@ struct Inner {
     script_all: redis::Script,
     script_settle: redis::Script,
     script_lease: redis::Script,
+    script_admin: redis::Script,
     prefix: String,
     timeout: Duration,
     failure: FailurePolicy,
@@ -179,6 +183,9 @@ pub enum RedisSetupError {
     Redis(redis::RedisError),
     /// The backend's I/O thread could not be started.
     Io(std::io::Error),
+    /// The operators' shared state could not be loaded
+    /// ([`RateLimitLayer::share_operator_state`](crate::RateLimitLayer::share_operator_state)).
+    OperatorState(String),
 }
 
 impl fmt::Display for RedisSetupError {
@@ -189,6 +196,9 @@ impl fmt::Display for RedisSetupError {
             ),
             RedisSetupError::Redis(e) => write!(f, "redis: {e}"),
             RedisSetupError::Io(e) => write!(f, "the redis I/O thread could not start: {e}"),
+            RedisSetupError::OperatorState(e) => {
+                write!(f, "the operators' shared state could not be loaded: {e}")
+            }
         }
     }
 }
@@ -198,7 +208,7 @@ impl std::error::Error for RedisSetupError {
         match self {
             RedisSetupError::Redis(e) => Some(e),
             RedisSetupError::Io(e) => Some(e),
-            RedisSetupError::NoSharedKeySecret => None,
+            RedisSetupError::NoSharedKeySecret | RedisSetupError::OperatorState(_) => None,
         }
     }
 }
@@ -442,6 +452,7 @@ impl RedisBackendBuilder {
                 script_all: redis::Script::new(GCRA_ALL),
                 script_settle: redis::Script::new(GCRA_SETTLE),
                 script_lease: redis::Script::new(LEASE),
+                script_admin: redis::Script::new(ADMIN),
                 prefix: self.prefix,
                 timeout: self.timeout,
                 failure: self.failure,
@@ -592,11 +603,17 @@ impl Inner {
     ) -> Result<T, EvalError> {
         let inner = Arc::clone(self);
         let round_trip = async move {
+            // Operator changes are rare and may move a whole state.
+            let timeout = match script {
+                Script::Admin => inner.timeout.max(Duration::from_secs(1)),
+                _ => inner.timeout,
+            };
             let script = match script {
                 Script::One => &inner.script,
                 Script::All => &inner.script_all,
                 Script::Settle => &inner.script_settle,
                 Script::Lease => &inner.script_lease,
+                Script::Admin => &inner.script_admin,
             };
             let mut inv = script.prepare_invoke();
             for k in keys {
@@ -612,7 +629,7 @@ impl Inner {
                     Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
                 }
             };
-            match tokio::time::timeout(inner.timeout, call).await {
+            match tokio::time::timeout(timeout, call).await {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => Err(EvalError::Redis(e)),
                 Err(_) => Err(EvalError::Timeout),
@@ -845,6 +862,8 @@ enum Script {
     Settle,
     /// Leases after admission (`lease.lua`).
     Lease,
+    /// The operators' shared state (`admin.lua`).
+    Admin,
 }
 
 /// What one script call asks.
@@ -1483,6 +1502,94 @@ impl RedisBackend {
             ));
         }
         Ok(inner.fallback.peek_charge_now(owner, &charge))
+    }
+}
+
+/// The operators' shared state in Redis (see `src/plane.rs`).
+impl RedisBackend {
+    fn admin_keys(&self) -> Vec<String> {
+        let p = &self.inner.prefix;
+        vec![format!("{p}:{{admin}}:state"), format!("{p}:{{admin}}:version")]
+    }
+
+    /// The channel every operator change is published on (its version).
+    pub fn admin_channel(&self) -> String {
+        format!("{}:{{admin}}:changes", self.inner.prefix)
+    }
+
+    async fn admin_write(&self, fields: Vec<(String, Option<String>)>) -> Result<u64, String> {
+        let mut args = vec!["write".to_owned(), self.admin_channel()];
+        for (field, value) in fields {
+            args.push(field);
+            match value {
+                Some(v) => {
+                    args.push("set".to_owned());
+                    args.push(v);
+                }
+                None => {
+                    args.push("del".to_owned());
+                    args.push(String::new());
+                }
+            }
+        }
+        let v: String = self
+            .inner
+            .invoke(Script::Admin, self.admin_keys(), args)
+            .await
+            .map_err(|e| e.to_string())?;
+        v.parse().map_err(|_| "a version that is not a number".to_owned())
+    }
+
+    async fn admin_load(&self) -> Result<crate::plane::Loaded, String> {
+        let all: Vec<String> = self
+            .inner
+            .invoke(Script::Admin, self.admin_keys(), vec!["load".to_owned()])
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut it = all.into_iter();
+        let version = it
+            .next()
+            .and_then(|v| v.parse().ok())
+            .ok_or("a version that is not a number")?;
+        let mut fields = Vec::new();
+        while let (Some(f), Some(v)) = (it.next(), it.next()) {
+            fields.push((f, v));
+        }
+        Ok((version, fields))
+    }
+
+    async fn admin_version(&self) -> Result<u64, String> {
+        let v: String = self
+            .inner
+            .invoke(Script::Admin, self.admin_keys(), vec!["version".to_owned()])
+            .await
+            .map_err(|e| e.to_string())?;
+        v.parse().map_err(|_| "a version that is not a number".to_owned())
+    }
+
+    /// Runs `task` on the backend's own I/O thread.
+    pub(crate) fn spawn_io(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.inner.io.handle().spawn(task);
+    }
+}
+
+impl crate::plane::StateStore for RedisBackend {
+    fn write(
+        &self,
+        fields: Vec<(String, Option<String>)>,
+    ) -> crate::plane::BoxFuture<Result<u64, String>> {
+        let this = self.clone();
+        Box::pin(async move { this.admin_write(fields).await })
+    }
+
+    fn load(&self) -> crate::plane::BoxFuture<Result<crate::plane::Loaded, String>> {
+        let this = self.clone();
+        Box::pin(async move { this.admin_load().await })
+    }
+
+    fn version(&self) -> crate::plane::BoxFuture<Result<u64, String>> {
+        let this = self.clone();
+        Box::pin(async move { this.admin_version().await })
     }
 }
 

@@ -581,6 +581,8 @@ pub struct PolicyBuilder {
     overrides: Vec<Located<Override>>,
     boosts: Vec<Boost>,
     shadow: Shadow,
+    /// Keys refused whatever `unknown_key` says (revoked by an operator).
+    revoked: Vec<String>,
 }
 
 impl PolicyBuilder {
@@ -615,6 +617,44 @@ impl PolicyBuilder {
     /// Sets where shadow mode applies.
     pub fn shadow(mut self, shadow: Shadow) -> Self {
         self.shadow = shadow;
+        self
+    }
+
+    /// Removes a key's entry (its tier and account) and its custom limits;
+    /// the key is then an unknown key. See [`revoke_key`](Self::revoke_key)
+    /// to refuse it outright.
+    pub fn remove_key(mut self, key: &str) -> Self {
+        self.keys.retain(|k| k.value.key != key);
+        self.overrides.retain(|o| o.value.key != key);
+        self.boosts
+            .retain(|b| !matches!(&b.target, BoostTarget::Key(k) if k == key));
+        self
+    }
+
+    /// Revokes a key: its entry, custom limits and boosts are removed, and
+    /// requests with it are refused with 401 even where the policy accepts
+    /// unknown keys (`unknown_key = "<tier>"`). Listing the key again
+    /// ([`key`](Self::key)) restores it.
+    pub fn revoke_key(mut self, key: &str) -> Self {
+        self = self.remove_key(key);
+        if !self.revoked.iter().any(|k| k == key) {
+            self.revoked.push(key.to_owned());
+        }
+        self
+    }
+
+    /// Lists a key in `tier` (and `account`), replacing its entry if it has
+    /// one (its custom limits and boosts stay).
+    pub(crate) fn put_key(mut self, key: &str, tier: &str, account: Option<String>) -> Self {
+        self.keys.retain(|k| k.value.key != key);
+        self.key_at(key.to_owned(), tier.to_owned(), account, None)
+    }
+
+    /// Removes one custom limit of a key (`"*"`: the one for every
+    /// category, not the others).
+    pub fn remove_custom_limit(mut self, key: &str, category: &str) -> Self {
+        self.overrides
+            .retain(|o| !(o.value.key == key && o.value.category == category));
         self
     }
 
@@ -728,6 +768,7 @@ impl PolicyBuilder {
         account: Option<String>,
         line: Option<usize>,
     ) -> Self {
+        self.revoked.retain(|k| *k != key);
         self.keys
             .push(Located::at(KeyEntry { key, tier, account }, line));
         self
@@ -791,6 +832,13 @@ impl PolicyBuilder {
         let unknown_key = names.key_rule(&self.unknown_key, "defaults.unknown_key")?;
         let missing_key = names.key_rule(&self.missing_key, "defaults.missing_key")?;
         let keys = self.build_keys(&names)?;
+        let mut revoked: HashTable<Box<str>> = HashTable::with_capacity(self.revoked.len());
+        for key in &self.revoked {
+            let h = KeyId::of(key).as_u64();
+            if revoked.find(h, |k| **k == **key).is_none() {
+                revoked.insert_unique(h, key.as_str().into(), |k| KeyId::of(k).as_u64());
+            }
+        }
         let reserves = self.build_reserves(&names)?;
         let overrides = self.build_overrides(&names)?;
         let boosts = self.build_boosts(&names)?;
@@ -809,6 +857,7 @@ impl PolicyBuilder {
                 default_read,
                 default_write,
                 keys,
+                revoked,
                 unknown_key,
                 missing_key,
                 source: self,

@@ -100,6 +100,32 @@ fn parse_adjust(v: &toml::Value) -> Result<Adjust, String> {
     }
 }
 
+/// A custom limit or a boost's adjustment as JSON (the admin API): the
+/// same forms as in the file — `"x5"`, `"500/hour"`, `"unlimited"`, a list
+/// of limits, or `{ "requests": …, "tokens": … }`.
+pub(crate) fn parse_adjust_json(v: &serde_json::Value) -> Result<Adjust, String> {
+    fn to_toml(v: &serde_json::Value) -> Result<toml::Value, String> {
+        use serde_json::Value as J;
+        Ok(match v {
+            J::String(s) => toml::Value::String(s.clone()),
+            J::Number(n) => match n.as_i64() {
+                Some(i) => toml::Value::Integer(i),
+                None => return Err(format!("{n} is not a whole number")),
+            },
+            J::Array(items) => {
+                toml::Value::Array(items.iter().map(to_toml).collect::<Result<_, _>>()?)
+            }
+            J::Object(map) => toml::Value::Table(
+                map.iter()
+                    .map(|(k, v)| Ok((k.clone(), to_toml(v)?)))
+                    .collect::<Result<_, String>>()?,
+            ),
+            J::Bool(_) | J::Null => return Err(HOW.to_owned()),
+        })
+    }
+    parse_adjust(&to_toml(v)?)
+}
+
 const HOW: &str = "write a limit such as \"100/hour\", a list such as [\"10/second\", \"100/hour\"], or \"unlimited\"";
 
 /// Limits as written: `"100/hour"`, `"unlimited"` or

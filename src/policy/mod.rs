@@ -56,6 +56,8 @@ use http::Method;
 use crate::key::{KeyId, hash_str};
 
 pub(crate) use builder::reserve_of;
+pub(crate) use file::parse_adjust_json;
+pub(crate) use operator::{MAX_UNIX, parse_time};
 pub use builder::{KeyRule, PolicyBuilder, PolicyError, Route, Tier};
 pub use limit::{Limit, Rule};
 pub use operator::{Adjust, Boost, BoostTarget, Shadow};
@@ -278,6 +280,8 @@ pub(super) struct PolicyInner {
     pub(super) default_read: CategoryId,
     pub(super) default_write: CategoryId,
     pub(super) keys: HashTable<KeyRow>,
+    /// Revoked keys (their full text), by their `KeyId`.
+    pub(super) revoked: HashTable<Box<str>>,
     pub(super) unknown_key: Option<TierId>,
     pub(super) missing_key: Option<TierId>,
     pub(super) reserves: Box<[u8]>,
@@ -437,6 +441,21 @@ impl Policy {
             .keys
             .find(id.as_u64(), |row| *row.key == *key)
             .map(|row| (row.tier, row.account))
+    }
+
+    /// Whether any key is revoked (one branch per request when none is).
+    #[inline]
+    pub fn has_revocations(&self) -> bool {
+        !self.inner.revoked.is_empty()
+    }
+
+    /// Whether `key` was revoked ([`PolicyBuilder::revoke_key`]); `id` must
+    /// be `KeyId::of(key)`.
+    pub fn is_revoked(&self, key: &str, id: KeyId) -> bool {
+        self.inner
+            .revoked
+            .find(id.as_u64(), |k| **k == *key)
+            .is_some()
     }
 
     /// The rule that applies to `key` in a tier and category at `now_unix`
