@@ -6,7 +6,10 @@
 //! ```
 //!
 //! `BIND` (default `127.0.0.1:3000`) and `POLICY` (default
-//! `examples/policy.toml`) configure it. Demo keys: `free-demo-key`,
+//! `examples/policy.toml`) configure it. `ADMIN_TOKEN` mounts the admin API
+//! at `/admin/v1`; `REDIS_URL` (with `--features redis`) shares limits and
+//! admin changes across instances; `--features watch` reloads `$POLICY`
+//! when it changes. Demo keys: `free-demo-key`,
 //! `pro-demo-key`, `enterprise-demo-key`.
 
 use std::net::SocketAddr;
@@ -78,7 +81,18 @@ pub(crate) fn limits<B: Backend>(policy: Policy, backend: B) -> RateLimitLayer<D
 }
 
 /// The demo's routes behind one rate-limit layer, `/healthz` outside it.
+#[allow(dead_code)] // the tests use it
 pub(crate) fn app<E: Extractor, B: Backend>(limits: RateLimitLayer<E, B>) -> Router {
+    app_with_admin(limits, None)
+}
+
+/// The same, with the admin service at `/admin/v1` (outside the limits)
+/// when an admin token is given; without one those routes do not exist.
+pub(crate) fn app_with_admin<E: Extractor, B: Backend>(
+    limits: RateLimitLayer<E, B>,
+    admin_token: Option<&str>,
+) -> Router {
+    let admin = admin_token.map(|t| limits.admin_service().token("admin", t));
     let api = Router::new()
         .route("/v1/account", get(account).patch(update_account))
         .route("/v1/clusters", get(list_clusters).post(create_cluster))
@@ -94,6 +108,10 @@ pub(crate) fn app<E: Extractor, B: Backend>(limits: RateLimitLayer<E, B>) -> Rou
             get(|| async { Json(json!({ "status": "ok" })) }),
         )
         .merge(api);
+    let app = match admin {
+        Some(admin) => app.nest_service("/admin/v1", admin),
+        None => app,
+    };
     // Prometheus text at /metrics (not limited), with `--features metrics`.
     #[cfg(feature = "metrics")]
     let app = match METRICS.get() {
@@ -318,6 +336,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     };
     #[cfg(feature = "metrics")]
     install_metrics();
+    // With ADMIN_TOKEN set, the admin API is at /admin/v1; without it,
+    // those routes do not exist.
+    let admin_token = std::env::var("ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
 
     // With `--features redis` and REDIS_URL set, every instance shares one
     // limit through Redis. Instances must hash keys alike: the key secret
@@ -333,7 +354,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         let backend = tierlimit::RedisBackend::builder(url.as_str())
             .connect()
             .await?;
-        let app = app(limits(policy, backend));
+        let layer = limits(policy, backend.clone());
+        // Operator changes (the admin API's) reach every instance on this
+        // Redis, and survive restarts.
+        layer.share_operator_state(&backend).await?;
+        let _watching = watch_policy(&layer, &policy_path);
+        let app = app_with_admin(layer, admin_token.as_deref());
         return serve(bind, &policy_path, &format!("redis {url}"), app).await;
     }
     let policy = load()?;
@@ -344,13 +370,39 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             .map_err(|_| format!("MAX_KEYS is not a number: {n}"))?;
         memory = memory.max_keys(n);
     }
+    let layer = limits(policy, memory.build());
+    let _watching = watch_policy(&layer, &policy_path);
     serve(
         bind,
         &policy_path,
         "memory",
-        app(limits(policy, memory.build())),
+        app_with_admin(layer, admin_token.as_deref()),
     )
     .await
+}
+
+/// Follows `$POLICY`: reloaded when it changes (with `--features watch`).
+#[cfg(feature = "watch")]
+fn watch_policy<E, B>(
+    layer: &RateLimitLayer<E, B>,
+    path: &str,
+) -> Option<tierlimit::PolicyWatcher> {
+    match layer.policy_handle().watch(path) {
+        Ok(w) => {
+            tracing::info!(path, "watching the policy file");
+            Some(w)
+        }
+        Err(e) => {
+            tracing::warn!(path, error = %e, "the policy file is not watched");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "watch"))]
+fn watch_policy<E, B>(_: &RateLimitLayer<E, B>, _: &str) -> Option<()> {
+    tracing::info!("the policy file is not watched (build with --features watch to follow it)");
+    None
 }
 
 #[allow(dead_code)]

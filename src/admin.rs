@@ -284,7 +284,10 @@ where
             }
             return res;
         }
-        let needs_body = !matches!((&route, &method), (Route::Boosts, &Method::GET) | (Route::Boost(_), _));
+        let needs_body = !matches!(
+            (&route, &method),
+            (Route::Boosts, &Method::GET) | (Route::Boost(_), _)
+        );
         let body = if needs_body {
             match read_json(req.into_body()).await {
                 Ok(b) => b,
@@ -338,7 +341,11 @@ where
         let account = match body.get("account") {
             None | Some(Value::Null) => None,
             Some(Value::String(a)) if !a.is_empty() && a.len() <= 256 => Some(a.clone()),
-            Some(_) => return Err(bad("field `account`: an account is a name of 1 to 256 bytes")),
+            Some(_) => {
+                return Err(bad(
+                    "field `account`: an account is a name of 1 to 256 bytes",
+                ));
+            }
         };
         let id = KeyId::of(&key);
         let shown = json!({
@@ -360,7 +367,13 @@ where
         let key = key_field(body)?;
         let id = KeyId::of(&key);
         let shown = json!({ "key": id.redacted().to_string(), "revoked": true });
-        Ok((Change::RevokeKey { key }, StatusCode::OK, shown, "revoke_key", id))
+        Ok((
+            Change::RevokeKey { key },
+            StatusCode::OK,
+            shown,
+            "revoke_key",
+            id,
+        ))
     }
 
     fn put_limit(&self, body: &Map<String, Value>) -> Changed {
@@ -519,7 +532,11 @@ where
         let policy: Arc<Policy> = Arc::clone(&self.shared.view.load().policy);
         let id = KeyId::of(&key);
         if policy.has_revocations() && policy.is_revoked(&key, id) {
-            return problem(StatusCode::NOT_FOUND, "admin-not-found", "this key is revoked");
+            return problem(
+                StatusCode::NOT_FOUND,
+                "admin-not-found",
+                "this key is revoked",
+            );
         }
         let entry = policy.key_entry(&key, id);
         let Some(tier) = entry.map(|(t, _)| t).or_else(|| policy.unknown_key_tier()) else {
@@ -600,7 +617,10 @@ fn only(body: &Map<String, Value>, allowed: &[&str]) -> Result<(), AdminResponse
             "unknown field `{k}` (expected: {})",
             allowed.join(", ")
         ))),
-        Some(_) => Err(bad(format!("unknown field (expected: {})", allowed.join(", ")))),
+        Some(_) => Err(bad(format!(
+            "unknown field (expected: {})",
+            allowed.join(", ")
+        ))),
         None => Ok(()),
     }
 }

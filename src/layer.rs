@@ -10,10 +10,10 @@ use crate::admission::Shared;
 pub use crate::admission::UnixClock;
 use crate::backend::{Backend, MemoryBackend};
 use crate::extract::{ApiKey, Extractor, PeerIp};
+use crate::plane::Plane;
 use crate::policy::{Policy, PolicyBuilder, PolicyError};
 use crate::response::HeaderOptions;
 use crate::service::RateLimit;
-use crate::plane::Plane;
 use crate::view::{PolicyView, ViewSlot};
 
 /// A tower [`Layer`] that rate-limits requests by key, tier and category.
@@ -317,7 +317,9 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
 
     /// Builds the layer.
     pub fn build(self) -> RateLimitLayer<E, B> {
-        let view = Arc::new(ViewSlot::new(PolicyView::new(Arc::new(self.policy.clone()))));
+        let view = Arc::new(ViewSlot::new(PolicyView::new(Arc::new(
+            self.policy.clone(),
+        ))));
         RateLimitLayer {
             shared: Arc::new(Shared {
                 extractor: self.extractor,

@@ -126,6 +126,7 @@ mod view;
 #[cfg(feature = "watch")]
 mod watch;
 
+pub use admin::AdminService;
 pub use backend::{
     Backend, BackendError, Decision, LeaseState, MemoryBackend, MemoryBackendBuilder, Subject,
     TokenState,
@@ -142,9 +143,9 @@ pub use future::ResponseFuture;
 pub use key::{
     KEY_SECRET_ENV, KeyId, KeySecretError, Redacted, key_secret_is_shared, set_key_secret,
 };
-pub use layer::{PolicyHandle, RateLimitLayer, RateLimitLayerBuilder, UnixClock};
 #[cfg(feature = "redis")]
 pub use layer::OPERATOR_SYNC_INTERVAL;
+pub use layer::{PolicyHandle, RateLimitLayer, RateLimitLayerBuilder, UnixClock};
 pub use lease::{LeaseGuard, Leased};
 pub use meter::{TokenMeter, TokenUsage};
 pub use policy::{
@@ -153,10 +154,9 @@ pub use policy::{
 };
 pub use response::{AnswerBody, HeaderOptions, ResponseBody};
 pub use service::RateLimit;
-pub use admin::AdminService;
+pub use usage::UsageService;
 #[cfg(feature = "watch")]
 pub use watch::{PolicyWatcher, WATCH_DEBOUNCE};
-pub use usage::UsageService;
 
 /// Re-exported so users name the same clocks the backend takes.
 pub use governor;

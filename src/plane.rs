@@ -61,7 +61,10 @@ pub(crate) struct BoostEntry {
 
 #[derive(Clone, Debug)]
 enum KeyState {
-    Put { tier: String, account: Option<String> },
+    Put {
+        tier: String,
+        account: Option<String>,
+    },
     Revoked,
 }
 
@@ -177,7 +180,12 @@ impl OperatorState {
     }
 
     /// `b` with the entries `keep` accepts (by field name).
-    fn builder(&self, mut b: PolicyBuilder, now: u64, keep: &dyn Fn(&str) -> bool) -> PolicyBuilder {
+    fn builder(
+        &self,
+        mut b: PolicyBuilder,
+        now: u64,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> PolicyBuilder {
         for (key, state) in &self.keys {
             if !keep(&key_field(key)) {
                 continue;
@@ -247,7 +255,9 @@ impl OperatorState {
 
     fn key_value(&self, key: &str) -> Option<String> {
         self.keys.get(key).map(|s| match s {
-            KeyState::Put { tier, account } => json!({ "tier": tier, "account": account }).to_string(),
+            KeyState::Put { tier, account } => {
+                json!({ "tier": tier, "account": account }).to_string()
+            }
             KeyState::Revoked => json!({ "revoked": true }).to_string(),
         })
     }
@@ -347,7 +357,11 @@ impl OperatorState {
                     (None, Some(t)) => BoostTarget::Tier(t),
                     _ => return Err("a boost names a key or a tier".into()),
                 };
-                let time = |name: &str| v.get(name).and_then(Value::as_u64).ok_or(format!("no {name}"));
+                let time = |name: &str| {
+                    v.get(name)
+                        .and_then(Value::as_u64)
+                        .ok_or(format!("no {name}"))
+                };
                 Ok(Some(Change::AddBoost {
                     id: id.clone(),
                     boost: BoostEntry {
@@ -487,8 +501,7 @@ impl Plane {
     /// Compiles `l` and swaps it in.
     fn publish(&self, l: &Layered) {
         let policy = l.state.apply(&l.base, self.now());
-        self.view
-            .store(Arc::new(PolicyView::new(Arc::new(policy))));
+        self.view.store(Arc::new(PolicyView::new(Arc::new(policy))));
     }
 
     /// Replaces the base policy (a file reload); the operator state stays.

@@ -92,14 +92,15 @@ impl PolicyHandle {
             _ => PathBuf::from("."),
         };
         let (tx, rx) = mpsc::channel::<()>();
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if let Ok(event) = event
-                && event.paths.iter().any(|p| p.file_name() == Some(&name))
-            {
-                let _ = tx.send(());
-            }
-        })
-        .map_err(std::io::Error::other)?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(event) = event
+                    && event.paths.iter().any(|p| p.file_name() == Some(&name))
+                {
+                    let _ = tx.send(());
+                }
+            })
+            .map_err(std::io::Error::other)?;
         watcher
             .watch(&dir, RecursiveMode::NonRecursive)
             .map_err(std::io::Error::other)?;

@@ -1509,7 +1509,10 @@ impl RedisBackend {
 impl RedisBackend {
     fn admin_keys(&self) -> Vec<String> {
         let p = &self.inner.prefix;
-        vec![format!("{p}:{{admin}}:state"), format!("{p}:{{admin}}:version")]
+        vec![
+            format!("{p}:{{admin}}:state"),
+            format!("{p}:{{admin}}:version"),
+        ]
     }
 
     /// The channel every operator change is published on (its version).
@@ -1537,7 +1540,8 @@ impl RedisBackend {
             .invoke(Script::Admin, self.admin_keys(), args)
             .await
             .map_err(|e| e.to_string())?;
-        v.parse().map_err(|_| "a version that is not a number".to_owned())
+        v.parse()
+            .map_err(|_| "a version that is not a number".to_owned())
     }
 
     async fn admin_load(&self) -> Result<crate::plane::Loaded, String> {
@@ -1564,7 +1568,8 @@ impl RedisBackend {
             .invoke(Script::Admin, self.admin_keys(), vec!["version".to_owned()])
             .await
             .map_err(|e| e.to_string())?;
-        v.parse().map_err(|_| "a version that is not a number".to_owned())
+        v.parse()
+            .map_err(|_| "a version that is not a number".to_owned())
     }
 
     /// Runs `task` on the backend's own I/O thread.

@@ -56,12 +56,12 @@ use http::Method;
 use crate::key::{KeyId, hash_str};
 
 pub(crate) use builder::reserve_of;
-pub(crate) use file::parse_adjust_json;
-pub(crate) use operator::{MAX_UNIX, parse_time};
 pub use builder::{KeyRule, PolicyBuilder, PolicyError, Route, Tier};
+pub(crate) use file::parse_adjust_json;
 pub use limit::{Limit, Rule};
 pub use operator::{Adjust, Boost, BoostTarget, Shadow};
 use operator::{CompiledBoost, more_generous_all};
+pub(crate) use operator::{MAX_UNIX, parse_time};
 use route::CompiledRoute;
 pub use route::Target;
 pub(crate) use set::{Applied, LimitBuf, Limits};
