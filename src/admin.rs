@@ -67,8 +67,8 @@ const MAX_BODY: usize = 64 * 1024;
 /// ```
 ///
 /// Without a shared store the changes are this process's only (and lost on
-/// restart); with [`RateLimitLayer::share_operator_state`](crate::RateLimitLayer::share_operator_state)
-/// (feature `redis`) they reach every instance and survive restarts.
+/// restart); with `RateLimitLayer::share_operator_state` (feature `redis`)
+/// they reach every instance and survive restarts.
 pub struct AdminService<E, B> {
     shared: Arc<Shared<E, B>>,
     tokens: Arc<[(String, Vec<u8>)]>,

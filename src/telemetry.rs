@@ -17,6 +17,7 @@
 //! | `tierlimit_settlement_fallbacks_total` | counter | `backend`: settlements made by the fallback while Redis was unreachable |
 //! | `tierlimit_refusals_total` | counter | `tier`, `category`, `reason` = `rate` / `tokens` / `concurrency`: refusals by the limit that refused |
 //! | `tierlimit_leases_held` | gauge | `tier`, `category`: concurrency leases held by requests in flight on this instance |
+//! | `tierlimit_admin_changes_total` | counter | `action`, `who`: changes made through the admin service |
 //!
 //! Install the recorder (an exporter) before the first request: handles
 //! are made on first use and cached.

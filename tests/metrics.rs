@@ -265,4 +265,29 @@ async fn metrics_after_known_traffic_are_exact() {
     };
     assert_eq!(refusals("training", "concurrency"), Some(1.0), "{text}");
     assert_eq!(refusals("training", "rate"), Some(2.0), "{text}");
+
+    // Admin changes are counted by action and by who made them.
+    let layer = demo::limits(spec_policy(), MemoryBackend::new());
+    let admin = serve(demo::app_with_admin(layer, Some("metrics-admin-token"))).await;
+    for tier in ["pro", "enterprise"] {
+        let res = c
+            .put(admin.url("/admin/v1/keys"))
+            .header("authorization", "Bearer metrics-admin-token")
+            .json(&serde_json::json!({ "key": "metrics-new-key", "tier": tier }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    let text = metrics().await;
+    assert_eq!(
+        sample(
+            &text,
+            "tierlimit_admin_changes_total",
+            &[("action", "put_key"), ("who", "admin")]
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert!(!text.contains("metrics-new-key"));
 }
