@@ -668,19 +668,9 @@ fn names<'a>(items: impl Iterator<Item = &'a str>) -> String {
 
 /// A boost as the admin API shows it (its key redacted).
 fn boost_json(id: &str, b: &BoostEntry) -> Value {
-    let (key, tier) = match &b.target {
-        BoostTarget::Key(k) => (Some(KeyId::of(k).redacted().to_string()), None),
-        BoostTarget::Tier(t) => (None, Some(t.clone())),
-    };
-    json!({
-        "id": id,
-        "key": key,
-        "tier": tier,
-        "category": b.category,
-        "adjust": b.written,
-        "start": b.start,
-        "end": b.end,
-    })
+    let mut v = b.json(|k| KeyId::of(k).redacted().to_string());
+    v["id"] = json!(id);
+    v
 }
 
 /// A boost id: 16 hex digits, random (unique across instances).

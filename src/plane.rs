@@ -59,6 +59,24 @@ pub(crate) struct BoostEntry {
     pub(crate) end: u64,
 }
 
+impl BoostEntry {
+    /// The boost as JSON, its key (if it names one) shown by `show_key`.
+    pub(crate) fn json(&self, show_key: impl Fn(&str) -> String) -> Value {
+        let (key, tier) = match &self.target {
+            BoostTarget::Key(k) => (Some(show_key(k)), None),
+            BoostTarget::Tier(t) => (None, Some(t.as_str())),
+        };
+        json!({
+            "key": key,
+            "tier": tier,
+            "category": self.category,
+            "adjust": self.written,
+            "start": self.start,
+            "end": self.end,
+        })
+    }
+}
+
 #[derive(Clone, Debug)]
 enum KeyState {
     Put {
@@ -392,19 +410,7 @@ pub(crate) fn boost_field(id: &str) -> String {
 }
 
 fn boost_value(b: &BoostEntry) -> String {
-    let (key, tier) = match &b.target {
-        BoostTarget::Key(k) => (Some(k.as_str()), None),
-        BoostTarget::Tier(t) => (None, Some(t.as_str())),
-    };
-    json!({
-        "key": key,
-        "tier": tier,
-        "category": b.category,
-        "adjust": b.written,
-        "start": b.start,
-        "end": b.end,
-    })
-    .to_string()
+    b.json(str::to_owned).to_string()
 }
 
 /// A store field with its key redacted (for logs).

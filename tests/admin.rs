@@ -20,33 +20,14 @@ const TOKEN: &str = "admin-token-for-tests-0123456789";
 /// A key no file lists; its text must never come back.
 const NEW_KEY: &str = "sk-provisioned-7f3a9c1e5b";
 
-/// Log lines of this test binary (the audit events).
-static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
-
-struct LogWriter;
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LOGS.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn setup() {
     #[cfg(feature = "redis")]
     common::redis::init_secret();
-    let _ = tracing_subscriber::fmt()
-        .with_writer(|| LogWriter)
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .try_init();
+    common::logs::capture();
 }
 
 fn logs() -> String {
-    String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
+    common::logs::text()
 }
 
 /// The demo app with the admin API, on the spec's policy and memory.
@@ -95,14 +76,39 @@ async fn ok(s: &common::Server, method: &str, path: &str, body: Value) -> Value 
     v
 }
 
-/// `GET /v1/account` (read) as `key`: its status and `X-RateLimit-Limit`.
-async fn read(s: &common::Server, key: &str) -> (u16, Option<u64>) {
-    let res = common::client()
-        .get(s.url("/v1/account"))
-        .header("x-api-key", key)
+/// A boost of the new key's `read`, active for an hour from now.
+async fn boost_new_key(s: &common::Server, adjust: &str) -> Value {
+    let now = common::unix_now();
+    let body = json!({ "key": NEW_KEY, "category": "read", "adjust": adjust, "start": now - 1, "end": now + 3600 });
+    ok(s, "POST", "/boosts", body).await
+}
+
+/// A request with one header (`name: value`) and a raw body.
+async fn send(
+    method: reqwest::Method,
+    url: String,
+    header: (&str, String),
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    common::client()
+        .request(method, url)
+        .header(header.0, header.1)
+        .header("content-type", "application/json")
+        .body(body)
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// `method /v1/account` as `key`: its status and `X-RateLimit-Limit`.
+async fn account(s: &common::Server, method: reqwest::Method, key: &str) -> (u16, Option<u64>) {
+    let res = send(
+        method,
+        s.url("/v1/account"),
+        ("x-api-key", key.to_owned()),
+        "",
+    )
+    .await;
     let limit = res
         .headers()
         .get("x-ratelimit-limit")
@@ -110,18 +116,16 @@ async fn read(s: &common::Server, key: &str) -> (u16, Option<u64>) {
     (res.status().as_u16(), limit)
 }
 
-/// `POST /v1/account`-style write as `key`: its `X-RateLimit-Limit`.
+/// `GET /v1/account` (read) as `key`: its status and `X-RateLimit-Limit`.
+async fn read(s: &common::Server, key: &str) -> (u16, Option<u64>) {
+    account(s, reqwest::Method::GET, key).await
+}
+
+/// `PATCH /v1/account` (write) as `key`: its `X-RateLimit-Limit`.
 async fn write_limit(s: &common::Server, key: &str) -> Option<u64> {
-    let res = common::client()
-        .patch(s.url("/v1/account"))
-        .header("x-api-key", key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    res.headers()
-        .get("x-ratelimit-limit")
-        .map(|v| v.to_str().unwrap().parse().unwrap())
+    let (status, limit) = account(s, reqwest::Method::PATCH, key).await;
+    assert_eq!(status, 200);
+    limit
 }
 
 #[tokio::test]
@@ -132,13 +136,13 @@ async fn admin_requests_need_a_token_and_bad_bodies_name_the_field() {
     let (status, v) = admin(&s, "PUT", "/keys", None, Some(put.clone())).await;
     assert_eq!(status, 401, "{v}");
     assert_eq!(v["type"], "urn:tierlimit:problem:admin-unauthorized");
-    let res = common::client()
-        .put(s.url("/admin/v1/keys"))
-        .header("authorization", format!("Basic {TOKEN}"))
-        .json(&put)
-        .send()
-        .await
-        .unwrap();
+    let res = send(
+        reqwest::Method::PUT,
+        s.url("/admin/v1/keys"),
+        ("authorization", format!("Basic {TOKEN}")),
+        put.to_string(),
+    )
+    .await;
     assert_eq!(res.status(), 401);
     assert_eq!(res.headers()["www-authenticate"], "Bearer");
     let (status, _) = admin(
@@ -255,25 +259,20 @@ async fn admin_requests_need_a_token_and_bad_bodies_name_the_field() {
         ("[1, 2]".to_owned(), 400),
         (format!("{{\"key\": \"{}\"}}", "a".repeat(70_000)), 413),
     ] {
-        let res = common::client()
-            .put(s.url("/admin/v1/keys"))
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let bearer = ("authorization", format!("Bearer {TOKEN}"));
+        let res = send(reqwest::Method::PUT, s.url("/admin/v1/keys"), bearer, body).await;
         assert_eq!(res.status().as_u16(), status);
     }
     // Unknown resources and methods.
     assert_eq!(admin(&s, "GET", "/nope", Some(TOKEN), None).await.0, 404);
-    let res = common::client()
-        .patch(s.url("/admin/v1/keys"))
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .json(&put)
-        .send()
-        .await
-        .unwrap();
+    let bearer = ("authorization", format!("Bearer {TOKEN}"));
+    let res = send(
+        reqwest::Method::PATCH,
+        s.url("/admin/v1/keys"),
+        bearer,
+        put.to_string(),
+    )
+    .await;
     assert_eq!(res.status(), 405);
     assert_eq!(res.headers()["allow"], "PUT, DELETE");
     assert_eq!(
@@ -290,13 +289,14 @@ async fn admin_requests_need_a_token_and_bad_bodies_name_the_field() {
     .await;
     // (As any unknown route of the demo: found by no route, after the
     // layer has identified the caller.)
-    let res = common::client()
-        .put(plain.url("/admin/v1/keys"))
-        .header("x-api-key", "free-demo-key")
-        .json(&put)
-        .send()
-        .await
-        .unwrap();
+    let key = ("x-api-key", "free-demo-key".to_owned());
+    let res = send(
+        reqwest::Method::PUT,
+        plain.url("/admin/v1/keys"),
+        key,
+        put.to_string(),
+    )
+    .await;
     let status = res.status();
     assert_eq!(status, 404, "{}", res.text().await.unwrap());
 }
@@ -378,14 +378,7 @@ async fn keys_limits_boosts_and_usage_through_the_admin_api() {
     )
     .await;
     // A boost for the key, active now: listed (key redacted), then removed.
-    let now = common::unix_now();
-    let v = ok(
-        &s,
-        "POST",
-        "/boosts",
-        json!({ "key": NEW_KEY, "category": "read", "adjust": "x2", "start": now - 60, "end": now + 3600 }),
-    )
-    .await;
+    let v = boost_new_key(&s, "x2").await;
     let id = v["id"].as_str().unwrap().to_owned();
     assert_eq!(read(&s, NEW_KEY).await.1, Some(2000));
     let (_, list) = admin(&s, "GET", "/boosts", Some(TOKEN), None).await;
@@ -690,14 +683,7 @@ mod redis {
             write_limit(&b, NEW_KEY).await
         })
         .await;
-        let now = common::unix_now();
-        let boost = ok(
-            &a,
-            "POST",
-            "/boosts",
-            json!({ "key": NEW_KEY, "category": "read", "adjust": "x3", "start": now - 1, "end": now + 3600 }),
-        )
-        .await;
+        let boost = boost_new_key(&a, "x3").await;
         until("B enforces the boost", (200, Some(3000)), async || {
             read(&b, NEW_KEY).await
         })

@@ -17,27 +17,8 @@ use common::redis::{RedisCluster, RedisServer, ready};
 use governor::clock::FakeRelativeClock;
 use tierlimit::{Backend, BackendState, FailurePolicy, KeyId, Limit, RedisBackend, Subject};
 
-/// Log lines of this test binary, for the state-change events.
-static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
-
-struct LogWriter;
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LOGS.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn capture_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_writer(|| LogWriter)
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .try_init();
+    common::logs::capture();
 }
 
 /// The Prometheus text of this test binary's metrics (feature `metrics`).
@@ -62,7 +43,7 @@ fn metric(name_and_labels: &str) -> Option<f64> {
 }
 
 fn logs() -> String {
-    String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
+    common::logs::text()
 }
 
 fn subject(key: &str) -> Subject {

@@ -118,3 +118,34 @@ category = "ai"
 "team-b" = { tier = "team", account = "initech" }
 "team-solo" = "team"
 "#;
+
+/// Log lines of a test binary, captured through `tracing` (INFO and up).
+pub mod logs {
+    static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+    struct LogWriter;
+
+    impl std::io::Write for LogWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            LOGS.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Installs the capture (once per binary).
+    pub fn capture() {
+        let _ = tracing_subscriber::fmt()
+            .with_writer(|| LogWriter)
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .try_init();
+    }
+
+    /// Everything logged so far.
+    pub fn text() -> String {
+        String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
+    }
+}
