@@ -698,6 +698,8 @@ fn audit(who: &str, action: &'static str, key: KeyId, shown: &Value) {
         "admin change"
     );
     #[cfg(feature = "metrics")]
+    crate::telemetry::describe_once();
+    #[cfg(feature = "metrics")]
     metrics::counter!(
         "tierlimit_admin_changes_total",
         "action" => action,

@@ -20,7 +20,168 @@
 //! | `tierlimit_admin_changes_total` | counter | `action`, `who`: changes made through the admin service |
 //!
 //! Install the recorder (an exporter) before the first request: handles
-//! are made on first use and cached.
+//! are made on first use and cached, and every metric is described (help
+//! text and unit, [`METRICS`]) to the recorder the first time any is made;
+//! [`describe`] does it at once.
+
+/// What kind of metric it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MetricKind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// A distribution (rendered as a summary or a histogram by the exporter).
+    Histogram,
+}
+
+/// One metric the crate exports: its name, kind, unit and help text.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct MetricInfo {
+    /// Its name.
+    pub name: &'static str,
+    /// Counter, gauge or histogram.
+    pub kind: MetricKind,
+    /// Its unit, if it has one (`"seconds"`).
+    pub unit: Option<&'static str>,
+    /// Its help text.
+    pub help: &'static str,
+}
+
+const fn metric(
+    name: &'static str,
+    kind: MetricKind,
+    unit: Option<&'static str>,
+    help: &'static str,
+) -> MetricInfo {
+    MetricInfo {
+        name,
+        kind,
+        unit,
+        help,
+    }
+}
+
+/// Every metric the crate exports (the table above), the source of the
+/// help texts and of what dashboards may name.
+pub const METRICS: &[MetricInfo] = &[
+    metric(
+        "tierlimit_requests_total",
+        MetricKind::Counter,
+        None,
+        "Limited requests by tier, category and outcome (allowed, refused, shadow_refused).",
+    ),
+    metric(
+        "tierlimit_rejections_total",
+        MetricKind::Counter,
+        None,
+        "Requests answered before any limit was checked (a client mistake, or the limiter unavailable), by reason.",
+    ),
+    metric(
+        "tierlimit_backend_errors_total",
+        MetricKind::Counter,
+        None,
+        "Backend checks that failed or timed out, by backend.",
+    ),
+    metric(
+        "tierlimit_fallback_total",
+        MetricKind::Counter,
+        None,
+        "Checks answered by the failure policy while the backend was unreachable, by backend and policy.",
+    ),
+    metric(
+        "tierlimit_backend_state",
+        MetricKind::Gauge,
+        None,
+        "Whether checks go to the backend (1) or the failure policy applies (0, degraded), by backend.",
+    ),
+    metric(
+        "tierlimit_check_duration_seconds",
+        MetricKind::Histogram,
+        Some("seconds"),
+        "Time a limit check took, from the request's identification to the backend's answer.",
+    ),
+    metric(
+        "tierlimit_tracked_keys",
+        MetricKind::Gauge,
+        None,
+        "Buckets tracked in this process's memory backend.",
+    ),
+    metric(
+        "tierlimit_tokens_charged_total",
+        MetricKind::Counter,
+        None,
+        "Tokens used beyond the requests' estimates (debts), by tier and category.",
+    ),
+    metric(
+        "tierlimit_tokens_refunded_total",
+        MetricKind::Counter,
+        None,
+        "Tokens of the requests' estimates given back (unused), by tier and category.",
+    ),
+    metric(
+        "tierlimit_refunds_total",
+        MetricKind::Counter,
+        None,
+        "Requests refunded by their response's status (refund_on), by tier and category.",
+    ),
+    metric(
+        "tierlimit_settlement_fallbacks_total",
+        MetricKind::Counter,
+        None,
+        "Settlements made by the fallback while the backend was unreachable, by backend.",
+    ),
+    metric(
+        "tierlimit_refusals_total",
+        MetricKind::Counter,
+        None,
+        "Refusals by tier, category and the kind of limit that refused (rate, tokens, concurrency).",
+    ),
+    metric(
+        "tierlimit_leases_held",
+        MetricKind::Gauge,
+        None,
+        "Concurrency leases held by requests in flight on this instance, by tier and category.",
+    ),
+    metric(
+        "tierlimit_admin_changes_total",
+        MetricKind::Counter,
+        None,
+        "Changes made through the admin service, by action and by the admin token's name.",
+    ),
+];
+
+/// Describes every metric ([`METRICS`]) to the installed recorder: help
+/// text and unit. The crate does this by itself the first time it makes a
+/// metric; call it at start-up to have the descriptions before any traffic.
+/// Without the `metrics` feature it does nothing.
+pub fn describe() {
+    #[cfg(feature = "metrics")]
+    for m in METRICS {
+        let unit = match m.unit {
+            Some("seconds") => Some(metrics::Unit::Seconds),
+            _ => None,
+        };
+        match (m.kind, unit) {
+            (MetricKind::Counter, Some(u)) => metrics::describe_counter!(m.name, u, m.help),
+            (MetricKind::Counter, None) => metrics::describe_counter!(m.name, m.help),
+            (MetricKind::Gauge, Some(u)) => metrics::describe_gauge!(m.name, u, m.help),
+            (MetricKind::Gauge, None) => metrics::describe_gauge!(m.name, m.help),
+            (MetricKind::Histogram, Some(u)) => metrics::describe_histogram!(m.name, u, m.help),
+            (MetricKind::Histogram, None) => metrics::describe_histogram!(m.name, m.help),
+        }
+    }
+}
+
+/// [`describe`], once per process (before the first metric is made).
+#[cfg(feature = "metrics")]
+#[inline]
+pub(crate) fn describe_once() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(describe);
+}
 
 /// A cell's (tier × category) request counters, made on first use.
 #[cfg(feature = "metrics")]
@@ -37,6 +198,7 @@ pub(crate) struct CellMetrics {
 #[cfg(feature = "metrics")]
 impl CellMetrics {
     pub(crate) fn new(tier: &str, category: &str) -> Self {
+        describe_once();
         let c = |outcome: &'static str| {
             metrics::counter!(
                 "tierlimit_requests_total",
@@ -90,6 +252,7 @@ pub(crate) struct TokenCounters {
 #[cfg(feature = "metrics")]
 impl TokenCounters {
     pub(crate) fn new(tier: &str, category: &str) -> Self {
+        describe_once();
         let c = |name: &'static str| metrics::counter!(name, "tier" => tier.to_owned(), "category" => category.to_owned());
         TokenCounters {
             charged: c("tierlimit_tokens_charged_total"),
@@ -103,22 +266,31 @@ impl TokenCounters {
 #[inline]
 pub(crate) fn rejection(_reason: &'static str) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("tierlimit_rejections_total", "reason" => _reason).increment(1);
+    {
+        describe_once();
+        metrics::counter!("tierlimit_rejections_total", "reason" => _reason).increment(1);
+    }
 }
 
 /// A backend failure (an error or a timeout).
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn backend_error(_backend: &'static str) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("tierlimit_backend_errors_total", "backend" => _backend).increment(1);
+    {
+        describe_once();
+        metrics::counter!("tierlimit_backend_errors_total", "backend" => _backend).increment(1);
+    }
 }
 
 /// A request answered by the failure policy instead of the backend.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn fallback(_backend: &'static str, _policy: &'static str) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("tierlimit_fallback_total", "backend" => _backend, "policy" => _policy)
-        .increment(1);
+    {
+        describe_once();
+        metrics::counter!("tierlimit_fallback_total", "backend" => _backend, "policy" => _policy)
+            .increment(1);
+    }
 }
 
 /// A settlement the backend could not make (Redis unreachable), made by
@@ -126,18 +298,25 @@ pub(crate) fn fallback(_backend: &'static str, _policy: &'static str) {
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn settlement_fallback(_backend: &'static str) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("tierlimit_settlement_fallbacks_total", "backend" => _backend).increment(1);
+    {
+        describe_once();
+        metrics::counter!("tierlimit_settlement_fallbacks_total", "backend" => _backend)
+            .increment(1);
+    }
 }
 
 /// The backend's state: connected or degraded.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn backend_state(_backend: &'static str, _connected: bool) {
     #[cfg(feature = "metrics")]
-    metrics::gauge!("tierlimit_backend_state", "backend" => _backend).set(if _connected {
-        1.0
-    } else {
-        0.0
-    });
+    {
+        describe_once();
+        metrics::gauge!("tierlimit_backend_state", "backend" => _backend).set(if _connected {
+            1.0
+        } else {
+            0.0
+        });
+    }
 }
 
 /// Keys tracked in memory, up or down.
@@ -147,7 +326,10 @@ pub(crate) fn tracked_keys(_delta: f64) {
     {
         static GAUGE: std::sync::OnceLock<metrics::Gauge> = std::sync::OnceLock::new();
         GAUGE
-            .get_or_init(|| metrics::gauge!("tierlimit_tracked_keys"))
+            .get_or_init(|| {
+                describe_once();
+                metrics::gauge!("tierlimit_tracked_keys")
+            })
             .increment(_delta);
     }
 }
@@ -157,6 +339,9 @@ pub(crate) fn tracked_keys(_delta: f64) {
 #[inline]
 pub(crate) fn check_duration(elapsed: std::time::Duration) {
     static HIST: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
-    HIST.get_or_init(|| metrics::histogram!("tierlimit_check_duration_seconds"))
+    HIST.get_or_init(|| {
+        describe_once();
+        metrics::histogram!("tierlimit_check_duration_seconds")
+    })
         .record(elapsed.as_secs_f64());
 }

@@ -99,6 +99,7 @@ impl CellView {
     pub(crate) fn leases(&self, tier: &str, category: &str) -> metrics::Gauge {
         self.leases
             .get_or_init(|| {
+                crate::telemetry::describe_once();
                 metrics::gauge!(
                     "tierlimit_leases_held",
                     "tier" => tier.to_owned(),

@@ -290,4 +290,71 @@ async fn metrics_after_known_traffic_are_exact() {
         "{text}"
     );
     assert!(!text.contains("metrics-new-key"));
+    every_metric_has_help_and_promtool_accepts(&text);
+}
+
+/// `promtool` (Debian package `prometheus`), if installed; without it the
+/// caller skips, printing why, unless `TIERLIMIT_REQUIRE_PROMTOOL=1` (CI).
+fn promtool() -> Option<&'static str> {
+    let found = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Some("promtool");
+    }
+    if std::env::var("TIERLIMIT_REQUIRE_PROMTOOL").is_ok_and(|v| v == "1") {
+        panic!("TIERLIMIT_REQUIRE_PROMTOOL=1 but no promtool on PATH");
+    }
+    eprintln!("SKIPPED: no promtool on PATH (apt-get install prometheus to run this check)");
+    None
+}
+
+/// Runs `promtool ARGS` with `input` on stdin; its output, if it failed.
+fn run_promtool(args: &[&str], input: Option<&str>) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(text) = input {
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Every tierlimit metric in `text` is one of `telemetry::METRICS`, with
+/// its help text; and promtool accepts the whole text.
+fn every_metric_has_help_and_promtool_accepts(text: &str) {
+    let mut seen = 0;
+    for line in text.lines().filter(|l| l.starts_with("# TYPE tierlimit_")) {
+        let name = line.split_whitespace().nth(2).unwrap();
+        let info = tierlimit::telemetry::METRICS
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("{name} is not in telemetry::METRICS"));
+        let help = format!("# HELP {name} {}", info.help);
+        assert!(text.contains(&help), "no help for {name}:\n{text}");
+        seen += 1;
+    }
+    assert!(seen >= 10, "{seen} metrics:\n{text}");
+    let Some(_) = promtool() else {
+        return;
+    };
+    if let Err(problems) = run_promtool(&["check", "metrics"], Some(text)) {
+        panic!("promtool check metrics:\n{problems}\n{text}");
+    }
 }
