@@ -343,5 +343,5 @@ pub(crate) fn check_duration(elapsed: std::time::Duration) {
         describe_once();
         metrics::histogram!("tierlimit_check_duration_seconds")
     })
-        .record(elapsed.as_secs_f64());
+    .record(elapsed.as_secs_f64());
 }

@@ -17,7 +17,10 @@ fn read(path: &str) -> String {
 /// The `tierlimit_…` metric names in `text`, with the series suffixes of
 /// summaries and histograms (`_sum`, `_count`, `_bucket`) taken off.
 fn metric_names(text: &str) -> BTreeSet<String> {
-    let exported: Vec<&str> = tierlimit::telemetry::METRICS.iter().map(|m| m.name).collect();
+    let exported: Vec<&str> = tierlimit::telemetry::METRICS
+        .iter()
+        .map(|m| m.name)
+        .collect();
     let mut names = BTreeSet::new();
     let bytes = text.as_bytes();
     let mut i = 0;
@@ -64,7 +67,10 @@ fn the_dashboard_and_the_rules_name_only_exported_metrics() {
     let unknown: Vec<_> = in_dashboard.difference(&exported).collect();
     assert!(unknown.is_empty(), "the dashboard names {unknown:?}");
     let missing: Vec<_> = exported.difference(&in_dashboard).collect();
-    assert!(missing.is_empty(), "the dashboard does not show {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "the dashboard does not show {missing:?}"
+    );
     let rules = metric_names(&read(RULES));
     let unknown: Vec<_> = rules.difference(&exported).collect();
     assert!(unknown.is_empty(), "the rules name {unknown:?}");
@@ -72,7 +78,11 @@ fn the_dashboard_and_the_rules_name_only_exported_metrics() {
     // Every panel has a title and a query (rows aside).
     for p in panels.iter().filter(|p| p["type"] != "row") {
         assert!(p["title"].as_str().is_some_and(|t| !t.is_empty()));
-        assert!(!p["targets"].as_array().unwrap().is_empty(), "{}", p["title"]);
+        assert!(
+            !p["targets"].as_array().unwrap().is_empty(),
+            "{}",
+            p["title"]
+        );
     }
 }
 

@@ -321,7 +321,12 @@ fn run_promtool(args: &[&str], input: Option<&str>) -> Result<(), String> {
         .spawn()
         .unwrap();
     if let Some(text) = input {
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
     }
     drop(child.stdin.take());
     let out = child.wait_with_output().unwrap();

@@ -221,6 +221,26 @@ pub(super) struct KeyRow {
     pub(super) account: Option<KeyId>,
 }
 
+/// Every limit that applies to one key in one category at one time
+/// ([`Policy::effective_limits`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EffectiveLimits {
+    /// Request limits counted per key (per account in a pooled tier);
+    /// empty: unlimited per key.
+    pub per_key: Vec<Limit>,
+    /// Request limits counted per account.
+    pub per_account: Vec<Limit>,
+    /// Token limits per key (per account in a pooled tier).
+    pub tokens: Vec<Limit>,
+    /// Token limits per account.
+    pub account_tokens: Vec<Limit>,
+    /// Requests in flight at once per key (per account when pooled).
+    pub concurrency: Option<u32>,
+    /// Requests in flight at once per account.
+    pub account_concurrency: Option<u32>,
+}
+
 /// The limits of one tier × category cell ([`Policy::limits`]).
 #[derive(Clone, Copy, Debug)]
 pub struct CellLimits<'a> {
@@ -484,6 +504,39 @@ impl Policy {
     /// Every limit that applies to `key` in a cell at `now_unix`: the
     /// tier's, then the key's custom limit, then the most generous active
     /// boost if it is more generous (no allocation).
+    /// Every limit that applies to `key` in a tier and category at
+    /// `now_unix` (seconds), after its custom limits and the boosts active
+    /// then: what its requests are checked against. `None` for ids from
+    /// another policy. (For tools such as `tierlimit table`; the request
+    /// path never copies limits like this.)
+    pub fn effective_limits(
+        &self,
+        tier: TierId,
+        category: CategoryId,
+        key: KeyId,
+        now_unix: u64,
+    ) -> Option<EffectiveLimits> {
+        let cell = self.cell(tier, category)?;
+        let a = self.effective(cell, tier, category, key, now_unix);
+        Some(EffectiveLimits {
+            per_key: a.per_key.as_slice().to_vec(),
+            per_account: a.per_account.as_slice().to_vec(),
+            tokens: a.tokens.as_slice().to_vec(),
+            account_tokens: a.account_tokens.as_slice().to_vec(),
+            concurrency: cell.concurrency,
+            account_concurrency: cell.account_concurrency,
+        })
+    }
+
+    /// The keys the policy lists (`[keys]`, or the builder's), with their
+    /// tier and account, in no particular order.
+    pub fn listed_keys(&self) -> impl Iterator<Item = (&str, TierId, Option<KeyId>)> + '_ {
+        self.inner
+            .keys
+            .iter()
+            .map(|row| (&*row.key, row.tier, row.account))
+    }
+
     pub(crate) fn effective(
         &self,
         cell: &Cell,

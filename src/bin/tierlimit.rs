@@ -1,0 +1,187 @@
+//! `tierlimit`: checks a policy file before it is deployed, and prints the
+//! table it gives (feature `cli`).
+//!
+//! ```sh
+//! tierlimit check policy.toml    # exit 0 if valid; else 1, with the entry and line
+//! tierlimit table policy.toml    # tiers × categories, custom limits and boosts in force now
+//! ```
+
+use std::process::ExitCode;
+
+use tierlimit::policy::EffectiveLimits;
+use tierlimit::{KeyId, Limit, Policy};
+
+const USAGE: &str = "usage: tierlimit check POLICY.toml | tierlimit table POLICY.toml";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (command, path) = match args.as_slice() {
+        [c, p] if c == "check" || c == "table" => (c.as_str(), p.as_str()),
+        [h] if h == "-h" || h == "--help" || h == "help" => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let policy = match Policy::from_toml_file(path) {
+        Ok(p) => p,
+        Err(e) => {
+            // The error names the entry and, from a file, its line.
+            eprintln!("{path}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match command {
+        "check" => {
+            println!(
+                "{path}: valid ({} tiers, {} categories, {} keys)",
+                policy.tiers().len(),
+                policy.categories().len(),
+                policy.listed_keys().count()
+            );
+        }
+        _ => print!("{}", table(&policy, unix_now())),
+    }
+    ExitCode::SUCCESS
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A limit as the policy file writes it (`100/hour`).
+fn limit_text(l: &Limit) -> String {
+    let unit = match l.per().as_secs() {
+        1 if l.per().subsec_nanos() == 0 => "second".to_owned(),
+        60 if l.per().subsec_nanos() == 0 => "minute".to_owned(),
+        3600 if l.per().subsec_nanos() == 0 => "hour".to_owned(),
+        86_400 if l.per().subsec_nanos() == 0 => "day".to_owned(),
+        _ => format!("{}ms", l.per().as_millis()),
+    };
+    format!("{}/{unit}", l.max())
+}
+
+fn list(limits: &[Limit]) -> String {
+    limits
+        .iter()
+        .map(limit_text)
+        .collect::<Vec<_>>()
+        .join(" + ")
+}
+
+/// One cell's text: its request limits (or `unlimited`), then tokens,
+/// concurrency and per-account limits.
+fn cell_text(e: &EffectiveLimits) -> String {
+    let mut parts = vec![if e.per_key.is_empty() {
+        "unlimited".to_owned()
+    } else {
+        list(&e.per_key)
+    }];
+    if !e.tokens.is_empty() {
+        parts.push(format!("tokens {}", list(&e.tokens)));
+    }
+    if let Some(n) = e.concurrency {
+        parts.push(format!("{n} at once"));
+    }
+    let mut account = Vec::new();
+    if !e.per_account.is_empty() {
+        account.push(list(&e.per_account));
+    }
+    if !e.account_tokens.is_empty() {
+        account.push(format!("tokens {}", list(&e.account_tokens)));
+    }
+    if let Some(n) = e.account_concurrency {
+        account.push(format!("{n} at once"));
+    }
+    if !account.is_empty() {
+        parts.push(format!("account: {}", account.join(", ")));
+    }
+    parts.join("; ")
+}
+
+/// The effective table at `now`: tiers × categories (tier-wide boosts
+/// active now applied), then every listed key whose limits differ from its
+/// tier's (custom limits, key boosts), its key redacted.
+fn table(policy: &Policy, now: u64) -> String {
+    // A key no boost or custom limit names: its tier's limits.
+    let nobody = KeyId::from_raw(0x9e37_79b9_7f4a_7c15);
+    let categories: Vec<_> = policy.categories().collect();
+    let mut rows = vec![
+        std::iter::once("tier".to_owned())
+            .chain(
+                categories
+                    .iter()
+                    .map(|&c| policy.category_name(c).to_owned()),
+            )
+            .collect::<Vec<_>>(),
+    ];
+    for tier in policy.tiers() {
+        let mut row = vec![policy.tier_name(tier).to_owned()];
+        for &c in &categories {
+            let e = policy
+                .effective_limits(tier, c, nobody, now)
+                .expect("ids from this policy");
+            row.push(cell_text(&e));
+        }
+        rows.push(row);
+    }
+    let mut out = render(&rows);
+    let mut keys: Vec<_> = policy.listed_keys().collect();
+    keys.sort_by_key(|(k, _, _)| *k);
+    let mut custom = vec![vec![
+        "key".to_owned(),
+        "tier".to_owned(),
+        "category".to_owned(),
+        "limits now".to_owned(),
+    ]];
+    for (key, tier, _) in keys {
+        let id = KeyId::of(key);
+        for &c in &categories {
+            let theirs = policy.effective_limits(tier, c, id, now);
+            let tiers = policy.effective_limits(tier, c, nobody, now);
+            if let Some(e) = theirs.filter(|e| Some(e) != tiers.as_ref()) {
+                custom.push(vec![
+                    id.redacted().to_string(),
+                    policy.tier_name(tier).to_owned(),
+                    policy.category_name(c).to_owned(),
+                    cell_text(&e),
+                ]);
+            }
+        }
+    }
+    if custom.len() > 1 {
+        out.push_str("\ncustom limits and key boosts in force now:\n");
+        out.push_str(&render(&custom));
+    }
+    out
+}
+
+/// Rows as aligned columns.
+fn render(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("{s:<w$}", w = widths[i]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
