@@ -100,7 +100,7 @@
 //! `Retry-After` is when the refused request would conform. Seconds are
 //! rounded up, never down, and `Retry-After` is at least 1.
 
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod admin;
 mod admission;
