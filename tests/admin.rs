@@ -619,12 +619,18 @@ async fn the_policy_file_is_watched_atomically_and_a_broken_file_changes_nothing
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
-    use common::redis::{RedisServer, ready};
+    use common::redis::{RedisCluster, RedisServer, ready};
     use tierlimit::RedisBackend;
 
     /// A demo instance on `server`, sharing operator state through it.
     async fn instance(server: &RedisServer) -> common::Server {
-        let backend = RedisBackend::builder(server.url())
+        instance_on(RedisBackend::builder(server.url())).await
+    }
+
+    /// A demo instance on the Redis `builder` names, sharing operator
+    /// state through it.
+    async fn instance_on(builder: tierlimit::RedisBackendBuilder) -> common::Server {
+        let backend = builder
             .timeout(Duration::from_secs(2))
             .connect()
             .await
@@ -691,6 +697,9 @@ mod redis {
         // B lists the boost A granted.
         let (_, list) = admin(&b, "GET", "/boosts", Some(TOKEN), None).await;
         assert_eq!(list["boosts"][0]["id"], boost["id"]);
+        // Every change was published on the admin channel (from the
+        // write script: Redis counts the commands scripts call).
+        assert!(server.command_calls("publish") >= 3, "published");
         // A third instance, started now, has all of it at start.
         let c = instance(&server).await;
         assert_eq!(read(&c, NEW_KEY).await, (200, Some(3000)));
@@ -720,6 +729,48 @@ mod redis {
         )
         .await;
         assert_eq!(read(&d, NEW_KEY).await, (200, Some(100)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn changes_reach_every_instance_on_a_cluster() {
+        if !ready() {
+            return;
+        }
+        setup();
+        let cluster = RedisCluster::start();
+        let a = instance_on(RedisBackend::cluster(cluster.urls())).await;
+        let b = instance_on(RedisBackend::cluster(cluster.urls())).await;
+        ok(&a, "PUT", "/keys", json!({ "key": NEW_KEY, "tier": "pro" })).await;
+        ok(
+            &a,
+            "PUT",
+            "/limits",
+            json!({ "key": NEW_KEY, "category": "write", "limit": "3/hour" }),
+        )
+        .await;
+        until(
+            "B on the cluster accepts the key",
+            (200, Some(1000)),
+            async || read(&b, NEW_KEY).await,
+        )
+        .await;
+        until(
+            "B on the cluster enforces the custom limit",
+            Some(3),
+            async || write_limit(&b, NEW_KEY).await,
+        )
+        .await;
+        let c = instance_on(RedisBackend::cluster(cluster.urls())).await;
+        assert_eq!(write_limit(&c, NEW_KEY).await, Some(3));
+        ok(&c, "DELETE", "/keys", json!({ "key": NEW_KEY })).await;
+        for (name, s) in [("A", &a), ("B", &b), ("C", &c)] {
+            until(
+                &format!("{name} refuses the revoked key"),
+                401,
+                async || read(s, NEW_KEY).await.0,
+            )
+            .await;
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
