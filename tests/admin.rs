@@ -662,6 +662,14 @@ mod redis {
         took
     }
 
+    /// Every one of `servers` refuses the (revoked) new key, soon.
+    async fn refused_everywhere(servers: &[(&str, &common::Server)]) {
+        for (name, s) in servers {
+            let what = format!("{name} refuses the revoked key");
+            until(&what, 401, async || read(s, NEW_KEY).await.0).await;
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn changes_through_one_instance_reach_the_others_and_new_ones() {
         if !ready() {
@@ -706,14 +714,7 @@ mod redis {
         assert_eq!(write_limit(&c, NEW_KEY).await, Some(3));
         // Revoked through B: a 401 on every instance.
         ok(&b, "DELETE", "/keys", json!({ "key": NEW_KEY })).await;
-        for (name, s) in [("A", &a), ("B", &b), ("C", &c)] {
-            until(
-                &format!("{name} refuses the revoked key"),
-                401,
-                async || read(s, NEW_KEY).await.0,
-            )
-            .await;
-        }
+        refused_everywhere(&[("A", &a), ("B", &b), ("C", &c)]).await;
         // Its boost went with it.
         let (_, list) = admin(&c, "GET", "/boosts", Some(TOKEN), None).await;
         assert_eq!(list["boosts"].as_array().unwrap().len(), 0, "{list}");
@@ -763,14 +764,7 @@ mod redis {
         let c = instance_on(RedisBackend::cluster(cluster.urls())).await;
         assert_eq!(write_limit(&c, NEW_KEY).await, Some(3));
         ok(&c, "DELETE", "/keys", json!({ "key": NEW_KEY })).await;
-        for (name, s) in [("A", &a), ("B", &b), ("C", &c)] {
-            until(
-                &format!("{name} refuses the revoked key"),
-                401,
-                async || read(s, NEW_KEY).await.0,
-            )
-            .await;
-        }
+        refused_everywhere(&[("A", &a), ("B", &b), ("C", &c)]).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
