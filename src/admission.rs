@@ -201,7 +201,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             known: f.identity.is_known(),
         };
         let mut settle = f.settle();
-        settle.reserves[0] = reserve;
+        settle.carried.reserves[0] = reserve;
         let check = self.backend.check(&subject, &limit);
         self.settle_now(f.guard, f.req, check, settle)
     }
@@ -229,11 +229,11 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             pct.map_or(0, |p| reserve_for(p, max))
         });
         let mut settle = f.settle();
-        for (r, c) in settle.reserves.iter_mut().zip(set.charges()) {
+        for (r, c) in settle.carried.reserves.iter_mut().zip(set.charges()) {
             *r = c.reserve;
         }
         if f.cell.metered {
-            settle.meter = Some(TokenMeter::new(Seed {
+            settle.carried.meter = Some(TokenMeter::new(Seed {
                 owner: set.owner,
                 charges: set.items,
                 len: set.len as u8,
@@ -250,7 +250,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         }
         let lease_id = if set.nleases > 0 {
             let id = crate::lease::next_id();
-            settle.lease = Some(LeaseGuard::pending(
+            settle.carried.lease = Some(LeaseGuard::pending(
                 set.owner,
                 set.leases(),
                 id,
@@ -290,12 +290,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 let mut outcome = Outcome {
                     policy,
                     cell: s.cell,
-                    tier: s.tier,
-                    category: s.category,
-                    key: s.key,
-                    reserves: s.reserves,
-                    meter: s.meter,
-                    lease: s.lease,
+                    carried: s.carried,
                     shadowed: &self.shadowed,
                     options: self.headers,
                     unix_clock: self.unix_clock.as_ref(),
@@ -309,12 +304,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 check,
                 Box::new(Deferred {
                     view: Arc::clone(guard),
-                    tier: s.tier,
-                    category: s.category,
-                    key: s.key,
-                    reserves: s.reserves,
-                    meter: s.meter,
-                    lease: s.lease,
+                    carried: s.carried,
                     grpc: is_grpc(req.headers()),
                     shadowed: Arc::clone(&self.shadowed),
                     options: self.headers,
@@ -361,18 +351,32 @@ impl<T> Found<'_, T> {
                 "a cost must be at least 1",
             ))));
         }
-        let mut limits = limits;
-        if let Some(l) = limits.find(|l| cost > l.max()) {
-            let policy = &self.guard.policy;
-            return Err(self.answer(Answer::CostTooHigh {
-                cost,
-                max: l.max(),
-                tier: policy.tier_name(self.tier),
-                category: policy.category_name(self.category),
-                unit: "requests",
-            }));
+        self.fits(cost, limits, "requests")
+    }
+
+    /// `n` units, if every one of `limits` could ever admit them: else the
+    /// 400 that says which burst it exceeds.
+    #[inline(always)]
+    #[allow(clippy::result_large_err)] // as `cost`
+    fn fits<F>(
+        &self,
+        n: u32,
+        mut limits: impl Iterator<Item = Limit>,
+        unit: &'static str,
+    ) -> Result<u32, Step<F>> {
+        match limits.find(|l| n > l.max()) {
+            None => Ok(n),
+            Some(l) => {
+                let policy = &self.guard.policy;
+                Err(self.answer(Answer::CostTooHigh {
+                    cost: n,
+                    max: l.max(),
+                    tier: policy.tier_name(self.tier),
+                    category: policy.category_name(self.category),
+                    unit,
+                }))
+            }
         }
-        Ok(cost)
     }
 
     /// The request's token estimate (1 unless the extractor set one),
@@ -380,18 +384,8 @@ impl<T> Found<'_, T> {
     #[allow(clippy::result_large_err)] // as `cost`
     fn estimate<F>(&self, applied: Limits<'_>) -> Result<u32, Step<F>> {
         let estimate = self.identity.tokens().unwrap_or(1).max(1);
-        let mut limits = applied.tokens.iter().chain(applied.account_tokens);
-        if let Some(l) = limits.find(|l| estimate > l.max()) {
-            let policy = &self.guard.policy;
-            return Err(self.answer(Answer::CostTooHigh {
-                cost: estimate,
-                max: l.max(),
-                tier: policy.tier_name(self.tier),
-                category: policy.category_name(self.category),
-                unit: "tokens",
-            }));
-        }
-        Ok(estimate)
+        let limits = applied.tokens.iter().chain(applied.account_tokens);
+        self.fits(estimate, limits.copied(), "tokens")
     }
 
     /// The tier's priority reserve, in percent, if this request must leave
@@ -554,9 +548,9 @@ const TOKENS: u64 = 0x746f_6b65_6e73;
 /// Mixed into concurrency buckets ("leases").
 const LEASES: u64 = 0x6c65_6173_6573;
 
-/// What settling a check needs from the path that made it.
-struct Settle<'a> {
-    cell: &'a CellView,
+/// What a request carries from its admission to its outcome, on the ready
+/// path and through a [`Deferred`] check alike.
+struct Carried {
     tier: TierId,
     category: CategoryId,
     key: KeyId,
@@ -564,8 +558,15 @@ struct Settle<'a> {
     reserves: [u32; MAX_LIMITS],
     /// A metered request's meter, to settle after its response.
     meter: Option<TokenMeter>,
-    /// A request's concurrency leases, to hold until its response is over.
+    /// A request's concurrency leases (pending until the answer is known),
+    /// to hold until its response is over.
     lease: Option<LeaseGuard>,
+}
+
+/// What settling a check needs from the path that made it.
+struct Settle<'a> {
+    cell: &'a CellView,
+    carried: Carried,
     #[cfg(feature = "metrics")]
     started: std::time::Instant,
 }
@@ -576,19 +577,19 @@ impl<'a> Settle<'a> {
     fn start(cell: &'a CellView, tier: TierId, category: CategoryId, key: KeyId) -> Self {
         Settle {
             cell,
-            tier,
-            category,
-            key,
-            reserves: [0; MAX_LIMITS],
-            meter: None,
-            lease: None,
+            carried: Carried {
+                tier,
+                category,
+                key,
+                reserves: [0; MAX_LIMITS],
+                meter: None,
+                lease: None,
+            },
             #[cfg(feature = "metrics")]
             started: std::time::Instant::now(),
         }
     }
 }
-
-impl<E: Extractor, B: Backend> Shared<E, B> {}
 
 /// Whether a request is critical (by its `X-Request-Priority`, else its
 /// identity's priority): critical requests may use a tier's reserve.
@@ -627,15 +628,7 @@ fn parse_priority(v: &[u8]) -> Option<Priority> {
 struct Outcome<'a> {
     policy: &'a Policy,
     cell: &'a CellView,
-    tier: TierId,
-    category: CategoryId,
-    key: KeyId,
-    /// The reserve each charge had to leave (by charge index).
-    reserves: [u32; MAX_LIMITS],
-    /// A metered request's meter, to settle after its response.
-    meter: Option<TokenMeter>,
-    /// A request's leases (pending until the answer is known).
-    lease: Option<LeaseGuard>,
+    carried: Carried,
     shadowed: &'a AtomicU64,
     options: HeaderOptions,
     unix_clock: Option<&'a UnixClock>,
@@ -650,10 +643,10 @@ impl Outcome<'_> {
         result: Result<Decision, BackendError>,
         grpc: impl FnOnce() -> bool,
     ) -> Settled {
-        let meter = self.meter.take();
+        let meter = self.carried.meter.take();
         // Leases are held only by an admitted request; any other answer
         // took none (a shadow-mode pass included).
-        let lease = match (self.lease.take(), &result) {
+        let lease = match (self.carried.lease.take(), &result) {
             (Some(g), Ok(d)) if d.allowed => Some(g),
             (Some(g), _) => {
                 g.refused();
@@ -662,7 +655,7 @@ impl Outcome<'_> {
             (None, _) => None,
         };
         let policy = self.policy;
-        let (tier, category) = (self.tier, self.category);
+        let (tier, category, key) = (self.carried.tier, self.carried.category, self.carried.key);
         let names = (policy.tier_name(tier), policy.category_name(category));
         let plan = |decision: Decision| HeaderPlan {
             decision,
@@ -678,6 +671,7 @@ impl Outcome<'_> {
         };
         let result = result.map(|mut d| {
             let reserve = self
+                .carried
                 .reserves
                 .get(usize::from(d.index))
                 .copied()
@@ -719,7 +713,7 @@ impl Outcome<'_> {
                 tracing::info!(
                     tier = names.0,
                     category = names.1,
-                    key = %self.key.redacted(),
+                    key = %key.redacted(),
                     retry_after = ?d.retry_after,
                     "shadow mode: would have refused"
                 );
@@ -738,7 +732,7 @@ impl Outcome<'_> {
                 tracing::debug!(
                     tier = names.0,
                     category = names.1,
-                    key = %self.key.redacted(),
+                    key = %key.redacted(),
                     retry_after = ?d.retry_after,
                     "rate limited"
                 );
@@ -750,7 +744,7 @@ impl Outcome<'_> {
                     plan,
                     tier: names.0,
                     category: names.1,
-                    key: self.key,
+                    key,
                 };
                 Settled::Answer(refused.into_response(grpc()))
             }
@@ -775,12 +769,7 @@ impl Outcome<'_> {
 /// A check under way: everything needed to settle it, owned.
 pub(crate) struct Deferred {
     view: Arc<PolicyView>,
-    tier: TierId,
-    category: CategoryId,
-    key: KeyId,
-    reserves: [u32; MAX_LIMITS],
-    meter: Option<TokenMeter>,
-    lease: Option<LeaseGuard>,
+    carried: Carried,
     grpc: bool,
     shadowed: Arc<AtomicU64>,
     options: HeaderOptions,
@@ -792,9 +781,9 @@ pub(crate) struct Deferred {
 impl std::fmt::Debug for Deferred {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Deferred")
-            .field("tier", &self.tier)
-            .field("category", &self.category)
-            .field("key", &self.key.redacted())
+            .field("tier", &self.carried.tier)
+            .field("category", &self.carried.category)
+            .field("key", &self.carried.key.redacted())
             .finish_non_exhaustive()
     }
 }
@@ -804,7 +793,7 @@ impl Deferred {
     pub(crate) fn settle(self, result: Result<Decision, BackendError>) -> Settled {
         #[cfg(feature = "metrics")]
         crate::telemetry::check_duration(self.started.elapsed());
-        let Some(cell) = self.view.cell(self.tier, self.category) else {
+        let Some(cell) = self.view.cell(self.carried.tier, self.carried.category) else {
             // Not reachable with ids admit() took from this same view; an
             // unknown key is the safe answer all the same.
             let answer = Answer::Rejected(Rejection::UnknownKey);
@@ -813,12 +802,7 @@ impl Deferred {
         let mut outcome = Outcome {
             policy: &self.view.policy,
             cell,
-            tier: self.tier,
-            category: self.category,
-            key: self.key,
-            reserves: self.reserves,
-            meter: self.meter,
-            lease: self.lease,
+            carried: self.carried,
             shadowed: &self.shadowed,
             options: self.options,
             unix_clock: self.unix_clock.as_ref(),
