@@ -22,7 +22,7 @@ use crate::backend::{
 };
 use crate::extract::{Extractor, Identity, PeerIp, Priority, Rejection, RequestRef};
 use crate::key::KeyId;
-use crate::lease::{LeaseGuard, Releaser};
+use crate::lease::LeaseGuard;
 use crate::meter::{Seed, Settler, TokenMeter};
 use crate::policy::{
     Applied, CategoryId, Cell, Limit, Limits, MAX_LIMITS, Policy, Pool, Target, TierId,
@@ -254,7 +254,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 set.owner,
                 set.leases(),
                 id,
-                Arc::clone(&self.backend) as Arc<dyn Releaser>,
+                Arc::clone(&self.backend) as Arc<dyn Settler>,
             ));
             id
         } else {

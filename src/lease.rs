@@ -20,18 +20,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::backend::{Backend, Lease, MAX_LEASES};
-
-/// Where leases are released: the layer's backend.
-pub(crate) trait Releaser: Send + Sync {
-    fn release(&self, owner: u64, leases: &[Lease], lease_id: u64);
-}
-
-impl<B: Backend> Releaser for B {
-    fn release(&self, owner: u64, leases: &[Lease], lease_id: u64) {
-        Backend::release(self, owner, leases, lease_id);
-    }
-}
+use crate::backend::{Lease, MAX_LEASES};
+use crate::meter::Settler;
 
 /// Numbers checks with leases (unique in the process).
 static NEXT_LEASE: AtomicU64 = AtomicU64::new(1);
@@ -68,7 +58,7 @@ struct Inner {
     len: u8,
     id: u64,
     state: State,
-    sink: Arc<dyn Releaser>,
+    sink: Arc<dyn Settler>,
     #[cfg(feature = "metrics")]
     gauge: Option<metrics::Gauge>,
 }
@@ -84,7 +74,7 @@ impl fmt::Debug for LeaseGuard {
 
 impl LeaseGuard {
     /// The guard of a check about to be made.
-    pub(crate) fn pending(owner: u64, leases: &[Lease], id: u64, sink: Arc<dyn Releaser>) -> Self {
+    pub(crate) fn pending(owner: u64, leases: &[Lease], id: u64, sink: Arc<dyn Settler>) -> Self {
         let mut items = [Lease {
             bucket: 0,
             max: 1,

@@ -17,18 +17,25 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::backend::{Adjustment, Backend, Charge};
+use crate::backend::{Adjustment, Backend, Charge, Lease};
 use crate::policy::{Limit, MAX_LIMITS, RefundOn};
 
-/// Where settlements go: the layer's backend.
+/// Where what is left of a request after its response goes — token
+/// settlements and lease releases: the layer's backend, type-erased (held
+/// by meters and lease guards).
 pub(crate) trait Settler: Send + Sync {
     fn settle(&self, owner: u64, adjustments: &[Adjustment]);
+    fn release(&self, owner: u64, leases: &[Lease], lease_id: u64);
 }
 
 impl<B: Backend> Settler for B {
     fn settle(&self, owner: u64, adjustments: &[Adjustment]) {
         // The backend proceeds without being polled (its contract).
         drop(Backend::settle(self, owner, adjustments));
+    }
+
+    fn release(&self, owner: u64, leases: &[Lease], lease_id: u64) {
+        Backend::release(self, owner, leases, lease_id);
     }
 }
 
