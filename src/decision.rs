@@ -190,21 +190,11 @@ impl Decision {
     /// longest retry delay, which is also when *every* limit admits the
     /// request. `None` for an empty list.
     pub fn binding(decisions: impl IntoIterator<Item = Decision>) -> Option<Decision> {
-        let mut best: Option<Decision> = None;
-        for (i, mut d) in decisions.into_iter().enumerate() {
-            d.index = i as u8;
-            best = Some(match best {
-                None => d,
-                Some(b) => {
-                    if b.binds_less_than(&d) {
-                        d
-                    } else {
-                        b
-                    }
-                }
-            });
+        let mut b = Binder::new(0, 0);
+        for (i, d) in decisions.into_iter().enumerate() {
+            b.push(i, d);
         }
-        best
+        b.finish()
     }
 
     /// Whether the request was refused because a concurrency limit was full.
