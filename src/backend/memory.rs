@@ -568,10 +568,7 @@ where
             };
         }
         let gcra = |i: usize, c: &Charge| -> Gcra {
-            let tat = match slots[i] {
-                Slot::Tracked(tat) | Slot::Overflow(Some(tat)) => tat,
-                Slot::New | Slot::Evict | Slot::Overflow(None) => now,
-            };
+            let tat = slots[i].tat().unwrap_or(now);
             Gcra::new(&c.limit, c.cost.max(1), c.reserve, tat, now)
         };
         let mut refused = false;
@@ -603,11 +600,7 @@ where
                 let d = if lease_refused {
                     // Every charge admits it: report each one's capacity
                     // now, untouched.
-                    let tat = match slots[i] {
-                        Slot::Tracked(tat) | Slot::Overflow(Some(tat)) => Some(tat),
-                        Slot::New | Slot::Evict | Slot::Overflow(None) => None,
-                    };
-                    Decision::allow(&c.limit, capacity_at(&c.limit, tat, now))
+                    Decision::allow(&c.limit, capacity_at(&c.limit, slots[i].tat(), now))
                 } else {
                     gcra(i, c).decision(&c.limit, c.cost.max(1))
                 };
@@ -959,6 +952,17 @@ enum Slot {
     /// Not tracked, a guest at the cap: counted in the shared overflow
     /// bucket of its limit (with that bucket's TAT, if any).
     Overflow(Option<u64>),
+}
+
+impl Slot {
+    /// The charge's TAT, if its bucket has one (`None`: full).
+    #[inline]
+    fn tat(self) -> Option<u64> {
+        match self {
+            Slot::Tracked(tat) | Slot::Overflow(Some(tat)) => Some(tat),
+            Slot::New | Slot::Evict | Slot::Overflow(None) => None,
+        }
+    }
 }
 
 /// GCRA for one limit, exactly as governor computes it (and the Redis

@@ -667,7 +667,7 @@ impl Inner {
                 let mut leases = [PLACEHOLDER_LEASE; MAX_LEASES];
                 for (slot, l) in leases.iter_mut().zip(check.leases) {
                     *slot = Lease {
-                        max: self.fallback_lease_max(l.max),
+                        max: self.share_of(l.max),
                         ..*l
                     };
                 }
@@ -695,14 +695,6 @@ impl Inner {
             }
             FailurePolicy::FailClosed => Err(BackendError::Unavailable("redis unreachable".into())),
         }
-    }
-
-    /// This instance's share of a concurrency limit while Redis is down.
-    fn fallback_lease_max(&self, max: u32) -> u32 {
-        if self.fallback_share >= 1.0 {
-            return max;
-        }
-        ((f64::from(max) * self.fallback_share).ceil() as u32).clamp(1, max)
     }
 
     /// A check succeeded: failures start counting from zero, and a
@@ -815,12 +807,20 @@ impl Inner {
         if self.fallback_share >= 1.0 {
             return *limit;
         }
-        let max = (f64::from(limit.max()) * self.fallback_share)
-            .ceil()
-            .clamp(1.0, f64::from(limit.max())) as u32;
-        std::num::NonZeroU32::new(max)
+        std::num::NonZeroU32::new(self.share_of(limit.max()))
             .and_then(|m| Limit::new(m, limit.per()))
             .unwrap_or(*limit)
+    }
+
+    /// This instance's share of `max` (a burst or a concurrency limit):
+    /// rounded up, at least 1, at most `max`.
+    fn share_of(&self, max: u32) -> u32 {
+        if self.fallback_share >= 1.0 {
+            return max;
+        }
+        (f64::from(max) * self.fallback_share)
+            .ceil()
+            .clamp(1.0, f64::from(max)) as u32
     }
 
     fn on_failure(&self, subject: &Subject, limit: &Limit) -> Result<Decision, BackendError> {
@@ -1535,26 +1535,13 @@ impl RedisBackend {
                 }
             }
         }
-        let v: String = self
-            .inner
-            .invoke(Script::Admin, self.admin_keys(), args)
-            .await
-            .map_err(|e| e.to_string())?;
-        v.parse()
-            .map_err(|_| "a version that is not a number".to_owned())
+        version(&self.admin::<String>(args).await?)
     }
 
     async fn admin_load(&self) -> Result<crate::plane::Loaded, String> {
-        let all: Vec<String> = self
-            .inner
-            .invoke(Script::Admin, self.admin_keys(), vec!["load".to_owned()])
-            .await
-            .map_err(|e| e.to_string())?;
+        let all: Vec<String> = self.admin(vec!["load".to_owned()]).await?;
         let mut it = all.into_iter();
-        let version = it
-            .next()
-            .and_then(|v| v.parse().ok())
-            .ok_or("a version that is not a number")?;
+        let version = version(&it.next().unwrap_or_default())?;
         let mut fields = Vec::new();
         while let (Some(f), Some(v)) = (it.next(), it.next()) {
             fields.push((f, v));
@@ -1563,19 +1550,30 @@ impl RedisBackend {
     }
 
     async fn admin_version(&self) -> Result<u64, String> {
-        let v: String = self
-            .inner
-            .invoke(Script::Admin, self.admin_keys(), vec!["version".to_owned()])
+        version(&self.admin::<String>(vec!["version".to_owned()]).await?)
+    }
+
+    /// One call of the admin script.
+    async fn admin<T: redis::FromRedisValue + Send + 'static>(
+        &self,
+        args: Vec<String>,
+    ) -> Result<T, String> {
+        self.inner
+            .invoke(Script::Admin, self.admin_keys(), args)
             .await
-            .map_err(|e| e.to_string())?;
-        v.parse()
-            .map_err(|_| "a version that is not a number".to_owned())
+            .map_err(|e| e.to_string())
     }
 
     /// Runs `task` on the backend's own I/O thread.
     pub(crate) fn spawn_io(&self, task: impl Future<Output = ()> + Send + 'static) {
         self.inner.io.handle().spawn(task);
     }
+}
+
+/// The operator state's version, as the admin script returns it.
+fn version(v: &str) -> Result<u64, String> {
+    v.parse()
+        .map_err(|_| "a version that is not a number".to_owned())
 }
 
 impl crate::plane::StateStore for RedisBackend {
