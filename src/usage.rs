@@ -119,6 +119,8 @@ pub(crate) fn report<E, B: Backend>(
                 return Err(Rejection::UnknownKey);
             };
             let applied = policy.effective(cell, tier, category, identity.key(), now);
+            // The charges and leases admission would make (counting nothing).
+            let set = ChargeSet::new(cell, applied.limits(), &identity, 1, 1, |_| 0);
             let mut limits = Vec::new();
             match (applied.per_key.as_slice(), applied.per_account.is_empty()) {
                 ([], true) if !applied.has_tokens() => {}
@@ -136,7 +138,6 @@ pub(crate) fn report<E, B: Backend>(
                     ));
                 }
                 _ => {
-                    let set = ChargeSet::new(cell, applied.limits(), &identity, 1, 1, |_| 0);
                     let nkey = applied.per_key.as_slice().len();
                     let nreq = nkey + applied.per_account.as_slice().len();
                     let ntok = nreq + applied.tokens.as_slice().len();
@@ -148,13 +149,11 @@ pub(crate) fn report<E, B: Backend>(
                     }
                 }
             }
-            let mut leases = Vec::new();
-            if cell.leased {
-                let set = ChargeSet::new(cell, applied.limits(), &identity, 1, 1, |_| 0);
-                for l in set.leases() {
-                    leases.push((shared.backend.peek_lease(set.owner, l), l.per_account));
-                }
-            }
+            let leases: Vec<_> = set
+                .leases()
+                .iter()
+                .map(|l| (shared.backend.peek_lease(set.owner, l), l.per_account))
+                .collect();
             peeks.push((category, limits, leases));
         }
         Ok(Box::pin(async move {
