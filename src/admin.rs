@@ -126,24 +126,11 @@ fn json_response(status: StatusCode, body: &Value) -> AdminResponse {
     res
 }
 
-/// A problem document (RFC 9457) of `kind` (`urn:tierlimit:problem:admin-…`).
+/// A problem document (RFC 9457) of `kind` (`urn:tierlimit:problem:admin-…`),
+/// written as the layer writes its own.
 fn problem(status: StatusCode, kind: &str, detail: &str) -> AdminResponse {
-    let body = json!({
-        "type": format!("urn:tierlimit:problem:{kind}"),
-        "title": status.canonical_reason().unwrap_or("Error"),
-        "status": status.as_u16(),
-        "detail": detail,
-    });
-    let mut res = json_response(status, &body);
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    if status == StatusCode::UNAUTHORIZED {
-        res.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
-    res
+    let body = crate::response::http::problem_body(status, kind, detail);
+    crate::response::http::problem_response(status, &body).map(ResponseBody::full)
 }
 
 fn bad(detail: impl Into<String>) -> AdminResponse {

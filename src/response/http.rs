@@ -125,12 +125,7 @@ impl Answer<'_> {
             return grpc::response(&self);
         }
         let status = self.status();
-        let mut body = json!({
-            "type": format!("urn:tierlimit:problem:{}", self.problem_type()),
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "status": status.as_u16(),
-            "detail": self.detail(),
-        });
+        let mut body = problem_body(status, self.problem_type(), &self.detail());
         match &self {
             Answer::Refused {
                 plan,
@@ -189,16 +184,10 @@ impl Answer<'_> {
             }
             _ => {}
         }
-        let mut res = Response::new(Bytes::from(body.to_string()));
-        *res.status_mut() = status;
-        res.headers_mut().insert(header::CONTENT_TYPE, PROBLEM_JSON);
+        let mut res = problem_response(status, &body);
         if let Answer::Refused { plan, .. } = &self {
             plan.write(res.headers_mut());
             res.extensions_mut().insert(plan.decision);
-        }
-        if status == StatusCode::UNAUTHORIZED {
-            res.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             res.headers_mut()
@@ -206,4 +195,28 @@ impl Answer<'_> {
         }
         res
     }
+}
+
+/// A problem document (RFC 9457) of type `urn:tierlimit:problem:{kind}`;
+/// callers add their own members.
+pub(crate) fn problem_body(status: StatusCode, kind: &str, detail: &str) -> serde_json::Value {
+    json!({
+        "type": format!("urn:tierlimit:problem:{kind}"),
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    })
+}
+
+/// A problem document as a response: its status, `application/problem+json`,
+/// and `WWW-Authenticate: Bearer` on a 401.
+pub(crate) fn problem_response(status: StatusCode, body: &serde_json::Value) -> Response<Bytes> {
+    let mut res = Response::new(Bytes::from(body.to_string()));
+    *res.status_mut() = status;
+    res.headers_mut().insert(header::CONTENT_TYPE, PROBLEM_JSON);
+    if status == StatusCode::UNAUTHORIZED {
+        res.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    res
 }
