@@ -139,20 +139,22 @@ fn follow(
         if last.as_deref() == Some(&bytes[..]) {
             continue;
         }
-        let parsed = std::str::from_utf8(&bytes)
-            .map_err(|_| "the file is not UTF-8".to_owned())
-            .and_then(|text| {
-                Policy::from_toml_str(text).map_err(|e| {
-                    tracing::error!(
-                        path = %path.display(),
-                        entry = e.entry(),
-                        line = e.line(),
-                        error = %e,
-                        "policy file invalid; the policy in force stays"
-                    );
-                    e.to_string()
-                })
-            });
+        let parsed = match std::str::from_utf8(&bytes) {
+            Err(_) => {
+                tracing::error!(path = %path.display(), "policy file invalid: not UTF-8; the policy in force stays");
+                Err("the file is not UTF-8".to_owned())
+            }
+            Ok(text) => Policy::from_toml_str(text).map_err(|e| {
+                tracing::error!(
+                    path = %path.display(),
+                    entry = e.entry(),
+                    line = e.line(),
+                    error = %e,
+                    "policy file invalid; the policy in force stays"
+                );
+                e.to_string()
+            }),
+        };
         match parsed {
             Ok(policy) => {
                 handle.replace(policy);
@@ -161,9 +163,6 @@ fn follow(
                 tracing::info!(path = %path.display(), "policy file reloaded");
             }
             Err(e) => {
-                if e == "the file is not UTF-8" {
-                    tracing::error!(path = %path.display(), "policy file invalid: not UTF-8; the policy in force stays");
-                }
                 *status
                     .last_error
                     .lock()
