@@ -923,12 +923,23 @@ impl PolicyBuilder {
                     format!("tier `{}` is declared twice", tier.name),
                 ));
             }
-            let unknown = |cat: &str, entry: &str, line: Option<usize>| {
-                PolicyError::new(
-                    entry,
-                    line,
-                    format!("unknown category `{cat}` (declared: {})", join(categories)),
-                )
+            // A category's index, or the error naming `entry`.
+            let category_id = |cat: &str, entry: &str, line: Option<usize>| {
+                categories.iter().position(|c| **c == *cat).ok_or_else(|| {
+                    PolicyError::new(
+                        entry,
+                        line,
+                        format!("unknown category `{cat}` (declared: {})", join(categories)),
+                    )
+                })
+            };
+            // The entry of a category's `what` (per key or per account).
+            let entry_of = |cat: &str, what: &str, per_account: bool| {
+                if per_account {
+                    format!("tiers.{}.per_account.{cat}.{what}", tier.name)
+                } else {
+                    format!("tiers.{}.{cat}.{what}", tier.name)
+                }
             };
             let mut rules: Vec<Option<Vec<Limit>>> = vec![None; categories.len()];
             let mut set = vec![false; categories.len()];
@@ -938,10 +949,7 @@ impl PolicyBuilder {
             } in &tier.rules
             {
                 let entry = format!("tiers.{}.{}", tier.name, cat);
-                let id = categories
-                    .iter()
-                    .position(|c| **c == **cat)
-                    .ok_or_else(|| unknown(cat, &entry, *line))?;
+                let id = category_id(cat, &entry, *line)?;
                 if std::mem::replace(&mut set[id], true) {
                     return Err(PolicyError::new(
                         &entry,
@@ -961,10 +969,7 @@ impl PolicyBuilder {
             } in &tier.per_account
             {
                 let entry = format!("tiers.{}.per_account.{}", tier.name, cat);
-                let id = categories
-                    .iter()
-                    .position(|c| **c == **cat)
-                    .ok_or_else(|| unknown(cat, &entry, *line))?;
+                let id = category_id(cat, &entry, *line)?;
                 if !per_account[id].is_empty() {
                     return Err(PolicyError::new(
                         &entry,
@@ -990,15 +995,8 @@ impl PolicyBuilder {
                 line,
             } in &tier.tokens
             {
-                let entry = if *is_account {
-                    format!("tiers.{}.per_account.{}.tokens", tier.name, cat)
-                } else {
-                    format!("tiers.{}.{}.tokens", tier.name, cat)
-                };
-                let id = categories
-                    .iter()
-                    .position(|c| **c == **cat)
-                    .ok_or_else(|| unknown(cat, &entry, *line))?;
+                let entry = entry_of(cat, "tokens", *is_account);
+                let id = category_id(cat, &entry, *line)?;
                 let slot = &mut tokens[id][usize::from(*is_account)];
                 if !slot.is_empty() {
                     return Err(PolicyError::new(
@@ -1034,11 +1032,8 @@ impl PolicyBuilder {
                 line,
             } in &tier.refunds
             {
-                let entry = format!("tiers.{}.{}.refund_on", tier.name, cat);
-                let id = categories
-                    .iter()
-                    .position(|c| **c == **cat)
-                    .ok_or_else(|| unknown(cat, &entry, *line))?;
+                let entry = entry_of(cat, "refund_on", false);
+                let id = category_id(cat, &entry, *line)?;
                 refunds[id] = *refund;
             }
             let mut concurrency: Vec<[Option<u32>; 2]> = vec![[None, None]; categories.len()];
@@ -1047,15 +1042,8 @@ impl PolicyBuilder {
                 line,
             } in &tier.concurrency
             {
-                let entry = if *is_account {
-                    format!("tiers.{}.per_account.{}.concurrency", tier.name, cat)
-                } else {
-                    format!("tiers.{}.{}.concurrency", tier.name, cat)
-                };
-                let id = categories
-                    .iter()
-                    .position(|c| **c == **cat)
-                    .ok_or_else(|| unknown(cat, &entry, *line))?;
+                let entry = entry_of(cat, "concurrency", *is_account);
+                let id = category_id(cat, &entry, *line)?;
                 if *n == 0 || *n > MAX_CONCURRENCY {
                     return Err(PolicyError::new(
                         &entry,
