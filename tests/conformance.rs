@@ -132,9 +132,7 @@ async fn several_limit_table_holds_with_a_tiny_key_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn several_limits_exact_under_contention() {
     for _ in 0..5 {
-        let backend = MemoryBackend::builder()
-            .clock(FakeRelativeClock::default())
-            .build();
+        let backend = common::fake_memory();
         common::conformance::exact_under_contention(vec![backend]).await;
     }
 }

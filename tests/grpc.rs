@@ -281,11 +281,7 @@ async fn a_refusal_is_an_http_200_trailers_only_response() {
     )
     .unwrap();
     let layer = RateLimitLayer::builder(policy)
-        .backend(
-            MemoryBackend::builder()
-                .clock(FakeRelativeClock::default())
-                .build(),
-        )
+        .backend(common::fake_memory())
         .build();
     let app = axum::Router::new()
         .route("/pkg.Svc/M", axum::routing::post(|| async { "ok" }))

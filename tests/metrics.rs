@@ -10,7 +10,6 @@ mod common;
 mod demo;
 
 use common::{client, serve, spec_policy};
-use governor::clock::FakeRelativeClock;
 use tierlimit::MemoryBackend;
 
 /// The value of one sample, matched by name and labels (any order).
@@ -36,9 +35,7 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 #[tokio::test]
 async fn metrics_after_known_traffic_are_exact() {
     demo::install_metrics();
-    let backend = MemoryBackend::builder()
-        .clock(FakeRelativeClock::default())
-        .build();
+    let backend = common::fake_memory();
     let server = serve(demo::app(demo::limits(spec_policy(), backend))).await;
     let c = client();
     for _ in 0..7 {
@@ -113,9 +110,7 @@ async fn metrics_after_known_traffic_are_exact() {
                 "ai = { requests = \"50/hour\", tokens = \"1000/hour\" }\nrefund_on = [\"5xx\"]",
                 1,
             );
-    let backend = MemoryBackend::builder()
-        .clock(FakeRelativeClock::default())
-        .build();
+    let backend = common::fake_memory();
     let layer = demo::limits(tierlimit::Policy::from_toml_str(&policy).unwrap(), backend);
     let tokens = serve(
         demo::app(layer.clone()).merge(
@@ -199,9 +194,7 @@ async fn metrics_after_known_traffic_are_exact() {
                 "training = { requests = \"5/day\", concurrency = 1 }",
                 1,
             );
-    let backend = MemoryBackend::builder()
-        .clock(FakeRelativeClock::default())
-        .build();
+    let backend = common::fake_memory();
     let layer = demo::limits(tierlimit::Policy::from_toml_str(&policy).unwrap(), backend);
     let leases = serve(demo::app(layer)).await;
     let held = |text: &str| {

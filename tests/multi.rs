@@ -495,11 +495,7 @@ async fn accounts_from_an_auth_layer_and_from_a_resolver() {
     // 1. An auth layer that knows the account: users 1 and 2 of org 9.
     let layer = RateLimitLayer::builder(policy.clone())
         .extractor(tierlimit::FromExtension)
-        .backend(
-            MemoryBackend::builder()
-                .clock(FakeRelativeClock::default())
-                .build(),
-        )
+        .backend(common::fake_memory())
         .build();
     let app = axum::Router::new()
         .route("/v1/account", axum::routing::post(|| async { "{}" }))
@@ -541,11 +537,7 @@ async fn accounts_from_an_auth_layer_and_from_a_resolver() {
     });
     let layer = RateLimitLayer::builder(policy)
         .extractor(resolver)
-        .backend(
-            MemoryBackend::builder()
-                .clock(FakeRelativeClock::default())
-                .build(),
-        )
+        .backend(common::fake_memory())
         .build();
     let app = axum::Router::new()
         .route("/v1/account", axum::routing::post(|| async { "{}" }))

@@ -19,7 +19,7 @@ use governor::clock::FakeRelativeClock;
 use http::{Request, StatusCode};
 use serde_json::Value;
 use tierlimit::policy::{Adjust, Shadow};
-use tierlimit::{Backend, Limit, MemoryBackend, Policy, RateLimitLayer, Rule};
+use tierlimit::{Backend, Limit, Policy, RateLimitLayer, Rule};
 use tower::ServiceExt;
 
 const OPS: &str = r#"
@@ -135,12 +135,7 @@ async fn overrides_boosts_upgrades<B: Backend>(backend: B) {
 #[tokio::test]
 async fn overrides_boosts_and_upgrades_in_memory() {
     setup();
-    overrides_boosts_upgrades(
-        MemoryBackend::builder()
-            .clock(FakeRelativeClock::default())
-            .build(),
-    )
-    .await;
+    overrides_boosts_upgrades(common::fake_memory()).await;
 }
 
 #[cfg(all(feature = "redis", feature = "test-util"))]
@@ -244,12 +239,7 @@ async fn priority_reserve<B: Backend>(backend: B) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn priority_reserve_under_contention_in_memory() {
     setup();
-    priority_reserve(
-        MemoryBackend::builder()
-            .clock(FakeRelativeClock::default())
-            .build(),
-    )
-    .await;
+    priority_reserve(common::fake_memory()).await;
 }
 
 #[cfg(all(feature = "redis", feature = "test-util"))]
@@ -271,11 +261,7 @@ async fn reload_under_load_is_atomic_and_invalid_reloads_change_nothing() {
     let a = Policy::from_toml_str("categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"100000/hour\"\nwrite = \"1/hour\"\n[keys]\n\"k\" = \"t\"").unwrap();
     let b = Policy::from_toml_str("categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"200000/minute\"\nwrite = \"1/hour\"\n[keys]\n\"k\" = \"t\"").unwrap();
     let layer = RateLimitLayer::builder(a.clone())
-        .backend(
-            MemoryBackend::builder()
-                .clock(FakeRelativeClock::default())
-                .build(),
-        )
+        .backend(common::fake_memory())
         .build();
     let handle = layer.policy_handle();
     let server = serve(
@@ -336,9 +322,7 @@ fn free_json(res: &Value, category: &str, field: &str) -> u64 {
 #[tokio::test]
 async fn usage_endpoint_override_from_file_and_batches_through_the_demo() {
     setup();
-    let backend = MemoryBackend::builder()
-        .clock(FakeRelativeClock::default())
-        .build();
+    let backend = common::fake_memory();
     let server = serve(demo::app(demo::limits(spec_policy(), backend))).await;
     let c = client();
     let usage = |key: &'static str| {
@@ -466,9 +450,7 @@ async fn shadow_mode_refuses_nothing_but_counts_and_sends_headers() {
         .shadow(Shadow::default().tiers(["free"]))
         .build()
         .unwrap();
-    let backend = MemoryBackend::builder()
-        .clock(FakeRelativeClock::default())
-        .build();
+    let backend = common::fake_memory();
     let layer = demo::limits(policy, backend);
     let server = serve(demo::app(layer.clone())).await;
     let c = client();
@@ -560,11 +542,7 @@ async fn a_reserve_never_takes_a_whole_custom_limit() {
         .build()
         .unwrap();
     let layer = RateLimitLayer::builder(policy)
-        .backend(
-            MemoryBackend::builder()
-                .clock(FakeRelativeClock::default())
-                .build(),
-        )
+        .backend(common::fake_memory())
         .build();
     let app = Router::new()
         .route("/x", get(|| async { "ok" }))

@@ -11,14 +11,13 @@ mod demo;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use axum::Router;
 use common::{client, serve};
 use governor::clock::FakeRelativeClock;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tierlimit::{Backend, MemoryBackend, Policy, RateLimitLayer, TokenMeter};
+use tierlimit::{Backend, Policy, RateLimitLayer, TokenMeter};
 
 /// One key secret for the binary, before any key is hashed (the Redis
 /// tests need one shared by their backends).
@@ -69,9 +68,7 @@ async fn complete(c: &reqwest::Client, url: &str, key: &str, body: Value) -> req
 #[tokio::test]
 async fn the_fourth_completion_is_refused_for_tokens_while_requests_have_room() {
     setup();
-    let backend = MemoryBackend::builder()
-        .clock(FakeRelativeClock::default())
-        .build();
+    let backend = common::fake_memory();
     let server = serve(demo::app(demo::limits(token_policy(), backend))).await;
     let c = client();
     let url = server.url("/v1/ai/completions");
@@ -168,9 +165,7 @@ async fn the_fourth_completion_is_refused_for_tokens_while_requests_have_room() 
 #[tokio::test]
 async fn a_stream_settles_what_it_reported_and_an_estimate_is_reserved() {
     setup();
-    let backend = MemoryBackend::builder()
-        .clock(FakeRelativeClock::default())
-        .build();
+    let backend = common::fake_memory();
     let layer = demo::limits(token_policy(), backend);
     let handle = layer.clone();
     let server = serve(demo::app(layer)).await;
@@ -361,9 +356,7 @@ async fn streams_settle_exactly_once<B: Backend + Clone>(backend: B) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_settle_exactly_once_on_memory() {
     setup();
-    let backend = MemoryBackend::builder()
-        .clock(FakeRelativeClock::default())
-        .build();
+    let backend = common::fake_memory();
     streams_settle_exactly_once(backend).await;
 }
 
@@ -456,9 +449,7 @@ exempt = true
 #[tokio::test]
 async fn refunds_by_status_on_memory() {
     setup();
-    let backend = MemoryBackend::builder()
-        .clock(FakeRelativeClock::default())
-        .build();
+    let backend = common::fake_memory();
     refunds_by_status(backend).await;
 }
 
@@ -470,12 +461,8 @@ async fn refunds_by_status_on_redis_cluster() {
         return;
     }
     let cluster = common::redis::RedisCluster::start();
-    let backend = tierlimit::RedisBackend::cluster(cluster.urls())
-        .fake_clock(FakeRelativeClock::default())
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap();
+    let clock = FakeRelativeClock::default();
+    let backend = common::redis::fake_clock_cluster_backend(&cluster, &clock).await;
     refunds_by_status(backend).await;
 }
 
@@ -486,11 +473,7 @@ async fn a_response_extension_reports_usage() {
     setup();
     let policy = Policy::from_toml_str(STREAM_POLICY).unwrap();
     let layer = RateLimitLayer::builder(policy)
-        .backend(
-            MemoryBackend::builder()
-                .clock(FakeRelativeClock::default())
-                .build(),
-        )
+        .backend(common::fake_memory())
         .build();
     let app = Router::new()
         .route(

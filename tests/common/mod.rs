@@ -52,6 +52,14 @@ pub async fn serve(app: Router) -> Server {
     Server { addr, task }
 }
 
+/// A memory backend on a fake clock that stands still (tests that count
+/// exactly must not see buckets refill).
+pub fn fake_memory() -> tierlimit::MemoryBackend<governor::clock::FakeRelativeClock> {
+    tierlimit::MemoryBackend::builder()
+        .clock(governor::clock::FakeRelativeClock::default())
+        .build()
+}
+
 /// An HTTP client that gives up rather than hang a test.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
