@@ -153,14 +153,7 @@ fn a_key_spray_locks_out_no_customer_under_several_limits() {
         let owner = owner.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let charges = charges(owner);
         backend
-            .check_all_now(&Check {
-                owner,
-                known,
-                charges: &charges,
-                tokens: 0,
-                leases: &[],
-                lease_id: 0,
-            })
+            .check_all_now(&Check::new(owner, known, &charges))
             .unwrap()
     };
     let cap = 1_000;

@@ -308,17 +308,7 @@ async fn run_multi_case(
             },
         ];
         let want = multi_expected(&mut models, now, cost, [r0, r1]);
-        let got = observed(
-            check(Check {
-                owner,
-                known: true,
-                charges: &charges,
-                tokens: 0,
-                leases: &[],
-                lease_id: 0,
-            })
-            .await,
-        );
+        let got = observed(check(Check::new(owner, true, &charges)).await);
         prop_assert_eq!(got, want, "step {} of {:?} (limits {:?})", i, steps, limits);
     }
     Ok(())

@@ -565,14 +565,7 @@ async fn several_limits_while_redis_is_down_follow_the_failure_policy() {
             reserve: 0,
         },
     ];
-    let check = Check {
-        owner: 7,
-        known: true,
-        charges: &charges,
-        tokens: 0,
-        leases: &[],
-        lease_id: 0,
-    };
+    let check = Check::new(7, true, &charges);
     server.kill();
     // The fallback enforces half of each limit, all or nothing: 2 of the
     // hourly 4, then refusals by the hourly limit (never a 503).

@@ -284,14 +284,7 @@ pub async fn run_multi<B: Backend>(backend: &B, mut advance: impl FnMut(Duration
             cost: step.cost,
             ..c
         });
-        let check = Check {
-            owner,
-            known: true,
-            charges: &charges,
-            tokens: 0,
-            leases: &[],
-            lease_id: 0,
-        };
+        let check = Check::new(owner, true, &charges);
         let d = backend.check_all(&check).await.unwrap();
         let ctx = format!("multi step {i}");
         let binding = &limits[usize::from(step.index)];
@@ -308,14 +301,7 @@ pub async fn run_multi<B: Backend>(backend: &B, mut advance: impl FnMut(Duration
     }
     // A cost above the guard's burst can never succeed.
     let charges = charges.map(|c| Charge { cost: 4, ..c });
-    let check = Check {
-        owner,
-        known: true,
-        charges: &charges,
-        tokens: 0,
-        leases: &[],
-        lease_id: 0,
-    };
+    let check = Check::new(owner, true, &charges);
     match backend.check_all(&check).await {
         Err(BackendError::CostExceedsLimit { cost: 4, max: 3 }) => {}
         other => panic!("a cost of 4 under a limit of 3: {other:?}"),
@@ -351,14 +337,7 @@ pub async fn exact_under_contention<B: Backend + Clone>(backends: Vec<B>) {
             let (backend, allowed) = (backend.clone(), Arc::clone(&allowed));
             tasks.push(tokio::spawn(async move {
                 for _ in 0..10 {
-                    let check = Check {
-                        owner: key,
-                        known: true,
-                        charges: &charges,
-                        tokens: 0,
-                        leases: &[],
-                        lease_id: 0,
-                    };
+                    let check = Check::new(key, true, &charges);
                     let d = backend.check_all(&check).await.unwrap();
                     if d.allowed {
                         allowed.fetch_add(1, Ordering::Relaxed);
