@@ -185,15 +185,23 @@ where
     }
 }
 
+/// A client on `channel`, ready for a call.
+async fn ready_client(
+    channel: tonic::transport::Channel,
+) -> Result<tonic::client::Grpc<tonic::transport::Channel>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    Ok(grpc)
+}
+
 /// Calls `Complete` on `channel`.
 pub(crate) async fn complete(
     channel: tonic::transport::Channel,
     request: tonic::Request<CompleteRequest>,
 ) -> Result<tonic::Response<CompleteReply>, tonic::Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut grpc = ready_client(channel).await?;
     grpc.unary(
         request,
         http::uri::PathAndQuery::from_static(COMPLETE),
@@ -207,10 +215,7 @@ pub(crate) async fn complete_stream(
     channel: tonic::transport::Channel,
     request: tonic::Request<CompleteRequest>,
 ) -> Result<tonic::Response<tonic::codec::Streaming<CompleteReply>>, tonic::Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut grpc = ready_client(channel).await?;
     grpc.server_streaming(
         request,
         http::uri::PathAndQuery::from_static(COMPLETE_STREAM),
