@@ -478,17 +478,9 @@ async fn a_key_revoked_through_the_admin_api_is_unauthenticated_over_grpc() {
         axum::Router::new().nest_service("/admin/v1", layer.admin_service().token("ops", TOKEN)),
     )
     .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let grpc_layer = layer.clone();
-    let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .layer(grpc_layer)
-            .add_service(tonic_health::server::health_reporter().1)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
-            .await
-            .unwrap();
-    });
+    let health = tonic::service::Routes::new(tonic_health::server::health_reporter().1);
+    let server = common::serve_grpc(layer.clone(), health).await;
+    let addr = server.addr;
     let check = async |key: &str| {
         let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
             .unwrap()
@@ -516,7 +508,7 @@ async fn a_key_revoked_through_the_admin_api_is_unauthenticated_over_grpc() {
     assert_eq!(check(NEW_KEY).await, Ok(()));
     ok(&s, "DELETE", "/keys", json!({ "key": NEW_KEY })).await;
     assert_eq!(check(NEW_KEY).await, Err(tonic::Code::Unauthenticated));
-    server.abort();
+    drop(server);
 }
 
 #[cfg(feature = "watch")]

@@ -436,25 +436,11 @@ async fn a_grpc_stream_holds_its_lease_until_the_client_cancels() {
     use tonic::Code;
     use tonic::transport::Channel;
     let layer = memory_layer();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let routes = grpc_demo::grpc_routes().await;
-    let usage_url = {
-        let s = common::serve(Router::new().route_service("/v1/rate_limit", layer.usage_service()))
-            .await;
-        let url = s.url("");
-        // Keep it serving for the test's length.
-        std::mem::forget(s);
-        url
-    };
-    let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .layer(layer)
-            .add_routes(routes)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
-            .await
-            .unwrap();
-    });
+    let usage =
+        common::serve(Router::new().route_service("/v1/rate_limit", layer.usage_service())).await;
+    let usage_url = usage.url("");
+    let server = common::serve_grpc(layer, grpc_demo::grpc_routes().await).await;
+    let addr = server.addr;
     let channel = async |window: Option<u32>| {
         Channel::from_shared(format!("http://{addr}"))
             .unwrap()
@@ -517,7 +503,7 @@ async fn a_grpc_stream_holds_its_lease_until_the_client_cancels() {
     );
     let res = grpc_demo::inference::complete(channel(None).await.unwrap(), request(8)).await;
     assert!(res.is_ok(), "{res:?}");
-    server.abort();
+    drop((server, usage));
 }
 
 #[cfg(feature = "redis")]

@@ -27,31 +27,9 @@ fn fake_layer(clock: &FakeRelativeClock) -> Layer {
         .build()
 }
 
-struct Running {
-    addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// A tonic server with the layer, on 127.0.0.1:0.
-async fn tonic_server(layer: Layer) -> Running {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let routes = demo::grpc_routes().await;
-    let task = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .layer(layer)
-            .add_routes(routes)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
-            .await
-            .unwrap();
-    });
-    Running { addr, task }
+/// A tonic server with the layer and the demo's services, on 127.0.0.1:0.
+async fn tonic_server(layer: Layer) -> common::Server {
+    common::serve_grpc(layer, demo::grpc_routes().await).await
 }
 
 async fn channel(addr: SocketAddr) -> Channel {

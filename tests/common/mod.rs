@@ -60,6 +60,24 @@ pub fn fake_memory() -> tierlimit::MemoryBackend<governor::clock::FakeRelativeCl
         .build()
 }
 
+/// Serves gRPC `routes` behind `layer` with tonic on 127.0.0.1:0.
+pub async fn serve_grpc<B: tierlimit::Backend>(
+    layer: tierlimit::RateLimitLayer<tierlimit::ApiKey, B>,
+    routes: tonic::service::Routes,
+) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .layer(layer)
+            .add_routes(routes)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+            .unwrap();
+    });
+    Server { addr, task }
+}
+
 /// An HTTP client that gives up rather than hang a test.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
