@@ -5,13 +5,7 @@
 local t = tonumber(ARGV[1])
 local max = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
-local now
-if ARGV[4] ~= '' then
-  now = tonumber(ARGV[4])
-else
-  local tm = redis.call('TIME')
-  now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])
-end
+local now = now_us(ARGV[4])
 local reserve = tonumber(ARGV[5]) or 0
 local tau = t * (max - 1)
 local add = t * (n - 1)

@@ -13,13 +13,7 @@
 -- (us; 0 for a limit that admits it) when a rate limit refuses it; {2,
 -- capacity_1, ..., capacity_k, held_1, ...} when a lease set is full. A
 -- refusal counts nothing and takes no lease.
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local tm = redis.call('TIME')
-  now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])
-end
+local now = now_us(ARGV[1])
 local k = tonumber(ARGV[2])
 local member = ARGV[3]
 local ttl = tonumber(ARGV[4])

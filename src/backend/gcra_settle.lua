@@ -4,13 +4,7 @@
 -- KEYS[i]: the buckets. ARGV[1]: now (us; empty: Redis TIME), then per key:
 -- interval (us), max, units.
 -- Returns the remaining capacity of each bucket afterwards (0 while in debt).
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local tm = redis.call('TIME')
-  now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])
-end
+local now = now_us(ARGV[1])
 local out = {}
 for i = 1, #KEYS do
   local t = tonumber(ARGV[3 * i - 1])

@@ -7,13 +7,7 @@
 -- lease already expired is not taken again); returns how many held it.
 -- peek: returns the leases held now in KEYS[1], counting nothing.
 local mode = ARGV[1]
-local now
-if ARGV[2] ~= '' then
-  now = tonumber(ARGV[2])
-else
-  local tm = redis.call('TIME')
-  now = tonumber(tm[1]) * 1000000 + tonumber(tm[2])
-end
+local now = now_us(ARGV[2])
 if mode == 'peek' then
   return redis.call('ZCOUNT', KEYS[1], '(' .. string.format('%d', now), '+inf')
 end

@@ -19,20 +19,23 @@ use super::{
 };
 use crate::policy::{Limit, MAX_LIMITS};
 
+// Every script below starts with `now.lua` (the time: a fake clock's, or
+// Redis's `TIME`).
+
 /// GCRA exactly as governor computes it, in microseconds, on Redis's clock
 /// (`TIME`) unless a time is passed (tests). A refusal writes nothing; an
 /// allowed request stores the new TAT and expires it when the bucket is
 /// full again, so idle keys cost Redis nothing.
-const GCRA: &str = include_str!("gcra.lua");
+const GCRA: &str = concat!(include_str!("now.lua"), include_str!("gcra.lua"));
 
 /// The same over several limits at once, all or nothing, in one call.
-const GCRA_ALL: &str = include_str!("gcra_all.lua");
+const GCRA_ALL: &str = concat!(include_str!("now.lua"), include_str!("gcra_all.lua"));
 
 /// Settlement: debts and refunds on one owner's buckets, in one call.
-const GCRA_SETTLE: &str = include_str!("gcra_settle.lua");
+const GCRA_SETTLE: &str = concat!(include_str!("now.lua"), include_str!("gcra_settle.lua"));
 
 /// Concurrency leases after admission: release, renew, peek.
-const LEASE: &str = include_str!("lease.lua");
+const LEASE: &str = concat!(include_str!("now.lua"), include_str!("lease.lua"));
 
 /// The operators' shared state: write, load, version.
 const ADMIN: &str = include_str!("admin.lua");
