@@ -214,24 +214,29 @@ async fn tokens_left<E, B>(
 ) -> u64 {
     let mut last = 0;
     for _ in 0..500 {
-        let usage: Value = c
-            .get(server.url("/v1/rate_limit"))
-            .header("x-api-key", key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        last = usage["categories"]["ai"]["tokens"]["remaining"]
-            .as_u64()
-            .unwrap();
+        last = ai_tokens_now(c, server, key).await;
         if last == want {
             break;
         }
         tokio::task::yield_now().await;
     }
     last
+}
+
+/// The `ai` tokens left for `key` now, as the usage endpoint reports them.
+async fn ai_tokens_now(c: &reqwest::Client, server: &common::Server, key: &str) -> u64 {
+    let usage: Value = c
+        .get(server.url("/v1/rate_limit"))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    usage["categories"]["ai"]["tokens"]["remaining"]
+        .as_u64()
+        .unwrap()
 }
 
 /// A streaming endpoint that reports 10 tokens per chunk, 20 chunks, and
@@ -327,18 +332,7 @@ async fn streams_settle_exactly_once<B: Backend + Clone>(backend: B) {
     let mut want = 0;
     for _ in 0..2_000 {
         want = u64::from(token_limit.max()) - reported.load(Ordering::Relaxed);
-        let usage: Value = c
-            .get(usage_server.url("/v1/rate_limit"))
-            .header("x-api-key", "k")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        left = usage["categories"]["ai"]["tokens"]["remaining"]
-            .as_u64()
-            .unwrap();
+        left = ai_tokens_now(&c, &usage_server, "k").await;
         if left == want {
             break;
         }
