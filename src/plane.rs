@@ -433,29 +433,67 @@ fn redact_field(field: &str) -> String {
 }
 
 /// Where operator state is shared between instances (Redis).
+///
+/// A write that the store runs late (after its caller gave up on the
+/// answer: a paused or stalled server runs its queue when it resumes)
+/// must change nothing: an `Err` from [`write`](Self::write) means nothing
+/// changed, then or later.
 pub(crate) trait StateStore: Send + Sync {
     /// Writes the fields (a `None` value deletes the field) and moves the
-    /// version, in one step; the new version.
-    fn write(&self, fields: Vec<(String, Option<String>)>) -> BoxFuture<Result<u64, String>>;
-    /// Every field, and the version they are at.
+    /// version, in one step; the new stamp.
+    fn write(&self, fields: Vec<(String, Option<String>)>) -> BoxFuture<Result<Stamp, String>>;
+    /// Every field, and the stamp they are at.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     fn load(&self) -> BoxFuture<Result<Loaded, String>>;
-    /// The version now.
+    /// The stamp now.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    fn version(&self) -> BoxFuture<Result<u64, String>>;
+    fn version(&self) -> BoxFuture<Result<Stamp, String>>;
 }
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// A store's whole state: its version and its fields.
-pub(crate) type Loaded = (u64, Vec<(String, String)>);
+/// A store's whole state: its stamp and its fields.
+pub(crate) type Loaded = (Stamp, Vec<(String, String)>);
+
+/// Where a shared state is: an epoch chosen when the state was created and
+/// a version moved by every write. A store that lost its data (a Redis
+/// restart without persistence, a flush) starts a new epoch, so an
+/// instance that saw version 5 of the old state never takes version 5 of
+/// the new one for the same state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    pub(crate) epoch: String,
+    pub(crate) version: u64,
+}
+
+impl Stamp {
+    /// Reads `EPOCH VERSION` (the epoch may be empty: no state yet).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn parse(s: &str) -> Result<Stamp, String> {
+        let (epoch, version) = s
+            .rsplit_once(' ')
+            .ok_or_else(|| "a stamp that is not 'EPOCH VERSION'".to_owned())?;
+        let version = version
+            .parse()
+            .map_err(|_| "a version that is not a number".to_owned())?;
+        Ok(Stamp {
+            epoch: epoch.to_owned(),
+            version,
+        })
+    }
+
+    /// Whether `self` is the one write after `prev`.
+    fn follows(&self, prev: &Stamp) -> bool {
+        self.epoch == prev.epoch && self.version == prev.version + 1
+    }
+}
 
 /// The base policy and the operator state, under one lock.
 struct Layered {
     base: Arc<Policy>,
     state: OperatorState,
-    /// The store's version the state was loaded at (0: none).
-    version: u64,
+    /// The store's stamp the state was loaded at (default: none).
+    stamp: Stamp,
 }
 
 /// The policy in force, as layers: what [`PolicyHandle`](crate::PolicyHandle)
@@ -485,7 +523,7 @@ impl Plane {
             layered: Mutex::new(Layered {
                 base: Arc::new(policy),
                 state: OperatorState::default(),
-                version: 0,
+                stamp: Stamp::default(),
             }),
             view,
             store: OnceLock::new(),
@@ -562,13 +600,13 @@ impl Plane {
                 }
                 fields
             };
-            let version = store.write(fields).await?;
+            let stamp = store.write(fields).await?;
             let mut l = self.lock();
             l.state.make(&change);
             // Applied here at once; the next poll reloads only if another
-            // change came in between.
-            if version == l.version + 1 {
-                l.version = version;
+            // change came in between (or the store started a new epoch).
+            if stamp.follows(&l.stamp) {
+                l.stamp = stamp;
             }
             self.publish(&l);
             return Ok(());
@@ -595,11 +633,11 @@ impl Plane {
     /// Shares operator state through `store`: loads it all now, then
     /// follows its version (see [`sync`](Self::sync)).
     pub(crate) async fn share(&self, store: Arc<dyn StateStore>) -> Result<(), String> {
-        let (version, fields) = store.load().await?;
+        let (stamp, fields) = store.load().await?;
         {
             let mut l = self.lock();
             l.state = OperatorState::from_fields(fields);
-            l.version = version;
+            l.stamp = stamp;
             self.publish(&l);
         }
         let _ = self.store.set(store);
@@ -608,17 +646,18 @@ impl Plane {
 
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     /// One step of following the store: reloads the whole state when its
-    /// version moved, and removes ended boosts.
+    /// stamp changed (a write, or a store that lost its data and started
+    /// again), and removes ended boosts.
     pub(crate) async fn sync(&self) -> Result<(), String> {
         let Some(store) = self.store.get() else {
             return Ok(());
         };
-        let version = store.version().await?;
-        if version != self.lock().version {
-            let (version, fields) = store.load().await?;
+        let stamp = store.version().await?;
+        if stamp != self.lock().stamp {
+            let (stamp, fields) = store.load().await?;
             let mut l = self.lock();
             l.state = OperatorState::from_fields(fields);
-            l.version = version;
+            l.stamp = stamp;
             self.publish(&l);
         } else {
             // Ended boosts leave the policy in force by themselves; this

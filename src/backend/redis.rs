@@ -40,6 +40,11 @@ const LEASE: &str = concat!(include_str!("now.lua"), include_str!("lease.lua"));
 /// The operators' shared state: write, load, version.
 const ADMIN: &str = include_str!("admin.lua");
 
+/// Redis's clock in microseconds, read in the operator state's slot before
+/// a write sets its deadline on it.
+const ADMIN_CLOCK: &str = "local t = redis.call('TIME') \
+    return string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))";
+
 /// What happens to requests while Redis cannot be reached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -604,13 +609,11 @@ impl Inner {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<T, EvalError> {
-        let inner = Arc::clone(self);
-        let round_trip = async move {
-            // Operator changes are rare and may move a whole state.
-            let timeout = match script {
-                Script::Admin => inner.timeout.max(Duration::from_secs(1)),
-                _ => inner.timeout,
-            };
+        let timeout = match script {
+            Script::Admin => admin_timeout(self),
+            _ => self.timeout,
+        };
+        self.on_io(timeout, move |inner, conn| async move {
             let script = match script {
                 Script::One => &inner.script,
                 Script::All => &inner.script_all,
@@ -625,14 +628,41 @@ impl Inner {
             for a in args {
                 inv.arg(a);
             }
+            match &*conn {
+                Conn::Single(c) => inv.invoke_async(&mut c.clone()).await,
+                Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
+            }
+        })
+        .await
+    }
+
+    /// Runs one command, as [`invoke`](Self::invoke) runs a script.
+    async fn query<T: redis::FromRedisValue + Send + 'static>(
+        self: &Arc<Self>,
+        cmd: redis::Cmd,
+        timeout: Duration,
+    ) -> Result<T, EvalError> {
+        self.on_io(timeout, move |_, conn| async move {
+            match &*conn {
+                Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
+                Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+            }
+        })
+        .await
+    }
+
+    /// Runs `call` on the connection, on the I/O thread, bounded by
+    /// `timeout` there.
+    async fn on_io<T, F, Fut>(self: &Arc<Self>, timeout: Duration, call: F) -> Result<T, EvalError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Self>, Arc<Conn>) -> Fut + Send + 'static,
+        Fut: Future<Output = redis::RedisResult<T>> + Send,
+    {
+        let inner = Arc::clone(self);
+        let round_trip = async move {
             let conn = inner.conn.load_full();
-            let call = async {
-                match &*conn {
-                    Conn::Single(c) => inv.invoke_async(&mut c.clone()).await,
-                    Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
-                }
-            };
-            match tokio::time::timeout(timeout, call).await {
+            match tokio::time::timeout(timeout, call(Arc::clone(&inner), conn)).await {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => Err(EvalError::Redis(e)),
                 Err(_) => Err(EvalError::Timeout),
@@ -1332,14 +1362,27 @@ impl RedisBackend {
                     len = v.len(),
                     "redis: unexpected answer from the several-limit script"
                 );
+                self.release_late(check);
                 inner.failed();
                 fallback(inner.on_failure_all(check))
             }
             Err(e) => {
                 tracing::debug!(error = %e, timeout = ?inner.timeout, "redis check failed");
+                self.release_late(check);
                 inner.failed();
                 fallback(inner.on_failure_all(check))
             }
+        }
+    }
+
+    /// A check with leases got no answer: the script may still run (a
+    /// paused or stalled server runs its queue when it resumes) and take
+    /// leases that nobody holds. A release queued behind it on the same
+    /// connection frees them the moment it runs (and does nothing if it
+    /// never does): a late answer is harmless.
+    fn release_late(&self, check: &Check<'_>) {
+        if !check.leases.is_empty() {
+            self.release_taken(HeldLeases::of(&Charges::new(check)), Taken::Redis);
         }
     }
 
@@ -1509,12 +1552,20 @@ impl RedisBackend {
 }
 
 /// The operators' shared state in Redis (see `src/plane.rs`).
+///
+/// A write is two calls in the state's slot: Redis's clock first, then the
+/// write with a deadline on that clock, half the admin timeout later. The
+/// caller waits the whole timeout for the answer, so a write either runs
+/// before its deadline and is answered, or finds itself late when a paused
+/// or stalled server finally runs it and changes nothing: an error from
+/// [`admin_write`](Self::admin_write) means nothing changed, ever.
 impl RedisBackend {
     fn admin_keys(&self) -> Vec<String> {
         let p = &self.inner.prefix;
         vec![
             format!("{p}:{{admin}}:state"),
             format!("{p}:{{admin}}:version"),
+            format!("{p}:{{admin}}:epoch"),
         ]
     }
 
@@ -1523,8 +1574,29 @@ impl RedisBackend {
         format!("{}:{{admin}}:changes", self.inner.prefix)
     }
 
-    async fn admin_write(&self, fields: Vec<(String, Option<String>)>) -> Result<u64, String> {
-        let mut args = vec!["write".to_owned(), self.admin_channel()];
+    async fn admin_write(
+        &self,
+        fields: Vec<(String, Option<String>)>,
+    ) -> Result<crate::plane::Stamp, String> {
+        // A read-only script in the state's slot (its node's clock), which
+        // a server paused for writes still answers.
+        let mut cmd = redis::cmd("EVAL_RO");
+        cmd.arg(ADMIN_CLOCK).arg(1).arg(&self.admin_keys()[0]);
+        let clock: String = self
+            .inner
+            .query(cmd, admin_timeout(&self.inner))
+            .await
+            .map_err(|e| e.to_string())?;
+        let clock: u64 = clock
+            .parse()
+            .map_err(|_| "Redis's clock is not a number".to_owned())?;
+        let budget = (admin_timeout(&self.inner) / 2).as_micros() as u64;
+        let mut args = vec![
+            "write".to_owned(),
+            (clock + budget).to_string(),
+            self.admin_channel(),
+            format!("{:016x}", random_u64()),
+        ];
         for (field, value) in fields {
             args.push(field);
             match value {
@@ -1538,22 +1610,26 @@ impl RedisBackend {
                 }
             }
         }
-        version(&self.admin::<String>(args).await?)
+        let answer: String = self.admin(args).await?;
+        if answer == "late" {
+            return Err("Redis ran the change after its deadline, so it changed nothing".into());
+        }
+        crate::plane::Stamp::parse(&answer)
     }
 
     async fn admin_load(&self) -> Result<crate::plane::Loaded, String> {
         let all: Vec<String> = self.admin(vec!["load".to_owned()]).await?;
         let mut it = all.into_iter();
-        let version = version(&it.next().unwrap_or_default())?;
+        let stamp = crate::plane::Stamp::parse(&it.next().unwrap_or_default())?;
         let mut fields = Vec::new();
         while let (Some(f), Some(v)) = (it.next(), it.next()) {
             fields.push((f, v));
         }
-        Ok((version, fields))
+        Ok((stamp, fields))
     }
 
-    async fn admin_version(&self) -> Result<u64, String> {
-        version(&self.admin::<String>(vec!["version".to_owned()]).await?)
+    async fn admin_version(&self) -> Result<crate::plane::Stamp, String> {
+        crate::plane::Stamp::parse(&self.admin::<String>(vec!["version".to_owned()]).await?)
     }
 
     /// One call of the admin script.
@@ -1573,17 +1649,30 @@ impl RedisBackend {
     }
 }
 
-/// The operator state's version, as the admin script returns it.
-fn version(v: &str) -> Result<u64, String> {
-    v.parse()
-        .map_err(|_| "a version that is not a number".to_owned())
+/// How long an operator change's calls wait for Redis: changes are rare
+/// and may move a whole state.
+fn admin_timeout(inner: &Inner) -> Duration {
+    inner.timeout.max(Duration::from_secs(1))
+}
+
+/// 64 random bits (an epoch for a new operator state).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish()
 }
 
 impl crate::plane::StateStore for RedisBackend {
     fn write(
         &self,
         fields: Vec<(String, Option<String>)>,
-    ) -> crate::plane::BoxFuture<Result<u64, String>> {
+    ) -> crate::plane::BoxFuture<Result<crate::plane::Stamp, String>> {
         let this = self.clone();
         Box::pin(async move { this.admin_write(fields).await })
     }
@@ -1593,7 +1682,7 @@ impl crate::plane::StateStore for RedisBackend {
         Box::pin(async move { this.admin_load().await })
     }
 
-    fn version(&self) -> crate::plane::BoxFuture<Result<u64, String>> {
+    fn version(&self) -> crate::plane::BoxFuture<Result<crate::plane::Stamp, String>> {
         let this = self.clone();
         Box::pin(async move { this.admin_version().await })
     }

@@ -170,6 +170,26 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server process (SIGSTOP): connections stay open, and
+    /// what clients send waits in the socket until [`resume`](Self::resume).
+    pub fn stop_process(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen server run again (SIGCONT): it runs what queued.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("the server runs").id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     /// Starts it again on the same port (empty: it keeps nothing on disk).
     pub fn restart(&mut self) {
         self.kill();

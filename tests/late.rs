@@ -1,0 +1,286 @@
+//! Late answers are harmless: a Redis that stalls (`CLIENT PAUSE WRITE`,
+//! or a frozen process) runs what queued when it resumes, after its
+//! callers gave up. Through real servers, a real client and a real
+//! `redis-server` that the tests pause, freeze, restart and flush:
+//!
+//! - a check whose answer timed out leaves no concurrency lease behind;
+//! - an admin change answered 503 never takes effect;
+//! - instances agree with Redis after it lost its data.
+
+#![cfg(feature = "redis")]
+
+mod common;
+
+#[allow(dead_code)]
+#[path = "../examples/axum_tiers.rs"]
+mod demo;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing;
+use common::redis::{RedisServer, ready};
+use serde_json::{Value, json};
+use tierlimit::{Policy, RateLimitLayer, RedisBackend};
+
+const TOKEN: &str = "admin-token-for-tests-0123456789";
+
+const POLICY: &str = r#"
+categories = ["read", "write"]
+
+[tiers.free]
+read = { requests = "1000/hour", concurrency = 2 }
+write = "1000/hour"
+
+[keys]
+"late-key" = "free"
+"#;
+
+/// How a test stalls Redis, and lets it run again.
+#[derive(Clone, Copy, Debug)]
+enum Stall {
+    /// `CLIENT PAUSE … WRITE`: scripts wait, read-only commands run.
+    PauseWrites,
+    /// SIGSTOP: nothing runs; what clients send waits in their sockets.
+    Freeze,
+}
+
+impl Stall {
+    fn start(self, server: &RedisServer) {
+        match self {
+            Stall::PauseWrites => {
+                let ok = server.cli(&["CLIENT", "PAUSE", "60000", "WRITE"]);
+                assert_eq!(ok.as_deref(), Some("OK"));
+            }
+            Stall::Freeze => server.stop_process(),
+        }
+    }
+
+    fn end(self, server: &RedisServer) {
+        match self {
+            Stall::PauseWrites => {
+                assert_eq!(server.cli(&["CLIENT", "UNPAUSE"]).as_deref(), Some("OK"));
+            }
+            Stall::Freeze => server.resume(),
+        }
+    }
+}
+
+/// Polls `probe` until it holds (bounded: 10 s).
+async fn until(what: &str, mut probe: impl AsyncFnMut() -> bool) {
+    for _ in 0..1000 {
+        if probe().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what}: not within 10 s");
+}
+
+/// The leases Redis holds, over every lease set.
+fn leases_in_redis(server: &RedisServer) -> u64 {
+    let sets = server
+        .cli(&["--scan", "--pattern", "*:c:*"])
+        .unwrap_or_default();
+    sets.lines()
+        .filter(|k| !k.is_empty())
+        .map(|k| server.cli(&["ZCARD", k]).unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// `GET /v1/data` as the test's key: status and `X-Concurrency-Remaining`.
+async fn read(s: &common::Server) -> (u16, Option<u32>) {
+    let res = common::client()
+        .get(s.url("/v1/data"))
+        .header("x-api-key", "late-key")
+        .send()
+        .await
+        .unwrap();
+    let left = res
+        .headers()
+        .get("x-concurrency-remaining")
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    (res.status().as_u16(), left)
+}
+
+async fn lease_left_behind(stall: Stall) {
+    common::redis::init_secret();
+    let server = RedisServer::start();
+    let backend = RedisBackend::builder(server.url())
+        .timeout(Duration::from_millis(100))
+        // Every check goes to Redis (none around it while degraded).
+        .trip_after(1_000_000)
+        .connect()
+        .await
+        .unwrap();
+    let layer = RateLimitLayer::builder(Policy::from_toml_str(POLICY).unwrap())
+        .backend(backend)
+        .build();
+    let app = Router::new()
+        .route("/v1/data", routing::get(|| async { "data" }))
+        .layer(layer);
+    let s = common::serve(app).await;
+    // Through Redis: its scripts are loaded, and the lease comes back.
+    assert_eq!(read(&s).await, (200, Some(1)));
+    until("the first lease is released", async || {
+        leases_in_redis(&server) == 0
+    })
+    .await;
+    server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+    stall.start(&server);
+    // The checks time out; the fallback answers them.
+    for _ in 0..2 {
+        assert_eq!(read(&s).await.0, 200);
+    }
+    stall.end(&server);
+    // Redis runs the two queued checks, which take their leases; the
+    // releases queued behind them on the same connection run in the same
+    // read of that socket.
+    until("Redis ran the queued checks", async || {
+        server.command_calls("evalsha") >= 2
+    })
+    .await;
+    assert_eq!(leases_in_redis(&server), 0, "{stall:?}: nobody holds these");
+    // The key has its whole concurrency limit again.
+    assert_eq!(read(&s).await, (200, Some(1)), "{stall:?}");
+    assert_eq!(leases_in_redis(&server), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_run_late_by_a_paused_redis_leave_no_lease_behind() {
+    if !ready() {
+        return;
+    }
+    lease_left_behind(Stall::PauseWrites).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_run_late_by_a_frozen_redis_leave_no_lease_behind() {
+    if !ready() {
+        return;
+    }
+    lease_left_behind(Stall::Freeze).await;
+}
+
+/// A demo instance on `server`, sharing operator state through it.
+async fn instance(server: &RedisServer) -> common::Server {
+    common::redis::init_secret();
+    let backend = RedisBackend::builder(server.url())
+        .timeout(Duration::from_millis(200))
+        .connect()
+        .await
+        .unwrap();
+    let layer = demo::limits(common::spec_policy(), backend.clone());
+    layer.share_operator_state(&backend).await.unwrap();
+    common::serve(demo::app_with_admin(layer, Some(TOKEN))).await
+}
+
+/// `PUT /admin/v1/keys` of `key` in tier pro: the status and the body.
+async fn provision(s: &common::Server, key: &str) -> (u16, Value) {
+    let res = common::client()
+        .put(s.url("/admin/v1/keys"))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .json(&json!({ "key": key, "tier": "pro" }))
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+/// `GET /v1/account` as `key`: the status.
+async fn status(s: &common::Server, key: &str) -> u16 {
+    common::client()
+        .get(s.url("/v1/account"))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn admin_answered_503(stall: Stall) {
+    let server = RedisServer::start();
+    let (a, b) = (instance(&server).await, instance(&server).await);
+    stall.start(&server);
+    let (code, body) = provision(&a, "sk-late-change-0001").await;
+    assert_eq!(code, 503, "{stall:?}: {body}");
+    assert!(body["detail"].as_str().unwrap().contains("nothing changed"));
+    stall.end(&server);
+    // A later change through A: its calls run after the queued one on the
+    // same connection, so once it is answered, the queued one has run.
+    assert_eq!(provision(&a, "sk-after-0002").await.0, 200);
+    until("B accepts the later key", async || {
+        status(&b, "sk-after-0002").await == 200
+    })
+    .await;
+    for (name, s) in [("A", &a), ("B", &b)] {
+        assert_eq!(
+            status(s, "sk-late-change-0001").await,
+            401,
+            "{stall:?}: {name} admits a key whose change was answered 503"
+        );
+    }
+    let fields = server
+        .cli(&["HLEN", "tierlimit:{admin}:state"])
+        .unwrap_or_default();
+    assert_eq!(fields, "1", "only the later change is in Redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_change_answered_503_while_redis_pauses_writes_never_takes_effect() {
+    if !ready() {
+        return;
+    }
+    admin_answered_503(Stall::PauseWrites).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_change_answered_503_while_redis_is_frozen_never_takes_effect() {
+    if !ready() {
+        return;
+    }
+    admin_answered_503(Stall::Freeze).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_agree_with_redis_after_it_loses_its_data() {
+    if !ready() {
+        return;
+    }
+    let mut server = RedisServer::start();
+    let (a, b) = (instance(&server).await, instance(&server).await);
+    assert_eq!(provision(&a, "sk-before-loss-01").await.0, 200);
+    until("B accepts the first key", async || {
+        status(&b, "sk-before-loss-01").await == 200
+    })
+    .await;
+    // Redis restarts empty (no persistence); A provisions another key,
+    // which is version 1 again, of a new state.
+    server.restart();
+    until("A provisions after the restart", async || {
+        provision(&a, "sk-after-loss-002").await.0 == 200
+    })
+    .await;
+    until("B accepts the second key", async || {
+        status(&b, "sk-after-loss-002").await == 200
+    })
+    .await;
+    // Both follow what Redis holds: the first key was lost with it.
+    for (name, s) in [("A", &a), ("B", &b)] {
+        until(&format!("{name} forgets the lost key"), async || {
+            status(s, "sk-before-loss-01").await == 401
+        })
+        .await;
+        assert_eq!(status(s, "sk-after-loss-002").await, 200, "{name}");
+    }
+    // A flush: every instance follows it too.
+    server.cli(&["FLUSHALL"]).unwrap();
+    for (name, s) in [("A", &a), ("B", &b)] {
+        until(&format!("{name} follows the flush"), async || {
+            status(s, "sk-after-loss-002").await == 401
+        })
+        .await;
+    }
+}
