@@ -8,6 +8,7 @@
 //! watcher's own reads (opens, reads, closes without a write) do not, so a
 //! file at rest is not read.
 
+use std::ffi::OsString;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -177,11 +178,15 @@ struct Target {
     path: PathBuf,
     /// Its directory, watched.
     dir: PathBuf,
-    /// The event paths that name the file: the path in `dir`, and the file
-    /// its symlinks lead to now.
-    files: Vec<PathBuf>,
-    /// The directory of the file the symlinks lead to, when it is not
-    /// `dir`: watched too.
+    /// `dir` as given, and with its symlinks resolved: some platforms name
+    /// events by the one, some by the other.
+    homes: Vec<PathBuf>,
+    /// The names in `dir` that are the file: the path's own, and the name
+    /// of the file its symlinks lead to when that is in `dir` too.
+    names: Vec<OsString>,
+    /// The file the symlinks lead to, when it is in another directory.
+    real: Option<PathBuf>,
+    /// That file's directory: watched too.
     elsewhere: Option<PathBuf>,
 }
 
@@ -194,45 +199,56 @@ impl Target {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        let mut homes = vec![dir.clone()];
+        homes.extend(std::fs::canonicalize(&dir).ok().filter(|d| *d != dir));
         let mut target = Target {
             path: path.to_path_buf(),
-            files: vec![dir.join(name)],
             dir,
+            homes,
+            names: vec![name.to_owned()],
+            real: None,
             elsewhere: None,
         };
         target.elsewhere = target.resolve();
         Ok(target)
     }
 
-    /// Follows the path's symlinks as they are now: updates `files`, and
-    /// returns the directory the file is in when that is not `dir`.
+    /// Follows the path's symlinks as they are now: updates `names` and
+    /// `real`, and returns the directory the file is in when that is not
+    /// `dir`.
     fn resolve(&mut self) -> Option<PathBuf> {
-        self.files.truncate(1);
+        self.names.truncate(1);
+        self.real = None;
         let real = std::fs::canonicalize(&self.path).ok()?;
         let (parent, name) = (real.parent()?, real.file_name()?);
-        if std::fs::canonicalize(&self.dir).is_ok_and(|d| d == parent) {
-            // Events in `dir` name it under `dir` as given.
-            self.files.push(self.dir.join(name));
+        if self.homes.iter().any(|h| h == parent) {
+            self.names.push(name.to_owned());
             return None;
         }
         let parent = parent.to_path_buf();
-        self.files.push(real);
+        self.real = Some(real);
         Some(parent)
     }
 
     /// Whether events on `paths` may change the file: the file itself, the
-    /// file its symlinks lead to, the directory that file is in, or the
-    /// entries of `dir` whose names begin with `..` (a ConfigMap's `..data`
-    /// symlink and its timestamped directories). No path at all: events
-    /// were lost, anything may have changed.
+    /// file its symlinks lead to or that file's directory, or an entry of
+    /// `dir` whose name begins with `..` (a ConfigMap's `..data` symlink
+    /// and its timestamped directories). No path at all: events were lost,
+    /// anything may have changed.
     fn concerns(&self, paths: &[PathBuf]) -> bool {
-        paths.is_empty()
-            || paths.iter().any(|p| {
-                self.files.contains(p)
-                    || self.elsewhere.as_ref() == Some(p)
-                    || (p.parent() == Some(&self.dir)
-                        && p.file_name()
-                            .is_some_and(|n| n.as_encoded_bytes().starts_with(b"..")))
+        paths.is_empty() || paths.iter().any(|p| self.names_the_file(p))
+    }
+
+    fn names_the_file(&self, p: &PathBuf) -> bool {
+        if self.real.as_ref() == Some(p) || self.elsewhere.as_ref() == Some(p) {
+            return true;
+        }
+        let in_dir = p
+            .parent()
+            .is_some_and(|d| self.homes.iter().any(|h| h == d));
+        in_dir
+            && p.file_name().is_some_and(|n| {
+                self.names.iter().any(|m| m == n) || n.as_encoded_bytes().starts_with(b"..")
             })
     }
 }

@@ -6,7 +6,7 @@
 //!
 //! No test waits for time to pass: each waits, bounded, for a counter of a
 //! watcher to move.
-#![cfg(feature = "watch")]
+#![cfg(all(feature = "watch", unix))]
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
