@@ -275,6 +275,10 @@ where
             (&route, &method),
             (Route::Boosts, &Method::GET) | (Route::Boost(_), _)
         );
+        let idempotency = match idempotency_key(req.headers()) {
+            Ok(k) => k.map(|k| boost_id_for(&who, k)),
+            Err(res) => return res,
+        };
         let body = if needs_body {
             match read_json(req.into_body()).await {
                 Ok(b) => b,
@@ -288,7 +292,13 @@ where
             (Route::Keys, _) => self.revoke_key(&body),
             (Route::Limits, Method::PUT) => self.put_limit(&body),
             (Route::Limits, _) => self.remove_limit(&body),
-            (Route::Boosts, Method::POST) => self.add_boost(&body),
+            (Route::Boosts, Method::POST) => match self.add_boost(&body, idempotency) {
+                // The same boost, asked again under the same key: done.
+                Ok((_, _, shown, ..)) if self.has_same_boost(&shown) => {
+                    return json_response(StatusCode::CREATED, &shown);
+                }
+                other => other,
+            },
             (Route::Boosts, _) => return self.list_boosts(),
             (Route::Boost(id), _) => self.remove_boost(id),
             (Route::Usage, _) => return self.usage(&body).await,
@@ -412,7 +422,19 @@ where
         ))
     }
 
-    fn add_boost(&self, body: &Map<String, Value>) -> Changed {
+    /// Whether an operator already added the boost `shown` describes (a
+    /// retry under the same `Idempotency-Key`); the key reused for another
+    /// boost is refused by [`add_boost`](Self::add_boost).
+    fn has_same_boost(&self, shown: &Value) -> bool {
+        let Some(id) = shown["id"].as_str() else {
+            return false;
+        };
+        let state = self.shared.plane.state();
+        state.boost(id).is_some_and(|b| boost_json(id, b) == *shown)
+    }
+
+    /// Adds a boost; its id is `given` (an `Idempotency-Key`'s) or new.
+    fn add_boost(&self, body: &Map<String, Value>, given: Option<String>) -> Changed {
         only(body, &["key", "tier", "category", "adjust", "start", "end"])?;
         let (target, id) = match (body.get("key"), body.get("tier")) {
             (Some(_), None) => {
@@ -448,7 +470,7 @@ where
         if end <= self.shared.plane.now() {
             return Err(bad("field `end`: this boost has already ended"));
         }
-        let boost_id = new_boost_id();
+        let boost_id = given.unwrap_or_else(new_boost_id);
         let mut shown = boost_json(
             &boost_id,
             &BoostEntry {
@@ -461,6 +483,16 @@ where
             },
         );
         shown["id"] = json!(boost_id);
+        let state = self.shared.plane.state();
+        if let Some(b) = state.boost(&boost_id)
+            && boost_json(&boost_id, b) != shown
+        {
+            return Err(problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "admin-idempotency-key-reused",
+                "this Idempotency-Key was used for another boost; use a new key",
+            ));
+        }
         Ok((
             Change::AddBoost {
                 id: boost_id,
@@ -661,6 +693,34 @@ fn boost_json(id: &str, b: &BoostEntry) -> Value {
 }
 
 /// A boost id: 16 hex digits, random (unique across instances).
+/// The `Idempotency-Key` header, if any: 1 to 255 visible ASCII
+/// characters, once.
+fn idempotency_key(headers: &http::HeaderMap) -> Result<Option<&str>, AdminResponse> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let (Some(v), None) = (values.next(), values.next()) else {
+        return match headers.contains_key("idempotency-key") {
+            true => Err(bad("send one `Idempotency-Key`")),
+            false => Ok(None),
+        };
+    };
+    match v.to_str() {
+        Ok(k) if !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(k))
+        }
+        _ => Err(bad(
+            "an `Idempotency-Key` is 1 to 255 visible ASCII characters",
+        )),
+    }
+}
+
+/// A boost's id from an operator's `Idempotency-Key`: the same on every
+/// instance (keys are hashed with the shared secret), so a retry through
+/// any of them writes the same entry again.
+fn boost_id_for(who: &str, key: &str) -> String {
+    let id = KeyId::of(&format!("idempotency\0{who}\0{key}"));
+    format!("{:016x}", id.as_u64())
+}
+
 fn new_boost_id() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();

@@ -144,6 +144,11 @@ impl OperatorState {
         }
     }
 
+    /// The boost `id` an operator added, if any.
+    pub(crate) fn boost(&self, id: &str) -> Option<&BoostEntry> {
+        self.boosts.get(id)
+    }
+
     /// Whether an operator added the boost `id`.
     pub(crate) fn has_boost(&self, id: &str) -> bool {
         self.boosts.contains_key(id)

@@ -299,3 +299,65 @@ async fn instances_agree_with_redis_after_it_loses_its_data() {
         .await;
     }
 }
+
+/// `POST /admin/v1/boosts` (pro's read x2 for an hour), with an
+/// `Idempotency-Key`: the status and the body.
+async fn boost(s: &common::Server, idempotency: &str, adjust: &str) -> (u16, Value) {
+    let now = common::unix_now();
+    let res = common::client()
+        .post(s.url("/admin/v1/boosts"))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("idempotency-key", idempotency)
+        .json(
+            &json!({ "tier": "pro", "category": "read", "adjust": adjust,
+                       "start": now - 1, "end": now + 3600 }),
+        )
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+/// The boosts an instance lists.
+async fn boosts(s: &common::Server) -> Vec<Value> {
+    let res = common::client()
+        .get(s.url("/admin/v1/boosts"))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = res.json().await.unwrap();
+    v["boosts"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boost_retried_under_its_idempotency_key_is_added_once() {
+    if !ready() {
+        return;
+    }
+    let server = RedisServer::start();
+    let (a, b) = (instance(&server).await, instance(&server).await);
+    // The first try is answered 503 (nothing changed); the client retries.
+    Stall::PauseWrites.start(&server);
+    assert_eq!(boost(&a, "retry-me-1", "x2").await.0, 503);
+    Stall::PauseWrites.end(&server);
+    let (code, first) = boost(&a, "retry-me-1", "x2").await;
+    assert_eq!(code, 201, "{first}");
+    // Its answer was lost, say: the retry, through either instance, finds
+    // the same boost and adds nothing.
+    let (code, again) = boost(&a, "retry-me-1", "x2").await;
+    assert_eq!((code, &again), (201, &first));
+    until("B has the boost", async || boosts(&b).await.len() == 1).await;
+    let (code, via_b) = boost(&b, "retry-me-1", "x2").await;
+    assert_eq!((code, &via_b["id"]), (201, &first["id"]));
+    assert_eq!(boosts(&a).await.len(), 1);
+    assert_eq!(boosts(&b).await.len(), 1);
+    // The key reused for another boost is refused; a new key adds one.
+    let (code, reused) = boost(&a, "retry-me-1", "x3").await;
+    assert_eq!(code, 422, "{reused}");
+    assert_eq!(boost(&a, "retry-me-2", "x3").await.0, 201);
+    assert_eq!(boosts(&a).await.len(), 2);
+    // A malformed key is a 400.
+    assert_eq!(boost(&a, "bad key with spaces", "x2").await.0, 400);
+}
