@@ -73,7 +73,64 @@ pub(crate) enum Settled {
 impl<E, B> Shared<E, B> {
     /// Unix seconds now (for boosts), by the same clock as the headers.
     pub(crate) fn unix_now(&self) -> u64 {
-        unix_time(self.unix_clock.as_ref()).as_secs()
+        self.unix_time().as_secs()
+    }
+
+    /// Unix time now, as the headers write it (the usage report too).
+    pub(crate) fn unix_time(&self) -> std::time::Duration {
+        unix_time(self.unix_clock.as_ref())
+    }
+
+    /// The limits of `key` in `cell` with its custom limits and active
+    /// boosts applied; `None` when none touch it (the cell's own apply).
+    #[inline]
+    pub(crate) fn adjusted(
+        &self,
+        policy: &Policy,
+        cell: &Cell,
+        tier: TierId,
+        category: CategoryId,
+        key: KeyId,
+    ) -> Option<Applied> {
+        if !policy.has_adjustments() {
+            return None;
+        }
+        let now = if policy.has_boosts() {
+            self.unix_now()
+        } else {
+            0
+        };
+        policy.adjusted(cell, tier, category, key, now)
+    }
+}
+
+/// How a request of a cell is checked: not at all, under one limit (the
+/// fast path), or under several at once (token limits, leases, per-account
+/// limits). Admission and the usage report both follow it.
+pub(crate) enum Path<'a> {
+    /// Nothing limits it.
+    Pass,
+    /// One limit, per key (per account in a pooled tier).
+    One(Limit),
+    /// Several, checked together as a [`ChargeSet`].
+    All(Limits<'a>),
+}
+
+/// The path of a request of `cell` whose limits are `adjusted` (`None`:
+/// the cell's own).
+#[inline(always)]
+pub(crate) fn path<'a>(cell: &'a Cell, adjusted: Option<&'a Applied>) -> Path<'a> {
+    match adjusted {
+        None => match cell.single {
+            Some(limit) => Path::One(limit),
+            None if cell.is_unlimited() => Path::Pass,
+            None => Path::All(cell.limits()),
+        },
+        Some(a) => match (a.per_key.as_slice(), a.per_account.is_empty()) {
+            ([], true) if !a.has_tokens() && !cell.leased => Path::Pass,
+            ([one], true) if !cell.metered && !cell.leased && !a.has_tokens() => Path::One(*one),
+            _ => Path::All(a.limits()),
+        },
     }
 }
 
@@ -137,16 +194,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         };
         // Limits: the cell's, with custom limits and boosts applied (when a
         // policy has any, and they touch this key).
-        let adjusted = if policy.has_adjustments() {
-            let now = if policy.has_boosts() {
-                self.unix_now()
-            } else {
-                0
-            };
-            policy.adjusted(cell, tier, category, identity.key(), now)
-        } else {
-            None
-        };
+        let adjusted = self.adjusted(policy, cell, tier, category, identity.key());
         let found = Found {
             guard,
             req,
@@ -157,25 +205,11 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             category,
             route_cost,
         };
-        let applied: Applied;
-        let multi: Limits<'_> = match adjusted {
-            Some(a) => {
-                applied = a;
-                match (applied.per_key.as_slice(), applied.per_account.is_empty()) {
-                    ([], true) if !applied.has_tokens() && !cell.leased => return Step::Pass,
-                    ([one], true) if !cell.metered && !cell.leased => {
-                        return self.admit_one(&found, *one);
-                    }
-                    _ => applied.limits(),
-                }
-            }
-            None => match cell.single {
-                Some(limit) => return self.admit_one(&found, limit),
-                None if cell.is_unlimited() => return Step::Pass,
-                None => cell.limits(),
-            },
-        };
-        self.admit_all(&found, multi)
+        match path(cell, adjusted.as_ref()) {
+            Path::Pass => Step::Pass,
+            Path::One(limit) => self.admit_one(&found, limit),
+            Path::All(limits) => self.admit_all(&found, limits),
+        }
     }
 
     /// A request under one limit (the fast path).

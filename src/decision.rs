@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::policy::Limit;
+use crate::time::ceil_secs;
 
 /// The outcome of one check.
 ///
@@ -259,6 +260,33 @@ impl Decision {
                 other.remaining < self.remaining
                     || (other.remaining == self.remaining && other.window > self.window)
             }
+        }
+    }
+}
+
+/// A decision as every answer writes it, in whole numbers at one Unix
+/// time: the `X-RateLimit-*` headers of an allowed or a refused request and
+/// the usage report (its `limit`, `remaining`, `reset`, `window`) all take
+/// their numbers from [`Decision::shown`], so they cannot disagree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Shown {
+    pub(crate) limit: u32,
+    pub(crate) remaining: u32,
+    /// Unix seconds when the bucket is full again, rounded up.
+    pub(crate) reset: u64,
+    /// The window in seconds, rounded up.
+    pub(crate) window: u64,
+}
+
+impl Decision {
+    /// This decision's numbers at Unix time `now`.
+    #[inline]
+    pub(crate) fn shown(&self, now: Duration) -> Shown {
+        Shown {
+            limit: self.limit,
+            remaining: self.remaining,
+            reset: ceil_secs(now + self.reset_after),
+            window: ceil_secs(self.window),
         }
     }
 }

@@ -126,7 +126,7 @@ mod view;
 #[cfg(feature = "watch")]
 mod watch;
 
-pub use admin::AdminService;
+pub use admin::{ADMIN_BODY_TIMEOUT, AdminService};
 pub use backend::{
     Backend, BackendError, Decision, LeaseState, MemoryBackend, MemoryBackendBuilder, Subject,
     TokenState,

@@ -13,13 +13,15 @@ use http::{HeaderValue, Request, Response, header};
 use serde_json::{Map, Value, json};
 use tower_service::Service;
 
-use crate::admission::{ChargeSet, Shared};
+use std::time::Duration;
+
+use crate::admission::{ChargeSet, Path, Shared, path};
 use crate::backend::{Backend, Decision, LeaseState, Subject};
+use crate::decision::Shown;
 use crate::extract::{Extractor, Identity, Rejection, RequestRef};
-use crate::policy::{Policy, Pool, TierId};
+use crate::policy::{Cell, Policy, Pool, TierId};
 use crate::response::grpc::is_grpc;
 use crate::response::{Answer, ResponseBody};
-use crate::time::{ceil_secs, unix_now_secs};
 
 /// Answers `GET /v1/rate_limit`-style usage checks for the caller's key:
 /// every category's limit, remaining, reset (Unix seconds) and window, with
@@ -104,165 +106,178 @@ where
 
 /// The usage of `identity` in `tier` under `policy`, as the usage service
 /// shows it (the admin service's usage check too); counts nothing.
+///
+/// Each category is peeked on the path admission would take
+/// ([`path`]), and shown from the decision admission would make of those
+/// states ([`Decision::binding_with_tokens`], with the binding lease): its
+/// `limit`, `remaining`, `reset` and `window` are what the `X-RateLimit-*`
+/// headers of a request (or of its refusal) say at the same moment
+/// ([`Decision::shown`]). A peek at a bucket with no room left is the
+/// refusal a request would get, so a key that owes tokens sees the same
+/// reset as its 429 says.
 pub(crate) fn report<E, B: Backend>(
     shared: &Shared<E, B>,
     policy: Arc<Policy>,
     identity: Identity,
     tier: TierId,
 ) -> Result<UsageFuture, Rejection> {
-    {
-        let now = shared.unix_now();
-        // Per category: each limit's peek, and whether it is per account.
-        let mut peeks = Vec::new();
-        for category in policy.categories() {
-            let Some(cell) = policy.cell(tier, category) else {
-                return Err(Rejection::UnknownKey);
-            };
-            let applied = policy.effective(cell, tier, category, identity.key(), now);
-            // The charges and leases admission would make (counting nothing).
-            let set = ChargeSet::new(cell, applied.limits(), &identity, 1, 1, |_| 0);
-            let mut limits = Vec::new();
-            match (applied.per_key.as_slice(), applied.per_account.is_empty()) {
-                ([], true) if !applied.has_tokens() => {}
-                // The one-limit path, as admission takes it.
-                ([one], true) if !cell.metered && !cell.leased && !applied.has_tokens() => {
-                    let key = match cell.pool {
-                        Pool::Key => identity.key(),
-                        Pool::Account => identity.account_or_key(),
-                    };
-                    let subject = Subject::new(key, cell.scope);
-                    limits.push((
-                        shared.backend.peek(&subject, one),
-                        cell.pool == Pool::Account,
-                        false,
-                    ));
-                }
-                _ => {
-                    let nkey = applied.per_key.as_slice().len();
-                    let nreq = nkey + applied.per_account.as_slice().len();
-                    let ntok = nreq + applied.tokens.as_slice().len();
-                    for (i, c) in set.charges().iter().enumerate() {
-                        let tokens = i >= nreq;
-                        let per_account = (i >= nkey && i < nreq) || i >= ntok;
-                        let pooled = per_account || cell.pool == Pool::Account;
-                        limits.push((shared.backend.peek_charge(set.owner, c), pooled, tokens));
-                    }
-                }
-            }
-            let leases: Vec<_> = set
-                .leases()
-                .iter()
-                .map(|l| (shared.backend.peek_lease(set.owner, l), l.per_account))
-                .collect();
-            peeks.push((category, limits, leases));
-        }
-        Ok(Box::pin(async move {
-            let mut categories = Map::new();
-            let unix = unix_now_secs();
-            for (category, limits, leases) in peeks {
-                let name = policy.category_name(category).to_owned();
-                // Concurrency limits: the binding one, and each in `limits`.
-                let mut in_flight = Vec::with_capacity(leases.len());
-                let mut lease_error = None;
-                for (fut, per_account) in leases {
-                    match fut.await {
-                        Ok(d) => {
-                            if let Some(l) = d.lease {
-                                in_flight.push(LeaseState { per_account, ..l });
-                            }
-                        }
-                        Err(e) => lease_error = Some(e.to_string()),
-                    }
-                }
-                let lease_json = |l: &LeaseState| {
-                    json!({
-                        "unit": "concurrent requests",
-                        "limit": l.limit,
-                        "in_flight": l.limit - l.remaining,
-                        "remaining": l.remaining,
-                        "per": if l.per_account { "account" } else { "key" },
-                    })
-                };
-                let concurrency = LeaseState::binding(in_flight.iter().copied()).map(|l| {
-                    let mut v = lease_json(&l);
-                    v.as_object_mut().map(|o| o.remove("unit"));
-                    v
-                });
-                if let Some(e) = lease_error {
-                    categories.insert(name, json!({ "error": e }));
-                    continue;
-                }
-                if limits.is_empty() {
-                    if let Some(c) = concurrency {
-                        let listed: Vec<Value> = in_flight.iter().map(lease_json).collect();
-                        categories.insert(name, json!({ "concurrency": c, "limits": listed }));
-                        continue;
-                    }
-                    categories.insert(name, json!({ "unlimited": true }));
-                    continue;
-                }
-                let mut requests = Vec::with_capacity(limits.len());
-                let mut tokens = Vec::new();
-                let mut listed = Vec::with_capacity(limits.len());
-                let mut error = None;
-                for (fut, per_account, is_tokens) in limits {
-                    match fut.await {
-                        Ok(d) => {
-                            listed.push(json!({
-                                "unit": if is_tokens { "tokens" } else { "requests" },
-                                "limit": d.limit,
-                                "remaining": d.remaining,
-                                "reset": unix + ceil_secs(d.reset_after),
-                                "window": ceil_secs(d.window),
-                                "per": if per_account { "account" } else { "key" },
-                            }));
-                            if is_tokens {
-                                tokens.push(d);
-                            } else {
-                                requests.push(d);
-                            }
-                        }
-                        Err(e) => error = Some(e.to_string()),
-                    }
-                }
-                let shown = |d: Decision| {
-                    json!({
-                        "limit": d.limit,
-                        "remaining": d.remaining,
-                        "reset": unix + ceil_secs(d.reset_after),
-                        "window": ceil_secs(d.window),
-                    })
-                };
-                let tokens = Decision::binding(tokens);
-                let value = match (error, Decision::binding(requests).or(tokens)) {
-                    (Some(e), _) => json!({ "error": e }),
-                    (None, None) => json!({ "unlimited": true }),
-                    (None, Some(d)) => {
-                        let mut v = shown(d);
-                        listed.extend(in_flight.iter().map(lease_json));
-                        v["limits"] = Value::from(listed);
-                        if let Some(t) = tokens {
-                            v["tokens"] = shown(t);
-                        }
-                        if let Some(c) = concurrency {
-                            v["concurrency"] = c;
-                        }
-                        v
-                    }
-                };
-                categories.insert(name, value);
-            }
-            let body = json!({
-                "tier": policy.tier_name(tier),
-                "key": identity.key().redacted().to_string(),
-                "categories": Value::Object(categories),
-            });
-            let mut res = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
-            res.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            Ok(res)
-        }))
+    let mut peeks = Vec::new();
+    for category in policy.categories() {
+        let Some(cell) = policy.cell(tier, category) else {
+            return Err(Rejection::UnknownKey);
+        };
+        let adjusted = shared.adjusted(&policy, cell, tier, category, identity.key());
+        let peek = Peek::start(shared, cell, path(cell, adjusted.as_ref()), &identity);
+        peeks.push((category, peek));
     }
+    let now = shared.unix_time();
+    Ok(Box::pin(async move {
+        let mut categories = Map::new();
+        for (category, peek) in peeks {
+            let name = policy.category_name(category).to_owned();
+            categories.insert(name, peek.finish(now).await);
+        }
+        let body = json!({
+            "tier": policy.tier_name(tier),
+            "key": identity.key().redacted().to_string(),
+            "categories": Value::Object(categories),
+        });
+        let mut res = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Ok(res)
+    }))
+}
+
+/// One category's peeks, under way: each limit's (with whether it is
+/// counted per account, and whether in tokens) in charge order, and each
+/// concurrency limit's.
+struct Peek<F> {
+    limits: Vec<(F, bool, bool)>,
+    /// How many of the last limits are token limits.
+    tokens: u8,
+    leases: Vec<(F, bool)>,
+}
+
+impl<F> Peek<F>
+where
+    F: std::future::Future<Output = Result<Decision, crate::backend::BackendError>>,
+{
+    /// Peeks at what a request on `path` would be checked against, counting
+    /// nothing (the charges admission would make, at a cost of 1).
+    fn start<E, B>(shared: &Shared<E, B>, cell: &Cell, path: Path<'_>, identity: &Identity) -> Self
+    where
+        B: Backend<Future = F>,
+    {
+        let mut peek = Peek {
+            limits: Vec::new(),
+            tokens: 0,
+            leases: Vec::new(),
+        };
+        match path {
+            Path::Pass => {}
+            Path::One(limit) => {
+                let key = match cell.pool {
+                    Pool::Key => identity.key(),
+                    Pool::Account => identity.account_or_key(),
+                };
+                let subject = Subject::new(key, cell.scope);
+                let pooled = cell.pool == Pool::Account;
+                peek.limits
+                    .push((shared.backend.peek(&subject, &limit), pooled, false));
+            }
+            Path::All(limits) => {
+                let set = ChargeSet::new(cell, limits, identity, 1, 1, |_| 0);
+                let nkey = limits.per_key.len();
+                let nreq = nkey + limits.per_account.len();
+                let ntok = nreq + limits.tokens.len();
+                for (i, c) in set.charges().iter().enumerate() {
+                    let tokens = i >= nreq;
+                    let per_account = (i >= nkey && i < nreq) || i >= ntok;
+                    let pooled = per_account || cell.pool == Pool::Account;
+                    peek.limits
+                        .push((shared.backend.peek_charge(set.owner, c), pooled, tokens));
+                }
+                peek.tokens = set.tokens;
+                peek.leases = set
+                    .leases()
+                    .iter()
+                    .map(|l| (shared.backend.peek_lease(set.owner, l), l.per_account))
+                    .collect();
+            }
+        }
+        peek
+    }
+
+    /// The category's usage at Unix time `now`.
+    async fn finish(self, now: Duration) -> Value {
+        // Concurrency limits: the binding one, and each in `limits`.
+        let mut in_flight = Vec::with_capacity(self.leases.len());
+        for (fut, per_account) in self.leases {
+            match fut.await {
+                Ok(d) => in_flight.extend(d.lease.map(|l| LeaseState { per_account, ..l })),
+                Err(e) => return json!({ "error": e.to_string() }),
+            }
+        }
+        let mut decisions = Vec::with_capacity(self.limits.len());
+        let mut listed = Vec::with_capacity(self.limits.len() + in_flight.len());
+        for (fut, per_account, is_tokens) in self.limits {
+            let d = match fut.await {
+                Ok(d) => d,
+                Err(e) => return json!({ "error": e.to_string() }),
+            };
+            let mut v = shown_json(d.shown(now));
+            v["unit"] = json!(if is_tokens { "tokens" } else { "requests" });
+            v["per"] = json!(if per_account { "account" } else { "key" });
+            listed.push(v);
+            decisions.push(d);
+        }
+        let lease = LeaseState::binding(in_flight.iter().copied());
+        listed.extend(in_flight.iter().map(lease_json));
+        let concurrency = lease.map(|l| {
+            let mut v = lease_json(&l);
+            v.as_object_mut().map(|o| o.remove("unit"));
+            v
+        });
+        // The decision admission would make of these states.
+        let binding = Decision::binding_with_tokens(&decisions, usize::from(self.tokens));
+        let Some(d) = binding else {
+            return match concurrency {
+                Some(c) => json!({ "concurrency": c, "limits": listed }),
+                None => json!({ "unlimited": true }),
+            };
+        };
+        let mut v = shown_json(d.shown(now));
+        v["limits"] = Value::from(listed);
+        if let Some(t) = d.tokens
+            && let Some(tokens) = decisions.get(usize::from(t.index))
+        {
+            v["tokens"] = shown_json(tokens.shown(now));
+        }
+        if let Some(c) = concurrency {
+            v["concurrency"] = c;
+        }
+        v
+    }
+}
+
+fn shown_json(s: Shown) -> Value {
+    json!({
+        "limit": s.limit,
+        "remaining": s.remaining,
+        "reset": s.reset,
+        "window": s.window,
+    })
+}
+
+fn lease_json(l: &LeaseState) -> Value {
+    json!({
+        "unit": "concurrent requests",
+        "limit": l.limit,
+        "in_flight": l.limit - l.remaining,
+        "remaining": l.remaining,
+        "per": if l.per_account { "account" } else { "key" },
+    })
 }

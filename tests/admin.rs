@@ -800,3 +800,102 @@ mod redis {
         assert_eq!(read(&s, "free-demo-key").await.1, Some(100));
     }
 }
+
+#[tokio::test]
+async fn two_authorization_headers_are_a_400_whichever_token_is_valid() {
+    let s = demo_server().await;
+    let put = json!({ "key": NEW_KEY, "tier": "pro" }).to_string();
+    let valid = format!("Bearer {TOKEN}");
+    let wrong = "Bearer admin-token-for-tests-012345678X".to_owned();
+    let mut answers = Vec::new();
+    for pair in [
+        [valid.clone(), wrong.clone()],
+        [wrong.clone(), valid.clone()],
+        [valid.clone(), valid.clone()],
+        [wrong.clone(), wrong.clone()],
+    ] {
+        let res = common::client()
+            .put(s.url("/admin/v1/keys"))
+            .header("authorization", &pair[0])
+            .header("authorization", &pair[1])
+            .header("content-type", "application/json")
+            .body(put.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400, "{pair:?}");
+        assert_eq!(
+            res.headers()["content-type"],
+            "application/problem+json",
+            "{pair:?}"
+        );
+        let problem: Value = res.json().await.unwrap();
+        assert_eq!(
+            problem["type"], "urn:tierlimit:problem:admin-ambiguous-credentials",
+            "{problem}"
+        );
+        assert!(
+            problem["detail"].as_str().unwrap().contains("ambiguous"),
+            "{problem}"
+        );
+        answers.push(problem);
+    }
+    // The same answer whichever (if any) of the two is valid: nothing is
+    // told about either token.
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+    // Nothing was provisioned; one header still works.
+    assert_eq!(read(&s, NEW_KEY).await.0, 401);
+    ok(&s, "PUT", "/keys", json!({ "key": NEW_KEY, "tier": "pro" })).await;
+    assert_eq!(read(&s, NEW_KEY).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_is_a_408_and_changes_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    setup();
+    // A short timeout so the test does not wait 10 s; it asserts only the
+    // answer, never how long it took.
+    let layer = demo::limits(common::spec_policy(), MemoryBackend::new());
+    let admin = layer
+        .admin_service()
+        .token("admin", TOKEN)
+        .body_timeout(Duration::from_millis(50));
+    let s = common::serve(demo::app(layer).nest_service("/admin/v1", admin)).await;
+
+    // Headers and part of a body, then nothing more: Content-Length
+    // promises 1,000 bytes.
+    let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let head = format!(
+        "PUT /admin/v1/keys HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {TOKEN}\r\n\
+         content-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"key\": \"{NEW_KEY}\", ",
+        s.addr
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        // Until the whole problem document has come (or the connection
+        // closes).
+        while !String::from_utf8_lossy(&buf).contains("\"}") {
+            let n = tcp.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8(buf).unwrap()
+    })
+    .await
+    .expect("an answer within 10 s");
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(
+        answer.contains("urn:tierlimit:problem:admin-request-timeout"),
+        "{answer}"
+    );
+    assert!(!answer.contains(NEW_KEY), "{answer}");
+    drop(tcp);
+    // Nothing changed; a body sent at once is read as before.
+    assert_eq!(read(&s, NEW_KEY).await.0, 401);
+    ok(&s, "PUT", "/keys", json!({ "key": NEW_KEY, "tier": "pro" })).await;
+    assert_eq!(read(&s, NEW_KEY).await.0, 200);
+}

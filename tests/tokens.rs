@@ -126,7 +126,13 @@ async fn the_fourth_completion_is_refused_for_tokens_while_requests_have_room() 
         .await
         .unwrap();
     let ai = &usage["categories"]["ai"];
-    assert_eq!(ai["remaining"], 47, "{usage}");
+    // The binding limit is the token limit, as in the 429's headers.
+    assert_eq!(
+        (&ai["limit"], &ai["remaining"]),
+        (&json!(1000), &json!(0)),
+        "{usage}"
+    );
+    assert_eq!(ai["limits"][0]["remaining"], 47, "{usage}");
     assert_eq!(ai["tokens"]["limit"], 1000, "{usage}");
     assert_eq!(ai["tokens"]["remaining"], 0, "{usage}");
     let units: Vec<&str> = ai["limits"]
@@ -365,6 +371,86 @@ async fn streams_settle_exactly_once_on_redis() {
     let clock = FakeRelativeClock::default();
     let backend = common::redis::fake_clock_backend(&server, &clock).await;
     streams_settle_exactly_once(backend).await;
+}
+
+/// A key that owes tokens: the usage endpoint's `reset` for `ai` is the
+/// reset its 429 says, hours off, not an hour (what a peek at an empty
+/// bucket said). Both clocks stand still: the backend's and the layer's
+/// Unix time.
+async fn usage_reset_is_the_refusals_reset_while_tokens_are_owed<B: Backend>(backend: B) {
+    const NOW: u64 = 1_900_000_000;
+    let layer = RateLimitLayer::builder(token_policy())
+        .extractor(demo::demo_extractor as demo::DemoExtractor)
+        .backend(backend)
+        .unix_clock(|| NOW)
+        .build();
+    let server = serve(demo::app(layer)).await;
+    let c = client();
+    let url = server.url("/v1/ai/completions");
+    // One call reserves 1 token and uses 4,098 (2 prompt words + 4,096) of
+    // 1,000 an hour: it owes 3,098, paid back at 3.6 s a token.
+    let body = json!({ "prompt": "hello world", "max_tokens": 4096 });
+    let res = complete(&c, &url, "free-demo-key", body.clone()).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["usage"]["total_tokens"],
+        4098
+    );
+    // The settlement lands when the server drops the response (bounded).
+    let mut left = u64::MAX;
+    for _ in 0..500 {
+        left = ai_tokens_now(&c, &server, "free-demo-key").await;
+        if left == 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(left, 0, "the debt was settled");
+
+    let res = complete(&c, &url, "free-demo-key", body).await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let refused_reset = header(&res, "x-ratelimit-reset").unwrap();
+    assert_eq!(header(&res, "x-ratelimit-limit"), Some(1000), "tokens bind");
+    // Full again when the 4,098 tokens are paid: 4,098 × 3.6 s.
+    assert_eq!(refused_reset, NOW + 14_753);
+
+    let usage: Value = c
+        .get(server.url("/v1/rate_limit"))
+        .header("x-api-key", "free-demo-key")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ai = &usage["categories"]["ai"];
+    assert_eq!(ai["reset"], refused_reset, "{usage}");
+    assert_eq!(ai["limit"], 1000, "{usage}");
+    assert_eq!(ai["remaining"], 0, "{usage}");
+    assert_eq!(ai["window"], 3600, "{usage}");
+    assert_eq!(ai["tokens"]["reset"], refused_reset, "{usage}");
+    assert_eq!(ai["limits"][1]["unit"], "tokens", "{usage}");
+    assert_eq!(ai["limits"][1]["reset"], refused_reset, "{usage}");
+    assert!(refused_reset > NOW + 3600);
+}
+
+#[tokio::test]
+async fn usage_reset_is_the_refusals_reset_while_tokens_are_owed_on_memory() {
+    setup();
+    usage_reset_is_the_refusals_reset_while_tokens_are_owed(common::fake_memory()).await;
+}
+
+#[cfg(all(feature = "redis", feature = "test-util"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_reset_is_the_refusals_reset_while_tokens_are_owed_on_redis() {
+    setup();
+    if !common::redis::ready() {
+        return;
+    }
+    let server = common::redis::RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let backend = common::redis::fake_clock_backend(&server, &clock).await;
+    usage_reset_is_the_refusals_reset_while_tokens_are_owed(backend).await;
 }
 
 /// Refunds by response: 5xx and 304 give the request back, others count.

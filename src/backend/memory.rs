@@ -501,10 +501,7 @@ where
             },
         };
         let now = u64::from(inner.clock.now().duration_since(e.start));
-        Decision::allow(
-            limit,
-            capacity_at(limit, e.store.get(subject.bucket()), now),
-        )
+        peeked(limit, e.store.get(subject.bucket()), now)
     }
 
     /// Checks one request against several limits synchronously, all or
@@ -743,7 +740,7 @@ where
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(charge.bucket);
-        Decision::allow(&charge.limit, capacity_at(&charge.limit, tat, now))
+        peeked(&charge.limit, tat, now)
     }
 
     /// Makes the limiter of a limit seen for the first time.
@@ -937,6 +934,21 @@ fn capacity_at(limit: &Limit, tat: Option<u64>, now: u64) -> u32 {
     let t = limit.emission_interval_nanos().max(1);
     let cap = u64::from(limit.max()) * t;
     ((now + cap).saturating_sub(tat).min(cap) / t) as u32
+}
+
+/// A peek at a bucket with TAT `tat` at `now`: what a check of one
+/// request would answer, counting nothing. With room, its capacity; with
+/// none (in debt, say), the refusal that check would get, whose reset is
+/// when the bucket is full again (`tat`): what a 429 says.
+fn peeked(limit: &Limit, tat: Option<u64>, now: u64) -> Decision {
+    match (capacity_at(limit, tat, now), tat) {
+        (0, Some(tat)) => {
+            let tau = limit.emission_interval_nanos() * u64::from(limit.max() - 1);
+            let retry = tat.saturating_sub(tau).saturating_sub(now);
+            Decision::refuse(limit, 1, Duration::from_nanos(retry))
+        }
+        (n, _) => Decision::allow(limit, n),
+    }
 }
 
 /// Where one charge of a several-limit check stands.

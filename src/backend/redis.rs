@@ -293,6 +293,16 @@ impl RedisBackend {
 /// already mixes in the limit).
 /// A limit's emission interval in the scripts' unit, microseconds (at
 /// least 1).
+/// The script's answer to a peek: what a check of one request would
+/// answer (its capacity, or the refusal it would get), counting nothing.
+fn peeked(limit: &Limit, (allowed, n): (i64, i64)) -> Decision {
+    if allowed == 1 {
+        Decision::allow(limit, u32::try_from(n).unwrap_or(0))
+    } else {
+        Decision::refuse(limit, 1, Duration::from_micros(n.max(0).unsigned_abs()))
+    }
+}
+
 fn interval_us(limit: &Limit) -> u64 {
     (limit.emission_interval_nanos() / 1_000).max(1)
 }
@@ -1124,9 +1134,9 @@ impl RedisBackend {
         let inner = &*self.inner;
         let key = redis_key(&inner.prefix, &subject, &limit);
         if !inner.degraded.load(Ordering::Relaxed)
-            && let Ok((_, rem)) = self.inner.eval(key, &limit, Call::Peek).await
+            && let Ok(answer) = self.inner.eval(key, &limit, Call::Peek).await
         {
-            return Ok(Decision::allow(&limit, u32::try_from(rem).unwrap_or(0)));
+            return Ok(peeked(&limit, answer));
         }
         Ok(inner.fallback.peek_now(&subject, &limit))
     }
@@ -1649,12 +1659,9 @@ impl RedisBackend {
         let inner = &*self.inner;
         let key = charge_key(&inner.prefix, owner, charge.bucket);
         if !inner.degraded.load(Ordering::Relaxed)
-            && let Ok((_, rem)) = self.inner.eval(key, &charge.limit, Call::Peek).await
+            && let Ok(answer) = self.inner.eval(key, &charge.limit, Call::Peek).await
         {
-            return Ok(Decision::allow(
-                &charge.limit,
-                u32::try_from(rem).unwrap_or(0),
-            ));
+            return Ok(peeked(&charge.limit, answer));
         }
         Ok(inner.fallback.peek_charge_now(owner, &charge))
     }

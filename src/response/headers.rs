@@ -368,21 +368,20 @@ impl HeaderPlan {
         };
         // The binding token limit: the decision itself when tokens bind
         // it, else its charge's state at admission.
-        let (max, remaining, reset) = if d.is_tokens() {
-            (d.limit, d.remaining, d.reset_after)
+        let shown = if d.is_tokens() {
+            d.shown(self.now)
         } else {
-            let state = Decision::allow(&limit, t.remaining);
-            (state.limit, state.remaining, state.reset_after)
+            Decision::allow(&limit, t.remaining).shown(self.now)
         };
-        headers.insert(X_RATELIMIT_LIMIT_TOKENS.clone(), int(u64::from(max)));
+        headers.insert(
+            X_RATELIMIT_LIMIT_TOKENS.clone(),
+            int(u64::from(shown.limit)),
+        );
         headers.insert(
             X_RATELIMIT_REMAINING_TOKENS.clone(),
-            int(u64::from(remaining)),
+            int(u64::from(shown.remaining)),
         );
-        headers.insert(
-            X_RATELIMIT_RESET_TOKENS.clone(),
-            reset_value(ceil_secs(self.now + reset)),
-        );
+        headers.insert(X_RATELIMIT_RESET_TOKENS.clone(), reset_value(shown.reset));
     }
 
     /// The concurrency headers of a request under a concurrency limit
@@ -413,22 +412,22 @@ impl HeaderPlan {
         let reset = ceil_secs(d.reset_after);
         let cell = &*self.cell;
         if self.options.x_ratelimit {
-            let limit = if d.limit == cell.max {
+            let shown = d.shown(self.now);
+            let limit = if shown.limit == cell.max {
                 cell.limit.clone()
             } else {
-                int(u64::from(d.limit))
+                int(u64::from(shown.limit))
             };
             headers.insert(X_RATELIMIT_LIMIT.clone(), limit);
-            headers.insert(X_RATELIMIT_REMAINING.clone(), int(u64::from(d.remaining)));
             headers.insert(
-                X_RATELIMIT_RESET.clone(),
-                reset_value(ceil_secs(self.now + d.reset_after)),
+                X_RATELIMIT_REMAINING.clone(),
+                int(u64::from(shown.remaining)),
             );
-            let window = ceil_secs(d.window);
-            let window = if window == cell.window_secs {
+            headers.insert(X_RATELIMIT_RESET.clone(), reset_value(shown.reset));
+            let window = if shown.window == cell.window_secs {
                 cell.window.clone()
             } else {
-                int(window)
+                int(shown.window)
             };
             headers.insert(X_RATELIMIT_WINDOW.clone(), window);
         }

@@ -1,0 +1,378 @@
+//! What each admin resource does: keys, custom limits, boosts, usage
+//! checks; and the audit trail of every change.
+
+use std::sync::Arc;
+
+use http::StatusCode;
+use serde_json::{Map, Value, json};
+
+use super::body::{key_field, only, string_field, time_field};
+use super::{AdminResponse, AdminService, bad, json_response, problem};
+use crate::backend::Backend;
+use crate::extract::{Identity, Rejection};
+use crate::key::KeyId;
+use crate::plane::{BoostEntry, Change};
+use crate::policy::{BoostTarget, Policy};
+use crate::response::{Answer, ResponseBody};
+use crate::usage::UsageFuture;
+
+impl<E, B: Backend> AdminService<E, B>
+where
+    E: Send + Sync + 'static,
+{
+    pub(super) fn put_key(&self, body: &Map<String, Value>) -> Changed {
+        only(body, &["key", "tier", "account"])?;
+        let key = key_field(body)?;
+        let policy = self.shared.plane.base();
+        let tier = string_field(body, "tier")?;
+        if policy.tier(&tier).is_none() {
+            return Err(bad(format!(
+                "field `tier`: unknown tier `{tier}` (declared: {})",
+                names(policy.tiers().map(|t| policy.tier_name(t)))
+            )));
+        }
+        let account = match body.get("account") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(a)) if !a.is_empty() && a.len() <= 256 => Some(a.clone()),
+            Some(_) => {
+                return Err(bad(
+                    "field `account`: an account is a name of 1 to 256 bytes",
+                ));
+            }
+        };
+        let id = KeyId::of(&key);
+        let shown = json!({
+            "key": id.redacted().to_string(),
+            "tier": tier,
+            "account": account,
+        });
+        Ok((
+            Change::PutKey { key, tier, account },
+            StatusCode::OK,
+            shown,
+            "put_key",
+            id,
+        ))
+    }
+
+    pub(super) fn revoke_key(&self, body: &Map<String, Value>) -> Changed {
+        only(body, &["key"])?;
+        let key = key_field(body)?;
+        let id = KeyId::of(&key);
+        let shown = json!({ "key": id.redacted().to_string(), "revoked": true });
+        Ok((
+            Change::RevokeKey { key },
+            StatusCode::OK,
+            shown,
+            "revoke_key",
+            id,
+        ))
+    }
+
+    pub(super) fn put_limit(&self, body: &Map<String, Value>) -> Changed {
+        only(body, &["key", "category", "limit"])?;
+        let key = key_field(body)?;
+        let category = self.category_field(body)?;
+        let written = body
+            .get("limit")
+            .cloned()
+            .ok_or_else(|| bad("field `limit` is missing: a limit such as \"3/hour\", a list, \"unlimited\" or \"x5\""))?;
+        let adjust = crate::policy::parse_adjust_json(&written)
+            .map_err(|m| bad(format!("field `limit`: {m}")))?;
+        let id = KeyId::of(&key);
+        let shown = json!({
+            "key": id.redacted().to_string(),
+            "category": category,
+            "limit": written,
+        });
+        Ok((
+            Change::PutLimit {
+                key,
+                category,
+                written,
+                adjust,
+            },
+            StatusCode::OK,
+            shown,
+            "put_limit",
+            id,
+        ))
+    }
+
+    pub(super) fn remove_limit(&self, body: &Map<String, Value>) -> Changed {
+        only(body, &["key", "category"])?;
+        let key = key_field(body)?;
+        let category = self.category_field(body)?;
+        let id = KeyId::of(&key);
+        let shown = json!({
+            "key": id.redacted().to_string(),
+            "category": category,
+            "removed": true,
+        });
+        Ok((
+            Change::RemoveLimit { key, category },
+            StatusCode::OK,
+            shown,
+            "remove_limit",
+            id,
+        ))
+    }
+
+    /// Whether an operator already added the boost `shown` describes (a
+    /// retry under the same `Idempotency-Key`); the key reused for another
+    /// boost is refused by [`add_boost`](Self::add_boost).
+    pub(super) fn has_same_boost(&self, shown: &Value) -> bool {
+        let Some(id) = shown["id"].as_str() else {
+            return false;
+        };
+        let state = self.shared.plane.state();
+        state.boost(id).is_some_and(|b| boost_json(id, b) == *shown)
+    }
+
+    /// Adds a boost; its id is `given` (an `Idempotency-Key`'s) or new.
+    pub(super) fn add_boost(&self, body: &Map<String, Value>, given: Option<String>) -> Changed {
+        only(body, &["key", "tier", "category", "adjust", "start", "end"])?;
+        let (target, id) = match (body.get("key"), body.get("tier")) {
+            (Some(_), None) => {
+                let key = key_field(body)?;
+                let id = KeyId::of(&key);
+                (BoostTarget::Key(key), id)
+            }
+            (None, Some(_)) => {
+                let tier = string_field(body, "tier")?;
+                let policy = self.shared.plane.base();
+                if policy.tier(&tier).is_none() {
+                    return Err(bad(format!("field `tier`: unknown tier `{tier}`")));
+                }
+                (BoostTarget::Tier(tier), KeyId::from_raw(0))
+            }
+            _ => return Err(bad("a boost names either `key` or `tier`")),
+        };
+        let category = match body.get("category") {
+            None | Some(Value::Null) => None,
+            Some(_) => Some(self.category_field(body)?),
+        };
+        let written = body
+            .get("adjust")
+            .cloned()
+            .ok_or_else(|| bad("field `adjust` is missing: \"x2\", a limit or \"unlimited\""))?;
+        let adjust = crate::policy::parse_adjust_json(&written)
+            .map_err(|m| bad(format!("field `adjust`: {m}")))?;
+        let start = time_field(body, "start")?;
+        let end = time_field(body, "end")?;
+        if end <= start {
+            return Err(bad("field `end`: a boost ends after it starts"));
+        }
+        if end <= self.shared.plane.now() {
+            return Err(bad("field `end`: this boost has already ended"));
+        }
+        let boost_id = given.unwrap_or_else(new_boost_id);
+        let mut shown = boost_json(
+            &boost_id,
+            &BoostEntry {
+                target: target.clone(),
+                category: category.clone(),
+                written: written.clone(),
+                adjust: adjust.clone(),
+                start,
+                end,
+            },
+        );
+        shown["id"] = json!(boost_id);
+        let state = self.shared.plane.state();
+        if let Some(b) = state.boost(&boost_id)
+            && boost_json(&boost_id, b) != shown
+        {
+            return Err(problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "admin-idempotency-key-reused",
+                "this Idempotency-Key was used for another boost; use a new key",
+            ));
+        }
+        Ok((
+            Change::AddBoost {
+                id: boost_id,
+                boost: BoostEntry {
+                    target,
+                    category,
+                    written,
+                    adjust,
+                    start,
+                    end,
+                },
+            },
+            StatusCode::CREATED,
+            shown,
+            "add_boost",
+            id,
+        ))
+    }
+
+    pub(super) fn list_boosts(&self) -> AdminResponse {
+        let plane = &self.shared.plane;
+        let state = plane.state();
+        let boosts: Vec<Value> = state
+            .boosts(plane.now())
+            .map(|(id, b)| boost_json(id, b))
+            .collect();
+        json_response(StatusCode::OK, &json!({ "boosts": boosts }))
+    }
+
+    pub(super) fn remove_boost(&self, id: String) -> Changed {
+        if !self.shared.plane.state().has_boost(&id) {
+            return Err(problem(
+                StatusCode::NOT_FOUND,
+                "admin-not-found",
+                "no boost with this id (or it has ended)",
+            ));
+        }
+        let shown = json!({ "id": id, "removed": true });
+        Ok((
+            Change::RemoveBoost { id },
+            StatusCode::OK,
+            shown,
+            "remove_boost",
+            KeyId::from_raw(0),
+        ))
+    }
+
+    pub(super) async fn usage(&self, body: &Map<String, Value>) -> AdminResponse {
+        if let Err(res) = only(body, &["key"]) {
+            return res;
+        }
+        let key = match key_field(body) {
+            Ok(k) => k,
+            Err(res) => return res,
+        };
+        let policy: Arc<Policy> = Arc::clone(&self.shared.view.load().policy);
+        let id = KeyId::of(&key);
+        if policy.has_revocations() && policy.is_revoked(&key, id) {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "admin-not-found",
+                "this key is revoked",
+            );
+        }
+        let entry = policy.key_entry(&key, id);
+        let Some(tier) = entry.map(|(t, _)| t).or_else(|| policy.unknown_key_tier()) else {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "admin-not-found",
+                "this key is not listed, and the policy refuses unknown keys",
+            );
+        };
+        let mut identity = Identity::from_key_id(id);
+        if let Some((t, account)) = entry {
+            identity = identity.with_tier(t);
+            if let Some(a) = account {
+                identity = identity.with_account_id(a);
+            }
+        }
+        let report: Result<UsageFuture, Rejection> =
+            crate::usage::report(&self.shared, policy, identity, tier);
+        match report {
+            Ok(fut) => match fut.await {
+                Ok(res) => res,
+                Err(never) => match never {},
+            },
+            Err(r) => Answer::Rejected(r)
+                .into_response(false)
+                .map(ResponseBody::full),
+        }
+    }
+
+    pub(super) fn category_field(
+        &self,
+        body: &Map<String, Value>,
+    ) -> Result<String, AdminResponse> {
+        let category = string_field(body, "category")?;
+        let policy = self.shared.plane.base();
+        if category != "*" && policy.category(&category).is_none() {
+            return Err(bad(format!(
+                "field `category`: unknown category `{category}` (declared: {}, or \"*\")",
+                names(policy.categories().map(|c| policy.category_name(c)))
+            )));
+        }
+        Ok(category)
+    }
+}
+
+/// A change, its status, what the answer shows, its audit action and key.
+pub(super) type Changed = Result<(Change, StatusCode, Value, &'static str, KeyId), AdminResponse>;
+
+fn names<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    items
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A boost as the admin API shows it (its key redacted).
+fn boost_json(id: &str, b: &BoostEntry) -> Value {
+    let mut v = b.json(|k| KeyId::of(k).redacted().to_string());
+    v["id"] = json!(id);
+    v
+}
+
+/// A boost id: 16 hex digits, random (unique across instances).
+/// The `Idempotency-Key` header, if any: 1 to 255 visible ASCII
+/// characters, once.
+pub(super) fn idempotency_key(headers: &http::HeaderMap) -> Result<Option<&str>, AdminResponse> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let (Some(v), None) = (values.next(), values.next()) else {
+        return match headers.contains_key("idempotency-key") {
+            true => Err(bad("send one `Idempotency-Key`")),
+            false => Ok(None),
+        };
+    };
+    match v.to_str() {
+        Ok(k) if !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(k))
+        }
+        _ => Err(bad(
+            "an `Idempotency-Key` is 1 to 255 visible ASCII characters",
+        )),
+    }
+}
+
+/// A boost's id from an operator's `Idempotency-Key`: the same on every
+/// instance (keys are hashed with the shared secret), so a retry through
+/// any of them writes the same entry again.
+pub(super) fn boost_id_for(who: &str, key: &str) -> String {
+    let id = KeyId::of(&format!("idempotency\0{who}\0{key}"));
+    format!("{:016x}", id.as_u64())
+}
+
+fn new_boost_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    format!("{:016x}", h.finish())
+}
+
+/// The audit trail: an INFO event and a counter per change.
+pub(super) fn audit(who: &str, action: &'static str, key: KeyId, shown: &Value) {
+    let key = (key.as_u64() != 0).then(|| key.redacted().to_string());
+    tracing::info!(
+        target: "tierlimit::audit",
+        who,
+        action,
+        key = key.as_deref().unwrap_or("-"),
+        change = %shown,
+        "admin change"
+    );
+    #[cfg(feature = "metrics")]
+    crate::telemetry::describe_once();
+    #[cfg(feature = "metrics")]
+    metrics::counter!(
+        "tierlimit_admin_changes_total",
+        "action" => action,
+        "who" => who.to_owned()
+    )
+    .increment(1);
+}
