@@ -97,7 +97,7 @@ impl Adjust {
                 .trim()
                 .parse()
                 .map_err(|_| format!("`{s}` is not a multiplier such as x5"))?;
-            if !(k > 0.0) {
+            if k.is_nan() || k <= 0.0 {
                 return Err(format!("the multiplier in `{s}` must be above 0"));
             }
             if k > Self::MAX_SCALE {

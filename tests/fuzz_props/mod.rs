@@ -60,7 +60,7 @@ pub fn written_only_as_a_key(text: &str, key: &str) -> bool {
     let mut seen = false;
     let mut header: Vec<String> = Vec::new();
     for line in logical_lines(text) {
-        let names: Vec<String> = line.iter().filter_map(|t| name(t)).collect();
+        let names: Vec<String> = line.iter().filter_map(name).collect();
         let is_header = line.first().is_some_and(|t| t.1 == "[");
         if is_header {
             header = names.clone();
