@@ -153,3 +153,62 @@ end = "2099-01-02T00:00:00Z"
     );
     assert!(!out.contains("secret-key"), "{out}");
 }
+
+#[test]
+fn check_refuses_hardened_cases_without_printing_a_key() {
+    let demo = std::fs::read_to_string(DEMO).unwrap();
+    let secret = "sk-live-cli-secret-0123";
+    let keys = |lines: &str| demo.replacen("\n[keys]\n", &format!("\n[keys]\n{lines}"), 1);
+    for (name, broken, says, line) in [
+        (
+            // A multi-line string whose line looks like a table header, then
+            // a key listed twice.
+            "multiline",
+            keys(&format!(
+                "\"note\" = \"\"\"\n[tiers.free]\n\"\"\"\n\"{secret}\" = \"free\"\n\"{secret}\" = \"pro\"\n"
+            )),
+            "duplicate key",
+            5,
+        ),
+        (
+            "acount",
+            keys(&format!(
+                "\"{secret}\" = {{ tier = \"pro\", acount = \"acme\" }}\n"
+            )),
+            "unknown field `acount`",
+            1,
+        ),
+        (
+            "multiplier",
+            format!("{demo}\n[overrides.\"{secret}\"]\nread = \"x18446744073709551615\"\n"),
+            "at most x1000",
+            0,
+        ),
+    ] {
+        assert_ne!(broken, demo, "{name}");
+        let path = file(name, &broken);
+        let o = tierlimit(&["check", path.to_str().unwrap()]);
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{name}: {out}{err}");
+        assert!(err.contains(says), "{name}: {err}");
+        let entry = if name == "multiplier" {
+            "overrides.\"key:"
+        } else {
+            "keys.\"key:"
+        };
+        assert!(err.contains(entry), "{name}: {err}");
+        let at = if line == 0 {
+            broken.lines().count()
+        } else {
+            broken.lines().position(|l| l == "[keys]").unwrap() + 1 + line
+        };
+        assert!(
+            err.contains(&format!("line {at}")),
+            "{name}: line {at}? {err}"
+        );
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "{name}: {err}"
+        );
+    }
+}

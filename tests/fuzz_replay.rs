@@ -8,7 +8,7 @@ mod fuzz_props;
 
 #[cfg(feature = "client")]
 use fuzz_props::client_hints;
-use fuzz_props::{policy_loader, request_headers};
+use fuzz_props::{SECRET_KEY, policy_loader, request_headers, written_only_as_a_key};
 use proptest::prelude::*;
 
 /// Every file of a target's seed corpus.
@@ -57,8 +57,77 @@ fn policy_text() -> impl Strategy<Value = String> {
         Just("cost = 4294967295\n".to_owned()),
         "(read|write|ai|path|category|tier|adjust) = \"[0-9a-z/*%x.-]{0,16}\"\n",
         "[ -~]{0,24}\n",
+        Just("adjust = \"x18446744073709551615\"\n".to_owned()),
+        Just("key = \"sk-live-0123456789\"\n".to_owned()),
+        Just("[keys.\"sk-live-0123456789\"]\n".to_owned()),
+        key_entry(),
+        key_entry(),
     ];
     prop::collection::vec(token, 0..24).prop_map(|v| v.concat())
+}
+
+/// A line of `[keys]` as the loader must survive it: the secret key, plain
+/// or as a table (inline, dotted, with a typo), and other keys whose values
+/// are multi-line strings (basic and literal) holding lines that look like
+/// table headers (`[tiers.free]`, `[[routes]]`).
+fn key_entry() -> BoxedStrategy<String> {
+    let header = r"\[{1,2}(tiers|routes|grpc|defaults|keys|overrides)(\.[a-z]{1,5})?\]{1,2}";
+    let key = SECRET_KEY;
+    prop_oneof![
+        Just(format!("\"{key}\" = \"free\"\n")),
+        Just(format!("\"{key}\" = \"pro\"\n")),
+        Just(format!("{key} = \"free\"\n")),
+        Just(format!(
+            "'{key}' = {{ tier = \"pro\", account = \"acme\" }}\n"
+        )),
+        Just(format!(
+            "\"{key}\" = {{ tier = \"pro\", acount = \"acme\" }}\n"
+        )),
+        Just(format!("\"{key}\".tier = \"free\"\n")),
+        Just(format!("\"{key}\".acount = \"acme\"\n")),
+        Just(format!("\"{key}\" = free\n")),
+        rx(format!(
+            "\"[a-z]{{1,4}}\" = \"\"\"\n{header}\n[a-z =\"]{{0,8}}\n\"\"\"\n"
+        )),
+        rx(format!(
+            "[a-z]{{1,4}} = '''\n{header}\n[a-z =\"]{{0,8}}\n'''\n"
+        )),
+        rx(format!(
+            "[a-z]{{1,4}} = \\{{ tier = \"\"\"\n{header}\n\"\"\" \\}}\n"
+        )),
+        rx(format!(
+            r"[a-z]{{1,4}}\.(tier|account) = '''{}{header}{}'''{}",
+            "\n", "\n", "\n"
+        )),
+    ]
+    .boxed()
+}
+
+/// The strings a regular expression matches.
+fn rx(pattern: String) -> BoxedStrategy<String> {
+    proptest::string::string_regex(&pattern).unwrap().boxed()
+}
+
+/// A policy whose `[keys]` mixes the secret key with multi-line strings,
+/// inline tables and dotted keys, then maybe more sections: the key only
+/// ever stands where a key belongs.
+fn keys_text() -> impl Strategy<Value = String> {
+    let tail = prop_oneof![
+        Just(String::new()),
+        Just("[tiers.extra]\nread = \"1/s\"\nwrite = \"1/s\"\n".to_owned()),
+        Just(format!(
+            "[overrides.\"{SECRET_KEY}\"]\nread = \"x18446744073709551615\"\n"
+        )),
+        Just(format!(
+            "[[boosts]]\nkey = \"{SECRET_KEY}\"\nadjust = \"x2\"\nstart = \"1\"\nend = \"2\"\n"
+        )),
+    ];
+    (prop::collection::vec(key_entry(), 1..8), tail).prop_map(|(entries, tail)| {
+        format!(
+            "categories = [\"read\", \"write\"]\n[tiers.free]\nread = \"1/s\"\nwrite = \"1/s\"\n[tiers.pro]\nread = \"2/s\"\nwrite = \"2/s\"\n[keys]\n{}{tail}",
+            entries.concat()
+        )
+    })
 }
 
 /// Header-shaped bytes: a flag byte, then values split by 0xff.
@@ -95,6 +164,16 @@ proptest! {
     }
 
     #[test]
+    fn policy_loader_never_prints_a_key_among_multi_line_strings(text in keys_text()) {
+        // The key stands only where keys belong: the property must check it.
+        prop_assert!(
+            !text.contains(SECRET_KEY) || written_only_as_a_key(&text, SECRET_KEY),
+            "{text}"
+        );
+        policy_loader(text.as_bytes());
+    }
+
+    #[test]
     fn policy_loader_on_any_bytes(data in prop::collection::vec(any::<u8>(), 0..256)) {
         policy_loader(&data);
     }
@@ -109,4 +188,24 @@ proptest! {
     fn client_hints_on_hostile_answers(data in header_bytes()) {
         client_hints(&data);
     }
+}
+
+/// The seeds that write the key only where keys belong (`keys_*`,
+/// `override_*`) are ones the property checks: a change that made the
+/// property skip them would fail here.
+#[test]
+fn key_seeds_are_checked_by_the_property() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/policy_loader");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("keys_") || name.starts_with("override_") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(written_only_as_a_key(&text, SECRET_KEY), "{name}");
+            assert!(tierlimit::Policy::from_toml_str(&text).is_err(), "{name}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 7, "{checked}");
 }

@@ -1426,6 +1426,12 @@ impl Names {
         let (requests, tokens) = match adjust {
             Adjust::SetAll(limits) => (Some(limits.as_slice()), None),
             Adjust::Table { requests, tokens } => (requests.as_deref(), tokens.as_deref()),
+            Adjust::Scale(k) if !(*k > 0.0 && *k <= Adjust::MAX_SCALE) => {
+                return Err(format!(
+                    "a multiplier is above 0 and at most x{}",
+                    Adjust::MAX_SCALE
+                ));
+            }
             Adjust::Set(_) | Adjust::Scale(_) => return Ok(()),
         };
         if let Some(r) = requests.filter(|r| !r.is_empty()) {

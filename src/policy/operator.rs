@@ -82,7 +82,14 @@ impl Adjust {
         }
     }
 
-    /// Parses `"5000/hour"`, `"unlimited"` or `"x5"` / `"x1.5"`.
+    /// The largest multiplier a policy file or the admin API accepts
+    /// (`x1000`). A larger one is refused rather than capped: a burst
+    /// multiplied beyond what a limit can hold (`u32::MAX` requests, or one
+    /// per microsecond of its window) would be silently cut to that edge.
+    pub const MAX_SCALE: f64 = 1000.0;
+
+    /// Parses `"5000/hour"`, `"unlimited"` or `"x5"` / `"x1.5"` (a
+    /// multiplier above 0 and at most [`MAX_SCALE`](Self::MAX_SCALE)).
     pub(crate) fn parse(s: &str) -> Result<Self, String> {
         let t = s.trim();
         if let Some(k) = t.strip_prefix('x').or_else(|| t.strip_prefix('×')) {
@@ -90,8 +97,14 @@ impl Adjust {
                 .trim()
                 .parse()
                 .map_err(|_| format!("`{s}` is not a multiplier such as x5"))?;
-            if !(k.is_finite() && k > 0.0) {
+            if k.is_nan() || k <= 0.0 {
                 return Err(format!("the multiplier in `{s}` must be above 0"));
+            }
+            if k > Self::MAX_SCALE {
+                return Err(format!(
+                    "the multiplier in `{s}` is too large: at most x{}",
+                    Self::MAX_SCALE
+                ));
             }
             return Ok(Adjust::Scale(k));
         }
@@ -356,6 +369,10 @@ mod tests {
             Rule::Unlimited
         );
         assert!(Adjust::parse("x0").is_err());
+        assert!(Adjust::parse("x1000").is_ok());
+        for big in ["x1000.5", "x18446744073709551615", "x1e300", "xinf", "xNaN"] {
+            assert!(Adjust::parse(big).is_err(), "{big}");
+        }
         assert!(Adjust::parse("xx").is_err());
         assert!(more_generous(Rule::Limited(Limit::per_minute(7)), base));
         assert!(more_generous(Rule::Unlimited, base));

@@ -29,51 +29,144 @@ pub fn policy_loader(data: &[u8]) {
         // Where the key is written only where keys belong (`[keys]`,
         // `[overrides."…"]`, `[[boosts]]`) or in a table the loader does not
         // know, it is a key, and no error may repeat it. (Written as a
-        // category, a route field or a tier, it is not a key, and an error
-        // may name it.)
+        // category, a route field, a tier or inside a string, it is not a
+        // key, and an error may name it.)
         if written_only_as_a_key(text, SECRET_KEY) {
             assert!(!shown.contains(SECRET_KEY), "key echoed: {shown}");
         }
     }
 }
 
-/// Whether every occurrence of `key` in `text` stands where the loader
-/// treats text as secret: not in `categories`, `[tiers.*]`, `[[routes]]`,
-/// `[[grpc]]`, `[defaults]` or `[shadow]`.
-fn written_only_as_a_key(text: &str, key: &str) -> bool {
-    const PLAIN: [&str; 6] = [
+/// Whether `key` is written in `text`, and every token that holds it
+/// stands where the loader reads an API key: a key of `[keys]` (`"KEY" =
+/// …`, `"KEY".tier = …`, `keys = { "KEY" = … }`, `[keys."KEY"]`), an
+/// override's header (`[overrides."KEY"]`), a boost's `key = "KEY"`; or
+/// anywhere in a table the loader does not know (a typo of `[keys]`). The
+/// text is read with TOML's own lexer (`toml_parser`), the same tokens the
+/// parser reads, so a multi-line string is one value whatever its lines
+/// look like.
+pub fn written_only_as_a_key(text: &str, key: &str) -> bool {
+    const KNOWN: [&str; 9] = [
+        "categories",
         "tiers",
         "routes",
         "grpc",
         "defaults",
         "shadow",
-        "categories",
+        "keys",
+        "overrides",
+        "boosts",
     ];
-    let plain = |line: &str| {
-        let h = line.trim().trim_start_matches('[').trim_start();
-        PLAIN.iter().any(|p| h.starts_with(p))
-    };
-    let mut section: Option<&str> = None;
     let mut seen = false;
-    for line in text.lines() {
-        let t = line.trim_start();
-        if t.starts_with('[') {
-            section = Some(t);
+    let mut header: Vec<String> = Vec::new();
+    for line in logical_lines(text) {
+        let names: Vec<String> = line.iter().filter_map(name).collect();
+        let is_header = line.first().is_some_and(|t| t.1 == "[");
+        if is_header {
+            header = names.clone();
         }
-        if !line.contains(key) {
-            continue;
-        }
-        seen = true;
-        let here = if t.starts_with('[') {
-            t
-        } else {
-            section.unwrap_or(t)
-        };
-        if plain(here) {
-            return false;
+        for (i, (kind, raw)) in line.iter().enumerate() {
+            if !raw.contains(key) {
+                continue;
+            }
+            seen = true;
+            let section = if is_header { &names } else { &header };
+            let unknown = section
+                .first()
+                .or(names.first().filter(|_| header.is_empty()))
+                .is_some_and(|s| !KNOWN.contains(&s.as_str()));
+            let at = |j: usize| line.get(j).map(|t| t.1);
+            let ok = unknown
+                || match (is_header, header.first().map(String::as_str)) {
+                    // `[keys."KEY"]`, `[overrides."KEY"]`, `[[boosts]]`'s key.
+                    (true, _) => {
+                        matches!(
+                            section.first().map(String::as_str),
+                            Some("keys" | "overrides")
+                        ) && section.get(1).is_some_and(|n| raw.contains(n.as_str()))
+                            && is_key_token(*kind)
+                    }
+                    // `"KEY" = …`, `"KEY".tier = …` under `[keys]`.
+                    (false, Some("keys")) => header.len() == 1 && i == 0,
+                    (false, Some("boosts")) => {
+                        header.len() == 1 && i == 2 && at(0) == Some("key") && at(1) == Some("=")
+                    }
+                    // `keys = { "KEY" = …, "KEY" = … }` at the top level.
+                    (false, None) => {
+                        at(0) == Some("keys")
+                            && matches!(at(i - 1), Some("{" | ","))
+                            && at(i + 1) == Some("=")
+                            && depth_at(&line, i) == 1
+                    }
+                    (false, Some(_)) => false,
+                };
+            if !ok {
+                return false;
+            }
         }
     }
     seen
+}
+
+type Tok<'a> = (toml_parser::lexer::TokenKind, &'a str);
+
+/// The significant tokens of `text`, by logical line: a newline inside
+/// brackets (an array, an inline table) does not end one.
+fn logical_lines(text: &str) -> Vec<Vec<Tok<'_>>> {
+    use toml_parser::lexer::TokenKind as K;
+    let tokens = toml_parser::Source::new(text).lex().into_vec();
+    let (mut lines, mut line, mut depth) = (Vec::new(), Vec::new(), 0usize);
+    for t in &tokens {
+        let raw = &text[t.span().start()..t.span().end()];
+        match t.kind() {
+            K::Whitespace | K::Comment | K::Eof => {}
+            K::Newline if depth == 0 => lines.push(std::mem::take(&mut line)),
+            K::Newline => {}
+            kind => {
+                let header = line.first().is_some_and(|t: &Tok<'_>| t.1 == "[");
+                match kind {
+                    K::LeftSquareBracket | K::LeftCurlyBracket if !(header || line.is_empty()) => {
+                        depth += 1;
+                    }
+                    K::RightSquareBracket | K::RightCurlyBracket if !header => {
+                        depth = depth.saturating_sub(1);
+                    }
+                    _ => {}
+                }
+                line.push((kind, raw));
+            }
+        }
+    }
+    lines.push(line);
+    lines
+}
+
+/// How many brackets are open before token `i` of a line.
+fn depth_at(line: &[Tok<'_>], i: usize) -> usize {
+    line[..i].iter().fold(0usize, |d, t| match t.1 {
+        "[" | "{" => d + 1,
+        "]" | "}" => d.saturating_sub(1),
+        _ => d,
+    })
+}
+
+fn is_key_token(kind: toml_parser::lexer::TokenKind) -> bool {
+    use toml_parser::lexer::TokenKind as K;
+    matches!(kind, K::Atom | K::BasicString | K::LiteralString)
+}
+
+/// A key's text as written (quotes off; escapes left as they are).
+fn name(t: &Tok<'_>) -> Option<String> {
+    is_key_token(t.0).then(|| {
+        let raw = t.1;
+        match t.0 {
+            toml_parser::lexer::TokenKind::Atom => raw.to_owned(),
+            _ => raw
+                .get(1..raw.len().saturating_sub(1))
+                .unwrap_or("")
+                .to_owned(),
+        }
+    })
 }
 
 /// The API key the corpora and the replay write into policies.

@@ -1,0 +1,354 @@
+//! The TOML parser's errors, told without the file's API keys.
+//!
+//! Where an error stands is read from the document as the TOML parser
+//! itself reads it (`toml_parser`'s events: table headers, keys, values),
+//! never guessed from the lines around it: a multi-line string whose lines
+//! look like `[tiers.free]` is one value, not a header. From that place:
+//!
+//! - the entry is named by its path, an API key only redacted
+//!   (`keys."key:…"`, `overrides."key:…".read`), and never by the file's
+//!   text;
+//! - in a section that holds API keys (`[keys]`, `[overrides]`,
+//!   `[[boosts]]`) or one the loader does not know (where keys may stand
+//!   after a typo of `[keys]`), the parser's message keeps of what it quotes
+//!   only the loader's own vocabulary, the fields of the place (which are
+//!   never keys: `acount` in `"KEY" = { acount = … }`) and punctuation;
+//!   everything else it quotes becomes `…`.
+//!
+//! Only the sections that never hold a key (`categories`, `[tiers]`,
+//! `[[routes]]`, `[[grpc]]`, `[defaults]`, `[shadow]`) keep the parser's
+//! message whole.
+
+use toml_parser::Source;
+use toml_parser::parser::{Event, EventKind};
+
+use super::Lines;
+use crate::KeyId;
+use crate::policy::PolicyError;
+
+/// Sections whose keys and values are names and limits, never API keys.
+const PLAIN: [&str; 6] = [
+    "categories",
+    "tiers",
+    "routes",
+    "grpc",
+    "defaults",
+    "shadow",
+];
+
+/// Names the loader itself gives, which a message may always quote.
+const VOCABULARY: [&str; 35] = [
+    "true",
+    "false",
+    "categories",
+    "defaults",
+    "tiers",
+    "routes",
+    "grpc",
+    "keys",
+    "overrides",
+    "boosts",
+    "shadow",
+    "read",
+    "write",
+    "unknown_key",
+    "missing_key",
+    "method",
+    "path",
+    "category",
+    "cost",
+    "exempt",
+    "service",
+    "key",
+    "tier",
+    "account",
+    "adjust",
+    "start",
+    "end",
+    "all",
+    "requests",
+    "tokens",
+    "refund_on",
+    "concurrency",
+    "pool",
+    "priority_reserve",
+    "per_account",
+];
+
+/// The loader's error for an error of the TOML parser (or of serde on the
+/// parsed document).
+pub(super) fn parser_error(source: &str, e: &toml::de::Error, lines: &Lines) -> PolicyError {
+    let message = e.message().trim();
+    let Some(span) = e.span() else {
+        return PolicyError::new("(file)", None, scrub(message, &[]));
+    };
+    let place = Place::of(source, span.start);
+    PolicyError::new(place.entry(), lines.of(span.start), place.message(message))
+}
+
+/// Where an offset of the document stands: the keys from the root to it.
+#[derive(Debug, Default, PartialEq)]
+struct Place {
+    /// The keys of the table header in force (`[tiers.free]`).
+    header: Vec<String>,
+    /// For an array of tables (`[[routes]]`), the table's index in it.
+    index: Option<usize>,
+    /// The keys of the key/value written there, after the header's: dotted
+    /// keys and the keys of inline tables.
+    keys: Vec<String>,
+}
+
+impl Place {
+    /// The place of byte `offset` of `source`. A document the parser
+    /// refuses still has its events up to (and past) the error.
+    fn of(source: &str, offset: usize) -> Place {
+        let source = Source::new(source);
+        let tokens = source.lex().into_vec();
+        let mut events: Vec<Event> = Vec::new();
+        toml_parser::parser::parse_document(&tokens, &mut events, &mut ());
+        let mut walk = Walk::default();
+        for event in &events {
+            // A header is one place: an error on its last key names it all.
+            if event.span().start() > offset && !walk.in_header {
+                break;
+            }
+            walk.step(source, event);
+        }
+        walk.place
+    }
+
+    fn path(&self) -> Vec<&str> {
+        self.header
+            .iter()
+            .chain(&self.keys)
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// The entry to name: a path, with any API key redacted.
+    fn entry(&self) -> String {
+        let indexed = |name: &str| match self.index.filter(|_| self.header.len() == 1) {
+            Some(i) => format!("{name}[{i}]"),
+            None => name.to_owned(),
+        };
+        let redacted = |key: &str| KeyId::of(key).redacted();
+        match self.path().as_slice() {
+            [section @ ("routes" | "grpc" | "boosts"), ..] => indexed(section),
+            [section, ..] if PLAIN.contains(section) => {
+                self.path().join(".").chars().take(60).collect()
+            }
+            ["keys", key, ..] => format!("keys.\"{}\"", redacted(key)),
+            ["overrides", key] => format!("overrides.\"{}\"", redacted(key)),
+            ["overrides", key, category, ..] => {
+                let category: String = category.chars().take(40).collect();
+                format!("overrides.\"{}\".{category}", redacted(key))
+            }
+            [section @ ("keys" | "overrides")] => (*section).to_owned(),
+            _ => "(file)".to_owned(),
+        }
+    }
+
+    /// The parser's message, whole where no key can stand, else scrubbed
+    /// of all it quotes but the place's fields and the loader's words.
+    fn message(&self, message: &str) -> String {
+        let path = self.path();
+        let fields: &[&str] = match path.as_slice() {
+            [section, ..] if PLAIN.contains(section) => return message.to_owned(),
+            ["keys" | "overrides", _, fields @ ..] | ["boosts", fields @ ..] => fields,
+            _ => &[],
+        };
+        scrub(message, fields)
+    }
+}
+
+/// The parser's events read in order, up to a place.
+#[derive(Default)]
+struct Walk {
+    place: Place,
+    in_header: bool,
+    array_header: bool,
+    /// How many tables each array of tables has had so far.
+    counts: Vec<(Vec<String>, usize)>,
+    /// The open inline tables (`true`) and arrays, each with the length of
+    /// `place.keys` where it opened.
+    frames: Vec<(bool, usize)>,
+    /// Whether the last event was a `.` between keys: the next key
+    /// continues a dotted key rather than starting a key/value.
+    dotted: bool,
+}
+
+impl Walk {
+    fn step(&mut self, source: Source<'_>, event: &Event) {
+        let kind = event.kind();
+        let p = &mut self.place;
+        match kind {
+            EventKind::StdTableOpen | EventKind::ArrayTableOpen => {
+                *p = Place::default();
+                self.frames.clear();
+                self.in_header = true;
+                self.array_header = kind == EventKind::ArrayTableOpen;
+            }
+            EventKind::StdTableClose | EventKind::ArrayTableClose => self.close_header(),
+            EventKind::SimpleKey => {
+                let mut key = String::new();
+                if let Some(raw) = source.get(event) {
+                    raw.decode_key(&mut key, &mut ());
+                }
+                if self.in_header {
+                    p.header.push(key);
+                } else {
+                    if !self.dotted {
+                        p.keys.truncate(self.frames.last().map_or(0, |f| f.1));
+                    }
+                    p.keys.push(key);
+                }
+            }
+            EventKind::InlineTableOpen => self.frames.push((true, p.keys.len())),
+            EventKind::ArrayOpen => self.frames.push((false, p.keys.len())),
+            EventKind::InlineTableClose | EventKind::ArrayClose => {
+                if let Some((_, len)) = self.frames.pop() {
+                    p.keys.truncate(len);
+                }
+            }
+            _ => {}
+        }
+        match kind {
+            EventKind::KeySep => self.dotted = true,
+            EventKind::Whitespace | EventKind::Comment => {}
+            _ => self.dotted = false,
+        }
+    }
+
+    fn close_header(&mut self) {
+        if !self.in_header {
+            return;
+        }
+        self.in_header = false;
+        if !self.array_header {
+            return;
+        }
+        let header = &self.place.header;
+        let n = match self.counts.iter_mut().find(|(h, _)| h == header) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                self.counts.push((header.clone(), 1));
+                1
+            }
+        };
+        self.place.index = Some(n - 1);
+    }
+}
+
+/// `message` with whatever it quotes (in backticks or double quotes)
+/// replaced by `…`, but for the loader's vocabulary, `fields`, and
+/// punctuation (`=`, `]`). serde's `unknown field `X`, expected …` is read
+/// up to its last `` `, expected ``, so a backtick in `X` cannot end it early.
+fn scrub(message: &str, fields: &[&str]) -> String {
+    let shown = |q: &str| {
+        VOCABULARY.contains(&q)
+            || fields.contains(&q)
+            || (!q.is_empty() && q.len() <= 3 && !q.chars().any(char::is_alphanumeric))
+    };
+    for prefix in ["unknown field `", "unknown variant `"] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let end = ["`, expected ", "`, there are no "]
+                .iter()
+                .filter_map(|s| rest.rfind(s))
+                .max()
+                .unwrap_or(rest.len());
+            let name = &rest[..end];
+            let name = if shown(name) { name } else { "…" };
+            let tail = rest.get(end + 1..).unwrap_or("");
+            return format!("{prefix}{name}`{}", scrub_quotes(tail, &shown));
+        }
+    }
+    scrub_quotes(message, &shown)
+}
+
+fn scrub_quotes(message: &str, shown: &dyn Fn(&str) -> bool) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c != '`' && c != '"' {
+            continue;
+        }
+        let mut quoted = String::new();
+        let mut closed = false;
+        while let Some(d) = chars.next() {
+            if d == c {
+                closed = true;
+                break;
+            }
+            quoted.push(d);
+            // serde writes strings as Rust does: `\"` does not close them.
+            if c == '"' && d == '\\' {
+                quoted.extend(chars.next());
+            }
+        }
+        out.push_str(if shown(&quoted) { &quoted } else { "…" });
+        if closed {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn place(source: &str, at: &str) -> Place {
+        Place::of(source, source.find(at).unwrap())
+    }
+
+    #[test]
+    fn places_are_read_as_the_parser_reads_them() {
+        let src = "a = 1\n[keys]\n\"n\" = \"\"\"\n[tiers.free]\n\"\"\"\n\"SECRET\" = 1\n";
+        let p = place(src, "\"SECRET\"");
+        assert_eq!(p.path(), ["keys", "SECRET"]);
+        assert_eq!(
+            p.entry(),
+            format!("keys.\"{}\"", KeyId::of("SECRET").redacted())
+        );
+        let src = "[[routes]]\npath = \"/a\"\n[[routes]]\npath = '''\n[keys]\n'''\ncots = 5\n";
+        let p = place(src, "cots");
+        assert_eq!((p.path(), p.index), (vec!["routes", "cots"], Some(1)));
+        assert_eq!(p.entry(), "routes[1]");
+        let src = "[keys]\nk = { tier = \"a\", acount = [1, { x = 2 }] }\n";
+        assert_eq!(place(src, "acount").path(), ["keys", "k", "acount"]);
+        assert_eq!(place(src, "x =").path(), ["keys", "k", "acount", "x"]);
+        let src = "keys.\"k\" . tier = 1\n[overrides.\"k\".read]\nrequests = 1\n";
+        assert_eq!(place(src, "tier").path(), ["keys", "k", "tier"]);
+        assert_eq!(
+            place(src, "requests").path(),
+            ["overrides", "k", "read", "requests"]
+        );
+        assert_eq!(place(src, "\"k\".read").path(), ["overrides", "k", "read"]);
+    }
+
+    #[test]
+    fn scrubbing_keeps_only_words_of_the_loader() {
+        assert_eq!(scrub("duplicate key", &[]), "duplicate key");
+        assert_eq!(
+            scrub("invalid type: string \"a\\\"b `c`\", expected u32", &[]),
+            "invalid type: string \"…\", expected u32"
+        );
+        assert_eq!(
+            scrub("unknown field `x`y`, expected `key` or `tier`", &[]),
+            "unknown field `…`, expected `key` or `tier`"
+        );
+        assert_eq!(
+            scrub(
+                "unknown field `catgory`, expected one of `key`",
+                &["catgory"]
+            ),
+            "unknown field `catgory`, expected one of `key`"
+        );
+        assert_eq!(scrub("expected `=`, `]`", &[]), "expected `=`, `]`");
+        assert_eq!(scrub("unclosed `secret", &[]), "unclosed `…");
+    }
+}

@@ -1,0 +1,355 @@
+//! One function per section of a policy file: each reads its section, as
+//! serde left it (with spans), into the [`PolicyBuilder`].
+
+use std::collections::BTreeMap;
+
+use toml::Spanned;
+
+use super::super::operator::parse_time;
+use super::super::{
+    Boost, BoostTarget, KeyRule, PolicyBuilder, PolicyError, Pool, Route, Shadow, Tier,
+};
+use super::values::{parse_adjust, parse_cell, parse_refund};
+use super::{BoostSpec, Defaults, GrpcSpec, Lines, Methods, RouteSpec, ShadowSpec, TierRules};
+use crate::KeyId;
+
+type Built = Result<PolicyBuilder, PolicyError>;
+
+/// `categories = ["read", "write"]`.
+pub(super) fn categories(
+    mut b: PolicyBuilder,
+    categories: Spanned<Vec<Spanned<String>>>,
+    lines: &Lines,
+) -> Built {
+    for c in categories.get_ref() {
+        b = b.category_at(c.get_ref().clone(), lines.of(c.span().start));
+    }
+    if !b.has_categories() {
+        return Err(PolicyError::new(
+            "categories",
+            lines.of(categories.span().start),
+            "at least one category is needed",
+        ));
+    }
+    Ok(b)
+}
+
+/// `[tiers.NAME]`, in file order (a `BTreeMap` sorts by name; the spans
+/// remember).
+pub(super) fn tiers(
+    mut b: PolicyBuilder,
+    tiers: BTreeMap<Spanned<String>, Spanned<TierRules>>,
+    lines: &Lines,
+) -> Built {
+    let mut tiers: Vec<_> = tiers.into_iter().collect();
+    tiers.sort_by_key(|(name, _)| name.span().start);
+    for (name, rules) in tiers {
+        let mut tier = Tier::new(name.get_ref().clone()).at(lines.of(name.span().start));
+        let mut rules: Vec<_> = rules.into_inner().into_iter().collect();
+        rules.sort_by_key(|(cat, _)| cat.span().start);
+        for (cat, spec) in rules {
+            tier = tier_entry(tier, name.get_ref(), cat, spec, lines)?;
+        }
+        b = b.tier(tier);
+    }
+    Ok(b)
+}
+
+/// One entry of a tier's table: a category's limits, or one of the tier's
+/// own settings (`priority_reserve`, `pool`, `refund_on`, `per_account`).
+fn tier_entry(
+    mut tier: Tier,
+    name: &str,
+    cat: Spanned<String>,
+    spec: Spanned<toml::Value>,
+    lines: &Lines,
+) -> Result<Tier, PolicyError> {
+    let line = lines.of(spec.span().start);
+    let entry = format!("tiers.{name}.{}", cat.get_ref());
+    let err = |m: String| PolicyError::new(&entry, line, m);
+    let as_str = |what: &str| {
+        spec.get_ref()
+            .as_str()
+            .ok_or_else(|| err(format!("write the {what} as a string")))
+    };
+    match cat.get_ref().as_str() {
+        "priority_reserve" => {
+            let pct = as_str("reserve")?
+                .trim()
+                .trim_end_matches('%')
+                .trim()
+                .parse::<u8>()
+                .map_err(|_| err("write the reserve as a percentage such as \"20%\"".into()))?;
+            tier = tier.priority_reserve_at(pct, line);
+        }
+        "pool" => {
+            let pool = match as_str("pool")?.trim() {
+                "key" => Pool::Key,
+                "account" => Pool::Account,
+                other => {
+                    return Err(err(format!(
+                        "unknown pool `{other}` (use \"key\" or \"account\")"
+                    )));
+                }
+            };
+            tier = tier.pool_at(pool, line);
+        }
+        "refund_on" => {
+            let refund = parse_refund(spec.get_ref()).map_err(err)?;
+            tier = tier.refund_at(None, refund, line);
+        }
+        "per_account" => {
+            let Some(table) = spec.get_ref().as_table() else {
+                return Err(err(
+                    "write per-account limits as a table: [tiers.NAME.per_account]".into(),
+                ));
+            };
+            tier = per_account(tier, name, table, line)?;
+        }
+        _ => {
+            let cell = parse_cell(spec.get_ref()).map_err(err)?;
+            let cat = cat.into_inner();
+            // A table with tokens only leaves requests unlimited.
+            tier = tier.rules_at(cat.clone(), cell.requests.unwrap_or(None), line);
+            if let Some(tokens) = cell.tokens {
+                tier = tier.tokens_at(cat.clone(), tokens, false, line);
+            }
+            if let Some(n) = cell.concurrency {
+                tier = tier.concurrency_at(cat.clone(), n, false, line);
+            }
+            if let Some(refund) = cell.refund {
+                tier = tier.refund_at(Some(cat), refund, line);
+            }
+        }
+    }
+    Ok(tier)
+}
+
+/// `[tiers.NAME.per_account]`: limits shared by every key of an account.
+fn per_account(
+    mut tier: Tier,
+    name: &str,
+    table: &toml::Table,
+    line: Option<usize>,
+) -> Result<Tier, PolicyError> {
+    for (cat, v) in table {
+        let entry = format!("tiers.{name}.per_account.{cat}");
+        let err = |m: String| PolicyError::new(&entry, line, m);
+        let cell = parse_cell(v).map_err(err)?;
+        if cell.refund.is_some() {
+            return Err(err("set `refund_on` on the tier's own table".into()));
+        }
+        match cell.requests {
+            Some(None) => {
+                return Err(err(
+                    "a per-account limit cannot be unlimited; leave the category out".into(),
+                ));
+            }
+            Some(Some(limits)) => tier = tier.per_account_at(cat.clone(), limits, line),
+            None => {}
+        }
+        if let Some(tokens) = cell.tokens {
+            tier = tier.tokens_at(cat.clone(), tokens, true, line);
+        }
+        if let Some(n) = cell.concurrency {
+            tier = tier.concurrency_at(cat.clone(), n, true, line);
+        }
+    }
+    Ok(tier)
+}
+
+/// `[[grpc]]`: a service, or one of its methods, as a route.
+pub(super) fn grpc(mut b: PolicyBuilder, grpc: Vec<Spanned<GrpcSpec>>, lines: &Lines) -> Built {
+    for (i, spec) in grpc.into_iter().enumerate() {
+        let line = lines.of(spec.span().start);
+        let spec = spec.into_inner();
+        let label = format!("grpc[{i}]");
+        let bad_name = |s: &str| s.is_empty() || s.contains('/') || s.contains('*');
+        if bad_name(&spec.service) || spec.method.as_deref().is_some_and(bad_name) {
+            return Err(PolicyError::new(
+                label,
+                line,
+                "`service` is a full name such as `grpc.health.v1.Health` and `method` a bare name such as `Check`; leave `method` out for the whole service",
+            ));
+        }
+        let path = format!(
+            "/{}/{}",
+            spec.service,
+            spec.method.as_deref().unwrap_or("*")
+        );
+        let route = Route::from_file(
+            vec!["POST".to_owned()],
+            path,
+            spec.category,
+            spec.cost.unwrap_or(1),
+            spec.exempt,
+        );
+        b = b.route(route.at(label, line));
+    }
+    Ok(b)
+}
+
+/// `[[routes]]`, in file order (the first match wins).
+pub(super) fn routes(
+    mut b: PolicyBuilder,
+    routes: Vec<Spanned<RouteSpec>>,
+    lines: &Lines,
+) -> PolicyBuilder {
+    for (i, spec) in routes.into_iter().enumerate() {
+        let line = lines.of(spec.span().start);
+        let spec = spec.into_inner();
+        let methods = match spec.method {
+            None => Vec::new(),
+            Some(Methods::One(m)) => vec![m],
+            Some(Methods::Many(ms)) => ms,
+        };
+        let route = Route::from_file(
+            methods,
+            spec.path,
+            spec.category,
+            spec.cost.unwrap_or(1),
+            spec.exempt,
+        );
+        b = b.route(route.at(format!("routes[{i}]"), line));
+    }
+    b
+}
+
+/// `[keys]`: `"KEY" = "TIER"` or `"KEY" = { tier = "TIER", account =
+/// "ACCOUNT" }`. Errors name the key redacted (`keys."key:…"`), as the
+/// builder's do.
+pub(super) fn keys(
+    mut b: PolicyBuilder,
+    keys: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+    lines: &Lines,
+) -> Built {
+    let mut keys: Vec<_> = keys.into_iter().collect();
+    keys.sort_by_key(|(k, _)| k.span().start);
+    for (key, spec) in keys {
+        let line = lines.of(spec.span().start);
+        let (tier, account) = key_spec(spec.get_ref()).map_err(|m| {
+            let entry = format!("keys.\"{}\"", KeyId::of(key.get_ref()).redacted());
+            PolicyError::new(entry, line, m)
+        })?;
+        b = b.key_at(key.into_inner(), tier, account, line);
+    }
+    Ok(b)
+}
+
+/// A key's entry: its tier, and its account if it has one. A table with a
+/// field other than `tier` and `account` is refused by the field's name (a
+/// typo such as `acount` would otherwise leave the key without its
+/// account).
+fn key_spec(v: &toml::Value) -> Result<(String, Option<String>), String> {
+    const HOW: &str = "write the key's tier, such as \"pro\", or a table such as { tier = \"pro\", account = \"acme\" }";
+    let table = match v {
+        toml::Value::String(tier) => return Ok((tier.clone(), None)),
+        toml::Value::Table(table) => table,
+        _ => return Err(HOW.to_owned()),
+    };
+    if let Some(field) = table
+        .keys()
+        .find(|k| !["tier", "account"].contains(&k.as_str()))
+    {
+        return Err(format!(
+            "unknown field `{field}` (expected `tier` or `account`)"
+        ));
+    }
+    let tier = match table.get("tier") {
+        Some(toml::Value::String(t)) => t.clone(),
+        Some(_) => return Err("write `tier` as a string, such as \"pro\"".to_owned()),
+        None => return Err(format!("`tier` is missing; {HOW}")),
+    };
+    let account = match table.get("account") {
+        None => None,
+        Some(toml::Value::String(a)) => Some(a.clone()),
+        Some(_) => return Err("write `account` as a string, such as \"acme\"".to_owned()),
+    };
+    Ok((tier, account))
+}
+
+/// `[overrides."KEY"]`: custom limits, category by category.
+pub(super) fn overrides(
+    mut b: PolicyBuilder,
+    overrides: BTreeMap<Spanned<String>, TierRules>,
+    lines: &Lines,
+) -> Built {
+    let mut overrides: Vec<_> = overrides.into_iter().collect();
+    overrides.sort_by_key(|(k, _)| k.span().start);
+    for (key, cells) in overrides {
+        let mut cells: Vec<_> = cells.into_iter().collect();
+        cells.sort_by_key(|(c, _)| c.span().start);
+        for (cat, spec) in cells {
+            let line = lines.of(spec.span().start);
+            let adjust = parse_adjust(spec.get_ref()).map_err(|m| {
+                let key = KeyId::of(key.get_ref()).redacted();
+                PolicyError::new(format!("overrides.\"{key}\".{}", cat.get_ref()), line, m)
+            })?;
+            b = b.custom_limit_at(key.get_ref().clone(), cat.into_inner(), adjust, line);
+        }
+    }
+    Ok(b)
+}
+
+/// `[[boosts]]`: adjustments in force between two times.
+pub(super) fn boosts(
+    mut b: PolicyBuilder,
+    boosts: Vec<Spanned<BoostSpec>>,
+    lines: &Lines,
+) -> Built {
+    for (i, spec) in boosts.into_iter().enumerate() {
+        let line = lines.of(spec.span().start);
+        let spec = spec.into_inner();
+        let entry = format!("boosts[{i}]");
+        let err = |m: String| PolicyError::new(&entry, line, m);
+        let target = match (spec.key, spec.tier) {
+            (Some(k), None) => BoostTarget::Key(k),
+            (None, Some(t)) => BoostTarget::Tier(t),
+            _ => return Err(err("a boost names either `key` or `tier`".into())),
+        };
+        let adjust = parse_adjust(&spec.adjust).map_err(err)?;
+        let start = parse_time(&spec.start).map_err(err)?;
+        let end = parse_time(&spec.end).map_err(err)?;
+        let mut boost = Boost::new(target, adjust, start, end).at(line);
+        if let Some(c) = spec.category {
+            boost = boost.category(c);
+        }
+        b = b.boost(boost);
+    }
+    Ok(b)
+}
+
+/// `[shadow]`: tiers and categories counted but never refused.
+pub(super) fn shadow(b: PolicyBuilder, sh: ShadowSpec) -> PolicyBuilder {
+    b.shadow(Shadow {
+        all: sh.all,
+        tiers: sh.tiers,
+        categories: sh.categories,
+    })
+}
+
+/// `[defaults]`: the categories of unmatched requests, and the tiers (or
+/// `"reject"`) of unknown and missing keys.
+pub(super) fn defaults(mut b: PolicyBuilder, d: Defaults, lines: &Lines) -> PolicyBuilder {
+    let located = |s: Spanned<String>| (lines.of(s.span().start), s.into_inner());
+    if let Some((line, name)) = d.read.map(located) {
+        b = b.default_read_at(name, line);
+    }
+    if let Some((line, name)) = d.write.map(located) {
+        b = b.default_write_at(name, line);
+    }
+    let rule = |v: String| {
+        if v.eq_ignore_ascii_case("reject") {
+            KeyRule::Reject
+        } else {
+            KeyRule::Tier(v)
+        }
+    };
+    if let Some((line, v)) = d.unknown_key.map(located) {
+        b = b.unknown_keys_at(rule(v), line);
+    }
+    if let Some((line, v)) = d.missing_key.map(located) {
+        b = b.missing_keys_at(rule(v), line);
+    }
+    b
+}

@@ -1,0 +1,164 @@
+//! The values of a policy file: limits, cells (`{ requests = …, tokens =
+//! … }`), refund rules and adjustments (custom limits, boosts), from the
+//! file's TOML or the admin API's JSON.
+
+use super::super::{Adjust, Limit, RefundOn, Rule};
+
+/// A custom limit as written: `"x5"`, `"500/hour"`, `"unlimited"`, or a
+/// list of limits (plain or as `{ requests = … }`).
+pub(super) fn parse_adjust(v: &toml::Value) -> Result<Adjust, String> {
+    match v {
+        toml::Value::String(s) => Adjust::parse(s),
+        toml::Value::Table(_) => {
+            let spec = parse_cell(v)?;
+            if spec.refund.is_some() {
+                return Err("a custom limit cannot set `refund_on`; set it on the tier".into());
+            }
+            if spec.concurrency.is_some() {
+                return Err(
+                    "a custom limit or boost cannot set `concurrency`; set it on the tier".into(),
+                );
+            }
+            if spec.requests.is_none() && spec.tokens.is_none() {
+                return Err("a custom limit needs `requests` or `tokens`".into());
+            }
+            Ok(Adjust::Table {
+                requests: spec.requests.map(Option::unwrap_or_default),
+                tokens: spec.tokens,
+            })
+        }
+        other => match parse_limits(other)? {
+            Some(limits) => Ok(Adjust::SetAll(limits)),
+            None => Ok(Adjust::Set(Rule::Unlimited)),
+        },
+    }
+}
+
+/// A custom limit or a boost's adjustment as JSON (the admin API): the
+/// same forms as in the file — `"x5"`, `"500/hour"`, `"unlimited"`, a list
+/// of limits, or `{ "requests": …, "tokens": … }`.
+pub(crate) fn parse_adjust_json(v: &serde_json::Value) -> Result<Adjust, String> {
+    fn to_toml(v: &serde_json::Value) -> Result<toml::Value, String> {
+        use serde_json::Value as J;
+        Ok(match v {
+            J::String(s) => toml::Value::String(s.clone()),
+            J::Number(n) => match n.as_i64() {
+                Some(i) => toml::Value::Integer(i),
+                None => return Err(format!("{n} is not a whole number")),
+            },
+            J::Array(items) => {
+                toml::Value::Array(items.iter().map(to_toml).collect::<Result<_, _>>()?)
+            }
+            J::Object(map) => toml::Value::Table(
+                map.iter()
+                    .map(|(k, v)| Ok((k.clone(), to_toml(v)?)))
+                    .collect::<Result<_, String>>()?,
+            ),
+            J::Bool(_) | J::Null => return Err(HOW.to_owned()),
+        })
+    }
+    parse_adjust(&to_toml(v)?)
+}
+
+const HOW: &str = "write a limit such as \"100/hour\", a list such as [\"10/second\", \"100/hour\"], or \"unlimited\"";
+
+/// Limits as written: `"100/hour"`, `"unlimited"` or
+/// `["10/second", "100/hour"]` (`None`: unlimited).
+fn parse_limits(v: &toml::Value) -> Result<Option<Vec<Limit>>, String> {
+    use toml::Value;
+    match v {
+        Value::String(s) => match Rule::parse(s)? {
+            Rule::Unlimited => Ok(None),
+            Rule::Limited(l) => Ok(Some(vec![l])),
+        },
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(format!("an empty list; {HOW}"));
+            }
+            items
+                .iter()
+                .map(|i| match i {
+                    Value::String(s) => Limit::parse(s),
+                    _ => Err(HOW.to_owned()),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some)
+        }
+        _ => Err(HOW.to_owned()),
+    }
+}
+
+/// A cell as written: limits (`"100/hour"`, a list) or the table form
+/// `{ requests = …, tokens = …, refund_on = […] }`.
+#[derive(Default)]
+pub(super) struct CellSpec {
+    /// `None`: not given; `Some(None)`: unlimited.
+    pub(super) requests: Option<Option<Vec<Limit>>>,
+    pub(super) tokens: Option<Vec<Limit>>,
+    pub(super) refund: Option<RefundOn>,
+    /// Requests in flight at once.
+    pub(super) concurrency: Option<u32>,
+}
+
+pub(super) fn parse_cell(v: &toml::Value) -> Result<CellSpec, String> {
+    use toml::Value;
+    let Value::Table(t) = v else {
+        return Ok(CellSpec {
+            requests: Some(parse_limits(v)?),
+            ..CellSpec::default()
+        });
+    };
+    if let Some(k) = t
+        .keys()
+        .find(|k| !["requests", "tokens", "refund_on", "concurrency"].contains(&k.as_str()))
+    {
+        return Err(format!(
+            "unknown field `{k}` (expected `requests`, `tokens`, `concurrency` or `refund_on`)"
+        ));
+    }
+    let mut spec = CellSpec::default();
+    if let Some(r) = t.get("requests") {
+        spec.requests = Some(match r {
+            Value::String(_) | Value::Array(_) => parse_limits(r)?,
+            _ => return Err(HOW.to_owned()),
+        });
+    }
+    if let Some(tk) = t.get("tokens") {
+        match parse_limits(tk).map_err(|m| format!("tokens: {m}"))? {
+            Some(limits) => spec.tokens = Some(limits),
+            None => return Err("tokens: leave `tokens` out rather than \"unlimited\"".into()),
+        }
+    }
+    if let Some(r) = t.get("refund_on") {
+        spec.refund = Some(parse_refund(r)?);
+    }
+    if let Some(c) = t.get("concurrency") {
+        let how = || {
+            format!(
+                "concurrency: write the number of requests that may be in flight at once, from 1 to {}",
+                crate::policy::MAX_CONCURRENCY
+            )
+        };
+        let n = c.as_integer().ok_or_else(how)?;
+        let n = u32::try_from(n)
+            .ok()
+            .filter(|n| (1..=crate::policy::MAX_CONCURRENCY).contains(n))
+            .ok_or_else(how)?;
+        spec.concurrency = Some(n);
+    }
+    if spec.requests.is_none() && spec.tokens.is_none() && spec.concurrency.is_none() {
+        return Err("a table of limits needs `requests`, `tokens` or `concurrency`".to_owned());
+    }
+    Ok(spec)
+}
+
+/// `refund_on = ["5xx", "304"]`.
+pub(super) fn parse_refund(v: &toml::Value) -> Result<RefundOn, String> {
+    let how = "write refund_on as a list such as [\"5xx\", \"304\"]";
+    let items = v.as_array().ok_or(how)?;
+    let items: Vec<&str> = items
+        .iter()
+        .map(|i| i.as_str().ok_or(how))
+        .collect::<Result<_, _>>()?;
+    RefundOn::parse(items)
+}
