@@ -153,6 +153,81 @@ impl fmt::Debug for KeyId {
     }
 }
 
+/// The hasher of a [`KeyDigest`]'s second half: foldhash keyed by a seed
+/// derived from the key secret apart from [`KeyId`]'s (one secret, two
+/// independent keyed hashes).
+static CHECK_HASHER: LazyLock<FixedState> = LazyLock::new(|| {
+    FixedState::with_seed(FixedState::with_seed(0x6b65_7964_6967_6573).hash_one(seed().value))
+});
+
+/// A 128-bit keyed digest of an API key: what the operator plane keeps of a
+/// key provisioned or revoked through the admin API (in memory and in the
+/// shared store), instead of its text. Its first half is the key's
+/// [`KeyId`]; its second, `check`, a second foldhash of the key keyed by a
+/// seed derived from the same secret apart from the first. A request's key
+/// is compared with a digest by its `KeyId` first (no extra work for every
+/// other key), then by `check`.
+///
+/// # Collisions
+///
+/// Two different keys have one digest only if both 64-bit halves collide.
+/// With `n` digests held, the chance that any two keys share one is at most
+/// `n² / 2¹²⁹` (about 1.5 × 10⁻²⁷ for a million keys); the chance that one
+/// key presented matches another's digest by chance is at most `n / 2¹²⁸`
+/// per request. foldhash is a keyed hash, not a cryptographic one: these
+/// bounds hold for keys chosen without knowledge of the key secret, which
+/// must stay secret (as it must for the buckets anyway).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct KeyDigest {
+    pub(crate) id: u64,
+    pub(crate) check: u64,
+}
+
+impl KeyDigest {
+    /// The digest of `key`.
+    pub(crate) fn of(key: &str) -> Self {
+        KeyDigest {
+            id: KeyId::of(key).as_u64(),
+            check: Self::check_of(key),
+        }
+    }
+
+    /// The second half of `key`'s digest (computed only once its
+    /// [`KeyId`] matched a digest's).
+    #[inline]
+    pub(crate) fn check_of(key: &str) -> u64 {
+        CHECK_HASHER.hash_one(key)
+    }
+
+    /// The key's [`KeyId`].
+    pub(crate) fn key_id(self) -> KeyId {
+        KeyId(self.id)
+    }
+
+    /// 32 lowercase hex digits (what the shared store keeps).
+    pub(crate) fn hex(self) -> String {
+        format!("{:016x}{:016x}", self.id, self.check)
+    }
+
+    /// Reads [`hex`](Self::hex)'s form back.
+    pub(crate) fn parse_hex(s: &str) -> Option<Self> {
+        let lower = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+        if s.len() != 32 || !s.bytes().all(lower) {
+            return None;
+        }
+        Some(KeyDigest {
+            id: u64::from_str_radix(&s[..16], 16).ok()?,
+            check: u64::from_str_radix(&s[16..], 16).ok()?,
+        })
+    }
+}
+
+impl fmt::Debug for KeyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyDigest({})", self.key_id().redacted())
+    }
+}
+
 /// A printable, redacted form of a [`KeyId`] (12 hex digits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Redacted(u64);
@@ -202,6 +277,20 @@ mod tests {
         let v6: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
         assert_eq!(KeyId::of_ip(v4), KeyId::of_ip(v6));
         assert_ne!(KeyId::of_ip(v4), KeyId::of("192.0.2.1"));
+    }
+
+    #[test]
+    fn a_digest_is_its_key_id_and_an_independent_check() {
+        let d = KeyDigest::of("sk-abc");
+        assert_eq!(d.key_id(), KeyId::of("sk-abc"));
+        assert_ne!(d.check, d.id);
+        assert_eq!(d.check, KeyDigest::check_of("sk-abc"));
+        assert_ne!(d, KeyDigest::of("sk-abd"));
+        let hex = d.hex();
+        assert_eq!(hex.len(), 32);
+        assert_eq!(KeyDigest::parse_hex(&hex), Some(d));
+        assert_eq!(KeyDigest::parse_hex("sk-abc"), None);
+        assert_eq!(KeyDigest::parse_hex(&hex.to_uppercase()), None);
     }
 
     #[test]

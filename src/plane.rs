@@ -9,433 +9,17 @@
 //! operator state lives in Redis: changes are written there first, every
 //! instance reloads it when its version moves, and loads it all at start.
 
-use std::collections::BTreeMap;
+mod state;
+
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use serde_json::{Value, json};
+pub(crate) use state::{BoostEntry, BoostFor, Change, OperatorState};
 
-use crate::policy::{Adjust, Boost, BoostTarget, Policy, PolicyBuilder, PolicyError};
+use crate::policy::{Overlay, Policy, PolicyBuilder, PolicyError};
 use crate::view::{PolicyView, ViewSlot};
-
-/// One operator change (what the admin API takes).
-#[derive(Clone, Debug)]
-pub(crate) enum Change {
-    /// Provision a key, or move it to another tier or account.
-    PutKey {
-        key: String,
-        tier: String,
-        account: Option<String>,
-    },
-    /// Revoke a key: refused with 401 from then on.
-    RevokeKey { key: String },
-    /// Set a key's custom limit in one category (or `*`).
-    PutLimit {
-        key: String,
-        category: String,
-        /// As written (a string or a list), kept to store and show.
-        written: Value,
-        adjust: Adjust,
-    },
-    /// Remove a key's custom limit in one category (or `*`), the file's
-    /// included.
-    RemoveLimit { key: String, category: String },
-    /// Add a boost.
-    AddBoost { id: String, boost: BoostEntry },
-    /// Remove a boost added by an operator.
-    RemoveBoost { id: String },
-}
-
-/// A boost added by an operator.
-#[derive(Clone, Debug)]
-pub(crate) struct BoostEntry {
-    pub(crate) target: BoostTarget,
-    pub(crate) category: Option<String>,
-    pub(crate) written: Value,
-    pub(crate) adjust: Adjust,
-    pub(crate) start: u64,
-    pub(crate) end: u64,
-}
-
-impl BoostEntry {
-    /// The boost as JSON, its key (if it names one) shown by `show_key`.
-    pub(crate) fn json(&self, show_key: impl Fn(&str) -> String) -> Value {
-        let (key, tier) = match &self.target {
-            BoostTarget::Key(k) => (Some(show_key(k)), None),
-            BoostTarget::Tier(t) => (None, Some(t.as_str())),
-        };
-        json!({
-            "key": key,
-            "tier": tier,
-            "category": self.category,
-            "adjust": self.written,
-            "start": self.start,
-            "end": self.end,
-        })
-    }
-}
-
-#[derive(Clone, Debug)]
-enum KeyState {
-    Put {
-        tier: String,
-        account: Option<String>,
-    },
-    Revoked,
-}
-
-/// The operators' changes, layered over the base policy. A store keeps each
-/// entry as one field (`field`) with a JSON value.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct OperatorState {
-    keys: BTreeMap<String, KeyState>,
-    /// `None`: removed (hides a custom limit of the base policy).
-    limits: BTreeMap<(String, String), Option<(Value, Adjust)>>,
-    boosts: BTreeMap<String, BoostEntry>,
-}
-
-impl OperatorState {
-    /// This state with `change` made.
-    pub(crate) fn with(&self, change: &Change) -> OperatorState {
-        let mut next = self.clone();
-        next.make(change);
-        next
-    }
-
-    fn make(&mut self, change: &Change) {
-        match change {
-            Change::PutKey { key, tier, account } => {
-                self.keys.insert(
-                    key.clone(),
-                    KeyState::Put {
-                        tier: tier.clone(),
-                        account: account.clone(),
-                    },
-                );
-            }
-            Change::RevokeKey { key } => {
-                self.keys.insert(key.clone(), KeyState::Revoked);
-                self.limits.retain(|(k, _), _| k != key);
-                self.boosts
-                    .retain(|_, b| !matches!(&b.target, BoostTarget::Key(k) if k == key));
-            }
-            Change::PutLimit {
-                key,
-                category,
-                written,
-                adjust,
-            } => {
-                self.limits.insert(
-                    (key.clone(), category.clone()),
-                    Some((written.clone(), adjust.clone())),
-                );
-            }
-            Change::RemoveLimit { key, category } => {
-                self.limits.insert((key.clone(), category.clone()), None);
-            }
-            Change::AddBoost { id, boost } => {
-                self.boosts.insert(id.clone(), boost.clone());
-            }
-            Change::RemoveBoost { id } => {
-                self.boosts.remove(id);
-            }
-        }
-    }
-
-    /// The boost `id` an operator added, if any.
-    pub(crate) fn boost(&self, id: &str) -> Option<&BoostEntry> {
-        self.boosts.get(id)
-    }
-
-    /// Whether an operator added the boost `id`.
-    pub(crate) fn has_boost(&self, id: &str) -> bool {
-        self.boosts.contains_key(id)
-    }
-
-    /// The boosts operators added, ended ones left out.
-    pub(crate) fn boosts(&self, now: u64) -> impl Iterator<Item = (&String, &BoostEntry)> {
-        self.boosts.iter().filter(move |(_, b)| b.end > now)
-    }
-
-    /// Forgets boosts that have ended.
-    fn drop_ended(&mut self, now: u64) {
-        self.boosts.retain(|_, b| b.end > now);
-    }
-
-    /// The ids of boosts that have ended (to remove).
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn ended(&self, now: u64) -> Vec<String> {
-        self.boosts
-            .iter()
-            .filter(|(_, b)| b.end <= now)
-            .map(|(id, _)| id.clone())
-            .collect()
-    }
-
-    /// The policy in force: `base` with these changes made (ended boosts
-    /// left out). An entry the base policy no longer accepts (its tier or
-    /// category is gone after a reload) is left out and logged.
-    pub(crate) fn apply(&self, base: &Policy, now: u64) -> Policy {
-        match self.builder(base.to_builder(), now, &|_| true).build() {
-            Ok(p) => p,
-            Err(_) => {
-                // Find what no longer fits, one entry at a time (rare).
-                let mut good: Vec<String> = Vec::new();
-                for field in self.fields_in_order() {
-                    let keep = |f: &str| f == field || good.iter().any(|g| g == f);
-                    match self.builder(base.to_builder(), now, &keep).build() {
-                        Ok(_) => good.push(field),
-                        Err(e) => tracing::error!(
-                            entry = %redact_field(&field),
-                            error = %e,
-                            "an operator change no longer fits the policy; left out"
-                        ),
-                    }
-                }
-                let keep = |f: &str| good.iter().any(|g| g == f);
-                self.builder(base.to_builder(), now, &keep)
-                    .build()
-                    .unwrap_or_else(|_| base.clone())
-            }
-        }
-    }
-
-    /// `b` with the entries `keep` accepts (by field name).
-    fn builder(
-        &self,
-        mut b: PolicyBuilder,
-        now: u64,
-        keep: &dyn Fn(&str) -> bool,
-    ) -> PolicyBuilder {
-        for (key, state) in &self.keys {
-            if !keep(&key_field(key)) {
-                continue;
-            }
-            b = match state {
-                KeyState::Put { tier, account } => b.put_key(key, tier, account.clone()),
-                KeyState::Revoked => b.revoke_key(key),
-            };
-        }
-        for ((key, category), limit) in &self.limits {
-            if !keep(&limit_field(key, category)) {
-                continue;
-            }
-            b = b.remove_custom_limit(key, category);
-            if let Some((_, adjust)) = limit {
-                b = b.custom_limit(key.clone(), category.clone(), adjust.clone());
-            }
-        }
-        for (id, boost) in &self.boosts {
-            if boost.end <= now || !keep(&boost_field(id)) {
-                continue;
-            }
-            let mut x = Boost::new(
-                boost.target.clone(),
-                boost.adjust.clone(),
-                boost.start,
-                boost.end,
-            );
-            if let Some(c) = &boost.category {
-                x = x.category(c.clone());
-            }
-            b = b.boost(x);
-        }
-        b
-    }
-
-    fn fields_in_order(&self) -> Vec<String> {
-        let keys = self.keys.keys().map(|k| key_field(k));
-        let limits = self.limits.keys().map(|(k, c)| limit_field(k, c));
-        let boosts = self.boosts.keys().map(|id| boost_field(id));
-        keys.chain(limits).chain(boosts).collect()
-    }
-
-    /// The store's field and value for the entry `change` touched (`None`
-    /// value: the field is deleted).
-    pub(crate) fn entry_of(&self, change: &Change) -> Vec<(String, Option<String>)> {
-        match change {
-            Change::PutKey { key, .. } | Change::RevokeKey { key } => {
-                vec![(key_field(key), self.key_value(key))]
-            }
-            Change::PutLimit { key, category, .. } | Change::RemoveLimit { key, category } => {
-                let v = self
-                    .limits
-                    .get(&(key.clone(), category.clone()))
-                    .map(|l| match l {
-                        Some((written, _)) => json!({ "limit": written }).to_string(),
-                        None => json!({ "removed": true }).to_string(),
-                    });
-                vec![(limit_field(key, category), v)]
-            }
-            Change::AddBoost { id, .. } | Change::RemoveBoost { id } => {
-                let v = self.boosts.get(id).map(boost_value);
-                vec![(boost_field(id), v)]
-            }
-        }
-    }
-
-    fn key_value(&self, key: &str) -> Option<String> {
-        self.keys.get(key).map(|s| match s {
-            KeyState::Put { tier, account } => {
-                json!({ "tier": tier, "account": account }).to_string()
-            }
-            KeyState::Revoked => json!({ "revoked": true }).to_string(),
-        })
-    }
-
-    /// The fields of a key's custom limits and boosts (which a revocation
-    /// removes with it).
-    pub(crate) fn fields_of_key(&self, key: &str) -> Vec<String> {
-        let limits = self
-            .limits
-            .keys()
-            .filter(|(k, _)| k == key)
-            .map(|(k, c)| limit_field(k, c));
-        let boosts = self
-            .boosts
-            .iter()
-            .filter(|(_, b)| matches!(&b.target, BoostTarget::Key(k) if k == key))
-            .map(|(id, _)| boost_field(id));
-        limits.chain(boosts).collect()
-    }
-
-    /// The state a store holds: fields and their JSON values. Entries that
-    /// cannot be read are skipped and logged (never fatal).
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn from_fields(fields: impl IntoIterator<Item = (String, String)>) -> Self {
-        let mut state = OperatorState::default();
-        let mut later = Vec::new();
-        for (field, value) in fields {
-            match state.read_field(&field, &value) {
-                Ok(Some(change)) => later.push(change),
-                Ok(None) => {}
-                Err(e) => tracing::error!(
-                    entry = %redact_field(&field),
-                    error = %e,
-                    "an operator change in the shared store cannot be read; skipped"
-                ),
-            }
-        }
-        // Keys first (a revocation drops the key's limits and boosts).
-        later.sort_by_key(|c| !matches!(c, Change::PutKey { .. } | Change::RevokeKey { .. }));
-        for c in &later {
-            let revoked = match c {
-                Change::PutLimit { key, .. } | Change::RemoveLimit { key, .. } => {
-                    matches!(state.keys.get(key), Some(KeyState::Revoked))
-                }
-                Change::AddBoost { boost, .. } => matches!(
-                    &boost.target,
-                    BoostTarget::Key(k) if matches!(state.keys.get(k), Some(KeyState::Revoked))
-                ),
-                _ => false,
-            };
-            if !revoked {
-                state.make(c);
-            }
-        }
-        state
-    }
-
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    fn read_field(&self, field: &str, value: &str) -> Result<Option<Change>, String> {
-        let path: Vec<String> =
-            serde_json::from_str(field).map_err(|_| "not an entry name".to_owned())?;
-        let v: Value = serde_json::from_str(value).map_err(|e| e.to_string())?;
-        let s = |name: &str| v.get(name).and_then(Value::as_str).map(str::to_owned);
-        match path.as_slice() {
-            [kind, key] if kind == "key" => {
-                if v.get("revoked").and_then(Value::as_bool) == Some(true) {
-                    return Ok(Some(Change::RevokeKey { key: key.clone() }));
-                }
-                let tier = s("tier").ok_or("no tier")?;
-                Ok(Some(Change::PutKey {
-                    key: key.clone(),
-                    tier,
-                    account: s("account"),
-                }))
-            }
-            [kind, key, category] if kind == "limit" => {
-                if v.get("removed").and_then(Value::as_bool) == Some(true) {
-                    return Ok(Some(Change::RemoveLimit {
-                        key: key.clone(),
-                        category: category.clone(),
-                    }));
-                }
-                let written = v.get("limit").cloned().ok_or("no limit")?;
-                let adjust = crate::policy::parse_adjust_json(&written)?;
-                Ok(Some(Change::PutLimit {
-                    key: key.clone(),
-                    category: category.clone(),
-                    written,
-                    adjust,
-                }))
-            }
-            [kind, id] if kind == "boost" => {
-                let written = v.get("adjust").cloned().ok_or("no adjust")?;
-                let adjust = crate::policy::parse_adjust_json(&written)?;
-                let target = match (s("key"), s("tier")) {
-                    (Some(k), None) => BoostTarget::Key(k),
-                    (None, Some(t)) => BoostTarget::Tier(t),
-                    _ => return Err("a boost names a key or a tier".into()),
-                };
-                let time = |name: &str| {
-                    v.get(name)
-                        .and_then(Value::as_u64)
-                        .ok_or(format!("no {name}"))
-                };
-                Ok(Some(Change::AddBoost {
-                    id: id.clone(),
-                    boost: BoostEntry {
-                        target,
-                        category: s("category"),
-                        written,
-                        adjust,
-                        start: time("start")?,
-                        end: time("end")?,
-                    },
-                }))
-            }
-            _ => Ok(None),
-        }
-    }
-}
-
-fn key_field(key: &str) -> String {
-    json!(["key", key]).to_string()
-}
-
-fn limit_field(key: &str, category: &str) -> String {
-    json!(["limit", key, category]).to_string()
-}
-
-pub(crate) fn boost_field(id: &str) -> String {
-    json!(["boost", id]).to_string()
-}
-
-fn boost_value(b: &BoostEntry) -> String {
-    b.json(str::to_owned).to_string()
-}
-
-/// A store field with its key redacted (for logs).
-fn redact_field(field: &str) -> String {
-    match serde_json::from_str::<Vec<String>>(field) {
-        Ok(path) => match path.as_slice() {
-            [kind, key, rest @ ..] if kind == "key" || kind == "limit" => {
-                let mut s = format!("{kind} {}", crate::KeyId::of(key).redacted());
-                for r in rest {
-                    s.push(' ');
-                    s.push_str(r);
-                }
-                s
-            }
-            [kind, id] => format!("{kind} {id}"),
-            _ => "?".to_owned(),
-        },
-        Err(_) => "?".to_owned(),
-    }
-}
 
 /// Where operator state is shared between instances (Redis).
 ///
@@ -497,8 +81,45 @@ impl Stamp {
 struct Layered {
     base: Arc<Policy>,
     state: OperatorState,
+    /// `state` compiled over `base`, one change at a time.
+    overlay: Overlay,
     /// The store's stamp the state was loaded at (default: none).
     stamp: Stamp,
+}
+
+impl Layered {
+    /// Makes `change` in the state and its layer (what it touched only).
+    fn make(&mut self, change: &Change, now: u64) {
+        self.state.make(change);
+        self.state
+            .refresh(&mut self.overlay, &self.base, change, now);
+    }
+
+    /// Forgets boosts that have ended.
+    fn drop_ended(&mut self, now: u64) {
+        if self.state.drop_ended(now) {
+            self.state
+                .refresh_boosts(&mut self.overlay, &self.base, now);
+        }
+    }
+
+    /// Replaces the state (loaded from a store), compiled anew.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    fn load(&mut self, state: OperatorState, now: u64) {
+        self.overlay = state.overlay(&self.base, now);
+        self.state = state;
+    }
+
+    /// Replaces the base policy; the state is compiled over it anew.
+    fn rebase(&mut self, base: Policy, now: u64) {
+        self.base = Arc::new(base);
+        self.overlay = self.state.overlay(&self.base, now);
+    }
+
+    /// The policy in force: the base with the operators' layer.
+    fn policy(&self) -> Policy {
+        self.base.with_overlay(&self.overlay)
+    }
 }
 
 /// The policy in force, as layers: what [`PolicyHandle`](crate::PolicyHandle)
@@ -528,6 +149,7 @@ impl Plane {
             layered: Mutex::new(Layered {
                 base: Arc::new(policy),
                 state: OperatorState::default(),
+                overlay: Overlay::default(),
                 stamp: Stamp::default(),
             }),
             view,
@@ -547,16 +169,16 @@ impl Plane {
         self.layered.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Compiles `l` and swaps it in.
+    /// Swaps the policy `l` gives in.
     fn publish(&self, l: &Layered) {
-        let policy = l.state.apply(&l.base, self.now());
-        self.view.store(Arc::new(PolicyView::new(Arc::new(policy))));
+        self.view
+            .store(Arc::new(PolicyView::new(Arc::new(l.policy()))));
     }
 
     /// Replaces the base policy (a file reload); the operator state stays.
     pub(crate) fn replace_base(&self, policy: Policy) {
         let mut l = self.lock();
-        l.base = Arc::new(policy);
+        l.rebase(policy, self.now());
         self.publish(&l);
     }
 
@@ -567,7 +189,7 @@ impl Plane {
     ) -> Result<(), PolicyError> {
         let mut l = self.lock();
         let next = edit(l.base.to_builder()).build()?;
-        l.base = Arc::new(next);
+        l.rebase(next, self.now());
         self.publish(&l);
         Ok(())
     }
@@ -582,14 +204,11 @@ impl Plane {
         self.lock().state.clone()
     }
 
-    /// Checks `change` against the policy in force: the error a policy
-    /// build gives (naming the entry), if any.
+    /// Checks `change` against the base policy's tiers, categories and
+    /// cells: the error a policy build would give (naming the entry), if
+    /// any. Nothing is built.
     pub(crate) fn check(&self, change: &Change) -> Result<(), PolicyError> {
-        let l = self.lock();
-        let next = l.state.with(change);
-        next.builder(l.base.to_builder(), self.now(), &|_| true)
-            .build()
-            .map(drop)
+        state::validate(&self.base(), change)
     }
 
     /// Makes `change`: in the shared store first if there is one (every
@@ -601,13 +220,13 @@ impl Plane {
                 let mut fields = l.state.with(&change).entry_of(&change);
                 if let Change::RevokeKey { key } = &change {
                     // The key's custom limits and boosts go with it.
-                    fields.extend(l.state.fields_of_key(key).into_iter().map(|f| (f, None)));
+                    fields.extend(l.state.fields_of_key(*key).into_iter().map(|f| (f, None)));
                 }
                 fields
             };
             let stamp = store.write(fields).await?;
             let mut l = self.lock();
-            l.state.make(&change);
+            l.make(&change, self.now());
             // Applied here at once; the next poll reloads only if another
             // change came in between (or the store started a new epoch).
             if stamp.follows(&l.stamp) {
@@ -617,10 +236,10 @@ impl Plane {
             return Ok(());
         }
         let mut l = self.lock();
-        l.state.make(&change);
-        // Ended boosts leave the state with the next change.
         let now = self.now();
-        l.state.drop_ended(now);
+        l.make(&change, now);
+        // Ended boosts leave the state with the next change.
+        l.drop_ended(now);
         self.publish(&l);
         Ok(())
     }
@@ -638,10 +257,10 @@ impl Plane {
     /// Shares operator state through `store`: loads it all now, then
     /// follows its version (see [`sync`](Self::sync)).
     pub(crate) async fn share(&self, store: Arc<dyn StateStore>) -> Result<(), String> {
-        let (stamp, fields) = store.load().await?;
+        let (stamp, fields) = migrate(&*store, store.load().await?).await?;
         {
             let mut l = self.lock();
-            l.state = OperatorState::from_fields(fields);
+            l.load(OperatorState::from_fields(fields), self.now());
             l.stamp = stamp;
             self.publish(&l);
         }
@@ -659,9 +278,9 @@ impl Plane {
         };
         let stamp = store.version().await?;
         if stamp != self.lock().stamp {
-            let (stamp, fields) = store.load().await?;
+            let (stamp, fields) = migrate(&**store, store.load().await?).await?;
             let mut l = self.lock();
-            l.state = OperatorState::from_fields(fields);
+            l.load(OperatorState::from_fields(fields), self.now());
             l.stamp = stamp;
             self.publish(&l);
         } else {
@@ -674,4 +293,22 @@ impl Plane {
         }
         Ok(())
     }
+}
+
+/// Rewrites the previous version's fields (raw keys) among `loaded` as
+/// digests in the store, in one write, and loads the store again; `loaded`
+/// itself when there are none.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+async fn migrate(store: &dyn StateStore, loaded: Loaded) -> Result<Loaded, String> {
+    let rewrite = state::legacy_rewrite(&loaded.1);
+    if rewrite.is_empty() {
+        return Ok(loaded);
+    }
+    let count = rewrite.iter().filter(|(_, v)| v.is_none()).count();
+    store.write(rewrite).await?;
+    tracing::info!(
+        fields = count,
+        "operator state: entries naming raw keys rewritten as key digests"
+    );
+    store.load().await
 }

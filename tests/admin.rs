@@ -759,6 +759,146 @@ mod redis {
         refused_everywhere(&[("A", &a), ("B", &b), ("C", &c)]).await;
     }
 
+    /// A key revoked in the tests below; its text must never reach Redis.
+    const REVOKED_KEY: &str = "sk-revoked-2b8d4e6f0a";
+
+    /// Everything Redis holds, as text: every key's name and its contents
+    /// (hashes' fields and values, strings, lists, sets, sorted sets).
+    fn redis_dump(server: &RedisServer) -> String {
+        let names = server.cli(&["--scan"]).unwrap();
+        let mut dump = String::new();
+        for name in names.lines().filter(|n| !n.is_empty()) {
+            let kind = server.cli(&["TYPE", name]).unwrap();
+            let contents = match kind.trim() {
+                "hash" => server.cli(&["HGETALL", name]),
+                "string" => server.cli(&["GET", name]),
+                "list" => server.cli(&["LRANGE", name, "0", "-1"]),
+                "set" => server.cli(&["SMEMBERS", name]),
+                "zset" => server.cli(&["ZRANGE", name, "0", "-1", "WITHSCORES"]),
+                other => Some(format!("({other})")),
+            };
+            dump.push_str(&format!(
+                "{name} {kind}\n{}\n",
+                contents.unwrap_or_default()
+            ));
+        }
+        dump
+    }
+
+    /// Asserts no raw key is anywhere in Redis.
+    fn no_raw_key_in(server: &RedisServer) {
+        let dump = redis_dump(server);
+        assert!(dump.contains("{admin}:state"), "the state is there: {dump}");
+        for key in [NEW_KEY, REVOKED_KEY, "free-demo-key"] {
+            assert!(
+                !dump.contains(key),
+                "`{key}` is in Redis in plain text:\n{dump}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn operator_state_holds_no_raw_key_and_another_instance_enforces_it() {
+        if !ready() {
+            return;
+        }
+        setup();
+        let server = RedisServer::start();
+        let a = instance(&server).await;
+        ok(&a, "PUT", "/keys", json!({ "key": NEW_KEY, "tier": "pro" })).await;
+        ok(
+            &a,
+            "PUT",
+            "/limits",
+            json!({ "key": NEW_KEY, "category": "write", "limit": "3/hour" }),
+        )
+        .await;
+        boost_new_key(&a, "x3").await;
+        // A provisioned key revoked, and a key of the file revoked.
+        ok(
+            &a,
+            "PUT",
+            "/keys",
+            json!({ "key": REVOKED_KEY, "tier": "free" }),
+        )
+        .await;
+        ok(&a, "DELETE", "/keys", json!({ "key": REVOKED_KEY })).await;
+        ok(&a, "DELETE", "/keys", json!({ "key": "free-demo-key" })).await;
+        // Requests through A leave their buckets in Redis too.
+        assert_eq!(read(&a, NEW_KEY).await, (200, Some(3000)));
+        no_raw_key_in(&server);
+        // A second instance, started now, enforces all of it.
+        let b = instance(&server).await;
+        assert_eq!(read(&b, NEW_KEY).await, (200, Some(3000)));
+        assert_eq!(write_limit(&b, NEW_KEY).await, Some(3));
+        assert_eq!(read(&b, REVOKED_KEY).await.0, 401);
+        assert_eq!(read(&b, "free-demo-key").await.0, 401);
+        let (_, list) = admin(&b, "GET", "/boosts", Some(TOKEN), None).await;
+        assert_eq!(list["boosts"].as_array().unwrap().len(), 1, "{list}");
+        assert!(
+            list["boosts"][0]["key"]
+                .as_str()
+                .unwrap()
+                .starts_with("key:")
+        );
+        no_raw_key_in(&server);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_state_with_raw_keys_is_rewritten_hashed_when_an_instance_starts() {
+        if !ready() {
+            return;
+        }
+        setup();
+        let server = RedisServer::start();
+        // The previous version's fields: raw keys in names and values.
+        let now = common::unix_now();
+        let boost = json!({ "key": NEW_KEY, "tier": null, "category": "read", "adjust": "x3", "start": now - 1, "end": now + 3600 });
+        let fields = [
+            (
+                json!(["key", NEW_KEY]),
+                json!({ "tier": "pro", "account": null }),
+            ),
+            (
+                json!(["limit", NEW_KEY, "write"]),
+                json!({ "limit": "3/hour" }),
+            ),
+            (json!(["boost", "00000000000000aa"]), boost),
+            (json!(["key", REVOKED_KEY]), json!({ "revoked": true })),
+            (json!(["key", "free-demo-key"]), json!({ "revoked": true })),
+        ];
+        for (field, value) in &fields {
+            let (field, value) = (field.to_string(), value.to_string());
+            let state = "tierlimit:{admin}:state";
+            server.cli(&["HSET", state, &field, &value]).unwrap();
+        }
+        server
+            .cli(&["SET", "tierlimit:{admin}:version", "5"])
+            .unwrap();
+        let a = instance(&server).await;
+        // In force from the first request.
+        assert_eq!(read(&a, NEW_KEY).await, (200, Some(3000)));
+        assert_eq!(write_limit(&a, NEW_KEY).await, Some(3));
+        assert_eq!(read(&a, REVOKED_KEY).await.0, 401);
+        assert_eq!(read(&a, "free-demo-key").await.0, 401);
+        let (_, list) = admin(&a, "GET", "/boosts", Some(TOKEN), None).await;
+        assert_eq!(list["boosts"][0]["id"], "00000000000000aa", "{list}");
+        // Rewritten: one field each, none of them a raw key.
+        let count = server.cli(&["HLEN", "tierlimit:{admin}:state"]).unwrap();
+        assert_eq!(count.trim(), "5");
+        no_raw_key_in(&server);
+        // Another instance reads the rewritten state.
+        let b = instance(&server).await;
+        assert_eq!(read(&b, NEW_KEY).await.1, Some(3000));
+        assert_eq!(write_limit(&b, NEW_KEY).await, Some(3));
+        assert_eq!(read(&b, REVOKED_KEY).await.0, 401);
+        // Changes after the rewrite replace the rewritten fields.
+        ok(&b, "DELETE", "/keys", json!({ "key": NEW_KEY })).await;
+        refused_everywhere(&[("A", &a), ("B", &b)]).await;
+        let count = server.cli(&["HLEN", "tierlimit:{admin}:state"]).unwrap();
+        assert_eq!(count.trim(), "3", "the key's limit and boost went with it");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ended_boosts_leave_the_shared_store_by_themselves() {
         if !ready() {

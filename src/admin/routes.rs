@@ -10,9 +10,9 @@ use super::body::{key_field, only, string_field, time_field};
 use super::{AdminResponse, AdminService, bad, json_response, problem};
 use crate::backend::Backend;
 use crate::extract::{Identity, Rejection};
-use crate::key::KeyId;
-use crate::plane::{BoostEntry, Change};
-use crate::policy::{BoostTarget, Policy};
+use crate::key::{KeyDigest, KeyId};
+use crate::plane::{BoostEntry, BoostFor, Change};
+use crate::policy::Policy;
 use crate::response::{Answer, ResponseBody};
 use crate::usage::UsageFuture;
 
@@ -47,7 +47,11 @@ where
             "account": account,
         });
         Ok((
-            Change::PutKey { key, tier, account },
+            Change::PutKey {
+                key: KeyDigest::of(&key),
+                tier,
+                account,
+            },
             StatusCode::OK,
             shown,
             "put_key",
@@ -61,7 +65,9 @@ where
         let id = KeyId::of(&key);
         let shown = json!({ "key": id.redacted().to_string(), "revoked": true });
         Ok((
-            Change::RevokeKey { key },
+            Change::RevokeKey {
+                key: KeyDigest::of(&key),
+            },
             StatusCode::OK,
             shown,
             "revoke_key",
@@ -87,7 +93,7 @@ where
         });
         Ok((
             Change::PutLimit {
-                key,
+                key: KeyDigest::of(&key),
                 category,
                 written,
                 adjust,
@@ -110,7 +116,10 @@ where
             "removed": true,
         });
         Ok((
-            Change::RemoveLimit { key, category },
+            Change::RemoveLimit {
+                key: KeyDigest::of(&key),
+                category,
+            },
             StatusCode::OK,
             shown,
             "remove_limit",
@@ -136,7 +145,7 @@ where
             (Some(_), None) => {
                 let key = key_field(body)?;
                 let id = KeyId::of(&key);
-                (BoostTarget::Key(key), id)
+                (BoostFor::Key(KeyDigest::of(&key)), id)
             }
             (None, Some(_)) => {
                 let tier = string_field(body, "tier")?;
@@ -144,7 +153,7 @@ where
                 if policy.tier(&tier).is_none() {
                     return Err(bad(format!("field `tier`: unknown tier `{tier}`")));
                 }
-                (BoostTarget::Tier(tier), KeyId::from_raw(0))
+                (BoostFor::Tier(tier), KeyId::from_raw(0))
             }
             _ => return Err(bad("a boost names either `key` or `tier`")),
         };
@@ -309,7 +318,7 @@ fn names<'a>(items: impl Iterator<Item = &'a str>) -> String {
 
 /// A boost as the admin API shows it (its key redacted).
 fn boost_json(id: &str, b: &BoostEntry) -> Value {
-    let mut v = b.json(|k| KeyId::of(k).redacted().to_string());
+    let mut v = b.json("key", |k| k.key_id().redacted().to_string());
     v["id"] = json!(id);
     v
 }

@@ -643,13 +643,6 @@ impl PolicyBuilder {
         self
     }
 
-    /// Lists a key in `tier` (and `account`), replacing its entry if it has
-    /// one (its custom limits and boosts stay).
-    pub(crate) fn put_key(mut self, key: &str, tier: &str, account: Option<String>) -> Self {
-        self.keys.retain(|k| k.value.key != key);
-        self.key_at(key.to_owned(), tier.to_owned(), account, None)
-    }
-
     /// Removes one custom limit of a key (`"*"`: the one for every
     /// category, not the others).
     pub fn remove_custom_limit(mut self, key: &str, category: &str) -> Self {
@@ -840,13 +833,14 @@ impl PolicyBuilder {
             }
         }
         let reserves = self.build_reserves(&names)?;
-        let overrides = self.build_overrides(&names)?;
+        let (overrides, override_sources) = self.build_overrides(&names)?;
         let boosts = self.build_boosts(&names)?;
         let (shadow_tiers, shadow_categories) = self.build_shadow(&names)?;
         Ok(Policy {
             inner: Arc::new(PolicyInner {
                 reserves: reserves.into_boxed_slice(),
                 overrides,
+                override_sources,
                 boosts: boosts.into_boxed_slice(),
                 shadow_tiers: shadow_tiers.into_boxed_slice(),
                 shadow_categories: shadow_categories.into_boxed_slice(),
@@ -862,6 +856,7 @@ impl PolicyBuilder {
                 missing_key,
                 source: self,
             }),
+            ops: None,
         })
     }
 
@@ -1274,9 +1269,13 @@ impl PolicyBuilder {
         Ok(reserves)
     }
 
-    fn build_overrides(&self, names: &Names) -> Result<Overrides, PolicyError> {
+    fn build_overrides(
+        &self,
+        names: &Names,
+    ) -> Result<(Overrides, super::overlay::OverrideSources), PolicyError> {
         let ncat = names.categories.len();
         let mut overrides = Overrides::default();
+        let mut sources = super::overlay::OverrideSources::default();
         for Located {
             value:
                 Override {
@@ -1295,10 +1294,17 @@ impl PolicyBuilder {
             let cells = overrides
                 .entry(KeyId::of(key).as_u64())
                 .or_insert_with(|| vec![None; ncat].into_boxed_slice());
+            let parts = sources.entry(KeyId::of(key).as_u64()).or_insert_with(|| {
+                super::overlay::OverrideParts {
+                    specific: vec![None; ncat].into_boxed_slice(),
+                    star: None,
+                }
+            });
             if cat == "*" {
                 for c in cells.iter_mut().filter(|c| c.is_none()) {
                     *c = Some(adjust.clone());
                 }
+                parts.star.get_or_insert_with(|| adjust.clone());
             } else {
                 let id = names.category(cat).ok_or_else(|| {
                     PolicyError::new(
@@ -1311,9 +1317,10 @@ impl PolicyBuilder {
                     )
                 })?;
                 cells[id.index()] = Some(adjust.clone());
+                parts.specific[id.index()] = Some(adjust.clone());
             }
         }
-        Ok(overrides)
+        Ok((overrides, sources))
     }
 
     fn build_boosts(&self, names: &Names) -> Result<Vec<CompiledBoost>, PolicyError> {
@@ -1420,39 +1427,8 @@ impl Names {
             .map(|i| TierId(i as u16))
     }
 
-    /// A list given by a custom limit or a boost must fit beside every
-    /// tier's per-account limits.
     fn check_adjust(&self, adjust: &Adjust) -> Result<(), String> {
-        let (requests, tokens) = match adjust {
-            Adjust::SetAll(limits) => (Some(limits.as_slice()), None),
-            Adjust::Table { requests, tokens } => (requests.as_deref(), tokens.as_deref()),
-            Adjust::Scale(k) if !(*k > 0.0 && *k <= Adjust::MAX_SCALE) => {
-                return Err(format!(
-                    "a multiplier is above 0 and at most x{}",
-                    Adjust::MAX_SCALE
-                ));
-            }
-            Adjust::Set(_) | Adjust::Scale(_) => return Ok(()),
-        };
-        if let Some(r) = requests.filter(|r| !r.is_empty()) {
-            check_list(r)?;
-        }
-        if let Some(t) = tokens {
-            check_list(t)?;
-        }
-        let too_many = self.cells.iter().any(|c| {
-            requests.map_or(c.per_key.len(), <[Limit]>::len)
-                + c.per_account.len()
-                + tokens.map_or(c.tokens.len(), <[Limit]>::len)
-                + c.account_tokens.len()
-                > MAX_LIMITS
-        });
-        if too_many {
-            return Err(format!(
-                "with the per-account limits, more than {MAX_LIMITS} limits would apply"
-            ));
-        }
-        Ok(())
+        check_adjust(&self.cells, adjust)
     }
 
     /// Every limit of a cell (per key, then per account).
@@ -1460,7 +1436,44 @@ impl Names {
         let cell = &self.cells[tier * self.categories.len() + category];
         cell.per_key.iter().chain(cell.per_account.iter()).copied()
     }
+}
 
+/// A list given by a custom limit or a boost must fit beside every tier's
+/// per-account limits (`cells`: every cell of the policy).
+pub(super) fn check_adjust(cells: &[Cell], adjust: &Adjust) -> Result<(), String> {
+    let (requests, tokens) = match adjust {
+        Adjust::SetAll(limits) => (Some(limits.as_slice()), None),
+        Adjust::Table { requests, tokens } => (requests.as_deref(), tokens.as_deref()),
+        Adjust::Scale(k) if !(*k > 0.0 && *k <= Adjust::MAX_SCALE) => {
+            return Err(format!(
+                "a multiplier is above 0 and at most x{}",
+                Adjust::MAX_SCALE
+            ));
+        }
+        Adjust::Set(_) | Adjust::Scale(_) => return Ok(()),
+    };
+    if let Some(r) = requests.filter(|r| !r.is_empty()) {
+        check_list(r)?;
+    }
+    if let Some(t) = tokens {
+        check_list(t)?;
+    }
+    let too_many = cells.iter().any(|c| {
+        requests.map_or(c.per_key.len(), <[Limit]>::len)
+            + c.per_account.len()
+            + tokens.map_or(c.tokens.len(), <[Limit]>::len)
+            + c.account_tokens.len()
+            > MAX_LIMITS
+    });
+    if too_many {
+        return Err(format!(
+            "with the per-account limits, more than {MAX_LIMITS} limits would apply"
+        ));
+    }
+    Ok(())
+}
+
+impl Names {
     /// A `defaults.unknown_key` / `missing_key` rule: reject, or a tier.
     fn key_rule(
         &self,

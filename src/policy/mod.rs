@@ -45,6 +45,7 @@ mod builder;
 mod file;
 mod limit;
 mod operator;
+mod overlay;
 mod route;
 mod set;
 
@@ -62,6 +63,7 @@ pub use limit::{Limit, Rule};
 pub use operator::{Adjust, Boost, BoostTarget, Shadow};
 use operator::{CompiledBoost, more_generous_all};
 pub(crate) use operator::{MAX_UNIX, parse_time};
+pub(crate) use overlay::Overlay;
 use route::CompiledRoute;
 pub use route::Target;
 pub(crate) use set::{Applied, LimitBuf, Limits};
@@ -306,6 +308,9 @@ pub(super) struct PolicyInner {
     pub(super) missing_key: Option<TierId>,
     pub(super) reserves: Box<[u8]>,
     pub(super) overrides: builder::Overrides,
+    /// The same custom limits as written (by category and `*`), for the
+    /// operators' layer to replace some of them.
+    pub(super) override_sources: overlay::OverrideSources,
     pub(super) boosts: Box<[CompiledBoost]>,
     pub(super) shadow_tiers: Box<[bool]>,
     pub(super) shadow_categories: Box<[bool]>,
@@ -328,6 +333,9 @@ pub(super) struct PolicyInner {
 #[derive(Clone, Debug)]
 pub struct Policy {
     inner: Arc<PolicyInner>,
+    /// The operators' layer (keys, custom limits, boosts made through the
+    /// admin API), if any.
+    ops: Option<Arc<Overlay>>,
 }
 
 impl Policy {
@@ -457,6 +465,9 @@ impl Policy {
     /// `id` must be `KeyId::of(key)`.
     #[inline]
     pub fn key_entry(&self, key: &str, id: KeyId) -> Option<(TierId, Option<KeyId>)> {
+        if let Some(k) = self.ops.as_ref().and_then(|o| o.key(key, id)) {
+            return k.tier.map(|t| (t, k.account));
+        }
         self.inner
             .keys
             .find(id.as_u64(), |row| *row.key == *key)
@@ -466,12 +477,15 @@ impl Policy {
     /// Whether any key is revoked (one branch per request when none is).
     #[inline]
     pub fn has_revocations(&self) -> bool {
-        !self.inner.revoked.is_empty()
+        !self.inner.revoked.is_empty() || self.ops.as_ref().is_some_and(|o| o.revocations())
     }
 
     /// Whether `key` was revoked ([`PolicyBuilder::revoke_key`]); `id` must
     /// be `KeyId::of(key)`.
     pub fn is_revoked(&self, key: &str, id: KeyId) -> bool {
+        if let Some(k) = self.ops.as_ref().and_then(|o| o.key(key, id)) {
+            return k.tier.is_none();
+        }
         self.inner
             .revoked
             .find(id.as_u64(), |k| **k == *key)
@@ -529,7 +543,8 @@ impl Policy {
     }
 
     /// The keys the policy lists (`[keys]`, or the builder's), with their
-    /// tier and account, in no particular order.
+    /// tier and account, in no particular order. Keys provisioned through
+    /// the admin API are known by a digest only, and not listed.
     pub fn listed_keys(&self) -> impl Iterator<Item = (&str, TierId, Option<KeyId>)> + '_ {
         self.inner
             .keys
@@ -561,16 +576,23 @@ impl Policy {
         key: KeyId,
         now_unix: u64,
     ) -> Option<Applied> {
-        let custom = self
-            .inner
-            .overrides
-            .get(&key.as_u64())
+        let id = key.as_u64();
+        let (row, op_boosts) = match &self.ops {
+            None => (self.inner.overrides.get(&id).map(|r| &**r), &[][..]),
+            Some(o) => (
+                o.override_row(id)
+                    .or_else(|| self.inner.overrides.get(&id).map(|r| &**r)),
+                o.boosts(),
+            ),
+        };
+        let custom = row
             .and_then(|cells| cells.get(category.index()))
             .and_then(Option::as_ref);
         let mut boosts = self
             .inner
             .boosts
             .iter()
+            .chain(op_boosts)
             .filter(|b| b.applies(key.as_u64(), tier, category, now_unix))
             .peekable();
         if custom.is_none() && boosts.peek().is_none() {
@@ -593,13 +615,15 @@ impl Policy {
     /// Whether any custom limit or boost exists (else the tier rule is final).
     #[inline]
     pub(crate) fn has_adjustments(&self) -> bool {
-        !self.inner.overrides.is_empty() || !self.inner.boosts.is_empty()
+        !self.inner.overrides.is_empty()
+            || !self.inner.boosts.is_empty()
+            || self.ops.as_ref().is_some_and(|o| o.has_adjustments())
     }
 
     /// Whether the policy has boosts (which need the time of day).
     #[inline]
     pub(crate) fn has_boosts(&self) -> bool {
-        !self.inner.boosts.is_empty()
+        !self.inner.boosts.is_empty() || self.ops.as_ref().is_some_and(|o| !o.boosts().is_empty())
     }
 
     /// The share of each burst a tier reserves for critical requests, in
@@ -624,7 +648,9 @@ impl Policy {
     }
 
     /// This policy's definition, to change and build again (for run-time
-    /// edits through a [`PolicyHandle`](crate::PolicyHandle)).
+    /// edits through a [`PolicyHandle`](crate::PolicyHandle)). The changes
+    /// made through the admin API are not part of it: they are layered over
+    /// the base policy.
     pub fn to_builder(&self) -> PolicyBuilder {
         self.inner.source.clone()
     }

@@ -1,0 +1,408 @@
+//! The operators' changes ([`OperatorState`]): keys provisioned or revoked,
+//! custom limits and boosts, each key known only by its [`KeyDigest`] —
+//! never its text, here or in a shared store — and the operators' layer
+//! over the base policy compiled from them one change at a time
+//! ([`Overlay`]).
+//!
+//! A store keeps each entry as one field, a JSON list, with a JSON value:
+//! `["key-digest", "<32 hex>"]`, `["limit-digest", "<32 hex>", "<category>"]`
+//! and `["boost", "<id>"]` (whose value names its key as `"key_digest"`).
+//! The previous version's fields named raw keys (`["key", "<key>"]`,
+//! `["limit", "<key>", "<category>"]`, a boost's `"key"`): they are still
+//! read, and [`legacy_rewrite`] gives the write that replaces them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::key::{KeyDigest, KeyId};
+use crate::policy::{Adjust, Overlay, Policy, PolicyError};
+
+mod fields;
+
+pub(crate) use fields::legacy_rewrite;
+use fields::{boost_field, boost_value, key_field, limit_field, redact_field};
+
+/// Persistent maps: a copy of the state is a few reference counts.
+type Fixed = foldhash::fast::FixedState;
+type FixedMap<K, V> = imbl::GenericHashMap<K, V, Fixed, imbl::shared_ptr::DefaultSharedPtr>;
+
+/// One operator change (what the admin API takes).
+#[derive(Clone, Debug)]
+pub(crate) enum Change {
+    /// Provision a key, or move it to another tier or account.
+    PutKey {
+        key: KeyDigest,
+        tier: String,
+        account: Option<String>,
+    },
+    /// Revoke a key: refused with 401 from then on.
+    RevokeKey { key: KeyDigest },
+    /// Set a key's custom limit in one category (or `*`).
+    PutLimit {
+        key: KeyDigest,
+        category: String,
+        /// As written (a string or a list), kept to store and show.
+        written: Value,
+        adjust: Adjust,
+    },
+    /// Remove a key's custom limit in one category (or `*`), the file's
+    /// included.
+    RemoveLimit { key: KeyDigest, category: String },
+    /// Add a boost.
+    AddBoost { id: String, boost: BoostEntry },
+    /// Remove a boost added by an operator.
+    RemoveBoost { id: String },
+}
+
+/// Whom an operator's boost is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum BoostFor {
+    Key(KeyDigest),
+    Tier(String),
+}
+
+/// A boost added by an operator.
+#[derive(Clone, Debug)]
+pub(crate) struct BoostEntry {
+    pub(crate) target: BoostFor,
+    pub(crate) category: Option<String>,
+    pub(crate) written: Value,
+    pub(crate) adjust: Adjust,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+}
+
+impl BoostEntry {
+    /// The boost as JSON, its key (if it names one) as `key_name`, shown
+    /// by `show_key`.
+    pub(crate) fn json(&self, key_name: &str, show_key: impl Fn(KeyDigest) -> String) -> Value {
+        let (key, tier) = match &self.target {
+            BoostFor::Key(k) => (Some(show_key(*k)), None),
+            BoostFor::Tier(t) => (None, Some(t.as_str())),
+        };
+        let mut v = json!({
+            "tier": tier,
+            "category": self.category,
+            "adjust": self.written,
+            "start": self.start,
+            "end": self.end,
+        });
+        v[key_name] = json!(key);
+        v
+    }
+
+    fn is_for(&self, key: KeyDigest) -> bool {
+        self.target == BoostFor::Key(key)
+    }
+}
+
+#[derive(Clone, Debug)]
+enum KeyState {
+    Put {
+        tier: String,
+        account: Option<String>,
+    },
+    Revoked,
+}
+
+/// A key's custom limits by category (or `*`); `None`: removed (hides a
+/// custom limit of the base policy).
+type KeyLimits = BTreeMap<String, Option<(Value, Adjust)>>;
+
+/// The operators' changes, layered over the base policy.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct OperatorState {
+    keys: FixedMap<KeyDigest, KeyState>,
+    limits: FixedMap<KeyDigest, Arc<KeyLimits>>,
+    boosts: imbl::OrdMap<String, BoostEntry>,
+}
+
+impl OperatorState {
+    /// This state with `change` made.
+    pub(crate) fn with(&self, change: &Change) -> OperatorState {
+        let mut next = self.clone();
+        next.make(change);
+        next
+    }
+
+    pub(crate) fn make(&mut self, change: &Change) {
+        match change {
+            Change::PutKey { key, tier, account } => {
+                let state = KeyState::Put {
+                    tier: tier.clone(),
+                    account: account.clone(),
+                };
+                self.keys.insert(*key, state);
+            }
+            Change::RevokeKey { key } => {
+                self.keys.insert(*key, KeyState::Revoked);
+                self.limits.remove(key);
+                self.remove_boosts(|b| b.is_for(*key));
+            }
+            Change::PutLimit {
+                key,
+                category,
+                written,
+                adjust,
+            } => self.set_limit(*key, category, Some((written.clone(), adjust.clone()))),
+            Change::RemoveLimit { key, category } => self.set_limit(*key, category, None),
+            Change::AddBoost { id, boost } => {
+                self.boosts.insert(id.clone(), boost.clone());
+            }
+            Change::RemoveBoost { id } => {
+                self.boosts.remove(id);
+            }
+        }
+    }
+
+    fn set_limit(&mut self, key: KeyDigest, category: &str, limit: Option<(Value, Adjust)>) {
+        let mut limits = self
+            .limits
+            .get(&key)
+            .map_or_else(KeyLimits::new, |l| (**l).clone());
+        limits.insert(category.to_owned(), limit);
+        self.limits.insert(key, Arc::new(limits));
+    }
+
+    /// The boost `id` an operator added, if any.
+    pub(crate) fn boost(&self, id: &str) -> Option<&BoostEntry> {
+        self.boosts.get(id)
+    }
+
+    /// Whether an operator added the boost `id`.
+    pub(crate) fn has_boost(&self, id: &str) -> bool {
+        self.boosts.contains_key(id)
+    }
+
+    /// The boosts operators added, ended ones left out.
+    pub(crate) fn boosts(&self, now: u64) -> impl Iterator<Item = (&String, &BoostEntry)> {
+        self.boosts.iter().filter(move |(_, b)| b.end > now)
+    }
+
+    /// Forgets boosts that have ended; whether any had.
+    pub(crate) fn drop_ended(&mut self, now: u64) -> bool {
+        self.remove_boosts(|b| b.end <= now)
+    }
+
+    /// Removes the boosts `gone` is true of; whether any.
+    fn remove_boosts(&mut self, gone: impl Fn(&BoostEntry) -> bool) -> bool {
+        let ids: Vec<String> = self
+            .boosts
+            .iter()
+            .filter(|(_, b)| gone(b))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            self.boosts.remove(id);
+        }
+        !ids.is_empty()
+    }
+
+    /// The ids of boosts that have ended (to remove).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn ended(&self, now: u64) -> Vec<String> {
+        self.boosts
+            .iter()
+            .filter(|(_, b)| b.end <= now)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// The store's field and value for the entry `change` touched (`None`
+    /// value: the field is deleted).
+    pub(crate) fn entry_of(&self, change: &Change) -> Vec<(String, Option<String>)> {
+        match change {
+            Change::PutKey { key, .. } | Change::RevokeKey { key } => {
+                vec![(key_field(*key), self.key_value(*key))]
+            }
+            Change::PutLimit { key, category, .. } | Change::RemoveLimit { key, category } => {
+                let v = self
+                    .limits
+                    .get(key)
+                    .and_then(|l| l.get(category))
+                    .map(|l| match l {
+                        Some((written, _)) => json!({ "limit": written }).to_string(),
+                        None => json!({ "removed": true }).to_string(),
+                    });
+                vec![(limit_field(*key, category), v)]
+            }
+            Change::AddBoost { id, .. } | Change::RemoveBoost { id } => {
+                let v = self.boosts.get(id).map(boost_value);
+                vec![(boost_field(id), v)]
+            }
+        }
+    }
+
+    fn key_value(&self, key: KeyDigest) -> Option<String> {
+        self.keys.get(&key).map(|s| match s {
+            KeyState::Put { tier, account } => {
+                json!({ "tier": tier, "account": account }).to_string()
+            }
+            KeyState::Revoked => json!({ "revoked": true }).to_string(),
+        })
+    }
+
+    /// The fields of a key's custom limits and boosts (which a revocation
+    /// removes with it).
+    pub(crate) fn fields_of_key(&self, key: KeyDigest) -> Vec<String> {
+        let limits = self.limits.get(&key).map(Arc::clone).unwrap_or_default();
+        let limits = limits.keys().map(|c| limit_field(key, c));
+        let boosts = self
+            .boosts
+            .iter()
+            .filter(|(_, b)| b.is_for(key))
+            .map(|(id, _)| boost_field(id));
+        limits.chain(boosts).collect()
+    }
+}
+
+/// Compiling the state into the operators' layer over a base policy.
+impl OperatorState {
+    /// The whole layer over `base`. An entry the base policy does not
+    /// accept (its tier or category is gone after a reload) is left out
+    /// and logged.
+    pub(crate) fn overlay(&self, base: &Policy, now: u64) -> Overlay {
+        let mut o = Overlay::default();
+        for key in self.keys.keys() {
+            self.refresh_key(&mut o, base, *key);
+        }
+        for key in self.limits.keys() {
+            self.refresh_limits(&mut o, base, *key);
+        }
+        self.refresh_boosts(&mut o, base, now);
+        o
+    }
+
+    /// Updates `o` for what `change` touched (made already): one key, one
+    /// key's custom limits, or the boosts.
+    pub(crate) fn refresh(&self, o: &mut Overlay, base: &Policy, change: &Change, now: u64) {
+        match change {
+            Change::PutKey { key, .. } => self.refresh_key(o, base, *key),
+            Change::RevokeKey { key } => {
+                self.refresh_key(o, base, *key);
+                self.refresh_limits(o, base, *key);
+                self.refresh_boosts(o, base, now);
+            }
+            Change::PutLimit { key, .. } | Change::RemoveLimit { key, .. } => {
+                self.refresh_limits(o, base, *key);
+            }
+            Change::AddBoost { .. } | Change::RemoveBoost { .. } => {
+                self.refresh_boosts(o, base, now);
+            }
+        }
+    }
+
+    fn refresh_key(&self, o: &mut Overlay, base: &Policy, key: KeyDigest) {
+        let entry = match self.keys.get(&key) {
+            None => None,
+            Some(KeyState::Revoked) => Some(None),
+            Some(KeyState::Put { tier, account }) => match base.tier_or_err(tier.as_str()) {
+                Ok(t) => Some(Some((t, account.as_deref().map(KeyId::of_account)))),
+                Err(e) => {
+                    left_out(&key_field(key), &e);
+                    None
+                }
+            },
+        };
+        o.set_key(key, entry);
+    }
+
+    fn refresh_limits(&self, o: &mut Overlay, base: &Policy, key: KeyDigest) {
+        let limits = self.limits.get(&key).map(Arc::clone).unwrap_or_default();
+        // Each entry alone first: one that no longer fits is left out.
+        let good: Vec<(&str, Option<&Adjust>)> = limits
+            .iter()
+            .map(|(c, l)| (c.as_str(), l.as_ref().map(|(_, a)| a)))
+            .filter(|(c, a)| match base.check_op_limit(c, *a) {
+                Ok(()) => true,
+                Err(e) => {
+                    left_out(&limit_field(key, c), &e);
+                    false
+                }
+            })
+            .collect();
+        let row = base.op_override_row(key.id, &good).unwrap_or_else(|e| {
+            left_out(&format!("custom limits of {}", key.key_id().redacted()), &e);
+            None
+        });
+        o.set_overrides(key.id, row);
+    }
+
+    pub(crate) fn refresh_boosts(&self, o: &mut Overlay, base: &Policy, now: u64) {
+        let mut compiled = Vec::new();
+        for (id, b) in self.boosts(now) {
+            let (key, tier) = match &b.target {
+                BoostFor::Key(k) => (Some(k.id), None),
+                BoostFor::Tier(t) => (None, Some(t.as_str())),
+            };
+            let category = b.category.as_deref();
+            match base.compile_op_boost(key, tier, category, &b.adjust, (b.start, b.end)) {
+                Ok(c) => compiled.push(c),
+                Err(e) => left_out(&boost_field(id), &e),
+            }
+        }
+        o.set_boosts(compiled);
+    }
+}
+
+fn left_out(field: &str, error: &str) {
+    tracing::error!(
+        entry = %redact_field(field),
+        error = %error,
+        "an operator change no longer fits the policy; left out"
+    );
+}
+
+/// Checks `change` against `base` (its tiers, categories and cells): the
+/// error a policy build would give, naming the entry. Nothing is built.
+pub(crate) fn validate(base: &Policy, change: &Change) -> Result<(), PolicyError> {
+    let entry = |key: &KeyDigest, rest: &str| format!("\"{}\"{rest}", key.key_id().redacted());
+    let (name, result) = match change {
+        Change::PutKey { key, tier, account } => {
+            let account_ok = account
+                .as_ref()
+                .is_none_or(|a| !a.is_empty() && a.len() <= crate::key::DEFAULT_MAX_KEY_LEN);
+            let r = base
+                .tier_or_err(tier)
+                .map(drop)
+                .and_then(|()| match account_ok {
+                    true => Ok(()),
+                    false => Err("an account is a name of 1 to 256 bytes".to_owned()),
+                });
+            (format!("keys.{}", entry(key, "")), r)
+        }
+        Change::RevokeKey { .. } | Change::RemoveBoost { .. } => return Ok(()),
+        Change::PutLimit {
+            key,
+            category,
+            adjust,
+            ..
+        } => (
+            format!("overrides.{}", entry(key, &format!(".{category}"))),
+            base.check_op_limit(category, Some(adjust)),
+        ),
+        Change::RemoveLimit { key, category } => (
+            format!("overrides.{}", entry(key, &format!(".{category}"))),
+            base.check_op_limit(category, None),
+        ),
+        Change::AddBoost { boost: b, .. } => {
+            let (key, tier) = match &b.target {
+                BoostFor::Key(k) => (Some(k.id), None),
+                BoostFor::Tier(t) => (None, Some(t.as_str())),
+            };
+            let r = base
+                .compile_op_boost(
+                    key,
+                    tier,
+                    b.category.as_deref(),
+                    &b.adjust,
+                    (b.start, b.end),
+                )
+                .map(drop);
+            ("boosts".to_owned(), r)
+        }
+    };
+    result.map_err(|m| PolicyError::new(name, None, m))
+}
