@@ -1584,7 +1584,7 @@ impl RedisBackend {
     async fn admin_write(
         &self,
         fields: Vec<(String, Option<String>)>,
-    ) -> Result<crate::plane::Stamp, String> {
+    ) -> Result<(crate::plane::Stamp, crate::plane::Stamp), String> {
         // A read-only script in the state's slot (its node's clock), which
         // a server paused for writes still answers.
         let mut cmd = redis::cmd("EVAL_RO");
@@ -1621,7 +1621,16 @@ impl RedisBackend {
         if answer == "late" {
             return Err("Redis ran the change after its deadline, so it changed nothing".into());
         }
-        crate::plane::Stamp::parse(&answer)
+        // `EPOCH VERSION EPOCH VERSION`: before and after (an epoch has no
+        // space; the first may be empty).
+        let mid = answer
+            .match_indices(' ')
+            .nth(1)
+            .map(|(i, _)| i)
+            .ok_or_else(|| "a write's answer that is not two stamps".to_owned())?;
+        let before = crate::plane::Stamp::parse(&answer[..mid])?;
+        let after = crate::plane::Stamp::parse(&answer[mid + 1..])?;
+        Ok((before, after))
     }
 
     async fn admin_load(&self) -> Result<crate::plane::Loaded, String> {
@@ -1679,7 +1688,7 @@ impl crate::plane::StateStore for RedisBackend {
     fn write(
         &self,
         fields: Vec<(String, Option<String>)>,
-    ) -> crate::plane::BoxFuture<Result<crate::plane::Stamp, String>> {
+    ) -> crate::plane::BoxFuture<Result<(crate::plane::Stamp, crate::plane::Stamp), String>> {
         let this = self.clone();
         Box::pin(async move { this.admin_write(fields).await })
     }
