@@ -22,6 +22,10 @@ use tower::{Service, ServiceExt};
 #[path = "support/mod.rs"]
 mod support;
 
+#[path = "../tests/common/one.rs"]
+mod one;
+use one::{CheckOne, CheckOneNow};
+
 use support::*;
 
 /// One gRPC call, its body read to the end (where tonic encodes the reply).
@@ -245,7 +249,7 @@ fn bench(c: &mut Criterion) {
                 cost,
                 ..tierlimit::Subject::new(id.key(), 1)
             };
-            backend.check_now(&subject, &limit).unwrap().allowed
+            backend.check_one_now(&subject, &limit).unwrap().allowed
         };
         for r in &requests {
             assert!(check(r));
@@ -270,7 +274,7 @@ fn bench(c: &mut Criterion) {
             // The tier lookup stays in the measured work.
             black_box(policy.key_tier(key, id).unwrap());
             let subject = tierlimit::Subject::new(id, 1);
-            backend.check_now(&subject, &limit).unwrap().allowed
+            backend.check_one_now(&subject, &limit).unwrap().allowed
         };
         group.bench_function(format!("{name}, key given"), |b| {
             b.iter(|| {

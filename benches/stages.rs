@@ -25,6 +25,10 @@ use tower::{Layer, Service, ServiceExt};
 #[path = "support/mod.rs"]
 mod support;
 
+#[path = "../tests/common/one.rs"]
+mod one;
+use one::{CheckOne, CheckOneNow};
+
 use support::*;
 
 fn bench(c: &mut Criterion) {
@@ -80,16 +84,16 @@ fn bench(c: &mut Criterion) {
     let backend = MemoryBackend::new();
     let subject = Subject::new(id, 1);
     group.bench_function("backend check, 1 key", |b| {
-        b.iter(|| black_box(backend.check_now(black_box(&subject), &limit).unwrap()))
+        b.iter(|| black_box(backend.check_one_now(black_box(&subject), &limit).unwrap()))
     });
     let subjects: Vec<Subject> = ids.iter().map(|&k| Subject::new(k, 1)).collect();
     for s in &subjects {
-        backend.check_now(s, &limit).unwrap();
+        backend.check_one_now(s, &limit).unwrap();
     }
     group.bench_function("backend check, 100k keys", |b| {
         b.iter(|| {
             i = (i + 1) % subjects.len();
-            black_box(backend.check_now(&subjects[i], &limit).unwrap())
+            black_box(backend.check_one_now(&subjects[i], &limit).unwrap())
         })
     });
 

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 
 use crate::backend::{
-    Backend, BackendError, Charge, Check, Decision, Lease, MAX_LEASES, Subject, limit_bucket,
+    Backend, BackendError, Charge, Check, Decision, Lease, MAX_LEASES, limit_bucket,
 };
 use crate::extract::{Extractor, Identity, PeerIp, Priority, Rejection, RequestRef};
 use crate::key::KeyId;
@@ -104,16 +104,14 @@ impl<E, B> Shared<E, B> {
     }
 }
 
-/// How a request of a cell is checked: not at all, under one limit (the
-/// fast path), or under several at once (token limits, leases, per-account
-/// limits). Admission and the usage report both follow it.
+/// How a request of a cell is checked: not at all, or as one [`Check`] of
+/// every limit that applies (a cell with one limit is a check with one
+/// charge). Admission and the usage report both follow it.
 pub(crate) enum Path<'a> {
     /// Nothing limits it.
     Pass,
-    /// One limit, per key (per account in a pooled tier).
-    One(Limit),
-    /// Several, checked together as a [`ChargeSet`].
-    All(Limits<'a>),
+    /// These limits, checked together.
+    Check(Limits<'a>),
 }
 
 /// The path of a request of `cell` whose limits are `adjusted` (`None`:
@@ -121,16 +119,16 @@ pub(crate) enum Path<'a> {
 #[inline(always)]
 pub(crate) fn path<'a>(cell: &'a Cell, adjusted: Option<&'a Applied>) -> Path<'a> {
     match adjusted {
-        None => match cell.single {
-            Some(limit) => Path::One(limit),
-            None if cell.is_unlimited() => Path::Pass,
-            None => Path::All(cell.limits()),
-        },
-        Some(a) => match (a.per_key.as_slice(), a.per_account.is_empty()) {
-            ([], true) if !a.has_tokens() && !cell.leased => Path::Pass,
-            ([one], true) if !cell.metered && !cell.leased && !a.has_tokens() => Path::One(*one),
-            _ => Path::All(a.limits()),
-        },
+        None if cell.is_unlimited() => Path::Pass,
+        None => Path::Check(cell.limits()),
+        Some(a) if a.per_key.is_empty() && a.per_account.is_empty() => {
+            if !a.has_tokens() && !cell.leased {
+                Path::Pass
+            } else {
+                Path::Check(a.limits())
+            }
+        }
+        Some(a) => Path::Check(a.limits()),
     }
 }
 
@@ -207,41 +205,14 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         };
         match path(cell, adjusted.as_ref()) {
             Path::Pass => Step::Pass,
-            Path::One(limit) => self.admit_one(&found, limit),
-            Path::All(limits) => self.admit_all(&found, limits),
+            Path::Check(limits) => self.check(&found, limits),
         }
     }
 
-    /// A request under one limit (the fast path).
-    #[inline(always)]
-    fn admit_one<T>(&self, f: &Found<'_, T>, limit: Limit) -> Step<B::Future> {
-        let cost = match f.cost(std::iter::once(limit)) {
-            Ok(cost) => cost,
-            Err(step) => return step,
-        };
-        let reserve = match f.reserve_pct() {
-            Ok(pct) => pct.map_or(0, |p| reserve_for(p, limit.max())),
-            Err(step) => return step,
-        };
-        let key = match f.cell.pool {
-            Pool::Key => f.identity.key(),
-            Pool::Account => f.identity.account_or_key(),
-        };
-        let subject = Subject {
-            key,
-            cost,
-            scope: f.cell.scope,
-            reserve,
-            known: f.identity.is_known(),
-        };
-        let mut settle = f.settle();
-        settle.carried.reserves[0] = reserve;
-        let check = self.backend.check(&subject, &limit);
-        self.settle_now(f.guard, f.req, check, settle)
-    }
-
-    /// A request under several limits at once, all or nothing.
-    fn admit_all<T>(&self, f: &Found<'_, T>, applied: Limits<'_>) -> Step<B::Future> {
+    /// A request under every limit that applies to it, at once, all or
+    /// nothing: one [`Check`].
+    #[inline]
+    fn check<T>(&self, f: &Found<'_, T>, applied: Limits<'_>) -> Step<B::Future> {
         let limits = applied.per_key.iter();
         let cost = match f.cost(limits.chain(applied.per_account).copied()) {
             Ok(cost) => cost,
@@ -294,7 +265,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         } else {
             0
         };
-        let check = self.backend.check_all(&Check {
+        let check = self.backend.check(&Check {
             owner: set.owner,
             known: f.identity.is_known(),
             charges: set.charges(),

@@ -16,7 +16,7 @@ use tower_service::Service;
 use std::time::Duration;
 
 use crate::admission::{ChargeSet, Path, Shared, path};
-use crate::backend::{Backend, Decision, LeaseState, Subject};
+use crate::backend::{Backend, Decision, LeaseState};
 use crate::decision::Shown;
 use crate::extract::{Extractor, Identity, Rejection, RequestRef};
 use crate::policy::{Cell, Policy, Pool, TierId};
@@ -178,17 +178,7 @@ where
         };
         match path {
             Path::Pass => {}
-            Path::One(limit) => {
-                let key = match cell.pool {
-                    Pool::Key => identity.key(),
-                    Pool::Account => identity.account_or_key(),
-                };
-                let subject = Subject::new(key, cell.scope);
-                let pooled = cell.pool == Pool::Account;
-                peek.limits
-                    .push((shared.backend.peek(&subject, &limit), pooled, false));
-            }
-            Path::All(limits) => {
+            Path::Check(limits) => {
                 let set = ChargeSet::new(cell, limits, identity, 1, 1, |_| 0);
                 let nkey = limits.per_key.len();
                 let nreq = nkey + limits.per_account.len();
@@ -198,7 +188,7 @@ where
                     let per_account = (i >= nkey && i < nreq) || i >= ntok;
                     let pooled = per_account || cell.pool == Pool::Account;
                     peek.limits
-                        .push((shared.backend.peek_charge(set.owner, c), pooled, tokens));
+                        .push((shared.backend.peek(set.owner, c), pooled, tokens));
                 }
                 peek.tokens = set.tokens;
                 peek.leases = set

@@ -585,8 +585,8 @@ mod redis {
     ) -> (RedisBackend, RedisBackend) {
         let a = backend(server, clock).await;
         let b = backend(server, clock).await;
-        assert!(a.check_all(&check(&LEASE, 1)).await.unwrap().allowed);
-        assert!(a.check_all(&check(&LEASE, 2)).await.unwrap().allowed);
+        assert!(a.check(&check(&LEASE, 1)).await.unwrap().allowed);
+        assert!(a.check(&check(&LEASE, 2)).await.unwrap().allowed);
         (a, b)
     }
 
@@ -601,13 +601,13 @@ mod redis {
         assert_eq!(a.leases_held(), 2);
         // Instance A stops without releasing anything (a crash).
         drop(a);
-        let d = b.check_all(&check(&LEASE, 3)).await.unwrap();
+        let d = b.check(&check(&LEASE, 3)).await.unwrap();
         assert!(d.is_concurrency_refusal(), "{d:?}");
         clock.advance(Duration::from_secs(59));
-        let d = b.check_all(&check(&LEASE, 4)).await.unwrap();
+        let d = b.check(&check(&LEASE, 4)).await.unwrap();
         assert!(d.is_concurrency_refusal(), "still within the TTL: {d:?}");
         clock.advance(Duration::from_secs(2));
-        let d = b.check_all(&check(&LEASE, 5)).await.unwrap();
+        let d = b.check(&check(&LEASE, 5)).await.unwrap();
         assert!(d.allowed, "A's leases expired: {d:?}");
         assert_eq!(d.lease.unwrap().remaining, 1, "both of A's are gone");
     }
@@ -625,7 +625,7 @@ mod redis {
         clock.advance(Duration::from_secs(50));
         assert_eq!(a.renew_leases().await, 2);
         clock.advance(Duration::from_secs(50));
-        let d = b.check_all(&check(&LEASE, 3)).await.unwrap();
+        let d = b.check(&check(&LEASE, 3)).await.unwrap();
         assert!(d.is_concurrency_refusal(), "renewed, still held: {d:?}");
         // Released once: the renewals stop, and the slot is free at once.
         a.release(7, &[LEASE], 1);
@@ -636,7 +636,7 @@ mod redis {
             "one release, however often it is called"
         );
         assert_eq!(a.leases_held(), 1);
-        let d = b.check_all(&check(&LEASE, 4)).await.unwrap();
+        let d = b.check(&check(&LEASE, 4)).await.unwrap();
         assert!(d.allowed, "{d:?}");
     }
 
@@ -651,7 +651,7 @@ mod redis {
         for id in 1..=20 {
             // Released while (or before) its check is under way: the
             // lease is released as soon as the check takes it.
-            let fut = a.check_all(&check(&LEASE, id));
+            let fut = a.check(&check(&LEASE, id));
             a.release(7, &[LEASE], id);
             drop(fut);
         }
@@ -682,13 +682,13 @@ mod redis {
         let lease = Lease { max: 4, ..LEASE };
         server.kill();
         // This instance's share of 4 is 2, in memory.
-        assert!(a.check_all(&check(&lease, 1)).await.unwrap().allowed);
-        assert!(a.check_all(&check(&lease, 2)).await.unwrap().allowed);
-        let d = a.check_all(&check(&lease, 3)).await.unwrap();
+        assert!(a.check(&check(&lease, 1)).await.unwrap().allowed);
+        assert!(a.check(&check(&lease, 2)).await.unwrap().allowed);
+        let d = a.check(&check(&lease, 3)).await.unwrap();
         assert!(d.is_concurrency_refusal(), "{d:?}");
         assert_eq!(d.lease.unwrap().limit, 2);
         a.release(7, &[lease], 1);
-        let d = a.check_all(&check(&lease, 4)).await.unwrap();
+        let d = a.check(&check(&lease, 4)).await.unwrap();
         assert!(d.allowed, "the fallback lease came back: {d:?}");
     }
 }

@@ -3,12 +3,14 @@
 
 mod common;
 
+#[allow(unused_imports)]
+use common::one::{CheckOne, CheckOneNow};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use governor::clock::FakeRelativeClock;
-use tierlimit::{Backend, KeyId, Limit, MemoryBackend, Subject};
+use tierlimit::{KeyId, Limit, MemoryBackend, Subject};
 
 #[tokio::test]
 async fn memory_backend_passes_the_conformance_table() {
@@ -46,7 +48,7 @@ fn exactly_max_allowed_under_contention_on_threads() {
                 let (backend, allowed) = (&backend, &allowed);
                 s.spawn(move || {
                     for _ in 0..500 {
-                        if backend.check_now(&subject, &limit).unwrap().allowed {
+                        if backend.check_one_now(&subject, &limit).unwrap().allowed {
                             allowed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -73,7 +75,7 @@ async fn exactly_max_allowed_under_contention_on_tasks() {
         tasks.push(tokio::spawn(async move {
             let mut n = 0u32;
             for _ in 0..20 {
-                if backend.check(&subject, &limit).await.unwrap().allowed {
+                if backend.check_one(&subject, &limit).await.unwrap().allowed {
                     n += 1;
                 }
                 tokio::task::yield_now().await;
@@ -88,8 +90,8 @@ async fn exactly_max_allowed_under_contention_on_tasks() {
     assert_eq!(total, 100, "1280 tries at a frozen clock");
     // One interval later, exactly one more.
     clock.advance(Duration::from_secs(36));
-    assert!(backend.check(&subject, &limit).await.unwrap().allowed);
-    assert!(!backend.check(&subject, &limit).await.unwrap().allowed);
+    assert!(backend.check_one(&subject, &limit).await.unwrap().allowed);
+    assert!(!backend.check_one(&subject, &limit).await.unwrap().allowed);
 }
 
 #[tokio::test]
@@ -153,7 +155,7 @@ fn a_key_spray_locks_out_no_customer_under_several_limits() {
         let owner = owner.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let charges = charges(owner);
         backend
-            .check_all_now(&Check::new(owner, known, &charges))
+            .check_now(&Check::new(owner, known, &charges))
             .unwrap()
     };
     let cap = 1_000;

@@ -1,6 +1,9 @@
 //! Memory stays bounded: a spray of a million distinct keys, the cap, the
 //! overflow bucket, automatic reclamation, and bytes per tracked key.
 
+#[path = "common/one.rs"]
+mod one;
+use one::CheckOneNow;
 use std::alloc::System;
 use std::time::Duration;
 
@@ -42,10 +45,10 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
         .clock(clock.clone())
         .max_keys(usize::MAX)
         .build();
-    backend.check_now(&subject(u64::MAX), &limit).unwrap(); // create the limiter
+    backend.check_one_now(&subject(u64::MAX), &limit).unwrap(); // create the limiter
     let region = Region::new(GLOBAL);
     for i in 0..SPRAY {
-        assert!(backend.check_now(&subject(i), &limit).unwrap().allowed);
+        assert!(backend.check_one_now(&subject(i), &limit).unwrap().allowed);
     }
     let used = live(&region);
     assert_eq!(backend.tracked_keys(), SPRAY as usize + 1);
@@ -58,7 +61,7 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
     clock.advance(Duration::from_secs(61));
     for _ in 0..64 {
         clock.advance(Duration::from_millis(940));
-        backend.check_now(&subject(u64::MAX), &limit).unwrap();
+        backend.check_one_now(&subject(u64::MAX), &limit).unwrap();
     }
     assert!(
         backend.tracked_keys() <= 1,
@@ -80,12 +83,12 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
         .max_keys(cap)
         .build();
     for _ in 0..10 {
-        assert!(backend.check_now(&guest(0), &limit).unwrap().allowed);
+        assert!(backend.check_one_now(&guest(0), &limit).unwrap().allowed);
     }
     let region = Region::new(GLOBAL);
     let mut allowed_untracked = 0;
     for i in 1..SPRAY {
-        let d = backend.check_now(&guest(i), &limit).unwrap();
+        let d = backend.check_one_now(&guest(i), &limit).unwrap();
         if (i as usize) < cap {
             assert!(d.allowed, "key {i} under the cap");
         } else if d.allowed {
@@ -101,7 +104,7 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
         "untracked guests share one bucket of 10"
     );
     // Key 0 is still exactly empty: its state survived the spray.
-    assert!(!backend.check_now(&guest(0), &limit).unwrap().allowed);
+    assert!(!backend.check_one_now(&guest(0), &limit).unwrap().allowed);
 
     // 3. During the spray, customers whose keys the policy knows arrive
     // for the first time: each gets its own bucket and its full limit
@@ -110,20 +113,20 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
     for k in 0..1_000u64 {
         let customer = subject(SPRAY * 10 + k);
         for n in 0..10 {
-            let d = backend.check_now(&customer, &limit).unwrap();
+            let d = backend.check_one_now(&customer, &limit).unwrap();
             assert!(d.allowed, "customer {k}, request {n}");
             assert_eq!(d.remaining, 9 - n);
         }
-        assert!(!backend.check_now(&customer, &limit).unwrap().allowed);
+        assert!(!backend.check_one_now(&customer, &limit).unwrap().allowed);
         assert_eq!(backend.tracked_keys(), cap);
     }
     // The spray goes on: guests still cannot push customers out.
     for i in SPRAY..SPRAY + 100_000 {
-        backend.check_now(&guest(i), &limit).unwrap();
+        backend.check_one_now(&guest(i), &limit).unwrap();
     }
     assert!(
         !backend
-            .check_now(&subject(SPRAY * 10), &limit)
+            .check_one_now(&subject(SPRAY * 10), &limit)
             .unwrap()
             .allowed,
         "a customer's state survived the spray"
@@ -132,7 +135,7 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
     // Time passes: every bucket is full again; the next request at the cap
     // sweeps, and new keys are tracked again.
     clock.advance(Duration::from_secs(70));
-    let d = backend.check_now(&guest(SPRAY + 1), &limit).unwrap();
+    let d = backend.check_one_now(&guest(SPRAY + 1), &limit).unwrap();
     assert!(d.allowed);
     assert!(
         backend.tracked_keys() < 10,
@@ -142,14 +145,14 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
     for _ in 0..9 {
         assert!(
             backend
-                .check_now(&guest(SPRAY + 1), &limit)
+                .check_one_now(&guest(SPRAY + 1), &limit)
                 .unwrap()
                 .allowed
         );
     }
     assert!(
         !backend
-            .check_now(&guest(SPRAY + 1), &limit)
+            .check_one_now(&guest(SPRAY + 1), &limit)
             .unwrap()
             .allowed,
         "tracked with its own state"
@@ -166,7 +169,7 @@ fn a_million_key_spray_stays_bounded_and_is_reclaimed() {
         .build();
     let mut own = 0;
     for i in 0..5_000 {
-        if backend.check_now(&subject(i), &limit).unwrap().allowed && i < 2_000 {
+        if backend.check_one_now(&subject(i), &limit).unwrap().allowed && i < 2_000 {
             own += 1;
         }
     }

@@ -5,6 +5,8 @@
 
 mod common;
 
+#[allow(unused_imports)]
+use common::one::{CheckOne, CheckOneNow};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -157,7 +159,7 @@ proptest! {
         let clock = FakeRelativeClock::default();
         let backend = MemoryBackend::builder().clock(clock.clone()).build();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        rt.block_on(run_case(limit, &steps, |d| clock.advance(d), async |s, l| backend.check(&s, &l).await))?;
+        rt.block_on(run_case(limit, &steps, |d| clock.advance(d), async |s, l| backend.check_one(&s, &l).await))?;
     }
 }
 
@@ -204,7 +206,7 @@ mod redis_script {
             let Some((_server, clock, backend, rt)) = shared() else {
                 return Ok(());
             };
-            rt.block_on(run_case(limit, &steps, |d| clock.advance(d), async |s, l| backend.check(&s, &l).await))?;
+            rt.block_on(run_case(limit, &steps, |d| clock.advance(d), async |s, l| backend.check_one(&s, &l).await))?;
         }
     }
 }
@@ -322,7 +324,7 @@ proptest! {
         let clock = FakeRelativeClock::default();
         let backend = MemoryBackend::builder().clock(clock.clone()).build();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        rt.block_on(run_multi_case([a, b], &steps, |d| clock.advance(d), async |c| backend.check_all(&c).await))?;
+        rt.block_on(run_multi_case([a, b], &steps, |d| clock.advance(d), async |c| backend.check(&c).await))?;
     }
 }
 
@@ -344,7 +346,7 @@ mod redis_multi_script {
             let Some((_server, clock, backend, rt)) = shared() else {
                 return Ok(());
             };
-            rt.block_on(run_multi_case([a, b], &steps, |d| clock.advance(d), async |c| backend.check_all(&c).await))?;
+            rt.block_on(run_multi_case([a, b], &steps, |d| clock.advance(d), async |c| backend.check(&c).await))?;
         }
     }
 }

@@ -9,6 +9,8 @@ mod common;
 #[path = "../examples/axum_tiers.rs"]
 mod demo;
 
+#[allow(unused_imports)]
+use common::one::{CheckOne, CheckOneNow};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -76,7 +78,7 @@ async fn conformance_cluster_and_keys_spread_over_masters() {
     for i in 0..60 {
         assert!(
             backend
-                .check(&subject(&format!("spread-{i}")), &limit)
+                .check_one(&subject(&format!("spread-{i}")), &limit)
                 .await
                 .unwrap()
                 .allowed
@@ -282,7 +284,7 @@ async fn exact_across_instances(make: &impl AsyncFn() -> RedisBackend) {
             tasks.push(tokio::spawn(async move {
                 for _ in 0..10 {
                     if backend
-                        .check(&subject("shared"), &limit)
+                        .check_one(&subject("shared"), &limit)
                         .await
                         .unwrap()
                         .allowed
@@ -351,13 +353,22 @@ async fn one_script_call_per_allowed_request_none_for_cached_refusals() {
     let backend = common::redis::fake_clock_backend(&server, &clock).await;
     let limit = Limit::per_minute(10);
     // Load the script first, then count from zero.
-    backend.check(&subject("warm-up"), &limit).await.unwrap();
+    backend
+        .check_one(&subject("warm-up"), &limit)
+        .await
+        .unwrap();
     assert_eq!(server.cli(&["CONFIG", "RESETSTAT"]).as_deref(), Some("OK"));
 
     for _ in 0..10 {
-        assert!(backend.check(&subject("k"), &limit).await.unwrap().allowed);
+        assert!(
+            backend
+                .check_one(&subject("k"), &limit)
+                .await
+                .unwrap()
+                .allowed
+        );
     }
-    let first_refusal = backend.check(&subject("k"), &limit).await.unwrap();
+    let first_refusal = backend.check_one(&subject("k"), &limit).await.unwrap();
     assert!(!first_refusal.allowed);
     assert_eq!(
         server.command_calls("evalsha"),
@@ -367,7 +378,7 @@ async fn one_script_call_per_allowed_request_none_for_cached_refusals() {
     // Inside the retry delay: answered locally, same headers.
     clock.advance(Duration::from_secs(2));
     for _ in 0..20 {
-        let d = backend.check(&subject("k"), &limit).await.unwrap();
+        let d = backend.check_one(&subject("k"), &limit).await.unwrap();
         assert!(!d.allowed);
         assert_eq!(d.retry_after, Some(Duration::from_secs(4)));
         assert_eq!(
@@ -382,12 +393,24 @@ async fn one_script_call_per_allowed_request_none_for_cached_refusals() {
     );
     // After it: Redis again, and one more is allowed.
     clock.advance(Duration::from_secs(4));
-    assert!(backend.check(&subject("k"), &limit).await.unwrap().allowed);
+    assert!(
+        backend
+            .check_one(&subject("k"), &limit)
+            .await
+            .unwrap()
+            .allowed
+    );
     assert_eq!(server.command_calls("evalsha"), 12);
     // A flushed script cache (a restarted or failed-over Redis): the
     // script is loaded again on NOSCRIPT, transparently.
     assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).as_deref(), Some("OK"));
-    assert!(backend.check(&subject("k3"), &limit).await.unwrap().allowed);
+    assert!(
+        backend
+            .check_one(&subject("k3"), &limit)
+            .await
+            .unwrap()
+            .allowed
+    );
     assert_eq!(server.command_calls("script|load"), 1, "reloaded once");
     // Idle keys expire when full again: the TTL is at most the window.
     let keys = server.cli(&["KEYS", "tierlimit:*"]).unwrap();
@@ -415,7 +438,13 @@ async fn redis_down_is_not_an_outage_and_limits_resume_after_restart() {
         .unwrap();
     let limit = Limit::per_hour(5);
     for _ in 0..5 {
-        assert!(backend.check(&subject("k"), &limit).await.unwrap().allowed);
+        assert!(
+            backend
+                .check_one(&subject("k"), &limit)
+                .await
+                .unwrap()
+                .allowed
+        );
     }
 
     // Load: 8 tasks checking many keys while the server is killed under
@@ -427,7 +456,7 @@ async fn redis_down_is_not_an_outage_and_limits_resume_after_restart() {
         tasks.push(tokio::spawn(async move {
             let big = Limit::per_hour(1_000_000);
             for i in 0..100 {
-                let check = backend.check(&subject(&format!("load-{t}-{i}")), &big);
+                let check = backend.check_one(&subject(&format!("load-{t}-{i}")), &big);
                 let d = tokio::time::timeout(Duration::from_secs(5), check)
                     .await
                     .expect("a check hung")
@@ -452,7 +481,7 @@ async fn redis_down_is_not_an_outage_and_limits_resume_after_restart() {
     for i in 0..40 {
         let d = tokio::time::timeout(
             Duration::from_secs(5),
-            backend.check(&subject("other"), &limit),
+            backend.check_one(&subject("other"), &limit),
         )
         .await
         .unwrap_or_else(|_| panic!("check {i} hung"))
@@ -474,7 +503,7 @@ async fn redis_down_is_not_an_outage_and_limits_resume_after_restart() {
     let mut back = false;
     for _ in 0..50 {
         clock.advance(Duration::from_secs(1));
-        let d = backend.check(&subject("k2"), &limit).await.unwrap();
+        let d = backend.check_one(&subject("k2"), &limit).await.unwrap();
         if backend.state() == BackendState::Connected {
             assert!(d.allowed);
             back = true;
@@ -490,7 +519,13 @@ async fn redis_down_is_not_an_outage_and_limits_resume_after_restart() {
         Some(1.0)
     );
     let before = server.command_calls("evalsha");
-    assert!(backend.check(&subject("k2"), &limit).await.unwrap().allowed);
+    assert!(
+        backend
+            .check_one(&subject("k2"), &limit)
+            .await
+            .unwrap()
+            .allowed
+    );
     assert_eq!(
         server.command_calls("evalsha"),
         before + 1,
@@ -520,11 +555,11 @@ async fn fail_open_and_fail_closed() {
     server.kill();
     for _ in 0..3 {
         assert!(
-            open.check(&subject("k"), &limit).await.unwrap().allowed,
+            open.check_one(&subject("k"), &limit).await.unwrap().allowed,
             "fail open lets through"
         );
         assert!(matches!(
-            closed.check(&subject("k"), &limit).await,
+            closed.check_one(&subject("k"), &limit).await,
             Err(tierlimit::BackendError::Unavailable(_))
         ));
     }
@@ -571,7 +606,7 @@ async fn several_limits_while_redis_is_down_follow_the_failure_policy() {
     // hourly 4, then refusals by the hourly limit (never a 503).
     let mut allowed = 0;
     for _ in 0..5 {
-        let d = fallback.check_all(&check).await.unwrap();
+        let d = fallback.check(&check).await.unwrap();
         if d.allowed {
             allowed += 1;
         } else {
@@ -601,9 +636,9 @@ async fn several_limits_while_redis_is_down_follow_the_failure_policy() {
         "the settlement the fallback made is counted"
     );
     for _ in 0..3 {
-        assert!(open.check_all(&check).await.unwrap().allowed, "fail open");
+        assert!(open.check(&check).await.unwrap().allowed, "fail open");
         assert!(matches!(
-            closed.check_all(&check).await,
+            closed.check(&check).await,
             Err(tierlimit::BackendError::Unavailable(_))
         ));
     }
@@ -668,14 +703,24 @@ async fn peek_reports_capacity_without_counting() {
     let backend = common::redis::fake_clock_backend(&server, &clock).await;
     let limit = Limit::per_minute(10);
     assert_eq!(
-        backend.peek(&subject("p"), &limit).await.unwrap().remaining,
+        backend
+            .peek_one(&subject("p"), &limit)
+            .await
+            .unwrap()
+            .remaining,
         10
     );
     for _ in 0..3 {
-        assert!(backend.check(&subject("p"), &limit).await.unwrap().allowed);
+        assert!(
+            backend
+                .check_one(&subject("p"), &limit)
+                .await
+                .unwrap()
+                .allowed
+        );
     }
     for _ in 0..20 {
-        let d = backend.peek(&subject("p"), &limit).await.unwrap();
+        let d = backend.peek_one(&subject("p"), &limit).await.unwrap();
         assert_eq!(
             (d.limit, d.remaining, d.reset_after),
             (10, 7, Duration::from_secs(18))
@@ -683,12 +728,26 @@ async fn peek_reports_capacity_without_counting() {
     }
     clock.advance(Duration::from_secs(6));
     assert_eq!(
-        backend.peek(&subject("p"), &limit).await.unwrap().remaining,
+        backend
+            .peek_one(&subject("p"), &limit)
+            .await
+            .unwrap()
+            .remaining,
         8
     );
-    assert!(backend.check(&subject("p"), &limit).await.unwrap().allowed);
+    assert!(
+        backend
+            .check_one(&subject("p"), &limit)
+            .await
+            .unwrap()
+            .allowed
+    );
     assert_eq!(
-        backend.peek(&subject("p"), &limit).await.unwrap().remaining,
+        backend
+            .peek_one(&subject("p"), &limit)
+            .await
+            .unwrap()
+            .remaining,
         7
     );
 }
@@ -714,7 +773,7 @@ async fn an_outage_over_admits_at_most_each_instances_share() {
     // 4 of 10 used through Redis, then Redis dies.
     for i in 0..4 {
         let d = backends[i % 2]
-            .check(&subject("out"), &limit)
+            .check_one(&subject("out"), &limit)
             .await
             .unwrap();
         assert!(d.allowed);
@@ -724,10 +783,11 @@ async fn an_outage_over_admits_at_most_each_instances_share() {
     let mut admitted = 0;
     for b in &backends {
         for _ in 0..40 {
-            let d = tokio::time::timeout(Duration::from_secs(5), b.check(&subject("out"), &limit))
-                .await
-                .expect("answered in time")
-                .unwrap();
+            let d =
+                tokio::time::timeout(Duration::from_secs(5), b.check_one(&subject("out"), &limit))
+                    .await
+                    .expect("answered in time")
+                    .unwrap();
             if d.allowed {
                 admitted += 1;
                 assert_eq!(d.limit, 5, "the headers show the share in force");
@@ -740,7 +800,7 @@ async fn an_outage_over_admits_at_most_each_instances_share() {
     // A request whose cost fits the limit but not the share: a 429 to try
     // again when Redis is back, never a 400.
     let d = backends[0]
-        .check(
+        .check_one(
             &Subject {
                 cost: 8,
                 ..subject("big")
@@ -767,7 +827,7 @@ async fn one_slow_answer_trips_nothing() {
     let limit = Limit::per_hour(100);
     assert!(
         backend
-            .check(&subject("slow"), &limit)
+            .check_one(&subject("slow"), &limit)
             .await
             .unwrap()
             .allowed
@@ -782,13 +842,13 @@ async fn one_slow_answer_trips_nothing() {
             .unwrap()
     });
     tokio::time::sleep(Duration::from_millis(50)).await; // let the stall begin
-    let _ = backend.check(&subject("slow"), &limit).await.unwrap();
+    let _ = backend.check_one(&subject("slow"), &limit).await.unwrap();
     stall.await.unwrap();
     assert_eq!(backend.state(), BackendState::Connected, "one slow answer");
     let before = server.command_calls("evalsha");
     assert!(
         backend
-            .check(&subject("slow"), &limit)
+            .check_one(&subject("slow"), &limit)
             .await
             .unwrap()
             .allowed
@@ -816,9 +876,16 @@ async fn cluster_failover_under_load_answers_every_request_within_the_bound() {
         .unwrap();
     // 20 of 50 through Redis; wait (bounded) until the replica has them.
     for _ in 0..20 {
-        assert!(backend.check(&subject("fo"), &limit).await.unwrap().allowed);
+        assert!(
+            backend
+                .check_one(&subject("fo"), &limit)
+                .await
+                .unwrap()
+                .allowed
+        );
     }
-    let key = backend.redis_key(&subject("fo"), &limit);
+    let fo = subject("fo");
+    let key = backend.charge_key(fo.key.as_u64(), &fo.charge(limit));
     let master = cluster.master_of(&key).expect("a master holds the bucket");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -864,7 +931,7 @@ async fn cluster_failover_under_load_answers_every_request_within_the_bound() {
                 };
                 let d = tokio::time::timeout(
                     Duration::from_secs(2),
-                    backend.check(&subject(&key), &limit),
+                    backend.check_one(&subject(&key), &limit),
                 )
                 .await
                 .expect("a check took longer than 2 s")
@@ -891,7 +958,12 @@ async fn cluster_failover_under_load_answers_every_request_within_the_bound() {
     // failing bucket again.
     let back_on_redis = || async {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while backend.peek(&subject("fo"), &limit).await.unwrap().limit != 50
+        while backend
+            .peek_one(&subject("fo"), &limit)
+            .await
+            .unwrap()
+            .limit
+            != 50
             || backend.state() != BackendState::Connected
         {
             assert!(std::time::Instant::now() < deadline, "never back on Redis");
@@ -910,7 +982,7 @@ async fn cluster_failover_under_load_answers_every_request_within_the_bound() {
     let mut admitted = admitted.load(Ordering::Relaxed);
     // Use up what Redis still has for the bucket.
     for _ in 0..100 {
-        let d = backend.check(&subject("fo"), &limit).await.unwrap();
+        let d = backend.check_one(&subject("fo"), &limit).await.unwrap();
         if !d.allowed {
             assert_eq!(d.limit, 50, "refused by Redis, not the fallback");
             break;

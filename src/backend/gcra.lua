@@ -1,28 +1,37 @@
--- tierlimit's GCRA, governor's arithmetic in microseconds.
--- KEYS[1]: the bucket. ARGV: interval (us), max, cost, now (us; empty: Redis TIME),
--- reserve (cells a non-critical request must leave), peek ('1': report, count nothing).
--- Returns {1, remaining} when allowed, {0, retry_after_us} when refused; a peek
--- answers as a check of one request would, counting nothing.
-local t = tonumber(ARGV[1])
-local max = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local now = now_us(ARGV[4])
-local reserve = tonumber(ARGV[5]) or 0
-local tau = t * (max - 1)
-local add = t * (n - 1)
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if not tat then tat = now end
-if ARGV[6] == '1' then
-  -- A peek: what a check of one request would answer, counting nothing.
-  local rem = math.floor(math.min(math.max(now + tau + t - tat, 0), tau + t) / t)
-  if rem > 0 then return {1, rem} end
-  return {0, tat - tau - now}
+-- Prepended (after now.lua) to every tierlimit script that reads or moves
+-- a rate bucket: GCRA, governor's arithmetic in microseconds, written once.
+-- A bucket is a key holding its TAT (theoretical arrival time); t is the
+-- emission interval (us), max the burst. An untracked bucket is full.
+
+-- The bucket's TAT, `now` when untracked.
+local function gcra_tat(key, now)
+  return tonumber(redis.call('GET', key)) or now
 end
-local earliest = tat + add + reserve * t - tau
-if now < earliest then
-  return {0, earliest - now}
+
+-- How long until `n` units conform while `reserve` units stay untouched:
+-- 0 when they conform now; a whole window when they never could.
+local function gcra_wait(tat, now, t, max, n, reserve)
+  if n + reserve > max then
+    return t * max
+  end
+  local earliest = tat + t * (n - 1) + reserve * t - t * (max - 1)
+  if now < earliest then
+    return earliest - now
+  end
+  return 0
 end
-local nxt = math.max(tat, now) + t + add
-redis.call('SET', KEYS[1], string.format('%d', nxt), 'PX', string.format('%d', math.ceil((nxt - now) / 1000)))
-local rem = math.floor(math.min(now + tau + t - nxt, tau + t) / t)
-return {1, rem}
+
+-- The TAT after `n` units are taken at `now`.
+local function gcra_take(tat, now, t, n)
+  return math.max(tat, now) + t * n
+end
+
+-- Units that could come at once at `now` (0 while in debt).
+local function gcra_capacity(tat, now, t, max)
+  return math.floor(math.max(math.min(now + t * max - math.max(tat, now), t * max), 0) / t)
+end
+
+-- Stores a TAT; the key expires when the bucket is full again.
+local function gcra_store(key, tat, now)
+  redis.call('SET', key, string.format('%d', tat), 'PX', string.format('%d', math.ceil((tat - now) / 1000)))
+end

@@ -17,7 +17,7 @@ use governor::state::{RateLimiter, StateStore};
 
 use super::{
     Adjustment, Backend, BackendError, Charge, Check, Decision, Lease, LeaseState, MAX_LEASES,
-    Subject, decide,
+    decide,
 };
 use crate::decision::Binder;
 use crate::policy::Limit;
@@ -454,10 +454,13 @@ where
     C: Clock + Clone + Send + Sync + 'static,
     C::Instant: Send + Sync,
 {
-    /// Checks one request synchronously.
-    pub fn check_now(&self, subject: &Subject, limit: &Limit) -> Result<Decision, BackendError> {
+    /// A check of one charge and nothing else: governor's keyed limiter of
+    /// the charge's limit (the fast branch; see [`check_now`](Self::check_now)).
+    #[inline]
+    fn check_one(&self, charge: &Charge, known: bool) -> Result<Decision, BackendError> {
         let inner = &*self.inner;
-        let n = NonZeroU32::new(subject.cost).unwrap_or(NonZeroU32::MIN);
+        let limit = &charge.limit;
+        let n = NonZeroU32::new(charge.cost).unwrap_or(NonZeroU32::MIN);
         if n.get() > limit.max() {
             return Err(BackendError::CostExceedsLimit {
                 cost: n.get(),
@@ -467,17 +470,17 @@ where
         // Upkeep first, so that a sweep at the cap makes room for this key.
         self.maintain(false);
         let mut probe = Probe {
-            bucket: subject.bucket(),
-            known: subject.known,
+            bucket: charge.bucket,
+            known,
             reserve_nanos: 0,
             cost_nanos: 0,
         };
-        if subject.reserve > 0 {
-            if u64::from(n.get()) + u64::from(subject.reserve) > u64::from(limit.max()) {
+        if charge.reserve > 0 {
+            if u64::from(n.get()) + u64::from(charge.reserve) > u64::from(limit.max()) {
                 // Only the reserve (or less) could ever be left for it.
                 return Ok(Decision::refuse(limit, n.get(), limit.per()));
             }
-            probe.reserve_nanos = u64::from(subject.reserve) * limit.emission_interval_nanos();
+            probe.reserve_nanos = u64::from(charge.reserve) * limit.emission_interval_nanos();
             probe.cost_nanos = limit.emission_interval_nanos() * u64::from(n.get());
         }
         match inner.limiters.get(limit) {
@@ -486,33 +489,56 @@ where
         }
     }
 
-    /// A subject's capacity now, without counting anything.
-    pub fn peek_now(&self, subject: &Subject, limit: &Limit) -> Decision {
-        let inner = &*self.inner;
-        let found;
-        let e = match inner.limiters.get(limit) {
-            Some(e) => e,
-            None => match inner.limiters.get_overflow(limit) {
-                Some(e) => {
-                    found = e;
-                    &found
-                }
-                None => return Decision::allow(limit, limit.max()),
-            },
-        };
-        let now = u64::from(inner.clock.now().duration_since(e.start));
-        peeked(limit, e.store.get(subject.bucket()), now)
+    /// One charge's capacity now, counting nothing (see [`Backend::peek`]):
+    /// where a check of it alone keeps it (governor's limiter of its
+    /// limit), else in its owner's shard.
+    pub fn peek_now(&self, owner: u64, charge: &Charge) -> Decision {
+        if let Some((e, tat)) = self.alone(charge) {
+            let now = u64::from(self.inner.clock.now().duration_since(e.start));
+            return peeked(&charge.limit, Some(tat), now);
+        }
+        let now = self.elapsed();
+        let tat = self
+            .inner
+            .multi
+            .shard(owner)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(charge.bucket);
+        peeked(&charge.limit, tat, now)
     }
 
-    /// Checks one request against several limits synchronously, all or
-    /// nothing (see [`Backend::check_all`]).
+    /// The limiter and TAT of a charge a check of it alone keeps (none:
+    /// it lives in its owner's shard, or nowhere yet).
+    fn alone(&self, charge: &Charge) -> Option<(Arc<Entry<C>>, u64)> {
+        let inner = &*self.inner;
+        let e = match inner.limiters.get(&charge.limit) {
+            Some(e) => Arc::clone(e),
+            None => inner.limiters.get_overflow(&charge.limit)?,
+        };
+        let tat = e.store.get(charge.bucket)?;
+        Some((e, tat))
+    }
+
+    /// Checks one request synchronously, all or nothing (see
+    /// [`Backend::check`]).
+    ///
+    /// A check of one charge and nothing else (no leases, no tokens) takes
+    /// governor's keyed limiter of its limit: the fast branch, private to
+    /// this backend (its peeks and settlements find it there).
     ///
     /// Every charge of one owner lives in one of 64 shards, so the check
     /// takes one lock: it reads every charge's state, decides, and writes
     /// all of them or none. The arithmetic is governor's GCRA, the same as
     /// the single-limit path and the Redis script (the conformance suite
     /// runs the same cases through all of them).
-    pub fn check_all_now(&self, check: &Check<'_>) -> Result<Decision, BackendError> {
+    pub fn check_now(&self, check: &Check<'_>) -> Result<Decision, BackendError> {
+        if let [charge] = check.charges
+            && check.leases.is_empty()
+            && check.tokens == 0
+        {
+            return self.check_one(charge, check.known);
+        }
         let inner = &*self.inner;
         let charges = &check.charges[..check.charges.len().min(MAX_LIMITS)];
         for c in charges {
@@ -682,65 +708,46 @@ where
 
     /// Settles charges after the fact (see [`Backend::settle`]): under the
     /// owner's shard lock, each bucket takes its debt or gives back its
-    /// refund; a bucket full again is dropped.
+    /// refund; a bucket full again is dropped. A charge checked alone is
+    /// settled where that check keeps it.
     pub fn settle_now(&self, owner: u64, adjustments: &[Adjustment]) -> Decision {
         let inner = &*self.inner;
+        if let [a] = adjustments
+            && let Some(d) = self.settle_alone(a)
+        {
+            return d;
+        }
         let now = self.elapsed();
         let mut guard = inner
             .multi
             .shard(owner)
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let maps = &mut *guard;
         let mut states = [Decision::allow(&Limit::per_second(1), 0); MAX_LIMITS];
         let adjustments = &adjustments[..adjustments.len().min(MAX_LIMITS)];
         for (i, a) in adjustments.iter().enumerate() {
-            let t = a.limit.emission_interval_nanos().max(1);
-            let tracked = maps.get(a.bucket);
-            let base = i128::from(tracked.unwrap_or(now).max(now));
-            let next = base + i128::from(a.units) * i128::from(t);
-            if next <= i128::from(now) {
-                // Full again: nothing to keep.
-                if tracked.is_some() {
-                    maps.known.remove(&a.bucket);
-                    maps.guests.remove(&a.bucket);
-                    inner.budget.release(1);
-                }
-                states[i] = Decision::allow(&a.limit, a.limit.max());
-                continue;
-            }
-            let next = u64::try_from(next).unwrap_or(u64::MAX);
-            match tracked {
-                Some(_) => {
-                    let known = maps.known.contains_key(&a.bucket);
-                    maps.set(a.bucket, next, known);
-                }
-                None => {
-                    // A debt on a bucket no longer tracked (it was full
-                    // again): tracked again, past the cap if it must be —
-                    // a settlement is never lost.
-                    inner.budget.tracked.fetch_add(1, Ordering::Relaxed);
-                    crate::telemetry::tracked_keys(1.0);
-                    maps.known.insert(a.bucket, next);
-                }
-            }
-            states[i] = Decision::allow(&a.limit, capacity_at(&a.limit, Some(next), now));
+            states[i] = adjust(&mut guard, a, now, &inner.budget);
         }
         Decision::binding(states[..adjustments.len()].iter().copied())
             .unwrap_or_else(|| Decision::allow(&Limit::per_second(1), 1))
     }
 
-    /// One charge's capacity now, counting nothing.
-    pub fn peek_charge_now(&self, owner: u64, charge: &Charge) -> Decision {
-        let now = self.elapsed();
-        let tat = self
-            .inner
-            .multi
-            .shard(owner)
+    /// Settles a charge that a check of it alone keeps (governor's limiter
+    /// of its limit), if it is tracked there.
+    fn settle_alone(&self, a: &Adjustment) -> Option<Decision> {
+        let inner = &*self.inner;
+        let e = match inner.limiters.get(&a.limit) {
+            Some(e) => Arc::clone(e),
+            None => inner.limiters.get_overflow(&a.limit)?,
+        };
+        let mut guard = e
+            .store
+            .shard(a.bucket)
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(charge.bucket);
-        peeked(&charge.limit, tat, now)
+            .unwrap_or_else(PoisonError::into_inner);
+        guard.get(a.bucket)?;
+        let now = u64::from(inner.clock.now().duration_since(e.start));
+        Some(adjust(&mut guard, a, now, &inner.budget))
     }
 
     /// Makes the limiter of a limit seen for the first time.
@@ -895,21 +902,12 @@ where
     type Future = Ready<Result<Decision, BackendError>>;
 
     #[inline]
-    fn check(&self, subject: &Subject, limit: &Limit) -> Self::Future {
-        ready(self.check_now(subject, limit))
+    fn check(&self, check: &Check<'_>) -> Self::Future {
+        ready(self.check_now(check))
     }
 
-    fn peek(&self, subject: &Subject, limit: &Limit) -> Self::Future {
-        ready(Ok(self.peek_now(subject, limit)))
-    }
-
-    #[inline]
-    fn check_all(&self, check: &Check<'_>) -> Self::Future {
-        ready(self.check_all_now(check))
-    }
-
-    fn peek_charge(&self, owner: u64, charge: &Charge) -> Self::Future {
-        ready(Ok(self.peek_charge_now(owner, charge)))
+    fn peek(&self, owner: u64, charge: &Charge) -> Self::Future {
+        ready(Ok(self.peek_now(owner, charge)))
     }
 
     fn settle(&self, owner: u64, adjustments: &[Adjustment]) -> Self::Future {
@@ -923,6 +921,38 @@ where
     fn peek_lease(&self, owner: u64, lease: &Lease) -> Self::Future {
         ready(Ok(self.peek_lease_now(owner, lease)))
     }
+}
+
+/// One bucket of a shard takes a settlement's debt, or gives back its
+/// refund, at `now` (in the shard's time); a bucket full again is dropped,
+/// and a debt on a bucket no longer tracked is tracked again, past the cap
+/// if it must be: a settlement is never lost. Its capacity afterwards.
+fn adjust(maps: &mut ShardMaps, a: &Adjustment, now: u64, budget: &Budget) -> Decision {
+    let t = a.limit.emission_interval_nanos().max(1);
+    let tracked = maps.get(a.bucket);
+    let base = i128::from(tracked.unwrap_or(now).max(now));
+    let next = base + i128::from(a.units) * i128::from(t);
+    if next <= i128::from(now) {
+        if tracked.is_some() {
+            maps.known.remove(&a.bucket);
+            maps.guests.remove(&a.bucket);
+            budget.release(1);
+        }
+        return Decision::allow(&a.limit, a.limit.max());
+    }
+    let next = u64::try_from(next).unwrap_or(u64::MAX);
+    match tracked {
+        Some(_) => {
+            let known = maps.known.contains_key(&a.bucket);
+            maps.set(a.bucket, next, known);
+        }
+        None => {
+            budget.tracked.fetch_add(1, Ordering::Relaxed);
+            crate::telemetry::tracked_keys(1.0);
+            maps.known.insert(a.bucket, next);
+        }
+    }
+    Decision::allow(&a.limit, capacity_at(&a.limit, Some(next), now))
 }
 
 /// The requests a bucket with TAT `tat` (none: untracked, full) could take

@@ -1,9 +1,11 @@
 //! Backends: where rate-limit state lives and how a request is checked.
 //!
-//! [`MemoryBackend`] (the default) keeps state in this process through
-//! governor. A [`Backend`] implementation of your own takes a [`Subject`]
-//! and a [`Limit`] and returns a [`Decision`] with GCRA semantics: `max`
-//! requests may come at once, then one every `per / max`.
+//! [`MemoryBackend`] (the default) keeps state in this process;
+//! [`RedisBackend`] (feature `redis`) in Redis, shared by every instance.
+//! A [`Backend`] of your own decides a [`Check`] (a request's charges,
+//! token charges and leases, all or nothing) and returns a [`Decision`]
+//! with GCRA semantics: `max` requests may come at once, then one every
+//! `per / max`.
 
 mod memory;
 #[cfg(feature = "redis")]
@@ -71,9 +73,45 @@ impl Subject {
     pub fn bucket(&self) -> u64 {
         self.key.as_u64() ^ self.scope
     }
+
+    /// This subject's charge under `limit`: its bucket, cost and reserve.
+    #[inline]
+    pub fn charge(&self, limit: Limit) -> Charge {
+        Charge {
+            bucket: self.bucket(),
+            limit,
+            cost: self.cost,
+            reserve: self.reserve,
+        }
+    }
+
+    /// A check of this subject under one limit (`charge`, made by
+    /// [`charge`](Self::charge)): owned by its key.
+    ///
+    /// ```
+    /// use tierlimit::backend::{Backend, MemoryBackend, Subject};
+    /// use tierlimit::{KeyId, Limit};
+    /// # tokio_test_block(async {
+    /// let backend = MemoryBackend::new();
+    /// let s = Subject::new(KeyId::of("k"), 7);
+    /// let charge = s.charge(Limit::per_second(1));
+    /// assert!(backend.check(&s.check(&charge)).await.unwrap().allowed);
+    /// assert!(!backend.check(&s.check(&charge)).await.unwrap().allowed);
+    /// # });
+    /// # fn tokio_test_block(f: impl std::future::Future<Output = ()>) {
+    /// #     let mut f = std::pin::pin!(f);
+    /// #     let waker = std::task::Waker::noop();
+    /// #     let mut cx = std::task::Context::from_waker(&waker);
+    /// #     assert!(f.as_mut().poll(&mut cx).is_ready());
+    /// # }
+    /// ```
+    #[inline]
+    pub fn check<'a>(&self, charge: &'a Charge) -> Check<'a> {
+        Check::new(self.key.as_u64(), self.known, std::slice::from_ref(charge))
+    }
 }
 
-/// One limit of a request checked against several ([`Backend::check_all`]).
+/// One limit of a request's [`Check`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Charge {
     /// The 64-bit bucket the limit is counted in (distinct for every
@@ -119,9 +157,10 @@ pub struct Adjustment {
     pub units: i64,
 }
 
-/// A request checked against several limits at once, all or nothing: it
-/// is allowed only if every charge's limit admits its cost, and a refused
-/// request counts against none of them.
+/// One request, checked against every limit that applies to it at once,
+/// all or nothing: it is allowed only if every charge's limit admits its
+/// cost and every lease has room, and a refused request counts against
+/// none of them. A request under one limit is a check with one charge.
 #[derive(Clone, Copy, Debug)]
 pub struct Check<'a> {
     /// What the charges have in common: the account when any of them is
@@ -232,35 +271,29 @@ impl Error for BackendError {
 
 /// Where rate-limit state lives.
 ///
-/// `check` is called once per limited request with the request's subject
-/// and the limit that applies; it must count the request if it conforms
-/// and change nothing if it does not. A backend whose answer is known at
-/// once returns a ready future ([`std::future::Ready`]), which the layer
-/// resolves without yielding.
+/// `check` is called once per limited request with everything that applies
+/// to it (a [`Check`]); it must count the request if it conforms and change
+/// nothing if it does not. A backend whose answer is known at once returns
+/// a ready future ([`std::future::Ready`]), which the layer resolves
+/// without yielding.
 pub trait Backend: Send + Sync + 'static {
     /// The future of one check. `Unpin`, so the layer can poll it in place
     /// (box a future that is not: `Pin<Box<dyn Future<…> + Send>>` is).
     type Future: Future<Output = Result<Decision, BackendError>> + Send + Unpin + 'static;
 
-    /// Checks (and, if it conforms, counts) one request.
-    fn check(&self, subject: &Subject, limit: &Limit) -> Self::Future;
+    /// Checks one request in one step: if every charge's limit admits it
+    /// and every lease has room, it is counted in all of them and takes
+    /// its leases; otherwise nothing changes. The answer is the binding
+    /// limit's decision ([`Decision::binding`]), its
+    /// [`index`](Decision::index) naming the charge. Must be exact under
+    /// concurrency: two requests that each conform alone but not together
+    /// are never both allowed.
+    fn check(&self, check: &Check<'_>) -> Self::Future;
 
-    /// Reports the subject's current capacity without counting anything
-    /// (for usage checks): an allowed decision whose `remaining` is what
-    /// could come at once now.
-    fn peek(&self, subject: &Subject, limit: &Limit) -> Self::Future;
-
-    /// Checks one request against several limits in one step: if every
-    /// charge's limit admits it, it is counted in all of them; otherwise in
-    /// none. The answer is the binding limit's decision
-    /// ([`Decision::binding`]), its [`index`](Decision::index) naming the
-    /// charge. Must be exact under concurrency: two requests that each
-    /// conform alone but not together are never both allowed.
-    fn check_all(&self, check: &Check<'_>) -> Self::Future;
-
-    /// One charge's capacity now, counting nothing (the usage endpoint's
-    /// view of a limit checked with [`check_all`](Self::check_all)).
-    fn peek_charge(&self, owner: u64, charge: &Charge) -> Self::Future;
+    /// One charge's capacity now, counting nothing (for usage checks): its
+    /// `remaining` is what could come at once now; a bucket with no room
+    /// answers as a refused check of one unit would.
+    fn peek(&self, owner: u64, charge: &Charge) -> Self::Future;
 
     /// Settles charges after the fact, in one step for one owner: each
     /// bucket takes `units` more (a debt: later requests wait until it is
@@ -289,20 +322,12 @@ pub trait Backend: Send + Sync + 'static {
 impl<B: Backend> Backend for std::sync::Arc<B> {
     type Future = B::Future;
 
-    fn check(&self, subject: &Subject, limit: &Limit) -> Self::Future {
-        (**self).check(subject, limit)
+    fn check(&self, check: &Check<'_>) -> Self::Future {
+        (**self).check(check)
     }
 
-    fn peek(&self, subject: &Subject, limit: &Limit) -> Self::Future {
-        (**self).peek(subject, limit)
-    }
-
-    fn check_all(&self, check: &Check<'_>) -> Self::Future {
-        (**self).check_all(check)
-    }
-
-    fn peek_charge(&self, owner: u64, charge: &Charge) -> Self::Future {
-        (**self).peek_charge(owner, charge)
+    fn peek(&self, owner: u64, charge: &Charge) -> Self::Future {
+        (**self).peek(owner, charge)
     }
 
     fn settle(&self, owner: u64, adjustments: &[Adjustment]) -> Self::Future {

@@ -15,24 +15,32 @@ use redis::cluster_async::ClusterConnection;
 
 use super::{
     Adjustment, Backend, BackendError, Charge, Check, Decision, Lease, LeaseState, MAX_LEASES,
-    MemoryBackend, Subject, decide_all,
+    MemoryBackend, decide_all,
 };
 use crate::policy::{Limit, MAX_LIMITS};
 
 // Every script below starts with `now.lua` (the time: a fake clock's, or
-// Redis's `TIME`).
+// Redis's `TIME`); those that read or move a rate bucket then with
+// `gcra.lua` (GCRA's arithmetic, written once).
 
-/// GCRA exactly as governor computes it, in microseconds, on Redis's clock
+/// One request's check against every limit that applies to it, all or
+/// nothing, with its leases, in one call; and a bucket's peek. GCRA
+/// exactly as governor computes it, in microseconds, on Redis's clock
 /// (`TIME`) unless a time is passed (tests). A refusal writes nothing; an
-/// allowed request stores the new TAT and expires it when the bucket is
-/// full again, so idle keys cost Redis nothing.
-const GCRA: &str = concat!(include_str!("now.lua"), include_str!("gcra.lua"));
-
-/// The same over several limits at once, all or nothing, in one call.
-const GCRA_ALL: &str = concat!(include_str!("now.lua"), include_str!("gcra_all.lua"));
+/// allowed request stores the new TATs and expires them when the buckets
+/// are full again, so idle keys cost Redis nothing.
+const CHECK: &str = concat!(
+    include_str!("now.lua"),
+    include_str!("gcra.lua"),
+    include_str!("check.lua")
+);
 
 /// Settlement: debts and refunds on one owner's buckets, in one call.
-const GCRA_SETTLE: &str = concat!(include_str!("now.lua"), include_str!("gcra_settle.lua"));
+const SETTLE: &str = concat!(
+    include_str!("now.lua"),
+    include_str!("gcra.lua"),
+    include_str!("settle.lua")
+);
 
 /// Concurrency leases after admission: release, renew, peek.
 const LEASE: &str = concat!(include_str!("now.lua"), include_str!("lease.lua"));
@@ -90,8 +98,7 @@ struct Rebuild {
 struct Inner {
     conn: arc_swap::ArcSwap<Conn>,
     rebuild: Option<Rebuild>,
-    script: redis::Script,
-    script_all: redis::Script,
+    script_check: redis::Script,
     script_settle: redis::Script,
     script_lease: redis::Script,
     script_admin: redis::Script,
@@ -267,17 +274,13 @@ impl RedisBackend {
         }
     }
 
-    /// The Redis key a subject's bucket is stored under.
-    pub fn redis_key(&self, subject: &Subject, limit: &Limit) -> String {
-        redis_key(&self.inner.prefix, subject, limit)
+    /// The Redis key a charge of `owner` is kept under (its hash tag is
+    /// the owner: every charge of a check lives in one Cluster slot).
+    pub fn charge_key(&self, owner: u64, charge: &Charge) -> String {
+        charge_key(&self.inner.prefix, owner, charge.bucket)
     }
 }
 
-/// The key of one charge of a several-limit check: the owner is the hash
-/// tag, so every charge of a check lives in one Cluster slot (the bucket
-/// already mixes in the limit).
-/// A limit's emission interval in the scripts' unit, microseconds (at
-/// least 1).
 /// The script's answer to a peek: what a check of one request would
 /// answer (its capacity, or the refusal it would get), counting nothing.
 fn peeked(limit: &Limit, (allowed, n): (i64, i64)) -> Decision {
@@ -288,10 +291,15 @@ fn peeked(limit: &Limit, (allowed, n): (i64, i64)) -> Decision {
     }
 }
 
+/// A limit's emission interval in the scripts' unit, microseconds (at
+/// least 1).
 fn interval_us(limit: &Limit) -> u64 {
     (limit.emission_interval_nanos() / 1_000).max(1)
 }
 
+/// The key of one charge of a check: the owner is the hash tag, so every
+/// charge of a check lives in one Cluster slot (the bucket already mixes
+/// in the limit).
 fn charge_key(prefix: &str, owner: u64, bucket: u64) -> String {
     format!("{prefix}:{{{owner:016x}}}:m:{bucket:016x}")
 }
@@ -300,17 +308,6 @@ fn charge_key(prefix: &str, owner: u64, bucket: u64) -> String {
 /// owner's charges: one Cluster slot).
 fn lease_key(prefix: &str, owner: u64, bucket: u64) -> String {
     format!("{prefix}:{{{owner:016x}}}:c:{bucket:016x}")
-}
-
-fn redis_key(prefix: &str, subject: &Subject, limit: &Limit) -> String {
-    // The limit is part of the key so that a changed limit starts afresh
-    // rather than reading a TAT computed for another interval.
-    format!(
-        "{prefix}:{{{:016x}}}:{}:{}",
-        subject.bucket(),
-        limit.max(),
-        limit.per().as_millis()
-    )
 }
 
 impl RedisBackendBuilder {
@@ -405,7 +402,7 @@ impl RedisBackendBuilder {
         if !crate::key::key_secret_is_shared() {
             return Err(RedisSetupError::NoSharedKeySecret);
         }
-        let script = redis::Script::new(GCRA);
+        let script = redis::Script::new(CHECK);
         let connect_timeout = self.timeout.max(Duration::from_secs(1));
         // redis-rs's own response timeout is a backstop only: the check's
         // timeout is applied to the round trip by the backend.
@@ -466,9 +463,8 @@ impl RedisBackendBuilder {
                     running: AtomicBool::new(false),
                     not_before: AtomicU64::new(0),
                 }),
-                script,
-                script_all: redis::Script::new(GCRA_ALL),
-                script_settle: redis::Script::new(GCRA_SETTLE),
+                script_check: script,
+                script_settle: redis::Script::new(SETTLE),
                 script_lease: redis::Script::new(LEASE),
                 script_admin: redis::Script::new(ADMIN),
                 prefix: self.prefix,
@@ -503,31 +499,23 @@ impl Inner {
         }
     }
 
-    /// Runs the one-limit script once (see [`invoke`](Self::invoke)).
-    async fn eval(
+    /// Peeks at one bucket (the check script's `peek`).
+    async fn eval_peek(
         self: &Arc<Self>,
         key: String,
         limit: &Limit,
-        call: Call,
     ) -> Result<(i64, i64), EvalError> {
-        let (cost, reserve, peek) = match call {
-            Call::Check { cost, reserve } => (cost, reserve, false),
-            Call::Peek => (1, 0, true),
-        };
-        let t = interval_us(limit);
         let args = vec![
-            t.to_string(),
-            limit.max().to_string(),
-            cost.to_string(),
+            "peek".to_owned(),
             self.script_now(),
-            reserve.to_string(),
-            if peek { "1" } else { "0" }.to_owned(),
+            interval_us(limit).to_string(),
+            limit.max().to_string(),
         ];
-        self.invoke(Script::One, vec![key], args).await
+        self.invoke(Script::Check, vec![key], args).await
     }
 
-    /// Runs the several-limit script once (see [`invoke`](Self::invoke)).
-    async fn eval_all(self: &Arc<Self>, check: &Check<'_>) -> Result<Vec<i64>, EvalError> {
+    /// Runs the check script once (see [`invoke`](Self::invoke)).
+    async fn eval_check(self: &Arc<Self>, check: &Check<'_>) -> Result<Vec<i64>, EvalError> {
         let (owner, charges) = (check.owner, check.charges);
         let keys = charges
             .iter()
@@ -539,7 +527,8 @@ impl Inner {
                     .map(|l| lease_key(&self.prefix, owner, l.bucket)),
             )
             .collect();
-        let mut args = Vec::with_capacity(charges.len() * 4 + check.leases.len() + 4);
+        let mut args = Vec::with_capacity(charges.len() * 4 + check.leases.len() + 5);
+        args.push("check".to_owned());
         args.push(self.script_now());
         args.push(charges.len().to_string());
         args.push(self.leases.member(check.lease_id));
@@ -554,7 +543,7 @@ impl Inner {
             ]);
         }
         args.extend(check.leases.iter().map(|l| l.max.to_string()));
-        self.invoke(Script::All, keys, args).await
+        self.invoke(Script::Check, keys, args).await
     }
 
     /// Runs the lease script once for one request's leases.
@@ -625,8 +614,7 @@ impl Inner {
         };
         self.on_io(timeout, move |inner, conn| async move {
             let script = match script {
-                Script::One => &inner.script,
-                Script::All => &inner.script_all,
+                Script::Check => &inner.script_check,
                 Script::Settle => &inner.script_settle,
                 Script::Lease => &inner.script_lease,
                 Script::Admin => &inner.script_admin,
@@ -684,8 +672,47 @@ impl Inner {
         }
     }
 
-    /// A several-limit check while Redis is unreachable: the failure
-    /// policy, applied to every limit at once.
+    /// A check of one charge alone (no leases, no tokens): what the deny
+    /// cache may answer.
+    fn alone<'c>(check: &'c Check<'_>) -> Option<&'c Charge> {
+        match check.charges {
+            [c] if check.leases.is_empty() && check.tokens == 0 => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The deny cache's answer to a check of one charge alone, refused
+    /// recently: refused again until the retry delay passes, without a
+    /// round trip. (Only refusals of requests without a reserve are
+    /// cached, and they bind every request: `until` is when one request of
+    /// cost 1 and no reserve conforms again, so a larger cost or a reserve
+    /// waits that many intervals more.)
+    fn denied(&self, check: &Check<'_>, now: u64) -> Option<Decision> {
+        let c = Self::alone(check)?;
+        let until = self.deny.get(c.bucket, &c.limit, now)?;
+        let extra = u64::from(c.cost.max(1) - 1) + u64::from(c.reserve);
+        let retry = until - now + extra * interval_us(&c.limit);
+        Some(Decision::refuse(
+            &c.limit,
+            c.cost.max(1),
+            Duration::from_micros(retry),
+        ))
+    }
+
+    /// Caches Redis's refusal (`retry_us`) of a check of one charge alone.
+    fn remember_refusal(&self, check: &Check<'_>, retry_us: u64, now: u64) {
+        let Some(c) = Self::alone(check) else {
+            return;
+        };
+        // When one request conforms again: the delay less the extra cost.
+        let one = retry_us.saturating_sub(u64::from(c.cost.max(1) - 1) * interval_us(&c.limit));
+        if one > 0 && c.reserve == 0 {
+            self.deny.put(c.bucket, &c.limit, now + one, now);
+        }
+    }
+
+    /// A check while Redis is unreachable: the failure policy, applied to
+    /// every limit at once.
     fn on_failure_all(&self, check: &Check<'_>) -> Result<Decision, BackendError> {
         self.count_failure();
         match self.failure {
@@ -714,7 +741,7 @@ impl Inner {
                         ..*l
                     };
                 }
-                self.fallback.check_all_now(&Check {
+                self.fallback.check_now(&Check {
                     charges: &shares[..check.charges.len().min(MAX_LIMITS)],
                     leases: &leases[..check.leases.len().min(MAX_LEASES)],
                     ..*check
@@ -865,57 +892,19 @@ impl Inner {
             .ceil()
             .clamp(1.0, f64::from(max)) as u32
     }
-
-    fn on_failure(&self, subject: &Subject, limit: &Limit) -> Result<Decision, BackendError> {
-        self.count_failure();
-        match self.failure {
-            FailurePolicy::Fallback => {
-                let share = self.fallback_limit(limit);
-                if subject.cost > share.max() {
-                    // Fits the limit, not this instance's share of it: ask
-                    // again once Redis may be back (a 429, not a 400).
-                    return Ok(Decision::refuse(&share, subject.cost, self.retry_interval));
-                }
-                let reserve = self.fallback_reserve(subject.reserve, &share);
-                self.fallback.check_now(
-                    &Subject {
-                        reserve,
-                        ..*subject
-                    },
-                    &share,
-                )
-            }
-            FailurePolicy::FailOpen => Ok(Decision::allow(
-                limit,
-                limit.max() - subject.cost.min(limit.max()),
-            )),
-            FailurePolicy::FailClosed => Err(BackendError::Unavailable("redis unreachable".into())),
-        }
-    }
 }
 
 /// Which script a call runs.
 #[derive(Clone, Copy)]
 enum Script {
-    /// One limit (`gcra.lua`).
-    One,
-    /// Several limits, all or nothing (`gcra_all.lua`).
-    All,
-    /// Settlement (`gcra_settle.lua`).
+    /// A check, all or nothing, or a peek (`check.lua`).
+    Check,
+    /// Settlement (`settle.lua`).
     Settle,
     /// Leases after admission (`lease.lua`).
     Lease,
     /// The operators' shared state (`admin.lua`).
     Admin,
-}
-
-/// What one script call asks.
-#[derive(Clone, Copy)]
-enum Call {
-    /// Count `cost` cells if they conform, leaving `reserve` untouched.
-    Check { cost: u32, reserve: u32 },
-    /// Report the capacity left, counting nothing.
-    Peek,
 }
 
 /// Why a script call gave no answer.
@@ -1017,111 +1006,6 @@ impl DenyCache {
     }
 }
 
-impl RedisBackend {
-    /// Checks one request against Redis (or the deny cache, or the failure
-    /// policy).
-    pub async fn check_async(
-        &self,
-        subject: Subject,
-        limit: Limit,
-    ) -> Result<Decision, BackendError> {
-        let inner = &*self.inner;
-        let cost = subject.cost.max(1);
-        if cost > limit.max() {
-            return Err(BackendError::CostExceedsLimit {
-                cost,
-                max: limit.max(),
-            });
-        }
-        let t_us = interval_us(&limit);
-        let bucket = subject.bucket();
-        let now = inner.local_micros();
-        if u64::from(cost) + u64::from(subject.reserve) > u64::from(limit.max()) {
-            // Only the reserve (or less) could ever be left for it.
-            return Ok(Decision::refuse(&limit, cost, limit.per()));
-        }
-        // 1. A recent refusal: answered here. (Only refusals of requests
-        // without a reserve are cached, and they bind every request: `until`
-        // is when one request of cost 1 and no reserve conforms again, so a
-        // larger cost or a reserve waits that many intervals more.)
-        if let Some(until) = inner.deny.get(bucket, &limit, now) {
-            let extra = u64::from(cost - 1) + u64::from(subject.reserve);
-            let retry = until - now + extra * t_us;
-            return Ok(Decision::refuse(&limit, cost, Duration::from_micros(retry)));
-        }
-        // 2. Degraded and not yet time to probe: no waiting on Redis.
-        let route = inner.route(now);
-        if route == Route::Around {
-            return inner.on_failure(&subject, &limit);
-        }
-        // 3. Queue for a place among the checks in flight: waiting here is
-        // local queueing, not Redis's time. (The semaphore is never closed.)
-        let Ok(_permit) = inner.in_flight.acquire().await else {
-            return inner.on_failure(&subject, &limit);
-        };
-        // Redis may have been found down while this check queued.
-        if route == Route::Redis && inner.degraded.load(Ordering::Relaxed) {
-            return inner.on_failure(&subject, &limit);
-        }
-        // 4. The round trip, bounded by the timeout.
-        let key = redis_key(&inner.prefix, &subject, &limit);
-        match self
-            .inner
-            .eval(
-                key,
-                &limit,
-                Call::Check {
-                    cost,
-                    reserve: subject.reserve,
-                },
-            )
-            .await
-        {
-            Ok((allowed, value)) => {
-                inner.succeeded();
-                let value = u64::try_from(value).unwrap_or(0);
-                if allowed == 1 {
-                    Ok(Decision::allow(&limit, value as u32))
-                } else {
-                    let retry = Duration::from_micros(value);
-                    // When one request conforms again: the refusal's delay
-                    // less what the extra cost added.
-                    let one = value.saturating_sub(u64::from(cost - 1) * t_us);
-                    if one > 0 && subject.reserve == 0 {
-                        inner.deny.put(bucket, &limit, now + one, now);
-                    }
-                    Ok(Decision::refuse(&limit, cost, retry))
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, timeout = ?inner.timeout, "redis check failed");
-                self.inner.failed();
-                inner.on_failure(&subject, &limit)
-            }
-        }
-    }
-}
-
-impl RedisBackend {
-    /// A subject's capacity now, counting nothing. While Redis is
-    /// unreachable, the fallback's view (or a full bucket) is reported.
-    pub async fn peek_async(
-        &self,
-        subject: Subject,
-        limit: Limit,
-    ) -> Result<Decision, BackendError> {
-        let inner = &*self.inner;
-        let key = redis_key(&inner.prefix, &subject, &limit);
-        if !inner.degraded.load(Ordering::Relaxed)
-            && let Ok(answer) = self.inner.eval(key, &limit, Call::Peek).await
-        {
-            return Ok(peeked(&limit, answer));
-        }
-        Ok(inner.fallback.peek_now(&subject, &limit))
-    }
-}
-
-/// A several-limit check's charges, owned by its future.
 /// A placeholder charge for fixed-size arrays.
 const PLACEHOLDER: Charge = Charge {
     bucket: 0,
@@ -1283,18 +1167,18 @@ impl RedisBackend {
     /// delay needs every limit's state.
     ///
     /// Leases taken here are held until [`Backend::release`]. Called
-    /// through [`Backend::check_all`], a check with leases runs on the
+    /// through [`Backend::check`], a check with leases runs on the
     /// backend's I/O thread, so that it finishes (and its leases can be
     /// released) even if its caller goes away.
-    pub async fn check_all_async(&self, check: Check<'_>) -> Result<Decision, BackendError> {
-        let (result, taken) = self.check_all_routed(&check).await;
+    pub async fn check_async(&self, check: Check<'_>) -> Result<Decision, BackendError> {
+        let (result, taken) = self.check_routed(&check).await;
         if !check.leases.is_empty() {
             self.finish_leases(&Charges::new(&check), &result, taken);
         }
         result
     }
 
-    async fn check_all_routed(&self, check: &Check<'_>) -> (Result<Decision, BackendError>, Taken) {
+    async fn check_routed(&self, check: &Check<'_>) -> (Result<Decision, BackendError>, Taken) {
         let inner = &self.inner;
         for c in check.charges {
             if c.cost > c.limit.max() {
@@ -1317,6 +1201,10 @@ impl RedisBackend {
             (r, taken)
         };
         let now = inner.local_micros();
+        // A recent refusal of this bucket: answered here.
+        if let Some(d) = inner.denied(check, now) {
+            return (Ok(d), Taken::Nowhere);
+        }
         let route = inner.route(now);
         if route == Route::Around {
             return fallback(inner.on_failure_all(check));
@@ -1328,7 +1216,7 @@ impl RedisBackend {
             return fallback(inner.on_failure_all(check));
         }
         let (k, m) = (check.charges.len(), check.leases.len());
-        match inner.eval_all(check).await {
+        match inner.eval_check(check).await {
             Ok(v) if v.len() == k + 1 || v.len() == k + m + 1 => {
                 inner.succeeded();
                 let status = v[0];
@@ -1359,6 +1247,9 @@ impl RedisBackend {
                 let mut d = decide_all(&decisions[..k.min(MAX_LIMITS)], check.tokens, lease);
                 if status != 1 && d.allowed {
                     d.allowed = false;
+                }
+                if status == 0 {
+                    inner.remember_refusal(check, u64::try_from(v[1]).unwrap_or(0), now);
                 }
                 let taken = if status == 1 && m > 0 {
                     Taken::Redis
@@ -1542,19 +1433,15 @@ impl RedisBackend {
     }
 
     /// One charge's capacity now, counting nothing.
-    pub async fn peek_charge_async(
-        &self,
-        owner: u64,
-        charge: Charge,
-    ) -> Result<Decision, BackendError> {
+    pub async fn peek_async(&self, owner: u64, charge: Charge) -> Result<Decision, BackendError> {
         let inner = &*self.inner;
         let key = charge_key(&inner.prefix, owner, charge.bucket);
         if !inner.degraded.load(Ordering::Relaxed)
-            && let Ok(answer) = self.inner.eval(key, &charge.limit, Call::Peek).await
+            && let Ok(answer) = self.inner.eval_peek(key, &charge.limit).await
         {
             return Ok(peeked(&charge.limit, answer));
         }
-        Ok(inner.fallback.peek_charge_now(owner, &charge))
+        Ok(inner.fallback.peek_now(owner, &charge))
     }
 }
 
@@ -1707,23 +1594,11 @@ impl crate::plane::StateStore for RedisBackend {
 impl Backend for RedisBackend {
     type Future = Pin<Box<dyn Future<Output = Result<Decision, BackendError>> + Send>>;
 
-    fn check(&self, subject: &Subject, limit: &Limit) -> Self::Future {
-        let this = self.clone();
-        let (subject, limit) = (*subject, *limit);
-        Box::pin(async move { this.check_async(subject, limit).await })
-    }
-
-    fn peek(&self, subject: &Subject, limit: &Limit) -> Self::Future {
-        let this = self.clone();
-        let (subject, limit) = (*subject, *limit);
-        Box::pin(async move { this.peek_async(subject, limit).await })
-    }
-
-    fn check_all(&self, check: &Check<'_>) -> Self::Future {
+    fn check(&self, check: &Check<'_>) -> Self::Future {
         let this = self.clone();
         let charges = Charges::new(check);
         if check.leases.is_empty() {
-            return Box::pin(async move { this.check_all_async(charges.check()).await });
+            return Box::pin(async move { this.check_async(charges.check()).await });
         }
         // A check with leases runs on the I/O thread: it finishes, and
         // its leases are recorded (or released), even if this future is
@@ -1736,17 +1611,17 @@ impl Backend for RedisBackend {
             .inner
             .io
             .handle()
-            .spawn(async move { this.check_all_async(charges.check()).await });
+            .spawn(async move { this.check_async(charges.check()).await });
         Box::pin(async move {
             task.await
                 .unwrap_or_else(|e| Err(BackendError::Unavailable(Box::new(e))))
         })
     }
 
-    fn peek_charge(&self, owner: u64, charge: &Charge) -> Self::Future {
+    fn peek(&self, owner: u64, charge: &Charge) -> Self::Future {
         let this = self.clone();
         let charge = *charge;
-        Box::pin(async move { this.peek_charge_async(owner, charge).await })
+        Box::pin(async move { this.peek_async(owner, charge).await })
     }
 
     /// Runs on the backend's own I/O thread: the settlement proceeds even
@@ -1782,7 +1657,7 @@ impl Backend for RedisBackend {
                 }
             }
             None => {
-                // Not taken through `check_all` (or released already).
+                // Not taken through `check` (or released already).
                 tracing::trace!(owner, leases = leases.len(), "redis: no such lease");
             }
         }

@@ -118,13 +118,9 @@ pub(crate) struct Cell {
     pub(crate) concurrency: Option<u32>,
     /// Requests of one account in flight at once.
     pub(crate) account_concurrency: Option<u32>,
-    /// Whether a request of the cell holds leases (a concurrency limit):
-    /// it always takes the several-limit path.
+    /// Whether a request of the cell holds leases (a concurrency limit).
     pub(crate) leased: bool,
     pub(crate) pool: Pool,
-    /// The cell's only limit, when it has exactly one and it is counted
-    /// per key (or per account in a pooled tier): the fast path.
-    pub(crate) single: Option<Limit>,
     /// A hash of the tier and category names, stable in one process (and
     /// across instances that share a key secret).
     pub(crate) scope: u64,
@@ -145,14 +141,6 @@ impl Cell {
             || !extra.account_tokens.is_empty()
             || !extra.refund.is_empty();
         let leased = extra.concurrency.is_some() || extra.account_concurrency.is_some();
-        let single = match (
-            per_key.as_slice(),
-            per_account.is_empty(),
-            metered || leased,
-        ) {
-            ([one], true, false) => Some(*one),
-            _ => None,
-        };
         Cell {
             rule: per_key
                 .first()
@@ -167,7 +155,6 @@ impl Cell {
             account_concurrency: extra.account_concurrency,
             leased,
             pool,
-            single,
             scope: hash_str(&format!("{tier}\0{category}")),
             account_scope: hash_str(&format!("{tier}\0{category}\0account")),
         }

@@ -1,6 +1,8 @@
 //! The GCRA conformance table. Every backend runs it unchanged: give it a
 //! backend and a way to move that backend's clock forward.
 
+#[allow(unused_imports)]
+use crate::common::one::{CheckOne, CheckOneNow};
 use std::time::Duration;
 
 use tierlimit::backend::{Adjustment, Charge, Check, Lease};
@@ -126,7 +128,9 @@ pub async fn run<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
         if step.advance_ms > 0 {
             advance(Duration::from_millis(step.advance_ms));
         }
-        let got = backend.check(&subject(step.key, step.cost), &limit).await;
+        let got = backend
+            .check_one(&subject(step.key, step.cost), &limit)
+            .await;
         let ctx = format!("step {i} (key {}, cost {})", step.key, step.cost);
         match (step.expect, got) {
             (
@@ -285,7 +289,7 @@ pub async fn run_multi<B: Backend>(backend: &B, mut advance: impl FnMut(Duration
             ..c
         });
         let check = Check::new(owner, true, &charges);
-        let d = backend.check_all(&check).await.unwrap();
+        let d = backend.check(&check).await.unwrap();
         let ctx = format!("multi step {i}");
         let binding = &limits[usize::from(step.index)];
         let mut want = match step.retry_ms {
@@ -295,14 +299,14 @@ pub async fn run_multi<B: Backend>(backend: &B, mut advance: impl FnMut(Duration
         want.index = step.index;
         assert_eq!(d, want, "{ctx}");
         for (j, c) in charges.iter().enumerate() {
-            let left = backend.peek_charge(owner, c).await.unwrap().remaining;
+            let left = backend.peek(owner, c).await.unwrap().remaining;
             assert_eq!(left, step.after[j], "{ctx}: limit {j} afterwards");
         }
     }
     // A cost above the guard's burst can never succeed.
     let charges = charges.map(|c| Charge { cost: 4, ..c });
     let check = Check::new(owner, true, &charges);
-    match backend.check_all(&check).await {
+    match backend.check(&check).await {
         Err(BackendError::CostExceedsLimit { cost: 4, max: 3 }) => {}
         other => panic!("a cost of 4 under a limit of 3: {other:?}"),
     }
@@ -338,7 +342,7 @@ pub async fn exact_under_contention<B: Backend + Clone>(backends: Vec<B>) {
             tasks.push(tokio::spawn(async move {
                 for _ in 0..10 {
                     let check = Check::new(key, true, &charges);
-                    let d = backend.check_all(&check).await.unwrap();
+                    let d = backend.check(&check).await.unwrap();
                     if d.allowed {
                         allowed.fetch_add(1, Ordering::Relaxed);
                     } else {
@@ -353,12 +357,12 @@ pub async fn exact_under_contention<B: Backend + Clone>(backends: Vec<B>) {
     }
     let tries = backends.len() * 160;
     assert_eq!(allowed.load(Ordering::Relaxed), 40, "{tries} tries");
-    let budget = backends[0].peek_charge(key, &charges[1]).await.unwrap();
+    let budget = backends[0].peek(key, &charges[1]).await.unwrap();
     assert_eq!(
         budget.remaining, 60,
         "refusals took nothing from the budget"
     );
-    let guard = backends[0].peek_charge(key, &charges[0]).await.unwrap();
+    let guard = backends[0].peek(key, &charges[0]).await.unwrap();
     assert_eq!(guard.remaining, 0);
 }
 
@@ -389,7 +393,7 @@ pub async fn run_settle<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
     let check = async |estimate: u32| {
         let charges = charges(estimate);
         backend
-            .check_all(&Check {
+            .check(&Check {
                 owner,
                 known: true,
                 charges: &charges,
@@ -413,13 +417,7 @@ pub async fn run_settle<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
             .await
             .unwrap()
     };
-    let tokens_left = async || {
-        backend
-            .peek_charge(owner, &charges(1)[1])
-            .await
-            .unwrap()
-            .remaining
-    };
+    let tokens_left = async || backend.peek(owner, &charges(1)[1]).await.unwrap().remaining;
     // Reserve 40 of 100 tokens with one request.
     let d = check(40).await;
     assert!(d.allowed);
@@ -450,11 +448,7 @@ pub async fn run_settle<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
     assert_eq!(d.retry_after, Some(Duration::from_secs(31)));
     // The refusal took nothing from the requests (8 left of 10).
     assert_eq!(
-        backend
-            .peek_charge(owner, &charges(1)[0])
-            .await
-            .unwrap()
-            .remaining,
+        backend.peek(owner, &charges(1)[0]).await.unwrap().remaining,
         8
     );
     advance(Duration::from_secs(31));
@@ -511,39 +505,35 @@ pub async fn run_leases<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
         lease_id: id,
     };
     // 1, 2: both admitted; each takes a rate unit and a lease.
-    let d = backend.check_all(&check(1)).await.unwrap();
+    let d = backend.check(&check(1)).await.unwrap();
     assert!(d.allowed, "1: {d:?}");
     assert_eq!(d.remaining, 2, "1: rate remaining");
     let l = d.lease.expect("1: lease state");
     assert_eq!((l.limit, l.remaining, l.refused), (2, 1, false));
-    let d = backend.check_all(&check(2)).await.unwrap();
+    let d = backend.check(&check(2)).await.unwrap();
     assert!(d.allowed, "2: {d:?}");
     assert_eq!((d.remaining, d.lease.unwrap().remaining), (1, 0));
     // 3: the leases are full: refused for concurrency, a one-second
     // retry, and no rate unit taken.
-    let d = backend.check_all(&check(3)).await.unwrap();
+    let d = backend.check(&check(3)).await.unwrap();
     assert!(!d.allowed && d.is_concurrency_refusal(), "3: {d:?}");
     assert_eq!(d.retry_after, Some(Duration::from_secs(1)));
     assert_eq!(d.remaining, 1, "3: the rate capacity now, untouched");
-    let left = backend
-        .peek_charge(owner, &rate[0])
-        .await
-        .unwrap()
-        .remaining;
+    let left = backend.peek(owner, &rate[0]).await.unwrap().remaining;
     assert_eq!(left, 1, "3: a concurrency refusal consumes no rate");
     assert_eq!(held_once(backend, owner, &lease, 2).await, 2);
     // Release 1 (a second release of the same id changes nothing).
     backend.release(owner, std::slice::from_ref(&lease), 1);
     assert_eq!(held_once(backend, owner, &lease, 1).await, 1);
     // 4: admitted again; the rate budget is now spent.
-    let d = backend.check_all(&check(4)).await.unwrap();
+    let d = backend.check(&check(4)).await.unwrap();
     assert!(d.allowed, "4: {d:?}");
     assert_eq!((d.remaining, d.lease.unwrap().remaining), (0, 0));
     backend.release(owner, std::slice::from_ref(&lease), 2);
     assert_eq!(held_once(backend, owner, &lease, 1).await, 1);
     // 5: a free lease but no rate: refused by the rate limit, takes no
     // lease.
-    let d = backend.check_all(&check(5)).await.unwrap();
+    let d = backend.check(&check(5)).await.unwrap();
     assert!(!d.allowed && !d.is_concurrency_refusal(), "5: {d:?}");
     assert_eq!(d.retry_after, Some(Duration::from_secs(1200)));
     assert_eq!(held_once(backend, owner, &lease, 1).await, 1);
@@ -571,12 +561,12 @@ pub async fn run_leases<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
         leases: &leases,
         lease_id: id,
     };
-    let d = backend.check_all(&only(10)).await.unwrap();
+    let d = backend.check(&only(10)).await.unwrap();
     assert!(d.allowed, "10: {d:?}");
     assert!(d.window.is_zero(), "10: no rate limit");
     let l = d.lease.unwrap();
     assert_eq!((l.limit, l.remaining, l.per_account), (1, 0, true));
-    let d = backend.check_all(&only(11)).await.unwrap();
+    let d = backend.check(&only(11)).await.unwrap();
     assert!(d.is_concurrency_refusal(), "11: {d:?}");
     assert!(
         d.lease.unwrap().per_account,
@@ -593,12 +583,12 @@ pub async fn run_leases<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
     // Time alone frees nothing in flight (a request may run for hours):
     // only a release does, or, in Redis, a lease's TTL when its instance
     // stops renewing it (tested apart).
-    let d = backend.check_all(&only(12)).await.unwrap();
+    let d = backend.check(&only(12)).await.unwrap();
     assert!(d.allowed);
     advance(Duration::from_secs(30));
     assert!(
         backend
-            .check_all(&only(13))
+            .check(&only(13))
             .await
             .unwrap()
             .is_concurrency_refusal()

@@ -347,11 +347,11 @@ ai = { concurrency = 20 }
     let l = p.limits(free, read);
     assert_eq!((l.concurrency(), l.per_key()), (Some(10), &[][..]));
     assert!(!p.cell(free, read).unwrap().is_unlimited());
-    assert!(p.cell(free, ai).unwrap().single.is_none());
+    assert!(p.cell(free, ai).unwrap().leased);
     let l = p.limits(pro, ai);
     assert_eq!((l.concurrency(), l.account_concurrency()), (None, Some(20)));
     assert!(p.limits(pro, read).concurrency().is_none());
-    assert!(p.cell(pro, read).unwrap().single.is_some());
+    assert!(!p.cell(pro, read).unwrap().leased);
     // A custom limit cannot set concurrency.
     let e = err(r#"
 categories = ["read", "write"]

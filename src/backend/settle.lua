@@ -9,16 +9,13 @@ local out = {}
 for i = 1, #KEYS do
   local t = tonumber(ARGV[3 * i - 1])
   local max = tonumber(ARGV[3 * i])
-  local units = tonumber(ARGV[3 * i + 1])
-  local tat = tonumber(redis.call('GET', KEYS[i]))
-  if not tat or tat < now then tat = now end
-  local nxt = tat + units * t
+  local nxt = math.max(gcra_tat(KEYS[i], now), now) + tonumber(ARGV[3 * i + 1]) * t
   if nxt <= now then
     redis.call('DEL', KEYS[i])
     out[i] = max
   else
-    redis.call('SET', KEYS[i], string.format('%d', nxt), 'PX', string.format('%d', math.ceil((nxt - now) / 1000)))
-    out[i] = math.floor(math.max(math.min(now + t * max - nxt, t * max), 0) / t)
+    gcra_store(KEYS[i], nxt, now)
+    out[i] = gcra_capacity(nxt, now, t, max)
   end
 end
 return out

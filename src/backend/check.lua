@@ -1,0 +1,71 @@
+-- tierlimit's check: one request against every limit that applies to it,
+-- all or nothing, with its concurrency leases. Every key shares one hash
+-- tag (the owner), so on Redis Cluster they live in one slot and this is
+-- one atomic call.
+-- ARGV[1]: 'check' or 'peek'.
+-- check: KEYS[1..k]: the rate buckets; KEYS[k+1..]: the lease sets (sorted
+--   sets of lease ids scored by their expiry, us). ARGV[2]: now (us;
+--   empty: Redis TIME); ARGV[3]: k; ARGV[4]: this request's lease id;
+--   ARGV[5]: the lease TTL (us); then per rate key: interval (us), max,
+--   reserve, cost; then per lease set: max.
+--   Returns {1, remaining_1, ..., remaining_k, held_1, ...} when every
+--   limit admits the request and every lease set has room (it is counted
+--   in all and holds a lease of each: held counts include it); {0,
+--   retry_1, ..., retry_k} (us; 0 for a limit that admits it) when a rate
+--   limit refuses it; {2, capacity_1, ..., capacity_k, held_1, ...} when a
+--   lease set is full. A refusal counts nothing and takes no lease.
+-- peek: KEYS[1]: a rate bucket. ARGV[2]: now; ARGV[3]: interval (us);
+--   ARGV[4]: max. Returns {1, capacity} with room, else {0, retry_us}:
+--   what a check of one unit would answer, counting nothing.
+local now = now_us(ARGV[2])
+if ARGV[1] == 'peek' then
+  local t, max = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local tat = gcra_tat(KEYS[1], now)
+  local room = gcra_capacity(tat, now, t, max)
+  if room > 0 then return {1, room} end
+  return {0, gcra_wait(tat, now, t, max, 1, 0)}
+end
+local k = tonumber(ARGV[3])
+local member = ARGV[4]
+local ttl = tonumber(ARGV[5])
+local m = #KEYS - k
+local function param(i, j) return tonumber(ARGV[5 + 4 * (i - 1) + j]) end
+local tats, out = {}, {}
+local refused = false
+for i = 1, k do
+  tats[i] = gcra_tat(KEYS[i], now)
+  out[i] = gcra_wait(tats[i], now, param(i, 1), param(i, 2), param(i, 4), param(i, 3))
+  if out[i] > 0 then refused = true end
+end
+if refused then
+  table.insert(out, 1, 0)
+  return out
+end
+local held, full = {}, false
+for j = 1, m do
+  local key = KEYS[k + j]
+  local max = tonumber(ARGV[5 + 4 * k + j])
+  -- Leases of instances that stopped renewing them are gone.
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  held[j] = redis.call('ZCARD', key)
+  if held[j] >= max then full = true end
+end
+if full then
+  for i = 1, k do out[i] = gcra_capacity(tats[i], now, param(i, 1), param(i, 2)) end
+  for j = 1, m do out[k + j] = held[j] end
+  table.insert(out, 1, 2)
+  return out
+end
+for i = 1, k do
+  local nxt = gcra_take(tats[i], now, param(i, 1), param(i, 4))
+  gcra_store(KEYS[i], nxt, now)
+  out[i] = gcra_capacity(nxt, now, param(i, 1), param(i, 2))
+end
+for j = 1, m do
+  local key = KEYS[k + j]
+  redis.call('ZADD', key, string.format('%d', now + ttl), member)
+  redis.call('PEXPIRE', key, string.format('%d', math.ceil(ttl / 1000)))
+  out[k + j] = held[j] + 1
+end
+table.insert(out, 1, 1)
+return out
