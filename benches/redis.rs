@@ -26,12 +26,11 @@ const IN_FLIGHT: usize = 64;
 const KEYS: u64 = 100_000;
 
 /// The script `RedisBackend` runs for one limit, built as
-/// `src/backend/redis.rs` builds it: the shared preludes (the time, then
-/// the deadline), then the GCRA itself. The bench checks below that Redis
+/// `src/backend/redis.rs` builds it: the shared prelude (the time), then
+/// the GCRA itself. The bench checks below that Redis
 /// already holds this exact text, loaded by the backend.
 const GCRA: &str = concat!(
     include_str!("../src/backend/now.lua"),
-    include_str!("../src/backend/late.lua"),
     include_str!("../src/backend/gcra.lua")
 );
 
@@ -70,7 +69,7 @@ fn bench(c: &mut Criterion) {
     });
 
     // The physical limit: redis-benchmark, 64 clients, the same script
-    // (one EVALSHA per check, no deadline, Redis's clock, random keys).
+    // (one EVALSHA per check, Redis's clock, random keys).
     // The backend loaded its script when it connected: the text here must
     // be the same one, or the comparison measures something else.
     let sha = server
@@ -99,10 +98,8 @@ fn bench(c: &mut Criterion) {
             &sha,
             "1",
             "tierlimit:{__rand_int__}",
-            // As RedisBackend's one-limit call: the deadline (late.lua,
-            // empty: none), then interval (us), max, cost, now (empty:
-            // Redis's TIME), reserve, peek.
-            "",
+            // As RedisBackend's one-limit call: interval (us), max, cost,
+            // now (empty: Redis's TIME), reserve, peek.
             "3",
             "1000000000",
             "1",

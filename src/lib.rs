@@ -165,3 +165,20 @@ pub use governor;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+/// The Rust examples under `docs/`, compiled as doc tests (one item per page).
+#[cfg(doctest)]
+#[doc = include_str!("../docs/policy.md")]
+struct PolicyDoctests;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/operations.md")]
+struct OperationsDoctests;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/guarantees.md")]
+struct GuaranteesDoctests;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/benchmarks.md")]
+struct BenchmarksDoctests;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/comparison.md")]
+struct ComparisonDoctests;

@@ -29,8 +29,11 @@ use crate::view::{PolicyView, ViewSlot};
 /// changed, then or later.
 pub(crate) trait StateStore: Send + Sync {
     /// Writes the fields (a `None` value deletes the field) and moves the
-    /// version, in one step; the new stamp.
-    fn write(&self, fields: Vec<(String, Option<String>)>) -> BoxFuture<Result<Stamp, String>>;
+    /// stamp, in one step; the stamps before and after the write.
+    fn write(
+        &self,
+        fields: Vec<(String, Option<String>)>,
+    ) -> BoxFuture<Result<(Stamp, Stamp), String>>;
     /// Every field, and the stamp they are at.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     fn load(&self) -> BoxFuture<Result<Loaded, String>>;
@@ -44,11 +47,11 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// A store's whole state: its stamp and its fields.
 pub(crate) type Loaded = (Stamp, Vec<(String, String)>);
 
-/// Where a shared state is: an epoch chosen when the state was created and
-/// a version moved by every write. A store that lost its data (a Redis
-/// restart without persistence, a flush) starts a new epoch, so an
-/// instance that saw version 5 of the old state never takes version 5 of
-/// the new one for the same state.
+/// Where a shared state is: an epoch chosen anew by every write and a
+/// version moved by every write. A store that lost its data (a Redis
+/// restart without persistence, a flush) or went back to an older copy (a
+/// snapshot restored, a lagging replica promoted) and was written again
+/// never repeats a stamp an instance has seen for another state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Stamp {
     pub(crate) epoch: String,
@@ -69,11 +72,6 @@ impl Stamp {
             epoch: epoch.to_owned(),
             version,
         })
-    }
-
-    /// Whether `self` is the one write after `prev`.
-    fn follows(&self, prev: &Stamp) -> bool {
-        self.epoch == prev.epoch && self.version == prev.version + 1
     }
 }
 
@@ -224,12 +222,13 @@ impl Plane {
                 }
                 fields
             };
-            let stamp = store.write(fields).await?;
+            let (before, stamp) = store.write(fields).await?;
             let mut l = self.lock();
             l.make(&change, self.now());
-            // Applied here at once; the next poll reloads only if another
-            // change came in between (or the store started a new epoch).
-            if stamp.follows(&l.stamp) {
+            // Applied here at once; the next poll reloads only if the store
+            // was not at this state's stamp when it wrote (another change
+            // came in between, or it lost or restored its data).
+            if before == l.stamp {
                 l.stamp = stamp;
             }
             self.publish(&l);
@@ -249,7 +248,7 @@ impl Plane {
     pub(crate) async fn expire_boosts(&self) {
         let ended = self.lock().state.ended(self.now());
         for id in ended {
-            let _ = self.make(Change::RemoveBoost { id }).await;
+            let _ = self.make(Change::ForgetBoost { id }).await;
         }
     }
 

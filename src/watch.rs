@@ -130,13 +130,16 @@ impl PolicyHandle {
             .filter(|dir| watch_dir(&mut watcher, dir));
         let watcher = Arc::new(Mutex::new(watcher));
         let status = Arc::new(Status::default());
-        let last = std::fs::read(&target.path).ok();
+        // Nothing read yet: the first change read is applied even if the
+        // file held those bytes when the watch began, since the policy in
+        // force may have been loaded before the file last changed (a
+        // deployment between the load and the watch).
         let follower = Follower {
             handle: self.clone(),
             target,
             status: Arc::clone(&status),
             watcher: Arc::downgrade(&watcher),
-            last,
+            last: None,
         };
         std::thread::Builder::new()
             .name("tierlimit-watch".into())
@@ -260,7 +263,7 @@ struct Follower {
     status: Arc<Status>,
     watcher: Weak<Mutex<RecommendedWatcher>>,
     /// The bytes of the last content read, valid or not: the same bytes
-    /// again are no change.
+    /// again are no change. None before the first read.
     last: Option<Vec<u8>>,
 }
 

@@ -185,10 +185,18 @@ where
                 adjust: adjust.clone(),
                 start,
                 end,
+                removed: false,
             },
         );
         shown["id"] = json!(boost_id);
         let state = self.shared.plane.state();
+        if state.boost(&boost_id).is_some_and(|b| b.removed) {
+            return Err(problem(
+                StatusCode::CONFLICT,
+                "admin-boost-removed",
+                "the boost this Idempotency-Key added was removed since; use a new key",
+            ));
+        }
         if let Some(b) = state.boost(&boost_id)
             && boost_json(&boost_id, b) != shown
         {
@@ -208,6 +216,7 @@ where
                     adjust,
                     start,
                     end,
+                    removed: false,
                 },
             },
             StatusCode::CREATED,

@@ -1,16 +1,19 @@
 -- tierlimit's operator state (the admin API's changes), shared by every
 -- instance. KEYS[1]: the state (a hash: one field per change, JSON);
 -- KEYS[2]: its version (moved by every write); KEYS[3]: its epoch (chosen
--- by the write that creates the state, so a state that Redis lost and an
--- instance re-created never repeats an (epoch, version) pair another
--- instance has seen). All carry the hash tag {admin}: one Cluster slot.
+-- anew by every write, so an (epoch, version) pair another instance has
+-- seen is never repeated: not by a state that Redis lost and an instance
+-- re-created, nor by one Redis went back to, a snapshot restored or a
+-- replica that lagged promoted, and then written again). All carry the
+-- hash tag {admin}: one Cluster slot.
 -- ARGV[1]: 'write', 'load' or 'version'.
 -- write: ARGV[2] the deadline (microseconds on Redis's clock), ARGV[3] the
---   channel to publish on, ARGV[4] an epoch to set if there is none, then
---   triples: field, 'set' or 'del', value. After the deadline it changes
---   nothing and returns 'late' (a write whose caller gave up and answered
---   that nothing changed, run late by a paused or stalled server). Else
---   returns 'EPOCH VERSION' (and publishes the version).
+--   channel to publish on, ARGV[4] the new epoch (random), then triples:
+--   field, 'set' or 'del', value. After the deadline it changes nothing
+--   and returns 'late' (a write whose caller gave up and answered that
+--   nothing changed, run late by a paused or stalled server). Else returns
+--   'EPOCH VERSION EPOCH VERSION', the stamps before and after it (and
+--   publishes the version).
 -- load: returns {'EPOCH VERSION', field_1, value_1, ...}.
 -- version: returns 'EPOCH VERSION' (an empty epoch and 0 before any write).
 local mode = ARGV[1]
@@ -19,7 +22,8 @@ if mode == 'write' then
   if tonumber(tm[1]) * 1000000 + tonumber(tm[2]) > tonumber(ARGV[2]) then
     return 'late'
   end
-  redis.call('SET', KEYS[3], ARGV[4], 'NX')
+  local before = (redis.call('GET', KEYS[3]) or '') .. ' ' .. (redis.call('GET', KEYS[2]) or '0')
+  redis.call('SET', KEYS[3], ARGV[4])
   local i = 5
   while i + 2 <= #ARGV do
     if ARGV[i + 1] == 'set' then
@@ -31,7 +35,7 @@ if mode == 'write' then
   end
   local v = redis.call('INCR', KEYS[2])
   redis.call('PUBLISH', ARGV[3], tostring(v))
-  return (redis.call('GET', KEYS[3]) or '') .. ' ' .. tostring(v)
+  return before .. ' ' .. ARGV[4] .. ' ' .. tostring(v)
 end
 local stamp = (redis.call('GET', KEYS[3]) or '') .. ' ' .. (redis.call('GET', KEYS[2]) or '0')
 if mode == 'version' then

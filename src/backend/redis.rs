@@ -20,32 +20,19 @@ use super::{
 use crate::policy::{Limit, MAX_LIMITS};
 
 // Every script below starts with `now.lua` (the time: a fake clock's, or
-// Redis's `TIME`); those whose late run would count twice then with
-// `late.lua` (a deadline on Redis's clock, the first argument).
+// Redis's `TIME`).
 
 /// GCRA exactly as governor computes it, in microseconds, on Redis's clock
 /// (`TIME`) unless a time is passed (tests). A refusal writes nothing; an
 /// allowed request stores the new TAT and expires it when the bucket is
 /// full again, so idle keys cost Redis nothing.
-const GCRA: &str = concat!(
-    include_str!("now.lua"),
-    include_str!("late.lua"),
-    include_str!("gcra.lua")
-);
+const GCRA: &str = concat!(include_str!("now.lua"), include_str!("gcra.lua"));
 
 /// The same over several limits at once, all or nothing, in one call.
-const GCRA_ALL: &str = concat!(
-    include_str!("now.lua"),
-    include_str!("late.lua"),
-    include_str!("gcra_all.lua")
-);
+const GCRA_ALL: &str = concat!(include_str!("now.lua"), include_str!("gcra_all.lua"));
 
 /// Settlement: debts and refunds on one owner's buckets, in one call.
-const GCRA_SETTLE: &str = concat!(
-    include_str!("now.lua"),
-    include_str!("late.lua"),
-    include_str!("gcra_settle.lua")
-);
+const GCRA_SETTLE: &str = concat!(include_str!("now.lua"), include_str!("gcra_settle.lua"));
 
 /// Concurrency leases after admission: release, renew, peek.
 const LEASE: &str = concat!(include_str!("now.lua"), include_str!("lease.lua"));
@@ -126,8 +113,6 @@ struct Inner {
     next_probe: AtomicU64,
     deny: DenyCache,
     leases: LeaseBook,
-    /// Redis's clock as seen from here: the scripts' deadlines.
-    clock: RedisClock,
     fake: Option<(
         FakeRelativeClock,
         <FakeRelativeClock as Clock>::Instant,
@@ -473,7 +458,7 @@ impl RedisBackendBuilder {
             // Fake time starts at a fixed, realistic Unix time in micros.
             (c, start, 1_700_000_000_000_000)
         });
-        let backend = RedisBackend {
+        Ok(RedisBackend {
             inner: Arc::new(Inner {
                 conn: arc_swap::ArcSwap::from_pointee(conn),
                 rebuild: cluster_client.map(|client| Rebuild {
@@ -500,13 +485,10 @@ impl RedisBackendBuilder {
                 next_probe: AtomicU64::new(0),
                 deny: DenyCache::default(),
                 leases: LeaseBook::new(self.lease_ttl),
-                clock: RedisClock::default(),
                 fake,
                 start: Instant::now(),
             }),
-        };
-        backend.follow_clock(lazy).await;
-        Ok(backend)
+        })
     }
 }
 
@@ -534,7 +516,6 @@ impl Inner {
         };
         let t = interval_us(limit);
         let args = vec![
-            self.clock.deadline(self.timeout),
             t.to_string(),
             limit.max().to_string(),
             cost.to_string(),
@@ -558,8 +539,7 @@ impl Inner {
                     .map(|l| lease_key(&self.prefix, owner, l.bucket)),
             )
             .collect();
-        let mut args = Vec::with_capacity(charges.len() * 4 + check.leases.len() + 5);
-        args.push(self.clock.deadline(self.timeout));
+        let mut args = Vec::with_capacity(charges.len() * 4 + check.leases.len() + 4);
         args.push(self.script_now());
         args.push(charges.len().to_string());
         args.push(self.leases.member(check.lease_id));
@@ -608,8 +588,7 @@ impl Inner {
             .iter()
             .map(|a| charge_key(&self.prefix, owner, a.bucket))
             .collect();
-        let mut args = Vec::with_capacity(adjustments.len() * 3 + 2);
-        args.push(self.clock.deadline(self.timeout));
+        let mut args = Vec::with_capacity(adjustments.len() * 3 + 1);
         args.push(self.script_now());
         for a in adjustments {
             let t = interval_us(&a.limit);
@@ -1297,94 +1276,6 @@ impl LeaseBook {
     }
 }
 
-/// Redis's clock as this instance sees it: a lower bound of Redis's time
-/// minus this machine's, the tightest of the last few `TIME` probes (each
-/// probe bounds it by Redis's answer minus the time here when the answer
-/// came). A script's deadline is this machine's time when it is sent, plus
-/// the timeout, plus that offset: as the offset is a lower bound, the
-/// deadline never falls later in real time than the moment the caller
-/// stops waiting, whatever the skew between the machines. What remains:
-/// a script that runs just before its deadline and whose answer arrives
-/// after the timeout counts in Redis and in the fallback (never more
-/// admitted; its leases are released behind it). On a Cluster, probes
-/// reach different nodes: their clocks are assumed to agree within a
-/// fraction of the timeout (NTP).
-#[derive(Default)]
-struct RedisClock {
-    samples: Mutex<std::collections::VecDeque<i64>>,
-    offset: std::sync::atomic::AtomicI64,
-    known: AtomicBool,
-}
-
-/// Probes kept: the offset is the tightest of their bounds.
-const CLOCK_SAMPLES: usize = 8;
-
-/// How often Redis's clock is probed.
-const CLOCK_PROBE_INTERVAL: Duration = Duration::from_secs(5);
-
-impl RedisClock {
-    /// The deadline of a script sent now (empty before the first probe:
-    /// no deadline).
-    fn deadline(&self, timeout: Duration) -> String {
-        if !self.known.load(Ordering::Acquire) {
-            return String::new();
-        }
-        let budget = timeout.as_micros() as i64;
-        let local = unix_micros();
-        (local + budget + self.offset.load(Ordering::Acquire)).to_string()
-    }
-
-    /// A probe: Redis said `redis_us`, answered by `local_after` here.
-    fn record(&self, redis_us: i64, local_after: i64) {
-        let mut samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
-        samples.push_back(redis_us - local_after);
-        if samples.len() > CLOCK_SAMPLES {
-            samples.pop_front();
-        }
-        if let Some(&tightest) = samples.iter().max() {
-            self.offset.store(tightest, Ordering::Release);
-            self.known.store(true, Ordering::Release);
-        }
-    }
-}
-
-/// This machine's Unix time in microseconds.
-fn unix_micros() -> i64 {
-    crate::time::unix_now().as_micros() as i64
-}
-
-impl RedisBackend {
-    /// Probes Redis's clock now (unless `lazy`), then every
-    /// [`CLOCK_PROBE_INTERVAL`] on the I/O thread while the backend lives.
-    async fn follow_clock(&self, lazy: bool) {
-        if !lazy {
-            Inner::probe_clock(&self.inner).await;
-        }
-        let weak = Arc::downgrade(&self.inner);
-        self.inner.io.handle().spawn(async move {
-            loop {
-                {
-                    let Some(inner) = weak.upgrade() else {
-                        return;
-                    };
-                    Inner::probe_clock(&inner).await;
-                }
-                tokio::time::sleep(CLOCK_PROBE_INTERVAL).await;
-            }
-        });
-    }
-}
-
-impl Inner {
-    /// One probe of Redis's clock (a failure leaves the last offset).
-    async fn probe_clock(self: &Arc<Self>) {
-        let got: Result<(i64, i64), _> = self.query(redis::cmd("TIME"), self.timeout).await;
-        if let Ok((secs, micros)) = got {
-            self.clock.record(secs * 1_000_000 + micros, unix_micros());
-        }
-    }
-}
-
 impl RedisBackend {
     /// Checks one request against several limits in one script call, all
     /// or nothing (or through the failure policy), taking its leases if it
@@ -1693,7 +1584,7 @@ impl RedisBackend {
     async fn admin_write(
         &self,
         fields: Vec<(String, Option<String>)>,
-    ) -> Result<crate::plane::Stamp, String> {
+    ) -> Result<(crate::plane::Stamp, crate::plane::Stamp), String> {
         // A read-only script in the state's slot (its node's clock), which
         // a server paused for writes still answers.
         let mut cmd = redis::cmd("EVAL_RO");
@@ -1730,7 +1621,16 @@ impl RedisBackend {
         if answer == "late" {
             return Err("Redis ran the change after its deadline, so it changed nothing".into());
         }
-        crate::plane::Stamp::parse(&answer)
+        // `EPOCH VERSION EPOCH VERSION`: before and after (an epoch has no
+        // space; the first may be empty).
+        let mid = answer
+            .match_indices(' ')
+            .nth(1)
+            .map(|(i, _)| i)
+            .ok_or_else(|| "a write's answer that is not two stamps".to_owned())?;
+        let before = crate::plane::Stamp::parse(&answer[..mid])?;
+        let after = crate::plane::Stamp::parse(&answer[mid + 1..])?;
+        Ok((before, after))
     }
 
     async fn admin_load(&self) -> Result<crate::plane::Loaded, String> {
@@ -1788,7 +1688,7 @@ impl crate::plane::StateStore for RedisBackend {
     fn write(
         &self,
         fields: Vec<(String, Option<String>)>,
-    ) -> crate::plane::BoxFuture<Result<crate::plane::Stamp, String>> {
+    ) -> crate::plane::BoxFuture<Result<(crate::plane::Stamp, crate::plane::Stamp), String>> {
         let this = self.clone();
         Box::pin(async move { this.admin_write(fields).await })
     }

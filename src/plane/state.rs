@@ -54,6 +54,8 @@ pub(crate) enum Change {
     AddBoost { id: String, boost: BoostEntry },
     /// Remove a boost added by an operator.
     RemoveBoost { id: String },
+    /// Forget a boost that has ended (and its tombstone, if removed).
+    ForgetBoost { id: String },
 }
 
 /// Whom an operator's boost is for.
@@ -72,6 +74,10 @@ pub(crate) struct BoostEntry {
     pub(crate) adjust: Adjust,
     pub(crate) start: u64,
     pub(crate) end: u64,
+    /// Removed by an operator: kept until its end as a tombstone, so a late
+    /// retry of the request that added it (its `Idempotency-Key`) does not
+    /// add it again. A removed boost applies to nothing and is not listed.
+    pub(crate) removed: bool,
 }
 
 impl BoostEntry {
@@ -90,6 +96,9 @@ impl BoostEntry {
             "end": self.end,
         });
         v[key_name] = json!(key);
+        if self.removed {
+            v["removed"] = json!(true);
+        }
         v
     }
 
@@ -151,8 +160,13 @@ impl OperatorState {
             Change::AddBoost { id, boost } => {
                 self.boosts.insert(id.clone(), boost.clone());
             }
-            Change::RemoveBoost { id } => {
+            Change::ForgetBoost { id } => {
                 self.boosts.remove(id);
+            }
+            Change::RemoveBoost { id } => {
+                if let Some(b) = self.boosts.get_mut(id) {
+                    b.removed = true;
+                }
             }
         }
     }
@@ -173,12 +187,14 @@ impl OperatorState {
 
     /// Whether an operator added the boost `id`.
     pub(crate) fn has_boost(&self, id: &str) -> bool {
-        self.boosts.contains_key(id)
+        self.boosts.get(id).is_some_and(|b| !b.removed)
     }
 
     /// The boosts operators added, ended ones left out.
     pub(crate) fn boosts(&self, now: u64) -> impl Iterator<Item = (&String, &BoostEntry)> {
-        self.boosts.iter().filter(move |(_, b)| b.end > now)
+        self.boosts
+            .iter()
+            .filter(move |(_, b)| b.end > now && !b.removed)
     }
 
     /// Forgets boosts that have ended; whether any had.
@@ -228,7 +244,9 @@ impl OperatorState {
                     });
                 vec![(limit_field(*key, category), v)]
             }
-            Change::AddBoost { id, .. } | Change::RemoveBoost { id } => {
+            Change::AddBoost { id, .. }
+            | Change::RemoveBoost { id }
+            | Change::ForgetBoost { id } => {
                 let v = self.boosts.get(id).map(boost_value);
                 vec![(boost_field(id), v)]
             }
@@ -288,7 +306,7 @@ impl OperatorState {
             Change::PutLimit { key, .. } | Change::RemoveLimit { key, .. } => {
                 self.refresh_limits(o, base, *key);
             }
-            Change::AddBoost { .. } | Change::RemoveBoost { .. } => {
+            Change::AddBoost { .. } | Change::RemoveBoost { .. } | Change::ForgetBoost { .. } => {
                 self.refresh_boosts(o, base, now);
             }
         }
@@ -373,7 +391,9 @@ pub(crate) fn validate(base: &Policy, change: &Change) -> Result<(), PolicyError
                 });
             (format!("keys.{}", entry(key, "")), r)
         }
-        Change::RevokeKey { .. } | Change::RemoveBoost { .. } => return Ok(()),
+        Change::RevokeKey { .. } | Change::RemoveBoost { .. } | Change::ForgetBoost { .. } => {
+            return Ok(());
+        }
         Change::PutLimit {
             key,
             category,

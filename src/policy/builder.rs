@@ -586,6 +586,14 @@ pub struct PolicyBuilder {
 }
 
 impl PolicyBuilder {
+    /// A custom limit's category as an error may show it (see
+    /// `Names::shown_category`), against the categories declared so far.
+    pub(super) fn shown_category<'a>(&self, cat: &'a str) -> &'a str {
+        shown_category(cat, self.categories.iter().map(|c| c.value.as_str()))
+    }
+}
+
+impl PolicyBuilder {
     /// A custom limit for one API key in one category (`"*"`: every
     /// category). It takes precedence over the key's tier limit.
     pub fn custom_limit(
@@ -1286,7 +1294,8 @@ impl PolicyBuilder {
             line,
         } in &self.overrides
         {
-            let entry = format!("overrides.\"{}\".{cat}", KeyId::of(key).redacted());
+            let shown = names.shown_category(cat);
+            let entry = format!("overrides.\"{}\".{shown}", KeyId::of(key).redacted());
             check_key(key, &entry, *line)?;
             names
                 .check_adjust(adjust)
@@ -1311,7 +1320,7 @@ impl PolicyBuilder {
                         &entry,
                         *line,
                         format!(
-                            "unknown category `{cat}` (declared: {})",
+                            "unknown category `{shown}` (declared: {})",
                             join(&names.categories)
                         ),
                     )
@@ -1473,7 +1482,22 @@ pub(super) fn check_adjust(cells: &[Cell], adjust: &Adjust) -> Result<(), String
     Ok(())
 }
 
+/// A custom limit's category as an error may show it: as written when it
+/// is `*`, declared, or a typo of a declared one; else `?`.
+fn shown_category<'a, 'b>(cat: &'a str, mut declared: impl Iterator<Item = &'b str>) -> &'a str {
+    let known = cat == "*" || declared.any(|c| c == cat || super::file::near(cat, c));
+    if known { cat } else { "?" }
+}
+
 impl Names {
+    /// A custom limit's category as an error may show it: as written when
+    /// it is declared (or `*`) or a typo of a declared one, else `?` —
+    /// custom limits grouped under a sub-table put a key where the
+    /// category goes, and an error never shows a key.
+    fn shown_category<'a>(&self, cat: &'a str) -> &'a str {
+        shown_category(cat, self.categories.iter().map(|c| &**c))
+    }
+
     /// A `defaults.unknown_key` / `missing_key` rule: reject, or a tier.
     fn key_rule(
         &self,

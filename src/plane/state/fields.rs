@@ -159,6 +159,7 @@ fn read_boost(id: &str, v: &Value) -> Result<(Change, bool), String> {
         adjust,
         start: time("start")?,
         end: time("end")?,
+        removed: v.get("removed").and_then(Value::as_bool) == Some(true),
     };
     let id = id.to_owned();
     Ok((Change::AddBoost { id, boost }, legacy))

@@ -14,6 +14,7 @@ use super::{Policy, PolicyError};
 
 mod redact;
 mod sections;
+pub(super) use sections::near;
 #[cfg(test)]
 mod tests;
 mod values;

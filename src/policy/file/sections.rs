@@ -251,9 +251,18 @@ fn key_spec(v: &toml::Value) -> Result<(String, Option<String>), String> {
         .keys()
         .find(|k| !["tier", "account"].contains(&k.as_str()))
     {
-        return Err(format!(
-            "unknown field `{field}` (expected `tier` or `account`)"
-        ));
+        // The field is named only when it is a typo of one (`acount`): in
+        // `[keys.team] "KEY" = "pro"` the field is an API key.
+        if ["tier", "account"].iter().any(|f| near(field, f)) {
+            return Err(format!(
+                "unknown field `{field}` (expected `tier` or `account`)"
+            ));
+        }
+        return Err(
+            "an unknown field (expected `tier` or `account`; keys are listed \
+             directly under [keys], never in sub-tables)"
+                .to_owned(),
+        );
     }
     let tier = match table.get("tier") {
         Some(toml::Value::String(t)) => t.clone(),
@@ -283,7 +292,8 @@ pub(super) fn overrides(
             let line = lines.of(spec.span().start);
             let adjust = parse_adjust(spec.get_ref()).map_err(|m| {
                 let key = KeyId::of(key.get_ref()).redacted();
-                PolicyError::new(format!("overrides.\"{key}\".{}", cat.get_ref()), line, m)
+                let shown = b.shown_category(cat.get_ref());
+                PolicyError::new(format!("overrides.\"{key}\".{shown}"), line, m)
             })?;
             b = b.custom_limit_at(key.get_ref().clone(), cat.into_inner(), adjust, line);
         }
@@ -352,4 +362,24 @@ pub(super) fn defaults(mut b: PolicyBuilder, d: Defaults, lines: &Lines) -> Poli
         b = b.missing_keys_at(rule(v), line);
     }
     b
+}
+
+/// Whether `a` is at most two edits (insertions, deletions, substitutions)
+/// from `b`: a typo of it.
+pub(in crate::policy) fn near(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a.len().abs_diff(b.len()) > 2 {
+        return false;
+    }
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, x) in a.iter().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, y) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(x != y)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()] <= 2
 }

@@ -112,9 +112,18 @@ pub(super) fn parse_cell(v: &toml::Value) -> Result<CellSpec, String> {
         .keys()
         .find(|k| !["requests", "tokens", "refund_on", "concurrency"].contains(&k.as_str()))
     {
-        return Err(format!(
-            "unknown field `{k}` (expected `requests`, `tokens`, `concurrency` or `refund_on`)"
-        ));
+        // Named only when it is a typo of one (`concurency`): the field
+        // may be an API key written in the wrong place.
+        const FIELDS: [&str; 4] = ["requests", "tokens", "refund_on", "concurrency"];
+        if FIELDS.iter().any(|f| super::sections::near(k, f)) {
+            return Err(format!(
+                "unknown field `{k}` (expected `requests`, `tokens`, `concurrency` or `refund_on`)"
+            ));
+        }
+        return Err(
+            "an unknown field (expected `requests`, `tokens`, `concurrency` or `refund_on`)"
+                .to_owned(),
+        );
     }
     let mut spec = CellSpec::default();
     if let Some(r) = t.get("requests") {
