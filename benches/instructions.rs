@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! cargo bench --bench instructions --no-run
-//! B=$(ls -t target/release/deps/instructions-* | grep -v '\.d$' | head -1)
+//! B=$(ls -t ${CARGO_TARGET_DIR:-target}/release/deps/instructions-* | grep -v '\.d$' | head -1)
 //! for row in bare noop tierlimit tower_governor tower_rate_tier tierlimit_no_headers tower_governor_no_headers tierlimit_two_limits tierlimit_tokens tierlimit_concurrency; do
 //!   a=$(valgrind --tool=callgrind --callgrind-out-file=/dev/null $B $row 1000 2>&1 | grep -oP 'Collected : \K\d+')
 //!   b=$(valgrind --tool=callgrind --callgrind-out-file=/dev/null $B $row 11000 2>&1 | grep -oP 'Collected : \K\d+')
@@ -12,7 +12,10 @@
 //! done
 //! ```
 //!
-//! Under plain `cargo bench` (no row named) it does nothing.
+//! Under plain `cargo bench` (no row named) it does nothing. In quick mode
+//! (`cargo bench --bench instructions -- --test`, or `cargo test --bench
+//! instructions`: no `--bench` argument, as criterion decides) it runs every
+//! row natively, a few requests each, and fails if any request does.
 #![allow(missing_docs)]
 
 #[path = "support/mod.rs"]
@@ -24,20 +27,49 @@ use http::{HeaderValue, Request, StatusCode};
 use support::*;
 use tower::{Service, ServiceExt};
 
+const ROWS: &[&str] = &[
+    "bare",
+    "noop",
+    "tierlimit",
+    "tower_governor",
+    "tower_rate_tier",
+    "tierlimit_no_headers",
+    "tower_governor_no_headers",
+    "tierlimit_two_limits",
+    "tierlimit_tokens",
+    "tierlimit_concurrency",
+];
+
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<String> = all
+        .iter()
         .filter(|a| !a.starts_with("--"))
+        .cloned()
         .collect();
-    let [row, n] = args.as_slice() else {
-        eprintln!(
-            "usage: instructions ROW N (rows: bare noop tierlimit tower_governor tower_rate_tier tierlimit_no_headers tower_governor_no_headers tierlimit_two_limits tierlimit_tokens tierlimit_concurrency)"
-        );
+    if let [row, n] = args.as_slice() {
+        let n: usize = n.parse().expect("N is a number");
+        run(row, n);
         return;
-    };
-    let n: usize = n.parse().expect("N is a number");
+    }
+    if all.iter().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` and friends
+    }
+    let quick = all.iter().any(|a| a == "--test") || !all.iter().any(|a| a == "--bench");
+    if quick {
+        for row in ROWS {
+            run(row, 3);
+            println!("instructions {row}: ok");
+        }
+        return;
+    }
+    eprintln!("usage: instructions ROW N (rows: {})", ROWS.join(" "));
+}
+
+/// Builds the row's router and sends it `n` requests, each answered 200.
+fn run(row: &str, n: usize) {
     let one = keys(1);
-    let mut svc: Router = match row.as_str() {
+    let mut svc: Router = match row {
         "bare" => bare(),
         "noop" => bare().layer(tower::util::MapResponseLayer::new(
             |r: axum::response::Response| r,
@@ -62,7 +94,7 @@ fn main() {
             ServiceExt::<Request<Body>>::ready(&mut svc).await.unwrap();
             svc.call(req).await.unwrap()
         });
-        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.status(), StatusCode::OK, "{row}");
         std::hint::black_box(res);
     }
 }

@@ -15,8 +15,8 @@ if ! command -v wrk >/dev/null; then
   echo "wrk is not installed (Debian: apt-get install wrk); nothing measured" >&2
   exit 1
 fi
-cargo bench --bench wrk_server --no-run >/dev/null 2>&1
-BIN=$(ls -t target/release/deps/wrk_server-* | grep -v '\.d$' | head -1)
+cargo bench --quiet --bench wrk_server --no-run
+BIN=$(ls -t "${CARGO_TARGET_DIR:-target}"/release/deps/wrk_server-* | grep -v '\.d$' | head -1)
 OUT=$(mktemp)
 "$BIN" serve >"$OUT" &
 PID=$!

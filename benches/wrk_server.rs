@@ -7,15 +7,45 @@
 //!
 //! `wrk_server serve` prints `bare=PORT noop_layer=PORT tower_governor=PORT
 //! tierlimit=PORT` and serves until killed; under plain `cargo bench` it
-//! does nothing.
+//! does nothing. Quick mode (`cargo bench --bench wrk_server -- --test`, or
+//! `cargo test --bench wrk_server`: no `--bench` argument, as criterion
+//! decides) starts the same servers, sends each a few requests through a
+//! real HTTP client over loopback (what wrk would send), checks the
+//! answers, and stops.
 
 #[path = "support/mod.rs"]
 mod support;
 
+use std::net::SocketAddr;
+
 use support::*;
 
+/// The four servers, each on a free loopback port: names, addresses and
+/// the tasks serving them.
+async fn start() -> Vec<(&'static str, SocketAddr, tokio::task::JoinHandle<()>)> {
+    let apps = [
+        ("bare", bare()),
+        ("noop_layer", noop_layer()),
+        ("tower_governor", tower_governor()),
+        ("tierlimit", tierlimit(&keys(1))),
+    ];
+    let mut servers = Vec::new();
+    for (name, app) in apps {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        servers.push((name, addr, task));
+    }
+    servers
+}
+
 fn main() {
-    if std::env::args().nth(1).as_deref() != Some("serve") {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let serve = args.first().map(String::as_str) == Some("serve");
+    let quick = args.iter().any(|a| a == "--test") || !args.iter().any(|a| a == "--bench");
+    if args.iter().any(|a| a == "--list") || !(serve || quick) {
         return;
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -23,24 +53,40 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let apps = [
-            ("bare", bare()),
-            ("noop_layer", noop_layer()),
-            ("tower_governor", tower_governor()),
-            ("tierlimit", tierlimit(&keys(1))),
-        ];
-        let mut line = Vec::new();
-        let mut servers = Vec::new();
-        for (name, app) in apps {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            line.push(format!("{name}={}", listener.local_addr().unwrap().port()));
-            servers.push(tokio::spawn(async move {
-                axum::serve(listener, app).await.unwrap();
-            }));
+        let servers = start().await;
+        if serve {
+            let line: Vec<String> = servers
+                .iter()
+                .map(|(name, addr, _)| format!("{name}={}", addr.port()))
+                .collect();
+            println!("{}", line.join(" "));
+            for (_, _, task) in servers {
+                task.await.unwrap();
+            }
+            return;
         }
-        println!("{}", line.join(" "));
-        for s in servers {
-            s.await.unwrap();
+        // Quick mode: wrk's request (benches/wrk.sh), a few times per server.
+        let key = &keys(1)[0];
+        let client = reqwest::Client::new();
+        for (name, addr, task) in servers {
+            for _ in 0..3 {
+                let res = client
+                    .get(format!("http://{addr}/v1/account"))
+                    .header("x-api-key", key)
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert_eq!(res.status(), reqwest::StatusCode::OK, "{name}");
+                if name == "tierlimit" {
+                    assert!(
+                        res.headers().contains_key("x-ratelimit-remaining"),
+                        "{name}: no rate-limit headers"
+                    );
+                }
+                assert_eq!(res.text().await.unwrap(), "{}", "{name}");
+            }
+            task.abort();
+            println!("wrk_server {name}: ok");
         }
     });
 }
