@@ -29,13 +29,14 @@ use tierlimit::{Backend, KeyId, Limit, RedisBackend, Subject};
 const IN_FLIGHT: usize = 64;
 const KEYS: u64 = 100_000;
 
-/// The script `RedisBackend` runs for one limit, built as
-/// `src/backend/redis.rs` builds it: the shared prelude (the time), then
-/// the GCRA itself. The bench checks below that Redis
-/// already holds this exact text, loaded by the backend.
-const GCRA: &str = concat!(
+/// The script `RedisBackend` runs for a check, built as
+/// `src/backend/redis.rs` builds it: the preludes (the time, GCRA), then
+/// the check itself. The bench checks below that Redis already holds this
+/// exact text, loaded by the backend.
+const CHECK: &str = concat!(
     include_str!("../src/backend/now.lua"),
-    include_str!("../src/backend/gcra.lua")
+    include_str!("../src/backend/gcra.lua"),
+    include_str!("../src/backend/check.lua")
 );
 
 /// Criterion's test mode (`cargo bench -- --test`, or `cargo test`, which
@@ -83,13 +84,13 @@ fn bench(c: &mut Criterion) {
     // The backend loaded its script when it connected: the text here must
     // be the same one, or the comparison measures something else.
     let sha = server
-        .cli(&["EVAL", "return redis.sha1hex(ARGV[1])", "0", GCRA])
+        .cli(&["EVAL", "return redis.sha1hex(ARGV[1])", "0", CHECK])
         .unwrap();
     assert_eq!(
         server.cli(&["SCRIPT", "EXISTS", &sha]).as_deref(),
         Some("1"),
-        "benches/redis.rs's GCRA is not the script RedisBackend loaded: \
-         build it as src/backend/redis.rs builds its GCRA (preludes, order)"
+        "benches/redis.rs's CHECK is not the script RedisBackend loaded: \
+         build it as src/backend/redis.rs builds it (preludes, order)"
     );
     let requests: u64 = if quick() { 2_000 } else { 200_000 };
     let out = Command::new("redis-benchmark")
@@ -108,14 +109,18 @@ fn bench(c: &mut Criterion) {
             &sha,
             "1",
             "tierlimit:{__rand_int__}",
-            // As RedisBackend's one-limit call: interval (us), max, cost,
-            // now (empty: Redis's TIME), reserve, peek.
-            "3",
-            "1000000000",
+            // As RedisBackend's check of one charge: 'check', now (empty:
+            // Redis's TIME), 1 charge, no lease (id, TTL), then the
+            // charge's interval (us), max, reserve, cost.
+            "check",
+            "",
             "1",
             "",
             "0",
+            "3",
+            "1000000000",
             "0",
+            "1",
         ])
         .output()
         .expect("redis-benchmark runs");
