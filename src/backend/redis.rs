@@ -681,14 +681,19 @@ impl Inner {
         }
     }
 
-    /// The deny cache's answer to a check of one charge alone, refused
-    /// recently: refused again until the retry delay passes, without a
-    /// round trip. (Only refusals of requests without a reserve are
+    /// The answer to a check of one charge alone that needs no round trip:
+    /// one that could never conform (its cost and reserve exceed the
+    /// limit), or one of a bucket refused recently (the deny cache),
+    /// refused again until the retry delay passes. (Only refusals of requests without a reserve are
     /// cached, and they bind every request: `until` is when one request of
     /// cost 1 and no reserve conforms again, so a larger cost or a reserve
     /// waits that many intervals more.)
     fn denied(&self, check: &Check<'_>, now: u64) -> Option<Decision> {
         let c = Self::alone(check)?;
+        if u64::from(c.cost.max(1)) + u64::from(c.reserve) > u64::from(c.limit.max()) {
+            // Only the reserve (or less) could ever be left for it.
+            return Some(Decision::refuse(&c.limit, c.cost.max(1), c.limit.per()));
+        }
         let until = self.deny.get(c.bucket, &c.limit, now)?;
         let extra = u64::from(c.cost.max(1) - 1) + u64::from(c.reserve);
         let retry = until - now + extra * interval_us(&c.limit);
