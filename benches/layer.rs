@@ -233,21 +233,21 @@ fn bench(c: &mut Criterion) {
             })
             .collect();
         let check = |req: &Request<()>| {
-            let tierlimit::Target::Category { category, cost } =
+            let tierlimit::policy::Target::Category { category, cost } =
                 policy.classify(req.method(), req.uri().path())
             else {
                 unreachable!()
             };
             let id = extractor
-                .extract(&tierlimit::RequestRef::new(req), &policy)
+                .extract(&tierlimit::extract::RequestRef::new(req), &policy)
                 .unwrap();
             let tier = id.tier().unwrap();
-            let tierlimit::Rule::Limited(limit) = policy.rule(tier, category) else {
+            let tierlimit::policy::Rule::Limited(limit) = policy.rule(tier, category) else {
                 unreachable!()
             };
-            let subject = tierlimit::Subject {
+            let subject = tierlimit::backend::Subject {
                 cost,
-                ..tierlimit::Subject::new(id.key(), 1)
+                ..tierlimit::backend::Subject::new(id.key(), 1)
             };
             backend.check_one_now(&subject, &limit).unwrap().allowed
         };
@@ -266,14 +266,14 @@ fn bench(c: &mut Criterion) {
             policy.tier("free").unwrap(),
             policy.category("read").unwrap(),
         );
-        let tierlimit::Rule::Limited(limit) = policy.rule(tier, category) else {
+        let tierlimit::policy::Rule::Limited(limit) = policy.rule(tier, category) else {
             unreachable!()
         };
         let by_key = |key: &str| {
-            let id = tierlimit::KeyId::of(key);
+            let id = tierlimit::key::KeyId::of(key);
             // The tier lookup stays in the measured work.
             black_box(policy.key_tier(key, id).unwrap());
-            let subject = tierlimit::Subject::new(id, 1);
+            let subject = tierlimit::backend::Subject::new(id, 1);
             backend.check_one_now(&subject, &limit).unwrap().allowed
         };
         group.bench_function(format!("{name}, key given"), |b| {

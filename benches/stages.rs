@@ -19,7 +19,9 @@ use std::time::Duration;
 use axum::body::Body;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderValue, Method, Request, Response};
-use tierlimit::{ApiKey, HeaderOptions, KeyId, Limit, MemoryBackend, RateLimitLayer, Subject};
+use tierlimit::{
+    ApiKey, HeaderOptions, Limit, MemoryBackend, RateLimitLayer, backend::Subject, key::KeyId,
+};
 use tower::{Layer, Service, ServiceExt};
 
 #[path = "support/mod.rs"]

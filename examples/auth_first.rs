@@ -2,7 +2,7 @@
 //!
 //! tierlimit's extractors are synchronous (no allocation, no await on the
 //! hot path). When an API key's tier lives in a database, look it up in
-//! your auth middleware, put a [`tierlimit::Identity`] into the request's
+//! your auth middleware, put a [`tierlimit::extract::Identity`] into the request's
 //! extensions, and let [`tierlimit::FromExtension`] pick it up.
 //!
 //! ```sh
@@ -20,7 +20,7 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tierlimit::{FromExtension, Identity, Policy, RateLimitLayer, TierId};
+use tierlimit::{FromExtension, Policy, RateLimitLayer, extract::Identity, policy::TierId};
 
 /// Stands in for a database: key → (account id, tier).
 #[derive(Clone)]

@@ -19,7 +19,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 use tierlimit::{
-    ApiKey, Backend, Extractor, Identity, Policy, RateLimitLayer, Rejection, RequestRef,
+    ApiKey, Extractor, Policy, RateLimitLayer,
+    backend::Backend,
+    extract::{Identity, Rejection, RequestRef},
 };
 
 /// The demo's extractor: API keys, and a batch's cost from `X-Batch-Size`
@@ -216,7 +218,7 @@ fn bad_completion(detail: String) -> axum::response::Response {
 /// chunk as it goes, then `[DONE]`. A client that goes away mid-stream is
 /// charged for the chunks sent until then.
 async fn completion(
-    meter: Option<axum::Extension<tierlimit::TokenMeter>>,
+    meter: Option<axum::Extension<tierlimit::meter::TokenMeter>>,
     body: axum::body::Bytes,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
@@ -345,7 +347,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // comes from TIERLIMIT_KEY_SECRET, or a demo secret (not for production).
     #[cfg(feature = "redis")]
     if let Ok(url) = std::env::var("REDIS_URL") {
-        if std::env::var_os(tierlimit::KEY_SECRET_ENV).is_none() {
+        if std::env::var_os(tierlimit::key::KEY_SECRET_ENV).is_none() {
             tracing::warn!("TIERLIMIT_KEY_SECRET is not set; using the demo secret");
             tierlimit::set_key_secret(b"tierlimit-demo-secret-not-for-production")?;
         }
@@ -386,7 +388,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 fn watch_policy<E, B>(
     layer: &RateLimitLayer<E, B>,
     path: &str,
-) -> Option<tierlimit::PolicyWatcher> {
+) -> Option<tierlimit::watch::PolicyWatcher> {
     match layer.policy_handle().watch(path) {
         Ok(w) => {
             tracing::info!(path, "watching the policy file");

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use axum::Json;
 use axum::routing::{get, post};
 use serde_json::json;
-use tierlimit::{Backend, Extractor, Policy, RateLimitLayer};
+use tierlimit::{Extractor, Policy, RateLimitLayer, backend::Backend};
 
 /// The gRPC services, ready to be served by tonic or merged into axum.
 pub(crate) async fn grpc_routes() -> tonic::service::Routes {

@@ -10,10 +10,11 @@ use crate::admission::Shared;
 pub use crate::admission::UnixClock;
 use crate::backend::{Backend, MemoryBackend};
 use crate::extract::{ApiKey, Extractor, PeerIp};
+pub use crate::future::ResponseFuture;
 use crate::plane::Plane;
 use crate::policy::{Policy, PolicyBuilder, PolicyError};
 use crate::response::HeaderOptions;
-use crate::service::RateLimit;
+pub use crate::service::RateLimit;
 use crate::view::{PolicyView, ViewSlot};
 
 /// A tower [`Layer`] that rate-limits requests by key, tier and category.

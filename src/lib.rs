@@ -102,7 +102,7 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod admin;
+pub mod admin;
 mod admission;
 pub mod backend;
 #[cfg(feature = "client")]
@@ -110,21 +110,21 @@ pub mod client;
 mod decision;
 pub mod extract;
 mod future;
-mod key;
-mod layer;
-mod lease;
-mod meter;
+pub mod key;
+pub mod layer;
+pub mod lease;
+pub mod meter;
 mod plane;
 pub mod policy;
 mod proto;
-mod response;
+pub mod response;
 mod service;
 pub mod telemetry;
 mod time;
-mod usage;
+pub mod usage;
 mod view;
 #[cfg(feature = "watch")]
-mod watch;
+pub mod watch;
 
 pub use admin::{ADMIN_BODY_TIMEOUT, AdminService};
 pub use backend::{

@@ -621,7 +621,7 @@ mod redis {
 
     /// A demo instance on the Redis `builder` names, sharing operator
     /// state through it.
-    async fn instance_on(builder: tierlimit::RedisBackendBuilder) -> common::Server {
+    async fn instance_on(builder: tierlimit::backend::RedisBackendBuilder) -> common::Server {
         let backend = builder
             .timeout(Duration::from_secs(2))
             .connect()

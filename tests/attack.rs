@@ -344,7 +344,7 @@ mod watch_attacks {
     use std::time::Instant;
 
     use super::*;
-    use tierlimit::{Policy, PolicyHandle, PolicyWatcher, RateLimitLayer};
+    use tierlimit::{Policy, PolicyHandle, RateLimitLayer, watch::PolicyWatcher};
 
     fn policy(read: u32) -> String {
         format!(

@@ -13,7 +13,10 @@ use governor::clock::FakeRelativeClock;
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Empty, Full};
-use tierlimit::{AnswerBody, MemoryBackend, Policy, RateLimitLayer, ResponseBody};
+use tierlimit::{
+    MemoryBackend, Policy, RateLimitLayer,
+    response::{AnswerBody, ResponseBody},
+};
 use tower::{Layer, Service, ServiceExt};
 
 const KEY: &str = "bodies-test-key-001";
@@ -158,7 +161,7 @@ async fn a_policy_update_is_seen_at_once_on_every_worker_thread() {
                 b.set_key_tier(&key, "free").custom_limit(
                     key.as_str(),
                     "read",
-                    tierlimit::Adjust::Set(tierlimit::Rule::Limited(limit)),
+                    tierlimit::policy::Adjust::Set(tierlimit::policy::Rule::Limited(limit)),
                 )
             })
             .unwrap();

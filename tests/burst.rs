@@ -71,7 +71,7 @@ async fn burst(urls: &[String], key: &str, n: usize) -> [u32; 3] {
 /// first comes right after start-up, on a cold connection.
 #[cfg(feature = "redis")]
 async fn bursts_admit_exactly_the_limit(connect: impl AsyncFn() -> tierlimit::RedisBackend) {
-    use tierlimit::BackendState;
+    use tierlimit::backend::BackendState;
 
     let policy = spec_policy()
         .to_builder()
@@ -144,7 +144,7 @@ async fn a_key_spray_locks_no_listed_customer_out() {
     // 2,000 keys. A spray of 30,000 distinct keys fills it many times over.
     let policy: Policy = spec_policy()
         .to_builder()
-        .unknown_keys(tierlimit::KeyRule::Tier("free".into()))
+        .unknown_keys(tierlimit::policy::KeyRule::Tier("free".into()))
         .key("customer-0", "free")
         .key("customer-1", "free")
         .key("customer-2", "free")

@@ -215,8 +215,11 @@ async fn bodies_of_unknown_size_are_not_replayed() {
     );
 }
 
-type GrpcServer =
-    tierlimit::RateLimit<tonic::service::Routes, tierlimit::ApiKey, MemoryBackend<TokioClock>>;
+type GrpcServer = tierlimit::layer::RateLimit<
+    tonic::service::Routes,
+    tierlimit::ApiKey,
+    MemoryBackend<TokioClock>,
+>;
 
 /// The crate's gRPC service (health, limited) behind a retrying client.
 fn grpc_client(
@@ -360,7 +363,7 @@ write = "1/hour"
         .route(
             "/r",
             get(
-                |axum::Extension(meter): axum::Extension<tierlimit::TokenMeter>| async move {
+                |axum::Extension(meter): axum::Extension<tierlimit::meter::TokenMeter>| async move {
                     meter.add(15);
                     "ok"
                 },

@@ -23,7 +23,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::routing;
 use serde_json::Value;
-use tierlimit::{Backend, MemoryBackend, Policy, RateLimitLayer};
+use tierlimit::{MemoryBackend, Policy, RateLimitLayer, backend::Backend};
 use tokio::sync::watch;
 
 /// Concurrency limits in every form: per key with a rate limit, alone,
@@ -515,7 +515,7 @@ mod redis {
     use tierlimit::backend::{Check, Lease};
 
     /// Two servers, each with its own backend from `builder`.
-    async fn two_instances(builder: impl Fn() -> tierlimit::RedisBackendBuilder) {
+    async fn two_instances(builder: impl Fn() -> tierlimit::backend::RedisBackendBuilder) {
         let gate = Gate::new();
         let mut urls = Vec::new();
         let mut servers = Vec::new();

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use governor::clock::FakeRelativeClock;
-use tierlimit::{KeyId, Limit, MemoryBackend, Subject};
+use tierlimit::{Limit, MemoryBackend, backend::Subject, key::KeyId};
 
 #[tokio::test]
 async fn memory_backend_passes_the_conformance_table() {

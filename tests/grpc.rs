@@ -290,7 +290,7 @@ async fn a_refusal_is_an_http_200_trailers_only_response() {
     assert!(res.headers().contains_key("grpc-status-details-bin"));
     let decision = res
         .extensions()
-        .get::<tierlimit::Decision>()
+        .get::<tierlimit::backend::Decision>()
         .copied()
         .expect("Decision in extensions");
     assert!(!decision.allowed);
@@ -307,7 +307,11 @@ async fn a_refusal_is_an_http_200_trailers_only_response() {
     // The same refusal to a plain HTTP caller is a 429.
     let res = app.oneshot(call("application/json")).await.unwrap();
     assert_eq!(res.status(), 429);
-    assert!(res.extensions().get::<tierlimit::Decision>().is_some());
+    assert!(
+        res.extensions()
+            .get::<tierlimit::backend::Decision>()
+            .is_some()
+    );
 }
 
 #[tokio::test]

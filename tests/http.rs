@@ -16,8 +16,8 @@ use governor::clock::FakeRelativeClock;
 use reqwest::StatusCode;
 use serde_json::Value;
 use tierlimit::{
-    ApiKey, Extractor, HeaderOptions, Identity, MemoryBackend, Policy, RateLimitLayer, Rejection,
-    RequestRef,
+    ApiKey, Extractor, HeaderOptions, MemoryBackend, Policy, RateLimitLayer,
+    extract::{Identity, Rejection, RequestRef},
 };
 
 fn fake_layer(

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use governor::clock::FakeRelativeClock;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
-use tierlimit::{KeyId, Limit, MemoryBackend, Subject};
+use tierlimit::{Limit, MemoryBackend, backend::Subject, key::KeyId};
 
 /// Counts heap bytes, to measure what tracked keys cost.
 #[global_allocator]

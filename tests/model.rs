@@ -13,7 +13,11 @@ use std::time::Duration;
 use governor::clock::FakeRelativeClock;
 use proptest::prelude::*;
 use tierlimit::backend::{Charge, Check};
-use tierlimit::{Backend, BackendError, Decision, KeyId, Limit, MemoryBackend, Subject};
+use tierlimit::{
+    Limit, MemoryBackend,
+    backend::{Backend, BackendError, Decision, Subject},
+    key::KeyId,
+};
 
 /// What the model says one check gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

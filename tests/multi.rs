@@ -505,7 +505,7 @@ async fn accounts_from_an_auth_layer_and_from_a_resolver() {
                 let user = req.headers()["x-user"].to_str().unwrap().to_owned();
                 let org = req.headers()["x-org"].to_str().unwrap().to_owned();
                 req.extensions_mut().insert(
-                    tierlimit::Identity::new(&user)
+                    tierlimit::extract::Identity::new(&user)
                         .with_tier(pro)
                         .with_account(&org),
                 );
@@ -533,7 +533,7 @@ async fn accounts_from_an_auth_layer_and_from_a_resolver() {
     // 2. A resolver for keys the table does not list: `org_<account>_<n>`.
     let resolver = tierlimit::ApiKey::new().resolve(move |key| {
         let account = key.strip_prefix("org_")?.split('_').next()?;
-        Some((pro, Some(tierlimit::KeyId::of_account(account))))
+        Some((pro, Some(tierlimit::key::KeyId::of_account(account))))
     });
     let layer = RateLimitLayer::builder(policy)
         .extractor(resolver)

@@ -19,7 +19,7 @@ use governor::clock::FakeRelativeClock;
 use http::{Request, StatusCode};
 use serde_json::Value;
 use tierlimit::policy::{Adjust, Shadow};
-use tierlimit::{Backend, Limit, Policy, RateLimitLayer, Rule};
+use tierlimit::{Limit, Policy, RateLimitLayer, backend::Backend, policy::Rule};
 use tower::ServiceExt;
 
 const OPS: &str = r#"
@@ -521,7 +521,7 @@ fn policy_handles_of_one_layer_serialise_their_updates() {
         for t in 0..4 {
             for i in 0..125 {
                 let key = format!("h{h}-t{t}-{i}");
-                if policy.key_tier(&key, tierlimit::KeyId::of(&key)) == Some(pro) {
+                if policy.key_tier(&key, tierlimit::key::KeyId::of(&key)) == Some(pro) {
                     listed += 1;
                 }
             }

@@ -17,7 +17,11 @@ use std::time::Duration;
 
 use common::redis::{RedisCluster, RedisServer, ready};
 use governor::clock::FakeRelativeClock;
-use tierlimit::{Backend, BackendState, FailurePolicy, KeyId, Limit, RedisBackend, Subject};
+use tierlimit::{
+    Limit, RedisBackend,
+    backend::{Backend, BackendState, FailurePolicy, Subject},
+    key::KeyId,
+};
 
 fn capture_logs() {
     common::logs::capture();
@@ -560,7 +564,7 @@ async fn fail_open_and_fail_closed() {
         );
         assert!(matches!(
             closed.check_one(&subject("k"), &limit).await,
-            Err(tierlimit::BackendError::Unavailable(_))
+            Err(tierlimit::backend::BackendError::Unavailable(_))
         ));
     }
 }
@@ -639,7 +643,7 @@ async fn several_limits_while_redis_is_down_follow_the_failure_policy() {
         assert!(open.check(&check).await.unwrap().allowed, "fail open");
         assert!(matches!(
             closed.check(&check).await,
-            Err(tierlimit::BackendError::Unavailable(_))
+            Err(tierlimit::backend::BackendError::Unavailable(_))
         ));
     }
 }

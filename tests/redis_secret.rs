@@ -5,10 +5,10 @@
 
 #[tokio::test]
 async fn refuses_to_start_without_a_shared_key_secret() {
-    if std::env::var_os(tierlimit::KEY_SECRET_ENV).is_some() {
+    if std::env::var_os(tierlimit::key::KEY_SECRET_ENV).is_some() {
         eprintln!(
             "SKIPPED: {} is set in the environment",
-            tierlimit::KEY_SECRET_ENV
+            tierlimit::key::KEY_SECRET_ENV
         );
         return;
     }
@@ -21,8 +21,8 @@ async fn refuses_to_start_without_a_shared_key_secret() {
         matches!(err, tierlimit::RedisSetupError::NoSharedKeySecret),
         "{err}"
     );
-    assert!(!tierlimit::key_secret_is_shared());
+    assert!(!tierlimit::key::key_secret_is_shared());
     // Too late to change the secret once keys were hashed with another.
-    let _ = tierlimit::KeyId::of("k");
+    let _ = tierlimit::key::KeyId::of("k");
     assert!(tierlimit::set_key_secret(b"late").is_err());
 }

@@ -17,7 +17,7 @@ use common::{client, serve};
 use governor::clock::FakeRelativeClock;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tierlimit::{Backend, Policy, RateLimitLayer, TokenMeter};
+use tierlimit::{Policy, RateLimitLayer, backend::Backend, meter::TokenMeter};
 
 /// One key secret for the binary, before any key is hashed (the Redis
 /// tests need one shared by their backends).
@@ -560,7 +560,8 @@ async fn a_response_extension_reports_usage() {
             "/v1/ai/simple",
             axum::routing::post(|| async {
                 let mut res = axum::response::IntoResponse::into_response("done");
-                res.extensions_mut().insert(tierlimit::TokenUsage(25));
+                res.extensions_mut()
+                    .insert(tierlimit::meter::TokenUsage(25));
                 res
             }),
         )

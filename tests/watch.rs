@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tierlimit::{Policy, PolicyHandle, PolicyWatcher, RateLimitLayer};
+use tierlimit::{Policy, PolicyHandle, RateLimitLayer, watch::PolicyWatcher};
 
 /// A policy whose free tier may read `read` times an hour.
 fn policy(read: u32) -> String {

@@ -60,7 +60,7 @@ pub fn tierlimit_tokens(keys: &[String]) -> Router {
         .route(
             "/v1/account",
             get(
-                |axum::Extension(meter): axum::Extension<tierlimit::TokenMeter>| async move {
+                |axum::Extension(meter): axum::Extension<tierlimit::meter::TokenMeter>| async move {
                     meter.add(10);
                     "{}"
                 },

@@ -87,7 +87,10 @@ impl tonic::server::UnaryService<CompleteRequest> for Complete {
     type Future = Ready<Result<tonic::Response<CompleteReply>, tonic::Status>>;
 
     fn call(&mut self, request: tonic::Request<CompleteRequest>) -> Self::Future {
-        let meter = request.extensions().get::<tierlimit::TokenMeter>().cloned();
+        let meter = request
+            .extensions()
+            .get::<tierlimit::meter::TokenMeter>()
+            .cloned();
         let req = request.into_inner();
         let (prompt_tokens, n) = match tokens_of(&req) {
             Ok(t) => t,
@@ -116,7 +119,10 @@ impl tonic::server::ServerStreamingService<CompleteRequest> for CompleteStream {
     type Future = Ready<Result<tonic::Response<ReplyStream>, tonic::Status>>;
 
     fn call(&mut self, request: tonic::Request<CompleteRequest>) -> Self::Future {
-        let meter = request.extensions().get::<tierlimit::TokenMeter>().cloned();
+        let meter = request
+            .extensions()
+            .get::<tierlimit::meter::TokenMeter>()
+            .cloned();
         let req = request.into_inner();
         let (prompt_tokens, n) = match tokens_of(&req) {
             Ok(t) => t,

@@ -6,7 +6,11 @@ use crate::common::one::{CheckOne, CheckOneNow};
 use std::time::Duration;
 
 use tierlimit::backend::{Adjustment, Charge, Check, Lease};
-use tierlimit::{Backend, BackendError, Decision, KeyId, Limit, Subject};
+use tierlimit::{
+    Limit,
+    backend::{Backend, BackendError, Decision, Subject},
+    key::KeyId,
+};
 
 /// One step: move the clock, check `cost` for `key`, expect an outcome.
 pub struct Step {

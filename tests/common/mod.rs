@@ -62,7 +62,7 @@ pub fn fake_memory() -> tierlimit::MemoryBackend<governor::clock::FakeRelativeCl
 }
 
 /// Serves gRPC `routes` behind `layer` with tonic on 127.0.0.1:0.
-pub async fn serve_grpc<B: tierlimit::Backend>(
+pub async fn serve_grpc<B: tierlimit::backend::Backend>(
     layer: tierlimit::RateLimitLayer<tierlimit::ApiKey, B>,
     routes: tonic::service::Routes,
 ) -> Server {

@@ -13,7 +13,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tierlimit::{
-    ApiKey, Extractor, Identity, MemoryBackend, Policy, RateLimitLayer, Rejection, RequestRef,
+    ApiKey, Extractor, MemoryBackend, Policy, RateLimitLayer,
+    extract::{Identity, Rejection, RequestRef},
 };
 use tower::{Layer, Service, ServiceExt};
 
