@@ -47,50 +47,64 @@
 //!
 //! ```text
 //! request ─► classify (method, path → category, cost) ─► identify (Extractor → Identity, tier)
-//!         ─► rule (the cell's Limit | Unlimited, custom limits, boosts) ─► cost and priority
-//!         ─► Backend::check(Subject, Limit) ─► Decision
-//!         ─► allowed: inner service, then headers │ refused or rejected: the layer answers
+//!         ─► limits (the cell's, custom limits, boosts) ─► one Check (charges, token charges, leases)
+//!         ─► Backend::check(&Check) ─► Decision
+//!         ─► allowed: inner service, then headers │ refused, rejected or unavailable: the layer answers
 //! ```
 //!
 //! One private module, `admission`, owns that path; the service, its
 //! future, the layer and the usage service call it and nothing else calls
-//! them. A backend that answers at once (memory) is settled in `call`; one
+//! them. A backend that answers at once (memory) is resolved in `call`; one
 //! that needs a round trip (Redis) carries an owned context into the
-//! response future and is settled there by the same code.
+//! response future and is resolved there by the same code.
+//! `ARCHITECTURE.md`, beside the sources, has the module map.
 //!
-//! - [`Policy`]: tiers × categories → [`Rule`], routes → categories, keys →
-//!   tiers. Names are interned to [`TierId`] / [`CategoryId`] when built.
-//!   The policy knows nothing of headers or metrics: the layer compiles
-//!   those per cell into a view it swaps together with the policy.
-//! - [`Extractor`]: the caller's [`Identity`] ([`ApiKey`], [`PeerIp`],
-//!   [`FromExtension`], [`GlobalKey`], or a closure).
-//! - [`Backend`]: [`MemoryBackend`] (governor, bounded memory), and
+//! - [`Policy`]: tiers × categories → limits, routes → categories, keys →
+//!   tiers. Names are interned to [`policy::TierId`] /
+//!   [`policy::CategoryId`] when built. The policy knows nothing of headers
+//!   or metrics: the layer compiles those per cell into a view it swaps
+//!   together with the policy.
+//! - [`Extractor`]: the caller's [`extract::Identity`] ([`ApiKey`],
+//!   [`PeerIp`], [`FromExtension`], [`GlobalKey`], or a closure).
+//! - [`backend::Backend`]: [`MemoryBackend`] (bounded memory), and
 //!   `RedisBackend` (feature `redis`).
-//! - [`Decision`]: allowed, limit, remaining, reset, retry-after, window.
+//! - [`backend::Decision`]: allowed, limit, remaining, reset, retry-after,
+//!   window.
 //!
 //! # Words
 //!
+//! One word per concept, in the code, the docs, the metrics and the admin
+//! API.
+//!
 //! | word | means |
 //! |---|---|
-//! | *cell* | one tier × category pair of the policy's table, with its rule |
-//! | *rule* | a cell's [`Limit`] or `Unlimited`, after custom limits and boosts |
-//! | *subject* | what a backend checks: a key's bucket in a cell, a cost, a reserve |
-//! | *check* | one [`Backend::check`]: counts the request if it conforms; a *peek* counts nothing |
-//! | *decision* | a backend's answer ([`Decision`]): allowed, or not and when to retry |
-//! | *charge* | one limit of a request checked against several at once ([`backend::Check`]), all or nothing |
+//! | *cell* | one tier × category pair of the policy's table, with its limits |
+//! | *rule* | a cell's first [`Limit`] or `Unlimited`, after custom limits and boosts |
+//! | *check* | one [`Backend::check`](backend::Backend::check) of a [`backend::Check`]: every limit that applies to one request, decided at once, all or nothing (a request under one limit is a check of one charge); a *peek* counts nothing |
+//! | *charge* | one limit of a check, and what the request takes of it (its cost, or a token estimate) |
+//! | *decision* | a backend's answer ([`backend::Decision`]): allowed, or not and when to retry |
 //! | *binding limit* | of several, the one the headers describe: fewest remaining on an allow, longest wait on a refusal |
-//! | *account* | what a key's per-account limits are counted under ([`Identity::with_account`]); a key without one is its own |
-//! | *lease* | one of a concurrency limit's slots, held by a request in flight ([`backend::Lease`], [`LeaseGuard`]) from admission until its response body ends or is dropped |
-//! | *refusal* | a rate-limit answer: 429, or gRPC `RESOURCE_EXHAUSTED` (a rate, token or concurrency limit) |
-//! | *rejection* | a client mistake found before any limit ([`Rejection`]): 400 or 401 |
-//! | *answer* | whatever the layer sends instead of the inner service: a refusal, a rejection, a cost that never fits, an unavailable backend |
-//! | *known* caller | a listed key, a resolved one, or an identity from an auth layer ([`Identity::is_known`]); others are *guests* |
+//! | *settle* | after a response: a backend's debt or refund on a request's charges ([`backend::Adjustment`], `Backend::settle`) — and nothing else |
+//! | *outcome* | what the layer does with a decision: the inner service with headers, or an answer |
+//! | *custom limit* | a key's own limits in a category, in place of its tier's: `[custom_limits]` in the file (`[overrides]` is read too), [`PolicyBuilder::custom_limit`], `…/custom-limits` in the admin API; an [`policy::Adjust`] says how (a limit, a list, `x5`, `unlimited`) |
+//! | *boost* | a custom limit or a tier's adjustment in force between two times |
+//! | *account* | what a key's per-account limits are counted under ([`extract::Identity::with_account`]); a key without one is its own |
+//! | *lease* | one of a concurrency limit's slots, held by a request in flight ([`backend::Lease`], [`lease::LeaseGuard`]) from admission until its response body ends or is dropped |
+//! | *refusal* | a limit's answer: 429, or gRPC `RESOURCE_EXHAUSTED` (a rate, token or concurrency limit) |
+//! | *rejection* | a client mistake ([`extract::Rejection`], or a cost no limit could ever admit): 400 or 401 |
+//! | *unavailable* | the backend could not decide (fail-closed, or a backend's error): 503, gRPC `UNAVAILABLE` |
+//! | *answer* | whatever the layer sends instead of the inner service: a refusal, a rejection, or unavailable |
+//! | *known* caller | a listed key, a resolved one, or an identity from an auth layer ([`extract::Identity::is_known`]); others are *guests* |
 //!
 //! # Where things are
 //!
-//! Everything a user names is exported at the root; the modules group the
-//! rest for the docs: [`policy`], [`extract`], [`backend`], [`telemetry`]
-//! and, with feature `client`, `client` (the client side's retry layer).
+//! The root holds what the quick starts and the common extensions name:
+//! the layer, the policy and its builder parts, the built-in extractors,
+//! the two backends, [`HeaderOptions`] and the errors. The rest lives in
+//! modules named for what they hold: [`policy`], [`extract`], [`backend`],
+//! [`key`], [`layer`] (the tower types and the policy handle's clock),
+//! [`response`], [`meter`], [`lease`], [`usage`], [`admin`],
+//! [`telemetry`], and with their features `watch` and `client`.
 
 //! # Semantics
 //!

@@ -110,7 +110,7 @@ impl PolicyHandle {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn watch(&self, path: impl AsRef<Path>) -> io::Result<PolicyWatcher> {
-        let mut target = Target::new(path.as_ref())?;
+        let mut target = WatchedFile::new(path.as_ref())?;
         let (tx, rx) = mpsc::channel::<Vec<PathBuf>>();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
@@ -176,7 +176,7 @@ fn watch_dir(watcher: &mut RecommendedWatcher, dir: &Path) -> bool {
 }
 
 /// The file followed: the path as given, and where its symlinks lead now.
-struct Target {
+struct WatchedFile {
     /// The path as given: read through it, so its symlinks are followed.
     path: PathBuf,
     /// Its directory, watched.
@@ -193,8 +193,8 @@ struct Target {
     elsewhere: Option<PathBuf>,
 }
 
-impl Target {
-    fn new(path: &Path) -> io::Result<Target> {
+impl WatchedFile {
+    fn new(path: &Path) -> io::Result<WatchedFile> {
         let name = path
             .file_name()
             .ok_or_else(|| io::Error::other("a policy file path names a file"))?;
@@ -204,7 +204,7 @@ impl Target {
         };
         let mut homes = vec![dir.clone()];
         homes.extend(std::fs::canonicalize(&dir).ok().filter(|d| *d != dir));
-        let mut target = Target {
+        let mut target = WatchedFile {
             path: path.to_path_buf(),
             dir,
             homes,
@@ -259,7 +259,7 @@ impl Target {
 /// The watch thread's state.
 struct Follower {
     handle: PolicyHandle,
-    target: Target,
+    target: WatchedFile,
     status: Arc<Status>,
     watcher: Weak<Mutex<RecommendedWatcher>>,
     /// The bytes of the last content read, valid or not: the same bytes
