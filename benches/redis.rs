@@ -30,13 +30,13 @@ const IN_FLIGHT: usize = 64;
 const KEYS: u64 = 100_000;
 
 /// The script `RedisBackend` runs for a check, built as
-/// `src/backend/redis.rs` builds it: the preludes (the time, GCRA), then
+/// `src/backend/redis/mod.rs` builds it: the preludes (the time, GCRA), then
 /// the check itself. The bench checks below that Redis already holds this
 /// exact text, loaded by the backend.
 const CHECK: &str = concat!(
-    include_str!("../src/backend/now.lua"),
-    include_str!("../src/backend/gcra.lua"),
-    include_str!("../src/backend/check.lua")
+    include_str!("../src/backend/redis/now.lua"),
+    include_str!("../src/backend/redis/gcra.lua"),
+    include_str!("../src/backend/redis/check.lua")
 );
 
 /// Criterion's test mode (`cargo bench -- --test`, or `cargo test`, which
