@@ -26,7 +26,7 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tierlimit::{
     Limit, RedisBackend,
-    backend::{Backend, Subject},
+    backend::Subject,
     key::KeyId,
 };
 
@@ -34,13 +34,13 @@ const IN_FLIGHT: usize = 64;
 const KEYS: u64 = 100_000;
 
 /// The script `RedisBackend` runs for a check, built as
-/// `src/backend/redis.rs` builds it: the preludes (the time, GCRA), then
+/// `src/backend/redis/mod.rs` builds it: the preludes (the time, GCRA), then
 /// the check itself. The bench checks below that Redis already holds this
 /// exact text, loaded by the backend.
 const CHECK: &str = concat!(
-    include_str!("../src/backend/now.lua"),
-    include_str!("../src/backend/gcra.lua"),
-    include_str!("../src/backend/check.lua")
+    include_str!("../src/backend/redis/now.lua"),
+    include_str!("../src/backend/redis/gcra.lua"),
+    include_str!("../src/backend/redis/check.lua")
 );
 
 /// Criterion's test mode (`cargo bench -- --test`, or `cargo test`, which

@@ -137,12 +137,13 @@ impl<E, B> RateLimitLayer<E, B> {
         redis: &crate::RedisBackend,
     ) -> Result<(), crate::RedisSetupError> {
         let plane = &self.shared.plane;
+        let link = redis.link();
         plane
-            .share(Arc::new(redis.clone()))
+            .share(Arc::new(crate::plane::RedisStore::new(link.clone())))
             .await
             .map_err(crate::RedisSetupError::OperatorState)?;
         let weak = Arc::downgrade(plane);
-        redis.spawn_io(async move {
+        link.spawn_io(async move {
             loop {
                 tokio::time::sleep(OPERATOR_SYNC_INTERVAL).await;
                 let Some(plane) = weak.upgrade() else {

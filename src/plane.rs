@@ -9,6 +9,8 @@
 //! operator state lives in Redis: changes are written there first, every
 //! instance reloads it when its version moves, and loads it all at start.
 
+#[cfg(feature = "redis")]
+mod redis_store;
 mod state;
 
 use std::fmt;
@@ -16,6 +18,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+#[cfg(feature = "redis")]
+pub(crate) use redis_store::RedisStore;
 pub(crate) use state::{BoostEntry, BoostFor, Change, OperatorState};
 
 use crate::policy::{Overlay, Policy, PolicyBuilder, PolicyError};

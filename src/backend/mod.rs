@@ -16,6 +16,8 @@ use std::fmt;
 use std::future::Future;
 
 #[cfg(feature = "redis")]
+pub(crate) use self::redis::Link;
+#[cfg(feature = "redis")]
 pub use self::redis::{
     BackendState, FailurePolicy, RedisBackend, RedisBackendBuilder, RedisSetupError,
 };
