@@ -113,6 +113,7 @@ mod future;
 mod key;
 mod layer;
 mod lease;
+mod limit;
 mod meter;
 mod plane;
 pub mod policy;

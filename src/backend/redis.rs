@@ -17,7 +17,7 @@ use super::{
     Adjustment, Backend, BackendError, Charge, Check, Decision, Lease, LeaseState, MAX_LEASES,
     MemoryBackend, decide_all,
 };
-use crate::policy::{Limit, MAX_LIMITS};
+use crate::limit::{Limit, MAX_LIMITS};
 
 // Every script below starts with `now.lua` (the time: a fake clock's, or
 // Redis's `TIME`); those that read or move a rate bucket then with
