@@ -10,7 +10,7 @@ use crate::limit::{Limit, Rule};
 /// its buckets from every other cell's in a backend.
 #[derive(Debug)]
 pub(crate) struct Cell {
-    /// The first per-key limit (or unlimited), for [`Policy::rule`].
+    /// The first per-key limit (or unlimited), for [`Policy::rule`](super::Policy::rule).
     pub(crate) rule: Rule,
     /// Limits counted per key (per account in a pooled tier); empty:
     /// unlimited per key.
@@ -116,7 +116,7 @@ pub(in crate::policy) struct Metering {
 }
 
 /// Every limit that applies to one key in one category at one time
-/// ([`Policy::effective_limits`]).
+/// ([`Policy::effective_limits`](super::Policy::effective_limits)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct EffectiveLimits {
@@ -135,7 +135,7 @@ pub struct EffectiveLimits {
     pub account_concurrency: Option<u32>,
 }
 
-/// The limits of one tier × category cell ([`Policy::limits`]).
+/// The limits of one tier × category cell ([`Policy::limits`](super::Policy::limits)).
 #[derive(Clone, Copy, Debug)]
 pub struct CellLimits<'a> {
     pub(super) cell: &'a Cell,
