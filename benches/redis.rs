@@ -24,11 +24,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tierlimit::{
-    Limit, RedisBackend,
-    backend::Subject,
-    key::KeyId,
-};
+use tierlimit::{Limit, RedisBackend, backend::Subject, key::KeyId};
 
 const IN_FLIGHT: usize = 64;
 const KEYS: u64 = 100_000;

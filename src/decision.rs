@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::policy::Limit;
+use crate::limit::Limit;
 use crate::time::ceil_secs;
 
 /// The outcome of one check.

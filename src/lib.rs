@@ -127,6 +127,7 @@ mod future;
 pub mod key;
 pub mod layer;
 pub mod lease;
+mod limit;
 pub mod meter;
 mod plane;
 pub mod policy;

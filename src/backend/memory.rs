@@ -20,8 +20,8 @@ use super::{
     decide,
 };
 use crate::decision::Binder;
-use crate::policy::Limit;
-use crate::policy::MAX_LIMITS;
+use crate::limit::Limit;
+use crate::limit::MAX_LIMITS;
 
 const SHARDS: usize = 64;
 

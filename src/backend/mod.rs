@@ -25,7 +25,7 @@ pub use memory::{MemoryBackend, MemoryBackendBuilder};
 
 pub use crate::decision::{Decision, LEASE_RETRY, LeaseState, TokenState};
 use crate::key::KeyId;
-use crate::policy::Limit;
+use crate::limit::Limit;
 
 /// Who is asking, in which bucket, at what cost: everything a backend reads
 /// about one request, and nothing else (the tier and category are folded

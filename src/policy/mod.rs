@@ -42,8 +42,8 @@
 //! `MAX/WINDOW`: `100/hour`, `1,000/h`, `10/30s`, `5/day`.
 
 mod builder;
+mod cell;
 mod file;
-mod limit;
 mod operator;
 mod overlay;
 mod route;
@@ -54,12 +54,15 @@ use std::sync::Arc;
 use hashbrown::HashTable;
 use http::Method;
 
-use crate::key::{KeyId, hash_str};
+use crate::key::KeyId;
 
+pub use crate::limit::{Limit, MAX_LIMITS, Rule};
 pub(crate) use builder::reserve_of;
 pub use builder::{KeyRule, PolicyBuilder, PolicyError, Route, Tier};
+pub(crate) use cell::Cell;
+use cell::Metering;
+pub use cell::{CellLimits, EffectiveLimits};
 pub(crate) use file::parse_adjust_json;
-pub use limit::{Limit, Rule};
 pub use operator::{Adjust, Boost, BoostTarget, Shadow};
 use operator::{CompiledBoost, more_generous_all};
 pub(crate) use operator::{MAX_UNIX, parse_time};
@@ -67,7 +70,7 @@ pub(crate) use overlay::Overlay;
 use route::CompiledRoute;
 pub use route::Target;
 pub(crate) use set::{Applied, LimitBuf, Limits};
-pub use set::{MAX_CONCURRENCY, MAX_LIMITS, Pool, RefundOn};
+pub use set::{MAX_CONCURRENCY, Pool, RefundOn};
 
 /// A plan tier (`free`, `pro`, …), interned to an index when the policy is
 /// built. Obtain one with [`Policy::tier`].
@@ -93,191 +96,12 @@ impl CategoryId {
     }
 }
 
-/// One cell of the tier × category table: its limits, and what separates
-/// its buckets from every other cell's in a backend.
-#[derive(Debug)]
-pub(crate) struct Cell {
-    /// The first per-key limit (or unlimited), for [`Policy::rule`].
-    pub(crate) rule: Rule,
-    /// Limits counted per key (per account in a pooled tier); empty:
-    /// unlimited per key.
-    pub(crate) per_key: Box<[Limit]>,
-    /// Limits counted per account, on top of the per-key ones.
-    pub(crate) per_account: Box<[Limit]>,
-    /// Token limits, per key (per account in a pooled tier).
-    pub(crate) tokens: Box<[Limit]>,
-    /// Token limits per account.
-    pub(crate) account_tokens: Box<[Limit]>,
-    /// Responses whose requests are refunded.
-    pub(crate) refund: RefundOn,
-    /// Whether a request of the cell is settled after its response (token
-    /// limits, or refunds): it always takes the several-limit path.
-    pub(crate) metered: bool,
-    /// Requests of one key (one account in a pooled tier) in flight at
-    /// once; `None`: no concurrency limit per key.
-    pub(crate) concurrency: Option<u32>,
-    /// Requests of one account in flight at once.
-    pub(crate) account_concurrency: Option<u32>,
-    /// Whether a request of the cell holds leases (a concurrency limit).
-    pub(crate) leased: bool,
-    pub(crate) pool: Pool,
-    /// A hash of the tier and category names, stable in one process (and
-    /// across instances that share a key secret).
-    pub(crate) scope: u64,
-    /// The same for the cell's per-account limits.
-    pub(crate) account_scope: u64,
-}
-
-impl Cell {
-    pub(super) fn new(
-        per_key: Vec<Limit>,
-        per_account: Vec<Limit>,
-        extra: Metering,
-        pool: Pool,
-        tier: &str,
-        category: &str,
-    ) -> Self {
-        let metered = !extra.tokens.is_empty()
-            || !extra.account_tokens.is_empty()
-            || !extra.refund.is_empty();
-        let leased = extra.concurrency.is_some() || extra.account_concurrency.is_some();
-        Cell {
-            rule: per_key
-                .first()
-                .map_or(Rule::Unlimited, |l| Rule::Limited(*l)),
-            per_key: per_key.into_boxed_slice(),
-            per_account: per_account.into_boxed_slice(),
-            tokens: extra.tokens.into_boxed_slice(),
-            account_tokens: extra.account_tokens.into_boxed_slice(),
-            refund: extra.refund,
-            metered,
-            concurrency: extra.concurrency,
-            account_concurrency: extra.account_concurrency,
-            leased,
-            pool,
-            scope: hash_str(&format!("{tier}\0{category}")),
-            account_scope: hash_str(&format!("{tier}\0{category}\0account")),
-        }
-    }
-
-    /// Whether nothing limits the cell.
-    #[inline]
-    pub(crate) fn is_unlimited(&self) -> bool {
-        self.per_key.is_empty()
-            && self.per_account.is_empty()
-            && self.tokens.is_empty()
-            && self.account_tokens.is_empty()
-            && !self.leased
-    }
-
-    /// The cell's limits, borrowed.
-    #[inline]
-    pub(crate) fn limits(&self) -> Limits<'_> {
-        Limits {
-            per_key: &self.per_key,
-            per_account: &self.per_account,
-            tokens: &self.tokens,
-            account_tokens: &self.account_tokens,
-        }
-    }
-
-    /// The cell's limits as a tier gives them (a copy to adjust).
-    pub(crate) fn applied(&self) -> Applied {
-        Applied {
-            per_key: LimitBuf::from_slice(&self.per_key),
-            per_account: LimitBuf::from_slice(&self.per_account),
-            tokens: LimitBuf::from_slice(&self.tokens),
-            account_tokens: LimitBuf::from_slice(&self.account_tokens),
-        }
-    }
-}
-
-/// A cell's token limits and refunds (what is settled after a response).
-#[derive(Clone, Debug, Default)]
-pub(super) struct Metering {
-    pub(super) tokens: Vec<Limit>,
-    pub(super) account_tokens: Vec<Limit>,
-    pub(super) refund: RefundOn,
-    pub(super) concurrency: Option<u32>,
-    pub(super) account_concurrency: Option<u32>,
-}
-
 /// A `[keys]` entry: the key's text, its tier and its account.
 #[derive(Debug)]
 pub(super) struct KeyRow {
     pub(super) key: Box<str>,
     pub(super) tier: TierId,
     pub(super) account: Option<KeyId>,
-}
-
-/// Every limit that applies to one key in one category at one time
-/// ([`Policy::effective_limits`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct EffectiveLimits {
-    /// Request limits counted per key (per account in a pooled tier);
-    /// empty: unlimited per key.
-    pub per_key: Vec<Limit>,
-    /// Request limits counted per account.
-    pub per_account: Vec<Limit>,
-    /// Token limits per key (per account in a pooled tier).
-    pub tokens: Vec<Limit>,
-    /// Token limits per account.
-    pub account_tokens: Vec<Limit>,
-    /// Requests in flight at once per key (per account when pooled).
-    pub concurrency: Option<u32>,
-    /// Requests in flight at once per account.
-    pub account_concurrency: Option<u32>,
-}
-
-/// The limits of one tier × category cell ([`Policy::limits`]).
-#[derive(Clone, Copy, Debug)]
-pub struct CellLimits<'a> {
-    cell: &'a Cell,
-}
-
-impl<'a> CellLimits<'a> {
-    /// Limits counted per key (per account when [`pool`](Self::pool) is
-    /// [`Pool::Account`]); empty when the cell is unlimited per key.
-    pub fn per_key(&self) -> &'a [Limit] {
-        &self.cell.per_key
-    }
-
-    /// Limits counted per account, on top of the per-key ones.
-    pub fn per_account(&self) -> &'a [Limit] {
-        &self.cell.per_account
-    }
-
-    /// Whose count the per-key limits are kept in.
-    pub fn pool(&self) -> Pool {
-        self.cell.pool
-    }
-
-    /// Token limits, per key (per account when pooled).
-    pub fn tokens(&self) -> &'a [Limit] {
-        &self.cell.tokens
-    }
-
-    /// Token limits per account.
-    pub fn account_tokens(&self) -> &'a [Limit] {
-        &self.cell.account_tokens
-    }
-
-    /// The responses whose requests are refunded.
-    pub fn refund_on(&self) -> RefundOn {
-        self.cell.refund
-    }
-
-    /// Requests of one key (one account when pooled) that may be in flight
-    /// at once; `None`: no concurrency limit per key.
-    pub fn concurrency(&self) -> Option<u32> {
-        self.cell.concurrency
-    }
-
-    /// Requests of one account that may be in flight at once.
-    pub fn account_concurrency(&self) -> Option<u32> {
-        self.cell.account_concurrency
-    }
 }
 
 #[derive(Debug)]
@@ -655,132 +479,4 @@ impl Policy {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn base() -> PolicyBuilder {
-        Policy::builder().categories(["read", "write"]).tier(
-            Tier::new("free")
-                .limit("read", Limit::per_hour(100))
-                .limit("write", Limit::per_hour(20)),
-        )
-    }
-
-    #[test]
-    fn builds_and_classifies() {
-        let p = base()
-            .route(Route::new("/v1/w/*", "write").method("get"))
-            .route(Route::exempt("/healthz"))
-            .build()
-            .unwrap();
-        let read = p.category("read").unwrap();
-        let write = p.category("write").unwrap();
-        assert_eq!(
-            p.classify(&Method::GET, "/x"),
-            Target::Category {
-                category: read,
-                cost: 1
-            }
-        );
-        assert_eq!(
-            p.classify(&Method::HEAD, "/x"),
-            Target::Category {
-                category: read,
-                cost: 1
-            }
-        );
-        assert_eq!(
-            p.classify(&Method::DELETE, "/x"),
-            Target::Category {
-                category: write,
-                cost: 1
-            }
-        );
-        assert_eq!(
-            p.classify(&Method::GET, "/v1/w/a"),
-            Target::Category {
-                category: write,
-                cost: 1
-            }
-        );
-        assert_eq!(p.classify(&Method::GET, "/healthz"), Target::Exempt);
-    }
-
-    #[test]
-    fn errors_name_the_entry() {
-        let e = base().tier(Tier::new("free")).build().unwrap_err();
-        assert_eq!(e.entry(), "tiers.free");
-        assert!(e.message().contains("declared twice"));
-
-        let e = base()
-            .tier(Tier::new("pro").limit("read", Limit::per_hour(1)))
-            .build()
-            .unwrap_err();
-        assert_eq!(e.entry(), "tiers.pro");
-        assert!(e.message().contains("no rule for category `write`"));
-
-        let e = base()
-            .tier(Tier::new("pro").limit("gpu", Limit::per_hour(1)))
-            .build()
-            .unwrap_err();
-        assert_eq!(e.entry(), "tiers.pro.gpu");
-
-        let e = base().route(Route::new("/a", "nope")).build().unwrap_err();
-        assert_eq!(e.entry(), "routes[0]");
-        assert!(e.message().contains("unknown category `nope`"));
-
-        let e = base()
-            .route(Route::new("/a", "write").cost(21))
-            .build()
-            .unwrap_err();
-        assert!(e.message().contains("could never succeed"), "{e}");
-
-        let e = base().key("k", "gold").build().unwrap_err();
-        assert!(e.message().contains("unknown tier `gold`"));
-        assert!(!e.to_string().contains("\"k\""), "never print the key: {e}");
-
-        let e = base()
-            .key("k", "free")
-            .key("k", "free")
-            .build()
-            .unwrap_err();
-        assert!(e.message().contains("twice"));
-
-        let e = base()
-            .unknown_keys(KeyRule::Tier("gold".into()))
-            .build()
-            .unwrap_err();
-        assert_eq!(e.entry(), "defaults.unknown_key");
-
-        let e = Policy::builder()
-            .categories(["a", "a"])
-            .build()
-            .unwrap_err();
-        assert_eq!(e.entry(), "categories[1]");
-    }
-
-    #[test]
-    fn an_unreadable_file_keeps_its_io_error() {
-        use std::error::Error;
-        let e = Policy::from_toml_file("/nonexistent/tierlimit/policy.toml").unwrap_err();
-        let io = e
-            .source()
-            .expect("the cause")
-            .downcast_ref::<std::io::Error>();
-        assert_eq!(
-            io.map(std::io::Error::kind),
-            Some(std::io::ErrorKind::NotFound)
-        );
-        assert!(e.to_string().contains("cannot read the policy file"));
-    }
-
-    #[test]
-    fn key_table_compares_full_text() {
-        let p = base().key("alpha", "free").build().unwrap();
-        let free = p.tier("free");
-        assert_eq!(p.key_tier("alpha", KeyId::of("alpha")), free);
-        assert_eq!(p.key_tier("beta", KeyId::of("beta")), None);
-        // A forged id cannot borrow another key's tier.
-        assert_eq!(p.key_tier("beta", KeyId::of("alpha")), None);
-    }
-}
+mod tests;

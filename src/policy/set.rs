@@ -3,12 +3,7 @@
 
 use std::fmt;
 
-use super::Limit;
-
-/// The most limits one request is checked against in one category: its
-/// per-key limits and its account's together. A policy that asks for more
-/// is refused when it is built.
-pub const MAX_LIMITS: usize = 8;
+use crate::limit::{Limit, MAX_LIMITS};
 
 /// The largest concurrency limit a policy may set (requests in flight at
 /// once per key or per account).

@@ -12,7 +12,7 @@ use super::{FailurePolicy, Inner, RedisBackend, charge_key, interval_us, lease_k
 use crate::backend::{
     Adjustment, BackendError, Charge, Check, Decision, Lease, LeaseState, MAX_LEASES, decide_all,
 };
-use crate::policy::{Limit, MAX_LIMITS};
+use crate::limit::{Limit, MAX_LIMITS};
 
 /// A check, owned (to move into a future or onto the I/O thread).
 #[derive(Clone, Copy)]

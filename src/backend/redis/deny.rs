@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
-use crate::policy::Limit;
+use crate::limit::Limit;
 
 /// Refusals remembered locally until their retry delay passes.
 #[derive(Default)]

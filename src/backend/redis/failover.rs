@@ -10,7 +10,7 @@ use super::{Conn, FailurePolicy, Inner};
 use crate::backend::{
     Adjustment, BackendError, Charge, Check, Decision, Lease, LeaseState, MAX_LEASES, decide_all,
 };
-use crate::policy::{Limit, MAX_LIMITS};
+use crate::limit::{Limit, MAX_LIMITS};
 
 /// The cluster client, kept to rebuild the connection after a failover:
 /// redis-rs reconnects to a dead master's address but does not look the

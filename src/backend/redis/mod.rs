@@ -39,7 +39,7 @@ use self::io::IoThread;
 use self::leases::{Held, LeaseBook};
 use super::MemoryBackend;
 use super::{Adjustment, Backend, BackendError, Charge, Check, Decision, Lease};
-use crate::policy::{Limit, MAX_LIMITS};
+use crate::limit::{Limit, MAX_LIMITS};
 
 // Every script below starts with `now.lua` (the time: a fake clock's, or
 // Redis's `TIME`); those that read or move a rate bucket then with

@@ -131,9 +131,7 @@ fn lists_tables_pools_and_accounts() {
     );
 }
 
-#[test]
-fn tokens_refunds_and_their_custom_limits_and_boosts() {
-    let src = r#"
+const TOKENS: &str = r#"
 categories = ["read", "ai"]
 [defaults]
 write = "ai"
@@ -158,7 +156,10 @@ end = "2027-01-01T00:00:00Z"
 "k1" = "free"
 "k2" = "pro"
 "#;
-    let p = parse(src).unwrap();
+
+#[test]
+fn tokens_and_refunds_by_category() {
+    let p = parse(TOKENS).unwrap();
     let (free, pro) = (p.tier("free").unwrap(), p.tier("pro").unwrap());
     let (read, ai) = (p.category("read").unwrap(), p.category("ai").unwrap());
     let l = p.limits(free, ai);
@@ -171,13 +172,23 @@ end = "2027-01-01T00:00:00Z"
     assert!(l.per_key().is_empty(), "tokens only: requests unlimited");
     assert_eq!(l.tokens().len(), 2);
     assert_eq!(l.account_tokens(), [Limit::per_day(1_000_000)]);
-    // A custom limit replaces the key's token limits only.
+}
+
+#[test]
+fn a_custom_limit_replaces_the_token_limits_only() {
+    let p = parse(TOKENS).unwrap();
+    let (free, ai) = (p.tier("free").unwrap(), p.category("ai").unwrap());
     let cell = p.cell(free, ai).unwrap();
     let k1 = crate::KeyId::of("k1");
     let a = p.effective(cell, free, ai, k1, 0);
     assert_eq!(a.per_key.as_slice(), [Limit::per_hour(50)]);
     assert_eq!(a.tokens.as_slice(), [Limit::per_hour(5000)]);
-    // A boost's multiplier scales token limits, per key and per account.
+}
+
+#[test]
+fn a_boost_scales_token_limits_per_key_and_per_account() {
+    let p = parse(TOKENS).unwrap();
+    let (pro, ai) = (p.tier("pro").unwrap(), p.category("ai").unwrap());
     let cell = p.cell(pro, ai).unwrap();
     let k2 = crate::KeyId::of("k2");
     let a = p.effective(cell, pro, ai, k2, 1_790_000_000);
@@ -186,7 +197,10 @@ end = "2027-01-01T00:00:00Z"
         [Limit::per_minute(40_000), Limit::per_day(1_000_000)]
     );
     assert_eq!(a.account_tokens.as_slice(), [Limit::per_day(2_000_000)]);
-    // Errors name the entry.
+}
+
+#[test]
+fn bad_token_refund_and_concurrency_cells_are_refused_by_name() {
     for (bad, message) in [
         ("ai = { tokens = \"unlimited\" }", "leave `tokens` out"),
         ("ai = { tokens = [] }", "empty list"),
@@ -224,7 +238,7 @@ end = "2027-01-01T00:00:00Z"
             "unknown field `concurency`",
         ),
     ] {
-        let e = err(&src.replace(
+        let e = err(&TOKENS.replace(
             "ai = { requests = \"50/hour\", tokens = \"1000/hour\", refund_on = [\"5xx\"] }",
             bad,
         ));
@@ -299,6 +313,10 @@ fn bad_lists_and_accounts_are_refused_by_name() {
         assert!(e.message().contains(message), "{to}: {e}");
         assert!(e.line().is_some(), "{to}: {e}");
     }
+}
+
+#[test]
+fn lists_bound_route_costs_reserves_and_custom_limits() {
     // A route cost above any limit of a list could never succeed.
     let e = err(&format!(
         "{LISTS}\n[[routes]]\npath = \"/bulk\"\ncategory = \"read\"\ncost = 11\n"

@@ -1,6 +1,16 @@
+//! Limits: a GCRA quota ([`Limit`]), a cell's rule ([`Rule`]) and how many
+//! limits one request may be checked against ([`MAX_LIMITS`]). The bottom
+//! layer, beside `time` and `key`: it imports nothing of the crate, and
+//! `policy`, `decision` and the backends import it.
+
 use std::fmt;
 use std::num::NonZeroU32;
 use std::time::Duration;
+
+/// The most limits one request is checked against in one category: its
+/// per-key limits and its account's together. A policy that asks for more
+/// is refused when it is built.
+pub const MAX_LIMITS: usize = 8;
 
 /// A GCRA quota: at most `max` requests at once, then one every `per / max`.
 ///

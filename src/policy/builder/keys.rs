@@ -1,0 +1,70 @@
+//! The `[keys]` section: each key's tier and account, compared by full
+//! text, never shown in an error.
+
+use hashbrown::HashTable;
+
+use super::names::{Names, join};
+use super::{KeyEntry, Located, PolicyBuilder, PolicyError};
+use crate::key::{KeyId, hash_str};
+use crate::policy::KeyRow;
+
+impl PolicyBuilder {
+    pub(super) fn build_keys(&self, names: &Names) -> Result<HashTable<KeyRow>, PolicyError> {
+        let mut keys: HashTable<KeyRow> = HashTable::with_capacity(self.keys.len());
+        for Located {
+            value: KeyEntry { key, tier, account },
+            line,
+        } in &self.keys
+        {
+            let entry = format!("keys.\"{}\"", KeyId::of(key).redacted());
+            check_key(key, &entry, *line)?;
+            let t = names.tier(tier).ok_or_else(|| {
+                PolicyError::new(
+                    &entry,
+                    *line,
+                    format!("unknown tier `{tier}` (declared: {})", join(&names.tiers)),
+                )
+            })?;
+            let account = match account {
+                None => None,
+                Some(a) => {
+                    if a.is_empty() || a.len() > crate::key::DEFAULT_MAX_KEY_LEN {
+                        return Err(PolicyError::new(
+                            &entry,
+                            *line,
+                            "an account is a name of 1 to 256 bytes",
+                        ));
+                    }
+                    Some(KeyId::of_account(a))
+                }
+            };
+            let h = hash_str(key);
+            if keys.find(h, |row| *row.key == **key).is_some() {
+                return Err(PolicyError::new(&entry, *line, "this key is listed twice"));
+            }
+            keys.insert_unique(
+                h,
+                KeyRow {
+                    key: key.as_str().into(),
+                    tier: t,
+                    account,
+                },
+                |row| hash_str(&row.key),
+            );
+        }
+        Ok(keys)
+    }
+}
+
+/// Refuses a key no request could ever present (the same rule as
+/// [`ApiKey`](crate::ApiKey)'s), naming the entry but never the key.
+pub(super) fn check_key(key: &str, entry: &str, line: Option<usize>) -> Result<(), PolicyError> {
+    match crate::key::key_problem(key, crate::key::DEFAULT_MAX_KEY_LEN) {
+        None => Ok(()),
+        Some(why) => Err(PolicyError::new(
+            entry,
+            line,
+            format!("{why}, so no request could ever present it"),
+        )),
+    }
+}

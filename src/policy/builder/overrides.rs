@@ -1,0 +1,201 @@
+//! Operator controls in the policy: priority reserves, custom limits
+//! (`[overrides]`) and boosts, and the check every adjustment passes.
+
+use std::collections::HashMap;
+
+use super::keys::check_key;
+use super::names::{Names, check_list, join};
+use super::{Located, Override, PolicyBuilder, PolicyError};
+use crate::key::KeyId;
+use crate::limit::{Limit, MAX_LIMITS};
+use crate::policy::operator::{CompiledBoost, MAX_UNIX};
+use crate::policy::overlay::{OverrideParts, OverrideSources};
+use crate::policy::{Adjust, BoostTarget, Cell};
+
+/// Custom limits by key hash: one optional adjustment per category.
+pub(in crate::policy) type Overrides =
+    HashMap<u64, Box<[Option<Adjust>]>, foldhash::fast::RandomState>;
+
+impl PolicyBuilder {
+    pub(super) fn build_reserves(&self, names: &Names) -> Result<Vec<u8>, PolicyError> {
+        let mut reserves = Vec::with_capacity(self.tiers.len());
+        for (t, tier) in self.tiers.iter().enumerate() {
+            let Some(Located { value: p, line }) = tier.reserve else {
+                reserves.push(0);
+                continue;
+            };
+            let entry = format!("tiers.{}.priority_reserve", tier.name);
+            let line = line.or(tier.line);
+            if p >= 100 {
+                return Err(PolicyError::new(
+                    entry,
+                    line,
+                    format!("a reserve of {p}% leaves nothing for normal requests; use 1 to 99"),
+                ));
+            }
+            // Every limited cell of the tier must leave normal requests at
+            // least one request of its burst.
+            for (c, cat) in names.categories.iter().enumerate() {
+                if let Some(l) = names
+                    .limits(t, c)
+                    .find(|l| reserve_of(l.max(), p) >= l.max())
+                {
+                    return Err(PolicyError::new(
+                        entry,
+                        line,
+                        format!(
+                            "a reserve of {p}% of `{cat}`'s limit of {} leaves nothing for normal requests; raise the limit or lower the reserve",
+                            l.max()
+                        ),
+                    ));
+                }
+            }
+            reserves.push(p);
+        }
+        Ok(reserves)
+    }
+
+    pub(super) fn build_overrides(
+        &self,
+        names: &Names,
+    ) -> Result<(Overrides, OverrideSources), PolicyError> {
+        let ncat = names.categories.len();
+        let mut overrides = Overrides::default();
+        let mut sources = OverrideSources::default();
+        for Located {
+            value:
+                Override {
+                    key,
+                    category: cat,
+                    adjust,
+                },
+            line,
+        } in &self.overrides
+        {
+            let shown = names.shown_category(cat);
+            let entry = format!("overrides.\"{}\".{shown}", KeyId::of(key).redacted());
+            check_key(key, &entry, *line)?;
+            names
+                .check_adjust(adjust)
+                .map_err(|m| PolicyError::new(&entry, *line, m))?;
+            let cells = overrides
+                .entry(KeyId::of(key).as_u64())
+                .or_insert_with(|| vec![None; ncat].into_boxed_slice());
+            let parts = sources
+                .entry(KeyId::of(key).as_u64())
+                .or_insert_with(|| OverrideParts {
+                    specific: vec![None; ncat].into_boxed_slice(),
+                    star: None,
+                });
+            if cat == "*" {
+                for c in cells.iter_mut().filter(|c| c.is_none()) {
+                    *c = Some(adjust.clone());
+                }
+                parts.star.get_or_insert_with(|| adjust.clone());
+            } else {
+                let id = names.category(cat).ok_or_else(|| {
+                    PolicyError::new(
+                        &entry,
+                        *line,
+                        format!(
+                            "unknown category `{shown}` (declared: {})",
+                            join(&names.categories)
+                        ),
+                    )
+                })?;
+                cells[id.index()] = Some(adjust.clone());
+                parts.specific[id.index()] = Some(adjust.clone());
+            }
+        }
+        Ok((overrides, sources))
+    }
+
+    pub(super) fn build_boosts(&self, names: &Names) -> Result<Vec<CompiledBoost>, PolicyError> {
+        let mut boosts = Vec::with_capacity(self.boosts.len());
+        for (i, b) in self.boosts.iter().enumerate() {
+            let entry = format!("boosts[{i}]");
+            let err = |m: String| PolicyError::new(&entry, b.line, m);
+            if b.start >= b.end {
+                return Err(err("a boost must start before it ends".into()));
+            }
+            if b.end > MAX_UNIX {
+                return Err(err("a boost must end by the end of year 9999".into()));
+            }
+            names.check_adjust(&b.adjust).map_err(err)?;
+            let (key, tier) = match &b.target {
+                BoostTarget::Key(k) => {
+                    check_key(k, &entry, b.line)?;
+                    (Some(KeyId::of(k).as_u64()), None)
+                }
+                BoostTarget::Tier(t) => (
+                    None,
+                    Some(names.tier(t).ok_or_else(|| {
+                        err(format!(
+                            "unknown tier `{t}` (declared: {})",
+                            join(&names.tiers)
+                        ))
+                    })?),
+                ),
+            };
+            let category = match &b.category {
+                None => None,
+                Some(c) => Some(names.category(c).ok_or_else(|| {
+                    err(format!(
+                        "unknown category `{c}` (declared: {})",
+                        join(&names.categories)
+                    ))
+                })?),
+            };
+            boosts.push(CompiledBoost {
+                key,
+                tier,
+                category,
+                adjust: b.adjust.clone(),
+                start: b.start,
+                end: b.end,
+            });
+        }
+        Ok(boosts)
+    }
+}
+
+/// A list given by a custom limit or a boost must fit beside every tier's
+/// per-account limits (`cells`: every cell of the policy).
+pub(in crate::policy) fn check_adjust(cells: &[Cell], adjust: &Adjust) -> Result<(), String> {
+    let (requests, tokens) = match adjust {
+        Adjust::SetAll(limits) => (Some(limits.as_slice()), None),
+        Adjust::Table { requests, tokens } => (requests.as_deref(), tokens.as_deref()),
+        Adjust::Scale(k) if !(*k > 0.0 && *k <= Adjust::MAX_SCALE) => {
+            return Err(format!(
+                "a multiplier is above 0 and at most x{}",
+                Adjust::MAX_SCALE
+            ));
+        }
+        Adjust::Set(_) | Adjust::Scale(_) => return Ok(()),
+    };
+    if let Some(r) = requests.filter(|r| !r.is_empty()) {
+        check_list(r)?;
+    }
+    if let Some(t) = tokens {
+        check_list(t)?;
+    }
+    let too_many = cells.iter().any(|c| {
+        requests.map_or(c.per_key.len(), <[Limit]>::len)
+            + c.per_account.len()
+            + tokens.map_or(c.tokens.len(), <[Limit]>::len)
+            + c.account_tokens.len()
+            > MAX_LIMITS
+    });
+    if too_many {
+        return Err(format!(
+            "with the per-account limits, more than {MAX_LIMITS} limits would apply"
+        ));
+    }
+    Ok(())
+}
+
+/// The requests of a burst of `max` that a reserve of `pct` percent keeps
+/// for critical requests (rounded up).
+pub(crate) fn reserve_of(max: u32, pct: u8) -> u32 {
+    (u64::from(max) * u64::from(pct)).div_ceil(100) as u32
+}

@@ -1,0 +1,305 @@
+//! The `[tiers.*]` sections: each tier's cells, one per category. Every
+//! kind of a tier's entries (rules, per-account limits, tokens, refunds,
+//! concurrency) goes through one loop, [`Tier::each_entry`]: find the
+//! category, check the value, refuse a second entry, store.
+
+use super::names::{check_list, check_name, join};
+use super::{Located, PolicyBuilder, PolicyError, Tier};
+use crate::limit::{Limit, MAX_LIMITS};
+use crate::policy::{Cell, MAX_CONCURRENCY, Metering, RefundOn};
+
+impl PolicyBuilder {
+    /// The `[tiers.*]` sections: each tier's name, then its cells, one per
+    /// category in order (tier-major).
+    pub(super) fn build_tiers(
+        &self,
+        categories: &[Box<str>],
+    ) -> Result<(Vec<Box<str>>, Vec<Cell>), PolicyError> {
+        if self.tiers.is_empty() {
+            return Err(PolicyError::new(
+                "tiers",
+                None,
+                "at least one tier is needed",
+            ));
+        }
+        let mut tier_names: Vec<Box<str>> = Vec::with_capacity(self.tiers.len());
+        let mut cells: Vec<Cell> = Vec::with_capacity(self.tiers.len() * categories.len());
+        for tier in &self.tiers {
+            let entry = format!("tiers.{}", tier.name);
+            check_name(&tier.name).map_err(|m| PolicyError::new(&entry, tier.line, m))?;
+            if tier_names.iter().any(|t| **t == *tier.name) {
+                return Err(PolicyError::new(
+                    &entry,
+                    tier.line,
+                    format!("tier `{}` is declared twice", tier.name),
+                ));
+            }
+            let table = tier.table(categories)?;
+            cells.extend(table.into_cells(tier, categories)?);
+            tier_names.push(tier.name.as_str().into());
+        }
+        if tier_names.len() > usize::from(u16::MAX) {
+            return Err(PolicyError::new("tiers", None, "too many tiers"));
+        }
+        Ok((tier_names, cells))
+    }
+}
+
+/// A tier's entries by category, as its cells will hold them.
+struct Table {
+    /// Per-key limits (`None`: unlimited).
+    rules: Vec<Option<Vec<Limit>>>,
+    /// Whether the tier gives each category a rule.
+    set: Vec<bool>,
+    per_account: Vec<Vec<Limit>>,
+    /// Token limits: per key, per account.
+    tokens: Vec<[Vec<Limit>; 2]>,
+    refunds: Vec<RefundOn>,
+    /// Concurrency limits: per key, per account.
+    concurrency: Vec<[Option<u32>; 2]>,
+}
+
+/// One kind of a tier's entries by category (rules, per-account limits,
+/// tokens, refunds, concurrency): how [`Tier::each_entry`] reads and
+/// names them.
+struct Kind<T> {
+    /// The entry's last part, after the category (`tokens`); `None`: the
+    /// category is the last part.
+    what: Option<&'static str>,
+    /// An entry's category, and whether it is counted per account.
+    slot: fn(&T) -> (&str, bool),
+    /// Refuses a value on its own (before the check for a second entry).
+    check: fn(&T) -> Result<(), String>,
+    /// The error for a second entry of one category and slot, given the
+    /// tier's and the category's names; `None`: the last entry counts.
+    twice: Option<fn(&str, &str) -> String>,
+}
+
+fn any<T>(_: &T) -> Result<(), String> {
+    Ok(())
+}
+
+impl Tier {
+    /// The one loop every kind of the tier's entries goes through. For
+    /// each entry, in order: its category must be declared; `kind.check`
+    /// must accept its value; it must be the first of its category and
+    /// slot (per key or per account) unless `kind.twice` is `None`; then
+    /// `store` keeps it, and may still refuse it (a cell's total). An
+    /// error names the entry (`tiers.<tier>[.per_account].<category>[.<what>]`)
+    /// and its line. Returns the categories and slots set.
+    fn each_entry<'t, T>(
+        &self,
+        categories: &[Box<str>],
+        entries: &'t [Located<T>],
+        kind: Kind<T>,
+        mut store: impl FnMut(&'t T, usize) -> Result<(), String>,
+    ) -> Result<Vec<[bool; 2]>, PolicyError> {
+        let mut seen = vec![[false; 2]; categories.len()];
+        for Located { value, line } in entries {
+            let (cat, per_account) = (kind.slot)(value);
+            let entry = format!(
+                "tiers.{}{}.{cat}{}",
+                self.name,
+                if per_account { ".per_account" } else { "" },
+                kind.what.map_or(String::new(), |w| format!(".{w}")),
+            );
+            let err = |m: String| PolicyError::new(&entry, *line, m);
+            let id = categories.iter().position(|c| **c == *cat).ok_or_else(|| {
+                err(format!(
+                    "unknown category `{cat}` (declared: {})",
+                    join(categories)
+                ))
+            })?;
+            (kind.check)(value).map_err(&err)?;
+            let again = std::mem::replace(&mut seen[id][usize::from(per_account)], true);
+            if let (true, Some(twice)) = (again, kind.twice) {
+                return Err(err(twice(&self.name, cat)));
+            }
+            store(value, id).map_err(&err)?;
+        }
+        Ok(seen)
+    }
+
+    /// Every entry of the tier, checked, by category.
+    fn table(&self, categories: &[Box<str>]) -> Result<Table, PolicyError> {
+        let n = categories.len();
+        let refund = self
+            .refund_on
+            .as_ref()
+            .map_or(RefundOn::none(), |r| r.value);
+        let mut t = Table {
+            rules: vec![None; n],
+            set: Vec::new(),
+            per_account: vec![Vec::new(); n],
+            tokens: vec![[Vec::new(), Vec::new()]; n],
+            refunds: vec![refund; n],
+            concurrency: vec![[None, None]; n],
+        };
+        t.set = self.read_rules(categories, &mut t)?;
+        self.read_per_account(categories, &mut t)?;
+        self.read_tokens(categories, &mut t)?;
+        self.read_refunds(categories, &mut t)?;
+        self.read_concurrency(categories, &mut t)?;
+        Ok(t)
+    }
+
+    /// `tiers.<tier>.<category>`: the per-key limits, or unlimited.
+    fn read_rules(&self, categories: &[Box<str>], t: &mut Table) -> Result<Vec<bool>, PolicyError> {
+        let seen = self.each_entry(
+            categories,
+            &self.rules,
+            Kind {
+                what: None,
+                slot: |(c, _)| (c, false),
+                check: any,
+                twice: Some(|t, c| format!("tier `{t}` sets `{c}` twice")),
+            },
+            |(_, limits), id| {
+                if let Some(limits) = limits {
+                    check_list(limits)?;
+                }
+                t.rules[id] = limits.clone();
+                Ok(())
+            },
+        )?;
+        Ok(seen.into_iter().map(|[key, _]| key).collect())
+    }
+
+    /// `tiers.<tier>.per_account.<category>`.
+    fn read_per_account(&self, categories: &[Box<str>], t: &mut Table) -> Result<(), PolicyError> {
+        self.each_entry(
+            categories,
+            &self.per_account,
+            Kind {
+                what: None,
+                slot: |(c, _)| (c, true),
+                check: any,
+                twice: Some(|t, c| format!("tier `{t}` sets per-account `{c}` twice")),
+            },
+            |(cat, limits), id| {
+                check_list(limits)?;
+                if t.rules[id].as_ref().map_or(0, Vec::len) + limits.len() > MAX_LIMITS {
+                    return Err(format!(
+                        "`{cat}` has more than {MAX_LIMITS} limits per key and per account together"
+                    ));
+                }
+                t.per_account[id] = limits.clone();
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+
+    /// `tiers.<tier>[.per_account].<category>.tokens`.
+    fn read_tokens(&self, categories: &[Box<str>], t: &mut Table) -> Result<(), PolicyError> {
+        self.each_entry(
+            categories,
+            &self.tokens,
+            Kind {
+                what: Some("tokens"),
+                slot: |(c, _, per_account)| (c, *per_account),
+                check: any,
+                twice: Some(|t, c| format!("tier `{t}` sets `{c}`'s tokens twice")),
+            },
+            |(cat, limits, acct), id| {
+                check_list(limits)?;
+                t.tokens[id][usize::from(*acct)] = limits.clone();
+                let total = t.rules[id].as_ref().map_or(0, Vec::len)
+                    + t.per_account[id].len()
+                    + t.tokens[id][0].len()
+                    + t.tokens[id][1].len();
+                if total > MAX_LIMITS {
+                    return Err(format!(
+                        "`{cat}` has more than {MAX_LIMITS} limits of requests and tokens together"
+                    ));
+                }
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+
+    /// `tiers.<tier>.<category>.refund_on` (the last one counts).
+    fn read_refunds(&self, categories: &[Box<str>], t: &mut Table) -> Result<(), PolicyError> {
+        self.each_entry(
+            categories,
+            &self.refunds,
+            Kind {
+                what: Some("refund_on"),
+                slot: |(c, _)| (c, false),
+                check: any,
+                twice: None,
+            },
+            |(_, refund), id| {
+                t.refunds[id] = *refund;
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+
+    /// `tiers.<tier>[.per_account].<category>.concurrency`.
+    fn read_concurrency(&self, categories: &[Box<str>], t: &mut Table) -> Result<(), PolicyError> {
+        self.each_entry(categories, &self.concurrency, Kind {
+            what: Some("concurrency"),
+            slot: |(c, _, per_account)| (c, *per_account),
+            check: |(_, n, _)| {
+                if *n == 0 || *n > MAX_CONCURRENCY {
+                    return Err(format!(
+                        "a concurrency limit is a number of requests from 1 to {MAX_CONCURRENCY}"
+                    ));
+                }
+                Ok(())
+            },
+            twice: Some(|t, c| format!("tier `{t}` sets `{c}`'s concurrency twice")),
+        }, |(_, n, acct), id| {
+            t.concurrency[id][usize::from(*acct)] = Some(*n);
+            Ok(())
+        })?;
+        Ok(())
+    }
+}
+
+impl Table {
+    /// The tier's cells, one per category in order; every category must
+    /// have a rule.
+    fn into_cells(self, tier: &Tier, categories: &[Box<str>]) -> Result<Vec<Cell>, PolicyError> {
+        let Table {
+            rules,
+            set,
+            mut per_account,
+            mut tokens,
+            refunds,
+            concurrency,
+        } = self;
+        let mut cells = Vec::with_capacity(categories.len());
+        for (i, rule) in rules.into_iter().enumerate() {
+            if !set[i] {
+                return Err(PolicyError::new(
+                    format!("tiers.{}", tier.name),
+                    tier.line,
+                    format!(
+                        "tier `{}` has no rule for category `{}`; give a limit such as \"100/hour\" or \"unlimited\"",
+                        tier.name, categories[i]
+                    ),
+                ));
+            }
+            let [key_tokens, account_tokens] = std::mem::take(&mut tokens[i]);
+            cells.push(Cell::new(
+                rule.unwrap_or_default(),
+                std::mem::take(&mut per_account[i]),
+                Metering {
+                    tokens: key_tokens,
+                    account_tokens,
+                    refund: refunds[i],
+                    concurrency: concurrency[i][0],
+                    account_concurrency: concurrency[i][1],
+                },
+                tier.pool.value,
+                &tier.name,
+                &categories[i],
+            ));
+        }
+        Ok(cells)
+    }
+}

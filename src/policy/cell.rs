@@ -1,0 +1,186 @@
+//! The cells of the tier × category table: what each holds ([`Cell`]),
+//! how the request path borrows it, and how a user reads it
+//! ([`CellLimits`], [`EffectiveLimits`]).
+
+use super::{Applied, LimitBuf, Limits, Pool, RefundOn};
+use crate::key::hash_str;
+use crate::limit::{Limit, Rule};
+
+/// One cell of the tier × category table: its limits, and what separates
+/// its buckets from every other cell's in a backend.
+#[derive(Debug)]
+pub(crate) struct Cell {
+    /// The first per-key limit (or unlimited), for [`Policy::rule`](super::Policy::rule).
+    pub(crate) rule: Rule,
+    /// Limits counted per key (per account in a pooled tier); empty:
+    /// unlimited per key.
+    pub(crate) per_key: Box<[Limit]>,
+    /// Limits counted per account, on top of the per-key ones.
+    pub(crate) per_account: Box<[Limit]>,
+    /// Token limits, per key (per account in a pooled tier).
+    pub(crate) tokens: Box<[Limit]>,
+    /// Token limits per account.
+    pub(crate) account_tokens: Box<[Limit]>,
+    /// Responses whose requests are refunded.
+    pub(crate) refund: RefundOn,
+    /// Whether a request of the cell is settled after its response (token
+    /// limits, or refunds): it always takes the several-limit path.
+    pub(crate) metered: bool,
+    /// Requests of one key (one account in a pooled tier) in flight at
+    /// once; `None`: no concurrency limit per key.
+    pub(crate) concurrency: Option<u32>,
+    /// Requests of one account in flight at once.
+    pub(crate) account_concurrency: Option<u32>,
+    /// Whether a request of the cell holds leases (a concurrency limit).
+    pub(crate) leased: bool,
+    pub(crate) pool: Pool,
+    /// A hash of the tier and category names, stable in one process (and
+    /// across instances that share a key secret).
+    pub(crate) scope: u64,
+    /// The same for the cell's per-account limits.
+    pub(crate) account_scope: u64,
+}
+
+impl Cell {
+    pub(in crate::policy) fn new(
+        per_key: Vec<Limit>,
+        per_account: Vec<Limit>,
+        extra: Metering,
+        pool: Pool,
+        tier: &str,
+        category: &str,
+    ) -> Self {
+        let metered = !extra.tokens.is_empty()
+            || !extra.account_tokens.is_empty()
+            || !extra.refund.is_empty();
+        let leased = extra.concurrency.is_some() || extra.account_concurrency.is_some();
+        Cell {
+            rule: per_key
+                .first()
+                .map_or(Rule::Unlimited, |l| Rule::Limited(*l)),
+            per_key: per_key.into_boxed_slice(),
+            per_account: per_account.into_boxed_slice(),
+            tokens: extra.tokens.into_boxed_slice(),
+            account_tokens: extra.account_tokens.into_boxed_slice(),
+            refund: extra.refund,
+            metered,
+            concurrency: extra.concurrency,
+            account_concurrency: extra.account_concurrency,
+            leased,
+            pool,
+            scope: hash_str(&format!("{tier}\0{category}")),
+            account_scope: hash_str(&format!("{tier}\0{category}\0account")),
+        }
+    }
+
+    /// Whether nothing limits the cell.
+    #[inline]
+    pub(crate) fn is_unlimited(&self) -> bool {
+        self.per_key.is_empty()
+            && self.per_account.is_empty()
+            && self.tokens.is_empty()
+            && self.account_tokens.is_empty()
+            && !self.leased
+    }
+
+    /// The cell's limits, borrowed.
+    #[inline]
+    pub(crate) fn limits(&self) -> Limits<'_> {
+        Limits {
+            per_key: &self.per_key,
+            per_account: &self.per_account,
+            tokens: &self.tokens,
+            account_tokens: &self.account_tokens,
+        }
+    }
+
+    /// The cell's limits as a tier gives them (a copy to adjust).
+    pub(crate) fn applied(&self) -> Applied {
+        Applied {
+            per_key: LimitBuf::from_slice(&self.per_key),
+            per_account: LimitBuf::from_slice(&self.per_account),
+            tokens: LimitBuf::from_slice(&self.tokens),
+            account_tokens: LimitBuf::from_slice(&self.account_tokens),
+        }
+    }
+}
+
+/// A cell's token limits and refunds (what is settled after a response).
+#[derive(Clone, Debug, Default)]
+pub(in crate::policy) struct Metering {
+    pub(in crate::policy) tokens: Vec<Limit>,
+    pub(in crate::policy) account_tokens: Vec<Limit>,
+    pub(in crate::policy) refund: RefundOn,
+    pub(in crate::policy) concurrency: Option<u32>,
+    pub(in crate::policy) account_concurrency: Option<u32>,
+}
+
+/// Every limit that applies to one key in one category at one time
+/// ([`Policy::effective_limits`](super::Policy::effective_limits)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EffectiveLimits {
+    /// Request limits counted per key (per account in a pooled tier);
+    /// empty: unlimited per key.
+    pub per_key: Vec<Limit>,
+    /// Request limits counted per account.
+    pub per_account: Vec<Limit>,
+    /// Token limits per key (per account in a pooled tier).
+    pub tokens: Vec<Limit>,
+    /// Token limits per account.
+    pub account_tokens: Vec<Limit>,
+    /// Requests in flight at once per key (per account when pooled).
+    pub concurrency: Option<u32>,
+    /// Requests in flight at once per account.
+    pub account_concurrency: Option<u32>,
+}
+
+/// The limits of one tier × category cell ([`Policy::limits`](super::Policy::limits)).
+#[derive(Clone, Copy, Debug)]
+pub struct CellLimits<'a> {
+    pub(super) cell: &'a Cell,
+}
+
+impl<'a> CellLimits<'a> {
+    /// Limits counted per key (per account when [`pool`](Self::pool) is
+    /// [`Pool::Account`]); empty when the cell is unlimited per key.
+    pub fn per_key(&self) -> &'a [Limit] {
+        &self.cell.per_key
+    }
+
+    /// Limits counted per account, on top of the per-key ones.
+    pub fn per_account(&self) -> &'a [Limit] {
+        &self.cell.per_account
+    }
+
+    /// Whose count the per-key limits are kept in.
+    pub fn pool(&self) -> Pool {
+        self.cell.pool
+    }
+
+    /// Token limits, per key (per account when pooled).
+    pub fn tokens(&self) -> &'a [Limit] {
+        &self.cell.tokens
+    }
+
+    /// Token limits per account.
+    pub fn account_tokens(&self) -> &'a [Limit] {
+        &self.cell.account_tokens
+    }
+
+    /// The responses whose requests are refunded.
+    pub fn refund_on(&self) -> RefundOn {
+        self.cell.refund
+    }
+
+    /// Requests of one key (one account when pooled) that may be in flight
+    /// at once; `None`: no concurrency limit per key.
+    pub fn concurrency(&self) -> Option<u32> {
+        self.cell.concurrency
+    }
+
+    /// Requests of one account that may be in flight at once.
+    pub fn account_concurrency(&self) -> Option<u32> {
+        self.cell.account_concurrency
+    }
+}

@@ -1,0 +1,129 @@
+//! The policy's own tests: building, classifying, errors, the key table.
+
+use super::*;
+
+fn base() -> PolicyBuilder {
+    Policy::builder().categories(["read", "write"]).tier(
+        Tier::new("free")
+            .limit("read", Limit::per_hour(100))
+            .limit("write", Limit::per_hour(20)),
+    )
+}
+
+#[test]
+fn builds_and_classifies() {
+    let p = base()
+        .route(Route::new("/v1/w/*", "write").method("get"))
+        .route(Route::exempt("/healthz"))
+        .build()
+        .unwrap();
+    let read = p.category("read").unwrap();
+    let write = p.category("write").unwrap();
+    assert_eq!(
+        p.classify(&Method::GET, "/x"),
+        Target::Category {
+            category: read,
+            cost: 1
+        }
+    );
+    assert_eq!(
+        p.classify(&Method::HEAD, "/x"),
+        Target::Category {
+            category: read,
+            cost: 1
+        }
+    );
+    assert_eq!(
+        p.classify(&Method::DELETE, "/x"),
+        Target::Category {
+            category: write,
+            cost: 1
+        }
+    );
+    assert_eq!(
+        p.classify(&Method::GET, "/v1/w/a"),
+        Target::Category {
+            category: write,
+            cost: 1
+        }
+    );
+    assert_eq!(p.classify(&Method::GET, "/healthz"), Target::Exempt);
+}
+
+#[test]
+fn errors_name_the_entry() {
+    let e = base().tier(Tier::new("free")).build().unwrap_err();
+    assert_eq!(e.entry(), "tiers.free");
+    assert!(e.message().contains("declared twice"));
+
+    let e = base()
+        .tier(Tier::new("pro").limit("read", Limit::per_hour(1)))
+        .build()
+        .unwrap_err();
+    assert_eq!(e.entry(), "tiers.pro");
+    assert!(e.message().contains("no rule for category `write`"));
+
+    let e = base()
+        .tier(Tier::new("pro").limit("gpu", Limit::per_hour(1)))
+        .build()
+        .unwrap_err();
+    assert_eq!(e.entry(), "tiers.pro.gpu");
+
+    let e = base().route(Route::new("/a", "nope")).build().unwrap_err();
+    assert_eq!(e.entry(), "routes[0]");
+    assert!(e.message().contains("unknown category `nope`"));
+
+    let e = base()
+        .route(Route::new("/a", "write").cost(21))
+        .build()
+        .unwrap_err();
+    assert!(e.message().contains("could never succeed"), "{e}");
+
+    let e = base().key("k", "gold").build().unwrap_err();
+    assert!(e.message().contains("unknown tier `gold`"));
+    assert!(!e.to_string().contains("\"k\""), "never print the key: {e}");
+
+    let e = base()
+        .key("k", "free")
+        .key("k", "free")
+        .build()
+        .unwrap_err();
+    assert!(e.message().contains("twice"));
+
+    let e = base()
+        .unknown_keys(KeyRule::Tier("gold".into()))
+        .build()
+        .unwrap_err();
+    assert_eq!(e.entry(), "defaults.unknown_key");
+
+    let e = Policy::builder()
+        .categories(["a", "a"])
+        .build()
+        .unwrap_err();
+    assert_eq!(e.entry(), "categories[1]");
+}
+
+#[test]
+fn an_unreadable_file_keeps_its_io_error() {
+    use std::error::Error;
+    let e = Policy::from_toml_file("/nonexistent/tierlimit/policy.toml").unwrap_err();
+    let io = e
+        .source()
+        .expect("the cause")
+        .downcast_ref::<std::io::Error>();
+    assert_eq!(
+        io.map(std::io::Error::kind),
+        Some(std::io::ErrorKind::NotFound)
+    );
+    assert!(e.to_string().contains("cannot read the policy file"));
+}
+
+#[test]
+fn key_table_compares_full_text() {
+    let p = base().key("alpha", "free").build().unwrap();
+    let free = p.tier("free");
+    assert_eq!(p.key_tier("alpha", KeyId::of("alpha")), free);
+    assert_eq!(p.key_tier("beta", KeyId::of("beta")), None);
+    // A forged id cannot borrow another key's tier.
+    assert_eq!(p.key_tier("beta", KeyId::of("alpha")), None);
+}
