@@ -427,4 +427,3 @@ where
         ready(Ok(self.peek_lease_now(owner, lease)))
     }
 }
-
