@@ -1,0 +1,315 @@
+//! The owner-sharded store of every check that is not one charge alone:
+//! one owner's buckets in one of [`SHARDS`] shards (one lock per check),
+//! known callers and guests apart, charged against the backend's key
+//! [`Budget`], with one overflow state per limit for guests that arrive
+//! at the cap.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use super::gcra::{Gcra, Slot, capacity_at};
+use super::sweep::retain_full;
+use crate::backend::{Charge, Decision, Lease, LeaseState};
+use crate::decision::Binder;
+use crate::limit::{Limit, MAX_LIMITS};
+
+pub(super) const SHARDS: usize = 64;
+
+/// The key budget, shared by both stores: how many keys are tracked, the
+/// cap (known callers may go past it, up to twice it), and the count at
+/// which growth triggers a whole sweep.
+pub(super) struct Budget {
+    pub(super) tracked: AtomicUsize,
+    pub(super) cap: usize,
+    pub(super) next_sweep: AtomicUsize,
+}
+
+impl Budget {
+    #[inline]
+    pub(super) fn try_acquire(&self) -> bool {
+        self.tracked
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.cap).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// A known caller's slot past the cap, up to twice it (the hard bound).
+    #[cold]
+    pub(super) fn force_acquire(&self) -> bool {
+        let hard = self.cap.saturating_mul(2);
+        self.tracked
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < hard).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub(super) fn release(&self, n: usize) {
+        self.tracked.fetch_sub(n, Ordering::Relaxed);
+        crate::telemetry::tracked_keys(-(n as f64));
+    }
+}
+
+/// The buckets of several-limit checks: one owner's in one shard (one
+/// lock per check), charged against the backend's key budget like the
+/// single-limit buckets, with one overflow state per limit for guests
+/// that arrive at the cap.
+pub(super) struct MultiStore {
+    shards: Box<[Shard]>,
+    overflow: Mutex<HashMap<(u8, Limit), u64>>,
+}
+
+impl MultiStore {
+    pub(super) fn new() -> Self {
+        MultiStore {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            overflow: Mutex::new(HashMap::new()),
+        }
+    }
+
+    #[inline]
+    pub(super) fn shard(&self, owner: u64) -> &Shard {
+        &self.shards[(owner >> 32) as usize % SHARDS]
+    }
+
+    /// Drops buckets full again (TAT at or before `now`).
+    pub(super) fn retain_shard(&self, shard: usize, now: u64, budget: &Budget) {
+        retain_full(&self.shards[shard], now, budget);
+    }
+
+    pub(super) fn retain_overflow(&self, now: u64) {
+        let mut overflow = self.overflow.lock().unwrap_or_else(PoisonError::into_inner);
+        if !overflow.is_empty() {
+            overflow.retain(|_, tat| *tat > now);
+        }
+    }
+}
+
+/// The key hash is already uniform: use it as the table's hash.
+#[derive(Default)]
+pub(super) struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+pub(super) type Table = HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>;
+
+/// One shard: `bucket → TAT`, known callers and guests (unknown keys and
+/// anonymous callers) apart, so that guests can give way at the cap.
+#[derive(Default)]
+pub(super) struct ShardMaps {
+    pub(super) known: Table,
+    pub(super) guests: Table,
+    /// Leases held per concurrency bucket (a bucket is dropped when its
+    /// last lease is released, so this holds no more than the requests in
+    /// flight; it is not charged to the key budget).
+    pub(super) leases: Table,
+}
+
+impl ShardMaps {
+    pub(super) fn get(&self, key: u64) -> Option<u64> {
+        self.known
+            .get(&key)
+            .or_else(|| self.guests.get(&key))
+            .copied()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.known.len() + self.guests.len()
+    }
+
+    pub(super) fn table(&mut self, known: bool) -> &mut Table {
+        if known {
+            &mut self.known
+        } else {
+            &mut self.guests
+        }
+    }
+
+    /// Stores a tracked bucket's TAT, moving it to the caller's class.
+    pub(super) fn set(&mut self, key: u64, tat: u64, known: bool) {
+        if let Some(v) = self.table(known).get_mut(&key) {
+            *v = tat;
+            return;
+        }
+        self.table(!known).remove(&key);
+        self.table(known).insert(key, tat);
+    }
+
+    /// The binding state of a request's concurrency leases if it takes
+    /// one more of each (`None`: it has none).
+    #[inline]
+    pub(super) fn lease_state(&self, leases: &[Lease]) -> Option<LeaseState> {
+        LeaseState::binding(leases.iter().map(|l| {
+            let held = self.leases.get(&l.bucket).map_or(0, |&n| n as u32);
+            LeaseState {
+                limit: l.max,
+                remaining: l.max.saturating_sub(held).saturating_sub(1),
+                refused: held >= l.max,
+                per_account: l.per_account,
+            }
+        }))
+    }
+
+    /// An admitted request takes one lease of each.
+    #[inline]
+    pub(super) fn take_leases(&mut self, leases: &[Lease]) {
+        for l in leases {
+            *self.leases.entry(l.bucket).or_insert(0) += 1;
+        }
+    }
+}
+
+pub(super) type Shard = Mutex<ShardMaps>;
+
+/// What a several-limit check read under its owner's shard lock (which it
+/// holds until the check returns): each charge's state and where it lives.
+/// Nothing is written until the check is decided; then every charge is
+/// written ([`commit`](Self::commit)) or none ([`refuse`](Self::refuse)).
+pub(super) struct Reading<'a> {
+    /// Each charge's state: its TAT, and where it lives.
+    slots: [Slot; MAX_LIMITS],
+    /// Places taken from the key budget for new buckets.
+    acquired: usize,
+    /// The overflow states, locked once a guest at the cap needs one.
+    overflow: Option<MutexGuard<'a, HashMap<(u8, Limit), u64>>>,
+}
+
+impl MultiStore {
+    /// Reads every charge's state in `maps` (the owner's shard, locked).
+    /// A bucket not tracked takes a place in the key budget; at the cap, a
+    /// known caller's goes past it or makes a guest of the shard give way,
+    /// and a guest's is counted in the overflow bucket of its limit.
+    #[inline]
+    pub(super) fn read(
+        &self,
+        maps: &ShardMaps,
+        charges: &[Charge],
+        known: bool,
+        budget: &Budget,
+    ) -> Reading<'_> {
+        let mut overflow = None;
+        let mut slots = [Slot::Tracked(0); MAX_LIMITS];
+        let mut acquired = 0usize;
+        // Guests of this shard that may give way to a known caller at the
+        // hard bound (one per new bucket).
+        let mut spare_guests = maps.guests.len();
+        for (i, c) in charges.iter().enumerate() {
+            slots[i] = match maps.get(c.bucket) {
+                Some(tat) => Slot::Tracked(tat),
+                None if budget.try_acquire() => {
+                    acquired += 1;
+                    Slot::New
+                }
+                None if known && budget.force_acquire() => {
+                    acquired += 1;
+                    Slot::New
+                }
+                None if known && spare_guests > 0 => {
+                    spare_guests -= 1;
+                    Slot::Evict
+                }
+                None => {
+                    let map = overflow.get_or_insert_with(|| {
+                        self.overflow.lock().unwrap_or_else(PoisonError::into_inner)
+                    });
+                    Slot::Overflow(map.get(&(i as u8, c.limit)).copied())
+                }
+            };
+        }
+        Reading {
+            slots,
+            acquired,
+            overflow,
+        }
+    }
+}
+
+impl Reading<'_> {
+    /// Charge `i`'s GCRA step at `now` (an untracked bucket's TAT is now).
+    #[inline]
+    pub(super) fn gcra(&self, i: usize, c: &Charge, now: u64) -> Gcra {
+        let tat = self.slots[i].tat().unwrap_or(now);
+        Gcra::new(&c.limit, c.cost.max(1), c.reserve, tat, now)
+    }
+
+    /// A refused check writes nothing and gives the budget back its places.
+    /// Refused by a charge, each charge reports its own decision; refused
+    /// by a lease (every charge admits it), each reports its capacity now,
+    /// untouched.
+    #[inline]
+    pub(super) fn refuse(
+        &self,
+        binder: &mut Binder,
+        charges: &[Charge],
+        now: u64,
+        lease_refused: bool,
+        budget: &Budget,
+    ) {
+        if self.acquired > 0 {
+            budget.tracked.fetch_sub(self.acquired, Ordering::Relaxed);
+        }
+        for (i, c) in charges.iter().enumerate() {
+            let d = if lease_refused {
+                Decision::allow(&c.limit, capacity_at(&c.limit, self.slots[i].tat(), now))
+            } else {
+                self.gcra(i, c, now).decision(&c.limit, c.cost.max(1))
+            };
+            binder.push(i, d);
+        }
+    }
+
+    /// An admitted check counts every charge: each one's new TAT is written
+    /// where its slot says it lives.
+    #[inline]
+    pub(super) fn commit(
+        &mut self,
+        binder: &mut Binder,
+        maps: &mut ShardMaps,
+        charges: &[Charge],
+        now: u64,
+        known: bool,
+    ) {
+        if self.acquired > 0 {
+            crate::telemetry::tracked_keys(self.acquired as f64);
+        }
+        for (i, c) in charges.iter().enumerate() {
+            let g = self.gcra(i, c, now);
+            binder.push(i, g.decision(&c.limit, c.cost.max(1)));
+            let next = g.next;
+            match self.slots[i] {
+                Slot::Tracked(_) => maps.set(c.bucket, next, known),
+                Slot::New => {
+                    maps.table(known).insert(c.bucket, next);
+                }
+                Slot::Evict => {
+                    // At the hard bound: a guest of this shard gives way
+                    // (counted when the slot was chosen, so one is there).
+                    if let Some(&victim) = maps.guests.keys().next() {
+                        maps.guests.remove(&victim);
+                    }
+                    maps.known.insert(c.bucket, next);
+                }
+                Slot::Overflow(_) => {
+                    if let Some(map) = self.overflow.as_mut() {
+                        map.insert((i as u8, c.limit), next);
+                    }
+                }
+            }
+        }
+    }
+}
