@@ -25,7 +25,7 @@ pub struct Decision {
     /// The limit's window (`per`).
     pub window: Duration,
     /// Which of a request's limits this decision describes, when it was
-    /// checked against several ([`Backend::check_all`](crate::Backend::check_all)):
+    /// checked together ([`Backend::check`](crate::backend::Backend::check)):
     /// its position among the check's charges (per-key limits first, then
     /// per-account ones). 0 for a single limit.
     pub index: u8,

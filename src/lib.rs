@@ -80,7 +80,7 @@
 //! |---|---|
 //! | *cell* | one tier × category pair of the policy's table, with its limits |
 //! | *rule* | a cell's first [`Limit`] or `Unlimited`, after custom limits and boosts |
-//! | *check* | one [`Backend::check`](backend::Backend::check) of a [`backend::Check`]: every limit that applies to one request, decided at once, all or nothing (a request under one limit is a check of one charge); a *peek* counts nothing |
+//! | *check* | one `Backend::check` of a [`backend::Check`]: every limit that applies to one request, decided at once, all or nothing (a request under one limit is a check of one charge); a *peek* counts nothing |
 //! | *charge* | one limit of a check, and what the request takes of it (its cost, or a token estimate) |
 //! | *decision* | a backend's answer ([`backend::Decision`]): allowed, or not and when to retry |
 //! | *binding limit* | of several, the one the headers describe: fewest remaining on an allow, longest wait on a refusal |

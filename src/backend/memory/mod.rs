@@ -38,7 +38,7 @@ use crate::limit::MAX_LIMITS;
 /// The keyed, in-process backend (the default).
 ///
 /// State lives in governor rate limiters, one per distinct [`Limit`], keyed
-/// by [`Subject::bucket`] (a 64-bit hash) in a sharded table: 16 bytes of
+/// by its charge's bucket ([`Charge::bucket`](super::Charge::bucket), a 64-bit hash) in a sharded table: 16 bytes of
 /// entry per tracked key, about 36 bytes with the table's slack (measured
 /// by `tests/memory.rs`). Checks are synchronous; the returned future is
 /// ready at once, and nothing is allocated per request once a key is
@@ -60,7 +60,7 @@ use crate::limit::MAX_LIMITS;
 ///   sweep, the request that notices sweeps the whole table.
 /// - **At the cap** (default 1,000,000 keys,
 ///   [`max_keys`](MemoryBackendBuilder::max_keys)), callers are served by
-///   class ([`Subject::known`]):
+///   class ([`Check::known`](super::Check::known)):
 ///   - a *known* caller (a listed key, a key the resolver gave a tier, an
 ///     identity from an auth layer) always gets its own bucket and its full
 ///     limit: a guest's state in the same shard gives way to it, or, with
