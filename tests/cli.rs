@@ -192,7 +192,7 @@ fn check_refuses_hardened_cases_without_printing_a_key() {
         assert_eq!(o.status.code(), Some(1), "{name}: {out}{err}");
         assert!(err.contains(says), "{name}: {err}");
         let entry = if name == "multiplier" {
-            "overrides.\"key:"
+            "custom_limits.\"key:"
         } else {
             "keys.\"key:"
         };

@@ -400,11 +400,11 @@ pub(crate) fn validate(base: &Policy, change: &Change) -> Result<(), PolicyError
             adjust,
             ..
         } => (
-            format!("overrides.{}", entry(key, &format!(".{category}"))),
+            format!("custom_limits.{}", entry(key, &format!(".{category}"))),
             base.check_op_limit(category, Some(adjust)),
         ),
         Change::RemoveLimit { key, category } => (
-            format!("overrides.{}", entry(key, &format!(".{category}"))),
+            format!("custom_limits.{}", entry(key, &format!(".{category}"))),
             base.check_op_limit(category, None),
         ),
         Change::AddBoost { boost: b, .. } => {

@@ -1,5 +1,5 @@
 //! Operator controls in the policy: priority reserves, custom limits
-//! (`[overrides]`) and boosts, and the check every adjustment passes.
+//! (`[custom_limits]`) and boosts, and the check every adjustment passes.
 
 use std::collections::HashMap;
 
@@ -73,7 +73,7 @@ impl PolicyBuilder {
         } in &self.overrides
         {
             let shown = names.shown_category(cat);
-            let entry = format!("overrides.\"{}\".{shown}", KeyId::of(key).redacted());
+            let entry = format!("custom_limits.\"{}\".{shown}", KeyId::of(key).redacted());
             check_key(key, &entry, *line)?;
             names
                 .check_adjust(adjust)

@@ -34,8 +34,9 @@ struct File {
     grpc: Vec<Spanned<GrpcSpec>>,
     #[serde(default)]
     keys: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
-    #[serde(default)]
-    overrides: BTreeMap<Spanned<String>, TierRules>,
+    /// `[custom_limits]` (`[overrides]`, its earlier name, is read too).
+    #[serde(default, alias = "overrides")]
+    custom_limits: BTreeMap<Spanned<String>, TierRules>,
     #[serde(default)]
     boosts: Vec<Spanned<BoostSpec>>,
     #[serde(default)]
@@ -138,7 +139,7 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
     b = sections::grpc(b, file.grpc, &lines)?;
     b = sections::routes(b, file.routes, &lines);
     b = sections::keys(b, file.keys, &lines)?;
-    b = sections::overrides(b, file.overrides, &lines)?;
+    b = sections::custom_limits(b, file.custom_limits, &lines)?;
     b = sections::boosts(b, file.boosts, &lines)?;
     if let Some(sh) = file.shadow {
         b = sections::shadow(b, sh);

@@ -6,9 +6,9 @@
 //! look like `[tiers.free]` is one value, not a header. From that place:
 //!
 //! - the entry is named by its path, an API key only redacted
-//!   (`keys."key:…"`, `overrides."key:…".read`), and never by the file's
+//!   (`keys."key:…"`, `custom_limits."key:…".read`), and never by the file's
 //!   text;
-//! - in a section that holds API keys (`[keys]`, `[overrides]`,
+//! - in a section that holds API keys (`[keys]`, `[custom_limits]` or `[overrides]`,
 //!   `[[boosts]]`) or one the loader does not know (where keys may stand
 //!   after a typo of `[keys]`), the parser's message keeps of what it quotes
 //!   only the loader's own vocabulary, the fields of the place (which are
@@ -37,7 +37,7 @@ const PLAIN: [&str; 6] = [
 ];
 
 /// Names the loader itself gives, which a message may always quote.
-const VOCABULARY: [&str; 35] = [
+const VOCABULARY: [&str; 36] = [
     "true",
     "false",
     "categories",
@@ -47,6 +47,7 @@ const VOCABULARY: [&str; 35] = [
     "grpc",
     "keys",
     "overrides",
+    "custom_limits",
     "boosts",
     "shadow",
     "read",
@@ -138,12 +139,15 @@ impl Place {
                 self.path().join(".").chars().take(60).collect()
             }
             ["keys", key, ..] => format!("keys.\"{}\"", redacted(key)),
-            ["overrides", key] => format!("overrides.\"{}\"", redacted(key)),
-            ["overrides", key, category, ..] => {
-                let category: String = category.chars().take(40).collect();
-                format!("overrides.\"{}\".{category}", redacted(key))
+            ["overrides" | "custom_limits", key] => {
+                format!("custom_limits.\"{}\"", redacted(key))
             }
-            [section @ ("keys" | "overrides")] => (*section).to_owned(),
+            ["overrides" | "custom_limits", key, category, ..] => {
+                let category: String = category.chars().take(40).collect();
+                format!("custom_limits.\"{}\".{category}", redacted(key))
+            }
+            ["keys"] => "keys".to_owned(),
+            ["overrides" | "custom_limits"] => "custom_limits".to_owned(),
             _ => "(file)".to_owned(),
         }
     }
@@ -154,7 +158,9 @@ impl Place {
         let path = self.path();
         let fields: &[&str] = match path.as_slice() {
             [section, ..] if PLAIN.contains(section) => return message.to_owned(),
-            ["keys" | "overrides", _, fields @ ..] | ["boosts", fields @ ..] => fields,
+            ["keys" | "overrides" | "custom_limits", _, fields @ ..] | ["boosts", fields @ ..] => {
+                fields
+            }
             _ => &[],
         };
         scrub(message, fields)

@@ -277,8 +277,9 @@ fn key_spec(v: &toml::Value) -> Result<(String, Option<String>), String> {
     Ok((tier, account))
 }
 
-/// `[overrides."KEY"]`: custom limits, category by category.
-pub(super) fn overrides(
+/// `[custom_limits."KEY"]` (or `[overrides."KEY"]`): custom limits,
+/// category by category.
+pub(super) fn custom_limits(
     mut b: PolicyBuilder,
     overrides: BTreeMap<Spanned<String>, TierRules>,
     lines: &Lines,
@@ -293,7 +294,7 @@ pub(super) fn overrides(
             let adjust = parse_adjust(spec.get_ref()).map_err(|m| {
                 let key = KeyId::of(key.get_ref()).redacted();
                 let shown = b.shown_category(cat.get_ref());
-                PolicyError::new(format!("overrides.\"{key}\".{shown}"), line, m)
+                PolicyError::new(format!("custom_limits.\"{key}\".{shown}"), line, m)
             })?;
             b = b.custom_limit_at(key.get_ref().clone(), cat.into_inner(), adjust, line);
         }

@@ -4,6 +4,7 @@
 
 use super::super::super::operator::Adjust;
 use super::{GOOD, err, parse};
+use crate::policy::Policy;
 use crate::policy::file::parse_adjust_json;
 
 /// A multi-line string in `[keys]` whose lines look like table headers
@@ -56,7 +57,7 @@ fn unknown_fields_of_keys_custom_limits_and_boosts_are_refused() {
             format!(
                 "{GOOD}\n[overrides.\"{secret}\"]\nread = {{ requests = \"2/hour\", tokns = \"5/hour\" }}\n"
             ),
-            "overrides.",
+            "custom_limits.",
             "tokns",
         ),
         (
@@ -95,7 +96,7 @@ fn multipliers_that_overflow_are_refused() {
         let e = err(&format!(
             "{GOOD}\n[overrides.\"k1\"]\nread = \"{adjust}\"\n"
         ));
-        assert!(e.entry().starts_with("overrides."), "{adjust}: {e}");
+        assert!(e.entry().starts_with("custom_limits."), "{adjust}: {e}");
         assert!(e.message().contains("at most x1000"), "{adjust}: {e}");
         let e = err(&format!(
             "{GOOD}\n[[boosts]]\ntier = \"pro\"\nadjust = \"{adjust}\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2027-01-01T00:00:00Z\"\n"
@@ -123,4 +124,20 @@ fn a_multiplier_built_in_code_is_held_to_the_same_maximum() {
             .unwrap_err();
         assert!(e.message().contains("at most x1000"), "{k}: {e}");
     }
+}
+
+#[test]
+fn custom_limits_are_read_under_their_name_and_their_earlier_one() {
+    for section in ["custom_limits", "overrides"] {
+        let src = format!("{GOOD}\n[{section}.\"k-custom\"]\nread = \"3/hour\"\n");
+        let p = Policy::from_toml_str(&src).unwrap_or_else(|e| panic!("[{section}]: {e}"));
+        let (tier, read) = (p.tier("pro").unwrap(), p.category("read").unwrap());
+        let rule = p.effective_rule(tier, read, crate::key::KeyId::of("k-custom"), 0);
+        assert_eq!(rule.to_string(), "3 per hour", "[{section}]");
+    }
+    // Both at once: one table of custom limits, so a duplicate.
+    let src = format!(
+        "{GOOD}\n[custom_limits.\"a\"]\nread = \"3/hour\"\n[overrides.\"b\"]\nread = \"3/hour\"\n"
+    );
+    assert!(Policy::from_toml_str(&src).is_err());
 }
