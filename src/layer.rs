@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tower_layer::Layer;
 
 use crate::admission::Shared;
-pub use crate::admission::UnixClock;
+pub use crate::time::UnixClock;
 use crate::backend::{Backend, MemoryBackend};
 use crate::extract::{ApiKey, Extractor, PeerIp};
 use crate::plane::Plane;
