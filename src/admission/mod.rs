@@ -1,5 +1,4 @@
-//! The request path, in one module: **identify → classify → rule →
-//! backend check → outcome**.
+//! The request path: **classify → identify → limits → check → outcome**.
 //!
 //! [`Shared::admit`] reads a request's head and returns a [`Step`]: pass
 //! (not limited), allow (with the headers to write), answer (a refusal or a
@@ -8,31 +7,40 @@
 //! whose [`settle`](Deferred::settle) turns the backend's answer into the
 //! same outcome the ready path gets. The service, its future, the layer and
 //! the usage service depend on this module; it depends on none of them.
+//!
+//! Inside: this file identifies, classifies and makes the check;
+//! `charges` is the check's charges and leases; `outcome` turns a decision
+//! into headers or an answer; `deferred` is a check under way; `priority`
+//! reads a request's priority.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http::{Request, Response};
 
-use crate::backend::{
-    Backend, BackendError, Charge, Check, Decision, Lease, MAX_LEASES, limit_bucket,
-};
-use crate::extract::{Extractor, Identity, PeerIp, Priority, Rejection, RequestRef};
-use crate::key::KeyId;
-use crate::lease::LeaseGuard;
-use crate::meter::{Seed, Settler, TokenMeter};
-use crate::policy::{
-    Applied, CategoryId, Cell, Limit, Limits, MAX_LIMITS, Policy, Pool, Target, TierId,
-};
-use crate::response::grpc::is_grpc;
-use crate::response::{Answer, HeaderOptions, HeaderPlan};
-use crate::view::{CellView, PolicyView, ViewSlot};
+mod charges;
+mod deferred;
+mod outcome;
+mod priority;
 
-/// A source of Unix time in seconds (for boosts; tests inject one).
-pub type UnixClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+pub(crate) use charges::ChargeSet;
+pub(crate) use deferred::Deferred;
+pub(crate) use outcome::{Admitted, Settled};
+
+use outcome::{Outcome, Settle};
+use priority::{critical, reserve_for};
+
+use crate::backend::{Backend, Check};
+use crate::extract::{Extractor, Identity, PeerIp, Rejection, RequestRef, is_grpc};
+use crate::key::KeyId;
+use crate::plane::Plane;
+use crate::policy::{Applied, CategoryId, Cell, Limit, Limits, Policy, Target, TierId};
+use crate::response::{Answer, HeaderOptions};
+use crate::time::{UnixClock, unix_time};
+use crate::view::{CellView, PolicyView, ViewSlot};
 
 /// What every clone of the service, the layer and its handles share.
 pub(crate) struct Shared<E, B> {
@@ -43,7 +51,7 @@ pub(crate) struct Shared<E, B> {
     pub(crate) view: Arc<ViewSlot>,
     /// The base policy and the operator state layered over it: what every
     /// [`PolicyHandle`](crate::PolicyHandle) and the admin service change.
-    pub(crate) plane: Arc<crate::plane::Plane>,
+    pub(crate) plane: Arc<Plane>,
     pub(crate) anonymous: PeerIp,
     pub(crate) headers: HeaderOptions,
     pub(crate) shadowed: Arc<AtomicU64>,
@@ -55,19 +63,11 @@ pub(crate) enum Step<BF> {
     /// Not limited: call the inner service, write no headers.
     Pass,
     /// Allowed: call the inner service, then write these headers.
-    Allow(HeaderPlan),
+    Allow(Admitted),
     /// Answered by the layer (a refusal or a rejection).
     Answer(Response<Bytes>),
     /// The backend needs a round trip; settle its answer with `Deferred`.
     Wait(BF, Box<Deferred>),
-}
-
-/// The outcome of a backend's answer.
-pub(crate) enum Settled {
-    /// Allowed: call the inner service, then write these headers.
-    Allow(HeaderPlan),
-    /// Answered by the layer.
-    Answer(Response<Bytes>),
 }
 
 impl<E, B> Shared<E, B> {
@@ -129,14 +129,6 @@ pub(crate) fn path<'a>(cell: &'a Cell, adjusted: Option<&'a Applied>) -> Path<'a
             }
         }
         Some(a) => Path::Check(a.limits()),
-    }
-}
-
-/// Unix time now, by the injected clock if there is one.
-fn unix_time(clock: Option<&UnixClock>) -> std::time::Duration {
-    match clock {
-        Some(c) => std::time::Duration::from_secs(c()),
-        None => crate::time::unix_now_fast(),
     }
 }
 
@@ -238,29 +230,20 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             *r = c.reserve;
         }
         if f.cell.metered {
-            settle.carried.meter = Some(TokenMeter::new(Seed {
-                owner: set.owner,
-                charges: set.items,
-                len: set.len as u8,
-                tokens: set.tokens,
+            settle.carried.meter = Some(set.meter(
+                &self.backend,
                 estimate,
-                refund: f.cell.refund,
-                sink: Arc::clone(&self.backend) as Arc<dyn Settler>,
+                f.cell.refund,
                 #[cfg(feature = "metrics")]
-                counters: Some(f.cell_view.tokens(
+                Some(f.cell_view.tokens(
                     f.guard.policy.tier_name(f.tier),
                     f.guard.policy.category_name(f.category),
                 )),
-            }));
+            ));
         }
         let lease_id = if set.nleases > 0 {
             let id = crate::lease::next_id();
-            settle.carried.lease = Some(LeaseGuard::pending(
-                set.owner,
-                set.leases(),
-                id,
-                Arc::clone(&self.backend) as Arc<dyn Settler>,
-            ));
+            settle.carried.lease = Some(set.pending_leases(&self.backend, id));
             id
         } else {
             0
@@ -419,399 +402,5 @@ impl<T> Found<'_, T> {
             self.category,
             self.identity.key(),
         )
-    }
-}
-
-/// The charges of a request under several limits: per-key limits (per
-/// account in a pooled tier), then per-account ones, each in its own
-/// bucket, all under one owner.
-pub(crate) struct ChargeSet {
-    pub(crate) owner: u64,
-    items: [Charge; MAX_LIMITS],
-    len: usize,
-    /// How many of the last charges are token limits.
-    pub(crate) tokens: u8,
-    leases: [Lease; MAX_LEASES],
-    pub(crate) nleases: usize,
-}
-
-impl ChargeSet {
-    pub(crate) fn new(
-        cell: &Cell,
-        applied: Limits<'_>,
-        identity: &Identity,
-        cost: u32,
-        estimate: u32,
-        reserve: impl Fn(u32) -> u32,
-    ) -> Self {
-        let account = identity.account_or_key().as_u64();
-        let key_owner = match cell.pool {
-            Pool::Key => identity.key().as_u64(),
-            Pool::Account => account,
-        };
-        let owner = if cell.pool == Pool::Account
-            || !applied.per_account.is_empty()
-            || !applied.account_tokens.is_empty()
-            || cell.account_concurrency.is_some()
-        {
-            account
-        } else {
-            key_owner
-        };
-        let limits = applied
-            .per_key
-            .iter()
-            .map(|l| (*l, key_owner ^ cell.scope))
-            .chain(
-                applied
-                    .per_account
-                    .iter()
-                    .map(|l| (*l, account ^ cell.account_scope)),
-            );
-        let mut items = [Charge {
-            bucket: 0,
-            limit: Limit::per_second(1),
-            cost: 1,
-            reserve: 0,
-        }; MAX_LIMITS];
-        let mut len = 0;
-        for (slot, (limit, base)) in items.iter_mut().zip(limits) {
-            *slot = Charge {
-                bucket: limit_bucket(base, &limit),
-                limit,
-                cost,
-                reserve: reserve(limit.max()),
-            };
-            len += 1;
-        }
-        // Token buckets apart from request buckets of the same limit.
-        let tokens = applied
-            .tokens
-            .iter()
-            .map(|l| (*l, key_owner ^ cell.scope ^ TOKENS))
-            .chain(
-                applied
-                    .account_tokens
-                    .iter()
-                    .map(|l| (*l, account ^ cell.account_scope ^ TOKENS)),
-            );
-        let mut n = 0u8;
-        for (slot, (limit, base)) in items[len..].iter_mut().zip(tokens) {
-            *slot = Charge {
-                bucket: limit_bucket(base, &limit),
-                limit,
-                cost: estimate.max(1),
-                reserve: 0,
-            };
-            len += 1;
-            n += 1;
-        }
-        let mut leases = [Lease {
-            bucket: 0,
-            max: 1,
-            per_account: false,
-        }; MAX_LEASES];
-        let mut nleases = 0;
-        let wanted = [
-            cell.concurrency
-                .map(|max| (max, key_owner ^ cell.scope, false)),
-            cell.account_concurrency
-                .map(|max| (max, account ^ cell.account_scope, true)),
-        ];
-        for (max, base, per_account) in wanted.into_iter().flatten() {
-            leases[nleases] = Lease {
-                bucket: (base ^ LEASES).rotate_left(29),
-                max,
-                per_account,
-            };
-            nleases += 1;
-        }
-        ChargeSet {
-            owner,
-            items,
-            len,
-            tokens: n,
-            leases,
-            nleases,
-        }
-    }
-
-    #[inline]
-    pub(crate) fn charges(&self) -> &[Charge] {
-        &self.items[..self.len]
-    }
-
-    #[inline]
-    pub(crate) fn leases(&self) -> &[Lease] {
-        &self.leases[..self.nleases]
-    }
-}
-
-/// Mixed into token buckets ("tokens").
-const TOKENS: u64 = 0x746f_6b65_6e73;
-
-/// Mixed into concurrency buckets ("leases").
-const LEASES: u64 = 0x6c65_6173_6573;
-
-/// What a request carries from its admission to its outcome, on the ready
-/// path and through a [`Deferred`] check alike.
-struct Carried {
-    tier: TierId,
-    category: CategoryId,
-    key: KeyId,
-    /// The reserve each charge had to leave (by charge index).
-    reserves: [u32; MAX_LIMITS],
-    /// A metered request's meter, to settle after its response.
-    meter: Option<TokenMeter>,
-    /// A request's concurrency leases (pending until the answer is known),
-    /// to hold until its response is over.
-    lease: Option<LeaseGuard>,
-}
-
-/// What settling a check needs from the path that made it.
-struct Settle<'a> {
-    cell: &'a CellView,
-    carried: Carried,
-    #[cfg(feature = "metrics")]
-    started: std::time::Instant,
-}
-
-impl<'a> Settle<'a> {
-    /// Made just before the backend is asked (the check's duration starts).
-    #[inline]
-    fn start(cell: &'a CellView, tier: TierId, category: CategoryId, key: KeyId) -> Self {
-        Settle {
-            cell,
-            carried: Carried {
-                tier,
-                category,
-                key,
-                reserves: [0; MAX_LIMITS],
-                meter: None,
-                lease: None,
-            },
-            #[cfg(feature = "metrics")]
-            started: std::time::Instant::now(),
-        }
-    }
-}
-
-/// Whether a request is critical (by its `X-Request-Priority`, else its
-/// identity's priority): critical requests may use a tier's reserve.
-fn critical(headers: &http::HeaderMap, priority: Priority) -> Result<bool, Rejection> {
-    let priority = match headers.get(&X_REQUEST_PRIORITY) {
-        Some(v) => parse_priority(v.as_bytes()).ok_or(Rejection::InvalidPriority)?,
-        None => priority,
-    };
-    Ok(priority == Priority::Critical)
-}
-
-/// The capacity of a limit of burst `max` a request that is not critical
-/// must leave, under a reserve of `pct` percent. A custom or scaled limit
-/// may be smaller than the tier's: never reserve the whole burst.
-fn reserve_for(pct: u8, max: u32) -> u32 {
-    crate::policy::reserve_of(max, pct).min(max - 1)
-}
-
-static X_REQUEST_PRIORITY: http::HeaderName = http::HeaderName::from_static("x-request-priority");
-
-fn parse_priority(v: &[u8]) -> Option<Priority> {
-    let v = v.trim_ascii();
-    if v.eq_ignore_ascii_case(b"critical") {
-        Some(Priority::Critical)
-    } else if v.eq_ignore_ascii_case(b"normal") {
-        Some(Priority::Normal)
-    } else if v.eq_ignore_ascii_case(b"sheddable") {
-        Some(Priority::Sheddable)
-    } else {
-        None
-    }
-}
-
-/// What settling a backend's answer needs, borrowed (the ready path) or
-/// from a [`Deferred`] (the deferred path): one code path for both.
-struct Outcome<'a> {
-    policy: &'a Policy,
-    cell: &'a CellView,
-    carried: Carried,
-    shadowed: &'a AtomicU64,
-    options: HeaderOptions,
-    unix_clock: Option<&'a UnixClock>,
-}
-
-impl Outcome<'_> {
-    /// Turns a backend's answer into the outcome: the reserve is reported
-    /// as part of the limit, and shadow mode turns refusals into counted
-    /// passes.
-    fn settle(
-        &mut self,
-        result: Result<Decision, BackendError>,
-        grpc: impl FnOnce() -> bool,
-    ) -> Settled {
-        let meter = self.carried.meter.take();
-        // Leases are held only by an admitted request; any other answer
-        // took none (a shadow-mode pass included).
-        let lease = match (self.carried.lease.take(), &result) {
-            (Some(g), Ok(d)) if d.allowed => Some(g),
-            (Some(g), _) => {
-                g.refused();
-                None
-            }
-            (None, _) => None,
-        };
-        let policy = self.policy;
-        let (tier, category, key) = (self.carried.tier, self.carried.category, self.carried.key);
-        let names = (policy.tier_name(tier), policy.category_name(category));
-        let plan = |decision: Decision| HeaderPlan {
-            decision,
-            cell: self.cell.headers.clone(),
-            options: self.options,
-            now: if self.options.need_time() {
-                unix_time(self.unix_clock)
-            } else {
-                std::time::Duration::ZERO
-            },
-            meter: None,
-            lease: None,
-        };
-        let result = result.map(|mut d| {
-            let reserve = self
-                .carried
-                .reserves
-                .get(usize::from(d.index))
-                .copied()
-                .unwrap_or(0);
-            if reserve > 0 {
-                // Report the limit that applied to this request.
-                d.limit = d.limit.saturating_sub(reserve);
-                d.remaining = d.remaining.saturating_sub(reserve);
-            }
-            d
-        });
-        #[cfg(feature = "metrics")]
-        let counters = Some(self.cell.metrics(names.0, names.1));
-        match result {
-            Ok(d) if d.allowed => {
-                #[cfg(feature = "metrics")]
-                if let Some(m) = counters {
-                    m.allowed.increment(1);
-                }
-                let mut plan = plan(d);
-                if let Some(m) = &meter {
-                    m.charged();
-                }
-                plan.meter = meter;
-                plan.lease = lease.map(|g| {
-                    g.held(
-                        #[cfg(feature = "metrics")]
-                        Some(self.cell.leases(names.0, names.1)),
-                    )
-                });
-                Settled::Allow(plan)
-            }
-            Ok(mut d) if policy.is_shadow(tier, category) => {
-                #[cfg(feature = "metrics")]
-                if let Some(m) = counters {
-                    m.shadow.increment(1);
-                }
-                self.shadowed.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    tier = names.0,
-                    category = names.1,
-                    key = %key.redacted(),
-                    retry_after = ?d.retry_after,
-                    "shadow mode: would have refused"
-                );
-                d.retry_after = None;
-                // Nothing was counted: the meter settles nothing.
-                let mut plan = plan(d);
-                plan.meter = meter;
-                Settled::Allow(plan)
-            }
-            Ok(d) => {
-                #[cfg(feature = "metrics")]
-                if let Some(m) = counters {
-                    m.refused.increment(1);
-                    m.refusal(&d).increment(1);
-                }
-                tracing::debug!(
-                    tier = names.0,
-                    category = names.1,
-                    key = %key.redacted(),
-                    retry_after = ?d.retry_after,
-                    "rate limited"
-                );
-                // The meter names the token limits for the headers; it
-                // was never charged, so it settles nothing.
-                let mut plan = plan(d);
-                plan.meter = meter;
-                let refused = Answer::Refused {
-                    plan,
-                    tier: names.0,
-                    category: names.1,
-                    key,
-                };
-                Settled::Answer(refused.into_response(grpc()))
-            }
-            Err(BackendError::CostExceedsLimit { cost, max }) => {
-                let answer = Answer::CostTooHigh {
-                    cost,
-                    max,
-                    tier: names.0,
-                    category: names.1,
-                    unit: "requests",
-                };
-                Settled::Answer(answer.into_response(grpc()))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "rate-limit backend failed; answering 503");
-                Settled::Answer(Answer::Unavailable.into_response(grpc()))
-            }
-        }
-    }
-}
-
-/// A check under way: everything needed to settle it, owned.
-pub(crate) struct Deferred {
-    view: Arc<PolicyView>,
-    carried: Carried,
-    grpc: bool,
-    shadowed: Arc<AtomicU64>,
-    options: HeaderOptions,
-    unix_clock: Option<UnixClock>,
-    #[cfg(feature = "metrics")]
-    started: std::time::Instant,
-}
-
-impl std::fmt::Debug for Deferred {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Deferred")
-            .field("tier", &self.carried.tier)
-            .field("category", &self.carried.category)
-            .field("key", &self.carried.key.redacted())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Deferred {
-    /// Turns the backend's answer into the outcome (as the ready path does).
-    pub(crate) fn settle(self, result: Result<Decision, BackendError>) -> Settled {
-        #[cfg(feature = "metrics")]
-        crate::telemetry::check_duration(self.started.elapsed());
-        let Some(cell) = self.view.cell(self.carried.tier, self.carried.category) else {
-            // Not reachable with ids admit() took from this same view; an
-            // unknown key is the safe answer all the same.
-            let answer = Answer::Rejected(Rejection::UnknownKey);
-            return Settled::Answer(answer.into_response(self.grpc));
-        };
-        let mut outcome = Outcome {
-            policy: &self.view.policy,
-            cell,
-            carried: self.carried,
-            shadowed: &self.shadowed,
-            options: self.options,
-            unix_clock: self.unix_clock.as_ref(),
-        };
-        outcome.settle(result, || self.grpc)
     }
 }
