@@ -24,7 +24,7 @@ mod support;
 
 #[path = "../tests/common/one.rs"]
 mod one;
-use one::{CheckOne, CheckOneNow};
+use one::CheckOneNow;
 
 use support::*;
 

@@ -24,7 +24,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tierlimit::{Backend, KeyId, Limit, RedisBackend, Subject};
+use tierlimit::{KeyId, Limit, RedisBackend, Subject};
 
 const IN_FLIGHT: usize = 64;
 const KEYS: u64 = 100_000;

@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tower_layer::Layer;
 
 use crate::admission::Shared;
-pub use crate::time::UnixClock;
 use crate::backend::{Backend, MemoryBackend};
 use crate::extract::{ApiKey, Extractor, PeerIp};
 use crate::plane::Plane;
 use crate::policy::{Policy, PolicyBuilder, PolicyError};
 use crate::response::HeaderOptions;
 use crate::service::RateLimit;
+pub use crate::time::UnixClock;
 use crate::view::{PolicyView, ViewSlot};
 
 /// A tower [`Layer`] that rate-limits requests by key, tier and category.

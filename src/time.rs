@@ -2,8 +2,8 @@
 //! leaf: it imports nothing of the crate). Seconds shown to clients are
 //! always rounded up, never down.
 
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Time since the Unix epoch, by the system clock.

@@ -64,7 +64,12 @@ pub(super) struct Settle<'a> {
 impl<'a> Settle<'a> {
     /// Made just before the backend is asked (the check's duration starts).
     #[inline]
-    pub(super) fn start(cell: &'a CellView, tier: TierId, category: CategoryId, key: KeyId) -> Self {
+    pub(super) fn start(
+        cell: &'a CellView,
+        tier: TierId,
+        category: CategoryId,
+        key: KeyId,
+    ) -> Self {
         Settle {
             cell,
             carried: Carried {
@@ -114,7 +119,11 @@ impl<'a> Outcome<'a> {
                 counters.allowed.increment(1);
                 Settled::Allow(self.allowed(d, meter, lease))
             }
-            Ok(d) if self.policy.is_shadow(self.carried.tier, self.carried.category) => {
+            Ok(d)
+                if self
+                    .policy
+                    .is_shadow(self.carried.tier, self.carried.category) =>
+            {
                 #[cfg(feature = "metrics")]
                 counters.shadow.increment(1);
                 Settled::Allow(self.shadowed(d, meter))

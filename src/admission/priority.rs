@@ -4,7 +4,6 @@
 
 use crate::extract::{Priority, Rejection};
 
-
 /// Whether a request is critical (by its `X-Request-Priority`, else its
 /// identity's priority): critical requests may use a tier's reserve.
 pub(super) fn critical(headers: &http::HeaderMap, priority: Priority) -> Result<bool, Rejection> {

@@ -192,4 +192,3 @@ impl Extractor for ApiKey {
         })
     }
 }
-

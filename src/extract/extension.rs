@@ -39,4 +39,3 @@ impl Extractor for GlobalKey {
         Ok(Identity::from_key_id(KeyId::GLOBAL).with_tier(self.tier))
     }
 }
-

@@ -35,8 +35,8 @@ pub use crate::key::DEFAULT_MAX_KEY_LEN;
 pub use api_key::ApiKey;
 pub use extension::{FromExtension, GlobalKey};
 pub use peer_ip::PeerIp;
-pub(crate) use request::is_grpc;
 pub use request::RequestRef;
+pub(crate) use request::is_grpc;
 
 /// A request's declared priority (`X-Request-Priority`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -286,4 +286,3 @@ where
         self(req, policy)
     }
 }
-

@@ -92,4 +92,3 @@ impl Extractor for PeerIp {
         Ok(id)
     }
 }
-

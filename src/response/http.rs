@@ -45,10 +45,7 @@ pub(crate) fn response(answer: &Answer<'_>) -> Response<Bytes> {
                 obj.insert("category".into(), json!(category));
                 obj.insert("limit".into(), json!(d.limit));
                 obj.insert("remaining".into(), json!(d.remaining));
-                obj.insert(
-                    "window_seconds".into(),
-                    json!(ceil_secs(d.window)),
-                );
+                obj.insert("window_seconds".into(), json!(ceil_secs(d.window)));
                 obj.insert(
                     "retry_after_seconds".into(),
                     json!(retry_secs(d.retry_after.unwrap_or_default())),
