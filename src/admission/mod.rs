@@ -62,7 +62,8 @@ pub(crate) struct Shared<E, B> {
 pub(crate) enum Step<BF> {
     /// Not limited: call the inner service, write no headers.
     Pass,
-    /// Allowed: call the inner service, then write these headers.
+    /// Allowed: call the inner service, then write its headers (with its
+    /// meter and leases).
     Allow(Admitted),
     /// Answered by the layer (a refusal or a rejection).
     Answer(Response<Bytes>),
@@ -284,7 +285,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                     unix_clock: self.unix_clock.as_ref(),
                 };
                 match outcome.settle(result, || is_grpc(req.headers())) {
-                    Settled::Allow(plan) => Step::Allow(plan),
+                    Settled::Allow(admitted) => Step::Allow(admitted),
                     Settled::Answer(res) => Step::Answer(res),
                 }
             }
