@@ -10,9 +10,9 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::admission::{Deferred, Settled};
+use crate::admission::{Admitted, Deferred, Settled};
 use crate::backend::{BackendError, Decision};
-use crate::response::{AnswerBody, HeaderPlan};
+use crate::response::AnswerBody;
 
 pin_project! {
     /// The response future of [`RateLimit`](crate::RateLimit): the inner
@@ -21,7 +21,7 @@ pin_project! {
     pub struct ResponseFuture<F, S, Req, BF> {
         #[pin]
         state: State<F, S, Req, BF>,
-        plan: Option<HeaderPlan>,
+        admitted: Option<Admitted>,
     }
 }
 
@@ -51,10 +51,10 @@ impl<F, S, Req, BF> fmt::Debug for ResponseFuture<F, S, Req, BF> {
 }
 
 impl<F, S, Req, BF> ResponseFuture<F, S, Req, BF> {
-    pub(crate) fn inner(fut: F, plan: Option<HeaderPlan>) -> Self {
+    pub(crate) fn inner(fut: F, admitted: Option<Admitted>) -> Self {
         ResponseFuture {
             state: State::Inner { fut },
-            plan,
+            admitted,
         }
     }
 
@@ -63,7 +63,7 @@ impl<F, S, Req, BF> ResponseFuture<F, S, Req, BF> {
             state: State::Ready {
                 res: Some(Box::new(res)),
             },
-            plan: None,
+            admitted: None,
         }
     }
 
@@ -77,7 +77,7 @@ impl<F, S, Req, BF> ResponseFuture<F, S, Req, BF> {
                     deferred,
                 })),
             },
-            plan: None,
+            admitted: None,
         }
     }
 }
@@ -98,14 +98,14 @@ where
                 StateProj::Inner { fut } => {
                     // The inner response leaves as it came (no re-boxing).
                     let mut res = ready!(fut.poll(cx))?;
-                    if let Some(plan) = this.plan.take() {
-                        plan.write(res.headers_mut());
-                        if let Some(meter) = plan.meter {
+                    if let Some(admitted) = this.admitted.take() {
+                        admitted.plan.write(res.headers_mut());
+                        if let Some(meter) = admitted.meter {
                             // The layer's hold ends here: the handler's and
                             // the body's clones settle when they drop.
                             meter.on_response(res.status(), res.extensions());
                         }
-                        if let Some(lease) = plan.lease {
+                        if let Some(lease) = admitted.lease {
                             // Held until the body ends or is dropped.
                             res = res.map(|body| body.hold(lease));
                         }
@@ -128,12 +128,12 @@ where
                         ..
                     } = *checking.take().expect("checked above");
                     match deferred.settle(result) {
-                        Settled::Allow(plan) => {
+                        Settled::Allow(admitted) => {
                             let mut req = req;
-                            if let Some(meter) = &plan.meter {
+                            if let Some(meter) = &admitted.meter {
                                 req.extensions_mut().insert(meter.clone());
                             }
-                            *this.plan = Some(plan);
+                            *this.admitted = Some(admitted);
                             let fut = inner.call(req);
                             this.state.set(State::Inner { fut });
                         }

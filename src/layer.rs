@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tower_layer::Layer;
 
 use crate::admission::Shared;
-pub use crate::admission::UnixClock;
 use crate::backend::{Backend, MemoryBackend};
 use crate::extract::{ApiKey, Extractor, PeerIp};
 pub use crate::future::ResponseFuture;
@@ -15,6 +14,7 @@ use crate::plane::Plane;
 use crate::policy::{Policy, PolicyBuilder, PolicyError};
 use crate::response::HeaderOptions;
 pub use crate::service::RateLimit;
+pub use crate::time::UnixClock;
 use crate::view::{PolicyView, ViewSlot};
 
 /// A tower [`Layer`] that rate-limits requests by key, tier and category.

@@ -161,13 +161,12 @@ pub use key::{
 #[cfg(feature = "redis")]
 pub use layer::OPERATOR_SYNC_INTERVAL;
 pub use layer::{PolicyHandle, RateLimitLayer, RateLimitLayerBuilder, UnixClock};
-pub use lease::{LeaseGuard, Leased};
 pub use meter::{TokenMeter, TokenUsage};
 pub use policy::{
     Adjust, Boost, BoostTarget, CategoryId, KeyRule, Limit, Policy, PolicyBuilder, PolicyError,
     Pool, Route, Rule, Shadow, Target, Tier, TierId,
 };
-pub use response::{AnswerBody, HeaderOptions, ResponseBody};
+pub use response::{AnswerBody, HeaderOptions, LeaseGuard, Leased, ResponseBody};
 pub use service::RateLimit;
 pub use usage::UsageService;
 #[cfg(feature = "watch")]

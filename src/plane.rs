@@ -130,7 +130,7 @@ pub(crate) struct Plane {
     layered: Mutex<Layered>,
     pub(crate) view: Arc<ViewSlot>,
     store: OnceLock<Arc<dyn StateStore>>,
-    unix_clock: Option<crate::admission::UnixClock>,
+    unix_clock: Option<crate::time::UnixClock>,
 }
 
 impl fmt::Debug for Plane {
@@ -145,7 +145,7 @@ impl Plane {
     pub(crate) fn new(
         policy: Policy,
         view: Arc<ViewSlot>,
-        unix_clock: Option<crate::admission::UnixClock>,
+        unix_clock: Option<crate::time::UnixClock>,
     ) -> Self {
         Plane {
             layered: Mutex::new(Layered {

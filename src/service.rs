@@ -70,12 +70,12 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.shared.admit(&req) {
             Step::Pass => ResponseFuture::inner(self.inner.call(req), None),
-            Step::Allow(plan) => {
+            Step::Allow(admitted) => {
                 let mut req = req;
-                if let Some(meter) = &plan.meter {
+                if let Some(meter) = &admitted.meter {
                     req.extensions_mut().insert(meter.clone());
                 }
-                ResponseFuture::inner(self.inner.call(req), Some(plan))
+                ResponseFuture::inner(self.inner.call(req), Some(admitted))
             }
             Step::Answer(res) => ResponseFuture::ready(res),
             Step::Wait(check, deferred) => {

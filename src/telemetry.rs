@@ -226,7 +226,7 @@ impl CellMetrics {
     }
 
     /// The refusal counter of the limit that refused `d`.
-    pub(crate) fn refusal(&self, d: &crate::Decision) -> &metrics::Counter {
+    pub(crate) fn refusal(&self, d: &crate::decision::Decision) -> &metrics::Counter {
         if d.is_concurrency_refusal() {
             &self.refused_concurrency
         } else if d.is_tokens() {

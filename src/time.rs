@@ -2,8 +2,8 @@
 //! leaf: it imports nothing of the crate). Seconds shown to clients are
 //! always rounded up, never down.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Time since the Unix epoch, by the system clock.
@@ -38,6 +38,18 @@ pub(crate) fn unix_now_fast() -> Duration {
         NEXT.store(now + ANCHOR_EVERY.as_nanos() as u64, Ordering::Relaxed);
     }
     Duration::from_nanos(now.wrapping_add(OFFSET.load(Ordering::Relaxed)))
+}
+
+/// A source of Unix time in seconds (for boosts; tests inject one).
+pub type UnixClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Unix time now, by the injected clock if there is one, else by
+/// [`unix_now_fast`].
+pub(crate) fn unix_time(clock: Option<&UnixClock>) -> Duration {
+    match clock {
+        Some(c) => Duration::from_secs(c()),
+        None => unix_now_fast(),
+    }
 }
 
 /// Unix seconds now.

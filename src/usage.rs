@@ -18,9 +18,8 @@ use std::time::Duration;
 use crate::admission::{ChargeSet, Path, Shared, path};
 use crate::backend::{Backend, Decision, LeaseState};
 use crate::decision::Shown;
-use crate::extract::{Extractor, Identity, Rejection, RequestRef};
+use crate::extract::{Extractor, Identity, Rejection, RequestRef, is_grpc};
 use crate::policy::{Cell, Policy, Pool, TierId};
-use crate::response::grpc::is_grpc;
 use crate::response::{Answer, ResponseBody};
 
 /// Answers `GET /v1/rate_limit`-style usage checks for the caller's key:

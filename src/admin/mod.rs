@@ -227,29 +227,7 @@ where
         };
         let route = route(req.uri().path());
         let method = req.method().clone();
-        let allowed = match &route {
-            Route::Keys | Route::Limits => "PUT, DELETE",
-            Route::Boosts => "GET, POST",
-            Route::Boost(_) => "DELETE",
-            Route::Usage => "POST",
-            Route::NotFound => "",
-        };
-        if route == Route::NotFound {
-            return problem(
-                StatusCode::NOT_FOUND,
-                "admin-not-found",
-                "no such admin resource (keys, limits, boosts, boosts/{id}, usage)",
-            );
-        }
-        if !allowed.split(", ").any(|m| m == method.as_str()) {
-            let mut res = problem(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "admin-method-not-allowed",
-                &format!("this resource takes {allowed}"),
-            );
-            if let Ok(v) = HeaderValue::from_str(allowed) {
-                res.headers_mut().insert(header::ALLOW, v);
-            }
+        if let Err(res) = allowed(&route, &method) {
             return res;
         }
         let needs_body = !matches!(
@@ -304,6 +282,37 @@ where
         audit(&who, action, key, &shown);
         json_response(status, &shown)
     }
+}
+
+/// Whether `route` exists and takes `method`: else the 404, or the 405
+/// with the methods it takes.
+fn allowed(route: &Route, method: &Method) -> Result<(), AdminResponse> {
+    let allowed = match route {
+        Route::Keys | Route::Limits => "PUT, DELETE",
+        Route::Boosts => "GET, POST",
+        Route::Boost(_) => "DELETE",
+        Route::Usage => "POST",
+        Route::NotFound => "",
+    };
+    if *route == Route::NotFound {
+        return Err(problem(
+            StatusCode::NOT_FOUND,
+            "admin-not-found",
+            "no such admin resource (keys, limits, boosts, boosts/{id}, usage)",
+        ));
+    }
+    if !allowed.split(", ").any(|m| m == method.as_str()) {
+        let mut res = problem(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "admin-method-not-allowed",
+            &format!("this resource takes {allowed}"),
+        );
+        if let Ok(v) = HeaderValue::from_str(allowed) {
+            res.headers_mut().insert(header::ALLOW, v);
+        }
+        return Err(res);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -141,11 +141,32 @@ where
     /// Adds a boost; its id is `given` (an `Idempotency-Key`'s) or new.
     pub(super) fn add_boost(&self, body: &Map<String, Value>, given: Option<String>) -> Changed {
         only(body, &["key", "tier", "category", "adjust", "start", "end"])?;
-        let (target, id) = match (body.get("key"), body.get("tier")) {
+        let (target, id) = self.boost_target(body)?;
+        let boost = self.boost_entry(body, target)?;
+        let boost_id = given.unwrap_or_else(new_boost_id);
+        let mut shown = boost_json(&boost_id, &boost);
+        shown["id"] = json!(boost_id);
+        self.idempotent(&boost_id, &shown)?;
+        Ok((
+            Change::AddBoost {
+                id: boost_id,
+                boost,
+            },
+            StatusCode::CREATED,
+            shown,
+            "add_boost",
+            id,
+        ))
+    }
+
+    /// Whom a boost's body names: a key (and its id, for the audit trail)
+    /// or a tier of the base policy.
+    fn boost_target(&self, body: &Map<String, Value>) -> Result<(BoostFor, KeyId), AdminResponse> {
+        match (body.get("key"), body.get("tier")) {
             (Some(_), None) => {
                 let key = key_field(body)?;
                 let id = KeyId::of(&key);
-                (BoostFor::Key(KeyDigest::of(&key)), id)
+                Ok((BoostFor::Key(KeyDigest::of(&key)), id))
             }
             (None, Some(_)) => {
                 let tier = string_field(body, "tier")?;
@@ -153,10 +174,19 @@ where
                 if policy.tier(&tier).is_none() {
                     return Err(bad(format!("field `tier`: unknown tier `{tier}`")));
                 }
-                (BoostFor::Tier(tier), KeyId::from_raw(0))
+                Ok((BoostFor::Tier(tier), KeyId::from_raw(0)))
             }
-            _ => return Err(bad("a boost names either `key` or `tier`")),
-        };
+            _ => Err(bad("a boost names either `key` or `tier`")),
+        }
+    }
+
+    /// The boost a body describes for `target`: its category, adjustment
+    /// and times, a boost that has not ended yet.
+    fn boost_entry(
+        &self,
+        body: &Map<String, Value>,
+        target: BoostFor,
+    ) -> Result<BoostEntry, AdminResponse> {
         let category = match body.get("category") {
             None | Some(Value::Null) => None,
             Some(_) => Some(self.category_field(body)?),
@@ -175,30 +205,30 @@ where
         if end <= self.shared.plane.now() {
             return Err(bad("field `end`: this boost has already ended"));
         }
-        let boost_id = given.unwrap_or_else(new_boost_id);
-        let mut shown = boost_json(
-            &boost_id,
-            &BoostEntry {
-                target: target.clone(),
-                category: category.clone(),
-                written: written.clone(),
-                adjust: adjust.clone(),
-                start,
-                end,
-                removed: false,
-            },
-        );
-        shown["id"] = json!(boost_id);
+        Ok(BoostEntry {
+            target,
+            category,
+            written,
+            adjust,
+            start,
+            end,
+            removed: false,
+        })
+    }
+
+    /// Refuses an `Idempotency-Key` whose boost was removed since, or that
+    /// was used for another boost than `shown`.
+    fn idempotent(&self, boost_id: &str, shown: &Value) -> Result<(), AdminResponse> {
         let state = self.shared.plane.state();
-        if state.boost(&boost_id).is_some_and(|b| b.removed) {
+        if state.boost(boost_id).is_some_and(|b| b.removed) {
             return Err(problem(
                 StatusCode::CONFLICT,
                 "admin-boost-removed",
                 "the boost this Idempotency-Key added was removed since; use a new key",
             ));
         }
-        if let Some(b) = state.boost(&boost_id)
-            && boost_json(&boost_id, b) != shown
+        if let Some(b) = state.boost(boost_id)
+            && boost_json(boost_id, b) != *shown
         {
             return Err(problem(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -206,24 +236,7 @@ where
                 "this Idempotency-Key was used for another boost; use a new key",
             ));
         }
-        Ok((
-            Change::AddBoost {
-                id: boost_id,
-                boost: BoostEntry {
-                    target,
-                    category,
-                    written,
-                    adjust,
-                    start,
-                    end,
-                    removed: false,
-                },
-            },
-            StatusCode::CREATED,
-            shown,
-            "add_boost",
-            id,
-        ))
+        Ok(())
     }
 
     pub(super) fn list_boosts(&self) -> AdminResponse {

@@ -5,6 +5,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use super::hold::{LeaseGuard, Leased, release_at_end};
+
 /// A body type the crate can build from bytes: the layer passes it through
 /// **unchanged** and builds its own answers in it (a 429 problem document,
 /// a 401, a gRPC trailers-only refusal); the client's `RetryLayer`
@@ -54,10 +56,10 @@ pub trait AnswerBody: Body<Data = Bytes> + Sized {
 
     /// This body, holding a request's concurrency leases until it ends or
     /// is dropped (only requests under a concurrency limit get here; wrap
-    /// with [`Leased`](crate::Leased)). The default gives the leases back
+    /// with [`Leased`]). The default gives the leases back
     /// at once, when the response head leaves the layer: right for bodies
     /// that are already complete (`String`, `Full`), early for a stream.
-    fn hold(self, lease: crate::LeaseGuard) -> Self {
+    fn hold(self, lease: LeaseGuard) -> Self {
         drop(lease);
         self
     }
@@ -69,8 +71,8 @@ impl AnswerBody for axum::body::Body {
         axum::body::Body::from(bytes)
     }
 
-    fn hold(self, lease: crate::LeaseGuard) -> Self {
-        axum::body::Body::new(crate::Leased::new(self, lease))
+    fn hold(self, lease: LeaseGuard) -> Self {
+        axum::body::Body::new(Leased::new(self, lease))
     }
 }
 
@@ -84,8 +86,8 @@ impl AnswerBody for tonic::body::Body {
         }
     }
 
-    fn hold(self, lease: crate::LeaseGuard) -> Self {
-        tonic::body::Body::new(crate::Leased::new(self, lease))
+    fn hold(self, lease: LeaseGuard) -> Self {
+        tonic::body::Body::new(Leased::new(self, lease))
     }
 }
 
@@ -110,9 +112,9 @@ impl<E: 'static> AnswerBody for http_body_util::combinators::UnsyncBoxBody<Bytes
             .boxed_unsync()
     }
 
-    fn hold(self, lease: crate::LeaseGuard) -> Self {
+    fn hold(self, lease: LeaseGuard) -> Self {
         use http_body_util::BodyExt;
-        crate::Leased::new(self, lease).boxed_unsync()
+        Leased::new(self, lease).boxed_unsync()
     }
 }
 
@@ -124,9 +126,9 @@ impl<E: 'static> AnswerBody for http_body_util::combinators::BoxBody<Bytes, E> {
             .boxed()
     }
 
-    fn hold(self, lease: crate::LeaseGuard) -> Self {
+    fn hold(self, lease: LeaseGuard) -> Self {
         use http_body_util::BodyExt;
-        crate::Leased::new(self, lease).boxed()
+        Leased::new(self, lease).boxed()
     }
 }
 
@@ -135,7 +137,7 @@ impl<B: Body<Data = Bytes>> AnswerBody for ResponseBody<B> {
         ResponseBody::full(bytes)
     }
 
-    fn hold(mut self, lease: crate::LeaseGuard) -> Self {
+    fn hold(mut self, lease: LeaseGuard) -> Self {
         self.lease = Some(lease);
         self
     }
@@ -150,7 +152,7 @@ pin_project! {
         #[pin]
         kind: Kind<B>,
         // A request's concurrency leases, until the body ends.
-        lease: Option<crate::LeaseGuard>,
+        lease: Option<LeaseGuard>,
     }
 }
 
@@ -198,7 +200,7 @@ where
             KindProj::Inner { body } => body.poll_frame(cx),
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         };
-        crate::lease::release_at_end(&polled, this.lease);
+        release_at_end(&polled, this.lease);
         polled
     }
 

@@ -5,7 +5,8 @@
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Response};
 
-use super::http::Answer;
+use super::answer::Answer;
+use crate::time::ceil_secs;
 
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
@@ -20,14 +21,6 @@ pub(crate) mod code {
     pub(crate) const UNAUTHENTICATED: i32 = 16;
 }
 
-/// Whether a request speaks gRPC (`content-type: application/grpc*`).
-#[inline]
-pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
 /// The gRPC code of a refusal, derived from its HTTP status, so the two
 /// forms always classify a refusal alike.
 pub(crate) fn status_code(refusal: &Answer<'_>) -> i32 {
@@ -39,6 +32,7 @@ pub(crate) fn status_code(refusal: &Answer<'_>) -> i32 {
     }
 }
 
+/// `refusal` as a gRPC trailers-only response.
 pub(crate) fn response(refusal: &Answer<'_>) -> Response<Bytes> {
     let code = status_code(refusal);
     let message = refusal.detail();
@@ -84,7 +78,7 @@ pub(crate) fn response(refusal: &Answer<'_>) -> Response<Bytes> {
                         ""
                     },
                     plan.decision.limit,
-                    crate::time::ceil_secs(plan.decision.window)
+                    ceil_secs(plan.decision.window)
                 ),
             },
         }

@@ -6,6 +6,7 @@ use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::decision::Decision;
+use crate::policy::Limit;
 use crate::time::{ceil_secs, retry_secs};
 
 pub(crate) static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
@@ -337,12 +338,9 @@ pub(crate) struct HeaderPlan {
     pub(crate) options: HeaderOptions,
     /// Unix time when the decision was made (for `X-RateLimit-Reset`).
     pub(crate) now: Duration,
-    /// A metered request's meter: the layer's clone, held until the
-    /// response head has passed.
-    pub(crate) meter: Option<crate::TokenMeter>,
-    /// An admitted request's concurrency leases, moved into the response
-    /// body when the head passes.
-    pub(crate) lease: Option<crate::LeaseGuard>,
+    /// The token limit the decision's token state describes (a metered
+    /// request's charge at `decision.tokens.index`), for the token headers.
+    pub(crate) token_limit: Option<Limit>,
 }
 
 impl HeaderOptions {
@@ -363,7 +361,7 @@ impl HeaderPlan {
         let Some(t) = d.tokens else {
             return;
         };
-        let Some(limit) = self.meter.as_ref().and_then(|m| m.limit_of(t.index)) else {
+        let Some(limit) = self.token_limit else {
             return;
         };
         // The binding token limit: the decision itself when tokens bind

@@ -1,0 +1,226 @@
+//! The check's charges and leases: a request under several limits becomes
+//! per-key charges (per account in a pooled tier), then per-account ones,
+//! then token charges, each in its own bucket, all under one owner; and
+//! the concurrency leases it must hold. What a metered request settles
+//! later (its [`TokenMeter`]) and the leases it holds ([`Leases`]) are made
+//! from the same set.
+
+use std::sync::Arc;
+
+use crate::backend::{Backend, Charge, Lease, MAX_LEASES, limit_bucket};
+use crate::extract::Identity;
+use crate::lease::Leases;
+use crate::meter::{Seed, Settler, TokenMeter};
+use crate::policy::{Cell, Limit, Limits, MAX_LIMITS, Pool, RefundOn};
+
+/// Mixed into token buckets ("tokens").
+const TOKENS: u64 = 0x746f_6b65_6e73;
+
+/// Mixed into concurrency buckets ("leases").
+const LEASES: u64 = 0x6c65_6173_6573;
+
+/// An unused charge slot.
+const NO_CHARGE: Charge = Charge {
+    bucket: 0,
+    limit: Limit::per_second(1),
+    cost: 1,
+    reserve: 0,
+};
+
+/// An unused lease slot.
+const NO_LEASE: Lease = Lease {
+    bucket: 0,
+    max: 1,
+    per_account: false,
+};
+
+/// The charges of a request under several limits: per-key limits (per
+/// account in a pooled tier), then per-account ones, each in its own
+/// bucket, all under one owner.
+pub(crate) struct ChargeSet {
+    pub(crate) owner: u64,
+    items: [Charge; MAX_LIMITS],
+    len: usize,
+    /// How many of the last charges are token limits.
+    pub(crate) tokens: u8,
+    leases: [Lease; MAX_LEASES],
+    pub(crate) nleases: usize,
+}
+
+/// Whom a request's buckets belong to.
+#[derive(Clone, Copy)]
+struct Owners {
+    /// The account (the key itself without one).
+    account: u64,
+    /// The owner of per-key buckets: the key, or the account in a pooled
+    /// tier.
+    key: u64,
+}
+
+impl Owners {
+    #[inline]
+    fn of(cell: &Cell, identity: &Identity) -> Self {
+        let account = identity.account_or_key().as_u64();
+        let key = match cell.pool {
+            Pool::Key => identity.key().as_u64(),
+            Pool::Account => account,
+        };
+        Owners { account, key }
+    }
+
+    /// The owner of the whole check: the account when anything is counted
+    /// per account, else the per-key owner.
+    #[inline]
+    fn check_owner(self, cell: &Cell, applied: Limits<'_>) -> u64 {
+        if cell.pool == Pool::Account
+            || !applied.per_account.is_empty()
+            || !applied.account_tokens.is_empty()
+            || cell.account_concurrency.is_some()
+        {
+            self.account
+        } else {
+            self.key
+        }
+    }
+}
+
+impl ChargeSet {
+    pub(crate) fn new(
+        cell: &Cell,
+        applied: Limits<'_>,
+        identity: &Identity,
+        cost: u32,
+        estimate: u32,
+        reserve: impl Fn(u32) -> u32,
+    ) -> Self {
+        let owners = Owners::of(cell, identity);
+        let mut set = ChargeSet {
+            owner: owners.check_owner(cell, applied),
+            items: [NO_CHARGE; MAX_LIMITS],
+            len: 0,
+            tokens: 0,
+            leases: [NO_LEASE; MAX_LEASES],
+            nleases: 0,
+        };
+        set.add_requests(cell, applied, owners, cost, reserve);
+        set.add_tokens(cell, applied, owners, estimate);
+        set.add_leases(cell, owners);
+        set
+    }
+
+    /// The request charges: per-key limits, then per-account ones.
+    #[inline]
+    fn add_requests(
+        &mut self,
+        cell: &Cell,
+        applied: Limits<'_>,
+        owners: Owners,
+        cost: u32,
+        reserve: impl Fn(u32) -> u32,
+    ) {
+        let per_key = applied.per_key.iter();
+        let limits = per_key.map(|l| (*l, owners.key ^ cell.scope)).chain(
+            applied
+                .per_account
+                .iter()
+                .map(|l| (*l, owners.account ^ cell.account_scope)),
+        );
+        for (slot, (limit, base)) in self.items[self.len..].iter_mut().zip(limits) {
+            *slot = Charge {
+                bucket: limit_bucket(base, &limit),
+                limit,
+                cost,
+                reserve: reserve(limit.max()),
+            };
+            self.len += 1;
+        }
+    }
+
+    /// The token charges, after the request charges: token buckets apart
+    /// from request buckets of the same limit.
+    #[inline]
+    fn add_tokens(&mut self, cell: &Cell, applied: Limits<'_>, owners: Owners, estimate: u32) {
+        let tokens = applied.tokens.iter();
+        let limits = tokens
+            .map(|l| (*l, owners.key ^ cell.scope ^ TOKENS))
+            .chain(
+                applied
+                    .account_tokens
+                    .iter()
+                    .map(|l| (*l, owners.account ^ cell.account_scope ^ TOKENS)),
+            );
+        for (slot, (limit, base)) in self.items[self.len..].iter_mut().zip(limits) {
+            *slot = Charge {
+                bucket: limit_bucket(base, &limit),
+                limit,
+                cost: estimate.max(1),
+                reserve: 0,
+            };
+            self.len += 1;
+            self.tokens += 1;
+        }
+    }
+
+    /// The concurrency leases: per key, then per account.
+    #[inline]
+    fn add_leases(&mut self, cell: &Cell, owners: Owners) {
+        let wanted = [
+            cell.concurrency
+                .map(|max| (max, owners.key ^ cell.scope, false)),
+            cell.account_concurrency
+                .map(|max| (max, owners.account ^ cell.account_scope, true)),
+        ];
+        for (max, base, per_account) in wanted.into_iter().flatten() {
+            self.leases[self.nleases] = Lease {
+                bucket: (base ^ LEASES).rotate_left(29),
+                max,
+                per_account,
+            };
+            self.nleases += 1;
+        }
+    }
+
+    #[inline]
+    pub(crate) fn charges(&self) -> &[Charge] {
+        &self.items[..self.len]
+    }
+
+    #[inline]
+    pub(crate) fn leases(&self) -> &[Lease] {
+        &self.leases[..self.nleases]
+    }
+
+    /// The meter of a metered request charged with this set: it settles
+    /// what was used against the estimate when the request is over.
+    #[inline]
+    pub(crate) fn meter<B: Backend>(
+        &self,
+        backend: &Arc<B>,
+        estimate: u32,
+        refund: RefundOn,
+        #[cfg(feature = "metrics")] counters: Option<crate::telemetry::TokenCounters>,
+    ) -> TokenMeter {
+        TokenMeter::new(Seed {
+            owner: self.owner,
+            charges: self.items,
+            len: self.len as u8,
+            tokens: self.tokens,
+            estimate,
+            refund,
+            sink: Arc::clone(backend) as Arc<dyn Settler>,
+            #[cfg(feature = "metrics")]
+            counters,
+        })
+    }
+
+    /// The leases of this set, pending under check `id`.
+    #[inline]
+    pub(crate) fn pending_leases<B: Backend>(&self, backend: &Arc<B>, id: u64) -> Leases {
+        Leases::pending(
+            self.owner,
+            self.leases(),
+            id,
+            Arc::clone(backend) as Arc<dyn Settler>,
+        )
+    }
+}

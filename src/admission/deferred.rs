@@ -1,0 +1,58 @@
+//! A check under way: everything needed to settle it, owned, so the
+//! response future settles a backend's late answer by the same code as
+//! the ready path ([`Outcome`]).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use super::outcome::{Carried, Outcome, Settled};
+use crate::backend::{BackendError, Decision};
+use crate::extract::Rejection;
+use crate::response::{Answer, HeaderOptions};
+use crate::time::UnixClock;
+use crate::view::PolicyView;
+
+/// A check under way: everything needed to settle it, owned.
+pub(crate) struct Deferred {
+    pub(super) view: Arc<PolicyView>,
+    pub(super) carried: Carried,
+    pub(super) grpc: bool,
+    pub(super) shadowed: Arc<AtomicU64>,
+    pub(super) options: HeaderOptions,
+    pub(super) unix_clock: Option<UnixClock>,
+    #[cfg(feature = "metrics")]
+    pub(super) started: std::time::Instant,
+}
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deferred")
+            .field("tier", &self.carried.tier)
+            .field("category", &self.carried.category)
+            .field("key", &self.carried.key.redacted())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Deferred {
+    /// Turns the backend's answer into the outcome (as the ready path does).
+    pub(crate) fn settle(self, result: Result<Decision, BackendError>) -> Settled {
+        #[cfg(feature = "metrics")]
+        crate::telemetry::check_duration(self.started.elapsed());
+        let Some(cell) = self.view.cell(self.carried.tier, self.carried.category) else {
+            // Not reachable with ids admit() took from this same view; an
+            // unknown key is the safe answer all the same.
+            let answer = Answer::Rejected(Rejection::UnknownKey);
+            return Settled::Answer(answer.into_response(self.grpc));
+        };
+        let mut outcome = Outcome {
+            policy: &self.view.policy,
+            cell,
+            carried: self.carried,
+            shadowed: &self.shadowed,
+            options: self.options,
+            unix_clock: self.unix_clock.as_ref(),
+        };
+        outcome.settle(result, || self.grpc)
+    }
+}

@@ -1,0 +1,407 @@
+//! The request path: **classify → identify → limits → check → outcome**.
+//!
+//! [`Shared::admit`] reads a request's head and returns a [`Step`]: pass
+//! (not limited), allow (with the headers to write), answer (a refusal or a
+//! rejection, ready to send) or wait (a backend that needs a round trip).
+//! A deferred check carries everything it needs in an owned [`Deferred`],
+//! whose [`settle`](Deferred::settle) turns the backend's answer into the
+//! same outcome the ready path gets. The service, its future, the layer and
+//! the usage service depend on this module; it depends on none of them.
+//!
+//! Inside: this file identifies, classifies and makes the check;
+//! `charges` is the check's charges and leases; `outcome` turns a decision
+//! into headers or an answer; `deferred` is a check under way; `priority`
+//! reads a request's priority.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use http::{Request, Response};
+
+mod charges;
+mod deferred;
+mod outcome;
+mod priority;
+
+pub(crate) use charges::ChargeSet;
+pub(crate) use deferred::Deferred;
+pub(crate) use outcome::{Admitted, Settled};
+
+use outcome::{Outcome, Settle};
+use priority::{critical, reserve_for};
+
+use crate::backend::{Backend, Check};
+use crate::extract::{Extractor, Identity, PeerIp, Rejection, RequestRef, is_grpc};
+use crate::key::KeyId;
+use crate::plane::Plane;
+use crate::policy::{Applied, CategoryId, Cell, Limit, Limits, Policy, Target, TierId};
+use crate::response::{Answer, HeaderOptions};
+use crate::time::{UnixClock, unix_time};
+use crate::view::{CellView, PolicyView, ViewSlot};
+
+/// What every clone of the service, the layer and its handles share.
+pub(crate) struct Shared<E, B> {
+    pub(crate) extractor: E,
+    /// Shared with the token meters of requests in flight (to settle).
+    pub(crate) backend: Arc<B>,
+    /// The policy in force with its compiled view, swapped as one.
+    pub(crate) view: Arc<ViewSlot>,
+    /// The base policy and the operator state layered over it: what every
+    /// [`PolicyHandle`](crate::PolicyHandle) and the admin service change.
+    pub(crate) plane: Arc<Plane>,
+    pub(crate) anonymous: PeerIp,
+    pub(crate) headers: HeaderOptions,
+    pub(crate) shadowed: Arc<AtomicU64>,
+    pub(crate) unix_clock: Option<UnixClock>,
+}
+
+/// What the layer does with a request, decided before any inner call.
+pub(crate) enum Step<BF> {
+    /// Not limited: call the inner service, write no headers.
+    Pass,
+    /// Allowed: call the inner service, then write its headers (with its
+    /// meter and leases).
+    Allow(Admitted),
+    /// Answered by the layer (a refusal or a rejection).
+    Answer(Response<Bytes>),
+    /// The backend needs a round trip; settle its answer with `Deferred`.
+    Wait(BF, Box<Deferred>),
+}
+
+impl<E, B> Shared<E, B> {
+    /// Unix seconds now (for boosts), by the same clock as the headers.
+    pub(crate) fn unix_now(&self) -> u64 {
+        self.unix_time().as_secs()
+    }
+
+    /// Unix time now, as the headers write it (the usage report too).
+    pub(crate) fn unix_time(&self) -> std::time::Duration {
+        unix_time(self.unix_clock.as_ref())
+    }
+
+    /// The limits of `key` in `cell` with its custom limits and active
+    /// boosts applied; `None` when none touch it (the cell's own apply).
+    #[inline]
+    pub(crate) fn adjusted(
+        &self,
+        policy: &Policy,
+        cell: &Cell,
+        tier: TierId,
+        category: CategoryId,
+        key: KeyId,
+    ) -> Option<Applied> {
+        if !policy.has_adjustments() {
+            return None;
+        }
+        let now = if policy.has_boosts() {
+            self.unix_now()
+        } else {
+            0
+        };
+        policy.adjusted(cell, tier, category, key, now)
+    }
+}
+
+/// How a request of a cell is checked: not at all, or as one [`Check`] of
+/// every limit that applies (a cell with one limit is a check with one
+/// charge). Admission and the usage report both follow it.
+pub(crate) enum Path<'a> {
+    /// Nothing limits it.
+    Pass,
+    /// These limits, checked together.
+    Check(Limits<'a>),
+}
+
+/// The path of a request of `cell` whose limits are `adjusted` (`None`:
+/// the cell's own).
+#[inline(always)]
+pub(crate) fn path<'a>(cell: &'a Cell, adjusted: Option<&'a Applied>) -> Path<'a> {
+    match adjusted {
+        None if cell.is_unlimited() => Path::Pass,
+        None => Path::Check(cell.limits()),
+        Some(a) if a.per_key.is_empty() && a.per_account.is_empty() => {
+            if !a.has_tokens() && !cell.leased {
+                Path::Pass
+            } else {
+                Path::Check(a.limits())
+            }
+        }
+        Some(a) => Path::Check(a.limits()),
+    }
+}
+
+impl<E: Extractor, B> Shared<E, B> {
+    /// The caller and its tier: the extractor's identity (or, without a
+    /// key, the peer address when the policy has a tier for that), its tier
+    /// from the identity or the policy's rule for unknown keys.
+    pub(crate) fn identify(
+        &self,
+        view: &RequestRef<'_>,
+        policy: &Policy,
+    ) -> Result<(Identity, TierId), Rejection> {
+        let identity = match self.extractor.extract(view, policy) {
+            Err(Rejection::MissingKey) if policy.missing_key_tier().is_some() => {
+                self.anonymous.extract(view, policy)?
+            }
+            other => other?,
+        };
+        let tier = identity
+            .tier()
+            .or_else(|| policy.unknown_key_tier())
+            .ok_or(Rejection::UnknownKey)?;
+        Ok((identity, tier))
+    }
+}
+
+impl<E: Extractor, B: Backend> Shared<E, B> {
+    /// The whole request path up to the backend's answer.
+    pub(crate) fn admit<T>(&self, req: &Request<T>) -> Step<B::Future> {
+        self.view.with(|view| self.admit_in(view, req))
+    }
+
+    fn admit_in<T>(&self, guard: &Arc<PolicyView>, req: &Request<T>) -> Step<B::Future> {
+        let view: &PolicyView = guard;
+        let policy: &Policy = &view.policy;
+        let answer = |a: Answer<'_>| Step::Answer(a.into_response(is_grpc(req.headers())));
+
+        // Classify: which category, at what cost (exempt routes pass).
+        let (category, route_cost) = match policy.classify(req.method(), req.uri().path()) {
+            Target::Exempt => return Step::Pass,
+            Target::Category { category, cost } => (category, cost),
+        };
+        // Identify: who, in which tier.
+        let (identity, tier) = match self.identify(&RequestRef::new(req), policy) {
+            Ok(found) => found,
+            Err(r) => return answer(Answer::Rejected(r)),
+        };
+        let (Some(cell), Some(cell_view)) =
+            (policy.cell(tier, category), view.cell(tier, category))
+        else {
+            // A tier id from another policy: treat as an unknown key.
+            return answer(Answer::Rejected(Rejection::UnknownKey));
+        };
+        // Limits: the cell's, with custom limits and boosts applied (when a
+        // policy has any, and they touch this key).
+        let adjusted = self.adjusted(policy, cell, tier, category, identity.key());
+        let found = Found {
+            guard,
+            req,
+            cell,
+            cell_view,
+            identity,
+            tier,
+            category,
+            route_cost,
+        };
+        match path(cell, adjusted.as_ref()) {
+            Path::Pass => Step::Pass,
+            Path::Check(limits) => self.check(&found, limits),
+        }
+    }
+
+    /// A request under every limit that applies to it, at once, all or
+    /// nothing: one [`Check`].
+    #[inline]
+    fn check<T>(&self, f: &Found<'_, T>, applied: Limits<'_>) -> Step<B::Future> {
+        let limits = applied.per_key.iter();
+        let cost = match f.cost(limits.chain(applied.per_account).copied()) {
+            Ok(cost) => cost,
+            Err(step) => return step,
+        };
+        let pct = match f.reserve_pct() {
+            Ok(pct) => pct,
+            Err(step) => return step,
+        };
+        let estimate = if applied.has_tokens() {
+            match f.estimate(applied) {
+                Ok(e) => e,
+                Err(step) => return step,
+            }
+        } else {
+            0
+        };
+        let set = ChargeSet::new(f.cell, applied, &f.identity, cost, estimate, |max| {
+            pct.map_or(0, |p| reserve_for(p, max))
+        });
+        let mut settle = f.settle();
+        for (r, c) in settle.carried.reserves.iter_mut().zip(set.charges()) {
+            *r = c.reserve;
+        }
+        if f.cell.metered {
+            settle.carried.meter = Some(set.meter(
+                &self.backend,
+                estimate,
+                f.cell.refund,
+                #[cfg(feature = "metrics")]
+                Some(f.cell_view.tokens(
+                    f.guard.policy.tier_name(f.tier),
+                    f.guard.policy.category_name(f.category),
+                )),
+            ));
+        }
+        let lease_id = if set.nleases > 0 {
+            let id = crate::lease::next_id();
+            settle.carried.lease = Some(set.pending_leases(&self.backend, id));
+            id
+        } else {
+            0
+        };
+        let check = self.backend.check(&Check {
+            owner: set.owner,
+            known: f.identity.is_known(),
+            charges: set.charges(),
+            tokens: set.tokens,
+            leases: set.leases(),
+            lease_id,
+        });
+        self.settle_now(f.guard, f.req, check, settle)
+    }
+
+    /// Settles a check at once when the backend answered at once, else
+    /// hands it to the future with everything it needs.
+    #[inline]
+    fn settle_now<T>(
+        &self,
+        guard: &Arc<PolicyView>,
+        req: &Request<T>,
+        mut check: B::Future,
+        s: Settle<'_>,
+    ) -> Step<B::Future> {
+        let policy: &Policy = &guard.policy;
+        let polled = Pin::new(&mut check).poll(&mut Context::from_waker(Waker::noop()));
+        match polled {
+            Poll::Ready(result) => {
+                #[cfg(feature = "metrics")]
+                crate::telemetry::check_duration(s.started.elapsed());
+                let mut outcome = Outcome {
+                    policy,
+                    cell: s.cell,
+                    carried: s.carried,
+                    shadowed: &self.shadowed,
+                    options: self.headers,
+                    unix_clock: self.unix_clock.as_ref(),
+                };
+                match outcome.settle(result, || is_grpc(req.headers())) {
+                    Settled::Allow(admitted) => Step::Allow(admitted),
+                    Settled::Answer(res) => Step::Answer(res),
+                }
+            }
+            Poll::Pending => Step::Wait(
+                check,
+                Box::new(Deferred {
+                    view: Arc::clone(guard),
+                    carried: s.carried,
+                    grpc: is_grpc(req.headers()),
+                    shadowed: Arc::clone(&self.shadowed),
+                    options: self.headers,
+                    unix_clock: self.unix_clock.clone(),
+                    #[cfg(feature = "metrics")]
+                    started: s.started,
+                }),
+            ),
+        }
+    }
+}
+
+/// A request classified and identified, its cell found: what both
+/// admission paths read.
+struct Found<'a, T> {
+    guard: &'a Arc<PolicyView>,
+    req: &'a Request<T>,
+    cell: &'a Cell,
+    cell_view: &'a CellView,
+    identity: Identity,
+    tier: TierId,
+    category: CategoryId,
+    route_cost: u32,
+}
+
+impl<T> Found<'_, T> {
+    fn answer<F>(&self, a: Answer<'_>) -> Step<F> {
+        Step::Answer(a.into_response(is_grpc(self.req.headers())))
+    }
+
+    /// The request's cost: the route's cost is a floor, an extractor's
+    /// count multiplies it; 0 is a rejection, and a cost above any of
+    /// `limits`' bursts could never succeed.
+    #[inline(always)]
+    #[allow(clippy::result_large_err)] // the answer itself, moved once, on the error path only
+    fn cost<F>(&self, limits: impl Iterator<Item = Limit>) -> Result<u32, Step<F>> {
+        let route = self.route_cost;
+        let cost = self
+            .identity
+            .cost()
+            .map_or(route, |n| route.saturating_mul(n));
+        if cost == 0 {
+            return Err(self.answer(Answer::Rejected(Rejection::InvalidCost(
+                "a cost must be at least 1",
+            ))));
+        }
+        self.fits(cost, limits, "requests")
+    }
+
+    /// `n` units, if every one of `limits` could ever admit them: else the
+    /// 400 that says which burst it exceeds.
+    #[inline(always)]
+    #[allow(clippy::result_large_err)] // as `cost`
+    fn fits<F>(
+        &self,
+        n: u32,
+        mut limits: impl Iterator<Item = Limit>,
+        unit: &'static str,
+    ) -> Result<u32, Step<F>> {
+        match limits.find(|l| n > l.max()) {
+            None => Ok(n),
+            Some(l) => {
+                let policy = &self.guard.policy;
+                Err(self.answer(Answer::CostTooHigh {
+                    cost: n,
+                    max: l.max(),
+                    tier: policy.tier_name(self.tier),
+                    category: policy.category_name(self.category),
+                    unit,
+                }))
+            }
+        }
+    }
+
+    /// The request's token estimate (1 unless the extractor set one),
+    /// which must fit every token limit's burst.
+    #[allow(clippy::result_large_err)] // as `cost`
+    fn estimate<F>(&self, applied: Limits<'_>) -> Result<u32, Step<F>> {
+        let estimate = self.identity.tokens().unwrap_or(1).max(1);
+        let limits = applied.tokens.iter().chain(applied.account_tokens);
+        self.fits(estimate, limits.copied(), "tokens")
+    }
+
+    /// The tier's priority reserve, in percent, if this request must leave
+    /// it (`None`: no reserve, or a critical request). Only tiers with a
+    /// reserve read `X-Request-Priority`.
+    #[inline(always)]
+    #[allow(clippy::result_large_err)] // as `cost`
+    fn reserve_pct<F>(&self) -> Result<Option<u8>, Step<F>> {
+        let pct = self.guard.policy.priority_reserve(self.tier);
+        if pct == 0 {
+            return Ok(None);
+        }
+        match critical(self.req.headers(), self.identity.priority()) {
+            Ok(true) => Ok(None),
+            Ok(false) => Ok(Some(pct)),
+            Err(r) => Err(self.answer(Answer::Rejected(r))),
+        }
+    }
+
+    /// The settlement's parts, made just before the backend is asked.
+    #[inline]
+    fn settle(&self) -> Settle<'_> {
+        Settle::start(
+            self.cell_view,
+            self.tier,
+            self.category,
+            self.identity.key(),
+        )
+    }
+}

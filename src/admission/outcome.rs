@@ -1,0 +1,268 @@
+//! A decision becomes headers or an answer: what a request carries from
+//! its admission to its outcome ([`Carried`]), and the one code path that
+//! settles a backend's answer, ready or deferred ([`Outcome`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Response;
+
+use crate::backend::{BackendError, Decision};
+use crate::key::KeyId;
+use crate::lease::Leases;
+use crate::meter::TokenMeter;
+use crate::policy::{CategoryId, MAX_LIMITS, Policy, TierId};
+use crate::response::{Answer, HeaderOptions, HeaderPlan, LeaseGuard};
+use crate::time::{UnixClock, unix_time};
+use crate::view::CellView;
+
+/// An admitted request: the headers to write on its response, the meter
+/// to put in its extensions (a metered request), and the leases its body
+/// holds until it ends (a request under a concurrency limit).
+pub(crate) struct Admitted {
+    pub(crate) plan: HeaderPlan,
+    /// A metered request's meter: the layer's clone, held until the
+    /// response head has passed.
+    pub(crate) meter: Option<TokenMeter>,
+    /// An admitted request's concurrency leases, moved into the response
+    /// body when the head passes.
+    pub(crate) lease: Option<LeaseGuard>,
+}
+
+/// The outcome of a backend's answer.
+pub(crate) enum Settled {
+    /// Allowed: call the inner service, then write these headers.
+    Allow(Admitted),
+    /// Answered by the layer.
+    Answer(Response<Bytes>),
+}
+
+/// What a request carries from its admission to its outcome, on the ready
+/// path and through a [`Deferred`](super::Deferred) check alike.
+pub(super) struct Carried {
+    pub(super) tier: TierId,
+    pub(super) category: CategoryId,
+    pub(super) key: KeyId,
+    /// The reserve each charge had to leave (by charge index).
+    pub(super) reserves: [u32; MAX_LIMITS],
+    /// A metered request's meter, to settle after its response.
+    pub(super) meter: Option<TokenMeter>,
+    /// A request's concurrency leases (pending until the answer is known),
+    /// to hold until its response is over.
+    pub(super) lease: Option<Leases>,
+}
+
+/// What settling a check needs from the path that made it.
+pub(super) struct Settle<'a> {
+    pub(super) cell: &'a CellView,
+    pub(super) carried: Carried,
+    #[cfg(feature = "metrics")]
+    pub(super) started: std::time::Instant,
+}
+
+impl<'a> Settle<'a> {
+    /// Made just before the backend is asked (the check's duration starts).
+    #[inline]
+    pub(super) fn start(
+        cell: &'a CellView,
+        tier: TierId,
+        category: CategoryId,
+        key: KeyId,
+    ) -> Self {
+        Settle {
+            cell,
+            carried: Carried {
+                tier,
+                category,
+                key,
+                reserves: [0; MAX_LIMITS],
+                meter: None,
+                lease: None,
+            },
+            #[cfg(feature = "metrics")]
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+/// What settling a backend's answer needs, borrowed (the ready path) or
+/// from a [`Deferred`](super::Deferred) (the deferred path): one code path
+/// for both.
+pub(super) struct Outcome<'a> {
+    pub(super) policy: &'a Policy,
+    pub(super) cell: &'a CellView,
+    pub(super) carried: Carried,
+    pub(super) shadowed: &'a AtomicU64,
+    pub(super) options: HeaderOptions,
+    pub(super) unix_clock: Option<&'a UnixClock>,
+}
+
+impl<'a> Outcome<'a> {
+    /// Turns a backend's answer into the outcome: the reserve is reported
+    /// as part of the limit, and shadow mode turns refusals into counted
+    /// passes.
+    pub(super) fn settle(
+        &mut self,
+        result: Result<Decision, BackendError>,
+        grpc: impl FnOnce() -> bool,
+    ) -> Settled {
+        let meter = self.carried.meter.take();
+        let lease = self.lease_for(&result);
+        let names = self.names();
+        let result = result.map(|d| self.unreserved(d));
+        #[cfg(feature = "metrics")]
+        let counters = self.cell.metrics(names.0, names.1);
+        match result {
+            Ok(d) if d.allowed => {
+                #[cfg(feature = "metrics")]
+                counters.allowed.increment(1);
+                Settled::Allow(self.allowed(d, meter, lease))
+            }
+            Ok(d)
+                if self
+                    .policy
+                    .is_shadow(self.carried.tier, self.carried.category) =>
+            {
+                #[cfg(feature = "metrics")]
+                counters.shadow.increment(1);
+                Settled::Allow(self.shadowed(d, meter))
+            }
+            Ok(d) => {
+                #[cfg(feature = "metrics")]
+                {
+                    counters.refused.increment(1);
+                    counters.refusal(&d).increment(1);
+                }
+                self.refused(d, meter.as_ref(), grpc())
+            }
+            Err(BackendError::CostExceedsLimit { cost, max }) => {
+                let answer = Answer::CostTooHigh {
+                    cost,
+                    max,
+                    tier: names.0,
+                    category: names.1,
+                    unit: "requests",
+                };
+                Settled::Answer(answer.into_response(grpc()))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "rate-limit backend failed; answering 503");
+                Settled::Answer(Answer::Unavailable.into_response(grpc()))
+            }
+        }
+    }
+
+    /// The request's leases, if it holds any: leases are held only by an
+    /// admitted request; any other answer took none (a shadow-mode pass
+    /// included).
+    fn lease_for(&mut self, result: &Result<Decision, BackendError>) -> Option<Leases> {
+        match (self.carried.lease.take(), result) {
+            (Some(g), Ok(d)) if d.allowed => Some(g),
+            (Some(g), _) => {
+                g.refused();
+                None
+            }
+            (None, _) => None,
+        }
+    }
+
+    /// The names of the request's tier and category.
+    fn names(&self) -> (&'a str, &'a str) {
+        let policy = self.policy;
+        (
+            policy.tier_name(self.carried.tier),
+            policy.category_name(self.carried.category),
+        )
+    }
+
+    /// `d` as this request saw it: its charge's reserve is not part of the
+    /// limit that applied to it.
+    fn unreserved(&self, mut d: Decision) -> Decision {
+        let reserves = &self.carried.reserves;
+        let reserve = reserves.get(usize::from(d.index)).copied().unwrap_or(0);
+        if reserve > 0 {
+            // Report the limit that applied to this request.
+            d.limit = d.limit.saturating_sub(reserve);
+            d.remaining = d.remaining.saturating_sub(reserve);
+        }
+        d
+    }
+
+    /// The headers of `decision` (`meter`, a metered request's, names its
+    /// token limits).
+    fn plan(&self, decision: Decision, meter: Option<&TokenMeter>) -> HeaderPlan {
+        HeaderPlan {
+            decision,
+            cell: self.cell.headers.clone(),
+            options: self.options,
+            now: if self.options.need_time() {
+                unix_time(self.unix_clock)
+            } else {
+                Duration::ZERO
+            },
+            token_limit: decision.tokens.and_then(|t| meter?.limit_of(t.index)),
+        }
+    }
+
+    /// An admitted request: its meter settles what it used, its leases are
+    /// held until its response is over.
+    fn allowed(&self, d: Decision, meter: Option<TokenMeter>, lease: Option<Leases>) -> Admitted {
+        let plan = self.plan(d, meter.as_ref());
+        if let Some(m) = &meter {
+            m.charged();
+        }
+        #[cfg(feature = "metrics")]
+        let names = self.names();
+        let lease = lease.map(|g| {
+            g.held(
+                #[cfg(feature = "metrics")]
+                Some(self.cell.leases(names.0, names.1)),
+            )
+        });
+        Admitted { plan, meter, lease }
+    }
+
+    /// A refusal in shadow mode: counted, logged, and let through.
+    fn shadowed(&self, mut d: Decision, meter: Option<TokenMeter>) -> Admitted {
+        let names = self.names();
+        self.shadowed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            tier = names.0,
+            category = names.1,
+            key = %self.carried.key.redacted(),
+            retry_after = ?d.retry_after,
+            "shadow mode: would have refused"
+        );
+        d.retry_after = None;
+        // Nothing was counted: the meter settles nothing.
+        let plan = self.plan(d, meter.as_ref());
+        Admitted {
+            plan,
+            meter,
+            lease: None,
+        }
+    }
+
+    /// A refusal: 429 or `RESOURCE_EXHAUSTED`.
+    fn refused(&self, d: Decision, meter: Option<&TokenMeter>, grpc: bool) -> Settled {
+        let (tier, category) = self.names();
+        let key = self.carried.key;
+        tracing::debug!(
+            tier,
+            category,
+            key = %key.redacted(),
+            retry_after = ?d.retry_after,
+            "rate limited"
+        );
+        // The meter names the token limits for the headers; it was never
+        // charged, so it settles nothing.
+        let refused = Answer::Refused {
+            plan: self.plan(d, meter),
+            tier,
+            category,
+            key,
+        };
+        Settled::Answer(refused.into_response(grpc))
+    }
+}

@@ -1,0 +1,194 @@
+//! [`ApiKey`]: the caller's API key from `Authorization: Bearer` or
+//! `X-API-Key` (or the same gRPC metadata).
+
+use std::fmt;
+
+use http::{HeaderMap, header};
+
+use super::{Extractor, Identity, Priority, Rejection, RequestRef};
+use crate::key::{DEFAULT_MAX_KEY_LEN, KeyId, key_problem};
+use crate::policy::{Policy, TierId};
+
+static X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+
+type TierFn = dyn Fn(&str) -> Option<(TierId, Option<KeyId>)> + Send + Sync;
+
+/// The API key from `Authorization: Bearer <key>` or `X-API-Key: <key>`
+/// (in gRPC: the `authorization` or `x-api-key` metadata).
+///
+/// The key's tier comes from the policy's `[keys]` table, else from the
+/// resolver given to [`tiers`](Self::tiers), else the policy's rule for
+/// unknown keys applies. Keys are at most 256 bytes by default, visible
+/// ASCII, no spaces; anything else is a 400 that says what is wrong.
+#[must_use]
+pub struct ApiKey {
+    max_len: usize,
+    resolver: Option<Box<TierFn>>,
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("max_len", &self.max_len)
+            .field("resolver", &self.resolver.is_some())
+            .finish()
+    }
+}
+
+impl Default for ApiKey {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ApiKey {
+    /// Reads keys from `Authorization: Bearer` or `X-API-Key`.
+    pub fn new() -> Self {
+        ApiKey {
+            max_len: DEFAULT_MAX_KEY_LEN,
+            resolver: None,
+        }
+    }
+
+    /// The longest key accepted (default 256 bytes).
+    pub fn max_len(mut self, max: usize) -> Self {
+        self.max_len = max;
+        self
+    }
+
+    /// Resolves keys the policy's table does not list (for example keys
+    /// with a tier prefix, `pk_live_pro_…`). Runs on every such request, so
+    /// keep it fast; look tiers up once with [`Policy::tier`].
+    pub fn tiers<F>(mut self, resolver: F) -> Self
+    where
+        F: Fn(&str) -> Option<TierId> + Send + Sync + 'static,
+    {
+        self.resolver = Some(Box::new(move |key| resolver(key).map(|t| (t, None))));
+        self
+    }
+
+    /// Like [`tiers`](Self::tiers), and the key's account too (`None`: the
+    /// key is its own account), for limits shared by an account's keys.
+    ///
+    /// ```
+    /// use tierlimit::{ApiKey, KeyId, TierId};
+    ///
+    /// # let pro: TierId = tierlimit::Policy::from_toml_str("categories=[\"read\", \"write\"]\n[tiers.pro]\nread=\"1/s\"\nwrite=\"1/s\"").unwrap().tier("pro").unwrap();
+    /// // Keys look like `acct_<account>_<secret>`.
+    /// let keys = ApiKey::new().resolve(move |key| {
+    ///     let account = key.strip_prefix("acct_")?.split('_').next()?;
+    ///     Some((pro, Some(KeyId::of_account(account))))
+    /// });
+    /// # let _ = keys;
+    /// ```
+    pub fn resolve<F>(mut self, resolver: F) -> Self
+    where
+        F: Fn(&str) -> Option<(TierId, Option<KeyId>)> + Send + Sync + 'static,
+    {
+        self.resolver = Some(Box::new(resolver));
+        self
+    }
+
+    /// The raw key of a request, validated, without resolving a tier.
+    pub fn read<'r>(&self, headers: &'r HeaderMap) -> Result<&'r str, Rejection> {
+        // The common case in one pass over the key: one `X-API-Key` value,
+        // no `Authorization`, the key printable ASCII without spaces.
+        // Anything else takes the full path below, whose errors are the
+        // contract.
+        if !headers.contains_key(header::AUTHORIZATION) {
+            let mut values = headers.get_all(&X_API_KEY).iter();
+            if let (Some(value), None) = (values.next(), values.next())
+                && let Some(key) = plain_key(value.as_bytes(), self.max_len)
+            {
+                return Ok(key);
+            }
+        }
+        self.read_checked(headers)
+    }
+
+    fn read_checked<'r>(&self, headers: &'r HeaderMap) -> Result<&'r str, Rejection> {
+        const NOT_ASCII: Rejection =
+            Rejection::MalformedKey("the API key must be printable ASCII without spaces");
+        let mut found: Option<&str> = None;
+        for value in headers.get_all(header::AUTHORIZATION) {
+            let v = value.to_str().map_err(|_| NOT_ASCII)?;
+            let rest = match v.get(..7) {
+                Some(p) if p.eq_ignore_ascii_case("bearer ") => &v[7..],
+                _ => {
+                    return Err(Rejection::MalformedKey(
+                        "the Authorization header must be `Bearer <key>`",
+                    ));
+                }
+            };
+            if found.replace(rest.trim_ascii()).is_some() {
+                return Err(Rejection::MalformedKey("more than one API key was sent"));
+            }
+        }
+        for value in headers.get_all(&X_API_KEY) {
+            let v = value.to_str().map_err(|_| NOT_ASCII)?;
+            if found.replace(v.trim_ascii()).is_some() {
+                return Err(Rejection::MalformedKey("more than one API key was sent"));
+            }
+        }
+        let Some(key) = found else {
+            return Err(Rejection::MissingKey);
+        };
+        match key_problem(key, self.max_len) {
+            None => Ok(key),
+            Some(why) => Err(Rejection::MalformedKey(why)),
+        }
+    }
+}
+
+/// `value` as a key when it is one as it stands: within `max_len` once
+/// trimmed of spaces and tabs, every byte of it printable ASCII without
+/// spaces, and nothing around it but spaces and tabs. Written without early
+/// exits, so the compiler checks many bytes at a time.
+#[inline]
+fn plain_key(value: &[u8], max_len: usize) -> Option<&str> {
+    let start = value
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count();
+    let rest = &value[start..];
+    let end = rest.len()
+        - rest
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b' ' || b == b'\t')
+            .count();
+    let key = &rest[..end];
+    let graphic = key.iter().fold(true, |ok, &b| ok & (b > b' ') & (b < 0x7f));
+    if key.is_empty() || key.len() > max_len || !graphic {
+        return None;
+    }
+    // Printable ASCII is UTF-8: this cannot fail.
+    std::str::from_utf8(key).ok()
+}
+
+impl Extractor for ApiKey {
+    #[inline]
+    fn extract(&self, req: &RequestRef<'_>, policy: &Policy) -> Result<Identity, Rejection> {
+        let key = self.read(req.headers)?;
+        let id = KeyId::of(key);
+        if policy.has_revocations() && policy.is_revoked(key, id) {
+            return Err(Rejection::UnknownKey);
+        }
+        let (tier, account) = match policy
+            .key_entry(key, id)
+            .or_else(|| self.resolver.as_ref().and_then(|r| r(key)))
+        {
+            Some((t, a)) => (Some(t), a),
+            None => (None, None),
+        };
+        Ok(Identity {
+            key: id,
+            account,
+            tier,
+            cost: None,
+            tokens: None,
+            priority: Priority::Normal,
+            known: tier.is_some(),
+        })
+    }
+}

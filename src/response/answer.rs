@@ -1,0 +1,115 @@
+//! What the layer answers instead of the inner service, and the words both
+//! writers share: its status, its problem type and its detail. The HTTP
+//! writer (`http`) and the gRPC writer (`grpc`) both read it; the facade
+//! (`response`) picks one by the request's protocol.
+
+use http::StatusCode;
+
+use super::headers::HeaderPlan;
+use crate::extract::Rejection;
+use crate::key::KeyId;
+use crate::time::{ceil_secs, retry_secs};
+
+/// What the layer answers instead of the inner service: a *refusal* (over
+/// a limit), a *rejection* (a client mistake before any limit), a cost that
+/// can never fit, or an unavailable backend.
+#[derive(Debug)]
+pub(crate) enum Answer<'a> {
+    /// A refusal, over the limit: 429 / RESOURCE_EXHAUSTED.
+    Refused {
+        plan: HeaderPlan,
+        tier: &'a str,
+        category: &'a str,
+        key: KeyId,
+    },
+    /// A rejection: a client mistake before any limit was checked.
+    Rejected(Rejection),
+    /// A cost that could never fit the limit.
+    CostTooHigh {
+        cost: u32,
+        max: u32,
+        tier: &'a str,
+        category: &'a str,
+        /// `"requests"` or `"tokens"`.
+        unit: &'static str,
+    },
+    /// The backend could not decide.
+    Unavailable,
+}
+
+impl Answer<'_> {
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            Answer::Refused { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Answer::Rejected(
+                Rejection::MalformedKey(_) | Rejection::InvalidCost(_) | Rejection::InvalidPriority,
+            ) => StatusCode::BAD_REQUEST,
+            Answer::Rejected(_) => StatusCode::UNAUTHORIZED,
+            Answer::CostTooHigh { .. } => StatusCode::BAD_REQUEST,
+            Answer::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub(crate) fn problem_type(&self) -> &'static str {
+        match self {
+            Answer::Refused { plan, .. } if plan.decision.is_concurrency_refusal() => {
+                "concurrency-limited"
+            }
+            Answer::Refused { .. } => "rate-limited",
+            Answer::Rejected(Rejection::MissingKey | Rejection::NoPeerAddress) => "missing-api-key",
+            Answer::Rejected(Rejection::MalformedKey(_)) => "malformed-api-key",
+            Answer::Rejected(Rejection::UnknownKey) => "unknown-api-key",
+            Answer::Rejected(Rejection::InvalidCost(_)) => "invalid-cost",
+            Answer::Rejected(Rejection::InvalidPriority) => "invalid-priority",
+            Answer::CostTooHigh { .. } => "cost-exceeds-limit",
+            Answer::Unavailable => "rate-limiter-unavailable",
+        }
+    }
+
+    pub(crate) fn detail(&self) -> String {
+        match self {
+            Answer::Refused {
+                plan,
+                tier,
+                category,
+                ..
+            } if plan.decision.is_concurrency_refusal() => format!(
+                "concurrency limit reached: tier `{tier}` allows {} `{category}` requests in flight at once{}; retry in {} s",
+                plan.decision.lease.map_or(0, |l| l.limit),
+                if plan.decision.lease.is_some_and(|l| l.per_account) {
+                    " per account"
+                } else {
+                    ""
+                },
+                retry_secs(plan.decision.retry_after.unwrap_or_default()),
+            ),
+            Answer::Refused {
+                plan,
+                tier,
+                category,
+                ..
+            } => format!(
+                "rate limit exceeded: tier `{tier}` allows {} `{category}` {} per {} s; retry in {} s",
+                plan.decision.limit,
+                if plan.decision.is_tokens() {
+                    "tokens"
+                } else {
+                    "requests"
+                },
+                ceil_secs(plan.decision.window),
+                retry_secs(plan.decision.retry_after.unwrap_or_default()),
+            ),
+            Answer::Rejected(r) => r.to_string(),
+            Answer::CostTooHigh {
+                cost,
+                max,
+                tier,
+                category,
+                unit,
+            } => format!(
+                "this request costs {cost} but tier `{tier}` allows at most {max} `{category}` {unit} at once, so it can never succeed; split it into smaller requests"
+            ),
+            Answer::Unavailable => "the rate limiter is unavailable; try again shortly".to_owned(),
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! What a response body holds until it ends: a request's concurrency
+//! leases, opaque here ([`Hold`]: released by its own `Drop`), so the
+//! response layer knows nothing of backends or leases.
+//!
+//! The layer makes a [`LeaseGuard`] for every admitted request under a
+//! concurrency limit (`crate::lease` makes and releases what it holds) and
+//! moves it into the response body through
+//! [`AnswerBody::hold`](super::AnswerBody::hold): [`Leased`] or
+//! [`ResponseBody`](super::ResponseBody) drop it at the body's last frame,
+//! at its error, or when the body is dropped.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+/// Something a response body holds until it ends, released by its own
+/// `Drop` (implemented by the lease module's held leases).
+pub(crate) trait Hold: fmt::Debug + Send + Sync + 'static {}
+
+/// A request's concurrency leases, released when this is dropped.
+///
+/// The layer makes one for every admitted request under a concurrency
+/// limit and moves it into the response body through
+/// [`AnswerBody::hold`](crate::AnswerBody::hold), so the leases are held
+/// until the body ends or is dropped. It cannot be made outside the crate.
+pub struct LeaseGuard {
+    // The lease module's box, unsized: no allocation of its own.
+    inner: Box<dyn Hold>,
+}
+
+impl LeaseGuard {
+    /// A guard holding `inner` until it is dropped.
+    pub(crate) fn new(inner: Box<dyn Hold>) -> Self {
+        LeaseGuard { inner }
+    }
+}
+
+impl fmt::Debug for LeaseGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.inner, f)
+    }
+}
+
+pin_project! {
+    /// A response body that holds its request's [`LeaseGuard`] until it
+    /// ends (its last frame, or an error) or is dropped.
+    #[derive(Debug)]
+    pub struct Leased<B> {
+        #[pin]
+        body: B,
+        lease: Option<LeaseGuard>,
+    }
+}
+
+impl<B> Leased<B> {
+    /// `body`, holding `lease`.
+    pub fn new(body: B, lease: LeaseGuard) -> Self {
+        Leased {
+            body,
+            lease: Some(lease),
+        }
+    }
+}
+
+/// A body's last frame (or its error) was polled: its lease goes back now,
+/// not when the body is dropped.
+#[inline]
+pub(crate) fn release_at_end<T, E>(
+    polled: &Poll<Option<Result<T, E>>>,
+    lease: &mut Option<LeaseGuard>,
+) {
+    if let Poll::Ready(None | Some(Err(_))) = polled {
+        lease.take();
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Leased<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.body.poll_frame(cx);
+        release_at_end(&polled, this.lease);
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
