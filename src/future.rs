@@ -1,4 +1,4 @@
-//! The response future of [`RateLimit`](crate::RateLimit).
+//! The response future of [`RateLimit`](crate::layer::RateLimit).
 
 use std::fmt;
 use std::future::Future;
@@ -15,7 +15,7 @@ use crate::backend::{BackendError, Decision};
 use crate::response::AnswerBody;
 
 pin_project! {
-    /// The response future of [`RateLimit`](crate::RateLimit): the inner
+    /// The response future of [`RateLimit`](crate::layer::RateLimit): the inner
     /// service's future (then headers), a ready refusal, or a backend check
     /// still under way.
     pub struct ResponseFuture<F, S, Req, BF> {

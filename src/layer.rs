@@ -101,15 +101,15 @@ impl<E, B> RateLimitLayer<E, B> {
     }
 
     /// A service that reports the caller's usage without counting it.
-    pub fn usage_service(&self) -> crate::UsageService<E, B> {
-        crate::UsageService::new(Arc::clone(&self.shared))
+    pub fn usage_service(&self) -> crate::usage::UsageService<E, B> {
+        crate::usage::UsageService::new(Arc::clone(&self.shared))
     }
 
-    /// The operator API ([`AdminService`](crate::AdminService)): keys,
+    /// The operator API ([`AdminService`](crate::admin::AdminService)): keys,
     /// custom limits, boosts and usage checks, layered over the base
     /// policy. Give it at least one token; mount it outside this layer.
-    pub fn admin_service(&self) -> crate::AdminService<E, B> {
-        crate::AdminService::new(Arc::clone(&self.shared))
+    pub fn admin_service(&self) -> crate::admin::AdminService<E, B> {
+        crate::admin::AdminService::new(Arc::clone(&self.shared))
     }
 
     /// Requests shadow mode let through that would have been refused.

@@ -6,7 +6,7 @@
 //! layer keeps them in [`Leases`] while the check is under way, then, once
 //! the request is admitted, in a [`LeaseGuard`] (the response layer's
 //! opaque hold): first in its response future, then in the response body
-//! ([`AnswerBody::hold`](crate::AnswerBody::hold)). They are released
+//! ([`AnswerBody::hold`](crate::response::AnswerBody::hold)). They are released
 //! exactly once, from `Drop`: when the body ends, fails or is dropped (a
 //! client that disconnects, a server timeout), or when the future is
 //! dropped before a response (a panic in the handler unwinds through it; a

@@ -89,7 +89,7 @@
 //! | *custom limit* | a key's own limits in a category, in place of its tier's: `[custom_limits]` in the file (`[overrides]` is read too), [`PolicyBuilder::custom_limit`], `…/custom-limits` in the admin API; an [`policy::Adjust`] says how (a limit, a list, `x5`, `unlimited`) |
 //! | *boost* | a custom limit or a tier's adjustment in force between two times |
 //! | *account* | what a key's per-account limits are counted under ([`extract::Identity::with_account`]); a key without one is its own |
-//! | *lease* | one of a concurrency limit's slots, held by a request in flight ([`backend::Lease`], [`lease::LeaseGuard`]) from admission until its response body ends or is dropped |
+//! | *lease* | one of a concurrency limit's slots, held by a request in flight ([`backend::Lease`], [`response::LeaseGuard`]) from admission until its response body ends or is dropped |
 //! | *refusal* | a limit's answer: 429, or gRPC `RESOURCE_EXHAUSTED` (a rate, token or concurrency limit) |
 //! | *rejection* | a client mistake ([`extract::Rejection`], or a cost no limit could ever admit): 400 or 401 |
 //! | *unavailable* | the backend could not decide (fail-closed, or a backend's error): 503, gRPC `UNAVAILABLE` |
@@ -103,7 +103,7 @@
 //! the two backends, [`HeaderOptions`] and the errors. The rest lives in
 //! modules named for what they hold: [`policy`], [`extract`], [`backend`],
 //! [`key`], [`layer`] (the tower types and the policy handle's clock),
-//! [`response`], [`meter`], [`lease`], [`usage`], [`admin`],
+//! [`response`], [`meter`], [`usage`], [`admin`],
 //! [`telemetry`], and with their features `watch` and `client`.
 
 //! # Semantics
@@ -126,7 +126,7 @@ pub mod extract;
 mod future;
 pub mod key;
 pub mod layer;
-pub mod lease;
+mod lease;
 mod limit;
 pub mod meter;
 mod plane;
@@ -141,36 +141,14 @@ mod view;
 #[cfg(feature = "watch")]
 pub mod watch;
 
-pub use admin::{ADMIN_BODY_TIMEOUT, AdminService};
-pub use backend::{
-    Backend, BackendError, Decision, LeaseState, MemoryBackend, MemoryBackendBuilder, Subject,
-    TokenState,
-};
+pub use backend::MemoryBackend;
 #[cfg(feature = "redis")]
-pub use backend::{
-    BackendState, FailurePolicy, RedisBackend, RedisBackendBuilder, RedisSetupError,
-};
-pub use extract::{
-    ApiKey, Extractor, FromExtension, GlobalKey, Identity, IpNet, PeerIp, Priority, Rejection,
-    RequestRef,
-};
-pub use future::ResponseFuture;
-pub use key::{
-    KEY_SECRET_ENV, KeyId, KeySecretError, Redacted, key_secret_is_shared, set_key_secret,
-};
-#[cfg(feature = "redis")]
-pub use layer::OPERATOR_SYNC_INTERVAL;
-pub use layer::{PolicyHandle, RateLimitLayer, RateLimitLayerBuilder, UnixClock};
-pub use meter::{TokenMeter, TokenUsage};
-pub use policy::{
-    Adjust, Boost, BoostTarget, CategoryId, KeyRule, Limit, Policy, PolicyBuilder, PolicyError,
-    Pool, Route, Rule, Shadow, Target, Tier, TierId,
-};
-pub use response::{AnswerBody, HeaderOptions, LeaseGuard, Leased, ResponseBody};
-pub use service::RateLimit;
-pub use usage::UsageService;
-#[cfg(feature = "watch")]
-pub use watch::{PolicyWatcher, WATCH_DEBOUNCE};
+pub use backend::{RedisBackend, RedisSetupError};
+pub use extract::{ApiKey, Extractor, FromExtension, GlobalKey, PeerIp};
+pub use key::set_key_secret;
+pub use layer::{PolicyHandle, RateLimitLayer, RateLimitLayerBuilder};
+pub use policy::{Limit, Policy, PolicyBuilder, PolicyError, Route, Tier};
+pub use response::HeaderOptions;
 
 /// Re-exported so users name the same clocks the backend takes.
 pub use governor;

@@ -60,7 +60,7 @@ pub(crate) struct Seed {
 /// metered request's extensions.
 ///
 /// The request reserved its estimate at admission
-/// ([`Identity::with_tokens`](crate::Identity::with_tokens), else 1). When
+/// ([`Identity::with_tokens`](crate::extract::Identity::with_tokens), else 1). When
 /// the response is over — the last clone of this meter dropped — the layer
 /// charges the difference: a refund if less was used, a debt if more
 /// (later requests wait until it is paid). Clone it into a response stream
@@ -69,7 +69,7 @@ pub(crate) struct Seed {
 ///
 /// ```
 /// use axum::{Extension, Json};
-/// use tierlimit::TokenMeter;
+/// use tierlimit::meter::TokenMeter;
 ///
 /// async fn complete(Extension(meter): Extension<TokenMeter>) -> Json<u64> {
 ///     let tokens = 42; // what the model used

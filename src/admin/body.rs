@@ -15,7 +15,7 @@ use super::{AdminResponse, bad, problem};
 const MAX_BODY: usize = 64 * 1024;
 
 /// How long an admin request's body may take to arrive, unless
-/// [`AdminService::body_timeout`](crate::AdminService::body_timeout) says
+/// [`AdminService::body_timeout`](crate::admin::AdminService::body_timeout) says
 /// otherwise: 10 seconds, from when the service starts reading it. A client
 /// still sending then (an authenticated client dripping a body, say) is
 /// answered 408 Request Timeout, and nothing changes.

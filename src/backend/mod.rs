@@ -42,7 +42,7 @@ pub struct Subject {
     /// Capacity this request must leave untouched (a priority reserve, for
     /// requests that are not critical); 0 for most requests.
     pub reserve: u32,
-    /// Whether the caller is known to the policy ([`Identity::is_known`](crate::Identity::is_known)).
+    /// Whether the caller is known to the policy ([`Identity::is_known`](crate::extract::Identity::is_known)).
     /// A backend with bounded memory keeps known callers' state first.
     pub known: bool,
 }
@@ -53,7 +53,7 @@ impl Subject {
     /// layer gives each cell its own).
     ///
     /// ```
-    /// use tierlimit::{KeyId, Policy, Subject};
+    /// use tierlimit::{Policy, key::KeyId, backend::Subject};
     /// # let policy = Policy::from_toml_str("categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1/s\"\nwrite = \"1/s\"").unwrap();
     /// let s = Subject::new(KeyId::of("k"), 7);
     /// let batch = Subject { cost: 10, ..s };
@@ -92,7 +92,7 @@ impl Subject {
     ///
     /// ```
     /// use tierlimit::backend::{Backend, MemoryBackend, Subject};
-    /// use tierlimit::{KeyId, Limit};
+    /// use tierlimit::{Limit, key::KeyId};
     /// # tokio_test_block(async {
     /// let backend = MemoryBackend::new();
     /// let s = Subject::new(KeyId::of("k"), 7);

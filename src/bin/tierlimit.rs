@@ -9,7 +9,7 @@
 use std::process::ExitCode;
 
 use tierlimit::policy::EffectiveLimits;
-use tierlimit::{KeyId, Limit, Policy};
+use tierlimit::{Limit, Policy, key::KeyId};
 
 const USAGE: &str = "usage: tierlimit check POLICY.toml | tierlimit table POLICY.toml";
 

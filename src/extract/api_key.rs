@@ -71,7 +71,7 @@ impl ApiKey {
     /// key is its own account), for limits shared by an account's keys.
     ///
     /// ```
-    /// use tierlimit::{ApiKey, KeyId, TierId};
+    /// use tierlimit::{ApiKey, key::KeyId, policy::TierId};
     ///
     /// # let pro: TierId = tierlimit::Policy::from_toml_str("categories=[\"read\", \"write\"]\n[tiers.pro]\nread=\"1/s\"\nwrite=\"1/s\"").unwrap().tier("pro").unwrap();
     /// // Keys look like `acct_<account>_<secret>`.

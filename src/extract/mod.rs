@@ -56,7 +56,7 @@ pub enum Priority {
 /// [`FromExtension`] will use it:
 ///
 /// ```
-/// use tierlimit::Identity;
+/// use tierlimit::extract::Identity;
 ///
 /// let id = Identity::new("user-42");
 /// assert_eq!(id.tier(), None);
@@ -105,7 +105,7 @@ impl Identity {
     /// key of it. Without one, a key is its own account.
     ///
     /// ```
-    /// use tierlimit::Identity;
+    /// use tierlimit::extract::Identity;
     ///
     /// let a = Identity::new("acme-key-1").with_account("acme");
     /// let b = Identity::new("acme-key-2").with_account("acme");
@@ -171,7 +171,7 @@ impl Identity {
     /// Sets this request's estimate of the tokens it will use (for
     /// categories with token limits; without one, the estimate is 1). The
     /// estimate is reserved at admission; what the response reports
-    /// through its [`TokenMeter`](crate::TokenMeter) settles the
+    /// through its [`TokenMeter`](crate::meter::TokenMeter) settles the
     /// difference. An estimate above a token limit's burst could never be
     /// admitted: a 400, like a cost above a request limit.
     #[must_use]
@@ -259,7 +259,7 @@ impl std::error::Error for Rejection {}
 /// Implemented by closures `Fn(&RequestRef<'_>, &Policy) -> Result<Identity, Rejection>`:
 ///
 /// ```
-/// use tierlimit::{Identity, Policy, Rejection, RequestRef};
+/// use tierlimit::{Policy, extract::{Identity, Rejection, RequestRef}};
 ///
 /// let by_tenant = |req: &RequestRef<'_>, _: &Policy| {
 ///     req.headers

@@ -21,7 +21,7 @@ pub enum Pool {
     #[default]
     Key,
     /// The limits are shared by every key of an account
-    /// ([`Identity::with_account`](crate::Identity::with_account), or the
+    /// ([`Identity::with_account`](crate::extract::Identity::with_account), or the
     /// `account` of a `[keys]` entry). A key without an account is its
     /// own account.
     Account,

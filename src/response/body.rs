@@ -28,7 +28,7 @@ use super::hold::{LeaseGuard, Leased, release_at_end};
 /// use http::{Request, Response};
 /// use http_body_util::Empty;
 /// use bytes::Bytes;
-/// use tierlimit::{Policy, RateLimitLayer, ResponseBody};
+/// use tierlimit::{Policy, RateLimitLayer, response::ResponseBody};
 /// use tower::ServiceBuilder;
 ///
 /// let policy = Policy::from_toml_str(r#"
@@ -48,7 +48,7 @@ use super::hold::{LeaseGuard, Leased, release_at_end};
 /// ```
 #[diagnostic::on_unimplemented(
     message = "tierlimit cannot build a `{Self}` body from bytes",
-    note = "for axum's or tonic's body, enable tierlimit's `axum` or `tonic` feature; for any other response body, wrap it in `tierlimit::ResponseBody` under the layer (`res.map(ResponseBody::new)`)"
+    note = "for axum's or tonic's body, enable tierlimit's `axum` or `tonic` feature; for any other response body, wrap it in `tierlimit::response::ResponseBody` under the layer (`res.map(ResponseBody::new)`)"
 )]
 pub trait AnswerBody: Body<Data = Bytes> + Sized {
     /// A body holding `bytes` (empty for gRPC answers and bare statuses).

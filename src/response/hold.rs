@@ -25,7 +25,7 @@ pub(crate) trait Hold: fmt::Debug + Send + Sync + 'static {}
 ///
 /// The layer makes one for every admitted request under a concurrency
 /// limit and moves it into the response body through
-/// [`AnswerBody::hold`](crate::AnswerBody::hold), so the leases are held
+/// [`AnswerBody::hold`](crate::response::AnswerBody::hold), so the leases are held
 /// until the body ends or is dropped. It cannot be made outside the crate.
 pub struct LeaseGuard {
     // The lease module's box, unsized: no allocation of its own.

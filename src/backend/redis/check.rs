@@ -68,8 +68,8 @@ impl RedisBackend {
     /// has any. Refusals are not cached locally: the binding limit's retry
     /// delay needs every limit's state.
     ///
-    /// Leases taken here are held until [`Backend::release`](crate::Backend::release).
-    /// Called through [`Backend::check`](crate::Backend::check), a check
+    /// Leases taken here are held until [`Backend::release`](crate::backend::Backend::release).
+    /// Called through [`Backend::check`](crate::backend::Backend::check), a check
     /// with leases runs on the backend's I/O thread, so that it finishes
     /// (and its leases can be released) even if its caller goes away.
     pub async fn check_async(&self, check: Check<'_>) -> Result<Decision, BackendError> {
@@ -137,7 +137,7 @@ impl RedisBackend {
     }
 
     /// Settles charges after the fact in one script call (see
-    /// [`Backend::settle`](crate::Backend::settle)). While Redis is
+    /// [`Backend::settle`](crate::backend::Backend::settle)). While Redis is
     /// unreachable, or if the call fails, the settlement goes to the
     /// fallback (this instance's memory) and is counted
     /// (`tierlimit_settlement_fallbacks_total`): never dropped.

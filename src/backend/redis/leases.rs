@@ -167,7 +167,7 @@ impl RedisBackend {
         }
     }
 
-    /// [`Backend::release`](crate::Backend::release): releases the leases
+    /// [`Backend::release`](crate::backend::Backend::release): releases the leases
     /// `lease_id` holds, or marks its check, still under way, cancelled.
     pub(super) fn release_held(&self, owner: u64, leases: &[Lease], lease_id: u64) {
         let mut book = self.inner.leases.lock();
@@ -262,7 +262,7 @@ impl RedisBackend {
         self.inner.leases.held()
     }
 
-    /// [`Backend::peek_lease`](crate::Backend::peek_lease): a lease's
+    /// [`Backend::peek_lease`](crate::backend::Backend::peek_lease): a lease's
     /// capacity now, in Redis (or in the fallback), taking nothing.
     pub(super) async fn peek_lease_async(&self, owner: u64, lease: Lease) -> Decision {
         let inner = &self.inner;

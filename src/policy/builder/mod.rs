@@ -220,7 +220,7 @@ impl PolicyBuilder {
     }
 
     /// Maps an API key to a tier and an account: limits counted per account
-    /// (a tier with [`Pool::Account`](crate::Pool::Account), or [`Tier::per_account`] limits) are
+    /// (a tier with [`Pool::Account`](crate::policy::Pool::Account), or [`Tier::per_account`] limits) are
     /// shared by every key of the account.
     ///
     /// ```

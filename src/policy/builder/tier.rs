@@ -113,9 +113,9 @@ impl Tier {
 
     /// Meters `category` in tokens: a request is admitted only if every
     /// token limit can cover its estimate
-    /// ([`Identity::with_tokens`](crate::Identity::with_tokens), else 1),
+    /// ([`Identity::with_tokens`](crate::extract::Identity::with_tokens), else 1),
     /// which it reserves; the difference with what it reports through its
-    /// [`TokenMeter`](crate::TokenMeter) is settled when the response ends.
+    /// [`TokenMeter`](crate::meter::TokenMeter) is settled when the response ends.
     ///
     /// ```
     /// use tierlimit::{Limit, Tier};

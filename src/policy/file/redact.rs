@@ -23,7 +23,7 @@ use toml_parser::Source;
 use toml_parser::parser::{Event, EventKind};
 
 use super::Lines;
-use crate::KeyId;
+use crate::key::KeyId;
 use crate::policy::PolicyError;
 
 /// Sections whose keys and values are names and limits, never API keys.

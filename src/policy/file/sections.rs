@@ -11,7 +11,7 @@ use super::super::{
 };
 use super::values::{parse_adjust, parse_cell, parse_refund};
 use super::{BoostSpec, Defaults, GrpcSpec, Lines, Methods, RouteSpec, ShadowSpec, TierRules};
-use crate::KeyId;
+use crate::key::KeyId;
 
 type Built = Result<PolicyBuilder, PolicyError>;
 

@@ -120,13 +120,13 @@ fn lists_tables_pools_and_accounts() {
         [Limit::per_second(5), Limit::per_hour(500)]
     );
     assert_eq!(l.pool(), Pool::Account);
-    let k2 = crate::KeyId::of("k2");
+    let k2 = crate::key::KeyId::of("k2");
     assert_eq!(
         p.key_entry("k2", k2),
-        Some((pro, Some(crate::KeyId::of_account("acme"))))
+        Some((pro, Some(crate::key::KeyId::of_account("acme"))))
     );
     assert_eq!(
-        p.key_entry("k1", crate::KeyId::of("k1")),
+        p.key_entry("k1", crate::key::KeyId::of("k1")),
         Some((free, None))
     );
 }
@@ -179,7 +179,7 @@ fn a_custom_limit_replaces_the_token_limits_only() {
     let p = parse(TOKENS).unwrap();
     let (free, ai) = (p.tier("free").unwrap(), p.category("ai").unwrap());
     let cell = p.cell(free, ai).unwrap();
-    let k1 = crate::KeyId::of("k1");
+    let k1 = crate::key::KeyId::of("k1");
     let a = p.effective(cell, free, ai, k1, 0);
     assert_eq!(a.per_key.as_slice(), [Limit::per_hour(50)]);
     assert_eq!(a.tokens.as_slice(), [Limit::per_hour(5000)]);
@@ -190,7 +190,7 @@ fn a_boost_scales_token_limits_per_key_and_per_account() {
     let p = parse(TOKENS).unwrap();
     let (pro, ai) = (p.tier("pro").unwrap(), p.category("ai").unwrap());
     let cell = p.cell(pro, ai).unwrap();
-    let k2 = crate::KeyId::of("k2");
+    let k2 = crate::key::KeyId::of("k2");
     let a = p.effective(cell, pro, ai, k2, 1_790_000_000);
     assert_eq!(
         a.tokens.as_slice(),
