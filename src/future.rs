@@ -10,7 +10,7 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::admission::{Admitted, Deferred, Settled};
+use crate::admission::{Admitted, Deferred, Resolved};
 use crate::backend::{BackendError, Decision};
 use crate::response::AnswerBody;
 
@@ -127,8 +127,8 @@ where
                         deferred,
                         ..
                     } = *checking.take().expect("checked above");
-                    match deferred.settle(result) {
-                        Settled::Allow(admitted) => {
+                    match deferred.resolve(result) {
+                        Resolved::Allow(admitted) => {
                             let mut req = req;
                             if let Some(meter) = &admitted.meter {
                                 req.extensions_mut().insert(meter.clone());
@@ -137,7 +137,7 @@ where
                             let fut = inner.call(req);
                             this.state.set(State::Inner { fut });
                         }
-                        Settled::Answer(res) => this.state.set(State::Ready {
+                        Resolved::Answer(res) => this.state.set(State::Ready {
                             res: Some(Box::new(res)),
                         }),
                     }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::backend::{Lease, MAX_LEASES};
-use crate::meter::Settler;
+use crate::meter::ErasedBackend;
 use crate::response::{Hold, LeaseGuard};
 
 /// Numbers checks with leases (unique in the process).
@@ -52,7 +52,7 @@ struct Inner {
     len: u8,
     id: u64,
     state: State,
-    sink: Arc<dyn Settler>,
+    sink: Arc<dyn ErasedBackend>,
     #[cfg(feature = "metrics")]
     gauge: Option<metrics::Gauge>,
 }
@@ -70,7 +70,12 @@ impl Hold for Inner {}
 
 impl Leases {
     /// The leases of a check about to be made.
-    pub(crate) fn pending(owner: u64, leases: &[Lease], id: u64, sink: Arc<dyn Settler>) -> Self {
+    pub(crate) fn pending(
+        owner: u64,
+        leases: &[Lease],
+        id: u64,
+        sink: Arc<dyn ErasedBackend>,
+    ) -> Self {
         let mut items = [Lease {
             bucket: 0,
             max: 1,

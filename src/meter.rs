@@ -23,12 +23,12 @@ use crate::policy::{Limit, MAX_LIMITS, RefundOn};
 /// Where what is left of a request after its response goes — token
 /// settlements and lease releases: the layer's backend, type-erased (held
 /// by meters and lease guards).
-pub(crate) trait Settler: Send + Sync {
+pub(crate) trait ErasedBackend: Send + Sync {
     fn settle(&self, owner: u64, adjustments: &[Adjustment]);
     fn release(&self, owner: u64, leases: &[Lease], lease_id: u64);
 }
 
-impl<B: Backend> Settler for B {
+impl<B: Backend> ErasedBackend for B {
     fn settle(&self, owner: u64, adjustments: &[Adjustment]) {
         // The backend proceeds without being polled (its contract).
         drop(Backend::settle(self, owner, adjustments));
@@ -50,7 +50,7 @@ pub(crate) struct Seed {
     pub(crate) estimate: u32,
     /// The responses that refund the request.
     pub(crate) refund: RefundOn,
-    pub(crate) sink: Arc<dyn Settler>,
+    pub(crate) sink: Arc<dyn ErasedBackend>,
     #[cfg(feature = "metrics")]
     pub(crate) counters: Option<crate::telemetry::TokenCounters>,
 }

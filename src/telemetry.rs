@@ -5,7 +5,8 @@
 //! | metric | kind | labels |
 //! |---|---|---|
 //! | `tierlimit_requests_total` | counter | `tier`, `category`, `outcome` = `allowed` / `refused` / `shadow_refused` |
-//! | `tierlimit_rejections_total` | counter | `reason` (`missing-api-key`, `malformed-api-key`, `unknown-api-key`, `invalid-cost`, `invalid-priority`, `cost-exceeds-limit`, `rate-limiter-unavailable`) |
+//! | `tierlimit_rejections_total` | counter | `reason` (`missing-api-key`, `malformed-api-key`, `unknown-api-key`, `invalid-cost`, `invalid-priority`, `cost-exceeds-limit`) |
+//! | `tierlimit_unavailable_total` | counter | — : requests answered 503 (gRPC `UNAVAILABLE`), the backend could not decide |
 //! | `tierlimit_backend_errors_total` | counter | `backend` |
 //! | `tierlimit_fallback_total` | counter | `backend`, `policy` |
 //! | `tierlimit_backend_state` | gauge (1 connected, 0 degraded) | `backend` |
@@ -77,7 +78,13 @@ pub const METRICS: &[MetricInfo] = &[
         "tierlimit_rejections_total",
         MetricKind::Counter,
         None,
-        "Requests answered before any limit was checked (a client mistake, or the limiter unavailable), by reason.",
+        "Requests rejected for a client mistake (400 or 401: no key, a malformed or unknown one, an invalid cost or priority, a cost no limit could admit), by reason.",
+    ),
+    metric(
+        "tierlimit_unavailable_total",
+        MetricKind::Counter,
+        None,
+        "Requests answered 503 (gRPC UNAVAILABLE): the backend could not decide (fail-closed, or a backend's error).",
     ),
     metric(
         "tierlimit_backend_errors_total",
@@ -262,13 +269,23 @@ impl TokenCounters {
     }
 }
 
-/// A request refused before or instead of a limit check.
+/// A request rejected for a client mistake (400 or 401).
 #[inline]
 pub(crate) fn rejection(_reason: &'static str) {
     #[cfg(feature = "metrics")]
     {
         describe_once();
         metrics::counter!("tierlimit_rejections_total", "reason" => _reason).increment(1);
+    }
+}
+
+/// A request answered 503: the backend could not decide.
+#[inline]
+pub(crate) fn unavailable() {
+    #[cfg(feature = "metrics")]
+    {
+        describe_once();
+        metrics::counter!("tierlimit_unavailable_total").increment(1);
     }
 }
 

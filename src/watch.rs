@@ -276,7 +276,7 @@ impl Follower {
             if !self.target.concerns(&paths) {
                 continue;
             }
-            if !self.settle(rx) {
+            if !self.quiet(rx) {
                 return;
             }
             // Watch where the symlinks lead now before reading, so no
@@ -303,7 +303,7 @@ impl Follower {
 
     /// Waits until no event concerning the file has come for
     /// [`WATCH_DEBOUNCE`]; false if the watcher was dropped meanwhile.
-    fn settle(&self, rx: &mpsc::Receiver<Vec<PathBuf>>) -> bool {
+    fn quiet(&self, rx: &mpsc::Receiver<Vec<PathBuf>>) -> bool {
         let mut quiet_until = Instant::now() + WATCH_DEBOUNCE;
         loop {
             match rx.recv_timeout(quiet_until.saturating_duration_since(Instant::now())) {

@@ -324,11 +324,13 @@ async fn keys_limits_boosts_and_usage_through_the_admin_api() {
     )
     .await;
     assert_eq!(read(&s, NEW_KEY).await, (200, Some(1000)));
-    // A custom limit on write, then every category x5, then removed.
+    // A custom limit on write (the resource's name, `custom-limits`; the
+    // rest of this test uses its short one, `limits`), then every category
+    // x5, then removed.
     ok(
         &s,
         "PUT",
-        "/limits",
+        "/custom-limits",
         json!({ "key": NEW_KEY, "category": "write", "limit": "3/hour" }),
     )
     .await;

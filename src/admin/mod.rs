@@ -39,8 +39,8 @@ use routes::audit;
 /// |---|---|---|
 /// | `PUT …/keys` | `{"key", "tier", "account"?}` | 200: the key is listed in `tier` (an upgrade if it was listed) |
 /// | `DELETE …/keys` | `{"key"}` | 200: revoked, a 401 from then on |
-/// | `PUT …/limits` | `{"key", "category", "limit"}` (`"3/hour"`, a list, `"unlimited"`, `"x5"`; category `"*"` for all) | 200 |
-/// | `DELETE …/limits` | `{"key", "category"}` | 200 |
+/// | `PUT …/custom-limits` (or `…/limits`) | `{"key", "category", "limit"}` (`"3/hour"`, a list, `"unlimited"`, `"x5"`; category `"*"` for all) | 200 |
+/// | `DELETE …/custom-limits` (or `…/limits`) | `{"key", "category"}` | 200 |
 /// | `POST …/boosts` | `{"key" or "tier", "category"?, "adjust", "start", "end"}` (RFC 3339 or Unix seconds) | 201 with its `id` |
 /// | `GET …/boosts` | — | 200: the boosts operators granted that have not ended |
 /// | `DELETE …/boosts/{id}` | — | 200, or 404 |
@@ -178,7 +178,7 @@ fn route(path: &str) -> Route {
     let before = segments.next().unwrap_or("");
     match (before, last) {
         (_, "keys") => Route::Keys,
-        (_, "limits") => Route::Limits,
+        (_, "custom-limits" | "limits") => Route::Limits,
         (_, "boosts") => Route::Boosts,
         (_, "usage") => Route::Usage,
         ("boosts", id) if !id.is_empty() => Route::Boost(id.to_owned()),
@@ -298,7 +298,7 @@ fn allowed(route: &Route, method: &Method) -> Result<(), AdminResponse> {
         return Err(problem(
             StatusCode::NOT_FOUND,
             "admin-not-found",
-            "no such admin resource (keys, limits, boosts, boosts/{id}, usage)",
+            "no such admin resource (keys, custom-limits, boosts, boosts/{id}, usage)",
         ));
     }
     if !allowed.split(", ").any(|m| m == method.as_str()) {

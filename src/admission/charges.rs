@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::backend::{Backend, Charge, Lease, MAX_LEASES, limit_bucket};
 use crate::extract::Identity;
 use crate::lease::Leases;
-use crate::meter::{Seed, Settler, TokenMeter};
+use crate::meter::{ErasedBackend, Seed, TokenMeter};
 use crate::policy::{Cell, Limit, Limits, MAX_LIMITS, Pool, RefundOn};
 
 /// Mixed into token buckets ("tokens").
@@ -207,7 +207,7 @@ impl ChargeSet {
             tokens: self.tokens,
             estimate,
             refund,
-            sink: Arc::clone(backend) as Arc<dyn Settler>,
+            sink: Arc::clone(backend) as Arc<dyn ErasedBackend>,
             #[cfg(feature = "metrics")]
             counters,
         })
@@ -220,7 +220,7 @@ impl ChargeSet {
             self.owner,
             self.leases(),
             id,
-            Arc::clone(backend) as Arc<dyn Settler>,
+            Arc::clone(backend) as Arc<dyn ErasedBackend>,
         )
     }
 }

@@ -1,18 +1,18 @@
-//! A check under way: everything needed to settle it, owned, so the
-//! response future settles a backend's late answer by the same code as
+//! A check under way: everything needed to resolve it, owned, so the
+//! response future resolves a backend's late answer by the same code as
 //! the ready path ([`Outcome`]).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use super::outcome::{Carried, Outcome, Settled};
+use super::outcome::{Carried, Outcome, Resolved};
 use crate::backend::{BackendError, Decision};
 use crate::extract::Rejection;
 use crate::response::{Answer, HeaderOptions};
 use crate::time::UnixClock;
 use crate::view::PolicyView;
 
-/// A check under way: everything needed to settle it, owned.
+/// A check under way: everything needed to resolve it, owned.
 pub(crate) struct Deferred {
     pub(super) view: Arc<PolicyView>,
     pub(super) carried: Carried,
@@ -36,14 +36,14 @@ impl std::fmt::Debug for Deferred {
 
 impl Deferred {
     /// Turns the backend's answer into the outcome (as the ready path does).
-    pub(crate) fn settle(self, result: Result<Decision, BackendError>) -> Settled {
+    pub(crate) fn resolve(self, result: Result<Decision, BackendError>) -> Resolved {
         #[cfg(feature = "metrics")]
         crate::telemetry::check_duration(self.started.elapsed());
         let Some(cell) = self.view.cell(self.carried.tier, self.carried.category) else {
             // Not reachable with ids admit() took from this same view; an
             // unknown key is the safe answer all the same.
             let answer = Answer::Rejected(Rejection::UnknownKey);
-            return Settled::Answer(answer.into_response(self.grpc));
+            return Resolved::Answer(answer.into_response(self.grpc));
         };
         let mut outcome = Outcome {
             policy: &self.view.policy,
@@ -53,6 +53,6 @@ impl Deferred {
             options: self.options,
             unix_clock: self.unix_clock.as_ref(),
         };
-        outcome.settle(result, || self.grpc)
+        outcome.resolve(result, || self.grpc)
     }
 }

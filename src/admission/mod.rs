@@ -4,7 +4,7 @@
 //! (not limited), allow (with the headers to write), answer (a refusal or a
 //! rejection, ready to send) or wait (a backend that needs a round trip).
 //! A deferred check carries everything it needs in an owned [`Deferred`],
-//! whose [`settle`](Deferred::settle) turns the backend's answer into the
+//! whose [`resolve`](Deferred::resolve) turns the backend's answer into the
 //! same outcome the ready path gets. The service, its future, the layer and
 //! the usage service depend on this module; it depends on none of them.
 //!
@@ -28,9 +28,9 @@ mod priority;
 
 pub(crate) use charges::ChargeSet;
 pub(crate) use deferred::Deferred;
-pub(crate) use outcome::{Admitted, Settled};
+pub(crate) use outcome::{Admitted, Resolved};
 
-use outcome::{Outcome, Settle};
+use outcome::{Outcome, Resolving};
 use priority::{critical, reserve_for};
 
 use crate::backend::{Backend, Check};
@@ -67,7 +67,7 @@ pub(crate) enum Step<BF> {
     Allow(Admitted),
     /// Answered by the layer (a refusal or a rejection).
     Answer(Response<Bytes>),
-    /// The backend needs a round trip; settle its answer with `Deferred`.
+    /// The backend needs a round trip; resolve its answer with `Deferred`.
     Wait(BF, Box<Deferred>),
 }
 
@@ -226,12 +226,12 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         let set = ChargeSet::new(f.cell, applied, &f.identity, cost, estimate, |max| {
             pct.map_or(0, |p| reserve_for(p, max))
         });
-        let mut settle = f.settle();
-        for (r, c) in settle.carried.reserves.iter_mut().zip(set.charges()) {
+        let mut resolving = f.resolving();
+        for (r, c) in resolving.carried.reserves.iter_mut().zip(set.charges()) {
             *r = c.reserve;
         }
         if f.cell.metered {
-            settle.carried.meter = Some(set.meter(
+            resolving.carried.meter = Some(set.meter(
                 &self.backend,
                 estimate,
                 f.cell.refund,
@@ -244,7 +244,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         }
         let lease_id = if set.nleases > 0 {
             let id = crate::lease::next_id();
-            settle.carried.lease = Some(set.pending_leases(&self.backend, id));
+            resolving.carried.lease = Some(set.pending_leases(&self.backend, id));
             id
         } else {
             0
@@ -257,18 +257,18 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             leases: set.leases(),
             lease_id,
         });
-        self.settle_now(f.guard, f.req, check, settle)
+        self.resolve_now(f.guard, f.req, check, resolving)
     }
 
     /// Settles a check at once when the backend answered at once, else
     /// hands it to the future with everything it needs.
     #[inline]
-    fn settle_now<T>(
+    fn resolve_now<T>(
         &self,
         guard: &Arc<PolicyView>,
         req: &Request<T>,
         mut check: B::Future,
-        s: Settle<'_>,
+        s: Resolving<'_>,
     ) -> Step<B::Future> {
         let policy: &Policy = &guard.policy;
         let polled = Pin::new(&mut check).poll(&mut Context::from_waker(Waker::noop()));
@@ -284,9 +284,9 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                     options: self.headers,
                     unix_clock: self.unix_clock.as_ref(),
                 };
-                match outcome.settle(result, || is_grpc(req.headers())) {
-                    Settled::Allow(admitted) => Step::Allow(admitted),
-                    Settled::Answer(res) => Step::Answer(res),
+                match outcome.resolve(result, || is_grpc(req.headers())) {
+                    Resolved::Allow(admitted) => Step::Allow(admitted),
+                    Resolved::Answer(res) => Step::Answer(res),
                 }
             }
             Poll::Pending => Step::Wait(
@@ -394,10 +394,10 @@ impl<T> Found<'_, T> {
         }
     }
 
-    /// The settlement's parts, made just before the backend is asked.
+    /// What resolving the check needs, made just before the backend is asked.
     #[inline]
-    fn settle(&self) -> Settle<'_> {
-        Settle::start(
+    fn resolving(&self) -> Resolving<'_> {
+        Resolving::start(
             self.cell_view,
             self.tier,
             self.category,

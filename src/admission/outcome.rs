@@ -1,6 +1,6 @@
 //! A decision becomes headers or an answer: what a request carries from
 //! its admission to its outcome ([`Carried`]), and the one code path that
-//! settles a backend's answer, ready or deferred ([`Outcome`]).
+//! resolves a backend's answer, ready or deferred ([`Outcome`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -31,7 +31,7 @@ pub(crate) struct Admitted {
 }
 
 /// The outcome of a backend's answer.
-pub(crate) enum Settled {
+pub(crate) enum Resolved {
     /// Allowed: call the inner service, then write these headers.
     Allow(Admitted),
     /// Answered by the layer.
@@ -54,14 +54,14 @@ pub(super) struct Carried {
 }
 
 /// What settling a check needs from the path that made it.
-pub(super) struct Settle<'a> {
+pub(super) struct Resolving<'a> {
     pub(super) cell: &'a CellView,
     pub(super) carried: Carried,
     #[cfg(feature = "metrics")]
     pub(super) started: std::time::Instant,
 }
 
-impl<'a> Settle<'a> {
+impl<'a> Resolving<'a> {
     /// Made just before the backend is asked (the check's duration starts).
     #[inline]
     pub(super) fn start(
@@ -70,7 +70,7 @@ impl<'a> Settle<'a> {
         category: CategoryId,
         key: KeyId,
     ) -> Self {
-        Settle {
+        Resolving {
             cell,
             carried: Carried {
                 tier,
@@ -102,11 +102,11 @@ impl<'a> Outcome<'a> {
     /// Turns a backend's answer into the outcome: the reserve is reported
     /// as part of the limit, and shadow mode turns refusals into counted
     /// passes.
-    pub(super) fn settle(
+    pub(super) fn resolve(
         &mut self,
         result: Result<Decision, BackendError>,
         grpc: impl FnOnce() -> bool,
-    ) -> Settled {
+    ) -> Resolved {
         let meter = self.carried.meter.take();
         let lease = self.lease_for(&result);
         let names = self.names();
@@ -117,7 +117,7 @@ impl<'a> Outcome<'a> {
             Ok(d) if d.allowed => {
                 #[cfg(feature = "metrics")]
                 counters.allowed.increment(1);
-                Settled::Allow(self.allowed(d, meter, lease))
+                Resolved::Allow(self.allowed(d, meter, lease))
             }
             Ok(d)
                 if self
@@ -126,7 +126,7 @@ impl<'a> Outcome<'a> {
             {
                 #[cfg(feature = "metrics")]
                 counters.shadow.increment(1);
-                Settled::Allow(self.shadowed(d, meter))
+                Resolved::Allow(self.shadowed(d, meter))
             }
             Ok(d) => {
                 #[cfg(feature = "metrics")]
@@ -144,11 +144,11 @@ impl<'a> Outcome<'a> {
                     category: names.1,
                     unit: "requests",
                 };
-                Settled::Answer(answer.into_response(grpc()))
+                Resolved::Answer(answer.into_response(grpc()))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "rate-limit backend failed; answering 503");
-                Settled::Answer(Answer::Unavailable.into_response(grpc()))
+                Resolved::Answer(Answer::Unavailable.into_response(grpc()))
             }
         }
     }
@@ -245,7 +245,7 @@ impl<'a> Outcome<'a> {
     }
 
     /// A refusal: 429 or `RESOURCE_EXHAUSTED`.
-    fn refused(&self, d: Decision, meter: Option<&TokenMeter>, grpc: bool) -> Settled {
+    fn refused(&self, d: Decision, meter: Option<&TokenMeter>, grpc: bool) -> Resolved {
         let (tier, category) = self.names();
         let key = self.carried.key;
         tracing::debug!(
@@ -263,6 +263,6 @@ impl<'a> Outcome<'a> {
             category,
             key,
         };
-        Settled::Answer(refused.into_response(grpc))
+        Resolved::Answer(refused.into_response(grpc))
     }
 }

@@ -25,8 +25,10 @@ impl Answer<'_> {
     /// The response, in the form the caller speaks (`grpc`: the request's
     /// content type is gRPC's).
     pub(crate) fn into_response(self, grpc: bool) -> ::http::Response<bytes::Bytes> {
-        if !matches!(self, Answer::Refused { .. }) {
-            crate::telemetry::rejection(self.problem_type());
+        match self {
+            Answer::Refused { .. } => {}
+            Answer::Unavailable => crate::telemetry::unavailable(),
+            _ => crate::telemetry::rejection(self.problem_type()),
         }
         if grpc {
             grpc::response(&self)
