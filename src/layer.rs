@@ -10,6 +10,7 @@ use crate::admission::Shared;
 use crate::backend::{Backend, MemoryBackend};
 use crate::extract::{ApiKey, Extractor, PeerIp};
 pub use crate::future::ResponseFuture;
+pub use crate::plane::OperatorStateError;
 use crate::plane::Plane;
 use crate::policy::{Policy, PolicyBuilder, PolicyError};
 use crate::response::HeaderOptions;
@@ -135,13 +136,12 @@ impl<E, B> RateLimitLayer<E, B> {
     pub async fn share_operator_state(
         &self,
         redis: &crate::RedisBackend,
-    ) -> Result<(), crate::RedisSetupError> {
+    ) -> Result<(), OperatorStateError> {
         let plane = &self.shared.plane;
         let link = redis.link();
         plane
             .share(Arc::new(crate::plane::RedisStore::new(link.clone())))
-            .await
-            .map_err(crate::RedisSetupError::OperatorState)?;
+            .await?;
         let weak = Arc::downgrade(plane);
         link.spawn_io(async move {
             loop {

@@ -25,6 +25,46 @@ pub(crate) use state::{BoostEntry, BoostFor, Change, OperatorState};
 use crate::policy::{Overlay, Policy, PolicyBuilder, PolicyError};
 use crate::view::{PolicyView, ViewSlot};
 
+/// The operators' shared state could not be read or written
+/// ([`RateLimitLayer::share_operator_state`](crate::RateLimitLayer::share_operator_state);
+/// an admin change that meets one is answered 503, and nothing changed).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum OperatorStateError {
+    /// The store did not answer in time, or answered with an error.
+    Unavailable(Box<dyn std::error::Error + Send + Sync>),
+    /// The store ran the change after its deadline (it was paused or
+    /// stalled while the caller waited): it changed nothing.
+    Late,
+    /// What the store holds could not be read: the part named.
+    Malformed(&'static str),
+}
+
+impl fmt::Display for OperatorStateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OperatorStateError::Unavailable(e) => {
+                write!(f, "the operators' shared state is unavailable: {e}")
+            }
+            OperatorStateError::Late => f.write_str(
+                "the shared store ran the change after its deadline, so it changed nothing",
+            ),
+            OperatorStateError::Malformed(what) => {
+                write!(f, "the operators' shared state holds an unreadable {what}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for OperatorStateError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            OperatorStateError::Unavailable(e) => Some(&**e),
+            OperatorStateError::Late | OperatorStateError::Malformed(_) => None,
+        }
+    }
+}
+
 /// Where operator state is shared between instances (Redis).
 ///
 /// A write that the store runs late (after its caller gave up on the
@@ -37,13 +77,13 @@ pub(crate) trait StateStore: Send + Sync {
     fn write(
         &self,
         fields: Vec<(String, Option<String>)>,
-    ) -> BoxFuture<Result<(Stamp, Stamp), String>>;
+    ) -> BoxFuture<Result<(Stamp, Stamp), OperatorStateError>>;
     /// Every field, and the stamp they are at.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    fn load(&self) -> BoxFuture<Result<Loaded, String>>;
+    fn load(&self) -> BoxFuture<Result<Loaded, OperatorStateError>>;
     /// The stamp now.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    fn version(&self) -> BoxFuture<Result<Stamp, String>>;
+    fn version(&self) -> BoxFuture<Result<Stamp, OperatorStateError>>;
 }
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -65,13 +105,13 @@ pub(crate) struct Stamp {
 impl Stamp {
     /// Reads `EPOCH VERSION` (the epoch may be empty: no state yet).
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn parse(s: &str) -> Result<Stamp, String> {
+    pub(crate) fn parse(s: &str) -> Result<Stamp, OperatorStateError> {
         let (epoch, version) = s
             .rsplit_once(' ')
-            .ok_or_else(|| "a stamp that is not 'EPOCH VERSION'".to_owned())?;
+            .ok_or(OperatorStateError::Malformed("stamp"))?;
         let version = version
             .parse()
-            .map_err(|_| "a version that is not a number".to_owned())?;
+            .map_err(|_| OperatorStateError::Malformed("version"))?;
         Ok(Stamp {
             epoch: epoch.to_owned(),
             version,
@@ -215,7 +255,7 @@ impl Plane {
 
     /// Makes `change`: in the shared store first if there is one (every
     /// instance then applies it), and here.
-    pub(crate) async fn make(&self, change: Change) -> Result<(), String> {
+    pub(crate) async fn make(&self, change: Change) -> Result<(), OperatorStateError> {
         if let Some(store) = self.store.get() {
             let fields = {
                 let l = self.lock();
@@ -259,7 +299,7 @@ impl Plane {
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     /// Shares operator state through `store`: loads it all now, then
     /// follows its version (see [`sync`](Self::sync)).
-    pub(crate) async fn share(&self, store: Arc<dyn StateStore>) -> Result<(), String> {
+    pub(crate) async fn share(&self, store: Arc<dyn StateStore>) -> Result<(), OperatorStateError> {
         let (stamp, fields) = migrate(&*store, store.load().await?).await?;
         {
             let mut l = self.lock();
@@ -275,7 +315,7 @@ impl Plane {
     /// One step of following the store: reloads the whole state when its
     /// stamp changed (a write, or a store that lost its data and started
     /// again), and removes ended boosts.
-    pub(crate) async fn sync(&self) -> Result<(), String> {
+    pub(crate) async fn sync(&self) -> Result<(), OperatorStateError> {
         let Some(store) = self.store.get() else {
             return Ok(());
         };
@@ -302,7 +342,7 @@ impl Plane {
 /// digests in the store, in one write, and loads the store again; `loaded`
 /// itself when there are none.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-async fn migrate(store: &dyn StateStore, loaded: Loaded) -> Result<Loaded, String> {
+async fn migrate(store: &dyn StateStore, loaded: Loaded) -> Result<Loaded, OperatorStateError> {
     let rewrite = state::legacy_rewrite(&loaded.1);
     if rewrite.is_empty() {
         return Ok(loaded);

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use super::{BoxFuture, Loaded, Stamp, StateStore};
+use super::{BoxFuture, Loaded, OperatorStateError, Stamp, StateStore};
 use crate::RedisBackend;
 use crate::backend::Link;
 
@@ -67,23 +67,23 @@ impl RedisStore {
 
     /// Redis's clock (micros), read in the state's slot by a read-only
     /// script, which a server paused for writes still answers.
-    async fn clock(&self) -> Result<u64, String> {
+    async fn clock(&self) -> Result<u64, OperatorStateError> {
         let mut cmd = redis::cmd("EVAL_RO");
         cmd.arg(ADMIN_CLOCK).arg(1).arg(&self.keys()[0]);
         let clock: String = self
             .link
             .query(cmd, self.timeout)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| OperatorStateError::Unavailable(Box::new(e)))?;
         clock
             .parse()
-            .map_err(|_| "Redis's clock is not a number".to_owned())
+            .map_err(|_| OperatorStateError::Malformed("clock"))
     }
 
     async fn write_fields(
         &self,
         fields: Vec<(String, Option<String>)>,
-    ) -> Result<(Stamp, Stamp), String> {
+    ) -> Result<(Stamp, Stamp), OperatorStateError> {
         let clock = self.clock().await?;
         let budget = (self.timeout / 2).as_micros() as u64;
         let mut args = vec![
@@ -107,7 +107,7 @@ impl RedisStore {
         }
         let answer: String = self.admin(args).await?;
         if answer == "late" {
-            return Err("Redis ran the change after its deadline, so it changed nothing".into());
+            return Err(OperatorStateError::Late);
         }
         // `EPOCH VERSION EPOCH VERSION`: before and after (an epoch has no
         // space; the first may be empty).
@@ -115,13 +115,13 @@ impl RedisStore {
             .match_indices(' ')
             .nth(1)
             .map(|(i, _)| i)
-            .ok_or_else(|| "a write's answer that is not two stamps".to_owned())?;
+            .ok_or(OperatorStateError::Malformed("write's answer"))?;
         let before = Stamp::parse(&answer[..mid])?;
         let after = Stamp::parse(&answer[mid + 1..])?;
         Ok((before, after))
     }
 
-    async fn load_all(&self) -> Result<Loaded, String> {
+    async fn load_all(&self) -> Result<Loaded, OperatorStateError> {
         let all: Vec<String> = self.admin(vec!["load".to_owned()]).await?;
         let mut it = all.into_iter();
         let stamp = Stamp::parse(&it.next().unwrap_or_default())?;
@@ -132,7 +132,7 @@ impl RedisStore {
         Ok((stamp, fields))
     }
 
-    async fn stamp(&self) -> Result<Stamp, String> {
+    async fn stamp(&self) -> Result<Stamp, OperatorStateError> {
         Stamp::parse(&self.admin::<String>(vec!["version".to_owned()]).await?)
     }
 
@@ -140,11 +140,11 @@ impl RedisStore {
     async fn admin<T: redis::FromRedisValue + Send + 'static>(
         &self,
         args: Vec<String>,
-    ) -> Result<T, String> {
+    ) -> Result<T, OperatorStateError> {
         self.link
             .invoke_script(&self.script, self.keys(), args, self.timeout)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| OperatorStateError::Unavailable(Box::new(e)))
     }
 }
 
@@ -165,17 +165,17 @@ impl StateStore for RedisStore {
     fn write(
         &self,
         fields: Vec<(String, Option<String>)>,
-    ) -> BoxFuture<Result<(Stamp, Stamp), String>> {
+    ) -> BoxFuture<Result<(Stamp, Stamp), OperatorStateError>> {
         let this = self.clone();
         Box::pin(async move { this.write_fields(fields).await })
     }
 
-    fn load(&self) -> BoxFuture<Result<Loaded, String>> {
+    fn load(&self) -> BoxFuture<Result<Loaded, OperatorStateError>> {
         let this = self.clone();
         Box::pin(async move { this.load_all().await })
     }
 
-    fn version(&self) -> BoxFuture<Result<Stamp, String>> {
+    fn version(&self) -> BoxFuture<Result<Stamp, OperatorStateError>> {
         let this = self.clone();
         Box::pin(async move { this.stamp().await })
     }

@@ -62,9 +62,6 @@ pub enum RedisSetupError {
     Redis(redis::RedisError),
     /// The backend's I/O thread could not be started.
     Io(std::io::Error),
-    /// The operators' shared state could not be loaded
-    /// ([`RateLimitLayer::share_operator_state`](crate::RateLimitLayer::share_operator_state)).
-    OperatorState(String),
 }
 
 impl fmt::Display for RedisSetupError {
@@ -75,9 +72,6 @@ impl fmt::Display for RedisSetupError {
             ),
             RedisSetupError::Redis(e) => write!(f, "redis: {e}"),
             RedisSetupError::Io(e) => write!(f, "the redis I/O thread could not start: {e}"),
-            RedisSetupError::OperatorState(e) => {
-                write!(f, "the operators' shared state could not be loaded: {e}")
-            }
         }
     }
 }
@@ -87,7 +81,7 @@ impl std::error::Error for RedisSetupError {
         match self {
             RedisSetupError::Redis(e) => Some(e),
             RedisSetupError::Io(e) => Some(e),
-            RedisSetupError::NoSharedKeySecret | RedisSetupError::OperatorState(_) => None,
+            RedisSetupError::NoSharedKeySecret => None,
         }
     }
 }

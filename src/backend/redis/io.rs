@@ -29,6 +29,15 @@ pub(crate) enum EvalError {
     Lost,
 }
 
+impl std::error::Error for EvalError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            EvalError::Redis(e) => Some(e),
+            EvalError::Timeout | EvalError::Lost => None,
+        }
+    }
+}
+
 impl fmt::Display for EvalError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
