@@ -180,7 +180,7 @@ fn check_refuses_hardened_cases_without_printing_a_key() {
         ),
         (
             "multiplier",
-            format!("{demo}\n[overrides.\"{secret}\"]\nread = \"x18446744073709551615\"\n"),
+            format!("{demo}\n[custom_limits.\"{secret}\"]\nread = \"x18446744073709551615\"\n"),
             "at most x1000",
             0,
         ),
