@@ -17,6 +17,20 @@ struct Seed {
 
 static SEED: OnceLock<Seed> = OnceLock::new();
 
+/// 64 unpredictable bits, for ids (a boost's, an operator state's epoch):
+/// the standard library's randomly seeded hasher over the time now.
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish()
+}
+
 /// The environment variable [`set_key_secret`] falls back to.
 pub const KEY_SECRET_ENV: &str = "TIERLIMIT_KEY_SECRET";
 

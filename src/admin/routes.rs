@@ -375,15 +375,7 @@ pub(super) fn boost_id_for(who: &str, key: &str) -> String {
 }
 
 fn new_boost_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    format!("{:016x}", h.finish())
+    format!("{:016x}", crate::key::random_u64())
 }
 
 /// The audit trail: an INFO event and a counter per change.

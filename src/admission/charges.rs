@@ -85,6 +85,39 @@ impl Owners {
 }
 
 impl ChargeSet {
+    /// The one charge of a request under one limit counted per key (per
+    /// account in a pooled tier), with no tokens, leases or per-account
+    /// limits, and its owner: what [`new`](Self::new) would make, without
+    /// the set's arrays (the common case, on every request).
+    #[inline]
+    pub(crate) fn alone(
+        cell: &Cell,
+        applied: Limits<'_>,
+        identity: &Identity,
+        cost: u32,
+        reserve: impl Fn(u32) -> u32,
+    ) -> Option<(u64, Charge)> {
+        let ([limit], [], [], []) = (
+            applied.per_key,
+            applied.per_account,
+            applied.tokens,
+            applied.account_tokens,
+        ) else {
+            return None;
+        };
+        if cell.leased || cell.metered {
+            return None;
+        }
+        let owners = Owners::of(cell, identity);
+        let charge = Charge {
+            bucket: limit_bucket(owners.key ^ cell.scope, limit),
+            limit: *limit,
+            cost,
+            reserve: reserve(limit.max()),
+        };
+        Some((owners.check_owner(cell, applied), charge))
+    }
+
     pub(crate) fn new(
         cell: &Cell,
         applied: Limits<'_>,

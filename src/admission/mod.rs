@@ -203,8 +203,9 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
     }
 
     /// A request under every limit that applies to it, at once, all or
-    /// nothing: one [`Check`].
-    #[inline]
+    /// nothing: one [`Check`]. A check of one charge alone (the common
+    /// case) is built on the spot; any other from a [`ChargeSet`].
+    #[inline(always)]
     fn check<T>(&self, f: &Found<'_, T>, applied: Limits<'_>) -> Step<B::Future> {
         let limits = applied.per_key.iter();
         let cost = match f.cost(limits.chain(applied.per_account).copied()) {
@@ -223,9 +224,29 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         } else {
             0
         };
-        let set = ChargeSet::new(f.cell, applied, &f.identity, cost, estimate, |max| {
-            pct.map_or(0, |p| reserve_for(p, max))
-        });
+        let reserve = |max| pct.map_or(0, |p| reserve_for(p, max));
+        if let Some((owner, charge)) = ChargeSet::alone(f.cell, applied, &f.identity, cost, reserve)
+        {
+            let mut resolving = f.resolving();
+            resolving.carried.reserves[0] = charge.reserve;
+            let check = Check::new(owner, f.identity.is_known(), std::slice::from_ref(&charge));
+            return self.resolve_now(f.guard, f.req, self.backend.check(&check), resolving);
+        }
+        self.check_set(f, applied, cost, estimate, pct)
+    }
+
+    /// A check built from a [`ChargeSet`]: several limits, tokens, leases.
+    #[inline(never)]
+    fn check_set<T>(
+        &self,
+        f: &Found<'_, T>,
+        applied: Limits<'_>,
+        cost: u32,
+        estimate: u32,
+        pct: Option<u8>,
+    ) -> Step<B::Future> {
+        let reserve = |max| pct.map_or(0, |p| reserve_for(p, max));
+        let set = ChargeSet::new(f.cell, applied, &f.identity, cost, estimate, reserve);
         let mut resolving = f.resolving();
         for (r, c) in resolving.carried.reserves.iter_mut().zip(set.charges()) {
             *r = c.reserve;

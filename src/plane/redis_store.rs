@@ -90,7 +90,7 @@ impl RedisStore {
             "write".to_owned(),
             (clock + budget).to_string(),
             admin_channel(self.link.prefix()),
-            format!("{:016x}", random_u64()),
+            format!("{:016x}", crate::key::random_u64()),
         ];
         for (field, value) in fields {
             args.push(field);
@@ -146,19 +146,6 @@ impl RedisStore {
             .await
             .map_err(|e| OperatorStateError::Unavailable(Box::new(e)))
     }
-}
-
-/// 64 random bits (an epoch for a new operator state).
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    h.finish()
 }
 
 impl StateStore for RedisStore {

@@ -260,6 +260,7 @@ where
     /// all of them or none. The arithmetic is governor's GCRA, the same as
     /// the single-limit path and the Redis script (the conformance suite
     /// runs the same cases through all of them).
+    #[inline]
     pub fn check_now(&self, check: &Check<'_>) -> Result<Decision, BackendError> {
         if let [charge] = check.charges
             && check.leases.is_empty()
@@ -267,6 +268,13 @@ where
         {
             return self.check_one(charge, check.known);
         }
+        self.check_together(check)
+    }
+
+    /// A check of several charges, or of charges with leases or tokens:
+    /// under the owner's one shard lock.
+    #[inline(never)]
+    fn check_together(&self, check: &Check<'_>) -> Result<Decision, BackendError> {
         let inner = &*self.inner;
         let charges = &check.charges[..check.charges.len().min(MAX_LIMITS)];
         for c in charges {
