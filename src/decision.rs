@@ -143,6 +143,7 @@ impl Decision {
     /// The decision for an allowed request that leaves `remaining` of
     /// `limit` (GCRA: the bucket is full again `(max - remaining) × per/max`
     /// later, to the emission interval's resolution).
+    #[inline]
     pub fn allow(limit: &Limit, remaining: u32) -> Self {
         let remaining = remaining.min(limit.max());
         Decision {

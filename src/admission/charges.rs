@@ -89,7 +89,7 @@ impl ChargeSet {
     /// account in a pooled tier), with no tokens, leases or per-account
     /// limits, and its owner: what [`new`](Self::new) would make, without
     /// the set's arrays (the common case, on every request).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn alone(
         cell: &Cell,
         applied: Limits<'_>,

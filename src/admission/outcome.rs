@@ -156,6 +156,7 @@ impl<'a> Outcome<'a> {
     /// The request's leases, if it holds any: leases are held only by an
     /// admitted request; any other answer took none (a shadow-mode pass
     /// included).
+    #[inline]
     fn lease_for(&mut self, result: &Result<Decision, BackendError>) -> Option<Leases> {
         match (self.carried.lease.take(), result) {
             (Some(g), Ok(d)) if d.allowed => Some(g),
@@ -168,6 +169,7 @@ impl<'a> Outcome<'a> {
     }
 
     /// The names of the request's tier and category.
+    #[inline]
     fn names(&self) -> (&'a str, &'a str) {
         let policy = self.policy;
         (
@@ -191,6 +193,7 @@ impl<'a> Outcome<'a> {
 
     /// The headers of `decision` (`meter`, a metered request's, names its
     /// token limits).
+    #[inline]
     fn plan(&self, decision: Decision, meter: Option<&TokenMeter>) -> HeaderPlan {
         HeaderPlan {
             decision,
@@ -207,6 +210,7 @@ impl<'a> Outcome<'a> {
 
     /// An admitted request: its meter settles what it used, its leases are
     /// held until its response is over.
+    #[inline]
     fn allowed(&self, d: Decision, meter: Option<TokenMeter>, lease: Option<Leases>) -> Admitted {
         let plan = self.plan(d, meter.as_ref());
         if let Some(m) = &meter {
