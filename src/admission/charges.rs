@@ -13,6 +13,20 @@ use crate::lease::Leases;
 use crate::meter::{ErasedBackend, Seed, TokenMeter};
 use crate::policy::{Cell, Limit, Limits, MAX_LIMITS, Pool, RefundOn};
 
+/// A request's charge under `limit`, counted in the bucket of `base` (an
+/// owner mixed with the cell's scope): both [`ChargeSet::alone`] and
+/// [`ChargeSet::new`] make them here, so a check alone and a peek through
+/// the set name the same bucket.
+#[inline(always)]
+fn request_charge(limit: Limit, base: u64, cost: u32, reserve: &impl Fn(u32) -> u32) -> Charge {
+    Charge {
+        bucket: limit_bucket(base, &limit),
+        limit,
+        cost,
+        reserve: reserve(limit.max()),
+    }
+}
+
 /// Mixed into token buckets ("tokens").
 const TOKENS: u64 = 0x746f_6b65_6e73;
 
@@ -109,12 +123,7 @@ impl ChargeSet {
             return None;
         }
         let owners = Owners::of(cell, identity);
-        let charge = Charge {
-            bucket: limit_bucket(owners.key ^ cell.scope, limit),
-            limit: *limit,
-            cost,
-            reserve: reserve(limit.max()),
-        };
+        let charge = request_charge(*limit, owners.key ^ cell.scope, cost, &reserve);
         Some((owners.check_owner(cell, applied), charge))
     }
 
@@ -159,12 +168,7 @@ impl ChargeSet {
                 .map(|l| (*l, owners.account ^ cell.account_scope)),
         );
         for (slot, (limit, base)) in self.items[self.len..].iter_mut().zip(limits) {
-            *slot = Charge {
-                bucket: limit_bucket(base, &limit),
-                limit,
-                cost,
-                reserve: reserve(limit.max()),
-            };
+            *slot = request_charge(limit, base, cost, &reserve);
             self.len += 1;
         }
     }

@@ -137,9 +137,15 @@ pub(super) struct Entry<C: Clock> {
 }
 
 impl<C: Clock> Entry<C> {
+    /// `now` in this limiter's time (nanoseconds since it was made): the
+    /// time its TATs are kept in.
+    pub(super) fn elapsed(&self, now: C::Instant) -> u64 {
+        u64::from(now.duration_since(self.start))
+    }
+
     /// Buckets whose TAT is at or below this are full again.
     pub(super) fn drop_below(&self, now: C::Instant) -> u64 {
-        u64::from(now.duration_since(self.start)).saturating_sub(self.t)
+        self.elapsed(now).saturating_sub(self.t)
     }
 }
 
@@ -186,30 +192,33 @@ where
     /// The limiter and TAT of a charge a check of it alone keeps (none:
     /// it lives in its owner's shard, or nowhere yet).
     pub(super) fn alone(&self, charge: &Charge) -> Option<(Arc<Entry<C>>, u64)> {
-        let inner = &*self.inner;
-        let e = match inner.limiters.get(&charge.limit) {
-            Some(e) => Arc::clone(e),
-            None => inner.limiters.get_overflow(&charge.limit)?,
-        };
+        let e = self.limiter_of(&charge.limit)?;
         let tat = e.store.get(charge.bucket)?;
         Some((e, tat))
+    }
+
+    /// The limiter a limit's checks alone use, if one was made (in the
+    /// table, or in its overflow).
+    fn limiter_of(&self, limit: &Limit) -> Option<Arc<Entry<C>>> {
+        let limiters = &self.inner.limiters;
+        match limiters.get(limit) {
+            Some(e) => Some(Arc::clone(e)),
+            None => limiters.get_overflow(limit),
+        }
     }
 
     /// Settles a charge that a check of it alone keeps (governor's limiter
     /// of its limit), if it is tracked there.
     pub(super) fn settle_alone(&self, a: &Adjustment) -> Option<Decision> {
         let inner = &*self.inner;
-        let e = match inner.limiters.get(&a.limit) {
-            Some(e) => Arc::clone(e),
-            None => inner.limiters.get_overflow(&a.limit)?,
-        };
+        let e = self.limiter_of(&a.limit)?;
         let mut guard = e
             .store
             .shard(a.bucket)
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         guard.get(a.bucket)?;
-        let now = u64::from(inner.clock.now().duration_since(e.start));
+        let now = e.elapsed(inner.clock.now());
         Some(adjust(&mut guard, a, now, &inner.budget))
     }
 

@@ -234,8 +234,7 @@ where
     /// limit), else in its owner's shard.
     pub fn peek_now(&self, owner: u64, charge: &Charge) -> Decision {
         if let Some((e, tat)) = self.alone(charge) {
-            let now = u64::from(self.inner.clock.now().duration_since(e.start));
-            return peeked(&charge.limit, Some(tat), now);
+            return peeked(&charge.limit, Some(tat), e.elapsed(self.inner.clock.now()));
         }
         let now = self.elapsed();
         let tat = self
