@@ -43,7 +43,7 @@ async fn eventually(mut probe: impl AsyncFnMut() -> bool) -> bool {
 mod admin_http {
     use super::*;
     use axum::Router;
-    use serde_json::{Value, json};
+    use serde_json::Value;
     use tierlimit::RateLimitLayer;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -101,31 +101,15 @@ mod admin_http {
     }
 
     async fn boosts(s: &common::Server, token: &str) -> Vec<Value> {
-        let res = common::client()
-            .get(s.url("/admin/v1/boosts"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        let v: Value = res.json().await.unwrap();
-        v["boosts"].as_array().unwrap().clone()
+        common::boosts::list(s, token).await
     }
 
+    /// A boost of pro's read (one start for every try in this binary: a
+    /// retry repeats its request).
     async fn boost(s: &common::Server, token: &str, idem: &str, adjust: &str) -> (u16, Value) {
-        let now = common::unix_now();
-        let res = common::client()
-            .post(s.url("/admin/v1/boosts"))
-            .bearer_auth(token)
-            .header("idempotency-key", idem)
-            .json(
-                &json!({ "tier": "pro", "category": "read", "adjust": adjust,
-                           "start": now - 1, "end": now + 3600 }),
-            )
-            .send()
-            .await
-            .unwrap();
-        let code = res.status().as_u16();
-        (code, res.json().await.unwrap_or(Value::Null))
+        static NOW: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let now = *NOW.get_or_init(common::unix_now);
+        common::boosts::post(s, token, idem, adjust, now).await
     }
 
     #[tokio::test]
@@ -339,42 +323,17 @@ mod loader {
 /// The policy watcher, through real files.
 #[cfg(all(feature = "watch", unix))]
 mod watch_attacks {
-    use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::path::Path;
     use std::time::Instant;
 
     use super::*;
+    use crate::common::TempDir;
     use tierlimit::{Policy, PolicyHandle, RateLimitLayer, watch::PolicyWatcher};
 
     fn policy(read: u32) -> String {
         format!(
             "categories = [\"read\", \"write\"]\n\n[tiers.free]\nread = \"{read}/hour\"\nwrite = \"5/hour\"\n\n[keys]\n\"k\" = \"free\"\n"
         )
-    }
-
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(test: &str) -> Self {
-            static NEXT: AtomicU64 = AtomicU64::new(0);
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let dir = std::env::temp_dir().join(format!(
-                "tierlimit-attack-{test}-{}-{n}",
-                std::process::id()
-            ));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-        fn join(&self, name: &str) -> PathBuf {
-            self.0.join(name)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
     }
 
     fn layer_on(path: &Path) -> PolicyHandle {

@@ -304,37 +304,18 @@ async fn instances_agree_with_redis_after_it_loses_its_data() {
     }
 }
 
-/// `POST /admin/v1/boosts` (pro's read x2 for an hour), with an
+/// `POST /admin/v1/boosts` (pro's read for an hour), with an
 /// `Idempotency-Key`: the status and the body.
 async fn boost(s: &common::Server, idempotency: &str, adjust: &str) -> (u16, Value) {
     // One start for every try of the test (a retry repeats its request).
     static NOW: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let now = *NOW.get_or_init(common::unix_now);
-    let res = common::client()
-        .post(s.url("/admin/v1/boosts"))
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .header("idempotency-key", idempotency)
-        .json(
-            &json!({ "tier": "pro", "category": "read", "adjust": adjust,
-                       "start": now - 1, "end": now + 3600 }),
-        )
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
+    common::boosts::post(s, TOKEN, idempotency, adjust, now).await
 }
 
 /// The boosts an instance lists.
 async fn boosts(s: &common::Server) -> Vec<Value> {
-    let res = common::client()
-        .get(s.url("/admin/v1/boosts"))
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .send()
-        .await
-        .unwrap();
-    let v: Value = res.json().await.unwrap();
-    v["boosts"].as_array().unwrap().clone()
+    common::boosts::list(s, TOKEN).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,11 @@
 //! watcher to move.
 #![cfg(all(feature = "watch", unix))]
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+mod common;
+
+use common::{TempDir, logs};
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tierlimit::{Policy, PolicyHandle, RateLimitLayer, watch::PolicyWatcher};
@@ -27,30 +30,6 @@ const BROKEN: &str = "categories = [\"read\", \"write\"]\n\n[tiers.free]\n\
 
 /// A directory of its own under the system's temporary directory; removed
 /// when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("tierlimit-watch-{test}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A layer on the policy at `path` (read now), and its handle.
 fn layer_on(path: &Path) -> PolicyHandle {
     let layer = RateLimitLayer::new(Policy::from_toml_file(path).unwrap());
@@ -109,37 +88,6 @@ fn retarget(link: &Path, target: &Path) {
     let tmp = link.with_extension("link-tmp");
     std::os::unix::fs::symlink(target, &tmp).unwrap();
     std::fs::rename(&tmp, link).unwrap();
-}
-
-/// The log lines of this test binary (INFO and up), captured.
-mod logs {
-    static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
-
-    struct LogWriter;
-
-    impl std::io::Write for LogWriter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            LOGS.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// Installs the capture (once per binary).
-    pub(crate) fn capture() {
-        let _ = tracing_subscriber::fmt()
-            .with_writer(|| LogWriter)
-            .with_max_level(tracing::Level::INFO)
-            .with_ansi(false)
-            .try_init();
-    }
-
-    /// Everything logged so far.
-    pub(crate) fn text() -> String {
-        String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
-    }
 }
 
 /// Log lines that report `path` invalid.

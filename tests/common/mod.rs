@@ -146,6 +146,73 @@ category = "ai"
 "team-solo" = "team"
 "#;
 
+/// A fresh directory under the system's temporary one, removed on drop:
+/// `tierlimit-{name}-{pid}-{n}`.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tierlimit-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn join(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The admin API's boosts, as a client calls them.
+pub mod boosts {
+    use serde_json::{Value, json};
+
+    /// `POST …/admin/v1/boosts` as `token` with an `Idempotency-Key`: pro's
+    /// read adjusted by `adjust`, from `now - 1` for an hour. The status
+    /// and the body.
+    pub async fn post(
+        s: &super::Server,
+        token: &str,
+        idempotency: &str,
+        adjust: &str,
+        now: u64,
+    ) -> (u16, Value) {
+        let res = super::client()
+            .post(s.url("/admin/v1/boosts"))
+            .bearer_auth(token)
+            .header("idempotency-key", idempotency)
+            .json(
+                &json!({ "tier": "pro", "category": "read", "adjust": adjust,
+                           "start": now - 1, "end": now + 3600 }),
+            )
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The boosts an instance lists to `token`.
+    pub async fn list(s: &super::Server, token: &str) -> Vec<Value> {
+        let res = super::client()
+            .get(s.url("/admin/v1/boosts"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let v: Value = res.json().await.unwrap();
+        v["boosts"].as_array().unwrap().clone()
+    }
+}
+
 /// Log lines of a test binary, captured through `tracing` (INFO and up).
 pub mod logs {
     static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
