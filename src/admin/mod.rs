@@ -251,13 +251,7 @@ where
             (Route::Keys, _) => self.revoke_key(&body),
             (Route::Limits, Method::PUT) => self.put_limit(&body),
             (Route::Limits, _) => self.remove_limit(&body),
-            (Route::Boosts, Method::POST) => match self.add_boost(&body, idempotency) {
-                // The same boost, asked again under the same key: done.
-                Ok((_, _, shown, ..)) if self.has_same_boost(&shown) => {
-                    return json_response(StatusCode::CREATED, &shown);
-                }
-                other => other,
-            },
+            (Route::Boosts, Method::POST) => self.add_boost(&body, idempotency),
             (Route::Boosts, _) => return self.list_boosts(),
             (Route::Boost(id), _) => self.remove_boost(id),
             (Route::Usage, _) => return self.usage(&body).await,

@@ -127,17 +127,6 @@ where
         ))
     }
 
-    /// Whether an operator already added the boost `shown` describes (a
-    /// retry under the same `Idempotency-Key`); the key reused for another
-    /// boost is refused by [`add_boost`](Self::add_boost).
-    pub(super) fn has_same_boost(&self, shown: &Value) -> bool {
-        let Some(id) = shown["id"].as_str() else {
-            return false;
-        };
-        let state = self.shared.plane.state();
-        state.boost(id).is_some_and(|b| boost_json(id, b) == *shown)
-    }
-
     /// Adds a boost; its id is `given` (an `Idempotency-Key`'s) or new.
     pub(super) fn add_boost(&self, body: &Map<String, Value>, given: Option<String>) -> Changed {
         only(body, &["key", "tier", "category", "adjust", "start", "end"])?;
@@ -216,8 +205,9 @@ where
         })
     }
 
-    /// Refuses an `Idempotency-Key` whose boost was removed since, or that
-    /// was used for another boost than `shown`.
+    /// What an `Idempotency-Key`'s boost `shown` meets: nothing yet (go
+    /// on), the same boost (answered again, nothing changes), the boost
+    /// removed since (409) or another boost under the key (422).
     fn idempotent(&self, boost_id: &str, shown: &Value) -> Result<(), AdminResponse> {
         let state = self.shared.plane.state();
         if state.boost(boost_id).is_some_and(|b| b.removed) {
@@ -227,16 +217,19 @@ where
                 "the boost this Idempotency-Key added was removed since; use a new key",
             ));
         }
-        if let Some(b) = state.boost(boost_id)
-            && boost_json(boost_id, b) != *shown
-        {
-            return Err(problem(
+        match state.boost(boost_id) {
+            None => Ok(()),
+            // The same boost, asked again under the same key: done, and
+            // answered as the first time.
+            Some(b) if boost_json(boost_id, b) == *shown => {
+                Err(json_response(StatusCode::CREATED, shown))
+            }
+            Some(_) => Err(problem(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "admin-idempotency-key-reused",
                 "this Idempotency-Key was used for another boost; use a new key",
-            ));
+            )),
         }
-        Ok(())
     }
 
     pub(super) fn list_boosts(&self) -> AdminResponse {
