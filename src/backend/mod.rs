@@ -199,6 +199,17 @@ impl<'a> Check<'a> {
             lease_id: 0,
         }
     }
+
+    /// The charge of a check of one charge and nothing else (no token
+    /// charge, no lease): what a backend may answer faster (the memory
+    /// backend's governor branch, the Redis backend's deny cache).
+    #[inline]
+    pub(crate) fn alone(&self) -> Option<&'a Charge> {
+        match self.charges {
+            [c] if self.leases.is_empty() && self.tokens == 0 => Some(c),
+            _ => None,
+        }
+    }
 }
 
 /// The decision of a several-limit check: the binding charge's, with the

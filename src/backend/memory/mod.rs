@@ -261,10 +261,7 @@ where
     /// runs the same cases through all of them).
     #[inline]
     pub fn check_now(&self, check: &Check<'_>) -> Result<Decision, BackendError> {
-        if let [charge] = check.charges
-            && check.leases.is_empty()
-            && check.tokens == 0
-        {
+        if let Some(charge) = check.alone() {
             return self.check_one(charge, check.known);
         }
         self.check_together(check)

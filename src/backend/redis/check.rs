@@ -261,24 +261,15 @@ impl Inner {
         (r, taken)
     }
 
-    /// A check of one charge alone (no leases, no tokens): what the deny
-    /// cache may answer.
-    fn alone<'c>(check: &'c Check<'_>) -> Option<&'c Charge> {
-        match check.charges {
-            [c] if check.leases.is_empty() && check.tokens == 0 => Some(c),
-            _ => None,
-        }
-    }
-
     /// The answer to a check of one charge alone that needs no round trip:
     /// one that could never conform (its cost and reserve exceed the
     /// limit), or one of a bucket refused recently (the deny cache),
-    /// refused again until the retry delay passes. (Only refusals of requests without a reserve are
-    /// cached, and they bind every request: `until` is when one request of
-    /// cost 1 and no reserve conforms again, so a larger cost or a reserve
-    /// waits that many intervals more.)
+    /// refused again until the retry delay passes. (Only refusals of
+    /// requests without a reserve are cached, and they bind every request:
+    /// `until` is when one request of cost 1 and no reserve conforms again,
+    /// so a larger cost or a reserve waits that many intervals more.)
     fn denied(&self, check: &Check<'_>, now: u64) -> Option<Decision> {
-        let c = Self::alone(check)?;
+        let c = check.alone()?;
         if u64::from(c.cost.max(1)) + u64::from(c.reserve) > u64::from(c.limit.max()) {
             // Only the reserve (or less) could ever be left for it.
             return Some(Decision::refuse(&c.limit, c.cost.max(1), c.limit.per()));
@@ -295,7 +286,7 @@ impl Inner {
 
     /// Caches Redis's refusal (`retry_us`) of a check of one charge alone.
     fn remember_refusal(&self, check: &Check<'_>, retry_us: u64, now: u64) {
-        let Some(c) = Self::alone(check) else {
+        let Some(c) = check.alone() else {
             return;
         };
         // When one request conforms again: the delay less the extra cost.
