@@ -113,6 +113,13 @@ impl<E, B> RateLimitLayer<E, B> {
         crate::admin::AdminService::new(Arc::clone(&self.shared))
     }
 
+    /// The engine every front of this layer shares (Envoy's front builds
+    /// its own from it).
+    #[cfg(feature = "envoy")]
+    pub(crate) fn shared(&self) -> &Arc<Shared<E, B>> {
+        &self.shared
+    }
+
     /// Requests shadow mode let through that would have been refused.
     pub fn shadow_refusals(&self) -> u64 {
         self.shared.shadowed.load(Ordering::Relaxed)

@@ -122,6 +122,8 @@ pub mod backend;
 #[cfg(feature = "client")]
 pub mod client;
 mod decision;
+#[cfg(feature = "envoy")]
+pub mod envoy;
 pub mod extract;
 mod future;
 pub mod key;

@@ -72,6 +72,22 @@ pub(crate) enum Step<BF> {
 }
 
 impl<E, B> Shared<E, B> {
+    /// Another front on the same engine: the same policy, operator state,
+    /// backend, header options, clock and shadow counter, read through
+    /// `extractor` (Envoy's front reads descriptors, not headers).
+    pub(crate) fn with_extractor<E2>(&self, extractor: E2) -> Shared<E2, B> {
+        Shared {
+            extractor,
+            backend: Arc::clone(&self.backend),
+            view: Arc::clone(&self.view),
+            plane: Arc::clone(&self.plane),
+            anonymous: self.anonymous.clone(),
+            headers: self.headers,
+            shadowed: Arc::clone(&self.shadowed),
+            unix_clock: self.unix_clock.clone(),
+        }
+    }
+
     /// Unix seconds now (for boosts), by the same clock as the headers.
     pub(crate) fn unix_now(&self) -> u64 {
         self.unix_time().as_secs()
@@ -163,15 +179,27 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
     }
 
     fn admit_in<T>(&self, guard: &Arc<PolicyView>, req: &Request<T>) -> Step<B::Future> {
+        // Classify: which category, at what cost (exempt routes pass).
+        match guard.policy.classify(req.method(), req.uri().path()) {
+            Target::Exempt => Step::Pass,
+            Target::Category { category, cost } => self.admit_to(guard, req, category, cost),
+        }
+    }
+
+    /// The request path from a request's category on: identify → limits →
+    /// check → outcome. The layer classifies by method and path first;
+    /// Envoy's front (`crate::envoy`) by a request's descriptors.
+    #[inline]
+    pub(crate) fn admit_to<T>(
+        &self,
+        guard: &Arc<PolicyView>,
+        req: &Request<T>,
+        category: CategoryId,
+        route_cost: u32,
+    ) -> Step<B::Future> {
         let view: &PolicyView = guard;
         let policy: &Policy = &view.policy;
         let answer = |a: Answer<'_>| Step::Answer(a.into_response(is_grpc(req.headers())));
-
-        // Classify: which category, at what cost (exempt routes pass).
-        let (category, route_cost) = match policy.classify(req.method(), req.uri().path()) {
-            Target::Exempt => return Step::Pass,
-            Target::Category { category, cost } => (category, cost),
-        };
         // Identify: who, in which tier.
         let (identity, tier) = match self.identify(&RequestRef::new(req), policy) {
             Ok(found) => found,

@@ -43,6 +43,7 @@
 
 mod builder;
 mod cell;
+mod envoy;
 mod file;
 mod operator;
 mod overlay;
@@ -62,6 +63,7 @@ pub use builder::{KeyRule, PolicyBuilder, PolicyError, Route, Tier};
 pub(crate) use cell::Cell;
 use cell::Metering;
 pub use cell::{CellLimits, EffectiveLimits};
+pub use envoy::{DescriptorKeys, EnvoyRules, EnvoySettings};
 pub(crate) use file::parse_adjust_json;
 pub use operator::{Adjust, Boost, BoostTarget, Shadow};
 use operator::{CompiledBoost, more_generous_all};
@@ -125,6 +127,7 @@ pub(super) struct PolicyInner {
     pub(super) boosts: Box<[CompiledBoost]>,
     pub(super) shadow_tiers: Box<[bool]>,
     pub(super) shadow_categories: Box<[bool]>,
+    pub(super) envoy: EnvoyRules,
     pub(super) source: PolicyBuilder,
 }
 
@@ -464,6 +467,12 @@ impl Policy {
     /// the base policy.
     pub fn to_builder(&self) -> PolicyBuilder {
         self.inner.source.clone()
+    }
+
+    /// What Envoy's rate limit service reads and answers: the `[envoy]`
+    /// table, or its defaults.
+    pub fn envoy(&self) -> &EnvoyRules {
+        &self.inner.envoy
     }
 
     /// The tier for keys the policy does not know, if they are accepted.

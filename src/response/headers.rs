@@ -314,6 +314,14 @@ impl CellHeaders {
         CellRef::Shared(Arc::new(cell))
     }
 
+    /// The name of the limit at charge `index`, unquoted (`free.read`,
+    /// `free.read.60s`): what the draft fields call it, and Envoy's front.
+    pub(crate) fn limit_name(&self, index: u8) -> &str {
+        std::str::from_utf8(self.name(index))
+            .unwrap_or_default()
+            .trim_matches('"')
+    }
+
     /// The quoted name of the limit at charge `index` (the first's if the
     /// request's limits were not the cell's own).
     fn name(&self, index: u8) -> &[u8] {

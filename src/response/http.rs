@@ -72,6 +72,9 @@ pub(crate) fn response(answer: &Answer<'_>) -> Response<Bytes> {
     if let Answer::Refused { plan, .. } = answer {
         plan.write(res.headers_mut());
         res.extensions_mut().insert(plan.decision);
+        // The limit's cell, for Envoy's front to name the limit.
+        #[cfg(feature = "envoy")]
+        res.extensions_mut().insert(plan.cell.clone());
     }
     if status == StatusCode::SERVICE_UNAVAILABLE {
         res.headers_mut()

@@ -38,6 +38,12 @@ impl PolicyBuilder {
         let (overrides, override_sources) = self.build_overrides(&names)?;
         let boosts = self.build_boosts(&names)?;
         let (shadow_tiers, shadow_categories) = self.build_shadow(&names)?;
+        let envoy = crate::policy::envoy::compile(
+            self.envoy.as_ref().map(|e| (&e.value, e.line)),
+            &names.categories,
+            &names.tiers,
+            &names.cells,
+        )?;
         Ok(Policy {
             inner: Arc::new(PolicyInner {
                 reserves: reserves.into_boxed_slice(),
@@ -46,6 +52,7 @@ impl PolicyBuilder {
                 boosts: boosts.into_boxed_slice(),
                 shadow_tiers: shadow_tiers.into_boxed_slice(),
                 shadow_categories: shadow_categories.into_boxed_slice(),
+                envoy,
                 tiers: names.tiers.into_boxed_slice(),
                 categories: names.categories.into_boxed_slice(),
                 cells: names.cells.into_boxed_slice(),

@@ -102,6 +102,7 @@ pub struct PolicyBuilder {
     overrides: Vec<Located<Override>>,
     boosts: Vec<Boost>,
     shadow: Shadow,
+    envoy: Option<Located<super::EnvoySettings>>,
     /// Keys refused whatever `unknown_key` says (revoked by an operator).
     revoked: Vec<String>,
 }
@@ -140,6 +141,18 @@ impl PolicyBuilder {
     /// Adds a temporary boost.
     pub fn boost(mut self, boost: Boost) -> Self {
         self.boosts.push(boost);
+        self
+    }
+
+    /// Sets what Envoy's rate limit service reads and answers (the
+    /// `[envoy]` table; see [`EnvoySettings`](super::EnvoySettings)).
+    pub fn envoy(mut self, settings: super::EnvoySettings) -> Self {
+        self.envoy = Some(Located::new(settings));
+        self
+    }
+
+    pub(super) fn envoy_at(mut self, settings: super::EnvoySettings, line: Option<usize>) -> Self {
+        self.envoy = Some(Located::at(settings, line));
         self
     }
 

@@ -41,6 +41,31 @@ struct File {
     boosts: Vec<Spanned<BoostSpec>>,
     #[serde(default)]
     shadow: Option<ShadowSpec>,
+    #[serde(default)]
+    envoy: Option<Spanned<EnvoySpec>>,
+}
+
+/// `[envoy]`: what Envoy's rate limit service reads and answers.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvoySpec {
+    domain: Option<String>,
+    categories: Option<Vec<String>>,
+    #[serde(default)]
+    descriptor_keys: KeysSpec,
+}
+
+/// `[envoy.descriptor_keys]`: each absent key keeps its default.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct KeysSpec {
+    api_key: Option<String>,
+    tier: Option<String>,
+    account: Option<String>,
+    category: Option<String>,
+    method: Option<String>,
+    path: Option<String>,
+    remote_address: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -143,6 +168,9 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
     b = sections::boosts(b, file.boosts, &lines)?;
     if let Some(sh) = file.shadow {
         b = sections::shadow(b, sh);
+    }
+    if let Some(e) = file.envoy {
+        b = sections::envoy(b, e, &lines);
     }
     if let Some(d) = file.defaults {
         b = sections::defaults(b, d, &lines);

@@ -10,8 +10,11 @@ use super::super::{
     Boost, BoostTarget, KeyRule, PolicyBuilder, PolicyError, Pool, Route, Shadow, Tier,
 };
 use super::values::{parse_adjust, parse_cell, parse_refund};
-use super::{BoostSpec, Defaults, GrpcSpec, Lines, Methods, RouteSpec, ShadowSpec, TierRules};
+use super::{
+    BoostSpec, Defaults, EnvoySpec, GrpcSpec, Lines, Methods, RouteSpec, ShadowSpec, TierRules,
+};
 use crate::key::KeyId;
+use crate::policy::{DescriptorKeys, EnvoySettings};
 
 type Built = Result<PolicyBuilder, PolicyError>;
 
@@ -337,6 +340,32 @@ pub(super) fn shadow(b: PolicyBuilder, sh: ShadowSpec) -> PolicyBuilder {
         tiers: sh.tiers,
         categories: sh.categories,
     })
+}
+
+/// `[envoy]`: the domain, the categories Envoy checks, the descriptor
+/// keys (checked when the policy is built, against its categories).
+pub(super) fn envoy(b: PolicyBuilder, e: Spanned<EnvoySpec>, lines: &Lines) -> PolicyBuilder {
+    let line = lines.of(e.span().start);
+    let e = e.into_inner();
+    let k = e.descriptor_keys;
+    let mut keys = DescriptorKeys::default();
+    for (to, from) in [
+        (&mut keys.api_key, k.api_key),
+        (&mut keys.tier, k.tier),
+        (&mut keys.account, k.account),
+        (&mut keys.category, k.category),
+        (&mut keys.method, k.method),
+        (&mut keys.path, k.path),
+        (&mut keys.remote_address, k.remote_address),
+    ] {
+        if let Some(v) = from {
+            *to = v;
+        }
+    }
+    let mut settings = EnvoySettings::new().descriptor_keys(keys);
+    settings.domain = e.domain;
+    settings.categories = e.categories;
+    b.envoy_at(settings, line)
 }
 
 /// `[defaults]`: the categories of unmatched requests, and the tiers (or

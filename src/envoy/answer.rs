@@ -1,0 +1,298 @@
+//! What Envoy is told: one [`Verdict`] per descriptor becomes a
+//! `DescriptorStatus`, and the binding one gives the response its headers
+//! (written by the layer's own code) and, over a limit, its body.
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::core::v3::HeaderValue as EnvoyHeader;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code, DescriptorStatus, RateLimit,
+};
+use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
+use http::{HeaderMap, Response, StatusCode};
+
+use crate::decision::{Binder, Decision};
+use crate::extract::Rejection;
+use crate::response::{Answer, CellRef, HeaderPlan};
+use crate::time::ceil_secs;
+
+/// A descriptor the front cannot check, as the layer would answer a
+/// request it cannot: a problem document, and a status named for it.
+#[derive(Debug)]
+pub(super) struct Mistake {
+    kind: &'static str,
+    response: Response<Bytes>,
+}
+
+impl Mistake {
+    /// A mistake of the descriptor itself (a 400 problem of type `kind`).
+    pub(super) fn new(kind: &'static str, detail: impl Into<String>) -> Self {
+        let status = StatusCode::BAD_REQUEST;
+        let body = crate::response::http::problem_body(status, kind, &detail.into());
+        crate::telemetry::rejection(kind);
+        Mistake {
+            kind,
+            response: crate::response::http::problem_response(status, &body),
+        }
+    }
+
+    /// A rejection of the caller, answered as the layer answers it.
+    pub(super) fn rejected(r: Rejection) -> Self {
+        let answer = Answer::Rejected(r);
+        let kind = answer.problem_type();
+        Mistake {
+            kind,
+            response: answer.into_response(false),
+        }
+    }
+}
+
+/// One descriptor's answer.
+#[derive(Debug)]
+pub(super) enum Verdict {
+    /// Nothing limits it (an exempt route, an unlimited cell).
+    Unlimited,
+    /// Admitted: the headers the layer would write.
+    Allowed(HeaderPlan),
+    /// Over a limit: the layer's refusal (its headers, its decision).
+    Refused {
+        response: Response<Bytes>,
+        decision: Decision,
+        cell: Option<CellRef>,
+    },
+    /// Not checked: a mistake, a rejection, or a backend that could not
+    /// decide (as the policy's failure mode says).
+    Mistake(Mistake),
+}
+
+impl Verdict {
+    /// The layer's answer, read back: a refusal carries its decision.
+    pub(super) fn answered(response: Response<Bytes>) -> Self {
+        match response.extensions().get::<Decision>().copied() {
+            Some(decision) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
+                let cell = response.extensions().get::<CellRef>().cloned();
+                Verdict::Refused {
+                    response,
+                    decision,
+                    cell,
+                }
+            }
+            _ => Verdict::Mistake(Mistake {
+                kind: problem_kind(response.body()),
+                response,
+            }),
+        }
+    }
+
+    fn status(&self) -> DescriptorStatus {
+        match self {
+            Verdict::Unlimited => DescriptorStatus {
+                code: Code::Ok as i32,
+                ..DescriptorStatus::default()
+            },
+            Verdict::Allowed(plan) => {
+                let name = plan.cell.limit_name(plan.decision.index);
+                limit_status(Code::Ok, &plan.decision, name)
+            }
+            Verdict::Refused { decision, cell, .. } => {
+                let name = cell.as_ref().map_or("", |c| c.limit_name(decision.index));
+                limit_status(Code::OverLimit, decision, name)
+            }
+            Verdict::Mistake(m) => DescriptorStatus {
+                code: Code::OverLimit as i32,
+                current_limit: Some(RateLimit {
+                    name: m.kind.to_owned(),
+                    requests_per_unit: 0,
+                    unit: Unit::Unknown as i32,
+                }),
+                ..DescriptorStatus::default()
+            },
+        }
+    }
+}
+
+/// The problem type of a problem document (`urn:tierlimit:problem:KIND`).
+fn problem_kind(body: &[u8]) -> &'static str {
+    const KINDS: [&str; 8] = [
+        "missing-api-key",
+        "malformed-api-key",
+        "unknown-api-key",
+        "invalid-cost",
+        "invalid-priority",
+        "cost-exceeds-limit",
+        "rate-limiter-unavailable",
+        "concurrency-limited",
+    ];
+    let kind = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            let t = v.get("type")?.as_str()?;
+            let k = t.strip_prefix("urn:tierlimit:problem:")?;
+            KINDS.into_iter().find(|known| *known == k)
+        });
+    kind.unwrap_or("refused")
+}
+
+/// A limit's status: its rate in Envoy's units, what is left of it, and
+/// when it is whole again (whole seconds, rounded up, as the headers say).
+fn limit_status(code: Code, d: &Decision, name: &str) -> DescriptorStatus {
+    let (requests_per_unit, unit, exact) = in_units(d.limit, d.window);
+    let name = if exact || name.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}: {} per {} s", d.limit, ceil_secs(d.window))
+    };
+    DescriptorStatus {
+        code: code as i32,
+        current_limit: Some(RateLimit {
+            name,
+            requests_per_unit,
+            unit: unit as i32,
+        }),
+        limit_remaining: d.remaining,
+        duration_until_reset: Some(ProtoDuration {
+            seconds: i64::try_from(ceil_secs(d.reset_after)).unwrap_or(i64::MAX),
+            nanos: 0,
+        }),
+        quota: None,
+    }
+}
+
+/// `limit` per `window` in Envoy's units: exact when the window is one
+/// second, minute, hour or day; else the nearest unit and the rate scaled
+/// to it (at least 1), flagged inexact so the name carries the window.
+pub(super) fn in_units(limit: u32, window: std::time::Duration) -> (u32, Unit, bool) {
+    const UNITS: [(u64, Unit); 4] = [
+        (1, Unit::Second),
+        (60, Unit::Minute),
+        (3_600, Unit::Hour),
+        (86_400, Unit::Day),
+    ];
+    let nanos = window.as_nanos().max(1);
+    if let Some((_, unit)) = UNITS
+        .iter()
+        .find(|(s, _)| u128::from(*s) * 1_000_000_000 == nanos)
+    {
+        return (limit, *unit, true);
+    }
+    // The nearest unit on a log scale: the smallest ratio either way.
+    let ratio = |s: u64| {
+        let u = u128::from(s) * 1_000_000_000;
+        if u > nanos { u / nanos } else { nanos / u }
+    };
+    let (secs, unit) = UNITS
+        .iter()
+        .copied()
+        .min_by_key(|(s, _)| ratio(*s))
+        .unwrap_or((1, Unit::Second));
+    let scaled = u128::from(limit) * u128::from(secs) * 1_000_000_000 / nanos;
+    let scaled = u32::try_from(scaled).unwrap_or(u32::MAX).max(1);
+    (scaled, unit, false)
+}
+
+/// The response to a request whose descriptors got `verdicts`: OVER_LIMIT
+/// if any is; the headers (and, over a limit, the body) of the binding
+/// one: the first mistake, else the refusal with the longest wait, else
+/// the admission with the least left.
+pub(super) fn respond(verdicts: Vec<Verdict>) -> RateLimitResponse {
+    let statuses: Vec<DescriptorStatus> = verdicts.iter().map(Verdict::status).collect();
+    let over = statuses.iter().any(|s| s.code == Code::OverLimit as i32);
+    let binding = binding(&verdicts);
+    let mut headers = HeaderMap::new();
+    let mut raw_body = Vec::new();
+    match binding.and_then(|i| verdicts.into_iter().nth(i)) {
+        Some(Verdict::Allowed(plan)) => plan.write(&mut headers),
+        Some(Verdict::Refused { response, .. } | Verdict::Mistake(Mistake { response, .. })) => {
+            let (parts, body) = response.into_parts();
+            headers = parts.headers;
+            raw_body = body.to_vec();
+        }
+        Some(Verdict::Unlimited) | None => {}
+    }
+    RateLimitResponse {
+        overall_code: if over { Code::OverLimit } else { Code::Ok } as i32,
+        statuses,
+        response_headers_to_add: envoy_headers(&headers),
+        raw_body,
+        ..RateLimitResponse::default()
+    }
+}
+
+/// The index of the binding verdict, if any limits.
+fn binding(verdicts: &[Verdict]) -> Option<usize> {
+    if let Some(i) = verdicts
+        .iter()
+        .position(|v| matches!(v, Verdict::Mistake(_)))
+    {
+        return Some(i);
+    }
+    // Refusals bind over admissions; among each, the layer's own rule.
+    let refused = verdicts
+        .iter()
+        .any(|v| matches!(v, Verdict::Refused { .. }));
+    let mut binder = Binder::new(0, 0);
+    let mut index = Vec::new();
+    for (i, v) in verdicts.iter().enumerate() {
+        let d = match v {
+            Verdict::Refused { decision, .. } => decision,
+            Verdict::Allowed(plan) if !refused => &plan.decision,
+            _ => continue,
+        };
+        binder.push(index.len(), *d);
+        index.push(i);
+    }
+    let d = binder.finish()?;
+    index.get(usize::from(d.index)).copied()
+}
+
+/// `headers` as Envoy's header values (the layer writes ASCII only).
+fn envoy_headers(headers: &HeaderMap) -> Vec<EnvoyHeader> {
+    headers
+        .iter()
+        .filter_map(|(name, value)| {
+            Some(EnvoyHeader {
+                key: name.as_str().to_owned(),
+                value: value.to_str().ok()?.to_owned(),
+                ..EnvoyHeader::default()
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn units() {
+        assert_eq!(
+            in_units(100, Duration::from_secs(3600)),
+            (100, Unit::Hour, true)
+        );
+        assert_eq!(
+            in_units(10, Duration::from_secs(1)),
+            (10, Unit::Second, true)
+        );
+        assert_eq!(
+            in_units(5, Duration::from_secs(86_400)),
+            (5, Unit::Day, true)
+        );
+        // 10 per 30 s: nearest the minute, 20 a minute.
+        assert_eq!(
+            in_units(10, Duration::from_secs(30)),
+            (20, Unit::Minute, false)
+        );
+        // 1 per 2 days: a day, at least 1.
+        assert_eq!(
+            in_units(1, Duration::from_secs(172_800)),
+            (1, Unit::Day, false)
+        );
+        // 1 per 500 ms: 2 a second.
+        assert_eq!(
+            in_units(1, Duration::from_millis(500)),
+            (2, Unit::Second, false)
+        );
+    }
+}
