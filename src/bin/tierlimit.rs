@@ -4,6 +4,8 @@
 //! ```sh
 //! tierlimit check policy.toml    # exit 0 if valid; else 1, with the entry and line
 //! tierlimit table policy.toml    # tiers × categories, custom limits and boosts in force now
+//! tierlimit rls --policy policy.toml --listen 127.0.0.1:8081 [--redis URL]
+//!                                # Envoy's rate limit service (feature `envoy`)
 //! ```
 
 use std::process::ExitCode;
@@ -11,10 +13,37 @@ use std::process::ExitCode;
 use tierlimit::policy::EffectiveLimits;
 use tierlimit::{Limit, Policy, key::KeyId};
 
+#[cfg(feature = "envoy")]
+#[path = "tierlimit/rls.rs"]
+mod rls;
+
+#[cfg(not(feature = "envoy"))]
 const USAGE: &str = "usage: tierlimit check POLICY.toml | tierlimit table POLICY.toml";
+#[cfg(feature = "envoy")]
+const USAGE: &str = concat!(
+    "usage: tierlimit check POLICY.toml | tierlimit table POLICY.toml | ",
+    "tierlimit rls --policy POLICY.toml --listen ADDR [--redis URL]"
+);
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    #[cfg(feature = "envoy")]
+    if args.first().is_some_and(|c| c == "rls") {
+        return match rls::Options::parse(&args[1..]) {
+            Err(e) => {
+                eprintln!("tierlimit rls: {e}\nusage: {}", rls::USAGE);
+                ExitCode::from(2)
+            }
+            Ok(options) => match rls::run(options) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    // The error's own words (a policy error names the entry and line).
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+        };
+    }
     let (command, path) = match args.as_slice() {
         [c, p] if c == "check" || c == "table" => (c.as_str(), p.as_str()),
         [h] if h == "-h" || h == "--help" || h == "help" => {

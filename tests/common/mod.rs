@@ -27,6 +27,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server running as `task` on `addr`.
+    pub fn new(addr: SocketAddr, task: JoinHandle<()>) -> Self {
+        Server { addr, task }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

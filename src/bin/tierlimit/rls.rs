@@ -1,0 +1,157 @@
+//! `tierlimit rls`: Envoy's rate limit service on a policy file (feature
+//! `envoy`), with the gRPC health service, the admin API (`ADMIN_TOKEN`)
+//! at `/admin/v1` on the same port, and the policy file followed.
+
+use std::net::SocketAddr;
+
+use tierlimit::backend::Backend;
+use tierlimit::envoy::{RateLimitServer, RateLimitServiceServer};
+use tierlimit::{Policy, RateLimitLayer};
+
+pub(crate) const USAGE: &str = "tierlimit rls --policy POLICY.toml --listen ADDR [--redis URL]";
+
+/// The command's options.
+#[derive(Debug)]
+pub(crate) struct Options {
+    policy: String,
+    listen: SocketAddr,
+    redis: Option<String>,
+}
+
+impl Options {
+    /// `--policy FILE --listen ADDR [--redis URL]`, in any order.
+    pub(crate) fn parse(args: &[String]) -> Result<Self, String> {
+        let (mut policy, mut listen, mut redis) = (None, None, None);
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let slot = match flag.as_str() {
+                "--policy" => &mut policy,
+                "--listen" => &mut listen,
+                "--redis" => &mut redis,
+                other => return Err(format!("unknown option `{other}`")),
+            };
+            let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+            if slot.replace(value.clone()).is_some() {
+                return Err(format!("{flag} is given twice"));
+            }
+        }
+        let policy = policy.ok_or("--policy is required")?;
+        let listen = listen
+            .ok_or("--listen is required")?
+            .parse()
+            .map_err(|e| format!("--listen is not an address (such as 127.0.0.1:8081): {e}"))?;
+        if redis.is_some() && !cfg!(feature = "redis") {
+            return Err("--redis needs a build with `--features redis`".into());
+        }
+        Ok(Options {
+            policy,
+            listen,
+            redis,
+        })
+    }
+}
+
+/// Runs the service until the process is stopped.
+pub(crate) fn run(options: Options) -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(start(options))
+}
+
+async fn start(o: Options) -> Result<(), Box<dyn std::error::Error>> {
+    // Instances (and the layer in your services) must hash keys alike:
+    // the secret comes from TIERLIMIT_KEY_SECRET, read when keys are
+    // first hashed; without it, on Redis, the demo's (not for production).
+    #[cfg(feature = "redis")]
+    if let Some(url) = &o.redis {
+        if std::env::var_os(tierlimit::key::KEY_SECRET_ENV).is_none() {
+            tracing::warn!("TIERLIMIT_KEY_SECRET is not set; using the demo secret");
+            tierlimit::set_key_secret(b"tierlimit-demo-secret-not-for-production")?;
+        }
+        let policy = load(&o.policy)?;
+        let backend = tierlimit::RedisBackend::builder(url.as_str())
+            .connect()
+            .await?;
+        let layer = RateLimitLayer::builder(policy)
+            .backend(backend.clone())
+            .build();
+        // Operator changes reach every instance on this Redis.
+        layer.share_operator_state(&backend).await?;
+        return serve(layer, &o, &format!("redis {url}")).await;
+    }
+    let policy = load(&o.policy)?;
+    let mut memory = tierlimit::MemoryBackend::builder();
+    if let Ok(n) = std::env::var("MAX_KEYS") {
+        let n: usize = n
+            .parse()
+            .map_err(|_| format!("MAX_KEYS is not a number: {n}"))?;
+        memory = memory.max_keys(n);
+    }
+    serve(
+        RateLimitLayer::builder(policy)
+            .backend(memory.build())
+            .build(),
+        &o,
+        "memory",
+    )
+    .await
+}
+
+fn load(path: &str) -> Result<Policy, String> {
+    Policy::from_toml_file(path).map_err(|e| format!("the policy file {path} is invalid: {e}"))
+}
+
+async fn serve<B: Backend>(
+    layer: RateLimitLayer<tierlimit::ApiKey, B>,
+    o: &Options,
+    backend: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let _watching = match layer.policy_handle().watch(&o.policy) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(path = %o.policy, error = %e, "the policy file is not watched");
+            None
+        }
+    };
+    let rls = RateLimitServer::new(&layer);
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<RateLimitServiceServer<RateLimitServer<B>>>()
+        .await;
+    let mut routes = tonic::service::Routes::new(rls.into_service()).add_service(health);
+    // With ADMIN_TOKEN set, the admin API is at /admin/v1 (HTTP/1.1 or 2);
+    // without it, those routes do not exist.
+    let admin = std::env::var("ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
+    if let Some(token) = &admin {
+        let router = routes
+            .into_axum_router()
+            .nest_service("/admin/v1", layer.admin_service().token("admin", token));
+        routes = tonic::service::Routes::from(router);
+    }
+    let listener = tokio::net::TcpListener::bind(o.listen).await?;
+    let addr = listener.local_addr()?;
+    // One line on stdout, for scripts: where it listens.
+    println!(
+        "tierlimit rls on {addr} (policy {}, limits in {backend}{})",
+        o.policy,
+        if admin.is_some() {
+            ", admin API at /admin/v1"
+        } else {
+            ""
+        }
+    );
+    tonic::transport::Server::builder()
+        .accept_http1(true)
+        .add_routes(routes)
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,604 @@
+//! Envoy's rate limit service through a real tonic server on 127.0.0.1:0
+//! and a real tonic client built from the same Envoy types: counts,
+//! statuses and headers, several descriptors, costs, mistakes, one count
+//! shared with the HTTP layer, and the policy's `[envoy]` table.
+#![cfg(feature = "envoy")]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::google::protobuf::UInt64Value;
+use governor::clock::FakeRelativeClock;
+use tierlimit::envoy::RateLimitServer;
+use tierlimit::{ApiKey, MemoryBackend, Policy, RateLimitLayer};
+use tonic::transport::Channel;
+
+/// Unix time the headers are written at (a fixed clock: exact resets).
+const NOW: u64 = 1_700_000_000;
+
+const POLICY: &str = r#"
+categories = ["read", "write", "ai"]
+
+[tiers.free]
+read = "3/minute"
+write = "1/minute"
+ai = { requests = "10/minute", tokens = "100/minute" }
+
+[tiers.pro]
+read = "100/minute"
+write = ["10/30s", "100/hour"]
+ai = "unlimited"
+
+[[routes]]
+path = "/healthz"
+exempt = true
+
+[[routes]]
+method = "POST"
+path = "/v1/batch"
+category = "read"
+cost = 2
+
+[keys]
+"free-key" = "free"
+"pro-key" = "pro"
+"#;
+
+type Layer = RateLimitLayer<ApiKey, MemoryBackend<FakeRelativeClock>>;
+
+fn layer(policy: &str, clock: &FakeRelativeClock) -> Layer {
+    RateLimitLayer::builder(Policy::from_toml_str(policy).unwrap())
+        .backend(MemoryBackend::builder().clock(clock.clone()).build())
+        .unix_clock(|| NOW)
+        .build()
+}
+
+/// Serves `server` on 127.0.0.1:0; aborted when dropped.
+async fn serve<B: tierlimit::backend::Backend>(server: RateLimitServer<B>) -> common::Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(server.into_service())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+            .unwrap();
+    });
+    common::Server::new(addr, task)
+}
+
+async fn client(addr: SocketAddr) -> RateLimitServiceClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    RateLimitServiceClient::new(channel)
+}
+
+fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: entries
+            .iter()
+            .map(|(k, v)| Entry {
+                key: (*k).into(),
+                value: (*v).into(),
+            })
+            .collect(),
+        ..RateLimitDescriptor::default()
+    }
+}
+
+fn request(descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: "api".into(),
+        descriptors,
+        hits_addend: 0,
+    }
+}
+
+async fn ask(c: &mut RateLimitServiceClient<Channel>, r: RateLimitRequest) -> RateLimitResponse {
+    c.should_rate_limit(r)
+        .await
+        .expect("never a gRPC error")
+        .into_inner()
+}
+
+/// One descriptor: `entries`.
+async fn ask1(
+    c: &mut RateLimitServiceClient<Channel>,
+    entries: &[(&str, &str)],
+) -> RateLimitResponse {
+    ask(c, request(vec![descriptor(entries)])).await
+}
+
+fn header<'a>(r: &'a RateLimitResponse, name: &str) -> Option<&'a str> {
+    r.response_headers_to_add
+        .iter()
+        .find(|h| h.key == name)
+        .map(|h| h.value.as_str())
+}
+
+fn reset_secs(r: &RateLimitResponse, i: usize) -> i64 {
+    r.statuses[i].duration_until_reset.unwrap().seconds
+}
+
+/// The name of why a descriptor is over (its status's limit name).
+fn why(r: &RateLimitResponse, i: usize) -> &str {
+    &r.statuses[i].current_limit.as_ref().unwrap().name
+}
+
+const OK: i32 = Code::Ok as i32;
+const OVER: i32 = Code::OverLimit as i32;
+
+#[tokio::test]
+async fn n_allowed_then_over_limit_with_exact_remaining_and_reset() {
+    let clock = FakeRelativeClock::default();
+    let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;
+    let mut c = client(s.addr).await;
+    let free_read = [("api_key", "free-key"), ("category", "read")];
+    // 3 a minute: 3 at once, then one every 20 s.
+    for (remaining, reset) in [(2, 20), (1, 40), (0, 60)] {
+        let r = ask1(&mut c, &free_read).await;
+        assert_eq!(r.overall_code, OK);
+        let st = &r.statuses[0];
+        assert_eq!(st.code, OK);
+        assert_eq!(st.limit_remaining, remaining);
+        assert_eq!(reset_secs(&r, 0), reset);
+        let limit = st.current_limit.as_ref().unwrap();
+        assert_eq!(
+            (limit.requests_per_unit, limit.unit),
+            (3, Unit::Minute as i32)
+        );
+        assert_eq!(limit.name, "free.read");
+        assert!(r.raw_body.is_empty());
+    }
+    let r = ask1(&mut c, &free_read).await;
+    assert_eq!(r.overall_code, OVER);
+    assert_eq!(r.statuses[0].code, OVER);
+    assert_eq!(r.statuses[0].limit_remaining, 0);
+    assert_eq!(reset_secs(&r, 0), 60);
+    // 20 s later, one more.
+    clock.advance(Duration::from_secs(20));
+    let r = ask1(&mut c, &free_read).await;
+    assert_eq!(r.overall_code, OK);
+    assert_eq!(r.statuses[0].limit_remaining, 0);
+    assert_eq!(reset_secs(&r, 0), 60);
+}
+
+#[tokio::test]
+async fn headers_to_add_are_the_layers() {
+    let clock = FakeRelativeClock::default();
+    let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;
+    let mut c = client(s.addr).await;
+    let free_write = [("api_key", "free-key"), ("category", "write")];
+    let r = ask1(&mut c, &free_write).await;
+    assert_eq!(header(&r, "x-ratelimit-limit"), Some("1"));
+    assert_eq!(header(&r, "x-ratelimit-remaining"), Some("0"));
+    assert_eq!(
+        header(&r, "x-ratelimit-reset"),
+        Some(&*(NOW + 60).to_string())
+    );
+    assert_eq!(header(&r, "x-ratelimit-window"), Some("60"));
+    assert_eq!(header(&r, "retry-after"), None);
+    let r = ask1(&mut c, &free_write).await;
+    assert_eq!(r.overall_code, OVER);
+    assert_eq!(header(&r, "x-ratelimit-remaining"), Some("0"));
+    assert_eq!(header(&r, "retry-after"), Some("60"));
+    assert_eq!(header(&r, "content-type"), Some("application/problem+json"));
+    // The layer's problem document, for Envoy to send as the 429's body.
+    let body: serde_json::Value = serde_json::from_slice(&r.raw_body).unwrap();
+    assert_eq!(body["type"], "urn:tierlimit:problem:rate-limited");
+    assert_eq!(body["tier"], "free");
+    assert_eq!(body["category"], "write");
+    assert_eq!(body["retry_after_seconds"], 60);
+}
+
+#[tokio::test]
+async fn draft_fields_when_the_layer_writes_them() {
+    let clock = FakeRelativeClock::default();
+    let layer = RateLimitLayer::builder(Policy::from_toml_str(POLICY).unwrap())
+        .backend(MemoryBackend::builder().clock(clock.clone()).build())
+        .headers(tierlimit::HeaderOptions::default().ietf_draft(true))
+        .unix_clock(|| NOW)
+        .build();
+    let s = serve(RateLimitServer::new(&layer)).await;
+    let mut c = client(s.addr).await;
+    let r = ask1(&mut c, &[("api_key", "free-key"), ("category", "read")]).await;
+    assert_eq!(
+        header(&r, "ratelimit-policy"),
+        Some("\"free.read\";q=3;w=60")
+    );
+    assert_eq!(header(&r, "ratelimit"), Some("\"free.read\";r=2;t=20"));
+}
+
+#[tokio::test]
+async fn several_descriptors_the_binding_one_decides() {
+    let clock = FakeRelativeClock::default();
+    let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;
+    let mut c = client(s.addr).await;
+    let both = || {
+        request(vec![
+            descriptor(&[("api_key", "free-key"), ("category", "read")]),
+            descriptor(&[("api_key", "free-key"), ("category", "write")]),
+        ])
+    };
+    let r = ask(&mut c, both()).await;
+    assert_eq!(r.overall_code, OK);
+    assert_eq!(r.statuses.len(), 2);
+    assert_eq!(
+        (r.statuses[0].limit_remaining, r.statuses[1].limit_remaining),
+        (2, 0)
+    );
+    // The headers are the binding limit's: fewest left (write's).
+    assert_eq!(header(&r, "x-ratelimit-limit"), Some("1"));
+    assert_eq!(header(&r, "x-ratelimit-remaining"), Some("0"));
+    let r = ask(&mut c, both()).await;
+    assert_eq!(r.overall_code, OVER);
+    assert_eq!((r.statuses[0].code, r.statuses[1].code), (OK, OVER));
+    assert_eq!(header(&r, "retry-after"), Some("60"));
+    assert_eq!(header(&r, "x-ratelimit-limit"), Some("1"));
+    // Each descriptor is its own check (as Envoy's reference service
+    // counts them): read's second unit went.
+    assert_eq!(r.statuses[0].limit_remaining, 1);
+}
+
+#[tokio::test]
+async fn hits_addend_is_the_cost() {
+    let clock = FakeRelativeClock::default();
+    let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;
+    let mut c = client(s.addr).await;
+    let read = descriptor(&[("api_key", "pro-key"), ("category", "read")]);
+    // The request's hits_addend: 5 units of 100.
+    let mut r = request(vec![read.clone()]);
+    r.hits_addend = 5;
+    assert_eq!(ask(&mut c, r).await.statuses[0].limit_remaining, 95);
+    // A descriptor's own hits_addend overrides the request's.
+    let mut d = read.clone();
+    d.hits_addend = Some(UInt64Value { value: 10 });
+    let mut r = request(vec![d]);
+    r.hits_addend = 5;
+    assert_eq!(ask(&mut c, r).await.statuses[0].limit_remaining, 85);
+    // 0 is Envoy's default: 1.
+    let mut d = read.clone();
+    d.hits_addend = Some(UInt64Value { value: 0 });
+    assert_eq!(
+        ask(&mut c, request(vec![d])).await.statuses[0].limit_remaining,
+        84
+    );
+    // More than the burst, u32::MAX, u64::MAX: never admitted, never
+    // counted, a status that says why.
+    for hits in [101, u64::from(u32::MAX), u64::MAX] {
+        let mut d = read.clone();
+        d.hits_addend = Some(UInt64Value { value: hits });
+        let r = ask(&mut c, request(vec![d])).await;
+        assert_eq!(r.overall_code, OVER, "{hits}");
+        assert_eq!(why(&r, 0), "cost-exceeds-limit");
+        let body: serde_json::Value = serde_json::from_slice(&r.raw_body).unwrap();
+        assert_eq!(body["limit"], 100);
+    }
+    // The cost multiplies the route's: POST /v1/batch costs 2 a hit.
+    let mut r = request(vec![descriptor(&[
+        ("api_key", "pro-key"),
+        ("method", "POST"),
+        ("path", "/v1/batch?size=3"),
+    ])]);
+    r.hits_addend = 3;
+    let r = ask(&mut c, r).await;
+    assert_eq!(r.statuses[0].limit_remaining, 78, "84 less 2 × 3");
+    let r = ask1(&mut c, &[("api_key", "pro-key"), ("category", "read")]).await;
+    assert_eq!(r.statuses[0].limit_remaining, 77);
+}
+
+#[tokio::test]
+async fn routes_classify_method_and_path() {
+    let clock = FakeRelativeClock::default();
+    let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;
+    let mut c = client(s.addr).await;
+    // GET of an unrouted path: the default read category.
+    let r = ask1(
+        &mut c,
+        &[
+            ("api_key", "free-key"),
+            ("method", "GET"),
+            ("path", "/v1/x"),
+        ],
+    )
+    .await;
+    assert_eq!(why(&r, 0), "free.read");
+    // An exempt route: OK, no limit, no headers.
+    let r = ask1(&mut c, &[("method", "GET"), ("path", "/healthz")]).await;
+    assert_eq!(r.overall_code, OK);
+    assert_eq!(r.statuses[0].current_limit, None);
+    assert!(r.response_headers_to_add.is_empty());
+    // Several limits: the binding one, its window not a unit.
+    let r = ask1(
+        &mut c,
+        &[("api_key", "pro-key"), ("method", "PUT"), ("path", "/v1/x")],
+    )
+    .await;
+    let l = r.statuses[0].current_limit.as_ref().unwrap();
+    assert_eq!((l.requests_per_unit, l.unit), (20, Unit::Minute as i32));
+    assert_eq!(l.name, "pro.write.30s: 10 per 30 s");
+    assert_eq!(r.statuses[0].limit_remaining, 9);
+}
+
+#[tokio::test]
+async fn unknown_and_missing_are_answered_as_documented() {
+    let clock = FakeRelativeClock::default();
+    let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;
+    let mut c = client(s.addr).await;
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[("api_key", "nobody"), ("category", "read")],
+            "unknown-api-key",
+        ),
+        (&[("category", "read")], "missing-api-key"),
+        (&[("api_key", "free-key")], "missing-category"),
+        (
+            &[("api_key", "free-key"), ("method", "GET")],
+            "missing-category",
+        ),
+        (
+            &[("api_key", "free-key"), ("category", "nope")],
+            "unknown-category",
+        ),
+        (
+            &[("api_key", "free-key"), ("category", "ai")],
+            "category-not-served",
+        ),
+        (
+            &[("tier", "gold"), ("account", "a"), ("category", "read")],
+            "unknown-tier",
+        ),
+        (
+            &[("api_key", "bad key"), ("category", "read")],
+            "malformed-api-key",
+        ),
+        (
+            &[("api_key", ""), ("category", "read")],
+            "malformed-api-key",
+        ),
+        (
+            &[
+                ("api_key", "free-key"),
+                ("api_key", "x"),
+                ("category", "read"),
+            ],
+            "duplicate-entry",
+        ),
+        (
+            &[("api_key", "free-key"), ("method", "G E T"), ("path", "/")],
+            "invalid-method",
+        ),
+        (
+            &[("api_key", "frée-key"), ("category", "read")],
+            "malformed-api-key",
+        ),
+        (&[], "missing-category"),
+    ];
+    for (entries, kind) in cases {
+        let r = ask1(&mut c, entries).await;
+        assert_eq!(r.overall_code, OVER, "{entries:?}");
+        assert_eq!(why(&r, 0), *kind, "{entries:?}");
+        let body: serde_json::Value = serde_json::from_slice(&r.raw_body).unwrap();
+        assert_eq!(
+            body["type"],
+            format!("urn:tierlimit:problem:{kind}"),
+            "{entries:?}"
+        );
+        assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    }
+    // A huge key: refused, not echoed.
+    let huge = "k".repeat(1 << 20);
+    let r = ask1(&mut c, &[("api_key", &huge), ("category", "read")]).await;
+    assert_eq!(why(&r, 0), "malformed-api-key");
+    assert!(r.raw_body.len() < 1024);
+    // No descriptors: nothing to limit.
+    let r = ask(&mut c, request(vec![])).await;
+    assert_eq!((r.overall_code, r.statuses.len()), (OK, 0));
+    // Thousands of descriptors: each refused, none counted.
+    let many = vec![descriptor(&[("api_key", "free-key"), ("category", "write")]); 5000];
+    let r = ask(&mut c, request(many)).await;
+    assert_eq!((r.overall_code, r.statuses.len()), (OVER, 5000));
+    assert_eq!(why(&r, 4999), "too-many-descriptors");
+    let r = ask1(&mut c, &[("api_key", "free-key"), ("category", "write")]).await;
+    assert_eq!(r.overall_code, OK, "nothing was counted");
+    // Entries of other keys are another service's: not read.
+    let r = ask1(
+        &mut c,
+        &[
+            ("generic_key", "x"),
+            ("api_key", "pro-key"),
+            ("category", "read"),
+        ],
+    )
+    .await;
+    assert_eq!(r.overall_code, OK);
+}
+
+#[tokio::test]
+async fn unknown_keys_take_the_unknown_key_tier_when_there_is_one() {
+    let clock = FakeRelativeClock::default();
+    let policy = format!("{POLICY}\n[defaults]\nunknown_key = \"free\"\nmissing_key = \"free\"\n");
+    let s = serve(RateLimitServer::new(&layer(&policy, &clock))).await;
+    let mut c = client(s.addr).await;
+    let r = ask1(&mut c, &[("api_key", "stranger"), ("category", "write")]).await;
+    assert_eq!((r.overall_code, why(&r, 0)), (OK, "free.write"));
+    // No key: the client's address under the missing_key tier, per address.
+    let anon = |ip: &'static str| [("remote_address", ip), ("category", "write")];
+    assert_eq!(ask1(&mut c, &anon("10.0.0.1")).await.overall_code, OK);
+    assert_eq!(ask1(&mut c, &anon("10.0.0.1")).await.overall_code, OVER);
+    assert_eq!(ask1(&mut c, &anon("10.0.0.2")).await.overall_code, OK);
+}
+
+#[tokio::test]
+async fn a_tier_and_an_account_given_directly() {
+    let clock = FakeRelativeClock::default();
+    let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;
+    let mut c = client(s.addr).await;
+    let acme = [("tier", "free"), ("account", "acme"), ("category", "write")];
+    let r = ask1(&mut c, &acme).await;
+    assert_eq!((r.overall_code, why(&r, 0)), (OK, "free.write"));
+    assert_eq!(ask1(&mut c, &acme).await.overall_code, OVER);
+    let other = [
+        ("tier", "free"),
+        ("account", "other"),
+        ("category", "write"),
+    ];
+    assert_eq!(ask1(&mut c, &other).await.overall_code, OK);
+    // A key Envoy vouches for with a tier: the tier it names.
+    let r = ask1(
+        &mut c,
+        &[
+            ("api_key", "stranger"),
+            ("tier", "pro"),
+            ("category", "write"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (r.overall_code, why(&r, 0)),
+        (OK, "pro.write.30s: 10 per 30 s")
+    );
+}
+
+#[tokio::test]
+async fn the_http_layer_and_envoy_share_one_count() {
+    let clock = FakeRelativeClock::default();
+    let layer = layer(POLICY, &clock);
+    let s = serve(RateLimitServer::new(&layer)).await;
+    let mut c = client(s.addr).await;
+    let app = axum::Router::new()
+        .route("/v1/x", axum::routing::get(|| async { "ok" }))
+        .layer(layer.clone());
+    let http = common::serve(app).await;
+    let res = common::client()
+        .get(http.url("/v1/x"))
+        .header("x-api-key", "free-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-ratelimit-remaining"], "2");
+    let r = ask1(
+        &mut c,
+        &[
+            ("api_key", "free-key"),
+            ("method", "GET"),
+            ("path", "/v1/x"),
+        ],
+    )
+    .await;
+    assert_eq!(r.statuses[0].limit_remaining, 1);
+    // The same header values as the layer's next response would carry.
+    let res = common::client()
+        .get(http.url("/v1/x"))
+        .header("x-api-key", "free-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-ratelimit-remaining"], "0");
+    let r = ask1(&mut c, &[("api_key", "free-key"), ("category", "read")]).await;
+    assert_eq!(r.overall_code, OVER);
+    assert_eq!(
+        header(&r, "x-ratelimit-reset"),
+        Some(res.headers()["x-ratelimit-reset"].to_str().unwrap())
+    );
+}
+
+#[tokio::test]
+async fn the_domain_is_checked_when_the_policy_names_one() {
+    let clock = FakeRelativeClock::default();
+    let policy =
+        format!("{POLICY}\n[envoy]\ndomain = \"api\"\ncategories = [\"read\", \"write\"]\n");
+    let s = serve(RateLimitServer::new(&layer(&policy, &clock))).await;
+    let mut c = client(s.addr).await;
+    let mut r = request(vec![descriptor(&[
+        ("api_key", "free-key"),
+        ("category", "write"),
+    ])]);
+    r.domain = "other".into();
+    let r = ask(&mut c, r).await;
+    assert_eq!((r.overall_code, why(&r, 0)), (OVER, "unknown-domain"));
+    let r = ask1(&mut c, &[("api_key", "free-key"), ("category", "write")]).await;
+    assert_eq!(r.overall_code, OK, "the wrong domain counted nothing");
+}
+
+#[tokio::test]
+async fn descriptor_keys_come_from_the_policy() {
+    let clock = FakeRelativeClock::default();
+    let policy = format!(
+        "{POLICY}\n[envoy]\ncategories = [\"read\"]\n[envoy.descriptor_keys]\napi_key = \"x-api-key\"\ncategory = \"kind\"\n"
+    );
+    let s = serve(RateLimitServer::new(&layer(&policy, &clock))).await;
+    let mut c = client(s.addr).await;
+    let r = ask1(&mut c, &[("x-api-key", "free-key"), ("kind", "read")]).await;
+    assert_eq!((r.overall_code, why(&r, 0)), (OK, "free.read"));
+    // `write` is not listed in envoy.categories.
+    let r = ask1(&mut c, &[("x-api-key", "free-key"), ("kind", "write")]).await;
+    assert_eq!(why(&r, 0), "category-not-served");
+}
+
+#[tokio::test]
+async fn shadow_mode_answers_ok_and_counts() {
+    let clock = FakeRelativeClock::default();
+    let policy = format!("{POLICY}\n[shadow]\ncategories = [\"write\"]\n");
+    let rls = RateLimitServer::new(&layer(&policy, &clock));
+    let s = serve(rls.clone()).await;
+    let mut c = client(s.addr).await;
+    for _ in 0..3 {
+        let r = ask1(&mut c, &[("api_key", "free-key"), ("category", "write")]).await;
+        assert_eq!(r.overall_code, OK);
+        assert_eq!(header(&r, "retry-after"), None);
+    }
+    assert_eq!(rls.shadow_refusals(), 2);
+}
+
+#[tokio::test]
+async fn custom_limits_and_boosts_apply() {
+    let clock = FakeRelativeClock::default();
+    let policy = format!(
+        "{POLICY}\n[custom_limits.\"free-key\"]\nwrite = \"5/minute\"\n\n[[boosts]]\ntier = \"pro\"\ncategory = \"read\"\nadjust = \"x2\"\nstart = \"2000-01-01T00:00:00Z\"\nend = \"2100-01-01T00:00:00Z\"\n"
+    );
+    let s = serve(RateLimitServer::new(&layer(&policy, &clock))).await;
+    let mut c = client(s.addr).await;
+    let r = ask1(&mut c, &[("api_key", "free-key"), ("category", "write")]).await;
+    assert_eq!(r.statuses[0].limit_remaining, 4);
+    let r = ask1(&mut c, &[("api_key", "pro-key"), ("category", "read")]).await;
+    assert_eq!(r.statuses[0].limit_remaining, 199);
+}
+
+#[test]
+fn envoy_tables_that_cannot_work_fail_to_load_naming_the_entry() {
+    let bad = |table: &str| Policy::from_toml_str(&format!("{POLICY}\n{table}")).unwrap_err();
+    // A category with token limits cannot be checked through Envoy.
+    let e = bad("[envoy]\n");
+    assert_eq!(e.entry(), "envoy.categories");
+    assert!(
+        e.message().contains("`ai`") && e.message().contains("tiers.free.ai"),
+        "{e}"
+    );
+    let e = bad("[envoy]\ncategories = [\"read\", \"ai\"]\n");
+    assert_eq!(e.entry(), "envoy.categories");
+    let e = bad("[envoy]\ncategories = [\"reed\"]\n");
+    assert!(e.message().contains("unknown category `reed`"), "{e}");
+    let e = bad("[envoy]\ncategories = [\"read\"]\n[envoy.descriptor_keys]\ntier = \"api_key\"\n");
+    assert_eq!(e.entry(), "envoy.descriptor_keys.tier");
+    let e = bad("[envoy]\ncategories = [\"read\"]\n[envoy.descriptor_keys]\npath = \"\"\n");
+    assert_eq!(e.entry(), "envoy.descriptor_keys.path");
+    let e = bad("[envoy]\ndomain = \"\"\ncategories = [\"read\"]\n");
+    assert_eq!(e.entry(), "envoy.domain");
+    let e = bad("[envoy]\ncategories = [\"read\"]\nfoo = 1\n");
+    assert!(e.message().contains("unknown field"), "{e}");
+    assert_eq!(e.line(), Some(POLICY.lines().count() + 3));
+}
