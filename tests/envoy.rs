@@ -600,5 +600,5 @@ fn envoy_tables_that_cannot_work_fail_to_load_naming_the_entry() {
     assert_eq!(e.entry(), "envoy.domain");
     let e = bad("[envoy]\ncategories = [\"read\"]\nfoo = 1\n");
     assert!(e.message().contains("unknown field"), "{e}");
-    assert_eq!(e.line(), Some(POLICY.lines().count() + 3));
+    assert_eq!(e.line(), Some(POLICY.lines().count() + 4));
 }
