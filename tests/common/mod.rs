@@ -3,6 +3,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod conformance;
+#[cfg(feature = "envoy")]
+pub mod envoy;
 pub mod one;
 #[cfg(feature = "redis")]
 pub mod redis;

@@ -1,0 +1,93 @@
+//! Envoy's rate limit service, served and asked: a real tonic server on
+//! 127.0.0.1:0 and a real tonic client from the same Envoy types.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use tierlimit::envoy::RateLimitServer;
+use tonic::transport::Channel;
+
+pub const OK: i32 = Code::Ok as i32;
+pub const OVER: i32 = Code::OverLimit as i32;
+
+/// Serves `server` on 127.0.0.1:0; aborted when dropped.
+pub async fn serve<B: tierlimit::backend::Backend>(server: RateLimitServer<B>) -> super::Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(server.into_service())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+            .unwrap();
+    });
+    super::Server::new(addr, task)
+}
+
+pub async fn client(addr: SocketAddr) -> RateLimitServiceClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    RateLimitServiceClient::new(channel)
+}
+
+pub fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: entries
+            .iter()
+            .map(|(k, v)| Entry {
+                key: (*k).into(),
+                value: (*v).into(),
+            })
+            .collect(),
+        ..RateLimitDescriptor::default()
+    }
+}
+
+pub fn request(descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: "api".into(),
+        descriptors,
+        hits_addend: 0,
+    }
+}
+
+pub async fn ask(c: &mut RateLimitServiceClient<Channel>, r: RateLimitRequest) -> RateLimitResponse {
+    c.should_rate_limit(r)
+        .await
+        .expect("never a gRPC error")
+        .into_inner()
+}
+
+/// One descriptor: `entries`.
+pub async fn ask1(
+    c: &mut RateLimitServiceClient<Channel>,
+    entries: &[(&str, &str)],
+) -> RateLimitResponse {
+    ask(c, request(vec![descriptor(entries)])).await
+}
+
+pub fn header<'a>(r: &'a RateLimitResponse, name: &str) -> Option<&'a str> {
+    r.response_headers_to_add
+        .iter()
+        .find(|h| h.key == name)
+        .map(|h| h.value.as_str())
+}
+
+pub fn reset_secs(r: &RateLimitResponse, i: usize) -> i64 {
+    r.statuses[i].duration_until_reset.unwrap().seconds
+}
+
+/// The name of why a descriptor is over (its status's limit name).
+pub fn why(r: &RateLimitResponse, i: usize) -> &str {
+    &r.statuses[i].current_limit.as_ref().unwrap().name
+}
+
