@@ -8,7 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::envoy::{OK, OVER, ask, ask1, client, descriptor, header, request, reset_secs, serve, why};
+use common::envoy::{
+    OK, OVER, ask, ask1, client, descriptor, header, request, reset_secs, serve, why,
+};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
 use envoy_types::pb::google::protobuf::UInt64Value;
 use governor::clock::FakeRelativeClock;
@@ -54,7 +56,6 @@ fn layer(policy: &str, clock: &FakeRelativeClock) -> Layer {
         .unix_clock(|| NOW)
         .build()
 }
-
 
 #[tokio::test]
 async fn n_allowed_then_over_limit_with_exact_remaining_and_reset() {

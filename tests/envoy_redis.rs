@@ -107,7 +107,10 @@ async fn a_redis_gone_mid_flight_is_answered_by_the_failure_policy() {
     for _ in 0..3 {
         // Fail closed: refused, saying why, with the layer's Retry-After.
         let r = ask1(closed, &write).await;
-        assert_eq!((r.overall_code, why(&r, 0)), (OVER, "rate-limiter-unavailable"));
+        assert_eq!(
+            (r.overall_code, why(&r, 0)),
+            (OVER, "rate-limiter-unavailable")
+        );
         assert_eq!(header(&r, "retry-after"), Some("1"));
         // Fail open: let through.
         assert_eq!(ask1(open, &write).await.overall_code, OK);

@@ -60,7 +60,10 @@ pub fn request(descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
     }
 }
 
-pub async fn ask(c: &mut RateLimitServiceClient<Channel>, r: RateLimitRequest) -> RateLimitResponse {
+pub async fn ask(
+    c: &mut RateLimitServiceClient<Channel>,
+    r: RateLimitRequest,
+) -> RateLimitResponse {
     c.should_rate_limit(r)
         .await
         .expect("never a gRPC error")
@@ -90,4 +93,3 @@ pub fn reset_secs(r: &RateLimitResponse, i: usize) -> i64 {
 pub fn why(r: &RateLimitResponse, i: usize) -> &str {
     &r.statuses[i].current_limit.as_ref().unwrap().name
 }
-

@@ -1,0 +1,149 @@
+//! `tierlimit rls` (feature `envoy`), run as a process: it listens where
+//! it says, answers `ShouldRateLimit`, serves the health service and the
+//! admin API on the same port, and refuses bad options and bad policies
+//! in words.
+#![cfg(feature = "envoy")]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::envoy::{OK, ask1, client};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policy.toml");
+
+/// The command, killed when dropped.
+struct Rls(Child);
+
+impl Drop for Rls {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `tierlimit rls` on 127.0.0.1:0 and reads where it listens.
+fn start(policy: &str, admin_token: &str) -> (Rls, std::net::SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tierlimit"))
+        .args(["rls", "--policy", policy, "--listen", "127.0.0.1:0"])
+        .env("ADMIN_TOKEN", admin_token)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let rls = Rls(child);
+    // "tierlimit rls on 127.0.0.1:PORT (…)"
+    let addr = line
+        .strip_prefix("tierlimit rls on ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    (rls, addr)
+}
+
+#[tokio::test]
+async fn rls_answers_checks_health_and_the_admin_api_on_one_port() {
+    let (_rls, addr) = tokio::task::spawn_blocking(|| start(DEMO, "admin-secret"))
+        .await
+        .unwrap();
+    let mut c = client(addr).await;
+    let read = [("api_key", "pro-demo-key"), ("category", "read")];
+    let r = ask1(&mut c, &read).await;
+    assert_eq!(r.overall_code, OK);
+    assert_eq!(r.statuses[0].limit_remaining, 999);
+    // The health service reports the rate limit service.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let health = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "envoy.service.ratelimit.v3.RateLimitService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status, 1, "SERVING");
+    // The admin API, over HTTP/1.1 on the same port: a boost for pro's
+    // reads doubles them for the next check.
+    let now = common::unix_now();
+    let res = common::client()
+        .post(format!("http://{addr}/admin/v1/boosts"))
+        .bearer_auth("admin-secret")
+        .json(
+            &serde_json::json!({ "tier": "pro", "category": "read", "adjust": "x2",
+                                    "start": now - 1, "end": now + 3600 }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    let r = ask1(&mut c, &read).await;
+    let limit = r.statuses[0].current_limit.as_ref().unwrap();
+    assert_eq!(limit.requests_per_unit, 2000);
+    let res = common::client()
+        .get(format!("http://{addr}/admin/v1/boosts"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401, "no token, no admin API");
+}
+
+fn fails(args: &[&str]) -> (i32, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_tierlimit"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_options_and_bad_policies_are_refused_in_words() {
+    let (code, err) = fails(&["rls", "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--policy is required"), "{err}");
+    let (code, err) = fails(&["rls", "--policy", DEMO, "--listen", "nowhere"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--listen is not an address"), "{err}");
+    let (code, err) = fails(&[
+        "rls",
+        "--policy",
+        DEMO,
+        "--listen",
+        "127.0.0.1:0",
+        "--bogus",
+        "1",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown option `--bogus`"), "{err}");
+    let dir = common::TempDir::new("envoy-cli");
+    let bad = dir.join("policy.toml");
+    let text = std::fs::read_to_string(DEMO).unwrap() + "\n[envoy]\ncategories = [\"reed\"]\n";
+    std::fs::write(&bad, text).unwrap();
+    let (code, err) = fails(&[
+        "rls",
+        "--policy",
+        bad.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("envoy.categories") && err.contains("reed"),
+        "{err}"
+    );
+}
