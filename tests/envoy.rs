@@ -330,6 +330,19 @@ async fn unknown_and_missing_are_answered_as_documented() {
     assert_eq!(why(&r, 4999), "too-many-descriptors");
     let r = ask1(&mut c, &[("api_key", "free-key"), ("category", "write")]).await;
     assert_eq!(r.overall_code, OK, "nothing was counted");
+    // An `Authorization` header copied as it is: read as the layer reads it.
+    let r = ask1(
+        &mut c,
+        &[("api_key", "Bearer free-key"), ("category", "read")],
+    )
+    .await;
+    assert_eq!((r.overall_code, why(&r, 0)), (OK, "free.read"));
+    let r = ask1(
+        &mut c,
+        &[("api_key", "Basic free-key"), ("category", "read")],
+    )
+    .await;
+    assert_eq!(why(&r, 0), "malformed-api-key");
     // Entries of other keys are another service's: not read.
     let r = ask1(
         &mut c,
@@ -493,6 +506,61 @@ async fn custom_limits_and_boosts_apply() {
     assert_eq!(r.statuses[0].limit_remaining, 4);
     let r = ask1(&mut c, &[("api_key", "pro-key"), ("category", "read")]).await;
     assert_eq!(r.statuses[0].limit_remaining, 199);
+}
+
+#[tokio::test]
+async fn the_example_configuration_is_answered() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/envoy/");
+    let yaml = std::fs::read_to_string(format!("{dir}envoy.yaml")).unwrap();
+    let policy = Policy::from_toml_file(format!("{dir}policy.toml")).unwrap();
+    // The filter's domain and the actions' keys are the policy's.
+    let keys = policy.envoy().descriptor_keys();
+    assert!(yaml.contains(&format!("domain: {}", policy.envoy().domain().unwrap())));
+    for key in [&keys.api_key, &keys.method, &keys.path] {
+        assert!(yaml.contains(&format!("descriptor_key: {key}")), "{key}");
+    }
+    assert_eq!(
+        keys.remote_address, "remote_address",
+        "what `remote_address: {{}}` sends"
+    );
+    let clock = FakeRelativeClock::default();
+    let layer = RateLimitLayer::builder(policy)
+        .backend(MemoryBackend::builder().clock(clock.clone()).build())
+        .build();
+    let s = serve(RateLimitServer::new(&layer)).await;
+    let mut c = client(s.addr).await;
+    // What the example's actions send.
+    let sent = |key: Option<&'static str>, method: &'static str, path: &'static str| {
+        let mut entries = vec![
+            ("method", method),
+            ("path", path),
+            ("remote_address", "192.0.2.7"),
+        ];
+        entries.extend(key.map(|k| ("api_key", k)));
+        let mut r = request(vec![descriptor(&entries)]);
+        r.domain = "tierlimit".into();
+        r
+    };
+    let r = ask(&mut c, sent(Some("free-demo-key"), "GET", "/v1/account")).await;
+    assert_eq!(
+        (r.overall_code, why(&r, 0), r.statuses[0].limit_remaining),
+        (OK, "free.read", 99)
+    );
+    let r = ask(
+        &mut c,
+        sent(Some("pro-demo-key"), "POST", "/v1/training/jobs"),
+    )
+    .await;
+    assert_eq!((r.overall_code, why(&r, 0)), (OK, "pro.training"));
+    let r = ask(&mut c, sent(None, "POST", "/v1/ai/completions")).await;
+    assert_eq!((r.overall_code, why(&r, 0)), (OK, "free.ai"));
+    let r = ask(&mut c, sent(Some("stolen"), "GET", "/v1/account")).await;
+    assert_eq!((r.overall_code, why(&r, 0)), (OVER, "unknown-api-key"));
+    let r = ask(&mut c, sent(None, "GET", "/healthz")).await;
+    assert_eq!(
+        (r.overall_code, r.statuses[0].current_limit.clone()),
+        (OK, None)
+    );
 }
 
 #[test]

@@ -75,6 +75,7 @@ impl<E, B> Shared<E, B> {
     /// Another front on the same engine: the same policy, operator state,
     /// backend, header options, clock and shadow counter, read through
     /// `extractor` (Envoy's front reads descriptors, not headers).
+    #[cfg(feature = "envoy")]
     pub(crate) fn with_extractor<E2>(&self, extractor: E2) -> Shared<E2, B> {
         Shared {
             extractor,

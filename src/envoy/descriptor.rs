@@ -135,7 +135,18 @@ impl<'a> Read<'a> {
                         "the API key must be printable ASCII without spaces, at most 256 bytes",
                     ))
                 })?;
-            req.headers_mut().insert("x-api-key", value);
+            // An `Authorization` header copied as it is (`Bearer <key>`)
+            // is read as the layer reads that header; a key alone, as
+            // `X-API-Key`.
+            let bearer = key
+                .get(..7)
+                .is_some_and(|p| p.eq_ignore_ascii_case("bearer "));
+            let name = if bearer {
+                http::header::AUTHORIZATION
+            } else {
+                http::HeaderName::from_static("x-api-key")
+            };
+            req.headers_mut().insert(name, value);
         }
         let remote = self.remote.and_then(|r| r.trim().parse::<IpAddr>().ok());
         if let Some(ip) = remote {

@@ -316,6 +316,7 @@ impl CellHeaders {
 
     /// The name of the limit at charge `index`, unquoted (`free.read`,
     /// `free.read.60s`): what the draft fields call it, and Envoy's front.
+    #[cfg(feature = "envoy")]
     pub(crate) fn limit_name(&self, index: u8) -> &str {
         std::str::from_utf8(self.name(index))
             .unwrap_or_default()
