@@ -104,7 +104,8 @@
 //! modules named for what they hold: [`policy`], [`extract`], [`backend`],
 //! [`key`], [`layer`] (the tower types and the policy handle's clock),
 //! [`response`], [`meter`], [`usage`], [`admin`],
-//! [`telemetry`], and with their features `watch` and `client`.
+//! [`telemetry`], and with their features `watch`, `client` and `envoy`
+//! (Envoy's rate limit service, a second front on the same engine).
 
 //! # Semantics
 //!
@@ -176,3 +177,6 @@ struct BenchmarksDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/comparison.md")]
 struct ComparisonDoctests;
+#[cfg(all(doctest, feature = "envoy"))]
+#[doc = include_str!("../docs/envoy.md")]
+struct EnvoyDoctests;

@@ -587,3 +587,78 @@ fn envoy_tables_that_cannot_work_fail_to_load_naming_the_entry() {
     assert!(e.message().contains("unknown field"), "{e}");
     assert_eq!(e.line(), Some(POLICY.lines().count() + 4));
 }
+
+/// A descriptor entry as bytes: what a hostile client can send where
+/// Envoy's schema says UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawEntry {
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawDescriptor {
+    #[prost(message, repeated, tag = "1")]
+    entries: Vec<RawEntry>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    domain: Vec<u8>,
+    #[prost(message, repeated, tag = "2")]
+    descriptors: Vec<RawDescriptor>,
+}
+
+#[tokio::test]
+async fn bytes_that_are_not_utf8_are_a_mistake_not_a_grpc_error() {
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
+    let clock = FakeRelativeClock::default();
+    let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", s.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let entry = |k: &[u8], v: &[u8]| RawEntry {
+        key: k.to_vec(),
+        value: v.to_vec(),
+    };
+    let request = RawRequest {
+        domain: b"api\xff".to_vec(),
+        descriptors: vec![
+            RawDescriptor {
+                entries: vec![
+                    entry(b"api_key", b"free-\xff\xfekey"),
+                    entry(b"category", b"read"),
+                ],
+            },
+            RawDescriptor {
+                entries: vec![
+                    entry(b"api_key", b"free-key"),
+                    entry(b"category", b"re\xc3ad"),
+                ],
+            },
+            RawDescriptor {
+                entries: vec![entry(b"api_key", b"free-key"), entry(b"category", b"read")],
+            },
+        ],
+    };
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static(
+        "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+    );
+    let codec = tonic_prost::ProstCodec::<RawRequest, RateLimitResponse>::default();
+    let r = grpc
+        .unary(tonic::Request::new(request), path, codec)
+        .await
+        .expect("never a gRPC error")
+        .into_inner();
+    assert_eq!(r.overall_code, OVER);
+    assert_eq!(why(&r, 0), "malformed-api-key");
+    assert_eq!(why(&r, 1), "unknown-category");
+    assert_eq!((r.statuses[2].code, why(&r, 2)), (OK, "free.read"));
+}

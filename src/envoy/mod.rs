@@ -62,15 +62,15 @@
 
 mod answer;
 mod descriptor;
+mod service;
 
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
-pub use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+pub use service::RlsService;
 
 use answer::{Mistake, Verdict};
 use descriptor::{Descriptors, Read};
@@ -123,8 +123,8 @@ impl<B: Backend> RateLimitServer<B> {
     }
 
     /// The tonic service (`envoy.service.ratelimit.v3.RateLimitService`).
-    pub fn into_service(self) -> RateLimitServiceServer<Self> {
-        RateLimitServiceServer::new(self)
+    pub fn into_service(self) -> RlsService<B> {
+        RlsService::new(self)
     }
 
     /// Requests shadow mode let through that would have been refused
@@ -267,14 +267,4 @@ fn resolved(r: Resolved) -> Verdict {
 enum Pending<F> {
     Done(Verdict),
     Wait(F, Box<crate::admission::Deferred>),
-}
-
-#[tonic::async_trait]
-impl<B: Backend> RateLimitService for RateLimitServer<B> {
-    async fn should_rate_limit(
-        &self,
-        request: tonic::Request<RateLimitRequest>,
-    ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
-        Ok(tonic::Response::new(self.check(request.into_inner()).await))
-    }
 }

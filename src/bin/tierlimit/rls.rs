@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use tierlimit::backend::Backend;
-use tierlimit::envoy::{RateLimitServer, RateLimitServiceServer};
+use tierlimit::envoy::{RateLimitServer, RlsService};
 use tierlimit::{Policy, RateLimitLayer};
 
 pub(crate) const USAGE: &str = "tierlimit rls --policy POLICY.toml --listen ADDR [--redis URL]";
@@ -123,9 +123,7 @@ async fn serve<B: Backend>(
     };
     let rls = RateLimitServer::new(&layer);
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_serving::<RateLimitServiceServer<RateLimitServer<B>>>()
-        .await;
+    reporter.set_serving::<RlsService<B>>().await;
     let mut routes = tonic::service::Routes::new(rls.into_service()).add_service(health);
     // With ADMIN_TOKEN set, the admin API is at /admin/v1 (HTTP/1.1 or 2);
     // without it, those routes do not exist.
