@@ -316,10 +316,18 @@ async fn unknown_and_missing_are_answered_as_documented() {
         assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
     }
     // A huge key: refused, not echoed.
-    let huge = "k".repeat(1 << 20);
+    let huge = "k".repeat(100_000);
     let r = ask1(&mut c, &[("api_key", &huge), ("category", "read")]).await;
     assert_eq!(why(&r, 0), "malformed-api-key");
     assert!(r.raw_body.len() < 1024);
+    // A call larger than the service decodes: tonic's OUT_OF_RANGE,
+    // before anything is decoded or counted.
+    let huge = "k".repeat(300_000);
+    let e = c
+        .should_rate_limit(request(vec![descriptor(&[("api_key", &huge)])]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange);
     // No descriptors: nothing to limit.
     let r = ask(&mut c, request(vec![])).await;
     assert_eq!((r.overall_code, r.statuses.len()), (OK, 0));
@@ -661,4 +669,21 @@ async fn bytes_that_are_not_utf8_are_a_mistake_not_a_grpc_error() {
     assert_eq!(why(&r, 0), "malformed-api-key");
     assert_eq!(why(&r, 1), "unknown-category");
     assert_eq!((r.statuses[2].code, why(&r, 2)), (OK, "free.read"));
+    // Bytes that are no RateLimitRequest at all (a number where the
+    // domain's bytes belong): the caller's mistake, not the server's.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Wrong {
+        #[prost(uint64, tag = "1")]
+        domain: u64,
+    }
+    let path = http::uri::PathAndQuery::from_static(
+        "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+    );
+    let codec = tonic_prost::ProstCodec::<Wrong, RateLimitResponse>::default();
+    grpc.ready().await.unwrap();
+    let e = grpc
+        .unary(tonic::Request::new(Wrong { domain: 7 }), path, codec)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
 }

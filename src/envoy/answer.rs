@@ -219,6 +219,17 @@ pub(super) fn respond(verdicts: Vec<Verdict>) -> RateLimitResponse {
     }
 }
 
+/// The response to a call refused whole: `m` for each of its `n`
+/// descriptors (one problem document, whatever `n`).
+pub(super) fn refuse_all(m: Mistake, n: usize) -> RateLimitResponse {
+    let verdict = Verdict::Mistake(m);
+    let statuses = vec![verdict.status(); n];
+    // Its headers and body, as the binding verdict of a call.
+    let mut response = respond(vec![verdict]);
+    response.statuses = statuses;
+    response
+}
+
 /// The index of the binding verdict, if any limits.
 fn binding(verdicts: &[Verdict]) -> Option<usize> {
     if let Some(i) = verdicts

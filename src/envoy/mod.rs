@@ -72,6 +72,11 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 pub use service::RlsService;
 
+/// Re-exported so requests are built with the same Envoy types (the
+/// service's `RateLimitRequest` is
+/// `envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest`).
+pub use envoy_types;
+
 use answer::{Mistake, Verdict};
 use descriptor::{Descriptors, Read};
 
@@ -138,10 +143,10 @@ impl<B: Backend> RateLimitServer<B> {
     ///
     /// ```
     /// use tierlimit::{Policy, RateLimitLayer, envoy::RateLimitServer};
-    /// use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
+    /// use tierlimit::envoy::envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
     ///     RateLimitDescriptor, rate_limit_descriptor::Entry,
     /// };
-    /// use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+    /// use tierlimit::envoy::envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
     ///
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
     /// let policy = Policy::from_toml_str(r#"
@@ -168,7 +173,10 @@ impl<B: Backend> RateLimitServer<B> {
     /// # });
     /// ```
     pub async fn check(&self, request: RateLimitRequest) -> RateLimitResponse {
-        let pending = self.start(&request);
+        let pending = match self.start(&request) {
+            Ok(pending) => pending,
+            Err(m) => return answer::refuse_all(m, request.descriptors.len()),
+        };
         let mut verdicts = Vec::with_capacity(pending.len());
         for p in pending {
             verdicts.push(match p {
@@ -180,36 +188,31 @@ impl<B: Backend> RateLimitServer<B> {
     }
 
     /// Every descriptor started on the policy in force (one version for
-    /// all of them): answered at once, or waiting for the backend.
-    fn start(&self, request: &RateLimitRequest) -> Vec<Pending<B::Future>> {
-        let n = request.descriptors.len();
+    /// all of them): answered at once, or waiting for the backend. A call
+    /// the policy refuses whole (too many descriptors, another domain) is
+    /// one mistake, counting nothing.
+    fn start(&self, request: &RateLimitRequest) -> Result<Vec<Pending<B::Future>>, Mistake> {
         self.shared.view.with(|guard| {
             let policy: &Policy = &guard.policy;
-            let mistake = if n > MAX_DESCRIPTORS {
-                Some(("too-many-descriptors", format!("a call may carry at most {MAX_DESCRIPTORS} descriptors")))
-            } else {
-                policy
-                    .envoy()
-                    .domain()
-                    .filter(|d| *d != request.domain)
-                    .map(|d| ("unknown-domain", format!("this rate limit service answers domain `{d}` only")))
-            };
-            if let Some((kind, detail)) = mistake {
-                tracing::warn!(domain = %request.domain.escape_debug(), kind, "Envoy request refused");
-                let detail = detail.as_str();
-                return (0..n)
-                    .map(|_| Pending::Done(Verdict::Mistake(Mistake::new(kind, detail))))
-                    .collect();
+            if request.descriptors.len() > MAX_DESCRIPTORS {
+                return Err(Mistake::new(
+                    "too-many-descriptors",
+                    format!("a call may carry at most {MAX_DESCRIPTORS} descriptors"),
+                ));
+            }
+            if let Some(d) = policy.envoy().domain().filter(|d| *d != request.domain) {
+                tracing::debug!(domain = %request.domain.escape_debug(), "Envoy request of another domain");
+                return Err(Mistake::new(
+                    "unknown-domain",
+                    format!("this rate limit service answers domain `{d}` only"),
+                ));
             }
             let hits = request.hits_addend;
-            request
-                .descriptors
-                .iter()
-                .map(|d| match self.start_one(guard, d, hits) {
-                    Ok(p) => p,
-                    Err(m) => Pending::Done(Verdict::Mistake(m)),
-                })
-                .collect()
+            let started = request.descriptors.iter().map(|d| {
+                self.start_one(guard, d, hits)
+                    .unwrap_or_else(|m| Pending::Done(Verdict::Mistake(m)))
+            });
+            Ok(started.collect())
         })
     }
 
@@ -255,10 +258,17 @@ fn cost_of(d: &RateLimitDescriptor, request: u32) -> u32 {
 
 /// The verdict of an outcome: an admission's headers, or the layer's
 /// answer read back. An admission's meter and leases (a custom limit may
-/// add them at run time) end here: Envoy never reports a request's end.
+/// add them at run time) end here: Envoy never reports what a request
+/// used nor when it ends, so its token estimate stands and its leases are
+/// released at once.
 fn resolved(r: Resolved) -> Verdict {
     match r {
-        Resolved::Allow(admitted) => Verdict::Allowed(admitted.plan),
+        Resolved::Allow(admitted) => {
+            if let Some(meter) = &admitted.meter {
+                meter.add(u64::from(meter.estimate()));
+            }
+            Verdict::Allowed(admitted.plan)
+        }
         Resolved::Answer(response) => Verdict::answered(response),
     }
 }

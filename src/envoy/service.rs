@@ -31,23 +31,42 @@ const SHOULD_RATE_LIMIT: &str = "/envoy.service.ratelimit.v3.RateLimitService/Sh
 /// `envoy.service.ratelimit.v3.RateLimitService` as a tonic service
 /// ([`RateLimitServer::into_service`]): add it to a
 /// `tonic::transport::Server` as any generated service.
+///
+/// A request larger than [`max_decoding_message_size`](Self::max_decoding_message_size)
+/// (256 KiB by default: Envoy's are a few hundred bytes) is refused by
+/// tonic with `OUT_OF_RANGE` before it is decoded, so a hostile
+/// caller cannot make it hold millions of descriptors.
 #[must_use]
 #[derive(Debug)]
 pub struct RlsService<B> {
     server: RateLimitServer<B>,
+    max_decoding: usize,
 }
 
 impl<B> Clone for RlsService<B> {
     fn clone(&self) -> Self {
         RlsService {
             server: self.server.clone(),
+            max_decoding: self.max_decoding,
         }
     }
 }
 
+/// The largest request decoded by default.
+const MAX_DECODING: usize = 256 * 1024;
+
 impl<B> RlsService<B> {
     pub(super) fn new(server: RateLimitServer<B>) -> Self {
-        RlsService { server }
+        RlsService {
+            server,
+            max_decoding: MAX_DECODING,
+        }
+    }
+
+    /// The largest request decoded, in bytes (default 256 KiB).
+    pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+        self.max_decoding = limit;
+        self
     }
 }
 
@@ -77,10 +96,55 @@ where
             return Box::pin(std::future::ready(Ok(status.into_http())));
         }
         let method = ShouldRateLimit(self.server.clone());
+        let max = self.max_decoding;
         Box::pin(async move {
-            let codec = tonic_prost::ProstCodec::<RateLimitResponse, WireRequest>::default();
-            Ok(tonic::server::Grpc::new(codec).unary(method, req).await)
+            let codec = Codec;
+            let mut grpc =
+                tonic::server::Grpc::new(codec).apply_max_message_size_config(Some(max), None);
+            Ok(grpc.unary(method, req).await)
         })
+    }
+}
+
+/// Prost's codec, but a request that is not a `RateLimitRequest` is the
+/// caller's mistake (`INVALID_ARGUMENT`), not the server's (`INTERNAL`).
+struct Codec;
+
+impl tonic::codec::Codec for Codec {
+    type Encode = RateLimitResponse;
+    type Decode = WireRequest;
+    type Encoder = tonic_prost::ProstEncoder<RateLimitResponse>;
+    type Decoder = Decoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::new(tonic::codec::BufferSettings::default())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        Decoder(tonic_prost::ProstDecoder::new(
+            tonic::codec::BufferSettings::default(),
+        ))
+    }
+}
+
+/// [`Codec`]'s decoder.
+struct Decoder(tonic_prost::ProstDecoder<WireRequest>);
+
+impl tonic::codec::Decoder for Decoder {
+    type Item = WireRequest;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<WireRequest>, tonic::Status> {
+        self.0.decode(buf).map_err(|e| {
+            tonic::Status::invalid_argument(format!("not a RateLimitRequest: {}", e.message()))
+        })
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        self.0.buffer_settings()
     }
 }
 
