@@ -1,8 +1,9 @@
 //! `ShouldRateLimit` calls per second, next to the same checks through the
 //! HTTP layer: in process (the engine alone: `RateLimitServer::check` and
 //! the layer called as a tower service), then over loopback with 64 calls
-//! in flight (tonic over HTTP/2; axum behind hyper over HTTP/1.1
-//! keep-alive), each on the memory backend and on a real Redis.
+//! in flight (tonic over 8 HTTP/2 connections, as Envoy's workers open
+//! them; axum behind hyper over HTTP/1.1 keep-alive), each on the memory
+//! backend and on a real Redis.
 //!
 //! ```sh
 //! cargo bench --all-features --bench envoy
@@ -41,6 +42,8 @@ use tierlimit::{Policy, RateLimitLayer};
 use tower::ServiceExt;
 
 const IN_FLIGHT: usize = 64;
+/// HTTP/2 connections to the rate limit service (Envoy opens one per worker).
+const CONNECTIONS: usize = 8;
 const KEYS: usize = 1_000;
 
 fn env(name: &str, default: usize) -> usize {
@@ -151,15 +154,20 @@ fn rows<B: Backend + Clone>(
     ));
     let k = Arc::clone(&keys);
     rows.push((
-        format!("loopback, ShouldRateLimit via tonic (HTTP/2), {name}"),
+        format!("loopback, ShouldRateLimit via tonic (8 HTTP/2 conns), {name}"),
         Box::new(move |rt, n| {
-            let client = rt.block_on(async {
-                RateLimitServiceClient::connect(format!("http://{grpc}"))
-                    .await
-                    .unwrap()
+            // As Envoy does (a connection per worker): several HTTP/2
+            // connections, the calls spread over them.
+            let clients: Vec<_> = rt.block_on(async {
+                let mut v = Vec::new();
+                for _ in 0..CONNECTIONS {
+                    let c = RateLimitServiceClient::connect(format!("http://{grpc}"));
+                    v.push(c.await.unwrap());
+                }
+                v
             });
             in_flight(rt, n, |i| {
-                let mut c = client.clone();
+                let mut c = clients[i % CONNECTIONS].clone();
                 let req = rls_request(&k[i % KEYS]);
                 async move {
                     black_box(c.should_rate_limit(req).await.unwrap());
@@ -169,7 +177,7 @@ fn rows<B: Backend + Clone>(
     ));
     let k = Arc::clone(&keys);
     rows.push((
-        format!("loopback, the HTTP layer (HTTP/1.1 keep-alive), {name}"),
+        format!("loopback, the HTTP layer (64 HTTP/1.1 conns), {name}"),
         Box::new(move |rt, n| {
             let client =
                 hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())

@@ -9,7 +9,9 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descri
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use governor::clock::FakeRelativeClock;
 use tierlimit::envoy::RateLimitServer;
+use tierlimit::{ApiKey, MemoryBackend, Policy, RateLimitLayer};
 use tonic::transport::Channel;
 
 pub const OK: i32 = Code::Ok as i32;
@@ -92,4 +94,44 @@ pub fn reset_secs(r: &RateLimitResponse, i: usize) -> i64 {
 /// The name of why a descriptor is over (its status's limit name).
 pub fn why(r: &RateLimitResponse, i: usize) -> &str {
     &r.statuses[i].current_limit.as_ref().unwrap().name
+}
+
+/// Unix time the headers are written at (a fixed clock: exact resets).
+pub const NOW: u64 = 1_700_000_000;
+
+pub const POLICY: &str = r#"
+categories = ["read", "write", "ai"]
+
+[tiers.free]
+read = "3/minute"
+write = "1/minute"
+ai = { requests = "10/minute", tokens = "100/minute" }
+
+[tiers.pro]
+read = "100/minute"
+write = ["10/30s", "100/hour"]
+ai = "unlimited"
+
+[[routes]]
+path = "/healthz"
+exempt = true
+
+[[routes]]
+method = "POST"
+path = "/v1/batch"
+category = "read"
+cost = 2
+
+[keys]
+"free-key" = "free"
+"pro-key" = "pro"
+"#;
+
+pub type Layer = RateLimitLayer<ApiKey, MemoryBackend<FakeRelativeClock>>;
+
+pub fn layer(policy: &str, clock: &FakeRelativeClock) -> Layer {
+    RateLimitLayer::builder(Policy::from_toml_str(policy).unwrap())
+        .backend(MemoryBackend::builder().clock(clock.clone()).build())
+        .unix_clock(|| NOW)
+        .build()
 }
