@@ -14,11 +14,14 @@ use super::{CategoryId, Cell, PolicyError};
 /// ```
 /// use tierlimit::policy::DescriptorKeys;
 ///
-/// let keys = DescriptorKeys::default();
+/// let mut keys = DescriptorKeys::default();
 /// assert_eq!(keys.api_key, "api_key");
-/// assert_eq!(keys.category, "category");
+/// keys.category = "kind".into();
 /// ```
+///
+/// Marked non-exhaustive: start from the defaults and change fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DescriptorKeys {
     /// The caller's API key, resolved as the `[keys]` table and the
     /// operators' keys say (default `api_key`).
