@@ -22,7 +22,7 @@ use crate::time::ceil_secs;
 #[derive(Debug)]
 pub(super) struct Mistake {
     kind: &'static str,
-    response: Response<Bytes>,
+    response: Box<Response<Bytes>>,
 }
 
 impl Mistake {
@@ -33,7 +33,7 @@ impl Mistake {
         crate::telemetry::rejection(kind);
         Mistake {
             kind,
-            response: crate::response::http::problem_response(status, &body),
+            response: Box::new(crate::response::http::problem_response(status, &body)),
         }
     }
 
@@ -43,7 +43,7 @@ impl Mistake {
         let kind = answer.problem_type();
         Mistake {
             kind,
-            response: answer.into_response(false),
+            response: Box::new(answer.into_response(false)),
         }
     }
 }
@@ -57,7 +57,7 @@ pub(super) enum Verdict {
     Allowed(HeaderPlan),
     /// Over a limit: the layer's refusal (its headers, its decision).
     Refused {
-        response: Response<Bytes>,
+        response: Box<Response<Bytes>>,
         decision: Decision,
         cell: Option<CellRef>,
     },
@@ -73,14 +73,14 @@ impl Verdict {
             Some(decision) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
                 let cell = response.extensions().get::<CellRef>().cloned();
                 Verdict::Refused {
-                    response,
+                    response: Box::new(response),
                     decision,
                     cell,
                 }
             }
             _ => Verdict::Mistake(Mistake {
                 kind: problem_kind(response.body()),
-                response,
+                response: Box::new(response),
             }),
         }
     }
@@ -204,7 +204,7 @@ pub(super) fn respond(verdicts: Vec<Verdict>) -> RateLimitResponse {
     match binding.and_then(|i| verdicts.into_iter().nth(i)) {
         Some(Verdict::Allowed(plan)) => plan.write(&mut headers),
         Some(Verdict::Refused { response, .. } | Verdict::Mistake(Mistake { response, .. })) => {
-            let (parts, body) = response.into_parts();
+            let (parts, body) = (*response).into_parts();
             headers = parts.headers;
             raw_body = body.to_vec();
         }
