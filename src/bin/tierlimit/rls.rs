@@ -15,6 +15,8 @@ pub(crate) const USAGE: &str = "tierlimit rls --policy POLICY.toml --listen ADDR
 pub(crate) struct Options {
     policy: String,
     listen: SocketAddr,
+    // Read by a build with `redis` (others refuse `--redis` when parsing).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     redis: Option<String>,
 }
 
