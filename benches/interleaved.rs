@@ -88,18 +88,61 @@ fn main() {
         ),
         ("tierlimit, 1 key", tierlimit(&one), &one_hv),
         ("tierlimit, 100k keys", tierlimit(&many), &many_hv),
+        ("tierlimit, 1 guest", tierlimit_guests(), &one_hv),
+        ("tierlimit, 100k guests", tierlimit_guests(), &many_hv),
         (
             "tower_governor, 1 key, no headers",
             tower_governor_no_headers(),
             &one_hv,
         ),
         (
+            "tower_governor, 100k keys, no headers",
+            tower_governor_no_headers(),
+            &many_hv,
+        ),
+        (
             "tierlimit, 1 key, no headers",
             tierlimit_no_headers(&one),
             &one_hv,
         ),
+        (
+            "tierlimit, 100k keys, no headers",
+            tierlimit_no_headers(&many),
+            &many_hv,
+        ),
+        (
+            "tierlimit, 1 guest, no headers",
+            tierlimit_guests_no_headers(),
+            &one_hv,
+        ),
+        (
+            "tierlimit, 100k guests, no headers",
+            tierlimit_guests_no_headers(),
+            &many_hv,
+        ),
         ("tierlimit, exempt route", tierlimit_exempt(&one), &one_hv),
+        (
+            "tierlimit, 1 key, two limits",
+            tierlimit_two_limits(&one),
+            &one_hv,
+        ),
+        ("tierlimit, 1 key, tokens", tierlimit_tokens(&one), &one_hv),
+        (
+            "tierlimit, 1 key, concurrency",
+            tierlimit_concurrency(&one),
+            &one_hv,
+        ),
     ];
+    // `ONLY=text`: the rows whose name holds it, beside the bare router
+    // and the floor (for a profiler, or a comparison of builds; the
+    // ratios need the peers' rows).
+    if let Ok(only) = std::env::var("ONLY") {
+        let mut i = 0;
+        rows.retain(|r| {
+            i += 1;
+            i <= 2 || r.0.contains(&only)
+        });
+    }
     for (name, router, keys) in &mut rows {
         let res = rt
             .block_on(router.clone().oneshot(request(&keys[0])))
@@ -127,33 +170,45 @@ fn main() {
     let medians: Vec<f64> = times.into_iter().map(median).collect();
     let bare = medians[0];
     let added = |name: &str| {
-        let i = rows.iter().position(|r| r.0 == name).unwrap();
-        medians[i] - bare
+        rows.iter()
+            .position(|r| r.0 == name)
+            .map_or(f64::NAN, |i| medians[i] - bare)
     };
     println!(
         "\n{rounds} interleaved rounds of {per_round} requests per row; medians (ns per request)\n"
     );
-    println!("| row | per request | added over bare | added / tower_governor's |");
-    println!("|---|---:|---:|---:|");
+    let floor = added("no-op layer holding an Arc");
+    println!(
+        "| row | per request | added over bare | above the no-op floor | added / tower_governor's | above floor / tower_governor's |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     for (i, (name, _, _)) in rows.iter().enumerate() {
-        let tg = if name.starts_with("no-op") || name.ends_with("exempt route") {
-            added("tower_governor, 1 key")
-        } else if name.contains("100k") {
-            added("tower_governor, 100k keys")
-        } else if name.ends_with("no headers") {
-            added("tower_governor, 1 key, no headers")
-        } else {
-            added("tower_governor, 1 key")
+        let many = name.contains("100k");
+        let tg = match (name.ends_with("no headers"), many) {
+            (true, false) => added("tower_governor, 1 key, no headers"),
+            (true, true) => added("tower_governor, 100k keys, no headers"),
+            (false, true) => added("tower_governor, 100k keys"),
+            (false, false) => added("tower_governor, 1 key"),
         };
-        if i == 0 {
-            println!("| {name} | {:.0} | — | — |", medians[i]);
+        if i <= 1 {
+            let a = medians[i] - bare;
+            println!("| {name} | {:.0} | +{a:.0} | — | — | — |", medians[i]);
         } else {
             let a = medians[i] - bare;
-            println!("| {name} | {:.0} | +{a:.0} | {:.2}× |", medians[i], a / tg);
+            println!(
+                "| {name} | {:.0} | +{a:.0} | +{:.0} | {:.2}× | {:.2}× |",
+                medians[i],
+                a - floor,
+                a / tg,
+                (a - floor) / (tg - floor)
+            );
         }
     }
 
-    multi_thread(&one_hv, rounds.min(5), per_round);
+    // With `ONLY`, the multi-thread table only on `MT=1`.
+    if std::env::var_os("ONLY").is_none() || std::env::var_os("MT").is_some() {
+        multi_thread(&one_hv, rounds.min(5), per_round);
+    }
 }
 
 /// One hot key on a multi-thread runtime with both cores: 8 tasks each send

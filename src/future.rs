@@ -128,6 +128,10 @@ where
                         ..
                     } = *checking.take().expect("checked above");
                     match deferred.resolve(result) {
+                        Resolved::Pass => {
+                            let fut = inner.call(req);
+                            this.state.set(State::Inner { fut });
+                        }
                         Resolved::Allow(admitted) => {
                             let mut req = req;
                             if let Some(meter) = &admitted.meter {

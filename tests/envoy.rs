@@ -100,6 +100,29 @@ async fn draft_fields_when_the_layer_writes_them() {
 }
 
 #[tokio::test]
+async fn with_the_layers_headers_off_an_admission_describes_nothing() {
+    let clock = FakeRelativeClock::default();
+    let layer = RateLimitLayer::builder(Policy::from_toml_str(POLICY).unwrap())
+        .backend(MemoryBackend::builder().clock(clock.clone()).build())
+        .headers(tierlimit::HeaderOptions::default().x_ratelimit(false))
+        .build();
+    let s = serve(RateLimitServer::new(&layer)).await;
+    let mut c = client(s.addr).await;
+    let write = [("api_key", "free-key"), ("category", "write")];
+    let r = ask1(&mut c, &write).await;
+    assert_eq!(
+        (r.overall_code, r.statuses[0].current_limit.clone()),
+        (OK, None)
+    );
+    assert!(r.response_headers_to_add.is_empty());
+    // A refusal still says which limit, and when to retry.
+    let r = ask1(&mut c, &write).await;
+    assert_eq!((r.overall_code, why(&r, 0)), (OVER, "free.write"));
+    assert_eq!(header(&r, "retry-after"), Some("60"));
+    assert_eq!(header(&r, "x-ratelimit-limit"), None);
+}
+
+#[tokio::test]
 async fn several_descriptors_the_binding_one_decides() {
     let clock = FakeRelativeClock::default();
     let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;

@@ -134,6 +134,29 @@ pub fn tierlimit_no_headers(keys: &[String]) -> Router {
     )
 }
 
+/// The benches' policy with no key listed: every caller is a guest, given
+/// the tier by the policy's rule for unknown keys.
+pub fn guest_policy() -> tierlimit::Policy {
+    let toml = format!(
+        "categories = [\"read\", \"write\"]\n[defaults]\nunknown_key = \"free\"\n[tiers.free]\nread = \"{MAX}/hour\"\nwrite = \"{MAX}/hour\"\n"
+    );
+    tierlimit::Policy::from_toml_str(&toml).unwrap()
+}
+
+/// tierlimit with every caller a guest (the keys are listed nowhere).
+pub fn tierlimit_guests() -> Router {
+    bare().layer(tierlimit::RateLimitLayer::new(guest_policy()))
+}
+
+/// tierlimit with every caller a guest, writing no header.
+pub fn tierlimit_guests_no_headers() -> Router {
+    bare().layer(
+        tierlimit::RateLimitLayer::builder(guest_policy())
+            .headers(tierlimit::HeaderOptions::default().x_ratelimit(false))
+            .build(),
+    )
+}
+
 #[derive(Clone)]
 pub struct HeaderKey;
 

@@ -335,6 +335,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                     unix_clock: self.unix_clock.as_ref(),
                 };
                 match outcome.resolve(result, || is_grpc(req.headers())) {
+                    Resolved::Pass => Step::Pass,
                     Resolved::Allow(admitted) => Step::Allow(admitted),
                     Resolved::Answer(res) => Step::Answer(res),
                 }

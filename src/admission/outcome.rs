@@ -32,6 +32,8 @@ pub(crate) struct Admitted {
 
 /// The outcome of a backend's answer.
 pub(crate) enum Resolved {
+    /// Allowed, with nothing to write or hold: call the inner service.
+    Pass,
     /// Allowed: call the inner service, then write these headers.
     Allow(Admitted),
     /// Answered by the layer.
@@ -117,6 +119,10 @@ impl<'a> Outcome<'a> {
             Ok(d) if d.allowed => {
                 #[cfg(feature = "metrics")]
                 counters.allowed.increment(1);
+                if meter.is_none() && lease.is_none() && !self.options.need_time() {
+                    // No header to write, no meter or lease to hold.
+                    return Resolved::Pass;
+                }
                 Resolved::Allow(self.allowed(d, meter, lease))
             }
             Ok(d)
@@ -194,25 +200,30 @@ impl<'a> Outcome<'a> {
     /// The headers of `decision` (`meter`, a metered request's, names its
     /// token limits).
     #[inline]
-    fn plan(&self, decision: Decision, meter: Option<&TokenMeter>) -> HeaderPlan {
-        HeaderPlan {
+    fn plan(&self, decision: &Decision, meter: Option<&TokenMeter>) -> HeaderPlan {
+        let now = if self.options.need_time() {
+            unix_time(self.unix_clock)
+        } else {
+            Duration::ZERO
+        };
+        let token_limit = match decision.tokens {
+            Some(t) => meter.and_then(|m| m.limit_of(t.index)),
+            None => None,
+        };
+        HeaderPlan::new(
             decision,
-            cell: self.cell.headers.clone(),
-            options: self.options,
-            now: if self.options.need_time() {
-                unix_time(self.unix_clock)
-            } else {
-                Duration::ZERO
-            },
-            token_limit: decision.tokens.and_then(|t| meter?.limit_of(t.index)),
-        }
+            self.cell.headers.clone(),
+            self.options,
+            now,
+            token_limit,
+        )
     }
 
     /// An admitted request: its meter settles what it used, its leases are
     /// held until its response is over.
     #[inline]
     fn allowed(&self, d: Decision, meter: Option<TokenMeter>, lease: Option<Leases>) -> Admitted {
-        let plan = self.plan(d, meter.as_ref());
+        let plan = self.plan(&d, meter.as_ref());
         if let Some(m) = &meter {
             m.charged();
         }
@@ -240,7 +251,7 @@ impl<'a> Outcome<'a> {
         );
         d.retry_after = None;
         // Nothing was counted: the meter settles nothing.
-        let plan = self.plan(d, meter.as_ref());
+        let plan = self.plan(&d, meter.as_ref());
         Admitted {
             plan,
             meter,
@@ -262,7 +273,8 @@ impl<'a> Outcome<'a> {
         // The meter names the token limits for the headers; it was never
         // charged, so it settles nothing.
         let refused = Answer::Refused {
-            plan: self.plan(d, meter),
+            plan: self.plan(&d, meter),
+            decision: d,
             tier,
             category,
             key,

@@ -12,10 +12,10 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
 use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
 use http::{HeaderMap, Response, StatusCode};
 
-use crate::decision::{Binder, Decision};
+use crate::decision::Decision;
 use crate::extract::Rejection;
-use crate::response::{Answer, CellRef, HeaderPlan};
-use crate::time::ceil_secs;
+use crate::response::{Answer, CellRef, HeaderOptions, HeaderPlan};
+use std::time::Duration;
 
 /// A descriptor the front cannot check, as the layer would answer a
 /// request it cannot: a problem document, and a status named for it.
@@ -55,11 +55,11 @@ pub(super) enum Verdict {
     Unlimited,
     /// Admitted: the headers the layer would write.
     Allowed(HeaderPlan),
-    /// Over a limit: the layer's refusal (its headers, its decision).
+    /// Over a limit: the layer's refusal (its headers and body), and the
+    /// plan of its decision.
     Refused {
         response: Box<Response<Bytes>>,
-        decision: Decision,
-        cell: Option<CellRef>,
+        plan: HeaderPlan,
     },
     /// Not checked: a mistake, a rejection, or a backend that could not
     /// decide (as the policy's failure mode says).
@@ -67,15 +67,17 @@ pub(super) enum Verdict {
 }
 
 impl Verdict {
-    /// The layer's answer, read back: a refusal carries its decision.
+    /// The layer's answer, read back: a refusal carries its decision and
+    /// its cell, which make its header plan again.
     pub(super) fn answered(response: Response<Bytes>) -> Self {
-        match response.extensions().get::<Decision>().copied() {
-            Some(decision) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
-                let cell = response.extensions().get::<CellRef>().cloned();
+        let ext = response.extensions();
+        match (ext.get::<Decision>(), ext.get::<CellRef>()) {
+            (Some(d), Some(cell)) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
+                let options = HeaderOptions::default();
+                let plan = HeaderPlan::new(d, cell.clone(), options, Duration::ZERO, None);
                 Verdict::Refused {
                     response: Box::new(response),
-                    decision,
-                    cell,
+                    plan,
                 }
             }
             _ => Verdict::Mistake(Mistake {
@@ -91,14 +93,8 @@ impl Verdict {
                 code: Code::Ok as i32,
                 ..DescriptorStatus::default()
             },
-            Verdict::Allowed(plan) => {
-                let name = plan.cell.limit_name(plan.decision.index);
-                limit_status(Code::Ok, &plan.decision, name)
-            }
-            Verdict::Refused { decision, cell, .. } => {
-                let name = cell.as_ref().map_or("", |c| c.limit_name(decision.index));
-                limit_status(Code::OverLimit, decision, name)
-            }
+            Verdict::Allowed(plan) => limit_status(Code::Ok, plan),
+            Verdict::Refused { plan, .. } => limit_status(Code::OverLimit, plan),
             Verdict::Mistake(m) => DescriptorStatus {
                 code: Code::OverLimit as i32,
                 current_limit: Some(RateLimit {
@@ -134,14 +130,22 @@ fn problem_kind(body: &[u8]) -> &'static str {
     kind.unwrap_or("refused")
 }
 
-/// A limit's status: its rate in Envoy's units, what is left of it, and
-/// when it is whole again (whole seconds, rounded up, as the headers say).
-fn limit_status(code: Code, d: &Decision, name: &str) -> DescriptorStatus {
+/// A limit's status, as the headers describe it: its rate in Envoy's
+/// units, what is left of it, and when it is whole again (whole seconds,
+/// rounded up). Concurrency limits alone describe no rate.
+fn limit_status(code: Code, plan: &HeaderPlan) -> DescriptorStatus {
+    let d = plan.described();
+    if !d.rate {
+        return DescriptorStatus {
+            code: code as i32,
+            ..DescriptorStatus::default()
+        };
+    }
     let (requests_per_unit, unit, exact) = in_units(d.limit, d.window);
-    let name = if exact || name.is_empty() {
-        name.to_owned()
+    let name = if exact || d.name.is_empty() {
+        d.name.to_owned()
     } else {
-        format!("{name}: {} per {} s", d.limit, ceil_secs(d.window))
+        format!("{}: {} per {} s", d.name, d.limit, d.window)
     };
     DescriptorStatus {
         code: code as i32,
@@ -152,17 +156,19 @@ fn limit_status(code: Code, d: &Decision, name: &str) -> DescriptorStatus {
         }),
         limit_remaining: d.remaining,
         duration_until_reset: Some(ProtoDuration {
-            seconds: i64::try_from(ceil_secs(d.reset_after)).unwrap_or(i64::MAX),
+            seconds: i64::from(d.reset_in),
             nanos: 0,
         }),
         quota: None,
     }
 }
 
-/// `limit` per `window` in Envoy's units: exact when the window is one
-/// second, minute, hour or day; else the nearest unit and the rate scaled
-/// to it (at least 1), flagged inexact so the name carries the window.
-pub(super) fn in_units(limit: u32, window: std::time::Duration) -> (u32, Unit, bool) {
+/// `limit` per `window` seconds in Envoy's units: exact when the window is
+/// one second, minute, hour or day; else the nearest unit and the rate
+/// scaled to it (at least 1), flagged inexact so the name carries the
+/// window.
+pub(super) fn in_units(limit: u32, window: u32) -> (u32, Unit, bool) {
+    let window = Duration::from_secs(u64::from(window));
     const UNITS: [(u64, Unit); 4] = [
         (1, Unit::Second),
         (60, Unit::Minute),
@@ -230,7 +236,9 @@ pub(super) fn refuse_all(m: Mistake, n: usize) -> RateLimitResponse {
     response
 }
 
-/// The index of the binding verdict, if any limits.
+/// The index of the binding verdict, if any limits: the first mistake,
+/// else the refusal with the longest wait, else the admission with the
+/// least left (the order of the layer's binding limit).
 fn binding(verdicts: &[Verdict]) -> Option<usize> {
     if let Some(i) = verdicts
         .iter()
@@ -238,23 +246,20 @@ fn binding(verdicts: &[Verdict]) -> Option<usize> {
     {
         return Some(i);
     }
-    // Refusals bind over admissions; among each, the layer's own rule.
-    let refused = verdicts
-        .iter()
-        .any(|v| matches!(v, Verdict::Refused { .. }));
-    let mut binder = Binder::new(0, 0);
-    let mut index = Vec::new();
-    for (i, v) in verdicts.iter().enumerate() {
-        let d = match v {
-            Verdict::Refused { decision, .. } => decision,
-            Verdict::Allowed(plan) if !refused => &plan.decision,
-            _ => continue,
-        };
-        binder.push(index.len(), *d);
-        index.push(i);
+    let refused = verdicts.iter().enumerate().filter_map(|(i, v)| match v {
+        Verdict::Refused { plan, .. } => Some((i, plan.described())),
+        _ => None,
+    });
+    if let Some((i, _)) = refused.max_by_key(|(i, d)| (d.retry, std::cmp::Reverse(*i))) {
+        return Some(i);
     }
-    let d = binder.finish()?;
-    index.get(usize::from(d.index)).copied()
+    let allowed = verdicts.iter().enumerate().filter_map(|(i, v)| match v {
+        Verdict::Allowed(plan) => Some((i, plan.described())),
+        _ => None,
+    });
+    allowed
+        .min_by_key(|(i, d)| (d.remaining, *i))
+        .map(|(i, _)| i)
 }
 
 /// `headers` as Envoy's header values (the layer writes ASCII only).
@@ -274,36 +279,17 @@ fn envoy_headers(headers: &HeaderMap) -> Vec<EnvoyHeader> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn units() {
-        assert_eq!(
-            in_units(100, Duration::from_secs(3600)),
-            (100, Unit::Hour, true)
-        );
-        assert_eq!(
-            in_units(10, Duration::from_secs(1)),
-            (10, Unit::Second, true)
-        );
-        assert_eq!(
-            in_units(5, Duration::from_secs(86_400)),
-            (5, Unit::Day, true)
-        );
+        assert_eq!(in_units(100, 3600), (100, Unit::Hour, true));
+        assert_eq!(in_units(10, 1), (10, Unit::Second, true));
+        assert_eq!(in_units(5, 86_400), (5, Unit::Day, true));
         // 10 per 30 s: nearest the minute, 20 a minute.
-        assert_eq!(
-            in_units(10, Duration::from_secs(30)),
-            (20, Unit::Minute, false)
-        );
+        assert_eq!(in_units(10, 30), (20, Unit::Minute, false));
         // 1 per 2 days: a day, at least 1.
-        assert_eq!(
-            in_units(1, Duration::from_secs(172_800)),
-            (1, Unit::Day, false)
-        );
-        // 1 per 500 ms: 2 a second.
-        assert_eq!(
-            in_units(1, Duration::from_millis(500)),
-            (2, Unit::Second, false)
-        );
+        assert_eq!(in_units(1, 172_800), (1, Unit::Day, false));
+        // 3 per 7 s: nearest the second, 1 a second at least.
+        assert_eq!(in_units(3, 7), (1, Unit::Second, false));
     }
 }

@@ -263,6 +263,9 @@ fn cost_of(d: &RateLimitDescriptor, request: u32) -> u32 {
 /// released at once.
 fn resolved(r: Resolved) -> Verdict {
     match r {
+        // Allowed with no header to write (the layer's headers are off):
+        // nothing to describe.
+        Resolved::Pass => Verdict::Unlimited,
         Resolved::Allow(admitted) => {
             if let Some(meter) = &admitted.meter {
                 meter.add(u64::from(meter.estimate()));

@@ -50,6 +50,7 @@ mod overlay;
 mod route;
 mod set;
 
+use std::fmt;
 use std::sync::Arc;
 
 use hashbrown::HashTable;
@@ -101,9 +102,62 @@ impl CategoryId {
 /// A `[keys]` entry: the key's text, its tier and its account.
 #[derive(Debug)]
 pub(super) struct KeyRow {
-    pub(super) key: Box<str>,
+    pub(super) key: KeyText,
     pub(super) tier: TierId,
     pub(super) account: Option<KeyId>,
+}
+
+/// The longest key kept in its table row.
+const INLINE_KEY: usize = 46;
+
+/// A listed key's text: in the table's row itself when it is short (most
+/// API keys are), so that comparing a request's key with it reads the row
+/// and nothing else (with many keys listed, a second memory access per
+/// request is a cache miss); a longer key lives on the heap.
+pub(super) enum KeyText {
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Heap(Box<str>),
+}
+
+impl KeyText {
+    pub(super) fn new(key: &str) -> Self {
+        match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= INLINE_KEY => {
+                let mut bytes = [0; INLINE_KEY];
+                bytes[..key.len()].copy_from_slice(key.as_bytes());
+                KeyText::Inline { len, bytes }
+            }
+            _ => KeyText::Heap(key.into()),
+        }
+    }
+
+    /// Whether this is `key`'s text.
+    #[inline]
+    pub(super) fn is(&self, key: &str) -> bool {
+        match self {
+            KeyText::Inline { len, bytes } => {
+                bytes.get(..usize::from(*len)) == Some(key.as_bytes())
+            }
+            KeyText::Heap(text) => **text == *key,
+        }
+    }
+
+    pub(super) fn as_str(&self) -> &str {
+        match self {
+            // Made from a `&str`: always UTF-8.
+            KeyText::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            KeyText::Heap(text) => text,
+        }
+    }
+}
+
+impl fmt::Debug for KeyText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key itself.
+        f.write_str("KeyText(..)")
+    }
 }
 
 #[derive(Debug)]
@@ -284,7 +338,7 @@ impl Policy {
         }
         self.inner
             .keys
-            .find(id.as_u64(), |row| *row.key == *key)
+            .find(id.as_u64(), |row| row.key.is(key))
             .map(|row| (row.tier, row.account))
     }
 
@@ -363,7 +417,7 @@ impl Policy {
         self.inner
             .keys
             .iter()
-            .map(|row| (&*row.key, row.tier, row.account))
+            .map(|row| (row.key.as_str(), row.tier, row.account))
     }
 
     pub(crate) fn effective(

@@ -127,3 +127,33 @@ fn key_table_compares_full_text() {
     // A forged id cannot borrow another key's tier.
     assert_eq!(p.key_tier("beta", KeyId::of("alpha")), None);
 }
+
+#[test]
+fn keys_kept_in_the_row_and_on_the_heap_compare_their_whole_text() {
+    // Around the longest key kept in a table row: each one finds its own
+    // tier, and neither its prefix nor a longer key does.
+    let keys: Vec<String> = [1, INLINE_KEY - 1, INLINE_KEY, INLINE_KEY + 1, 256]
+        .iter()
+        .map(|&n| "k".repeat(n - 1) + "x")
+        .collect();
+    let mut b = base();
+    for k in &keys {
+        b = b.key(k.as_str(), "free");
+    }
+    let p = b.build().unwrap();
+    let free = p.tier("free");
+    for k in &keys {
+        assert_eq!(p.key_tier(k, KeyId::of(k)), free, "{} bytes", k.len());
+        let shorter = &k[..k.len() - 1];
+        assert_eq!(p.key_tier(shorter, KeyId::of(k)), None);
+        let longer = format!("{k}y");
+        assert_eq!(p.key_tier(&longer, KeyId::of(k)), None);
+        let changed = format!("{}y", &k[..k.len() - 1]);
+        assert_eq!(p.key_tier(&changed, KeyId::of(k)), None);
+    }
+    let mut listed: Vec<&str> = p.listed_keys().map(|(k, _, _)| k).collect();
+    listed.sort_unstable();
+    let mut want: Vec<&str> = keys.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    assert_eq!(listed, want);
+}

@@ -6,6 +6,7 @@
 use http::StatusCode;
 
 use super::headers::HeaderPlan;
+use crate::decision::Decision;
 use crate::extract::Rejection;
 use crate::key::KeyId;
 use crate::time::{ceil_secs, retry_secs};
@@ -17,7 +18,11 @@ use crate::time::{ceil_secs, retry_secs};
 pub(crate) enum Answer<'a> {
     /// A refusal, over the limit: 429 / RESOURCE_EXHAUSTED.
     Refused {
+        /// Its headers.
         plan: HeaderPlan,
+        /// The refusal itself (its body's numbers, and the response's
+        /// extension).
+        decision: Decision,
         tier: &'a str,
         category: &'a str,
         key: KeyId,
@@ -52,7 +57,7 @@ impl Answer<'_> {
 
     pub(crate) fn problem_type(&self) -> &'static str {
         match self {
-            Answer::Refused { plan, .. } if plan.decision.is_concurrency_refusal() => {
+            Answer::Refused { decision, .. } if decision.is_concurrency_refusal() => {
                 "concurrency-limited"
             }
             Answer::Refused { .. } => "rate-limited",
@@ -69,35 +74,35 @@ impl Answer<'_> {
     pub(crate) fn detail(&self) -> String {
         match self {
             Answer::Refused {
-                plan,
+                decision,
                 tier,
                 category,
                 ..
-            } if plan.decision.is_concurrency_refusal() => format!(
+            } if decision.is_concurrency_refusal() => format!(
                 "concurrency limit reached: tier `{tier}` allows {} `{category}` requests in flight at once{}; retry in {} s",
-                plan.decision.lease.map_or(0, |l| l.limit),
-                if plan.decision.lease.is_some_and(|l| l.per_account) {
+                decision.lease.map_or(0, |l| l.limit),
+                if decision.lease.is_some_and(|l| l.per_account) {
                     " per account"
                 } else {
                     ""
                 },
-                retry_secs(plan.decision.retry_after.unwrap_or_default()),
+                retry_secs(decision.retry_after.unwrap_or_default()),
             ),
             Answer::Refused {
-                plan,
+                decision,
                 tier,
                 category,
                 ..
             } => format!(
                 "rate limit exceeded: tier `{tier}` allows {} `{category}` {} per {} s; retry in {} s",
-                plan.decision.limit,
-                if plan.decision.is_tokens() {
+                decision.limit,
+                if decision.is_tokens() {
                     "tokens"
                 } else {
                     "requests"
                 },
-                ceil_secs(plan.decision.window),
-                retry_secs(plan.decision.retry_after.unwrap_or_default()),
+                ceil_secs(decision.window),
+                retry_secs(decision.retry_after.unwrap_or_default()),
             ),
             Answer::Rejected(r) => r.to_string(),
             Answer::CostTooHigh {

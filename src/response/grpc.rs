@@ -48,13 +48,14 @@ pub(crate) fn response(refusal: &Answer<'_>) -> Response<Bytes> {
     }
     if let Answer::Refused {
         plan,
+        decision,
         tier,
         category,
         key,
     } = refusal
     {
         plan.write(h);
-        let retry = plan.decision.retry_after.unwrap_or_default();
+        let retry = decision.retry_after.unwrap_or_default();
         h.insert(
             GRPC_PUSHBACK,
             HeaderValue::from(retry.as_millis().max(1) as u64),
@@ -64,21 +65,17 @@ pub(crate) fn response(refusal: &Answer<'_>) -> Response<Bytes> {
             message: &message,
             retry,
             subject: &key.redacted().to_string(),
-            description: &match plan.decision.lease {
-                Some(l) if plan.decision.is_concurrency_refusal() => format!(
+            description: &match decision.lease {
+                Some(l) if decision.is_concurrency_refusal() => format!(
                     "tier `{tier}`: {category} concurrency limit of {} requests in flight{}",
                     l.limit,
                     if l.per_account { " per account" } else { "" }
                 ),
                 _ => format!(
                     "tier `{tier}`: {category} {}limit of {} per {} s",
-                    if plan.decision.is_tokens() {
-                        "token "
-                    } else {
-                        ""
-                    },
-                    plan.decision.limit,
-                    ceil_secs(plan.decision.window)
+                    if decision.is_tokens() { "token " } else { "" },
+                    decision.limit,
+                    ceil_secs(decision.window)
                 ),
             },
         }
@@ -86,7 +83,7 @@ pub(crate) fn response(refusal: &Answer<'_>) -> Response<Bytes> {
         if let Ok(v) = HeaderValue::from_str(&crate::proto::encode_bin(&details)) {
             h.insert(GRPC_DETAILS, v);
         }
-        res.extensions_mut().insert(plan.decision);
+        res.extensions_mut().insert(*decision);
     }
     res
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::decision::Decision;
+use crate::decision::{Decision, LeaseState};
 use crate::policy::Limit;
 use crate::time::{ceil_secs, retry_secs};
 
@@ -339,17 +339,39 @@ impl CellHeaders {
     }
 }
 
-/// Everything needed to write the headers of one decision.
+/// The headers of one decision, worked out when the decision is made: an
+/// admitted request carries this through its response future (small: it
+/// moves with the future), and [`write`](Self::write) only copies values.
 #[derive(Debug)]
 pub(crate) struct HeaderPlan {
-    pub(crate) decision: Decision,
-    pub(crate) cell: CellRef,
-    pub(crate) options: HeaderOptions,
-    /// Unix time when the decision was made (for `X-RateLimit-Reset`).
-    pub(crate) now: Duration,
-    /// The token limit the decision's token state describes (a metered
-    /// request's charge at `decision.tokens.index`), for the token headers.
-    pub(crate) token_limit: Option<Limit>,
+    cell: CellRef,
+    /// `X-RateLimit-Reset`: Unix seconds when the bucket is full again.
+    reset_at: u64,
+    limit: u32,
+    remaining: u32,
+    /// `X-RateLimit-Window`, in seconds.
+    window: u32,
+    /// The draft's `t`: seconds until the bucket is full again.
+    reset_in: u32,
+    /// `Retry-After` in seconds (0: none).
+    retry: u32,
+    /// The token headers of a metered request.
+    tokens: Option<TokenHeaders>,
+    lease: Option<LeaseState>,
+    /// The charge the decision describes (the draft field's name).
+    index: u8,
+    /// Whether a rate limit is described (not concurrency limits only:
+    /// a lease's decision with no window).
+    rate: bool,
+    options: HeaderOptions,
+}
+
+/// `X-RateLimit-*-Tokens` of a metered request.
+#[derive(Clone, Copy, Debug)]
+struct TokenHeaders {
+    limit: u32,
+    remaining: u32,
+    reset_at: u64,
 }
 
 impl HeaderOptions {
@@ -360,99 +382,174 @@ impl HeaderOptions {
     }
 }
 
+/// Seconds as the headers write them (saturated: no header needs more than
+/// 136 years).
+fn secs32(secs: u64) -> u32 {
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
+/// What a plan says of its binding limit, for Envoy's front: its name (as
+/// the draft fields call it) and the numbers the headers write.
+#[cfg(feature = "envoy")]
+#[derive(Debug)]
+pub(crate) struct Described<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) limit: u32,
+    pub(crate) remaining: u32,
+    /// `X-RateLimit-Window`, in seconds.
+    pub(crate) window: u32,
+    /// Seconds until the bucket is full again (rounded up).
+    pub(crate) reset_in: u32,
+    /// `Retry-After` in seconds (0: none).
+    pub(crate) retry: u32,
+    /// Whether a rate limit is described (not concurrency limits only).
+    pub(crate) rate: bool,
+}
+
+#[cfg(feature = "envoy")]
 impl HeaderPlan {
+    /// The cell whose limits the plan describes.
+    pub(crate) fn cell(&self) -> &CellRef {
+        &self.cell
+    }
+
+    /// The binding limit, as the headers describe it.
+    pub(crate) fn described(&self) -> Described<'_> {
+        Described {
+            name: self.cell.limit_name(self.index),
+            limit: self.limit,
+            remaining: self.remaining,
+            window: self.window,
+            reset_in: self.reset_in,
+            retry: self.retry,
+            rate: self.rate,
+        }
+    }
+}
+
+impl HeaderPlan {
+    /// The headers of decision `d` of a request of `cell` at Unix time
+    /// `now`; `token_limit` is the limit `d.tokens` describes (a metered
+    /// request's charge at its index).
+    #[inline]
+    pub(crate) fn new(
+        d: &Decision,
+        cell: CellRef,
+        options: HeaderOptions,
+        now: Duration,
+        token_limit: Option<Limit>,
+    ) -> Self {
+        let shown = d.shown(now);
+        let tokens = match (d.tokens, token_limit) {
+            (Some(t), Some(limit)) if options.x_ratelimit => {
+                Some(Self::token_headers(d, t.remaining, &limit, now))
+            }
+            _ => None,
+        };
+        HeaderPlan {
+            cell,
+            reset_at: shown.reset,
+            limit: shown.limit,
+            remaining: shown.remaining,
+            window: secs32(shown.window),
+            reset_in: secs32(ceil_secs(d.reset_after)),
+            retry: d.retry_after.map_or(0, |r| secs32(retry_secs(r))),
+            tokens,
+            lease: d.lease,
+            index: d.index,
+            rate: !(d.lease.is_some() && d.window.is_zero()),
+            options,
+        }
+    }
+
+    /// The binding token limit's headers: the decision itself when tokens
+    /// bind it, else its charge's state at admission (out of line: most
+    /// requests have none).
+    #[cold]
+    #[inline(never)]
+    fn token_headers(d: &Decision, remaining: u32, limit: &Limit, now: Duration) -> TokenHeaders {
+        let shown = if d.is_tokens() {
+            d.shown(now)
+        } else {
+            Decision::allow(limit, remaining).shown(now)
+        };
+        TokenHeaders {
+            limit: shown.limit,
+            remaining: shown.remaining,
+            reset_at: shown.reset,
+        }
+    }
+
     /// The token headers of a metered request (out of line: most requests
     /// have none).
     #[cold]
     #[inline(never)]
-    fn write_tokens(&self, headers: &mut HeaderMap) {
-        let d = &self.decision;
-        let Some(t) = d.tokens else {
-            return;
-        };
-        let Some(limit) = self.token_limit else {
-            return;
-        };
-        // The binding token limit: the decision itself when tokens bind
-        // it, else its charge's state at admission.
-        let shown = if d.is_tokens() {
-            d.shown(self.now)
-        } else {
-            Decision::allow(&limit, t.remaining).shown(self.now)
-        };
-        headers.insert(
-            X_RATELIMIT_LIMIT_TOKENS.clone(),
-            int(u64::from(shown.limit)),
-        );
+    fn write_tokens(t: &TokenHeaders, headers: &mut HeaderMap) {
+        headers.insert(X_RATELIMIT_LIMIT_TOKENS.clone(), int(u64::from(t.limit)));
         headers.insert(
             X_RATELIMIT_REMAINING_TOKENS.clone(),
-            int(u64::from(shown.remaining)),
+            int(u64::from(t.remaining)),
         );
-        headers.insert(X_RATELIMIT_RESET_TOKENS.clone(), reset_value(shown.reset));
+        headers.insert(X_RATELIMIT_RESET_TOKENS.clone(), reset_value(t.reset_at));
     }
 
     /// The concurrency headers of a request under a concurrency limit
     /// (out of line: most requests have none).
     #[cold]
     #[inline(never)]
-    fn write_lease(&self, headers: &mut HeaderMap) {
-        let Some(l) = self.decision.lease else {
-            return;
-        };
+    fn write_lease(l: &LeaseState, headers: &mut HeaderMap) {
         headers.insert(X_CONCURRENCY_LIMIT.clone(), int(u64::from(l.limit)));
         headers.insert(X_CONCURRENCY_REMAINING.clone(), int(u64::from(l.remaining)));
     }
 
     /// Writes the headers into `headers` (HTTP headers or gRPC metadata).
     pub(crate) fn write(&self, headers: &mut HeaderMap) {
-        let d = &self.decision;
-        if d.lease.is_some() {
-            self.write_lease(headers);
-            if d.window.is_zero() {
-                // Concurrency limits only: no rate limit to describe.
-                if let Some(retry) = d.retry_after {
-                    headers.insert(http::header::RETRY_AFTER, int(retry_secs(retry)));
-                }
-                return;
-            }
+        if let Some(l) = &self.lease {
+            Self::write_lease(l, headers);
         }
-        let reset = ceil_secs(d.reset_after);
+        if self.rate {
+            self.write_rate(headers);
+        }
+        if self.retry > 0 {
+            headers.insert(http::header::RETRY_AFTER, int(u64::from(self.retry)));
+        }
+    }
+
+    /// The rate limit's fields.
+    #[inline]
+    fn write_rate(&self, headers: &mut HeaderMap) {
         let cell = &*self.cell;
         if self.options.x_ratelimit {
-            let shown = d.shown(self.now);
-            let limit = if shown.limit == cell.max {
+            let limit = if self.limit == cell.max {
                 cell.limit.clone()
             } else {
-                int(u64::from(shown.limit))
+                int(u64::from(self.limit))
             };
             headers.insert(X_RATELIMIT_LIMIT.clone(), limit);
             headers.insert(
                 X_RATELIMIT_REMAINING.clone(),
-                int(u64::from(shown.remaining)),
+                int(u64::from(self.remaining)),
             );
-            headers.insert(X_RATELIMIT_RESET.clone(), reset_value(shown.reset));
-            let window = if shown.window == cell.window_secs {
+            headers.insert(X_RATELIMIT_RESET.clone(), reset_value(self.reset_at));
+            let window = if u64::from(self.window) == cell.window_secs {
                 cell.window.clone()
             } else {
-                int(shown.window)
+                int(u64::from(self.window))
             };
             headers.insert(X_RATELIMIT_WINDOW.clone(), window);
         }
         if self.options.ietf_draft {
             headers.insert(RATELIMIT_POLICY.clone(), cell.policy.clone());
-            let name = cell.name(d.index);
+            let name = cell.name(self.index);
             let (mut r, mut t) = (itoa::Buffer::new(), itoa::Buffer::new());
-            let (r, t) = (r.format(d.remaining), t.format(reset));
+            let (r, t) = (r.format(self.remaining), t.format(self.reset_in));
             let parts = [name, b";r=", r.as_bytes(), b";t=", t.as_bytes()];
             if let Some(v) = Arena::value(&parts) {
                 headers.insert(RATELIMIT.clone(), v);
             }
         }
-        if d.tokens.is_some() && self.options.x_ratelimit {
-            self.write_tokens(headers);
-        }
-        if let Some(retry) = d.retry_after {
-            headers.insert(http::header::RETRY_AFTER, int(retry_secs(retry)));
+        if let Some(t) = &self.tokens {
+            Self::write_tokens(t, headers);
         }
     }
 }

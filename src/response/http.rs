@@ -15,12 +15,11 @@ pub(crate) fn response(answer: &Answer<'_>) -> Response<Bytes> {
     let mut body = problem_body(status, answer.problem_type(), &answer.detail());
     match answer {
         Answer::Refused {
-            plan,
+            decision: d,
             tier,
             category,
             ..
         } => {
-            let d = &plan.decision;
             let obj = body.as_object_mut().expect("a json object");
             if let Some(l) = d.lease.filter(|_| d.is_concurrency_refusal()) {
                 obj.insert("unit".into(), json!("concurrent requests"));
@@ -69,12 +68,12 @@ pub(crate) fn response(answer: &Answer<'_>) -> Response<Bytes> {
         _ => {}
     }
     let mut res = problem_response(status, &body);
-    if let Answer::Refused { plan, .. } = answer {
+    if let Answer::Refused { plan, decision, .. } = answer {
         plan.write(res.headers_mut());
-        res.extensions_mut().insert(plan.decision);
+        res.extensions_mut().insert(*decision);
         // The limit's cell, for Envoy's front to name the limit.
         #[cfg(feature = "envoy")]
-        res.extensions_mut().insert(plan.cell.clone());
+        res.extensions_mut().insert(plan.cell().clone());
     }
     if status == StatusCode::SERVICE_UNAVAILABLE {
         res.headers_mut()

@@ -6,7 +6,7 @@ use hashbrown::HashTable;
 use super::names::{Names, join};
 use super::{KeyEntry, Located, PolicyBuilder, PolicyError};
 use crate::key::{KeyId, hash_str};
-use crate::policy::KeyRow;
+use crate::policy::{KeyRow, KeyText};
 
 impl PolicyBuilder {
     pub(super) fn build_keys(&self, names: &Names) -> Result<HashTable<KeyRow>, PolicyError> {
@@ -39,17 +39,17 @@ impl PolicyBuilder {
                 }
             };
             let h = hash_str(key);
-            if keys.find(h, |row| *row.key == **key).is_some() {
+            if keys.find(h, |row| row.key.is(key)).is_some() {
                 return Err(PolicyError::new(&entry, *line, "this key is listed twice"));
             }
             keys.insert_unique(
                 h,
                 KeyRow {
-                    key: key.as_str().into(),
+                    key: KeyText::new(key),
                     tier: t,
                     account,
                 },
-                |row| hash_str(&row.key),
+                |row| hash_str(row.key.as_str()),
             );
         }
         Ok(keys)
