@@ -2,6 +2,8 @@
 //! `DescriptorStatus`, and the binding one gives the response its headers
 //! (written by the layer's own code) and, over a limit, its body.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::HeaderValue as EnvoyHeader;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
@@ -15,7 +17,6 @@ use http::{HeaderMap, Response, StatusCode};
 use crate::decision::Decision;
 use crate::extract::Rejection;
 use crate::response::{Answer, CellRef, HeaderOptions, HeaderPlan};
-use std::time::Duration;
 
 /// A descriptor the front cannot check, as the layer would answer a
 /// request it cannot: a problem document, and a status named for it.
