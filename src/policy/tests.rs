@@ -128,6 +128,14 @@ fn key_table_compares_full_text() {
     assert_eq!(p.key_tier("beta", KeyId::of("alpha")), None);
 }
 
+/// The base policy with `keys` listed in tier `free`.
+fn listing(keys: &[String]) -> Policy {
+    keys.iter()
+        .fold(base(), |b, k| b.key(k.as_str(), "free"))
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn keys_kept_in_the_row_and_on_the_heap_compare_their_whole_text() {
     // Around the longest key kept in a table row: each one finds its own
@@ -137,11 +145,7 @@ fn keys_kept_in_the_row_and_on_the_heap_compare_their_whole_text() {
         .iter()
         .map(|&n| "k".repeat(n - 1) + "x")
         .collect();
-    let mut b = base();
-    for k in &keys {
-        b = b.key(k.as_str(), "free");
-    }
-    let p = b.build().unwrap();
+    let p = listing(&keys);
     let free = p.tier("free");
     for k in &keys {
         assert_eq!(p.key_tier(k, KeyId::of(k)), free, "{} bytes", k.len());
@@ -163,11 +167,7 @@ fn keys_kept_in_the_row_and_on_the_heap_compare_their_whole_text() {
 fn a_full_key_table_finds_every_key_and_no_other() {
     // Many keys, so that probe runs wrap around the table's end.
     let keys: Vec<String> = (0..2_000).map(|i| format!("key-{i:05}")).collect();
-    let mut b = base();
-    for k in &keys {
-        b = b.key(k.as_str(), "free");
-    }
-    let p = b.build().unwrap();
+    let p = listing(&keys);
     let free = p.tier("free");
     for k in &keys {
         assert_eq!(p.key_tier(k, KeyId::of(k)), free);
