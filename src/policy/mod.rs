@@ -45,12 +45,12 @@ mod builder;
 mod cell;
 mod envoy;
 mod file;
+mod keys;
 mod operator;
 mod overlay;
 mod route;
 mod set;
 
-use std::fmt;
 use std::sync::Arc;
 
 use hashbrown::HashTable;
@@ -66,6 +66,7 @@ use cell::Metering;
 pub use cell::{CellLimits, EffectiveLimits};
 pub use envoy::{DescriptorKeys, EnvoyRules, EnvoySettings};
 pub(crate) use file::parse_adjust_json;
+use keys::KeyTable;
 pub use operator::{Adjust, Boost, BoostTarget, Shadow};
 use operator::{CompiledBoost, more_generous_all};
 pub(crate) use operator::{MAX_UNIX, parse_time};
@@ -99,67 +100,6 @@ impl CategoryId {
     }
 }
 
-/// A `[keys]` entry: the key's text, its tier and its account.
-#[derive(Debug)]
-pub(super) struct KeyRow {
-    pub(super) key: KeyText,
-    pub(super) tier: TierId,
-    pub(super) account: Option<KeyId>,
-}
-
-/// The longest key kept in its table row.
-const INLINE_KEY: usize = 46;
-
-/// A listed key's text: in the table's row itself when it is short (most
-/// API keys are), so that comparing a request's key with it reads the row
-/// and nothing else (with many keys listed, a second memory access per
-/// request is a cache miss); a longer key lives on the heap.
-pub(super) enum KeyText {
-    Inline { len: u8, bytes: [u8; INLINE_KEY] },
-    Heap(Box<str>),
-}
-
-impl KeyText {
-    pub(super) fn new(key: &str) -> Self {
-        match u8::try_from(key.len()) {
-            Ok(len) if key.len() <= INLINE_KEY => {
-                let mut bytes = [0; INLINE_KEY];
-                bytes[..key.len()].copy_from_slice(key.as_bytes());
-                KeyText::Inline { len, bytes }
-            }
-            _ => KeyText::Heap(key.into()),
-        }
-    }
-
-    /// Whether this is `key`'s text.
-    #[inline]
-    pub(super) fn is(&self, key: &str) -> bool {
-        match self {
-            KeyText::Inline { len, bytes } => {
-                bytes.get(..usize::from(*len)) == Some(key.as_bytes())
-            }
-            KeyText::Heap(text) => **text == *key,
-        }
-    }
-
-    pub(super) fn as_str(&self) -> &str {
-        match self {
-            // Made from a `&str`: always UTF-8.
-            KeyText::Inline { len, bytes } => {
-                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
-            }
-            KeyText::Heap(text) => text,
-        }
-    }
-}
-
-impl fmt::Debug for KeyText {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never the key itself.
-        f.write_str("KeyText(..)")
-    }
-}
-
 #[derive(Debug)]
 pub(super) struct PolicyInner {
     pub(super) tiers: Box<[Box<str>]>,
@@ -168,7 +108,7 @@ pub(super) struct PolicyInner {
     pub(super) routes: Box<[CompiledRoute]>,
     pub(super) default_read: CategoryId,
     pub(super) default_write: CategoryId,
-    pub(super) keys: HashTable<KeyRow>,
+    pub(super) keys: KeyTable,
     /// Revoked keys (their full text), by their `KeyId`.
     pub(super) revoked: HashTable<Box<str>>,
     pub(super) unknown_key: Option<TierId>,
@@ -338,8 +278,8 @@ impl Policy {
         }
         self.inner
             .keys
-            .find(id.as_u64(), |row| row.key.is(key))
-            .map(|row| (row.tier, row.account))
+            .find(id.as_u64(), key)
+            .map(|slot| slot.entry())
     }
 
     /// Whether any key is revoked (one branch per request when none is).
@@ -414,10 +354,10 @@ impl Policy {
     /// tier and account, in no particular order. Keys provisioned through
     /// the admin API are known by a digest only, and not listed.
     pub fn listed_keys(&self) -> impl Iterator<Item = (&str, TierId, Option<KeyId>)> + '_ {
-        self.inner
-            .keys
-            .iter()
-            .map(|row| (row.key.as_str(), row.tier, row.account))
+        self.inner.keys.iter().map(|slot| {
+            let (tier, account) = slot.entry();
+            (slot.key(), tier, account)
+        })
     }
 
     pub(crate) fn effective(

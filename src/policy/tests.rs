@@ -128,19 +128,24 @@ fn key_table_compares_full_text() {
     assert_eq!(p.key_tier("beta", KeyId::of("alpha")), None);
 }
 
+/// The base policy with `keys` listed in tier `free`.
+fn listing(keys: &[String]) -> Policy {
+    keys.iter()
+        .fold(base(), |b, k| b.key(k.as_str(), "free"))
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn keys_kept_in_the_row_and_on_the_heap_compare_their_whole_text() {
     // Around the longest key kept in a table row: each one finds its own
     // tier, and neither its prefix nor a longer key does.
+    use super::keys::INLINE_KEY;
     let keys: Vec<String> = [1, INLINE_KEY - 1, INLINE_KEY, INLINE_KEY + 1, 256]
         .iter()
         .map(|&n| "k".repeat(n - 1) + "x")
         .collect();
-    let mut b = base();
-    for k in &keys {
-        b = b.key(k.as_str(), "free");
-    }
-    let p = b.build().unwrap();
+    let p = listing(&keys);
     let free = p.tier("free");
     for k in &keys {
         assert_eq!(p.key_tier(k, KeyId::of(k)), free, "{} bytes", k.len());
@@ -156,4 +161,24 @@ fn keys_kept_in_the_row_and_on_the_heap_compare_their_whole_text() {
     let mut want: Vec<&str> = keys.iter().map(String::as_str).collect();
     want.sort_unstable();
     assert_eq!(listed, want);
+}
+
+#[test]
+fn a_full_key_table_finds_every_key_and_no_other() {
+    // Many keys, so that probe runs wrap around the table's end.
+    let keys: Vec<String> = (0..2_000).map(|i| format!("key-{i:05}")).collect();
+    let p = listing(&keys);
+    let free = p.tier("free");
+    for k in &keys {
+        assert_eq!(p.key_tier(k, KeyId::of(k)), free);
+    }
+    for i in 2_000..4_000 {
+        let k = format!("key-{i:05}");
+        assert_eq!(p.key_tier(&k, KeyId::of(&k)), None);
+    }
+    assert_eq!(p.listed_keys().count(), keys.len());
+    // No key listed at all: nothing is found.
+    let empty = base().build().unwrap();
+    assert_eq!(empty.key_tier("key-00000", KeyId::of("key-00000")), None);
+    assert_eq!(empty.listed_keys().count(), 0);
 }

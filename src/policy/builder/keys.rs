@@ -1,16 +1,17 @@
 //! The `[keys]` section: each key's tier and account, compared by full
 //! text, never shown in an error.
 
-use hashbrown::HashTable;
+use std::collections::HashSet;
 
 use super::names::{Names, join};
 use super::{KeyEntry, Located, PolicyBuilder, PolicyError};
 use crate::key::{KeyId, hash_str};
-use crate::policy::{KeyRow, KeyText};
+use crate::policy::keys::{KeyRow, KeyTable};
 
 impl PolicyBuilder {
-    pub(super) fn build_keys(&self, names: &Names) -> Result<HashTable<KeyRow>, PolicyError> {
-        let mut keys: HashTable<KeyRow> = HashTable::with_capacity(self.keys.len());
+    pub(super) fn build_keys(&self, names: &Names) -> Result<KeyTable, PolicyError> {
+        let mut rows: Vec<KeyRow> = Vec::with_capacity(self.keys.len());
+        let mut seen: HashSet<&str> = HashSet::with_capacity(self.keys.len());
         for Located {
             value: KeyEntry { key, tier, account },
             line,
@@ -38,21 +39,12 @@ impl PolicyBuilder {
                     Some(KeyId::of_account(a))
                 }
             };
-            let h = hash_str(key);
-            if keys.find(h, |row| row.key.is(key)).is_some() {
+            if !seen.insert(key.as_str()) {
                 return Err(PolicyError::new(&entry, *line, "this key is listed twice"));
             }
-            keys.insert_unique(
-                h,
-                KeyRow {
-                    key: KeyText::new(key),
-                    tier: t,
-                    account,
-                },
-                |row| hash_str(row.key.as_str()),
-            );
+            rows.push(KeyRow::new(key, t, account));
         }
-        Ok(keys)
+        Ok(KeyTable::new(rows, hash_str))
     }
 }
 
