@@ -100,7 +100,7 @@ async fn draft_fields_when_the_layer_writes_them() {
 }
 
 #[tokio::test]
-async fn with_the_layers_headers_off_an_admission_describes_nothing() {
+async fn with_the_layers_headers_off_statuses_still_describe_the_limit() {
     let clock = FakeRelativeClock::default();
     let layer = RateLimitLayer::builder(Policy::from_toml_str(POLICY).unwrap())
         .backend(MemoryBackend::builder().clock(clock.clone()).build())
@@ -110,10 +110,20 @@ async fn with_the_layers_headers_off_an_admission_describes_nothing() {
     let mut c = client(s.addr).await;
     let write = [("api_key", "free-key"), ("category", "write")];
     let r = ask1(&mut c, &write).await;
+    assert_eq!(r.overall_code, OK);
+    // The status is Envoy's own report: the limit, what is left of it and
+    // when it is whole again, whichever fields the layer writes.
+    let limit = r.statuses[0].current_limit.clone().expect("the limit");
     assert_eq!(
-        (r.overall_code, r.statuses[0].current_limit.clone()),
-        (OK, None)
+        (limit.name.as_str(), limit.requests_per_unit),
+        ("free.write", 1)
     );
+    assert_eq!(r.statuses[0].limit_remaining, 0);
+    assert_eq!(
+        r.statuses[0].duration_until_reset.map(|d| d.seconds),
+        Some(60)
+    );
+    // No header field is added: the layer writes none.
     assert!(r.response_headers_to_add.is_empty());
     // A refusal still says which limit, and when to retry.
     let r = ask1(&mut c, &write).await;

@@ -119,7 +119,7 @@ impl<'a> Outcome<'a> {
             Ok(d) if d.allowed => {
                 #[cfg(feature = "metrics")]
                 counters.allowed.increment(1);
-                if meter.is_none() && lease.is_none() && !self.options.need_time() {
+                if meter.is_none() && lease.is_none() && !self.options.need_plan() {
                     // No header to write, no meter or lease to hold.
                     return Resolved::Pass;
                 }

@@ -122,8 +122,12 @@ impl<B: Backend> RateLimitServer<B> {
     /// The rate limit service of `layer`'s engine: a request through
     /// either is counted once, in the same place.
     pub fn new<E>(layer: &RateLimitLayer<E, B>) -> Self {
+        let mut shared = layer.shared().with_extractor(Descriptors::default());
+        // Every descriptor's status describes its limit, whichever header
+        // fields the layer writes.
+        shared.headers.describe = true;
         RateLimitServer {
-            shared: Arc::new(layer.shared().with_extractor(Descriptors::default())),
+            shared: Arc::new(shared),
         }
     }
 
@@ -263,8 +267,8 @@ fn cost_of(d: &RateLimitDescriptor, request: u32) -> u32 {
 /// released at once.
 fn resolved(r: Resolved) -> Verdict {
     match r {
-        // Allowed with no header to write (the layer's headers are off):
-        // nothing to describe.
+        // Never for the service's own checks (they always describe their
+        // decision): nothing to describe.
         Resolved::Pass => Verdict::Unlimited,
         Resolved::Allow(admitted) => {
             if let Some(meter) = &admitted.meter {

@@ -35,6 +35,10 @@ static X_CONCURRENCY_REMAINING: HeaderName = HeaderName::from_static("x-concurre
 pub struct HeaderOptions {
     pub(crate) x_ratelimit: bool,
     pub(crate) ietf_draft: bool,
+    /// Whether every admitted request's decision is described (a header
+    /// plan made) even when no field is written: Envoy's rate limit
+    /// service reports each descriptor's limit whatever the fields.
+    pub(crate) describe: bool,
 }
 
 impl Default for HeaderOptions {
@@ -42,6 +46,7 @@ impl Default for HeaderOptions {
         HeaderOptions {
             x_ratelimit: true,
             ietf_draft: false,
+            describe: false,
         }
     }
 }
@@ -379,6 +384,13 @@ impl HeaderOptions {
     #[inline]
     pub(crate) fn need_time(self) -> bool {
         self.x_ratelimit || self.ietf_draft
+    }
+
+    /// Whether an admitted request needs a header plan (fields to write,
+    /// or a decision to describe).
+    #[inline]
+    pub(crate) fn need_plan(self) -> bool {
+        self.need_time() || self.describe
     }
 }
 
