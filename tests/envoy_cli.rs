@@ -98,6 +98,25 @@ async fn rls_answers_checks_health_and_the_admin_api_on_one_port() {
         .await
         .unwrap();
     assert_eq!(res.status(), 401, "no token, no admin API");
+    // The engine's metrics, as Prometheus text, on the same port.
+    let text = common::client()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let allowed = text
+        .lines()
+        .find(|l| {
+            l.starts_with("tierlimit_requests_total{")
+                && l.contains("tier=\"pro\"")
+                && l.contains("category=\"read\"")
+                && l.contains("outcome=\"allowed\"")
+        })
+        .unwrap_or_else(|| panic!("no allowed pro reads counted in:\n{text}"));
+    assert!(allowed.ends_with(" 2"), "{allowed}");
 }
 
 fn fails(args: &[&str]) -> (i32, String) {

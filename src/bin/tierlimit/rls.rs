@@ -1,6 +1,7 @@
 //! `tierlimit rls`: Envoy's rate limit service on a policy file (feature
-//! `envoy`), with the gRPC health service, the admin API (`ADMIN_TOKEN`)
-//! at `/admin/v1` on the same port, and the policy file followed.
+//! `envoy`), with the gRPC health service, Prometheus metrics at
+//! `/metrics` and the admin API (`ADMIN_TOKEN`) at `/admin/v1` on the same
+//! port, and the policy file followed.
 
 use std::net::SocketAddr;
 
@@ -65,10 +66,16 @@ pub(crate) fn run(options: Options) -> Result<(), Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(start(options))
+    // The engine's metrics (checks, refusals, shadow-mode passes, backend
+    // state), as Prometheus text at /metrics: installed before the layer
+    // is built, which registers them.
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    runtime.block_on(start(options, metrics))
 }
 
-async fn start(o: Options) -> Result<(), Box<dyn std::error::Error>> {
+type Metrics = metrics_exporter_prometheus::PrometheusHandle;
+
+async fn start(o: Options, metrics: Metrics) -> Result<(), Box<dyn std::error::Error>> {
     // Instances (and the layer in your services) must hash keys alike:
     // the secret comes from TIERLIMIT_KEY_SECRET, read when keys are
     // first hashed; without it, on Redis, the demo's (not for production).
@@ -87,7 +94,7 @@ async fn start(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             .build();
         // Operator changes reach every instance on this Redis.
         layer.share_operator_state(&backend).await?;
-        return serve(layer, &o, &format!("redis {url}")).await;
+        return serve(layer, &o, &format!("redis {url}"), metrics).await;
     }
     let policy = load(&o.policy)?;
     let mut memory = tierlimit::MemoryBackend::builder();
@@ -103,6 +110,7 @@ async fn start(o: Options) -> Result<(), Box<dyn std::error::Error>> {
             .build(),
         &o,
         "memory",
+        metrics,
     )
     .await
 }
@@ -115,6 +123,7 @@ async fn serve<B: Backend>(
     layer: RateLimitLayer<tierlimit::ApiKey, B>,
     o: &Options,
     backend: &str,
+    metrics: Metrics,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let _watching = match layer.policy_handle().watch(&o.policy) {
         Ok(w) => Some(w),
@@ -126,21 +135,25 @@ async fn serve<B: Backend>(
     let rls = RateLimitServer::new(&layer);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<RlsService<B>>().await;
-    let mut routes = tonic::service::Routes::new(rls.into_service()).add_service(health);
+    let mut router = tonic::service::Routes::new(rls.into_service())
+        .add_service(health)
+        .into_axum_router()
+        .route(
+            "/metrics",
+            axum::routing::get(move || std::future::ready(metrics.render())),
+        );
     // With ADMIN_TOKEN set, the admin API is at /admin/v1 (HTTP/1.1 or 2);
     // without it, those routes do not exist.
     let admin = std::env::var("ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
     if let Some(token) = &admin {
-        let router = routes
-            .into_axum_router()
-            .nest_service("/admin/v1", layer.admin_service().token("admin", token));
-        routes = tonic::service::Routes::from(router);
+        router = router.nest_service("/admin/v1", layer.admin_service().token("admin", token));
     }
+    let routes = tonic::service::Routes::from(router);
     let listener = tokio::net::TcpListener::bind(o.listen).await?;
     let addr = listener.local_addr()?;
     // One line on stdout, for scripts: where it listens.
     println!(
-        "tierlimit rls on {addr} (policy {}, limits in {backend}{})",
+        "tierlimit rls on {addr} (policy {}, limits in {backend}, metrics at /metrics{})",
         o.policy,
         if admin.is_some() {
             ", admin API at /admin/v1"
