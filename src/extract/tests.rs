@@ -136,3 +136,49 @@ fn trusted_networks_are_ipnet_values() {
     assert!(lb.is_trusted("::1".parse().unwrap()));
     assert!(!lb.is_trusted("::2".parse().unwrap()));
 }
+
+#[test]
+fn the_key_is_read_alike_from_small_and_large_header_maps() {
+    // Small maps are scanned once, large ones looked up: the same answers
+    // either way, wherever the key stands among the other fields.
+    let p = policy();
+    let x = ApiKey::new();
+    let filler: Vec<String> = (0..40).map(|i| format!("x-filler-{i}")).collect();
+    for others in [0, 3, 15, 16, 17, 40] {
+        for at in [0, others / 2, others] {
+            let build = |fields: &[(&str, &[u8])]| {
+                let mut all: Vec<(&str, &[u8])> = filler[..others]
+                    .iter()
+                    .map(|f| (f.as_str(), &b"v"[..]))
+                    .collect();
+                for (i, f) in fields.iter().enumerate() {
+                    all.insert((at + i).min(all.len()), *f);
+                }
+                req(&all)
+            };
+            let read = |r: &Request<()>| x.extract(&RequestRef::new(r), &p);
+            let id = read(&build(&[("x-api-key", b"k-free")])).unwrap();
+            assert_eq!(id.tier(), p.tier("free"), "{others} others, at {at}");
+            let id = read(&build(&[("authorization", b"Bearer k-free")])).unwrap();
+            assert_eq!(id.tier(), p.tier("free"), "{others} others, at {at}");
+            for two in [
+                &[("x-api-key", &b"k-free"[..]), ("x-api-key", b"k-free")][..],
+                &[
+                    ("x-api-key", b"k-free"),
+                    ("authorization", b"Bearer k-free"),
+                ],
+                &[
+                    ("authorization", b"Bearer k-free"),
+                    ("x-api-key", b"k-free"),
+                ],
+            ] {
+                assert_eq!(
+                    read(&build(two)).unwrap_err(),
+                    Rejection::MalformedKey("more than one API key was sent"),
+                    "{others} others, at {at}"
+                );
+            }
+            assert_eq!(read(&build(&[])).unwrap_err(), Rejection::MissingKey);
+        }
+    }
+}
