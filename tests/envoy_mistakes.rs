@@ -275,3 +275,30 @@ async fn bytes_that_are_not_utf8_are_a_mistake_not_a_grpc_error() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
 }
+
+#[tokio::test]
+async fn a_listed_key_of_the_longest_length_is_read_from_a_bearer_entry() {
+    // An `Authorization` header copied as it is: `Bearer ` and the key.
+    // The key's length is the limit's, not the entry's.
+    let long = "k".repeat(256);
+    let policy = format!("{POLICY}\"{long}\" = \"pro\"\n");
+    let clock = FakeRelativeClock::default();
+    let s = serve(RateLimitServer::new(&layer(&policy, &clock))).await;
+    let mut c = client(s.addr).await;
+    for value in [long.clone(), format!("Bearer {long}"), format!("bearer  {long} ")] {
+        let r = ask1(&mut c, &[("api_key", &value), ("category", "read")]).await;
+        assert_eq!(r.overall_code, OK, "{} bytes", value.len());
+        assert_eq!(why(&r, 0), "pro.read");
+    }
+    // A key over 256 bytes is still malformed, however it is sent.
+    let over = "k".repeat(257);
+    for value in [over.clone(), format!("Bearer {over}")] {
+        let r = ask1(&mut c, &[("api_key", &value), ("category", "read")]).await;
+        assert_eq!(
+            (r.overall_code, why(&r, 0)),
+            (OVER, "malformed-api-key"),
+            "{} bytes",
+            value.len()
+        );
+    }
+}

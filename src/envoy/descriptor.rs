@@ -14,6 +14,10 @@ use crate::policy::{CategoryId, DescriptorKeys, Policy, Target, TierId};
 
 /// The longest account name, tier name, category name or method read.
 const MAX_NAME: usize = 256;
+/// The longest `api_key` entry read: a key of the longest length the
+/// layer reads, after `Bearer ` and some spaces (`Authorization` copied as
+/// it is). The layer's own rules then judge the key itself.
+const MAX_KEY_ENTRY: usize = DEFAULT_MAX_KEY_LEN + 64;
 /// The longest path classified (Envoy's `:path`, query included).
 const MAX_PATH: usize = 8192;
 
@@ -125,11 +129,13 @@ impl<'a> Read<'a> {
         }
         let mut req = Request::new(());
         if let Some(key) = self.api_key {
-            // The layer's own key rules apply (length, printable ASCII);
-            // a value no header could carry is malformed already.
+            // The layer's own key rules apply to the key (its length once
+            // `Bearer ` and spaces are taken off, printable ASCII); a value
+            // no header could carry is malformed already, and so is one
+            // longer than any key and its prefix could be.
             let value = HeaderValue::from_str(key)
                 .ok()
-                .filter(|_| key.len() <= DEFAULT_MAX_KEY_LEN)
+                .filter(|_| key.len() <= MAX_KEY_ENTRY)
                 .ok_or_else(|| {
                     Mistake::rejected(Rejection::MalformedKey(
                         "the API key must be printable ASCII without spaces, at most 256 bytes",
