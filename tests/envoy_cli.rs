@@ -166,3 +166,32 @@ fn bad_options_and_bad_policies_are_refused_in_words() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn an_over_limit_answer_is_sent_at_once() {
+    // Envoy waits for the answer (50 ms in the example configuration): an
+    // answer held back by Nagle's algorithm until the client's delayed ACK
+    // (40 ms on Linux) would come close to that timeout on every refusal.
+    let (_rls, addr) = tokio::task::spawn_blocking(|| start(DEMO, ""))
+        .await
+        .unwrap();
+    let mut c = client(addr).await;
+    let training = [("api_key", "free-demo-key"), ("category", "training")];
+    for _ in 0..5 {
+        assert_eq!(ask1(&mut c, &training).await.overall_code, OK);
+    }
+    let mut took = Vec::new();
+    for _ in 0..9 {
+        let started = std::time::Instant::now();
+        let r = ask1(&mut c, &training).await;
+        took.push(started.elapsed());
+        assert_eq!(r.overall_code, common::envoy::OVER);
+        assert!(!r.raw_body.is_empty());
+    }
+    took.sort();
+    assert!(
+        took[4] < Duration::from_millis(25),
+        "the median refusal took {:?} ({took:?})",
+        took[4]
+    );
+}

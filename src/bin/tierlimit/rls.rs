@@ -161,10 +161,14 @@ async fn serve<B: Backend>(
             ""
         }
     );
+    // Answers go out at once (TCP_NODELAY, as tonic's `serve` sets it; an
+    // incoming stream made here must say so): Nagle's algorithm would hold
+    // a refusal's last frames until the client's delayed ACK, some 40 ms.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .accept_http1(true)
         .add_routes(routes)
-        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+        .serve_with_incoming(incoming)
         .await?;
     Ok(())
 }
