@@ -285,7 +285,11 @@ async fn a_listed_key_of_the_longest_length_is_read_from_a_bearer_entry() {
     let clock = FakeRelativeClock::default();
     let s = serve(RateLimitServer::new(&layer(&policy, &clock))).await;
     let mut c = client(s.addr).await;
-    for value in [long.clone(), format!("Bearer {long}"), format!("bearer  {long} ")] {
+    for value in [
+        long.clone(),
+        format!("Bearer {long}"),
+        format!("bearer  {long} "),
+    ] {
         let r = ask1(&mut c, &[("api_key", &value), ("category", "read")]).await;
         assert_eq!(r.overall_code, OK, "{} bytes", value.len());
         assert_eq!(why(&r, 0), "pro.read");
