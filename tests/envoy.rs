@@ -377,6 +377,9 @@ async fn the_example_configuration_is_answered() {
         keys.remote_address, "remote_address",
         "what `remote_address: {{}}` sends"
     );
+    // The client's address is its connection's, never a header it wrote
+    // (Envoy reads X-Forwarded-For for it otherwise).
+    assert!(yaml.contains("use_remote_address: true"));
     let clock = FakeRelativeClock::default();
     let layer = RateLimitLayer::builder(policy)
         .backend(MemoryBackend::builder().clock(clock.clone()).build())
