@@ -195,3 +195,47 @@ async fn an_over_limit_answer_is_sent_at_once() {
         took[4]
     );
 }
+
+#[tokio::test]
+async fn without_admin_token_the_admin_api_is_not_found() {
+    // An operator's write to an admin API this instance does not serve must
+    // not look like it took effect.
+    let (_rls, addr) = tokio::task::spawn_blocking(|| start(DEMO, ""))
+        .await
+        .unwrap();
+    let now = common::unix_now();
+    let res = common::client()
+        .post(format!("http://{addr}/admin/v1/boosts"))
+        .bearer_auth("admin-secret")
+        .json(
+            &serde_json::json!({ "tier": "pro", "category": "read", "adjust": "x2",
+                                    "start": now - 1, "end": now + 3600 }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    let res = common::client()
+        .get(format!("http://{addr}/nowhere"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    // gRPC callers of a service not served still hear UNIMPLEMENTED.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary::<_, (), _>(
+            tonic::Request::new(()),
+            http::uri::PathAndQuery::from_static("/no.Such/Method"),
+            tonic_prost::ProstCodec::<(), ()>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+}

@@ -153,7 +153,10 @@ async fn serve<B: Backend>(
     if let Some(token) = &admin {
         router = router.nest_service("/admin/v1", layer.admin_service().token("admin", token));
     }
-    let routes = tonic::service::Routes::from(router);
+    // A path served by nothing: gRPC's UNIMPLEMENTED for gRPC calls, a 404
+    // for anything else (an operator's write to an admin API this instance
+    // does not serve must not look like it took effect).
+    let routes = tonic::service::Routes::from(router.fallback(not_found));
     let listener = tokio::net::TcpListener::bind(o.listen).await?;
     let addr = listener.local_addr()?;
     // One line on stdout, for scripts: where it listens.
@@ -176,4 +179,24 @@ async fn serve<B: Backend>(
         .serve_with_incoming(incoming)
         .await?;
     Ok(())
+}
+
+/// What a request no route serves is answered.
+async fn not_found(req: http::Request<axum::body::Body>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        let status = tonic::Status::unimplemented("no such service or method");
+        return status.into_http::<axum::body::Body>().into_response();
+    }
+    let body = r#"{"type":"about:blank","title":"Not Found","status":404,"detail":"nothing is served at this path (the admin API is at /admin/v1 when ADMIN_TOKEN is set)"}"#;
+    (
+        http::StatusCode::NOT_FOUND,
+        [(http::header::CONTENT_TYPE, "application/problem+json")],
+        body,
+    )
+        .into_response()
 }
