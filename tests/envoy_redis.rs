@@ -123,3 +123,86 @@ async fn a_redis_gone_mid_flight_is_answered_by_the_failure_policy() {
     }
     assert_eq!(codes, [OK, OK, OK, OK, OVER]);
 }
+
+/// A check of the example's free reads: its code, and how long it took.
+async fn timed_check(
+    c: &mut envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient<tonic::transport::Channel>,
+) -> (i32, Duration) {
+    let read = [("api_key", "free-demo-key"), ("category", "read")];
+    let mut r = common::envoy::request(vec![common::envoy::descriptor(&read)]);
+    r.domain = "tierlimit".into();
+    let started = std::time::Instant::now();
+    let r = common::envoy::ask(c, r).await;
+    (r.overall_code, started.elapsed())
+}
+
+/// The rate limit filter's `timeout` in the example Envoy configuration.
+fn example_filter_timeout() -> Duration {
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/envoy/envoy.yaml"
+    ))
+    .unwrap();
+    let filter = yaml.find("filters.http.ratelimit.v3.RateLimit").unwrap();
+    let secs = yaml[filter..]
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("timeout: "))
+        .and_then(|t| t.strip_suffix('s'))
+        .and_then(|t| t.parse::<f64>().ok())
+        .expect("the filter's timeout");
+    Duration::from_secs_f64(secs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_is_answered_within_the_example_envoys_timeout() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    if !ready() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/envoy/policy.toml");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tierlimit"))
+        .args(["rls", "--policy", policy, "--listen", "127.0.0.1:0"])
+        .args(["--redis", &redis.url()])
+        .env("TIERLIMIT_KEY_SECRET", "a-test-secret")
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _rls = Kill(child);
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let addr = line
+        .strip_prefix("tierlimit rls on ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let mut c = client(addr.parse().unwrap()).await;
+    assert_eq!(timed_check(&mut c).await.0, OK, "Redis up");
+    // Redis stalls: the answer is the failure policy's (Fallback: in
+    // memory), and it must reach Envoy before Envoy gives up on it (with
+    // `failure_mode_deny`, a late answer is a refusal).
+    redis.stop_process();
+    let (code, took) = timed_check(&mut c).await;
+    redis.resume();
+    let timeout = example_filter_timeout();
+    assert_eq!(code, OK);
+    assert!(
+        took < timeout,
+        "answered in {took:?}; Envoy waits {timeout:?}"
+    );
+}
