@@ -239,3 +239,31 @@ async fn without_admin_token_the_admin_api_is_not_found() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
 }
+
+#[tokio::test]
+async fn sigterm_stops_rls_cleanly() {
+    // Kubernetes stops a pod with SIGTERM: the command stops accepting,
+    // answers what is in flight, and exits with status 0.
+    let (mut rls, addr) = tokio::task::spawn_blocking(|| start(DEMO, ""))
+        .await
+        .unwrap();
+    let mut c = client(addr).await;
+    let read = [("api_key", "pro-demo-key"), ("category", "read")];
+    assert_eq!(ask1(&mut c, &read).await.overall_code, OK);
+    let pid = rls.0.id().to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(sent.success());
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = rls.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "still running");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status}");
+}

@@ -75,7 +75,11 @@ pub(crate) fn run(options: Options) -> Result<(), Box<dyn std::error::Error>> {
     // state), as Prometheus text at /metrics: installed before the layer
     // is built, which registers them.
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
-    runtime.block_on(start(options, metrics))
+    let result = runtime.block_on(start(options, metrics));
+    // Stopped: whatever still runs in the background (the policy file's
+    // watcher, the Redis I/O) ends with the process.
+    runtime.shutdown_background();
+    result
 }
 
 type Metrics = metrics_exporter_prometheus::PrometheusHandle;
@@ -173,12 +177,46 @@ async fn serve<B: Backend>(
     // incoming stream made here must say so): Nagle's algorithm would hold
     // a refusal's last frames until the client's delayed ACK, some 40 ms.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // SIGTERM (how Kubernetes stops a pod) or Ctrl-C: the health service
+    // says NOT_SERVING, no connection is accepted any more, the calls in
+    // flight are answered, and the command exits with status 0.
+    let stopping = async move {
+        stop_signal().await;
+        tracing::info!("stopping: answering the calls in flight");
+        reporter.set_not_serving::<RlsService<B>>().await;
+    };
     tonic::transport::Server::builder()
         .accept_http1(true)
         .add_routes(routes)
-        .serve_with_incoming(incoming)
+        .serve_with_incoming_shutdown(incoming, stopping)
         .await?;
     Ok(())
+}
+
+/// Resolves at the first SIGTERM or SIGINT (Ctrl-C).
+async fn stop_signal() {
+    use std::future::Future;
+    use std::task::Poll;
+    let mut interrupt = std::pin::pin!(tokio::signal::ctrl_c());
+    #[cfg(unix)]
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    // A signal that cannot be listened to never comes.
+    let mut interrupt_gone = false;
+    std::future::poll_fn(|cx| {
+        if !interrupt_gone && let Poll::Ready(heard) = interrupt.as_mut().poll(cx) {
+            if heard.is_ok() {
+                return Poll::Ready(());
+            }
+            interrupt_gone = true;
+        }
+        #[cfg(unix)]
+        if let Some(Poll::Ready(_)) = terminate.as_mut().map(|t| t.poll_recv(cx)) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    })
+    .await;
 }
 
 /// What a request no route serves is answered.
