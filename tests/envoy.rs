@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::envoy::{
-    NOW, OK, OVER, POLICY, ask, ask1, client, descriptor, header, layer, request, reset_secs,
+    NOW, OK, OVER, POLICY, ask, ask1, client, descriptor, header, layer, request, reset_secs, rls,
     serve, why,
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
@@ -20,9 +20,7 @@ use tierlimit::{MemoryBackend, Policy, RateLimitLayer};
 
 #[tokio::test]
 async fn n_allowed_then_over_limit_with_exact_remaining_and_reset() {
-    let clock = FakeRelativeClock::default();
-    let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;
-    let mut c = client(s.addr).await;
+    let (clock, _s, mut c) = rls(POLICY).await;
     let free_read = [("api_key", "free-key"), ("category", "read")];
     // 3 a minute: 3 at once, then one every 20 s.
     for (remaining, reset) in [(2, 20), (1, 40), (0, 60)] {
@@ -55,9 +53,7 @@ async fn n_allowed_then_over_limit_with_exact_remaining_and_reset() {
 
 #[tokio::test]
 async fn headers_to_add_are_the_layers() {
-    let clock = FakeRelativeClock::default();
-    let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;
-    let mut c = client(s.addr).await;
+    let (_clock, _s, mut c) = rls(POLICY).await;
     let free_write = [("api_key", "free-key"), ("category", "write")];
     let r = ask1(&mut c, &free_write).await;
     assert_eq!(header(&r, "x-ratelimit-limit"), Some("1"));
@@ -134,9 +130,7 @@ async fn with_the_layers_headers_off_statuses_still_describe_the_limit() {
 
 #[tokio::test]
 async fn several_descriptors_the_binding_one_decides() {
-    let clock = FakeRelativeClock::default();
-    let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;
-    let mut c = client(s.addr).await;
+    let (_clock, _s, mut c) = rls(POLICY).await;
     let both = || {
         request(vec![
             descriptor(&[("api_key", "free-key"), ("category", "read")]),
@@ -165,9 +159,7 @@ async fn several_descriptors_the_binding_one_decides() {
 
 #[tokio::test]
 async fn hits_addend_is_the_cost() {
-    let clock = FakeRelativeClock::default();
-    let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;
-    let mut c = client(s.addr).await;
+    let (_clock, _s, mut c) = rls(POLICY).await;
     let read = descriptor(&[("api_key", "pro-key"), ("category", "read")]);
     // The request's hits_addend: 5 units of 100.
     let mut r = request(vec![read.clone()]);
@@ -212,19 +204,10 @@ async fn hits_addend_is_the_cost() {
 
 #[tokio::test]
 async fn routes_classify_method_and_path() {
-    let clock = FakeRelativeClock::default();
-    let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;
-    let mut c = client(s.addr).await;
+    let (_clock, _s, mut c) = rls(POLICY).await;
     // GET of an unrouted path: the default read category.
-    let r = ask1(
-        &mut c,
-        &[
-            ("api_key", "free-key"),
-            ("method", "GET"),
-            ("path", "/v1/x"),
-        ],
-    )
-    .await;
+    let get = [("api_key", "free-key"), ("method", "GET")];
+    let r = ask1(&mut c, &[get[0], get[1], ("path", "/v1/x")]).await;
     assert_eq!(why(&r, 0), "free.read");
     // An exempt route: OK, no limit, no headers.
     let r = ask1(&mut c, &[("method", "GET"), ("path", "/healthz")]).await;
@@ -260,9 +243,7 @@ async fn unknown_keys_take_the_unknown_key_tier_when_there_is_one() {
 
 #[tokio::test]
 async fn a_tier_and_an_account_given_directly() {
-    let clock = FakeRelativeClock::default();
-    let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;
-    let mut c = client(s.addr).await;
+    let (_clock, _s, mut c) = rls(POLICY).await;
     let acme = [("tier", "free"), ("account", "acme"), ("category", "write")];
     let r = ask1(&mut c, &acme).await;
     assert_eq!((r.overall_code, why(&r, 0)), (OK, "free.write"));
@@ -274,15 +255,8 @@ async fn a_tier_and_an_account_given_directly() {
     ];
     assert_eq!(ask1(&mut c, &other).await.overall_code, OK);
     // A key Envoy vouches for with a tier: the tier it names.
-    let r = ask1(
-        &mut c,
-        &[
-            ("api_key", "stranger"),
-            ("tier", "pro"),
-            ("category", "write"),
-        ],
-    )
-    .await;
+    let vouched = [("api_key", "stranger"), ("tier", "pro")];
+    let r = ask1(&mut c, &[vouched[0], vouched[1], ("category", "write")]).await;
     assert_eq!(
         (r.overall_code, why(&r, 0)),
         (OK, "pro.write.30s: 10 per 30 s")

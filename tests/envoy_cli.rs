@@ -6,48 +6,39 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::envoy::{OK, ask1, client};
+use common::envoy::{OK, RlsProcess, ask1, client, spawn_rls};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policy.toml");
 
-/// The command, killed when dropped.
-struct Rls(Child);
-
-impl Drop for Rls {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// An admin API request for a boost doubling pro's reads for an hour.
+async fn boost_pro_reads(addr: std::net::SocketAddr) -> reqwest::Response {
+    let now = common::unix_now();
+    common::client()
+        .post(format!("http://{addr}/admin/v1/boosts"))
+        .bearer_auth("admin-secret")
+        .json(
+            &serde_json::json!({ "tier": "pro", "category": "read", "adjust": "x2",
+                                    "start": now - 1, "end": now + 3600 }),
+        )
+        .send()
+        .await
+        .unwrap()
 }
 
 /// Starts `tierlimit rls` on 127.0.0.1:0 and reads where it listens.
-fn start(policy: &str, admin_token: &str) -> (Rls, std::net::SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tierlimit"))
+fn start(policy: &str, admin_token: &str) -> (RlsProcess, std::net::SocketAddr) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tierlimit"));
+    command
         .args(["rls", "--policy", policy, "--listen", "127.0.0.1:0"])
         .env("ADMIN_TOKEN", admin_token)
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let rls = Rls(child);
-    // "tierlimit rls on 127.0.0.1:PORT (…)"
-    let addr = line
-        .strip_prefix("tierlimit rls on ")
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
-    (rls, addr)
+        .stderr(Stdio::null());
+    spawn_rls(command)
 }
 
 #[tokio::test]
@@ -77,17 +68,7 @@ async fn rls_answers_checks_health_and_the_admin_api_on_one_port() {
     assert_eq!(health.status, 1, "SERVING");
     // The admin API, over HTTP/1.1 on the same port: a boost for pro's
     // reads doubles them for the next check.
-    let now = common::unix_now();
-    let res = common::client()
-        .post(format!("http://{addr}/admin/v1/boosts"))
-        .bearer_auth("admin-secret")
-        .json(
-            &serde_json::json!({ "tier": "pro", "category": "read", "adjust": "x2",
-                                    "start": now - 1, "end": now + 3600 }),
-        )
-        .send()
-        .await
-        .unwrap();
+    let res = boost_pro_reads(addr).await;
     assert!(res.status().is_success(), "{}", res.status());
     let r = ask1(&mut c, &read).await;
     let limit = r.statuses[0].current_limit.as_ref().unwrap();
@@ -203,17 +184,7 @@ async fn without_admin_token_the_admin_api_is_not_found() {
     let (_rls, addr) = tokio::task::spawn_blocking(|| start(DEMO, ""))
         .await
         .unwrap();
-    let now = common::unix_now();
-    let res = common::client()
-        .post(format!("http://{addr}/admin/v1/boosts"))
-        .bearer_auth("admin-secret")
-        .json(
-            &serde_json::json!({ "tier": "pro", "category": "read", "adjust": "x2",
-                                    "start": now - 1, "end": now + 3600 }),
-        )
-        .send()
-        .await
-        .unwrap();
+    let res = boost_pro_reads(addr).await;
     assert_eq!(res.status(), 404);
     let res = common::client()
         .get(format!("http://{addr}/nowhere"))

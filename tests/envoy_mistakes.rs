@@ -6,16 +6,16 @@
 
 mod common;
 
-use common::envoy::{OK, OVER, POLICY, ask, ask1, client, descriptor, layer, request, serve, why};
+use common::envoy::{
+    OK, OVER, POLICY, ask, ask1, client, descriptor, layer, request, rls, serve, why,
+};
 use governor::clock::FakeRelativeClock;
 use tierlimit::Policy;
 use tierlimit::envoy::RateLimitServer;
 
 #[tokio::test]
 async fn unknown_and_missing_are_answered_as_documented() {
-    let clock = FakeRelativeClock::default();
-    let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;
-    let mut c = client(s.addr).await;
+    let (_clock, _s, mut c) = rls(POLICY).await;
     let cases: &[(&[(&str, &str)], &str)] = &[
         (
             &[("api_key", "nobody"), ("category", "read")],
@@ -282,9 +282,7 @@ async fn a_listed_key_of_the_longest_length_is_read_from_a_bearer_entry() {
     // The key's length is the limit's, not the entry's.
     let long = "k".repeat(256);
     let policy = format!("{POLICY}\"{long}\" = \"pro\"\n");
-    let clock = FakeRelativeClock::default();
-    let s = serve(RateLimitServer::new(&layer(&policy, &clock))).await;
-    let mut c = client(s.addr).await;
+    let (_clock, _s, mut c) = rls(&policy).await;
     for value in [
         long.clone(),
         format!("Bearer {long}"),

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::envoy::{OK, OVER, ask1, client, header, serve, why};
+use common::envoy::{OK, OVER, ask1, client, header, serve, spawn_rls, why};
 use common::redis::{RedisServer, fake_clock_backend, ready};
 use governor::clock::FakeRelativeClock;
 use tierlimit::backend::FailurePolicy;
@@ -155,43 +155,23 @@ fn example_filter_timeout() -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_redis_is_answered_within_the_example_envoys_timeout() {
-    use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     if !ready() {
         return;
     }
     let redis = RedisServer::start();
     let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/envoy/policy.toml");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tierlimit"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tierlimit"));
+    command
         .args(["rls", "--policy", policy, "--listen", "127.0.0.1:0"])
         .args(["--redis", &redis.url()])
         .env("TIERLIMIT_KEY_SECRET", "a-test-secret")
         .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
+        .stderr(Stdio::null());
+    let (_rls, addr) = tokio::task::spawn_blocking(move || spawn_rls(command))
+        .await
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _rls = Kill(child);
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        line
-    })
-    .await
-    .unwrap();
-    let addr = line
-        .strip_prefix("tierlimit rls on ")
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
-    let mut c = client(addr.parse().unwrap()).await;
+    let mut c = client(addr).await;
     assert_eq!(timed_check(&mut c).await.0, OK, "Redis up");
     // Redis stalls: the answer is the failure policy's (Fallback: in
     // memory), and it must reach Envoy before Envoy gives up on it (with

@@ -6,22 +6,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::envoy::{OK, ask1, client};
-
-/// The command, killed when dropped.
-struct Rls(Child);
-
-impl Drop for Rls {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::envoy::{OK, ask1, client, spawn_rls};
 
 fn policy(read: u32) -> String {
     format!(
@@ -61,29 +50,17 @@ async fn a_configmap_swap_reaches_a_running_rls_and_a_bad_one_is_logged() {
     publish(&dir, "..v1", &policy(10));
     std::os::unix::fs::symlink("..data/policy.toml", dir.join("policy.toml")).unwrap();
     let log = dir.join("rls.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tierlimit"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tierlimit"));
+    command
         .args(["rls", "--policy", dir.join("policy.toml").to_str().unwrap()])
         .args(["--listen", "127.0.0.1:0"])
         .env_remove("ADMIN_TOKEN")
         .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
+        .stderr(std::fs::File::create(&log).unwrap());
+    let (_rls, addr) = tokio::task::spawn_blocking(move || spawn_rls(command))
+        .await
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let _rls = Rls(child);
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        line
-    })
-    .await
-    .unwrap();
-    let addr = line
-        .strip_prefix("tierlimit rls on ")
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
-    let mut c = client(addr.parse().unwrap()).await;
+    let mut c = client(addr).await;
     assert_eq!(limit(&mut c).await, 10);
     publish(&dir, "..v2", &policy(20));
     // The watcher's event arrives when it does: ask until it has (bounded).

@@ -17,6 +17,37 @@ use tonic::transport::Channel;
 pub const OK: i32 = Code::Ok as i32;
 pub const OVER: i32 = Code::OverLimit as i32;
 
+/// `tierlimit rls` run as a process, killed when dropped.
+pub struct RlsProcess(pub std::process::Child);
+
+impl Drop for RlsProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `command` (`tierlimit rls … --listen 127.0.0.1:0`) and reads
+/// where it listens from its first line, `tierlimit rls on ADDR (…)`.
+/// Blocks until the line comes: from async code, on a blocking thread.
+pub fn spawn_rls(mut command: std::process::Command) -> (RlsProcess, SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let rls = RlsProcess(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let addr = line
+        .strip_prefix("tierlimit rls on ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    (rls, addr)
+}
+
 /// Serves `server` on 127.0.0.1:0; aborted when dropped.
 pub async fn serve<B: tierlimit::backend::Backend>(server: RateLimitServer<B>) -> super::Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -128,6 +159,21 @@ cost = 2
 "#;
 
 pub type Layer = RateLimitLayer<ApiKey, MemoryBackend<FakeRelativeClock>>;
+
+/// The service of `policy` on a fake clock, served on loopback, and a
+/// client of it (the server stops when its handle drops).
+pub async fn rls(
+    policy: &str,
+) -> (
+    FakeRelativeClock,
+    super::Server,
+    RateLimitServiceClient<Channel>,
+) {
+    let clock = FakeRelativeClock::default();
+    let s = serve(RateLimitServer::new(&layer(policy, &clock))).await;
+    let c = client(s.addr).await;
+    (clock, s, c)
+}
 
 pub fn layer(policy: &str, clock: &FakeRelativeClock) -> Layer {
     RateLimitLayer::builder(Policy::from_toml_str(policy).unwrap())
