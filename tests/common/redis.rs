@@ -334,3 +334,31 @@ pub async fn fake_clock_cluster_backend(
         .await
         .unwrap()
 }
+
+/// A fresh single node, a fake clock and a backend reading it; keep the
+/// server bound for as long as the backend is used.
+#[cfg(feature = "test-util")]
+pub async fn single_node_on_fake_clock() -> (
+    RedisServer,
+    governor::clock::FakeRelativeClock,
+    tierlimit::RedisBackend,
+) {
+    let server = RedisServer::start();
+    let clock = governor::clock::FakeRelativeClock::default();
+    let backend = fake_clock_backend(&server, &clock).await;
+    (server, clock, backend)
+}
+
+/// A fresh cluster, a fake clock and a backend reading it; keep the
+/// cluster bound for as long as the backend is used.
+#[cfg(feature = "test-util")]
+pub async fn cluster_on_fake_clock() -> (
+    RedisCluster,
+    governor::clock::FakeRelativeClock,
+    tierlimit::RedisBackend,
+) {
+    let cluster = RedisCluster::start();
+    let clock = governor::clock::FakeRelativeClock::default();
+    let backend = fake_clock_cluster_backend(&cluster, &clock).await;
+    (cluster, clock, backend)
+}
