@@ -624,13 +624,10 @@ mod redis {
     /// A demo instance on the Redis `builder` names, sharing operator
     /// state through it.
     async fn instance_on(builder: tierlimit::backend::RedisBackendBuilder) -> common::Server {
-        let backend = builder
-            .timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .unwrap();
-        let layer = demo::limits(common::spec_policy(), backend.clone());
-        layer.share_operator_state(&backend).await.unwrap();
+        let layer = common::redis::sharing_operator_state(builder, Duration::from_secs(2), |b| {
+            demo::limits(common::spec_policy(), b)
+        })
+        .await;
         common::serve(demo::app_with_admin(layer, Some(TOKEN))).await
     }
 
@@ -909,18 +906,19 @@ mod redis {
         setup();
         let server = RedisServer::start();
         let unix = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(common::unix_now()));
-        let backend = RedisBackend::builder(server.url())
-            .timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .unwrap();
         let u = std::sync::Arc::clone(&unix);
-        let layer = tierlimit::RateLimitLayer::builder(common::spec_policy())
-            .extractor(demo::demo_extractor as demo::DemoExtractor)
-            .backend(backend.clone())
-            .unix_clock(move || u.load(std::sync::atomic::Ordering::Relaxed))
-            .build();
-        layer.share_operator_state(&backend).await.unwrap();
+        let layer = common::redis::sharing_operator_state(
+            RedisBackend::builder(server.url()),
+            Duration::from_secs(2),
+            |backend| {
+                tierlimit::RateLimitLayer::builder(common::spec_policy())
+                    .extractor(demo::demo_extractor as demo::DemoExtractor)
+                    .backend(backend)
+                    .unix_clock(move || u.load(std::sync::atomic::Ordering::Relaxed))
+                    .build()
+            },
+        )
+        .await;
         let s = common::serve(demo::app_with_admin(layer, Some(TOKEN))).await;
         let now = unix.load(std::sync::atomic::Ordering::Relaxed);
         ok(

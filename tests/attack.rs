@@ -644,13 +644,12 @@ write = "1000/hour"
     }
 
     async fn instance(url: String) -> common::Server {
-        let backend = RedisBackend::builder(url)
-            .timeout(Duration::from_millis(200))
-            .connect()
-            .await
-            .unwrap();
-        let layer = demo::limits(common::spec_policy(), backend.clone());
-        layer.share_operator_state(&backend).await.unwrap();
+        let builder = RedisBackend::builder(url);
+        let layer =
+            common::redis::sharing_operator_state(builder, Duration::from_millis(200), |b| {
+                demo::limits(common::spec_policy(), b)
+            })
+            .await;
         common::serve(demo::app_with_admin(layer, Some(TOKEN))).await
     }
 

@@ -184,13 +184,11 @@ async fn checks_run_late_by_a_frozen_redis_leave_no_lease_behind() {
 /// A demo instance on `server`, sharing operator state through it.
 async fn instance(server: &RedisServer) -> common::Server {
     common::redis::init_secret();
-    let backend = RedisBackend::builder(server.url())
-        .timeout(Duration::from_millis(200))
-        .connect()
-        .await
-        .unwrap();
-    let layer = demo::limits(common::spec_policy(), backend.clone());
-    layer.share_operator_state(&backend).await.unwrap();
+    let builder = RedisBackend::builder(server.url());
+    let layer = common::redis::sharing_operator_state(builder, Duration::from_millis(200), |b| {
+        demo::limits(common::spec_policy(), b)
+    })
+    .await;
     common::serve(demo::app_with_admin(layer, Some(TOKEN))).await
 }
 

@@ -362,3 +362,16 @@ pub async fn cluster_on_fake_clock() -> (
     let backend = fake_clock_cluster_backend(&cluster, &clock).await;
     (cluster, clock, backend)
 }
+
+/// The layer `build` makes on a backend on the Redis `builder` names (giving
+/// up after `timeout`), sharing operator state through that Redis.
+pub async fn sharing_operator_state<E>(
+    builder: tierlimit::backend::RedisBackendBuilder,
+    timeout: Duration,
+    build: impl FnOnce(tierlimit::RedisBackend) -> tierlimit::RateLimitLayer<E, tierlimit::RedisBackend>,
+) -> tierlimit::RateLimitLayer<E, tierlimit::RedisBackend> {
+    let backend = builder.timeout(timeout).connect().await.unwrap();
+    let layer = build(backend.clone());
+    layer.share_operator_state(&backend).await.unwrap();
+    layer
+}
