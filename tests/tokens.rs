@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
-use common::{client, serve};
+use common::{client, header, serve};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tierlimit::{Policy, RateLimitLayer, backend::Backend, meter::TokenMeter};
@@ -47,12 +47,6 @@ fn token_policy() -> Policy {
         "the spec table moved"
     );
     Policy::from_toml_str(&text).unwrap()
-}
-
-fn header(res: &reqwest::Response, name: &str) -> Option<u64> {
-    res.headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap().parse().unwrap())
 }
 
 async fn complete(c: &reqwest::Client, url: &str, key: &str, body: Value) -> reqwest::Response {

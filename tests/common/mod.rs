@@ -95,6 +95,22 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// One request with an API key.
+pub async fn call(c: &reqwest::Client, method: &str, url: &str, key: &str) -> reqwest::Response {
+    c.request(method.parse().unwrap(), url)
+        .header("X-API-Key", key)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A response header's number (`X-RateLimit-*`, `Retry-After`), if it has one.
+pub fn header(res: &reqwest::Response, name: &str) -> Option<u64> {
+    res.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+}
+
 /// Unix seconds now.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
