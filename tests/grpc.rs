@@ -78,12 +78,7 @@ async fn allowed_calls_carry_rate_limit_metadata() {
     assert_eq!(res.into_inner().status, 1, "SERVING");
 
     // Bearer in `authorization` works too; the demo's own service is ai.
-    let mut req = tonic::Request::new(demo::inference::CompleteRequest {
-        prompt: "hi".into(),
-        max_tokens: 0,
-    });
-    req.metadata_mut()
-        .insert("authorization", "Bearer pro-demo-key".parse().unwrap());
+    let req = completion_as("hi", 0, "authorization", "Bearer pro-demo-key");
     let res = demo::inference::complete(channel(server.addr).await, req)
         .await
         .unwrap();
@@ -231,12 +226,7 @@ async fn mixed_server_answers_each_protocol_in_its_own_form() {
     assert!(meta(md, "x-ratelimit-reset").unwrap().abs_diff(h_reset) <= 1);
 
     // The AI category over gRPC: the demo service on the same port.
-    let mut req = tonic::Request::new(demo::inference::CompleteRequest {
-        prompt: "x".into(),
-        max_tokens: 0,
-    });
-    req.metadata_mut()
-        .insert("x-api-key", "free-demo-key".parse().unwrap());
+    let req = completion("x", 0);
     let res = demo::inference::complete(channel(server.addr).await, req)
         .await
         .unwrap();
@@ -394,12 +384,21 @@ fn token_layer(clock: &FakeRelativeClock) -> Layer {
 }
 
 fn completion(prompt: &str, max_tokens: u32) -> tonic::Request<demo::inference::CompleteRequest> {
+    completion_as(prompt, max_tokens, "x-api-key", "free-demo-key")
+}
+
+/// A completion call whose metadata `name` is `value` (the caller's key).
+fn completion_as(
+    prompt: &str,
+    max_tokens: u32,
+    name: &'static str,
+    value: &str,
+) -> tonic::Request<demo::inference::CompleteRequest> {
     let mut req = tonic::Request::new(demo::inference::CompleteRequest {
         prompt: prompt.into(),
         max_tokens,
     });
-    req.metadata_mut()
-        .insert("x-api-key", "free-demo-key".parse().unwrap());
+    req.metadata_mut().insert(name, value.parse().unwrap());
     req
 }
 
