@@ -51,6 +51,13 @@ fn check_request(headers: &[(&'static str, &str)]) -> tonic::Request<HealthCheck
     req
 }
 
+/// Asserts `status` carries a QuotaFailure whose first violation says `says`.
+fn assert_quota_says(status: &tonic::Status, says: &str) {
+    let quota = status.get_details_quota_failure().expect("QuotaFailure");
+    let description = &quota.violations[0].description;
+    assert!(description.contains(says), "{description}");
+}
+
 fn meta(md: &tonic::metadata::MetadataMap, key: &str) -> Option<u64> {
     md.get(key).map(|v| v.to_str().unwrap().parse().unwrap())
 }
@@ -337,14 +344,7 @@ category = "read"
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(meta(status.metadata(), "x-ratelimit-window"), Some(1));
     assert_eq!(meta(status.metadata(), "retry-after"), Some(1));
-    let quota = status.get_details_quota_failure().expect("QuotaFailure");
-    assert!(
-        quota.violations[0]
-            .description
-            .contains("limit of 2 per 1 s"),
-        "{}",
-        quota.violations[0].description
-    );
+    assert_quota_says(&status, "limit of 2 per 1 s");
     // One more second: the third call spends the hourly budget; the next
     // is refused by the budget, whose wait (when both admit) is the hint.
     clock.advance(Duration::from_secs(1));
@@ -358,14 +358,7 @@ category = "read"
     assert_eq!(meta(md, "grpc-retry-pushback-ms"), Some(1_198_000));
     let retry = status.get_details_retry_info().expect("RetryInfo");
     assert_eq!(retry.retry_delay, Some(Duration::from_secs(1198)));
-    let quota = status.get_details_quota_failure().expect("QuotaFailure");
-    assert!(
-        quota.violations[0]
-            .description
-            .contains("limit of 3 per 3600 s"),
-        "{}",
-        quota.violations[0].description
-    );
+    assert_quota_says(&status, "limit of 3 per 3600 s");
 }
 
 /// The spec's policy with the token limit on free `ai` (1000/hour).
@@ -452,14 +445,7 @@ async fn unary_completions_settle_tokens_and_the_fourth_is_resource_exhausted() 
             .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(meta(status.metadata(), "retry-after"), Some(724));
-    let quota = status.get_details_quota_failure().expect("QuotaFailure");
-    assert!(
-        quota.violations[0]
-            .description
-            .contains("ai token limit of 1000 per 3600 s"),
-        "{}",
-        quota.violations[0].description
-    );
+    assert_quota_says(&status, "ai token limit of 1000 per 3600 s");
     assert_eq!(tokens_left(&layer, 0).await, 0);
 }
 
