@@ -313,12 +313,7 @@ pub async fn fake_clock_backend(
     server: &RedisServer,
     clock: &governor::clock::FakeRelativeClock,
 ) -> tierlimit::RedisBackend {
-    tierlimit::RedisBackend::builder(server.url())
-        .fake_clock(clock.clone())
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap()
+    on_fake_clock(tierlimit::RedisBackend::builder(server.url()), clock).await
 }
 
 /// A backend on `cluster` that reads `clock` instead of Redis's `TIME`.
@@ -327,7 +322,17 @@ pub async fn fake_clock_cluster_backend(
     cluster: &RedisCluster,
     clock: &governor::clock::FakeRelativeClock,
 ) -> tierlimit::RedisBackend {
-    tierlimit::RedisBackend::cluster(cluster.urls())
+    on_fake_clock(tierlimit::RedisBackend::cluster(cluster.urls()), clock).await
+}
+
+/// A backend on the Redis `builder` names that reads `clock` instead of
+/// Redis's `TIME`.
+#[cfg(feature = "test-util")]
+async fn on_fake_clock(
+    builder: tierlimit::backend::RedisBackendBuilder,
+    clock: &governor::clock::FakeRelativeClock,
+) -> tierlimit::RedisBackend {
+    builder
         .fake_clock(clock.clone())
         .timeout(Duration::from_secs(2))
         .connect()
