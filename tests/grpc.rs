@@ -186,31 +186,21 @@ async fn mixed_server_answers_each_protocol_in_its_own_form() {
     let http = client();
     let mut health = HealthClient::new(channel(server.addr).await);
 
-    // gRPC reads and HTTP reads share the key's read bucket: 50 + 50.
-    for _ in 0..50 {
-        health
-            .check(check_request(&[("x-api-key", "free-demo-key")]))
-            .await
-            .unwrap();
-        let res = http
-            .get(server.url("/v1/account"))
+    let check = || check_request(&[("x-api-key", "free-demo-key")]);
+    let account = || {
+        http.get(server.url("/v1/account"))
             .header("x-api-key", "free-demo-key")
             .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 200);
+    };
+
+    // gRPC reads and HTTP reads share the key's read bucket: 50 + 50.
+    for _ in 0..50 {
+        health.check(check()).await.unwrap();
+        assert_eq!(account().await.unwrap().status(), 200);
     }
-    let status = health
-        .check(check_request(&[("x-api-key", "free-demo-key")]))
-        .await
-        .unwrap_err();
+    let status = health.check(check()).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
-    let res = http
-        .get(server.url("/v1/account"))
-        .header("x-api-key", "free-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = account().await.unwrap();
     assert_eq!(res.status(), 429, "an HTTP caller gets a 429");
     assert_eq!(res.headers()["content-type"], "application/problem+json");
 
