@@ -488,7 +488,8 @@ mod redis_attacks {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    use common::redis::{RedisServer, read_late_key};
+    use common::read_late_key;
+    use common::redis::RedisServer;
     use serde_json::json;
     use tierlimit::RedisBackend;
 
@@ -510,7 +511,7 @@ mod redis_attacks {
             .await
             .unwrap();
         server.restart();
-        let s = common::redis::serve_late_key(backend).await;
+        let s = common::serve_late_key(backend).await;
         // Through Redis once it is up (the connection is made on demand).
         assert!(
             eventually(async || {

@@ -79,7 +79,7 @@ fn leases_in_redis(server: &RedisServer) -> u64 {
 
 /// `GET /v1/data` as the test's key: status and `X-Concurrency-Remaining`.
 async fn read(s: &common::Server) -> (u16, Option<u32>) {
-    let (status, left, _) = common::redis::read_late_key(s).await;
+    let (status, left, _) = common::read_late_key(s).await;
     (status, left)
 }
 
@@ -93,7 +93,7 @@ async fn lease_left_behind(stall: Stall) {
         .connect()
         .await
         .unwrap();
-    let s = common::redis::serve_late_key(backend).await;
+    let s = common::serve_late_key(backend).await;
     // Through Redis: its scripts are loaded, and the lease comes back.
     assert_eq!(read(&s).await, (200, Some(1)));
     until("the first lease is released", async || {
@@ -122,7 +122,7 @@ async fn lease_left_behind(stall: Stall) {
     // an admission Redis never hears of: a burst on a loaded machine then
     // admits more than the limit across instances.)
     assert_eq!(
-        common::redis::read_late_key(&s).await,
+        common::read_late_key(&s).await,
         (200, Some(1), Some(996)),
         "{stall:?}: the key's whole concurrency limit, and every admission counted"
     );

@@ -368,48 +368,6 @@ pub async fn cluster_on_fake_clock() -> (
     (cluster, clock, backend)
 }
 
-/// The late-answer tests' policy: key `late-key`, at most 2 reads at once.
-pub const LATE_POLICY: &str = r#"
-categories = ["read", "write"]
-
-[tiers.free]
-read = { requests = "1000/hour", concurrency = 2 }
-write = "1000/hour"
-
-[keys]
-"late-key" = "free"
-"#;
-
-/// `GET /v1/data` limited by [`LATE_POLICY`] on `backend`, served on 127.0.0.1:0.
-pub async fn serve_late_key(backend: tierlimit::RedisBackend) -> super::Server {
-    let layer =
-        tierlimit::RateLimitLayer::builder(tierlimit::Policy::from_toml_str(LATE_POLICY).unwrap())
-            .backend(backend)
-            .build();
-    let app = axum::Router::new()
-        .route("/v1/data", axum::routing::get(|| async { "data" }))
-        .layer(layer);
-    super::serve(app).await
-}
-
-/// `GET /v1/data` as `late-key`: status, `X-Concurrency-Remaining`,
-/// `X-RateLimit-Remaining`.
-pub async fn read_late_key(s: &super::Server) -> (u16, Option<u32>, Option<u32>) {
-    let res = super::client()
-        .get(s.url("/v1/data"))
-        .header("x-api-key", "late-key")
-        .send()
-        .await
-        .unwrap();
-    let header = |name: &str| {
-        res.headers()
-            .get(name)
-            .map(|v| v.to_str().unwrap().parse().unwrap())
-    };
-    let left = header("x-concurrency-remaining");
-    (res.status().as_u16(), left, header("x-ratelimit-remaining"))
-}
-
 /// The layer `build` makes on a backend on the Redis `builder` names (giving
 /// up after `timeout`), sharing operator state through that Redis.
 pub async fn sharing_operator_state<E>(
