@@ -76,6 +76,22 @@ async fn ok(s: &common::Server, method: &str, path: &str, body: Value) -> Value 
     v
 }
 
+/// `PUT /keys`: `key` in `tier`, which must succeed.
+async fn put_key(s: &common::Server, key: &str, tier: &str) -> Value {
+    ok(s, "PUT", "/keys", json!({ "key": key, "tier": tier })).await
+}
+
+/// The new key's `write` limited to 3 an hour, which must succeed.
+async fn limit_new_key_writes(s: &common::Server) -> Value {
+    ok(
+        s,
+        "PUT",
+        "/limits",
+        json!({ "key": NEW_KEY, "category": "write", "limit": "3/hour" }),
+    )
+    .await
+}
+
 /// A boost of the new key's `read`, active for an hour from now.
 async fn boost_new_key(s: &common::Server, adjust: &str) -> Value {
     let now = common::unix_now();
@@ -306,13 +322,7 @@ async fn keys_limits_boosts_and_usage_through_the_admin_api() {
     let s = demo_server().await;
     // Provision a key in free; then upgrade it to pro.
     assert_eq!(read(&s, NEW_KEY).await.0, 401);
-    let v = ok(
-        &s,
-        "PUT",
-        "/keys",
-        json!({ "key": NEW_KEY, "tier": "free" }),
-    )
-    .await;
+    let v = put_key(&s, NEW_KEY, "free").await;
     assert_eq!(v["tier"], "free");
     assert!(v["key"].as_str().unwrap().starts_with("key:"), "{v}");
     assert_eq!(read(&s, NEW_KEY).await, (200, Some(100)));
@@ -433,13 +443,7 @@ async fn keys_limits_boosts_and_usage_through_the_admin_api() {
     // A key of the file revoked, then provisioned again.
     ok(&s, "DELETE", "/keys", json!({ "key": "free-demo-key" })).await;
     assert_eq!(read(&s, "free-demo-key").await.0, 401);
-    ok(
-        &s,
-        "PUT",
-        "/keys",
-        json!({ "key": "free-demo-key", "tier": "free" }),
-    )
-    .await;
+    put_key(&s, "free-demo-key", "free").await;
     assert_eq!(read(&s, "free-demo-key").await.0, 200);
     // The audit trail: who, what, the key redacted — never its text.
     let logs = logs();
@@ -500,13 +504,7 @@ async fn a_key_revoked_through_the_admin_api_is_unauthenticated_over_grpc() {
             .map_err(|s| s.code())
     };
     assert_eq!(check(NEW_KEY).await, Err(tonic::Code::Unauthenticated));
-    ok(
-        &s,
-        "PUT",
-        "/keys",
-        json!({ "key": NEW_KEY, "tier": "free" }),
-    )
-    .await;
+    put_key(&s, NEW_KEY, "free").await;
     assert_eq!(check(NEW_KEY).await, Ok(()));
     ok(&s, "DELETE", "/keys", json!({ "key": NEW_KEY })).await;
     assert_eq!(check(NEW_KEY).await, Err(tonic::Code::Unauthenticated));
@@ -531,7 +529,7 @@ async fn the_policy_file_is_watched_atomically_and_a_broken_file_changes_nothing
     let watcher = handle.watch(&path).unwrap();
     let s = common::serve(demo::app_with_admin(layer, Some(TOKEN))).await;
     // An admin change, layered over the file: it must survive reloads.
-    ok(&s, "PUT", "/keys", json!({ "key": NEW_KEY, "tier": "pro" })).await;
+    put_key(&s, NEW_KEY, "pro").await;
     // Under load: every answer is the whole old table or the whole new one
     // (free reads 100 → 7 and writes 20 → 3, in one file).
     let stop = Arc::new(AtomicBool::new(false));
@@ -624,13 +622,10 @@ mod redis {
     /// A demo instance on the Redis `builder` names, sharing operator
     /// state through it.
     async fn instance_on(builder: tierlimit::backend::RedisBackendBuilder) -> common::Server {
-        let backend = builder
-            .timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .unwrap();
-        let layer = demo::limits(common::spec_policy(), backend.clone());
-        layer.share_operator_state(&backend).await.unwrap();
+        let layer = common::redis::sharing_operator_state(builder, Duration::from_secs(2), |b| {
+            demo::limits(common::spec_policy(), b)
+        })
+        .await;
         common::serve(demo::app_with_admin(layer, Some(TOKEN))).await
     }
 
@@ -674,19 +669,13 @@ mod redis {
         let a = instance(&server).await;
         let b = instance(&server).await;
         // Provisioned through A: B accepts the key.
-        ok(&a, "PUT", "/keys", json!({ "key": NEW_KEY, "tier": "pro" })).await;
+        put_key(&a, NEW_KEY, "pro").await;
         until("B accepts the new key", (200, Some(1000)), async || {
             read(&b, NEW_KEY).await
         })
         .await;
         // A custom limit and a boost set through A: B enforces them.
-        ok(
-            &a,
-            "PUT",
-            "/limits",
-            json!({ "key": NEW_KEY, "category": "write", "limit": "3/hour" }),
-        )
-        .await;
+        limit_new_key_writes(&a).await;
         until("B enforces the custom limit", Some(3), async || {
             write_limit(&b, NEW_KEY).await
         })
@@ -716,13 +705,7 @@ mod redis {
         drop((a, b, c));
         let d = instance(&server).await;
         assert_eq!(read(&d, NEW_KEY).await.0, 401);
-        ok(
-            &d,
-            "PUT",
-            "/keys",
-            json!({ "key": NEW_KEY, "tier": "free" }),
-        )
-        .await;
+        put_key(&d, NEW_KEY, "free").await;
         assert_eq!(read(&d, NEW_KEY).await, (200, Some(100)));
     }
 
@@ -735,14 +718,8 @@ mod redis {
         let cluster = RedisCluster::start();
         let a = instance_on(RedisBackend::cluster(cluster.urls())).await;
         let b = instance_on(RedisBackend::cluster(cluster.urls())).await;
-        ok(&a, "PUT", "/keys", json!({ "key": NEW_KEY, "tier": "pro" })).await;
-        ok(
-            &a,
-            "PUT",
-            "/limits",
-            json!({ "key": NEW_KEY, "category": "write", "limit": "3/hour" }),
-        )
-        .await;
+        put_key(&a, NEW_KEY, "pro").await;
+        limit_new_key_writes(&a).await;
         until(
             "B on the cluster accepts the key",
             (200, Some(1000)),
@@ -807,23 +784,11 @@ mod redis {
         setup();
         let server = RedisServer::start();
         let a = instance(&server).await;
-        ok(&a, "PUT", "/keys", json!({ "key": NEW_KEY, "tier": "pro" })).await;
-        ok(
-            &a,
-            "PUT",
-            "/limits",
-            json!({ "key": NEW_KEY, "category": "write", "limit": "3/hour" }),
-        )
-        .await;
+        put_key(&a, NEW_KEY, "pro").await;
+        limit_new_key_writes(&a).await;
         boost_new_key(&a, "x3").await;
         // A provisioned key revoked, and a key of the file revoked.
-        ok(
-            &a,
-            "PUT",
-            "/keys",
-            json!({ "key": REVOKED_KEY, "tier": "free" }),
-        )
-        .await;
+        put_key(&a, REVOKED_KEY, "free").await;
         ok(&a, "DELETE", "/keys", json!({ "key": REVOKED_KEY })).await;
         ok(&a, "DELETE", "/keys", json!({ "key": "free-demo-key" })).await;
         // Requests through A leave their buckets in Redis too.
@@ -909,18 +874,19 @@ mod redis {
         setup();
         let server = RedisServer::start();
         let unix = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(common::unix_now()));
-        let backend = RedisBackend::builder(server.url())
-            .timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .unwrap();
         let u = std::sync::Arc::clone(&unix);
-        let layer = tierlimit::RateLimitLayer::builder(common::spec_policy())
-            .extractor(demo::demo_extractor as demo::DemoExtractor)
-            .backend(backend.clone())
-            .unix_clock(move || u.load(std::sync::atomic::Ordering::Relaxed))
-            .build();
-        layer.share_operator_state(&backend).await.unwrap();
+        let layer = common::redis::sharing_operator_state(
+            RedisBackend::builder(server.url()),
+            Duration::from_secs(2),
+            |backend| {
+                tierlimit::RateLimitLayer::builder(common::spec_policy())
+                    .extractor(demo::demo_extractor as demo::DemoExtractor)
+                    .backend(backend)
+                    .unix_clock(move || u.load(std::sync::atomic::Ordering::Relaxed))
+                    .build()
+            },
+        )
+        .await;
         let s = common::serve(demo::app_with_admin(layer, Some(TOKEN))).await;
         let now = unix.load(std::sync::atomic::Ordering::Relaxed);
         ok(
@@ -987,7 +953,7 @@ async fn two_authorization_headers_are_a_400_whichever_token_is_valid() {
     assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
     // Nothing was provisioned; one header still works.
     assert_eq!(read(&s, NEW_KEY).await.0, 401);
-    ok(&s, "PUT", "/keys", json!({ "key": NEW_KEY, "tier": "pro" })).await;
+    put_key(&s, NEW_KEY, "pro").await;
     assert_eq!(read(&s, NEW_KEY).await.0, 200);
 }
 
@@ -1038,6 +1004,6 @@ async fn a_body_that_does_not_arrive_in_time_is_a_408_and_changes_nothing() {
     drop(tcp);
     // Nothing changed; a body sent at once is read as before.
     assert_eq!(read(&s, NEW_KEY).await.0, 401);
-    ok(&s, "PUT", "/keys", json!({ "key": NEW_KEY, "tier": "pro" })).await;
+    put_key(&s, NEW_KEY, "pro").await;
     assert_eq!(read(&s, NEW_KEY).await.0, 200);
 }

@@ -488,38 +488,12 @@ mod redis_attacks {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    use axum::Router;
-    use axum::routing;
+    use common::read_late_key;
     use common::redis::RedisServer;
     use serde_json::json;
-    use tierlimit::{Policy, RateLimitLayer, RedisBackend};
+    use tierlimit::RedisBackend;
 
     const TOKEN: &str = admin_http::TOKEN;
-
-    const POLICY: &str = r#"
-categories = ["read", "write"]
-
-[tiers.free]
-read = { requests = "1000/hour", concurrency = 2 }
-write = "1000/hour"
-
-[keys]
-"late-key" = "free"
-"#;
-
-    async fn read_rate(s: &common::Server) -> (u16, Option<u32>) {
-        let res = common::client()
-            .get(s.url("/v1/data"))
-            .header("x-api-key", "late-key")
-            .send()
-            .await
-            .unwrap();
-        let left = res
-            .headers()
-            .get("x-ratelimit-remaining")
-            .map(|v| v.to_str().unwrap().parse().unwrap());
-        (res.status().as_u16(), left)
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lazy_backend_whose_redis_came_up_late_counts_each_admission_once() {
@@ -537,24 +511,18 @@ write = "1000/hour"
             .await
             .unwrap();
         server.restart();
-        let layer = RateLimitLayer::builder(Policy::from_toml_str(POLICY).unwrap())
-            .backend(backend)
-            .build();
-        let app = Router::new()
-            .route("/v1/data", routing::get(|| async { "data" }))
-            .layer(layer);
-        let s = common::serve(app).await;
+        let s = common::serve_late_key(backend).await;
         // Through Redis once it is up (the connection is made on demand).
         assert!(
             eventually(async || {
-                read_rate(&s).await.0 == 200
+                read_late_key(&s).await.0 == 200
                     && server
                         .cli(&["--scan", "--pattern", "*"])
                         .is_some_and(|k| !k.is_empty())
             })
             .await
         );
-        let before = read_rate(&s).await.1.unwrap();
+        let before = read_late_key(&s).await.2.unwrap();
         server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
         assert_eq!(
             server
@@ -563,7 +531,7 @@ write = "1000/hour"
             Some("OK")
         );
         for _ in 0..2 {
-            assert_eq!(read_rate(&s).await.0, 200);
+            assert_eq!(read_late_key(&s).await.0, 200);
         }
         assert_eq!(server.cli(&["CLIENT", "UNPAUSE"]).as_deref(), Some("OK"));
         assert!(
@@ -572,7 +540,7 @@ write = "1000/hour"
         );
         // The two late checks count in Redis the requests the fallback
         // admitted (each once), and this one: three in all.
-        let (code, after) = read_rate(&s).await;
+        let (code, _, after) = read_late_key(&s).await;
         assert_eq!(code, 200);
         assert_eq!(
             after,
@@ -644,13 +612,12 @@ write = "1000/hour"
     }
 
     async fn instance(url: String) -> common::Server {
-        let backend = RedisBackend::builder(url)
-            .timeout(Duration::from_millis(200))
-            .connect()
-            .await
-            .unwrap();
-        let layer = demo::limits(common::spec_policy(), backend.clone());
-        layer.share_operator_state(&backend).await.unwrap();
+        let builder = RedisBackend::builder(url);
+        let layer =
+            common::redis::sharing_operator_state(builder, Duration::from_millis(200), |b| {
+                demo::limits(common::spec_policy(), b)
+            })
+            .await;
         common::serve(demo::app_with_admin(layer, Some(TOKEN))).await
     }
 

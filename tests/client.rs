@@ -49,8 +49,11 @@ category = "read"
     .unwrap()
 }
 
-fn limited_router() -> Router {
-    let layer = RateLimitLayer::builder(policy())
+/// A layer enforcing `policy` on a memory backend that follows tokio's clock.
+fn tokio_clock_layer(
+    policy: Policy,
+) -> RateLimitLayer<tierlimit::ApiKey, MemoryBackend<TokioClock>> {
+    RateLimitLayer::builder(policy)
         .backend(
             MemoryBackend::builder()
                 .clock(TokioClock {
@@ -58,7 +61,11 @@ fn limited_router() -> Router {
                 })
                 .build(),
         )
-        .build();
+        .build()
+}
+
+fn limited_router() -> Router {
+    let layer = tokio_clock_layer(policy());
     Router::new()
         .route("/r", get(|| async { "ok" }))
         .layer(layer)
@@ -71,28 +78,28 @@ fn get_r() -> Request<Body> {
         .unwrap()
 }
 
-#[tokio::test(start_paused = true)]
-async fn http_429_waits_exactly_the_retry_after() {
-    let mut client = RetryLayer::new().layer(limited_router());
-    for _ in 0..2 {
-        assert_eq!(
-            ServiceExt::<Request<Body>>::ready(&mut client)
-                .await
-                .unwrap()
-                .call(get_r())
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
-    }
-    let start = Instant::now();
-    let res = ServiceExt::<Request<Body>>::ready(&mut client)
+/// `GET /r` as key `k` through `client`, once it is ready.
+async fn send<S>(client: &mut S) -> S::Response
+where
+    S: Service<Request<Body>>,
+    S::Error: std::fmt::Debug,
+{
+    ServiceExt::<Request<Body>>::ready(client)
         .await
         .unwrap()
         .call(get_r())
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn http_429_waits_exactly_the_retry_after() {
+    let mut client = RetryLayer::new().layer(limited_router());
+    for _ in 0..2 {
+        assert_eq!(send(&mut client).await.status(), 200);
+    }
+    let start = Instant::now();
+    let res = send(&mut client).await;
     assert_eq!(res.status(), StatusCode::OK, "retried after the hint");
     assert_eq!(
         start.elapsed(),
@@ -107,20 +114,10 @@ async fn a_hint_beyond_the_bound_returns_the_servers_answer_at_once() {
         .max_wait(Duration::from_secs(2))
         .layer(limited_router());
     for _ in 0..2 {
-        ServiceExt::<Request<Body>>::ready(&mut client)
-            .await
-            .unwrap()
-            .call(get_r())
-            .await
-            .unwrap();
+        send(&mut client).await;
     }
     let start = Instant::now();
-    let res = ServiceExt::<Request<Body>>::ready(&mut client)
-        .await
-        .unwrap()
-        .call(get_r())
-        .await
-        .unwrap();
+    let res = send(&mut client).await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(res.headers()["retry-after"], "5");
     assert_eq!(
@@ -225,15 +222,7 @@ type GrpcServer = tierlimit::layer::RateLimit<
 fn grpc_client(
     retry: RetryLayer,
 ) -> tonic_health::pb::health_client::HealthClient<tierlimit::client::Retry<GrpcServer>> {
-    let layer = RateLimitLayer::builder(policy())
-        .backend(
-            MemoryBackend::builder()
-                .clock(TokioClock {
-                    start: Instant::now(),
-                })
-                .build(),
-        )
-        .build();
+    let layer = tokio_clock_layer(policy());
     let (_reporter, health) = tonic_health::server::health_reporter();
     let server = tower::Layer::layer(&layer, tonic::service::Routes::new(health));
     tonic_health::pb::health_client::HealthClient::with_origin(
@@ -293,37 +282,25 @@ write = "1/hour"
 "#,
     )
     .unwrap();
-    let layer = RateLimitLayer::builder(policy)
-        .backend(
-            MemoryBackend::builder()
-                .clock(TokioClock {
-                    start: Instant::now(),
-                })
-                .build(),
-        )
-        .build();
+    let layer = tokio_clock_layer(policy);
     let router = Router::new()
         .route("/r", get(|| async { "ok" }))
         .layer(layer);
     let mut client = RetryLayer::new().layer(router);
-    let mut send = async || {
-        ServiceExt::<Request<Body>>::ready(&mut client)
-            .await
-            .unwrap()
-            .call(get_r())
-            .await
-            .unwrap()
-    };
     for _ in 0..2 {
-        assert_eq!(send().await.status(), StatusCode::OK);
+        assert_eq!(send(&mut client).await.status(), StatusCode::OK);
     }
     let start = Instant::now();
-    assert_eq!(send().await.status(), StatusCode::OK, "retried once");
+    assert_eq!(
+        send(&mut client).await.status(),
+        StatusCode::OK,
+        "retried once"
+    );
     assert_eq!(start.elapsed(), Duration::from_secs(5), "the guard's hint");
     // The budget (3 per hour) is spent: its wait, not the guard's, is the
     // hint, and it is beyond the client's bound: answered at once.
     let start = Instant::now();
-    let res = send().await;
+    let res = send(&mut client).await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(
         res.headers()["retry-after"],
@@ -349,15 +326,7 @@ write = "1/hour"
 "#,
     )
     .unwrap();
-    let layer = RateLimitLayer::builder(policy)
-        .backend(
-            MemoryBackend::builder()
-                .clock(TokioClock {
-                    start: Instant::now(),
-                })
-                .build(),
-        )
-        .build();
+    let layer = tokio_clock_layer(policy);
     // Every answer used 15 tokens: 14 more than the 1 reserved.
     let router = Router::new()
         .route(
@@ -371,19 +340,11 @@ write = "1/hour"
         )
         .layer(layer);
     let mut client = RetryLayer::new().layer(router);
-    let mut send = async || {
-        ServiceExt::<Request<Body>>::ready(&mut client)
-            .await
-            .unwrap()
-            .call(get_r())
-            .await
-            .unwrap()
-    };
-    assert_eq!(send().await.status(), StatusCode::OK);
+    assert_eq!(send(&mut client).await.status(), StatusCode::OK);
     // In debt by 5 tokens: the next token comes 6 s later (15 s of tokens
     // used, 9 s of burst).
     let start = Instant::now();
-    let res = send().await;
+    let res = send(&mut client).await;
     assert_eq!(res.status(), StatusCode::OK, "retried after the hint");
     assert_eq!(start.elapsed(), Duration::from_secs(6));
 }

@@ -51,6 +51,13 @@ fn check_request(headers: &[(&'static str, &str)]) -> tonic::Request<HealthCheck
     req
 }
 
+/// Asserts `status` carries a QuotaFailure whose first violation says `says`.
+fn assert_quota_says(status: &tonic::Status, says: &str) {
+    let quota = status.get_details_quota_failure().expect("QuotaFailure");
+    let description = &quota.violations[0].description;
+    assert!(description.contains(says), "{description}");
+}
+
 fn meta(md: &tonic::metadata::MetadataMap, key: &str) -> Option<u64> {
     md.get(key).map(|v| v.to_str().unwrap().parse().unwrap())
 }
@@ -78,12 +85,7 @@ async fn allowed_calls_carry_rate_limit_metadata() {
     assert_eq!(res.into_inner().status, 1, "SERVING");
 
     // Bearer in `authorization` works too; the demo's own service is ai.
-    let mut req = tonic::Request::new(demo::inference::CompleteRequest {
-        prompt: "hi".into(),
-        max_tokens: 0,
-    });
-    req.metadata_mut()
-        .insert("authorization", "Bearer pro-demo-key".parse().unwrap());
+    let req = completion_as("hi", 0, "authorization", "Bearer pro-demo-key");
     let res = demo::inference::complete(channel(server.addr).await, req)
         .await
         .unwrap();
@@ -184,31 +186,21 @@ async fn mixed_server_answers_each_protocol_in_its_own_form() {
     let http = client();
     let mut health = HealthClient::new(channel(server.addr).await);
 
-    // gRPC reads and HTTP reads share the key's read bucket: 50 + 50.
-    for _ in 0..50 {
-        health
-            .check(check_request(&[("x-api-key", "free-demo-key")]))
-            .await
-            .unwrap();
-        let res = http
-            .get(server.url("/v1/account"))
+    let check = || check_request(&[("x-api-key", "free-demo-key")]);
+    let account = || {
+        http.get(server.url("/v1/account"))
             .header("x-api-key", "free-demo-key")
             .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 200);
+    };
+
+    // gRPC reads and HTTP reads share the key's read bucket: 50 + 50.
+    for _ in 0..50 {
+        health.check(check()).await.unwrap();
+        assert_eq!(account().await.unwrap().status(), 200);
     }
-    let status = health
-        .check(check_request(&[("x-api-key", "free-demo-key")]))
-        .await
-        .unwrap_err();
+    let status = health.check(check()).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
-    let res = http
-        .get(server.url("/v1/account"))
-        .header("x-api-key", "free-demo-key")
-        .send()
-        .await
-        .unwrap();
+    let res = account().await.unwrap();
     assert_eq!(res.status(), 429, "an HTTP caller gets a 429");
     assert_eq!(res.headers()["content-type"], "application/problem+json");
 
@@ -231,12 +223,7 @@ async fn mixed_server_answers_each_protocol_in_its_own_form() {
     assert!(meta(md, "x-ratelimit-reset").unwrap().abs_diff(h_reset) <= 1);
 
     // The AI category over gRPC: the demo service on the same port.
-    let mut req = tonic::Request::new(demo::inference::CompleteRequest {
-        prompt: "x".into(),
-        max_tokens: 0,
-    });
-    req.metadata_mut()
-        .insert("x-api-key", "free-demo-key".parse().unwrap());
+    let req = completion("x", 0);
     let res = demo::inference::complete(channel(server.addr).await, req)
         .await
         .unwrap();
@@ -347,14 +334,7 @@ category = "read"
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(meta(status.metadata(), "x-ratelimit-window"), Some(1));
     assert_eq!(meta(status.metadata(), "retry-after"), Some(1));
-    let quota = status.get_details_quota_failure().expect("QuotaFailure");
-    assert!(
-        quota.violations[0]
-            .description
-            .contains("limit of 2 per 1 s"),
-        "{}",
-        quota.violations[0].description
-    );
+    assert_quota_says(&status, "limit of 2 per 1 s");
     // One more second: the third call spends the hourly budget; the next
     // is refused by the budget, whose wait (when both admit) is the hint.
     clock.advance(Duration::from_secs(1));
@@ -368,14 +348,7 @@ category = "read"
     assert_eq!(meta(md, "grpc-retry-pushback-ms"), Some(1_198_000));
     let retry = status.get_details_retry_info().expect("RetryInfo");
     assert_eq!(retry.retry_delay, Some(Duration::from_secs(1198)));
-    let quota = status.get_details_quota_failure().expect("QuotaFailure");
-    assert!(
-        quota.violations[0]
-            .description
-            .contains("limit of 3 per 3600 s"),
-        "{}",
-        quota.violations[0].description
-    );
+    assert_quota_says(&status, "limit of 3 per 3600 s");
 }
 
 /// The spec's policy with the token limit on free `ai` (1000/hour).
@@ -394,12 +367,21 @@ fn token_layer(clock: &FakeRelativeClock) -> Layer {
 }
 
 fn completion(prompt: &str, max_tokens: u32) -> tonic::Request<demo::inference::CompleteRequest> {
+    completion_as(prompt, max_tokens, "x-api-key", "free-demo-key")
+}
+
+/// A completion call whose metadata `name` is `value` (the caller's key).
+fn completion_as(
+    prompt: &str,
+    max_tokens: u32,
+    name: &'static str,
+    value: &str,
+) -> tonic::Request<demo::inference::CompleteRequest> {
     let mut req = tonic::Request::new(demo::inference::CompleteRequest {
         prompt: prompt.into(),
         max_tokens,
     });
-    req.metadata_mut()
-        .insert("x-api-key", "free-demo-key".parse().unwrap());
+    req.metadata_mut().insert(name, value.parse().unwrap());
     req
 }
 
@@ -453,14 +435,7 @@ async fn unary_completions_settle_tokens_and_the_fourth_is_resource_exhausted() 
             .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(meta(status.metadata(), "retry-after"), Some(724));
-    let quota = status.get_details_quota_failure().expect("QuotaFailure");
-    assert!(
-        quota.violations[0]
-            .description
-            .contains("ai token limit of 1000 per 3600 s"),
-        "{}",
-        quota.violations[0].description
-    );
+    assert_quota_says(&status, "ai token limit of 1000 per 3600 s");
     assert_eq!(tokens_left(&layer, 0).await, 0);
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
-use common::{client, serve, spec_policy, unix_now};
+use common::{call, client, header, serve, spec_policy, unix_now};
 use governor::clock::FakeRelativeClock;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -34,21 +34,6 @@ async fn demo_server() -> (common::Server, FakeRelativeClock) {
     let backend = MemoryBackend::builder().clock(clock.clone()).build();
     let server = serve(demo::app(demo::limits(spec_policy(), backend))).await;
     (server, clock)
-}
-
-/// One request with an API key.
-async fn call(c: &reqwest::Client, method: &str, url: &str, key: &str) -> reqwest::Response {
-    c.request(method.parse().unwrap(), url)
-        .header("X-API-Key", key)
-        .send()
-        .await
-        .unwrap()
-}
-
-fn header(res: &reqwest::Response, name: &str) -> Option<u64> {
-    res.headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap().parse().unwrap())
 }
 
 #[tokio::test]

@@ -19,24 +19,11 @@ mod demo;
 
 use std::time::Duration;
 
-use axum::Router;
-use axum::routing;
 use common::redis::{RedisServer, ready};
 use serde_json::{Value, json};
-use tierlimit::{Policy, RateLimitLayer, RedisBackend};
+use tierlimit::RedisBackend;
 
 const TOKEN: &str = "admin-token-for-tests-0123456789";
-
-const POLICY: &str = r#"
-categories = ["read", "write"]
-
-[tiers.free]
-read = { requests = "1000/hour", concurrency = 2 }
-write = "1000/hour"
-
-[keys]
-"late-key" = "free"
-"#;
 
 /// How a test stalls Redis, and lets it run again.
 #[derive(Clone, Copy, Debug)]
@@ -92,25 +79,8 @@ fn leases_in_redis(server: &RedisServer) -> u64 {
 
 /// `GET /v1/data` as the test's key: status and `X-Concurrency-Remaining`.
 async fn read(s: &common::Server) -> (u16, Option<u32>) {
-    let (status, left, _) = read_rate(s).await;
+    let (status, left, _) = common::read_late_key(s).await;
     (status, left)
-}
-
-/// `GET /v1/data`: status, `X-Concurrency-Remaining`, `X-RateLimit-Remaining`.
-async fn read_rate(s: &common::Server) -> (u16, Option<u32>, Option<u32>) {
-    let res = common::client()
-        .get(s.url("/v1/data"))
-        .header("x-api-key", "late-key")
-        .send()
-        .await
-        .unwrap();
-    let header = |name: &str| {
-        res.headers()
-            .get(name)
-            .map(|v| v.to_str().unwrap().parse().unwrap())
-    };
-    let left = header("x-concurrency-remaining");
-    (res.status().as_u16(), left, header("x-ratelimit-remaining"))
 }
 
 async fn lease_left_behind(stall: Stall) {
@@ -123,13 +93,7 @@ async fn lease_left_behind(stall: Stall) {
         .connect()
         .await
         .unwrap();
-    let layer = RateLimitLayer::builder(Policy::from_toml_str(POLICY).unwrap())
-        .backend(backend)
-        .build();
-    let app = Router::new()
-        .route("/v1/data", routing::get(|| async { "data" }))
-        .layer(layer);
-    let s = common::serve(app).await;
+    let s = common::serve_late_key(backend).await;
     // Through Redis: its scripts are loaded, and the lease comes back.
     assert_eq!(read(&s).await, (200, Some(1)));
     until("the first lease is released", async || {
@@ -158,7 +122,7 @@ async fn lease_left_behind(stall: Stall) {
     // an admission Redis never hears of: a burst on a loaded machine then
     // admits more than the limit across instances.)
     assert_eq!(
-        read_rate(&s).await,
+        common::read_late_key(&s).await,
         (200, Some(1), Some(996)),
         "{stall:?}: the key's whole concurrency limit, and every admission counted"
     );
@@ -184,13 +148,11 @@ async fn checks_run_late_by_a_frozen_redis_leave_no_lease_behind() {
 /// A demo instance on `server`, sharing operator state through it.
 async fn instance(server: &RedisServer) -> common::Server {
     common::redis::init_secret();
-    let backend = RedisBackend::builder(server.url())
-        .timeout(Duration::from_millis(200))
-        .connect()
-        .await
-        .unwrap();
-    let layer = demo::limits(common::spec_policy(), backend.clone());
-    layer.share_operator_state(&backend).await.unwrap();
+    let builder = RedisBackend::builder(server.url());
+    let layer = common::redis::sharing_operator_state(builder, Duration::from_millis(200), |b| {
+        demo::limits(common::spec_policy(), b)
+    })
+    .await;
     common::serve(demo::app_with_admin(layer, Some(TOKEN))).await
 }
 

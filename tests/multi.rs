@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::{MULTI_POLICY, client, serve};
+use common::{MULTI_POLICY, call, client, header, serve};
 use governor::clock::FakeRelativeClock;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -40,20 +40,6 @@ async fn demo_server(headers: HeaderOptions) -> (common::Server, FakeRelativeClo
         .headers(headers)
         .build();
     (serve(demo::app(layer)).await, clock)
-}
-
-async fn call(c: &reqwest::Client, method: &str, url: &str, key: &str) -> reqwest::Response {
-    c.request(method.parse().unwrap(), url)
-        .header("X-API-Key", key)
-        .send()
-        .await
-        .unwrap()
-}
-
-fn header(res: &reqwest::Response, name: &str) -> Option<u64> {
-    res.headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap().parse().unwrap())
 }
 
 fn text<'a>(res: &'a reqwest::Response, name: &str) -> &'a str {

@@ -15,7 +15,6 @@ use axum::Router;
 use axum::body::Body;
 use axum::routing::get;
 use common::{client, serve, spec_policy};
-use governor::clock::FakeRelativeClock;
 use http::{Request, StatusCode};
 use serde_json::Value;
 use tierlimit::policy::{Adjust, Shadow};
@@ -146,8 +145,7 @@ async fn overrides_boosts_and_upgrades_on_redis() {
         return;
     }
     common::redis::init_secret();
-    let server = common::redis::RedisServer::start();
-    let backend = common::redis::fake_clock_backend(&server, &FakeRelativeClock::default()).await;
+    let (_server, _clock, backend) = common::redis::single_node_on_fake_clock().await;
     overrides_boosts_upgrades(backend).await;
 }
 
@@ -250,8 +248,7 @@ async fn priority_reserve_under_contention_on_redis() {
         return;
     }
     common::redis::init_secret();
-    let server = common::redis::RedisServer::start();
-    let backend = common::redis::fake_clock_backend(&server, &FakeRelativeClock::default()).await;
+    let (_server, _clock, backend) = common::redis::single_node_on_fake_clock().await;
     priority_reserve(backend).await;
 }
 

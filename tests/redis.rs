@@ -61,9 +61,7 @@ async fn conformance_single_node() {
     if !ready() {
         return;
     }
-    let server = RedisServer::start();
-    let clock = FakeRelativeClock::default();
-    let backend = common::redis::fake_clock_backend(&server, &clock).await;
+    let (_server, clock, backend) = common::redis::single_node_on_fake_clock().await;
     common::conformance::run(&backend, |d| clock.advance(d)).await;
     assert_eq!(backend.state(), BackendState::Connected);
 }
@@ -73,9 +71,7 @@ async fn conformance_cluster_and_keys_spread_over_masters() {
     if !ready() {
         return;
     }
-    let cluster = RedisCluster::start();
-    let clock = FakeRelativeClock::default();
-    let backend = common::redis::fake_clock_cluster_backend(&cluster, &clock).await;
+    let (cluster, clock, backend) = common::redis::cluster_on_fake_clock().await;
     common::conformance::run(&backend, |d| clock.advance(d)).await;
     // Many keys: each lands in its hash-tag slot; all three masters hold some.
     let limit = Limit::per_hour(5);
@@ -200,9 +196,7 @@ async fn lease_table_single_node() {
     if !ready() {
         return;
     }
-    let server = RedisServer::start();
-    let clock = FakeRelativeClock::default();
-    let backend = common::redis::fake_clock_backend(&server, &clock).await;
+    let (_server, clock, backend) = common::redis::single_node_on_fake_clock().await;
     common::conformance::run_leases(&backend, |d| clock.advance(d)).await;
 }
 
@@ -211,9 +205,7 @@ async fn lease_table_cluster() {
     if !ready() {
         return;
     }
-    let cluster = RedisCluster::start();
-    let clock = FakeRelativeClock::default();
-    let backend = common::redis::fake_clock_cluster_backend(&cluster, &clock).await;
+    let (_cluster, clock, backend) = common::redis::cluster_on_fake_clock().await;
     common::conformance::run_leases(&backend, |d| clock.advance(d)).await;
 }
 
@@ -222,9 +214,7 @@ async fn several_limit_table_single_node() {
     if !ready() {
         return;
     }
-    let server = RedisServer::start();
-    let clock = FakeRelativeClock::default();
-    let backend = common::redis::fake_clock_backend(&server, &clock).await;
+    let (_server, clock, backend) = common::redis::single_node_on_fake_clock().await;
     common::conformance::run_multi(&backend, |d| clock.advance(d)).await;
     assert_eq!(backend.state(), BackendState::Connected);
 }
@@ -234,9 +224,7 @@ async fn several_limit_table_cluster_in_one_slot() {
     if !ready() {
         return;
     }
-    let cluster = RedisCluster::start();
-    let clock = FakeRelativeClock::default();
-    let backend = common::redis::fake_clock_cluster_backend(&cluster, &clock).await;
+    let (_cluster, clock, backend) = common::redis::cluster_on_fake_clock().await;
     // A script over keys of several slots would fail with CROSSSLOT: the
     // table passing on a cluster shows every charge shares the owner's slot.
     common::conformance::run_multi(&backend, |d| clock.advance(d)).await;
@@ -248,9 +236,7 @@ async fn reserve_and_settle_single_node() {
     if !ready() {
         return;
     }
-    let server = RedisServer::start();
-    let clock = FakeRelativeClock::default();
-    let backend = common::redis::fake_clock_backend(&server, &clock).await;
+    let (_server, clock, backend) = common::redis::single_node_on_fake_clock().await;
     common::conformance::run_settle(&backend, |d| clock.advance(d)).await;
     assert_eq!(backend.state(), BackendState::Connected);
 }
@@ -260,9 +246,7 @@ async fn reserve_and_settle_cluster() {
     if !ready() {
         return;
     }
-    let cluster = RedisCluster::start();
-    let clock = FakeRelativeClock::default();
-    let backend = common::redis::fake_clock_cluster_backend(&cluster, &clock).await;
+    let (_cluster, clock, backend) = common::redis::cluster_on_fake_clock().await;
     common::conformance::run_settle(&backend, |d| clock.advance(d)).await;
     assert_eq!(backend.state(), BackendState::Connected);
 }
@@ -352,9 +336,7 @@ async fn one_script_call_per_allowed_request_none_for_cached_refusals() {
     if !ready() {
         return;
     }
-    let server = RedisServer::start();
-    let clock = FakeRelativeClock::default();
-    let backend = common::redis::fake_clock_backend(&server, &clock).await;
+    let (server, clock, backend) = common::redis::single_node_on_fake_clock().await;
     let limit = Limit::per_minute(10);
     // Load the script first, then count from zero.
     backend
@@ -702,9 +684,7 @@ async fn peek_reports_capacity_without_counting() {
     if !ready() {
         return;
     }
-    let server = RedisServer::start();
-    let clock = FakeRelativeClock::default();
-    let backend = common::redis::fake_clock_backend(&server, &clock).await;
+    let (_server, clock, backend) = common::redis::single_node_on_fake_clock().await;
     let limit = Limit::per_minute(10);
     assert_eq!(
         backend

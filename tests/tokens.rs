@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
-use common::{client, serve};
-use governor::clock::FakeRelativeClock;
+use common::{client, header, serve};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tierlimit::{Policy, RateLimitLayer, backend::Backend, meter::TokenMeter};
@@ -48,12 +47,6 @@ fn token_policy() -> Policy {
         "the spec table moved"
     );
     Policy::from_toml_str(&text).unwrap()
-}
-
-fn header(res: &reqwest::Response, name: &str) -> Option<u64> {
-    res.headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap().parse().unwrap())
 }
 
 async fn complete(c: &reqwest::Client, url: &str, key: &str, body: Value) -> reqwest::Response {
@@ -367,9 +360,7 @@ async fn streams_settle_exactly_once_on_redis() {
     if !common::redis::ready() {
         return;
     }
-    let server = common::redis::RedisServer::start();
-    let clock = FakeRelativeClock::default();
-    let backend = common::redis::fake_clock_backend(&server, &clock).await;
+    let (_server, _clock, backend) = common::redis::single_node_on_fake_clock().await;
     streams_settle_exactly_once(backend).await;
 }
 
@@ -447,9 +438,7 @@ async fn usage_reset_is_the_refusals_reset_while_tokens_are_owed_on_redis() {
     if !common::redis::ready() {
         return;
     }
-    let server = common::redis::RedisServer::start();
-    let clock = FakeRelativeClock::default();
-    let backend = common::redis::fake_clock_backend(&server, &clock).await;
+    let (_server, _clock, backend) = common::redis::single_node_on_fake_clock().await;
     usage_reset_is_the_refusals_reset_while_tokens_are_owed(backend).await;
 }
 
@@ -540,9 +529,7 @@ async fn refunds_by_status_on_redis_cluster() {
     if !common::redis::ready() {
         return;
     }
-    let cluster = common::redis::RedisCluster::start();
-    let clock = FakeRelativeClock::default();
-    let backend = common::redis::fake_clock_cluster_backend(&cluster, &clock).await;
+    let (_cluster, _clock, backend) = common::redis::cluster_on_fake_clock().await;
     refunds_by_status(backend).await;
 }
 

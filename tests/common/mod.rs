@@ -95,6 +95,22 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// One request with an API key.
+pub async fn call(c: &reqwest::Client, method: &str, url: &str, key: &str) -> reqwest::Response {
+    c.request(method.parse().unwrap(), url)
+        .header("X-API-Key", key)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A response header's number (`X-RateLimit-*`, `Retry-After`), if it has one.
+pub fn header(res: &reqwest::Response, name: &str) -> Option<u64> {
+    res.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+}
+
 /// Unix seconds now.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -152,6 +168,48 @@ category = "ai"
 "team-b" = { tier = "team", account = "initech" }
 "team-solo" = "team"
 "#;
+
+/// The late-answer tests' policy: key `late-key`, at most 2 reads at once.
+pub const LATE_POLICY: &str = r#"
+categories = ["read", "write"]
+
+[tiers.free]
+read = { requests = "1000/hour", concurrency = 2 }
+write = "1000/hour"
+
+[keys]
+"late-key" = "free"
+"#;
+
+/// `GET /v1/data` limited by [`LATE_POLICY`] on `backend`, served on 127.0.0.1:0.
+#[cfg(feature = "redis")]
+pub async fn serve_late_key(backend: tierlimit::RedisBackend) -> Server {
+    let layer = tierlimit::RateLimitLayer::builder(Policy::from_toml_str(LATE_POLICY).unwrap())
+        .backend(backend)
+        .build();
+    let app = Router::new()
+        .route("/v1/data", axum::routing::get(|| async { "data" }))
+        .layer(layer);
+    serve(app).await
+}
+
+/// `GET /v1/data` as `late-key`: status, `X-Concurrency-Remaining`,
+/// `X-RateLimit-Remaining`.
+pub async fn read_late_key(s: &Server) -> (u16, Option<u32>, Option<u32>) {
+    let res = client()
+        .get(s.url("/v1/data"))
+        .header("x-api-key", "late-key")
+        .send()
+        .await
+        .unwrap();
+    let header = |name: &str| {
+        res.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().parse().unwrap())
+    };
+    let left = header("x-concurrency-remaining");
+    (res.status().as_u16(), left, header("x-ratelimit-remaining"))
+}
 
 /// A fresh directory under the system's temporary one, removed on drop:
 /// `tierlimit-{name}-{pid}-{n}`.

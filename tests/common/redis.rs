@@ -313,12 +313,7 @@ pub async fn fake_clock_backend(
     server: &RedisServer,
     clock: &governor::clock::FakeRelativeClock,
 ) -> tierlimit::RedisBackend {
-    tierlimit::RedisBackend::builder(server.url())
-        .fake_clock(clock.clone())
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .unwrap()
+    on_fake_clock(tierlimit::RedisBackend::builder(server.url()), clock).await
 }
 
 /// A backend on `cluster` that reads `clock` instead of Redis's `TIME`.
@@ -327,10 +322,61 @@ pub async fn fake_clock_cluster_backend(
     cluster: &RedisCluster,
     clock: &governor::clock::FakeRelativeClock,
 ) -> tierlimit::RedisBackend {
-    tierlimit::RedisBackend::cluster(cluster.urls())
+    on_fake_clock(tierlimit::RedisBackend::cluster(cluster.urls()), clock).await
+}
+
+/// A backend on the Redis `builder` names that reads `clock` instead of
+/// Redis's `TIME`.
+#[cfg(feature = "test-util")]
+async fn on_fake_clock(
+    builder: tierlimit::backend::RedisBackendBuilder,
+    clock: &governor::clock::FakeRelativeClock,
+) -> tierlimit::RedisBackend {
+    builder
         .fake_clock(clock.clone())
         .timeout(Duration::from_secs(2))
         .connect()
         .await
         .unwrap()
+}
+
+/// A fresh single node, a fake clock and a backend reading it; keep the
+/// server bound for as long as the backend is used.
+#[cfg(feature = "test-util")]
+pub async fn single_node_on_fake_clock() -> (
+    RedisServer,
+    governor::clock::FakeRelativeClock,
+    tierlimit::RedisBackend,
+) {
+    let server = RedisServer::start();
+    let clock = governor::clock::FakeRelativeClock::default();
+    let backend = fake_clock_backend(&server, &clock).await;
+    (server, clock, backend)
+}
+
+/// A fresh cluster, a fake clock and a backend reading it; keep the
+/// cluster bound for as long as the backend is used.
+#[cfg(feature = "test-util")]
+pub async fn cluster_on_fake_clock() -> (
+    RedisCluster,
+    governor::clock::FakeRelativeClock,
+    tierlimit::RedisBackend,
+) {
+    let cluster = RedisCluster::start();
+    let clock = governor::clock::FakeRelativeClock::default();
+    let backend = fake_clock_cluster_backend(&cluster, &clock).await;
+    (cluster, clock, backend)
+}
+
+/// The layer `build` makes on a backend on the Redis `builder` names (giving
+/// up after `timeout`), sharing operator state through that Redis.
+pub async fn sharing_operator_state<E>(
+    builder: tierlimit::backend::RedisBackendBuilder,
+    timeout: Duration,
+    build: impl FnOnce(tierlimit::RedisBackend) -> tierlimit::RateLimitLayer<E, tierlimit::RedisBackend>,
+) -> tierlimit::RateLimitLayer<E, tierlimit::RedisBackend> {
+    let backend = builder.timeout(timeout).connect().await.unwrap();
+    let layer = build(backend.clone());
+    layer.share_operator_state(&backend).await.unwrap();
+    layer
 }
