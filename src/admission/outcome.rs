@@ -206,10 +206,7 @@ impl<'a> Outcome<'a> {
         } else {
             Duration::ZERO
         };
-        let token_limit = match decision.tokens {
-            Some(t) => meter.and_then(|m| m.limit_of(t.index)),
-            None => None,
-        };
+        let token_limit = decision.tokens.and_then(|t| meter?.limit_of(t.index));
         HeaderPlan::new(
             decision,
             self.cell.headers.clone(),

@@ -13,29 +13,6 @@ use std::fmt;
 use super::TierId;
 use crate::key::KeyId;
 
-/// A `[keys]` entry: the key's text, its tier and its account.
-#[derive(Debug)]
-pub(super) struct KeyRow {
-    key: KeyText,
-    pub(super) tier: TierId,
-    pub(super) account: Option<KeyId>,
-}
-
-impl KeyRow {
-    pub(super) fn new(key: &str, tier: TierId, account: Option<KeyId>) -> Self {
-        KeyRow {
-            key: KeyText::new(key),
-            tier,
-            account,
-        }
-    }
-
-    /// The key's text.
-    pub(super) fn key(&self) -> &str {
-        self.key.as_str()
-    }
-}
-
 /// The longest key kept in its slot.
 pub(super) const INLINE_KEY: usize = 38;
 
@@ -99,13 +76,13 @@ pub(super) struct Slot {
 }
 
 impl Slot {
-    fn new(id: u64, row: KeyRow) -> Self {
+    fn new(id: u64, key: &str, tier: TierId, account: Option<KeyId>) -> Self {
         Slot {
             id,
-            account: row.account.map_or(0, KeyId::as_u64),
-            tier: row.tier,
-            has_account: row.account.is_some(),
-            key: row.key,
+            account: account.map_or(0, KeyId::as_u64),
+            tier,
+            has_account: account.is_some(),
+            key: KeyText::new(key),
         }
     }
 
@@ -127,32 +104,33 @@ impl Slot {
 #[derive(Debug, Default)]
 pub(crate) struct KeyTable {
     slots: Box<[Option<Slot>]>,
-    len: usize,
 }
 
 impl KeyTable {
-    /// The table of `rows`, each under its key's id (`id_of`); the keys
-    /// must be distinct.
-    pub(super) fn new(rows: Vec<KeyRow>, id_of: impl Fn(&str) -> u64) -> Self {
-        let len = rows.len();
-        if len == 0 {
-            return KeyTable::default();
-        }
+    /// A table with room for `n` keys.
+    pub(super) fn with_capacity(n: usize) -> Self {
         let mut slots: Vec<Option<Slot>> = Vec::new();
-        slots.resize_with(2 * len + 1, || None);
-        let mut table = KeyTable {
-            slots: slots.into_boxed_slice(),
-            len,
-        };
-        for row in rows {
-            let id = id_of(row.key());
-            let mut i = table.home(id);
-            while table.slots[i].is_some() {
-                i = table.next(i);
-            }
-            table.slots[i] = Some(Slot::new(id, row));
+        if n > 0 {
+            slots.resize_with(2 * n + 1, || None);
         }
-        table
+        KeyTable {
+            slots: slots.into_boxed_slice(),
+        }
+    }
+
+    /// Lists `key` with its tier and account; `false` (and nothing
+    /// changed) if it is listed already. At most the capacity's keys.
+    pub(super) fn insert(&mut self, key: &str, tier: TierId, account: Option<KeyId>) -> bool {
+        let id = KeyId::of(key).as_u64();
+        let mut i = self.home(id);
+        while let Some(slot) = &self.slots[i] {
+            if slot.id == id && slot.key.is(key) {
+                return false;
+            }
+            i = self.next(i);
+        }
+        self.slots[i] = Some(Slot::new(id, key, tier, account));
+        true
     }
 
     /// Where a key of id `id` is looked for first (the id's high bits
@@ -170,7 +148,7 @@ impl KeyTable {
     /// The slot of `key`, whose id is `id`, if it is listed.
     #[inline]
     pub(super) fn find(&self, id: u64, key: &str) -> Option<&Slot> {
-        if self.len == 0 {
+        if self.slots.is_empty() {
             return None;
         }
         let mut i = self.home(id);
@@ -198,5 +176,18 @@ mod tests {
     fn a_slot_is_one_cache_line() {
         assert_eq!(std::mem::size_of::<Option<Slot>>(), 64);
         assert_eq!(std::mem::align_of::<Option<Slot>>(), 64);
+    }
+
+    #[test]
+    fn a_key_is_listed_once() {
+        let mut t = KeyTable::with_capacity(2);
+        assert!(t.insert("k", TierId(0), None));
+        assert!(!t.insert("k", TierId(1), None), "listed twice");
+        assert!(t.insert("k2", TierId(1), None));
+        assert_eq!(
+            t.find(KeyId::of("k").as_u64(), "k").map(Slot::entry),
+            Some((TierId(0), None))
+        );
+        assert_eq!(t.iter().count(), 2);
     }
 }

@@ -1,17 +1,14 @@
 //! The `[keys]` section: each key's tier and account, compared by full
 //! text, never shown in an error.
 
-use std::collections::HashSet;
-
 use super::names::{Names, join};
 use super::{KeyEntry, Located, PolicyBuilder, PolicyError};
-use crate::key::{KeyId, hash_str};
-use crate::policy::keys::{KeyRow, KeyTable};
+use crate::key::KeyId;
+use crate::policy::keys::KeyTable;
 
 impl PolicyBuilder {
     pub(super) fn build_keys(&self, names: &Names) -> Result<KeyTable, PolicyError> {
-        let mut rows: Vec<KeyRow> = Vec::with_capacity(self.keys.len());
-        let mut seen: HashSet<&str> = HashSet::with_capacity(self.keys.len());
+        let mut keys = KeyTable::with_capacity(self.keys.len());
         for Located {
             value: KeyEntry { key, tier, account },
             line,
@@ -39,12 +36,11 @@ impl PolicyBuilder {
                     Some(KeyId::of_account(a))
                 }
             };
-            if !seen.insert(key.as_str()) {
+            if !keys.insert(key, t, account) {
                 return Err(PolicyError::new(&entry, *line, "this key is listed twice"));
             }
-            rows.push(KeyRow::new(key, t, account));
         }
-        Ok(KeyTable::new(rows, hash_str))
+        Ok(keys)
     }
 }
 
