@@ -631,17 +631,6 @@ mod redis_attacks {
             .map_or(0, |r| r.status().as_u16())
     }
 
-    async fn status(s: &common::Server, key: &str) -> u16 {
-        common::client()
-            .get(s.url("/v1/account"))
-            .header("x-api-key", key)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_instance_that_missed_a_restore_from_a_snapshot_follows_redis() {
         if !redis_ready() {
@@ -654,7 +643,7 @@ mod redis_attacks {
         assert_eq!(provision(&a, "sk-snap-first-01").await, 200);
         assert_eq!(server.cli(&["SAVE"]).as_deref(), Some("OK"));
         assert_eq!(provision(&a, "sk-snap-lost-002").await, 200);
-        assert!(eventually(async || status(&b, "sk-snap-lost-002").await == 200).await);
+        assert!(eventually(async || common::status(&b, "sk-snap-lost-002").await == 200).await);
         // B is cut off while Redis comes back from the snapshot (a restore,
         // or a failover to a replica that lagged): the second key is lost.
         proxy.block();
@@ -669,14 +658,14 @@ mod redis_attacks {
         // follow it.
         for (name, s) in [("A", &a), ("B", &b)] {
             assert!(
-                eventually(async || status(s, "sk-snap-after-03").await == 200).await,
+                eventually(async || common::status(s, "sk-snap-after-03").await == 200).await,
                 "{name} never took the key written after the restore"
             );
             assert!(
-                eventually(async || status(s, "sk-snap-lost-002").await == 401).await,
+                eventually(async || common::status(s, "sk-snap-lost-002").await == 401).await,
                 "{name} still admits a key Redis lost"
             );
-            assert_eq!(status(s, "sk-snap-first-01").await, 200, "{name}");
+            assert_eq!(common::status(s, "sk-snap-first-01").await, 200, "{name}");
         }
     }
 
@@ -710,7 +699,7 @@ mod redis_attacks {
             for k in ["sk-pause-from-a1", "sk-pause-from-b2"] {
                 let want = if landed.contains(&k) { 200 } else { 401 };
                 assert!(
-                    eventually(async || status(s, k).await == want).await,
+                    eventually(async || common::status(s, k).await == want).await,
                     "{k}: want {want}"
                 );
             }

@@ -169,18 +169,6 @@ async fn provision(s: &common::Server, key: &str) -> (u16, Value) {
     (status, res.json().await.unwrap_or(Value::Null))
 }
 
-/// `GET /v1/account` as `key`: the status.
-async fn status(s: &common::Server, key: &str) -> u16 {
-    common::client()
-        .get(s.url("/v1/account"))
-        .header("x-api-key", key)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
-}
-
 async fn admin_answered_503(stall: Stall) {
     let server = RedisServer::start();
     let (a, b) = (instance(&server).await, instance(&server).await);
@@ -193,12 +181,12 @@ async fn admin_answered_503(stall: Stall) {
     // same connection, so once it is answered, the queued one has run.
     assert_eq!(provision(&a, "sk-after-0002").await.0, 200);
     until("B accepts the later key", async || {
-        status(&b, "sk-after-0002").await == 200
+        common::status(&b, "sk-after-0002").await == 200
     })
     .await;
     for (name, s) in [("A", &a), ("B", &b)] {
         assert_eq!(
-            status(s, "sk-late-change-0001").await,
+            common::status(s, "sk-late-change-0001").await,
             401,
             "{stall:?}: {name} admits a key whose change was answered 503"
         );
@@ -234,7 +222,7 @@ async fn instances_agree_with_redis_after_it_loses_its_data() {
     let (a, b) = (instance(&server).await, instance(&server).await);
     assert_eq!(provision(&a, "sk-before-loss-01").await.0, 200);
     until("B accepts the first key", async || {
-        status(&b, "sk-before-loss-01").await == 200
+        common::status(&b, "sk-before-loss-01").await == 200
     })
     .await;
     // Redis restarts empty (no persistence); A provisions another key,
@@ -245,22 +233,22 @@ async fn instances_agree_with_redis_after_it_loses_its_data() {
     })
     .await;
     until("B accepts the second key", async || {
-        status(&b, "sk-after-loss-002").await == 200
+        common::status(&b, "sk-after-loss-002").await == 200
     })
     .await;
     // Both follow what Redis holds: the first key was lost with it.
     for (name, s) in [("A", &a), ("B", &b)] {
         until(&format!("{name} forgets the lost key"), async || {
-            status(s, "sk-before-loss-01").await == 401
+            common::status(s, "sk-before-loss-01").await == 401
         })
         .await;
-        assert_eq!(status(s, "sk-after-loss-002").await, 200, "{name}");
+        assert_eq!(common::status(s, "sk-after-loss-002").await, 200, "{name}");
     }
     // A flush: every instance follows it too.
     server.cli(&["FLUSHALL"]).unwrap();
     for (name, s) in [("A", &a), ("B", &b)] {
         until(&format!("{name} follows the flush"), async || {
-            status(s, "sk-after-loss-002").await == 401
+            common::status(s, "sk-after-loss-002").await == 401
         })
         .await;
     }

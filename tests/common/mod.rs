@@ -95,6 +95,12 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// `GET /v1/account` on `s` as `key`: the status.
+pub async fn status(s: &Server, key: &str) -> u16 {
+    let url = s.url("/v1/account");
+    call(&client(), "GET", &url, key).await.status().as_u16()
+}
+
 /// One request with an API key.
 pub async fn call(c: &reqwest::Client, method: &str, url: &str, key: &str) -> reqwest::Response {
     c.request(method.parse().unwrap(), url)
