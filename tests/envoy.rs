@@ -9,8 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::envoy::{
-    NOW, OK, OVER, POLICY, ask, ask1, client, descriptor, header, layer, request, reset_secs, rls,
-    serve, why,
+    NOW, OK, OVER, POLICY, ask, ask1, client, descriptor, header, layer, layer_with, request,
+    reset_secs, rls, serve, why,
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
 use envoy_types::pb::google::protobuf::UInt64Value;
@@ -80,11 +80,8 @@ async fn headers_to_add_are_the_layers() {
 #[tokio::test]
 async fn draft_fields_when_the_layer_writes_them() {
     let clock = FakeRelativeClock::default();
-    let layer = RateLimitLayer::builder(Policy::from_toml_str(POLICY).unwrap())
-        .backend(MemoryBackend::builder().clock(clock.clone()).build())
-        .headers(tierlimit::HeaderOptions::default().ietf_draft(true))
-        .unix_clock(|| NOW)
-        .build();
+    let draft = tierlimit::HeaderOptions::default().ietf_draft(true);
+    let layer = layer_with(POLICY, &clock, draft);
     let s = serve(RateLimitServer::new(&layer)).await;
     let mut c = client(s.addr).await;
     let r = ask1(&mut c, &[("api_key", "free-key"), ("category", "read")]).await;
@@ -98,10 +95,8 @@ async fn draft_fields_when_the_layer_writes_them() {
 #[tokio::test]
 async fn with_the_layers_headers_off_statuses_still_describe_the_limit() {
     let clock = FakeRelativeClock::default();
-    let layer = RateLimitLayer::builder(Policy::from_toml_str(POLICY).unwrap())
-        .backend(MemoryBackend::builder().clock(clock.clone()).build())
-        .headers(tierlimit::HeaderOptions::default().x_ratelimit(false))
-        .build();
+    let off = tierlimit::HeaderOptions::default().x_ratelimit(false);
+    let layer = layer_with(POLICY, &clock, off);
     let s = serve(RateLimitServer::new(&layer)).await;
     let mut c = client(s.addr).await;
     let write = [("api_key", "free-key"), ("category", "write")];

@@ -176,8 +176,18 @@ pub async fn rls(
 }
 
 pub fn layer(policy: &str, clock: &FakeRelativeClock) -> Layer {
+    layer_with(policy, clock, tierlimit::HeaderOptions::default())
+}
+
+/// [`layer`], writing the header fields `headers` selects.
+pub fn layer_with(
+    policy: &str,
+    clock: &FakeRelativeClock,
+    headers: tierlimit::HeaderOptions,
+) -> Layer {
     RateLimitLayer::builder(Policy::from_toml_str(policy).unwrap())
         .backend(MemoryBackend::builder().clock(clock.clone()).build())
+        .headers(headers)
         .unix_clock(|| NOW)
         .build()
 }
