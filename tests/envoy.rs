@@ -9,8 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::envoy::{
-    NOW, OK, OVER, POLICY, ask, ask1, client, descriptor, header, layer, layer_with, request,
-    reset_secs, rls, serve, why,
+    NOW, OK, OVER, POLICY, ask, ask1, client, descriptor, header, layer, request, reset_secs, rls,
+    rls_with, serve, why,
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
 use envoy_types::pb::google::protobuf::UInt64Value;
@@ -79,11 +79,8 @@ async fn headers_to_add_are_the_layers() {
 
 #[tokio::test]
 async fn draft_fields_when_the_layer_writes_them() {
-    let clock = FakeRelativeClock::default();
-    let draft = tierlimit::HeaderOptions::default().ietf_draft(true);
-    let layer = layer_with(POLICY, &clock, draft);
-    let s = serve(RateLimitServer::new(&layer)).await;
-    let mut c = client(s.addr).await;
+    let (_clock, _s, mut c) =
+        rls_with(POLICY, tierlimit::HeaderOptions::default().ietf_draft(true)).await;
     let r = ask1(&mut c, &[("api_key", "free-key"), ("category", "read")]).await;
     assert_eq!(
         header(&r, "ratelimit-policy"),
@@ -94,11 +91,11 @@ async fn draft_fields_when_the_layer_writes_them() {
 
 #[tokio::test]
 async fn with_the_layers_headers_off_statuses_still_describe_the_limit() {
-    let clock = FakeRelativeClock::default();
-    let off = tierlimit::HeaderOptions::default().x_ratelimit(false);
-    let layer = layer_with(POLICY, &clock, off);
-    let s = serve(RateLimitServer::new(&layer)).await;
-    let mut c = client(s.addr).await;
+    let (_clock, _s, mut c) = rls_with(
+        POLICY,
+        tierlimit::HeaderOptions::default().x_ratelimit(false),
+    )
+    .await;
     let write = [("api_key", "free-key"), ("category", "write")];
     let r = ask1(&mut c, &write).await;
     assert_eq!(r.overall_code, OK);

@@ -169,8 +169,20 @@ pub async fn rls(
     super::Server,
     RateLimitServiceClient<Channel>,
 ) {
+    rls_with(policy, tierlimit::HeaderOptions::default()).await
+}
+
+/// [`rls`], its layer writing the header fields `headers` selects.
+pub async fn rls_with(
+    policy: &str,
+    headers: tierlimit::HeaderOptions,
+) -> (
+    FakeRelativeClock,
+    super::Server,
+    RateLimitServiceClient<Channel>,
+) {
     let clock = FakeRelativeClock::default();
-    let s = serve(RateLimitServer::new(&layer(policy, &clock))).await;
+    let s = serve(RateLimitServer::new(&layer_with(policy, &clock, headers))).await;
     let c = client(s.addr).await;
     (clock, s, c)
 }
