@@ -339,6 +339,7 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
                 headers: self.headers,
                 shadowed: Arc::new(AtomicU64::new(0)),
                 unix_clock: self.unix_clock,
+                overload: Arc::new(crate::overload::Overload::new()),
             }),
         }
     }
