@@ -3,13 +3,19 @@
 //!
 //! Additive increase, multiplicative decrease, as TCP's congestion window
 //! and Netflix's concurrency-limits `AIMDLimit` (with its latency
-//! threshold as the drop signal): each window that closes with its mean
+//! threshold as the drop signal), after a slow start as TCP's: until the
+//! first window over the target, each window that closes with its mean
 //! latency at or under the target, and the capacity in use (its peak in
-//! flight at least half the capacity), adds one; a window whose mean is
+//! flight at least nine tenths of it), doubles the capacity; after it,
+//! such a window adds one. A window whose mean is
 //! over the target sets the capacity to nine tenths of what was really in
 //! flight (the smaller of the capacity and the window's peak), so a
 //! capacity far above the real concurrency falls to it in one step. Never
-//! below the floor nor above the ceiling. Time is passed in, so the rule
+//! below the floor nor above the ceiling. A window counts only requests
+//! admitted after the capacity last moved, so each step is judged by the
+//! latency of the capacity it set, not by the queue the one before left
+//! (without this, one overload cuts the capacity window after window while
+//! that queue drains, far below what the service takes). Time is passed in, so the rule
 //! runs as well on a fake clock as on the real one.
 
 use std::time::Duration;
@@ -38,6 +44,11 @@ pub(crate) struct Aimd {
     peak: u32,
     reported: u32,
     step: f64,
+    /// Doubling, until the first window over the target.
+    slow_start: bool,
+    /// When the capacity last moved: requests admitted before are not
+    /// counted.
+    moved: u64,
 }
 
 /// A window's verdict: the capacity after it, and whether it moved far
@@ -74,6 +85,8 @@ impl Aimd {
             peak: 0,
             reported: capacity,
             step,
+            slow_start: true,
+            moved: now,
         }
     }
 
@@ -97,6 +110,10 @@ impl Aimd {
     /// (itself included) were in flight when it ended, at `now`. When the
     /// window closes, the step it took.
     pub(crate) fn sample(&mut self, now: u64, latency: Duration, in_flight: u32) -> Option<Step> {
+        if now.saturating_sub(nanos(latency)) < self.moved {
+            // Admitted under an earlier capacity.
+            return None;
+        }
         self.samples += 1;
         self.sum = self.sum.saturating_add(nanos(latency));
         self.peak = self.peak.max(in_flight);
@@ -109,13 +126,18 @@ impl Aimd {
         let mean = self.sum / u64::from(self.samples);
         let used = self.capacity.min(self.peak.max(1));
         let capacity = if mean > self.target {
+            self.slow_start = false;
             let cut = u64::from(used) * BACKOFF_TENTHS / 10;
             u32::try_from(cut).unwrap_or(u32::MAX).max(self.min)
-        } else if u64::from(self.peak) * 2 >= u64::from(self.capacity) {
-            self.capacity.saturating_add(1).min(self.max)
+        } else if u64::from(self.peak) * 10 >= u64::from(self.capacity) * 9 {
+            let more = if self.slow_start { self.capacity } else { 1 };
+            self.capacity.saturating_add(more).min(self.max)
         } else {
             self.capacity
         };
+        if capacity != self.capacity {
+            self.moved = now;
+        }
         self.capacity = capacity;
         self.start = now;
         self.samples = 0;
@@ -165,11 +187,16 @@ mod tests {
     }
 
     #[test]
-    fn it_rises_one_a_window_while_latency_is_under_the_target_and_the_capacity_is_used() {
+    fn it_doubles_until_latency_first_passes_the_target_then_rises_one_a_window() {
         let mut now = 0;
-        let mut a = Aimd::new(Duration::from_millis(50), 4, 100, 10, 0.1, now);
+        let mut a = Aimd::new(Duration::from_millis(50), 4, 1_000, 4, 0.1, now);
+        let after = run(&mut a, &mut now, 4, 20, |cap| cap);
+        assert_eq!(after, [8, 16, 32, 64]);
+        // Over the target once: 9/10 of 64, then one a window.
+        let after = run(&mut a, &mut now, 1, 80, |cap| cap);
+        assert_eq!(after, [57]);
         let after = run(&mut a, &mut now, 5, 20, |cap| cap);
-        assert_eq!(after, [11, 12, 13, 14, 15]);
+        assert_eq!(after, [58, 59, 60, 61, 62]);
     }
 
     #[test]
@@ -231,6 +258,13 @@ mod tests {
     fn moves_past_the_step_are_reported_once() {
         let mut now = 0;
         let mut a = Aimd::new(Duration::from_millis(50), 1, 1_000, 100, 0.1, now);
+        // Past the slow start: one window over the target (100 → 90).
+        for _ in 0..MIN_SAMPLES {
+            now += 10 * MS;
+            a.sample(now, Duration::from_millis(80), 100);
+        }
+        assert_eq!(a.capacity(), 90);
+        a.reported = 100;
         let mut reports = Vec::new();
         for _ in 0..30 {
             now += 100 * MS;
@@ -242,10 +276,10 @@ mod tests {
                 }
             }
         }
-        // 100 → 130 one at a time: reported at 111 (past 10% of 100), then
-        // at 123 (past 10% of 111); 130 is not past 10% of 123.
-        assert_eq!(a.capacity(), 130);
-        assert_eq!(reports, [111, 123]);
+        // 90 → 120 one at a time: reported at 111 (past 10% of 100), then
+        // at 123 is not reached; 120 is not past 10% of 111.
+        assert_eq!(a.capacity(), 120);
+        assert_eq!(reports, [111]);
     }
 
     #[test]

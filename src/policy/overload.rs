@@ -105,8 +105,9 @@ impl OverloadSettings {
         self
     }
 
-    /// Where an adaptive capacity starts (default: its ceiling, so nothing
-    /// is shed before latency says so).
+    /// Where an adaptive capacity starts (default: its floor). It doubles
+    /// from there each window while latency stays under the target (a slow
+    /// start, as TCP's), until latency first passes it.
     pub fn initial_capacity(mut self, n: u32) -> Self {
         self.initial_capacity = Some(n);
         self
@@ -290,7 +291,7 @@ pub(super) fn compile(
                     format!("the floor ({min}) is above the ceiling (max_capacity = {max})"),
                 ));
             }
-            let initial = count("initial_capacity", settings.initial_capacity.unwrap_or(max))?;
+            let initial = count("initial_capacity", settings.initial_capacity.unwrap_or(min))?;
             if !(min..=max).contains(&initial) {
                 return Err(err(
                     "initial_capacity",
