@@ -31,6 +31,10 @@ const ADMIN: &str = "overload-admin-token";
 /// The demo's overload policy with its `[overload]` table replaced by
 /// `table`.
 fn policy_with(table: &str) -> Result<Policy, tierlimit::PolicyError> {
+    // Keys are hashed when a policy is built: with the Redis tests' secret,
+    // so every test of this binary hashes alike.
+    #[cfg(feature = "redis")]
+    common::redis::init_secret();
     Policy::from_toml_str(&format!("{}\n{table}", demo_head()))
 }
 
@@ -57,7 +61,11 @@ enterprise = 0.9
 
 async fn demo_server(policy: Policy) -> Server {
     // A clock that stands still: remaining counts are exact.
-    let layer = demo::limits(policy, common::fake_memory());
+    demo_server_on(policy, common::fake_memory()).await
+}
+
+async fn demo_server_on<B: tierlimit::backend::Backend>(policy: Policy, backend: B) -> Server {
+    let layer = demo::limits(policy, backend);
     common::serve(demo::app_with_admin(layer, Some(ADMIN))).await
 }
 
@@ -143,22 +151,39 @@ async fn remaining(s: &Server, key: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiers_are_shed_in_order_free_first_enterprise_last_critical_after_that() {
-    let s = demo_server(policy_with(FIXED_10).unwrap()).await;
-    let before = remaining(&s, "free-demo-key").await;
+    tiers_in_order(&demo_server(fixed_10()).await).await;
+}
+
+/// [`FIXED_10`], free reads limited to 100 an hour (remaining counts show
+/// what was charged).
+fn fixed_10() -> Policy {
+    #[cfg(feature = "redis")]
+    common::redis::init_secret();
+    let head = demo_head().replace(
+        "[tiers.free]\nread = \"100000/minute\"",
+        "[tiers.free]\nread = \"100/hour\"",
+    );
+    Policy::from_toml_str(&format!("{head}\n{FIXED_10}")).unwrap()
+}
+
+/// The order of shedding under a fixed capacity of 10, on `s`'s backend,
+/// and what the shed requests consumed: nothing.
+async fn tiers_in_order(s: &Server) {
+    let before = remaining(s, "free-demo-key").await;
     let mut held = Held(Vec::new());
 
-    hold(&s, &mut held, "free-demo-key", None, 5, 5).await;
+    hold(s, &mut held, "free-demo-key", None, 5, 5).await;
     // 5 of 10 in flight: free is shed, the others are not.
-    let shed = quick(&s, "free-demo-key", None).await;
+    let shed = quick(s, "free-demo-key", None).await;
     assert_eq!(shed.status(), 503);
-    assert_eq!(quick(&s, "pro-demo-key", None).await.status(), 200);
-    assert_eq!(quick(&s, "enterprise-demo-key", None).await.status(), 200);
+    assert_eq!(quick(s, "pro-demo-key", None).await.status(), 200);
+    assert_eq!(quick(s, "enterprise-demo-key", None).await.status(), 200);
 
     // The shed answer: the draft's problem type, Retry-After, and the
     // headers that describe the quota.
     assert_eq!(common::header(&shed, "retry-after"), Some(1));
-    assert_eq!(common::header(&shed, "x-ratelimit-limit"), Some(100_000));
-    assert_eq!(common::header(&shed, "x-ratelimit-window"), Some(60));
+    assert_eq!(common::header(&shed, "x-ratelimit-limit"), Some(100));
+    assert_eq!(common::header(&shed, "x-ratelimit-window"), Some(3600));
     assert_eq!(shed.headers()["content-type"], "application/problem+json");
     let body: Value = shed.json().await.unwrap();
     assert_eq!(
@@ -169,46 +194,47 @@ async fn tiers_are_shed_in_order_free_first_enterprise_last_critical_after_that(
     assert_eq!(body["tier"], "free");
     assert_eq!(body["retry_after_seconds"], 1);
 
-    hold(&s, &mut held, "pro-demo-key", None, 3, 8).await;
+    hold(s, &mut held, "pro-demo-key", None, 3, 8).await;
     // 8 of 10: pro is shed too; enterprise is not; a critical free
     // request is not either.
-    assert_eq!(quick(&s, "pro-demo-key", None).await.status(), 503);
-    assert_eq!(quick(&s, "enterprise-demo-key", None).await.status(), 200);
+    assert_eq!(quick(s, "pro-demo-key", None).await.status(), 503);
+    assert_eq!(quick(s, "enterprise-demo-key", None).await.status(), 200);
     assert_eq!(
-        quick(&s, "free-demo-key", Some("critical")).await.status(),
+        quick(s, "free-demo-key", Some("critical")).await.status(),
         200
     );
 
-    hold(&s, &mut held, "enterprise-demo-key", None, 1, 9).await;
+    hold(s, &mut held, "enterprise-demo-key", None, 1, 9).await;
     // 9 of 10: enterprise is shed; critical requests of any tier are not.
-    assert_eq!(quick(&s, "enterprise-demo-key", None).await.status(), 503);
+    assert_eq!(quick(s, "enterprise-demo-key", None).await.status(), 503);
     assert_eq!(
-        quick(&s, "pro-demo-key", Some("critical")).await.status(),
+        quick(s, "pro-demo-key", Some("critical")).await.status(),
         200
     );
     // A malformed priority is the client's mistake, said as such.
     assert_eq!(
-        quick(&s, "pro-demo-key", Some("urgent!")).await.status(),
+        quick(s, "pro-demo-key", Some("urgent!")).await.status(),
         400
     );
 
-    hold(&s, &mut held, "free-demo-key", Some("critical"), 1, 10).await;
+    hold(s, &mut held, "free-demo-key", Some("critical"), 1, 10).await;
     // 10 of 10: everything is shed, critical requests too.
     assert_eq!(
-        quick(&s, "enterprise-demo-key", Some("critical"))
+        quick(s, "enterprise-demo-key", Some("critical"))
             .await
             .status(),
         503
     );
-    assert_eq!(overload(&s).await["capacity"], 10);
+    assert_eq!(overload(s).await["capacity"], 10);
 
     // Every held request dropped: every place comes back.
     drop(held);
-    in_flight_reaches(&s, 0).await;
+    in_flight_reaches(s, 0).await;
     // Free was admitted 5 (held) + 1 (critical quick) + 1 (critical held)
     // times; its 2 shed requests consumed nothing.
-    assert_eq!(before - remaining(&s, "free-demo-key").await, 7);
-    assert_eq!(quick(&s, "free-demo-key", None).await.status(), 200);
+    let after = remaining(s, "free-demo-key").await;
+    assert_eq!(before - after, 7, "before {before}, after {after}");
+    assert_eq!(quick(s, "free-demo-key", None).await.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,6 +246,8 @@ async fn unlimited_categories_and_exempt_routes_are_shed_unless_the_policy_spare
         )
     };
     for spare in [false, true] {
+        #[cfg(feature = "redis")]
+        common::redis::init_secret();
         let head = demo_head().replace(
             "[tiers.enterprise]\nread = \"100000/minute\"",
             "[tiers.enterprise]\nread = \"unlimited\"",
@@ -299,7 +327,7 @@ async fn a_shed_grpc_call_is_unavailable_with_a_pushback_and_retry_info() {
         .into_axum_router()
         .route(
             "/hold",
-            axum::routing::get(|| std::future::pending::<&'static str>()),
+            axum::routing::get(std::future::pending::<&'static str>),
         )
         .layer(layer);
     let s = common::serve(app).await;
@@ -461,4 +489,33 @@ fn a_bad_overload_table_is_refused_naming_the_entry() {
         .build();
     let err = built.unwrap_err().to_string();
     assert!(err.contains("overload.shed_at.free"), "{err}");
+}
+
+#[cfg(feature = "redis")]
+mod redis {
+    use super::*;
+    use common::redis::{RedisCluster, RedisServer, ready};
+    use governor::clock::FakeRelativeClock;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tiers_are_shed_in_order_and_shed_requests_consume_nothing_on_redis() {
+        if !ready() {
+            return;
+        }
+        let server = RedisServer::start();
+        let clock = FakeRelativeClock::default();
+        let backend = common::redis::fake_clock_backend(&server, &clock).await;
+        tiers_in_order(&demo_server_on(fixed_10(), backend).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tiers_are_shed_in_order_and_shed_requests_consume_nothing_on_a_cluster() {
+        if !ready() {
+            return;
+        }
+        let cluster = RedisCluster::start();
+        let clock = FakeRelativeClock::default();
+        let backend = common::redis::fake_clock_cluster_backend(&cluster, &clock).await;
+        tiers_in_order(&demo_server_on(fixed_10(), backend).await).await;
+    }
 }

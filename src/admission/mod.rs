@@ -295,6 +295,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
     /// when the tier's fraction is taken.
     #[cold]
     #[inline(never)]
+    #[allow(clippy::result_large_err)] // the answer itself, moved once, when shed
     fn shed<T>(
         &self,
         f: &Found<'_, T>,
