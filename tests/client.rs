@@ -348,3 +348,117 @@ write = "1/hour"
     assert_eq!(res.status(), StatusCode::OK, "retried after the hint");
     assert_eq!(start.elapsed(), Duration::from_secs(6));
 }
+
+/// A policy like [`policy`], with an overload capacity of one request in
+/// flight and a shed caller told to wait 2 s.
+fn overload_policy() -> Policy {
+    let text = r#"
+categories = ["read", "write"]
+[tiers.t]
+read = "1000/second"
+write = "1000/second"
+[keys]
+"k" = "t"
+[overload]
+capacity = 1
+retry_after = "2s"
+"#;
+    Policy::from_toml_str(text).unwrap()
+}
+
+/// `/r` (at once) and `/hold` (answers after 1.5 s), behind one layer with
+/// a capacity of one, and the gRPC health service beside them.
+fn overloaded_router() -> Router {
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tonic::service::Routes::new(health)
+        .into_axum_router()
+        .route("/r", get(|| async { "ok" }))
+        .route(
+            "/hold",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(1_500)).await;
+                "held"
+            }),
+        )
+        .layer(tokio_clock_layer(overload_policy()))
+}
+
+/// Holds the only place for 1.5 s (paused time).
+fn hold(router: &Router) -> tokio::task::JoinHandle<()> {
+    let router = router.clone();
+    tokio::spawn(async move {
+        let req = Request::get("/hold")
+            .header("x-api-key", "k")
+            .body(Body::empty())
+            .unwrap();
+        let res = router.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn http_503_shed_waits_the_retry_after() {
+    let router = overloaded_router();
+    let held = hold(&router);
+    tokio::task::yield_now().await;
+    // Without the retry layer: shed, 503 with Retry-After.
+    let res = router.clone().oneshot(get_r()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()["retry-after"], "2");
+    // With it: the 503 is waited out (2 s), and the retry goes through.
+    let mut client = RetryLayer::new().layer(router);
+    let start = Instant::now();
+    assert_eq!(send(&mut client).await.status(), StatusCode::OK);
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    held.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_503_without_retry_after_is_not_retried() {
+    let calls = Arc::new(Mutex::new(0u32));
+    let counted = Arc::clone(&calls);
+    let server = tower::service_fn(move |_req: Request<Body>| {
+        *counted.lock().unwrap() += 1;
+        async {
+            Ok::<_, std::convert::Infallible>(
+                Response::builder()
+                    .status(StatusCode::SERVICE_UNAVAILABLE)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+        }
+    });
+    let mut client = RetryLayer::new().layer(server);
+    assert_eq!(
+        send(&mut client).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        *calls.lock().unwrap(),
+        1,
+        "the server may have done the work"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_unavailable_shed_waits_the_pushback() {
+    use tonic_health::pb::HealthCheckRequest;
+
+    let router = overloaded_router();
+    let held = hold(&router);
+    tokio::task::yield_now().await;
+    let mut health = tonic_health::pb::health_client::HealthClient::with_origin(
+        RetryLayer::new().layer(router),
+        "http://localhost".parse().unwrap(),
+    );
+    let mut req = tonic::Request::new(HealthCheckRequest {
+        service: String::new(),
+    });
+    req.metadata_mut().insert("x-api-key", "k".parse().unwrap());
+    req.extensions_mut().insert(tierlimit::client::Replayable);
+    let start = Instant::now();
+    let res = health.check(req).await;
+    assert!(res.is_ok(), "retried after the pushback: {res:?}");
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    held.await.unwrap();
+}
