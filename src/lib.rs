@@ -181,3 +181,6 @@ struct ComparisonDoctests;
 #[cfg(all(doctest, feature = "envoy"))]
 #[doc = include_str!("../docs/envoy.md")]
 struct EnvoyDoctests;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/overload.md")]
+struct OverloadDoctests;
