@@ -126,6 +126,7 @@ mod decision;
 #[cfg(feature = "envoy")]
 pub mod envoy;
 pub mod extract;
+pub mod feed;
 mod future;
 pub mod key;
 pub mod layer;

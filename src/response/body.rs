@@ -59,7 +59,9 @@ pub trait AnswerBody: Body<Data = Bytes> + Sized {
     /// with [`Leased`]). The default gives the leases back
     /// at once, when the response head leaves the layer: right for bodies
     /// that are already complete (`String`, `Full`), early for a stream.
-    fn hold(self, lease: LeaseGuard) -> Self {
+    fn hold(self, mut lease: LeaseGuard) -> Self {
+        // The body is whole already (or treated so): it has ended.
+        lease.on_end(false);
         drop(lease);
         self
     }

@@ -1,6 +1,7 @@
 //! What a response body holds until it ends: a request's concurrency
-//! leases, opaque here ([`Hold`]: released by its own `Drop`), so the
-//! response layer knows nothing of backends or leases.
+//! leases and its usage record, opaque here ([`Hold`]: released by its
+//! own `Drop`), so the response layer knows nothing of backends, leases
+//! or the usage feed.
 //!
 //! The layer makes a [`LeaseGuard`] for every admitted request under a
 //! concurrency limit (`crate::lease` makes and releases what it holds) and
@@ -18,8 +19,17 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 /// Something a response body holds until it ends, released by its own
-/// `Drop` (implemented by the lease module's held leases).
-pub(crate) trait Hold: fmt::Debug + Send + Sync + 'static {}
+/// `Drop` (implemented by the lease module's held leases and the usage
+/// feed's record). It is told the response's status when the head passes
+/// and whether the body ended (its last frame, or an error) before it is
+/// dropped.
+pub(crate) trait Hold: fmt::Debug + Send + Sync + 'static {
+    /// The response head passed with `status`.
+    fn on_response(&mut self, _status: http::StatusCode) {}
+
+    /// The body ended: its last frame, or (`error`) an error.
+    fn on_end(&mut self, _error: bool) {}
+}
 
 /// A request's concurrency leases, released when this is dropped.
 ///
@@ -36,6 +46,18 @@ impl LeaseGuard {
     /// A guard holding `inner` until it is dropped.
     pub(crate) fn new(inner: Box<dyn Hold>) -> Self {
         LeaseGuard { inner }
+    }
+
+    /// The response head passed with `status` (the usage feed's status).
+    #[inline]
+    pub(crate) fn on_response(&mut self, status: http::StatusCode) {
+        self.inner.on_response(status);
+    }
+
+    /// The body ended (`error`: with an error).
+    #[inline]
+    pub(crate) fn on_end(&mut self, error: bool) {
+        self.inner.on_end(error);
     }
 }
 
@@ -73,8 +95,10 @@ pub(crate) fn release_at_end<T, E>(
     polled: &Poll<Option<Result<T, E>>>,
     lease: &mut Option<LeaseGuard>,
 ) {
-    if let Poll::Ready(None | Some(Err(_))) = polled {
-        lease.take();
+    if let Poll::Ready(end @ (None | Some(Err(_)))) = polled
+        && let Some(mut l) = lease.take()
+    {
+        l.on_end(end.is_some());
     }
 }
 
