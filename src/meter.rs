@@ -14,8 +14,8 @@
 //! Redis on its own I/O thread.
 
 use std::fmt;
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::backend::{Adjustment, Backend, Charge, Lease};
 use crate::policy::{Limit, MAX_LIMITS, RefundOn};

@@ -34,8 +34,8 @@ use outcome::{Outcome, Resolving};
 use priority::{critical, reserve_for};
 
 use crate::backend::{Backend, Check};
-use crate::feed::{Usage, UsageFeed};
 use crate::extract::{Extractor, Identity, PeerIp, Rejection, RequestRef, is_grpc};
+use crate::feed::{Usage, UsageFeed};
 use crate::key::KeyId;
 use crate::plane::Plane;
 use crate::policy::{Applied, CategoryId, Cell, Limit, Limits, Policy, Target, TierId};

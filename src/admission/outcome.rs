@@ -126,7 +126,10 @@ impl<'a> Outcome<'a> {
             Ok(d) if d.allowed => {
                 #[cfg(feature = "metrics")]
                 counters.allowed.increment(1);
-                if meter.is_none() && lease.is_none() && usage.is_none() && !self.options.need_plan()
+                if meter.is_none()
+                    && lease.is_none()
+                    && usage.is_none()
+                    && !self.options.need_plan()
                 {
                     // No header to write, no meter, lease or record to hold.
                     return Resolved::Pass;

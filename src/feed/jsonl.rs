@@ -34,10 +34,7 @@ impl JsonLines {
             .append(true)
             .open(path)
             .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("usage feed file {}: {e}", path.display()),
-                )
+                io::Error::new(e.kind(), format!("usage feed file {}: {e}", path.display()))
             })?;
         Ok(JsonLines {
             out: BufWriter::new(file),

@@ -116,7 +116,10 @@ fn fields(e: &UsageEvent) -> [(&'static str, String); 16] {
     [
         ("time", e.time_rfc3339()),
         ("key", UsageEvent::id_hex(e.key)),
-        ("account", e.account.map_or_else(String::new, UsageEvent::id_hex)),
+        (
+            "account",
+            e.account.map_or_else(String::new, UsageEvent::id_hex),
+        ),
         ("org", e.org.clone().unwrap_or_default()),
         ("tier", e.tier.clone()),
         ("category", e.category.clone()),
