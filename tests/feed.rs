@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::Router;
 use axum::routing::{get, post};
 use serde_json::Value;
-use tierlimit::feed::{JsonLines, UsageEvent, UsageFeed};
+use tierlimit::feed::{End, JsonLines, UsageEvent, UsageFeed};
 use tierlimit::meter::TokenMeter;
 use tierlimit::{Policy, RateLimitLayer};
 
@@ -546,4 +546,91 @@ async fn a_blocked_sink_holds_up_no_response_and_drops_are_counted() {
         .await
         .unwrap();
     assert_eq!((feed.written(), seen.load(Ordering::Relaxed)), (3, 3));
+}
+
+/// Events collected by a sink into a shared list.
+fn collecting() -> (
+    Arc<std::sync::Mutex<Vec<UsageEvent>>>,
+    impl FnMut(&[UsageEvent]) -> std::io::Result<()> + Send + 'static,
+) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let into = Arc::clone(&seen);
+    (seen, move |events: &[UsageEvent]| {
+        into.lock().unwrap().extend_from_slice(events);
+        Ok(())
+    })
+}
+
+/// Shadow mode lets refusals through: each still one event, marked, with
+/// nothing counted.
+#[tokio::test]
+async fn shadow_passes_are_marked_and_count_nothing() {
+    setup();
+    let (seen, sink) = collecting();
+    let feed = UsageFeed::new(sink, 100).unwrap();
+    let policy = Policy::from_toml_str(
+        "categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1/hour\"\nwrite = \"1/hour\"\n[shadow]\ntiers = [\"t\"]\n[keys]\n\"k\" = \"t\"\n",
+    )
+    .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .backend(common::fake_memory())
+        .usage_feed(feed.clone())
+        .build();
+    let server = serve(
+        Router::new()
+            .route("/v1/ok", get(|| async { "ok" }))
+            .layer(layer),
+    )
+    .await;
+    let c = client();
+    for _ in 0..3 {
+        let res = common::call(&c, "GET", &server.url("/v1/ok"), "k").await;
+        assert_eq!(res.status(), 200);
+    }
+    assert_eq!(written(&feed, 3).await, 3);
+    let events = seen.lock().unwrap().clone();
+    let shadow: Vec<_> = events.iter().map(|e| (e.shadow, e.requests)).collect();
+    assert_eq!(shadow, [(false, 1), (true, 0), (true, 0)]);
+    assert!(events.iter().all(|e| e.status == Some(200)));
+}
+
+/// A call dropped before its response (a timeout, a client gone while
+/// the handler runs) is one event, with no status; a rejection none.
+#[tokio::test]
+async fn a_call_dropped_before_its_response_is_one_event_without_a_status() {
+    use tower::ServiceExt;
+    setup();
+    let (seen, sink) = collecting();
+    let feed = UsageFeed::new(sink, 100).unwrap();
+    let policy = Policy::from_toml_str(POLICY).unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .backend(common::fake_memory())
+        .usage_feed(feed.clone())
+        .build();
+    let app = Router::new()
+        .route("/v1/hang", get(std::future::pending::<&'static str>))
+        .layer(layer);
+    let req = |key: &str| {
+        axum::http::Request::get("/v1/hang")
+            .header("x-api-key", key)
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    let mut call = Box::pin(app.clone().oneshot(req("solo-key")));
+    assert!(
+        futures_util::poll!(call.as_mut()).is_pending(),
+        "the handler hangs"
+    );
+    drop(call);
+    let res = app.oneshot(req("nope")).await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(written(&feed, 1).await, 1);
+    let events = seen.lock().unwrap().clone();
+    assert_eq!(events.len(), 1);
+    let e = &events[0];
+    assert_eq!((e.status, e.end, e.requests), (None, End::Dropped, 1));
+    assert_eq!(
+        (e.tier.as_str(), e.route.as_str()),
+        ("solo", "GET /v1/hang")
+    );
 }
