@@ -54,11 +54,13 @@ pub trait AnswerBody: Body<Data = Bytes> + Sized {
     /// A body holding `bytes` (empty for gRPC answers and bare statuses).
     fn from_answer(bytes: Bytes) -> Self;
 
-    /// This body, holding a request's concurrency leases until it ends or
-    /// is dropped (only requests under a concurrency limit get here; wrap
-    /// with [`Leased`]). The default gives the leases back
-    /// at once, when the response head leaves the layer: right for bodies
-    /// that are already complete (`String`, `Full`), early for a stream.
+    /// This body, holding a request's concurrency leases (and, when the
+    /// layer has a usage feed, its usage record) until it
+    /// ends or is dropped: only requests under a concurrency limit, or
+    /// every admitted request with a feed, get here; wrap with [`Leased`].
+    /// The default gives the guard back at once, when the response head
+    /// leaves the layer, as if the body had ended: right for bodies that
+    /// are already complete (`String`, `Full`), early for a stream.
     fn hold(self, mut lease: LeaseGuard) -> Self {
         // The body is whole already (or treated so): it has ended.
         lease.on_end(false);

@@ -31,10 +31,13 @@ pub(crate) trait Hold: fmt::Debug + Send + Sync + 'static {
     fn on_end(&mut self, _error: bool) {}
 }
 
-/// A request's concurrency leases, released when this is dropped.
+/// A request's concurrency leases, released when this is dropped (and,
+/// when the layer has a usage feed, its usage record, whose
+/// one event leaves then).
 ///
 /// The layer makes one for every admitted request under a concurrency
-/// limit and moves it into the response body through
+/// limit (with a usage feed: every admitted request) and moves it into the
+/// response body through
 /// [`AnswerBody::hold`](crate::response::AnswerBody::hold), so the leases are held
 /// until the body ends or is dropped. It cannot be made outside the crate.
 pub struct LeaseGuard {
