@@ -548,9 +548,12 @@ async fn a_blocked_sink_holds_up_no_response_and_drops_are_counted() {
     assert_eq!((feed.written(), seen.load(Ordering::Relaxed)), (3, 3));
 }
 
+/// Events a sink collected.
+type Seen = Arc<std::sync::Mutex<Vec<UsageEvent>>>;
+
 /// Events collected by a sink into a shared list.
 fn collecting() -> (
-    Arc<std::sync::Mutex<Vec<UsageEvent>>>,
+    Seen,
     impl FnMut(&[UsageEvent]) -> std::io::Result<()> + Send + 'static,
 ) {
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
