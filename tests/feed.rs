@@ -437,6 +437,12 @@ fn check_event_kinds(events: &[Value]) {
             "a cut-off stream is billed what it reported: {e}"
         );
     }
+    // Every other response was read whole by the client: complete, even
+    // those the server never polled again once they said they had ended.
+    let others = events.iter().filter(|e| e["route"] != "POST /v1/ai/stream");
+    for e in others {
+        assert_eq!(e["end"], "complete", "{e}");
+    }
     // Unlimited: billed all the same, one unit each.
     let ent: Vec<_> = events.iter().filter(|e| e["tier"] == "ent").collect();
     assert_eq!(ent.len(), 5 + 5 + 5 + 4);

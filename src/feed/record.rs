@@ -12,6 +12,7 @@
 //! settled and the refund.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -28,6 +29,9 @@ pub(crate) struct Usage {
     event: Option<Box<UsageEvent>>,
     started: Instant,
     admitted: bool,
+    /// How the body ended (an [`End`] as a number: its body may say so
+    /// through a shared reference).
+    end: AtomicU8,
     /// The request's leases, released before the event leaves.
     lease: Option<LeaseGuard>,
     /// A metered request's meter: the event leaves when it settles.
@@ -70,6 +74,7 @@ impl Usage {
             event: Some(event),
             started: Instant::now(),
             admitted: false,
+            end: AtomicU8::new(DROPPED),
             lease: None,
             meter: None,
         })
@@ -109,13 +114,12 @@ impl Hold for Usage {
         }
     }
 
-    fn on_end(&mut self, error: bool) {
-        if let Some(l) = &mut self.lease {
+    fn on_end(&self, error: bool) {
+        if let Some(l) = &self.lease {
             l.on_end(error);
         }
-        if let Some(e) = &mut self.event {
-            e.end = if error { End::Error } else { End::Complete };
-        }
+        let end = if error { ERROR } else { COMPLETE };
+        self.end.store(end, Ordering::Relaxed);
     }
 }
 
@@ -130,6 +134,11 @@ impl Drop for Usage {
             return;
         }
         event.duration = self.started.elapsed();
+        event.end = match *self.end.get_mut() {
+            COMPLETE => End::Complete,
+            ERROR => End::Error,
+            _ => End::Dropped,
+        };
         let feed = self.feed.clone();
         match self.meter.take() {
             // Sent when the meter settles: this clone, dropped now, may be
@@ -139,6 +148,10 @@ impl Drop for Usage {
         }
     }
 }
+
+const DROPPED: u8 = 0;
+const COMPLETE: u8 = 1;
+const ERROR: u8 = 2;
 
 /// An event waiting for its meter's settlement.
 struct Pending {

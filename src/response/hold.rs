@@ -27,8 +27,10 @@ pub(crate) trait Hold: fmt::Debug + Send + Sync + 'static {
     /// The response head passed with `status`.
     fn on_response(&mut self, _status: http::StatusCode) {}
 
-    /// The body ended: its last frame, or (`error`) an error.
-    fn on_end(&mut self, _error: bool) {}
+    /// The body ended: its last frame, or (`error`) an error, or it says
+    /// it has no more (`is_end_stream`, which a server may ask instead of
+    /// polling a complete body).
+    fn on_end(&self, _error: bool) {}
 }
 
 /// A request's concurrency leases, released when this is dropped (and,
@@ -59,7 +61,7 @@ impl LeaseGuard {
 
     /// The body ended (`error`: with an error).
     #[inline]
-    pub(crate) fn on_end(&mut self, error: bool) {
+    pub(crate) fn on_end(&self, error: bool) {
         self.inner.on_end(error);
     }
 }
@@ -99,9 +101,18 @@ pub(crate) fn release_at_end<T, E>(
     lease: &mut Option<LeaseGuard>,
 ) {
     if let Poll::Ready(end @ (None | Some(Err(_)))) = polled
-        && let Some(mut l) = lease.take()
+        && let Some(l) = lease.take()
     {
         l.on_end(end.is_some());
+    }
+}
+
+/// A body that says it has no more frames has ended, whether or not it
+/// is polled again (a server may drop a complete body unpolled).
+#[inline]
+pub(crate) fn ended_if(end: bool, lease: &Option<LeaseGuard>) {
+    if end && let Some(l) = lease {
+        l.on_end(false);
     }
 }
 
@@ -120,7 +131,9 @@ impl<B: Body<Data = Bytes>> Body for Leased<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        let end = self.body.is_end_stream();
+        ended_if(end, &self.lease);
+        end
     }
 
     fn size_hint(&self) -> SizeHint {
