@@ -42,7 +42,8 @@ pub struct UsageEvent {
     /// query string.
     pub route: String,
     /// The response's status; `None` when no response head left the layer
-    /// (the call was dropped, or the inner service failed).
+    /// (the call was dropped, or the inner service failed). For gRPC, the
+    /// HTTP status: gRPC's own travels in the trailers, not read here.
     pub status: Option<u16>,
     /// How the response ended.
     pub end: End,

@@ -16,8 +16,11 @@
 //! (a file, a socket) and the layer needs no async runtime.
 //!
 //! Not billed (no event): requests refused (429), rejected (400, 401),
-//! answered 503 because the backend could not decide, and exempt routes.
-//! Shadow-mode passes get an event marked `shadow`, with nothing counted.
+//! answered 503 because the backend could not decide, exempt routes, calls
+//! dropped while their check was still under way (never admitted), and
+//! Envoy's front (it decides requests it does not serve). Requests in
+//! unlimited cells are billed. Shadow-mode passes get an event marked
+//! `shadow`, with nothing counted.
 //!
 //! Built-in sinks: [`JsonLines`] (a file, one JSON object a line) and,
 //! with the `redis` feature, [`RedisStream`] (`XADD … MAXLEN ~ N`).
