@@ -1,22 +1,23 @@
 //! The usage feed through a real axum server and a real client: one event
 //! per admitted request (refused and rejected ones none; cancelled streams,
 //! refunds and unlimited tiers one each), whose sums per account are what
-//! the usage endpoint reports; a blocked sink never holds up a response,
-//! and what it cannot take is dropped and counted.
+//! the usage endpoint reports, on memory and on Redis (into a Redis
+//! Stream). Blocked sinks, shadow mode and dropped calls:
+//! `tests/feed_edges.rs`.
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::routing::{get, post};
 use serde_json::Value;
-use tierlimit::feed::{End, JsonLines, UsageEvent, UsageFeed};
+use tierlimit::feed::{JsonLines, UsageFeed};
 use tierlimit::meter::TokenMeter;
 use tierlimit::{Policy, RateLimitLayer};
 
+use common::feed::written;
 use common::{client, serve};
 
 const POLICY: &str = r#"
@@ -152,22 +153,6 @@ async fn traffic(c: reqwest::Client, server: Arc<common::Server>, key: &'static 
         }
     }
     statuses
-}
-
-/// Waits (bounded) until the feed has written `want` events; then every
-/// one queued is in the sink.
-async fn written(feed: &UsageFeed, want: u64) -> u64 {
-    for _ in 0..20_000 {
-        if feed.written() >= want {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    let f = feed.clone();
-    tokio::task::spawn_blocking(move || f.flush())
-        .await
-        .unwrap();
-    feed.written()
 }
 
 fn read_events(path: &std::path::Path) -> Vec<Value> {
@@ -456,190 +441,4 @@ fn check_event_kinds(events: &[Value]) {
         assert!(e["time"].as_str().unwrap().ends_with('Z'));
         assert!(e["duration_us"].is_u64());
     }
-}
-
-/// A sink that signals when it is entered, then waits for its release.
-fn blocked_sink(
-    entered: std::sync::mpsc::Sender<()>,
-    release: Arc<std::sync::Barrier>,
-    seen: Arc<AtomicU64>,
-) -> impl FnMut(&[UsageEvent]) -> std::io::Result<()> + Send + 'static {
-    let mut first = true;
-    move |events: &[UsageEvent]| {
-        seen.fetch_add(events.len() as u64, Ordering::Relaxed);
-        if std::mem::take(&mut first) {
-            let _ = entered.send(());
-            release.wait();
-        }
-        Ok(())
-    }
-}
-
-#[cfg(feature = "metrics")]
-#[allow(dead_code)]
-#[path = "../examples/axum_tiers.rs"]
-mod demo;
-
-/// The demo's `tierlimit_usage_events_dropped_total` now.
-#[cfg(feature = "metrics")]
-async fn dropped_metric(c: &reqwest::Client, server: &common::Server) -> u64 {
-    let text = c
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("tierlimit_usage_events_dropped_total "))
-        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
-}
-
-#[cfg(feature = "metrics")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blocked_sink_holds_up_no_response_and_drops_are_counted() {
-    setup();
-    demo::install_metrics();
-    let (entered_tx, entered) = std::sync::mpsc::channel();
-    let release = Arc::new(std::sync::Barrier::new(2));
-    let seen = Arc::new(AtomicU64::new(0));
-    let sink = blocked_sink(entered_tx, Arc::clone(&release), Arc::clone(&seen));
-    let feed = UsageFeed::new(sink, 2).unwrap();
-    let layer = demo::limits_with_feed(
-        common::spec_policy(),
-        common::fake_memory(),
-        Some(feed.clone()),
-    );
-    let server = serve(demo::app(layer)).await;
-    let c = client();
-    let before = dropped_metric(&c, &server).await;
-    let ok = |c: &reqwest::Client| {
-        c.get(server.url("/v1/account"))
-            .header("x-api-key", "pro-demo-key")
-            .send()
-    };
-    // The first event reaches the sink, which blocks.
-    assert_eq!(ok(&c).await.unwrap().status(), 200);
-    tokio::task::spawn_blocking(move || entered.recv().unwrap())
-        .await
-        .unwrap();
-    // 40 more, all served while the sink stays blocked: 2 queue, 38 drop.
-    for _ in 0..40 {
-        assert_eq!(ok(&c).await.unwrap().status(), 200);
-    }
-    let mut dropped = 0;
-    for _ in 0..20_000 {
-        dropped = feed.dropped();
-        if dropped == 38 {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    assert_eq!(dropped, 38, "the queue holds 2 while the sink is blocked");
-    assert_eq!(
-        dropped_metric(&c, &server).await - before,
-        38,
-        "and the metric says so"
-    );
-    assert_eq!(feed.written(), 0);
-    // Released: the one it held and the two queued are written.
-    tokio::task::spawn_blocking(move || release.wait())
-        .await
-        .unwrap();
-    let f = feed.clone();
-    tokio::task::spawn_blocking(move || f.flush())
-        .await
-        .unwrap();
-    assert_eq!((feed.written(), seen.load(Ordering::Relaxed)), (3, 3));
-}
-
-/// Events a sink collected.
-type Seen = Arc<std::sync::Mutex<Vec<UsageEvent>>>;
-
-/// Events collected by a sink into a shared list.
-fn collecting() -> (
-    Seen,
-    impl FnMut(&[UsageEvent]) -> std::io::Result<()> + Send + 'static,
-) {
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let into = Arc::clone(&seen);
-    (seen, move |events: &[UsageEvent]| {
-        into.lock().unwrap().extend_from_slice(events);
-        Ok(())
-    })
-}
-
-/// Shadow mode lets refusals through: each still one event, marked, with
-/// nothing counted.
-#[tokio::test]
-async fn shadow_passes_are_marked_and_count_nothing() {
-    setup();
-    let (seen, sink) = collecting();
-    let feed = UsageFeed::new(sink, 100).unwrap();
-    let policy = Policy::from_toml_str(
-        "categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1/hour\"\nwrite = \"1/hour\"\n[shadow]\ntiers = [\"t\"]\n[keys]\n\"k\" = \"t\"\n",
-    )
-    .unwrap();
-    let layer = RateLimitLayer::builder(policy)
-        .backend(common::fake_memory())
-        .usage_feed(feed.clone())
-        .build();
-    let server = serve(
-        Router::new()
-            .route("/v1/ok", get(|| async { "ok" }))
-            .layer(layer),
-    )
-    .await;
-    let c = client();
-    for _ in 0..3 {
-        let res = common::call(&c, "GET", &server.url("/v1/ok"), "k").await;
-        assert_eq!(res.status(), 200);
-    }
-    assert_eq!(written(&feed, 3).await, 3);
-    let events = seen.lock().unwrap().clone();
-    let shadow: Vec<_> = events.iter().map(|e| (e.shadow, e.requests)).collect();
-    assert_eq!(shadow, [(false, 1), (true, 0), (true, 0)]);
-    assert!(events.iter().all(|e| e.status == Some(200)));
-}
-
-/// A call dropped before its response (a timeout, a client gone while
-/// the handler runs) is one event, with no status; a rejection none.
-#[tokio::test]
-async fn a_call_dropped_before_its_response_is_one_event_without_a_status() {
-    use tower::ServiceExt;
-    setup();
-    let (seen, sink) = collecting();
-    let feed = UsageFeed::new(sink, 100).unwrap();
-    let policy = Policy::from_toml_str(POLICY).unwrap();
-    let layer = RateLimitLayer::builder(policy)
-        .backend(common::fake_memory())
-        .usage_feed(feed.clone())
-        .build();
-    let app = Router::new()
-        .route("/v1/hang", get(std::future::pending::<&'static str>))
-        .layer(layer);
-    let req = |key: &str| {
-        axum::http::Request::get("/v1/hang")
-            .header("x-api-key", key)
-            .body(axum::body::Body::empty())
-            .unwrap()
-    };
-    let mut call = Box::pin(app.clone().oneshot(req("solo-key")));
-    assert!(
-        futures_util::poll!(call.as_mut()).is_pending(),
-        "the handler hangs"
-    );
-    drop(call);
-    let res = app.oneshot(req("nope")).await.unwrap();
-    assert_eq!(res.status(), 401);
-    assert_eq!(written(&feed, 1).await, 1);
-    let events = seen.lock().unwrap().clone();
-    assert_eq!(events.len(), 1);
-    let e = &events[0];
-    assert_eq!((e.status, e.end, e.requests), (None, End::Dropped, 1));
-    assert_eq!(
-        (e.tier.as_str(), e.route.as_str()),
-        ("solo", "GET /v1/hang")
-    );
 }

@@ -33,7 +33,7 @@ pub(crate) use outcome::{Admitted, Resolved};
 use outcome::{Outcome, Resolving};
 use priority::{critical, reserve_for};
 
-use crate::backend::{Backend, Check};
+use crate::backend::{Backend, Check, Decision};
 use crate::extract::{Extractor, Identity, PeerIp, Rejection, RequestRef, is_grpc};
 use crate::feed::{Usage, UsageFeed};
 use crate::key::KeyId;
@@ -333,8 +333,14 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         let route = f.route_cost;
         let cost = f.identity.cost().map_or(route, |n| route.saturating_mul(n));
         let usage = self.usage(feed, f, cost);
+        // No decision to describe: a plan with every field off.
+        let none = HeaderOptions::default()
+            .x_ratelimit(false)
+            .ietf_draft(false);
+        let d = Decision::allow(&Limit::per_second(1), 1);
+        let headers = f.cell_view.headers.clone();
         Step::Allow(Admitted {
-            plan: HeaderPlan::silent(f.cell_view.headers.clone()),
+            plan: HeaderPlan::new(&d, headers, none, std::time::Duration::ZERO, None),
             meter: None,
             lease: Some(usage.admit(None, None)),
         })

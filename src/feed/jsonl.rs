@@ -17,6 +17,7 @@ use super::{UsageEvent, UsageSink};
 ///
 /// let feed = UsageFeed::new(JsonLines::append(&path)?, 10_000)?;
 /// # let _ = feed;
+/// # std::fs::remove_file(&path)?;
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Debug)]

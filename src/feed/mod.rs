@@ -38,6 +38,7 @@
 //! // … serve; at shutdown, make sure everything queued is written:
 //! feed.flush();
 //! # let _ = layer;
+//! # std::fs::remove_dir_all(&dir)?;
 //! # Ok::<(), std::io::Error>(())
 //! ```
 

@@ -440,29 +440,6 @@ impl HeaderPlan {
 }
 
 impl HeaderPlan {
-    /// A plan that writes nothing: an unlimited request's, admitted with
-    /// no decision to describe (it carries only a usage record).
-    pub(crate) fn silent(cell: CellRef) -> Self {
-        HeaderPlan {
-            cell,
-            reset_at: 0,
-            limit: 0,
-            remaining: 0,
-            window: 0,
-            reset_in: 0,
-            retry: 0,
-            tokens: None,
-            lease: None,
-            index: 0,
-            rate: false,
-            options: HeaderOptions {
-                x_ratelimit: false,
-                ietf_draft: false,
-                describe: false,
-            },
-        }
-    }
-
     /// The headers of decision `d` of a request of `cell` at Unix time
     /// `now`; `token_limit` is the limit `d.tokens` describes (a metered
     /// request's charge at its index).
