@@ -200,3 +200,43 @@ async fn a_call_dropped_before_its_response_is_one_event_without_a_status() {
         ("solo", "GET /v1/hang")
     );
 }
+
+/// A sink that fails: its events are counted as failed, never as written,
+/// and the next batch is tried again.
+#[tokio::test]
+async fn a_failing_sink_counts_its_events_as_failed() {
+    setup();
+    let calls = Arc::new(AtomicU64::new(0));
+    let tried = Arc::clone(&calls);
+    let feed = UsageFeed::new(
+        move |_: &[UsageEvent]| {
+            tried.fetch_add(1, Ordering::Relaxed);
+            Err(std::io::Error::other("billing is down"))
+        },
+        100,
+    )
+    .unwrap();
+    let layer = RateLimitLayer::builder(Policy::from_toml_str(POLICY).unwrap())
+        .backend(common::fake_memory())
+        .usage_feed(feed.clone())
+        .build();
+    let server = serve(
+        Router::new()
+            .route("/v1/ok", get(|| async { "ok" }))
+            .layer(layer),
+    )
+    .await;
+    let c = client();
+    for _ in 0..3 {
+        let res = common::call(&c, "GET", &server.url("/v1/ok"), "solo-key").await;
+        assert_eq!(res.status(), 200, "a failing sink fails no response");
+    }
+    for _ in 0..20_000 {
+        if feed.failed() == 3 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!((feed.failed(), feed.written(), feed.dropped()), (3, 0, 0));
+    assert!(calls.load(Ordering::Relaxed) >= 1);
+}
