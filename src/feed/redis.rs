@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use super::{UsageEvent, UsageSink};
 
-/// How long the sink waits to connect, and for each batch's answer.
+/// How long the sink waits to connect, and for each batch's answer, by
+/// default.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A [`UsageSink`] that appends each event to a Redis Stream, one entry an
@@ -26,6 +27,11 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// retried). On a Redis Cluster, give it the URL of the node that serves
 /// the stream's key.
 ///
+/// A batch whose answer timed out may still run later (a Redis paused or
+/// frozen runs what queued when it resumes): its entries then land, late,
+/// though the feed counted them failed — a record of requests that were
+/// served, never twice, since a failed batch is not sent again.
+///
 /// ```no_run
 /// use tierlimit::feed::{RedisStream, UsageFeed};
 ///
@@ -39,6 +45,7 @@ pub struct RedisStream {
     client: redis::Client,
     stream: String,
     maxlen: u64,
+    timeout: Duration,
     conn: Option<redis::Connection>,
 }
 
@@ -65,15 +72,24 @@ impl RedisStream {
             client: redis::Client::open(url)?,
             stream: stream.into(),
             maxlen,
+            timeout: TIMEOUT,
             conn: None,
         })
     }
 
+    /// How long it waits to connect, and for each batch's answer (default
+    /// 5 s); then the batch counts as failed.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     fn connect(&mut self) -> redis::RedisResult<&mut redis::Connection> {
         if self.conn.is_none() {
-            let conn = self.client.get_connection_with_timeout(TIMEOUT)?;
-            conn.set_read_timeout(Some(TIMEOUT))?;
-            conn.set_write_timeout(Some(TIMEOUT))?;
+            let conn = self.client.get_connection_with_timeout(self.timeout)?;
+            conn.set_read_timeout(Some(self.timeout))?;
+            conn.set_write_timeout(Some(self.timeout))?;
             self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("connected above"))
