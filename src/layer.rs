@@ -352,6 +352,11 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
 
     /// Builds the layer.
     pub fn build(self) -> RateLimitLayer<E, B> {
+        let mut headers = self.headers;
+        // With a feed, every admitted request carries its usage record
+        // through an outcome that makes a plan; without one, the path
+        // checks nothing more.
+        headers.describe |= self.feed.is_some();
         let view = Arc::new(ViewSlot::new(PolicyView::new(Arc::new(
             self.policy.clone(),
         ))));
@@ -362,7 +367,7 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
                 view: Arc::clone(&view),
                 plane: Arc::new(Plane::new(self.policy, view, self.unix_clock.clone())),
                 anonymous: self.anonymous,
-                headers: self.headers,
+                headers,
                 shadowed: Arc::new(AtomicU64::new(0)),
                 unix_clock: self.unix_clock,
                 feed: self.feed,

@@ -126,12 +126,11 @@ impl<'a> Outcome<'a> {
             Ok(d) if d.allowed => {
                 #[cfg(feature = "metrics")]
                 counters.allowed.increment(1);
-                if meter.is_none()
-                    && lease.is_none()
-                    && usage.is_none()
-                    && !self.options.need_plan()
-                {
-                    // No header to write, no meter, lease or record to hold.
+                if meter.is_none() && lease.is_none() && !self.options.need_plan() {
+                    // No header to write, no meter or lease to hold (and
+                    // no usage record: a layer with a feed always makes a
+                    // plan, `HeaderOptions::describe`).
+                    debug_assert!(usage.is_none(), "a usage record passed unadmitted");
                     return Resolved::Pass;
                 }
                 Resolved::Allow(self.allowed(d, meter, lease, usage))
