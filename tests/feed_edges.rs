@@ -240,3 +240,46 @@ async fn a_failing_sink_counts_its_events_as_failed() {
     assert_eq!((feed.failed(), feed.written(), feed.dropped()), (3, 0, 0));
     assert!(calls.load(Ordering::Relaxed) >= 1);
 }
+
+/// Over gRPC (tonic), each admitted call is one event, complete once its
+/// trailers are sent; a rejected call none.
+#[tokio::test]
+async fn each_admitted_grpc_call_is_one_event() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    setup();
+    let (seen, sink) = collecting();
+    let feed = UsageFeed::new(sink, 100).unwrap();
+    let layer = RateLimitLayer::builder(common::spec_policy())
+        .backend(common::fake_memory())
+        .usage_feed(feed.clone())
+        .build();
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let server = common::serve_grpc(layer, tonic::service::Routes::new(health)).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    let check = |key: &str| {
+        let mut req = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        req.metadata_mut().insert("x-api-key", key.parse().unwrap());
+        req
+    };
+    for _ in 0..3 {
+        client.check(check("free-demo-key")).await.unwrap();
+    }
+    let refused = client.check(check("not-a-key")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    assert_eq!(written(&feed, 3).await, 3);
+    let events = seen.lock().unwrap().clone();
+    assert_eq!(events.len(), 3);
+    for e in &events {
+        assert_eq!(e.route, "POST /grpc.health.v1.Health/Check");
+        assert_eq!((e.tier.as_str(), e.category.as_str()), ("free", "read"));
+        assert_eq!((e.status, e.end, e.requests), (Some(200), End::Complete, 1));
+    }
+}

@@ -94,16 +94,22 @@ impl<B> Leased<B> {
 }
 
 /// A body's last frame (or its error) was polled: its lease goes back now,
-/// not when the body is dropped.
+/// not when the body is dropped. A trailers frame is the last one too
+/// (HTTP/2 sends it and asks for no more): the guard is told the body
+/// ended, and goes when the body is dropped.
 #[inline]
-pub(crate) fn release_at_end<T, E>(
-    polled: &Poll<Option<Result<T, E>>>,
+pub(crate) fn release_at_end<D, E>(
+    polled: &Poll<Option<Result<Frame<D>, E>>>,
     lease: &mut Option<LeaseGuard>,
 ) {
-    if let Poll::Ready(end @ (None | Some(Err(_)))) = polled
-        && let Some(l) = lease.take()
-    {
-        l.on_end(end.is_some());
+    match polled {
+        Poll::Ready(end @ (None | Some(Err(_)))) => {
+            if let Some(l) = lease.take() {
+                l.on_end(end.is_some());
+            }
+        }
+        Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => ended_if(true, lease),
+        _ => {}
     }
 }
 
