@@ -78,7 +78,8 @@ pub struct UsageEvent {
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum End {
-    /// Its body was sent to the end (or was complete when its head left).
+    /// Its body was sent to the end (its last frame, its trailers, or it
+    /// was complete when its head left).
     Complete,
     /// Its body failed.
     Error,
