@@ -12,6 +12,12 @@
 //! admin changes across instances; `--features watch` reloads `$POLICY`
 //! when it changes. Demo keys: `free-demo-key`,
 //! `pro-demo-key`, `enterprise-demo-key`.
+//!
+//! `GET /v1/endpoints?work_ms=N` (0 to 10,000) stands for a saturated
+//! dependency: it holds one of `$WORKERS` (default 8) permits for N ms,
+//! waiting for one first, as a request waits for a database pool. With a
+//! policy that has an `[overload]` table (`POLICY=examples/overload.toml`)
+//! the layer sheds load by tier when the service is past its capacity.
 
 use std::net::SocketAddr;
 
@@ -122,10 +128,15 @@ pub(crate) fn app_with_admin<E: Extractor, B: Backend>(
     admin_token: Option<&str>,
 ) -> Router {
     let admin = admin_token.map(|t| limits.admin_service().token("admin", t));
+    let workers = Workers::from_env();
     let api = Router::new()
         .route("/v1/account", get(account).patch(update_account))
         .route("/v1/clusters", get(list_clusters).post(create_cluster))
-        .route("/v1/endpoints", get(list_endpoints).post(create_endpoint))
+        .route(
+            "/v1/endpoints",
+            get(move |uri: axum::http::Uri| list_endpoints(uri, workers.clone()))
+                .post(create_endpoint),
+        )
         .route("/v1/ai/completions", post(completion))
         .route("/v1/training/jobs", post(create_training_job))
         .route("/v1/batch", post(batch))
@@ -200,8 +211,58 @@ async fn list_clusters(uri: axum::http::Uri) -> Result<Json<Value>, (StatusCode,
 async fn create_cluster() -> Json<Value> {
     Json(json!({ "id": "gpu-h100-2", "status": "provisioning" }))
 }
-async fn list_endpoints() -> Json<Value> {
-    Json(json!({ "endpoints": [{ "id": "ep_1", "model": "llama" }] }))
+/// The demo's saturated dependency: `$WORKERS` permits (default 8), each
+/// held for a request's `work_ms`.
+#[derive(Clone)]
+struct Workers(std::sync::Arc<tokio::sync::Semaphore>);
+
+impl Workers {
+    fn from_env() -> Self {
+        let n = std::env::var("WORKERS")
+            .ok()
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| (1..=10_000).contains(n))
+            .unwrap_or(8);
+        Workers(std::sync::Arc::new(tokio::sync::Semaphore::new(n)))
+    }
+}
+
+/// `?work_ms=N` (0 to 10,000): the milliseconds of work a request needs
+/// from one of the workers.
+fn work_of(
+    uri: &axum::http::Uri,
+) -> Result<Option<std::time::Duration>, (StatusCode, Json<Value>)> {
+    let Some(v) = uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("work_ms=")))
+    else {
+        return Ok(None);
+    };
+    match v.parse::<u64>() {
+        Ok(ms) if ms <= 10_000 => Ok(Some(std::time::Duration::from_millis(ms))),
+        _ => Err((
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "work_ms must be a number of milliseconds from 0 to 10000" })),
+        )),
+    }
+}
+
+async fn list_endpoints(
+    uri: axum::http::Uri,
+    workers: Workers,
+) -> Result<Json<Value>, (StatusCode, Json<Value>)> {
+    if let Some(work) = work_of(&uri)? {
+        // Wait for a worker (FIFO), then hold it for the work.
+        let _permit = workers
+            .0
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        tokio::time::sleep(work).await;
+    }
+    Ok(Json(
+        json!({ "endpoints": [{ "id": "ep_1", "model": "llama" }] }),
+    ))
 }
 async fn create_endpoint() -> Json<Value> {
     Json(json!({ "id": "ep_2", "status": "deploying" }))

@@ -7,6 +7,11 @@
 //! - **gRPC `RESOURCE_EXHAUSTED`** (a trailers-only answer): waits
 //!   `grpc-retry-pushback-ms`, else `google.rpc.RetryInfo`'s delay from
 //!   `grpc-status-details-bin`.
+//! - **HTTP 503 with `Retry-After`**, **gRPC `UNAVAILABLE` with
+//!   `grpc-retry-pushback-ms` or `RetryInfo`**: a server over its capacity
+//!   shedding load (the layer's `[overload]` table) asks to be retried
+//!   later; waits what it asks. A 503 or `UNAVAILABLE` without such a hint
+//!   is returned as it came (the server may have done the work).
 //! - **No hint**: exponential backoff with full jitter: a random wait in
 //!   `[0, min(cap, base × 2ⁿ))` before retry `n + 1`.
 //! - **Bounds**: at most `max_attempts` attempts in all, no single wait above
@@ -166,6 +171,10 @@ pub enum RetryHint {
     /// `X-RateLimit-Reset`; `grpc-retry-pushback-ms`, else the
     /// `google.rpc.RetryInfo` in `grpc-status-details-bin`.
     Refused(Option<Duration>),
+    /// Shed: the server is over its capacity and asks to be retried after
+    /// this delay (HTTP 503 with `Retry-After`; gRPC `UNAVAILABLE` with
+    /// `grpc-retry-pushback-ms`, else `RetryInfo`).
+    Shed(Duration),
 }
 
 /// Reads a response head for a rate-limit refusal and the server's hint,
@@ -211,6 +220,26 @@ pub fn retry_hint(status: StatusCode, headers: &HeaderMap) -> RetryHint {
             .and_then(|v| crate::proto::decode_bin(v.as_bytes()))
             .and_then(|b| crate::proto::retry_delay(&b));
         return RetryHint::Refused(info);
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE
+        && let Some(s) = num("retry-after")
+    {
+        return RetryHint::Shed(Duration::from_secs(s));
+    }
+    if headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"14")
+    {
+        if let Some(ms) = num("grpc-retry-pushback-ms") {
+            return RetryHint::Shed(Duration::from_millis(ms));
+        }
+        if let Some(d) = headers
+            .get("grpc-status-details-bin")
+            .and_then(|v| crate::proto::decode_bin(v.as_bytes()))
+            .and_then(|b| crate::proto::retry_delay(&b))
+        {
+            return RetryHint::Shed(d);
+        }
     }
     RetryHint::NotRefused
 }
@@ -270,6 +299,7 @@ where
                 let hint = match retry_hint(res.status(), res.headers()) {
                     RetryHint::NotRefused => return Ok(res),
                     RetryHint::Refused(hint) => hint,
+                    RetryHint::Shed(delay) => Some(delay),
                 };
                 let wait = hint.unwrap_or_else(|| jitter(&rng, policy, retry));
                 if wait > policy.max_wait || waited + wait > policy.max_total_wait {

@@ -12,6 +12,7 @@ use tower_service::Service;
 
 use crate::admission::{Admitted, Deferred, Resolved};
 use crate::backend::{BackendError, Decision};
+use crate::overload::Slot;
 use crate::response::AnswerBody;
 
 pin_project! {
@@ -22,6 +23,9 @@ pin_project! {
         #[pin]
         state: State<F, S, Req, BF>,
         admitted: Option<Admitted>,
+        // A place in the overload capacity, held until the inner service
+        // answers (or the future is dropped).
+        slot: Option<Slot>,
     }
 }
 
@@ -51,10 +55,11 @@ impl<F, S, Req, BF> fmt::Debug for ResponseFuture<F, S, Req, BF> {
 }
 
 impl<F, S, Req, BF> ResponseFuture<F, S, Req, BF> {
-    pub(crate) fn inner(fut: F, admitted: Option<Admitted>) -> Self {
+    pub(crate) fn inner(fut: F, admitted: Option<Admitted>, slot: Option<Slot>) -> Self {
         ResponseFuture {
             state: State::Inner { fut },
             admitted,
+            slot,
         }
     }
 
@@ -64,10 +69,17 @@ impl<F, S, Req, BF> ResponseFuture<F, S, Req, BF> {
                 res: Some(Box::new(res)),
             },
             admitted: None,
+            slot: None,
         }
     }
 
-    pub(crate) fn checking(check: BF, inner: S, req: Req, deferred: Box<Deferred>) -> Self {
+    pub(crate) fn checking(
+        check: BF,
+        inner: S,
+        req: Req,
+        deferred: Box<Deferred>,
+        slot: Option<Slot>,
+    ) -> Self {
         ResponseFuture {
             state: State::Checking {
                 checking: Some(Box::new(Checking {
@@ -78,6 +90,7 @@ impl<F, S, Req, BF> ResponseFuture<F, S, Req, BF> {
                 })),
             },
             admitted: None,
+            slot,
         }
     }
 }
@@ -97,7 +110,13 @@ where
             match this.state.as_mut().project() {
                 StateProj::Inner { fut } => {
                     // The inner response leaves as it came (no re-boxing).
-                    let mut res = ready!(fut.poll(cx))?;
+                    let res = ready!(fut.poll(cx));
+                    if let Some(slot) = this.slot.take() {
+                        // The inner service answered: its latency is a
+                        // sample, its place in the capacity free.
+                        slot.finish();
+                    }
+                    let mut res = res?;
                     if let Some(admitted) = this.admitted.take() {
                         admitted.plan.write(res.headers_mut());
                         if let Some(meter) = admitted.meter {
@@ -116,6 +135,7 @@ where
                 }
                 StateProj::Ready { res } => {
                     let res = res.take().expect("ResponseFuture polled after completion");
+                    this.slot.take();
                     return Poll::Ready(Ok(res.map(ResBody::from_answer)));
                 }
                 StateProj::Checking { checking } => {
@@ -143,9 +163,13 @@ where
                             let fut = inner.call(req);
                             this.state.set(State::Inner { fut });
                         }
-                        Resolved::Answer(res) => this.state.set(State::Ready {
-                            res: Some(Box::new(res)),
-                        }),
+                        Resolved::Answer(res) => {
+                            // Refused: its place in the capacity goes back.
+                            this.slot.take();
+                            this.state.set(State::Ready {
+                                res: Some(Box::new(res)),
+                            })
+                        }
                     }
                 }
             }

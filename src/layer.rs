@@ -371,6 +371,7 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
                 shadowed: Arc::new(AtomicU64::new(0)),
                 unix_clock: self.unix_clock,
                 feed: self.feed,
+                overload: Arc::new(crate::overload::Overload::new()),
             }),
         }
     }

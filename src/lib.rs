@@ -134,6 +134,7 @@ pub mod layer;
 mod lease;
 mod limit;
 pub mod meter;
+mod overload;
 mod plane;
 pub mod policy;
 mod proto;

@@ -200,7 +200,7 @@ impl fmt::Display for Limit {
 }
 
 /// `hour`, `h`, `1h`, `30s`, `90 minutes`, `day`, `500ms`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let digits = s.chars().take_while(char::is_ascii_digit).count();
     let (n, unit) = s.split_at(digits);
     let n: u64 = if n.is_empty() {

@@ -68,7 +68,8 @@ pub(crate) struct StatusDetails<'a> {
     pub(crate) message: &'a str,
     /// `RetryInfo.retry_delay`.
     pub(crate) retry: Duration,
-    /// `QuotaFailure.violations[0].subject` (a redacted key, never a key).
+    /// `QuotaFailure.violations[0].subject` (a redacted key, never a key;
+    /// empty: no `QuotaFailure`).
     pub(crate) subject: &'a str,
     /// `QuotaFailure.violations[0].description`.
     pub(crate) description: &'a str,
@@ -95,7 +96,10 @@ impl StatusDetails<'_> {
         field_varint(&mut status, 1, self.code as u64);
         field_bytes(&mut status, 2, self.message.as_bytes());
         field_bytes(&mut status, 3, &any(RETRY_INFO, &retry_info));
-        field_bytes(&mut status, 3, &any(QUOTA_FAILURE, &quota));
+        // A shed call broke no quota: no subject, no violation.
+        if !self.subject.is_empty() {
+            field_bytes(&mut status, 3, &any(QUOTA_FAILURE, &quota));
+        }
         status
     }
 }

@@ -68,22 +68,24 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        match self.shared.admit(&req) {
-            Step::Pass => ResponseFuture::inner(self.inner.call(req), None),
+        let mut slot = None;
+        match self.shared.admit(&req, &mut slot) {
+            Step::Pass => ResponseFuture::inner(self.inner.call(req), None, slot),
             Step::Allow(admitted) => {
                 let mut req = req;
                 if let Some(meter) = &admitted.meter {
                     req.extensions_mut().insert(meter.clone());
                 }
-                ResponseFuture::inner(self.inner.call(req), Some(admitted))
+                ResponseFuture::inner(self.inner.call(req), Some(admitted), slot)
             }
+            // A refusal gives its place in the capacity back at once.
             Step::Answer(res) => ResponseFuture::ready(res),
             Step::Wait(check, deferred) => {
                 // The ready inner service goes with the request; this one
                 // keeps a fresh clone (tower's rule for deferred calls).
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::checking(check, inner, req, deferred)
+                ResponseFuture::checking(check, inner, req, deferred, slot)
             }
         }
     }

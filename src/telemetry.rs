@@ -156,6 +156,24 @@ pub const METRICS: &[MetricInfo] = &[
         "Concurrency leases held by requests in flight on this instance, by tier and category.",
     ),
     metric(
+        "tierlimit_shed_total",
+        MetricKind::Counter,
+        None,
+        "Requests shed (503, gRPC UNAVAILABLE) because the service was past its capacity, by tier and category (exempt routes: tier \"none\", category \"exempt\").",
+    ),
+    metric(
+        "tierlimit_overload_capacity",
+        MetricKind::Gauge,
+        None,
+        "The capacity of the service behind the layer, in requests in flight, on this instance (fixed, or adapted to latency).",
+    ),
+    metric(
+        "tierlimit_overload_in_flight",
+        MetricKind::Gauge,
+        None,
+        "Requests in flight through the layer on this instance, counted against the overload capacity.",
+    ),
+    metric(
         "tierlimit_admin_changes_total",
         MetricKind::Counter,
         None,
@@ -218,6 +236,7 @@ pub(crate) struct CellMetrics {
     pub(crate) allowed: metrics::Counter,
     pub(crate) refused: metrics::Counter,
     pub(crate) shadow: metrics::Counter,
+    pub(crate) shed: metrics::Counter,
     refused_rate: metrics::Counter,
     refused_tokens: metrics::Counter,
     refused_concurrency: metrics::Counter,
@@ -247,6 +266,11 @@ impl CellMetrics {
             allowed: c("allowed"),
             refused: c("refused"),
             shadow: c("shadow_refused"),
+            shed: metrics::counter!(
+                "tierlimit_shed_total",
+                "tier" => tier.to_owned(),
+                "category" => category.to_owned()
+            ),
             refused_rate: r("rate"),
             refused_tokens: r("tokens"),
             refused_concurrency: r("concurrency"),
@@ -410,4 +434,40 @@ pub(crate) fn usage_failed(_n: u64) {
         describe_once();
         metrics::counter!("tierlimit_usage_events_failed_total").increment(_n);
     }
+}
+
+/// The overload capacity's and the requests in flight's gauges.
+#[cfg(feature = "metrics")]
+pub(crate) fn overload_gauges() -> (metrics::Gauge, metrics::Gauge) {
+    describe_once();
+    (
+        metrics::gauge!("tierlimit_overload_capacity"),
+        metrics::gauge!("tierlimit_overload_in_flight"),
+    )
+}
+
+/// A request of an exempt route shed (it has no tier or category).
+#[inline]
+pub(crate) fn shed_exempt() {
+    #[cfg(feature = "metrics")]
+    {
+        static COUNTER: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+        COUNTER
+            .get_or_init(|| {
+                describe_once();
+                metrics::counter!("tierlimit_shed_total", "tier" => "none", "category" => "exempt")
+            })
+            .increment(1);
+    }
+}
+
+/// The adaptive overload capacity moved past its report step.
+pub(crate) fn capacity_moved(before: u32, after: u32, mean: std::time::Duration) {
+    tracing::info!(
+        target: "tierlimit::overload",
+        before,
+        capacity = after,
+        mean_latency_ms = mean.as_secs_f64() * 1e3,
+        "overload capacity moved"
+    );
 }

@@ -130,17 +130,21 @@ pub(crate) fn report<E, B: Backend>(
         peeks.push((category, peek));
     }
     let now = shared.unix_time();
+    let overload = crate::overload::report(&policy, &shared.overload);
     Ok(Box::pin(async move {
         let mut categories = Map::new();
         for (category, peek) in peeks {
             let name = policy.category_name(category).to_owned();
             categories.insert(name, peek.finish(now).await);
         }
-        let body = json!({
+        let mut body = json!({
             "tier": policy.tier_name(tier),
             "key": identity.key().redacted().to_string(),
             "categories": Value::Object(categories),
         });
+        if let Some(overload) = overload {
+            body["overload"] = overload;
+        }
         let mut res = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
         res.headers_mut().insert(
             header::CONTENT_TYPE,

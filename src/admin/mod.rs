@@ -169,6 +169,7 @@ enum Route {
     Boosts,
     Boost(String),
     Usage,
+    Overload,
     NotFound,
 }
 
@@ -181,6 +182,7 @@ fn route(path: &str) -> Route {
         (_, "custom-limits" | "limits") => Route::Limits,
         (_, "boosts") => Route::Boosts,
         (_, "usage") => Route::Usage,
+        (_, "overload") => Route::Overload,
         ("boosts", id) if !id.is_empty() => Route::Boost(id.to_owned()),
         _ => Route::NotFound,
     }
@@ -232,7 +234,7 @@ where
         }
         let needs_body = !matches!(
             (&route, &method),
-            (Route::Boosts, &Method::GET) | (Route::Boost(_), _)
+            (Route::Boosts, &Method::GET) | (Route::Boost(_), _) | (Route::Overload, _)
         );
         let idempotency = match routes::idempotency_key(req.headers()) {
             Ok(k) => k.map(|k| routes::boost_id_for(&who, k)),
@@ -255,6 +257,7 @@ where
             (Route::Boosts, _) => return self.list_boosts(),
             (Route::Boost(id), _) => self.remove_boost(id),
             (Route::Usage, _) => return self.usage(&body).await,
+            (Route::Overload, _) => return self.overload(),
             (Route::NotFound, _) => unreachable!("answered above"),
         };
         let (change, status, shown, action, key) = match result {
@@ -278,6 +281,22 @@ where
     }
 }
 
+impl<E, B> AdminService<E, B> {
+    /// `GET overload`: the capacity now and the requests in flight on this
+    /// instance (404 when the policy has no `[overload]` table).
+    fn overload(&self) -> AdminResponse {
+        let policy = Arc::clone(&self.shared.view.load().policy);
+        match crate::overload::report(&policy, &self.shared.overload) {
+            Some(v) => json_response(StatusCode::OK, &v),
+            None => problem(
+                StatusCode::NOT_FOUND,
+                "admin-not-found",
+                "the policy has no [overload] table",
+            ),
+        }
+    }
+}
+
 /// Whether `route` exists and takes `method`: else the 404, or the 405
 /// with the methods it takes.
 fn allowed(route: &Route, method: &Method) -> Result<(), AdminResponse> {
@@ -286,13 +305,14 @@ fn allowed(route: &Route, method: &Method) -> Result<(), AdminResponse> {
         Route::Boosts => "GET, POST",
         Route::Boost(_) => "DELETE",
         Route::Usage => "POST",
+        Route::Overload => "GET",
         Route::NotFound => "",
     };
     if *route == Route::NotFound {
         return Err(problem(
             StatusCode::NOT_FOUND,
             "admin-not-found",
-            "no such admin resource (keys, custom-limits, boosts, boosts/{id}, usage)",
+            "no such admin resource (keys, custom-limits, boosts, boosts/{id}, usage, overload)",
         ));
     }
     if !allowed.split(", ").any(|m| m == method.as_str()) {

@@ -37,8 +37,11 @@ use crate::backend::{Backend, Check, Decision};
 use crate::extract::{Extractor, Identity, PeerIp, Rejection, RequestRef, is_grpc};
 use crate::feed::{Usage, UsageFeed};
 use crate::key::KeyId;
+use crate::overload::{Overload, Slot};
 use crate::plane::Plane;
-use crate::policy::{Applied, CategoryId, Cell, Limit, Limits, Policy, Target, TierId};
+use crate::policy::{
+    Applied, CategoryId, Cell, Limit, Limits, OverloadRules, Policy, SHED_FULL, Target, TierId,
+};
 use crate::response::{Answer, HeaderOptions, HeaderPlan};
 use crate::time::{UnixClock, unix_time};
 use crate::view::{CellView, PolicyView, ViewSlot};
@@ -57,6 +60,9 @@ pub(crate) struct Shared<E, B> {
     pub(crate) headers: HeaderOptions,
     pub(crate) shadowed: Arc<AtomicU64>,
     pub(crate) unix_clock: Option<UnixClock>,
+    /// Requests in flight and the capacity, under an `[overload]` table
+    /// (per instance: every clone of the layer's service shares it).
+    pub(crate) overload: Arc<Overload>,
     /// Where admitted requests' usage events go (`None`: nowhere, and the
     /// path makes no record).
     pub(crate) feed: Option<UsageFeed>,
@@ -92,6 +98,7 @@ impl<E, B> Shared<E, B> {
             unix_clock: self.unix_clock.clone(),
             // Envoy's front decides requests it does not serve: no feed.
             feed: None,
+            overload: Arc::clone(&self.overload),
         }
     }
 
@@ -180,22 +187,62 @@ impl<E: Extractor, B> Shared<E, B> {
 }
 
 impl<E: Extractor, B: Backend> Shared<E, B> {
-    /// The whole request path up to the backend's answer.
-    pub(crate) fn admit<T>(&self, req: &Request<T>) -> Step<B::Future> {
-        self.view.with(|view| self.admit_in(view, req))
+    /// The whole request path up to the backend's answer. Under an
+    /// `[overload]` table, an admitted request's place in the capacity goes
+    /// into `slot`, to be held until the inner service answers.
+    pub(crate) fn admit<T>(&self, req: &Request<T>, slot: &mut Option<Slot>) -> Step<B::Future> {
+        self.view.with(|view| self.admit_in(view, req, slot))
     }
 
-    fn admit_in<T>(&self, guard: &Arc<PolicyView>, req: &Request<T>) -> Step<B::Future> {
+    fn admit_in<T>(
+        &self,
+        guard: &Arc<PolicyView>,
+        req: &Request<T>,
+        slot: &mut Option<Slot>,
+    ) -> Step<B::Future> {
         // Classify: which category, at what cost (exempt routes pass).
         match guard.policy.classify(req.method(), req.uri().path()) {
-            Target::Exempt => Step::Pass,
-            Target::Category { category, cost } => self.admit_to(guard, req, category, cost),
+            Target::Exempt => match guard.policy.overload_arc() {
+                Some(rules) if rules.sheds_exempt_routes() => self.exempt(rules, req, slot),
+                _ => Step::Pass,
+            },
+            Target::Category { category, cost } => {
+                self.admit_to(guard, req, category, cost, Some(slot))
+            }
+        }
+    }
+
+    /// An exempt route under an `[overload]` table: shed only at the full
+    /// capacity (it has no tier).
+    #[cold]
+    fn exempt<T>(
+        &self,
+        rules: &Arc<OverloadRules>,
+        req: &Request<T>,
+        slot: &mut Option<Slot>,
+    ) -> Step<B::Future> {
+        match self.overload.enter(rules, SHED_FULL) {
+            Some(s) => {
+                *slot = Some(s);
+                Step::Pass
+            }
+            None => {
+                crate::telemetry::shed_exempt();
+                let shed = Answer::Shed {
+                    retry_after: rules.retry_after(),
+                    tier: None,
+                    category: "",
+                    cell: None,
+                };
+                Step::Answer(shed.into_response(is_grpc(req.headers())))
+            }
         }
     }
 
     /// The request path from a request's category on: identify → limits →
-    /// check → outcome. The layer classifies by method and path first;
-    /// Envoy's front (`crate::envoy`) by a request's descriptors.
+    /// (shed) → check → outcome. The layer classifies by method and path
+    /// first; Envoy's front (`crate::envoy`) by a request's descriptors,
+    /// and sheds nothing (`slot`: `None`), as it serves no requests itself.
     #[inline]
     pub(crate) fn admit_to<T>(
         &self,
@@ -203,6 +250,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         req: &Request<T>,
         category: CategoryId,
         route_cost: u32,
+        slot: Option<&mut Option<Slot>>,
     ) -> Step<B::Future> {
         let view: &PolicyView = guard;
         let policy: &Policy = &view.policy;
@@ -231,13 +279,62 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             category,
             route_cost,
         };
-        match path(cell, adjusted.as_ref()) {
+        let path = path(cell, adjusted.as_ref());
+        // Shed: under an `[overload]` table, before anything is charged.
+        if let (Some(rules), Some(slot)) = (policy.overload_arc(), slot)
+            && (rules.sheds_unlimited() || matches!(path, Path::Check(_)))
+        {
+            match self.shed(&found, rules) {
+                Ok(s) => *slot = Some(s),
+                Err(step) => return step,
+            }
+        }
+        match path {
             Path::Pass => match &self.feed {
                 None => Step::Pass,
                 Some(feed) => self.unlimited(feed, &found),
             },
             Path::Check(limits) => self.check(&found, limits),
         }
+    }
+
+    /// A place in the capacity for a request of `f`'s tier, at its tier's
+    /// fraction, or at the full capacity if it is critical; else the 503
+    /// (gRPC UNAVAILABLE) that sheds it. The priority header is read only
+    /// when the tier's fraction is taken.
+    #[cold]
+    #[inline(never)]
+    #[allow(clippy::result_large_err)] // the answer itself, moved once, when shed
+    fn shed<T>(
+        &self,
+        f: &Found<'_, T>,
+        rules: &Arc<OverloadRules>,
+    ) -> Result<Slot, Step<B::Future>> {
+        let shed_at = rules.shed_at(f.tier);
+        if let Some(slot) = self.overload.enter(rules, shed_at) {
+            return Ok(slot);
+        }
+        if shed_at < SHED_FULL {
+            match critical(f.req.headers(), f.identity.priority()) {
+                Ok(true) => {
+                    if let Some(slot) = self.overload.enter(rules, SHED_FULL) {
+                        return Ok(slot);
+                    }
+                }
+                Ok(false) => {}
+                Err(r) => return Err(f.answer(Answer::Rejected(r))),
+            }
+        }
+        let policy = &f.guard.policy;
+        let (tier, category) = (policy.tier_name(f.tier), policy.category_name(f.category));
+        #[cfg(feature = "metrics")]
+        f.cell_view.metrics(tier, category).shed.increment(1);
+        Err(f.answer(Answer::Shed {
+            retry_after: rules.retry_after(),
+            tier: Some(tier),
+            category,
+            cell: Some((f.cell_view.headers.clone(), self.headers)),
+        }))
     }
 
     /// A request under every limit that applies to it, at once, all or

@@ -242,7 +242,10 @@ impl<B: Backend> RateLimitServer<B> {
         let cost = cost_of(d, hits);
         let req = read.request(policy, cost)?;
         Ok(
-            match self.shared.admit_to(guard, &req, category, route_cost) {
+            match self
+                .shared
+                .admit_to(guard, &req, category, route_cost, None)
+            {
                 Step::Pass => Pending::Done(Verdict::Unlimited),
                 Step::Allow(admitted) => Pending::Done(resolved(Resolved::Allow(admitted))),
                 Step::Answer(response) => Pending::Done(Verdict::answered(response)),

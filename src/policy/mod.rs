@@ -48,6 +48,7 @@ mod file;
 mod keys;
 mod operator;
 mod overlay;
+mod overload;
 mod route;
 mod set;
 
@@ -71,6 +72,10 @@ pub use operator::{Adjust, Boost, BoostTarget, Shadow};
 use operator::{CompiledBoost, more_generous_all};
 pub(crate) use operator::{MAX_UNIX, parse_time};
 pub(crate) use overlay::Overlay;
+pub(crate) use overload::FULL as SHED_FULL;
+pub use overload::{
+    Capacity, DEFAULT_MAX_CAPACITY, DEFAULT_MIN_CAPACITY, OverloadRules, OverloadSettings,
+};
 use route::CompiledRoute;
 pub use route::Target;
 pub(crate) use set::{Applied, LimitBuf, Limits};
@@ -122,6 +127,9 @@ pub(super) struct PolicyInner {
     pub(super) shadow_tiers: Box<[bool]>,
     pub(super) shadow_categories: Box<[bool]>,
     pub(super) envoy: EnvoyRules,
+    /// The `[overload]` table, if any (shared: the layer's overload state
+    /// tells a changed table by its address).
+    pub(super) overload: Option<Arc<OverloadRules>>,
     pub(super) source: PolicyBuilder,
 }
 
@@ -467,6 +475,19 @@ impl Policy {
     /// table, or its defaults.
     pub fn envoy(&self) -> &EnvoyRules {
         &self.inner.envoy
+    }
+
+    /// The `[overload]` table, if the policy sheds load.
+    #[inline]
+    pub fn overload(&self) -> Option<&OverloadRules> {
+        self.inner.overload.as_deref()
+    }
+
+    /// The `[overload]` table, shared (what the layer's overload state
+    /// keeps to tell a changed table).
+    #[inline]
+    pub(crate) fn overload_arc(&self) -> Option<&Arc<OverloadRules>> {
+        self.inner.overload.as_ref()
     }
 
     /// The tier for keys the policy does not know, if they are accepted.

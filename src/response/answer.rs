@@ -5,7 +5,9 @@
 
 use http::StatusCode;
 
-use super::headers::HeaderPlan;
+use std::time::Duration;
+
+use super::headers::{CellRef, HeaderOptions, HeaderPlan};
 use crate::decision::Decision;
 use crate::extract::Rejection;
 use crate::key::KeyId;
@@ -40,7 +42,23 @@ pub(crate) enum Answer<'a> {
     },
     /// The backend could not decide.
     Unavailable,
+    /// Shed: the service behind the layer is past its capacity, and this
+    /// request's tier is shed at this load. Nothing was charged.
+    Shed {
+        /// What the caller is told to wait.
+        retry_after: Duration,
+        /// `None` for exempt routes (no tier, no category).
+        tier: Option<&'a str>,
+        category: &'a str,
+        /// The cell's limits, for the headers that describe the quota
+        /// (none for exempt routes and unlimited cells).
+        cell: Option<(CellRef, HeaderOptions)>,
+    },
 }
+
+/// The problem type of a shed request, the IETF rate-limit draft's.
+pub(crate) const REDUCED_CAPACITY: &str =
+    "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity";
 
 impl Answer<'_> {
     pub(crate) fn status(&self) -> StatusCode {
@@ -51,7 +69,7 @@ impl Answer<'_> {
             ) => StatusCode::BAD_REQUEST,
             Answer::Rejected(_) => StatusCode::UNAUTHORIZED,
             Answer::CostTooHigh { .. } => StatusCode::BAD_REQUEST,
-            Answer::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Answer::Unavailable | Answer::Shed { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -68,6 +86,7 @@ impl Answer<'_> {
             Answer::Rejected(Rejection::InvalidPriority) => "invalid-priority",
             Answer::CostTooHigh { .. } => "cost-exceeds-limit",
             Answer::Unavailable => "rate-limiter-unavailable",
+            Answer::Shed { .. } => "temporary-reduced-capacity",
         }
     }
 
@@ -115,6 +134,16 @@ impl Answer<'_> {
                 "this request costs {cost} but tier `{tier}` allows at most {max} `{category}` {unit} at once, so it can never succeed; split it into smaller requests"
             ),
             Answer::Unavailable => "the rate limiter is unavailable; try again shortly".to_owned(),
+            Answer::Shed {
+                retry_after, tier, ..
+            } => format!(
+                "the service is over its capacity and sheds {}; retry in {} ms",
+                tier.map_or_else(
+                    || "requests of exempt routes".to_owned(),
+                    |t| format!("tier `{t}` requests at this load")
+                ),
+                retry_after.as_millis().max(1)
+            ),
         }
     }
 }

@@ -85,6 +85,36 @@ pub(crate) fn response(refusal: &Answer<'_>) -> Response<Bytes> {
         }
         res.extensions_mut().insert(*decision);
     }
+    if let Answer::Shed {
+        retry_after, cell, ..
+    } = refusal
+    {
+        // UNAVAILABLE with a pushback: gRPC's own retry policy retries it
+        // after the delay (A6: a pushback overrides the backoff).
+        if let Some((cell, options)) = cell {
+            cell.write_quota(*options, res.headers_mut());
+        }
+        let h = res.headers_mut();
+        h.insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from(crate::time::retry_secs(*retry_after)),
+        );
+        h.insert(
+            GRPC_PUSHBACK,
+            HeaderValue::from(retry_after.as_millis().max(1) as u64),
+        );
+        let details = crate::proto::StatusDetails {
+            code,
+            message: &message,
+            retry: *retry_after,
+            subject: "",
+            description: "",
+        }
+        .encode();
+        if let Ok(v) = HeaderValue::from_str(&crate::proto::encode_bin(&details)) {
+            h.insert(GRPC_DETAILS, v);
+        }
+    }
     res
 }
 

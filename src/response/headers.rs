@@ -345,6 +345,26 @@ impl CellHeaders {
     }
 }
 
+impl CellHeaders {
+    /// The fields that describe the cell's quota and not its state
+    /// (`X-RateLimit-Limit`, `X-RateLimit-Window`, the draft's
+    /// `RateLimit-Policy`): what a shed request's answer carries. It was
+    /// never counted, and reading its bucket would cost the backend a round
+    /// trip while the service is overloaded.
+    pub(crate) fn write_quota(&self, options: HeaderOptions, headers: &mut HeaderMap) {
+        if self.max == 0 {
+            return; // unlimited: no fields
+        }
+        if options.x_ratelimit {
+            headers.insert(X_RATELIMIT_LIMIT.clone(), self.limit.clone());
+            headers.insert(X_RATELIMIT_WINDOW.clone(), self.window.clone());
+        }
+        if options.ietf_draft {
+            headers.insert(RATELIMIT_POLICY.clone(), self.policy.clone());
+        }
+    }
+}
+
 /// The headers of one decision, worked out when the decision is made: an
 /// admitted request carries this through its response future (small: it
 /// moves with the future), and [`write`](Self::write) only copies values.

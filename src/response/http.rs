@@ -65,6 +65,23 @@ pub(crate) fn response(answer: &Answer<'_>) -> Response<Bytes> {
             obj.insert("cost".into(), json!(cost));
             obj.insert("limit".into(), json!(max));
         }
+        Answer::Shed {
+            retry_after,
+            tier,
+            category,
+            ..
+        } => {
+            let obj = body.as_object_mut().expect("a json object");
+            obj.insert("type".into(), json!(super::answer::REDUCED_CAPACITY));
+            if let Some(tier) = tier {
+                obj.insert("tier".into(), json!(tier));
+                obj.insert("category".into(), json!(category));
+            }
+            obj.insert(
+                "retry_after_seconds".into(),
+                json!(retry_secs(*retry_after)),
+            );
+        }
         _ => {}
     }
     let mut res = problem_response(status, &body);
@@ -75,7 +92,18 @@ pub(crate) fn response(answer: &Answer<'_>) -> Response<Bytes> {
         #[cfg(feature = "envoy")]
         res.extensions_mut().insert(plan.cell().clone());
     }
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    if let Answer::Shed {
+        retry_after, cell, ..
+    } = answer
+    {
+        if let Some((cell, options)) = cell {
+            cell.write_quota(*options, res.headers_mut());
+        }
+        res.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(retry_secs(*retry_after)),
+        );
+    } else if status == StatusCode::SERVICE_UNAVAILABLE {
         res.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }

@@ -28,6 +28,8 @@ impl Answer<'_> {
         match self {
             Answer::Refused { .. } => {}
             Answer::Unavailable => crate::telemetry::unavailable(),
+            // Counted by tier and category where it is shed.
+            Answer::Shed { .. } => {}
             _ => crate::telemetry::rejection(self.problem_type()),
         }
         if grpc {

@@ -44,6 +44,14 @@ impl PolicyBuilder {
             &names.tiers,
             &names.cells,
         )?;
+        let overload = match &self.overload {
+            Some(o) => Some(Arc::new(crate::policy::overload::compile(
+                &o.value,
+                o.line,
+                &names.tiers,
+            )?)),
+            None => None,
+        };
         Ok(Policy {
             inner: Arc::new(PolicyInner {
                 reserves: reserves.into_boxed_slice(),
@@ -53,6 +61,7 @@ impl PolicyBuilder {
                 shadow_tiers: shadow_tiers.into_boxed_slice(),
                 shadow_categories: shadow_categories.into_boxed_slice(),
                 envoy,
+                overload,
                 tiers: names.tiers.into_boxed_slice(),
                 categories: names.categories.into_boxed_slice(),
                 cells: names.cells.into_boxed_slice(),

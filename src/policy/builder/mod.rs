@@ -103,6 +103,7 @@ pub struct PolicyBuilder {
     boosts: Vec<Boost>,
     shadow: Shadow,
     envoy: Option<Located<super::EnvoySettings>>,
+    overload: Option<Located<super::OverloadSettings>>,
     /// Keys refused whatever `unknown_key` says (revoked by an operator).
     revoked: Vec<String>,
 }
@@ -153,6 +154,23 @@ impl PolicyBuilder {
 
     pub(super) fn envoy_at(mut self, settings: super::EnvoySettings, line: Option<usize>) -> Self {
         self.envoy = Some(Located::at(settings, line));
+        self
+    }
+
+    /// Sheds load when the service behind the layer is past its capacity
+    /// (the `[overload]` table; see
+    /// [`OverloadSettings`](super::OverloadSettings)).
+    pub fn overload(mut self, settings: super::OverloadSettings) -> Self {
+        self.overload = Some(Located::new(settings));
+        self
+    }
+
+    pub(super) fn overload_at(
+        mut self,
+        settings: super::OverloadSettings,
+        line: Option<usize>,
+    ) -> Self {
+        self.overload = Some(Located::at(settings, line));
         self
     }
 

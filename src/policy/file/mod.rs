@@ -43,6 +43,25 @@ struct File {
     shadow: Option<ShadowSpec>,
     #[serde(default)]
     envoy: Option<Spanned<EnvoySpec>>,
+    #[serde(default)]
+    overload: Option<Spanned<OverloadSpec>>,
+}
+
+/// `[overload]`: the service's capacity and where each tier is shed.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverloadSpec {
+    capacity: Spanned<toml::Value>,
+    target_latency: Option<Spanned<String>>,
+    min_capacity: Option<Spanned<i64>>,
+    max_capacity: Option<Spanned<i64>>,
+    initial_capacity: Option<Spanned<i64>>,
+    #[serde(default)]
+    shed_at: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+    shed_exempt_routes: Option<bool>,
+    shed_unlimited: Option<bool>,
+    retry_after: Option<Spanned<String>>,
+    report_step: Option<Spanned<f64>>,
 }
 
 /// `[envoy]`: what Envoy's rate limit service reads and answers.
@@ -171,6 +190,9 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
     }
     if let Some(e) = file.envoy {
         b = sections::envoy(b, e, &lines);
+    }
+    if let Some(o) = file.overload {
+        b = sections::overload(b, o, &lines)?;
     }
     if let Some(d) = file.defaults {
         b = sections::defaults(b, d, &lines);

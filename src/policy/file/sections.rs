@@ -11,7 +11,8 @@ use super::super::{
 };
 use super::values::{parse_adjust, parse_cell, parse_refund};
 use super::{
-    BoostSpec, Defaults, EnvoySpec, GrpcSpec, Lines, Methods, RouteSpec, ShadowSpec, TierRules,
+    BoostSpec, Defaults, EnvoySpec, GrpcSpec, Lines, Methods, OverloadSpec, RouteSpec, ShadowSpec,
+    TierRules,
 };
 use crate::key::KeyId;
 use crate::policy::{DescriptorKeys, EnvoySettings};
@@ -366,6 +367,109 @@ pub(super) fn envoy(b: PolicyBuilder, e: Spanned<EnvoySpec>, lines: &Lines) -> P
     settings.domain = e.domain;
     settings.categories = e.categories;
     b.envoy_at(settings, line)
+}
+
+/// `[overload]`: the capacity (a number, or `"adaptive"` with a target
+/// latency), its bounds, and `[overload.shed_at]` (checked against the
+/// tiers when the policy is built).
+pub(super) fn overload(b: PolicyBuilder, o: Spanned<OverloadSpec>, lines: &Lines) -> Built {
+    use crate::policy::{Capacity, OverloadSettings};
+    let line = lines.of(o.span().start);
+    let o = o.into_inner();
+    let err = |entry: &str, at: usize, m: String| {
+        PolicyError::new(format!("overload.{entry}"), lines.of(at), m)
+    };
+    let capacity = match o.capacity.get_ref() {
+        toml::Value::String(s) if s.eq_ignore_ascii_case("adaptive") => Capacity::Adaptive,
+        toml::Value::Integer(n) => Capacity::Fixed(u32::try_from(*n).unwrap_or(0)),
+        other => {
+            return Err(err(
+                "capacity",
+                o.capacity.span().start,
+                format!(
+                    "write the capacity as a number of requests in flight (`capacity = 64`) or `\"adaptive\"`, not `{other}`"
+                ),
+            ));
+        }
+    };
+    let count = |entry: &str, v: Spanned<i64>| {
+        // Out of range: 0, which the builder refuses with the bounds.
+        u32::try_from(*v.get_ref()).map_err(|_| {
+            err(
+                entry,
+                v.span().start,
+                format!(
+                    "a capacity is a number of requests in flight, not {}",
+                    v.get_ref()
+                ),
+            )
+        })
+    };
+    let duration = |entry: &str, v: Spanned<String>| {
+        crate::limit::parse_duration(v.get_ref().trim()).map_err(|m| {
+            err(
+                entry,
+                v.span().start,
+                format!("{m} (write it as `50ms` or `1s`)"),
+            )
+        })
+    };
+    let mut s = OverloadSettings::new(capacity);
+    if let Some(t) = o.target_latency {
+        let at = t.span().start;
+        let digits: String = t
+            .get_ref()
+            .trim()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        if !digits.is_empty() && digits.bytes().all(|d| d == b'0') {
+            return Err(err(
+                "target_latency",
+                at,
+                "a target latency of zero can never be met".into(),
+            ));
+        }
+        s = s.target_latency(duration("target_latency", t)?);
+    }
+    if let Some(n) = o.min_capacity {
+        s = s.min_capacity(count("min_capacity", n)?);
+    }
+    if let Some(n) = o.max_capacity {
+        s = s.max_capacity(count("max_capacity", n)?);
+    }
+    if let Some(n) = o.initial_capacity {
+        s = s.initial_capacity(count("initial_capacity", n)?);
+    }
+    for (tier, v) in o.shed_at {
+        let fraction = match v.get_ref() {
+            toml::Value::Float(f) => *f,
+            toml::Value::Integer(n) => *n as f64,
+            other => {
+                return Err(err(
+                    &format!("shed_at.{}", tier.get_ref()),
+                    v.span().start,
+                    format!(
+                        "write a fraction of the capacity in (0, 1], such as 0.5, not `{other}`"
+                    ),
+                ));
+            }
+        };
+        s = s.shed_at(tier.into_inner(), fraction);
+    }
+    if let Some(yes) = o.shed_exempt_routes {
+        s = s.shed_exempt_routes(yes);
+    }
+    if let Some(yes) = o.shed_unlimited {
+        s = s.shed_unlimited(yes);
+    }
+    if let Some(d) = o.retry_after {
+        s = s.retry_after(duration("retry_after", d)?);
+    }
+    if let Some(step) = o.report_step {
+        s = s.report_step(step.into_inner());
+    }
+    Ok(b.overload_at(s, line))
 }
 
 /// `[defaults]`: the categories of unmatched requests, and the tiers (or

@@ -1,0 +1,464 @@
+//! Tier-aware load shedding (the policy's `[overload]` table), black-box
+//! through the demo on 127.0.0.1:0 with a real HTTP client, and through a
+//! real tonic client: the order in which tiers are shed, that a shed
+//! request consumed nothing, the answers (503 problem document, gRPC
+//! UNAVAILABLE with a pushback), and the tables refused at load.
+//!
+//! Requests are held in flight with the demo's saturated dependency
+//! (`GET /v1/endpoints?work_ms=10000`: they wait for one of 8 workers, then
+//! work); the test never waits for them to end: it drops them, and the
+//! layer gets their places back.
+
+mod common;
+
+#[allow(dead_code)]
+#[path = "../examples/axum_tiers.rs"]
+mod demo;
+
+#[allow(dead_code)]
+#[path = "../examples/tonic_grpc.rs"]
+mod grpc_demo;
+
+use std::time::Duration;
+
+use common::{Server, client};
+use serde_json::Value;
+use tierlimit::{Policy, RateLimitLayer};
+use tokio::task::JoinHandle;
+
+const ADMIN: &str = "overload-admin-token";
+
+/// The demo's overload policy with its `[overload]` table replaced by
+/// `table`.
+fn policy_with(table: &str) -> Result<Policy, tierlimit::PolicyError> {
+    Policy::from_toml_str(&format!("{}\n{table}", demo_head()))
+}
+
+/// The demo's overload policy without its `[overload]` table.
+fn demo_head() -> String {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/overload.toml"
+    ))
+    .unwrap();
+    text.split("\n[overload]").next().unwrap().to_owned()
+}
+
+/// A fixed capacity of 10: free shed at 5 in flight, pro at 8, enterprise
+/// at 9, critical requests at 10.
+const FIXED_10: &str = r#"
+[overload]
+capacity = 10
+[overload.shed_at]
+free = 0.5
+pro = 0.8
+enterprise = 0.9
+"#;
+
+async fn demo_server(policy: Policy) -> Server {
+    // A clock that stands still: remaining counts are exact.
+    let layer = demo::limits(policy, common::fake_memory());
+    common::serve(demo::app_with_admin(layer, Some(ADMIN))).await
+}
+
+/// The overload state the admin API reports.
+async fn overload(s: &Server) -> Value {
+    let res = client()
+        .get(s.url("/admin/v1/overload"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().await.unwrap()
+}
+
+/// Requests in flight, held by the demo's workers, until dropped.
+struct Held(Vec<JoinHandle<()>>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Holds `n` requests of `key` in flight (with `X-Request-Priority` if
+/// given), and waits until the layer counts `expect` in flight in all.
+async fn hold(
+    s: &Server,
+    held: &mut Held,
+    key: &str,
+    priority: Option<&str>,
+    n: usize,
+    expect: u64,
+) {
+    for _ in 0..n {
+        let url = s.url("/v1/endpoints?work_ms=10000");
+        let key = key.to_owned();
+        let priority = priority.map(str::to_owned);
+        held.0.push(tokio::spawn(async move {
+            let mut req = client().get(url).header("X-API-Key", key);
+            if let Some(p) = priority {
+                req = req.header("X-Request-Priority", p);
+            }
+            // Dropped (aborted) long before it could answer.
+            let _ = req.send().await;
+        }));
+    }
+    in_flight_reaches(s, expect).await;
+}
+
+/// Waits (bounded) until the layer counts `n` requests in flight.
+async fn in_flight_reaches(s: &Server, n: u64) {
+    for _ in 0..2_000 {
+        if overload(s).await["in_flight"] == n {
+            return;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("in flight never reached {n}: {}", overload(s).await);
+}
+
+/// One quick request (no work) as `key`: its response.
+async fn quick(s: &Server, key: &str, priority: Option<&str>) -> reqwest::Response {
+    let mut req = client()
+        .get(s.url("/v1/endpoints"))
+        .header("X-API-Key", key);
+    if let Some(p) = priority {
+        req = req.header("X-Request-Priority", p);
+    }
+    req.send().await.unwrap()
+}
+
+/// `key`'s remaining read requests, by the usage endpoint.
+async fn remaining(s: &Server, key: &str) -> u64 {
+    let res = common::call(&client(), "GET", &s.url("/v1/rate_limit"), key).await;
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    v["categories"]["read"]["remaining"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiers_are_shed_in_order_free_first_enterprise_last_critical_after_that() {
+    let s = demo_server(policy_with(FIXED_10).unwrap()).await;
+    let before = remaining(&s, "free-demo-key").await;
+    let mut held = Held(Vec::new());
+
+    hold(&s, &mut held, "free-demo-key", None, 5, 5).await;
+    // 5 of 10 in flight: free is shed, the others are not.
+    let shed = quick(&s, "free-demo-key", None).await;
+    assert_eq!(shed.status(), 503);
+    assert_eq!(quick(&s, "pro-demo-key", None).await.status(), 200);
+    assert_eq!(quick(&s, "enterprise-demo-key", None).await.status(), 200);
+
+    // The shed answer: the draft's problem type, Retry-After, and the
+    // headers that describe the quota.
+    assert_eq!(common::header(&shed, "retry-after"), Some(1));
+    assert_eq!(common::header(&shed, "x-ratelimit-limit"), Some(100_000));
+    assert_eq!(common::header(&shed, "x-ratelimit-window"), Some(60));
+    assert_eq!(shed.headers()["content-type"], "application/problem+json");
+    let body: Value = shed.json().await.unwrap();
+    assert_eq!(
+        body["type"],
+        "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity"
+    );
+    assert_eq!(body["status"], 503);
+    assert_eq!(body["tier"], "free");
+    assert_eq!(body["retry_after_seconds"], 1);
+
+    hold(&s, &mut held, "pro-demo-key", None, 3, 8).await;
+    // 8 of 10: pro is shed too; enterprise is not; a critical free
+    // request is not either.
+    assert_eq!(quick(&s, "pro-demo-key", None).await.status(), 503);
+    assert_eq!(quick(&s, "enterprise-demo-key", None).await.status(), 200);
+    assert_eq!(
+        quick(&s, "free-demo-key", Some("critical")).await.status(),
+        200
+    );
+
+    hold(&s, &mut held, "enterprise-demo-key", None, 1, 9).await;
+    // 9 of 10: enterprise is shed; critical requests of any tier are not.
+    assert_eq!(quick(&s, "enterprise-demo-key", None).await.status(), 503);
+    assert_eq!(
+        quick(&s, "pro-demo-key", Some("critical")).await.status(),
+        200
+    );
+    // A malformed priority is the client's mistake, said as such.
+    assert_eq!(
+        quick(&s, "pro-demo-key", Some("urgent!")).await.status(),
+        400
+    );
+
+    hold(&s, &mut held, "free-demo-key", Some("critical"), 1, 10).await;
+    // 10 of 10: everything is shed, critical requests too.
+    assert_eq!(
+        quick(&s, "enterprise-demo-key", Some("critical"))
+            .await
+            .status(),
+        503
+    );
+    assert_eq!(overload(&s).await["capacity"], 10);
+
+    // Every held request dropped: every place comes back.
+    drop(held);
+    in_flight_reaches(&s, 0).await;
+    // Free was admitted 5 (held) + 1 (critical quick) + 1 (critical held)
+    // times; its 2 shed requests consumed nothing.
+    assert_eq!(before - remaining(&s, "free-demo-key").await, 7);
+    assert_eq!(quick(&s, "free-demo-key", None).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlimited_categories_and_exempt_routes_are_shed_unless_the_policy_spares_them() {
+    let table = |spare: bool| {
+        format!(
+            "[overload]\ncapacity = 2\nshed_exempt_routes = {}\nshed_unlimited = {}\n",
+            !spare, !spare
+        )
+    };
+    for spare in [false, true] {
+        let head = demo_head().replace(
+            "[tiers.enterprise]\nread = \"100000/minute\"",
+            "[tiers.enterprise]\nread = \"unlimited\"",
+        );
+        let policy = Policy::from_toml_str(&format!("{head}\n{}", table(spare))).unwrap();
+        let s = demo_server(policy).await;
+        let mut held = Held(Vec::new());
+        hold(&s, &mut held, "free-demo-key", None, 2, 2).await;
+        // The usage endpoint is an exempt route; enterprise reads are
+        // unlimited.
+        let usage = common::call(&client(), "GET", &s.url("/v1/rate_limit"), "pro-demo-key").await;
+        let unlimited = quick(&s, "enterprise-demo-key", None).await;
+        let want = if spare { 200 } else { 503 };
+        assert_eq!(usage.status(), want, "exempt route, spared: {spare}");
+        assert_eq!(unlimited.status(), want, "unlimited, spared: {spare}");
+        if !spare {
+            // An exempt route's shed answer names no tier.
+            let body: Value = usage.json().await.unwrap();
+            assert!(body.get("tier").is_none(), "{body}");
+            assert!(unlimited.headers().get("x-ratelimit-limit").is_none());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adaptive_capacity_is_reported_by_the_usage_endpoint_and_the_admin_api() {
+    let s = demo_server(
+        policy_with(
+            "[overload]\ncapacity = \"adaptive\"\ntarget_latency = \"50ms\"\nmin_capacity = 2\nmax_capacity = 40\ninitial_capacity = 12\n",
+        )
+        .unwrap(),
+    )
+    .await;
+    let v = overload(&s).await;
+    assert_eq!(v["capacity"], 12);
+    assert_eq!(v["adaptive"], true);
+    assert_eq!(v["target_latency_ms"], 50.0);
+    assert_eq!(
+        (v["min_capacity"].clone(), v["max_capacity"].clone()),
+        (2.into(), 40.into())
+    );
+    let res = common::call(&client(), "GET", &s.url("/v1/rate_limit"), "pro-demo-key").await;
+    let usage: Value = res.json().await.unwrap();
+    assert_eq!(usage["overload"]["capacity"], 12);
+    // Without an [overload] table: no such thing to report.
+    let plain = demo_server(common::spec_policy()).await;
+    let res = client()
+        .get(plain.url("/admin/v1/overload"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    let res = common::call(
+        &client(),
+        "GET",
+        &plain.url("/v1/rate_limit"),
+        "pro-demo-key",
+    )
+    .await;
+    let usage: Value = res.json().await.unwrap();
+    assert!(usage.get("overload").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shed_grpc_call_is_unavailable_with_a_pushback_and_retry_info() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_types::StatusExt;
+
+    let policy = policy_with("[overload]\ncapacity = 1\nretry_after = \"250ms\"\n").unwrap();
+    let layer: RateLimitLayer = RateLimitLayer::builder(policy).build();
+    // gRPC and HTTP on one port behind one layer: an HTTP request that
+    // never ends holds the only place.
+    let app = grpc_demo::grpc_routes()
+        .await
+        .into_axum_router()
+        .route(
+            "/hold",
+            axum::routing::get(|| std::future::pending::<&'static str>()),
+        )
+        .layer(layer);
+    let s = common::serve(app).await;
+    let hold_url = s.url("/hold");
+    let holder = Held(vec![tokio::spawn(async move {
+        let _ = client()
+            .get(hold_url)
+            .header("X-API-Key", "pro-demo-key")
+            .send()
+            .await;
+    })]);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", s.addr))
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let call = || {
+        let mut req = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        req.metadata_mut()
+            .insert("x-api-key", "enterprise-demo-key".parse().unwrap());
+        req
+    };
+    // Until the held request is counted, a check may pass.
+    let mut status = None;
+    for _ in 0..2_000 {
+        match health.check(call()).await {
+            Err(s) => {
+                status = Some(s);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+    let status = status.expect("the call is shed while the place is held");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        "250"
+    );
+    let retry = status.get_details_retry_info().expect("RetryInfo");
+    assert_eq!(retry.retry_delay, Some(Duration::from_millis(250)));
+    assert!(status.get_details_quota_failure().is_none());
+    // The held request ends: the call goes through.
+    drop(holder);
+    let mut ok = false;
+    for _ in 0..2_000 {
+        if health.check(call()).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(ok, "the place came back");
+}
+
+#[test]
+fn a_bad_overload_table_is_refused_naming_the_entry() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("[overload]\ncapacity = 0\n", "overload.capacity", "1 to"),
+        ("[overload]\ncapacity = -3\n", "overload.capacity", "1 to"),
+        (
+            "[overload]\ncapacity = \"lots\"\n",
+            "overload.capacity",
+            "adaptive",
+        ),
+        (
+            "[overload]\ncapacity = \"adaptive\"\n",
+            "overload.target_latency",
+            "needs a target",
+        ),
+        (
+            "[overload]\ncapacity = \"adaptive\"\ntarget_latency = \"0ms\"\n",
+            "overload.target_latency",
+            "zero",
+        ),
+        (
+            "[overload]\ncapacity = \"adaptive\"\ntarget_latency = \"fast\"\n",
+            "overload.target_latency",
+            "unknown time unit",
+        ),
+        (
+            "[overload]\ncapacity = \"adaptive\"\ntarget_latency = \"50ms\"\nmin_capacity = 50\nmax_capacity = 10\n",
+            "overload.min_capacity",
+            "above the ceiling",
+        ),
+        (
+            "[overload]\ncapacity = 8\ntarget_latency = \"50ms\"\n",
+            "overload.target_latency",
+            "adaptive",
+        ),
+        (
+            "[overload]\ncapacity = 8\n[overload.shed_at]\nfree = 0\n",
+            "overload.shed_at.free",
+            "(0, 1]",
+        ),
+        (
+            "[overload]\ncapacity = 8\n[overload.shed_at]\nfree = 1.5\n",
+            "overload.shed_at.free",
+            "(0, 1]",
+        ),
+        (
+            "[overload]\ncapacity = 8\n[overload.shed_at]\nfree = -0.5\n",
+            "overload.shed_at.free",
+            "(0, 1]",
+        ),
+        (
+            "[overload]\ncapacity = 8\n[overload.shed_at]\nfree = nan\n",
+            "overload.shed_at.free",
+            "(0, 1]",
+        ),
+        (
+            "[overload]\ncapacity = 8\n[overload.shed_at]\ngold = 0.5\n",
+            "overload.shed_at.gold",
+            "unknown tier `gold`",
+        ),
+        (
+            "[overload]\ncapacity = 8\n[overload.shed_at]\nfree = \"half\"\n",
+            "overload.shed_at.free",
+            "fraction",
+        ),
+        (
+            "[overload]\ncapacity = 8\nretry_after = \"2h\"\n",
+            "overload.retry_after",
+            "1 hour",
+        ),
+        // Unknown fields: the loader names the line (and never echoes the
+        // file's text).
+        (
+            "[overload]\ncapacity = 8\nsheddable = true\n",
+            "(line ",
+            "unknown field",
+        ),
+    ];
+    for (table, entry, says) in cases {
+        let err = policy_with(table).expect_err(table);
+        let text = err.to_string();
+        assert!(
+            text.contains(entry) && text.contains(says),
+            "{table:?}: {text}"
+        );
+    }
+    // A good one, for contrast, and the builder's own check.
+    assert!(policy_with(FIXED_10).is_ok());
+    let built = Policy::builder()
+        .categories(["read", "write"])
+        .tier(
+            tierlimit::Tier::new("free")
+                .limit("read", tierlimit::Limit::per_hour(1))
+                .limit("write", tierlimit::Limit::per_hour(1)),
+        )
+        .overload(
+            tierlimit::policy::OverloadSettings::new(tierlimit::policy::Capacity::Fixed(4))
+                .shed_at("free", 1.01),
+        )
+        .build();
+    let err = built.unwrap_err().to_string();
+    assert!(err.contains("overload.shed_at.free"), "{err}");
+}
