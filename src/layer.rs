@@ -332,7 +332,8 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
     /// Sends one usage event per admitted request to `feed` (see
     /// [`crate::feed`]): the request's key id, account, tier, category,
     /// route, status, units, tokens and duration, when its response is
-    /// over. Refused, rejected and unavailable answers are not billed.
+    /// over. Refused, rejected, unavailable and shed requests (every
+    /// answer the layer gives itself) are not billed.
     /// Without a feed (the default) the request path makes no record.
     ///
     /// ```

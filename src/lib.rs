@@ -94,7 +94,7 @@
 //! | *rejection* | a client mistake ([`extract::Rejection`], or a cost no limit could ever admit): 400 or 401 |
 //! | *unavailable* | the backend could not decide (fail-closed, or a backend's error): 503, gRPC `UNAVAILABLE` |
 //! | *answer* | whatever the layer sends instead of the inner service: a refusal, a rejection, or unavailable |
-//! | *usage event* | one admitted request, settled, as the [usage feed](feed) sends it to billing ([`feed::UsageEvent`]): refused, rejected and unavailable answers have none |
+//! | *usage event* | one admitted request, settled, as the [usage feed](feed) sends it to billing ([`feed::UsageEvent`]): refused, rejected, unavailable and shed requests have none |
 //! | *known* caller | a listed key, a resolved one, or an identity from an auth layer ([`extract::Identity::is_known`]); others are *guests* |
 //!
 //! # Where things are

@@ -15,8 +15,9 @@
 //! sink runs on a thread of its own (`tierlimit-usage`), so it may block
 //! (a file, a socket) and the layer needs no async runtime.
 //!
-//! Not billed (no event): requests refused (429), rejected (400, 401),
-//! answered 503 because the backend could not decide, exempt routes, calls
+//! Not billed (no event): every answer the layer gives itself — requests
+//! refused (429), rejected (400, 401), answered 503 (the backend could not
+//! decide, or the request was shed under overload) — exempt routes, calls
 //! dropped while their check was still under way (never admitted), and
 //! Envoy's front (it decides requests it does not serve). Requests in
 //! unlimited cells are billed. Shadow-mode passes get an event marked
