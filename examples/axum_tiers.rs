@@ -7,7 +7,8 @@
 //!
 //! `BIND` (default `127.0.0.1:3000`) and `POLICY` (default
 //! `examples/policy.toml`) configure it. `ADMIN_TOKEN` mounts the admin API
-//! at `/admin/v1`; `REDIS_URL` (with `--features redis`) shares limits and
+//! at `/admin/v1`; `USAGE_LOG` appends one JSON line per admitted request
+//! to that file (the usage feed); `REDIS_URL` (with `--features redis`) shares limits and
 //! admin changes across instances; `--features watch` reloads `$POLICY`
 //! when it changes. Demo keys: `free-demo-key`,
 //! `pro-demo-key`, `enterprise-demo-key`.
@@ -28,6 +29,7 @@ use tierlimit::{
     ApiKey, Extractor, Policy, RateLimitLayer,
     backend::Backend,
     extract::{Identity, Rejection, RequestRef},
+    feed::{JsonLines, UsageFeed},
 };
 
 /// The demo's extractor: API keys, and a batch's cost from `X-Batch-Size`
@@ -81,11 +83,36 @@ pub(crate) fn demo_extractor(req: &RequestRef<'_>, policy: &Policy) -> Result<Id
 }
 
 /// The demo's layer on any backend.
+#[allow(dead_code)] // the tests use it
 pub(crate) fn limits<B: Backend>(policy: Policy, backend: B) -> RateLimitLayer<DemoExtractor, B> {
-    RateLimitLayer::builder(policy)
+    limits_with_feed(policy, backend, None)
+}
+
+/// The demo's layer on any backend, sending usage events to `feed`.
+pub(crate) fn limits_with_feed<B: Backend>(
+    policy: Policy,
+    backend: B,
+    feed: Option<UsageFeed>,
+) -> RateLimitLayer<DemoExtractor, B> {
+    let builder = RateLimitLayer::builder(policy)
         .extractor(demo_extractor as DemoExtractor)
-        .backend(backend)
-        .build()
+        .backend(backend);
+    match feed {
+        Some(feed) => builder.usage_feed(feed).build(),
+        None => builder.build(),
+    }
+}
+
+/// With `USAGE_LOG` set, the usage feed: one JSON line per admitted
+/// request appended to that file.
+#[allow(dead_code)]
+fn usage_log() -> Result<Option<UsageFeed>, Box<dyn std::error::Error>> {
+    let Some(path) = std::env::var_os("USAGE_LOG").filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let feed = UsageFeed::new(JsonLines::append(&path)?, 10_000)?;
+    tracing::info!(path = %std::path::Path::new(&path).display(), "usage feed");
+    Ok(Some(feed))
 }
 
 /// The demo's routes behind one rate-limit layer, `/healthz` outside it.
@@ -417,7 +444,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         let backend = tierlimit::RedisBackend::builder(url.as_str())
             .connect()
             .await?;
-        let layer = limits(policy, backend.clone());
+        let layer = limits_with_feed(policy, backend.clone(), usage_log()?);
         // Operator changes (the admin API's) reach every instance on this
         // Redis, and survive restarts.
         layer.share_operator_state(&backend).await?;
@@ -433,7 +460,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             .map_err(|_| format!("MAX_KEYS is not a number: {n}"))?;
         memory = memory.max_keys(n);
     }
-    let layer = limits(policy, memory.build());
+    let layer = limits_with_feed(policy, memory.build(), usage_log()?);
     let _watching = watch_policy(&layer, &policy_path);
     serve(
         bind,

@@ -124,8 +124,10 @@ where
                             // the body's clones settle when they drop.
                             meter.on_response(res.status(), res.extensions());
                         }
-                        if let Some(lease) = admitted.lease {
-                            // Held until the body ends or is dropped.
+                        if let Some(mut lease) = admitted.lease {
+                            // Held until the body ends or is dropped (with
+                            // a usage feed: the request's usage record).
+                            lease.on_response(res.status());
                             res = res.map(|body| body.hold(lease));
                         }
                     }

@@ -9,6 +9,7 @@ use tower_layer::Layer;
 use crate::admission::Shared;
 use crate::backend::{Backend, MemoryBackend};
 use crate::extract::{ApiKey, Extractor, PeerIp};
+use crate::feed::UsageFeed;
 pub use crate::future::ResponseFuture;
 pub use crate::plane::OperatorStateError;
 use crate::plane::Plane;
@@ -78,6 +79,7 @@ impl RateLimitLayer {
             anonymous: PeerIp::new(),
             headers: HeaderOptions::default(),
             unix_clock: None,
+            feed: None,
         }
     }
 }
@@ -266,6 +268,7 @@ pub struct RateLimitLayerBuilder<E = ApiKey, B = MemoryBackend> {
     anonymous: PeerIp,
     headers: HeaderOptions,
     unix_clock: Option<UnixClock>,
+    feed: Option<UsageFeed>,
 }
 
 impl<E: fmt::Debug, B: fmt::Debug> fmt::Debug for RateLimitLayerBuilder<E, B> {
@@ -288,6 +291,7 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
             anonymous: self.anonymous,
             headers: self.headers,
             unix_clock: self.unix_clock,
+            feed: self.feed,
         }
     }
 
@@ -300,6 +304,7 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
             anonymous: self.anonymous,
             headers: self.headers,
             unix_clock: self.unix_clock,
+            feed: self.feed,
         }
     }
 
@@ -324,8 +329,35 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
         self
     }
 
+    /// Sends one usage event per admitted request to `feed` (see
+    /// [`crate::feed`]): the request's key id, account, tier, category,
+    /// route, status, units, tokens and duration, when its response is
+    /// over. Refused, rejected, unavailable and shed requests (every
+    /// answer the layer gives itself) are not billed.
+    /// Without a feed (the default) the request path makes no record.
+    ///
+    /// ```
+    /// use tierlimit::feed::{UsageEvent, UsageFeed};
+    /// use tierlimit::{Policy, RateLimitLayer};
+    /// # let policy = Policy::from_toml_str("categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1/s\"\nwrite = \"1/s\"").unwrap();
+    ///
+    /// let feed = UsageFeed::new(|_: &[UsageEvent]| Ok(()), 1024)?;
+    /// let layer = RateLimitLayer::builder(policy).usage_feed(feed).build();
+    /// # let _ = layer;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn usage_feed(mut self, feed: UsageFeed) -> Self {
+        self.feed = Some(feed);
+        self
+    }
+
     /// Builds the layer.
     pub fn build(self) -> RateLimitLayer<E, B> {
+        let mut headers = self.headers;
+        // With a feed, every admitted request carries its usage record
+        // through an outcome that makes a plan; without one, the path
+        // checks nothing more.
+        headers.describe |= self.feed.is_some();
         let view = Arc::new(ViewSlot::new(PolicyView::new(Arc::new(
             self.policy.clone(),
         ))));
@@ -336,9 +368,10 @@ impl<E, B> RateLimitLayerBuilder<E, B> {
                 view: Arc::clone(&view),
                 plane: Arc::new(Plane::new(self.policy, view, self.unix_clock.clone())),
                 anonymous: self.anonymous,
-                headers: self.headers,
+                headers,
                 shadowed: Arc::new(AtomicU64::new(0)),
                 unix_clock: self.unix_clock,
+                feed: self.feed,
                 overload: Arc::new(crate::overload::Overload::new()),
             }),
         }

@@ -94,6 +94,7 @@
 //! | *rejection* | a client mistake ([`extract::Rejection`], or a cost no limit could ever admit): 400 or 401 |
 //! | *unavailable* | the backend could not decide (fail-closed, or a backend's error): 503, gRPC `UNAVAILABLE` |
 //! | *answer* | whatever the layer sends instead of the inner service: a refusal, a rejection, or unavailable |
+//! | *usage event* | one admitted request, settled, as the [usage feed](feed) sends it to billing ([`feed::UsageEvent`]): refused, rejected, unavailable and shed requests have none |
 //! | *known* caller | a listed key, a resolved one, or an identity from an auth layer ([`extract::Identity::is_known`]); others are *guests* |
 //!
 //! # Where things are
@@ -103,7 +104,7 @@
 //! the two backends, [`HeaderOptions`] and the errors. The rest lives in
 //! modules named for what they hold: [`policy`], [`extract`], [`backend`],
 //! [`key`], [`layer`] (the tower types and the policy handle's clock),
-//! [`response`], [`meter`], [`usage`], [`admin`],
+//! [`response`], [`meter`], [`usage`], [`feed`], [`admin`],
 //! [`telemetry`], and with their features `watch`, `client` and `envoy`
 //! (Envoy's rate limit service, a second front on the same engine).
 
@@ -126,6 +127,7 @@ mod decision;
 #[cfg(feature = "envoy")]
 pub mod envoy;
 pub mod extract;
+pub mod feed;
 mod future;
 pub mod key;
 pub mod layer;

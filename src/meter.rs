@@ -14,8 +14,8 @@
 //! Redis on its own I/O thread.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::backend::{Adjustment, Backend, Charge, Lease};
 use crate::policy::{Limit, MAX_LIMITS, RefundOn};
@@ -37,6 +37,13 @@ impl<B: Backend> ErasedBackend for B {
     fn release(&self, owner: u64, leases: &[Lease], lease_id: u64) {
         Backend::release(self, owner, leases, lease_id);
     }
+}
+
+/// What runs once a meter has settled (the usage feed's event): the
+/// tokens settled (`None` in a category without token limits) and whether
+/// the response refunded the request.
+pub(crate) trait Settled: Send + Sync {
+    fn settled(self: Box<Self>, tokens: Option<u64>, refunded: bool);
 }
 
 /// What a metered request was charged at admission, to settle later.
@@ -90,6 +97,8 @@ struct Inner {
     /// a refusal or a shadow-mode pass counted nothing to settle).
     charged: AtomicBool,
     seed: Seed,
+    /// Runs after the settlement (set by the usage feed's record, once).
+    then: OnceLock<Box<dyn Settled>>,
 }
 
 impl fmt::Debug for TokenMeter {
@@ -117,6 +126,7 @@ impl TokenMeter {
                 refund: AtomicBool::new(false),
                 charged: AtomicBool::new(false),
                 seed,
+                then: OnceLock::new(),
             }),
         }
     }
@@ -149,6 +159,12 @@ impl TokenMeter {
             .map(|c| c.limit)
     }
 
+    /// Runs `f` once this meter has settled (after its last clone is
+    /// dropped); a second one is ignored.
+    pub(crate) fn then(&self, f: Box<dyn Settled>) {
+        let _ = self.inner.then.set(f);
+    }
+
     /// What the layer does when the response head passes: adds a
     /// [`TokenUsage`] extension's count, and marks the request refunded if
     /// its status matches the policy's `refund_on`.
@@ -164,12 +180,23 @@ impl TokenMeter {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if !*self.charged.get_mut() {
-            return;
-        }
-        let seed = &self.seed;
+        let charged = *self.charged.get_mut();
         let used = *self.used.get_mut();
-        let refund = *self.refund.get_mut();
+        let refund = charged && *self.refund.get_mut();
+        if charged {
+            self.settle(used, refund);
+        }
+        if let Some(then) = self.then.take() {
+            let tokens = (self.seed.tokens > 0).then_some(if charged { used } else { 0 });
+            then.settled(tokens, refund);
+        }
+    }
+}
+
+impl Inner {
+    /// The settlement of a charged request that used `used` tokens.
+    fn settle(&self, used: u64, refund: bool) {
+        let seed = &self.seed;
         let len = usize::from(seed.len).min(MAX_LIMITS);
         let tokens = usize::from(seed.tokens).min(len);
         let mut adjustments = [Adjustment {

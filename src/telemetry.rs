@@ -19,6 +19,9 @@
 //! | `tierlimit_refusals_total` | counter | `tier`, `category`, `reason` = `rate` / `tokens` / `concurrency`: refusals by the limit that refused |
 //! | `tierlimit_leases_held` | gauge | `tier`, `category`: concurrency leases held by requests in flight on this instance |
 //! | `tierlimit_admin_changes_total` | counter | `action`, `who`: changes made through the admin service |
+//! | `tierlimit_usage_events_dropped_total` | counter | — : usage events dropped because the feed's queue was full |
+//! | `tierlimit_usage_events_written_total` | counter | — : usage events the feed's sink wrote |
+//! | `tierlimit_usage_events_failed_total` | counter | — : usage events the feed's sink failed to write |
 //!
 //! Install the recorder (an exporter) before the first request: handles
 //! are made on first use and cached, and every metric is described (help
@@ -175,6 +178,24 @@ pub const METRICS: &[MetricInfo] = &[
         MetricKind::Counter,
         None,
         "Changes made through the admin service, by action and by the admin token's name.",
+    ),
+    metric(
+        "tierlimit_usage_events_dropped_total",
+        MetricKind::Counter,
+        None,
+        "Usage events dropped because the usage feed's queue was full (its sink fell behind).",
+    ),
+    metric(
+        "tierlimit_usage_events_written_total",
+        MetricKind::Counter,
+        None,
+        "Usage events the usage feed's sink wrote.",
+    ),
+    metric(
+        "tierlimit_usage_events_failed_total",
+        MetricKind::Counter,
+        None,
+        "Usage events the usage feed's sink failed to write.",
     ),
 ];
 
@@ -385,6 +406,34 @@ pub(crate) fn check_duration(elapsed: std::time::Duration) {
         metrics::histogram!("tierlimit_check_duration_seconds")
     })
     .record(elapsed.as_secs_f64());
+}
+
+/// A usage event dropped: the feed's queue was full.
+#[inline]
+pub(crate) fn usage_dropped() {
+    #[cfg(feature = "metrics")]
+    {
+        describe_once();
+        metrics::counter!("tierlimit_usage_events_dropped_total").increment(1);
+    }
+}
+
+/// `_n` usage events written by the feed's sink.
+pub(crate) fn usage_written(_n: u64) {
+    #[cfg(feature = "metrics")]
+    {
+        describe_once();
+        metrics::counter!("tierlimit_usage_events_written_total").increment(_n);
+    }
+}
+
+/// `_n` usage events the feed's sink failed to write.
+pub(crate) fn usage_failed(_n: u64) {
+    #[cfg(feature = "metrics")]
+    {
+        describe_once();
+        metrics::counter!("tierlimit_usage_events_failed_total").increment(_n);
+    }
 }
 
 /// The overload capacity's and the requests in flight's gauges.

@@ -7,7 +7,9 @@
 //!   and, run late, counts in Redis the request the fallback admitted (so
 //!   the fleet's count stays whole: nothing is admitted twice over);
 //! - an admin change answered 503 never takes effect;
-//! - instances agree with Redis after it lost its data.
+//! - instances agree with Redis after it lost its data;
+//! - usage-feed entries sent to a stalled Redis fail, are never sent
+//!   again, and land at most once.
 
 #![cfg(feature = "redis")]
 
@@ -297,4 +299,64 @@ async fn a_boost_retried_under_its_idempotency_key_is_added_once() {
     assert_eq!(boosts(&a).await.len(), 2);
     // A malformed key is a 400.
     assert_eq!(boost(&a, "bad key with spaces", "x2").await.0, 400);
+}
+
+/// Usage-feed entries sent to a stalled Redis: the responses never wait;
+/// the batch times out and counts as failed, is never sent again, and, if
+/// Redis runs it late, its entries land once (a record of requests that
+/// were served). The limiter's own state is in memory: the stall is the
+/// feed's alone.
+async fn usage_entries_run_late(stall: Stall) {
+    use tierlimit::feed::{RedisStream, UsageFeed};
+    let server = RedisServer::start();
+    let sink = RedisStream::new(&server.url(), "usage", 1000)
+        .unwrap()
+        .timeout(Duration::from_millis(100));
+    let feed = UsageFeed::new(sink, 100).unwrap();
+    let layer = demo::limits_with_feed(
+        common::spec_policy(),
+        common::fake_memory(),
+        Some(feed.clone()),
+    );
+    let s = common::serve(demo::app(layer)).await;
+    let xlen = || {
+        server
+            .cli(&["XLEN", "usage"])
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    // One event written, so the sink's connection is up before the stall.
+    assert_eq!(common::status(&s, "pro-demo-key").await, 200);
+    until("the first entry", async || feed.written() == 1).await;
+    stall.start(&server);
+    for _ in 0..3 {
+        assert_eq!(common::status(&s, "pro-demo-key").await, 200);
+    }
+    until("the stalled batches fail", async || feed.failed() == 3).await;
+    stall.end(&server);
+    assert_eq!(common::status(&s, "pro-demo-key").await, 200);
+    until("the next entry", async || feed.written() == 2).await;
+    let f = feed.clone();
+    tokio::task::spawn_blocking(move || f.flush())
+        .await
+        .unwrap();
+    // Run late or not at all, never twice: 2 written, at most 3 late.
+    let n = xlen().expect("XLEN answers");
+    assert!((2..=5).contains(&n), "{n} entries");
+    assert_eq!((feed.written(), feed.failed(), feed.dropped()), (2, 3, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_entries_sent_to_a_paused_redis_fail_and_land_at_most_once() {
+    if !ready() {
+        return;
+    }
+    usage_entries_run_late(Stall::PauseWrites).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_entries_sent_to_a_frozen_redis_fail_and_land_at_most_once() {
+    if !ready() {
+        return;
+    }
+    usage_entries_run_late(Stall::Freeze).await;
 }

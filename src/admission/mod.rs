@@ -33,15 +33,16 @@ pub(crate) use outcome::{Admitted, Resolved};
 use outcome::{Outcome, Resolving};
 use priority::{critical, reserve_for};
 
-use crate::backend::{Backend, Check};
+use crate::backend::{Backend, Check, Decision};
 use crate::extract::{Extractor, Identity, PeerIp, Rejection, RequestRef, is_grpc};
+use crate::feed::{Usage, UsageFeed};
 use crate::key::KeyId;
 use crate::overload::{Overload, Slot};
 use crate::plane::Plane;
 use crate::policy::{
     Applied, CategoryId, Cell, Limit, Limits, OverloadRules, Policy, SHED_FULL, Target, TierId,
 };
-use crate::response::{Answer, HeaderOptions};
+use crate::response::{Answer, HeaderOptions, HeaderPlan};
 use crate::time::{UnixClock, unix_time};
 use crate::view::{CellView, PolicyView, ViewSlot};
 
@@ -62,6 +63,9 @@ pub(crate) struct Shared<E, B> {
     /// Requests in flight and the capacity, under an `[overload]` table
     /// (per instance: every clone of the layer's service shares it).
     pub(crate) overload: Arc<Overload>,
+    /// Where admitted requests' usage events go (`None`: nowhere, and the
+    /// path makes no record).
+    pub(crate) feed: Option<UsageFeed>,
 }
 
 /// What the layer does with a request, decided before any inner call.
@@ -92,6 +96,8 @@ impl<E, B> Shared<E, B> {
             headers: self.headers,
             shadowed: Arc::clone(&self.shadowed),
             unix_clock: self.unix_clock.clone(),
+            // Envoy's front decides requests it does not serve: no feed.
+            feed: None,
             overload: Arc::clone(&self.overload),
         }
     }
@@ -284,7 +290,10 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             }
         }
         match path {
-            Path::Pass => Step::Pass,
+            Path::Pass => match &self.feed {
+                None => Step::Pass,
+                Some(feed) => self.unlimited(feed, &found),
+            },
             Path::Check(limits) => self.check(&found, limits),
         }
     }
@@ -355,6 +364,9 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         {
             let mut resolving = f.resolving();
             resolving.carried.reserves[0] = charge.reserve;
+            if let Some(feed) = &self.feed {
+                resolving.carried.usage = Some(self.usage(feed, f, cost));
+            }
             let check = Check::new(owner, f.identity.is_known(), std::slice::from_ref(&charge));
             return self.resolve_now(f.guard, f.req, self.backend.check(&check), resolving);
         }
@@ -376,6 +388,9 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         let mut resolving = f.resolving();
         for (r, c) in resolving.carried.reserves.iter_mut().zip(set.charges()) {
             *r = c.reserve;
+        }
+        if let Some(feed) = &self.feed {
+            resolving.carried.usage = Some(self.usage(feed, f, cost));
         }
         if f.cell.metered {
             resolving.carried.meter = Some(set.meter(
@@ -405,6 +420,47 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             lease_id,
         });
         self.resolve_now(f.guard, f.req, check, resolving)
+    }
+
+    /// A request nothing limits, admitted with only its usage record (the
+    /// layer has a feed: it is billed all the same).
+    #[cold]
+    #[inline(never)]
+    fn unlimited<T>(&self, feed: &UsageFeed, f: &Found<'_, T>) -> Step<B::Future> {
+        let route = f.route_cost;
+        let cost = f.identity.cost().map_or(route, |n| route.saturating_mul(n));
+        let usage = self.usage(feed, f, cost);
+        // No decision to describe: a plan with every field off.
+        let none = HeaderOptions::default()
+            .x_ratelimit(false)
+            .ietf_draft(false);
+        let d = Decision::allow(&Limit::per_second(1), 1);
+        let headers = f.cell_view.headers.clone();
+        Step::Allow(Admitted {
+            plan: HeaderPlan::new(&d, headers, none, std::time::Duration::ZERO, None),
+            meter: None,
+            lease: Some(usage.admit(None, None)),
+        })
+    }
+
+    /// The usage record of request `f` of `cost` units (the layer has a
+    /// feed).
+    #[inline(never)]
+    fn usage<T>(&self, feed: &UsageFeed, f: &Found<'_, T>, cost: u32) -> Box<Usage> {
+        let policy = &f.guard.policy;
+        Usage::start(
+            feed,
+            &crate::feed::Start {
+                time: self.unix_time(),
+                key: f.identity.key(),
+                account: f.identity.account(),
+                tier: policy.tier_name(f.tier),
+                category: policy.category_name(f.category),
+                method: f.req.method(),
+                path: f.req.uri().path(),
+                requests: cost,
+            },
+        )
     }
 
     /// Settles a check at once when the backend answered at once, else

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::Response;
 
 use crate::backend::{BackendError, Decision};
+use crate::feed::Usage;
 use crate::key::KeyId;
 use crate::lease::Leases;
 use crate::meter::TokenMeter;
@@ -25,8 +26,9 @@ pub(crate) struct Admitted {
     /// A metered request's meter: the layer's clone, held until the
     /// response head has passed.
     pub(crate) meter: Option<TokenMeter>,
-    /// An admitted request's concurrency leases, moved into the response
-    /// body when the head passes.
+    /// What the response body holds until it ends: an admitted request's
+    /// concurrency leases, and with a usage feed its usage record (which
+    /// holds the leases), moved into the body when the head passes.
     pub(crate) lease: Option<LeaseGuard>,
 }
 
@@ -53,6 +55,8 @@ pub(super) struct Carried {
     /// A request's concurrency leases (pending until the answer is known),
     /// to hold until its response is over.
     pub(super) lease: Option<Leases>,
+    /// The request's usage record, when the layer has a usage feed.
+    pub(super) usage: Option<Box<Usage>>,
 }
 
 /// What settling a check needs from the path that made it.
@@ -81,6 +85,7 @@ impl<'a> Resolving<'a> {
                 reserves: [0; MAX_LIMITS],
                 meter: None,
                 lease: None,
+                usage: None,
             },
             #[cfg(feature = "metrics")]
             started: std::time::Instant::now(),
@@ -111,6 +116,8 @@ impl<'a> Outcome<'a> {
     ) -> Resolved {
         let meter = self.carried.meter.take();
         let lease = self.lease_for(&result);
+        // Dropped unadmitted unless the request is let through: no event.
+        let usage = self.carried.usage.take();
         let names = self.names();
         let result = result.map(|d| self.unreserved(d));
         #[cfg(feature = "metrics")]
@@ -120,10 +127,13 @@ impl<'a> Outcome<'a> {
                 #[cfg(feature = "metrics")]
                 counters.allowed.increment(1);
                 if meter.is_none() && lease.is_none() && !self.options.need_plan() {
-                    // No header to write, no meter or lease to hold.
+                    // No header to write, no meter or lease to hold (and
+                    // no usage record: a layer with a feed always makes a
+                    // plan, `HeaderOptions::describe`).
+                    debug_assert!(usage.is_none(), "a usage record passed unadmitted");
                     return Resolved::Pass;
                 }
-                Resolved::Allow(self.allowed(d, meter, lease))
+                Resolved::Allow(self.allowed(d, meter, lease, usage))
             }
             Ok(d)
                 if self
@@ -132,7 +142,7 @@ impl<'a> Outcome<'a> {
             {
                 #[cfg(feature = "metrics")]
                 counters.shadow.increment(1);
-                Resolved::Allow(self.shadowed(d, meter))
+                Resolved::Allow(self.shadowed(d, meter, usage))
             }
             Ok(d) => {
                 #[cfg(feature = "metrics")]
@@ -219,7 +229,13 @@ impl<'a> Outcome<'a> {
     /// An admitted request: its meter settles what it used, its leases are
     /// held until its response is over.
     #[inline]
-    fn allowed(&self, d: Decision, meter: Option<TokenMeter>, lease: Option<Leases>) -> Admitted {
+    fn allowed(
+        &self,
+        d: Decision,
+        meter: Option<TokenMeter>,
+        lease: Option<Leases>,
+        usage: Option<Box<Usage>>,
+    ) -> Admitted {
         let plan = self.plan(&d, meter.as_ref());
         if let Some(m) = &meter {
             m.charged();
@@ -232,11 +248,20 @@ impl<'a> Outcome<'a> {
                 Some(self.cell.leases(names.0, names.1)),
             )
         });
+        let lease = match usage {
+            None => lease,
+            Some(u) => Some(u.admit(meter.clone(), lease)),
+        };
         Admitted { plan, meter, lease }
     }
 
     /// A refusal in shadow mode: counted, logged, and let through.
-    fn shadowed(&self, mut d: Decision, meter: Option<TokenMeter>) -> Admitted {
+    fn shadowed(
+        &self,
+        mut d: Decision,
+        meter: Option<TokenMeter>,
+        usage: Option<Box<Usage>>,
+    ) -> Admitted {
         let names = self.names();
         self.shadowed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
@@ -249,11 +274,8 @@ impl<'a> Outcome<'a> {
         d.retry_after = None;
         // Nothing was counted: the meter settles nothing.
         let plan = self.plan(&d, meter.as_ref());
-        Admitted {
-            plan,
-            meter,
-            lease: None,
-        }
+        let lease = usage.map(|u| u.shadow().admit(meter.clone(), None));
+        Admitted { plan, meter, lease }
     }
 
     /// A refusal: 429 or `RESOURCE_EXHAUSTED`.

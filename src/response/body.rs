@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use super::hold::{LeaseGuard, Leased, release_at_end};
+use super::hold::{LeaseGuard, Leased, ended_if, release_at_end};
 
 /// A body type the crate can build from bytes: the layer passes it through
 /// **unchanged** and builds its own answers in it (a 429 problem document,
@@ -54,12 +54,16 @@ pub trait AnswerBody: Body<Data = Bytes> + Sized {
     /// A body holding `bytes` (empty for gRPC answers and bare statuses).
     fn from_answer(bytes: Bytes) -> Self;
 
-    /// This body, holding a request's concurrency leases until it ends or
-    /// is dropped (only requests under a concurrency limit get here; wrap
-    /// with [`Leased`]). The default gives the leases back
-    /// at once, when the response head leaves the layer: right for bodies
-    /// that are already complete (`String`, `Full`), early for a stream.
+    /// This body, holding a request's concurrency leases (and, when the
+    /// layer has a usage feed, its usage record) until it
+    /// ends or is dropped: only requests under a concurrency limit, or
+    /// every admitted request with a feed, get here; wrap with [`Leased`].
+    /// The default gives the guard back at once, when the response head
+    /// leaves the layer, as if the body had ended: right for bodies that
+    /// are already complete (`String`, `Full`), early for a stream.
     fn hold(self, lease: LeaseGuard) -> Self {
+        // The body is whole already (or treated so): it has ended.
+        lease.on_end(false);
         drop(lease);
         self
     }
@@ -205,10 +209,12 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
+        let end = match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
             Kind::Full { data } => data.is_none(),
-        }
+        };
+        ended_if(end, &self.lease);
+        end
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -37,7 +37,8 @@ pub struct HeaderOptions {
     pub(crate) ietf_draft: bool,
     /// Whether every admitted request's decision is described (a header
     /// plan made) even when no field is written: Envoy's rate limit
-    /// service reports each descriptor's limit whatever the fields.
+    /// service reports each descriptor's limit whatever the fields, and a
+    /// layer with a usage feed carries every admitted request's record.
     pub(crate) describe: bool,
 }
 

@@ -1,6 +1,7 @@
 //! What a response body holds until it ends: a request's concurrency
-//! leases, opaque here ([`Hold`]: released by its own `Drop`), so the
-//! response layer knows nothing of backends or leases.
+//! leases and its usage record, opaque here ([`Hold`]: released by its
+//! own `Drop`), so the response layer knows nothing of backends, leases
+//! or the usage feed.
 //!
 //! The layer makes a [`LeaseGuard`] for every admitted request under a
 //! concurrency limit (`crate::lease` makes and releases what it holds) and
@@ -18,13 +19,27 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 /// Something a response body holds until it ends, released by its own
-/// `Drop` (implemented by the lease module's held leases).
-pub(crate) trait Hold: fmt::Debug + Send + Sync + 'static {}
+/// `Drop` (implemented by the lease module's held leases and the usage
+/// feed's record). It is told the response's status when the head passes
+/// and whether the body ended (its last frame, or an error) before it is
+/// dropped.
+pub(crate) trait Hold: fmt::Debug + Send + Sync + 'static {
+    /// The response head passed with `status`.
+    fn on_response(&mut self, _status: http::StatusCode) {}
 
-/// A request's concurrency leases, released when this is dropped.
+    /// The body ended: its last frame, or (`error`) an error, or it says
+    /// it has no more (`is_end_stream`, which a server may ask instead of
+    /// polling a complete body).
+    fn on_end(&self, _error: bool) {}
+}
+
+/// A request's concurrency leases, released when this is dropped (and,
+/// when the layer has a usage feed, its usage record, whose
+/// one event leaves then).
 ///
 /// The layer makes one for every admitted request under a concurrency
-/// limit and moves it into the response body through
+/// limit (with a usage feed: every admitted request) and moves it into the
+/// response body through
 /// [`AnswerBody::hold`](crate::response::AnswerBody::hold), so the leases are held
 /// until the body ends or is dropped. It cannot be made outside the crate.
 pub struct LeaseGuard {
@@ -36,6 +51,18 @@ impl LeaseGuard {
     /// A guard holding `inner` until it is dropped.
     pub(crate) fn new(inner: Box<dyn Hold>) -> Self {
         LeaseGuard { inner }
+    }
+
+    /// The response head passed with `status` (the usage feed's status).
+    #[inline]
+    pub(crate) fn on_response(&mut self, status: http::StatusCode) {
+        self.inner.on_response(status);
+    }
+
+    /// The body ended (`error`: with an error).
+    #[inline]
+    pub(crate) fn on_end(&self, error: bool) {
+        self.inner.on_end(error);
     }
 }
 
@@ -67,14 +94,31 @@ impl<B> Leased<B> {
 }
 
 /// A body's last frame (or its error) was polled: its lease goes back now,
-/// not when the body is dropped.
+/// not when the body is dropped. A trailers frame is the last one too
+/// (HTTP/2 sends it and asks for no more): the guard is told the body
+/// ended, and goes when the body is dropped.
 #[inline]
-pub(crate) fn release_at_end<T, E>(
-    polled: &Poll<Option<Result<T, E>>>,
+pub(crate) fn release_at_end<D, E>(
+    polled: &Poll<Option<Result<Frame<D>, E>>>,
     lease: &mut Option<LeaseGuard>,
 ) {
-    if let Poll::Ready(None | Some(Err(_))) = polled {
-        lease.take();
+    match polled {
+        Poll::Ready(end @ (None | Some(Err(_)))) => {
+            if let Some(l) = lease.take() {
+                l.on_end(end.is_some());
+            }
+        }
+        Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => ended_if(true, lease),
+        _ => {}
+    }
+}
+
+/// A body that says it has no more frames has ended, whether or not it
+/// is polled again (a server may drop a complete body unpolled).
+#[inline]
+pub(crate) fn ended_if(end: bool, lease: &Option<LeaseGuard>) {
+    if end && let Some(l) = lease {
+        l.on_end(false);
     }
 }
 
@@ -93,7 +137,9 @@ impl<B: Body<Data = Bytes>> Body for Leased<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        let end = self.body.is_end_stream();
+        ended_if(end, &self.lease);
+        end
     }
 
     fn size_hint(&self) -> SizeHint {

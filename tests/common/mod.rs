@@ -5,6 +5,7 @@
 pub mod conformance;
 #[cfg(feature = "envoy")]
 pub mod envoy;
+pub mod feed;
 pub mod one;
 #[cfg(feature = "redis")]
 pub mod redis;
