@@ -58,7 +58,8 @@ use http::Method;
 
 use crate::key::KeyId;
 
-pub use crate::limit::{Limit, MAX_LIMITS, Rule};
+pub use crate::calendar::Calendar;
+pub use crate::limit::{Limit, MAX_LIMITS, Period, PeriodBounds, Rule};
 pub(crate) use builder::reserve_of;
 pub use builder::{KeyRule, PolicyBuilder, PolicyError, Route, Tier};
 pub(crate) use cell::Cell;
