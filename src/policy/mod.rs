@@ -123,6 +123,8 @@ pub(super) struct PolicyInner {
     pub(super) shadow_tiers: Box<[bool]>,
     pub(super) shadow_categories: Box<[bool]>,
     pub(super) envoy: EnvoyRules,
+    /// The time zone calendar limits reset in.
+    pub(super) calendar: crate::calendar::Calendar,
     pub(super) source: PolicyBuilder,
 }
 
@@ -427,6 +429,11 @@ impl Policy {
         !self.inner.overrides.is_empty()
             || !self.inner.boosts.is_empty()
             || self.ops.as_ref().is_some_and(|o| o.has_adjustments())
+    }
+
+    /// The time zone calendar limits reset in (`[defaults] time_zone`).
+    pub fn calendar(&self) -> &crate::calendar::Calendar {
+        &self.inner.calendar
     }
 
     /// Whether the policy has boosts (which need the time of day).
