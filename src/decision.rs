@@ -185,6 +185,36 @@ impl Decision {
 }
 
 impl Decision {
+    /// A calendar limit's decision: `used` units counted in its period
+    /// (this request's included when it is allowed), which ends
+    /// `until_end` from now. A refusal is told to come back then, when the
+    /// next period starts; the limit is full again then too.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tierlimit::{Limit, backend::Decision, policy::Period};
+    ///
+    /// let day = Limit::per_day(5).with_period(Period::CalendarDay).unwrap();
+    /// let d = Decision::in_period(&day, false, 5, Duration::from_secs(1));
+    /// assert_eq!((d.remaining, d.retry_after), (0, Some(Duration::from_secs(1))));
+    /// ```
+    pub fn in_period(limit: &Limit, allowed: bool, used: u64, until_end: Duration) -> Self {
+        let left = u64::from(limit.max()).saturating_sub(used);
+        Decision {
+            allowed,
+            limit: limit.max(),
+            remaining: left.min(u64::from(u32::MAX)) as u32,
+            reset_after: until_end,
+            retry_after: (!allowed).then_some(until_end),
+            window: limit.per(),
+            index: 0,
+            tokens: None,
+            lease: None,
+        }
+    }
+}
+
+impl Decision {
     /// The decision that describes a request checked against several
     /// limits, given each limit's (allowed or refused) decision in charge
     /// order: on an allow, the limit with the fewest requests remaining

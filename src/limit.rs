@@ -106,6 +106,16 @@ pub struct PeriodBounds {
     pub next_end: u64,
 }
 
+impl PeriodBounds {
+    /// No period: a rolling limit's.
+    pub const ROLLING: PeriodBounds = PeriodBounds {
+        now: 0,
+        start: 0,
+        end: 0,
+        next_end: 0,
+    };
+}
+
 impl Limit {
     /// `max` requests per `per`. Returns `None` when the arithmetic of
     /// either backend could not hold it: `per` longer than

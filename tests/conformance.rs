@@ -149,6 +149,7 @@ fn a_key_spray_locks_out_no_customer_under_several_limits() {
             limit,
             cost: 1,
             reserve: 0,
+            period: tierlimit::backend::PeriodBounds::ROLLING,
         })
     };
     let check = |backend: &MemoryBackend<FakeRelativeClock>, owner: u64, known: bool| {

@@ -305,12 +305,14 @@ async fn run_multi_case(
                 limit: limit(limits[0]),
                 cost,
                 reserve: r0,
+                period: tierlimit::backend::PeriodBounds::ROLLING,
             },
             Charge {
                 bucket: owner ^ 2,
                 limit: limit(limits[1]),
                 cost,
                 reserve: r1,
+                period: tierlimit::backend::PeriodBounds::ROLLING,
             },
         ];
         let want = multi_expected(&mut models, now, cost, [r0, r1]);

@@ -206,12 +206,14 @@ pub fn multi_charges(key: &str) -> [Charge; 2] {
             limit: a,
             cost: 1,
             reserve: 0,
+            period: tierlimit::backend::PeriodBounds::ROLLING,
         },
         Charge {
             bucket: base ^ 0xB,
             limit: b,
             cost: 1,
             reserve: 0,
+            period: tierlimit::backend::PeriodBounds::ROLLING,
         },
     ]
 }
@@ -330,12 +332,14 @@ pub async fn exact_under_contention<B: Backend + Clone>(backends: Vec<B>) {
             limit: Limit::per_hour(40),
             cost: 1,
             reserve: 0,
+            period: tierlimit::backend::PeriodBounds::ROLLING,
         },
         Charge {
             bucket: key ^ 2,
             limit: Limit::per_day(100),
             cost: 1,
             reserve: 0,
+            period: tierlimit::backend::PeriodBounds::ROLLING,
         },
     ];
     let allowed = Arc::new(AtomicU32::new(0));
@@ -385,12 +389,14 @@ pub async fn run_settle<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
                 limit: requests,
                 cost: 1,
                 reserve: 0,
+                period: tierlimit::backend::PeriodBounds::ROLLING,
             },
             Charge {
                 bucket: owner ^ 2,
                 limit: tokens,
                 cost: estimate,
                 reserve: 0,
+                period: tierlimit::backend::PeriodBounds::ROLLING,
             },
         ]
     };
@@ -416,6 +422,7 @@ pub async fn run_settle<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
                     bucket: owner ^ 2,
                     limit: tokens,
                     units,
+                    period: tierlimit::backend::PeriodBounds::ROLLING,
                 }],
             )
             .await
@@ -494,6 +501,7 @@ pub async fn run_leases<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
         limit: Limit::per_hour(3),
         cost: 1,
         reserve: 0,
+        period: tierlimit::backend::PeriodBounds::ROLLING,
     }];
     let lease = Lease {
         bucket: 0xC0FFEE,

@@ -9,6 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use super::calendar;
 use super::gcra::{Gcra, Slot, capacity_at};
 use super::sweep::retain_full;
 use crate::backend::{Charge, Decision, Lease, LeaseState};
@@ -60,6 +61,8 @@ impl Budget {
 pub(super) struct MultiStore {
     shards: Box<[Shard]>,
     overflow: Mutex<HashMap<(u8, Limit), u64>>,
+    /// The latest Unix time a calendar charge brought.
+    pub(super) latest: super::calendar::Latest,
 }
 
 impl MultiStore {
@@ -67,6 +70,7 @@ impl MultiStore {
         MultiStore {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             overflow: Mutex::new(HashMap::new()),
+            latest: super::calendar::Latest::default(),
         }
     }
 
@@ -75,9 +79,10 @@ impl MultiStore {
         &self.shards[(owner >> 32) as usize % SHARDS]
     }
 
-    /// Drops buckets full again (TAT at or before `now`).
+    /// Drops buckets full again (TAT at or before `now`), and calendar
+    /// counters of periods over.
     pub(super) fn retain_shard(&self, shard: usize, now: u64, budget: &Budget) {
-        retain_full(&self.shards[shard], now, budget);
+        retain_full(&self.shards[shard], now, self.latest.get(), budget);
     }
 
     pub(super) fn retain_overflow(&self, now: u64) {
@@ -114,6 +119,8 @@ pub(super) type Table = HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>;
 pub(super) struct ShardMaps {
     pub(super) known: Table,
     pub(super) guests: Table,
+    /// Calendar limits' counters, by bucket.
+    pub(super) calendar: HashMap<u64, super::calendar::Counter, BuildHasherDefault<IdentityHasher>>,
     /// Leases held per concurrency bucket (a bucket is dropped when its
     /// last lease is released, so this holds no more than the requests in
     /// flight; it is not charged to the key budget).
@@ -129,7 +136,7 @@ impl ShardMaps {
     }
 
     pub(super) fn len(&self) -> usize {
-        self.known.len() + self.guests.len()
+        self.known.len() + self.guests.len() + self.calendar.len()
     }
 
     pub(super) fn table(&mut self, known: bool) -> &mut Table {
@@ -209,6 +216,10 @@ impl MultiStore {
         // hard bound (one per new bucket).
         let mut spare_guests = maps.guests.len();
         for (i, c) in charges.iter().enumerate() {
+            if c.limit.period().is_calendar() {
+                // A counter (calendar.rs), not a bucket: no slot.
+                continue;
+            }
             slots[i] = match maps.get(c.bucket) {
                 Some(tat) => Slot::Tracked(tat),
                 None if budget.try_acquire() => {
@@ -255,7 +266,7 @@ impl Reading<'_> {
     pub(super) fn refuse(
         &self,
         binder: &mut Binder,
-        charges: &[Charge],
+        (maps, charges): (&ShardMaps, &[Charge]),
         now: u64,
         lease_refused: bool,
         budget: &Budget,
@@ -264,7 +275,14 @@ impl Reading<'_> {
             budget.tracked.fetch_sub(self.acquired, Ordering::Relaxed);
         }
         for (i, c) in charges.iter().enumerate() {
-            let d = if lease_refused {
+            let d = if c.limit.period().is_calendar() {
+                let used = calendar::used(maps, c.bucket, &c.period);
+                if lease_refused {
+                    calendar::peeked(&c.limit, &c.period, used)
+                } else {
+                    calendar::decision(c, used)
+                }
+            } else if lease_refused {
                 Decision::allow(&c.limit, capacity_at(&c.limit, self.slots[i].tat(), now))
             } else {
                 self.gcra(i, c, now).decision(&c.limit, c.cost.max(1))
@@ -282,12 +300,18 @@ impl Reading<'_> {
         maps: &mut ShardMaps,
         charges: &[Charge],
         now: u64,
-        known: bool,
+        (known, budget): (bool, &Budget),
     ) {
         if self.acquired > 0 {
             crate::telemetry::tracked_keys(self.acquired as f64);
         }
         for (i, c) in charges.iter().enumerate() {
+            if c.limit.period().is_calendar() {
+                let used = calendar::used(maps, c.bucket, &c.period);
+                binder.push(i, calendar::decision(c, used));
+                calendar::count(maps, c, used, budget);
+                continue;
+            }
             let g = self.gcra(i, c, now);
             binder.push(i, g.decision(&c.limit, c.cost.max(1)));
             let next = g.next;

@@ -39,7 +39,7 @@ use self::io::IoThread;
 use self::leases::{Held, LeaseBook};
 use super::MemoryBackend;
 use super::{Adjustment, Backend, BackendError, Charge, Check, Decision, Lease};
-use crate::limit::{Limit, MAX_LIMITS};
+use crate::limit::{Limit, MAX_LIMITS, PeriodBounds};
 
 // Every script below starts with `now.lua` (the time: a fake clock's, or
 // Redis's `TIME`); those that read or move a rate bucket then with
@@ -261,6 +261,7 @@ impl Backend for RedisBackend {
             bucket: 0,
             limit: Limit::per_second(1),
             units: 0,
+            period: PeriodBounds::ROLLING,
         }; MAX_LIMITS];
         items[..n].copy_from_slice(&adjustments[..n]);
         on_io_thread(&self.inner, async move {
