@@ -199,6 +199,57 @@ mod redis {
         two_instances(async || common::redis::fake_clock_backend(&server, &clock).await).await;
     }
 
+    /// On Redis's own clock: a layer whose clock lags a day behind
+    /// Redis's passes a period that has ended, and Redis counts in the next
+    /// (today's), whose end every answer shows; the key expires then.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_clock_picks_the_period_and_the_key_expires_at_its_end() {
+        use std::time::Duration;
+        use tierlimit::policy::{Calendar, Period};
+        if !ready() {
+            return;
+        }
+        let server = RedisServer::start();
+        let backend = tierlimit::RedisBackend::builder(server.url())
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .unwrap();
+        let clock = Clock::default();
+        let s = serve_on(backend, &clock).await;
+        let real = common::unix_now();
+        let london = Calendar::new("Europe/London").unwrap();
+        let today = london.bounds(Period::CalendarDay, Duration::from_secs(real));
+        let end = today.end / 1_000_000;
+        let c = client();
+        let url = s.url("/v1/account");
+        clock.set(real - 86_400);
+        for i in 0..3 {
+            let res = call(&c, "GET", &url, "k1").await;
+            assert_eq!(res.status(), 200);
+            assert_eq!(header(&res, "x-ratelimit-remaining"), Some(4 - i));
+            assert_eq!(header(&res, "x-ratelimit-reset"), Some(end), "today's end");
+        }
+        clock.set(real);
+        for i in 3..5 {
+            let res = call(&c, "GET", &url, "k1").await;
+            assert_eq!(res.status(), 200, "the same counter");
+            assert_eq!(header(&res, "x-ratelimit-remaining"), Some(4 - i));
+        }
+        let res = call(&c, "GET", &url, "k1").await;
+        assert_eq!(res.status(), 429);
+        let retry = header(&res, "retry-after").unwrap();
+        assert!(retry.abs_diff(end - real) <= 2, "{retry} vs {}", end - real);
+        // One key holds the count, and expires when the day ends.
+        let keys = server.cli(&["--scan", "--pattern", "*:m:*"]).unwrap();
+        let keys: Vec<&str> = keys.lines().collect();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert_eq!(server.cli(&["TYPE", keys[0]]).unwrap(), "hash");
+        let pttl: u64 = server.cli(&["PTTL", keys[0]]).unwrap().parse().unwrap();
+        let expected = (end - real) * 1000;
+        assert!(pttl.abs_diff(expected) <= 3_000, "{pttl} vs {expected}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_calendar_day_across_two_instances_cluster() {
         if !ready() {
