@@ -189,6 +189,38 @@ mod redis {
         usage_shows_the_period_end(&urls[1], &clock).await;
     }
 
+    #[tokio::test]
+    async fn redis_passes_the_calendar_table_single_node() {
+        if !ready() {
+            return;
+        }
+        let (_server, clock, backend) = common::redis::single_node_on_fake_clock().await;
+        common::conformance::calendar::run_calendar(&backend, |d| clock.advance(d)).await;
+    }
+
+    #[tokio::test]
+    async fn redis_passes_the_calendar_table_cluster() {
+        if !ready() {
+            return;
+        }
+        let (_cluster, clock, backend) = common::redis::cluster_on_fake_clock().await;
+        common::conformance::calendar::run_calendar(&backend, |d| clock.advance(d)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn redis_calendar_is_exact_across_instances_under_contention() {
+        if !ready() {
+            return;
+        }
+        let cluster = RedisCluster::start();
+        let clock = governor::clock::FakeRelativeClock::default();
+        let mut backends = Vec::new();
+        for _ in 0..2 {
+            backends.push(common::redis::fake_clock_cluster_backend(&cluster, &clock).await);
+        }
+        common::conformance::calendar::exact_calendar_under_contention(backends).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_calendar_day_across_two_instances_single_node() {
         if !ready() {

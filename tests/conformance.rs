@@ -20,6 +20,19 @@ async fn memory_backend_passes_the_conformance_table() {
 }
 
 #[tokio::test]
+async fn memory_backend_passes_the_calendar_table() {
+    let clock = FakeRelativeClock::default();
+    let backend = MemoryBackend::builder().clock(clock.clone()).build();
+    common::conformance::calendar::run_calendar(&backend, |d| clock.advance(d)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_calendar_is_exact_under_contention() {
+    let backend = MemoryBackend::new();
+    common::conformance::calendar::exact_calendar_under_contention(vec![backend]).await;
+}
+
+#[tokio::test]
 async fn conformance_holds_with_a_tiny_key_cap() {
     // At a cap of one key, the second key is limited through the overflow
     // bucket: it still follows GCRA exactly.

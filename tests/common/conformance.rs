@@ -1,6 +1,8 @@
 //! The GCRA conformance table. Every backend runs it unchanged: give it a
 //! backend and a way to move that backend's clock forward.
 
+pub mod calendar;
+
 #[allow(unused_imports)]
 use crate::common::one::{CheckOne, CheckOneNow};
 use std::time::Duration;

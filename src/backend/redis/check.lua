@@ -13,8 +13,8 @@
 --   Returns {1, remaining_1, ..., remaining_k, held_1, ...} when every
 --   limit admits the request and every lease set has room (it is counted
 --   in all and holds a lease of each: held counts include it); {0,
---   retry_1, ..., retry_k} (us; 0 for a limit that admits it) when a rate
---   limit refuses it; {2, capacity_1, ..., capacity_k, held_1, ...} when a
+--   retry_1, ..., retry_k} (us; 0 for a limit that admits it), then what
+--   each calendar limit has left, when a rate limit refuses it; {2, capacity_1, ..., capacity_k, held_1, ...} when a
 --   lease set is full. A refusal counts nothing and takes no lease. A
 --   calendar limit's remaining and capacity are as cal_answer writes them.
 -- peek: KEYS[1]: a rate bucket. ARGV[2]: now; ARGV[3]: interval (us);
@@ -61,6 +61,11 @@ for i = 1, k do
   if out[i] > 0 then refused = true end
 end
 if refused then
+  -- Then what each calendar limit has left, in order.
+  for i = 1, k do
+    local c = cal[i]
+    if c then table.insert(out, math.max(param(i, 2) - c[1], 0)) end
+  end
   table.insert(out, 1, 0)
   return out
 end

@@ -104,8 +104,13 @@ impl RedisBackend {
             return inner.fall_back(check);
         }
         let (k, m) = (check.charges.len(), check.leases.len());
+        let calendar = check
+            .charges
+            .iter()
+            .filter(|c| c.limit.period().is_calendar());
+        let refused_len = k + 1 + calendar.count();
         match inner.eval_check(check).await {
-            Ok(v) if v.len() == k + 1 || v.len() == k + m + 1 => {
+            Ok(v) if v.len() == k + 1 || v.len() == k + m + 1 || v.len() == refused_len => {
                 inner.succeeded();
                 inner.answered(check, &v, now)
             }
@@ -254,15 +259,23 @@ impl Inner {
         let k = check.charges.len();
         let status = v[0];
         let mut decisions = [Decision::allow(&Limit::per_second(1), 0); MAX_LIMITS];
+        // A refusal's answer ends with what each calendar limit has left.
+        let mut calendar_left = v.get(k + 1..).unwrap_or_default().iter();
         for ((slot, c), &x) in decisions.iter_mut().zip(check.charges).zip(&v[1..]) {
             let x = u64::try_from(x).unwrap_or(0);
             if c.limit.period().is_calendar() {
                 *slot = match status {
                     1 | 2 => counted(c, x),
-                    _ if x == 0 => Decision::in_period(&c.limit, true, 0, until(&c.period, false)),
                     _ => {
-                        let used = u64::from(c.limit.max());
-                        Decision::in_period(&c.limit, false, used, Duration::from_micros(x))
+                        let left = calendar_left.next().copied().unwrap_or(0);
+                        let used = i64::from(c.limit.max()).saturating_sub(left).max(0);
+                        let used = used.unsigned_abs();
+                        match x {
+                            0 => Decision::in_period(&c.limit, true, used, until(&c.period, false)),
+                            _ => {
+                                Decision::in_period(&c.limit, false, used, Duration::from_micros(x))
+                            }
+                        }
                     }
                 };
                 continue;

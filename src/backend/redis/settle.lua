@@ -4,8 +4,10 @@
 -- KEYS[i]: the buckets. ARGV[1]: now (us; empty: Redis TIME), then per key:
 -- interval (us; 0: a calendar limit), max, units; then per calendar limit,
 -- in order, the bounds it was charged with (see calendar.lua). A calendar
--- counter moves only while it is of the charge's period (or the next, which
--- Redis's clock may have counted it in); a debt on no counter starts one.
+-- counter moves only while it is of the charge's period, as the layer saw
+-- it (a settlement of a period that has ended, or of a request Redis's
+-- clock counted in the next period a moment before the layer's clock
+-- reached it, changes nothing); a debt on no counter starts one.
 -- Returns the remaining capacity of each bucket afterwards (0 while in debt).
 local now = now_us(ARGV[1])
 local out = {}
@@ -21,7 +23,7 @@ for i = 1, #KEYS do
     local v = redis.call('HMGET', KEYS[i], 'n', 's')
     local ks = tonumber(v[2])
     local n = tonumber(v[1]) or 0
-    if ks == s0 or ks == e0 then
+    if ks == s0 then
       n = math.max(0, n + units)
       if n == 0 then
         redis.call('DEL', KEYS[i])
