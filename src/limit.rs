@@ -71,6 +71,17 @@ impl Period {
         !matches!(self, Period::Rolling)
     }
 
+    /// A calendar period's name (`day`, `week`, `month`); `None` when
+    /// rolling.
+    pub const fn name(self) -> Option<&'static str> {
+        match self {
+            Period::Rolling => None,
+            Period::CalendarDay => Some("day"),
+            Period::CalendarWeek => Some("week"),
+            Period::CalendarMonth => Some("month"),
+        }
+    }
+
     /// The calendar period whose nominal window is `per` (a day, 7 days,
     /// a month of 30 days).
     fn calendar_of(per: Duration) -> Option<Self> {
