@@ -403,6 +403,35 @@ fn calendar_steps() -> impl Strategy<Value = CalendarSteps> {
     )
 }
 
+/// The two models asked together, all or nothing: the binding outcome
+/// (fewest remaining, or longest retry), each model moved only if both
+/// allow.
+fn both_expected(
+    (gcra, cal): (&mut Model, &mut CalendarModel),
+    now: u64,
+    p: &PeriodBounds,
+    cost: u32,
+    reserve: u32,
+) -> Outcome {
+    let mut tried = *gcra;
+    let g = tried.check(now, cost, 0);
+    let (c, count) = cal.check(p, cost, reserve);
+    match (g, c) {
+        (Outcome::Allow { remaining: a }, Outcome::Allow { remaining: b }) => {
+            *gcra = tried;
+            (cal.start, cal.count) = (p.start, count);
+            Outcome::Allow {
+                remaining: a.min(b),
+            }
+        }
+        (Outcome::Deny { retry: a }, Outcome::Deny { retry: b }) => {
+            Outcome::Deny { retry: a.max(b) }
+        }
+        (d @ Outcome::Deny { .. }, _) | (_, d @ Outcome::Deny { .. }) => d,
+        _ => unreachable!("no cost is too high here"),
+    }
+}
+
 async fn run_calendar_case(
     (rolling, day_max): ((u32, u64), u32),
     steps: &[(u64, u64, u32, u32)],
@@ -457,27 +486,7 @@ async fn run_calendar_case(
         let want = if cost > max || cost > day_max {
             Outcome::CostTooHigh
         } else {
-            let mut tried = Model { ..gcra };
-            let g = tried.check(now, cost, 0);
-            let (c, count) = cal.check(&p, cost, reserve);
-            match (g, c) {
-                (Outcome::Allow { remaining: a }, Outcome::Allow { remaining: b }) => {
-                    gcra = tried;
-                    cal = CalendarModel {
-                        start: p.start,
-                        count,
-                        ..cal
-                    };
-                    Outcome::Allow {
-                        remaining: a.min(b),
-                    }
-                }
-                (Outcome::Deny { retry: a }, Outcome::Deny { retry: b }) => {
-                    Outcome::Deny { retry: a.max(b) }
-                }
-                (d @ Outcome::Deny { .. }, _) | (_, d @ Outcome::Deny { .. }) => d,
-                _ => unreachable!("no cost is too high here"),
-            }
+            both_expected((&mut gcra, &mut cal), now, &p, cost, reserve)
         };
         let got = observed(check(Check::new(owner, true, &charges)).await);
         prop_assert_eq!(
