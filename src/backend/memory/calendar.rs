@@ -44,7 +44,13 @@ impl Latest {
 /// period (or a later one, should the clock have gone back), else none.
 #[inline]
 pub(super) fn used(maps: &ShardMaps, bucket: u64, period: &PeriodBounds) -> u64 {
-    match maps.calendar.get(&bucket) {
+    in_period(maps.calendar.get(&bucket), period)
+}
+
+/// The same, of a counter.
+#[inline]
+pub(super) fn in_period(counter: Option<&Counter>, period: &PeriodBounds) -> u64 {
+    match counter {
         Some(c) if c.start >= period.start => c.count,
         _ => 0,
     }
@@ -80,22 +86,19 @@ pub(super) fn peeked(limit: &Limit, period: &PeriodBounds, used: u64) -> Decisio
     Decision::in_period(limit, room, used, until_end(period))
 }
 
-/// Counts an admitted charge.
+/// The counter `stored` becomes when charge `c` is counted with `used`
+/// before it (a later period's stays its own, should the clock have gone
+/// back).
 #[inline]
-pub(super) fn count(maps: &mut ShardMaps, c: &Charge, used: u64, budget: &Budget) {
+pub(super) fn counted(stored: Option<&Counter>, c: &Charge, used: u64) -> Counter {
     let count = used + u64::from(c.cost.max(1));
-    let counter = match maps.calendar.get(&c.bucket) {
-        // A later period than the charge's (the clock went back): its own.
+    match stored {
         Some(later) if later.start > c.period.start => Counter { count, ..*later },
         _ => Counter {
             start: c.period.start,
             end: c.period.end,
             count,
         },
-    };
-    if maps.calendar.insert(c.bucket, counter).is_none() {
-        budget.tracked.fetch_add(1, Ordering::Relaxed);
-        crate::telemetry::tracked_keys(1.0);
     }
 }
 

@@ -303,7 +303,7 @@ where
         for (i, c) in charges.iter().enumerate() {
             refused |= if c.limit.period().is_calendar() {
                 store.latest.saw(c.period.now);
-                !calendar::fits(c, calendar::used(maps, c.bucket, &c.period))
+                !calendar::fits(c, read.used(i))
             } else {
                 read.gcra(i, c, now).retry.is_some()
             };
@@ -318,17 +318,10 @@ where
         let lease_refused = lease.is_some_and(|l| l.refused);
         let mut binder = Binder::new(charges.len(), usize::from(check.tokens));
         if refused || lease_refused {
-            read.refuse(
-                &mut binder,
-                (maps, charges),
-                now,
-                lease_refused,
-                &inner.budget,
-            );
+            read.refuse(&mut binder, charges, now, lease_refused, &inner.budget);
         } else {
             maps.take_leases(leases);
-            let to = (check.known, &*inner.budget);
-            read.commit(&mut binder, maps, charges, now, to);
+            read.commit(&mut binder, maps, charges, now, check.known);
         }
         Ok(decide(binder.finish(), lease))
     }

@@ -9,7 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use super::calendar;
+use super::calendar::{self, Counter};
 use super::gcra::{Gcra, Slot, capacity_at};
 use super::sweep::retain_full;
 use crate::backend::{Charge, Decision, Lease, LeaseState};
@@ -48,6 +48,14 @@ impl Budget {
             .is_ok()
     }
 
+    /// A place past every bound, for a known caller's calendar counter
+    /// (a count is never lost; listed keys are finite).
+    #[cold]
+    pub(super) fn track_past_cap(&self) -> bool {
+        self.tracked.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     pub(super) fn release(&self, n: usize) {
         self.tracked.fetch_sub(n, Ordering::Relaxed);
         crate::telemetry::tracked_keys(-(n as f64));
@@ -61,6 +69,8 @@ impl Budget {
 pub(super) struct MultiStore {
     shards: Box<[Shard]>,
     overflow: Mutex<HashMap<(u8, Limit), u64>>,
+    /// Calendar counters of guests that arrived at the cap, one per limit.
+    calendar_overflow: Mutex<HashMap<(u8, Limit), Counter>>,
     /// The latest Unix time a calendar charge brought.
     pub(super) latest: super::calendar::Latest,
 }
@@ -70,6 +80,7 @@ impl MultiStore {
         MultiStore {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             overflow: Mutex::new(HashMap::new()),
+            calendar_overflow: Mutex::new(HashMap::new()),
             latest: super::calendar::Latest::default(),
         }
     }
@@ -90,6 +101,13 @@ impl MultiStore {
         if !overflow.is_empty() {
             overflow.retain(|_, tat| *tat > now);
         }
+        drop(overflow);
+        let latest = self.latest.get();
+        let mut counters = self
+            .calendar_overflow
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        counters.retain(|_, c| c.end > latest);
     }
 }
 
@@ -194,6 +212,11 @@ pub(super) struct Reading<'a> {
     acquired: usize,
     /// The overflow states, locked once a guest at the cap needs one.
     overflow: Option<MutexGuard<'a, HashMap<(u8, Limit), u64>>>,
+    /// Each calendar charge's count in its period before this request.
+    used: [u64; MAX_LIMITS],
+    /// The calendar overflow counters, locked once a guest at the cap
+    /// needs one.
+    cal_overflow: Option<MutexGuard<'a, HashMap<(u8, Limit), Counter>>>,
 }
 
 impl MultiStore {
@@ -215,9 +238,28 @@ impl MultiStore {
         // Guests of this shard that may give way to a known caller at the
         // hard bound (one per new bucket).
         let mut spare_guests = maps.guests.len();
+        let (mut used, mut cal_overflow) = ([0; MAX_LIMITS], None);
         for (i, c) in charges.iter().enumerate() {
             if c.limit.period().is_calendar() {
-                // A counter (calendar.rs), not a bucket: no slot.
+                // A counter (calendar.rs), not a bucket: tracked (a known
+                // caller's always: a count is never lost), or a guest's
+                // at the cap in the overflow counter of its limit.
+                slots[i] = if maps.calendar.contains_key(&c.bucket) {
+                    Slot::Tracked(0)
+                } else if budget.try_acquire() || (known && budget.track_past_cap()) {
+                    acquired += 1;
+                    Slot::New
+                } else {
+                    let map = cal_overflow.get_or_insert_with(|| {
+                        let m = self.calendar_overflow.lock();
+                        m.unwrap_or_else(PoisonError::into_inner)
+                    });
+                    used[i] = calendar::in_period(map.get(&(i as u8, c.limit)), &c.period);
+                    Slot::Overflow(None)
+                };
+                if !matches!(slots[i], Slot::Overflow(_)) {
+                    used[i] = calendar::used(maps, c.bucket, &c.period);
+                }
                 continue;
             }
             slots[i] = match maps.get(c.bucket) {
@@ -246,11 +288,19 @@ impl MultiStore {
             slots,
             acquired,
             overflow,
+            used,
+            cal_overflow,
         }
     }
 }
 
 impl Reading<'_> {
+    /// Calendar charge `i`'s count in its period before this request.
+    #[inline]
+    pub(super) fn used(&self, i: usize) -> u64 {
+        self.used[i]
+    }
+
     /// Charge `i`'s GCRA step at `now` (an untracked bucket's TAT is now).
     #[inline]
     pub(super) fn gcra(&self, i: usize, c: &Charge, now: u64) -> Gcra {
@@ -266,7 +316,7 @@ impl Reading<'_> {
     pub(super) fn refuse(
         &self,
         binder: &mut Binder,
-        (maps, charges): (&ShardMaps, &[Charge]),
+        charges: &[Charge],
         now: u64,
         lease_refused: bool,
         budget: &Budget,
@@ -276,7 +326,7 @@ impl Reading<'_> {
         }
         for (i, c) in charges.iter().enumerate() {
             let d = if c.limit.period().is_calendar() {
-                let used = calendar::used(maps, c.bucket, &c.period);
+                let used = self.used[i];
                 if lease_refused {
                     calendar::peeked(&c.limit, &c.period, used)
                 } else {
@@ -300,16 +350,25 @@ impl Reading<'_> {
         maps: &mut ShardMaps,
         charges: &[Charge],
         now: u64,
-        (known, budget): (bool, &Budget),
+        known: bool,
     ) {
         if self.acquired > 0 {
             crate::telemetry::tracked_keys(self.acquired as f64);
         }
         for (i, c) in charges.iter().enumerate() {
             if c.limit.period().is_calendar() {
-                let used = calendar::used(maps, c.bucket, &c.period);
+                let used = self.used[i];
                 binder.push(i, calendar::decision(c, used));
-                calendar::count(maps, c, used, budget);
+                match (self.slots[i], self.cal_overflow.as_mut()) {
+                    (Slot::Overflow(_), Some(map)) => {
+                        let counter = calendar::counted(map.get(&(i as u8, c.limit)), c, used);
+                        map.insert((i as u8, c.limit), counter);
+                    }
+                    _ => {
+                        let counter = calendar::counted(maps.calendar.get(&c.bucket), c, used);
+                        maps.calendar.insert(c.bucket, counter);
+                    }
+                }
                 continue;
             }
             let g = self.gcra(i, c, now);
