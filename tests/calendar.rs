@@ -5,6 +5,10 @@
 
 mod common;
 
+#[allow(dead_code)]
+#[path = "../examples/axum_tiers.rs"]
+mod demo;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -168,6 +172,64 @@ async fn memory_calendar_mixes_with_a_rolling_limit_all_or_nothing() {
     let usage = call(&c, "GET", &s.url("/v1/rate_limit"), "k1").await;
     let v: serde_json::Value = usage.json().await.unwrap();
     assert_eq!(v["categories"]["write"]["limits"][1]["remaining"], 5, "{v}");
+}
+
+/// 2026-04-01 00:00 in London (BST): the end of March.
+const MONTH_END: u64 = 1_774_998_000;
+
+/// A calendar month of tokens, metered by the demo's completions: each
+/// settles 400 tokens after reserving 1, so the fourth finds the month in
+/// debt (1,200 of 1,000) and is refused until the month ends.
+#[tokio::test]
+async fn memory_calendar_tokens_settle_and_refuse_until_the_month_ends() {
+    secret();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/policy.toml"
+    ))
+    .unwrap()
+    .replacen(
+        "ai = \"50/hour\"",
+        "ai = { requests = \"50/hour\", tokens = { limit = \"1000/month\", period = \"calendar\" } }",
+        1,
+    );
+    assert!(text.contains("1000/month"), "the demo policy moved");
+    let policy = Policy::from_toml_str(&text)
+        .unwrap()
+        .to_builder()
+        .time_zone("Europe/London")
+        .build()
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .extractor(demo::demo_extractor as demo::DemoExtractor)
+        .backend(common::fake_memory())
+        .unix_clock(|| DAY_START)
+        .build();
+    let s = common::serve(demo::app(layer)).await;
+    let c = client();
+    let url = s.url("/v1/ai/completions");
+    let body = serde_json::json!({ "prompt": "hello world", "max_tokens": 398 });
+    for left in [999, 599, 199] {
+        let res = c
+            .post(&url)
+            .header("x-api-key", "free-demo-key")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(header(&res, "x-ratelimit-remaining-tokens"), Some(left));
+    }
+    let res = c
+        .post(&url)
+        .header("x-api-key", "free-demo-key")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429, "the month is in debt");
+    assert_eq!(header(&res, "retry-after"), Some(MONTH_END - DAY_START));
+    assert_eq!(header(&res, "x-ratelimit-reset"), Some(MONTH_END));
 }
 
 #[cfg(all(feature = "redis", feature = "test-util"))]
