@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::limit::Limit;
+use crate::limit::{Limit, Period};
 use crate::time::ceil_secs;
 
 /// The outcome of one check.
@@ -36,6 +36,10 @@ pub struct Decision {
     /// fewest left), at admission. A refusal for concurrency has
     /// [`LeaseState::refused`] set (and a one-second retry).
     pub lease: Option<LeaseState>,
+    /// How the limit counts time: rolling, or per calendar period (then
+    /// `window` is the period's nominal length, `reset_after` the time to
+    /// its end).
+    pub period: Period,
 }
 
 /// The binding concurrency limit of a request at admission (what
@@ -158,6 +162,7 @@ impl Decision {
             index: 0,
             tokens: None,
             lease: None,
+            period: limit.period(),
         }
     }
 
@@ -180,6 +185,7 @@ impl Decision {
             index: 0,
             tokens: None,
             lease: None,
+            period: limit.period(),
         }
     }
 }
@@ -210,6 +216,7 @@ impl Decision {
             index: 0,
             tokens: None,
             lease: None,
+            period: limit.period(),
         }
     }
 }
@@ -248,6 +255,7 @@ impl Decision {
             index: 0,
             tokens: None,
             lease: Some(lease),
+            period: Period::Rolling,
         }
     }
 
@@ -262,6 +270,15 @@ impl Decision {
         }
         self.lease = Some(lease);
         self
+    }
+
+    /// The limit's window as an answer's text writes it: `3600 s`, or
+    /// `calendar day` (week, month).
+    pub(crate) fn per_text(&self) -> String {
+        match self.period.name() {
+            Some(name) => format!("calendar {name}"),
+            None => format!("{} s", ceil_secs(self.window)),
+        }
     }
 
     /// Whether this (binding) decision is a token limit's.

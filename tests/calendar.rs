@@ -230,6 +230,10 @@ async fn memory_calendar_tokens_settle_and_refuse_until_the_month_ends() {
     assert_eq!(res.status(), 429, "the month is in debt");
     assert_eq!(header(&res, "retry-after"), Some(MONTH_END - DAY_START));
     assert_eq!(header(&res, "x-ratelimit-reset"), Some(MONTH_END));
+    let problem: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(problem["period"], "calendar month", "{problem}");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("1000 `ai` tokens per calendar month"), "{detail}");
 }
 
 #[cfg(all(feature = "redis", feature = "test-util"))]

@@ -114,6 +114,7 @@ pub async fn run_calendar<B: Backend>(backend: &B, mut advance: impl FnMut(Durat
             index: 0,
             tokens: None,
             lease: None,
+            period: Period::CalendarDay,
         };
         assert_eq!(d, want, "day table, step {i}");
     }
