@@ -233,7 +233,10 @@ async fn memory_calendar_tokens_settle_and_refuse_until_the_month_ends() {
     let problem: serde_json::Value = res.json().await.unwrap();
     assert_eq!(problem["period"], "calendar month", "{problem}");
     let detail = problem["detail"].as_str().unwrap();
-    assert!(detail.contains("1000 `ai` tokens per calendar month"), "{detail}");
+    assert!(
+        detail.contains("1000 `ai` tokens per calendar month"),
+        "{detail}"
+    );
 }
 
 #[cfg(all(feature = "redis", feature = "test-util"))]

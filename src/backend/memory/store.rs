@@ -250,6 +250,11 @@ impl MultiStore {
                     acquired += 1;
                     Slot::New
                 } else {
+                    // The rolling overflow's lock first, always: two checks
+                    // never take the two locks in opposite orders.
+                    overflow.get_or_insert_with(|| {
+                        self.overflow.lock().unwrap_or_else(PoisonError::into_inner)
+                    });
                     let map = cal_overflow.get_or_insert_with(|| {
                         let m = self.calendar_overflow.lock();
                         m.unwrap_or_else(PoisonError::into_inner)
