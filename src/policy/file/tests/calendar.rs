@@ -119,3 +119,15 @@ fn the_builder_refuses_an_unknown_time_zone() {
         .unwrap_err();
     assert_eq!(e.entry(), "defaults.time_zone");
 }
+
+#[test]
+fn a_custom_limit_may_be_a_calendar_limit() {
+    let p = parse(&format!(
+        "{CALENDAR}[keys]\n\"k1\" = \"free\"\n[custom_limits.\"k1\"]\ntraining = {{ limit = \"50/day\", period = \"calendar\" }}\n"
+    ))
+    .unwrap();
+    let (free, training) = (p.tier("free").unwrap(), p.category("training").unwrap());
+    let cell = p.cell(free, training).unwrap();
+    let a = p.effective(cell, free, training, crate::key::KeyId::of("k1"), 0);
+    assert_eq!(a.per_key.as_slice(), [calendar("50/day")]);
+}
