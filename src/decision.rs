@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::limit::Limit;
+use crate::limit::{Limit, Period};
 use crate::time::ceil_secs;
 
 /// The outcome of one check.
@@ -36,6 +36,10 @@ pub struct Decision {
     /// fewest left), at admission. A refusal for concurrency has
     /// [`LeaseState::refused`] set (and a one-second retry).
     pub lease: Option<LeaseState>,
+    /// How the limit counts time: rolling, or per calendar period (then
+    /// `window` is the period's nominal length, `reset_after` the time to
+    /// its end).
+    pub period: Period,
 }
 
 /// The binding concurrency limit of a request at admission (what
@@ -158,6 +162,7 @@ impl Decision {
             index: 0,
             tokens: None,
             lease: None,
+            period: limit.period(),
         }
     }
 
@@ -180,6 +185,38 @@ impl Decision {
             index: 0,
             tokens: None,
             lease: None,
+            period: limit.period(),
+        }
+    }
+}
+
+impl Decision {
+    /// A calendar limit's decision: `used` units counted in its period
+    /// (this request's included when it is allowed), which ends
+    /// `until_end` from now. A refusal is told to come back then, when the
+    /// next period starts; the limit is full again then too.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tierlimit::{Limit, backend::Decision, policy::Period};
+    ///
+    /// let day = Limit::per_day(5).with_period(Period::CalendarDay).unwrap();
+    /// let d = Decision::in_period(&day, false, 5, Duration::from_secs(1));
+    /// assert_eq!((d.remaining, d.retry_after), (0, Some(Duration::from_secs(1))));
+    /// ```
+    pub fn in_period(limit: &Limit, allowed: bool, used: u64, until_end: Duration) -> Self {
+        let left = u64::from(limit.max()).saturating_sub(used);
+        Decision {
+            allowed,
+            limit: limit.max(),
+            remaining: left.min(u64::from(u32::MAX)) as u32,
+            reset_after: until_end,
+            retry_after: (!allowed).then_some(until_end),
+            window: limit.per(),
+            index: 0,
+            tokens: None,
+            lease: None,
+            period: limit.period(),
         }
     }
 }
@@ -218,6 +255,7 @@ impl Decision {
             index: 0,
             tokens: None,
             lease: Some(lease),
+            period: Period::Rolling,
         }
     }
 
@@ -232,6 +270,15 @@ impl Decision {
         }
         self.lease = Some(lease);
         self
+    }
+
+    /// The limit's window as an answer's text writes it: `3600 s`, or
+    /// `calendar day` (week, month).
+    pub(crate) fn per_text(&self) -> String {
+        match self.period.name() {
+            Some(name) => format!("calendar {name}"),
+            None => format!("{} s", ceil_secs(self.window)),
+        }
     }
 
     /// Whether this (binding) decision is a token limit's.

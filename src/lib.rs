@@ -121,6 +121,7 @@
 pub mod admin;
 mod admission;
 pub mod backend;
+mod calendar;
 #[cfg(feature = "client")]
 pub mod client;
 mod decision;

@@ -33,6 +33,98 @@ pub struct Limit {
     per: Duration,
     /// `per / max` in nanoseconds, computed once (a 128-bit division).
     interval: u64,
+    /// Rolling (GCRA) or counted per calendar period.
+    period: Period,
+}
+
+/// How a limit counts time: a rolling window (GCRA, the default), or a
+/// counter of the current calendar day, week (from Monday, ISO) or month
+/// in the policy's time zone, reset when the period starts.
+///
+/// ```
+/// use tierlimit::{Limit, policy::Period};
+///
+/// let day = Limit::per_day(5).with_period(Period::CalendarDay).unwrap();
+/// assert_eq!(day.period(), Period::CalendarDay);
+/// assert_eq!(day.to_string(), "5 per calendar day");
+/// // A calendar period needs the window it names.
+/// assert!(Limit::per_hour(5).with_period(Period::CalendarDay).is_none());
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Period {
+    /// A rolling window: GCRA, `max` at once, then one every `per / max`.
+    #[default]
+    Rolling,
+    /// The calendar day, from midnight to midnight.
+    CalendarDay,
+    /// The calendar week, from Monday's midnight (ISO weeks).
+    CalendarWeek,
+    /// The calendar month, from midnight on its first day.
+    CalendarMonth,
+}
+
+impl Period {
+    /// Whether the limit is counted per calendar period.
+    #[inline]
+    pub const fn is_calendar(self) -> bool {
+        !matches!(self, Period::Rolling)
+    }
+
+    /// A calendar period's name (`day`, `week`, `month`); `None` when
+    /// rolling.
+    pub const fn name(self) -> Option<&'static str> {
+        match self {
+            Period::Rolling => None,
+            Period::CalendarDay => Some("day"),
+            Period::CalendarWeek => Some("week"),
+            Period::CalendarMonth => Some("month"),
+        }
+    }
+
+    /// The calendar period whose nominal window is `per` (a day, 7 days,
+    /// a month of 30 days).
+    fn calendar_of(per: Duration) -> Option<Self> {
+        match per.as_secs() {
+            _ if per.subsec_nanos() != 0 => None,
+            DAY => Some(Period::CalendarDay),
+            WEEK => Some(Period::CalendarWeek),
+            MONTH => Some(Period::CalendarMonth),
+            _ => None,
+        }
+    }
+}
+
+const DAY: u64 = 86_400;
+const WEEK: u64 = 7 * DAY;
+/// A month as a rolling window (`"100/month"`): 30 days.
+const MONTH: u64 = 30 * DAY;
+
+/// The calendar period a check counts a calendar limit in, and the one
+/// after it, in Unix microseconds, with the time they were computed at
+/// (all 0 for a rolling limit). The layer computes them in the policy's
+/// time zone; a backend counts in `start..end`, or (Redis, by its own
+/// clock, once `end` has passed) in `end..next_end`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeriodBounds {
+    /// The time the bounds were computed at.
+    pub now: u64,
+    /// The current period's start.
+    pub start: u64,
+    /// The current period's end: the next period's start.
+    pub end: u64,
+    /// The next period's end.
+    pub next_end: u64,
+}
+
+impl PeriodBounds {
+    /// No period: a rolling limit's.
+    pub const ROLLING: PeriodBounds = PeriodBounds {
+        now: 0,
+        start: 0,
+        end: 0,
+        next_end: 0,
+    };
 }
 
 impl Limit {
@@ -138,7 +230,46 @@ impl Limit {
             max,
             per,
             interval: (per.as_nanos() / max.get() as u128) as u64,
+            period: Period::Rolling,
         }
+    }
+
+    /// How this limit counts time.
+    #[inline]
+    pub const fn period(&self) -> Period {
+        self.period
+    }
+
+    /// This limit counted per `period`: `None` for a calendar period whose
+    /// window the limit's is not (a day for [`Period::CalendarDay`], 7
+    /// days for a week, 30 days — `"/month"` — for a month).
+    #[must_use]
+    pub fn with_period(mut self, period: Period) -> Option<Self> {
+        if period.is_calendar() && Period::calendar_of(self.per) != Some(period) {
+            return None;
+        }
+        self.period = period;
+        Some(self)
+    }
+
+    /// Parses a limit counted per calendar period (`"5/day"`, `"1/week"`,
+    /// `"2000000/month"`): the window must be one day, week or month.
+    pub(crate) fn parse_calendar(s: &str) -> Result<Self, String> {
+        let l = Limit::parse(s)?;
+        let unit = s.split_once('/').map_or("", |(_, u)| u.trim());
+        let named = matches!(
+            unit,
+            "d" | "day" | "1d" | "w" | "week" | "1w" | "mo" | "month" | "1mo"
+        );
+        Period::calendar_of(l.per)
+            .filter(|_| named)
+            .and_then(|p| l.with_period(p))
+            .ok_or_else(|| {
+                format!(
+                    "a calendar period needs a window of one day, week or month (`5/day`, `1/week`, `100/month`), not `{}`",
+                    s.trim()
+                )
+            })
     }
 
     /// The same limit as a governor quota.
@@ -148,7 +279,8 @@ impl Limit {
             .allow_burst(self.max)
     }
 
-    /// Parses `"100/hour"`, `"20/h"`, `"10/30s"`, `"5/day"`, `"1000/1m"`.
+    /// Parses `"100/hour"`, `"20/h"`, `"10/30s"`, `"5/day"`, `"1000/1m"`,
+    /// `"7/week"`, `"100/month"` (a rolling month is 30 days).
     pub(crate) fn parse(s: &str) -> Result<Self, String> {
         let (max, per) = s.split_once('/').ok_or_else(|| {
             format!("`{s}` is not a limit; write it as `100/hour` or `unlimited`")
@@ -188,11 +320,16 @@ const fn nonzero(max: u32) -> NonZeroU32 {
 impl fmt::Display for Limit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let secs = self.per.as_secs();
-        let unit = match (secs, self.per.subsec_nanos()) {
-            (1, 0) => "second",
-            (60, 0) => "minute",
-            (3600, 0) => "hour",
-            (86_400, 0) => "day",
+        let unit = match (self.period, secs, self.per.subsec_nanos()) {
+            (Period::CalendarDay, ..) => "calendar day",
+            (Period::CalendarWeek, ..) => "calendar week",
+            (Period::CalendarMonth, ..) => "calendar month",
+            (_, 1, 0) => "second",
+            (_, 60, 0) => "minute",
+            (_, 3600, 0) => "hour",
+            (_, DAY, 0) => "day",
+            (_, WEEK, 0) => "week",
+            (_, MONTH, 0) => "month (30 days)",
             _ => return write!(f, "{} per {:?}", self.max, self.per),
         };
         write!(f, "{} per {unit}", self.max)
@@ -214,9 +351,12 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" | "min" | "minute" | "minutes" => 60_000_000_000,
         "h" | "hour" | "hours" => 3_600_000_000_000,
         "d" | "day" | "days" => 86_400_000_000_000,
+        "w" | "week" | "weeks" => WEEK * 1_000_000_000,
+        // A rolling month is 30 days (a calendar month is its own length).
+        "mo" | "month" | "months" => MONTH * 1_000_000_000,
         other => {
             return Err(format!(
-                "unknown time unit `{other}` (use ms, s, m, h, d, or second, minute, hour, day)"
+                "unknown time unit `{other}` (use ms, s, m, h, d, w, mo, or second, minute, hour, day, week, month)"
             ));
         }
     };
@@ -313,6 +453,41 @@ mod tests {
                 .contains("too short")
         );
         assert!(Limit::parse("4294967295/3650d").is_ok());
+    }
+
+    #[test]
+    fn weeks_and_months_are_rolling_windows_and_calendar_periods() {
+        let w = Limit::parse("7/week").unwrap();
+        assert_eq!(
+            (w.per(), w.period()),
+            (Duration::from_secs(WEEK), Period::Rolling)
+        );
+        let m = Limit::parse("100/month").unwrap();
+        assert_eq!(m.per(), Duration::from_secs(30 * 86_400));
+        assert_eq!(m.to_string(), "100 per month (30 days)");
+        assert_eq!(
+            Limit::parse("1/2mo").unwrap().per(),
+            Duration::from_secs(60 * 86_400)
+        );
+        let c = Limit::parse_calendar("2000000/month").unwrap();
+        assert_eq!(c.period(), Period::CalendarMonth);
+        assert_eq!(
+            Limit::parse_calendar("5/day").unwrap().period(),
+            Period::CalendarDay
+        );
+        assert_eq!(
+            Limit::parse_calendar("5/w").unwrap().period(),
+            Period::CalendarWeek
+        );
+        // The same numbers, counted two ways: two limits.
+        assert_ne!(c, Limit::parse("2000000/month").unwrap());
+        for bad in ["5/hour", "5/2d", "5/30d", "5/24h", "5/7d"] {
+            let e = Limit::parse_calendar(bad).unwrap_err();
+            assert!(
+                e.contains("one day, week or month") && e.contains(bad),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::backend::{Adjustment, Backend, Charge, Lease};
-use crate::policy::{Limit, MAX_LIMITS, RefundOn};
+use crate::policy::{Limit, MAX_LIMITS, PeriodBounds, RefundOn};
 
 /// Where what is left of a request after its response goes — token
 /// settlements and lease releases: the layer's backend, type-erased (held
@@ -203,6 +203,7 @@ impl Inner {
             bucket: 0,
             limit: Limit::per_second(1),
             units: 0,
+            period: PeriodBounds::ROLLING,
         }; MAX_LIMITS];
         let mut n = 0;
         for (i, c) in seed.charges[..len].iter().enumerate() {
@@ -218,6 +219,7 @@ impl Inner {
                     bucket: c.bucket,
                     limit: c.limit,
                     units,
+                    period: c.period,
                 };
                 n += 1;
             }

@@ -19,7 +19,7 @@ use crate::admission::{ChargeSet, Path, Shared, path};
 use crate::backend::{Backend, Decision, LeaseState};
 use crate::decision::Shown;
 use crate::extract::{Extractor, Identity, Rejection, RequestRef, is_grpc};
-use crate::policy::{Cell, Policy, Pool, TierId};
+use crate::policy::{Calendar, Cell, Policy, Pool, TierId};
 use crate::response::{Answer, ResponseBody};
 
 /// Answers `GET /v1/rate_limit`-style usage checks for the caller's key:
@@ -126,7 +126,8 @@ pub(crate) fn report<E, B: Backend>(
             return Err(Rejection::UnknownKey);
         };
         let adjusted = shared.adjusted(&policy, cell, tier, category, identity.key());
-        let peek = Peek::start(shared, cell, path(cell, adjusted.as_ref()), &identity);
+        let path = path(cell, adjusted.as_ref());
+        let peek = Peek::start(shared, (cell, policy.calendar()), path, &identity);
         peeks.push((category, peek));
     }
     let now = shared.unix_time();
@@ -170,7 +171,12 @@ where
 {
     /// Peeks at what a request on `path` would be checked against, counting
     /// nothing (the charges admission would make, at a cost of 1).
-    fn start<E, B>(shared: &Shared<E, B>, cell: &Cell, path: Path<'_>, identity: &Identity) -> Self
+    fn start<E, B>(
+        shared: &Shared<E, B>,
+        (cell, calendar): (&Cell, &Calendar),
+        path: Path<'_>,
+        identity: &Identity,
+    ) -> Self
     where
         B: Backend<Future = F>,
     {
@@ -182,7 +188,10 @@ where
         match path {
             Path::Pass => {}
             Path::Check(limits) => {
-                let set = ChargeSet::new(cell, limits, identity, 1, 1, |_| 0);
+                let mut set = ChargeSet::new(cell, limits, identity, 1, 1, |_| 0);
+                if set.has_calendar() {
+                    set.in_periods(calendar, shared.unix_time());
+                }
                 let nkey = limits.per_key.len();
                 let nreq = nkey + limits.per_account.len();
                 let ntok = nreq + limits.tokens.len();

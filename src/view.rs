@@ -44,6 +44,7 @@ impl PolicyView {
                         max: l.max(),
                         window: l.per(),
                         per_account,
+                        period: l.period(),
                     })
                     .collect();
                 if texts.is_empty() {
@@ -51,6 +52,7 @@ impl PolicyView {
                         max: 0,
                         window: std::time::Duration::ZERO,
                         per_account: false,
+                        period: crate::policy::Period::Rolling,
                     });
                 }
                 cells.push(CellView {

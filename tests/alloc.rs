@@ -44,7 +44,7 @@ fn policy(limit: &str) -> Policy {
         (format!("\"{limit}\""), "")
     };
     Policy::from_toml_str(&format!(
-        "categories = [\"read\", \"write\"]\n[tiers.free]\nread = {value}\nwrite = {value}\n{per_account}[keys]\n\"{KEY}\" = {{ tier = \"free\", account = \"acme\" }}\n"
+        "categories = [\"read\", \"write\"]\n[defaults]\ntime_zone = \"Europe/London\"\n[tiers.free]\nread = {value}\nwrite = {value}\n{per_account}[keys]\n\"{KEY}\" = {{ tier = \"free\", account = \"acme\" }}\n"
     ))
     .unwrap()
 }
@@ -201,6 +201,12 @@ fn an_allowed_request_allocates_nothing_in_the_layer() {
         (
             "several limits and a per-account limit",
             r#"["1000000000/hour", "2000000000/day"]"#,
+            Duration::from_micros(1),
+            HeaderOptions::default(),
+        ),
+        (
+            "a calendar day beside a rolling limit (London)",
+            r#"["1000000000/hour", { limit = "2000000000/day", period = "calendar" }]"#,
             Duration::from_micros(1),
             HeaderOptions::default(),
         ),

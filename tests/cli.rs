@@ -212,3 +212,48 @@ fn check_refuses_hardened_cases_without_printing_a_key() {
         );
     }
 }
+
+const CALENDAR: &str = r#"
+categories = ["read", "write", "training", "ai"]
+[defaults]
+time_zone = "Europe/London"
+[tiers.free]
+read = ["10/second", "5000/week"]
+write = "100/month"
+training = { requests = "5/day", period = "calendar" }
+ai = { requests = "50/hour", tokens = { limit = "2000000/month", period = "calendar" } }
+"#;
+
+#[test]
+fn check_and_table_show_calendar_periods() {
+    let path = file("calendar", CALENDAR);
+    let o = tierlimit(&["check", path.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("calendar periods in Europe/London"), "{out}");
+    let o = tierlimit(&["table", path.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("5/calendar day"), "{out}");
+    assert!(out.contains("tokens 2000000/calendar month"), "{out}");
+    assert!(out.contains("10/second + 5000/week"), "{out}");
+    assert!(out.contains("100/month (30 days)"), "{out}");
+    assert!(out.contains("reset at midnight in Europe/London"), "{out}");
+    // A bad zone and a calendar window that is not a day, week or month.
+    for (broken, says) in [
+        (
+            CALENDAR.replace("Europe/London", "Europe/Lodnon"),
+            "defaults.time_zone",
+        ),
+        (
+            CALENDAR.replace("\"5/day\", period", "\"5/12h\", period"),
+            "tiers.free.training",
+        ),
+    ] {
+        let path = file("calendar-broken", &broken);
+        let o = tierlimit(&["check", path.to_str().unwrap()]);
+        let (_, err) = text(&o);
+        assert!(!o.status.success());
+        assert!(err.contains(says), "{err}");
+    }
+}

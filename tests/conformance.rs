@@ -20,6 +20,57 @@ async fn memory_backend_passes_the_conformance_table() {
 }
 
 #[tokio::test]
+async fn memory_backend_passes_the_calendar_table() {
+    let clock = FakeRelativeClock::default();
+    let backend = MemoryBackend::builder().clock(clock.clone()).build();
+    common::conformance::calendar::run_calendar(&backend, |d| clock.advance(d)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_calendar_is_exact_under_contention() {
+    let backend = MemoryBackend::new();
+    common::conformance::calendar::exact_calendar_under_contention(vec![backend]).await;
+}
+
+/// Calendar counters stay within the key budget under a spray of unknown
+/// keys: guests past the cap share one count per limit (as they share a
+/// GCRA bucket), while a listed customer keeps its own full count.
+#[test]
+fn calendar_counters_stay_bounded_under_a_key_spray() {
+    use tierlimit::policy::{Calendar, Period};
+    let backend = MemoryBackend::builder().max_keys(8).build();
+    let day = Limit::per_day(3).with_period(Period::CalendarDay).unwrap();
+    let noon = Duration::from_secs(1_800_000_000);
+    let bounds = Calendar::utc().bounds(Period::CalendarDay, noon);
+    let mut admitted = 0;
+    for n in 0..1_000 {
+        let s = Subject {
+            known: false,
+            ..subject(&format!("spray-{n}"))
+        };
+        let c = s.charge(day).in_period(bounds);
+        admitted += u32::from(backend.check_now(&s.check(&c)).unwrap().allowed);
+    }
+    assert!(backend.tracked_keys() <= 8, "{}", backend.tracked_keys());
+    assert_eq!(
+        admitted,
+        8 + 3,
+        "8 guests tracked, the rest share one day of 3"
+    );
+    let customer = subject("listed-customer");
+    let c = customer.charge(day).in_period(bounds);
+    for _ in 0..3 {
+        assert!(backend.check_now(&customer.check(&c)).unwrap().allowed);
+    }
+    assert!(!backend.check_now(&customer.check(&c)).unwrap().allowed);
+    assert_eq!(
+        backend.tracked_keys(),
+        9,
+        "the customer's count, past the cap"
+    );
+}
+
+#[tokio::test]
 async fn conformance_holds_with_a_tiny_key_cap() {
     // At a cap of one key, the second key is limited through the overflow
     // bucket: it still follows GCRA exactly.
@@ -149,6 +200,7 @@ fn a_key_spray_locks_out_no_customer_under_several_limits() {
             limit,
             cost: 1,
             reserve: 0,
+            period: tierlimit::backend::PeriodBounds::ROLLING,
         })
     };
     let check = |backend: &MemoryBackend<FakeRelativeClock>, owner: u64, known: bool| {

@@ -6,6 +6,7 @@
 //! - a check whose answer timed out leaves no concurrency lease behind,
 //!   and, run late, counts in Redis the request the fallback admitted (so
 //!   the fleet's count stays whole: nothing is admitted twice over);
+//! - a calendar check run late counts in Redis like a rolling one;
 //! - an admin change answered 503 never takes effect;
 //! - instances agree with Redis after it lost its data;
 //! - usage-feed entries sent to a stalled Redis fail, are never sent
@@ -145,6 +146,90 @@ async fn checks_run_late_by_a_frozen_redis_leave_no_lease_behind() {
         return;
     }
     lease_left_behind(Stall::Freeze).await;
+}
+
+/// A calendar day of 5 (London) on a fixed Unix time, on `backend`.
+async fn calendar_instance(backend: RedisBackend) -> common::Server {
+    let policy = tierlimit::Policy::from_toml_str(
+        r#"
+categories = ["read", "write"]
+[defaults]
+time_zone = "Europe/London"
+[tiers.free]
+read = { requests = "5/day", period = "calendar" }
+write = "1/second"
+[keys]
+"calendar-late-key" = "free"
+"#,
+    )
+    .unwrap();
+    // 2026-03-29 00:30 in London: the day has 23 hours left, less 30 min.
+    let layer = tierlimit::RateLimitLayer::builder(policy)
+        .backend(backend)
+        .unix_clock(|| 1_774_744_200)
+        .build();
+    let app = axum::Router::new()
+        .route("/v1/account", axum::routing::get(|| async { "{}" }))
+        .layer(layer);
+    common::serve(app).await
+}
+
+/// A calendar check whose answer timed out runs late and counts in Redis
+/// the request the fallback admitted: the day's count stays whole.
+async fn calendar_check_run_late(stall: Stall) {
+    let server = RedisServer::start();
+    let backend = RedisBackend::builder(server.url())
+        .timeout(Duration::from_millis(100))
+        .trip_after(1_000_000)
+        .connect()
+        .await
+        .unwrap();
+    let s = calendar_instance(backend).await;
+    let c = common::client();
+    let url = s.url("/v1/account");
+    let remaining = async || {
+        let res = common::call(&c, "GET", &url, "calendar-late-key").await;
+        (
+            res.status().as_u16(),
+            common::header(&res, "x-ratelimit-remaining"),
+        )
+    };
+    assert_eq!(remaining().await, (200, Some(4)));
+    server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+    stall.start(&server);
+    for _ in 0..2 {
+        assert_eq!(remaining().await.0, 200, "{stall:?}: the fallback admits");
+    }
+    stall.end(&server);
+    until("Redis ran the queued checks", async || {
+        server.command_calls("evalsha") >= 2
+    })
+    .await;
+    // 5, less the first request, the two the fallback admitted (counted
+    // late) and this one.
+    assert_eq!(remaining().await, (200, Some(1)), "{stall:?}");
+    assert_eq!(remaining().await, (200, Some(0)));
+    assert_eq!(
+        remaining().await.0,
+        429,
+        "{stall:?}: no more than the day's 5"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calendar_checks_run_late_by_a_paused_redis_count_in_their_period() {
+    if !ready() {
+        return;
+    }
+    calendar_check_run_late(Stall::PauseWrites).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calendar_checks_run_late_by_a_frozen_redis_count_in_their_period() {
+    if !ready() {
+        return;
+    }
+    calendar_check_run_late(Stall::Freeze).await;
 }
 
 /// A demo instance on `server`, sharing operator state through it.

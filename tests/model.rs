@@ -1,7 +1,8 @@
 //! Property tests: random sequences of (time step, cost, reserve) against a
 //! reference GCRA model, for the memory backend and for the Redis script
 //! (both on a fake clock): the same decisions, the same remaining, the
-//! same retry delays, at every step.
+//! same retry delays, at every step; and a calendar day beside a rolling
+//! limit against a count per period.
 
 mod common;
 
@@ -12,7 +13,8 @@ use std::time::Duration;
 
 use governor::clock::FakeRelativeClock;
 use proptest::prelude::*;
-use tierlimit::backend::{Charge, Check};
+use tierlimit::backend::{Charge, Check, PeriodBounds};
+use tierlimit::policy::{Calendar, Period};
 use tierlimit::{
     Limit, MemoryBackend,
     backend::{Backend, BackendError, Decision, Subject},
@@ -305,12 +307,14 @@ async fn run_multi_case(
                 limit: limit(limits[0]),
                 cost,
                 reserve: r0,
+                period: tierlimit::backend::PeriodBounds::ROLLING,
             },
             Charge {
                 bucket: owner ^ 2,
                 limit: limit(limits[1]),
                 cost,
                 reserve: r1,
+                period: tierlimit::backend::PeriodBounds::ROLLING,
             },
         ];
         let want = multi_expected(&mut models, now, cost, [r0, r1]);
@@ -351,6 +355,188 @@ mod redis_multi_script {
                 return Ok(());
             };
             rt.block_on(run_multi_case([a, b], &steps, |d| clock.advance(d), async |c| backend.check(&c).await))?;
+        }
+    }
+}
+
+/// A calendar day beside a rolling limit, all or nothing: the reference
+/// is a count per period (reset when the period, computed by the
+/// calendar for Europe/London, starts) beside the GCRA model. Unix time
+/// moves in its own steps (across days, the 23-hour one included); the
+/// rolling limit's clock in its own.
+#[derive(Clone, Copy)]
+struct CalendarModel {
+    max: u32,
+    start: u64,
+    count: u64,
+}
+
+impl CalendarModel {
+    /// What a check of `cost` (leaving `reserve`) in the period `p` gives,
+    /// and the count to store if the request is counted.
+    fn check(&self, p: &PeriodBounds, cost: u32, reserve: u32) -> (Outcome, u64) {
+        let used = if self.start == p.start { self.count } else { 0 };
+        let max = u64::from(self.max);
+        if used + u64::from(cost) + u64::from(reserve) <= max {
+            let remaining = (max - used - u64::from(cost)) as u32;
+            (Outcome::Allow { remaining }, used + u64::from(cost))
+        } else {
+            let retry = Duration::from_micros(p.end - p.now);
+            (Outcome::Deny { retry }, used)
+        }
+    }
+}
+
+/// Steps: (ms for the rolling clock, seconds of Unix time, cost, reserve
+/// on the calendar limit).
+type CalendarSteps = Vec<(u64, u64, u32, u32)>;
+
+fn calendar_steps() -> impl Strategy<Value = CalendarSteps> {
+    prop::collection::vec(
+        (
+            prop_oneof![Just(0u64), 0u64..5_000],
+            prop_oneof![Just(0u64), Just(1u64), 0u64..7_200, 0u64..100_000],
+            prop_oneof![Just(1u32), 1u32..=8],
+            prop_oneof![Just(0u32), Just(0u32), 1u32..=4],
+        ),
+        1..40,
+    )
+}
+
+/// The two models asked together, all or nothing: the binding outcome
+/// (fewest remaining, or longest retry), each model moved only if both
+/// allow.
+fn both_expected(
+    (gcra, cal): (&mut Model, &mut CalendarModel),
+    now: u64,
+    p: &PeriodBounds,
+    cost: u32,
+    reserve: u32,
+) -> Outcome {
+    let mut tried = *gcra;
+    let g = tried.check(now, cost, 0);
+    let (c, count) = cal.check(p, cost, reserve);
+    match (g, c) {
+        (Outcome::Allow { remaining: a }, Outcome::Allow { remaining: b }) => {
+            *gcra = tried;
+            (cal.start, cal.count) = (p.start, count);
+            Outcome::Allow {
+                remaining: a.min(b),
+            }
+        }
+        (Outcome::Deny { retry: a }, Outcome::Deny { retry: b }) => {
+            Outcome::Deny { retry: a.max(b) }
+        }
+        (d @ Outcome::Deny { .. }, _) | (_, d @ Outcome::Deny { .. }) => d,
+        _ => unreachable!("no cost is too high here"),
+    }
+}
+
+async fn run_calendar_case(
+    (rolling, day_max): ((u32, u64), u32),
+    steps: &[(u64, u64, u32, u32)],
+    advance: impl Fn(Duration),
+    check: impl AsyncFn(Check<'_>) -> Result<Decision, BackendError>,
+) -> Result<(), TestCaseError> {
+    setup();
+    let owner = fresh_subject().key.as_u64();
+    let london = Calendar::new("Europe/London").unwrap();
+    let (max, t_ms) = rolling;
+    let guard = Limit::new(
+        max.try_into().unwrap(),
+        Duration::from_millis(t_ms * u64::from(max)),
+    );
+    let day = Limit::per_day(day_max)
+        .with_period(Period::CalendarDay)
+        .unwrap();
+    let mut gcra = Model {
+        t: t_ms * 1_000_000,
+        max,
+        tat: None,
+    };
+    let mut cal = CalendarModel {
+        max: day_max,
+        start: 0,
+        count: 0,
+    };
+    // 2026-03-28 12:00 UTC: the 23-hour day is the next.
+    let mut unix = 1_774_699_200u64;
+    let mut now = 0u64;
+    for (i, &(advance_ms, secs, cost, reserve)) in steps.iter().enumerate() {
+        advance(Duration::from_millis(advance_ms));
+        now += advance_ms * 1_000_000;
+        unix += secs;
+        let p = london.bounds(Period::CalendarDay, Duration::from_secs(unix));
+        let charges = [
+            Charge {
+                bucket: owner ^ 1,
+                limit: guard.unwrap(),
+                cost,
+                reserve: 0,
+                period: PeriodBounds::ROLLING,
+            },
+            Charge {
+                bucket: owner ^ 2,
+                limit: day,
+                cost,
+                reserve,
+                period: p,
+            },
+        ];
+        let want = if cost > max || cost > day_max {
+            Outcome::CostTooHigh
+        } else {
+            both_expected((&mut gcra, &mut cal), now, &p, cost, reserve)
+        };
+        let got = observed(check(Check::new(owner, true, &charges)).await);
+        prop_assert_eq!(
+            got,
+            want,
+            "step {} of {:?} ({:?}, {}/day)",
+            i,
+            steps,
+            rolling,
+            day_max
+        );
+    }
+    Ok(())
+}
+
+fn calendar_limits() -> impl Strategy<Value = ((u32, u64), u32)> {
+    ((1u32..=10, 1u64..=2_000), 1u32..=12)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn memory_backend_matches_the_calendar_model(limits in calendar_limits(), steps in calendar_steps()) {
+        let clock = FakeRelativeClock::default();
+        let backend = MemoryBackend::builder().clock(clock.clone()).build();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(run_calendar_case(limits, &steps, |d| clock.advance(d), async |c| backend.check(&c).await))?;
+    }
+}
+
+#[cfg(all(feature = "redis", feature = "test-util"))]
+mod redis_calendar_script {
+    use super::*;
+    use std::sync::OnceLock;
+
+    fn shared() -> Option<&'static redis_script::Shared> {
+        static SHARED: OnceLock<Option<redis_script::Shared>> = OnceLock::new();
+        SHARED.get_or_init(redis_script::start).as_ref()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn redis_script_matches_the_calendar_model(limits in calendar_limits(), steps in calendar_steps()) {
+            let Some((_server, clock, backend, rt)) = shared() else {
+                return Ok(());
+            };
+            rt.block_on(run_calendar_case(limits, &steps, |d| clock.advance(d), async |c| backend.check(&c).await))?;
         }
     }
 }

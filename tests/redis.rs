@@ -578,12 +578,14 @@ async fn several_limits_while_redis_is_down_follow_the_failure_policy() {
             limit: Limit::per_hour(4),
             cost: 1,
             reserve: 0,
+            period: tierlimit::backend::PeriodBounds::ROLLING,
         },
         Charge {
             bucket: 2,
             limit: Limit::per_day(10),
             cost: 1,
             reserve: 0,
+            period: tierlimit::backend::PeriodBounds::ROLLING,
         },
     ];
     let check = Check::new(7, true, &charges);
@@ -610,6 +612,7 @@ async fn several_limits_while_redis_is_down_follow_the_failure_policy() {
                 bucket: 1,
                 limit: Limit::per_hour(4),
                 units: 1,
+                period: tierlimit::backend::PeriodBounds::ROLLING,
             }],
         )
         .await

@@ -11,7 +11,7 @@ use crate::backend::{Backend, Charge, Lease, MAX_LEASES, limit_bucket};
 use crate::extract::Identity;
 use crate::lease::Leases;
 use crate::meter::{ErasedBackend, Seed, TokenMeter};
-use crate::policy::{Cell, Limit, Limits, MAX_LIMITS, Pool, RefundOn};
+use crate::policy::{Calendar, Cell, Limit, Limits, MAX_LIMITS, PeriodBounds, Pool, RefundOn};
 
 /// A request's charge under `limit`, counted in the bucket of `base` (an
 /// owner mixed with the cell's scope): both [`ChargeSet::alone`] and
@@ -24,6 +24,7 @@ fn request_charge(limit: Limit, base: u64, cost: u32, reserve: &impl Fn(u32) -> 
         limit,
         cost,
         reserve: reserve(limit.max()),
+        period: PeriodBounds::ROLLING,
     }
 }
 
@@ -39,6 +40,7 @@ const NO_CHARGE: Charge = Charge {
     limit: Limit::per_second(1),
     cost: 1,
     reserve: 0,
+    period: PeriodBounds::ROLLING,
 };
 
 /// An unused lease slot.
@@ -119,7 +121,7 @@ impl ChargeSet {
         ) else {
             return None;
         };
-        if cell.leased || cell.metered {
+        if cell.leased || cell.metered || limit.period().is_calendar() {
             return None;
         }
         let owners = Owners::of(cell, identity);
@@ -192,6 +194,7 @@ impl ChargeSet {
                 limit,
                 cost: estimate.max(1),
                 reserve: 0,
+                period: PeriodBounds::ROLLING,
             };
             self.len += 1;
             self.tokens += 1;
@@ -214,6 +217,27 @@ impl ChargeSet {
                 per_account,
             };
             self.nleases += 1;
+        }
+    }
+
+    /// Whether any charge is a calendar limit's (which needs the time).
+    #[inline]
+    pub(crate) fn has_calendar(&self) -> bool {
+        self.charges()
+            .iter()
+            .any(|c| c.limit.period().is_calendar())
+    }
+
+    /// Puts each calendar charge in its period at Unix time `now` in
+    /// `calendar`'s zone (each kind of period computed once).
+    pub(crate) fn in_periods(&mut self, calendar: &Calendar, now: std::time::Duration) {
+        let mut known: [Option<PeriodBounds>; 4] = [None; 4];
+        for c in &mut self.items[..self.len] {
+            let period = c.limit.period();
+            if period.is_calendar() {
+                let slot = &mut known[(period as usize) & 3];
+                c.period = *slot.get_or_insert_with(|| calendar.bounds(period, now));
+            }
         }
     }
 

@@ -384,7 +384,10 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         pct: Option<u8>,
     ) -> Step<B::Future> {
         let reserve = |max| pct.map_or(0, |p| reserve_for(p, max));
-        let set = ChargeSet::new(f.cell, applied, &f.identity, cost, estimate, reserve);
+        let mut set = ChargeSet::new(f.cell, applied, &f.identity, cost, estimate, reserve);
+        if set.has_calendar() {
+            set.in_periods(f.guard.policy.calendar(), self.unix_time());
+        }
         let mut resolving = f.resolving();
         for (r, c) in resolving.carried.reserves.iter_mut().zip(set.charges()) {
             *r = c.reserve;

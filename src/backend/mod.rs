@@ -26,6 +26,7 @@ pub use memory::{MemoryBackend, MemoryBackendBuilder};
 pub use crate::decision::{Decision, LEASE_RETRY, LeaseState, TokenState};
 use crate::key::KeyId;
 use crate::limit::Limit;
+pub use crate::limit::{Period, PeriodBounds};
 
 /// Who is asking, in which bucket, at what cost: everything a backend reads
 /// about one request, and nothing else (the tier and category are folded
@@ -76,14 +77,23 @@ impl Subject {
         self.key.as_u64() ^ self.scope
     }
 
-    /// This subject's charge under `limit`: its bucket, cost and reserve.
+    /// This subject's charge under `limit`: its bucket, cost and reserve
+    /// (a calendar limit's in its period now in UTC, by the system clock;
+    /// the layer uses its policy's time zone and its own clock, and so may
+    /// a caller, with [`Charge::in_period`]).
     #[inline]
     pub fn charge(&self, limit: Limit) -> Charge {
+        let period = if limit.period().is_calendar() {
+            crate::calendar::Calendar::utc().bounds(limit.period(), crate::time::unix_now())
+        } else {
+            PeriodBounds::default()
+        };
         Charge {
             bucket: self.bucket(),
             limit,
             cost: self.cost,
             reserve: self.reserve,
+            period,
         }
     }
 
@@ -127,6 +137,42 @@ pub struct Charge {
     /// Capacity of this limit the request must leave untouched (a
     /// priority reserve); 0 for most requests.
     pub reserve: u32,
+    /// For a calendar limit: the period it is counted in, and the next
+    /// ([`Calendar::bounds`](crate::policy::Calendar::bounds)); all 0 for
+    /// a rolling limit.
+    pub period: PeriodBounds,
+}
+
+impl Charge {
+    /// This charge counted in the calendar period `period` (computed by
+    /// [`Calendar::bounds`](crate::policy::Calendar::bounds) for the
+    /// charge's limit).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tierlimit::backend::{Backend, MemoryBackend, Subject};
+    /// use tierlimit::policy::{Calendar, Period};
+    /// use tierlimit::{Limit, key::KeyId};
+    ///
+    /// let day = Limit::per_day(2).with_period(Period::CalendarDay).unwrap();
+    /// let noon = Duration::from_secs(1_790_000_000);
+    /// let bounds = Calendar::utc().bounds(Period::CalendarDay, noon);
+    /// let s = Subject::new(KeyId::of("k"), 7);
+    /// let charge = s.charge(day).in_period(bounds);
+    /// let backend = MemoryBackend::new();
+    /// assert!(backend.check_now(&s.check(&charge)).unwrap().allowed);
+    /// assert!(backend.check_now(&s.check(&charge)).unwrap().allowed);
+    /// let refused = backend.check_now(&s.check(&charge)).unwrap();
+    /// // Refused until the day ends.
+    /// let midnight = Duration::from_micros(bounds.end - bounds.now);
+    /// assert_eq!(refused.retry_after, Some(midnight));
+    /// ```
+    #[must_use]
+    #[inline]
+    pub fn in_period(mut self, period: PeriodBounds) -> Self {
+        self.period = period;
+        self
+    }
 }
 
 /// One concurrency limit of a request ([`Check::leases`]): while the
@@ -157,6 +203,10 @@ pub struct Adjustment {
     /// Units to add (positive: a debt that delays later requests) or to
     /// give back (negative: never more than makes the bucket full).
     pub units: i64,
+    /// For a calendar limit: the period it was charged in
+    /// ([`Charge::period`]). A settlement of a period that has ended
+    /// changes nothing.
+    pub period: PeriodBounds,
 }
 
 /// One request, checked against every limit that applies to it at once,
@@ -200,13 +250,19 @@ impl<'a> Check<'a> {
         }
     }
 
-    /// The charge of a check of one charge and nothing else (no token
-    /// charge, no lease): what a backend may answer faster (the memory
-    /// backend's governor branch, the Redis backend's deny cache).
+    /// The charge of a check of one rolling charge and nothing else (no
+    /// token charge, no lease): what a backend may answer faster (the
+    /// memory backend's governor branch, the Redis backend's deny cache).
+    /// A calendar charge is never alone: it is a counter, not a bucket.
     #[inline]
     pub(crate) fn alone(&self) -> Option<&'a Charge> {
         match self.charges {
-            [c] if self.leases.is_empty() && self.tokens == 0 => Some(c),
+            [c] if self.leases.is_empty()
+                && self.tokens == 0
+                && !c.limit.period().is_calendar() =>
+            {
+                Some(c)
+            }
             _ => None,
         }
     }
@@ -238,10 +294,13 @@ pub(crate) fn decide(binding: Option<Decision>, lease: Option<LeaseState>) -> De
     }
 }
 
-/// Mixes a limit into a bucket, so that every limit of a cell has its own.
+/// Mixes a limit into a bucket, so that every limit of a cell has its own
+/// (a rolling and a calendar limit of the same numbers too).
 #[inline]
 pub(crate) fn limit_bucket(bucket: u64, limit: &Limit) -> u64 {
-    let l = (u64::from(limit.max()) << 32) ^ (limit.per().as_nanos() as u64);
+    let l = (u64::from(limit.max()) << 32)
+        ^ (limit.per().as_nanos() as u64)
+        ^ ((limit.period() as u64) << 60);
     (bucket ^ l.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(17)
 }
 

@@ -10,7 +10,7 @@
 
 use std::process::ExitCode;
 
-use tierlimit::policy::EffectiveLimits;
+use tierlimit::policy::{EffectiveLimits, Period};
 use tierlimit::{Limit, Policy, key::KeyId};
 
 #[cfg(feature = "envoy")]
@@ -66,15 +66,33 @@ fn main() -> ExitCode {
     match command {
         "check" => {
             println!(
-                "{path}: valid ({} tiers, {} categories, {} keys)",
+                "{path}: valid ({} tiers, {} categories, {} keys{})",
                 policy.tiers().len(),
                 policy.categories().len(),
-                policy.listed_keys().count()
+                policy.listed_keys().count(),
+                calendar_note(&policy)
             );
         }
-        _ => print!("{}", table(&policy, unix_now())),
+        _ => {
+            print!("{}", table(&policy, unix_now()));
+            if has_calendar(&policy) {
+                println!(
+                    "\ncalendar periods reset at midnight in {} (weeks on Monday)",
+                    policy.calendar().name()
+                );
+            }
+        }
     }
     ExitCode::SUCCESS
+}
+
+/// `, calendar periods in ZONE` when the policy has any.
+fn calendar_note(policy: &Policy) -> String {
+    if has_calendar(policy) {
+        format!(", calendar periods in {}", policy.calendar().name())
+    } else {
+        String::new()
+    }
 }
 
 fn unix_now() -> u64 {
@@ -83,16 +101,35 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A limit as the policy file writes it (`100/hour`).
+/// A limit as the policy file writes it (`100/hour`; a calendar period's
+/// `5/calendar day`).
 fn limit_text(l: &Limit) -> String {
-    let unit = match l.per().as_secs() {
-        1 if l.per().subsec_nanos() == 0 => "second".to_owned(),
-        60 if l.per().subsec_nanos() == 0 => "minute".to_owned(),
-        3600 if l.per().subsec_nanos() == 0 => "hour".to_owned(),
-        86_400 if l.per().subsec_nanos() == 0 => "day".to_owned(),
+    let unit = match (l.period(), l.per().as_secs()) {
+        (Period::CalendarDay, _) => "calendar day".to_owned(),
+        (Period::CalendarWeek, _) => "calendar week".to_owned(),
+        (Period::CalendarMonth, _) => "calendar month".to_owned(),
+        _ if l.per().subsec_nanos() != 0 => format!("{}ms", l.per().as_millis()),
+        (_, 1) => "second".to_owned(),
+        (_, 60) => "minute".to_owned(),
+        (_, 3600) => "hour".to_owned(),
+        (_, 86_400) => "day".to_owned(),
+        (_, 604_800) => "week".to_owned(),
+        (_, 2_592_000) => "month (30 days)".to_owned(),
         _ => format!("{}ms", l.per().as_millis()),
     };
     format!("{}/{unit}", l.max())
+}
+
+/// Whether any cell of the policy has a calendar limit.
+fn has_calendar(policy: &Policy) -> bool {
+    policy.tiers().any(|t| {
+        policy.categories().any(|c| {
+            let l = policy.limits(t, c);
+            [l.per_key(), l.per_account(), l.tokens(), l.account_tokens()]
+                .iter()
+                .any(|list| list.iter().any(|l| l.period().is_calendar()))
+        })
+    })
 }
 
 fn list(limits: &[Limit]) -> String {

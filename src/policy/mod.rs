@@ -59,7 +59,8 @@ use http::Method;
 
 use crate::key::KeyId;
 
-pub use crate::limit::{Limit, MAX_LIMITS, Rule};
+pub use crate::calendar::Calendar;
+pub use crate::limit::{Limit, MAX_LIMITS, Period, PeriodBounds, Rule};
 pub(crate) use builder::reserve_of;
 pub use builder::{KeyRule, PolicyBuilder, PolicyError, Route, Tier};
 pub(crate) use cell::Cell;
@@ -130,6 +131,8 @@ pub(super) struct PolicyInner {
     /// The `[overload]` table, if any (shared: the layer's overload state
     /// tells a changed table by its address).
     pub(super) overload: Option<Arc<OverloadRules>>,
+    /// The time zone calendar limits reset in.
+    pub(super) calendar: crate::calendar::Calendar,
     pub(super) source: PolicyBuilder,
 }
 
@@ -434,6 +437,11 @@ impl Policy {
         !self.inner.overrides.is_empty()
             || !self.inner.boosts.is_empty()
             || self.ops.as_ref().is_some_and(|o| o.has_adjustments())
+    }
+
+    /// The time zone calendar limits reset in (`[defaults] time_zone`).
+    pub fn calendar(&self) -> &crate::calendar::Calendar {
+        &self.inner.calendar
     }
 
     /// Whether the policy has boosts (which need the time of day).

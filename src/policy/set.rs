@@ -97,12 +97,14 @@ impl LimitBuf {
     }
 }
 
-/// `limit` with its burst multiplied by `k`, keeping the window (at most
-/// one request per microsecond of it).
+/// `limit` with its burst multiplied by `k`, keeping the window and its
+/// period (at most one request per microsecond of it).
 pub(crate) fn scale(l: Limit, k: f64) -> Limit {
     let most = (l.per().as_micros()).min(u128::from(u32::MAX)) as f64;
     let max = (f64::from(l.max()) * k).ceil().clamp(1.0, most) as u32;
-    Limit::new(max.try_into().unwrap_or(std::num::NonZeroU32::MIN), l.per()).unwrap_or(l)
+    Limit::new(max.try_into().unwrap_or(std::num::NonZeroU32::MIN), l.per())
+        .and_then(|n| n.with_period(l.period()))
+        .unwrap_or(l)
 }
 
 /// The limit of a list that lets the least through over time: the lowest

@@ -11,7 +11,7 @@ use super::headers::{CellRef, HeaderOptions, HeaderPlan};
 use crate::decision::Decision;
 use crate::extract::Rejection;
 use crate::key::KeyId;
-use crate::time::{ceil_secs, retry_secs};
+use crate::time::retry_secs;
 
 /// What the layer answers instead of the inner service: a *refusal* (over
 /// a limit), a *rejection* (a client mistake before any limit), a cost that
@@ -113,14 +113,14 @@ impl Answer<'_> {
                 category,
                 ..
             } => format!(
-                "rate limit exceeded: tier `{tier}` allows {} `{category}` {} per {} s; retry in {} s",
+                "rate limit exceeded: tier `{tier}` allows {} `{category}` {} per {}; retry in {} s",
                 decision.limit,
                 if decision.is_tokens() {
                     "tokens"
                 } else {
                     "requests"
                 },
-                ceil_secs(decision.window),
+                decision.per_text(),
                 retry_secs(decision.retry_after.unwrap_or_default()),
             ),
             Answer::Rejected(r) => r.to_string(),

@@ -6,7 +6,6 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Response};
 
 use super::answer::Answer;
-use crate::time::ceil_secs;
 
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
@@ -72,10 +71,10 @@ pub(crate) fn response(refusal: &Answer<'_>) -> Response<Bytes> {
                     if l.per_account { " per account" } else { "" }
                 ),
                 _ => format!(
-                    "tier `{tier}`: {category} {}limit of {} per {} s",
+                    "tier `{tier}`: {category} {}limit of {} per {}",
                     if decision.is_tokens() { "token " } else { "" },
                     decision.limit,
-                    ceil_secs(decision.window)
+                    decision.per_text()
                 ),
             },
         }

@@ -205,6 +205,7 @@ pub(crate) struct LimitText {
     pub(crate) max: u32,
     pub(crate) window: Duration,
     pub(crate) per_account: bool,
+    pub(crate) period: crate::policy::Period,
 }
 
 /// A cell's header values, shared by every request of the cell.
@@ -265,13 +266,13 @@ impl CellHeaders {
         let mut names = Vec::with_capacity(limits.len());
         for l in limits {
             let secs = ceil_secs(l.window);
-            // One limit per key keeps the plain `"tier.category"` name;
-            // several are told apart by their windows.
+            // One limit per key: `"tier.category"`; several: by window or period.
+            let span = l.period.name().map_or(format!("{secs}s"), str::to_owned);
             let name = match (l.per_account, if l.per_account { accounts } else { keys }) {
                 (false, 1) => format!("\"{tier}.{category}\""),
-                (false, _) => format!("\"{tier}.{category}.{secs}s\""),
+                (false, _) => format!("\"{tier}.{category}.{span}\""),
                 (true, 1) => format!("\"{tier}.{category}.account\""),
-                (true, _) => format!("\"{tier}.{category}.account.{secs}s\""),
+                (true, _) => format!("\"{tier}.{category}.account.{span}\""),
             };
             if !policy.is_empty() {
                 policy.push_str(", ");

@@ -45,6 +45,9 @@ pub(crate) fn response(answer: &Answer<'_>) -> Response<Bytes> {
                 obj.insert("limit".into(), json!(d.limit));
                 obj.insert("remaining".into(), json!(d.remaining));
                 obj.insert("window_seconds".into(), json!(ceil_secs(d.window)));
+                if let Some(name) = d.period.name() {
+                    obj.insert("period".into(), json!(format!("calendar {name}")));
+                }
                 obj.insert(
                     "retry_after_seconds".into(),
                     json!(retry_secs(d.retry_after.unwrap_or_default())),

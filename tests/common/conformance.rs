@@ -1,11 +1,17 @@
 //! The GCRA conformance table. Every backend runs it unchanged: give it a
 //! backend and a way to move that backend's clock forward.
 
+pub mod calendar;
+mod settle;
+
+#[allow(unused_imports)]
+pub use settle::run_settle;
+
 #[allow(unused_imports)]
 use crate::common::one::{CheckOne, CheckOneNow};
 use std::time::Duration;
 
-use tierlimit::backend::{Adjustment, Charge, Check, Lease};
+use tierlimit::backend::{Charge, Check, Lease};
 use tierlimit::{
     Limit,
     backend::{Backend, BackendError, Decision, Subject},
@@ -148,6 +154,7 @@ pub async fn run<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
                     index: 0,
                     tokens: None,
                     lease: None,
+                    period: tierlimit::policy::Period::Rolling,
                     allowed: true,
                     limit: 10,
                     remaining,
@@ -169,6 +176,7 @@ pub async fn run<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
                     index: 0,
                     tokens: None,
                     lease: None,
+                    period: tierlimit::policy::Period::Rolling,
                     allowed: false,
                     limit: 10,
                     remaining,
@@ -206,12 +214,14 @@ pub fn multi_charges(key: &str) -> [Charge; 2] {
             limit: a,
             cost: 1,
             reserve: 0,
+            period: tierlimit::backend::PeriodBounds::ROLLING,
         },
         Charge {
             bucket: base ^ 0xB,
             limit: b,
             cost: 1,
             reserve: 0,
+            period: tierlimit::backend::PeriodBounds::ROLLING,
         },
     ]
 }
@@ -330,12 +340,14 @@ pub async fn exact_under_contention<B: Backend + Clone>(backends: Vec<B>) {
             limit: Limit::per_hour(40),
             cost: 1,
             reserve: 0,
+            period: tierlimit::backend::PeriodBounds::ROLLING,
         },
         Charge {
             bucket: key ^ 2,
             limit: Limit::per_day(100),
             cost: 1,
             reserve: 0,
+            period: tierlimit::backend::PeriodBounds::ROLLING,
         },
     ];
     let allowed = Arc::new(AtomicU32::new(0));
@@ -370,104 +382,6 @@ pub async fn exact_under_contention<B: Backend + Clone>(backends: Vec<B>) {
     assert_eq!(guard.remaining, 0);
 }
 
-/// Reserve and settle: a request reserves an estimate of tokens with its
-/// request, then settles what it used: a refund when less, a debt when
-/// more, which delays later requests by exactly the debt. Tokens: 100 per
-/// 100 s (one a second); requests: 10 per 10 s.
-pub async fn run_settle<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
-    let owner = KeyId::of("settle").as_u64();
-    let requests = Limit::new(10.try_into().unwrap(), Duration::from_secs(10)).unwrap();
-    let tokens = Limit::new(100.try_into().unwrap(), Duration::from_secs(100)).unwrap();
-    let charges = |estimate: u32| {
-        [
-            Charge {
-                bucket: owner ^ 1,
-                limit: requests,
-                cost: 1,
-                reserve: 0,
-            },
-            Charge {
-                bucket: owner ^ 2,
-                limit: tokens,
-                cost: estimate,
-                reserve: 0,
-            },
-        ]
-    };
-    let check = async |estimate: u32| {
-        let charges = charges(estimate);
-        backend
-            .check(&Check {
-                owner,
-                known: true,
-                charges: &charges,
-                tokens: 1,
-                leases: &[],
-                lease_id: 0,
-            })
-            .await
-            .unwrap()
-    };
-    let settle = async |units: i64| {
-        backend
-            .settle(
-                owner,
-                &[Adjustment {
-                    bucket: owner ^ 2,
-                    limit: tokens,
-                    units,
-                }],
-            )
-            .await
-            .unwrap()
-    };
-    let tokens_left = async || backend.peek(owner, &charges(1)[1]).await.unwrap().remaining;
-    // Reserve 40 of 100 tokens with one request.
-    let d = check(40).await;
-    assert!(d.allowed);
-    // The binding limit overall is the requests' (9 left); the tokens'
-    // own binding limit is reported beside it.
-    assert_eq!((d.index, d.remaining), (0, 9));
-    let t = d.tokens.expect("a token state");
-    assert_eq!((t.index, t.remaining), (1, 60));
-    assert!(!d.is_tokens());
-    assert_eq!(tokens_left().await, 60);
-    // Used 10: 30 come back.
-    let after = settle(10 - 40).await;
-    assert_eq!(after.remaining, 90, "a refund");
-    assert_eq!(tokens_left().await, 90);
-    // Reserve 50, use 120: a debt of 70 on top of the 50 (100 used of 90
-    // left): the bucket is 30 s past empty.
-    assert!(check(50).await.allowed);
-    assert_eq!(tokens_left().await, 40);
-    let after = settle(120 - 50).await;
-    assert_eq!(after.remaining, 0, "in debt");
-    assert_eq!(tokens_left().await, 0);
-    // Even an estimate of 1 waits for the debt: 30 s to pay it, 1 s for the
-    // token. The tokens bind the refusal.
-    let d = check(1).await;
-    assert!(!d.allowed);
-    assert_eq!(d.index, 1, "the token limit refuses");
-    assert!(d.is_tokens());
-    assert_eq!(d.retry_after, Some(Duration::from_secs(31)));
-    // The refusal took nothing from the requests (8 left of 10).
-    assert_eq!(
-        backend.peek(owner, &charges(1)[0]).await.unwrap().remaining,
-        8
-    );
-    advance(Duration::from_secs(31));
-    assert!(check(1).await.allowed, "exactly when the debt is paid");
-    // A refund never fills past full.
-    let after = settle(-10_000).await;
-    assert_eq!(after.remaining, 100);
-    assert_eq!(tokens_left().await, 100);
-    // A debt on a bucket no longer tracked (full again) still counts.
-    advance(Duration::from_secs(200));
-    let after = settle(30).await;
-    assert_eq!(after.remaining, 70);
-    assert_eq!(tokens_left().await, 70);
-}
-
 /// Leases held in `lease`'s bucket, once they equal `want` (a backend may
 /// release on its own I/O thread: wait for that event, boundedly).
 pub async fn held_once<B: Backend>(backend: &B, owner: u64, lease: &Lease, want: u32) -> u32 {
@@ -494,6 +408,7 @@ pub async fn run_leases<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
         limit: Limit::per_hour(3),
         cost: 1,
         reserve: 0,
+        period: tierlimit::backend::PeriodBounds::ROLLING,
     }];
     let lease = Lease {
         bucket: 0xC0FFEE,

@@ -302,7 +302,7 @@ impl KeyStore {
     }
 
     pub(super) fn retain_shard(&self, shard: usize, drop_below: u64) {
-        retain_full(&self.shards[shard], drop_below, &self.budget);
+        retain_full(&self.shards[shard], drop_below, 0, &self.budget);
     }
 
     pub(super) fn retain_overflow(&self, drop_below: u64) {

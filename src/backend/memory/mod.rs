@@ -11,6 +11,7 @@
 //!   keys.
 
 mod alone;
+mod calendar;
 mod gcra;
 mod store;
 mod sweep;
@@ -233,6 +234,12 @@ where
     /// where a check of it alone keeps it (governor's limiter of its
     /// limit), else in its owner's shard.
     pub fn peek_now(&self, owner: u64, charge: &Charge) -> Decision {
+        if charge.limit.period().is_calendar() {
+            let maps = self.inner.multi.shard(owner).lock();
+            let maps = maps.unwrap_or_else(PoisonError::into_inner);
+            let used = calendar::used(&maps, charge.bucket, &charge.period);
+            return calendar::peeked(&charge.limit, &charge.period, used);
+        }
         if let Some((e, tat)) = self.alone(charge) {
             return peeked(&charge.limit, Some(tat), e.elapsed(self.inner.clock.now()));
         }
@@ -294,7 +301,12 @@ where
         let mut read = store.read(maps, charges, check.known, &inner.budget);
         let mut refused = false;
         for (i, c) in charges.iter().enumerate() {
-            refused |= read.gcra(i, c, now).retry.is_some();
+            refused |= if c.limit.period().is_calendar() {
+                store.latest.saw(c.period.now);
+                !calendar::fits(c, read.used(i))
+            } else {
+                read.gcra(i, c, now).retry.is_some()
+            };
         }
         // The leases, once every charge admits the request.
         let leases = &check.leases[..check.leases.len().min(MAX_LEASES)];
@@ -363,6 +375,7 @@ where
     pub fn settle_now(&self, owner: u64, adjustments: &[Adjustment]) -> Decision {
         let inner = &*self.inner;
         if let [a] = adjustments
+            && !a.limit.period().is_calendar()
             && let Some(d) = self.settle_alone(a)
         {
             return d;
@@ -376,7 +389,11 @@ where
         let mut states = [Decision::allow(&Limit::per_second(1), 0); MAX_LIMITS];
         let adjustments = &adjustments[..adjustments.len().min(MAX_LIMITS)];
         for (i, a) in adjustments.iter().enumerate() {
-            states[i] = adjust(&mut guard, a, now, &inner.budget);
+            states[i] = if a.limit.period().is_calendar() {
+                calendar::adjust(&mut guard, a, &inner.budget)
+            } else {
+                adjust(&mut guard, a, now, &inner.budget)
+            };
         }
         Decision::binding(states[..adjustments.len()].iter().copied())
             .unwrap_or_else(|| Decision::allow(&Limit::per_second(1), 1))

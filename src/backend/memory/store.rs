@@ -9,6 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use super::calendar::{self, Counter};
 use super::gcra::{Gcra, Slot, capacity_at};
 use super::sweep::retain_full;
 use crate::backend::{Charge, Decision, Lease, LeaseState};
@@ -47,6 +48,14 @@ impl Budget {
             .is_ok()
     }
 
+    /// A place past every bound, for a known caller's calendar counter
+    /// (a count is never lost; listed keys are finite).
+    #[cold]
+    pub(super) fn track_past_cap(&self) -> bool {
+        self.tracked.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     pub(super) fn release(&self, n: usize) {
         self.tracked.fetch_sub(n, Ordering::Relaxed);
         crate::telemetry::tracked_keys(-(n as f64));
@@ -60,6 +69,10 @@ impl Budget {
 pub(super) struct MultiStore {
     shards: Box<[Shard]>,
     overflow: Mutex<HashMap<(u8, Limit), u64>>,
+    /// Calendar counters of guests that arrived at the cap, one per limit.
+    calendar_overflow: Mutex<HashMap<(u8, Limit), Counter>>,
+    /// The latest Unix time a calendar charge brought.
+    pub(super) latest: super::calendar::Latest,
 }
 
 impl MultiStore {
@@ -67,6 +80,8 @@ impl MultiStore {
         MultiStore {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             overflow: Mutex::new(HashMap::new()),
+            calendar_overflow: Mutex::new(HashMap::new()),
+            latest: super::calendar::Latest::default(),
         }
     }
 
@@ -75,9 +90,10 @@ impl MultiStore {
         &self.shards[(owner >> 32) as usize % SHARDS]
     }
 
-    /// Drops buckets full again (TAT at or before `now`).
+    /// Drops buckets full again (TAT at or before `now`), and calendar
+    /// counters of periods over.
     pub(super) fn retain_shard(&self, shard: usize, now: u64, budget: &Budget) {
-        retain_full(&self.shards[shard], now, budget);
+        retain_full(&self.shards[shard], now, self.latest.get(), budget);
     }
 
     pub(super) fn retain_overflow(&self, now: u64) {
@@ -85,6 +101,13 @@ impl MultiStore {
         if !overflow.is_empty() {
             overflow.retain(|_, tat| *tat > now);
         }
+        drop(overflow);
+        let latest = self.latest.get();
+        let mut counters = self
+            .calendar_overflow
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        counters.retain(|_, c| c.end > latest);
     }
 }
 
@@ -114,6 +137,8 @@ pub(super) type Table = HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>;
 pub(super) struct ShardMaps {
     pub(super) known: Table,
     pub(super) guests: Table,
+    /// Calendar limits' counters, by bucket.
+    pub(super) calendar: HashMap<u64, super::calendar::Counter, BuildHasherDefault<IdentityHasher>>,
     /// Leases held per concurrency bucket (a bucket is dropped when its
     /// last lease is released, so this holds no more than the requests in
     /// flight; it is not charged to the key budget).
@@ -129,7 +154,7 @@ impl ShardMaps {
     }
 
     pub(super) fn len(&self) -> usize {
-        self.known.len() + self.guests.len()
+        self.known.len() + self.guests.len() + self.calendar.len()
     }
 
     pub(super) fn table(&mut self, known: bool) -> &mut Table {
@@ -187,6 +212,11 @@ pub(super) struct Reading<'a> {
     acquired: usize,
     /// The overflow states, locked once a guest at the cap needs one.
     overflow: Option<MutexGuard<'a, HashMap<(u8, Limit), u64>>>,
+    /// Each calendar charge's count in its period before this request.
+    used: [u64; MAX_LIMITS],
+    /// The calendar overflow counters, locked once a guest at the cap
+    /// needs one.
+    cal_overflow: Option<MutexGuard<'a, HashMap<(u8, Limit), Counter>>>,
 }
 
 impl MultiStore {
@@ -208,7 +238,35 @@ impl MultiStore {
         // Guests of this shard that may give way to a known caller at the
         // hard bound (one per new bucket).
         let mut spare_guests = maps.guests.len();
+        let (mut used, mut cal_overflow) = ([0; MAX_LIMITS], None);
         for (i, c) in charges.iter().enumerate() {
+            if c.limit.period().is_calendar() {
+                // A counter (calendar.rs), not a bucket: tracked (a known
+                // caller's always: a count is never lost), or a guest's
+                // at the cap in the overflow counter of its limit.
+                slots[i] = if maps.calendar.contains_key(&c.bucket) {
+                    Slot::Tracked(0)
+                } else if budget.try_acquire() || (known && budget.track_past_cap()) {
+                    acquired += 1;
+                    Slot::New
+                } else {
+                    // The rolling overflow's lock first, always: two checks
+                    // never take the two locks in opposite orders.
+                    overflow.get_or_insert_with(|| {
+                        self.overflow.lock().unwrap_or_else(PoisonError::into_inner)
+                    });
+                    let map = cal_overflow.get_or_insert_with(|| {
+                        let m = self.calendar_overflow.lock();
+                        m.unwrap_or_else(PoisonError::into_inner)
+                    });
+                    used[i] = calendar::in_period(map.get(&(i as u8, c.limit)), &c.period);
+                    Slot::Overflow(None)
+                };
+                if !matches!(slots[i], Slot::Overflow(_)) {
+                    used[i] = calendar::used(maps, c.bucket, &c.period);
+                }
+                continue;
+            }
             slots[i] = match maps.get(c.bucket) {
                 Some(tat) => Slot::Tracked(tat),
                 None if budget.try_acquire() => {
@@ -235,11 +293,19 @@ impl MultiStore {
             slots,
             acquired,
             overflow,
+            used,
+            cal_overflow,
         }
     }
 }
 
 impl Reading<'_> {
+    /// Calendar charge `i`'s count in its period before this request.
+    #[inline]
+    pub(super) fn used(&self, i: usize) -> u64 {
+        self.used[i]
+    }
+
     /// Charge `i`'s GCRA step at `now` (an untracked bucket's TAT is now).
     #[inline]
     pub(super) fn gcra(&self, i: usize, c: &Charge, now: u64) -> Gcra {
@@ -264,7 +330,14 @@ impl Reading<'_> {
             budget.tracked.fetch_sub(self.acquired, Ordering::Relaxed);
         }
         for (i, c) in charges.iter().enumerate() {
-            let d = if lease_refused {
+            let d = if c.limit.period().is_calendar() {
+                let used = self.used[i];
+                if lease_refused {
+                    calendar::peeked(&c.limit, &c.period, used)
+                } else {
+                    calendar::decision(c, used)
+                }
+            } else if lease_refused {
                 Decision::allow(&c.limit, capacity_at(&c.limit, self.slots[i].tat(), now))
             } else {
                 self.gcra(i, c, now).decision(&c.limit, c.cost.max(1))
@@ -288,6 +361,21 @@ impl Reading<'_> {
             crate::telemetry::tracked_keys(self.acquired as f64);
         }
         for (i, c) in charges.iter().enumerate() {
+            if c.limit.period().is_calendar() {
+                let used = self.used[i];
+                binder.push(i, calendar::decision(c, used));
+                match (self.slots[i], self.cal_overflow.as_mut()) {
+                    (Slot::Overflow(_), Some(map)) => {
+                        let counter = calendar::counted(map.get(&(i as u8, c.limit)), c, used);
+                        map.insert((i as u8, c.limit), counter);
+                    }
+                    _ => {
+                        let counter = calendar::counted(maps.calendar.get(&c.bucket), c, used);
+                        maps.calendar.insert(c.bucket, counter);
+                    }
+                }
+                continue;
+            }
             let g = self.gcra(i, c, now);
             binder.push(i, g.decision(&c.limit, c.cost.max(1)));
             let next = g.next;

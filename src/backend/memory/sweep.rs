@@ -184,10 +184,13 @@ where
 /// Drops a shard's buckets whose TAT is at or below `drop_below` (full
 /// again), shrinks tables left mostly empty, and returns their places to
 /// the budget.
-pub(super) fn retain_full(shard: &Shard, drop_below: u64, budget: &Budget) {
+pub(super) fn retain_full(shard: &Shard, drop_below: u64, unix_now: u64, budget: &Budget) {
     let mut guard = shard.lock().unwrap_or_else(PoisonError::into_inner);
     let maps = &mut *guard;
     let before = maps.len();
+    if !maps.calendar.is_empty() {
+        maps.calendar.retain(|_, c| c.end > unix_now);
+    }
     for table in [&mut maps.known, &mut maps.guests] {
         table.retain(|_, tat| *tat > drop_below);
         if table.capacity() > 64 && table.len() < table.capacity() / 4 {

@@ -8,7 +8,10 @@ use std::time::Duration;
 use super::failover::{PLACEHOLDER, PLACEHOLDER_LEASE, Route};
 use super::io::{EvalError, Script};
 use super::leases::Taken;
-use super::{FailurePolicy, Inner, RedisBackend, charge_key, interval_us, lease_key};
+use super::{
+    FailurePolicy, Inner, RedisBackend, bounds_args, charge_key, interval_us, lease_key,
+    script_interval,
+};
 use crate::backend::{
     Adjustment, BackendError, Charge, Check, Decision, Lease, LeaseState, MAX_LEASES, decide_all,
 };
@@ -101,8 +104,13 @@ impl RedisBackend {
             return inner.fall_back(check);
         }
         let (k, m) = (check.charges.len(), check.leases.len());
+        let calendar = check
+            .charges
+            .iter()
+            .filter(|c| c.limit.period().is_calendar());
+        let refused_len = k + 1 + calendar.count();
         match inner.eval_check(check).await {
-            Ok(v) if v.len() == k + 1 || v.len() == k + m + 1 => {
+            Ok(v) if v.len() == k + 1 || v.len() == k + m + 1 || v.len() == refused_len => {
                 inner.succeeded();
                 inner.answered(check, &v, now)
             }
@@ -129,9 +137,9 @@ impl RedisBackend {
         let inner = &*self.inner;
         let key = charge_key(&inner.prefix, owner, charge.bucket);
         if !inner.degraded.load(Ordering::Relaxed)
-            && let Ok(answer) = self.inner.eval_peek(key, &charge.limit).await
+            && let Ok(answer) = self.inner.eval_peek(key, &charge).await
         {
-            return Ok(peeked(&charge.limit, answer));
+            return Ok(peeked(&charge, answer));
         }
         Ok(inner.fallback.peek_now(owner, &charge))
     }
@@ -156,7 +164,13 @@ impl RedisBackend {
                 Ok(v) if v.len() == adjustments.len() => {
                     inner.succeeded();
                     let states = adjustments.iter().zip(&v).map(|(a, &rem)| {
-                        Decision::allow(&a.limit, u32::try_from(rem).unwrap_or(0))
+                        let rem = u32::try_from(rem).unwrap_or(0);
+                        if a.limit.period().is_calendar() {
+                            let used = u64::from(a.limit.max().saturating_sub(rem));
+                            Decision::in_period(&a.limit, true, used, until(&a.period, false))
+                        } else {
+                            Decision::allow(&a.limit, rem)
+                        }
                     });
                     return Ok(Decision::binding(states).expect("at least one"));
                 }
@@ -191,12 +205,33 @@ fn invalid(check: &Check<'_>) -> Option<BackendError> {
 
 /// The script's answer to a peek: what a check of one request would
 /// answer (its capacity, or the refusal it would get), counting nothing.
-fn peeked(limit: &Limit, (allowed, n): (i64, i64)) -> Decision {
-    if allowed == 1 {
-        Decision::allow(limit, u32::try_from(n).unwrap_or(0))
-    } else {
-        Decision::refuse(limit, 1, Duration::from_micros(n.max(0).unsigned_abs()))
+fn peeked(charge: &Charge, (allowed, n): (i64, i64)) -> Decision {
+    let limit = &charge.limit;
+    let n = n.max(0).unsigned_abs();
+    match (allowed == 1, limit.period().is_calendar()) {
+        (true, false) => Decision::allow(limit, u32::try_from(n).unwrap_or(0)),
+        (false, false) => Decision::refuse(limit, 1, Duration::from_micros(n)),
+        (true, true) => counted(charge, n),
+        (false, true) => {
+            let used = u64::from(limit.max());
+            Decision::in_period(limit, false, used, Duration::from_micros(n))
+        }
     }
+}
+
+/// The time from the layer's `now` to the end of the charge's period, or
+/// of the next one (`later`: Redis's clock counted it there).
+fn until(p: &crate::limit::PeriodBounds, later: bool) -> Duration {
+    let end = if later { p.next_end } else { p.end };
+    Duration::from_micros(end.saturating_sub(p.now))
+}
+
+/// An allowed calendar charge's decision from the script's count (units
+/// left, times two, plus 1 when of the next period).
+fn counted(c: &Charge, x: u64) -> Decision {
+    let left = x >> 1;
+    let used = u64::from(c.limit.max()).saturating_sub(left);
+    Decision::in_period(&c.limit, true, used, until(&c.period, x & 1 == 1))
 }
 
 /// The leases' state in the check script's answer `v` (`k` charges, then
@@ -224,8 +259,27 @@ impl Inner {
         let k = check.charges.len();
         let status = v[0];
         let mut decisions = [Decision::allow(&Limit::per_second(1), 0); MAX_LIMITS];
+        // A refusal's answer ends with what each calendar limit has left.
+        let mut calendar_left = v.get(k + 1..).unwrap_or_default().iter();
         for ((slot, c), &x) in decisions.iter_mut().zip(check.charges).zip(&v[1..]) {
             let x = u64::try_from(x).unwrap_or(0);
+            if c.limit.period().is_calendar() {
+                *slot = match status {
+                    1 | 2 => counted(c, x),
+                    _ => {
+                        let left = calendar_left.next().copied().unwrap_or(0);
+                        let used = i64::from(c.limit.max()).saturating_sub(left).max(0);
+                        let used = used.unsigned_abs();
+                        match x {
+                            0 => Decision::in_period(&c.limit, true, used, until(&c.period, false)),
+                            _ => {
+                                Decision::in_period(&c.limit, false, used, Duration::from_micros(x))
+                            }
+                        }
+                    }
+                };
+                continue;
+            }
             *slot = match status {
                 // Remaining after (1) or capacity now (2).
                 1 | 2 => Decision::allow(&c.limit, x as u32),
@@ -300,14 +354,18 @@ impl Inner {
     async fn eval_peek(
         self: &Arc<Self>,
         key: String,
-        limit: &Limit,
+        charge: &Charge,
     ) -> Result<(i64, i64), EvalError> {
-        let args = vec![
+        let limit = &charge.limit;
+        let mut args = vec![
             "peek".to_owned(),
             self.script_now(),
-            interval_us(limit).to_string(),
+            script_interval(limit).to_string(),
             limit.max().to_string(),
         ];
+        if limit.period().is_calendar() {
+            args.extend(bounds_args(&charge.period));
+        }
         self.invoke(Script::Check, vec![key], args).await
     }
 
@@ -331,7 +389,7 @@ impl Inner {
         args.push(self.leases.member(check.lease_id));
         args.push(self.leases.ttl_us().to_string());
         for c in charges {
-            let t = interval_us(&c.limit);
+            let t = script_interval(&c.limit);
             args.extend([
                 t.to_string(),
                 c.limit.max().to_string(),
@@ -340,6 +398,9 @@ impl Inner {
             ]);
         }
         args.extend(check.leases.iter().map(|l| l.max.to_string()));
+        for c in charges.iter().filter(|c| c.limit.period().is_calendar()) {
+            args.extend(bounds_args(&c.period));
+        }
         self.invoke(Script::Check, keys, args).await
     }
 
@@ -356,12 +417,18 @@ impl Inner {
         let mut args = Vec::with_capacity(adjustments.len() * 3 + 1);
         args.push(self.script_now());
         for a in adjustments {
-            let t = interval_us(&a.limit);
+            let t = script_interval(&a.limit);
             args.extend([
                 t.to_string(),
                 a.limit.max().to_string(),
                 a.units.to_string(),
             ]);
+        }
+        for a in adjustments
+            .iter()
+            .filter(|a| a.limit.period().is_calendar())
+        {
+            args.extend(bounds_args(&a.period));
         }
         self.invoke(Script::Settle, keys, args).await
     }

@@ -10,7 +10,7 @@ use super::{Conn, FailurePolicy, Inner};
 use crate::backend::{
     Adjustment, BackendError, Charge, Check, Decision, Lease, LeaseState, MAX_LEASES, decide_all,
 };
-use crate::limit::{Limit, MAX_LIMITS};
+use crate::limit::{Limit, MAX_LIMITS, PeriodBounds};
 
 /// The cluster client, kept to rebuild the connection after a failover:
 /// redis-rs reconnects to a dead master's address but does not look the
@@ -46,6 +46,7 @@ pub(super) const PLACEHOLDER: Charge = Charge {
     limit: Limit::per_second(1),
     cost: 1,
     reserve: 0,
+    period: PeriodBounds::ROLLING,
 };
 
 /// A placeholder lease for fixed-size arrays.
@@ -228,6 +229,7 @@ impl Inner {
         }
         std::num::NonZeroU32::new(self.share_of(limit.max()))
             .and_then(|m| Limit::new(m, limit.per()))
+            .and_then(|l| l.with_period(limit.period()))
             .unwrap_or(*limit)
     }
 

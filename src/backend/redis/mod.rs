@@ -39,7 +39,7 @@ use self::io::IoThread;
 use self::leases::{Held, LeaseBook};
 use super::MemoryBackend;
 use super::{Adjustment, Backend, BackendError, Charge, Check, Decision, Lease};
-use crate::limit::{Limit, MAX_LIMITS};
+use crate::limit::{Limit, MAX_LIMITS, PeriodBounds};
 
 // Every script below starts with `now.lua` (the time: a fake clock's, or
 // Redis's `TIME`); those that read or move a rate bucket then with
@@ -54,6 +54,7 @@ use crate::limit::{Limit, MAX_LIMITS};
 const CHECK: &str = concat!(
     include_str!("now.lua"),
     include_str!("gcra.lua"),
+    include_str!("calendar.lua"),
     include_str!("check.lua")
 );
 
@@ -61,6 +62,7 @@ const CHECK: &str = concat!(
 const SETTLE: &str = concat!(
     include_str!("now.lua"),
     include_str!("gcra.lua"),
+    include_str!("calendar.lua"),
     include_str!("settle.lua")
 );
 
@@ -199,6 +201,21 @@ fn interval_us(limit: &Limit) -> u64 {
     (limit.emission_interval_nanos() / 1_000).max(1)
 }
 
+/// A limit's interval as the scripts read it: 0 marks a calendar limit,
+/// whose period's bounds follow the other arguments (see calendar.lua).
+fn script_interval(limit: &Limit) -> u64 {
+    if limit.period().is_calendar() {
+        0
+    } else {
+        interval_us(limit)
+    }
+}
+
+/// A calendar charge's bounds as the scripts read them.
+fn bounds_args(p: &PeriodBounds) -> [String; 4] {
+    [p.start, p.end, p.next_end, p.now].map(|n| n.to_string())
+}
+
 /// The key of one charge of a check: the owner is the hash tag, so every
 /// charge of a check lives in one Cluster slot (the bucket already mixes
 /// in the limit).
@@ -261,6 +278,7 @@ impl Backend for RedisBackend {
             bucket: 0,
             limit: Limit::per_second(1),
             units: 0,
+            period: PeriodBounds::ROLLING,
         }; MAX_LIMITS];
         items[..n].copy_from_slice(&adjustments[..n]);
         on_io_thread(&self.inner, async move {

@@ -38,6 +38,11 @@ impl PolicyBuilder {
         let (overrides, override_sources) = self.build_overrides(&names)?;
         let boosts = self.build_boosts(&names)?;
         let (shadow_tiers, shadow_categories) = self.build_shadow(&names)?;
+        let calendar = match &self.time_zone {
+            None => crate::calendar::Calendar::utc(),
+            Some(Located { value, line }) => crate::calendar::Calendar::new(value)
+                .map_err(|m| PolicyError::new("defaults.time_zone", *line, m))?,
+        };
         let envoy = crate::policy::envoy::compile(
             self.envoy.as_ref().map(|e| (&e.value, e.line)),
             &names.categories,
@@ -72,6 +77,7 @@ impl PolicyBuilder {
                 revoked,
                 unknown_key,
                 missing_key,
+                calendar,
                 source: self,
             }),
             ops: None,

@@ -106,6 +106,8 @@ pub struct PolicyBuilder {
     overload: Option<Located<super::OverloadSettings>>,
     /// Keys refused whatever `unknown_key` says (revoked by an operator).
     revoked: Vec<String>,
+    /// The time zone calendar limits reset in (`None`: UTC).
+    time_zone: Option<Located<String>>,
 }
 
 impl PolicyBuilder {
@@ -302,8 +304,35 @@ impl PolicyBuilder {
         self
     }
 
+    /// The time zone calendar limits reset in: an IANA name such as
+    /// `"Europe/London"` (default: UTC). [`build`](Self::build) refuses a
+    /// zone it does not know.
+    ///
+    /// ```
+    /// use tierlimit::{Limit, Policy, Tier};
+    /// use tierlimit::policy::Period;
+    ///
+    /// let day = Limit::per_day(5).with_period(Period::CalendarDay).unwrap();
+    /// let policy = Policy::builder()
+    ///     .categories(["read", "write"])
+    ///     .tier(Tier::new("free").limit("read", day).limit("write", day))
+    ///     .time_zone("Europe/London")
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(policy.calendar().name(), "Europe/London");
+    /// ```
+    pub fn time_zone(mut self, name: impl Into<String>) -> Self {
+        self.time_zone = Some(Located::new(name.into()));
+        self
+    }
+
     // The loader's methods: the same entries, with the line they were
     // written on.
+
+    pub(super) fn time_zone_at(mut self, name: String, line: Option<usize>) -> Self {
+        self.time_zone = Some(Located::at(name, line));
+        self
+    }
 
     pub(super) fn category_at(mut self, name: String, line: Option<usize>) -> Self {
         self.categories.push(Located::at(name, line));

@@ -76,7 +76,8 @@ pub(super) fn shown_category<'a, 'b>(
 }
 
 /// A list of limits for one cell: not empty, at most [`MAX_LIMITS`], no
-/// two with the same window (the smaller would make the other pointless).
+/// two with the same window counted the same way (the smaller would make
+/// the other pointless; a rolling day and a calendar day differ).
 pub(super) fn check_list(limits: &[Limit]) -> Result<(), String> {
     if limits.is_empty() {
         return Err("an empty list of limits; write \"unlimited\" or at least one limit".into());
@@ -85,7 +86,8 @@ pub(super) fn check_list(limits: &[Limit]) -> Result<(), String> {
         return Err(format!("more than {MAX_LIMITS} limits in one list"));
     }
     for (i, a) in limits.iter().enumerate() {
-        if limits[..i].iter().any(|b| b.per() == a.per()) {
+        let same = |b: &Limit| b.per() == a.per() && b.period() == a.period();
+        if limits[..i].iter().any(same) {
             return Err(format!(
                 "two limits with the same window ({}); keep one",
                 humantime_secs(a.per())

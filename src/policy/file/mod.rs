@@ -120,6 +120,7 @@ struct Defaults {
     write: Option<Spanned<String>>,
     unknown_key: Option<Spanned<String>>,
     missing_key: Option<Spanned<String>>,
+    time_zone: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -472,8 +472,9 @@ pub(super) fn overload(b: PolicyBuilder, o: Spanned<OverloadSpec>, lines: &Lines
     Ok(b.overload_at(s, line))
 }
 
-/// `[defaults]`: the categories of unmatched requests, and the tiers (or
-/// `"reject"`) of unknown and missing keys.
+/// `[defaults]`: the categories of unmatched requests, the tiers (or
+/// `"reject"`) of unknown and missing keys, and the time zone of calendar
+/// limits.
 pub(super) fn defaults(mut b: PolicyBuilder, d: Defaults, lines: &Lines) -> PolicyBuilder {
     let located = |s: Spanned<String>| (lines.of(s.span().start), s.into_inner());
     if let Some((line, name)) = d.read.map(located) {
@@ -494,6 +495,9 @@ pub(super) fn defaults(mut b: PolicyBuilder, d: Defaults, lines: &Lines) -> Poli
     }
     if let Some((line, v)) = d.missing_key.map(located) {
         b = b.missing_keys_at(rule(v), line);
+    }
+    if let Some((line, v)) = d.time_zone.map(located) {
+        b = b.time_zone_at(v, line);
     }
     b
 }

@@ -27,7 +27,7 @@ pub(super) fn parse_adjust(v: &toml::Value) -> Result<Adjust, String> {
                 tokens: spec.tokens,
             })
         }
-        other => match parse_limits(other)? {
+        other => match parse_limits(other, false)? {
             Some(limits) => Ok(Adjust::SetAll(limits)),
             None => Ok(Adjust::Set(Rule::Unlimited)),
         },
@@ -62,29 +62,71 @@ pub(crate) fn parse_adjust_json(v: &serde_json::Value) -> Result<Adjust, String>
 
 const HOW: &str = "write a limit such as \"100/hour\", a list such as [\"10/second\", \"100/hour\"], or \"unlimited\"";
 
-/// Limits as written: `"100/hour"`, `"unlimited"` or
-/// `["10/second", "100/hour"]` (`None`: unlimited).
-fn parse_limits(v: &toml::Value) -> Result<Option<Vec<Limit>>, String> {
+const HOW_ONE: &str =
+    "write a limit such as \"100/hour\" or { limit = \"5/day\", period = \"calendar\" }";
+
+/// Limits as written: `"100/hour"`, `"unlimited"`,
+/// `["10/second", "100/hour"]` or `{ limit = "5/day", period = "calendar" }`
+/// (`None`: unlimited). `calendar`: the cell's `period` is `"calendar"`,
+/// which a limit's own `period` overrides.
+fn parse_limits(v: &toml::Value, calendar: bool) -> Result<Option<Vec<Limit>>, String> {
     use toml::Value;
     match v {
-        Value::String(s) => match Rule::parse(s)? {
-            Rule::Unlimited => Ok(None),
-            Rule::Limited(l) => Ok(Some(vec![l])),
-        },
+        Value::String(s) if s.trim().eq_ignore_ascii_case("unlimited") => Ok(None),
+        Value::String(_) | Value::Table(_) => Ok(Some(vec![parse_limit(v, calendar)?])),
         Value::Array(items) => {
             if items.is_empty() {
                 return Err(format!("an empty list; {HOW}"));
             }
             items
                 .iter()
-                .map(|i| match i {
-                    Value::String(s) => Limit::parse(s),
-                    _ => Err(HOW.to_owned()),
-                })
+                .map(|i| parse_limit(i, calendar))
                 .collect::<Result<Vec<_>, _>>()
                 .map(Some)
         }
         _ => Err(HOW.to_owned()),
+    }
+}
+
+/// One limit: `"100/hour"` or `{ limit = "5/day", period = "calendar" }`.
+fn parse_limit(v: &toml::Value, calendar: bool) -> Result<Limit, String> {
+    use toml::Value;
+    let (text, calendar) = match v {
+        Value::String(s) => (s.as_str(), calendar),
+        Value::Table(t) => {
+            if t.keys().any(|k| k != "limit" && k != "period") {
+                return Err(format!(
+                    "a limit's table has `limit` and `period` only; {HOW_ONE}"
+                ));
+            }
+            let text = t
+                .get("limit")
+                .and_then(Value::as_str)
+                .ok_or_else(|| HOW_ONE.to_owned())?;
+            let calendar = match t.get("period") {
+                Some(p) => parse_period(p)?,
+                None => calendar,
+            };
+            (text, calendar)
+        }
+        _ => return Err(HOW.to_owned()),
+    };
+    if calendar {
+        Limit::parse_calendar(text)
+    } else {
+        Limit::parse(text)
+    }
+}
+
+/// `period = "rolling"` (the default) or `"calendar"`: whether it is.
+fn parse_period(v: &toml::Value) -> Result<bool, String> {
+    match v.as_str().map(str::trim) {
+        Some(p) if p.eq_ignore_ascii_case("calendar") => Ok(true),
+        Some(p) if p.eq_ignore_ascii_case("rolling") => Ok(false),
+        Some(p) => Err(format!(
+            "unknown period `{p}` (expected \"rolling\" or \"calendar\")"
+        )),
+        None => Err("write period as \"rolling\" or \"calendar\"".to_owned()),
     }
 }
 
@@ -104,36 +146,45 @@ pub(super) fn parse_cell(v: &toml::Value) -> Result<CellSpec, String> {
     use toml::Value;
     let Value::Table(t) = v else {
         return Ok(CellSpec {
-            requests: Some(parse_limits(v)?),
+            requests: Some(parse_limits(v, false)?),
             ..CellSpec::default()
         });
     };
-    if let Some(k) = t
-        .keys()
-        .find(|k| !["requests", "tokens", "refund_on", "concurrency"].contains(&k.as_str()))
-    {
+    const FIELDS: [&str; 5] = ["requests", "tokens", "refund_on", "concurrency", "period"];
+    if let Some(k) = t.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        // A lone limit's table (`{ limit = "5/day", period = "calendar" }`).
+        if k == "limit" {
+            return Ok(CellSpec {
+                requests: Some(parse_limits(v, false)?),
+                ..CellSpec::default()
+            });
+        }
         // Named only when it is a typo of one (`concurency`): the field
         // may be an API key written in the wrong place.
-        const FIELDS: [&str; 4] = ["requests", "tokens", "refund_on", "concurrency"];
         if FIELDS.iter().any(|f| super::sections::near(k, f)) {
             return Err(format!(
-                "unknown field `{k}` (expected `requests`, `tokens`, `concurrency` or `refund_on`)"
+                "unknown field `{k}` (expected `requests`, `tokens`, `concurrency`, `refund_on` or `period`)"
             ));
         }
         return Err(
-            "an unknown field (expected `requests`, `tokens`, `concurrency` or `refund_on`)"
+            "an unknown field (expected `requests`, `tokens`, `concurrency`, `refund_on` or `period`)"
                 .to_owned(),
         );
     }
+    let calendar = t
+        .get("period")
+        .map(parse_period)
+        .transpose()?
+        .unwrap_or(false);
     let mut spec = CellSpec::default();
     if let Some(r) = t.get("requests") {
         spec.requests = Some(match r {
-            Value::String(_) | Value::Array(_) => parse_limits(r)?,
+            Value::String(_) | Value::Array(_) | Value::Table(_) => parse_limits(r, calendar)?,
             _ => return Err(HOW.to_owned()),
         });
     }
     if let Some(tk) = t.get("tokens") {
-        match parse_limits(tk).map_err(|m| format!("tokens: {m}"))? {
+        match parse_limits(tk, calendar).map_err(|m| format!("tokens: {m}"))? {
             Some(limits) => spec.tokens = Some(limits),
             None => return Err("tokens: leave `tokens` out rather than \"unlimited\"".into()),
         }

@@ -3,6 +3,7 @@
 use super::*;
 use crate::policy::{Limit, Policy, PolicyError, Pool, Rule};
 
+mod calendar;
 mod hardening;
 
 const GOOD: &str = r#"
