@@ -202,6 +202,19 @@ async fn unloaded(addr: SocketAddr, work_ms: u64, n: usize) -> Duration {
     t.percentile(0.5)
 }
 
+/// The demo's overload state (`GET /admin/v1/overload`).
+async fn overload_state(client: &reqwest::Client, addr: SocketAddr) -> serde_json::Value {
+    client
+        .get(format!("http://{addr}/admin/v1/overload"))
+        .bearer_auth("bench-admin")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 struct Run {
     name: &'static str,
     tiers: Vec<(&'static str, u64, Tally)>,
@@ -222,15 +235,7 @@ async fn run(overload: bool, duration: Duration, knobs: &Knobs) -> (Run, Duratio
             let mut line = Vec::new();
             while started.elapsed() < duration {
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                let v: serde_json::Value = client
-                    .get(format!("http://{addr}/admin/v1/overload"))
-                    .bearer_auth("bench-admin")
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let v = overload_state(&client, addr).await;
                 line.push(format!("{}/{}", v["in_flight"], v["capacity"]));
             }
             println!(
@@ -271,15 +276,7 @@ async fn run(overload: bool, duration: Duration, knobs: &Knobs) -> (Run, Duratio
     }
     let ok = free.ok + pro.ok + enterprise.ok;
     let capacity = if overload {
-        let v: serde_json::Value = reqwest::Client::new()
-            .get(format!("http://{addr}/admin/v1/overload"))
-            .bearer_auth("bench-admin")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = overload_state(&reqwest::Client::new(), addr).await;
         Some(format!("capacity at the end: {} in flight", v["capacity"]))
     } else {
         None

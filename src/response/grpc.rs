@@ -55,10 +55,6 @@ pub(crate) fn response(refusal: &Answer<'_>) -> Response<Bytes> {
     {
         plan.write(h);
         let retry = decision.retry_after.unwrap_or_default();
-        h.insert(
-            GRPC_PUSHBACK,
-            HeaderValue::from(retry.as_millis().max(1) as u64),
-        );
         let details = crate::proto::StatusDetails {
             code,
             message: &message,
@@ -77,11 +73,8 @@ pub(crate) fn response(refusal: &Answer<'_>) -> Response<Bytes> {
                     decision.per_text()
                 ),
             },
-        }
-        .encode();
-        if let Ok(v) = HeaderValue::from_str(&crate::proto::encode_bin(&details)) {
-            h.insert(GRPC_DETAILS, v);
-        }
+        };
+        push_back(h, &details);
         res.extensions_mut().insert(*decision);
     }
     if let Answer::Shed {
@@ -98,23 +91,28 @@ pub(crate) fn response(refusal: &Answer<'_>) -> Response<Bytes> {
             http::header::RETRY_AFTER,
             HeaderValue::from(crate::time::retry_secs(*retry_after)),
         );
-        h.insert(
-            GRPC_PUSHBACK,
-            HeaderValue::from(retry_after.as_millis().max(1) as u64),
-        );
         let details = crate::proto::StatusDetails {
             code,
             message: &message,
             retry: *retry_after,
             subject: "",
             description: "",
-        }
-        .encode();
-        if let Ok(v) = HeaderValue::from_str(&crate::proto::encode_bin(&details)) {
-            h.insert(GRPC_DETAILS, v);
-        }
+        };
+        push_back(h, &details);
     }
     res
+}
+
+/// `grpc-retry-pushback-ms` and `grpc-status-details-bin` (RetryInfo, and
+/// QuotaFailure when `details` names a subject).
+fn push_back(h: &mut http::HeaderMap, details: &crate::proto::StatusDetails<'_>) {
+    h.insert(
+        GRPC_PUSHBACK,
+        HeaderValue::from(details.retry.as_millis().max(1) as u64),
+    );
+    if let Ok(v) = HeaderValue::from_str(&crate::proto::encode_bin(&details.encode())) {
+        h.insert(GRPC_DETAILS, v);
+    }
 }
 
 /// gRPC percent-encoding of `grpc-message`: bytes outside 0x20..=0x7E, and
