@@ -27,7 +27,7 @@ pub const MAX_LIMITS: usize = 8;
 /// assert_eq!(l.per(), Duration::from_secs(3600));
 /// assert_eq!(l.emission_interval(), Duration::from_secs(36));
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limit {
     max: NonZeroU32,
     per: Duration,
@@ -35,6 +35,20 @@ pub struct Limit {
     interval: u64,
     /// Rolling (GCRA) or counted per calendar period.
     period: Period,
+}
+
+/// One word per limit, hashed on every request by the memory backend's
+/// limiter lookup: the interval, the burst and the period mixed (equal
+/// limits hash alike; equality still compares every field).
+impl std::hash::Hash for Limit {
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(
+            self.interval
+                ^ (u64::from(self.max.get())).rotate_left(32)
+                ^ ((self.period as u64) << 61),
+        );
+    }
 }
 
 /// How a limit counts time: a rolling window (GCRA, the default), or a
