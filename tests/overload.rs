@@ -519,3 +519,79 @@ mod redis {
         tiers_in_order(&demo_server_on(fixed_10(), backend).await).await;
     }
 }
+
+#[test]
+fn an_overload_entry_of_the_wrong_type_is_refused_naming_the_entry() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("[overload]\n", "overload.capacity", "capacity"),
+        ("[overload]\ncapacity = -3\n", "overload.capacity", "-3"),
+        (
+            "[overload]\ncapacity = 5000000000\n",
+            "overload.capacity",
+            "5000000000",
+        ),
+        (
+            "[overload]\ncapacity = \"adaptive\"\ntarget_latency = \"50ms\"\nmin_capacity = 2.5\n",
+            "overload.min_capacity",
+            "number",
+        ),
+        (
+            "[overload]\ncapacity = \"adaptive\"\ntarget_latency = \"50ms\"\nmax_capacity = \"8\"\n",
+            "overload.max_capacity",
+            "number",
+        ),
+        (
+            "[overload]\ncapacity = \"adaptive\"\ntarget_latency = \"50ms\"\ninitial_capacity = true\n",
+            "overload.initial_capacity",
+            "number",
+        ),
+        (
+            "[overload]\ncapacity = \"adaptive\"\ntarget_latency = 50\n",
+            "overload.target_latency",
+            "50ms",
+        ),
+        (
+            "[overload]\ncapacity = \"adaptive\"\ntarget_latency = \"0.5ms\"\n",
+            "overload.target_latency",
+            "unknown time unit",
+        ),
+        (
+            "[overload]\ncapacity = 8\nretry_after = 5\n",
+            "overload.retry_after",
+            "1s",
+        ),
+        (
+            "[overload]\ncapacity = 8\nreport_step = \"x\"\n",
+            "overload.report_step",
+            "fraction",
+        ),
+        (
+            "[overload]\ncapacity = 8\nshed_exempt_routes = \"yes\"\n",
+            "overload.shed_exempt_routes",
+            "true or false",
+        ),
+        (
+            "[overload]\ncapacity = 8\nshed_unlimited = 1\n",
+            "overload.shed_unlimited",
+            "true or false",
+        ),
+        (
+            "[overload]\ncapacity = 8\nshed_at = 0.5\n",
+            "overload.shed_at",
+            "table",
+        ),
+    ];
+    for (table, entry, says) in cases {
+        let err = policy_with(table).expect_err(table);
+        let text = err.to_string();
+        assert!(
+            text.contains(entry) && text.contains(says),
+            "{table:?}: {text}"
+        );
+    }
+    // The right types, integers where a fraction is asked included.
+    let ok = policy_with(
+        "[overload]\ncapacity = \"adaptive\"\ntarget_latency = \"60s\"\nmin_capacity = 1\nmax_capacity = 1\nretry_after = \"1h\"\nreport_step = 1\nshed_exempt_routes = false\n[overload.shed_at]\nfree = 1\npro = 0.0001\n",
+    );
+    assert!(ok.is_ok(), "{ok:?}");
+}
