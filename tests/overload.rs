@@ -520,6 +520,23 @@ mod redis {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_fraction_of_a_large_capacity_is_kept_exactly() {
+    // 0.0001 of 10,000 is one request in flight: free is admitted while
+    // nothing is in flight, and shed from the first request held.
+    let s = demo_server(
+        policy_with("[overload]\ncapacity = 10000\n[overload.shed_at]\nfree = 0.0001\n").unwrap(),
+    )
+    .await;
+    let mut held = Held(Vec::new());
+    hold(&s, &mut held, "free-demo-key", None, 1, 1).await;
+    assert_eq!(quick(&s, "free-demo-key", None).await.status(), 503);
+    assert_eq!(quick(&s, "pro-demo-key", None).await.status(), 200);
+    drop(held);
+    in_flight_reaches(&s, 0).await;
+    assert_eq!(quick(&s, "free-demo-key", None).await.status(), 200);
+}
+
 #[test]
 fn an_overload_entry_of_the_wrong_type_is_refused_naming_the_entry() {
     let cases: &[(&str, &str, &str)] = &[

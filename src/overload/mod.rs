@@ -87,14 +87,14 @@ impl Overload {
     }
 
     /// A slot for a request that starts being shed at `shed_at`
-    /// thousandths of the capacity, or `None`: shed. Exact under
+    /// millionths of the capacity, or `None`: shed. Exact under
     /// contention: a request is admitted only while fewer than that
     /// fraction of the capacity are in flight, counted atomically.
     #[inline]
     pub(crate) fn enter(
         self: &Arc<Self>,
         rules: &Arc<OverloadRules>,
-        shed_at: u16,
+        shed_at: u32,
     ) -> Option<Slot> {
         if self.configured.load(Ordering::Acquire) != Arc::as_ptr(rules) as usize {
             self.configure(rules);
@@ -294,7 +294,7 @@ mod tests {
         let o = Arc::new(Overload::new());
         let r = rules(Capacity::Fixed(10));
         let free = r.shed_at(crate::policy::TierId(0));
-        assert_eq!(free, 500);
+        assert_eq!(free, 500_000);
         let held: Vec<Slot> = (0..5)
             .map(|_| o.enter(&r, free).expect("under half"))
             .collect();
@@ -303,9 +303,15 @@ mod tests {
             "5 of 10 in flight: free is shed"
         );
         let more: Vec<Slot> = (0..5)
-            .map(|_| o.enter(&r, 1000).expect("under the capacity"))
+            .map(|_| {
+                o.enter(&r, crate::policy::SHED_FULL)
+                    .expect("under the capacity")
+            })
             .collect();
-        assert!(o.enter(&r, 1000).is_none(), "10 of 10: everything is shed");
+        assert!(
+            o.enter(&r, crate::policy::SHED_FULL).is_none(),
+            "10 of 10: everything is shed"
+        );
         assert_eq!(o.in_flight(), 10);
         drop(held);
         drop(more);
@@ -322,7 +328,7 @@ mod tests {
                 .map(|_| {
                     s.spawn(|| {
                         (0..100)
-                            .filter_map(|_| o.enter(&r, 1000))
+                            .filter_map(|_| o.enter(&r, crate::policy::SHED_FULL))
                             .collect::<Vec<_>>()
                     })
                 })
