@@ -537,6 +537,57 @@ async fn a_tiny_fraction_of_a_large_capacity_is_kept_exactly() {
     assert_eq!(quick(&s, "free-demo-key", None).await.status(), 200);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_capacity_is_reported_and_enforced_at_once_and_in_flight_is_kept() {
+    #[cfg(feature = "redis")]
+    common::redis::init_secret();
+    let layer = demo::limits(fixed_10(), common::fake_memory());
+    let handle = layer.policy_handle();
+    let s = common::serve(demo::app_with_admin(layer, Some(ADMIN))).await;
+    let mut held = Held(Vec::new());
+    hold(&s, &mut held, "enterprise-demo-key", None, 2, 2).await;
+    assert_eq!(overload(&s).await["capacity"], 10);
+    // Down to 3: the admin API says 3 before any request is seen under it.
+    handle.replace(policy_with("[overload]\ncapacity = 3\n").unwrap());
+    let v = overload(&s).await;
+    assert_eq!(
+        (v["capacity"].clone(), v["in_flight"].clone()),
+        (3.into(), 2.into()),
+        "{v}"
+    );
+    let res = common::call(&client(), "GET", &s.url("/v1/rate_limit"), "pro-demo-key").await;
+    let usage: Value = res.json().await.unwrap();
+    assert_eq!(usage["overload"]["capacity"], 3, "{usage}");
+    // An adaptive table: where it starts, with the requests still held.
+    handle.replace(
+        policy_with(
+            "[overload]\ncapacity = \"adaptive\"\ntarget_latency = \"50ms\"\nmin_capacity = 2\ninitial_capacity = 5\n",
+        )
+        .unwrap(),
+    );
+    let v = overload(&s).await;
+    assert_eq!(
+        (v["capacity"].clone(), v["in_flight"].clone()),
+        (5.into(), 2.into()),
+        "{v}"
+    );
+    // The table removed and put back: the held requests are still counted,
+    // and give their places back when dropped.
+    handle.replace(common::spec_policy());
+    handle.replace(policy_with("[overload]\ncapacity = 3\n").unwrap());
+    let v = overload(&s).await;
+    assert_eq!(
+        (v["capacity"].clone(), v["in_flight"].clone()),
+        (3.into(), 2.into()),
+        "{v}"
+    );
+    hold(&s, &mut held, "enterprise-demo-key", None, 1, 3).await;
+    assert_eq!(quick(&s, "enterprise-demo-key", None).await.status(), 503);
+    drop(held);
+    in_flight_reaches(&s, 0).await;
+    assert_eq!(quick(&s, "enterprise-demo-key", None).await.status(), 200);
+}
+
 #[test]
 fn an_overload_entry_of_the_wrong_type_is_refused_naming_the_entry() {
     let cases: &[(&str, &str, &str)] = &[

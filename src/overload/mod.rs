@@ -96,9 +96,7 @@ impl Overload {
         rules: &Arc<OverloadRules>,
         shed_at: u32,
     ) -> Option<Slot> {
-        if self.configured.load(Ordering::Acquire) != Arc::as_ptr(rules) as usize {
-            self.configure(rules);
-        }
+        self.configure_once(rules);
         let capacity = u64::from(self.capacity.load(Ordering::Relaxed));
         let bound = capacity * u64::from(shed_at);
         let mut n = self.in_flight.load(Ordering::Relaxed);
@@ -126,6 +124,14 @@ impl Overload {
                 0
             },
         })
+    }
+
+    /// Takes `rules` unless they are the table in force already.
+    #[inline]
+    fn configure_once(&self, rules: &Arc<OverloadRules>) {
+        if self.configured.load(Ordering::Acquire) != Arc::as_ptr(rules) as usize {
+            self.configure(rules);
+        }
     }
 
     /// Takes a new `[overload]` table: a fixed capacity is set; an adaptive
@@ -238,13 +244,13 @@ impl Drop for Slot {
 /// The overload state as the usage endpoint and the admin API show it:
 /// `None` when the policy has no `[overload]` table.
 pub(crate) fn report(policy: &crate::policy::Policy, o: &Overload) -> Option<serde_json::Value> {
-    let rules = policy.overload()?;
-    let (min, max, initial) = rules.bounds();
-    let capacity = match o.capacity() {
-        // No request under this table yet: where it starts.
-        0 => initial,
-        n => n,
-    };
+    let rules = policy.overload_arc()?;
+    // A table no request has seen yet (the first, or one reloaded): taken
+    // now, as the next request would, so the capacity shown is the one in
+    // force and not the last table's.
+    o.configure_once(rules);
+    let (min, max, _) = rules.bounds();
+    let capacity = o.capacity();
     let mut v = serde_json::json!({
         "capacity": capacity,
         "in_flight": o.in_flight(),
