@@ -518,6 +518,106 @@ mod redis {
         let backend = common::redis::fake_clock_cluster_backend(&cluster, &clock).await;
         tiers_in_order(&demo_server_on(fixed_10(), backend).await).await;
     }
+
+    /// Requests of `key` (no work), `n` at once: their statuses.
+    async fn burst(s: &Server, key: &str, n: usize) -> Vec<u16> {
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let url = s.url("/v1/endpoints");
+                let key = key.to_owned();
+                tokio::spawn(async move {
+                    client()
+                        .get(url)
+                        .header("X-API-Key", key)
+                        .send()
+                        .await
+                        .map_or(0, |r| r.status().as_u16())
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_redis_check_is_not_the_inner_services_latency() {
+        if !ready() {
+            return;
+        }
+        let server = RedisServer::start();
+        let clock = FakeRelativeClock::default();
+        let backend = common::redis::fake_clock_backend(&server, &clock).await;
+        let s = demo_server_on(
+            policy_with(
+                "[overload]\ncapacity = \"adaptive\"\ntarget_latency = \"25ms\"\nmin_capacity = 2\nmax_capacity = 40\ninitial_capacity = 20\n",
+            )
+            .unwrap(),
+            backend,
+        )
+        .await;
+        assert_eq!(overload(&s).await["capacity"], 20);
+        // Redis holds every check for 300 ms (it lifts the pause itself);
+        // the inner service answers at once. More than a window of samples
+        // (8), all far over the target if the check were counted.
+        let ok = server.cli(&["CLIENT", "PAUSE", "300", "WRITE"]);
+        assert_eq!(ok.as_deref(), Some("OK"));
+        let statuses = burst(&s, "enterprise-demo-key", 12).await;
+        assert!(statuses.iter().all(|&c| c == 200), "{statuses:?}");
+        // A few more, quick ones, so a window closes whatever samples the
+        // burst's race dropped.
+        for _ in 0..8 {
+            assert_eq!(quick(&s, "enterprise-demo-key", None).await.status(), 200);
+        }
+        in_flight_reaches(&s, 0).await;
+        // The service was never slow: the capacity did not fall.
+        let v = overload(&s).await;
+        assert_eq!(v["capacity"], 20, "{v}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slots_held_by_checks_on_a_frozen_redis_come_back_when_it_is_killed_and_restarted() {
+        if !ready() {
+            return;
+        }
+        let mut server = RedisServer::start();
+        let clock = FakeRelativeClock::default();
+        let backend = common::redis::fake_clock_backend(&server, &clock).await;
+        let s = demo_server_on(fixed_10(), backend).await;
+        assert_eq!(quick(&s, "pro-demo-key", None).await.status(), 200);
+        server.stop_process();
+        // Quick requests whose checks wait on the frozen server, each
+        // holding its place.
+        let mut held = Held(Vec::new());
+        for key in ["pro-demo-key"; 4].into_iter().chain(["free-demo-key"]) {
+            let url = s.url("/v1/endpoints");
+            held.0.push(tokio::spawn(async move {
+                let _ = client().get(url).header("X-API-Key", key).send().await;
+            }));
+        }
+        in_flight_reaches(&s, 5).await;
+        // 5 of 10 held by checks: free is shed without asking Redis.
+        assert_eq!(quick(&s, "free-demo-key", None).await.status(), 503);
+        server.resume();
+        server.kill();
+        // Every check fails (the backend's failure answer): every place
+        // comes back.
+        in_flight_reaches(&s, 0).await;
+        server.restart();
+        let mut ok = false;
+        for _ in 0..2_000 {
+            if quick(&s, "free-demo-key", None).await.status() == 200 {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(ok, "requests pass again once Redis is back");
+        in_flight_reaches(&s, 0).await;
+        drop(held);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,7 +119,7 @@ impl Overload {
         Some(Slot {
             state: Arc::clone(self),
             started: if matches!(rules.capacity(), Capacity::Adaptive) {
-                self.now()
+                self.now().max(1)
             } else {
                 0
             },
@@ -222,6 +222,16 @@ impl fmt::Debug for Slot {
 }
 
 impl Slot {
+    /// The inner call starts now (after a backend check that needed a
+    /// round trip): the latency the adaptive rule samples is the inner
+    /// service's, from here, not the backend's too.
+    #[inline]
+    pub(crate) fn restart(&mut self) {
+        if self.started != 0 {
+            self.started = self.state.now().max(1);
+        }
+    }
+
     /// The inner service answered (its response head): the latency is a
     /// sample, and the slot is given back.
     #[inline]
