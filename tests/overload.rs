@@ -491,6 +491,48 @@ fn a_bad_overload_table_is_refused_naming_the_entry() {
     assert!(err.contains("overload.shed_at.free"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_gives_its_place_back_with_catch_panic_inside_or_outside() {
+    use tower_http::catch_panic::CatchPanicLayer;
+    for outside in [false, true] {
+        let policy = policy_with("[overload]\ncapacity = 1\n").unwrap();
+        let layer: RateLimitLayer = RateLimitLayer::builder(policy).build();
+        let routes = axum::Router::new()
+            .route(
+                "/panic",
+                axum::routing::get(|| async {
+                    panic!("the handler fails");
+                    #[allow(unreachable_code)]
+                    "never"
+                }),
+            )
+            .route("/ok", axum::routing::get(|| async { "ok" }));
+        let app = if outside {
+            routes.layer(layer).layer(CatchPanicLayer::new())
+        } else {
+            routes.layer(CatchPanicLayer::new()).layer(layer)
+        };
+        let s = common::serve(app).await;
+        for _ in 0..3 {
+            let res = client()
+                .get(s.url("/panic"))
+                .header("X-API-Key", "pro-demo-key")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 500, "catch panic outside: {outside}");
+        }
+        // The only place came back each time.
+        let res = client()
+            .get(s.url("/ok"))
+            .header("X-API-Key", "pro-demo-key")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "catch panic outside: {outside}");
+    }
+}
+
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
