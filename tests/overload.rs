@@ -533,6 +533,31 @@ async fn a_panicking_handler_gives_its_place_back_with_catch_panic_inside_or_out
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slow_request_after_a_quiet_spell_does_not_cut_an_adaptive_capacity() {
+    // Windows of 10 ms; a window with fewer than 8 samples closes after
+    // 100 ms. Nothing comes for longer than that, then one request that
+    // takes 150 ms: one sample, not a window's worth.
+    let s = demo_server(
+        policy_with(
+            "[overload]\ncapacity = \"adaptive\"\ntarget_latency = \"10ms\"\nmin_capacity = 2\nmax_capacity = 40\ninitial_capacity = 20\n",
+        )
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(overload(&s).await["capacity"], 20);
+    let res = client()
+        .get(s.url("/v1/endpoints?work_ms=150"))
+        .header("X-API-Key", "pro-demo-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    in_flight_reaches(&s, 0).await;
+    let v = overload(&s).await;
+    assert_eq!(v["capacity"], 20, "{v}");
+}
+
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
