@@ -558,6 +558,32 @@ async fn one_slow_request_after_a_quiet_spell_does_not_cut_an_adaptive_capacity(
     assert_eq!(v["capacity"], 20, "{v}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shed_answer_describes_the_callers_own_quota_with_a_custom_limit() {
+    let s = demo_server(fixed_10()).await;
+    // Free reads are 100 an hour; this key's are 500 (the admin API).
+    let res = client()
+        .put(s.url("/admin/v1/limits"))
+        .bearer_auth(ADMIN)
+        .json(
+            &serde_json::json!({ "key": "free-demo-key", "category": "read", "limit": "500/hour" }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    let allowed = quick(&s, "free-demo-key", None).await;
+    assert_eq!(allowed.status(), 200);
+    assert_eq!(common::header(&allowed, "x-ratelimit-limit"), Some(500));
+    let mut held = Held(Vec::new());
+    hold(&s, &mut held, "free-demo-key", None, 5, 5).await;
+    let shed = quick(&s, "free-demo-key", None).await;
+    assert_eq!(shed.status(), 503);
+    // The same quota as its allowed answers say, not the tier's.
+    assert_eq!(common::header(&shed, "x-ratelimit-limit"), Some(500));
+    assert_eq!(common::header(&shed, "x-ratelimit-window"), Some(3600));
+}
+
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
