@@ -584,6 +584,46 @@ async fn a_shed_answer_describes_the_callers_own_quota_with_a_custom_limit() {
     assert_eq!(common::header(&shed, "x-ratelimit-window"), Some(3600));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_priority_headers_are_refused_or_read_as_written_never_more() {
+    let s = demo_server(fixed_10()).await;
+    let mut held = Held(Vec::new());
+    hold(&s, &mut held, "free-demo-key", None, 5, 5).await;
+    let send = |values: Vec<reqwest::header::HeaderValue>| {
+        let url = s.url("/v1/endpoints");
+        async move {
+            let mut headers = reqwest::header::HeaderMap::new();
+            for v in values {
+                headers.append("x-request-priority", v);
+            }
+            client()
+                .get(url)
+                .header("X-API-Key", "free-demo-key")
+                .headers(headers)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let v = |b: &[u8]| reqwest::header::HeaderValue::from_bytes(b).unwrap();
+    // Not UTF-8, padded, huge, or a list: never read as critical.
+    assert_eq!(send(vec![v(b"crit\xffcal")]).await, 400);
+    assert_eq!(send(vec![v(b"critical\xff")]).await, 400);
+    assert_eq!(
+        send(vec![v("critical".repeat(2_000).as_bytes())]).await,
+        400
+    );
+    assert_eq!(send(vec![v(b"critical, normal")]).await, 400);
+    // Repeated: the first is the request's priority.
+    assert_eq!(send(vec![v(b"normal"), v(b"critical")]).await, 503);
+    assert_eq!(send(vec![v(b" CRITICAL ")]).await, 200);
+    // Nothing was held by the refusals: the places in flight are the 5
+    // held ones (the critical request is over).
+    in_flight_reaches(&s, 5).await;
+}
+
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
