@@ -59,7 +59,7 @@ impl<F, S, Req, BF> ResponseFuture<F, S, Req, BF> {
         ResponseFuture {
             state: State::Inner { fut },
             admitted,
-            slot,
+            slot: slot.map(Slot::calling),
         }
     }
 

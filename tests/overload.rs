@@ -624,6 +624,45 @@ async fn hostile_priority_headers_are_refused_or_read_as_written_never_more() {
     in_flight_reaches(&s, 5).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_whose_callers_give_up_past_the_target_cut_an_adaptive_capacity() {
+    // The service takes a second; every caller gives up after 150 ms
+    // (three times the target). No request is ever answered: the only
+    // sign of the overload is requests dropped past the target.
+    let s = demo_server(
+        policy_with(
+            "[overload]\ncapacity = \"adaptive\"\ntarget_latency = \"50ms\"\nmin_capacity = 2\nmax_capacity = 40\ninitial_capacity = 20\n",
+        )
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(overload(&s).await["capacity"], 20);
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(150))
+        .build()
+        .unwrap();
+    let mut capacity = 20;
+    for _ in 0..5 {
+        let tasks: Vec<_> = (0..12)
+            .map(|_| {
+                let req = impatient
+                    .get(s.url("/v1/endpoints?work_ms=1000"))
+                    .header("X-API-Key", "enterprise-demo-key");
+                tokio::spawn(async move { req.send().await.is_err() })
+            })
+            .collect();
+        for t in tasks {
+            assert!(t.await.unwrap(), "the caller gave up");
+        }
+        in_flight_reaches(&s, 0).await;
+        capacity = overload(&s).await["capacity"].as_u64().unwrap();
+        if capacity < 20 {
+            break;
+        }
+    }
+    assert!(capacity < 20, "the capacity never fell: {capacity}");
+}
+
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;

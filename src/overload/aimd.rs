@@ -101,6 +101,11 @@ impl Aimd {
         self.capacity = self.capacity.clamp(min, max);
     }
 
+    /// The target latency.
+    pub(crate) fn target(&self) -> Duration {
+        Duration::from_nanos(self.target)
+    }
+
     /// The capacity now.
     pub(crate) fn capacity(&self) -> u32 {
         self.capacity

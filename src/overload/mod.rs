@@ -123,6 +123,7 @@ impl Overload {
             } else {
                 0
             },
+            calling: false,
         })
     }
 
@@ -173,10 +174,12 @@ impl Overload {
         u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// An admitted request's latency, for the adaptive rule. A sample that
+    /// An admitted request's latency (`dropped`: a floor of it, of a
+    /// request given up while the inner service worked), for the adaptive
+    /// rule. A sample that
     /// finds the rule busy (another sample under way) is dropped: the
     /// request path never waits for a lock.
-    fn sample(&self, started: u64) {
+    fn sample(&self, started: u64, dropped: bool) {
         let Ok(mut state) = self.state.try_lock() else {
             return;
         };
@@ -185,6 +188,10 @@ impl Overload {
         };
         let now = self.now();
         let latency = Duration::from_nanos(now.saturating_sub(started));
+        if dropped && latency <= aimd.target() {
+            // Given up early: its latency is unknown, not short.
+            return;
+        }
         let in_flight = self.in_flight.load(Ordering::Relaxed);
         let Some(step) = aimd.sample(now, latency, in_flight) else {
             return;
@@ -207,12 +214,18 @@ impl Overload {
 
 /// A request in flight under the capacity: given back when dropped.
 /// [`finish`](Slot::finish) (the inner service answered) also feeds the
-/// adaptive rule its latency; a refusal or a dropped future does not.
+/// adaptive rule its latency; a future dropped while the inner service
+/// worked feeds it how long it ran if that is past the target (a floor of
+/// its latency); a refusal feeds it nothing.
 pub(crate) struct Slot {
     state: Arc<Overload>,
-    /// When it was admitted (nanoseconds of the state's clock; 0 under a
-    /// fixed capacity, which takes no samples).
+    /// When it was admitted, then when its inner call started
+    /// (nanoseconds of the state's clock; 0 under a fixed capacity, which
+    /// takes no samples).
     started: u64,
+    /// The inner service is being called (and has not answered): dropped
+    /// now, the request was given up past its start.
+    calling: bool,
 }
 
 impl fmt::Debug for Slot {
@@ -222,6 +235,13 @@ impl fmt::Debug for Slot {
 }
 
 impl Slot {
+    /// The inner call starts (at once after a check answered at once).
+    #[inline]
+    pub(crate) fn calling(mut self) -> Self {
+        self.calling = true;
+        self
+    }
+
     /// The inner call starts now (after a backend check that needed a
     /// round trip): the latency the adaptive rule samples is the inner
     /// service's, from here, not the backend's too.
@@ -230,21 +250,31 @@ impl Slot {
         if self.started != 0 {
             self.started = self.state.now().max(1);
         }
+        self.calling = true;
     }
 
     /// The inner service answered (its response head): the latency is a
     /// sample, and the slot is given back.
     #[inline]
-    pub(crate) fn finish(self) {
+    pub(crate) fn finish(mut self) {
         if self.started != 0 {
-            self.state.sample(self.started);
+            self.state.sample(self.started, false);
         }
+        self.calling = false;
     }
 }
 
 impl Drop for Slot {
     #[inline]
     fn drop(&mut self) {
+        if self.calling && self.started != 0 {
+            // Dropped while the inner service worked (the caller gave up,
+            // a timeout outside the layer, a panic): how long it ran is a
+            // floor of its latency, a sample when already past the target.
+            // Without it, callers that all give up before an overloaded
+            // service answers would never let the capacity fall.
+            self.state.sample(self.started, true);
+        }
         self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
         #[cfg(feature = "metrics")]
         self.state.gauges().1.decrement(1.0);
@@ -365,7 +395,7 @@ mod tests {
     fn a_reloaded_table_is_taken_and_an_adaptive_capacity_starts_at_its_initial_value() {
         let o = Arc::new(Overload::new());
         let fixed = rules(Capacity::Fixed(3));
-        drop(o.enter(&fixed, 1000));
+        drop(o.enter(&fixed, crate::policy::SHED_FULL));
         assert_eq!(o.capacity(), 3);
         let adaptive = rules(Capacity::Adaptive);
         let slot = o.enter(&adaptive, 1000).unwrap();
