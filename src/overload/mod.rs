@@ -123,7 +123,6 @@ impl Overload {
             } else {
                 0
             },
-            calling: false,
         })
     }
 
@@ -221,12 +220,16 @@ pub(crate) struct Slot {
     state: Arc<Overload>,
     /// When it was admitted, then when its inner call started
     /// (nanoseconds of the state's clock; 0 under a fixed capacity, which
-    /// takes no samples).
+    /// takes no samples), with [`CALLING`] set while the inner service
+    /// works on it. One word: the response future of every request, with
+    /// or without an `[overload]` table, carries an `Option<Slot>`.
     started: u64,
-    /// The inner service is being called (and has not answered): dropped
-    /// now, the request was given up past its start.
-    calling: bool,
 }
+
+/// In [`Slot::started`]: the inner service is being called and has not
+/// answered (dropped now, the request was given up past its start). The
+/// clock's nanoseconds never reach it (292 years).
+const CALLING: u64 = 1 << 63;
 
 impl fmt::Debug for Slot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -238,7 +241,9 @@ impl Slot {
     /// The inner call starts (at once after a check answered at once).
     #[inline]
     pub(crate) fn calling(mut self) -> Self {
-        self.calling = true;
+        if self.started != 0 {
+            self.started |= CALLING;
+        }
         self
     }
 
@@ -248,32 +253,32 @@ impl Slot {
     #[inline]
     pub(crate) fn restart(&mut self) {
         if self.started != 0 {
-            self.started = self.state.now().max(1);
+            self.started = self.state.now().max(1) | CALLING;
         }
-        self.calling = true;
     }
 
     /// The inner service answered (its response head): the latency is a
     /// sample, and the slot is given back.
     #[inline]
     pub(crate) fn finish(mut self) {
-        if self.started != 0 {
-            self.state.sample(self.started, false);
+        let started = self.started & !CALLING;
+        if started != 0 {
+            self.state.sample(started, false);
         }
-        self.calling = false;
+        self.started = 0;
     }
 }
 
 impl Drop for Slot {
     #[inline]
     fn drop(&mut self) {
-        if self.calling && self.started != 0 {
+        if self.started & CALLING != 0 {
             // Dropped while the inner service worked (the caller gave up,
             // a timeout outside the layer, a panic): how long it ran is a
             // floor of its latency, a sample when already past the target.
             // Without it, callers that all give up before an overloaded
             // service answers would never let the capacity fall.
-            self.state.sample(self.started, true);
+            self.state.sample(self.started & !CALLING, true);
         }
         self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
         #[cfg(feature = "metrics")]
@@ -333,6 +338,16 @@ mod tests {
             .build()
             .unwrap();
         Arc::clone(policy.overload_arc().unwrap())
+    }
+
+    #[test]
+    fn a_slot_is_two_words_in_every_response_future() {
+        // Carried (as `None`) by the future of every request, `[overload]`
+        // table or not.
+        assert_eq!(
+            std::mem::size_of::<Option<Slot>>(),
+            std::mem::size_of::<(Arc<Overload>, u64)>()
+        );
     }
 
     #[test]
