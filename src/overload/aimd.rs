@@ -101,6 +101,13 @@ impl Aimd {
         self.capacity = self.capacity.clamp(min, max);
     }
 
+    /// The window open, and the capacity unmoved, since `t` (tests).
+    #[cfg(test)]
+    pub(crate) fn open_since(&mut self, t: u64) {
+        self.start = t;
+        self.moved = t;
+    }
+
     /// The target latency.
     pub(crate) fn target(&self) -> Duration {
         Duration::from_nanos(self.target)

@@ -179,8 +179,12 @@ impl Overload {
     /// finds the rule busy (another sample under way) is dropped: the
     /// request path never waits for a lock.
     fn sample(&self, started: u64, dropped: bool) {
-        let Ok(mut state) = self.state.try_lock() else {
-            return;
+        let mut state = match self.state.try_lock() {
+            Ok(state) => state,
+            // A panic under the lock (in a subscriber or recorder, say)
+            // leaves the state whole: every write to it is one field.
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
         };
         let Some(aimd) = state.aimd.as_mut() else {
             return;
@@ -196,6 +200,9 @@ impl Overload {
             return;
         };
         let before = self.capacity.swap(step.capacity, Ordering::Relaxed);
+        // What others' code sees (the recorder, the subscriber) runs with
+        // the lock released.
+        drop(state);
         #[cfg(feature = "metrics")]
         if before != step.capacity {
             self.gauges().0.set(f64::from(step.capacity));
@@ -338,6 +345,44 @@ mod tests {
             .build()
             .unwrap();
         Arc::clone(policy.overload_arc().unwrap())
+    }
+
+    #[test]
+    fn a_panic_under_the_state_lock_does_not_stop_the_adaptive_rule() {
+        // A layer built 300 ms ago, its table taken, its window open since
+        // then (six windows of 50 ms: past one, not yet a quiet spell).
+        let o = Arc::new(Overload {
+            base: Instant::now() - Duration::from_millis(300),
+            ..Overload::new()
+        });
+        let r = rules(Capacity::Adaptive);
+        drop(o.enter(&r, crate::policy::SHED_FULL));
+        assert_eq!(o.capacity(), 10);
+        {
+            let mut state = o.state.lock().unwrap();
+            state.aimd.as_mut().unwrap().open_since(1);
+        }
+        // A tracing subscriber or metrics recorder that panics while the
+        // rule reports a move poisons the state's lock.
+        let poison = Arc::clone(&o);
+        let _ = std::thread::spawn(move || {
+            let _held = poison.state.lock().unwrap();
+            panic!("a subscriber panicked");
+        })
+        .join();
+        assert!(o.state.is_poisoned());
+        // Eight requests admitted at the start, answered now (300 ms, far
+        // over the 50 ms target): the window closes, the capacity falls.
+        for _ in 0..8 {
+            o.in_flight.fetch_add(1, Ordering::AcqRel);
+            Slot {
+                state: Arc::clone(&o),
+                started: 2,
+            }
+            .finish();
+        }
+        assert!(o.capacity() < 10, "{}", o.capacity());
+        assert_eq!(o.in_flight(), 0);
     }
 
     #[test]
