@@ -724,7 +724,7 @@ mod redis {
         let backend = common::redis::fake_clock_backend(&server, &clock).await;
         let s = demo_server_on(
             policy_with(
-                "[overload]\ncapacity = \"adaptive\"\ntarget_latency = \"25ms\"\nmin_capacity = 2\nmax_capacity = 40\ninitial_capacity = 20\n",
+                "[overload]\ncapacity = \"adaptive\"\ntarget_latency = \"100ms\"\nmin_capacity = 2\nmax_capacity = 40\ninitial_capacity = 20\n",
             )
             .unwrap(),
             backend,
