@@ -663,6 +663,67 @@ async fn requests_whose_callers_give_up_past_the_target_cut_an_adaptive_capacity
     assert!(capacity < 20, "the capacity never fell: {capacity}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shed_answer_with_the_draft_headers_names_the_policy_and_no_state() {
+    let policy = policy_with("[overload]\ncapacity = 1\n").unwrap();
+    let layer: RateLimitLayer = RateLimitLayer::builder(policy)
+        .headers(
+            tierlimit::HeaderOptions::default()
+                .x_ratelimit(false)
+                .ietf_draft(true),
+        )
+        .build();
+    let app = axum::Router::new()
+        .route(
+            "/hold",
+            axum::routing::get(std::future::pending::<&'static str>),
+        )
+        .route("/ok", axum::routing::get(|| async { "ok" }))
+        .layer(layer);
+    let s = common::serve(app).await;
+    let url = s.url("/hold");
+    let _holder = Held(vec![tokio::spawn(async move {
+        let _ = client()
+            .get(url)
+            .header("X-API-Key", "pro-demo-key")
+            .send()
+            .await;
+    })]);
+    let mut shed = None;
+    for _ in 0..2_000 {
+        let res = client()
+            .get(s.url("/ok"))
+            .header("X-API-Key", "pro-demo-key")
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 503 {
+            shed = Some(res);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let shed = shed.expect("shed while the only place is held");
+    let policy = shed
+        .headers()
+        .get("ratelimit-policy")
+        .expect("the draft's policy");
+    assert!(policy.to_str().unwrap().contains("q=100000"), "{policy:?}");
+    for absent in [
+        "ratelimit",
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+    ] {
+        assert!(
+            shed.headers().get(absent).is_none(),
+            "{absent}: {:?}",
+            shed.headers()
+        );
+    }
+    assert_eq!(common::header(&shed, "retry-after"), Some(1));
+}
+
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
