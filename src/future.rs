@@ -59,7 +59,7 @@ impl<F, S, Req, BF> ResponseFuture<F, S, Req, BF> {
         ResponseFuture {
             state: State::Inner { fut },
             admitted,
-            slot,
+            slot: slot.map(Slot::calling),
         }
     }
 
@@ -149,7 +149,15 @@ where
                         deferred,
                         ..
                     } = *checking.take().expect("checked above");
-                    match deferred.resolve(result) {
+                    let resolved = deferred.resolve(result);
+                    if let (Some(slot), Resolved::Pass | Resolved::Allow(_)) =
+                        (this.slot.as_mut(), &resolved)
+                    {
+                        // The inner call starts: its latency, not the
+                        // check's, is what the adaptive capacity follows.
+                        slot.restart();
+                    }
+                    match resolved {
                         Resolved::Pass => {
                             let fut = inner.call(req);
                             this.state.set(State::Inner { fut });

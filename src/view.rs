@@ -35,31 +35,12 @@ impl PolicyView {
         for tier in policy.tiers() {
             for category in policy.categories() {
                 let limits = policy.limits(tier, category);
-                let mut texts: Vec<LimitText> = limits
-                    .per_key()
-                    .iter()
-                    .map(|l| (l, false))
-                    .chain(limits.per_account().iter().map(|l| (l, true)))
-                    .map(|(l, per_account)| LimitText {
-                        max: l.max(),
-                        window: l.per(),
-                        per_account,
-                        period: l.period(),
-                    })
-                    .collect();
-                if texts.is_empty() {
-                    texts.push(LimitText {
-                        max: 0,
-                        window: std::time::Duration::ZERO,
-                        per_account: false,
-                        period: crate::policy::Period::Rolling,
-                    });
-                }
                 cells.push(CellView {
-                    headers: CellHeaders::get(
+                    headers: quota_headers(
                         policy.tier_name(tier),
                         policy.category_name(category),
-                        &texts,
+                        limits.per_key(),
+                        limits.per_account(),
                     ),
                     #[cfg(feature = "metrics")]
                     metrics: std::sync::OnceLock::new(),
@@ -204,6 +185,37 @@ impl ViewSlot {
             Err(_) => f(&self.current.load_full()),
         })
     }
+}
+
+/// The header values that describe a quota of these limits (per key, then
+/// per account) in `tier` and `category`: a cell's, or a key's own when
+/// custom limits or boosts apply to it.
+pub(crate) fn quota_headers(
+    tier: &str,
+    category: &str,
+    per_key: &[crate::Limit],
+    per_account: &[crate::Limit],
+) -> CellRef {
+    let mut texts: Vec<LimitText> = per_key
+        .iter()
+        .map(|l| (l, false))
+        .chain(per_account.iter().map(|l| (l, true)))
+        .map(|(l, per_account)| LimitText {
+            max: l.max(),
+            window: l.per(),
+            per_account,
+            period: l.period(),
+        })
+        .collect();
+    if texts.is_empty() {
+        texts.push(LimitText {
+            max: 0,
+            window: std::time::Duration::ZERO,
+            per_account: false,
+            period: crate::policy::Period::Rolling,
+        });
+    }
+    CellHeaders::get(tier, category, &texts)
 }
 
 #[cfg(test)]

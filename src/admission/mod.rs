@@ -284,7 +284,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         if let (Some(rules), Some(slot)) = (policy.overload_arc(), slot)
             && (rules.sheds_unlimited() || matches!(path, Path::Check(_)))
         {
-            match self.shed(&found, rules) {
+            match self.shed(&found, rules, adjusted.as_ref()) {
                 Ok(s) => *slot = Some(s),
                 Err(step) => return step,
             }
@@ -309,6 +309,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         &self,
         f: &Found<'_, T>,
         rules: &Arc<OverloadRules>,
+        adjusted: Option<&Applied>,
     ) -> Result<Slot, Step<B::Future>> {
         let shed_at = rules.shed_at(f.tier);
         if let Some(slot) = self.overload.enter(rules, shed_at) {
@@ -329,11 +330,22 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         let (tier, category) = (policy.tier_name(f.tier), policy.category_name(f.category));
         #[cfg(feature = "metrics")]
         f.cell_view.metrics(tier, category).shed.increment(1);
+        // The caller's own quota: its custom limits or boosts, if any apply
+        // (as its allowed answers say), else its cell's.
+        let quota = match adjusted {
+            None => f.cell_view.headers.clone(),
+            Some(a) => crate::view::quota_headers(
+                tier,
+                category,
+                a.per_key.as_slice(),
+                a.per_account.as_slice(),
+            ),
+        };
         Err(f.answer(Answer::Shed {
             retry_after: rules.retry_after(),
             tier: Some(tier),
             category,
-            cell: Some((f.cell_view.headers.clone(), self.headers)),
+            cell: Some((quota, self.headers)),
         }))
     }
 

@@ -101,6 +101,18 @@ impl Aimd {
         self.capacity = self.capacity.clamp(min, max);
     }
 
+    /// The window open, and the capacity unmoved, since `t` (tests).
+    #[cfg(test)]
+    pub(crate) fn open_since(&mut self, t: u64) {
+        self.start = t;
+        self.moved = t;
+    }
+
+    /// The target latency.
+    pub(crate) fn target(&self) -> Duration {
+        Duration::from_nanos(self.target)
+    }
+
     /// The capacity now.
     pub(crate) fn capacity(&self) -> u32 {
         self.capacity
@@ -113,6 +125,15 @@ impl Aimd {
         if now.saturating_sub(nanos(latency)) < self.moved {
             // Admitted under an earlier capacity.
             return None;
+        }
+        if self.samples == 0
+            && now.saturating_sub(self.start) >= self.window.saturating_mul(SLOW_WINDOWS)
+        {
+            // The window closed empty (a quiet spell): nothing to judge,
+            // and this sample opens the next one. Else one sample after a
+            // pause would close a window alone, and one slow request cut
+            // the capacity to its floor.
+            self.start = now;
         }
         self.samples += 1;
         self.sum = self.sum.saturating_add(nanos(latency));
@@ -252,6 +273,21 @@ mod tests {
             a.sample(61 * MS + 500 * MS, Duration::from_millis(1), 1)
                 .is_some()
         );
+    }
+
+    #[test]
+    fn one_sample_after_a_quiet_spell_does_not_close_a_window_alone() {
+        let mut a = Aimd::new(Duration::from_millis(50), 4, 100, 40, 0.1, 0);
+        // An hour without a request, then one far over the target.
+        let hour = 3_600_000 * MS;
+        assert_eq!(a.sample(hour, Duration::from_millis(500), 1), None);
+        assert_eq!(a.capacity(), 40);
+        // Its window closes as any other: on enough samples, or late.
+        assert!(
+            a.sample(hour + 500 * MS, Duration::from_millis(500), 1)
+                .is_some()
+        );
+        assert_eq!(a.capacity(), 4);
     }
 
     #[test]

@@ -87,18 +87,16 @@ impl Overload {
     }
 
     /// A slot for a request that starts being shed at `shed_at`
-    /// thousandths of the capacity, or `None`: shed. Exact under
+    /// millionths of the capacity, or `None`: shed. Exact under
     /// contention: a request is admitted only while fewer than that
     /// fraction of the capacity are in flight, counted atomically.
     #[inline]
     pub(crate) fn enter(
         self: &Arc<Self>,
         rules: &Arc<OverloadRules>,
-        shed_at: u16,
+        shed_at: u32,
     ) -> Option<Slot> {
-        if self.configured.load(Ordering::Acquire) != Arc::as_ptr(rules) as usize {
-            self.configure(rules);
-        }
+        self.configure_once(rules);
         let capacity = u64::from(self.capacity.load(Ordering::Relaxed));
         let bound = capacity * u64::from(shed_at);
         let mut n = self.in_flight.load(Ordering::Relaxed);
@@ -121,11 +119,19 @@ impl Overload {
         Some(Slot {
             state: Arc::clone(self),
             started: if matches!(rules.capacity(), Capacity::Adaptive) {
-                self.now()
+                self.now().max(1)
             } else {
                 0
             },
         })
+    }
+
+    /// Takes `rules` unless they are the table in force already.
+    #[inline]
+    fn configure_once(&self, rules: &Arc<OverloadRules>) {
+        if self.configured.load(Ordering::Acquire) != Arc::as_ptr(rules) as usize {
+            self.configure(rules);
+        }
     }
 
     /// Takes a new `[overload]` table: a fixed capacity is set; an adaptive
@@ -167,23 +173,36 @@ impl Overload {
         u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// An admitted request's latency, for the adaptive rule. A sample that
+    /// An admitted request's latency (`dropped`: a floor of it, of a
+    /// request given up while the inner service worked), for the adaptive
+    /// rule. A sample that
     /// finds the rule busy (another sample under way) is dropped: the
     /// request path never waits for a lock.
-    fn sample(&self, started: u64) {
-        let Ok(mut state) = self.state.try_lock() else {
-            return;
+    fn sample(&self, started: u64, dropped: bool) {
+        let mut state = match self.state.try_lock() {
+            Ok(state) => state,
+            // A panic under the lock (in a subscriber or recorder, say)
+            // leaves the state whole: every write to it is one field.
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
         };
         let Some(aimd) = state.aimd.as_mut() else {
             return;
         };
         let now = self.now();
         let latency = Duration::from_nanos(now.saturating_sub(started));
+        if dropped && latency <= aimd.target() {
+            // Given up early: its latency is unknown, not short.
+            return;
+        }
         let in_flight = self.in_flight.load(Ordering::Relaxed);
         let Some(step) = aimd.sample(now, latency, in_flight) else {
             return;
         };
         let before = self.capacity.swap(step.capacity, Ordering::Relaxed);
+        // What others' code sees (the recorder, the subscriber) runs with
+        // the lock released.
+        drop(state);
         #[cfg(feature = "metrics")]
         if before != step.capacity {
             self.gauges().0.set(f64::from(step.capacity));
@@ -201,13 +220,23 @@ impl Overload {
 
 /// A request in flight under the capacity: given back when dropped.
 /// [`finish`](Slot::finish) (the inner service answered) also feeds the
-/// adaptive rule its latency; a refusal or a dropped future does not.
+/// adaptive rule its latency; a future dropped while the inner service
+/// worked feeds it how long it ran if that is past the target (a floor of
+/// its latency); a refusal feeds it nothing.
 pub(crate) struct Slot {
     state: Arc<Overload>,
-    /// When it was admitted (nanoseconds of the state's clock; 0 under a
-    /// fixed capacity, which takes no samples).
+    /// When it was admitted, then when its inner call started
+    /// (nanoseconds of the state's clock; 0 under a fixed capacity, which
+    /// takes no samples), with [`CALLING`] set while the inner service
+    /// works on it. One word: the response future of every request, with
+    /// or without an `[overload]` table, carries an `Option<Slot>`.
     started: u64,
 }
+
+/// In [`Slot::started`]: the inner service is being called and has not
+/// answered (dropped now, the request was given up past its start). The
+/// clock's nanoseconds never reach it (292 years).
+const CALLING: u64 = 1 << 63;
 
 impl fmt::Debug for Slot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -216,19 +245,48 @@ impl fmt::Debug for Slot {
 }
 
 impl Slot {
+    /// The inner call starts (at once after a check answered at once).
+    #[inline]
+    pub(crate) fn calling(mut self) -> Self {
+        if self.started != 0 {
+            self.started |= CALLING;
+        }
+        self
+    }
+
+    /// The inner call starts now (after a backend check that needed a
+    /// round trip): the latency the adaptive rule samples is the inner
+    /// service's, from here, not the backend's too.
+    #[inline]
+    pub(crate) fn restart(&mut self) {
+        if self.started != 0 {
+            self.started = self.state.now().max(1) | CALLING;
+        }
+    }
+
     /// The inner service answered (its response head): the latency is a
     /// sample, and the slot is given back.
     #[inline]
-    pub(crate) fn finish(self) {
-        if self.started != 0 {
-            self.state.sample(self.started);
+    pub(crate) fn finish(mut self) {
+        let started = self.started & !CALLING;
+        if started != 0 {
+            self.state.sample(started, false);
         }
+        self.started = 0;
     }
 }
 
 impl Drop for Slot {
     #[inline]
     fn drop(&mut self) {
+        if self.started & CALLING != 0 {
+            // Dropped while the inner service worked (the caller gave up,
+            // a timeout outside the layer, a panic): how long it ran is a
+            // floor of its latency, a sample when already past the target.
+            // Without it, callers that all give up before an overloaded
+            // service answers would never let the capacity fall.
+            self.state.sample(self.started & !CALLING, true);
+        }
         self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
         #[cfg(feature = "metrics")]
         self.state.gauges().1.decrement(1.0);
@@ -238,13 +296,13 @@ impl Drop for Slot {
 /// The overload state as the usage endpoint and the admin API show it:
 /// `None` when the policy has no `[overload]` table.
 pub(crate) fn report(policy: &crate::policy::Policy, o: &Overload) -> Option<serde_json::Value> {
-    let rules = policy.overload()?;
-    let (min, max, initial) = rules.bounds();
-    let capacity = match o.capacity() {
-        // No request under this table yet: where it starts.
-        0 => initial,
-        n => n,
-    };
+    let rules = policy.overload_arc()?;
+    // A table no request has seen yet (the first, or one reloaded): taken
+    // now, as the next request would, so the capacity shown is the one in
+    // force and not the last table's.
+    o.configure_once(rules);
+    let (min, max, _) = rules.bounds();
+    let capacity = o.capacity();
     let mut v = serde_json::json!({
         "capacity": capacity,
         "in_flight": o.in_flight(),
@@ -290,11 +348,59 @@ mod tests {
     }
 
     #[test]
+    fn a_panic_under_the_state_lock_does_not_stop_the_adaptive_rule() {
+        // A layer built 300 ms ago, its table taken, its window open since
+        // then (six windows of 50 ms: past one, not yet a quiet spell).
+        let o = Arc::new(Overload {
+            base: Instant::now() - Duration::from_millis(300),
+            ..Overload::new()
+        });
+        let r = rules(Capacity::Adaptive);
+        drop(o.enter(&r, crate::policy::SHED_FULL));
+        assert_eq!(o.capacity(), 10);
+        {
+            let mut state = o.state.lock().unwrap();
+            state.aimd.as_mut().unwrap().open_since(1);
+        }
+        // A tracing subscriber or metrics recorder that panics while the
+        // rule reports a move poisons the state's lock.
+        let poison = Arc::clone(&o);
+        let _ = std::thread::spawn(move || {
+            let _held = poison.state.lock().unwrap();
+            panic!("a subscriber panicked");
+        })
+        .join();
+        assert!(o.state.is_poisoned());
+        // Eight requests admitted at the start, answered now (300 ms, far
+        // over the 50 ms target): the window closes, the capacity falls.
+        for _ in 0..8 {
+            o.in_flight.fetch_add(1, Ordering::AcqRel);
+            Slot {
+                state: Arc::clone(&o),
+                started: 2,
+            }
+            .finish();
+        }
+        assert!(o.capacity() < 10, "{}", o.capacity());
+        assert_eq!(o.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_slot_is_two_words_in_every_response_future() {
+        // Carried (as `None`) by the future of every request, `[overload]`
+        // table or not.
+        assert_eq!(
+            std::mem::size_of::<Option<Slot>>(),
+            std::mem::size_of::<(Arc<Overload>, u64)>()
+        );
+    }
+
+    #[test]
     fn a_tier_is_shed_at_its_fraction_and_its_slots_come_back() {
         let o = Arc::new(Overload::new());
         let r = rules(Capacity::Fixed(10));
         let free = r.shed_at(crate::policy::TierId(0));
-        assert_eq!(free, 500);
+        assert_eq!(free, 500_000);
         let held: Vec<Slot> = (0..5)
             .map(|_| o.enter(&r, free).expect("under half"))
             .collect();
@@ -303,9 +409,15 @@ mod tests {
             "5 of 10 in flight: free is shed"
         );
         let more: Vec<Slot> = (0..5)
-            .map(|_| o.enter(&r, 1000).expect("under the capacity"))
+            .map(|_| {
+                o.enter(&r, crate::policy::SHED_FULL)
+                    .expect("under the capacity")
+            })
             .collect();
-        assert!(o.enter(&r, 1000).is_none(), "10 of 10: everything is shed");
+        assert!(
+            o.enter(&r, crate::policy::SHED_FULL).is_none(),
+            "10 of 10: everything is shed"
+        );
         assert_eq!(o.in_flight(), 10);
         drop(held);
         drop(more);
@@ -322,7 +434,7 @@ mod tests {
                 .map(|_| {
                     s.spawn(|| {
                         (0..100)
-                            .filter_map(|_| o.enter(&r, 1000))
+                            .filter_map(|_| o.enter(&r, crate::policy::SHED_FULL))
                             .collect::<Vec<_>>()
                     })
                 })
@@ -343,7 +455,7 @@ mod tests {
     fn a_reloaded_table_is_taken_and_an_adaptive_capacity_starts_at_its_initial_value() {
         let o = Arc::new(Overload::new());
         let fixed = rules(Capacity::Fixed(3));
-        drop(o.enter(&fixed, 1000));
+        drop(o.enter(&fixed, crate::policy::SHED_FULL));
         assert_eq!(o.capacity(), 3);
         let adaptive = rules(Capacity::Adaptive);
         let slot = o.enter(&adaptive, 1000).unwrap();

@@ -158,8 +158,9 @@ impl OverloadSettings {
 #[derive(Clone, Debug)]
 pub struct OverloadRules {
     capacity: Capacity,
-    /// By tier: the fraction at which it starts being shed, in thousandths.
-    shed_at: Box<[u16]>,
+    /// By tier: the fraction at which it starts being shed, in millionths
+    /// (exact to one request at the largest capacity, 1,000,000).
+    shed_at: Box<[u32]>,
     target: Duration,
     min: u32,
     max: u32,
@@ -170,8 +171,9 @@ pub struct OverloadRules {
     report_step: f64,
 }
 
-/// The full capacity, in thousandths.
-pub(crate) const FULL: u16 = 1000;
+/// The full capacity, in millionths: fine enough that a fraction of the
+/// largest capacity accepted is kept to the request.
+pub(crate) const FULL: u32 = 1_000_000;
 
 impl OverloadRules {
     /// The capacity: fixed or adaptive.
@@ -180,9 +182,9 @@ impl OverloadRules {
     }
 
     /// The fraction of the capacity at which `tier` starts being shed, in
-    /// thousandths (1000: at the full capacity).
+    /// millionths (1,000,000: at the full capacity).
     #[inline]
-    pub fn shed_at(&self, tier: super::TierId) -> u16 {
+    pub fn shed_at(&self, tier: super::TierId) -> u32 {
         self.shed_at.get(tier.index()).copied().unwrap_or(FULL)
     }
 
@@ -321,9 +323,9 @@ pub(super) fn compile(
                 ),
             ));
         }
-        // In thousandths, never 0 (a tier is admitted while nothing is in
+        // In millionths, never 0 (a tier is admitted while nothing is in
         // flight).
-        shed_at[t] = ((fraction * f64::from(FULL)).round() as u16).clamp(1, FULL);
+        shed_at[t] = ((fraction * f64::from(FULL)).round() as u32).clamp(1, FULL);
     }
     if settings.retry_after < Duration::from_millis(1) || settings.retry_after > MAX_RETRY_AFTER {
         return Err(err(

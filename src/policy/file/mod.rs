@@ -51,17 +51,19 @@ struct File {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OverloadSpec {
-    capacity: Spanned<toml::Value>,
-    target_latency: Option<Spanned<String>>,
-    min_capacity: Option<Spanned<i64>>,
-    max_capacity: Option<Spanned<i64>>,
-    initial_capacity: Option<Spanned<i64>>,
-    #[serde(default)]
-    shed_at: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
-    shed_exempt_routes: Option<bool>,
-    shed_unlimited: Option<bool>,
-    retry_after: Option<Spanned<String>>,
-    report_step: Option<Spanned<f64>>,
+    // Every entry is read as any TOML value and checked by the loader, so
+    // an entry of the wrong type is refused naming it (serde's own error
+    // names no entry).
+    capacity: Option<Spanned<toml::Value>>,
+    target_latency: Option<Spanned<toml::Value>>,
+    min_capacity: Option<Spanned<toml::Value>>,
+    max_capacity: Option<Spanned<toml::Value>>,
+    initial_capacity: Option<Spanned<toml::Value>>,
+    shed_at: Option<Spanned<toml::Value>>,
+    shed_exempt_routes: Option<Spanned<toml::Value>>,
+    shed_unlimited: Option<Spanned<toml::Value>>,
+    retry_after: Option<Spanned<toml::Value>>,
+    report_step: Option<Spanned<toml::Value>>,
 }
 
 /// `[envoy]`: what Envoy's rate limit service reads and answers.

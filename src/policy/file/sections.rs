@@ -374,39 +374,66 @@ pub(super) fn envoy(b: PolicyBuilder, e: Spanned<EnvoySpec>, lines: &Lines) -> P
 /// tiers when the policy is built).
 pub(super) fn overload(b: PolicyBuilder, o: Spanned<OverloadSpec>, lines: &Lines) -> Built {
     use crate::policy::{Capacity, OverloadSettings};
-    let line = lines.of(o.span().start);
+    let table_at = o.span().start;
+    let line = lines.of(table_at);
     let o = o.into_inner();
     let err = |entry: &str, at: usize, m: String| {
         PolicyError::new(format!("overload.{entry}"), lines.of(at), m)
     };
-    let capacity = match o.capacity.get_ref() {
+    let Some(capacity) = o.capacity else {
+        return Err(err(
+            "capacity",
+            table_at,
+            "an `[overload]` table needs a capacity: a number of requests in flight (`capacity = 64`) or `\"adaptive\"`".into(),
+        ));
+    };
+    let capacity = match capacity.get_ref() {
         toml::Value::String(s) if s.eq_ignore_ascii_case("adaptive") => Capacity::Adaptive,
-        toml::Value::Integer(n) => Capacity::Fixed(u32::try_from(*n).unwrap_or(0)),
+        toml::Value::Integer(n) => match u32::try_from(*n) {
+            Ok(n) => Capacity::Fixed(n),
+            Err(_) => {
+                return Err(err(
+                    "capacity",
+                    capacity.span().start,
+                    format!("a capacity is 1 to 1000000 requests in flight, not {n}"),
+                ));
+            }
+        },
         other => {
             return Err(err(
                 "capacity",
-                o.capacity.span().start,
+                capacity.span().start,
                 format!(
                     "write the capacity as a number of requests in flight (`capacity = 64`) or `\"adaptive\"`, not `{other}`"
                 ),
             ));
         }
     };
-    let count = |entry: &str, v: Spanned<i64>| {
-        // Out of range: 0, which the builder refuses with the bounds.
-        u32::try_from(*v.get_ref()).map_err(|_| {
+    let count = |entry: &str, v: Spanned<toml::Value>| match v.get_ref() {
+        toml::Value::Integer(n) => u32::try_from(*n).map_err(|_| {
             err(
                 entry,
                 v.span().start,
-                format!(
-                    "a capacity is a number of requests in flight, not {}",
-                    v.get_ref()
-                ),
+                format!("a capacity is 1 to 1000000 requests in flight, not {n}"),
             )
-        })
+        }),
+        other => Err(err(
+            entry,
+            v.span().start,
+            format!("write a number of requests in flight, such as 8, not `{other}`"),
+        )),
     };
-    let duration = |entry: &str, v: Spanned<String>| {
-        crate::limit::parse_duration(v.get_ref().trim()).map_err(|m| {
+    let text = |entry: &str, v: &Spanned<toml::Value>| match v.get_ref() {
+        toml::Value::String(s) => Ok(s.trim().to_owned()),
+        other => Err(err(
+            entry,
+            v.span().start,
+            format!("write a duration as a string such as \"50ms\" or \"1s\", not `{other}`"),
+        )),
+    };
+    let duration = |entry: &str, v: Spanned<toml::Value>| {
+        let s = text(entry, &v)?;
+        crate::limit::parse_duration(&s).map_err(|m| {
             err(
                 entry,
                 v.span().start,
@@ -414,16 +441,35 @@ pub(super) fn overload(b: PolicyBuilder, o: Spanned<OverloadSpec>, lines: &Lines
             )
         })
     };
+    let flag = |entry: &str, v: Spanned<toml::Value>| match v.get_ref() {
+        toml::Value::Boolean(yes) => Ok(*yes),
+        other => Err(err(
+            entry,
+            v.span().start,
+            format!("write true or false, not `{other}`"),
+        )),
+    };
+    let fraction = |entry: &str, at: usize, v: &toml::Value| match v {
+        toml::Value::Float(f) => Ok(*f),
+        toml::Value::Integer(n) => Ok(*n as f64),
+        other => Err(err(
+            entry,
+            at,
+            format!("write a fraction of the capacity in (0, 1], such as 0.5, not `{other}`"),
+        )),
+    };
     let mut s = OverloadSettings::new(capacity);
     if let Some(t) = o.target_latency {
         let at = t.span().start;
-        let digits: String = t
-            .get_ref()
-            .trim()
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        if !digits.is_empty() && digits.bytes().all(|d| d == b'0') {
+        let written = text("target_latency", &t)?;
+        let digits = written.bytes().take_while(u8::is_ascii_digit).count();
+        let unit = written[digits..].trim();
+        // "0ms": zero, said as such (the parser calls it unusable); "0.5ms"
+        // is not zero, and the parser says what is wrong with it.
+        if digits > 0
+            && written.as_bytes()[..digits].iter().all(|&d| d == b'0')
+            && unit.bytes().all(|c| c.is_ascii_alphabetic())
+        {
             return Err(err(
                 "target_latency",
                 at,
@@ -441,33 +487,41 @@ pub(super) fn overload(b: PolicyBuilder, o: Spanned<OverloadSpec>, lines: &Lines
     if let Some(n) = o.initial_capacity {
         s = s.initial_capacity(count("initial_capacity", n)?);
     }
-    for (tier, v) in o.shed_at {
-        let fraction = match v.get_ref() {
-            toml::Value::Float(f) => *f,
-            toml::Value::Integer(n) => *n as f64,
-            other => {
-                return Err(err(
-                    &format!("shed_at.{}", tier.get_ref()),
-                    v.span().start,
-                    format!(
-                        "write a fraction of the capacity in (0, 1], such as 0.5, not `{other}`"
-                    ),
-                ));
-            }
+    if let Some(table) = o.shed_at {
+        let at = table.span().start;
+        let toml::Value::Table(tiers) = table.into_inner() else {
+            return Err(err(
+                "shed_at",
+                at,
+                "write a table of tiers and fractions, such as `[overload.shed_at]` with `free = 0.5`".into(),
+            ));
         };
-        s = s.shed_at(tier.into_inner(), fraction);
+        for (tier, v) in tiers {
+            let f = fraction(&format!("shed_at.{tier}"), at, &v)?;
+            s = s.shed_at(tier, f);
+        }
     }
     if let Some(yes) = o.shed_exempt_routes {
-        s = s.shed_exempt_routes(yes);
+        s = s.shed_exempt_routes(flag("shed_exempt_routes", yes)?);
     }
     if let Some(yes) = o.shed_unlimited {
-        s = s.shed_unlimited(yes);
+        s = s.shed_unlimited(flag("shed_unlimited", yes)?);
     }
     if let Some(d) = o.retry_after {
         s = s.retry_after(duration("retry_after", d)?);
     }
     if let Some(step) = o.report_step {
-        s = s.report_step(step.into_inner());
+        let at = step.span().start;
+        s = s.report_step(fraction("report_step", at, step.get_ref()).map_err(|_| {
+            err(
+                "report_step",
+                at,
+                format!(
+                    "write the report step as a fraction of the capacity, such as 0.1, not `{}`",
+                    step.get_ref()
+                ),
+            )
+        })?);
     }
     Ok(b.overload_at(s, line))
 }
