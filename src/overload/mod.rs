@@ -349,19 +349,14 @@ mod tests {
 
     #[test]
     fn a_panic_under_the_state_lock_does_not_stop_the_adaptive_rule() {
-        // A layer built 300 ms ago, its table taken, its window open since
-        // then (six windows of 50 ms: past one, not yet a quiet spell).
+        // A layer built 10 s ago, its table taken.
         let o = Arc::new(Overload {
-            base: Instant::now() - Duration::from_millis(300),
+            base: Instant::now() - Duration::from_secs(10),
             ..Overload::new()
         });
         let r = rules(Capacity::Adaptive);
         drop(o.enter(&r, crate::policy::SHED_FULL));
         assert_eq!(o.capacity(), 10);
-        {
-            let mut state = o.state.lock().unwrap();
-            state.aimd.as_mut().unwrap().open_since(1);
-        }
         // A tracing subscriber or metrics recorder that panics while the
         // rule reports a move poisons the state's lock.
         let poison = Arc::clone(&o);
@@ -371,13 +366,25 @@ mod tests {
         })
         .join();
         assert!(o.state.is_poisoned());
-        // Eight requests admitted at the start, answered now (300 ms, far
-        // over the 50 ms target): the window closes, the capacity falls.
+        // The window opened 300 ms ago (past one window of 50 ms, not yet
+        // a quiet spell of ten), counted from now: however long the steps
+        // above took on a loaded machine.
+        let opened = o.now() - 300_000_000;
+        o.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .aimd
+            .as_mut()
+            .unwrap()
+            .open_since(opened);
+        // Eight requests admitted when it opened, answered now (300 ms,
+        // far over the 50 ms target): the window closes, the capacity
+        // falls.
         for _ in 0..8 {
             o.in_flight.fetch_add(1, Ordering::AcqRel);
             Slot {
                 state: Arc::clone(&o),
-                started: 2,
+                started: opened,
             }
             .finish();
         }
