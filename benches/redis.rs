@@ -30,12 +30,13 @@ const IN_FLIGHT: usize = 64;
 const KEYS: u64 = 100_000;
 
 /// The script `RedisBackend` runs for a check, built as
-/// `src/backend/redis/mod.rs` builds it: the preludes (the time, GCRA), then
-/// the check itself. The bench checks below that Redis already holds this
+/// `src/backend/redis/mod.rs` builds it: the preludes (the time, GCRA,
+/// calendar periods), then the check itself. The bench checks below that Redis already holds this
 /// exact text, loaded by the backend.
 const CHECK: &str = concat!(
     include_str!("../src/backend/redis/now.lua"),
     include_str!("../src/backend/redis/gcra.lua"),
+    include_str!("../src/backend/redis/calendar.lua"),
     include_str!("../src/backend/redis/check.lua")
 );
 
@@ -90,7 +91,7 @@ fn bench(c: &mut Criterion) {
         server.cli(&["SCRIPT", "EXISTS", &sha]).as_deref(),
         Some("1"),
         "benches/redis.rs's CHECK is not the script RedisBackend loaded: \
-         build it as src/backend/redis.rs builds it (preludes, order)"
+         build it as src/backend/redis/mod.rs builds it (preludes, order)"
     );
     let requests: u64 = if quick() { 2_000 } else { 200_000 };
     let out = Command::new("redis-benchmark")

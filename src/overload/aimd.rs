@@ -6,7 +6,8 @@
 //! threshold as the drop signal), after a slow start as TCP's: until the
 //! first window over the target, each window that closes with its mean
 //! latency at or under the target, and the capacity in use (its peak in
-//! flight at least nine tenths of it), doubles the capacity; after it,
+//! flight at least nine tenths of it, or requests shed since the last
+//! window: demand it does not admit), doubles the capacity; after it,
 //! such a window adds one. A window whose mean is
 //! over the target sets the capacity to nine tenths of what was really in
 //! flight (the smaller of the capacity and the window's peak), so a
@@ -121,7 +122,13 @@ impl Aimd {
     /// An admitted request took `latency`, and `in_flight` requests
     /// (itself included) were in flight when it ended, at `now`. When the
     /// window closes, the step it took.
-    pub(crate) fn sample(&mut self, now: u64, latency: Duration, in_flight: u32) -> Option<Step> {
+    pub(crate) fn sample(
+        &mut self,
+        now: u64,
+        latency: Duration,
+        in_flight: u32,
+        pressed: bool,
+    ) -> Option<Step> {
         if now.saturating_sub(nanos(latency)) < self.moved {
             // Admitted under an earlier capacity.
             return None;
@@ -150,7 +157,7 @@ impl Aimd {
             self.slow_start = false;
             let cut = u64::from(used) * BACKOFF_TENTHS / 10;
             u32::try_from(cut).unwrap_or(u32::MAX).max(self.min)
-        } else if u64::from(self.peak) * 10 >= u64::from(self.capacity) * 9 {
+        } else if pressed || u64::from(self.peak) * 10 >= u64::from(self.capacity) * 9 {
             let more = if self.slow_start { self.capacity } else { 1 };
             self.capacity.saturating_add(more).min(self.max)
         } else {
@@ -200,7 +207,7 @@ mod tests {
         while after.len() < windows {
             *now += 10 * MS;
             let flight = in_flight(a.capacity());
-            if let Some(step) = a.sample(*now, Duration::from_millis(latency), flight) {
+            if let Some(step) = a.sample(*now, Duration::from_millis(latency), flight, false) {
                 after.push(step.capacity);
             }
         }
@@ -242,6 +249,24 @@ mod tests {
     }
 
     #[test]
+    fn a_capacity_whose_requests_are_shed_rises_while_latency_is_under_the_target() {
+        let mut now = 0;
+        let mut a = Aimd::new(Duration::from_millis(50), 4, 100, 20, 0.1, now);
+        a.slow_start = false;
+        // Half the capacity in flight (a tier shed at 0.5 fills it), its
+        // requests shed beyond: demand the capacity does not admit.
+        let mut after = Vec::new();
+        while after.len() < 3 {
+            now += 10 * MS;
+            let half = a.capacity() / 2;
+            if let Some(step) = a.sample(now, Duration::from_millis(20), half, true) {
+                after.push(step.capacity);
+            }
+        }
+        assert_eq!(after, [21, 22, 23]);
+    }
+
+    #[test]
     fn it_never_leaves_its_bounds() {
         let mut now = 0;
         let mut a = Aimd::new(Duration::from_millis(50), 4, 12, 8, 0.1, now);
@@ -258,19 +283,24 @@ mod tests {
         let mut a = Aimd::new(Duration::from_millis(50), 4, 100, 20, 0.1, 0);
         // Seven samples past the window: not enough to close it.
         for i in 1..=7 {
-            assert_eq!(a.sample(60 * MS + i, Duration::from_millis(500), 20), None);
+            assert_eq!(
+                a.sample(60 * MS + i, Duration::from_millis(500), 20, false),
+                None
+            );
         }
         // The eighth closes it, over the target: down.
-        let step = a.sample(61 * MS, Duration::from_millis(500), 20).unwrap();
+        let step = a
+            .sample(61 * MS, Duration::from_millis(500), 20, false)
+            .unwrap();
         assert_eq!(step.capacity, 18);
         assert_eq!(step.mean, Duration::from_millis(500));
         // A lone sample closes a window only after ten window lengths.
         assert_eq!(
-            a.sample(61 * MS + 499 * MS, Duration::from_millis(1), 1),
+            a.sample(61 * MS + 499 * MS, Duration::from_millis(1), 1, false),
             None
         );
         assert!(
-            a.sample(61 * MS + 500 * MS, Duration::from_millis(1), 1)
+            a.sample(61 * MS + 500 * MS, Duration::from_millis(1), 1, false)
                 .is_some()
         );
     }
@@ -280,11 +310,11 @@ mod tests {
         let mut a = Aimd::new(Duration::from_millis(50), 4, 100, 40, 0.1, 0);
         // An hour without a request, then one far over the target.
         let hour = 3_600_000 * MS;
-        assert_eq!(a.sample(hour, Duration::from_millis(500), 1), None);
+        assert_eq!(a.sample(hour, Duration::from_millis(500), 1, false), None);
         assert_eq!(a.capacity(), 40);
         // Its window closes as any other: on enough samples, or late.
         assert!(
-            a.sample(hour + 500 * MS, Duration::from_millis(500), 1)
+            a.sample(hour + 500 * MS, Duration::from_millis(500), 1, false)
                 .is_some()
         );
         assert_eq!(a.capacity(), 4);
@@ -297,7 +327,7 @@ mod tests {
         // Past the slow start: one window over the target (100 → 90).
         for _ in 0..MIN_SAMPLES {
             now += 10 * MS;
-            a.sample(now, Duration::from_millis(80), 100);
+            a.sample(now, Duration::from_millis(80), 100, false);
         }
         assert_eq!(a.capacity(), 90);
         a.reported = 100;
@@ -305,7 +335,7 @@ mod tests {
         for _ in 0..30 {
             now += 100 * MS;
             for _ in 0..MIN_SAMPLES {
-                if let Some(s) = a.sample(now, Duration::from_millis(10), a.capacity())
+                if let Some(s) = a.sample(now, Duration::from_millis(10), a.capacity(), false)
                     && let Some(r) = s.report
                 {
                     reports.push(r);

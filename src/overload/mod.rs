@@ -29,6 +29,9 @@ use aimd::Aimd;
 /// rule when the capacity adapts.
 pub(crate) struct Overload {
     in_flight: AtomicU32,
+    /// Whether a request was shed since the adaptive rule's last window:
+    /// demand beyond what the capacity admits.
+    pressed: std::sync::atomic::AtomicBool,
     capacity: AtomicU32,
     /// The address of the rules in force (0: none yet), read per request to
     /// tell a reloaded `[overload]` table; `rules` keeps them alive, so the
@@ -65,6 +68,7 @@ impl Overload {
     pub(crate) fn new() -> Self {
         Overload {
             in_flight: AtomicU32::new(0),
+            pressed: std::sync::atomic::AtomicBool::new(false),
             capacity: AtomicU32::new(0),
             configured: AtomicUsize::new(0),
             state: Mutex::new(State::default()),
@@ -102,6 +106,9 @@ impl Overload {
         let mut n = self.in_flight.load(Ordering::Relaxed);
         loop {
             if u64::from(n) * u64::from(crate::policy::SHED_FULL) >= bound {
+                if !self.pressed.load(Ordering::Relaxed) {
+                    self.pressed.store(true, Ordering::Relaxed);
+                }
                 return None;
             }
             match self.in_flight.compare_exchange_weak(
@@ -196,9 +203,11 @@ impl Overload {
             return;
         }
         let in_flight = self.in_flight.load(Ordering::Relaxed);
-        let Some(step) = aimd.sample(now, latency, in_flight) else {
+        let pressed = self.pressed.load(Ordering::Relaxed);
+        let Some(step) = aimd.sample(now, latency, in_flight, pressed) else {
             return;
         };
+        self.pressed.store(false, Ordering::Relaxed);
         let before = self.capacity.swap(step.capacity, Ordering::Relaxed);
         // What others' code sees (the recorder, the subscriber) runs with
         // the lock released.
