@@ -341,17 +341,26 @@ pub fn client_hints(data: &[u8]) {
             HeaderValue::from_str(&encoded).unwrap(),
         );
     }
-    let status = if flags & 2 == 2 {
-        StatusCode::TOO_MANY_REQUESTS
-    } else {
-        StatusCode::OK
+    let status = match flags & 6 {
+        2 | 6 => StatusCode::TOO_MANY_REQUESTS,
+        4 => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::OK,
     };
     let verdict = retry_hint(status, &headers);
-    let grpc8 = headers
-        .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == b"8");
-    if status != StatusCode::TOO_MANY_REQUESTS && !grpc8 {
-        assert_eq!(verdict, RetryHint::NotRefused);
+    let grpc = |code: &[u8]| {
+        headers
+            .get("grpc-status")
+            .is_some_and(|v| v.as_bytes() == code)
+    };
+    let refused = status == StatusCode::TOO_MANY_REQUESTS || grpc(b"8");
+    // Shed: a 503 that asks for a delay, or gRPC UNAVAILABLE with one.
+    let shed = (status == StatusCode::SERVICE_UNAVAILABLE && headers.contains_key("retry-after"))
+        || grpc(b"14");
+    match verdict {
+        RetryHint::Refused(_) => assert!(refused, "{status} {headers:?}"),
+        RetryHint::Shed(_) => assert!(!refused && shed, "{status} {headers:?}"),
+        RetryHint::NotRefused => assert!(!refused, "{status} {headers:?}"),
+        _ => {}
     }
 }
 
