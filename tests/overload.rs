@@ -387,6 +387,19 @@ async fn a_shed_grpc_call_is_unavailable_with_a_pushback_and_retry_info() {
     assert!(ok, "the place came back");
 }
 
+/// Each `(table, entry, says)`: the policy with `table` is refused with an
+/// error that names `entry` and says `says`.
+fn refused_naming(cases: &[(&str, &str, &str)]) {
+    for (table, entry, says) in cases {
+        let err = policy_with(table).expect_err(table);
+        let text = err.to_string();
+        assert!(
+            text.contains(entry) && text.contains(says),
+            "{table:?}: {text}"
+        );
+    }
+}
+
 #[test]
 fn a_bad_overload_table_is_refused_naming_the_entry() {
     let cases: &[(&str, &str, &str)] = &[
@@ -465,14 +478,7 @@ fn a_bad_overload_table_is_refused_naming_the_entry() {
             "unknown field",
         ),
     ];
-    for (table, entry, says) in cases {
-        let err = policy_with(table).expect_err(table);
-        let text = err.to_string();
-        assert!(
-            text.contains(entry) && text.contains(says),
-            "{table:?}: {text}"
-        );
-    }
+    refused_naming(cases);
     // A good one, for contrast, and the builder's own check.
     assert!(policy_with(FIXED_10).is_ok());
     let built = Policy::builder()
@@ -982,14 +988,7 @@ fn an_overload_entry_of_the_wrong_type_is_refused_naming_the_entry() {
             "table",
         ),
     ];
-    for (table, entry, says) in cases {
-        let err = policy_with(table).expect_err(table);
-        let text = err.to_string();
-        assert!(
-            text.contains(entry) && text.contains(says),
-            "{table:?}: {text}"
-        );
-    }
+    refused_naming(cases);
     // The right types, integers where a fraction is asked included.
     let ok = policy_with(
         "[overload]\ncapacity = \"adaptive\"\ntarget_latency = \"60s\"\nmin_capacity = 1\nmax_capacity = 1\nretry_after = \"1h\"\nreport_step = 1\nshed_exempt_routes = false\n[overload.shed_at]\nfree = 1\npro = 0.0001\n",
