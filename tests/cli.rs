@@ -257,3 +257,26 @@ fn check_and_table_show_calendar_periods() {
         assert!(err.contains(says), "{err}");
     }
 }
+
+#[test]
+fn check_shows_the_overload_table_and_refuses_a_bad_one_naming_it() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/overload.toml");
+    let o = tierlimit(&["check", shipped]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains(
+            "sheds load: adaptive 8..256 in flight, target 40 ms; free at 0.5, pro at 0.8, enterprise at 1"
+        ),
+        "{out}"
+    );
+    let text_of = std::fs::read_to_string(shipped).unwrap();
+    let path = file(
+        "overload-broken",
+        &text_of.replace("free = 0.5", "free = 1.5"),
+    );
+    let o = tierlimit(&["check", path.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("overload.shed_at.free"), "{err}");
+}

@@ -66,11 +66,12 @@ fn main() -> ExitCode {
     match command {
         "check" => {
             println!(
-                "{path}: valid ({} tiers, {} categories, {} keys{})",
+                "{path}: valid ({} tiers, {} categories, {} keys{}{})",
                 policy.tiers().len(),
                 policy.categories().len(),
                 policy.listed_keys().count(),
-                calendar_note(&policy)
+                calendar_note(&policy),
+                overload_note(&policy)
             );
         }
         _ => {
@@ -84,6 +85,30 @@ fn main() -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `, sheds load (...)` when the policy has an `[overload]` table: the
+/// capacity and where each tier is shed.
+fn overload_note(policy: &Policy) -> String {
+    use tierlimit::policy::Capacity;
+    let Some(rules) = policy.overload() else {
+        return String::new();
+    };
+    let capacity = match rules.capacity() {
+        Capacity::Fixed(n) => format!("{n} in flight"),
+        Capacity::Adaptive => {
+            let (min, max, _) = rules.bounds();
+            format!(
+                "adaptive {min}..{max} in flight, target {} ms",
+                rules.target_latency().as_millis()
+            )
+        }
+    };
+    let tiers: Vec<String> = policy
+        .tiers()
+        .map(|t| format!("{} at {}", policy.tier_name(t), rules.shed_fraction(t)))
+        .collect();
+    format!(", sheds load: {capacity}; {}", tiers.join(", "))
 }
 
 /// `, calendar periods in ZONE` when the policy has any.

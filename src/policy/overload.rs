@@ -188,6 +188,12 @@ impl OverloadRules {
         self.shed_at.get(tier.index()).copied().unwrap_or(FULL)
     }
 
+    /// The fraction of the capacity at which `tier` starts being shed, as
+    /// written (1.0: at the full capacity).
+    pub fn shed_fraction(&self, tier: super::TierId) -> f64 {
+        f64::from(self.shed_at(tier)) / f64::from(FULL)
+    }
+
     /// The latency an adaptive capacity aims for.
     pub fn target_latency(&self) -> Duration {
         self.target
