@@ -25,6 +25,7 @@ mod charges;
 mod deferred;
 mod outcome;
 mod priority;
+mod shed;
 
 pub(crate) use charges::ChargeSet;
 pub(crate) use deferred::Deferred;
@@ -39,9 +40,7 @@ use crate::feed::{Usage, UsageFeed};
 use crate::key::KeyId;
 use crate::overload::{Overload, Slot};
 use crate::plane::Plane;
-use crate::policy::{
-    Applied, CategoryId, Cell, Limit, Limits, OverloadRules, Policy, SHED_FULL, Target, TierId,
-};
+use crate::policy::{Applied, CategoryId, Cell, Limit, Limits, Policy, Target, TierId};
 use crate::response::{Answer, HeaderOptions, HeaderPlan};
 use crate::time::{UnixClock, unix_time};
 use crate::view::{CellView, PolicyView, ViewSlot};
@@ -212,33 +211,6 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         }
     }
 
-    /// An exempt route under an `[overload]` table: shed only at the full
-    /// capacity (it has no tier).
-    #[cold]
-    fn exempt<T>(
-        &self,
-        rules: &Arc<OverloadRules>,
-        req: &Request<T>,
-        slot: &mut Option<Slot>,
-    ) -> Step<B::Future> {
-        match self.overload.enter(rules, SHED_FULL) {
-            Some(s) => {
-                *slot = Some(s);
-                Step::Pass
-            }
-            None => {
-                crate::telemetry::shed_exempt();
-                let shed = Answer::Shed {
-                    retry_after: rules.retry_after(),
-                    tier: None,
-                    category: "",
-                    cell: None,
-                };
-                Step::Answer(shed.into_response(is_grpc(req.headers())))
-            }
-        }
-    }
-
     /// The request path from a request's category on: identify → limits →
     /// (shed) → check → outcome. The layer classifies by method and path
     /// first; Envoy's front (`crate::envoy`) by a request's descriptors,
@@ -296,57 +268,6 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             },
             Path::Check(limits) => self.check(&found, limits),
         }
-    }
-
-    /// A place in the capacity for a request of `f`'s tier, at its tier's
-    /// fraction, or at the full capacity if it is critical; else the 503
-    /// (gRPC UNAVAILABLE) that sheds it. The priority header is read only
-    /// when the tier's fraction is taken.
-    #[cold]
-    #[inline(never)]
-    #[allow(clippy::result_large_err)] // the answer itself, moved once, when shed
-    fn shed<T>(
-        &self,
-        f: &Found<'_, T>,
-        rules: &Arc<OverloadRules>,
-        adjusted: Option<&Applied>,
-    ) -> Result<Slot, Step<B::Future>> {
-        let shed_at = rules.shed_at(f.tier);
-        if let Some(slot) = self.overload.enter(rules, shed_at) {
-            return Ok(slot);
-        }
-        if shed_at < SHED_FULL {
-            match critical(f.req.headers(), f.identity.priority()) {
-                Ok(true) => {
-                    if let Some(slot) = self.overload.enter(rules, SHED_FULL) {
-                        return Ok(slot);
-                    }
-                }
-                Ok(false) => {}
-                Err(r) => return Err(f.answer(Answer::Rejected(r))),
-            }
-        }
-        let policy = &f.guard.policy;
-        let (tier, category) = (policy.tier_name(f.tier), policy.category_name(f.category));
-        #[cfg(feature = "metrics")]
-        f.cell_view.metrics(tier, category).shed.increment(1);
-        // The caller's own quota: its custom limits or boosts, if any apply
-        // (as its allowed answers say), else its cell's.
-        let quota = match adjusted {
-            None => f.cell_view.headers.clone(),
-            Some(a) => crate::view::quota_headers(
-                tier,
-                category,
-                a.per_key.as_slice(),
-                a.per_account.as_slice(),
-            ),
-        };
-        Err(f.answer(Answer::Shed {
-            retry_after: rules.retry_after(),
-            tier: Some(tier),
-            category,
-            cell: Some((quota, self.headers)),
-        }))
     }
 
     /// A request under every limit that applies to it, at once, all or

@@ -7,7 +7,8 @@ use http::StatusCode;
 
 use std::time::Duration;
 
-use super::headers::{CellRef, HeaderOptions, HeaderPlan};
+use super::cell::CellRef;
+use super::headers::{HeaderOptions, HeaderPlan};
 use crate::decision::Decision;
 use crate::extract::Rejection;
 use crate::key::KeyId;

@@ -9,6 +9,7 @@
 
 mod answer;
 mod body;
+mod cell;
 pub(crate) mod grpc;
 pub(crate) mod headers;
 mod hold;
@@ -16,8 +17,9 @@ pub(crate) mod http;
 
 pub(crate) use answer::Answer;
 pub use body::{AnswerBody, ResponseBody};
+pub(crate) use cell::{CellHeaders, CellRef, LimitText};
 pub use headers::HeaderOptions;
-pub(crate) use headers::{CellHeaders, CellRef, HeaderPlan, LimitText};
+pub(crate) use headers::HeaderPlan;
 pub(crate) use hold::Hold;
 pub use hold::{LeaseGuard, Leased};
 
