@@ -209,24 +209,20 @@ async fn memory_calendar_tokens_settle_and_refuse_until_the_month_ends() {
     let c = client();
     let url = s.url("/v1/ai/completions");
     let body = serde_json::json!({ "prompt": "hello world", "max_tokens": 398 });
-    for left in [999, 599, 199] {
-        let res = c
-            .post(&url)
+    let complete = || async {
+        c.post(&url)
             .header("x-api-key", "free-demo-key")
             .json(&body)
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    };
+    for left in [999, 599, 199] {
+        let res = complete().await;
         assert_eq!(res.status(), 200);
         assert_eq!(header(&res, "x-ratelimit-remaining-tokens"), Some(left));
     }
-    let res = c
-        .post(&url)
-        .header("x-api-key", "free-demo-key")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let res = complete().await;
     assert_eq!(res.status(), 429, "the month is in debt");
     assert_eq!(header(&res, "retry-after"), Some(MONTH_END - DAY_START));
     assert_eq!(header(&res, "x-ratelimit-reset"), Some(MONTH_END));

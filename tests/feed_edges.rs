@@ -138,16 +138,7 @@ async fn shadow_passes_are_marked_and_count_nothing() {
         "categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"1/hour\"\nwrite = \"1/hour\"\n[shadow]\ntiers = [\"t\"]\n[keys]\n\"k\" = \"t\"\n",
     )
     .unwrap();
-    let layer = RateLimitLayer::builder(policy)
-        .backend(common::fake_memory())
-        .usage_feed(feed.clone())
-        .build();
-    let server = serve(
-        Router::new()
-            .route("/v1/ok", get(|| async { "ok" }))
-            .layer(layer),
-    )
-    .await;
+    let server = serve_ok(policy, &feed).await;
     let c = client();
     for _ in 0..3 {
         let res = common::call(&c, "GET", &server.url("/v1/ok"), "k").await;
@@ -216,16 +207,7 @@ async fn a_failing_sink_counts_its_events_as_failed() {
         100,
     )
     .unwrap();
-    let layer = RateLimitLayer::builder(Policy::from_toml_str(POLICY).unwrap())
-        .backend(common::fake_memory())
-        .usage_feed(feed.clone())
-        .build();
-    let server = serve(
-        Router::new()
-            .route("/v1/ok", get(|| async { "ok" }))
-            .layer(layer),
-    )
-    .await;
+    let server = serve_ok(Policy::from_toml_str(POLICY).unwrap(), &feed).await;
     let c = client();
     for _ in 0..3 {
         let res = common::call(&c, "GET", &server.url("/v1/ok"), "solo-key").await;
@@ -282,4 +264,18 @@ async fn each_admitted_grpc_call_is_one_event() {
         assert_eq!((e.tier.as_str(), e.category.as_str()), ("free", "read"));
         assert_eq!((e.status, e.end, e.requests), (Some(200), End::Complete, 1));
     }
+}
+
+/// `GET /v1/ok` behind a layer of `policy` on a fake clock, feeding `feed`.
+async fn serve_ok(policy: Policy, feed: &UsageFeed) -> common::Server {
+    let layer = RateLimitLayer::builder(policy)
+        .backend(common::fake_memory())
+        .usage_feed(feed.clone())
+        .build();
+    serve(
+        Router::new()
+            .route("/v1/ok", get(|| async { "ok" }))
+            .layer(layer),
+    )
+    .await
 }
