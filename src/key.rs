@@ -130,6 +130,13 @@ impl KeyId {
         KeyId(HASHER.hash_one((0x5Au8, account)))
     }
 
+    /// Hashes an organisation's name (apart from keys and accounts: an
+    /// organisation named like an account never shares its buckets).
+    #[inline]
+    pub fn of_org(org: &str) -> Self {
+        KeyId(HASHER.hash_one((0x6Fu8, org)))
+    }
+
     /// Hashes a peer address.
     #[inline]
     pub fn of_ip(ip: IpAddr) -> Self {

@@ -21,7 +21,7 @@ where
     E: Send + Sync + 'static,
 {
     pub(super) fn put_key(&self, body: &Map<String, Value>) -> Changed {
-        only(body, &["key", "tier", "account"])?;
+        only(body, &["key", "tier", "account", "org"])?;
         let key = key_field(body)?;
         let policy = self.shared.plane.base();
         let tier = string_field(body, "tier")?;
@@ -31,26 +31,23 @@ where
                 names(policy.tiers().map(|t| policy.tier_name(t)))
             )));
         }
-        let account = match body.get("account") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(a)) if !a.is_empty() && a.len() <= 256 => Some(a.clone()),
-            Some(_) => {
-                return Err(bad(
-                    "field `account`: an account is a name of 1 to 256 bytes",
-                ));
-            }
-        };
+        let account = name_field(body, "account", "an account")?;
+        let org = name_field(body, "org", "an organisation")?;
         let id = KeyId::of(&key);
-        let shown = json!({
+        let mut shown = json!({
             "key": id.redacted().to_string(),
             "tier": tier,
             "account": account,
         });
+        if let Some(o) = &org {
+            shown["org"] = json!(o);
+        }
         Ok((
             Change::PutKey {
                 key: KeyDigest::of(&key),
                 tier,
                 account,
+                org,
             },
             StatusCode::OK,
             shown,
@@ -278,20 +275,14 @@ where
             );
         }
         let entry = policy.key_entry(&key, id);
-        let Some(tier) = entry.map(|(t, _)| t).or_else(|| policy.unknown_key_tier()) else {
+        let Some(tier) = entry.map(|e| e.tier).or_else(|| policy.unknown_key_tier()) else {
             return problem(
                 StatusCode::NOT_FOUND,
                 "admin-not-found",
                 "this key is not listed, and the policy refuses unknown keys",
             );
         };
-        let mut identity = Identity::from_key_id(id);
-        if let Some((t, account)) = entry {
-            identity = identity.with_tier(t);
-            if let Some(a) = account {
-                identity = identity.with_account_id(a);
-            }
-        }
+        let identity = Identity::listed(id, entry);
         let report: Result<UsageFuture, Rejection> =
             crate::usage::report(&self.shared, policy, identity, tier);
         match report {
@@ -323,6 +314,22 @@ where
 
 /// A change, its status, what the answer shows, its audit action and key.
 pub(super) type Changed = Result<(Change, StatusCode, Value, &'static str, KeyId), AdminResponse>;
+
+/// An optional name field (`account`, `org`): absent or null, or a string
+/// of 1 to 256 bytes.
+fn name_field(
+    body: &Map<String, Value>,
+    field: &str,
+    what: &str,
+) -> Result<Option<String>, AdminResponse> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(a)) if !a.is_empty() && a.len() <= 256 => Ok(Some(a.clone())),
+        Some(_) => Err(bad(format!(
+            "field `{field}`: {what} is a name of 1 to 256 bytes"
+        ))),
+    }
+}
 
 fn names<'a>(items: impl Iterator<Item = &'a str>) -> String {
     items

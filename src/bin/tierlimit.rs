@@ -223,15 +223,15 @@ fn table(policy: &Policy, now: u64) -> String {
     }
     let mut out = render(&rows);
     let mut keys: Vec<_> = policy.listed_keys().collect();
-    keys.sort_by_key(|(k, _, _)| *k);
+    keys.sort_by_key(|(k, _)| *k);
     let mut custom = vec![vec![
         "key".to_owned(),
         "tier".to_owned(),
         "category".to_owned(),
         "limits now".to_owned(),
     ]];
-    for (key, tier, _) in keys {
-        let id = KeyId::of(key);
+    for (key, entry) in keys {
+        let (id, tier) = (KeyId::of(key), entry.tier);
         for &c in &categories {
             let theirs = policy.effective_limits(tier, c, id, now);
             let tiers = policy.effective_limits(tier, c, nobody, now);

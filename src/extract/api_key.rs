@@ -5,9 +5,9 @@ use std::fmt;
 
 use http::{HeaderMap, header};
 
-use super::{Extractor, Identity, Priority, Rejection, RequestRef};
+use super::{Extractor, Identity, Rejection, RequestRef};
 use crate::key::{DEFAULT_MAX_KEY_LEN, KeyId, key_problem};
-use crate::policy::{Policy, TierId};
+use crate::policy::{ListedKey, Policy, TierId};
 
 static X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
 
@@ -202,21 +202,10 @@ impl Extractor for ApiKey {
         if policy.has_revocations() && policy.is_revoked(key, id) {
             return Err(Rejection::UnknownKey);
         }
-        let (tier, account) = match policy
-            .key_entry(key, id)
-            .or_else(|| self.resolver.as_ref().and_then(|r| r(key)))
-        {
-            Some((t, a)) => (Some(t), a),
-            None => (None, None),
-        };
-        Ok(Identity {
-            key: id,
-            account,
-            tier,
-            cost: None,
-            tokens: None,
-            priority: Priority::Normal,
-            known: tier.is_some(),
-        })
+        let entry = policy.key_entry(key, id).or_else(|| {
+            let (tier, account) = self.resolver.as_ref().and_then(|r| r(key))?;
+            Some(ListedKey::new(tier).in_account(account))
+        });
+        Ok(Identity::listed(id, entry))
     }
 }

@@ -22,7 +22,7 @@ use std::fmt;
 pub use ipnet::IpNet;
 
 use crate::key::KeyId;
-use crate::policy::{Policy, TierId};
+use crate::policy::{ListedKey, Policy, TierId};
 
 mod api_key;
 mod extension;
@@ -65,6 +65,7 @@ pub enum Priority {
 pub struct Identity {
     key: KeyId,
     account: Option<KeyId>,
+    org: Option<KeyId>,
     tier: Option<TierId>,
     cost: Option<u32>,
     tokens: Option<u32>,
@@ -83,6 +84,7 @@ impl Identity {
         Identity {
             key,
             account: None,
+            org: None,
             tier: None,
             cost: None,
             tokens: None,
@@ -138,6 +140,61 @@ impl Identity {
             Some(a) => a,
             None => self.key,
         }
+    }
+
+    /// Sets the caller's organisation: limits counted per organisation
+    /// (`per_org` limits) are shared by every key of every account of it.
+    /// Without one, an account (or a key without an account) is its own
+    /// organisation.
+    ///
+    /// ```
+    /// use tierlimit::extract::Identity;
+    ///
+    /// let a = Identity::new("k1").with_account("team-a").with_org("acme");
+    /// let b = Identity::new("k2").with_account("team-b").with_org("acme");
+    /// assert_eq!(a.org(), b.org());
+    /// assert_ne!(a.account(), b.account());
+    /// ```
+    #[must_use]
+    pub fn with_org(self, org: &str) -> Self {
+        self.with_org_id(KeyId::of_org(org))
+    }
+
+    /// Sets the caller's organisation by an id hashed elsewhere
+    /// ([`KeyId::of_org`], or [`KeyId::from_raw`] of an organisation number).
+    #[must_use]
+    pub const fn with_org_id(mut self, org: KeyId) -> Self {
+        self.org = Some(org);
+        self
+    }
+
+    /// The organisation, if one was set.
+    pub const fn org(&self) -> Option<KeyId> {
+        self.org
+    }
+
+    /// The id per-organisation limits are counted under: the organisation,
+    /// else the account, else the key itself.
+    #[inline]
+    pub const fn org_or_account(&self) -> KeyId {
+        match self.org {
+            Some(o) => o,
+            None => self.account_or_key(),
+        }
+    }
+
+    /// The identity of key `key` as the policy lists it (`None`: not
+    /// listed, no tier).
+    #[inline]
+    pub(crate) const fn listed(key: KeyId, entry: Option<ListedKey>) -> Self {
+        let mut id = Self::from_key_id(key);
+        if let Some(e) = entry {
+            id.tier = Some(e.tier);
+            id.known = true;
+            id.account = e.account;
+            id.org = e.org;
+        }
+        id
     }
 
     /// Marks the caller as known (authenticated) without naming a tier.

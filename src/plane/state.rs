@@ -17,7 +17,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use crate::key::{KeyDigest, KeyId};
-use crate::policy::{Adjust, Overlay, Policy, PolicyError};
+use crate::policy::{Adjust, ListedKey, Overlay, Policy, PolicyError};
 
 mod fields;
 
@@ -31,11 +31,13 @@ type FixedMap<K, V> = imbl::GenericHashMap<K, V, Fixed, imbl::shared_ptr::Defaul
 /// One operator change (what the admin API takes).
 #[derive(Clone, Debug)]
 pub(crate) enum Change {
-    /// Provision a key, or move it to another tier or account.
+    /// Provision a key, or move it to another tier, account or
+    /// organisation.
     PutKey {
         key: KeyDigest,
         tier: String,
         account: Option<String>,
+        org: Option<String>,
     },
     /// Revoke a key: refused with 401 from then on.
     RevokeKey { key: KeyDigest },
@@ -112,6 +114,7 @@ enum KeyState {
     Put {
         tier: String,
         account: Option<String>,
+        org: Option<String>,
     },
     Revoked,
 }
@@ -138,10 +141,16 @@ impl OperatorState {
 
     pub(crate) fn make(&mut self, change: &Change) {
         match change {
-            Change::PutKey { key, tier, account } => {
+            Change::PutKey {
+                key,
+                tier,
+                account,
+                org,
+            } => {
                 let state = KeyState::Put {
                     tier: tier.clone(),
                     account: account.clone(),
+                    org: org.clone(),
                 };
                 self.keys.insert(*key, state);
             }
@@ -255,9 +264,10 @@ impl OperatorState {
 
     fn key_value(&self, key: KeyDigest) -> Option<String> {
         self.keys.get(&key).map(|s| match s {
-            KeyState::Put { tier, account } => {
-                json!({ "tier": tier, "account": account }).to_string()
-            }
+            KeyState::Put { tier, account, org } => match org {
+                None => json!({ "tier": tier, "account": account }).to_string(),
+                Some(o) => json!({ "tier": tier, "account": account, "org": o }).to_string(),
+            },
             KeyState::Revoked => json!({ "revoked": true }).to_string(),
         })
     }
@@ -316,8 +326,12 @@ impl OperatorState {
         let entry = match self.keys.get(&key) {
             None => None,
             Some(KeyState::Revoked) => Some(None),
-            Some(KeyState::Put { tier, account }) => match base.tier_or_err(tier.as_str()) {
-                Ok(t) => Some(Some((t, account.as_deref().map(KeyId::of_account)))),
+            Some(KeyState::Put { tier, account, org }) => match base.tier_or_err(tier.as_str()) {
+                Ok(t) => Some(Some(
+                    ListedKey::new(t)
+                        .in_account(account.as_deref().map(KeyId::of_account))
+                        .in_org(org.as_deref().map(KeyId::of_org)),
+                )),
                 Err(e) => {
                     left_out(&key_field(key), &e);
                     None
@@ -378,17 +392,23 @@ fn left_out(field: &str, error: &str) {
 pub(crate) fn validate(base: &Policy, change: &Change) -> Result<(), PolicyError> {
     let entry = |key: &KeyDigest, rest: &str| format!("\"{}\"{rest}", key.key_id().redacted());
     let (name, result) = match change {
-        Change::PutKey { key, tier, account } => {
-            let account_ok = account
-                .as_ref()
-                .is_none_or(|a| !a.is_empty() && a.len() <= crate::key::DEFAULT_MAX_KEY_LEN);
-            let r = base
-                .tier_or_err(tier)
-                .map(drop)
-                .and_then(|()| match account_ok {
-                    true => Ok(()),
-                    false => Err("an account is a name of 1 to 256 bytes".to_owned()),
-                });
+        Change::PutKey {
+            key,
+            tier,
+            account,
+            org,
+        } => {
+            let name_ok = |n: &Option<String>| {
+                n.as_ref()
+                    .is_none_or(|a| !a.is_empty() && a.len() <= crate::key::DEFAULT_MAX_KEY_LEN)
+            };
+            let r = base.tier_or_err(tier).map(drop).and_then(|()| {
+                match (name_ok(account), name_ok(org)) {
+                    (true, true) => Ok(()),
+                    (false, _) => Err("an account is a name of 1 to 256 bytes".to_owned()),
+                    (_, false) => Err("an organisation is a name of 1 to 256 bytes".to_owned()),
+                }
+            });
             (format!("keys.{}", entry(key, "")), r)
         }
         Change::RevokeKey { .. } | Change::RemoveBoost { .. } | Change::ForgetBoost { .. } => {

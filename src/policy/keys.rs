@@ -1,4 +1,4 @@
-//! The `[keys]` table: each listed key's tier and account, found by the
+//! The `[keys]` table: each listed key's tier, account and organisation, found by the
 //! key's [`KeyId`] and compared by its full text.
 //!
 //! Built once with the policy and never changed, so it is a plain open
@@ -63,8 +63,48 @@ impl fmt::Debug for KeyText {
     }
 }
 
+/// What the policy says of a listed key: its tier, and the account and
+/// organisation it belongs to, if any ([`Policy::key_entry`](super::Policy::key_entry)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListedKey {
+    /// The key's tier.
+    pub tier: TierId,
+    /// Its account (`None`: the key is its own account).
+    pub account: Option<KeyId>,
+    /// Its organisation (`None`: the account is its own organisation).
+    pub org: Option<KeyId>,
+}
+
+impl ListedKey {
+    /// A key of `tier`, in no account or organisation.
+    pub const fn new(tier: TierId) -> Self {
+        ListedKey {
+            tier,
+            account: None,
+            org: None,
+        }
+    }
+
+    /// The same key in `account` (`None`: none).
+    #[must_use]
+    pub const fn in_account(mut self, account: Option<KeyId>) -> Self {
+        self.account = account;
+        self
+    }
+
+    /// The same key in organisation `org` (`None`: none).
+    #[must_use]
+    pub const fn in_org(mut self, org: Option<KeyId>) -> Self {
+        self.org = org;
+        self
+    }
+}
+
 /// One slot: a key's id and what a request needs of its entry, in one
-/// cache line (the text of a key up to [`INLINE_KEY`] bytes included).
+/// cache line (the text of a key up to [`INLINE_KEY`] bytes included). A
+/// key's organisation is kept beside the slots (few keys have one): the
+/// slot says whether to look.
 #[derive(Debug)]
 #[repr(C, align(64))]
 pub(super) struct Slot {
@@ -72,25 +112,20 @@ pub(super) struct Slot {
     account: u64,
     tier: TierId,
     has_account: bool,
+    has_org: bool,
     key: KeyText,
 }
 
 impl Slot {
-    fn new(id: u64, key: &str, tier: TierId, account: Option<KeyId>) -> Self {
+    fn new(id: u64, key: &str, entry: ListedKey) -> Self {
         Slot {
             id,
-            account: account.map_or(0, KeyId::as_u64),
-            tier,
-            has_account: account.is_some(),
+            account: entry.account.map_or(0, KeyId::as_u64),
+            tier: entry.tier,
+            has_account: entry.account.is_some(),
+            has_org: entry.org.is_some(),
             key: KeyText::new(key),
         }
-    }
-
-    /// The entry: the key's tier and account.
-    #[inline]
-    pub(super) fn entry(&self) -> (TierId, Option<KeyId>) {
-        let account = self.has_account.then(|| KeyId::from_raw(self.account));
-        (self.tier, account)
     }
 
     /// The key's text.
@@ -104,6 +139,8 @@ impl Slot {
 #[derive(Debug, Default)]
 pub(crate) struct KeyTable {
     slots: Box<[Option<Slot>]>,
+    /// Each slot's organisation, when any key has one (else empty).
+    orgs: Box<[u64]>,
 }
 
 impl KeyTable {
@@ -115,12 +152,13 @@ impl KeyTable {
         }
         KeyTable {
             slots: slots.into_boxed_slice(),
+            orgs: Box::default(),
         }
     }
 
-    /// Lists `key` with its tier and account; `false` (and nothing
-    /// changed) if it is listed already. At most the capacity's keys.
-    pub(super) fn insert(&mut self, key: &str, tier: TierId, account: Option<KeyId>) -> bool {
+    /// Lists `key` with its entry; `false` (and nothing changed) if it is
+    /// listed already. At most the capacity's keys.
+    pub(super) fn insert(&mut self, key: &str, entry: ListedKey) -> bool {
         let id = KeyId::of(key).as_u64();
         let mut i = self.home(id);
         while let Some(slot) = &self.slots[i] {
@@ -129,8 +167,27 @@ impl KeyTable {
             }
             i = self.next(i);
         }
-        self.slots[i] = Some(Slot::new(id, key, tier, account));
+        self.slots[i] = Some(Slot::new(id, key, entry));
+        if let Some(org) = entry.org {
+            if self.orgs.is_empty() {
+                self.orgs = vec![0; self.slots.len()].into_boxed_slice();
+            }
+            self.orgs[i] = org.as_u64();
+        }
         true
+    }
+
+    /// The entry of the key in slot `i`.
+    #[inline]
+    fn entry(&self, i: usize, slot: &Slot) -> ListedKey {
+        ListedKey {
+            tier: slot.tier,
+            account: slot.has_account.then(|| KeyId::from_raw(slot.account)),
+            org: match slot.has_org {
+                true => self.orgs.get(i).map(|o| KeyId::from_raw(*o)),
+                false => None,
+            },
+        }
     }
 
     /// Where a key of id `id` is looked for first (the id's high bits
@@ -145,9 +202,9 @@ impl KeyTable {
         if i + 1 == self.slots.len() { 0 } else { i + 1 }
     }
 
-    /// The slot of `key`, whose id is `id`, if it is listed.
+    /// The entry of `key`, whose id is `id`, if it is listed.
     #[inline]
-    pub(super) fn find(&self, id: u64, key: &str) -> Option<&Slot> {
+    pub(super) fn find(&self, id: u64, key: &str) -> Option<ListedKey> {
         if self.slots.is_empty() {
             return None;
         }
@@ -155,16 +212,19 @@ impl KeyTable {
         // A free slot ends the run: the table always has one.
         while let Some(slot) = &self.slots[i] {
             if slot.id == id && slot.key.is(key) {
-                return Some(slot);
+                return Some(self.entry(i, slot));
             }
             i = self.next(i);
         }
         None
     }
 
-    /// Every key listed, in no particular order.
-    pub(super) fn iter(&self) -> impl Iterator<Item = &Slot> + '_ {
-        self.slots.iter().flatten()
+    /// Every key listed, with its entry, in no particular order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&str, ListedKey)> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (s.key(), self.entry(i, s))))
     }
 }
 
@@ -180,14 +240,24 @@ mod tests {
 
     #[test]
     fn a_key_is_listed_once() {
-        let mut t = KeyTable::with_capacity(2);
-        assert!(t.insert("k", TierId(0), None));
-        assert!(!t.insert("k", TierId(1), None), "listed twice");
-        assert!(t.insert("k2", TierId(1), None));
+        let mut t = KeyTable::with_capacity(3);
+        assert!(t.insert("k", ListedKey::new(TierId(0))));
+        assert!(!t.insert("k", ListedKey::new(TierId(1))), "listed twice");
+        assert!(t.insert("k2", ListedKey::new(TierId(1))));
         assert_eq!(
-            t.find(KeyId::of("k").as_u64(), "k").map(Slot::entry),
-            Some((TierId(0), None))
+            t.find(KeyId::of("k").as_u64(), "k"),
+            Some(ListedKey::new(TierId(0)))
         );
-        assert_eq!(t.iter().count(), 2);
+        let acme = ListedKey::new(TierId(1))
+            .in_account(Some(KeyId::of_account("team")))
+            .in_org(Some(KeyId::of_org("acme")));
+        assert!(t.insert("k3", acme));
+        assert_eq!(t.find(KeyId::of("k3").as_u64(), "k3"), Some(acme));
+        assert_eq!(
+            t.find(KeyId::of("k").as_u64(), "k"),
+            Some(ListedKey::new(TierId(0))),
+            "a key without an organisation has none"
+        );
+        assert_eq!(t.iter().count(), 3);
     }
 }

@@ -63,12 +63,14 @@ pub use crate::calendar::Calendar;
 pub use crate::limit::{Limit, MAX_LIMITS, Period, PeriodBounds, Rule};
 pub(crate) use builder::reserve_of;
 pub use builder::{KeyRule, PolicyBuilder, PolicyError, Route, Tier};
+use builder::KeySpec;
 pub(crate) use cell::Cell;
 use cell::Metering;
 pub use cell::{CellLimits, EffectiveLimits};
 pub use envoy::{DescriptorKeys, EnvoyRules, EnvoySettings};
 pub(crate) use file::parse_adjust_json;
 use keys::KeyTable;
+pub use keys::ListedKey;
 pub use operator::{Adjust, Boost, BoostTarget, Shadow};
 use operator::{CompiledBoost, more_generous_all};
 pub(crate) use operator::{MAX_UNIX, parse_time};
@@ -277,20 +279,17 @@ impl Policy {
     /// `id` must be `KeyId::of(key)`.
     #[inline]
     pub fn key_tier(&self, key: &str, id: KeyId) -> Option<TierId> {
-        self.key_entry(key, id).map(|(t, _)| t)
+        self.key_entry(key, id).map(|e| e.tier)
     }
 
-    /// The tier and account (if listed) the key table gives `key`.
-    /// `id` must be `KeyId::of(key)`.
+    /// The tier, account and organisation the key table (or an operator)
+    /// gives `key`, if it is listed. `id` must be `KeyId::of(key)`.
     #[inline]
-    pub fn key_entry(&self, key: &str, id: KeyId) -> Option<(TierId, Option<KeyId>)> {
+    pub fn key_entry(&self, key: &str, id: KeyId) -> Option<ListedKey> {
         if let Some(k) = self.ops.as_ref().and_then(|o| o.key(key, id)) {
-            return k.tier.map(|t| (t, k.account));
+            return k.entry;
         }
-        self.inner
-            .keys
-            .find(id.as_u64(), key)
-            .map(|slot| slot.entry())
+        self.inner.keys.find(id.as_u64(), key)
     }
 
     /// Whether any key is revoked (one branch per request when none is).
@@ -303,7 +302,7 @@ impl Policy {
     /// be `KeyId::of(key)`.
     pub fn is_revoked(&self, key: &str, id: KeyId) -> bool {
         if let Some(k) = self.ops.as_ref().and_then(|o| o.key(key, id)) {
-            return k.tier.is_none();
+            return k.entry.is_none();
         }
         self.inner
             .revoked
@@ -362,13 +361,11 @@ impl Policy {
     }
 
     /// The keys the policy lists (`[keys]`, or the builder's), with their
-    /// tier and account, in no particular order. Keys provisioned through
-    /// the admin API are known by a digest only, and not listed.
-    pub fn listed_keys(&self) -> impl Iterator<Item = (&str, TierId, Option<KeyId>)> + '_ {
-        self.inner.keys.iter().map(|slot| {
-            let (tier, account) = slot.entry();
-            (slot.key(), tier, account)
-        })
+    /// tier, account and organisation, in no particular order. Keys
+    /// provisioned through the admin API are known by a digest only, and
+    /// not listed.
+    pub fn listed_keys(&self) -> impl Iterator<Item = (&str, ListedKey)> + '_ {
+        self.inner.keys.iter()
     }
 
     pub(crate) fn effective(

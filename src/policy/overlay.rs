@@ -12,7 +12,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use super::operator::CompiledBoost;
-use super::{Adjust, CategoryId, MAX_UNIX, Policy, TierId};
+use super::{Adjust, CategoryId, ListedKey, MAX_UNIX, Policy};
+use super::TierId;
 use crate::key::{KeyDigest, KeyId};
 
 /// Keys here are keyed hashes already: a fixed hasher spreads them.
@@ -30,13 +31,12 @@ pub(crate) struct OverrideParts {
 /// The base policy's custom limits by key hash, as written.
 pub(crate) type OverrideSources = HashMap<u64, OverrideParts, foldhash::fast::RandomState>;
 
-/// One key an operator provisioned (`tier` set) or revoked (`None`).
+/// One key an operator provisioned (`entry` set) or revoked (`None`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct OpKey {
     /// The second half of the key's digest.
     check: u64,
-    pub(crate) tier: Option<TierId>,
-    pub(crate) account: Option<KeyId>,
+    pub(crate) entry: Option<ListedKey>,
 }
 
 /// The operators' layer, compiled against one base policy.
@@ -73,12 +73,8 @@ impl Overlay {
     }
 
     /// Sets (or, with `None`, forgets) the operators' entry for a key:
-    /// `Some(None)` revokes it, `Some(Some((tier, account)))` lists it.
-    pub(crate) fn set_key(
-        &mut self,
-        digest: KeyDigest,
-        entry: Option<Option<(TierId, Option<KeyId>)>>,
-    ) {
+    /// `Some(None)` revokes it, `Some(Some(entry))` lists it.
+    pub(crate) fn set_key(&mut self, digest: KeyDigest, entry: Option<Option<ListedKey>>) {
         let mut rows: Vec<OpKey> = self
             .keys
             .get(&digest.id)
@@ -86,14 +82,13 @@ impl Overlay {
             .unwrap_or_default();
         if let Some(i) = rows.iter().position(|r| r.check == digest.check) {
             let old = rows.remove(i);
-            self.revoked -= usize::from(old.tier.is_none());
+            self.revoked -= usize::from(old.entry.is_none());
         }
         if let Some(e) = entry {
             self.revoked += usize::from(e.is_none());
             rows.push(OpKey {
                 check: digest.check,
-                tier: e.map(|(t, _)| t),
-                account: e.and_then(|(_, a)| a),
+                entry: e,
             });
         }
         if rows.is_empty() {

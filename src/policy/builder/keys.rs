@@ -4,13 +4,19 @@
 use super::names::{Names, join};
 use super::{KeyEntry, Located, PolicyBuilder, PolicyError};
 use crate::key::KeyId;
-use crate::policy::keys::KeyTable;
+use crate::policy::keys::{KeyTable, ListedKey};
 
 impl PolicyBuilder {
     pub(super) fn build_keys(&self, names: &Names) -> Result<KeyTable, PolicyError> {
         let mut keys = KeyTable::with_capacity(self.keys.len());
         for Located {
-            value: KeyEntry { key, tier, account },
+            value:
+                KeyEntry {
+                    key,
+                    tier,
+                    account,
+                    org,
+                },
             line,
         } in &self.keys
         {
@@ -23,20 +29,18 @@ impl PolicyBuilder {
                     format!("unknown tier `{tier}` (declared: {})", join(&names.tiers)),
                 )
             })?;
-            let account = match account {
-                None => None,
-                Some(a) => {
-                    if a.is_empty() || a.len() > crate::key::DEFAULT_MAX_KEY_LEN {
-                        return Err(PolicyError::new(
-                            &entry,
-                            *line,
-                            "an account is a name of 1 to 256 bytes",
-                        ));
-                    }
-                    Some(KeyId::of_account(a))
-                }
+            let name = |n: Option<&str>, what: &str| match n {
+                Some(a) if a.is_empty() || a.len() > crate::key::DEFAULT_MAX_KEY_LEN => Err(
+                    PolicyError::new(&entry, *line, format!("{what} is a name of 1 to 256 bytes")),
+                ),
+                _ => Ok(()),
             };
-            if !keys.insert(key, t, account) {
+            name(account.as_deref(), "an account")?;
+            name(org.as_deref(), "an organisation")?;
+            let account = account.as_deref().map(KeyId::of_account);
+            let org = org.as_deref().map(KeyId::of_org);
+            let listed = ListedKey::new(t).in_account(account).in_org(org);
+            if !keys.insert(key, listed) {
                 return Err(PolicyError::new(&entry, *line, "this key is listed twice"));
             }
         }

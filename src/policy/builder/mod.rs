@@ -57,12 +57,30 @@ impl<T> Located<T> {
     }
 }
 
-/// An API key's tier, as listed.
+/// An API key's tier, account and organisation, as listed.
 #[derive(Clone, Debug)]
 struct KeyEntry {
     key: String,
     tier: String,
     account: Option<String>,
+    org: Option<String>,
+}
+
+/// A key's entry as a file writes it: its tier, account and organisation.
+pub(in crate::policy) struct KeySpec {
+    pub(in crate::policy) tier: String,
+    pub(in crate::policy) account: Option<String>,
+    pub(in crate::policy) org: Option<String>,
+}
+
+impl KeySpec {
+    fn new(tier: String, account: Option<String>) -> Self {
+        KeySpec {
+            tier,
+            account,
+            org: None,
+        }
+    }
 }
 
 /// A custom limit for one key in one category (or `*`).
@@ -215,13 +233,17 @@ impl PolicyBuilder {
 
     /// Moves a key to another tier (an upgrade), replacing its entry.
     pub fn set_key_tier(mut self, key: &str, tier: impl Into<String>) -> Self {
-        let account = self
+        let (account, org) = self
             .keys
             .iter()
             .find(|k| k.value.key == key)
-            .and_then(|k| k.value.account.clone());
+            .map_or((None, None), |k| (k.value.account.clone(), k.value.org.clone()));
         self.keys.retain(|k| k.value.key != key);
-        self.key_at(key.to_owned(), tier.into(), account, None)
+        let spec = KeySpec {
+            org,
+            ..KeySpec::new(tier.into(), account)
+        };
+        self.key_at(key.to_owned(), spec, None)
     }
 
     /// Declares the endpoint categories, in order.
@@ -249,7 +271,7 @@ impl PolicyBuilder {
 
     /// Maps an API key to a tier.
     pub fn key(self, key: impl Into<String>, tier: impl Into<String>) -> Self {
-        self.key_at(key.into(), tier.into(), None, None)
+        self.key_at(key.into(), KeySpec::new(tier.into(), None), None)
     }
 
     /// Maps an API key to a tier and an account: limits counted per account
@@ -279,7 +301,42 @@ impl PolicyBuilder {
         tier: impl Into<String>,
         account: impl Into<String>,
     ) -> Self {
-        self.key_at(key.into(), tier.into(), Some(account.into()), None)
+        self.key_at(key.into(), KeySpec::new(tier.into(), Some(account.into())), None)
+    }
+
+    /// Maps an API key to a tier, an account and an organisation: limits
+    /// counted per organisation ([`Tier::per_org`]) are shared by every key
+    /// of every account of it, on top of the per-key and per-account ones.
+    ///
+    /// ```
+    /// use tierlimit::{Limit, Policy, Tier};
+    ///
+    /// let policy = Policy::builder()
+    ///     .categories(["read", "write"])
+    ///     .tier(
+    ///         Tier::new("pro")
+    ///             .limit("read", Limit::per_hour(1000))
+    ///             .limit("write", Limit::per_hour(200))
+    ///             .per_org("write", [Limit::per_hour(1000)]),
+    ///     )
+    ///     .key_in_org("acme-a-1", "pro", "team-a", "acme")
+    ///     .key_in_org("acme-b-1", "pro", "team-b", "acme")
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = policy;
+    /// ```
+    pub fn key_in_org(
+        self,
+        key: impl Into<String>,
+        tier: impl Into<String>,
+        account: impl Into<String>,
+        org: impl Into<String>,
+    ) -> Self {
+        let spec = KeySpec {
+            org: Some(org.into()),
+            ..KeySpec::new(tier.into(), Some(account.into()))
+        };
+        self.key_at(key.into(), spec, None)
     }
 
     /// The categories of requests no route matches: `read` for GET, HEAD
@@ -343,16 +400,18 @@ impl PolicyBuilder {
         !self.categories.is_empty()
     }
 
-    pub(super) fn key_at(
-        mut self,
-        key: String,
-        tier: String,
-        account: Option<String>,
-        line: Option<usize>,
-    ) -> Self {
+    pub(super) fn key_at(mut self, key: String, spec: KeySpec, line: Option<usize>) -> Self {
         self.revoked.retain(|k| *k != key);
-        self.keys
-            .push(Located::at(KeyEntry { key, tier, account }, line));
+        let KeySpec { tier, account, org } = spec;
+        self.keys.push(Located::at(
+            KeyEntry {
+                key,
+                tier,
+                account,
+                org,
+            },
+            line,
+        ));
         self
     }
 

@@ -12,6 +12,7 @@ use toml::Spanned;
 
 use super::{Policy, PolicyError};
 
+mod keys;
 mod redact;
 mod sections;
 pub(super) use sections::near;
@@ -185,7 +186,7 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
     // overlap HTTP routes, and the more specific rules should win.
     b = sections::grpc(b, file.grpc, &lines)?;
     b = sections::routes(b, file.routes, &lines);
-    b = sections::keys(b, file.keys, &lines)?;
+    b = keys::keys(b, file.keys, &lines)?;
     b = sections::custom_limits(b, file.custom_limits, &lines)?;
     b = sections::boosts(b, file.boosts, &lines)?;
     if let Some(sh) = file.shadow {

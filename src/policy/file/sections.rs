@@ -219,68 +219,6 @@ pub(super) fn routes(
     b
 }
 
-/// `[keys]`: `"KEY" = "TIER"` or `"KEY" = { tier = "TIER", account =
-/// "ACCOUNT" }`. Errors name the key redacted (`keys."key:…"`), as the
-/// builder's do.
-pub(super) fn keys(
-    mut b: PolicyBuilder,
-    keys: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
-    lines: &Lines,
-) -> Built {
-    let mut keys: Vec<_> = keys.into_iter().collect();
-    keys.sort_by_key(|(k, _)| k.span().start);
-    for (key, spec) in keys {
-        let line = lines.of(spec.span().start);
-        let (tier, account) = key_spec(spec.get_ref()).map_err(|m| {
-            let entry = format!("keys.\"{}\"", KeyId::of(key.get_ref()).redacted());
-            PolicyError::new(entry, line, m)
-        })?;
-        b = b.key_at(key.into_inner(), tier, account, line);
-    }
-    Ok(b)
-}
-
-/// A key's entry: its tier, and its account if it has one. A table with a
-/// field other than `tier` and `account` is refused by the field's name (a
-/// typo such as `acount` would otherwise leave the key without its
-/// account).
-fn key_spec(v: &toml::Value) -> Result<(String, Option<String>), String> {
-    const HOW: &str = "write the key's tier, such as \"pro\", or a table such as { tier = \"pro\", account = \"acme\" }";
-    let table = match v {
-        toml::Value::String(tier) => return Ok((tier.clone(), None)),
-        toml::Value::Table(table) => table,
-        _ => return Err(HOW.to_owned()),
-    };
-    if let Some(field) = table
-        .keys()
-        .find(|k| !["tier", "account"].contains(&k.as_str()))
-    {
-        // The field is named only when it is a typo of one (`acount`): in
-        // `[keys.team] "KEY" = "pro"` the field is an API key.
-        if ["tier", "account"].iter().any(|f| near(field, f)) {
-            return Err(format!(
-                "unknown field `{field}` (expected `tier` or `account`)"
-            ));
-        }
-        return Err(
-            "an unknown field (expected `tier` or `account`; keys are listed \
-             directly under [keys], never in sub-tables)"
-                .to_owned(),
-        );
-    }
-    let tier = match table.get("tier") {
-        Some(toml::Value::String(t)) => t.clone(),
-        Some(_) => return Err("write `tier` as a string, such as \"pro\"".to_owned()),
-        None => return Err(format!("`tier` is missing; {HOW}")),
-    };
-    let account = match table.get("account") {
-        None => None,
-        Some(toml::Value::String(a)) => Some(a.clone()),
-        Some(_) => return Err("write `account` as a string, such as \"acme\"".to_owned()),
-    };
-    Ok((tier, account))
-}
-
 /// `[custom_limits."KEY"]` (or `[overrides."KEY"]`): custom limits,
 /// category by category.
 pub(super) fn custom_limits(
