@@ -51,6 +51,28 @@ impl std::hash::Hash for Limit {
     }
 }
 
+/// Whom a limit is counted per: each key, each account (shared by its
+/// keys), or each organisation (shared by its accounts' keys).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) enum Per {
+    #[default]
+    Key,
+    Account,
+    Org,
+}
+
+impl Per {
+    /// `"key"`, `"account"` or `"org"`, as answers and the usage endpoint
+    /// name it.
+    pub(crate) const fn name(self) -> &'static str {
+        match self {
+            Per::Key => "key",
+            Per::Account => "account",
+            Per::Org => "org",
+        }
+    }
+}
+
 /// How a limit counts time: a rolling window (GCRA, the default), or a
 /// counter of the current calendar day, week (from Monday, ISO) or month
 /// in the policy's time zone, reset when the period starts.

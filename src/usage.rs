@@ -18,6 +18,7 @@ use std::time::Duration;
 use crate::admission::{ChargeSet, Path, Shared, path};
 use crate::backend::{Backend, Decision, LeaseState};
 use crate::decision::Shown;
+use crate::limit::Per;
 use crate::extract::{Extractor, Identity, Rejection, RequestRef, is_grpc};
 use crate::policy::{Calendar, Cell, Policy, Pool, TierId};
 use crate::response::{Answer, ResponseBody};
@@ -155,11 +156,11 @@ pub(crate) fn report<E, B: Backend>(
     }))
 }
 
-/// One category's peeks, under way: each limit's (with whether it is
-/// counted per account, and whether in tokens) in charge order, and each
-/// concurrency limit's.
+/// One category's peeks, under way: each limit's (with whom it is counted
+/// per, and whether in tokens) in charge order, and each concurrency
+/// limit's.
 struct Peek<F> {
-    limits: Vec<(F, bool, bool)>,
+    limits: Vec<(F, Per, bool)>,
     /// How many of the last limits are token limits.
     tokens: u8,
     leases: Vec<(F, bool)>,
@@ -193,14 +194,23 @@ where
                     set.in_periods(calendar, shared.unix_time());
                 }
                 let nkey = limits.per_key.len();
-                let nreq = nkey + limits.per_account.len();
+                let nacc = nkey + limits.per_account.len();
+                let nreq = nacc + limits.per_org.len();
                 let ntok = nreq + limits.tokens.len();
+                let key = match cell.pool {
+                    Pool::Account => Per::Account,
+                    Pool::Key => Per::Key,
+                };
                 for (i, c) in set.charges().iter().enumerate() {
-                    let tokens = i >= nreq;
-                    let per_account = (i >= nkey && i < nreq) || i >= ntok;
-                    let pooled = per_account || cell.pool == Pool::Account;
-                    peek.limits
-                        .push((shared.backend.peek(set.owner, c), pooled, tokens));
+                    let per = match i {
+                        i if i < nkey => key,
+                        i if i < nacc => Per::Account,
+                        i if i < nreq => Per::Org,
+                        i if i < ntok => key,
+                        _ => Per::Account,
+                    };
+                    let fut = shared.backend.peek(set.owner, c);
+                    peek.limits.push((fut, per, i >= nreq));
                 }
                 peek.tokens = set.tokens;
                 peek.leases = set
@@ -225,14 +235,14 @@ where
         }
         let mut decisions = Vec::with_capacity(self.limits.len());
         let mut listed = Vec::with_capacity(self.limits.len() + in_flight.len());
-        for (fut, per_account, is_tokens) in self.limits {
+        for (fut, per, is_tokens) in self.limits {
             let d = match fut.await {
                 Ok(d) => d,
                 Err(e) => return json!({ "error": e.to_string() }),
             };
             let mut v = shown_json(d.shown(now));
             v["unit"] = json!(if is_tokens { "tokens" } else { "requests" });
-            v["per"] = json!(if per_account { "account" } else { "key" });
+            v["per"] = json!(per.name());
             listed.push(v);
             decisions.push(d);
         }

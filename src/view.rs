@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use crate::policy::{CategoryId, Policy, TierId};
+use crate::limit::Per;
 use crate::response::{CellHeaders, CellRef, LimitText};
 
 /// A policy and its cells' precomputed parts, in force as one.
@@ -39,8 +40,7 @@ impl PolicyView {
                     headers: quota_headers(
                         policy.tier_name(tier),
                         policy.category_name(category),
-                        limits.per_key(),
-                        limits.per_account(),
+                        [limits.per_key(), limits.per_account(), limits.per_org()],
                     ),
                     #[cfg(feature = "metrics")]
                     metrics: std::sync::OnceLock::new(),
@@ -187,23 +187,20 @@ impl ViewSlot {
     }
 }
 
-/// The header values that describe a quota of these limits (per key, then
-/// per account) in `tier` and `category`: a cell's, or a key's own when
-/// custom limits or boosts apply to it.
-pub(crate) fn quota_headers(
-    tier: &str,
-    category: &str,
-    per_key: &[crate::Limit],
-    per_account: &[crate::Limit],
-) -> CellRef {
+/// The header values that describe a quota of these limits (per key, per
+/// account, per organisation) in `tier` and `category`: a cell's, or a
+/// key's own when custom limits or boosts apply to it.
+pub(crate) fn quota_headers(tier: &str, category: &str, lists: [&[crate::Limit]; 3]) -> CellRef {
+    let [per_key, per_account, per_org] = lists;
     let mut texts: Vec<LimitText> = per_key
         .iter()
-        .map(|l| (l, false))
-        .chain(per_account.iter().map(|l| (l, true)))
-        .map(|(l, per_account)| LimitText {
+        .map(|l| (l, Per::Key))
+        .chain(per_account.iter().map(|l| (l, Per::Account)))
+        .chain(per_org.iter().map(|l| (l, Per::Org)))
+        .map(|(l, per)| LimitText {
             max: l.max(),
             window: l.per(),
-            per_account,
+            per,
             period: l.period(),
         })
         .collect();
@@ -211,7 +208,7 @@ pub(crate) fn quota_headers(
         texts.push(LimitText {
             max: 0,
             window: std::time::Duration::ZERO,
-            per_account: false,
+            per: Per::Key,
             period: crate::policy::Period::Rolling,
         });
     }

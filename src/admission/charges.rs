@@ -1,6 +1,6 @@
 //! The check's charges and leases: a request under several limits becomes
 //! per-key charges (per account in a pooled tier), then per-account ones,
-//! then token charges, each in its own bucket, all under one owner; and
+//! then per-organisation ones, then token charges, each in its own bucket, all under one owner; and
 //! the concurrency leases it must hold. What a metered request settles
 //! later (its [`TokenMeter`]) and the leases it holds ([`Leases`]) are made
 //! from the same set.
@@ -66,6 +66,8 @@ pub(crate) struct ChargeSet {
 /// Whom a request's buckets belong to.
 #[derive(Clone, Copy)]
 struct Owners {
+    /// The organisation (the account without one).
+    org: u64,
     /// The account (the key itself without one).
     account: u64,
     /// The owner of per-key buckets: the key, or the account in a pooled
@@ -81,14 +83,21 @@ impl Owners {
             Pool::Key => identity.key().as_u64(),
             Pool::Account => account,
         };
-        Owners { account, key }
+        Owners {
+            org: identity.org_or_account().as_u64(),
+            account,
+            key,
+        }
     }
 
-    /// The owner of the whole check: the account when anything is counted
-    /// per account, else the per-key owner.
+    /// The owner of the whole check: the organisation when anything is
+    /// counted per organisation, else the account when anything is
+    /// counted per account, else the per-key owner.
     #[inline]
     fn check_owner(self, cell: &Cell, applied: Limits<'_>) -> u64 {
-        if cell.pool == Pool::Account
+        if !applied.per_org.is_empty() {
+            self.org
+        } else if cell.pool == Pool::Account
             || !applied.per_account.is_empty()
             || !applied.account_tokens.is_empty()
             || cell.account_concurrency.is_some()
@@ -113,9 +122,10 @@ impl ChargeSet {
         cost: u32,
         reserve: impl Fn(u32) -> u32,
     ) -> Option<(u64, Charge)> {
-        let ([limit], [], [], []) = (
+        let ([limit], [], [], [], []) = (
             applied.per_key,
             applied.per_account,
+            applied.per_org,
             applied.tokens,
             applied.account_tokens,
         ) else {
@@ -152,7 +162,8 @@ impl ChargeSet {
         set
     }
 
-    /// The request charges: per-key limits, then per-account ones.
+    /// The request charges: per-key limits, then per-account ones, then
+    /// per-organisation ones.
     #[inline]
     fn add_requests(
         &mut self,
@@ -163,12 +174,12 @@ impl ChargeSet {
         reserve: impl Fn(u32) -> u32,
     ) {
         let per_key = applied.per_key.iter();
-        let limits = per_key.map(|l| (*l, owners.key ^ cell.scope)).chain(
-            applied
-                .per_account
-                .iter()
-                .map(|l| (*l, owners.account ^ cell.account_scope)),
-        );
+        let per_account = applied.per_account.iter();
+        let per_org = applied.per_org.iter();
+        let limits = per_key
+            .map(|l| (*l, owners.key ^ cell.scope))
+            .chain(per_account.map(|l| (*l, owners.account ^ cell.account_scope)))
+            .chain(per_org.map(|l| (*l, owners.org ^ cell.org_scope)));
         for (slot, (limit, base)) in self.items[self.len..].iter_mut().zip(limits) {
             *slot = request_charge(limit, base, cost, &reserve);
             self.len += 1;

@@ -151,7 +151,7 @@ pub(crate) fn path<'a>(cell: &'a Cell, adjusted: Option<&'a Applied>) -> Path<'a
     match adjusted {
         None if cell.is_unlimited() => Path::Pass,
         None => Path::Check(cell.limits()),
-        Some(a) if a.per_key.is_empty() && a.per_account.is_empty() => {
+        Some(a) if a.per_key.is_empty() && a.per_account.is_empty() && a.per_org.is_empty() => {
             if !a.has_tokens() && !cell.leased {
                 Path::Pass
             } else {
@@ -275,8 +275,8 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
     /// case) is built on the spot; any other from a [`ChargeSet`].
     #[inline(always)]
     fn check<T>(&self, f: &Found<'_, T>, applied: Limits<'_>) -> Step<B::Future> {
-        let limits = applied.per_key.iter();
-        let cost = match f.cost(limits.chain(applied.per_account).copied()) {
+        let limits = applied.per_key.iter().chain(applied.per_account);
+        let cost = match f.cost(limits.chain(applied.per_org).copied()) {
             Ok(cost) => cost,
             Err(step) => return step,
         };

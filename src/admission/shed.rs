@@ -82,8 +82,11 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             Some(a) => crate::view::quota_headers(
                 tier,
                 category,
-                a.per_key.as_slice(),
-                a.per_account.as_slice(),
+                [
+                    a.per_key.as_slice(),
+                    a.per_account.as_slice(),
+                    a.per_org.as_slice(),
+                ],
             ),
         };
         Err(f.answer(Answer::Shed {

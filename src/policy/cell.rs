@@ -17,6 +17,8 @@ pub(crate) struct Cell {
     pub(crate) per_key: Box<[Limit]>,
     /// Limits counted per account, on top of the per-key ones.
     pub(crate) per_account: Box<[Limit]>,
+    /// Limits counted per organisation, on top of both.
+    pub(crate) per_org: Box<[Limit]>,
     /// Token limits, per key (per account in a pooled tier).
     pub(crate) tokens: Box<[Limit]>,
     /// Token limits per account.
@@ -39,12 +41,14 @@ pub(crate) struct Cell {
     pub(crate) scope: u64,
     /// The same for the cell's per-account limits.
     pub(crate) account_scope: u64,
+    /// The same for the cell's per-organisation limits.
+    pub(crate) org_scope: u64,
 }
 
 impl Cell {
     pub(in crate::policy) fn new(
         per_key: Vec<Limit>,
-        per_account: Vec<Limit>,
+        [per_account, per_org]: [Vec<Limit>; 2],
         extra: Metering,
         pool: Pool,
         tier: &str,
@@ -60,6 +64,7 @@ impl Cell {
                 .map_or(Rule::Unlimited, |l| Rule::Limited(*l)),
             per_key: per_key.into_boxed_slice(),
             per_account: per_account.into_boxed_slice(),
+            per_org: per_org.into_boxed_slice(),
             tokens: extra.tokens.into_boxed_slice(),
             account_tokens: extra.account_tokens.into_boxed_slice(),
             refund: extra.refund,
@@ -70,6 +75,7 @@ impl Cell {
             pool,
             scope: hash_str(&format!("{tier}\0{category}")),
             account_scope: hash_str(&format!("{tier}\0{category}\0account")),
+            org_scope: hash_str(&format!("{tier}\0{category}\0org")),
         }
     }
 
@@ -78,6 +84,7 @@ impl Cell {
     pub(crate) fn is_unlimited(&self) -> bool {
         self.per_key.is_empty()
             && self.per_account.is_empty()
+            && self.per_org.is_empty()
             && self.tokens.is_empty()
             && self.account_tokens.is_empty()
             && !self.leased
@@ -89,6 +96,7 @@ impl Cell {
         Limits {
             per_key: &self.per_key,
             per_account: &self.per_account,
+            per_org: &self.per_org,
             tokens: &self.tokens,
             account_tokens: &self.account_tokens,
         }
@@ -99,6 +107,7 @@ impl Cell {
         Applied {
             per_key: LimitBuf::from_slice(&self.per_key),
             per_account: LimitBuf::from_slice(&self.per_account),
+            per_org: LimitBuf::from_slice(&self.per_org),
             tokens: LimitBuf::from_slice(&self.tokens),
             account_tokens: LimitBuf::from_slice(&self.account_tokens),
         }
@@ -125,6 +134,8 @@ pub struct EffectiveLimits {
     pub per_key: Vec<Limit>,
     /// Request limits counted per account.
     pub per_account: Vec<Limit>,
+    /// Request limits counted per organisation.
+    pub per_org: Vec<Limit>,
     /// Token limits per key (per account in a pooled tier).
     pub tokens: Vec<Limit>,
     /// Token limits per account.
@@ -151,6 +162,12 @@ impl<'a> CellLimits<'a> {
     /// Limits counted per account, on top of the per-key ones.
     pub fn per_account(&self) -> &'a [Limit] {
         &self.cell.per_account
+    }
+
+    /// Limits counted per organisation, on top of the per-key and
+    /// per-account ones.
+    pub fn per_org(&self) -> &'a [Limit] {
+        &self.cell.per_org
     }
 
     /// Whose count the per-key limits are kept in.

@@ -236,7 +236,7 @@ impl Policy {
             UNLIMITED.get_or_init(|| {
                 Cell::new(
                     Vec::new(),
-                    Vec::new(),
+                    [Vec::new(), Vec::new()],
                     Metering::default(),
                     Pool::Key,
                     "",
@@ -353,6 +353,7 @@ impl Policy {
         Some(EffectiveLimits {
             per_key: a.per_key.as_slice().to_vec(),
             per_account: a.per_account.as_slice().to_vec(),
+            per_org: a.per_org.as_slice().to_vec(),
             tokens: a.tokens.as_slice().to_vec(),
             account_tokens: a.account_tokens.as_slice().to_vec(),
             concurrency: cell.concurrency,

@@ -67,6 +67,7 @@ impl Adjust {
             Adjust::Scale(k) => Applied {
                 per_key: limits.per_key.scaled(*k),
                 per_account: limits.per_account.scaled(*k),
+                per_org: limits.per_org.scaled(*k),
                 tokens: limits.tokens.scaled(*k),
                 account_tokens: limits.account_tokens.scaled(*k),
             },
@@ -157,12 +158,13 @@ pub(crate) fn more_generous(a: Rule, b: Rule) -> bool {
 }
 
 /// Whether the limits `a` let more through than `b`: request limits per
-/// key first, then per account, then token limits (each list by its
+/// key first, then per account, per organisation, then token limits (each list by its
 /// tightest limit); the first that differs decides.
 pub(crate) fn more_generous_all(a: &Applied, b: &Applied) -> bool {
     let pairs = [
         (a.per_key.as_slice(), b.per_key.as_slice()),
         (a.per_account.as_slice(), b.per_account.as_slice()),
+        (a.per_org.as_slice(), b.per_org.as_slice()),
         (a.tokens.as_slice(), b.tokens.as_slice()),
         (a.account_tokens.as_slice(), b.account_tokens.as_slice()),
     ];

@@ -142,6 +142,7 @@ pub(crate) fn list_more_generous(a: &[Limit], b: &[Limit]) -> bool {
 pub(crate) struct Applied {
     pub(crate) per_key: LimitBuf,
     pub(crate) per_account: LimitBuf,
+    pub(crate) per_org: LimitBuf,
     pub(crate) tokens: LimitBuf,
     pub(crate) account_tokens: LimitBuf,
 }
@@ -159,6 +160,7 @@ impl Applied {
         Limits {
             per_key: self.per_key.as_slice(),
             per_account: self.per_account.as_slice(),
+            per_org: self.per_org.as_slice(),
             tokens: self.tokens.as_slice(),
             account_tokens: self.account_tokens.as_slice(),
         }
@@ -166,11 +168,12 @@ impl Applied {
 }
 
 /// The limits that apply to one request, borrowed from its cell or from
-/// an [`Applied`] on the stack (four slices: nothing copied).
+/// an [`Applied`] on the stack (five slices: nothing copied).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Limits<'a> {
     pub(crate) per_key: &'a [Limit],
     pub(crate) per_account: &'a [Limit],
+    pub(crate) per_org: &'a [Limit],
     pub(crate) tokens: &'a [Limit],
     pub(crate) account_tokens: &'a [Limit],
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderValue};
 
 use super::headers::{HeaderOptions, RATELIMIT_POLICY, X_RATELIMIT_LIMIT, X_RATELIMIT_WINDOW};
+use crate::limit::Per;
 use crate::time::ceil_secs;
 
 /// Header values fixed by a tier × category cell, made once per policy.
@@ -33,7 +34,7 @@ pub(crate) struct CellHeaders {
 pub(crate) struct LimitText {
     pub(crate) max: u32,
     pub(crate) window: Duration,
-    pub(crate) per_account: bool,
+    pub(crate) per: Per,
     pub(crate) period: crate::policy::Period,
 }
 
@@ -87,21 +88,18 @@ impl CellHeaders {
                 HeaderValue::try_from(text).ok()
             }
         };
-        let (keys, accounts) = (
-            limits.iter().filter(|l| !l.per_account).count(),
-            limits.iter().filter(|l| l.per_account).count(),
-        );
+        let count = |per| limits.iter().filter(|l| l.per == per).count();
         let mut policy = String::new();
         let mut names = Vec::with_capacity(limits.len());
         for l in limits {
             let secs = ceil_secs(l.window);
             // One limit per key: `"tier.category"`; several: by window or period.
             let span = l.period.name().map_or(format!("{secs}s"), str::to_owned);
-            let name = match (l.per_account, if l.per_account { accounts } else { keys }) {
-                (false, 1) => format!("\"{tier}.{category}\""),
-                (false, _) => format!("\"{tier}.{category}.{span}\""),
-                (true, 1) => format!("\"{tier}.{category}.account\""),
-                (true, _) => format!("\"{tier}.{category}.account.{span}\""),
+            let name = match (l.per, count(l.per)) {
+                (Per::Key, 1) => format!("\"{tier}.{category}\""),
+                (Per::Key, _) => format!("\"{tier}.{category}.{span}\""),
+                (per, 1) => format!("\"{tier}.{category}.{}\"", per.name()),
+                (per, _) => format!("\"{tier}.{category}.{}.{span}\"", per.name()),
             };
             if !policy.is_empty() {
                 policy.push_str(", ");

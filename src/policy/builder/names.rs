@@ -32,10 +32,11 @@ impl Names {
         super::overrides::check_adjust(&self.cells, adjust)
     }
 
-    /// Every limit of a cell (per key, then per account).
+    /// Every request limit of a cell (per key, account, organisation).
     pub(super) fn limits(&self, tier: usize, category: usize) -> impl Iterator<Item = Limit> + '_ {
         let cell = &self.cells[tier * self.categories.len() + category];
-        cell.per_key.iter().chain(cell.per_account.iter()).copied()
+        let shared = cell.per_account.iter().chain(cell.per_org.iter());
+        cell.per_key.iter().chain(shared).copied()
     }
 
     /// A custom limit's category as an error may show it: as written when

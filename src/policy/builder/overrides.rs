@@ -182,13 +182,14 @@ pub(in crate::policy) fn check_adjust(cells: &[Cell], adjust: &Adjust) -> Result
     let too_many = cells.iter().any(|c| {
         requests.map_or(c.per_key.len(), <[Limit]>::len)
             + c.per_account.len()
+            + c.per_org.len()
             + tokens.map_or(c.tokens.len(), <[Limit]>::len)
             + c.account_tokens.len()
             > MAX_LIMITS
     });
     if too_many {
         return Err(format!(
-            "with the per-account limits, more than {MAX_LIMITS} limits would apply"
+            "with the per-account and per-organisation limits, more than {MAX_LIMITS} limits would apply"
         ));
     }
     Ok(())

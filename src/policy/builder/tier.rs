@@ -24,6 +24,7 @@ pub struct Tier {
     /// `None`: unlimited.
     pub(super) rules: Vec<Located<(String, Option<Vec<Limit>>)>>,
     pub(super) per_account: Vec<Located<(String, Vec<Limit>)>>,
+    pub(super) per_org: Vec<Located<(String, Vec<Limit>)>>,
     /// Token limits: (category, limits, per account).
     pub(super) tokens: Vec<Located<(String, Vec<Limit>, bool)>>,
     pub(super) refund_on: Option<Located<RefundOn>>,
@@ -42,6 +43,7 @@ impl Tier {
             name: name.into(),
             rules: Vec::new(),
             per_account: Vec::new(),
+            per_org: Vec::new(),
             tokens: Vec::new(),
             refund_on: None,
             refunds: Vec::new(),
@@ -108,6 +110,31 @@ impl Tier {
         let limits = limits.into_iter().collect();
         self.per_account
             .push(Located::new((category.into(), limits)));
+        self
+    }
+
+    /// Limits `category` per organisation too: every key of every account
+    /// of an organisation shares these limits
+    /// ([`Identity::with_org`](crate::extract::Identity::with_org), or the
+    /// `org` of a `[keys]` entry), checked with the per-key and per-account
+    /// ones, all or nothing. An account without an organisation is its own.
+    ///
+    /// ```
+    /// use tierlimit::{Limit, Tier};
+    ///
+    /// let pro = Tier::new("pro")
+    ///     .limit("write", Limit::per_hour(100))                 // each key
+    ///     .per_account("write", [Limit::per_hour(500)])          // each team
+    ///     .per_org("write", [Limit::per_hour(2000)]);            // the whole company
+    /// # let _ = pro;
+    /// ```
+    pub fn per_org(
+        mut self,
+        category: impl Into<String>,
+        limits: impl IntoIterator<Item = Limit>,
+    ) -> Self {
+        let limits = limits.into_iter().collect();
+        self.per_org.push(Located::new((category.into(), limits)));
         self
     }
 
@@ -288,6 +315,17 @@ impl Tier {
         line: Option<usize>,
     ) -> Self {
         self.per_account.push(Located::at((category, limits), line));
+        self
+    }
+
+    /// Per-organisation limits written on `line` (for the loader).
+    pub(in crate::policy) fn per_org_at(
+        mut self,
+        category: String,
+        limits: Vec<Limit>,
+        line: Option<usize>,
+    ) -> Self {
+        self.per_org.push(Located::at((category, limits), line));
         self
     }
 

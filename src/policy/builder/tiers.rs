@@ -52,6 +52,7 @@ struct Table {
     /// Whether the tier gives each category a rule.
     set: Vec<bool>,
     per_account: Vec<Vec<Limit>>,
+    per_org: Vec<Vec<Limit>>,
     /// Token limits: per key, per account.
     tokens: Vec<[Vec<Limit>; 2]>,
     refunds: Vec<RefundOn>,
@@ -66,13 +67,35 @@ struct Kind<T> {
     /// The entry's last part, after the category (`tokens`); `None`: the
     /// category is the last part.
     what: Option<&'static str>,
-    /// An entry's category, and whether it is counted per account.
-    slot: fn(&T) -> (&str, bool),
+    /// An entry's category, and whom it is counted per.
+    slot: fn(&T) -> (&str, Per),
     /// Refuses a value on its own (before the check for a second entry).
     check: fn(&T) -> Result<(), String>,
     /// The error for a second entry of one category and slot, given the
     /// tier's and the category's names; `None`: the last entry counts.
     twice: Option<fn(&str, &str) -> String>,
+}
+
+/// Whom an entry's limits are counted per: its place in the entry's name.
+#[derive(Clone, Copy)]
+enum Per {
+    Key = 0,
+    Account = 1,
+    Org = 2,
+}
+
+impl Per {
+    fn of(per_account: bool) -> Self {
+        if per_account { Per::Account } else { Per::Key }
+    }
+
+    fn section(self) -> &'static str {
+        match self {
+            Per::Key => "",
+            Per::Account => ".per_account",
+            Per::Org => ".per_org",
+        }
+    }
 }
 
 fn any<T>(_: &T) -> Result<(), String> {
@@ -83,24 +106,25 @@ impl Tier {
     /// The one loop every kind of the tier's entries goes through. For
     /// each entry, in order: its category must be declared; `kind.check`
     /// must accept its value; it must be the first of its category and
-    /// slot (per key or per account) unless `kind.twice` is `None`; then
-    /// `store` keeps it, and may still refuse it (a cell's total). An
-    /// error names the entry (`tiers.<tier>[.per_account].<category>[.<what>]`)
-    /// and its line. Returns the categories and slots set.
+    /// slot (per key, account or organisation) unless `kind.twice` is
+    /// `None`; then `store` keeps it, and may still refuse it (a cell's
+    /// total). An error names the entry
+    /// (`tiers.<tier>[.per_account|.per_org].<category>[.<what>]`) and its
+    /// line. Returns the categories and slots set.
     fn each_entry<'t, T>(
         &self,
         categories: &[Box<str>],
         entries: &'t [Located<T>],
         kind: Kind<T>,
         mut store: impl FnMut(&'t T, usize) -> Result<(), String>,
-    ) -> Result<Vec<[bool; 2]>, PolicyError> {
-        let mut seen = vec![[false; 2]; categories.len()];
+    ) -> Result<Vec<[bool; 3]>, PolicyError> {
+        let mut seen = vec![[false; 3]; categories.len()];
         for Located { value, line } in entries {
-            let (cat, per_account) = (kind.slot)(value);
+            let (cat, per) = (kind.slot)(value);
             let entry = format!(
                 "tiers.{}{}.{cat}{}",
                 self.name,
-                if per_account { ".per_account" } else { "" },
+                per.section(),
                 kind.what.map_or(String::new(), |w| format!(".{w}")),
             );
             let err = |m: String| PolicyError::new(&entry, *line, m);
@@ -111,7 +135,7 @@ impl Tier {
                 ))
             })?;
             (kind.check)(value).map_err(&err)?;
-            let again = std::mem::replace(&mut seen[id][usize::from(per_account)], true);
+            let again = std::mem::replace(&mut seen[id][per as usize], true);
             if let (true, Some(twice)) = (again, kind.twice) {
                 return Err(err(twice(&self.name, cat)));
             }
@@ -131,12 +155,14 @@ impl Tier {
             rules: vec![None; n],
             set: Vec::new(),
             per_account: vec![Vec::new(); n],
+            per_org: vec![Vec::new(); n],
             tokens: vec![[Vec::new(), Vec::new()]; n],
             refunds: vec![refund; n],
             concurrency: vec![[None, None]; n],
         };
         t.set = self.read_rules(categories, &mut t)?;
         self.read_per_account(categories, &mut t)?;
+        self.read_per_org(categories, &mut t)?;
         self.read_tokens(categories, &mut t)?;
         self.read_refunds(categories, &mut t)?;
         self.read_concurrency(categories, &mut t)?;
@@ -150,7 +176,7 @@ impl Tier {
             &self.rules,
             Kind {
                 what: None,
-                slot: |(c, _)| (c, false),
+                slot: |(c, _)| (c, Per::Key),
                 check: any,
                 twice: Some(|t, c| format!("tier `{t}` sets `{c}` twice")),
             },
@@ -162,7 +188,7 @@ impl Tier {
                 Ok(())
             },
         )?;
-        Ok(seen.into_iter().map(|[key, _]| key).collect())
+        Ok(seen.into_iter().map(|[key, ..]| key).collect())
     }
 
     /// `tiers.<tier>.per_account.<category>`.
@@ -172,19 +198,34 @@ impl Tier {
             &self.per_account,
             Kind {
                 what: None,
-                slot: |(c, _)| (c, true),
+                slot: |(c, _)| (c, Per::Account),
                 check: any,
                 twice: Some(|t, c| format!("tier `{t}` sets per-account `{c}` twice")),
             },
             |(cat, limits), id| {
                 check_list(limits)?;
-                if t.rules[id].as_ref().map_or(0, Vec::len) + limits.len() > MAX_LIMITS {
-                    return Err(format!(
-                        "`{cat}` has more than {MAX_LIMITS} limits per key and per account together"
-                    ));
-                }
                 t.per_account[id] = limits.clone();
-                Ok(())
+                t.fits(id, cat)
+            },
+        )?;
+        Ok(())
+    }
+
+    /// `tiers.<tier>.per_org.<category>`.
+    fn read_per_org(&self, categories: &[Box<str>], t: &mut Table) -> Result<(), PolicyError> {
+        self.each_entry(
+            categories,
+            &self.per_org,
+            Kind {
+                what: None,
+                slot: |(c, _)| (c, Per::Org),
+                check: any,
+                twice: Some(|t, c| format!("tier `{t}` sets per-organisation `{c}` twice")),
+            },
+            |(cat, limits), id| {
+                check_list(limits)?;
+                t.per_org[id] = limits.clone();
+                t.fits(id, cat)
             },
         )?;
         Ok(())
@@ -197,23 +238,14 @@ impl Tier {
             &self.tokens,
             Kind {
                 what: Some("tokens"),
-                slot: |(c, _, per_account)| (c, *per_account),
+                slot: |(c, _, per_account)| (c, Per::of(*per_account)),
                 check: any,
                 twice: Some(|t, c| format!("tier `{t}` sets `{c}`'s tokens twice")),
             },
             |(cat, limits, acct), id| {
                 check_list(limits)?;
                 t.tokens[id][usize::from(*acct)] = limits.clone();
-                let total = t.rules[id].as_ref().map_or(0, Vec::len)
-                    + t.per_account[id].len()
-                    + t.tokens[id][0].len()
-                    + t.tokens[id][1].len();
-                if total > MAX_LIMITS {
-                    return Err(format!(
-                        "`{cat}` has more than {MAX_LIMITS} limits of requests and tokens together"
-                    ));
-                }
-                Ok(())
+                t.fits(id, cat)
             },
         )?;
         Ok(())
@@ -226,7 +258,7 @@ impl Tier {
             &self.refunds,
             Kind {
                 what: Some("refund_on"),
-                slot: |(c, _)| (c, false),
+                slot: |(c, _)| (c, Per::Key),
                 check: any,
                 twice: None,
             },
@@ -242,7 +274,7 @@ impl Tier {
     fn read_concurrency(&self, categories: &[Box<str>], t: &mut Table) -> Result<(), PolicyError> {
         self.each_entry(categories, &self.concurrency, Kind {
             what: Some("concurrency"),
-            slot: |(c, _, per_account)| (c, *per_account),
+            slot: |(c, _, per_account)| (c, Per::of(*per_account)),
             check: |(_, n, _)| {
                 if *n == 0 || *n > MAX_CONCURRENCY {
                     return Err(format!(
@@ -261,6 +293,22 @@ impl Tier {
 }
 
 impl Table {
+    /// Refuses a category with more limits than a check holds: requests
+    /// per key, account and organisation, and tokens, together.
+    fn fits(&self, id: usize, cat: &str) -> Result<(), String> {
+        let total = self.rules[id].as_ref().map_or(0, Vec::len)
+            + self.per_account[id].len()
+            + self.per_org[id].len()
+            + self.tokens[id][0].len()
+            + self.tokens[id][1].len();
+        if total > MAX_LIMITS {
+            return Err(format!(
+                "`{cat}` has more than {MAX_LIMITS} limits (of requests per key, per account and per organisation, and of tokens) together"
+            ));
+        }
+        Ok(())
+    }
+
     /// The tier's cells, one per category in order; every category must
     /// have a rule.
     fn into_cells(self, tier: &Tier, categories: &[Box<str>]) -> Result<Vec<Cell>, PolicyError> {
@@ -268,6 +316,7 @@ impl Table {
             rules,
             set,
             mut per_account,
+            mut per_org,
             mut tokens,
             refunds,
             concurrency,
@@ -287,7 +336,10 @@ impl Table {
             let [key_tokens, account_tokens] = std::mem::take(&mut tokens[i]);
             cells.push(Cell::new(
                 rule.unwrap_or_default(),
-                std::mem::take(&mut per_account[i]),
+                [
+                    std::mem::take(&mut per_account[i]),
+                    std::mem::take(&mut per_org[i]),
+                ],
                 Metering {
                     tokens: key_tokens,
                     account_tokens,

@@ -113,7 +113,8 @@ struct ShadowSpec {
 }
 
 /// A tier's table: category → `"100/hour"`, a list of limits, or
-/// `{ requests = … }`; and `pool`, `priority_reserve`, `per_account`.
+/// `{ requests = … }`; and `pool`, `priority_reserve`, `per_account`,
+/// `per_org`.
 type TierRules = BTreeMap<Spanned<String>, Spanned<toml::Value>>;
 
 #[derive(Deserialize)]

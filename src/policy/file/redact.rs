@@ -37,7 +37,7 @@ const PLAIN: [&str; 6] = [
 ];
 
 /// Names the loader itself gives, which a message may always quote.
-const VOCABULARY: [&str; 36] = [
+const VOCABULARY: [&str; 38] = [
     "true",
     "false",
     "categories",
@@ -74,6 +74,8 @@ const VOCABULARY: [&str; 36] = [
     "pool",
     "priority_reserve",
     "per_account",
+    "per_org",
+    "org",
 ];
 
 /// The loader's error for an error of the TOML parser (or of serde on the

@@ -60,7 +60,8 @@ pub(super) fn tiers(
 }
 
 /// One entry of a tier's table: a category's limits, or one of the tier's
-/// own settings (`priority_reserve`, `pool`, `refund_on`, `per_account`).
+/// own settings (`priority_reserve`, `pool`, `refund_on`, `per_account`,
+/// `per_org`).
 fn tier_entry(
     mut tier: Tier,
     name: &str,
@@ -110,6 +111,14 @@ fn tier_entry(
             };
             tier = per_account(tier, name, table, line)?;
         }
+        "per_org" => {
+            let Some(table) = spec.get_ref().as_table() else {
+                return Err(err(
+                    "write per-organisation limits as a table: [tiers.NAME.per_org]".into(),
+                ));
+            };
+            tier = per_org(tier, name, table, line)?;
+        }
         _ => {
             let cell = parse_cell(spec.get_ref()).map_err(err)?;
             let cat = cat.into_inner();
@@ -123,6 +132,35 @@ fn tier_entry(
             }
             if let Some(refund) = cell.refund {
                 tier = tier.refund_at(Some(cat), refund, line);
+            }
+        }
+    }
+    Ok(tier)
+}
+
+/// `[tiers.NAME.per_org]`: request limits shared by every key of every
+/// account of an organisation.
+fn per_org(
+    mut tier: Tier,
+    name: &str,
+    table: &toml::Table,
+    line: Option<usize>,
+) -> Result<Tier, PolicyError> {
+    for (cat, v) in table {
+        let entry = format!("tiers.{name}.per_org.{cat}");
+        let err = |m: &str| PolicyError::new(&entry, line, m);
+        let cell = parse_cell(v).map_err(|m| err(&m))?;
+        if cell.refund.is_some() || cell.tokens.is_some() || cell.concurrency.is_some() {
+            return Err(err(
+                "an organisation takes request limits only (such as \"10000/day\"); set token and concurrency limits per key or per account",
+            ));
+        }
+        match cell.requests {
+            Some(Some(limits)) => tier = tier.per_org_at(cat.clone(), limits, line),
+            _ => {
+                return Err(err(
+                    "a per-organisation limit cannot be unlimited; leave the category out",
+                ));
             }
         }
     }
