@@ -18,8 +18,8 @@ use std::time::Duration;
 use crate::admission::{ChargeSet, Path, Shared, path};
 use crate::backend::{Backend, Decision, LeaseState};
 use crate::decision::Shown;
-use crate::limit::Per;
 use crate::extract::{Extractor, Identity, Rejection, RequestRef, is_grpc};
+use crate::limit::Per;
 use crate::policy::{Calendar, Cell, Policy, Pool, TierId};
 use crate::response::{Answer, ResponseBody};
 

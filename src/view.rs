@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use crate::policy::{CategoryId, Policy, TierId};
 use crate::limit::Per;
+use crate::policy::{CategoryId, Policy, TierId};
 use crate::response::{CellHeaders, CellRef, LimitText};
 
 /// A policy and its cells' precomputed parts, in force as one.

@@ -61,9 +61,9 @@ use crate::key::KeyId;
 
 pub use crate::calendar::Calendar;
 pub use crate::limit::{Limit, MAX_LIMITS, Period, PeriodBounds, Rule};
+use builder::KeySpec;
 pub(crate) use builder::reserve_of;
 pub use builder::{KeyRule, PolicyBuilder, PolicyError, Route, Tier};
-use builder::KeySpec;
 pub(crate) use cell::Cell;
 use cell::Metering;
 pub use cell::{CellLimits, EffectiveLimits};

@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+use super::TierId;
 use super::operator::CompiledBoost;
 use super::{Adjust, CategoryId, ListedKey, MAX_UNIX, Policy};
-use super::TierId;
 use crate::key::{KeyDigest, KeyId};
 
 /// Keys here are keyed hashes already: a fixed hasher spreads them.

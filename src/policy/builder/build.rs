@@ -95,7 +95,15 @@ impl PolicyBuilder {
         let mut categories: Vec<Box<str>> = Vec::with_capacity(self.categories.len());
         for (i, Located { value: name, line }) in self.categories.iter().enumerate() {
             check_name(name).map_err(|m| PolicyError::new(format!("categories[{i}]"), *line, m))?;
-            if ["pool", "per_account", "per_org", "priority_reserve", "refund_on"].contains(&name.as_str()) {
+            if [
+                "pool",
+                "per_account",
+                "per_org",
+                "priority_reserve",
+                "refund_on",
+            ]
+            .contains(&name.as_str())
+            {
                 return Err(PolicyError::new(
                     format!("categories[{i}]"),
                     *line,

@@ -237,7 +237,9 @@ impl PolicyBuilder {
             .keys
             .iter()
             .find(|k| k.value.key == key)
-            .map_or((None, None), |k| (k.value.account.clone(), k.value.org.clone()));
+            .map_or((None, None), |k| {
+                (k.value.account.clone(), k.value.org.clone())
+            });
         self.keys.retain(|k| k.value.key != key);
         let spec = KeySpec {
             org,
@@ -301,7 +303,11 @@ impl PolicyBuilder {
         tier: impl Into<String>,
         account: impl Into<String>,
     ) -> Self {
-        self.key_at(key.into(), KeySpec::new(tier.into(), Some(account.into())), None)
+        self.key_at(
+            key.into(),
+            KeySpec::new(tier.into(), Some(account.into())),
+            None,
+        )
     }
 
     /// Maps an API key to a tier, an account and an organisation: limits

@@ -1,0 +1,422 @@
+//! Organisations: a third owner above accounts. An organisation's limits
+//! bind across all its accounts' keys, all or nothing with the per-key and
+//! per-account ones, while another organisation is unaffected — through a
+//! real axum server and HTTP client, a real tonic server and client, on
+//! memory and on a real Redis (single node and Cluster) shared by two
+//! servers; keys from `[keys]` and from the admin API.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::{call, client, header, serve};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tierlimit::backend::Backend;
+use tierlimit::{ApiKey, HeaderOptions, Policy, RateLimitLayer};
+
+/// Each key 3 writes an hour, each account (team) 4, each organisation 5.
+const ORG_POLICY: &str = r#"
+categories = ["read", "write"]
+
+[tiers.pro]
+read = "1000/hour"
+write = "3/hour"
+
+[tiers.pro.per_account]
+write = "4/hour"
+
+[tiers.pro.per_org]
+write = "5/hour"
+
+[keys]
+"acme-a-1" = { tier = "pro", account = "team-a", org = "acme" }
+"acme-a-2" = { tier = "pro", account = "team-a", org = "acme" }
+"acme-b-1" = { tier = "pro", account = "team-b", org = "acme" }
+"acme-b-2" = { tier = "pro", account = "team-b", org = "acme" }
+"globex-1" = { tier = "pro", account = "team-g", org = "globex" }
+"solo" = "pro"
+"#;
+
+const ACME: [&str; 4] = ["acme-a-1", "acme-a-2", "acme-b-1", "acme-b-2"];
+
+const TOKEN: &str = "admin-token-for-org-tests-0123456789";
+
+/// The key secret every test of this binary hashes with (Redis's tests
+/// need one, set before any key is hashed).
+fn secret() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    #[cfg(feature = "redis")]
+    ONCE.call_once(common::redis::init_secret);
+    #[cfg(not(feature = "redis"))]
+    ONCE.call_once(|| {});
+}
+
+fn policy() -> Policy {
+    secret();
+    Policy::from_toml_str(ORG_POLICY).unwrap()
+}
+
+/// The app every test serves: `POST /v1/write` (category write) and the
+/// usage endpoint behind the layer, the admin API beside it.
+fn app<B: Backend>(layer: RateLimitLayer<ApiKey, B>) -> axum::Router {
+    let admin =
+        axum::Router::new().nest_service("/admin/v1", layer.admin_service().token("ops", TOKEN));
+    axum::Router::new()
+        .route("/v1/write", axum::routing::post(|| async { "{}" }))
+        .route_service("/v1/rate_limit", layer.usage_service())
+        .layer(layer)
+        .merge(admin)
+}
+
+async fn memory_server() -> common::Server {
+    let layer = RateLimitLayer::builder(policy())
+        .backend(common::fake_memory())
+        .headers(HeaderOptions::default().ietf_draft(true))
+        .build();
+    serve(app(layer)).await
+}
+
+async fn write(c: &reqwest::Client, s: &common::Server, key: &str) -> reqwest::Response {
+    call(c, "POST", &s.url("/v1/write"), key).await
+}
+
+fn policy_header(res: &reqwest::Response) -> &str {
+    res.headers()
+        .get("ratelimit-policy")
+        .map_or("", |v| v.to_str().unwrap())
+}
+
+#[tokio::test]
+async fn an_org_limit_binds_across_its_accounts_and_another_org_is_unaffected() {
+    let s = memory_server().await;
+    let c = client();
+    // acme-a-1: its own 3 bind first.
+    for left in [2, 1, 0] {
+        let res = write(&c, &s, "acme-a-1").await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(header(&res, "x-ratelimit-remaining"), Some(left));
+    }
+    // acme-a-2, same team: the team's 4th; the team binds (0 left).
+    let res = write(&c, &s, "acme-a-2").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        (
+            header(&res, "x-ratelimit-limit"),
+            header(&res, "x-ratelimit-remaining")
+        ),
+        (Some(4), Some(0))
+    );
+    // acme-b-1, another team of acme: the org's 5th; the org binds.
+    let res = write(&c, &s, "acme-b-1").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        (
+            header(&res, "x-ratelimit-limit"),
+            header(&res, "x-ratelimit-remaining")
+        ),
+        (Some(5), Some(0))
+    );
+    // acme-b-2: its key and its team have room, the org has none.
+    let res = write(&c, &s, "acme-b-2").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        (
+            header(&res, "x-ratelimit-limit"),
+            header(&res, "x-ratelimit-remaining")
+        ),
+        (Some(5), Some(0))
+    );
+    assert_eq!(header(&res, "retry-after"), Some(720), "an hour / 5");
+    assert_eq!(
+        policy_header(&res),
+        "\"pro.write\";q=3;w=3600, \"pro.write.account\";q=4;w=3600, \"pro.write.org\";q=5;w=3600"
+    );
+    // The refusal took nothing: acme-b-2's own usage shows its 3 and its
+    // team's 3 left (b-1 took one), the org's none.
+    let usage: Value = call(&c, "GET", &s.url("/v1/rate_limit"), "acme-b-2")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let limits: Vec<(String, u64)> = usage["categories"]["write"]["limits"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{usage}"))
+        .iter()
+        .map(|l| {
+            (
+                l["per"].as_str().unwrap().to_owned(),
+                l["remaining"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        limits,
+        [("key".into(), 3), ("account".into(), 3), ("org".into(), 0)],
+        "{usage}"
+    );
+    // Another organisation, and a key in none (its own), are unaffected.
+    for key in ["globex-1", "solo"] {
+        let res = write(&c, &s, key).await;
+        assert_eq!(res.status(), StatusCode::OK, "{key}");
+        assert_eq!(header(&res, "x-ratelimit-remaining"), Some(2), "{key}");
+    }
+    // Reads have no org limit: acme still reads.
+    let res = call(&c, "GET", &s.url("/v1/rate_limit"), "acme-b-2").await;
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+/// `tasks` tasks, each writing `tries` times as one of `keys` (by task
+/// number) against `urls` (by task number): the admitted count per key.
+async fn hammer(
+    urls: &[String],
+    keys: &'static [&'static str],
+    tasks: usize,
+    tries: usize,
+) -> Vec<u32> {
+    let c = client();
+    let admitted: Arc<Vec<AtomicU32>> = Arc::new(keys.iter().map(|_| AtomicU32::new(0)).collect());
+    let mut running = Vec::new();
+    for t in 0..tasks {
+        let (c, admitted) = (c.clone(), Arc::clone(&admitted));
+        let url = format!("{}/v1/write", urls[t % urls.len()]);
+        let k = (t / urls.len()) % keys.len();
+        running.push(tokio::spawn(async move {
+            for _ in 0..tries {
+                let res = c
+                    .post(&url)
+                    .header("x-api-key", keys[k])
+                    .send()
+                    .await
+                    .unwrap();
+                match res.status().as_u16() {
+                    200 => {
+                        admitted[k].fetch_add(1, Ordering::Relaxed);
+                    }
+                    429 => {}
+                    other => panic!("unexpected {other}"),
+                }
+            }
+        }));
+    }
+    for t in running {
+        t.await.unwrap();
+    }
+    admitted.iter().map(|n| n.load(Ordering::Relaxed)).collect()
+}
+
+/// Exactly the org's 5 of many concurrent tries, each key within its 3 and
+/// each team within its 4.
+fn assert_org_exact(per_key: &[u32]) {
+    assert_eq!(per_key.iter().sum::<u32>(), 5, "the org's 5: {per_key:?}");
+    assert!(per_key.iter().all(|n| *n <= 3), "{per_key:?}");
+    assert!(
+        per_key[0] + per_key[1] <= 4 && per_key[2] + per_key[3] <= 4,
+        "{per_key:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_org_limit_is_exact_under_concurrency_in_memory() {
+    let s = memory_server().await;
+    let per_key = hammer(&[s.url("")], &ACME, 32, 4).await;
+    assert_org_exact(&per_key);
+    let res = write(&client(), &s, "globex-1").await;
+    assert_eq!(res.status(), StatusCode::OK, "globex is its own org");
+}
+
+#[cfg(all(feature = "redis", feature = "test-util"))]
+mod redis {
+    use super::*;
+    use common::redis::{RedisCluster, RedisServer, ready};
+    use governor::clock::FakeRelativeClock;
+
+    /// Two servers sharing one Redis through the backends `make` connects.
+    async fn across_two_servers(make: impl AsyncFn() -> tierlimit::RedisBackend) {
+        let mut servers = Vec::new();
+        for _ in 0..2 {
+            let layer = RateLimitLayer::builder(policy())
+                .backend(make().await)
+                .build();
+            servers.push(serve(app(layer)).await);
+        }
+        let urls: Vec<String> = servers.iter().map(|s| s.url("")).collect();
+        let per_key = hammer(&urls, &ACME, 32, 4).await;
+        assert_org_exact(&per_key);
+        let res = write(&client(), &servers[1], "globex-1").await;
+        assert_eq!(res.status(), StatusCode::OK, "globex is its own org");
+        assert_eq!(header(&res, "x-ratelimit-remaining"), Some(2));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_org_limit_is_exact_across_two_servers_on_redis() {
+        if !ready() {
+            return;
+        }
+        let server = RedisServer::start();
+        let clock = FakeRelativeClock::default();
+        across_two_servers(async || common::redis::fake_clock_backend(&server, &clock).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_org_limit_is_exact_across_two_servers_on_a_cluster() {
+        if !ready() {
+            return;
+        }
+        let cluster = RedisCluster::start();
+        let clock = FakeRelativeClock::default();
+        across_two_servers(async || {
+            common::redis::fake_clock_cluster_backend(&cluster, &clock).await
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn the_admin_api_provisions_keys_in_an_org() {
+    let s = memory_server().await;
+    let c = client();
+    let put = |key: &'static str, body: Value| {
+        let c = c.clone();
+        let url = s.url("/admin/v1/keys");
+        async move {
+            let res = c
+                .put(url)
+                .bearer_auth(TOKEN)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = res.status().as_u16();
+            (
+                status,
+                res.json::<Value>().await.unwrap_or(Value::Null),
+                key,
+            )
+        }
+    };
+    // Two new keys of globex, in another team: they share globex's 5 with
+    // globex-1.
+    for key in ["globex-new-1", "globex-new-2"] {
+        let (status, body, _) = put(
+            key,
+            json!({ "key": key, "tier": "pro", "account": "team-h", "org": "globex" }),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["org"], "globex", "{body}");
+    }
+    let mut admitted = 0;
+    for key in [
+        "globex-1",
+        "globex-1",
+        "globex-1",
+        "globex-new-1",
+        "globex-new-1",
+        "globex-new-2",
+    ] {
+        admitted += u32::from(write(&c, &s, key).await.status() == StatusCode::OK);
+    }
+    assert_eq!(admitted, 5, "globex's 5, over three keys and two teams");
+    // A bad org is refused, naming the field; nothing changes.
+    let (status, body, _) = put(
+        "globex-new-3",
+        json!({ "key": "globex-new-3", "tier": "pro", "org": "" }),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("field `org`"), "{body}");
+    let res = write(&c, &s, "globex-new-3").await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "not provisioned");
+}
+
+#[tokio::test]
+async fn an_org_refusal_over_grpc_is_resource_exhausted() {
+    secret();
+    let policy = Policy::from_toml_str(&format!(
+        "{ORG_POLICY}\n[[grpc]]\nservice = \"grpc.health.v1.Health\"\ncategory = \"write\"\n"
+    ))
+    .unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .backend(common::fake_memory())
+        .build();
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let routes = tonic::service::Routes::new(health);
+    let s = common::serve_grpc(layer, routes).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", s.addr))
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut codes = Vec::new();
+    for key in [
+        "acme-a-1", "acme-a-1", "acme-a-2", "acme-b-1", "acme-b-2", "acme-b-2",
+    ] {
+        let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        });
+        req.metadata_mut().insert("x-api-key", key.parse().unwrap());
+        codes.push(match health.check(req).await {
+            Ok(_) => tonic::Code::Ok,
+            Err(status) => {
+                let limit = status.metadata().get("x-ratelimit-limit").unwrap();
+                assert_eq!(limit.to_str().unwrap(), "5", "the org's limit binds");
+                status.code()
+            }
+        });
+    }
+    use tonic::Code::{Ok as Admitted, ResourceExhausted as Refused};
+    assert_eq!(
+        codes,
+        [Admitted, Admitted, Admitted, Admitted, Admitted, Refused]
+    );
+}
+
+#[test]
+fn org_mistakes_are_refused_naming_the_entry() {
+    secret();
+    let cases = [
+        (
+            "[tiers.pro.per_org]\nwrite = { requests = \"5/hour\", tokens = \"100/hour\" }\n",
+            "tiers.pro.per_org.write",
+            "request limits only",
+        ),
+        (
+            "[tiers.pro.per_org]\nwrite = \"unlimited\"\n",
+            "tiers.pro.per_org.write",
+            "cannot be unlimited",
+        ),
+        (
+            "[tiers.pro.per_org]\nwirte = \"5/hour\"\n",
+            "tiers.pro.per_org.wirte",
+            "unknown category",
+        ),
+        (
+            "[tiers.pro.per_org]\nwrite = \"0/hour\"\n",
+            "tiers.pro.per_org.write",
+            "",
+        ),
+        (
+            "[keys]\n\"k-1\" = { tier = \"pro\", org = \"\" }\n",
+            "keys.",
+            "an organisation is a name of 1 to 256 bytes",
+        ),
+        (
+            "[keys]\n\"k-1\" = { tier = \"pro\", orgg = \"acme\" }\n",
+            "keys.",
+            "unknown field `orgg`",
+        ),
+    ];
+    for (extra, entry, says) in cases {
+        let src = format!(
+            "categories = [\"read\", \"write\"]\n[tiers.pro]\nread = \"10/hour\"\nwrite = \"10/hour\"\n{extra}"
+        );
+        let e = Policy::from_toml_str(&src).expect_err(extra);
+        assert!(e.entry().starts_with(entry), "{extra}: {e}");
+        assert!(e.to_string().contains(says), "{extra}: {e}");
+    }
+}
