@@ -44,8 +44,8 @@ exempt = true
 path = "/v1/ai/*"
 category = "ai"
 [keys]
-"acme-key-1" = { tier = "pro", account = "acme" }
-"acme-key-2" = { tier = "pro", account = "acme" }
+"acme-key-1" = { tier = "pro", account = "acme", org = "acme-group" }
+"acme-key-2" = { tier = "pro", account = "acme", org = "acme-group" }
 "solo-key" = "solo"
 "ent-key" = "ent"
 "#;
@@ -252,6 +252,15 @@ async fn check_sums(c: &reqwest::Client, server: &common::Server, events: &[Valu
         .find(|e| e["tier"] == "pro")
         .map(account)
         .unwrap();
+    // Every event names its organisation: acme's keys their group's, the
+    // solo key none.
+    let org = |e: &Value| e["org"].as_str().map(str::to_owned);
+    let group = events.iter().find(|e| e["tier"] == "pro").and_then(org);
+    assert_eq!(group.as_ref().map(String::len), Some(16), "{events:?}");
+    for e in events {
+        let want = if e["tier"] == "pro" { group.clone() } else { None };
+        assert_eq!(org(e), want, "{e}");
+    }
     let solo = events.iter().find(|e| e["tier"] == "solo").unwrap()["key"]
         .as_str()
         .unwrap()
@@ -436,7 +445,7 @@ fn check_event_kinds(events: &[Value]) {
             .all(|e| e["requests"] == 1 && e["tokens"].is_null())
     );
     for e in events {
-        assert!(e["org"].is_null() && e["input_tokens"].is_null() && e["output_tokens"].is_null());
+        assert!(e["input_tokens"].is_null() && e["output_tokens"].is_null());
         assert_eq!(e["key"].as_str().unwrap().len(), 16, "a key id: {e}");
         assert!(e["time"].as_str().unwrap().ends_with('Z'));
         assert!(e["duration_us"].is_u64());

@@ -390,6 +390,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 time: self.unix_time(),
                 key: f.identity.key(),
                 account: f.identity.account(),
+                org: f.identity.org(),
                 tier: policy.tier_name(f.tier),
                 category: policy.category_name(f.category),
                 method: f.req.method(),

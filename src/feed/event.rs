@@ -32,8 +32,10 @@ pub struct UsageEvent {
     /// The caller's account id, if the extractor or the key table gave one.
     #[serde(serialize_with = "hex_opt")]
     pub account: Option<KeyId>,
-    /// The caller's organisation: always `None` until organisations exist.
-    pub org: Option<String>,
+    /// The caller's organisation id, if the extractor or the key table
+    /// gave one.
+    #[serde(serialize_with = "hex_opt")]
+    pub org: Option<KeyId>,
     /// The tier the request was admitted in.
     pub tier: String,
     /// The request's category.

@@ -43,6 +43,7 @@ pub(crate) struct Start<'a> {
     pub(crate) time: Duration,
     pub(crate) key: KeyId,
     pub(crate) account: Option<KeyId>,
+    pub(crate) org: Option<KeyId>,
     pub(crate) tier: &'a str,
     pub(crate) category: &'a str,
     pub(crate) method: &'a http::Method,
@@ -65,6 +66,7 @@ impl Usage {
     #[inline(never)]
     pub(crate) fn start(feed: &UsageFeed, s: &Start<'_>) -> Box<Self> {
         let mut event = Box::new(UsageEvent::start(s.time, s.key, s.account));
+        event.org = s.org;
         event.tier.push_str(s.tier);
         event.category.push_str(s.category);
         event.route = format!("{} {}", s.method, s.path);

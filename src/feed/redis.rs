@@ -136,7 +136,7 @@ fn fields(e: &UsageEvent) -> [(&'static str, String); 16] {
             "account",
             e.account.map_or_else(String::new, UsageEvent::id_hex),
         ),
-        ("org", e.org.clone().unwrap_or_default()),
+        ("org", e.org.map_or_else(String::new, UsageEvent::id_hex)),
         ("tier", e.tier.clone()),
         ("category", e.category.clone()),
         ("route", e.route.clone()),
