@@ -126,7 +126,7 @@ pub(crate) fn report<E, B: Backend>(
         let Some(cell) = policy.cell(tier, category) else {
             return Err(Rejection::UnknownKey);
         };
-        let adjusted = shared.adjusted(&policy, cell, tier, category, identity.key());
+        let adjusted = shared.adjusted(&policy, cell, tier, category, &identity);
         let path = path(cell, adjusted.as_ref());
         let peek = Peek::start(shared, (cell, policy.calendar()), path, &identity);
         peeks.push((category, peek));

@@ -258,7 +258,11 @@ async fn check_sums(c: &reqwest::Client, server: &common::Server, events: &[Valu
     let group = events.iter().find(|e| e["tier"] == "pro").and_then(org);
     assert_eq!(group.as_ref().map(String::len), Some(16), "{events:?}");
     for e in events {
-        let want = if e["tier"] == "pro" { group.clone() } else { None };
+        let want = if e["tier"] == "pro" {
+            group.clone()
+        } else {
+            None
+        };
         assert_eq!(org(e), want, "{e}");
     }
     let solo = events.iter().find(|e| e["tier"] == "solo").unwrap()["key"]

@@ -420,3 +420,130 @@ fn org_mistakes_are_refused_naming_the_entry() {
         assert!(e.to_string().contains(says), "{extra}: {e}");
     }
 }
+
+/// Custom limits and boosts of an account or an organisation, from the
+/// policy file: acme's organisation limit raised to 100, team-a's own
+/// account limit set to 6, team-b's account boosted to 20, and globex
+/// boosted x2 (every limit its keys have).
+const OWNER_ADJUSTMENTS: &str = r#"
+[org_limits."acme"]
+write = "100/hour"
+
+[account_limits."team-a"]
+write = "6/hour"
+
+[[boosts]]
+account = "team-b"
+category = "write"
+adjust = "20/hour"
+start = "2026-01-01T00:00:00Z"
+end = "2027-01-01T00:00:00Z"
+
+[[boosts]]
+org = "globex"
+adjust = "x2"
+start = "2026-01-01T00:00:00Z"
+end = "2027-01-01T00:00:00Z"
+"#;
+
+/// (admitted, the refusal's `X-RateLimit-Limit`) of `n` writes as `key`.
+async fn writes(
+    c: &reqwest::Client,
+    s: &common::Server,
+    key: &str,
+    n: usize,
+) -> (u32, Option<u64>) {
+    let (mut admitted, mut refused_by) = (0, None);
+    for _ in 0..n {
+        let res = write(c, s, key).await;
+        match res.status() {
+            StatusCode::OK => admitted += 1,
+            StatusCode::TOO_MANY_REQUESTS => refused_by = header(&res, "x-ratelimit-limit"),
+            other => panic!("{key}: unexpected {other}"),
+        }
+    }
+    (admitted, refused_by)
+}
+
+#[tokio::test]
+async fn custom_limits_and_boosts_target_an_account_or_an_org() {
+    secret();
+    let policy = Policy::from_toml_str(&format!("{ORG_POLICY}\n{OWNER_ADJUSTMENTS}")).unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .backend(common::fake_memory())
+        // 2026-09-01: inside the boosts' year.
+        .unix_clock(|| 1_788_220_800)
+        .build();
+    let s = serve(app(layer)).await;
+    let c = client();
+    // team-a: its own 6 (not the tier's 4), each key within its 3; the
+    // org's 100 never binds.
+    assert_eq!(writes(&c, &s, "acme-a-1", 4).await, (3, Some(3)));
+    assert_eq!(writes(&c, &s, "acme-a-2", 4).await, (3, Some(3)));
+    // team-b, boosted to 20: each key its 3 (the tier's 4 would refuse
+    // b-2's second).
+    assert_eq!(writes(&c, &s, "acme-b-1", 3).await, (3, None));
+    assert_eq!(writes(&c, &s, "acme-b-2", 4).await, (3, Some(3)));
+    // globex, x2: its key's 6, then refused by the key's doubled limit.
+    assert_eq!(writes(&c, &s, "globex-1", 7).await, (6, Some(6)));
+    // A key in no account or organisation keeps the tier's limits.
+    assert_eq!(writes(&c, &s, "solo", 4).await, (3, Some(3)));
+    // The usage endpoint shows the limits that apply to team-a's keys.
+    let usage: Value = call(&c, "GET", &s.url("/v1/rate_limit"), "acme-a-1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let limits: Vec<(String, u64)> = usage["categories"]["write"]["limits"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{usage}"))
+        .iter()
+        .map(|l| {
+            (
+                l["per"].as_str().unwrap().to_owned(),
+                l["limit"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        limits,
+        [
+            ("key".into(), 3),
+            ("account".into(), 6),
+            ("org".into(), 100)
+        ],
+        "{usage}"
+    );
+}
+
+#[test]
+fn owner_adjustment_mistakes_are_refused_naming_the_entry() {
+    secret();
+    let cases = [
+        (
+            "[org_limits.\"acme\"]\nwrite = { tokens = \"5/hour\" }\n",
+            "org_limits.\"acme\".write",
+            "request limits only",
+        ),
+        (
+            "[account_limits.\"team-a\"]\nwirte = \"5/hour\"\n",
+            "account_limits.\"team-a\".wirte",
+            "unknown category",
+        ),
+        (
+            "[account_limits.\"\"]\nwrite = \"5/hour\"\n",
+            "account_limits.\"\".write",
+            "an account is a name of 1 to 256 bytes",
+        ),
+        (
+            "[[boosts]]\norg = \"acme\"\naccount = \"team-a\"\nadjust = \"x2\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2027-01-01T00:00:00Z\"\n",
+            "boosts[0]",
+            "one of `key`, `tier`, `account` or `org`",
+        ),
+    ];
+    for (extra, entry, says) in cases {
+        let e = Policy::from_toml_str(&format!("{ORG_POLICY}\n{extra}")).expect_err(extra);
+        assert_eq!(e.entry(), entry, "{extra}: {e}");
+        assert!(e.to_string().contains(says), "{extra}: {e}");
+    }
+}

@@ -37,7 +37,6 @@ use priority::{critical, reserve_for};
 use crate::backend::{Backend, Check, Decision};
 use crate::extract::{Extractor, Identity, PeerIp, Rejection, RequestRef, is_grpc};
 use crate::feed::{Usage, UsageFeed};
-use crate::key::KeyId;
 use crate::overload::{Overload, Slot};
 use crate::plane::Plane;
 use crate::policy::{Applied, CategoryId, Cell, Limit, Limits, Policy, Target, TierId};
@@ -111,8 +110,9 @@ impl<E, B> Shared<E, B> {
         unix_time(self.unix_clock.as_ref())
     }
 
-    /// The limits of `key` in `cell` with its custom limits and active
-    /// boosts applied; `None` when none touch it (the cell's own apply).
+    /// The limits of the caller `identity` in `cell` with the custom
+    /// limits and active boosts of its key, account and organisation
+    /// applied; `None` when none touch it (the cell's own apply).
     #[inline]
     pub(crate) fn adjusted(
         &self,
@@ -120,7 +120,7 @@ impl<E, B> Shared<E, B> {
         cell: &Cell,
         tier: TierId,
         category: CategoryId,
-        key: KeyId,
+        identity: &Identity,
     ) -> Option<Applied> {
         if !policy.has_adjustments() {
             return None;
@@ -130,7 +130,7 @@ impl<E, B> Shared<E, B> {
         } else {
             0
         };
-        policy.adjusted(cell, tier, category, key, now)
+        policy.adjusted(cell, tier, category, identity.who(), now)
     }
 }
 
@@ -240,7 +240,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         };
         // Limits: the cell's, with custom limits and boosts applied (when a
         // policy has any, and they touch this key).
-        let adjusted = self.adjusted(policy, cell, tier, category, identity.key());
+        let adjusted = self.adjusted(policy, cell, tier, category, &identity);
         let found = Found {
             guard,
             req,

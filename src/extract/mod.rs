@@ -22,7 +22,7 @@ use std::fmt;
 pub use ipnet::IpNet;
 
 use crate::key::KeyId;
-use crate::policy::{ListedKey, Policy, TierId};
+use crate::policy::{ListedKey, Policy, TierId, Who};
 
 mod api_key;
 mod extension;
@@ -195,6 +195,22 @@ impl Identity {
             id.org = e.org;
         }
         id
+    }
+
+    /// Whom custom limits and boosts are looked up for.
+    #[inline]
+    pub(crate) const fn who(&self) -> Who {
+        Who {
+            key: self.key.as_u64(),
+            account: match self.account {
+                Some(a) => Some(a.as_u64()),
+                None => None,
+            },
+            org: match self.org {
+                Some(o) => Some(o.as_u64()),
+                None => None,
+            },
+        }
     }
 
     /// Marks the caller as known (authenticated) without naming a tier.

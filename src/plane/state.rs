@@ -17,6 +17,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use crate::key::{KeyDigest, KeyId};
+use crate::limit::Per;
 use crate::policy::{Adjust, ListedKey, Overlay, Policy, PolicyError};
 
 mod fields;
@@ -347,7 +348,7 @@ impl OperatorState {
         let good: Vec<(&str, Option<&Adjust>)> = limits
             .iter()
             .map(|(c, l)| (c.as_str(), l.as_ref().map(|(_, a)| a)))
-            .filter(|(c, a)| match base.check_op_limit(c, *a) {
+            .filter(|(c, a)| match base.check_op_limit(c, *a, Per::Key) {
                 Ok(()) => true,
                 Err(e) => {
                     left_out(&limit_field(key, c), &e);
@@ -355,10 +356,12 @@ impl OperatorState {
                 }
             })
             .collect();
-        let row = base.op_override_row(key.id, &good).unwrap_or_else(|e| {
-            left_out(&format!("custom limits of {}", key.key_id().redacted()), &e);
-            None
-        });
+        let row = base
+            .op_override_row((key.id, Per::Key), &good)
+            .unwrap_or_else(|e| {
+                left_out(&format!("custom limits of {}", key.key_id().redacted()), &e);
+                None
+            });
         o.set_overrides(key.id, row);
     }
 
@@ -366,7 +369,7 @@ impl OperatorState {
         let mut compiled = Vec::new();
         for (id, b) in self.boosts(now) {
             let (key, tier) = match &b.target {
-                BoostFor::Key(k) => (Some(k.id), None),
+                BoostFor::Key(k) => (Some((k.id, Per::Key)), None),
                 BoostFor::Tier(t) => (None, Some(t.as_str())),
             };
             let category = b.category.as_deref();
@@ -421,15 +424,15 @@ pub(crate) fn validate(base: &Policy, change: &Change) -> Result<(), PolicyError
             ..
         } => (
             format!("custom_limits.{}", entry(key, &format!(".{category}"))),
-            base.check_op_limit(category, Some(adjust)),
+            base.check_op_limit(category, Some(adjust), Per::Key),
         ),
         Change::RemoveLimit { key, category } => (
             format!("custom_limits.{}", entry(key, &format!(".{category}"))),
-            base.check_op_limit(category, None),
+            base.check_op_limit(category, None, Per::Key),
         ),
         Change::AddBoost { boost: b, .. } => {
             let (key, tier) = match &b.target {
-                BoostFor::Key(k) => (Some(k.id), None),
+                BoostFor::Key(k) => (Some((k.id, Per::Key)), None),
                 BoostFor::Tier(t) => (None, Some(t.as_str())),
             };
             let r = base

@@ -58,6 +58,7 @@ use hashbrown::HashTable;
 use http::Method;
 
 use crate::key::KeyId;
+use crate::limit::Per;
 
 pub use crate::calendar::Calendar;
 pub use crate::limit::{Limit, MAX_LIMITS, Period, PeriodBounds, Rule};
@@ -73,7 +74,7 @@ use keys::KeyTable;
 pub use keys::ListedKey;
 pub use operator::{Adjust, Boost, BoostTarget, Shadow};
 use operator::{CompiledBoost, more_generous_all};
-pub(crate) use operator::{MAX_UNIX, parse_time};
+pub(crate) use operator::{MAX_UNIX, Who, parse_time};
 pub(crate) use overlay::Overlay;
 pub(crate) use overload::FULL as SHED_FULL;
 pub use overload::{
@@ -377,51 +378,58 @@ impl Policy {
         key: KeyId,
         now_unix: u64,
     ) -> Applied {
-        self.adjusted(cell, tier, category, key, now_unix)
+        self.adjusted(cell, tier, category, Who::key(key.as_u64()), now_unix)
             .unwrap_or_else(|| cell.applied())
     }
 
     /// Like [`effective`](Self::effective), but `None` when no custom
-    /// limit or active boost touches this key in this cell (the cell's own
-    /// limits apply, and the request path keeps its fast path).
+    /// limit or active boost touches this caller (`who`: its key, account
+    /// and organisation) in this cell (the cell's own limits apply, and the
+    /// request path keeps its fast path). Custom limits apply from the
+    /// widest owner to the narrowest (organisation, account, key); then
+    /// each active boost, when more generous.
     #[inline]
     pub(crate) fn adjusted(
         &self,
         cell: &Cell,
         tier: TierId,
         category: CategoryId,
-        key: KeyId,
+        who: Who,
         now_unix: u64,
     ) -> Option<Applied> {
-        let id = key.as_u64();
-        let (row, op_boosts) = match &self.ops {
-            None => (self.inner.overrides.get(&id).map(|r| &**r), &[][..]),
-            Some(o) => (
-                o.override_row(id)
-                    .or_else(|| self.inner.overrides.get(&id).map(|r| &**r)),
-                o.boosts(),
-            ),
+        let row = |id: u64| match &self.ops {
+            None => self.inner.overrides.get(&id).map(|r| &**r),
+            Some(o) => o
+                .override_row(id)
+                .or_else(|| self.inner.overrides.get(&id).map(|r| &**r)),
         };
-        let custom = row
-            .and_then(|cells| cells.get(category.index()))
-            .and_then(Option::as_ref);
+        let custom = |id: Option<u64>, per: Per| {
+            let cells = row(id?)?;
+            cells.get(category.index())?.as_ref().map(|a| (a, per))
+        };
+        let customs = [
+            custom(who.org, Per::Org),
+            custom(who.account, Per::Account),
+            custom(Some(who.key), Per::Key),
+        ];
+        let op_boosts = self.ops.as_ref().map_or(&[][..], |o| o.boosts());
         let mut boosts = self
             .inner
             .boosts
             .iter()
             .chain(op_boosts)
-            .filter(|b| b.applies(key.as_u64(), tier, category, now_unix))
+            .filter(|b| b.applies(who, tier, category, now_unix))
             .peekable();
-        if custom.is_none() && boosts.peek().is_none() {
+        if customs.iter().all(Option::is_none) && boosts.peek().is_none() {
             return None;
         }
         let mut applied = cell.applied();
-        if let Some(adjust) = custom {
-            applied = adjust.apply_all(&applied);
+        for (adjust, per) in customs.into_iter().flatten() {
+            applied = adjust.apply_at(&applied, per);
         }
         let base = applied;
         for b in boosts {
-            let boosted = b.adjust.apply_all(&base);
+            let boosted = b.adjust.apply_at(&base, b.per());
             if more_generous_all(&boosted, &applied) {
                 applied = boosted;
             }

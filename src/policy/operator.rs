@@ -5,6 +5,7 @@ use std::fmt;
 
 use super::set::{Applied, LimitBuf, list_more_generous, scale, tightest};
 use super::{CategoryId, Limit, Rule, TierId};
+use crate::limit::Per;
 
 /// How a custom limit or a boost changes a rule.
 #[derive(Clone, Debug, PartialEq)]
@@ -81,6 +82,40 @@ impl Adjust {
                 ..*limits
             },
         }
+    }
+
+    /// The limits after the adjustment of a key's (`Per::Key`: see
+    /// [`apply_all`](Self::apply_all)), an account's or an organisation's
+    /// custom limit or boost: a limit or list replaces that owner's own
+    /// request limits (and an account's `tokens` its token limits); a
+    /// multiplier scales every limit, as a key's does.
+    pub(crate) fn apply_at(&self, limits: &Applied, per: Per) -> Applied {
+        let requests = match self {
+            Adjust::Scale(_) => return self.apply_all(limits),
+            _ if per == Per::Key => return self.apply_all(limits),
+            Adjust::Set(Rule::Unlimited) => Some(LimitBuf::EMPTY),
+            Adjust::Set(Rule::Limited(l)) => Some(LimitBuf::from_slice(&[*l])),
+            Adjust::SetAll(ls) => Some(LimitBuf::from_slice(ls)),
+            Adjust::Table { requests, .. } => requests.as_deref().map(LimitBuf::from_slice),
+        };
+        let tokens = match self {
+            Adjust::Table {
+                tokens: Some(t), ..
+            } => Some(LimitBuf::from_slice(t)),
+            _ => None,
+        };
+        let mut out = *limits;
+        let (list, token_list) = match per {
+            Per::Org => (&mut out.per_org, None),
+            _ => (&mut out.per_account, Some(&mut out.account_tokens)),
+        };
+        if let Some(r) = requests {
+            *list = r;
+        }
+        if let (Some(t), Some(slot)) = (tokens, token_list) {
+            *slot = t;
+        }
+        out
     }
 
     /// The largest multiplier a policy file or the admin API accepts
@@ -186,6 +221,12 @@ pub enum BoostTarget {
     Key(String),
     /// Every key of a tier.
     Tier(String),
+    /// Every key of an account (a limit or list replaces the account's own
+    /// limits).
+    Account(String),
+    /// Every key of an organisation (a limit or list replaces the
+    /// organisation's own limits).
+    Org(String),
 }
 
 /// A temporary boost: an adjustment that applies only between `start` and
@@ -239,7 +280,8 @@ impl Boost {
 
 #[derive(Clone, Debug)]
 pub(crate) struct CompiledBoost {
-    pub(crate) key: Option<u64>,
+    /// The key, account or organisation boosted (`None`: a tier's).
+    pub(crate) owner: Option<(u64, Per)>,
     pub(crate) tier: Option<TierId>,
     pub(crate) category: Option<CategoryId>,
     pub(crate) adjust: Adjust,
@@ -249,12 +291,47 @@ pub(crate) struct CompiledBoost {
 
 impl CompiledBoost {
     #[inline]
-    pub(crate) fn applies(&self, key: u64, tier: TierId, category: CategoryId, now: u64) -> bool {
+    pub(crate) fn applies(&self, who: Who, tier: TierId, category: CategoryId, now: u64) -> bool {
         now >= self.start
             && now < self.end
-            && self.key.is_none_or(|k| k == key)
+            && self.owner.is_none_or(|(id, per)| who.is(id, per))
             && self.tier.is_none_or(|t| t == tier)
             && self.category.is_none_or(|c| c == category)
+    }
+
+    /// Whose own limits a limit or list of this boost replaces.
+    pub(crate) fn per(&self) -> Per {
+        self.owner.map_or(Per::Key, |(_, per)| per)
+    }
+}
+
+/// Whom a request's custom limits and boosts are looked up for: its key,
+/// and its account and organisation if it has them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Who {
+    pub(crate) key: u64,
+    pub(crate) account: Option<u64>,
+    pub(crate) org: Option<u64>,
+}
+
+impl Who {
+    /// A key in no account or organisation.
+    pub(crate) const fn key(key: u64) -> Self {
+        Who {
+            key,
+            account: None,
+            org: None,
+        }
+    }
+
+    /// Whether `id` is this request's owner at level `per`.
+    #[inline]
+    fn is(self, id: u64, per: Per) -> bool {
+        match per {
+            Per::Key => self.key == id,
+            Per::Account => self.account == Some(id),
+            Per::Org => self.org == Some(id),
+        }
     }
 }
 

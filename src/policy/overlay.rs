@@ -15,6 +15,7 @@ use super::TierId;
 use super::operator::CompiledBoost;
 use super::{Adjust, CategoryId, ListedKey, MAX_UNIX, Policy};
 use crate::key::{KeyDigest, KeyId};
+use crate::limit::Per;
 
 /// Keys here are keyed hashes already: a fixed hasher spreads them.
 type Fixed = foldhash::fast::FixedState;
@@ -156,8 +157,8 @@ impl Policy {
 
     /// Checks a custom limit's or a boost's adjustment against every cell
     /// (as the builder does).
-    pub(crate) fn check_adjust(&self, adjust: &Adjust) -> Result<(), String> {
-        super::builder::check_adjust(&self.inner.cells, adjust)
+    pub(crate) fn check_adjust(&self, adjust: &Adjust, per: Per) -> Result<(), String> {
+        super::builder::check_adjust(&self.inner.cells, adjust, per)
     }
 
     /// The category named `name`, or an error naming the declared ones.
@@ -176,17 +177,18 @@ impl Policy {
         })
     }
 
-    /// Checks one operator custom limit (a category or `*`, and its
-    /// adjustment, if set).
+    /// Checks one operator custom limit of a key, account or organisation
+    /// (`per`): a category or `*`, and its adjustment, if set.
     pub(crate) fn check_op_limit(
         &self,
         category: &str,
         adjust: Option<&Adjust>,
+        per: Per,
     ) -> Result<(), String> {
         if category != "*" {
             self.category_or_err(category)?;
         }
-        adjust.map_or(Ok(()), |a| self.check_adjust(a))
+        adjust.map_or(Ok(()), |a| self.check_adjust(a, per))
     }
 
     /// The row of custom limits of key `id` once the operators' `limits`
@@ -194,7 +196,7 @@ impl Policy {
     /// policy's own row applies). A category a set limit names must exist.
     pub(crate) fn op_override_row(
         &self,
-        id: u64,
+        (id, per): (u64, Per),
         limits: OpLimits<'_>,
     ) -> Result<Option<Arc<[Option<Adjust>]>>, String> {
         if limits.is_empty() {
@@ -208,7 +210,7 @@ impl Policy {
         };
         let mut star = base.and_then(|p| p.star.clone());
         for &(category, adjust) in limits {
-            self.check_op_limit(category, adjust)?;
+            self.check_op_limit(category, adjust, per)?;
             if category == "*" {
                 star = adjust.cloned();
             } else {
@@ -222,10 +224,11 @@ impl Policy {
         Ok(Some(Arc::from(row)))
     }
 
-    /// Compiles an operator's boost of a key (`key`) or of a tier.
+    /// Compiles an operator's boost of a key, an account or an
+    /// organisation (`owner`: its id and level), or of a tier.
     pub(crate) fn compile_op_boost(
         &self,
-        key: Option<u64>,
+        owner: Option<(u64, Per)>,
         tier: Option<&str>,
         category: Option<&str>,
         adjust: &Adjust,
@@ -237,11 +240,11 @@ impl Policy {
         if end > MAX_UNIX {
             return Err("a boost must end by the end of year 9999".into());
         }
-        self.check_adjust(adjust)?;
+        self.check_adjust(adjust, owner.map_or(Per::Key, |(_, per)| per))?;
         let tier = tier.map(|t| self.tier_or_err(t)).transpose()?;
         let category = category.map(|c| self.category_or_err(c)).transpose()?;
         Ok(CompiledBoost {
-            key,
+            owner,
             tier,
             category,
             adjust: adjust.clone(),

@@ -26,6 +26,7 @@ pub(super) use overrides::{Overrides, check_adjust};
 pub use routes::Route;
 pub use tier::Tier;
 
+use crate::limit::Per;
 use crate::policy::{Adjust, Boost, BoostTarget, Shadow};
 
 /// What to do with a caller whose key is unknown, or who sent none.
@@ -83,10 +84,12 @@ impl KeySpec {
     }
 }
 
-/// A custom limit for one key in one category (or `*`).
+/// A custom limit for one key, account or organisation (`per`, named
+/// `key`) in one category (or `*`).
 #[derive(Clone, Debug)]
 struct Override {
     key: String,
+    per: Per,
     category: String,
     adjust: Adjust,
 }
@@ -140,22 +143,57 @@ impl PolicyBuilder {
     /// A custom limit for one API key in one category (`"*"`: every
     /// category). It takes precedence over the key's tier limit.
     pub fn custom_limit(
-        mut self,
+        self,
         key: impl Into<String>,
         category: impl Into<String>,
         adjust: Adjust,
     ) -> Self {
-        self.overrides.push(Located::new(Override {
-            key: key.into(),
-            category: category.into(),
-            adjust,
-        }));
-        self
+        self.custom_limit_at(key.into(), Per::Key, category.into(), adjust, None)
+    }
+
+    /// A custom limit for every key of one account in one category (`"*"`:
+    /// every category): a limit or list replaces the account's own limits
+    /// (per-account limits, shared by its keys, even where its tier has
+    /// none); `"x5"` multiplies every limit its keys have.
+    ///
+    /// ```
+    /// use tierlimit::{Limit, Policy, Rule, Tier, policy::Adjust};
+    ///
+    /// let policy = Policy::builder()
+    ///     .categories(["read", "write"])
+    ///     .tier(Tier::new("pro").limit("read", Limit::per_hour(1000)).limit("write", Limit::per_hour(100)))
+    ///     .key_in_account("acme-key-1", "pro", "acme")
+    ///     .account_limit("acme", "write", Adjust::Set(Rule::Limited(Limit::per_hour(5000))))
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = policy;
+    /// ```
+    pub fn account_limit(
+        self,
+        account: impl Into<String>,
+        category: impl Into<String>,
+        adjust: Adjust,
+    ) -> Self {
+        self.custom_limit_at(account.into(), Per::Account, category.into(), adjust, None)
+    }
+
+    /// A custom limit for every key of one organisation in one category
+    /// (`"*"`: every category): a limit or list replaces the organisation's
+    /// own (per-organisation) request limits; `"x5"` multiplies every limit
+    /// its keys have.
+    pub fn org_limit(
+        self,
+        org: impl Into<String>,
+        category: impl Into<String>,
+        adjust: Adjust,
+    ) -> Self {
+        self.custom_limit_at(org.into(), Per::Org, category.into(), adjust, None)
     }
 
     /// Removes a key's custom limits (all of them).
     pub fn clear_custom_limits(mut self, key: &str) -> Self {
-        self.overrides.retain(|o| o.value.key != key);
+        self.overrides
+            .retain(|o| !(o.value.per == Per::Key && o.value.key == key));
         self
     }
 
@@ -226,8 +264,9 @@ impl PolicyBuilder {
     /// Removes one custom limit of a key (`"*"`: the one for every
     /// category, not the others).
     pub fn remove_custom_limit(mut self, key: &str, category: &str) -> Self {
-        self.overrides
-            .retain(|o| !(o.value.key == key && o.value.category == category));
+        self.overrides.retain(|o| {
+            !(o.value.per == Per::Key && o.value.key == key && o.value.category == category)
+        });
         self
     }
 
@@ -424,12 +463,14 @@ impl PolicyBuilder {
     pub(super) fn custom_limit_at(
         mut self,
         key: String,
+        per: Per,
         category: String,
         adjust: Adjust,
         line: Option<usize>,
     ) -> Self {
         let entry = Override {
             key,
+            per,
             category,
             adjust,
         };

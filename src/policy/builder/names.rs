@@ -2,7 +2,7 @@
 //! and their cells), and the checks of names and lists of limits.
 
 use super::{KeyRule, Located, PolicyError};
-use crate::limit::{Limit, MAX_LIMITS};
+use crate::limit::{Limit, MAX_LIMITS, Per};
 use crate::policy::{Adjust, CategoryId, Cell, TierId};
 
 /// The sections validated first, which the others refer to.
@@ -28,8 +28,8 @@ impl Names {
             .map(|i| TierId(i as u16))
     }
 
-    pub(super) fn check_adjust(&self, adjust: &Adjust) -> Result<(), String> {
-        super::overrides::check_adjust(&self.cells, adjust)
+    pub(super) fn check_adjust(&self, adjust: &Adjust, per: Per) -> Result<(), String> {
+        super::overrides::check_adjust(&self.cells, adjust, per)
     }
 
     /// Every request limit of a cell (per key, account, organisation).

@@ -7,7 +7,7 @@ use super::keys::check_key;
 use super::names::{Names, check_list, join};
 use super::{Located, Override, PolicyBuilder, PolicyError};
 use crate::key::KeyId;
-use crate::limit::{Limit, MAX_LIMITS};
+use crate::limit::{Limit, MAX_LIMITS, Per};
 use crate::policy::operator::{CompiledBoost, MAX_UNIX};
 use crate::policy::overlay::{OverrideParts, OverrideSources};
 use crate::policy::{Adjust, BoostTarget, Cell};
@@ -66,6 +66,7 @@ impl PolicyBuilder {
             value:
                 Override {
                     key,
+                    per,
                     category: cat,
                     adjust,
                 },
@@ -73,20 +74,28 @@ impl PolicyBuilder {
         } in &self.overrides
         {
             let shown = names.shown_category(cat);
-            let entry = format!("custom_limits.\"{}\".{shown}", KeyId::of(key).redacted());
-            check_key(key, &entry, *line)?;
+            let (entry, id) = match per {
+                Per::Key => {
+                    let entry = format!("custom_limits.\"{}\".{shown}", KeyId::of(key).redacted());
+                    check_key(key, &entry, *line)?;
+                    (entry, KeyId::of(key))
+                }
+                Per::Account | Per::Org => {
+                    let entry = format!("{}_limits.\"{key}\".{shown}", per.name());
+                    check_owner_name(key, *per).map_err(|m| PolicyError::new(&entry, *line, m))?;
+                    (entry, owner_id(key, *per))
+                }
+            };
             names
-                .check_adjust(adjust)
+                .check_adjust(adjust, *per)
                 .map_err(|m| PolicyError::new(&entry, *line, m))?;
             let cells = overrides
-                .entry(KeyId::of(key).as_u64())
+                .entry(id.as_u64())
                 .or_insert_with(|| vec![None; ncat].into_boxed_slice());
-            let parts = sources
-                .entry(KeyId::of(key).as_u64())
-                .or_insert_with(|| OverrideParts {
-                    specific: vec![None; ncat].into_boxed_slice(),
-                    star: None,
-                });
+            let parts = sources.entry(id.as_u64()).or_insert_with(|| OverrideParts {
+                specific: vec![None; ncat].into_boxed_slice(),
+                star: None,
+            });
             if cat == "*" {
                 for c in cells.iter_mut().filter(|c| c.is_none()) {
                     *c = Some(adjust.clone());
@@ -121,11 +130,21 @@ impl PolicyBuilder {
             if b.end > MAX_UNIX {
                 return Err(err("a boost must end by the end of year 9999".into()));
             }
-            names.check_adjust(&b.adjust).map_err(err)?;
-            let (key, tier) = match &b.target {
+            let (owner, tier) = match &b.target {
                 BoostTarget::Key(k) => {
                     check_key(k, &entry, b.line)?;
-                    (Some(KeyId::of(k).as_u64()), None)
+                    (Some((KeyId::of(k).as_u64(), Per::Key)), None)
+                }
+                BoostTarget::Account(a) => {
+                    check_owner_name(a, Per::Account).map_err(err)?;
+                    (
+                        Some((owner_id(a, Per::Account).as_u64(), Per::Account)),
+                        None,
+                    )
+                }
+                BoostTarget::Org(o) => {
+                    check_owner_name(o, Per::Org).map_err(err)?;
+                    (Some((owner_id(o, Per::Org).as_u64(), Per::Org)), None)
                 }
                 BoostTarget::Tier(t) => (
                     None,
@@ -137,6 +156,8 @@ impl PolicyBuilder {
                     })?),
                 ),
             };
+            let per = owner.map_or(Per::Key, |(_, per)| per);
+            names.check_adjust(&b.adjust, per).map_err(err)?;
             let category = match &b.category {
                 None => None,
                 Some(c) => Some(names.category(c).ok_or_else(|| {
@@ -147,7 +168,7 @@ impl PolicyBuilder {
                 })?),
             };
             boosts.push(CompiledBoost {
-                key,
+                owner,
                 tier,
                 category,
                 adjust: b.adjust.clone(),
@@ -159,9 +180,49 @@ impl PolicyBuilder {
     }
 }
 
-/// A list given by a custom limit or a boost must fit beside every tier's
-/// per-account limits (`cells`: every cell of the policy).
-pub(in crate::policy) fn check_adjust(cells: &[Cell], adjust: &Adjust) -> Result<(), String> {
+/// The id an account's or organisation's custom limits and boosts are
+/// kept under (the id its limits are counted under).
+pub(crate) fn owner_id(name: &str, per: Per) -> KeyId {
+    match per {
+        Per::Key => KeyId::of(name),
+        Per::Account => KeyId::of_account(name),
+        Per::Org => KeyId::of_org(name),
+    }
+}
+
+/// An account's or organisation's name: 1 to 256 bytes.
+pub(crate) fn check_owner_name(name: &str, per: Per) -> Result<(), String> {
+    if name.is_empty() || name.len() > crate::key::DEFAULT_MAX_KEY_LEN {
+        let what = if per == Per::Org {
+            "an organisation"
+        } else {
+            "an account"
+        };
+        return Err(format!("{what} is a name of 1 to 256 bytes"));
+    }
+    Ok(())
+}
+
+/// A list given by a custom limit or a boost of a key, an account or an
+/// organisation (`per`) must fit beside every tier's other limits
+/// (`cells`: every cell of the policy); an organisation's takes request
+/// limits only.
+pub(in crate::policy) fn check_adjust(
+    cells: &[Cell],
+    adjust: &Adjust,
+    per: Per,
+) -> Result<(), String> {
+    if let (
+        Per::Org,
+        Adjust::Table {
+            tokens: Some(_), ..
+        },
+    ) = (per, adjust)
+    {
+        return Err(
+            "an organisation's custom limit takes request limits only, no `tokens`".to_owned(),
+        );
+    }
     let (requests, tokens) = match adjust {
         Adjust::SetAll(limits) => (Some(limits.as_slice()), None),
         Adjust::Table { requests, tokens } => (requests.as_deref(), tokens.as_deref()),
@@ -179,12 +240,26 @@ pub(in crate::policy) fn check_adjust(cells: &[Cell], adjust: &Adjust) -> Result
     if let Some(t) = tokens {
         check_list(t)?;
     }
+    let replaced = |list: &[Limit], at: Per| match (per == at, requests) {
+        (true, Some(r)) => r.len(),
+        _ => list.len(),
+    };
     let too_many = cells.iter().any(|c| {
-        requests.map_or(c.per_key.len(), <[Limit]>::len)
-            + c.per_account.len()
-            + c.per_org.len()
-            + tokens.map_or(c.tokens.len(), <[Limit]>::len)
-            + c.account_tokens.len()
+        let (key_tokens, account_tokens) = match per {
+            Per::Account => (
+                c.tokens.len(),
+                tokens.map_or(c.account_tokens.len(), <[Limit]>::len),
+            ),
+            _ => (
+                tokens.map_or(c.tokens.len(), <[Limit]>::len),
+                c.account_tokens.len(),
+            ),
+        };
+        replaced(&c.per_key, Per::Key)
+            + replaced(&c.per_account, Per::Account)
+            + replaced(&c.per_org, Per::Org)
+            + key_tokens
+            + account_tokens
             > MAX_LIMITS
     });
     if too_many {

@@ -5,7 +5,7 @@
 
 use super::names::{check_list, check_name, join};
 use super::{Located, PolicyBuilder, PolicyError, Tier};
-use crate::limit::{Limit, MAX_LIMITS};
+use crate::limit::{Limit, MAX_LIMITS, Per};
 use crate::policy::{Cell, MAX_CONCURRENCY, Metering, RefundOn};
 
 impl PolicyBuilder {
@@ -76,25 +76,26 @@ struct Kind<T> {
     twice: Option<fn(&str, &str) -> String>,
 }
 
-/// Whom an entry's limits are counted per: its place in the entry's name.
-#[derive(Clone, Copy)]
-enum Per {
-    Key = 0,
-    Account = 1,
-    Org = 2,
+/// A key's or an account's entry (`per_account`).
+fn key_or_account(per_account: bool) -> Per {
+    if per_account { Per::Account } else { Per::Key }
 }
 
-impl Per {
-    fn of(per_account: bool) -> Self {
-        if per_account { Per::Account } else { Per::Key }
+/// Where an entry of limits counted per `per` is written in its tier.
+fn section(per: Per) -> &'static str {
+    match per {
+        Per::Key => "",
+        Per::Account => ".per_account",
+        Per::Org => ".per_org",
     }
+}
 
-    fn section(self) -> &'static str {
-        match self {
-            Per::Key => "",
-            Per::Account => ".per_account",
-            Per::Org => ".per_org",
-        }
+/// An entry's slot among a category's (per key, account, organisation).
+fn slot(per: Per) -> usize {
+    match per {
+        Per::Key => 0,
+        Per::Account => 1,
+        Per::Org => 2,
     }
 }
 
@@ -124,7 +125,7 @@ impl Tier {
             let entry = format!(
                 "tiers.{}{}.{cat}{}",
                 self.name,
-                per.section(),
+                section(per),
                 kind.what.map_or(String::new(), |w| format!(".{w}")),
             );
             let err = |m: String| PolicyError::new(&entry, *line, m);
@@ -135,7 +136,7 @@ impl Tier {
                 ))
             })?;
             (kind.check)(value).map_err(&err)?;
-            let again = std::mem::replace(&mut seen[id][per as usize], true);
+            let again = std::mem::replace(&mut seen[id][slot(per)], true);
             if let (true, Some(twice)) = (again, kind.twice) {
                 return Err(err(twice(&self.name, cat)));
             }
@@ -238,7 +239,7 @@ impl Tier {
             &self.tokens,
             Kind {
                 what: Some("tokens"),
-                slot: |(c, _, per_account)| (c, Per::of(*per_account)),
+                slot: |(c, _, per_account)| (c, key_or_account(*per_account)),
                 check: any,
                 twice: Some(|t, c| format!("tier `{t}` sets `{c}`'s tokens twice")),
             },
@@ -274,7 +275,7 @@ impl Tier {
     fn read_concurrency(&self, categories: &[Box<str>], t: &mut Table) -> Result<(), PolicyError> {
         self.each_entry(categories, &self.concurrency, Kind {
             what: Some("concurrency"),
-            slot: |(c, _, per_account)| (c, Per::of(*per_account)),
+            slot: |(c, _, per_account)| (c, key_or_account(*per_account)),
             check: |(_, n, _)| {
                 if *n == 0 || *n > MAX_CONCURRENCY {
                     return Err(format!(

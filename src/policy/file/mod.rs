@@ -11,6 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{Policy, PolicyError};
+use crate::limit::Per;
 
 mod keys;
 mod redact;
@@ -38,6 +39,12 @@ struct File {
     /// `[custom_limits]` (`[overrides]`, its earlier name, is read too).
     #[serde(default, alias = "overrides")]
     custom_limits: BTreeMap<Spanned<String>, TierRules>,
+    /// `[account_limits."ACCOUNT"]`: custom limits of an account.
+    #[serde(default)]
+    account_limits: BTreeMap<Spanned<String>, TierRules>,
+    /// `[org_limits."ORG"]`: custom limits of an organisation.
+    #[serde(default)]
+    org_limits: BTreeMap<Spanned<String>, TierRules>,
     #[serde(default)]
     boosts: Vec<Spanned<BoostSpec>>,
     #[serde(default)]
@@ -95,6 +102,8 @@ struct KeysSpec {
 struct BoostSpec {
     key: Option<String>,
     tier: Option<String>,
+    account: Option<String>,
+    org: Option<String>,
     category: Option<String>,
     adjust: toml::Value,
     start: String,
@@ -188,7 +197,9 @@ pub(super) fn parse(source: &str) -> Result<Policy, PolicyError> {
     b = sections::grpc(b, file.grpc, &lines)?;
     b = sections::routes(b, file.routes, &lines);
     b = keys::keys(b, file.keys, &lines)?;
-    b = sections::custom_limits(b, file.custom_limits, &lines)?;
+    b = sections::custom_limits(b, file.custom_limits, Per::Key, &lines)?;
+    b = sections::custom_limits(b, file.account_limits, Per::Account, &lines)?;
+    b = sections::custom_limits(b, file.org_limits, Per::Org, &lines)?;
     b = sections::boosts(b, file.boosts, &lines)?;
     if let Some(sh) = file.shadow {
         b = sections::shadow(b, sh);

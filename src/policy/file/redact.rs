@@ -37,7 +37,7 @@ const PLAIN: [&str; 6] = [
 ];
 
 /// Names the loader itself gives, which a message may always quote.
-const VOCABULARY: [&str; 38] = [
+const VOCABULARY: [&str; 40] = [
     "true",
     "false",
     "categories",
@@ -76,6 +76,8 @@ const VOCABULARY: [&str; 38] = [
     "per_account",
     "per_org",
     "org",
+    "account_limits",
+    "org_limits",
 ];
 
 /// The loader's error for an error of the TOML parser (or of serde on the

@@ -15,6 +15,7 @@ use super::{
     TierRules,
 };
 use crate::key::KeyId;
+use crate::limit::Per;
 use crate::policy::{DescriptorKeys, EnvoySettings};
 
 type Built = Result<PolicyBuilder, PolicyError>;
@@ -257,11 +258,13 @@ pub(super) fn routes(
     b
 }
 
-/// `[custom_limits."KEY"]` (or `[overrides."KEY"]`): custom limits,
-/// category by category.
+/// `[custom_limits."KEY"]` (or `[overrides."KEY"]`), and
+/// `[account_limits."ACCOUNT"]`, `[org_limits."ORG"]` (`per`): custom
+/// limits, category by category.
 pub(super) fn custom_limits(
     mut b: PolicyBuilder,
     overrides: BTreeMap<Spanned<String>, TierRules>,
+    per: Per,
     lines: &Lines,
 ) -> Built {
     let mut overrides: Vec<_> = overrides.into_iter().collect();
@@ -272,11 +275,17 @@ pub(super) fn custom_limits(
         for (cat, spec) in cells {
             let line = lines.of(spec.span().start);
             let adjust = parse_adjust(spec.get_ref()).map_err(|m| {
-                let key = KeyId::of(key.get_ref()).redacted();
                 let shown = b.shown_category(cat.get_ref());
-                PolicyError::new(format!("custom_limits.\"{key}\".{shown}"), line, m)
+                let entry = match per {
+                    Per::Key => {
+                        let key = KeyId::of(key.get_ref()).redacted();
+                        format!("custom_limits.\"{key}\".{shown}")
+                    }
+                    _ => format!("{}_limits.\"{}\".{shown}", per.name(), key.get_ref()),
+                };
+                PolicyError::new(entry, line, m)
             })?;
-            b = b.custom_limit_at(key.get_ref().clone(), cat.into_inner(), adjust, line);
+            b = b.custom_limit_at(key.get_ref().clone(), per, cat.into_inner(), adjust, line);
         }
     }
     Ok(b)
@@ -293,10 +302,16 @@ pub(super) fn boosts(
         let spec = spec.into_inner();
         let entry = format!("boosts[{i}]");
         let err = |m: String| PolicyError::new(&entry, line, m);
-        let target = match (spec.key, spec.tier) {
-            (Some(k), None) => BoostTarget::Key(k),
-            (None, Some(t)) => BoostTarget::Tier(t),
-            _ => return Err(err("a boost names either `key` or `tier`".into())),
+        let target = match (spec.key, spec.tier, spec.account, spec.org) {
+            (Some(k), None, None, None) => BoostTarget::Key(k),
+            (None, Some(t), None, None) => BoostTarget::Tier(t),
+            (None, None, Some(a), None) => BoostTarget::Account(a),
+            (None, None, None, Some(o)) => BoostTarget::Org(o),
+            _ => {
+                return Err(err(
+                    "a boost names one of `key`, `tier`, `account` or `org`".into(),
+                ));
+            }
         };
         let adjust = parse_adjust(&spec.adjust).map_err(err)?;
         let start = parse_time(&spec.start).map_err(err)?;
