@@ -285,7 +285,7 @@ mod tests {
         let pro = base.tier("pro").unwrap();
         let mut o = Overlay::default();
         assert!(base.with_overlay(&o).ops.is_none(), "no layer when empty");
-        o.set_key(KeyDigest::of("op-key"), Some(Some((pro, None))));
+        o.set_key(KeyDigest::of("op-key"), Some(Some(ListedKey::new(pro))));
         o.set_key(KeyDigest::of("file-key"), Some(None));
         let p = base.with_overlay(&o);
         assert_eq!(p.key_tier("op-key", KeyId::of("op-key")), Some(pro));
@@ -310,18 +310,18 @@ mod tests {
         let id = KeyId::of("file-key").as_u64();
         let x5 = Adjust::Scale(5.0);
         // Removing the file's `*` keeps its `write`.
-        let row = base.op_override_row(id, &[("*", None)]).unwrap().unwrap();
+        let row = base.op_override_row((id, Per::Key), &[("*", None)]).unwrap().unwrap();
         assert_eq!(&*row, &[None, Some(Adjust::Scale(3.0))]);
         // Setting `read` keeps the file's `write`.
         let row = base
-            .op_override_row(id, &[("read", Some(&x5))])
+            .op_override_row((id, Per::Key), &[("read", Some(&x5))])
             .unwrap()
             .unwrap();
         assert_eq!(&*row, &[Some(x5.clone()), Some(Adjust::Scale(3.0))]);
-        assert!(base.op_override_row(id, &[]).unwrap().is_none());
-        let e = base.op_override_row(id, &[("gpu", Some(&x5))]).unwrap_err();
+        assert!(base.op_override_row((id, Per::Key), &[]).unwrap().is_none());
+        let e = base.op_override_row((id, Per::Key), &[("gpu", Some(&x5))]).unwrap_err();
         assert!(e.contains("unknown category `gpu`"), "{e}");
         let unlimited = Adjust::Set(Rule::Unlimited);
-        assert!(base.op_override_row(7, &[("*", Some(&unlimited))]).is_ok());
+        assert!(base.op_override_row((7, Per::Key), &[("*", Some(&unlimited))]).is_ok());
     }
 }

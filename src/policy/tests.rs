@@ -156,7 +156,7 @@ fn keys_kept_in_the_row_and_on_the_heap_compare_their_whole_text() {
         let changed = format!("{}y", &k[..k.len() - 1]);
         assert_eq!(p.key_tier(&changed, KeyId::of(k)), None);
     }
-    let mut listed: Vec<&str> = p.listed_keys().map(|(k, _, _)| k).collect();
+    let mut listed: Vec<&str> = p.listed_keys().map(|(k, _)| k).collect();
     listed.sort_unstable();
     let mut want: Vec<&str> = keys.iter().map(String::as_str).collect();
     want.sort_unstable();
