@@ -213,6 +213,16 @@ impl KeyDigest {
         }
     }
 
+    /// The digest of an account's or organisation's `name` whose id is
+    /// `id` (its hash in that owner's domain), `tag` keeping its second
+    /// half apart from a key's of the same text.
+    pub(crate) fn of_owner(id: KeyId, tag: u8, name: &str) -> Self {
+        KeyDigest {
+            id: id.as_u64(),
+            check: CHECK_HASHER.hash_one((tag, name)),
+        }
+    }
+
     /// The second half of `key`'s digest (computed only once its
     /// [`KeyId`] matched a digest's).
     #[inline]

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 #[cfg(feature = "redis")]
 pub(crate) use redis_store::RedisStore;
-pub(crate) use state::{BoostEntry, BoostFor, Change, OperatorState};
+pub(crate) use state::{BoostEntry, BoostFor, Change, OperatorState, owner_digest};
 
 use crate::policy::{Overlay, Policy, PolicyBuilder, PolicyError};
 use crate::view::{PolicyView, ViewSlot};

@@ -547,3 +547,136 @@ fn owner_adjustment_mistakes_are_refused_naming_the_entry() {
         assert!(e.to_string().contains(says), "{extra}: {e}");
     }
 }
+
+/// An admin request as `TOKEN`: the status and the body.
+async fn admin(s: &common::Server, method: &str, path: &str, body: Value) -> (u16, Value) {
+    let res = client()
+        .request(method.parse().unwrap(), s.url(&format!("/admin/v1{path}")))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+/// Through the admin API: team-a's own account limit set to 6 and acme's
+/// organisation limit to 100, globex boosted x2; a bad body is refused.
+async fn adjust_owners_through_the_admin_api(s: &common::Server) {
+    for body in [
+        json!({ "account": "team-a", "category": "write", "limit": "6/hour" }),
+        json!({ "org": "acme", "category": "write", "limit": "100/hour" }),
+    ] {
+        let (status, shown) = admin(s, "PUT", "/limits", body.clone()).await;
+        assert_eq!(status, 200, "{shown}");
+        assert_eq!(shown["limit"], body["limit"], "{shown}");
+    }
+    let boost = json!({ "org": "globex", "adjust": "x2",
+                        "start": 1_767_225_600u64, "end": 1_798_761_600u64 });
+    let (status, shown) = admin(s, "POST", "/boosts", boost).await;
+    assert_eq!(status, 201, "{shown}");
+    assert_eq!(shown["org"], "globex", "{shown}");
+    for (bad, says) in [
+        (
+            json!({ "org": "acme", "category": "write", "limit": { "tokens": "5/hour" } }),
+            "request limits only",
+        ),
+        (
+            json!({ "account": "a", "org": "b", "category": "write", "limit": "5/hour" }),
+            "one of",
+        ),
+        (
+            json!({ "account": "", "category": "write", "limit": "5/hour" }),
+            "field `account`",
+        ),
+    ] {
+        let (status, shown) = admin(s, "PUT", "/limits", bad).await;
+        assert_eq!(status, 400, "{shown}");
+        assert!(shown.to_string().contains(says), "{shown}");
+    }
+}
+
+#[tokio::test]
+async fn the_admin_api_sets_account_and_org_limits_and_boosts() {
+    let layer = RateLimitLayer::builder(policy())
+        .backend(common::fake_memory())
+        .unix_clock(|| 1_788_220_800)
+        .build();
+    let s = serve(app(layer)).await;
+    let c = client();
+    adjust_owners_through_the_admin_api(&s).await;
+    assert_eq!(writes(&c, &s, "acme-a-1", 4).await, (3, Some(3)));
+    assert_eq!(writes(&c, &s, "acme-a-2", 4).await, (3, Some(3)));
+    assert_eq!(writes(&c, &s, "globex-1", 7).await, (6, Some(6)));
+    // team-b keeps its tier's 4.
+    assert_eq!(writes(&c, &s, "acme-b-1", 3).await, (3, None));
+    assert_eq!(writes(&c, &s, "acme-b-2", 2).await, (1, Some(4)));
+    // The account limit removed: team-a is back to its tier's 4, which it
+    // has used past.
+    let body = json!({ "account": "team-a", "category": "write" });
+    assert_eq!(admin(&s, "DELETE", "/limits", body).await.0, 200);
+    let res = write(&c, &s, "acme-a-1").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[cfg(all(feature = "redis", feature = "test-util"))]
+mod shared {
+    use super::*;
+    use common::redis::{RedisServer, ready};
+
+    /// An instance on `server` sharing operator state through it.
+    async fn instance(server: &RedisServer) -> common::Server {
+        let builder = tierlimit::RedisBackend::builder(server.url());
+        let layer = common::redis::sharing_operator_state(builder, Duration::from_secs(2), |b| {
+            RateLimitLayer::builder(policy())
+                .backend(b)
+                .unix_clock(|| 1_788_220_800)
+                .build()
+        })
+        .await;
+        serve(app(layer)).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn account_and_org_adjustments_through_one_instance_reach_the_other() {
+        if !ready() {
+            return;
+        }
+        let server = RedisServer::start();
+        let a = instance(&server).await;
+        let b = instance(&server).await;
+        adjust_owners_through_the_admin_api(&a).await;
+        // B learns of them from the store (it polls it every 200 ms; a
+        // bounded wait for the change to arrive, not for time to pass).
+        let c = client();
+        let usage = async || -> Vec<u64> {
+            let v: Value = call(&c, "GET", &b.url("/v1/rate_limit"), "acme-a-1")
+                .await
+                .json()
+                .await
+                .unwrap();
+            v["categories"]["write"]["limits"]
+                .as_array()
+                .map(|l| l.iter().filter_map(|l| l["limit"].as_u64()).collect())
+                .unwrap_or_default()
+        };
+        let mut seen = usage().await;
+        for _ in 0..500 {
+            if seen == [3, 6, 100] {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            seen = usage().await;
+        }
+        assert_eq!(seen, [3, 6, 100], "B applies team-a's and acme's limits");
+        assert_eq!(
+            writes(&c, &b, "globex-1", 7).await,
+            (6, Some(6)),
+            "and the boost"
+        );
+        // A third instance started now has them at start.
+        let third = instance(&server).await;
+        assert_eq!(writes(&c, &third, "acme-a-1", 4).await, (3, Some(3)));
+    }
+}

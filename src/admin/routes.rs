@@ -11,6 +11,7 @@ use super::{AdminResponse, AdminService, bad, json_response, problem};
 use crate::backend::Backend;
 use crate::extract::{Identity, Rejection};
 use crate::key::{KeyDigest, KeyId};
+use crate::limit::Per;
 use crate::plane::{BoostEntry, BoostFor, Change};
 use crate::policy::Policy;
 use crate::response::{Answer, ResponseBody};
@@ -73,8 +74,8 @@ where
     }
 
     pub(super) fn put_limit(&self, body: &Map<String, Value>) -> Changed {
-        only(body, &["key", "category", "limit"])?;
-        let key = key_field(body)?;
+        only(body, &["key", "account", "org", "category", "limit"])?;
+        let owner = owner_field(body)?;
         let category = self.category_field(body)?;
         let written = body
             .get("limit")
@@ -82,15 +83,12 @@ where
             .ok_or_else(|| bad("field `limit` is missing: a limit such as \"3/hour\", a list, \"unlimited\" or \"x5\""))?;
         let adjust = crate::policy::parse_adjust_json(&written)
             .map_err(|m| bad(format!("field `limit`: {m}")))?;
-        let id = KeyId::of(&key);
-        let shown = json!({
-            "key": id.redacted().to_string(),
-            "category": category,
-            "limit": written,
-        });
+        let mut shown = json!({ "category": category, "limit": written });
+        shown[owner.per.name()] = owner.shown.clone();
         Ok((
             Change::PutLimit {
-                key: KeyDigest::of(&key),
+                key: owner.digest,
+                per: owner.per,
                 category,
                 written,
                 adjust,
@@ -98,35 +96,37 @@ where
             StatusCode::OK,
             shown,
             "put_limit",
-            id,
+            owner.id,
         ))
     }
 
     pub(super) fn remove_limit(&self, body: &Map<String, Value>) -> Changed {
-        only(body, &["key", "category"])?;
-        let key = key_field(body)?;
+        only(body, &["key", "account", "org", "category"])?;
+        let owner = owner_field(body)?;
         let category = self.category_field(body)?;
-        let id = KeyId::of(&key);
-        let shown = json!({
-            "key": id.redacted().to_string(),
-            "category": category,
-            "removed": true,
-        });
+        let mut shown = json!({ "category": category, "removed": true });
+        shown[owner.per.name()] = owner.shown.clone();
         Ok((
             Change::RemoveLimit {
-                key: KeyDigest::of(&key),
+                key: owner.digest,
+                per: owner.per,
                 category,
             },
             StatusCode::OK,
             shown,
             "remove_limit",
-            id,
+            owner.id,
         ))
     }
 
     /// Adds a boost; its id is `given` (an `Idempotency-Key`'s) or new.
     pub(super) fn add_boost(&self, body: &Map<String, Value>, given: Option<String>) -> Changed {
-        only(body, &["key", "tier", "category", "adjust", "start", "end"])?;
+        only(
+            body,
+            &[
+                "key", "tier", "account", "org", "category", "adjust", "start", "end",
+            ],
+        )?;
         let (target, id) = self.boost_target(body)?;
         let boost = self.boost_entry(body, target)?;
         let boost_id = given.unwrap_or_else(new_boost_id);
@@ -145,16 +145,19 @@ where
         ))
     }
 
-    /// Whom a boost's body names: a key (and its id, for the audit trail)
-    /// or a tier of the base policy.
+    /// Whom a boost's body names: a key, an account or an organisation
+    /// (and its id, for the audit trail), or a tier of the base policy.
     fn boost_target(&self, body: &Map<String, Value>) -> Result<(BoostFor, KeyId), AdminResponse> {
-        match (body.get("key"), body.get("tier")) {
-            (Some(_), None) => {
-                let key = key_field(body)?;
-                let id = KeyId::of(&key);
-                Ok((BoostFor::Key(KeyDigest::of(&key)), id))
-            }
-            (None, Some(_)) => {
+        if body.get("tier").is_none() {
+            let owner = owner_field(body)?;
+            let target = match (owner.per, owner.shown) {
+                (Per::Key, _) => BoostFor::Key(owner.digest),
+                (per, shown) => BoostFor::Owner(per, shown.as_str().unwrap_or_default().into()),
+            };
+            return Ok((target, owner.id));
+        }
+        match (body.get("key"), body.get("account"), body.get("org")) {
+            (None, None, None) => {
                 let tier = string_field(body, "tier")?;
                 let policy = self.shared.plane.base();
                 if policy.tier(&tier).is_none() {
@@ -162,7 +165,9 @@ where
                 }
                 Ok((BoostFor::Tier(tier), KeyId::from_raw(0)))
             }
-            _ => Err(bad("a boost names either `key` or `tier`")),
+            _ => Err(bad(
+                "a boost names one of `key`, `tier`, `account` or `org`",
+            )),
         }
     }
 
@@ -314,6 +319,55 @@ where
 
 /// A change, its status, what the answer shows, its audit action and key.
 pub(super) type Changed = Result<(Change, StatusCode, Value, &'static str, KeyId), AdminResponse>;
+
+/// Whom a custom limit or boost names: exactly one of `key`, `account`
+/// and `org`.
+struct Owner {
+    per: Per,
+    digest: KeyDigest,
+    /// How answers show it: a key redacted, an account or org by name.
+    shown: Value,
+    /// Its id, for the audit trail.
+    id: KeyId,
+}
+
+fn owner_field(body: &Map<String, Value>) -> Result<Owner, AdminResponse> {
+    let named = [
+        ("key", Per::Key),
+        ("account", Per::Account),
+        ("org", Per::Org),
+    ];
+    let mut given = named.iter().filter(|(f, _)| body.contains_key(*f));
+    let (Some((field, per)), None) = (given.next(), given.next()) else {
+        return Err(bad("name one of `key`, `account` or `org`"));
+    };
+    if *per == Per::Key {
+        let key = key_field(body)?;
+        let id = KeyId::of(&key);
+        return Ok(Owner {
+            per: Per::Key,
+            digest: KeyDigest::of(&key),
+            shown: json!(id.redacted().to_string()),
+            id,
+        });
+    }
+    let what = if *per == Per::Org {
+        "an organisation"
+    } else {
+        "an account"
+    };
+    let Some(name) = name_field(body, field, what)? else {
+        return Err(bad(format!(
+            "field `{field}`: {what} is a name of 1 to 256 bytes"
+        )));
+    };
+    Ok(Owner {
+        per: *per,
+        digest: crate::plane::owner_digest(&name, *per),
+        id: crate::policy::owner_id(&name, *per),
+        shown: json!(name),
+    })
+}
 
 /// An optional name field (`account`, `org`): absent or null, or a string
 /// of 1 to 256 bytes.

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::key::{KeyDigest, KeyId};
 use crate::limit::Per;
-use crate::policy::{Adjust, ListedKey, Overlay, Policy, PolicyError};
+use crate::policy::{Adjust, ListedKey, Overlay, Policy, PolicyError, owner_id};
 
 mod fields;
 
@@ -42,17 +42,24 @@ pub(crate) enum Change {
     },
     /// Revoke a key: refused with 401 from then on.
     RevokeKey { key: KeyDigest },
-    /// Set a key's custom limit in one category (or `*`).
+    /// Set a key's, an account's or an organisation's (`per`) custom limit
+    /// in one category (or `*`); `key` is its digest
+    /// ([`owner_digest`]).
     PutLimit {
         key: KeyDigest,
+        per: Per,
         category: String,
         /// As written (a string or a list), kept to store and show.
         written: Value,
         adjust: Adjust,
     },
-    /// Remove a key's custom limit in one category (or `*`), the file's
-    /// included.
-    RemoveLimit { key: KeyDigest, category: String },
+    /// Remove a key's, an account's or an organisation's custom limit in
+    /// one category (or `*`), the file's included.
+    RemoveLimit {
+        key: KeyDigest,
+        per: Per,
+        category: String,
+    },
     /// Add a boost.
     AddBoost { id: String, boost: BoostEntry },
     /// Remove a boost added by an operator.
@@ -66,6 +73,31 @@ pub(crate) enum Change {
 pub(crate) enum BoostFor {
     Key(KeyDigest),
     Tier(String),
+    /// An account or an organisation (`per`), by name.
+    Owner(Per, String),
+}
+
+impl BoostFor {
+    /// The key, account or organisation boosted (its id and level), or
+    /// the tier.
+    fn compiled(&self) -> (Option<(u64, Per)>, Option<&str>) {
+        match self {
+            BoostFor::Key(k) => (Some((k.id, Per::Key)), None),
+            BoostFor::Tier(t) => (None, Some(t.as_str())),
+            BoostFor::Owner(per, name) => (Some((owner_id(name, *per).as_u64(), *per)), None),
+        }
+    }
+}
+
+/// The digest an account's or organisation's (`per`) custom limits are
+/// kept under (a key's own digest for `Per::Key`): its id is the id its
+/// limits are counted under.
+pub(crate) fn owner_digest(name: &str, per: Per) -> KeyDigest {
+    match per {
+        Per::Key => KeyDigest::of(name),
+        Per::Account => KeyDigest::of_owner(owner_id(name, per), 0x5A, name),
+        Per::Org => KeyDigest::of_owner(owner_id(name, per), 0x6F, name),
+    }
 }
 
 /// A boost added by an operator.
@@ -90,6 +122,7 @@ impl BoostEntry {
         let (key, tier) = match &self.target {
             BoostFor::Key(k) => (Some(show_key(*k)), None),
             BoostFor::Tier(t) => (None, Some(t.as_str())),
+            BoostFor::Owner(..) => (None, None),
         };
         let mut v = json!({
             "tier": tier,
@@ -99,6 +132,9 @@ impl BoostEntry {
             "end": self.end,
         });
         v[key_name] = json!(key);
+        if let BoostFor::Owner(per, name) = &self.target {
+            v[per.name()] = json!(name);
+        }
         if self.removed {
             v["removed"] = json!(true);
         }
@@ -129,6 +165,9 @@ type KeyLimits = BTreeMap<String, Option<(Value, Adjust)>>;
 pub(crate) struct OperatorState {
     keys: FixedMap<KeyDigest, KeyState>,
     limits: FixedMap<KeyDigest, Arc<KeyLimits>>,
+    /// Whose custom limits `limits` holds, for those of an account or an
+    /// organisation (absent: a key's).
+    owners: FixedMap<KeyDigest, Per>,
     boosts: imbl::OrdMap<String, BoostEntry>,
 }
 
@@ -162,11 +201,17 @@ impl OperatorState {
             }
             Change::PutLimit {
                 key,
+                per,
                 category,
                 written,
                 adjust,
-            } => self.set_limit(*key, category, Some((written.clone(), adjust.clone()))),
-            Change::RemoveLimit { key, category } => self.set_limit(*key, category, None),
+            } => {
+                let limit = Some((written.clone(), adjust.clone()));
+                self.set_limit(*key, *per, category, limit);
+            }
+            Change::RemoveLimit { key, per, category } => {
+                self.set_limit(*key, *per, category, None);
+            }
             Change::AddBoost { id, boost } => {
                 self.boosts.insert(id.clone(), boost.clone());
             }
@@ -181,13 +226,27 @@ impl OperatorState {
         }
     }
 
-    fn set_limit(&mut self, key: KeyDigest, category: &str, limit: Option<(Value, Adjust)>) {
+    fn set_limit(
+        &mut self,
+        key: KeyDigest,
+        per: Per,
+        category: &str,
+        limit: Option<(Value, Adjust)>,
+    ) {
+        if per != Per::Key {
+            self.owners.insert(key, per);
+        }
         let mut limits = self
             .limits
             .get(&key)
             .map_or_else(KeyLimits::new, |l| (**l).clone());
         limits.insert(category.to_owned(), limit);
         self.limits.insert(key, Arc::new(limits));
+    }
+
+    /// Whose custom limits are kept under `key`.
+    pub(crate) fn owner_of(&self, key: KeyDigest) -> Per {
+        self.owners.get(&key).copied().unwrap_or(Per::Key)
     }
 
     /// The boost `id` an operator added, if any.
@@ -243,15 +302,18 @@ impl OperatorState {
             Change::PutKey { key, .. } | Change::RevokeKey { key } => {
                 vec![(key_field(*key), self.key_value(*key))]
             }
-            Change::PutLimit { key, category, .. } | Change::RemoveLimit { key, category } => {
-                let v = self
-                    .limits
-                    .get(key)
-                    .and_then(|l| l.get(category))
-                    .map(|l| match l {
-                        Some((written, _)) => json!({ "limit": written }).to_string(),
-                        None => json!({ "removed": true }).to_string(),
-                    });
+            Change::PutLimit { key, category, .. } | Change::RemoveLimit { key, category, .. } => {
+                let v = self.limits.get(key).and_then(|l| l.get(category)).map(|l| {
+                    let mut v = match l {
+                        Some((written, _)) => json!({ "limit": written }),
+                        None => json!({ "removed": true }),
+                    };
+                    match self.owner_of(*key) {
+                        Per::Key => {}
+                        per => v["per"] = json!(per.name()),
+                    }
+                    v.to_string()
+                });
                 vec![(limit_field(*key, category), v)]
             }
             Change::AddBoost { id, .. }
@@ -344,11 +406,12 @@ impl OperatorState {
 
     fn refresh_limits(&self, o: &mut Overlay, base: &Policy, key: KeyDigest) {
         let limits = self.limits.get(&key).map(Arc::clone).unwrap_or_default();
+        let per = self.owner_of(key);
         // Each entry alone first: one that no longer fits is left out.
         let good: Vec<(&str, Option<&Adjust>)> = limits
             .iter()
             .map(|(c, l)| (c.as_str(), l.as_ref().map(|(_, a)| a)))
-            .filter(|(c, a)| match base.check_op_limit(c, *a, Per::Key) {
+            .filter(|(c, a)| match base.check_op_limit(c, *a, per) {
                 Ok(()) => true,
                 Err(e) => {
                     left_out(&limit_field(key, c), &e);
@@ -357,7 +420,7 @@ impl OperatorState {
             })
             .collect();
         let row = base
-            .op_override_row((key.id, Per::Key), &good)
+            .op_override_row((key.id, per), &good)
             .unwrap_or_else(|e| {
                 left_out(&format!("custom limits of {}", key.key_id().redacted()), &e);
                 None
@@ -368,10 +431,7 @@ impl OperatorState {
     pub(crate) fn refresh_boosts(&self, o: &mut Overlay, base: &Policy, now: u64) {
         let mut compiled = Vec::new();
         for (id, b) in self.boosts(now) {
-            let (key, tier) = match &b.target {
-                BoostFor::Key(k) => (Some((k.id, Per::Key)), None),
-                BoostFor::Tier(t) => (None, Some(t.as_str())),
-            };
+            let (key, tier) = b.target.compiled();
             let category = b.category.as_deref();
             match base.compile_op_boost(key, tier, category, &b.adjust, (b.start, b.end)) {
                 Ok(c) => compiled.push(c),
@@ -379,6 +439,16 @@ impl OperatorState {
             }
         }
         o.set_boosts(compiled);
+    }
+}
+
+/// The policy file's section of a key's, an account's or an
+/// organisation's custom limits.
+fn limits_section(per: Per) -> &'static str {
+    match per {
+        Per::Key => "custom_limits",
+        Per::Account => "account_limits",
+        Per::Org => "org_limits",
     }
 }
 
@@ -419,22 +489,28 @@ pub(crate) fn validate(base: &Policy, change: &Change) -> Result<(), PolicyError
         }
         Change::PutLimit {
             key,
+            per,
             category,
             adjust,
             ..
         } => (
-            format!("custom_limits.{}", entry(key, &format!(".{category}"))),
-            base.check_op_limit(category, Some(adjust), Per::Key),
+            format!(
+                "{}.{}",
+                limits_section(*per),
+                entry(key, &format!(".{category}"))
+            ),
+            base.check_op_limit(category, Some(adjust), *per),
         ),
-        Change::RemoveLimit { key, category } => (
-            format!("custom_limits.{}", entry(key, &format!(".{category}"))),
-            base.check_op_limit(category, None, Per::Key),
+        Change::RemoveLimit { key, per, category } => (
+            format!(
+                "{}.{}",
+                limits_section(*per),
+                entry(key, &format!(".{category}"))
+            ),
+            base.check_op_limit(category, None, *per),
         ),
         Change::AddBoost { boost: b, .. } => {
-            let (key, tier) = match &b.target {
-                BoostFor::Key(k) => (Some((k.id, Per::Key)), None),
-                BoostFor::Tier(t) => (None, Some(t.as_str())),
-            };
+            let (key, tier) = b.target.compiled();
             let r = base
                 .compile_op_boost(
                     key,

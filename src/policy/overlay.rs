@@ -310,7 +310,10 @@ mod tests {
         let id = KeyId::of("file-key").as_u64();
         let x5 = Adjust::Scale(5.0);
         // Removing the file's `*` keeps its `write`.
-        let row = base.op_override_row((id, Per::Key), &[("*", None)]).unwrap().unwrap();
+        let row = base
+            .op_override_row((id, Per::Key), &[("*", None)])
+            .unwrap()
+            .unwrap();
         assert_eq!(&*row, &[None, Some(Adjust::Scale(3.0))]);
         // Setting `read` keeps the file's `write`.
         let row = base
@@ -319,9 +322,14 @@ mod tests {
             .unwrap();
         assert_eq!(&*row, &[Some(x5.clone()), Some(Adjust::Scale(3.0))]);
         assert!(base.op_override_row((id, Per::Key), &[]).unwrap().is_none());
-        let e = base.op_override_row((id, Per::Key), &[("gpu", Some(&x5))]).unwrap_err();
+        let e = base
+            .op_override_row((id, Per::Key), &[("gpu", Some(&x5))])
+            .unwrap_err();
         assert!(e.contains("unknown category `gpu`"), "{e}");
         let unlimited = Adjust::Set(Rule::Unlimited);
-        assert!(base.op_override_row((7, Per::Key), &[("*", Some(&unlimited))]).is_ok());
+        assert!(
+            base.op_override_row((7, Per::Key), &[("*", Some(&unlimited))])
+                .is_ok()
+        );
     }
 }

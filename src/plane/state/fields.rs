@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use super::{BoostEntry, BoostFor, Change, KeyState, OperatorState};
 use crate::key::{KeyDigest, KeyId};
+use crate::limit::Per;
 
 /// Reading a store's fields.
 impl OperatorState {
@@ -103,6 +104,12 @@ fn read_field(field: &str, value: &str) -> Result<Option<(Change, bool)>, String
         [kind, id] if kind == "boost" => return read_boost(id, &v).map(Some),
         _ => return Ok(None),
     };
+    let per = match s("per").as_deref() {
+        None => Per::Key,
+        Some("account") => Per::Account,
+        Some("org") => Per::Org,
+        Some(_) => return Err("an unknown owner of custom limits".into()),
+    };
     let change = match (kind, path.get(2)) {
         ("key", None) if v.get("revoked").and_then(Value::as_bool) == Some(true) => {
             Change::RevokeKey { key }
@@ -116,6 +123,7 @@ fn read_field(field: &str, value: &str) -> Result<Option<(Change, bool)>, String
         ("limit", Some(category)) if v.get("removed").and_then(Value::as_bool) == Some(true) => {
             Change::RemoveLimit {
                 key,
+                per,
                 category: category.clone(),
             }
         }
@@ -124,6 +132,7 @@ fn read_field(field: &str, value: &str) -> Result<Option<(Change, bool)>, String
             let adjust = crate::policy::parse_adjust_json(&written)?;
             Change::PutLimit {
                 key,
+                per,
                 category: category.clone(),
                 written,
                 adjust,
@@ -139,14 +148,21 @@ fn read_boost(id: &str, v: &Value) -> Result<(Change, bool), String> {
     let s = |name: &str| v.get(name).and_then(Value::as_str).map(str::to_owned);
     let written = v.get("adjust").cloned().ok_or("no adjust")?;
     let adjust = crate::policy::parse_adjust_json(&written)?;
-    let (target, legacy) = match (s("key_digest"), s("key"), s("tier")) {
-        (Some(hex), None, None) => {
+    let owner = match (s("account"), s("org")) {
+        (Some(a), None) => Some(BoostFor::Owner(Per::Account, a)),
+        (None, Some(o)) => Some(BoostFor::Owner(Per::Org, o)),
+        (None, None) => None,
+        _ => return Err("a boost names one owner".into()),
+    };
+    let (target, legacy) = match (s("key_digest"), s("key"), s("tier"), owner) {
+        (Some(hex), None, None, None) => {
             let d = KeyDigest::parse_hex(&hex).ok_or("not a key digest")?;
             (BoostFor::Key(d), false)
         }
-        (None, Some(raw), None) => (BoostFor::Key(KeyDigest::of(&raw)), true),
-        (None, None, Some(t)) => (BoostFor::Tier(t), false),
-        _ => return Err("a boost names a key or a tier".into()),
+        (None, Some(raw), None, None) => (BoostFor::Key(KeyDigest::of(&raw)), true),
+        (None, None, Some(t), None) => (BoostFor::Tier(t), false),
+        (None, None, None, Some(owner)) => (owner, false),
+        _ => return Err("a boost names a key, a tier, an account or an organisation".into()),
     };
     let time = |name: &str| {
         v.get(name)

@@ -124,7 +124,10 @@ fn lists_tables_pools_and_accounts() {
     let k2 = crate::key::KeyId::of("k2");
     assert_eq!(
         p.key_entry("k2", k2),
-        Some(crate::policy::ListedKey::new(pro).in_account(Some(crate::key::KeyId::of_account("acme"))))
+        Some(
+            crate::policy::ListedKey::new(pro)
+                .in_account(Some(crate::key::KeyId::of_account("acme")))
+        )
     );
     assert_eq!(
         p.key_entry("k1", crate::key::KeyId::of("k1")),
