@@ -153,6 +153,13 @@ async fn memory_backend_passes_the_several_limit_table() {
 }
 
 #[tokio::test]
+async fn memory_backend_passes_the_owners_table() {
+    let clock = FakeRelativeClock::default();
+    let backend = MemoryBackend::builder().clock(clock.clone()).build();
+    common::conformance::owners::run_owners(&backend, |d| clock.advance(d)).await;
+}
+
+#[tokio::test]
 async fn memory_backend_passes_the_lease_table() {
     let clock = FakeRelativeClock::default();
     let backend = MemoryBackend::builder().clock(clock.clone()).build();

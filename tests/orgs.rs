@@ -250,6 +250,26 @@ mod redis {
         assert_eq!(header(&res, "x-ratelimit-remaining"), Some(2));
     }
 
+    #[tokio::test]
+    async fn redis_passes_the_owners_table() {
+        if !ready() {
+            return;
+        }
+        secret();
+        let (_server, clock, backend) = common::redis::single_node_on_fake_clock().await;
+        common::conformance::owners::run_owners(&backend, |d| clock.advance(d)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cluster_passes_the_owners_table_in_one_slot() {
+        if !ready() {
+            return;
+        }
+        secret();
+        let (_cluster, clock, backend) = common::redis::cluster_on_fake_clock().await;
+        common::conformance::owners::run_owners(&backend, |d| clock.advance(d)).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn an_org_limit_is_exact_across_two_servers_on_redis() {
         if !ready() {

@@ -2,6 +2,7 @@
 //! backend and a way to move that backend's clock forward.
 
 pub mod calendar;
+pub mod owners;
 mod settle;
 
 #[allow(unused_imports)]

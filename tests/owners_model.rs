@@ -1,0 +1,238 @@
+//! A property test of the three owner levels: four keys in two accounts of
+//! one organisation, each request charged to its key's, its account's and
+//! the organisation's bucket in one check (the organisation the owner, as
+//! the layer makes it when per-organisation limits apply), all or nothing.
+//! The reference is seven GCRA models (four keys, two accounts, one
+//! organisation), each asked on a copy; a request counts in its three only
+//! if all three allow. Random arrivals, keys and costs on a fake clock, on
+//! the memory backend and on the Redis script.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use governor::clock::FakeRelativeClock;
+use proptest::prelude::*;
+use tierlimit::backend::{Backend, BackendError, Charge, Check, Decision, PeriodBounds};
+use tierlimit::{Limit, MemoryBackend, key::KeyId};
+
+/// GCRA as governor computes it, in nanoseconds: `max` at once, then one
+/// every `t`.
+#[derive(Clone, Copy, Debug)]
+struct Model {
+    t: u64,
+    max: u32,
+    tat: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Allow { remaining: u32 },
+    Deny { retry: Duration },
+    CostTooHigh,
+}
+
+impl Model {
+    /// Whether `cost` conforms at `now`: the new TAT and what remains, or
+    /// the wait.
+    fn try_at(&self, now: u64, cost: u32) -> Result<(u64, u32), Duration> {
+        let t = i128::from(self.t);
+        let tau = t * i128::from(self.max - 1);
+        let now = i128::from(now);
+        let tat = self.tat.map_or(now, i128::from);
+        let add = t * i128::from(cost - 1);
+        let earliest = tat + add - tau;
+        if now < earliest {
+            return Err(Duration::from_nanos((earliest - now) as u64));
+        }
+        let next = tat.max(now) + t + add;
+        let remaining = ((now + tau + t - next).min(tau + t) / t) as u32;
+        Ok((next as u64, remaining))
+    }
+}
+
+/// The models of one case: keys 0–3, accounts 0–1 (keys 0, 1 in the
+/// first, 2, 3 in the second), the organisation.
+struct Owners {
+    keys: [Model; 4],
+    accounts: [Model; 2],
+    org: Model,
+}
+
+impl Owners {
+    fn new([k, a, o]: [(u32, u64); 3]) -> Self {
+        let model = |(max, t_ms): (u32, u64)| Model {
+            t: t_ms * 1_000_000,
+            max,
+            tat: None,
+        };
+        Owners {
+            keys: [model(k); 4],
+            accounts: [model(a); 2],
+            org: model(o),
+        }
+    }
+
+    /// What a request of `key` costing `cost` at `now` gets: all three of
+    /// its models allow (and count it), or the longest wait.
+    fn check(&mut self, now: u64, key: usize, cost: u32) -> Outcome {
+        let three = [self.keys[key], self.accounts[key / 2], self.org];
+        if three.iter().any(|m| cost > m.max) {
+            return Outcome::CostTooHigh;
+        }
+        let tries = three.map(|m| m.try_at(now, cost));
+        if let [Ok((k, a)), Ok((ac, b)), Ok((o, c))] = tries {
+            self.keys[key].tat = Some(k);
+            self.accounts[key / 2].tat = Some(ac);
+            self.org.tat = Some(o);
+            return Outcome::Allow {
+                remaining: a.min(b).min(c),
+            };
+        }
+        let retry = tries.iter().filter_map(|t| t.err()).max().unwrap();
+        Outcome::Deny { retry }
+    }
+}
+
+fn observed(result: Result<Decision, BackendError>) -> Outcome {
+    match result {
+        Ok(d) if d.allowed => Outcome::Allow {
+            remaining: d.remaining,
+        },
+        Ok(d) => Outcome::Deny {
+            retry: d.retry_after.expect("a refusal has a retry delay"),
+        },
+        Err(BackendError::CostExceedsLimit { .. }) => Outcome::CostTooHigh,
+        Err(e) => panic!("backend error: {e}"),
+    }
+}
+
+/// A limit whose interval is whole milliseconds (the Redis script's
+/// microseconds and governor's nanoseconds agree exactly).
+fn limits() -> impl Strategy<Value = (u32, u64)> {
+    (1u32..=12, 1u64..=2_000)
+}
+
+/// Steps: (ms to advance, key 0–3, cost).
+fn steps() -> impl Strategy<Value = Vec<(u64, usize, u32)>> {
+    prop::collection::vec(
+        (
+            prop_oneof![Just(0u64), 0u64..50, 0u64..5_000],
+            0usize..4,
+            prop_oneof![Just(1u32), Just(1u32), 1u32..=8],
+        ),
+        1..60,
+    )
+}
+
+fn setup() {
+    #[cfg(feature = "redis")]
+    common::redis::init_secret();
+}
+
+static CASES: AtomicU64 = AtomicU64::new(0);
+
+async fn run_case(
+    levels: [(u32, u64); 3],
+    steps: &[(u64, usize, u32)],
+    advance: impl Fn(Duration),
+    check: impl AsyncFn(Check<'_>) -> Result<Decision, BackendError>,
+) -> Result<(), TestCaseError> {
+    setup();
+    let n = CASES.fetch_add(1, Ordering::Relaxed);
+    let org = KeyId::of_org(&format!("org-{n}")).as_u64();
+    let accounts = [0, 1].map(|a| KeyId::of_account(&format!("acct-{n}-{a}")).as_u64());
+    let keys = [0, 1, 2, 3].map(|k| KeyId::of(&format!("key-{n}-{k}")).as_u64());
+    let [key_limit, account_limit, org_limit] = levels.map(|(max, t_ms)| {
+        Limit::new(
+            max.try_into().unwrap(),
+            Duration::from_millis(t_ms * u64::from(max)),
+        )
+        .unwrap()
+    });
+    let mut models = Owners::new(levels);
+    let mut now = 0u64;
+    for (i, &(advance_ms, key, cost)) in steps.iter().enumerate() {
+        advance(Duration::from_millis(advance_ms));
+        now += advance_ms * 1_000_000;
+        let charge = |bucket: u64, limit: Limit| Charge {
+            bucket,
+            limit,
+            cost,
+            reserve: 0,
+            period: PeriodBounds::ROLLING,
+        };
+        let charges = [
+            charge(keys[key] ^ 0x6b, key_limit),
+            charge(accounts[key / 2] ^ 0x61, account_limit),
+            charge(org ^ 0x6f, org_limit),
+        ];
+        let want = models.check(now, key, cost);
+        let got = observed(check(Check::new(org, true, &charges)).await);
+        prop_assert_eq!(got, want, "step {} of {:?} (limits {:?})", i, steps, levels);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn memory_backend_matches_three_owner_levels(
+        k in limits(), a in limits(), o in limits(), steps in steps()
+    ) {
+        let clock = FakeRelativeClock::default();
+        let backend = MemoryBackend::builder().clock(clock.clone()).build();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(run_case([k, a, o], &steps, |d| clock.advance(d), async |c| backend.check(&c).await))?;
+    }
+}
+
+#[cfg(all(feature = "redis", feature = "test-util"))]
+mod redis_script {
+    use super::*;
+    use common::redis::{RedisServer, available};
+    use std::sync::OnceLock;
+
+    type Shared = (
+        RedisServer,
+        FakeRelativeClock,
+        tierlimit::RedisBackend,
+        tokio::runtime::Runtime,
+    );
+
+    fn start() -> Option<Shared> {
+        if !available() {
+            return None;
+        }
+        setup();
+        let server = RedisServer::start();
+        let clock = FakeRelativeClock::default();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let backend = rt.block_on(common::redis::fake_clock_backend(&server, &clock));
+        Some((server, clock, backend, rt))
+    }
+
+    fn shared() -> Option<&'static Shared> {
+        static SHARED: OnceLock<Option<Shared>> = OnceLock::new();
+        SHARED.get_or_init(start).as_ref()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn redis_script_matches_three_owner_levels(
+            k in limits(), a in limits(), o in limits(), steps in steps()
+        ) {
+            let Some((_server, clock, backend, rt)) = shared() else {
+                return Ok(());
+            };
+            rt.block_on(run_case([k, a, o], &steps, |d| clock.advance(d), async |c| backend.check(&c).await))?;
+        }
+    }
+}
