@@ -96,6 +96,8 @@ write = "200/hour"
 ai = "500/hour"
 [tiers.pro.per_account]
 write = "500/hour"
+[tiers.pro.per_org]
+write = "2000/hour"
 [keys]
 "secret-key-one" = "free"
 "secret-key-two" = {{ tier = "pro", account = "acme" }}
@@ -135,7 +137,10 @@ end = "2099-01-02T00:00:00Z"
     );
     let pro = line("pro");
     assert!(pro.contains("1000/hour"), "{out}");
-    assert!(pro.contains("200/hour; account: 500/hour"), "{out}");
+    assert!(
+        pro.contains("200/hour; account: 500/hour; org: 2000/hour"),
+        "{out}"
+    );
     // The tier boost active now doubles pro's ai (500 → 1000).
     let columns: Vec<&str> = pro.split("  ").filter(|c| !c.trim().is_empty()).collect();
     assert_eq!(columns.last().map(|c| c.trim()), Some("1000/hour"), "{out}");

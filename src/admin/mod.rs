@@ -37,11 +37,11 @@ use routes::audit;
 ///
 /// | request | body | answer |
 /// |---|---|---|
-/// | `PUT …/keys` | `{"key", "tier", "account"?}` | 200: the key is listed in `tier` (an upgrade if it was listed) |
+/// | `PUT …/keys` | `{"key", "tier", "account"?, "org"?}` | 200: the key is listed in `tier` (an upgrade if it was listed) |
 /// | `DELETE …/keys` | `{"key"}` | 200: revoked, a 401 from then on |
-/// | `PUT …/custom-limits` (or `…/limits`) | `{"key", "category", "limit"}` (`"3/hour"`, a list, `"unlimited"`, `"x5"`; category `"*"` for all) | 200 |
-/// | `DELETE …/custom-limits` (or `…/limits`) | `{"key", "category"}` | 200 |
-/// | `POST …/boosts` | `{"key" or "tier", "category"?, "adjust", "start", "end"}` (RFC 3339 or Unix seconds) | 201 with its `id` |
+/// | `PUT …/custom-limits` (or `…/limits`) | `{"key" (or "account", "org"), "category", "limit"}` (`"3/hour"`, a list, `"unlimited"`, `"x5"`; category `"*"` for all) | 200 |
+/// | `DELETE …/custom-limits` (or `…/limits`) | `{"key" (or "account", "org"), "category"}` | 200 |
+/// | `POST …/boosts` | `{"key", "account", "org" or "tier", "category"?, "adjust", "start", "end"}` (RFC 3339 or Unix seconds) | 201 with its `id` |
 /// | `GET …/boosts` | — | 200: the boosts operators granted that have not ended |
 /// | `DELETE …/boosts/{id}` | — | 200, or 404 |
 /// | `POST …/usage` | `{"key"}` | 200: the key's usage, as the usage service shows it, counting nothing |

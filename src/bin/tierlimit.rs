@@ -192,6 +192,9 @@ fn cell_text(e: &EffectiveLimits) -> String {
     if !account.is_empty() {
         parts.push(format!("account: {}", account.join(", ")));
     }
+    if !e.per_org.is_empty() {
+        parts.push(format!("org: {}", list(&e.per_org)));
+    }
     parts.join("; ")
 }
 
