@@ -157,7 +157,7 @@ impl PolicyBuilder {
     /// none); `"x5"` multiplies every limit its keys have.
     ///
     /// ```
-    /// use tierlimit::{Limit, Policy, Rule, Tier, policy::Adjust};
+    /// use tierlimit::{Limit, Policy, Tier, policy::{Adjust, Rule}};
     ///
     /// let policy = Policy::builder()
     ///     .categories(["read", "write"])
