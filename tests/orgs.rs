@@ -430,6 +430,16 @@ fn org_mistakes_are_refused_naming_the_entry() {
             "keys.",
             "unknown field `orgg`",
         ),
+        (
+            "[keys]\n\"k-1\" = { tier = \"pro\", account = \"t\", org = \"x\" }\n\"k-2\" = { tier = \"pro\", account = \"t\", org = \"y\" }\n",
+            "keys.",
+            "account `t` is in organisation `x` for another key",
+        ),
+        (
+            "[keys]\n\"k-1\" = { tier = \"pro\", account = \"t\" }\n\"k-2\" = { tier = \"pro\", account = \"t\", org = \"y\" }\n",
+            "keys.",
+            "account `t` is in no organisation for another key",
+        ),
     ];
     for (extra, entry, says) in cases {
         let src = format!(

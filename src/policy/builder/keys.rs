@@ -1,14 +1,20 @@
-//! The `[keys]` section: each key's tier and account, compared by full
-//! text, never shown in an error.
+//! The `[keys]` section: each key's tier, account and organisation,
+//! compared by full text, never shown in an error.
 
 use super::names::{Names, join};
 use super::{KeyEntry, Located, PolicyBuilder, PolicyError};
+use std::collections::HashMap;
+
 use crate::key::KeyId;
 use crate::policy::keys::{KeyTable, ListedKey};
 
 impl PolicyBuilder {
     pub(super) fn build_keys(&self, names: &Names) -> Result<KeyTable, PolicyError> {
         let mut keys = KeyTable::with_capacity(self.keys.len());
+        // The organisation of each account listed so far: an account
+        // belongs to one (its buckets live under it when per-organisation
+        // limits apply).
+        let mut orgs_of: HashMap<&str, Option<&str>> = HashMap::new();
         for Located {
             value:
                 KeyEntry {
@@ -37,6 +43,21 @@ impl PolicyBuilder {
             };
             name(account.as_deref(), "an account")?;
             name(org.as_deref(), "an organisation")?;
+            if let Some(a) = account.as_deref() {
+                match orgs_of.insert(a, org.as_deref()) {
+                    Some(before) if before != org.as_deref() => {
+                        return Err(PolicyError::new(
+                            &entry,
+                            *line,
+                            format!(
+                                "account `{a}` is in {} for another key: every key of an account names the same organisation (or none)",
+                                before.map_or("no organisation".to_owned(), |o| format!("organisation `{o}`"))
+                            ),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
             let account = account.as_deref().map(KeyId::of_account);
             let org = org.as_deref().map(KeyId::of_org);
             let listed = ListedKey::new(t).in_account(account).in_org(org);
