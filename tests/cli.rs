@@ -41,6 +41,33 @@ fn check_accepts_the_demo_policy() {
 }
 
 #[test]
+fn check_counts_organisations() {
+    let policy = r#"
+categories = ["read", "write"]
+[tiers.pro]
+read = "1000/hour"
+write = "200/hour"
+[tiers.pro.per_org]
+write = "2000/hour"
+[keys]
+"acme-key-1" = { tier = "pro", account = "team-a", org = "acme" }
+"acme-key-2" = { tier = "pro", account = "team-b", org = "acme" }
+"globex-key" = { tier = "pro", org = "globex" }
+"solo-key" = "pro"
+"#;
+    let path = file("orgs", policy);
+    let o = tierlimit(&["check", path.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains(
+            "valid (1 tiers, 2 categories, 4 keys, 2 organisations listed, per-organisation limits in 1 cells)"
+        ),
+        "{out}"
+    );
+}
+
+#[test]
 fn check_names_the_entry_and_line_of_the_first_error() {
     let demo = std::fs::read_to_string(DEMO).unwrap();
     for (name, broken, says) in [

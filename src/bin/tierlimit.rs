@@ -66,10 +66,11 @@ fn main() -> ExitCode {
     match command {
         "check" => {
             println!(
-                "{path}: valid ({} tiers, {} categories, {} keys{}{})",
+                "{path}: valid ({} tiers, {} categories, {} keys{}{}{})",
                 policy.tiers().len(),
                 policy.categories().len(),
                 policy.listed_keys().count(),
+                org_note(&policy),
                 calendar_note(&policy),
                 overload_note(&policy)
             );
@@ -109,6 +110,25 @@ fn overload_note(policy: &Policy) -> String {
         .map(|t| format!("{} at {}", policy.tier_name(t), rules.shed_fraction(t)))
         .collect();
     format!(", sheds load: {capacity}; {}", tiers.join(", "))
+}
+
+/// `, N organisations listed, per-organisation limits in M cells` when the
+/// policy has organisations.
+fn org_note(policy: &Policy) -> String {
+    let orgs: std::collections::HashSet<_> =
+        policy.listed_keys().filter_map(|(_, e)| e.org).collect();
+    let cells = policy
+        .tiers()
+        .flat_map(|t| policy.categories().map(move |c| (t, c)))
+        .filter(|&(t, c)| !policy.limits(t, c).per_org().is_empty())
+        .count();
+    if orgs.is_empty() && cells == 0 {
+        return String::new();
+    }
+    format!(
+        ", {} organisations listed, per-organisation limits in {cells} cells",
+        orgs.len()
+    )
 }
 
 /// `, calendar periods in ZONE` when the policy has any.

@@ -51,7 +51,9 @@ impl PolicyBuilder {
                             *line,
                             format!(
                                 "account `{a}` is in {} for another key: every key of an account names the same organisation (or none)",
-                                before.map_or("no organisation".to_owned(), |o| format!("organisation `{o}`"))
+                                before.map_or("no organisation".to_owned(), |o| format!(
+                                    "organisation `{o}`"
+                                ))
                             ),
                         ));
                     }
