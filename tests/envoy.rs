@@ -256,6 +256,27 @@ async fn a_tier_and_an_account_given_directly() {
 }
 
 #[tokio::test]
+async fn an_org_given_directly_binds_across_its_accounts() {
+    let policy = format!("{POLICY}\n[tiers.free.per_org]\nwrite = \"2/minute\"\n");
+    let (_clock, _s, mut c) = rls(&policy).await;
+    let of = |account, org| {
+        [
+            ("tier", "free"),
+            ("account", account),
+            ("org", org),
+            ("category", "write"),
+        ]
+    };
+    // Each account its own 1 a minute, the organisation 2.
+    assert_eq!(ask1(&mut c, &of("a1", "x")).await.overall_code, OK);
+    assert_eq!(ask1(&mut c, &of("a2", "x")).await.overall_code, OK);
+    let r = ask1(&mut c, &of("a3", "x")).await;
+    assert_eq!(r.overall_code, OVER, "the organisation's 2 are used");
+    assert!(why(&r, 0).starts_with("free.write.org"), "{}", why(&r, 0));
+    assert_eq!(ask1(&mut c, &of("a4", "y")).await.overall_code, OK);
+}
+
+#[tokio::test]
 async fn the_http_layer_and_envoy_share_one_count() {
     let clock = FakeRelativeClock::default();
     let layer = layer(POLICY, &clock);

@@ -44,6 +44,15 @@ async fn unknown_and_missing_are_answered_as_documented() {
             "malformed-api-key",
         ),
         (
+            &[
+                ("tier", "free"),
+                ("account", "a"),
+                ("org", ""),
+                ("category", "read"),
+            ],
+            "invalid-org",
+        ),
+        (
             &[("api_key", ""), ("category", "read")],
             "malformed-api-key",
         ),

@@ -28,6 +28,7 @@ pub(super) struct Read<'a> {
     api_key: Option<&'a str>,
     tier: Option<&'a str>,
     account: Option<&'a str>,
+    org: Option<&'a str>,
     category: Option<&'a str>,
     method: Option<&'a str>,
     path: Option<&'a str>,
@@ -43,6 +44,7 @@ impl<'a> Read<'a> {
                 k if k == keys.api_key => &mut r.api_key,
                 k if k == keys.tier => &mut r.tier,
                 k if k == keys.account => &mut r.account,
+                k if k == keys.org => &mut r.org,
                 k if k == keys.category => &mut r.category,
                 k if k == keys.method => &mut r.method,
                 k if k == keys.path => &mut r.path,
@@ -127,6 +129,14 @@ impl<'a> Read<'a> {
                 format!("an account is 1 to {MAX_NAME} bytes"),
             ));
         }
+        if let Some(o) = self.org
+            && (o.is_empty() || o.len() > MAX_NAME)
+        {
+            return Err(Mistake::new(
+                "invalid-org",
+                format!("an organisation is 1 to {MAX_NAME} bytes"),
+            ));
+        }
         let mut req = Request::new(());
         if let Some(key) = self.api_key {
             // The layer's own key rules apply to the key (its length once
@@ -162,6 +172,7 @@ impl<'a> Read<'a> {
         req.extensions_mut().insert(Given {
             tier,
             account: self.account.map(KeyId::of_account),
+            org: self.org.map(KeyId::of_org),
             cost,
         });
         Ok(req)
@@ -182,6 +193,7 @@ fn shorten(s: &str) -> &str {
 struct Given {
     tier: Option<TierId>,
     account: Option<KeyId>,
+    org: Option<KeyId>,
     cost: u32,
 }
 
@@ -218,6 +230,10 @@ impl Extractor for Descriptors {
         };
         let id = match given.account {
             Some(account) => id.with_account_id(account),
+            None => id,
+        };
+        let id = match given.org {
+            Some(org) => id.with_org_id(org),
             None => id,
         };
         Ok(id.with_cost(given.cost))

@@ -45,6 +45,7 @@
 //! | `api_key` | the caller's API key: its tier and account from `[keys]`, the operators' keys and revocations, as the layer reads `X-API-Key` |
 //! | `tier` | a tier named directly, for callers Envoy authenticated (with `api_key` or `account` as the caller) |
 //! | `account` | the caller's account: per-account limits, and the caller itself when there is no key |
+//! | `org` | the caller's organisation: per-organisation limits |
 //! | `category` | the category, named directly (cost 1) |
 //! | `method` + `path` | else the category and cost from the policy's routes (`:path`'s query is ignored) |
 //! | `remote_address` | without a key: the client, under the `missing_key` tier |

@@ -31,6 +31,8 @@ pub struct DescriptorKeys {
     pub tier: String,
     /// The caller's account (default `account`).
     pub account: String,
+    /// The caller's organisation (default `org`).
+    pub org: String,
     /// A category named directly (default `category`).
     pub category: String,
     /// The request's method, classified with `path` by the policy's routes
@@ -49,6 +51,7 @@ impl Default for DescriptorKeys {
             api_key: "api_key".into(),
             tier: "tier".into(),
             account: "account".into(),
+            org: "org".into(),
             category: "category".into(),
             method: "method".into(),
             path: "path".into(),
@@ -59,11 +62,12 @@ impl Default for DescriptorKeys {
 
 impl DescriptorKeys {
     /// Each key with its entry name in the policy file.
-    fn named(&self) -> [(&'static str, &str); 7] {
+    fn named(&self) -> [(&'static str, &str); 8] {
         [
             ("api_key", &self.api_key),
             ("tier", &self.tier),
             ("account", &self.account),
+            ("org", &self.org),
             ("category", &self.category),
             ("method", &self.method),
             ("path", &self.path),

@@ -91,6 +91,7 @@ struct KeysSpec {
     api_key: Option<String>,
     tier: Option<String>,
     account: Option<String>,
+    org: Option<String>,
     category: Option<String>,
     method: Option<String>,
     path: Option<String>,

@@ -345,6 +345,7 @@ pub(super) fn envoy(b: PolicyBuilder, e: Spanned<EnvoySpec>, lines: &Lines) -> P
         (&mut keys.api_key, k.api_key),
         (&mut keys.tier, k.tier),
         (&mut keys.account, k.account),
+        (&mut keys.org, k.org),
         (&mut keys.category, k.category),
         (&mut keys.method, k.method),
         (&mut keys.path, k.path),
