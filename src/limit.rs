@@ -52,8 +52,9 @@ impl std::hash::Hash for Limit {
 }
 
 /// Whom a limit is counted per: each key, each account (shared by its
-/// keys), or each organisation (shared by its accounts' keys).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+/// keys), or each organisation (shared by its accounts' keys); ordered
+/// from the narrowest to the widest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum Per {
     #[default]
     Key,

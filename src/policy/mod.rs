@@ -425,7 +425,7 @@ impl Policy {
         }
         let mut applied = cell.applied();
         for (adjust, per) in customs.into_iter().flatten() {
-            applied = adjust.apply_at(&applied, per);
+            applied = adjust.apply_at(&applied, Some(per));
         }
         let base = applied;
         for b in boosts {

@@ -15,10 +15,13 @@ pub enum Adjust {
     /// Replace the per-key rule with several limits that all apply
     /// (`["100/second", "10000/hour"]` in a policy file).
     SetAll(Vec<Limit>),
-    /// Multiply the burst (`max`) of every limit that applies — per key
-    /// and per account, of requests and of tokens — by this factor,
-    /// keeping each window: `x5` turns 100/hour into 500/hour. Unlimited
-    /// stays unlimited.
+    /// Multiply the burst (`max`) of the limits of the adjusted owner and
+    /// of the owners within it by this factor, keeping each window: `x5`
+    /// turns 100/hour into 500/hour. A key's scales its own limits (per
+    /// key, of requests and tokens), an account's its keys' and its own, an
+    /// organisation's and a tier's every limit — never a limit a wider
+    /// owner shares, which is the same for every key that shares it.
+    /// Unlimited stays unlimited.
     Scale(f64),
     /// Replace the per-key request limits (`Some(empty)`: unlimited) and
     /// token limits, each only if given (`{ requests = …, tokens = … }` in
@@ -50,53 +53,36 @@ impl Adjust {
         }
     }
 
-    /// The limits after the adjustment.
-    pub(crate) fn apply_all(&self, limits: &Applied) -> Applied {
-        match self {
-            Adjust::Set(Rule::Unlimited) => Applied {
-                per_key: LimitBuf::EMPTY,
-                ..*limits
-            },
-            Adjust::Set(Rule::Limited(l)) => Applied {
-                per_key: LimitBuf::from_slice(&[*l]),
-                ..*limits
-            },
-            Adjust::SetAll(ls) => Applied {
-                per_key: LimitBuf::from_slice(ls),
-                ..*limits
-            },
-            Adjust::Scale(k) => Applied {
-                per_key: limits.per_key.scaled(*k),
-                per_account: limits.per_account.scaled(*k),
-                per_org: limits.per_org.scaled(*k),
-                tokens: limits.tokens.scaled(*k),
-                account_tokens: limits.account_tokens.scaled(*k),
-            },
-            Adjust::Table { requests, tokens } => Applied {
-                per_key: requests
-                    .as_deref()
-                    .map_or(limits.per_key, LimitBuf::from_slice),
-                tokens: tokens
-                    .as_deref()
-                    .map_or(limits.tokens, LimitBuf::from_slice),
-                ..*limits
-            },
+    /// The limits after a custom limit or boost of a key, an account or an
+    /// organisation (`per`), or of a whole tier (`None`). A limit or list
+    /// replaces that owner's own request limits (a key's or a tier's: the
+    /// per-key ones; `tokens` its token limits, none for an organisation).
+    /// A multiplier scales the limits of that owner and of the owners
+    /// within it, never a wider one's: a limit shared by an account or an
+    /// organisation is the same for every key that shares it (one bucket),
+    /// so a key's `x5` leaves its account's and organisation's limits
+    /// as they are; a tier's scales every limit.
+    pub(crate) fn apply_at(&self, limits: &Applied, per: Option<Per>) -> Applied {
+        let mut out = *limits;
+        if let Adjust::Scale(k) = self {
+            let reaches = |level: Per| per.is_none_or(|p| p >= level);
+            out.per_key = limits.per_key.scaled(*k);
+            out.tokens = limits.tokens.scaled(*k);
+            if reaches(Per::Account) {
+                out.per_account = limits.per_account.scaled(*k);
+                out.account_tokens = limits.account_tokens.scaled(*k);
+            }
+            if reaches(Per::Org) {
+                out.per_org = limits.per_org.scaled(*k);
+            }
+            return out;
         }
-    }
-
-    /// The limits after the adjustment of a key's (`Per::Key`: see
-    /// [`apply_all`](Self::apply_all)), an account's or an organisation's
-    /// custom limit or boost: a limit or list replaces that owner's own
-    /// request limits (and an account's `tokens` its token limits); a
-    /// multiplier scales every limit, as a key's does.
-    pub(crate) fn apply_at(&self, limits: &Applied, per: Per) -> Applied {
         let requests = match self {
-            Adjust::Scale(_) => return self.apply_all(limits),
-            _ if per == Per::Key => return self.apply_all(limits),
             Adjust::Set(Rule::Unlimited) => Some(LimitBuf::EMPTY),
             Adjust::Set(Rule::Limited(l)) => Some(LimitBuf::from_slice(&[*l])),
             Adjust::SetAll(ls) => Some(LimitBuf::from_slice(ls)),
             Adjust::Table { requests, .. } => requests.as_deref().map(LimitBuf::from_slice),
+            Adjust::Scale(_) => None,
         };
         let tokens = match self {
             Adjust::Table {
@@ -104,10 +90,10 @@ impl Adjust {
             } => Some(LimitBuf::from_slice(t)),
             _ => None,
         };
-        let mut out = *limits;
-        let (list, token_list) = match per {
+        let (list, token_list) = match per.unwrap_or(Per::Key) {
+            Per::Key => (&mut out.per_key, Some(&mut out.tokens)),
+            Per::Account => (&mut out.per_account, Some(&mut out.account_tokens)),
             Per::Org => (&mut out.per_org, None),
-            _ => (&mut out.per_account, Some(&mut out.account_tokens)),
         };
         if let Some(r) = requests {
             *list = r;
@@ -299,9 +285,10 @@ impl CompiledBoost {
             && self.category.is_none_or(|c| c == category)
     }
 
-    /// Whose own limits a limit or list of this boost replaces.
-    pub(crate) fn per(&self) -> Per {
-        self.owner.map_or(Per::Key, |(_, per)| per)
+    /// Whose boost this is: a key's, an account's or an organisation's
+    /// (`None`: a tier's).
+    pub(crate) fn per(&self) -> Option<Per> {
+        self.owner.map(|(_, per)| per)
     }
 }
 
