@@ -16,9 +16,10 @@ use tower_service::Service;
 use std::time::Duration;
 
 use crate::admission::{ChargeSet, Path, Shared, path};
-use crate::backend::{Backend, Decision, LeaseState};
+use crate::backend::{Backend, Decision, LeaseState, TokenSplit};
 use crate::decision::Shown;
 use crate::extract::{Extractor, Identity, Rejection, RequestRef, is_grpc};
+use crate::meter::TokenKind;
 use crate::policy::{Calendar, Cell, Policy, Pool, TierId};
 use crate::response::{Answer, ResponseBody};
 
@@ -108,7 +109,7 @@ where
 ///
 /// Each category is peeked on the path admission would take
 /// ([`path`]), and shown from the decision admission would make of those
-/// states ([`Decision::binding_with_tokens`], with the binding lease): its
+/// states ([`Decision::binding_with_split`], with the binding lease): its
 /// `limit`, `remaining`, `reset` and `window` are what the `X-RateLimit-*`
 /// headers of a request (or of its refusal) say at the same moment
 /// ([`Decision::shown`]). A peek at a bucket with no room left is the
@@ -159,9 +160,11 @@ pub(crate) fn report<E, B: Backend>(
 /// counted per account, and whether in tokens) in charge order, and each
 /// concurrency limit's.
 struct Peek<F> {
-    limits: Vec<(F, bool, bool)>,
+    limits: Vec<(F, bool, Option<TokenKind>)>,
     /// How many of the last limits are token limits.
     tokens: u8,
+    /// Which of those count input and output tokens.
+    split: TokenSplit,
     leases: Vec<(F, bool)>,
 }
 
@@ -183,6 +186,7 @@ where
         let mut peek = Peek {
             limits: Vec::new(),
             tokens: 0,
+            split: TokenSplit::NONE,
             leases: Vec::new(),
         };
         match path {
@@ -192,17 +196,14 @@ where
                 if set.has_calendar() {
                     set.in_periods(calendar, shared.unix_time());
                 }
-                let nkey = limits.per_key.len();
-                let nreq = nkey + limits.per_account.len();
-                let ntok = nreq + limits.tokens.len();
                 for (i, c) in set.charges().iter().enumerate() {
-                    let tokens = i >= nreq;
-                    let per_account = (i >= nkey && i < nreq) || i >= ntok;
+                    let (per_account, kind) = ChargeSet::describe(limits, i);
                     let pooled = per_account || cell.pool == Pool::Account;
                     peek.limits
-                        .push((shared.backend.peek(set.owner, c), pooled, tokens));
+                        .push((shared.backend.peek(set.owner, c), pooled, kind));
                 }
                 peek.tokens = set.tokens;
+                peek.split = set.split;
                 peek.leases = set
                     .leases()
                     .iter()
@@ -225,13 +226,13 @@ where
         }
         let mut decisions = Vec::with_capacity(self.limits.len());
         let mut listed = Vec::with_capacity(self.limits.len() + in_flight.len());
-        for (fut, per_account, is_tokens) in self.limits {
+        for (fut, per_account, kind) in self.limits {
             let d = match fut.await {
                 Ok(d) => d,
                 Err(e) => return json!({ "error": e.to_string() }),
             };
             let mut v = shown_json(d.shown(now));
-            v["unit"] = json!(if is_tokens { "tokens" } else { "requests" });
+            v["unit"] = json!(kind.map_or("requests", TokenKind::unit));
             v["per"] = json!(if per_account { "account" } else { "key" });
             listed.push(v);
             decisions.push(d);
@@ -244,7 +245,8 @@ where
             v
         });
         // The decision admission would make of these states.
-        let binding = Decision::binding_with_tokens(&decisions, usize::from(self.tokens));
+        let binding =
+            Decision::binding_with_split(&decisions, usize::from(self.tokens), self.split);
         let Some(d) = binding else {
             return match concurrency {
                 Some(c) => json!({ "concurrency": c, "limits": listed }),
@@ -253,10 +255,16 @@ where
         };
         let mut v = shown_json(d.shown(now));
         v["limits"] = Value::from(listed);
-        if let Some(t) = d.tokens
-            && let Some(tokens) = decisions.get(usize::from(t.index))
-        {
-            v["tokens"] = shown_json(tokens.shown(now));
+        for (kind, field) in [
+            (TokenKind::Total, "tokens"),
+            (TokenKind::Input, "input_tokens"),
+            (TokenKind::Output, "output_tokens"),
+        ] {
+            if let Some(t) = d.tokens_of(kind)
+                && let Some(tokens) = decisions.get(usize::from(t.index))
+            {
+                v[field] = shown_json(tokens.shown(now));
+            }
         }
         if let Some(c) = concurrency {
             v["concurrency"] = c;

@@ -15,7 +15,8 @@ pub enum Adjust {
     /// (`["100/second", "10000/hour"]` in a policy file).
     SetAll(Vec<Limit>),
     /// Multiply the burst (`max`) of every limit that applies — per key
-    /// and per account, of requests and of tokens — by this factor,
+    /// and per account, of requests and of tokens (input and output ones
+    /// too) — by this factor,
     /// keeping each window: `x5` turns 100/hour into 500/hour. Unlimited
     /// stays unlimited.
     Scale(f64),
@@ -69,6 +70,7 @@ impl Adjust {
                 per_account: limits.per_account.scaled(*k),
                 tokens: limits.tokens.scaled(*k),
                 account_tokens: limits.account_tokens.scaled(*k),
+                io: limits.io.map(|l| l.scaled(*k)),
             },
             Adjust::Table { requests, tokens } => Applied {
                 per_key: requests
@@ -165,6 +167,13 @@ pub(crate) fn more_generous_all(a: &Applied, b: &Applied) -> bool {
         (a.per_account.as_slice(), b.per_account.as_slice()),
         (a.tokens.as_slice(), b.tokens.as_slice()),
         (a.account_tokens.as_slice(), b.account_tokens.as_slice()),
+        (a.io.input.as_slice(), b.io.input.as_slice()),
+        (a.io.output.as_slice(), b.io.output.as_slice()),
+        (a.io.account_input.as_slice(), b.io.account_input.as_slice()),
+        (
+            a.io.account_output.as_slice(),
+            b.io.account_output.as_slice(),
+        ),
     ];
     for (x, y) in pairs {
         if list_more_generous(x, y) {

@@ -184,6 +184,7 @@ pub(in crate::policy) fn check_adjust(cells: &[Cell], adjust: &Adjust) -> Result
             + c.per_account.len()
             + tokens.map_or(c.tokens.len(), <[Limit]>::len)
             + c.account_tokens.len()
+            + c.io.map(|l| &**l).len()
             > MAX_LIMITS
     });
     if too_many {
