@@ -177,7 +177,7 @@ impl Tier {
         category: impl Into<String>,
         limits: impl IntoIterator<Item = Limit>,
     ) -> Self {
-        self.io_tokens_at(
+        self.token_entry(
             TokenKind::Input,
             category.into(),
             limits.into_iter().collect(),
@@ -198,7 +198,7 @@ impl Tier {
         category: impl Into<String>,
         limits: impl IntoIterator<Item = Limit>,
     ) -> Self {
-        self.io_tokens_at(
+        self.token_entry(
             TokenKind::Output,
             category.into(),
             limits.into_iter().collect(),
@@ -213,7 +213,7 @@ impl Tier {
         category: impl Into<String>,
         limits: impl IntoIterator<Item = Limit>,
     ) -> Self {
-        self.io_tokens_at(
+        self.token_entry(
             TokenKind::Input,
             category.into(),
             limits.into_iter().collect(),
@@ -228,7 +228,7 @@ impl Tier {
         category: impl Into<String>,
         limits: impl IntoIterator<Item = Limit>,
     ) -> Self {
-        self.io_tokens_at(
+        self.token_entry(
             TokenKind::Output,
             category.into(),
             limits.into_iter().collect(),
@@ -306,9 +306,25 @@ impl Tier {
         self
     }
 
-    /// Input- or output-token limits written on `line` (for the loader;
-    /// `TokenKind::Total` is [`tokens_at`](Self::tokens_at)'s).
+    /// A cell's `input_tokens` and `output_tokens` written on `line` (for
+    /// the loader), per key or per account.
     pub(in crate::policy) fn io_tokens_at(
+        mut self,
+        category: &str,
+        [input, output]: [Option<Vec<Limit>>; 2],
+        per_account: bool,
+        line: Option<usize>,
+    ) -> Self {
+        for (kind, limits) in [(TokenKind::Input, input), (TokenKind::Output, output)] {
+            if let Some(limits) = limits {
+                self = self.token_entry(kind, category.to_owned(), limits, per_account, line);
+            }
+        }
+        self
+    }
+
+    /// Token limits of `kind`, written on `line` (`None`: by the builder).
+    fn token_entry(
         mut self,
         kind: TokenKind,
         category: String,

@@ -15,8 +15,6 @@ use super::{
     TierRules,
 };
 use crate::key::KeyId;
-use crate::limit::Limit;
-use crate::meter::TokenKind;
 use crate::policy::{DescriptorKeys, EnvoySettings};
 
 type Built = Result<PolicyBuilder, PolicyError>;
@@ -120,13 +118,7 @@ fn tier_entry(
             if let Some(tokens) = cell.tokens {
                 tier = tier.tokens_at(cat.clone(), tokens, false, line);
             }
-            tier = io_tokens(
-                tier,
-                &cat,
-                [cell.input_tokens, cell.output_tokens],
-                false,
-                line,
-            );
+            tier = tier.io_tokens_at(&cat, [cell.input_tokens, cell.output_tokens], false, line);
             if let Some(n) = cell.concurrency {
                 tier = tier.concurrency_at(cat.clone(), n, false, line);
             }
@@ -164,34 +156,12 @@ fn per_account(
         if let Some(tokens) = cell.tokens {
             tier = tier.tokens_at(cat.clone(), tokens, true, line);
         }
-        tier = io_tokens(
-            tier,
-            cat,
-            [cell.input_tokens, cell.output_tokens],
-            true,
-            line,
-        );
+        tier = tier.io_tokens_at(cat, [cell.input_tokens, cell.output_tokens], true, line);
         if let Some(n) = cell.concurrency {
             tier = tier.concurrency_at(cat.clone(), n, true, line);
         }
     }
     Ok(tier)
-}
-
-/// A cell's `input_tokens` and `output_tokens`, per key or per account.
-fn io_tokens(
-    mut tier: Tier,
-    cat: &str,
-    [input, output]: [Option<Vec<Limit>>; 2],
-    per_account: bool,
-    line: Option<usize>,
-) -> Tier {
-    for (kind, limits) in [(TokenKind::Input, input), (TokenKind::Output, output)] {
-        if let Some(limits) = limits {
-            tier = tier.io_tokens_at(kind, cat.to_owned(), limits, per_account, line);
-        }
-    }
-    tier
 }
 
 /// `[[grpc]]`: a service, or one of its methods, as a route.
