@@ -75,7 +75,10 @@ fn bad_input_and_output_token_entries_are_refused_by_name() {
             "ai = { input_tokens = \"unlimited\" }",
             "input_tokens: leave `input_tokens` out",
         ),
-        ("ai = { output_tokens = [] }", "output_tokens: an empty list"),
+        (
+            "ai = { output_tokens = [] }",
+            "output_tokens: an empty list",
+        ),
         ("ai = { output_tokens = \"5/fortnight\" }", "output_tokens:"),
         ("ai = { output_tokens = 5 }", "output_tokens:"),
         (
@@ -111,7 +114,11 @@ fn bad_input_and_output_token_entries_are_refused_by_name() {
     let e = err(&format!(
         "{IO}\n[overrides.\"k1\"]\nai = {{ output_tokens = \"5/hour\" }}\n[keys]\n\"k1\" = \"free\"\n"
     ));
-    assert!(e.message().contains("cannot set `input_tokens` or `output_tokens`"), "{e}");
+    assert!(
+        e.message()
+            .contains("cannot set `input_tokens` or `output_tokens`"),
+        "{e}"
+    );
 }
 
 #[test]
