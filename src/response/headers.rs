@@ -235,8 +235,8 @@ pub(crate) struct HeaderPlan {
     /// `Retry-After` in seconds (0: none).
     retry: u32,
     /// The token headers of a metered request, by kind (all, input,
-    /// output).
-    tokens: [Option<TokenHeaders>; 3],
+    /// output); [`TokenHeaders::NONE`] where the cell has no such limit.
+    tokens: [TokenHeaders; 3],
     lease: Option<LeaseState>,
     /// The charge the decision describes (the draft field's name).
     index: u8,
@@ -249,9 +249,19 @@ pub(crate) struct HeaderPlan {
 /// `X-RateLimit-*-Tokens` of a metered request.
 #[derive(Clone, Copy, Debug)]
 struct TokenHeaders {
+    /// The burst; 0: no such limit (a limit's burst is at least 1).
     limit: u32,
     remaining: u32,
     reset_at: u64,
+}
+
+impl TokenHeaders {
+    /// No token limit of a kind: nothing to write.
+    const NONE: TokenHeaders = TokenHeaders {
+        limit: 0,
+        remaining: 0,
+        reset_at: 0,
+    };
 }
 
 impl HeaderOptions {
@@ -328,7 +338,7 @@ impl HeaderPlan {
         token_limits: [Option<Limit>; 3],
     ) -> Self {
         let shown = d.shown(now);
-        let mut tokens = [None; 3];
+        let mut tokens = [TokenHeaders::NONE; 3];
         if options.x_ratelimit && token_limits != [None; 3] {
             tokens = Self::all_token_headers(d, &token_limits, now);
         }
@@ -357,20 +367,22 @@ impl HeaderPlan {
         d: &Decision,
         limits: &[Option<Limit>; 3],
         now: Duration,
-    ) -> [Option<TokenHeaders>; 3] {
+    ) -> [TokenHeaders; 3] {
         let kinds = [TokenKind::Total, TokenKind::Input, TokenKind::Output];
         kinds.map(|kind| {
-            let (t, limit) = (d.tokens_of(kind)?, limits[kind as usize]?);
+            let (Some(t), Some(limit)) = (d.tokens_of(kind), limits[kind as usize]) else {
+                return TokenHeaders::NONE;
+            };
             let shown = if t.index == d.index {
                 d.shown(now)
             } else {
                 Decision::allow(&limit, t.remaining).shown(now)
             };
-            Some(TokenHeaders {
+            TokenHeaders {
                 limit: shown.limit,
                 remaining: shown.remaining,
                 reset_at: shown.reset,
-            })
+            }
         })
     }
 
@@ -378,9 +390,9 @@ impl HeaderPlan {
     /// have none).
     #[cold]
     #[inline(never)]
-    fn write_tokens(tokens: &[Option<TokenHeaders>; 3], headers: &mut HeaderMap) {
+    fn write_tokens(tokens: &[TokenHeaders; 3], headers: &mut HeaderMap) {
         for (t, [limit, remaining, reset]) in tokens.iter().zip(&TOKEN_HEADERS) {
-            if let Some(t) = t {
+            if t.limit > 0 {
                 headers.insert((*limit).clone(), int(u64::from(t.limit)));
                 headers.insert((*remaining).clone(), int(u64::from(t.remaining)));
                 headers.insert((*reset).clone(), reset_value(t.reset_at));
@@ -443,7 +455,7 @@ impl HeaderPlan {
                 headers.insert(RATELIMIT.clone(), v);
             }
         }
-        if self.tokens.iter().any(Option::is_some) {
+        if self.tokens.iter().any(|t| t.limit > 0) {
             Self::write_tokens(&self.tokens, headers);
         }
     }
