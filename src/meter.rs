@@ -7,7 +7,7 @@
 //! settles when the last clone of the meter is gone: the handler's, the
 //! stream's that it moved into the response body, and the layer's own,
 //! which it keeps until the response head has been seen (to read a
-//! [`TokenUsage`] response extension and the status, for `refund_on`).
+//! [`TokenUsage`](struct@TokenUsage) response extension and the status, for `refund_on`).
 //! A client that goes away drops the body, and with it the stream's meter:
 //! it is charged for what was reported until then. Settlement runs once,
 //! from a `Drop`, and never blocks: the memory backend settles in place,
@@ -307,7 +307,7 @@ impl TokenMeter {
     }
 
     /// What the layer does when the response head passes: adds a
-    /// [`TokenUsage`] extension's count, and marks the request refunded if
+    /// [`TokenUsage`](struct@TokenUsage) extension's count, and marks the request refunded if
     /// its status matches the policy's `refund_on`.
     pub(crate) fn on_response(&self, status: http::StatusCode, extensions: &http::Extensions) {
         if let Some(usage) = extensions.get::<TokenUsage>() {

@@ -146,6 +146,13 @@ async fn output_debt_refuses_the_next_request<B: Backend>(backend: B) {
         detail.contains("500 `ai` output tokens per 3600 s"),
         "{problem}"
     );
+    usage_tells_input_and_output_apart(&c, &server).await;
+}
+
+/// After [`output_debt_refuses_the_next_request`]: the usage endpoint
+/// shows input and output apart, each with its unit; a category without
+/// token limits has no token headers.
+async fn usage_tells_input_and_output_apart(c: &reqwest::Client, server: &common::Server) {
     // The usage endpoint shows input and output apart, each with its unit.
     let usage: Value = c
         .get(server.url("/v1/rate_limit"))

@@ -58,7 +58,7 @@ pub struct UsageEvent {
     pub shadow: bool,
     /// The tokens settled for a metered request (what its handler and
     /// stream reported through its [`TokenMeter`](crate::meter::TokenMeter)
-    /// and [`TokenUsage`](crate::meter::TokenUsage)); `None` in a category
+    /// and [`TokenUsage`](struct@crate::meter::TokenUsage)); `None` in a category
     /// without token limits.
     pub tokens: Option<u64>,
     /// The input tokens settled for a metered request (what it reported
