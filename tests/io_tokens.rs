@@ -309,3 +309,91 @@ async fn usage_events_carry_input_and_output_tokens() {
         (Some(43), Some(3), Some(40))
     );
 }
+
+/// Two keys of one account, with an output limit per account.
+const ACCOUNT_POLICY: &str = r#"
+categories = ["ai"]
+[defaults]
+read = "ai"
+write = "ai"
+[tiers.t]
+ai = "100/hour"
+[tiers.t.per_account]
+ai = { output_tokens = "10/hour" }
+[[routes]]
+path = "/usage"
+exempt = true
+[keys]
+"k1" = { tier = "t", account = "acme" }
+"k2" = { tier = "t", account = "acme" }
+"#;
+
+/// Per-account output limits are one budget for every key of the account
+/// (the check is the account's, as with any per-account limit): one key's
+/// output debt refuses the other key's next request.
+#[tokio::test]
+async fn an_accounts_keys_share_its_output_limit() {
+    use axum::routing::get;
+    setup();
+    let policy = Policy::from_toml_str(ACCOUNT_POLICY).unwrap();
+    let layer = RateLimitLayer::builder(policy)
+        .backend(common::fake_memory())
+        .build();
+    let app = axum::Router::new()
+        .route(
+            "/complete",
+            get(|| async {
+                let mut res = axum::response::Response::new(axum::body::Body::empty());
+                res.extensions_mut()
+                    .insert(tierlimit::meter::TokenUsage::split(1, 8));
+                res
+            }),
+        )
+        .route_service("/usage", layer.usage_service())
+        .layer(layer);
+    let server = serve(app).await;
+    let c = client();
+    let call = async |key: &str| {
+        c.get(server.url("/complete"))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .unwrap()
+    };
+    let left = async || {
+        let usage: Value = c
+            .get(server.url("/usage"))
+            .header("x-api-key", "k2")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        usage["categories"]["ai"]["output_tokens"]["remaining"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{usage}"))
+    };
+    let settled = async |want: u64| {
+        let mut last = u64::MAX;
+        for _ in 0..500 {
+            last = left().await;
+            if last == want {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        last
+    };
+    let res = call("k1").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "x-ratelimit-remaining-output-tokens"), Some(9));
+    assert_eq!(settled(2).await, 2, "k1's 8 output tokens, seen by k2");
+    let res = call("k2").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "x-ratelimit-remaining-output-tokens"), Some(1));
+    assert_eq!(settled(0).await, 0, "16 of 10: in debt");
+    let res = call("k1").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&res, "x-ratelimit-limit-output-tokens"), Some(10));
+}

@@ -99,6 +99,8 @@ impl Owners {
         if cell.pool == Pool::Account
             || !applied.per_account.is_empty()
             || !applied.account_tokens.is_empty()
+            || !applied.io.account_input.is_empty()
+            || !applied.io.account_output.is_empty()
             || cell.account_concurrency.is_some()
         {
             self.account
