@@ -300,8 +300,9 @@ fn bad_completion(detail: String) -> axum::response::Response {
 }
 
 /// A fake model: "generates" `max_tokens` tokens. Usage is the prompt's
-/// whitespace-separated words plus `max_tokens`, reported to the layer's
-/// [`TokenMeter`] (as OpenAI reports `usage`); with `"stream": true`, as
+/// whitespace-separated words (input) plus `max_tokens` (output), reported
+/// to the layer's [`TokenMeter`] apart (as OpenAI reports `usage`:
+/// `prompt_tokens` and `completion_tokens`); with `"stream": true`, as
 /// server-sent events, one per chunk of up to 16 tokens, reporting each
 /// chunk as it goes, then `[DONE]`. A client that goes away mid-stream is
 /// charged for the chunks sent until then.
@@ -326,7 +327,8 @@ async fn completion(
     let n = u64::from(req.max_tokens);
     if !req.stream {
         if let Some(m) = &meter {
-            m.add(prompt_tokens + n);
+            m.add_input(prompt_tokens);
+            m.add_output(n);
         }
         let text = vec!["tok"; req.max_tokens as usize].join(" ");
         return Json(json!({
@@ -343,7 +345,7 @@ async fn completion(
     // Streaming: the stream holds the meter, so the request settles when
     // the stream ends or is dropped.
     if let Some(m) = &meter {
-        m.add(prompt_tokens);
+        m.add_input(prompt_tokens);
     }
     let chunks = n.div_ceil(16);
     let events = futures_util::stream::unfold(0u64, move |i| {
@@ -357,7 +359,7 @@ async fn completion(
             } else {
                 let size = (n - i * 16).min(16);
                 if let Some(m) = &meter {
-                    m.add(size);
+                    m.add_output(size);
                 }
                 let text = vec!["tok"; size as usize].join(" ");
                 let mut chunk =

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
+use crate::backend::TokenSplit;
 use crate::limit::{Limit, Period};
+use crate::meter::TokenKind;
 use crate::time::ceil_secs;
 
 /// The outcome of one check.
@@ -30,8 +32,15 @@ pub struct Decision {
     /// per-account ones). 0 for a single limit.
     pub index: u8,
     /// For a request metered in tokens: its binding token limit at
-    /// admission (the token charges' [`Decision::binding`]).
+    /// admission (the [`Decision::binding`] of the token charges that
+    /// count every token).
     pub tokens: Option<TokenState>,
+    /// For a request under input-token limits: the binding one at
+    /// admission.
+    pub input_tokens: Option<TokenState>,
+    /// For a request under output-token limits: the binding one at
+    /// admission.
+    pub output_tokens: Option<TokenState>,
     /// For a request under a concurrency limit: its binding lease (the
     /// fewest left), at admission. A refusal for concurrency has
     /// [`LeaseState::refused`] set (and a one-second retry).
@@ -78,22 +87,28 @@ impl LeaseState {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Binder {
     best: Option<Decision>,
-    token_best: Option<Decision>,
-    token_from: usize,
+    /// The binding token limit of each kind (all, input, output).
+    token_best: [Option<Decision>; 3],
+    /// Where each kind's token charges start (`usize::MAX`: none), in
+    /// charge order: all, input, output.
+    from: [usize; 3],
 }
 
 impl Binder {
-    /// For `n` decisions, of which the last `tokens` are token limits'.
+    /// For `n` decisions, of which the last `tokens` are token limits',
+    /// divided by kind as `split` says.
     #[inline]
-    pub(crate) fn new(n: usize, tokens: usize) -> Self {
+    pub(crate) fn new(n: usize, tokens: usize, split: TokenSplit) -> Self {
+        let (input, output) = (usize::from(split.input), usize::from(split.output));
+        let from = if tokens > 0 && tokens <= n && input + output <= tokens {
+            [n - tokens, n - output - input, n - output]
+        } else {
+            [usize::MAX; 3]
+        };
         Binder {
             best: None,
-            token_best: None,
-            token_from: if tokens > 0 && tokens <= n {
-                n - tokens
-            } else {
-                usize::MAX
-            },
+            token_best: [None; 3],
+            from,
         }
     }
 
@@ -101,8 +116,10 @@ impl Binder {
     #[inline]
     pub(crate) fn push(&mut self, i: usize, mut d: Decision) {
         d.index = i as u8;
-        if i >= self.token_from {
-            self.token_best = Some(match self.token_best {
+        if i >= self.from[0] {
+            let kind = usize::from(i >= self.from[1]) + usize::from(i >= self.from[2]);
+            let best = &mut self.token_best[kind];
+            *best = Some(match *best {
                 Some(b) if !b.binds_less_than(&d) => b,
                 _ => d,
             });
@@ -113,16 +130,19 @@ impl Binder {
         });
     }
 
-    /// The binding decision, with its binding token limit.
+    /// The binding decision, with its binding token limit of each kind.
     #[inline]
     pub(crate) fn finish(self) -> Option<Decision> {
         let mut d = self.best?;
-        if let Some(t) = self.token_best {
-            d.tokens = Some(TokenState {
+        let state = |t: Option<Decision>| {
+            t.map(|t| TokenState {
                 remaining: t.remaining,
                 index: t.index,
-            });
-        }
+            })
+        };
+        d.tokens = state(self.token_best[0]);
+        d.input_tokens = state(self.token_best[1]);
+        d.output_tokens = state(self.token_best[2]);
         Some(d)
     }
 }
@@ -161,6 +181,8 @@ impl Decision {
             window: limit.per(),
             index: 0,
             tokens: None,
+            input_tokens: None,
+            output_tokens: None,
             lease: None,
             period: limit.period(),
         }
@@ -184,6 +206,8 @@ impl Decision {
             window: limit.per(),
             index: 0,
             tokens: None,
+            input_tokens: None,
+            output_tokens: None,
             lease: None,
             period: limit.period(),
         }
@@ -215,6 +239,8 @@ impl Decision {
             window: limit.per(),
             index: 0,
             tokens: None,
+            input_tokens: None,
+            output_tokens: None,
             lease: None,
             period: limit.period(),
         }
@@ -229,7 +255,7 @@ impl Decision {
     /// longest retry delay, which is also when *every* limit admits the
     /// request. `None` for an empty list.
     pub fn binding(decisions: impl IntoIterator<Item = Decision>) -> Option<Decision> {
-        let mut b = Binder::new(0, 0);
+        let mut b = Binder::new(0, 0, TokenSplit::NONE);
         for (i, d) in decisions.into_iter().enumerate() {
             b.push(i, d);
         }
@@ -254,6 +280,8 @@ impl Decision {
             window: Duration::ZERO,
             index: 0,
             tokens: None,
+            input_tokens: None,
+            output_tokens: None,
             lease: Some(lease),
             period: Period::Rolling,
         }
@@ -281,17 +309,62 @@ impl Decision {
         }
     }
 
-    /// Whether this (binding) decision is a token limit's.
+    /// Whether this (binding) decision is a token limit's (of any kind).
     #[inline]
     pub fn is_tokens(&self) -> bool {
-        self.tokens.is_some_and(|t| t.index == self.index)
+        self.token_kind().is_some()
+    }
+
+    /// What the binding limit counts when it is a token limit's: every
+    /// token, input tokens or output tokens (`None`: requests).
+    #[inline]
+    pub fn token_kind(&self) -> Option<TokenKind> {
+        let binds = |t: Option<TokenState>| t.is_some_and(|t| t.index == self.index);
+        if binds(self.tokens) {
+            Some(TokenKind::Total)
+        } else if binds(self.input_tokens) {
+            Some(TokenKind::Input)
+        } else if binds(self.output_tokens) {
+            Some(TokenKind::Output)
+        } else {
+            None
+        }
+    }
+
+    /// The binding token limit of `kind`, at admission.
+    #[inline]
+    pub fn tokens_of(&self, kind: TokenKind) -> Option<TokenState> {
+        match kind {
+            TokenKind::Total => self.tokens,
+            TokenKind::Input => self.input_tokens,
+            TokenKind::Output => self.output_tokens,
+        }
+    }
+
+    /// What the binding limit counts, as an answer names it: `requests`,
+    /// `tokens`, `input tokens` or `output tokens`.
+    #[inline]
+    pub(crate) fn unit(&self) -> &'static str {
+        self.token_kind().map_or("requests", TokenKind::unit)
     }
 
     /// [`binding`](Self::binding) over all of a check's decisions, with the
     /// last `tokens` of them (the token charges) also giving
     /// [`tokens`](Self::tokens): their own binding limit.
     pub fn binding_with_tokens(decisions: &[Decision], tokens: usize) -> Option<Decision> {
-        let mut b = Binder::new(decisions.len(), tokens);
+        Self::binding_with_split(decisions, tokens, TokenSplit::NONE)
+    }
+
+    /// [`binding_with_tokens`](Self::binding_with_tokens), with the token
+    /// charges divided by kind as `split` says: each kind's binding limit
+    /// in [`tokens`](Self::tokens), [`input_tokens`](Self::input_tokens)
+    /// and [`output_tokens`](Self::output_tokens).
+    pub fn binding_with_split(
+        decisions: &[Decision],
+        tokens: usize,
+        split: TokenSplit,
+    ) -> Option<Decision> {
+        let mut b = Binder::new(decisions.len(), tokens, split);
         for (i, d) in decisions.iter().enumerate() {
             b.push(i, *d);
         }

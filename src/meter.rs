@@ -7,7 +7,7 @@
 //! settles when the last clone of the meter is gone: the handler's, the
 //! stream's that it moved into the response body, and the layer's own,
 //! which it keeps until the response head has been seen (to read a
-//! [`TokenUsage`] response extension and the status, for `refund_on`).
+//! [`TokenUsage`](struct@TokenUsage) response extension and the status, for `refund_on`).
 //! A client that goes away drops the body, and with it the stream's meter:
 //! it is charged for what was reported until then. Settlement runs once,
 //! from a `Drop`, and never blocks: the memory backend settles in place,
@@ -17,7 +17,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use crate::backend::{Adjustment, Backend, Charge, Lease};
+use crate::backend::{Adjustment, Backend, Charge, Lease, TokenSplit};
 use crate::policy::{Limit, MAX_LIMITS, PeriodBounds, RefundOn};
 
 /// Where what is left of a request after its response goes — token
@@ -43,17 +43,48 @@ impl<B: Backend> ErasedBackend for B {
 /// tokens settled (`None` in a category without token limits) and whether
 /// the response refunded the request.
 pub(crate) trait Settled: Send + Sync {
-    fn settled(self: Box<Self>, tokens: Option<u64>, refunded: bool);
+    fn settled(self: Box<Self>, tokens: Option<TokenUsage>, refunded: bool);
+}
+
+/// What a token limit counts: every token a request reports, or only its
+/// input (prompt) or output (completion) tokens.
+///
+/// ```toml
+/// [tiers.free]
+/// ai = { requests = "50/hour", tokens = "100000/day", input_tokens = "20000/hour", output_tokens = "5000/hour" }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TokenKind {
+    /// `tokens`: input, output and tokens reported without a kind.
+    Total,
+    /// `input_tokens`: what a request reports as input.
+    Input,
+    /// `output_tokens`: what a request reports as output.
+    Output,
+}
+
+impl TokenKind {
+    /// The unit a refusal's body and the usage report name: `"tokens"`,
+    /// `"input tokens"`, `"output tokens"`.
+    pub fn unit(self) -> &'static str {
+        match self {
+            TokenKind::Total => "tokens",
+            TokenKind::Input => "input tokens",
+            TokenKind::Output => "output tokens",
+        }
+    }
 }
 
 /// What a metered request was charged at admission, to settle later.
 #[derive(Clone)]
 pub(crate) struct Seed {
     pub(crate) owner: u64,
-    /// Request charges first, then `tokens` token charges.
+    /// Request charges first, then `tokens` token charges (of all
+    /// tokens, then input, then output ones, as `split` says).
     pub(crate) charges: [Charge; MAX_LIMITS],
     pub(crate) len: u8,
     pub(crate) tokens: u8,
+    pub(crate) split: TokenSplit,
     pub(crate) estimate: u32,
     /// The responses that refund the request.
     pub(crate) refund: RefundOn,
@@ -74,14 +105,21 @@ pub(crate) struct Seed {
 /// to keep metering until the stream ends; a client that disconnects is
 /// charged for what was reported until then.
 ///
+/// Report input (prompt) and output (completion) tokens apart with
+/// [`add_input`](Self::add_input) and [`add_output`](Self::add_output):
+/// `tokens` limits count both, `input_tokens` and `output_tokens` limits
+/// each their own. What [`add`](Self::add) reports has no kind: `tokens`
+/// limits count it, input and output limits do not.
+///
 /// ```
 /// use axum::{Extension, Json};
 /// use tierlimit::meter::TokenMeter;
 ///
 /// async fn complete(Extension(meter): Extension<TokenMeter>) -> Json<u64> {
-///     let tokens = 42; // what the model used
-///     meter.add(tokens);
-///     Json(tokens)
+///     let (prompt, completion) = (12, 30); // what the model used
+///     meter.add_input(prompt);
+///     meter.add_output(completion);
+///     Json(meter.used())
 /// }
 /// # let _ = complete;
 /// ```
@@ -91,7 +129,10 @@ pub struct TokenMeter {
 }
 
 struct Inner {
+    /// Tokens reported without a kind.
     used: AtomicU64,
+    input: AtomicU64,
+    output: AtomicU64,
     refund: AtomicBool,
     /// Whether the admission counted the request (set when it is allowed;
     /// a refusal or a shadow-mode pass counted nothing to settle).
@@ -112,9 +153,71 @@ impl fmt::Debug for TokenMeter {
 
 /// A response extension for the simple case: the tokens a response used,
 /// read by the layer when the response head passes (added to what the
-/// handler reported through its [`TokenMeter`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TokenUsage(pub u64);
+/// handler reported through its [`TokenMeter`]): input and output apart
+/// ([`split`](Self::split)), or a total without a kind ([`new`](Self::new),
+/// which `tokens` limits count but input and output limits do not). It is
+/// also what a usage event's settled tokens are.
+///
+/// ```
+/// use tierlimit::meter::TokenUsage;
+///
+/// let usage = TokenUsage::split(12, 30);
+/// assert_eq!((usage.input, usage.output, usage.total()), (12, 30, 42));
+/// assert_eq!(TokenUsage::new(42).total(), 42);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TokenUsage {
+    /// Input (prompt) tokens.
+    pub input: u64,
+    /// Output (completion) tokens.
+    pub output: u64,
+    /// Tokens reported without a kind.
+    pub unsplit: u64,
+}
+
+impl TokenUsage {
+    /// `tokens` used, without a kind (counted by `tokens` limits only).
+    pub const fn new(tokens: u64) -> Self {
+        TokenUsage {
+            input: 0,
+            output: 0,
+            unsplit: tokens,
+        }
+    }
+
+    /// `input` and `output` tokens used.
+    pub const fn split(input: u64, output: u64) -> Self {
+        TokenUsage {
+            input,
+            output,
+            unsplit: 0,
+        }
+    }
+
+    /// Every token: what `tokens` limits count.
+    pub const fn total(&self) -> u64 {
+        self.input
+            .saturating_add(self.output)
+            .saturating_add(self.unsplit)
+    }
+
+    /// The tokens a limit of `kind` counts.
+    pub const fn of(&self, kind: TokenKind) -> u64 {
+        match kind {
+            TokenKind::Total => self.total(),
+            TokenKind::Input => self.input,
+            TokenKind::Output => self.output,
+        }
+    }
+}
+
+/// `TokenUsage(n)`: `n` tokens without a kind, as [`TokenUsage::new`] (the
+/// form before input and output tokens were told apart).
+#[allow(non_snake_case)]
+pub const fn TokenUsage(tokens: u64) -> TokenUsage {
+    TokenUsage::new(tokens)
+}
 
 impl TokenMeter {
     /// A meter for a request being admitted; it settles nothing unless
@@ -123,6 +226,8 @@ impl TokenMeter {
         TokenMeter {
             inner: Arc::new(Inner {
                 used: AtomicU64::new(0),
+                input: AtomicU64::new(0),
+                output: AtomicU64::new(0),
                 refund: AtomicBool::new(false),
                 charged: AtomicBool::new(false),
                 seed,
@@ -136,14 +241,50 @@ impl TokenMeter {
         self.inner.charged.store(true, Ordering::Relaxed);
     }
 
-    /// Reports `tokens` more used (callable any number of times).
+    /// Reports `tokens` more used, without a kind: `tokens` limits count
+    /// them, input and output limits do not (callable any number of times).
     pub fn add(&self, tokens: u64) {
         self.inner.used.fetch_add(tokens, Ordering::Relaxed);
     }
 
-    /// The tokens reported so far.
+    /// Reports `tokens` more input (prompt) tokens used: `tokens` and
+    /// `input_tokens` limits count them.
+    pub fn add_input(&self, tokens: u64) {
+        self.inner.input.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    /// Reports `tokens` more output (completion) tokens used: `tokens` and
+    /// `output_tokens` limits count them.
+    pub fn add_output(&self, tokens: u64) {
+        self.inner.output.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    /// Adds what `usage` reports.
+    pub fn add_usage(&self, usage: TokenUsage) {
+        if usage.unsplit > 0 {
+            self.add(usage.unsplit);
+        }
+        if usage.input > 0 {
+            self.add_input(usage.input);
+        }
+        if usage.output > 0 {
+            self.add_output(usage.output);
+        }
+    }
+
+    /// Every token reported so far, of any kind.
     pub fn used(&self) -> u64 {
-        self.inner.used.load(Ordering::Relaxed)
+        self.usage().total()
+    }
+
+    /// The tokens reported so far, by kind.
+    pub fn usage(&self) -> TokenUsage {
+        let i = &self.inner;
+        TokenUsage {
+            input: i.input.load(Ordering::Relaxed),
+            output: i.output.load(Ordering::Relaxed),
+            unsplit: i.used.load(Ordering::Relaxed),
+        }
     }
 
     /// The tokens reserved at admission.
@@ -166,11 +307,11 @@ impl TokenMeter {
     }
 
     /// What the layer does when the response head passes: adds a
-    /// [`TokenUsage`] extension's count, and marks the request refunded if
+    /// [`TokenUsage`](struct@TokenUsage) extension's count, and marks the request refunded if
     /// its status matches the policy's `refund_on`.
     pub(crate) fn on_response(&self, status: http::StatusCode, extensions: &http::Extensions) {
-        if let Some(TokenUsage(n)) = extensions.get::<TokenUsage>() {
-            self.add(*n);
+        if let Some(usage) = extensions.get::<TokenUsage>() {
+            self.add_usage(*usage);
         }
         if self.inner.seed.refund.matches(status.as_u16()) {
             self.inner.refund.store(true, Ordering::Relaxed);
@@ -181,21 +322,31 @@ impl TokenMeter {
 impl Drop for Inner {
     fn drop(&mut self) {
         let charged = *self.charged.get_mut();
-        let used = *self.used.get_mut();
+        let used = TokenUsage {
+            input: *self.input.get_mut(),
+            output: *self.output.get_mut(),
+            unsplit: *self.used.get_mut(),
+        };
         let refund = charged && *self.refund.get_mut();
         if charged {
             self.settle(used, refund);
         }
         if let Some(then) = self.then.take() {
-            let tokens = (self.seed.tokens > 0).then_some(if charged { used } else { 0 });
+            let tokens = (self.seed.tokens > 0).then_some(if charged {
+                used
+            } else {
+                TokenUsage::default()
+            });
             then.settled(tokens, refund);
         }
     }
 }
 
 impl Inner {
-    /// The settlement of a charged request that used `used` tokens.
-    fn settle(&self, used: u64, refund: bool) {
+    /// The settlement of a charged request that used `used` tokens: each
+    /// token charge settles the tokens of its kind against what it
+    /// reserved.
+    fn settle(&self, used: TokenUsage, refund: bool) {
         let seed = &self.seed;
         let len = usize::from(seed.len).min(MAX_LIMITS);
         let tokens = usize::from(seed.tokens).min(len);
@@ -207,8 +358,8 @@ impl Inner {
         }; MAX_LIMITS];
         let mut n = 0;
         for (i, c) in seed.charges[..len].iter().enumerate() {
-            let units = if i >= len - tokens {
-                i64::try_from(used).unwrap_or(i64::MAX) - i64::from(c.cost)
+            let units = if let Some(kind) = seed.split.kind(i, len, tokens) {
+                i64::try_from(used.of(kind)).unwrap_or(i64::MAX) - i64::from(c.cost)
             } else if refund {
                 -i64::from(c.cost)
             } else {
@@ -227,7 +378,7 @@ impl Inner {
         #[cfg(feature = "metrics")]
         if let Some(m) = &seed.counters {
             if tokens > 0 {
-                let estimate = u64::from(seed.estimate);
+                let (used, estimate) = (used.total(), u64::from(seed.estimate));
                 if used > estimate {
                     m.charged.increment(used - estimate);
                 } else {

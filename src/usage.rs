@@ -16,10 +16,11 @@ use tower_service::Service;
 use std::time::Duration;
 
 use crate::admission::{ChargeSet, Path, Shared, path};
-use crate::backend::{Backend, Decision, LeaseState};
+use crate::backend::{Backend, Decision, LeaseState, TokenSplit};
 use crate::decision::Shown;
 use crate::extract::{Extractor, Identity, Rejection, RequestRef, is_grpc};
 use crate::limit::Per;
+use crate::meter::TokenKind;
 use crate::policy::{Calendar, Cell, Policy, Pool, TierId};
 use crate::response::{Answer, ResponseBody};
 
@@ -109,7 +110,7 @@ where
 ///
 /// Each category is peeked on the path admission would take
 /// ([`path`]), and shown from the decision admission would make of those
-/// states ([`Decision::binding_with_tokens`], with the binding lease): its
+/// states ([`Decision::binding_with_split`], with the binding lease): its
 /// `limit`, `remaining`, `reset` and `window` are what the `X-RateLimit-*`
 /// headers of a request (or of its refusal) say at the same moment
 /// ([`Decision::shown`]). A peek at a bucket with no room left is the
@@ -160,9 +161,11 @@ pub(crate) fn report<E, B: Backend>(
 /// per, and whether in tokens) in charge order, and each concurrency
 /// limit's.
 struct Peek<F> {
-    limits: Vec<(F, Per, bool)>,
+    limits: Vec<(F, Per, Option<TokenKind>)>,
     /// How many of the last limits are token limits.
     tokens: u8,
+    /// Which of those count input and output tokens.
+    split: TokenSplit,
     leases: Vec<(F, bool)>,
 }
 
@@ -184,6 +187,7 @@ where
         let mut peek = Peek {
             limits: Vec::new(),
             tokens: 0,
+            split: TokenSplit::NONE,
             leases: Vec::new(),
         };
         match path {
@@ -193,26 +197,19 @@ where
                 if set.has_calendar() {
                     set.in_periods(calendar, shared.unix_time());
                 }
-                let nkey = limits.per_key.len();
-                let nacc = nkey + limits.per_account.len();
-                let nreq = nacc + limits.per_org.len();
-                let ntok = nreq + limits.tokens.len();
                 let key = match cell.pool {
                     Pool::Account => Per::Account,
                     Pool::Key => Per::Key,
                 };
                 for (i, c) in set.charges().iter().enumerate() {
-                    let per = match i {
-                        i if i < nkey => key,
-                        i if i < nacc => Per::Account,
-                        i if i < nreq => Per::Org,
-                        i if i < ntok => key,
-                        _ => Per::Account,
-                    };
-                    let fut = shared.backend.peek(set.owner, c);
-                    peek.limits.push((fut, per, i >= nreq));
+                    let (per, kind) = ChargeSet::describe(limits, i);
+                    // Per-key limits of a pooled tier are the account's.
+                    let per = if per == Per::Key { key } else { per };
+                    peek.limits
+                        .push((shared.backend.peek(set.owner, c), per, kind));
                 }
                 peek.tokens = set.tokens;
+                peek.split = set.split;
                 peek.leases = set
                     .leases()
                     .iter()
@@ -235,13 +232,13 @@ where
         }
         let mut decisions = Vec::with_capacity(self.limits.len());
         let mut listed = Vec::with_capacity(self.limits.len() + in_flight.len());
-        for (fut, per, is_tokens) in self.limits {
+        for (fut, per, kind) in self.limits {
             let d = match fut.await {
                 Ok(d) => d,
                 Err(e) => return json!({ "error": e.to_string() }),
             };
             let mut v = shown_json(d.shown(now));
-            v["unit"] = json!(if is_tokens { "tokens" } else { "requests" });
+            v["unit"] = json!(kind.map_or("requests", TokenKind::unit));
             v["per"] = json!(per.name());
             listed.push(v);
             decisions.push(d);
@@ -254,7 +251,8 @@ where
             v
         });
         // The decision admission would make of these states.
-        let binding = Decision::binding_with_tokens(&decisions, usize::from(self.tokens));
+        let binding =
+            Decision::binding_with_split(&decisions, usize::from(self.tokens), self.split);
         let Some(d) = binding else {
             return match concurrency {
                 Some(c) => json!({ "concurrency": c, "limits": listed }),
@@ -263,10 +261,16 @@ where
         };
         let mut v = shown_json(d.shown(now));
         v["limits"] = Value::from(listed);
-        if let Some(t) = d.tokens
-            && let Some(tokens) = decisions.get(usize::from(t.index))
-        {
-            v["tokens"] = shown_json(tokens.shown(now));
+        for (kind, field) in [
+            (TokenKind::Total, "tokens"),
+            (TokenKind::Input, "input_tokens"),
+            (TokenKind::Output, "output_tokens"),
+        ] {
+            if let Some(t) = d.tokens_of(kind)
+                && let Some(tokens) = decisions.get(usize::from(t.index))
+            {
+                v[field] = shown_json(tokens.shown(now));
+            }
         }
         if let Some(c) = concurrency {
             v["concurrency"] = c;

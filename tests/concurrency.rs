@@ -557,6 +557,7 @@ mod redis {
             known: true,
             charges: &[],
             tokens: 0,
+            split: tierlimit::backend::TokenSplit::NONE,
             leases: std::slice::from_ref(lease),
             lease_id: id,
         }

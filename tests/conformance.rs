@@ -269,3 +269,10 @@ async fn memory_backend_reserves_and_settles() {
     let backend = MemoryBackend::builder().clock(clock.clone()).build();
     common::conformance::run_settle(&backend, |d| clock.advance(d)).await;
 }
+
+#[tokio::test]
+async fn memory_backend_settles_input_and_output_tokens_apart() {
+    let clock = FakeRelativeClock::default();
+    let backend = MemoryBackend::builder().clock(clock.clone()).build();
+    common::conformance::run_split_settle(&backend, |d| clock.advance(d)).await;
+}

@@ -241,6 +241,26 @@ async fn reserve_and_settle_single_node() {
     assert_eq!(backend.state(), BackendState::Connected);
 }
 
+#[tokio::test]
+async fn input_and_output_tokens_settle_apart_single_node() {
+    if !ready() {
+        return;
+    }
+    let (_server, clock, backend) = common::redis::single_node_on_fake_clock().await;
+    common::conformance::run_split_settle(&backend, |d| clock.advance(d)).await;
+    assert_eq!(backend.state(), BackendState::Connected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_and_output_tokens_settle_apart_cluster() {
+    if !ready() {
+        return;
+    }
+    let (_cluster, clock, backend) = common::redis::cluster_on_fake_clock().await;
+    common::conformance::run_split_settle(&backend, |d| clock.advance(d)).await;
+    assert_eq!(backend.state(), BackendState::Connected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserve_and_settle_cluster() {
     if !ready() {

@@ -15,9 +15,9 @@
 //! ```
 //!
 //! The fake model "generates" `max_tokens` tokens (default 16, at most
-//! 4,096); usage is the prompt's words plus `max_tokens`, reported to the
-//! layer's `TokenMeter` (the stream reports per chunk of 16, and holds the
-//! meter until it ends or the client goes away).
+//! 4,096); usage is the prompt's words (input) plus `max_tokens` (output),
+//! reported to the layer's `TokenMeter` apart (the stream reports per
+//! chunk of 16, and holds the meter until it ends or the client goes away).
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -97,7 +97,8 @@ impl tonic::server::UnaryService<CompleteRequest> for Complete {
             Err(status) => return ready(Err(status)),
         };
         if let Some(m) = meter {
-            m.add(prompt_tokens + n);
+            m.add_input(prompt_tokens);
+            m.add_output(n);
         }
         ready(Ok(tonic::Response::new(CompleteReply {
             text: vec!["tok"; n as usize].join(" "),
@@ -129,7 +130,7 @@ impl tonic::server::ServerStreamingService<CompleteRequest> for CompleteStream {
             Err(status) => return ready(Err(status)),
         };
         if let Some(m) = &meter {
-            m.add(prompt_tokens);
+            m.add_input(prompt_tokens);
         }
         let chunks = n.div_ceil(16);
         // The stream holds the meter: it settles when the stream ends or
@@ -142,7 +143,7 @@ impl tonic::server::ServerStreamingService<CompleteRequest> for CompleteStream {
                 }
                 let size = (n - i * 16).min(16);
                 if let Some(m) = &meter {
-                    m.add(size);
+                    m.add_output(size);
                 }
                 tokio::task::yield_now().await;
                 let last = i + 1 == chunks;

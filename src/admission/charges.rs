@@ -7,10 +7,11 @@
 
 use std::sync::Arc;
 
-use crate::backend::{Backend, Charge, Lease, MAX_LEASES, limit_bucket};
+use crate::backend::{Backend, Charge, Lease, MAX_LEASES, TokenSplit, limit_bucket};
 use crate::extract::Identity;
 use crate::lease::Leases;
-use crate::meter::{ErasedBackend, Seed, TokenMeter};
+use crate::limit::Per;
+use crate::meter::{ErasedBackend, Seed, TokenKind, TokenMeter};
 use crate::policy::{Calendar, Cell, Limit, Limits, MAX_LIMITS, PeriodBounds, Pool, RefundOn};
 
 /// A request's charge under `limit`, counted in the bucket of `base` (an
@@ -30,6 +31,12 @@ fn request_charge(limit: Limit, base: u64, cost: u32, reserve: &impl Fn(u32) -> 
 
 /// Mixed into token buckets ("tokens").
 const TOKENS: u64 = 0x746f_6b65_6e73;
+
+/// Mixed into input-token buckets ("input"), besides [`TOKENS`].
+const INPUT: u64 = 0x69_6e70_7574;
+
+/// Mixed into output-token buckets ("output"), besides [`TOKENS`].
+const OUTPUT: u64 = 0x6f75_7470_7574;
 
 /// Mixed into concurrency buckets ("leases").
 const LEASES: u64 = 0x6c65_6173_6573;
@@ -59,6 +66,8 @@ pub(crate) struct ChargeSet {
     len: usize,
     /// How many of the last charges are token limits.
     pub(crate) tokens: u8,
+    /// Which of those count input and output tokens.
+    pub(crate) split: TokenSplit,
     leases: [Lease; MAX_LEASES],
     pub(crate) nleases: usize,
 }
@@ -100,6 +109,8 @@ impl Owners {
         } else if cell.pool == Pool::Account
             || !applied.per_account.is_empty()
             || !applied.account_tokens.is_empty()
+            || !applied.io.account_input.is_empty()
+            || !applied.io.account_output.is_empty()
             || cell.account_concurrency.is_some()
         {
             self.account
@@ -131,6 +142,7 @@ impl ChargeSet {
         ) else {
             return None;
         };
+        // A cell with input or output token limits is metered: never alone.
         if cell.leased || cell.metered || limit.period().is_calendar() {
             return None;
         }
@@ -153,6 +165,7 @@ impl ChargeSet {
             items: [NO_CHARGE; MAX_LIMITS],
             len: 0,
             tokens: 0,
+            split: TokenSplit::NONE,
             leases: [NO_LEASE; MAX_LEASES],
             nleases: 0,
         };
@@ -186,30 +199,101 @@ impl ChargeSet {
         }
     }
 
-    /// The token charges, after the request charges: token buckets apart
-    /// from request buckets of the same limit.
+    /// The token charges, after the request charges: those of all tokens,
+    /// then of input tokens, then of output tokens (each per key, then per
+    /// account), in buckets apart from request buckets of the same limit.
+    /// All tokens and input tokens reserve the estimate; output tokens 1
+    /// (a completion's length is not known before it runs).
     #[inline]
     fn add_tokens(&mut self, cell: &Cell, applied: Limits<'_>, owners: Owners, estimate: u32) {
-        let tokens = applied.tokens.iter();
-        let limits = tokens
-            .map(|l| (*l, owners.key ^ cell.scope ^ TOKENS))
-            .chain(
-                applied
-                    .account_tokens
-                    .iter()
-                    .map(|l| (*l, owners.account ^ cell.account_scope ^ TOKENS)),
-            );
+        let (key, account) = (
+            owners.key ^ cell.scope ^ TOKENS,
+            owners.account ^ cell.account_scope ^ TOKENS,
+        );
+        let estimate = estimate.max(1);
+        self.add_token_kind(
+            applied.tokens,
+            applied.account_tokens,
+            (key, account),
+            estimate,
+        );
+        let io = applied.io;
+        if io.is_empty() {
+            return;
+        }
+        let before = self.tokens;
+        let input = (key ^ INPUT, account ^ INPUT);
+        self.add_token_kind(io.input, io.account_input, input, estimate);
+        self.split.input = self.tokens - before;
+        let output = (key ^ OUTPUT, account ^ OUTPUT);
+        self.add_token_kind(io.output, io.account_output, output, 1);
+        self.split.output = self.tokens - before - self.split.input;
+    }
+
+    /// Token charges of one kind: `per_key`'s in bucket base `key`, then
+    /// `per_account`'s in `account`, each reserving `cost`.
+    #[inline]
+    fn add_token_kind(
+        &mut self,
+        per_key: &[Limit],
+        per_account: &[Limit],
+        (key, account): (u64, u64),
+        cost: u32,
+    ) {
+        let limits = per_key
+            .iter()
+            .map(|l| (*l, key))
+            .chain(per_account.iter().map(|l| (*l, account)));
         for (slot, (limit, base)) in self.items[self.len..].iter_mut().zip(limits) {
             *slot = Charge {
                 bucket: limit_bucket(base, &limit),
                 limit,
-                cost: estimate.max(1),
+                cost,
                 reserve: 0,
                 period: PeriodBounds::ROLLING,
             };
             self.len += 1;
             self.tokens += 1;
         }
+    }
+
+    /// What charge `i` of a set made from `applied` counts: whom it is
+    /// counted per (per key: the key's own bucket, even in a pooled tier),
+    /// and its kind of tokens (`None`: requests).
+    pub(crate) fn describe(applied: Limits<'_>, i: usize) -> (Per, Option<TokenKind>) {
+        let nkey = applied.per_key.len();
+        let nacc = nkey + applied.per_account.len();
+        let mut from = nacc + applied.per_org.len();
+        if i < from {
+            let per = match i {
+                i if i < nkey => Per::Key,
+                i if i < nacc => Per::Account,
+                _ => Per::Org,
+            };
+            return (per, None);
+        }
+        let io = applied.io;
+        let kinds = [
+            (
+                TokenKind::Total,
+                applied.tokens.len(),
+                applied.account_tokens.len(),
+            ),
+            (TokenKind::Input, io.input.len(), io.account_input.len()),
+            (TokenKind::Output, io.output.len(), io.account_output.len()),
+        ];
+        for (kind, keys, accounts) in kinds {
+            if i < from + keys + accounts {
+                let per = if i >= from + keys {
+                    Per::Account
+                } else {
+                    Per::Key
+                };
+                return (per, Some(kind));
+            }
+            from += keys + accounts;
+        }
+        (Per::Key, None)
     }
 
     /// The concurrency leases: per key, then per account.
@@ -277,6 +361,7 @@ impl ChargeSet {
             charges: self.items,
             len: self.len as u8,
             tokens: self.tokens,
+            split: self.split,
             estimate,
             refund,
             sink: Arc::clone(backend) as Arc<dyn ErasedBackend>,

@@ -352,6 +352,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             known: f.identity.is_known(),
             charges: set.charges(),
             tokens: set.tokens,
+            split: set.split,
             leases: set.leases(),
             lease_id,
         });
@@ -373,7 +374,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         let d = Decision::allow(&Limit::per_second(1), 1);
         let headers = f.cell_view.headers.clone();
         Step::Allow(Admitted {
-            plan: HeaderPlan::new(&d, headers, none, std::time::Duration::ZERO, None),
+            plan: HeaderPlan::new(&d, headers, none, std::time::Duration::ZERO, [None; 3]),
             meter: None,
             lease: Some(usage.admit(None, None)),
         })
@@ -510,12 +511,15 @@ impl<T> Found<'_, T> {
     }
 
     /// The request's token estimate (1 unless the extractor set one),
-    /// which must fit every token limit's burst.
+    /// which must fit the burst of every limit that reserves it: of all
+    /// tokens and of input tokens (output limits reserve 1).
     #[allow(clippy::result_large_err)] // as `cost`
     fn estimate<F>(&self, applied: Limits<'_>) -> Result<u32, Step<F>> {
         let estimate = self.identity.tokens().unwrap_or(1).max(1);
         let limits = applied.tokens.iter().chain(applied.account_tokens);
-        self.fits(estimate, limits.copied(), "tokens")
+        let estimate = self.fits(estimate, limits.copied(), "tokens")?;
+        let input = applied.io.input.iter().chain(applied.io.account_input);
+        self.fits(estimate, input.copied(), "input tokens")
     }
 
     /// The tier's priority reserve, in percent, if this request must leave

@@ -12,7 +12,7 @@ use crate::backend::{BackendError, Decision};
 use crate::feed::Usage;
 use crate::key::KeyId;
 use crate::lease::Leases;
-use crate::meter::TokenMeter;
+use crate::meter::{TokenKind, TokenMeter};
 use crate::policy::{CategoryId, MAX_LIMITS, Policy, TierId};
 use crate::response::{Answer, HeaderOptions, HeaderPlan, LeaseGuard};
 use crate::time::{UnixClock, unix_time};
@@ -216,13 +216,17 @@ impl<'a> Outcome<'a> {
         } else {
             Duration::ZERO
         };
-        let token_limit = decision.tokens.and_then(|t| meter?.limit_of(t.index));
+        let token_limits = match meter {
+            Some(m) => [TokenKind::Total, TokenKind::Input, TokenKind::Output]
+                .map(|k| decision.tokens_of(k).and_then(|t| m.limit_of(t.index))),
+            None => [None; 3],
+        };
         HeaderPlan::new(
             decision,
             self.cell.headers.clone(),
             self.options,
             now,
-            token_limit,
+            token_limits,
         )
     }
 

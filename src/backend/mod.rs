@@ -27,6 +27,7 @@ pub use crate::decision::{Decision, LEASE_RETRY, LeaseState, TokenState};
 use crate::key::KeyId;
 use crate::limit::Limit;
 pub use crate::limit::{Period, PeriodBounds};
+use crate::meter::TokenKind;
 
 /// Who is asking, in which bucket, at what cost: everything a backend reads
 /// about one request, and nothing else (the tier and category are folded
@@ -227,6 +228,11 @@ pub struct Check<'a> {
     /// How many of the last charges are token limits (0: none). The
     /// decision's [`tokens`](Decision::tokens) describes their binding one.
     pub tokens: u8,
+    /// Which of those token charges limit input and output tokens (the
+    /// decision's [`input_tokens`](Decision::input_tokens) and
+    /// [`output_tokens`](Decision::output_tokens) describe theirs); a
+    /// backend passes it on and treats every charge alike.
+    pub split: TokenSplit,
     /// Concurrency limits (at most [`MAX_LEASES`]): an allowed request
     /// takes one lease of each, in the same step as its charges, and holds
     /// them until [`Backend::release`]. A request refused by a charge
@@ -245,6 +251,7 @@ impl<'a> Check<'a> {
             known,
             charges,
             tokens: 0,
+            split: TokenSplit::NONE,
             leases: &[],
             lease_id: 0,
         }
@@ -268,17 +275,54 @@ impl<'a> Check<'a> {
     }
 }
 
+/// How a check's token charges divide by kind ([`Check::split`]): of its
+/// last [`tokens`](Check::tokens) charges, the last `output` limit output
+/// tokens, the `input` before them input tokens, and the others every
+/// token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TokenSplit {
+    /// How many token charges limit input tokens.
+    pub input: u8,
+    /// How many token charges (the last ones) limit output tokens.
+    pub output: u8,
+}
+
+impl TokenSplit {
+    /// No input or output limits: every token charge limits all tokens.
+    pub const NONE: TokenSplit = TokenSplit {
+        input: 0,
+        output: 0,
+    };
+
+    /// What charge `i` of `n` limits, when the last `tokens` are token
+    /// charges: `None` for a request charge.
+    #[inline]
+    pub fn kind(self, i: usize, n: usize, tokens: usize) -> Option<TokenKind> {
+        let output = usize::from(self.output);
+        let input = usize::from(self.input);
+        if i >= n || i + tokens < n {
+            None
+        } else if i + output >= n {
+            Some(TokenKind::Output)
+        } else if i + output + input >= n {
+            Some(TokenKind::Input)
+        } else {
+            Some(TokenKind::Total)
+        }
+    }
+}
+
 /// The decision of a several-limit check: the binding charge's, with the
 /// binding lease (a check under concurrency limits only is described by
 /// its lease).
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn decide_all(
     decisions: &[Decision],
-    tokens: u8,
+    check: &Check<'_>,
     lease: Option<LeaseState>,
 ) -> Decision {
     decide(
-        Decision::binding_with_tokens(decisions, usize::from(tokens)),
+        Decision::binding_with_split(decisions, usize::from(check.tokens), check.split),
         lease,
     )
 }

@@ -170,9 +170,18 @@ fn has_calendar(policy: &Policy) -> bool {
     policy.tiers().any(|t| {
         policy.categories().any(|c| {
             let l = policy.limits(t, c);
-            [l.per_key(), l.per_account(), l.tokens(), l.account_tokens()]
-                .iter()
-                .any(|list| list.iter().any(|l| l.period().is_calendar()))
+            [
+                l.per_key(),
+                l.per_account(),
+                l.tokens(),
+                l.account_tokens(),
+                l.input_tokens(),
+                l.output_tokens(),
+                l.account_input_tokens(),
+                l.account_output_tokens(),
+            ]
+            .iter()
+            .any(|list| list.iter().any(|l| l.period().is_calendar()))
         })
     })
 }
@@ -193,8 +202,14 @@ fn cell_text(e: &EffectiveLimits) -> String {
     } else {
         list(&e.per_key)
     }];
-    if !e.tokens.is_empty() {
-        parts.push(format!("tokens {}", list(&e.tokens)));
+    for (what, limits) in [
+        ("tokens", &e.tokens),
+        ("input tokens", &e.input_tokens),
+        ("output tokens", &e.output_tokens),
+    ] {
+        if !limits.is_empty() {
+            parts.push(format!("{what} {}", list(limits)));
+        }
     }
     if let Some(n) = e.concurrency {
         parts.push(format!("{n} at once"));
@@ -203,8 +218,14 @@ fn cell_text(e: &EffectiveLimits) -> String {
     if !e.per_account.is_empty() {
         account.push(list(&e.per_account));
     }
-    if !e.account_tokens.is_empty() {
-        account.push(format!("tokens {}", list(&e.account_tokens)));
+    for (what, limits) in [
+        ("tokens", &e.account_tokens),
+        ("input tokens", &e.account_input_tokens),
+        ("output tokens", &e.account_output_tokens),
+    ] {
+        if !limits.is_empty() {
+            account.push(format!("{what} {}", list(limits)));
+        }
     }
     if let Some(n) = e.account_concurrency {
         account.push(format!("{n} at once"));

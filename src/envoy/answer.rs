@@ -75,7 +75,7 @@ impl Verdict {
         match (ext.get::<Decision>(), ext.get::<CellRef>()) {
             (Some(d), Some(cell)) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
                 let options = HeaderOptions::default();
-                let plan = HeaderPlan::new(d, cell.clone(), options, Duration::ZERO, None);
+                let plan = HeaderPlan::new(d, cell.clone(), options, Duration::ZERO, [None; 3]);
                 Verdict::Refused {
                     response: Box::new(response),
                     plan,

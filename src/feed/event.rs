@@ -16,7 +16,7 @@ use crate::key::KeyId;
 /// {"time":"2026-12-04T22:36:58.123Z","key":"9f1c…","account":null,"org":null,
 ///  "tier":"pro","category":"ai","route":"POST /v1/ai/complete","status":200,
 ///  "end":"complete","requests":1,"refunded":false,"shadow":false,
-///  "tokens":420,"input_tokens":null,"output_tokens":null,"duration_us":1840}
+///  "tokens":420,"input_tokens":20,"output_tokens":400,"duration_us":1840}
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
@@ -60,14 +60,17 @@ pub struct UsageEvent {
     pub shadow: bool,
     /// The tokens settled for a metered request (what its handler and
     /// stream reported through its [`TokenMeter`](crate::meter::TokenMeter)
-    /// and [`TokenUsage`](crate::meter::TokenUsage)); `None` in a category
+    /// and [`TokenUsage`](struct@crate::meter::TokenUsage)); `None` in a category
     /// without token limits.
     pub tokens: Option<u64>,
-    /// Input tokens: always `None` for now. The meter reports one total
-    /// (`tokens`); these two are filled once it reports input and output
-    /// apart.
+    /// The input tokens settled for a metered request (what it reported
+    /// with [`TokenMeter::add_input`](crate::meter::TokenMeter::add_input)
+    /// or [`TokenUsage::split`](crate::meter::TokenUsage::split)); `None`
+    /// in a category without token limits, or when the request reported
+    /// its tokens only as a total without a kind
+    /// ([`TokenMeter::add`](crate::meter::TokenMeter::add)).
     pub input_tokens: Option<u64>,
-    /// Output tokens: always `None` for now (see `input_tokens`).
+    /// The output tokens settled, as `input_tokens`.
     pub output_tokens: Option<u64>,
     /// From admission to the end of the response (the body's last frame,
     /// or its drop).

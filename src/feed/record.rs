@@ -20,7 +20,7 @@ use http::StatusCode;
 use super::{UsageEvent, UsageFeed};
 use crate::feed::End;
 use crate::key::KeyId;
-use crate::meter::{Settled, TokenMeter};
+use crate::meter::{Settled, TokenMeter, TokenUsage};
 use crate::response::{Hold, LeaseGuard};
 
 /// One request's usage record (see the module docs).
@@ -162,9 +162,15 @@ struct Pending {
 }
 
 impl Settled for Pending {
-    fn settled(self: Box<Self>, tokens: Option<u64>, refunded: bool) {
+    fn settled(self: Box<Self>, tokens: Option<TokenUsage>, refunded: bool) {
         let Pending { feed, mut event } = *self;
-        event.tokens = tokens;
+        event.tokens = tokens.map(|t| t.total());
+        // Input and output apart when the request told them apart (or
+        // reported nothing): a total without a kind has no split.
+        if let Some(t) = tokens.filter(|t| t.input > 0 || t.output > 0 || t.unsplit == 0) {
+            event.input_tokens = Some(t.input);
+            event.output_tokens = Some(t.output);
+        }
         if refunded {
             event.refunded = true;
             event.requests = 0;

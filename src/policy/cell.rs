@@ -2,7 +2,7 @@
 //! how the request path borrows it, and how a user reads it
 //! ([`CellLimits`], [`EffectiveLimits`]).
 
-use super::{Applied, LimitBuf, Limits, Pool, RefundOn};
+use super::{Applied, IoTokens, LimitBuf, Limits, Pool, RefundOn};
 use crate::key::hash_str;
 use crate::limit::{Limit, Rule};
 
@@ -23,6 +23,8 @@ pub(crate) struct Cell {
     pub(crate) tokens: Box<[Limit]>,
     /// Token limits per account.
     pub(crate) account_tokens: Box<[Limit]>,
+    /// Input and output token limits (per key, per account).
+    pub(crate) io: IoTokens<Box<[Limit]>>,
     /// Responses whose requests are refunded.
     pub(crate) refund: RefundOn,
     /// Whether a request of the cell is settled after its response (token
@@ -54,8 +56,10 @@ impl Cell {
         tier: &str,
         category: &str,
     ) -> Self {
+        let io = extra.io.map(|l| l.clone().into_boxed_slice());
         let metered = !extra.tokens.is_empty()
             || !extra.account_tokens.is_empty()
+            || !io.map(|l| &**l).is_empty()
             || !extra.refund.is_empty();
         let leased = extra.concurrency.is_some() || extra.account_concurrency.is_some();
         Cell {
@@ -67,6 +71,7 @@ impl Cell {
             per_org: per_org.into_boxed_slice(),
             tokens: extra.tokens.into_boxed_slice(),
             account_tokens: extra.account_tokens.into_boxed_slice(),
+            io,
             refund: extra.refund,
             metered,
             concurrency: extra.concurrency,
@@ -87,6 +92,7 @@ impl Cell {
             && self.per_org.is_empty()
             && self.tokens.is_empty()
             && self.account_tokens.is_empty()
+            && self.io.map(|l| &**l).is_empty()
             && !self.leased
     }
 
@@ -99,6 +105,7 @@ impl Cell {
             per_org: &self.per_org,
             tokens: &self.tokens,
             account_tokens: &self.account_tokens,
+            io: self.io.map(|l| &**l),
         }
     }
 
@@ -110,6 +117,7 @@ impl Cell {
             per_org: LimitBuf::from_slice(&self.per_org),
             tokens: LimitBuf::from_slice(&self.tokens),
             account_tokens: LimitBuf::from_slice(&self.account_tokens),
+            io: self.io.map(|l| LimitBuf::from_slice(l)),
         }
     }
 }
@@ -119,6 +127,7 @@ impl Cell {
 pub(in crate::policy) struct Metering {
     pub(in crate::policy) tokens: Vec<Limit>,
     pub(in crate::policy) account_tokens: Vec<Limit>,
+    pub(in crate::policy) io: IoTokens<Vec<Limit>>,
     pub(in crate::policy) refund: RefundOn,
     pub(in crate::policy) concurrency: Option<u32>,
     pub(in crate::policy) account_concurrency: Option<u32>,
@@ -140,6 +149,14 @@ pub struct EffectiveLimits {
     pub tokens: Vec<Limit>,
     /// Token limits per account.
     pub account_tokens: Vec<Limit>,
+    /// Input-token limits per key (per account in a pooled tier).
+    pub input_tokens: Vec<Limit>,
+    /// Output-token limits per key (per account in a pooled tier).
+    pub output_tokens: Vec<Limit>,
+    /// Input-token limits per account.
+    pub account_input_tokens: Vec<Limit>,
+    /// Output-token limits per account.
+    pub account_output_tokens: Vec<Limit>,
     /// Requests in flight at once per key (per account when pooled).
     pub concurrency: Option<u32>,
     /// Requests in flight at once per account.
@@ -183,6 +200,30 @@ impl<'a> CellLimits<'a> {
     /// Token limits per account.
     pub fn account_tokens(&self) -> &'a [Limit] {
         &self.cell.account_tokens
+    }
+
+    /// Input-token limits, per key (per account when pooled): what a
+    /// request reports with
+    /// [`TokenMeter::add_input`](crate::meter::TokenMeter::add_input).
+    pub fn input_tokens(&self) -> &'a [Limit] {
+        &self.cell.io.input
+    }
+
+    /// Output-token limits, per key (per account when pooled): what a
+    /// request reports with
+    /// [`TokenMeter::add_output`](crate::meter::TokenMeter::add_output).
+    pub fn output_tokens(&self) -> &'a [Limit] {
+        &self.cell.io.output
+    }
+
+    /// Input-token limits per account.
+    pub fn account_input_tokens(&self) -> &'a [Limit] {
+        &self.cell.io.account_input
+    }
+
+    /// Output-token limits per account.
+    pub fn account_output_tokens(&self) -> &'a [Limit] {
+        &self.cell.io.account_output
     }
 
     /// The responses whose requests are refunded.

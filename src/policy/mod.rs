@@ -82,7 +82,7 @@ pub use overload::{
 };
 use route::CompiledRoute;
 pub use route::Target;
-pub(crate) use set::{Applied, LimitBuf, Limits};
+pub(crate) use set::{Applied, IoTokens, LimitBuf, Limits};
 pub use set::{MAX_CONCURRENCY, Pool, RefundOn};
 
 /// A plan tier (`free`, `pro`, …), interned to an index when the policy is
@@ -357,6 +357,10 @@ impl Policy {
             per_org: a.per_org.as_slice().to_vec(),
             tokens: a.tokens.as_slice().to_vec(),
             account_tokens: a.account_tokens.as_slice().to_vec(),
+            input_tokens: a.io.input.as_slice().to_vec(),
+            output_tokens: a.io.output.as_slice().to_vec(),
+            account_input_tokens: a.io.account_input.as_slice().to_vec(),
+            account_output_tokens: a.io.account_output.as_slice().to_vec(),
             concurrency: cell.concurrency,
             account_concurrency: cell.account_concurrency,
         })

@@ -18,7 +18,7 @@ pub enum Adjust {
     /// Multiply the burst (`max`) of the limits of the adjusted owner and
     /// of the owners within it by this factor, keeping each window: `x5`
     /// turns 100/hour into 500/hour. A key's scales its own limits (per
-    /// key, of requests and tokens), an account's its keys' and its own, an
+    /// key, of requests and of tokens, input and output ones too), an account's its keys' and its own, an
     /// organisation's and a tier's every limit — never a limit a wider
     /// owner shares, which is the same for every key that shares it.
     /// Unlimited stays unlimited.
@@ -68,9 +68,13 @@ impl Adjust {
             let reaches = |level: Per| per.is_none_or(|p| p >= level);
             out.per_key = limits.per_key.scaled(*k);
             out.tokens = limits.tokens.scaled(*k);
+            out.io.input = limits.io.input.scaled(*k);
+            out.io.output = limits.io.output.scaled(*k);
             if reaches(Per::Account) {
                 out.per_account = limits.per_account.scaled(*k);
                 out.account_tokens = limits.account_tokens.scaled(*k);
+                out.io.account_input = limits.io.account_input.scaled(*k);
+                out.io.account_output = limits.io.account_output.scaled(*k);
             }
             if reaches(Per::Org) {
                 out.per_org = limits.per_org.scaled(*k);
@@ -188,6 +192,13 @@ pub(crate) fn more_generous_all(a: &Applied, b: &Applied) -> bool {
         (a.per_org.as_slice(), b.per_org.as_slice()),
         (a.tokens.as_slice(), b.tokens.as_slice()),
         (a.account_tokens.as_slice(), b.account_tokens.as_slice()),
+        (a.io.input.as_slice(), b.io.input.as_slice()),
+        (a.io.output.as_slice(), b.io.output.as_slice()),
+        (a.io.account_input.as_slice(), b.io.account_input.as_slice()),
+        (
+            a.io.account_output.as_slice(),
+            b.io.account_output.as_slice(),
+        ),
     ];
     for (x, y) in pairs {
         if list_more_generous(x, y) {

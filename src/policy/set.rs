@@ -50,6 +50,12 @@ impl fmt::Debug for LimitBuf {
     }
 }
 
+impl Default for LimitBuf {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
 impl LimitBuf {
     pub(crate) const EMPTY: LimitBuf = LimitBuf {
         items: [Limit::per_second(1); MAX_LIMITS],
@@ -137,7 +143,7 @@ pub(crate) fn list_more_generous(a: &[Limit], b: &[Limit]) -> bool {
 
 /// The limits that apply to one request in one cell, after custom limits
 /// and boosts: per key (or per account, in a pooled tier) and per account,
-/// of requests and of tokens.
+/// of requests and of tokens (all tokens, input tokens, output tokens).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Applied {
     pub(crate) per_key: LimitBuf,
@@ -145,13 +151,54 @@ pub(crate) struct Applied {
     pub(crate) per_org: LimitBuf,
     pub(crate) tokens: LimitBuf,
     pub(crate) account_tokens: LimitBuf,
+    pub(crate) io: IoTokens<LimitBuf>,
+}
+
+/// Input and output token limits, per key (per account in a pooled tier)
+/// and per account: four lists of one kind `L` (a cell's boxes, an
+/// [`Applied`]'s buffers, borrowed slices).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct IoTokens<L> {
+    pub(crate) input: L,
+    pub(crate) output: L,
+    pub(crate) account_input: L,
+    pub(crate) account_output: L,
+}
+
+impl<L> IoTokens<L> {
+    /// The same four lists through `f`.
+    #[inline]
+    pub(crate) fn map<'a, M>(&'a self, f: impl Fn(&'a L) -> M) -> IoTokens<M> {
+        IoTokens {
+            input: f(&self.input),
+            output: f(&self.output),
+            account_input: f(&self.account_input),
+            account_output: f(&self.account_output),
+        }
+    }
+}
+
+impl IoTokens<&[Limit]> {
+    /// Whether no input or output limit applies.
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.input.is_empty()
+            && self.output.is_empty()
+            && self.account_input.is_empty()
+            && self.account_output.is_empty()
+    }
+
+    /// How many limits there are.
+    pub(crate) fn len(&self) -> usize {
+        self.input.len() + self.output.len() + self.account_input.len() + self.account_output.len()
+    }
 }
 
 impl Applied {
     /// Whether token limits apply.
     #[inline]
     pub(crate) fn has_tokens(&self) -> bool {
-        !self.tokens.is_empty() || !self.account_tokens.is_empty()
+        !self.tokens.is_empty() || !self.account_tokens.is_empty() || !self.limits().io.is_empty()
     }
 
     /// The lists, borrowed.
@@ -163,12 +210,13 @@ impl Applied {
             per_org: self.per_org.as_slice(),
             tokens: self.tokens.as_slice(),
             account_tokens: self.account_tokens.as_slice(),
+            io: self.io.map(LimitBuf::as_slice),
         }
     }
 }
 
 /// The limits that apply to one request, borrowed from its cell or from
-/// an [`Applied`] on the stack (five slices: nothing copied).
+/// an [`Applied`] on the stack (slices: nothing copied).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Limits<'a> {
     pub(crate) per_key: &'a [Limit],
@@ -176,13 +224,15 @@ pub(crate) struct Limits<'a> {
     pub(crate) per_org: &'a [Limit],
     pub(crate) tokens: &'a [Limit],
     pub(crate) account_tokens: &'a [Limit],
+    /// Input and output token limits.
+    pub(crate) io: IoTokens<&'a [Limit]>,
 }
 
 impl Limits<'_> {
     /// Whether token limits apply.
     #[inline]
     pub(crate) fn has_tokens(&self) -> bool {
-        !self.tokens.is_empty() || !self.account_tokens.is_empty()
+        !self.tokens.is_empty() || !self.account_tokens.is_empty() || !self.io.is_empty()
     }
 }
 

@@ -116,11 +116,7 @@ impl Answer<'_> {
             } => format!(
                 "rate limit exceeded: tier `{tier}` allows {} `{category}` {} per {}; retry in {} s",
                 decision.limit,
-                if decision.is_tokens() {
-                    "tokens"
-                } else {
-                    "requests"
-                },
+                decision.unit(),
                 decision.per_text(),
                 retry_secs(decision.retry_after.unwrap_or_default()),
             ),

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Response};
 
 use super::answer::Answer;
+use crate::meter::TokenKind;
 
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
@@ -68,7 +69,12 @@ pub(crate) fn response(refusal: &Answer<'_>) -> Response<Bytes> {
                 ),
                 _ => format!(
                     "tier `{tier}`: {category} {}limit of {} per {}",
-                    if decision.is_tokens() { "token " } else { "" },
+                    match decision.token_kind() {
+                        None => "",
+                        Some(TokenKind::Total) => "token ",
+                        Some(TokenKind::Input) => "input token ",
+                        Some(TokenKind::Output) => "output token ",
+                    },
                     decision.limit,
                     decision.per_text()
                 ),

@@ -6,6 +6,7 @@ use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::decision::{Decision, LeaseState};
+use crate::meter::TokenKind;
 use crate::policy::Limit;
 use crate::time::{ceil_secs, retry_secs};
 
@@ -22,6 +23,38 @@ static X_RATELIMIT_LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelim
 static X_RATELIMIT_REMAINING_TOKENS: HeaderName =
     HeaderName::from_static("x-ratelimit-remaining-tokens");
 static X_RATELIMIT_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+static X_RATELIMIT_LIMIT_INPUT_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-limit-input-tokens");
+static X_RATELIMIT_REMAINING_INPUT_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-input-tokens");
+static X_RATELIMIT_RESET_INPUT_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-reset-input-tokens");
+static X_RATELIMIT_LIMIT_OUTPUT_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-limit-output-tokens");
+static X_RATELIMIT_REMAINING_OUTPUT_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-output-tokens");
+static X_RATELIMIT_RESET_OUTPUT_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-reset-output-tokens");
+
+/// `X-RateLimit-{Limit,Remaining,Reset}-Tokens` and the input and output
+/// ones, by [`TokenKind`] (all, input, output).
+static TOKEN_HEADERS: [[&HeaderName; 3]; 3] = [
+    [
+        &X_RATELIMIT_LIMIT_TOKENS,
+        &X_RATELIMIT_REMAINING_TOKENS,
+        &X_RATELIMIT_RESET_TOKENS,
+    ],
+    [
+        &X_RATELIMIT_LIMIT_INPUT_TOKENS,
+        &X_RATELIMIT_REMAINING_INPUT_TOKENS,
+        &X_RATELIMIT_RESET_INPUT_TOKENS,
+    ],
+    [
+        &X_RATELIMIT_LIMIT_OUTPUT_TOKENS,
+        &X_RATELIMIT_REMAINING_OUTPUT_TOKENS,
+        &X_RATELIMIT_RESET_OUTPUT_TOKENS,
+    ],
+];
 static X_CONCURRENCY_LIMIT: HeaderName = HeaderName::from_static("x-concurrency-limit");
 static X_CONCURRENCY_REMAINING: HeaderName = HeaderName::from_static("x-concurrency-remaining");
 
@@ -201,8 +234,9 @@ pub(crate) struct HeaderPlan {
     reset_in: u32,
     /// `Retry-After` in seconds (0: none).
     retry: u32,
-    /// The token headers of a metered request.
-    tokens: Option<TokenHeaders>,
+    /// The token headers of a metered request, by kind (all, input,
+    /// output); [`TokenHeaders::NONE`] where the cell has no such limit.
+    tokens: [TokenHeaders; 3],
     lease: Option<LeaseState>,
     /// The charge the decision describes (the draft field's name).
     index: u8,
@@ -215,9 +249,19 @@ pub(crate) struct HeaderPlan {
 /// `X-RateLimit-*-Tokens` of a metered request.
 #[derive(Clone, Copy, Debug)]
 struct TokenHeaders {
+    /// The burst; 0: no such limit (a limit's burst is at least 1).
     limit: u32,
     remaining: u32,
     reset_at: u64,
+}
+
+impl TokenHeaders {
+    /// No token limit of a kind: nothing to write.
+    const NONE: TokenHeaders = TokenHeaders {
+        limit: 0,
+        remaining: 0,
+        reset_at: 0,
+    };
 }
 
 impl HeaderOptions {
@@ -282,23 +326,22 @@ impl HeaderPlan {
 
 impl HeaderPlan {
     /// The headers of decision `d` of a request of `cell` at Unix time
-    /// `now`; `token_limit` is the limit `d.tokens` describes (a metered
-    /// request's charge at its index).
+    /// `now`; `token_limits` are the limits `d.tokens`, `d.input_tokens`
+    /// and `d.output_tokens` describe (a metered request's charges at
+    /// their indexes).
     #[inline]
     pub(crate) fn new(
         d: &Decision,
         cell: CellRef,
         options: HeaderOptions,
         now: Duration,
-        token_limit: Option<Limit>,
+        token_limits: [Option<Limit>; 3],
     ) -> Self {
         let shown = d.shown(now);
-        let tokens = match (d.tokens, token_limit) {
-            (Some(t), Some(limit)) if options.x_ratelimit => {
-                Some(Self::token_headers(d, t.remaining, &limit, now))
-            }
-            _ => None,
-        };
+        let mut tokens = [TokenHeaders::NONE; 3];
+        if options.x_ratelimit && token_limits != [None; 3] {
+            tokens = Self::all_token_headers(d, &token_limits, now);
+        }
         HeaderPlan {
             cell,
             reset_at: shown.reset,
@@ -315,35 +358,46 @@ impl HeaderPlan {
         }
     }
 
-    /// The binding token limit's headers: the decision itself when tokens
-    /// bind it, else its charge's state at admission (out of line: most
-    /// requests have none).
+    /// The binding token limit's headers of each kind: the decision itself
+    /// when that limit binds it, else its charge's state at admission (out
+    /// of line: most requests have none).
     #[cold]
     #[inline(never)]
-    fn token_headers(d: &Decision, remaining: u32, limit: &Limit, now: Duration) -> TokenHeaders {
-        let shown = if d.is_tokens() {
-            d.shown(now)
-        } else {
-            Decision::allow(limit, remaining).shown(now)
-        };
-        TokenHeaders {
-            limit: shown.limit,
-            remaining: shown.remaining,
-            reset_at: shown.reset,
-        }
+    fn all_token_headers(
+        d: &Decision,
+        limits: &[Option<Limit>; 3],
+        now: Duration,
+    ) -> [TokenHeaders; 3] {
+        let kinds = [TokenKind::Total, TokenKind::Input, TokenKind::Output];
+        kinds.map(|kind| {
+            let (Some(t), Some(limit)) = (d.tokens_of(kind), limits[kind as usize]) else {
+                return TokenHeaders::NONE;
+            };
+            let shown = if t.index == d.index {
+                d.shown(now)
+            } else {
+                Decision::allow(&limit, t.remaining).shown(now)
+            };
+            TokenHeaders {
+                limit: shown.limit,
+                remaining: shown.remaining,
+                reset_at: shown.reset,
+            }
+        })
     }
 
     /// The token headers of a metered request (out of line: most requests
     /// have none).
     #[cold]
     #[inline(never)]
-    fn write_tokens(t: &TokenHeaders, headers: &mut HeaderMap) {
-        headers.insert(X_RATELIMIT_LIMIT_TOKENS.clone(), int(u64::from(t.limit)));
-        headers.insert(
-            X_RATELIMIT_REMAINING_TOKENS.clone(),
-            int(u64::from(t.remaining)),
-        );
-        headers.insert(X_RATELIMIT_RESET_TOKENS.clone(), reset_value(t.reset_at));
+    fn write_tokens(tokens: &[TokenHeaders; 3], headers: &mut HeaderMap) {
+        for (t, [limit, remaining, reset]) in tokens.iter().zip(&TOKEN_HEADERS) {
+            if t.limit > 0 {
+                headers.insert((*limit).clone(), int(u64::from(t.limit)));
+                headers.insert((*remaining).clone(), int(u64::from(t.remaining)));
+                headers.insert((*reset).clone(), reset_value(t.reset_at));
+            }
+        }
     }
 
     /// The concurrency headers of a request under a concurrency limit
@@ -401,8 +455,8 @@ impl HeaderPlan {
                 headers.insert(RATELIMIT.clone(), v);
             }
         }
-        if let Some(t) = &self.tokens {
-            Self::write_tokens(t, headers);
+        if self.tokens.iter().any(|t| t.limit > 0) {
+            Self::write_tokens(&self.tokens, headers);
         }
     }
 }

@@ -36,10 +36,7 @@ pub(crate) fn response(answer: &Answer<'_>) -> Response<Bytes> {
                     json!(retry_secs(d.retry_after.unwrap_or_default())),
                 );
             } else {
-                obj.insert(
-                    "unit".into(),
-                    json!(if d.is_tokens() { "tokens" } else { "requests" }),
-                );
+                obj.insert("unit".into(), json!(d.unit()));
                 obj.insert("tier".into(), json!(tier));
                 obj.insert("category".into(), json!(category));
                 obj.insert("limit".into(), json!(d.limit));

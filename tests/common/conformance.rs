@@ -6,7 +6,7 @@ pub mod owners;
 mod settle;
 
 #[allow(unused_imports)]
-pub use settle::run_settle;
+pub use settle::{run_settle, run_split_settle};
 
 #[allow(unused_imports)]
 use crate::common::one::{CheckOne, CheckOneNow};
@@ -154,6 +154,8 @@ pub async fn run<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
                 let want = Decision {
                     index: 0,
                     tokens: None,
+                    input_tokens: None,
+                    output_tokens: None,
                     lease: None,
                     period: tierlimit::policy::Period::Rolling,
                     allowed: true,
@@ -176,6 +178,8 @@ pub async fn run<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
                 let want = Decision {
                     index: 0,
                     tokens: None,
+                    input_tokens: None,
+                    output_tokens: None,
                     lease: None,
                     period: tierlimit::policy::Period::Rolling,
                     allowed: false,
@@ -421,6 +425,7 @@ pub async fn run_leases<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
         known: true,
         charges: &rate,
         tokens: 0,
+        split: tierlimit::backend::TokenSplit::NONE,
         leases: std::slice::from_ref(&lease),
         lease_id: id,
     };
@@ -478,6 +483,7 @@ pub async fn run_leases<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
         known: false,
         charges: &[],
         tokens: 0,
+        split: tierlimit::backend::TokenSplit::NONE,
         leases: &leases,
         lease_id: id,
     };

@@ -316,7 +316,7 @@ where
             maps.lease_state(leases)
         };
         let lease_refused = lease.is_some_and(|l| l.refused);
-        let mut binder = Binder::new(charges.len(), usize::from(check.tokens));
+        let mut binder = Binder::new(charges.len(), usize::from(check.tokens), check.split);
         if refused || lease_refused {
             read.refuse(&mut binder, charges, now, lease_refused, &inner.budget);
         } else {

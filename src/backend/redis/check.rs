@@ -13,7 +13,8 @@ use super::{
     script_interval,
 };
 use crate::backend::{
-    Adjustment, BackendError, Charge, Check, Decision, Lease, LeaseState, MAX_LEASES, decide_all,
+    Adjustment, BackendError, Charge, Check, Decision, Lease, LeaseState, MAX_LEASES, TokenSplit,
+    decide_all,
 };
 use crate::limit::{Limit, MAX_LIMITS};
 
@@ -23,6 +24,7 @@ pub(super) struct Charges {
     pub(super) owner: u64,
     known: bool,
     tokens: u8,
+    split: TokenSplit,
     items: [Charge; MAX_LIMITS],
     len: usize,
     pub(super) leases: [Lease; MAX_LEASES],
@@ -42,6 +44,7 @@ impl Charges {
             owner: check.owner,
             known: check.known,
             tokens: check.tokens,
+            split: check.split,
             items,
             len,
             leases,
@@ -55,6 +58,7 @@ impl Charges {
             owner: self.owner,
             known: self.known,
             tokens: self.tokens,
+            split: self.split,
             charges: &self.items[..self.len],
             leases: &self.leases[..self.nleases],
             lease_id: self.lease_id,
@@ -289,7 +293,7 @@ impl Inner {
             };
         }
         let lease = leases_answered(check, status, v, k);
-        let mut d = decide_all(&decisions[..k.min(MAX_LIMITS)], check.tokens, lease);
+        let mut d = decide_all(&decisions[..k.min(MAX_LIMITS)], check, lease);
         if status != 1 && d.allowed {
             d.allowed = false;
         }

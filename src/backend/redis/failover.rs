@@ -260,5 +260,5 @@ fn fail_open(check: &Check<'_>) -> Decision {
         refused: false,
         per_account: l.per_account,
     }));
-    decide_all(&decisions[..n], check.tokens, lease)
+    decide_all(&decisions[..n], check, lease)
 }

@@ -260,6 +260,7 @@ pub(in crate::policy) fn check_adjust(
             + replaced(&c.per_org, Per::Org)
             + key_tokens
             + account_tokens
+            + c.io.map(|l| &**l).len()
             > MAX_LIMITS
     });
     if too_many {

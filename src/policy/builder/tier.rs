@@ -4,6 +4,7 @@
 
 use super::Located;
 use crate::limit::{Limit, Rule};
+use crate::meter::TokenKind;
 use crate::policy::{Pool, RefundOn};
 
 /// A tier's rules, one per category, for [`PolicyBuilder::tier`](crate::PolicyBuilder::tier).
@@ -27,6 +28,10 @@ pub struct Tier {
     pub(super) per_org: Vec<Located<(String, Vec<Limit>)>>,
     /// Token limits: (category, limits, per account).
     pub(super) tokens: Vec<Located<(String, Vec<Limit>, bool)>>,
+    /// Input-token limits, as `tokens`.
+    pub(super) input_tokens: Vec<Located<(String, Vec<Limit>, bool)>>,
+    /// Output-token limits, as `tokens`.
+    pub(super) output_tokens: Vec<Located<(String, Vec<Limit>, bool)>>,
     pub(super) refund_on: Option<Located<RefundOn>>,
     pub(super) refunds: Vec<Located<(String, RefundOn)>>,
     /// Concurrency limits: (category, requests at once, per account).
@@ -45,6 +50,8 @@ impl Tier {
             per_account: Vec::new(),
             per_org: Vec::new(),
             tokens: Vec::new(),
+            input_tokens: Vec::new(),
+            output_tokens: Vec::new(),
             refund_on: None,
             refunds: Vec::new(),
             concurrency: Vec::new(),
@@ -175,6 +182,88 @@ impl Tier {
         self
     }
 
+    /// Meters `category`'s *input* tokens (a prompt's): like
+    /// [`tokens`](Self::tokens), but counting only what a request reports
+    /// as input ([`TokenMeter::add_input`](crate::meter::TokenMeter::add_input),
+    /// [`TokenUsage::split`](crate::meter::TokenUsage::split)). A request
+    /// reserves its estimate
+    /// ([`Identity::with_tokens`](crate::extract::Identity::with_tokens), else 1)
+    /// at admission.
+    ///
+    /// ```
+    /// use tierlimit::{Limit, Tier};
+    ///
+    /// let free = Tier::new("free")
+    ///     .limit("ai", Limit::per_hour(50))
+    ///     .input_tokens("ai", [Limit::per_hour(20_000)])
+    ///     .output_tokens("ai", [Limit::per_hour(5_000)]);
+    /// # let _ = free;
+    /// ```
+    pub fn input_tokens(
+        self,
+        category: impl Into<String>,
+        limits: impl IntoIterator<Item = Limit>,
+    ) -> Self {
+        self.token_entry(
+            TokenKind::Input,
+            category.into(),
+            limits.into_iter().collect(),
+            false,
+            None,
+        )
+    }
+
+    /// Meters `category`'s *output* tokens (a completion's): like
+    /// [`tokens`](Self::tokens), but counting only what a request reports
+    /// as output ([`TokenMeter::add_output`](crate::meter::TokenMeter::add_output)).
+    /// A request reserves 1 output token at admission (its output is not
+    /// known yet) and settles the rest when its response is over: an
+    /// output past the limit is a debt that refuses the next requests until
+    /// it is paid.
+    pub fn output_tokens(
+        self,
+        category: impl Into<String>,
+        limits: impl IntoIterator<Item = Limit>,
+    ) -> Self {
+        self.token_entry(
+            TokenKind::Output,
+            category.into(),
+            limits.into_iter().collect(),
+            false,
+            None,
+        )
+    }
+
+    /// Input-token limits counted per account, on top of the per-key ones.
+    pub fn per_account_input_tokens(
+        self,
+        category: impl Into<String>,
+        limits: impl IntoIterator<Item = Limit>,
+    ) -> Self {
+        self.token_entry(
+            TokenKind::Input,
+            category.into(),
+            limits.into_iter().collect(),
+            true,
+            None,
+        )
+    }
+
+    /// Output-token limits counted per account, on top of the per-key ones.
+    pub fn per_account_output_tokens(
+        self,
+        category: impl Into<String>,
+        limits: impl IntoIterator<Item = Limit>,
+    ) -> Self {
+        self.token_entry(
+            TokenKind::Output,
+            category.into(),
+            limits.into_iter().collect(),
+            true,
+            None,
+        )
+    }
+
     /// Refunds requests of every category of the tier whose responses
     /// match (`RefundOn::none().class(5)`: server errors).
     pub fn refund_on(mut self, refund: RefundOn) -> Self {
@@ -241,6 +330,41 @@ impl Tier {
     ) -> Self {
         self.tokens
             .push(Located::at((category, limits, per_account), line));
+        self
+    }
+
+    /// A cell's `input_tokens` and `output_tokens` written on `line` (for
+    /// the loader), per key or per account.
+    pub(in crate::policy) fn io_tokens_at(
+        mut self,
+        category: &str,
+        [input, output]: [Option<Vec<Limit>>; 2],
+        per_account: bool,
+        line: Option<usize>,
+    ) -> Self {
+        for (kind, limits) in [(TokenKind::Input, input), (TokenKind::Output, output)] {
+            if let Some(limits) = limits {
+                self = self.token_entry(kind, category.to_owned(), limits, per_account, line);
+            }
+        }
+        self
+    }
+
+    /// Token limits of `kind`, written on `line` (`None`: by the builder).
+    fn token_entry(
+        mut self,
+        kind: TokenKind,
+        category: String,
+        limits: Vec<Limit>,
+        per_account: bool,
+        line: Option<usize>,
+    ) -> Self {
+        let entry = Located::at((category, limits, per_account), line);
+        match kind {
+            TokenKind::Input => self.input_tokens.push(entry),
+            TokenKind::Output => self.output_tokens.push(entry),
+            TokenKind::Total => self.tokens.push(entry),
+        }
         self
     }
 

@@ -1,12 +1,13 @@
 //! The `[tiers.*]` sections: each tier's cells, one per category. Every
-//! kind of a tier's entries (rules, per-account limits, tokens, refunds,
-//! concurrency) goes through one loop, [`Tier::each_entry`]: find the
+//! kind of a tier's entries (rules, per-account limits, tokens — all,
+//! input, output —, refunds, concurrency) goes through one loop, [`Tier::each_entry`]: find the
 //! category, check the value, refuse a second entry, store.
 
 use super::names::{check_list, check_name, join};
 use super::{Located, PolicyBuilder, PolicyError, Tier};
 use crate::limit::{Limit, MAX_LIMITS, Per};
-use crate::policy::{Cell, MAX_CONCURRENCY, Metering, RefundOn};
+use crate::meter::TokenKind;
+use crate::policy::{Cell, IoTokens, MAX_CONCURRENCY, Metering, RefundOn};
 
 impl PolicyBuilder {
     /// The `[tiers.*]` sections: each tier's name, then its cells, one per
@@ -53,8 +54,8 @@ struct Table {
     set: Vec<bool>,
     per_account: Vec<Vec<Limit>>,
     per_org: Vec<Vec<Limit>>,
-    /// Token limits: per key, per account.
-    tokens: Vec<[Vec<Limit>; 2]>,
+    /// Token limits by kind (all, input, output): per key, per account.
+    tokens: Vec<[[Vec<Limit>; 2]; 3]>,
     refunds: Vec<RefundOn>,
     /// Concurrency limits: per key, per account.
     concurrency: Vec<[Option<u32>; 2]>,
@@ -157,14 +158,16 @@ impl Tier {
             set: Vec::new(),
             per_account: vec![Vec::new(); n],
             per_org: vec![Vec::new(); n],
-            tokens: vec![[Vec::new(), Vec::new()]; n],
+            tokens: vec![Default::default(); n],
             refunds: vec![refund; n],
             concurrency: vec![[None, None]; n],
         };
         t.set = self.read_rules(categories, &mut t)?;
         self.read_per_account(categories, &mut t)?;
         self.read_per_org(categories, &mut t)?;
-        self.read_tokens(categories, &mut t)?;
+        for kind in [TokenKind::Total, TokenKind::Input, TokenKind::Output] {
+            self.read_tokens(categories, &mut t, kind)?;
+        }
         self.read_refunds(categories, &mut t)?;
         self.read_concurrency(categories, &mut t)?;
         Ok(t)
@@ -232,20 +235,37 @@ impl Tier {
         Ok(())
     }
 
-    /// `tiers.<tier>[.per_account].<category>.tokens`.
-    fn read_tokens(&self, categories: &[Box<str>], t: &mut Table) -> Result<(), PolicyError> {
+    /// `tiers.<tier>[.per_account].<category>.tokens` (`input_tokens`,
+    /// `output_tokens`: by `kind`).
+    fn read_tokens(
+        &self,
+        categories: &[Box<str>],
+        t: &mut Table,
+        kind: TokenKind,
+    ) -> Result<(), PolicyError> {
+        let (entries, what, twice): (_, _, fn(&str, &str) -> String) = match kind {
+            TokenKind::Total => (&self.tokens, "tokens", |t, c| {
+                format!("tier `{t}` sets `{c}`'s tokens twice")
+            }),
+            TokenKind::Input => (&self.input_tokens, "input_tokens", |t, c| {
+                format!("tier `{t}` sets `{c}`'s input tokens twice")
+            }),
+            TokenKind::Output => (&self.output_tokens, "output_tokens", |t, c| {
+                format!("tier `{t}` sets `{c}`'s output tokens twice")
+            }),
+        };
         self.each_entry(
             categories,
-            &self.tokens,
+            entries,
             Kind {
-                what: Some("tokens"),
+                what: Some(what),
                 slot: |(c, _, per_account)| (c, key_or_account(*per_account)),
                 check: any,
-                twice: Some(|t, c| format!("tier `{t}` sets `{c}`'s tokens twice")),
+                twice: Some(twice),
             },
             |(cat, limits, acct), id| {
                 check_list(limits)?;
-                t.tokens[id][usize::from(*acct)] = limits.clone();
+                t.tokens[id][kind as usize][usize::from(*acct)] = limits.clone();
                 t.fits(id, cat)
             },
         )?;
@@ -300,8 +320,11 @@ impl Table {
         let total = self.rules[id].as_ref().map_or(0, Vec::len)
             + self.per_account[id].len()
             + self.per_org[id].len()
-            + self.tokens[id][0].len()
-            + self.tokens[id][1].len();
+            + self.tokens[id]
+                .iter()
+                .flatten()
+                .map(Vec::len)
+                .sum::<usize>();
         if total > MAX_LIMITS {
             return Err(format!(
                 "`{cat}` has more than {MAX_LIMITS} limits (of requests per key, per account and per organisation, and of tokens) together"
@@ -334,7 +357,11 @@ impl Table {
                     ),
                 ));
             }
-            let [key_tokens, account_tokens] = std::mem::take(&mut tokens[i]);
+            let [
+                [key_tokens, account_tokens],
+                [input, account_input],
+                [output, account_output],
+            ] = std::mem::take(&mut tokens[i]);
             cells.push(Cell::new(
                 rule.unwrap_or_default(),
                 [
@@ -344,6 +371,12 @@ impl Table {
                 Metering {
                     tokens: key_tokens,
                     account_tokens,
+                    io: IoTokens {
+                        input,
+                        output,
+                        account_input,
+                        account_output,
+                    },
                     refund: refunds[i],
                     concurrency: concurrency[i][0],
                     account_concurrency: concurrency[i][1],

@@ -128,6 +128,7 @@ fn tier_entry(
             if let Some(tokens) = cell.tokens {
                 tier = tier.tokens_at(cat.clone(), tokens, false, line);
             }
+            tier = tier.io_tokens_at(&cat, [cell.input_tokens, cell.output_tokens], false, line);
             if let Some(n) = cell.concurrency {
                 tier = tier.concurrency_at(cat.clone(), n, false, line);
             }
@@ -194,6 +195,7 @@ fn per_account(
         if let Some(tokens) = cell.tokens {
             tier = tier.tokens_at(cat.clone(), tokens, true, line);
         }
+        tier = tier.io_tokens_at(cat, [cell.input_tokens, cell.output_tokens], true, line);
         if let Some(n) = cell.concurrency {
             tier = tier.concurrency_at(cat.clone(), n, true, line);
         }

@@ -19,6 +19,12 @@ pub(super) fn parse_adjust(v: &toml::Value) -> Result<Adjust, String> {
                     "a custom limit or boost cannot set `concurrency`; set it on the tier".into(),
                 );
             }
+            if spec.input_tokens.is_some() || spec.output_tokens.is_some() {
+                return Err(
+                    "a custom limit or boost cannot set `input_tokens` or `output_tokens`; set them on the tier (a multiplier such as \"x2\" scales them)"
+                        .into(),
+                );
+            }
             if spec.requests.is_none() && spec.tokens.is_none() {
                 return Err("a custom limit needs `requests` or `tokens`".into());
             }
@@ -137,6 +143,10 @@ pub(super) struct CellSpec {
     /// `None`: not given; `Some(None)`: unlimited.
     pub(super) requests: Option<Option<Vec<Limit>>>,
     pub(super) tokens: Option<Vec<Limit>>,
+    /// Input-token limits (`input_tokens`).
+    pub(super) input_tokens: Option<Vec<Limit>>,
+    /// Output-token limits (`output_tokens`).
+    pub(super) output_tokens: Option<Vec<Limit>>,
     pub(super) refund: Option<RefundOn>,
     /// Requests in flight at once.
     pub(super) concurrency: Option<u32>,
@@ -150,7 +160,15 @@ pub(super) fn parse_cell(v: &toml::Value) -> Result<CellSpec, String> {
             ..CellSpec::default()
         });
     };
-    const FIELDS: [&str; 5] = ["requests", "tokens", "refund_on", "concurrency", "period"];
+    const FIELDS: [&str; 7] = [
+        "requests",
+        "tokens",
+        "input_tokens",
+        "output_tokens",
+        "refund_on",
+        "concurrency",
+        "period",
+    ];
     if let Some(k) = t.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         // A lone limit's table (`{ limit = "5/day", period = "calendar" }`).
         if k == "limit" {
@@ -162,14 +180,9 @@ pub(super) fn parse_cell(v: &toml::Value) -> Result<CellSpec, String> {
         // Named only when it is a typo of one (`concurency`): the field
         // may be an API key written in the wrong place.
         if FIELDS.iter().any(|f| super::sections::near(k, f)) {
-            return Err(format!(
-                "unknown field `{k}` (expected `requests`, `tokens`, `concurrency`, `refund_on` or `period`)"
-            ));
+            return Err(format!("unknown field `{k}` (expected {EXPECTED})"));
         }
-        return Err(
-            "an unknown field (expected `requests`, `tokens`, `concurrency`, `refund_on` or `period`)"
-                .to_owned(),
-        );
+        return Err(format!("an unknown field (expected {EXPECTED})"));
     }
     let calendar = t
         .get("period")
@@ -183,12 +196,9 @@ pub(super) fn parse_cell(v: &toml::Value) -> Result<CellSpec, String> {
             _ => return Err(HOW.to_owned()),
         });
     }
-    if let Some(tk) = t.get("tokens") {
-        match parse_limits(tk, calendar).map_err(|m| format!("tokens: {m}"))? {
-            Some(limits) => spec.tokens = Some(limits),
-            None => return Err("tokens: leave `tokens` out rather than \"unlimited\"".into()),
-        }
-    }
+    spec.tokens = token_limits(t, "tokens", calendar)?;
+    spec.input_tokens = token_limits(t, "input_tokens", calendar)?;
+    spec.output_tokens = token_limits(t, "output_tokens", calendar)?;
     if let Some(r) = t.get("refund_on") {
         spec.refund = Some(parse_refund(r)?);
     }
@@ -206,10 +216,41 @@ pub(super) fn parse_cell(v: &toml::Value) -> Result<CellSpec, String> {
             .ok_or_else(how)?;
         spec.concurrency = Some(n);
     }
-    if spec.requests.is_none() && spec.tokens.is_none() && spec.concurrency.is_none() {
-        return Err("a table of limits needs `requests`, `tokens` or `concurrency`".to_owned());
+    if spec.requests.is_none()
+        && spec.tokens.is_none()
+        && spec.input_tokens.is_none()
+        && spec.output_tokens.is_none()
+        && spec.concurrency.is_none()
+    {
+        return Err(
+            "a table of limits needs `requests`, `tokens`, `input_tokens`, `output_tokens` or `concurrency`"
+                .to_owned(),
+        );
     }
     Ok(spec)
+}
+
+/// The fields a cell's table may have, as an error lists them.
+const EXPECTED: &str =
+    "`requests`, `tokens`, `input_tokens`, `output_tokens`, `concurrency`, `refund_on` or `period`";
+
+/// A cell's token limits of one kind (`tokens`, `input_tokens`,
+/// `output_tokens`), if given: the same forms as `requests`, but never
+/// unlimited.
+fn token_limits(
+    t: &toml::Table,
+    field: &str,
+    calendar: bool,
+) -> Result<Option<Vec<Limit>>, String> {
+    let Some(v) = t.get(field) else {
+        return Ok(None);
+    };
+    match parse_limits(v, calendar).map_err(|m| format!("{field}: {m}"))? {
+        Some(limits) => Ok(Some(limits)),
+        None => Err(format!(
+            "{field}: leave `{field}` out rather than \"unlimited\""
+        )),
+    }
 }
 
 /// `refund_on = ["5xx", "304"]`.

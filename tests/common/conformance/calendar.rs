@@ -117,6 +117,8 @@ pub async fn run_calendar<B: Backend>(backend: &B, mut advance: impl FnMut(Durat
             window: secs(86_400),
             index: 0,
             tokens: None,
+            input_tokens: None,
+            output_tokens: None,
             lease: None,
             period: Period::CalendarDay,
         };

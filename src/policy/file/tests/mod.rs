@@ -5,6 +5,7 @@ use crate::policy::{Limit, Policy, PolicyError, Pool, Rule};
 
 mod calendar;
 mod hardening;
+mod io_tokens;
 
 const GOOD: &str = r#"
 categories = ["read", "write"]
@@ -216,7 +217,10 @@ fn bad_token_refund_and_concurrency_cells_are_refused_by_name() {
             "ai = { requests = \"5/hour\", refund_on = \"5xx\" }",
             "as a list",
         ),
-        ("ai = { }", "needs `requests`, `tokens` or `concurrency`"),
+        (
+            "ai = { }",
+            "needs `requests`, `tokens`, `input_tokens`, `output_tokens` or `concurrency`",
+        ),
         (
             "ai = { requests = \"5/hour\", concurrency = 0 }",
             "from 1 to",
