@@ -710,3 +710,41 @@ mod shared {
         assert_eq!(writes(&c, &third, "acme-a-1", 4).await, (3, Some(3)));
     }
 }
+
+#[tokio::test]
+async fn a_resolver_gives_keys_an_org() {
+    use tierlimit::key::KeyId;
+    use tierlimit::policy::ListedKey;
+    let policy = policy();
+    let pro = policy.tier("pro").unwrap();
+    // Keys `org_<org>_<team>_<n>`, resolved at run time (not listed).
+    let keys = ApiKey::new().resolve_listed(move |key| {
+        let mut parts = key.strip_prefix("org_")?.split('_');
+        let (org, team) = (parts.next()?, parts.next()?);
+        Some(
+            ListedKey::new(pro)
+                .in_account(Some(KeyId::of_account(&format!("{org}/{team}"))))
+                .in_org(Some(KeyId::of_org(org))),
+        )
+    });
+    let layer = RateLimitLayer::builder(policy)
+        .extractor(keys)
+        .backend(common::fake_memory())
+        .build();
+    let s = serve(app(layer)).await;
+    let c = client();
+    let mut admitted = 0;
+    for key in [
+        "org_initech_a_1",
+        "org_initech_a_2",
+        "org_initech_b_1",
+        "org_initech_b_2",
+    ] {
+        for _ in 0..3 {
+            admitted += u32::from(write(&c, &s, key).await.status() == StatusCode::OK);
+        }
+    }
+    assert_eq!(admitted, 5, "initech's 5, over two resolved teams");
+    let res = write(&c, &s, "org_umbrella_a_1").await;
+    assert_eq!(res.status(), StatusCode::OK, "another organisation");
+}

@@ -37,7 +37,7 @@ use routes::audit;
 ///
 /// | request | body | answer |
 /// |---|---|---|
-/// | `PUT …/keys` | `{"key", "tier", "account"?, "org"?}` | 200: the key is listed in `tier` (an upgrade if it was listed) |
+/// | `PUT …/keys` | `{"key", "tier", "account"?, "org"?, "move_account"?}` | 200: the key is listed in `tier` (an upgrade if it was listed); 409: its account would be in two organisations |
 /// | `DELETE …/keys` | `{"key"}` | 200: revoked, a 401 from then on |
 /// | `PUT …/custom-limits` (or `…/limits`) | `{"key" (or "account", "org"), "category", "limit"}` (`"3/hour"`, a list, `"unlimited"`, `"x5"`; category `"*"` for all) | 200 |
 /// | `DELETE …/custom-limits` (or `…/limits`) | `{"key" (or "account", "org"), "category"}` | 200 |

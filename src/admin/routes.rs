@@ -22,7 +22,7 @@ where
     E: Send + Sync + 'static,
 {
     pub(super) fn put_key(&self, body: &Map<String, Value>) -> Changed {
-        only(body, &["key", "tier", "account", "org"])?;
+        only(body, &["key", "tier", "account", "org", "move_account"])?;
         let key = key_field(body)?;
         let policy = self.shared.plane.base();
         let tier = string_field(body, "tier")?;
@@ -34,6 +34,14 @@ where
         }
         let account = name_field(body, "account", "an account")?;
         let org = name_field(body, "org", "an organisation")?;
+        let move_account = match body.get("move_account") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(bad("field `move_account` must be true or false")),
+        };
+        if let Some(a) = &account {
+            self.one_org_per_account(&policy, &key, a, org.as_deref(), move_account)?;
+        }
         let id = KeyId::of(&key);
         let mut shown = json!({
             "key": id.redacted().to_string(),
@@ -49,12 +57,56 @@ where
                 tier,
                 account,
                 org,
+                move_account,
             },
             StatusCode::OK,
             shown,
             "put_key",
             id,
         ))
+    }
+
+    /// Refuses a key that would put `account` in two organisations (or in
+    /// one and in none): its buckets live under its organisation when
+    /// per-organisation limits apply, and a split account would be counted
+    /// twice. Keys the policy file lists are changed in the file; keys
+    /// operators provisioned move with this one when `move_account` says so.
+    fn one_org_per_account(
+        &self,
+        policy: &Policy,
+        key: &str,
+        account: &str,
+        org: Option<&str>,
+        move_account: bool,
+    ) -> Result<(), AdminResponse> {
+        let (account_id, org_id) = (KeyId::of_account(account), org.map(KeyId::of_org));
+        let in_file = policy
+            .listed_keys()
+            .any(|(k, e)| k != key && e.account == Some(account_id) && e.org != org_id);
+        let conflict = |whose: &str, how: &str| {
+            problem(
+                StatusCode::CONFLICT,
+                "admin-account-in-another-org",
+                &format!(
+                    "account `{account}` has {whose} in another organisation (or in none): every key of an account is in the same organisation; {how}"
+                ),
+            )
+        };
+        if in_file {
+            return Err(conflict(
+                "keys listed in the policy file",
+                "change them in the file",
+            ));
+        }
+        let digest = KeyDigest::of(key);
+        let others = self.shared.plane.state().orgs_of_account(account, digest);
+        if !move_account && others.iter().any(|o| o.as_deref() != org) {
+            return Err(conflict(
+                "keys provisioned here",
+                "send \"move_account\": true to move them all with this one",
+            ));
+        }
+        Ok(())
     }
 
     pub(super) fn revoke_key(&self, body: &Map<String, Value>) -> Changed {

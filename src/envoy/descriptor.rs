@@ -228,13 +228,13 @@ impl Extractor for Descriptors {
             Some(tier) => id.with_tier(tier),
             None => id,
         };
-        let id = match given.account {
-            Some(account) => id.with_account_id(account),
-            None => id,
-        };
-        let id = match given.org {
-            Some(org) => id.with_org_id(org),
-            None => id,
+        // An account the descriptor names comes with its own organisation
+        // (the descriptor's, or none), never the listed key's: an account
+        // is in one organisation.
+        let id = match (given.account, given.org) {
+            (Some(account), org) => id.with_account_id(account).in_org(org),
+            (None, Some(org)) => id.with_org_id(org),
+            (None, None) => id,
         };
         Ok(id.with_cost(given.cost))
     }

@@ -11,7 +11,7 @@ use crate::policy::{ListedKey, Policy, TierId};
 
 static X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
 
-type TierFn = dyn Fn(&str) -> Option<(TierId, Option<KeyId>)> + Send + Sync;
+type TierFn = dyn Fn(&str) -> Option<ListedKey> + Send + Sync;
 
 /// The API key from `Authorization: Bearer <key>` or `X-API-Key: <key>`
 /// (in gRPC: the `authorization` or `x-api-key` metadata).
@@ -63,7 +63,7 @@ impl ApiKey {
     where
         F: Fn(&str) -> Option<TierId> + Send + Sync + 'static,
     {
-        self.resolver = Some(Box::new(move |key| resolver(key).map(|t| (t, None))));
+        self.resolver = Some(Box::new(move |key| resolver(key).map(ListedKey::new)));
         self
     }
 
@@ -84,6 +84,36 @@ impl ApiKey {
     pub fn resolve<F>(mut self, resolver: F) -> Self
     where
         F: Fn(&str) -> Option<(TierId, Option<KeyId>)> + Send + Sync + 'static,
+    {
+        self.resolver = Some(Box::new(move |key| {
+            resolver(key).map(|(t, account)| ListedKey::new(t).in_account(account))
+        }));
+        self
+    }
+
+    /// Like [`resolve`](Self::resolve), with the key's organisation too: a
+    /// [`ListedKey`] as a `[keys]` entry gives it. Keep to one
+    /// organisation per account (see [`Identity::with_org`](crate::extract::Identity::with_org)).
+    ///
+    /// ```
+    /// use tierlimit::{ApiKey, key::KeyId, policy::{ListedKey, TierId}};
+    ///
+    /// # let pro: TierId = tierlimit::Policy::from_toml_str("categories=[\"read\", \"write\"]\n[tiers.pro]\nread=\"1/s\"\nwrite=\"1/s\"").unwrap().tier("pro").unwrap();
+    /// // Keys look like `org_<org>_<team>_<secret>`.
+    /// let keys = ApiKey::new().resolve_listed(move |key| {
+    ///     let mut parts = key.strip_prefix("org_")?.split('_');
+    ///     let (org, team) = (parts.next()?, parts.next()?);
+    ///     Some(
+    ///         ListedKey::new(pro)
+    ///             .in_account(Some(KeyId::of_account(&format!("{org}/{team}"))))
+    ///             .in_org(Some(KeyId::of_org(org))),
+    ///     )
+    /// });
+    /// # let _ = keys;
+    /// ```
+    pub fn resolve_listed<F>(mut self, resolver: F) -> Self
+    where
+        F: Fn(&str) -> Option<ListedKey> + Send + Sync + 'static,
     {
         self.resolver = Some(Box::new(resolver));
         self
@@ -202,10 +232,9 @@ impl Extractor for ApiKey {
         if policy.has_revocations() && policy.is_revoked(key, id) {
             return Err(Rejection::UnknownKey);
         }
-        let entry = policy.key_entry(key, id).or_else(|| {
-            let (tier, account) = self.resolver.as_ref().and_then(|r| r(key))?;
-            Some(ListedKey::new(tier).in_account(account))
-        });
+        let entry = policy
+            .key_entry(key, id)
+            .or_else(|| self.resolver.as_ref().and_then(|r| r(key)));
         Ok(Identity::listed(id, entry))
     }
 }

@@ -168,6 +168,12 @@ impl Identity {
         self
     }
 
+    /// The same identity in organisation `org` (`None`: none).
+    pub(crate) const fn in_org(mut self, org: Option<KeyId>) -> Self {
+        self.org = org;
+        self
+    }
+
     /// The organisation, if one was set.
     pub const fn org(&self) -> Option<KeyId> {
         self.org

@@ -39,6 +39,9 @@ pub(crate) enum Change {
         tier: String,
         account: Option<String>,
         org: Option<String>,
+        /// Every other key of `account` an operator provisioned moves to
+        /// `org` with it (an account belongs to one organisation).
+        move_account: bool,
     },
     /// Revoke a key: refused with 401 from then on.
     RevokeKey { key: KeyDigest },
@@ -186,7 +189,15 @@ impl OperatorState {
                 tier,
                 account,
                 org,
+                move_account,
             } => {
+                if let (true, Some(a)) = (move_account, account) {
+                    for other in self.keys_of_account(a) {
+                        if let Some(KeyState::Put { org: o, .. }) = self.keys.get_mut(&other) {
+                            o.clone_from(org);
+                        }
+                    }
+                }
                 let state = KeyState::Put {
                     tier: tier.clone(),
                     account: account.clone(),
@@ -244,6 +255,32 @@ impl OperatorState {
         self.limits.insert(key, Arc::new(limits));
     }
 
+    /// The keys operators provisioned in `account`.
+    pub(crate) fn keys_of_account(&self, account: &str) -> Vec<KeyDigest> {
+        self.keys
+            .iter()
+            .filter(|(_, s)| matches!(s, KeyState::Put { account: Some(a), .. } if a == account))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// The organisations (`None`: none) of the keys operators provisioned
+    /// in `account`, other than `key`.
+    pub(crate) fn orgs_of_account(&self, account: &str, key: KeyDigest) -> Vec<Option<String>> {
+        self.keys
+            .iter()
+            .filter(|(k, _)| **k != key)
+            .filter_map(|(_, s)| match s {
+                KeyState::Put {
+                    account: Some(a),
+                    org,
+                    ..
+                } if a == account => Some(org.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Whose custom limits are kept under `key`.
     pub(crate) fn owner_of(&self, key: KeyDigest) -> Per {
         self.owners.get(&key).copied().unwrap_or(Per::Key)
@@ -299,6 +336,20 @@ impl OperatorState {
     /// value: the field is deleted).
     pub(crate) fn entry_of(&self, change: &Change) -> Vec<(String, Option<String>)> {
         match change {
+            Change::PutKey {
+                key,
+                account: Some(a),
+                move_account: true,
+                ..
+            } => {
+                let mut keys = self.keys_of_account(a);
+                keys.push(*key);
+                keys.sort_unstable();
+                keys.dedup();
+                keys.into_iter()
+                    .map(|k| (key_field(k), self.key_value(k)))
+                    .collect()
+            }
             Change::PutKey { key, .. } | Change::RevokeKey { key } => {
                 vec![(key_field(*key), self.key_value(*key))]
             }
@@ -370,6 +421,17 @@ impl OperatorState {
     /// key's custom limits, or the boosts.
     pub(crate) fn refresh(&self, o: &mut Overlay, base: &Policy, change: &Change, now: u64) {
         match change {
+            Change::PutKey {
+                key,
+                account: Some(a),
+                move_account: true,
+                ..
+            } => {
+                for k in self.keys_of_account(a) {
+                    self.refresh_key(o, base, k);
+                }
+                self.refresh_key(o, base, *key);
+            }
             Change::PutKey { key, .. } => self.refresh_key(o, base, *key),
             Change::RevokeKey { key } => {
                 self.refresh_key(o, base, *key);
@@ -470,6 +532,7 @@ pub(crate) fn validate(base: &Policy, change: &Change) -> Result<(), PolicyError
             tier,
             account,
             org,
+            ..
         } => {
             let name_ok = |n: &Option<String>| {
                 n.as_ref()

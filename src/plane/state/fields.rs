@@ -119,6 +119,7 @@ fn read_field(field: &str, value: &str) -> Result<Option<(Change, bool)>, String
             tier: s("tier").ok_or("no tier")?,
             account: s("account"),
             org: s("org"),
+            move_account: false,
         },
         ("limit", Some(category)) if v.get("removed").and_then(Value::as_bool) == Some(true) => {
             Change::RemoveLimit {
