@@ -116,7 +116,7 @@ categories = ["read", "write", "ai"]
 [tiers.free]
 read = ["10/second", "100/hour"]
 write = "20/hour"
-ai = {{ requests = "50/hour", tokens = "1000/hour", concurrency = 2 }}
+ai = {{ requests = "50/hour", tokens = "1000/hour", input_tokens = "800/hour", output_tokens = "400/hour", concurrency = 2 }}
 [tiers.pro]
 read = "1000/hour"
 write = "200/hour"
@@ -159,7 +159,9 @@ end = "2099-01-02T00:00:00Z"
     let free = line("free");
     assert!(free.contains("10/second + 100/hour"), "{out}");
     assert!(
-        free.contains("50/hour; tokens 1000/hour; 2 at once"),
+        free.contains(
+            "50/hour; tokens 1000/hour; input tokens 800/hour; output tokens 400/hour; 2 at once"
+        ),
         "{out}"
     );
     let pro = line("pro");

@@ -173,6 +173,7 @@ fn has_calendar(policy: &Policy) -> bool {
             [
                 l.per_key(),
                 l.per_account(),
+                l.per_org(),
                 l.tokens(),
                 l.account_tokens(),
                 l.input_tokens(),
