@@ -253,7 +253,7 @@ async fn admin_requests_need_a_token_and_bad_bodies_name_the_field() {
             "POST",
             "/boosts",
             json!({ "key": NEW_KEY, "tier": "pro", "adjust": "x2", "start": 0, "end": 4102444800u64 }),
-            "either `key` or `tier`",
+            "one of `key`, `tier`, `account` or `org`",
         ),
         (
             "POST",
