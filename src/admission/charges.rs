@@ -109,8 +109,9 @@ impl Owners {
         } else if cell.pool == Pool::Account
             || !applied.per_account.is_empty()
             || !applied.account_tokens.is_empty()
-            || !applied.io.account_input.is_empty()
-            || !applied.io.account_output.is_empty()
+            || applied
+                .io
+                .is_some_and(|io| !io.account_input.is_empty() || !io.account_output.is_empty())
             || cell.account_concurrency.is_some()
         {
             self.account
@@ -217,10 +218,9 @@ impl ChargeSet {
             (key, account),
             estimate,
         );
-        let io = applied.io;
-        if io.is_empty() {
+        let Some(io) = applied.io else {
             return;
-        }
+        };
         let before = self.tokens;
         let input = (key ^ INPUT, account ^ INPUT);
         self.add_token_kind(io.input, io.account_input, input, estimate);
@@ -272,7 +272,7 @@ impl ChargeSet {
             };
             return (per, None);
         }
-        let io = applied.io;
+        let io = applied.io.unwrap_or_default();
         let kinds = [
             (
                 TokenKind::Total,

@@ -518,7 +518,8 @@ impl<T> Found<'_, T> {
         let estimate = self.identity.tokens().unwrap_or(1).max(1);
         let limits = applied.tokens.iter().chain(applied.account_tokens);
         let estimate = self.fits(estimate, limits.copied(), "tokens")?;
-        let input = applied.io.input.iter().chain(applied.io.account_input);
+        let io = applied.io.unwrap_or_default();
+        let input = io.input.iter().chain(io.account_input);
         self.fits(estimate, input.copied(), "input tokens")
     }
 

@@ -25,6 +25,9 @@ pub(crate) struct Cell {
     pub(crate) account_tokens: Box<[Limit]>,
     /// Input and output token limits (per key, per account).
     pub(crate) io: IoTokens<Box<[Limit]>>,
+    /// Whether any input or output token limit applies (else `io` is
+    /// not looked at on the request path).
+    pub(crate) has_io: bool,
     /// Responses whose requests are refunded.
     pub(crate) refund: RefundOn,
     /// Whether a request of the cell is settled after its response (token
@@ -71,6 +74,7 @@ impl Cell {
             per_org: per_org.into_boxed_slice(),
             tokens: extra.tokens.into_boxed_slice(),
             account_tokens: extra.account_tokens.into_boxed_slice(),
+            has_io: !io.map(|l| &**l).is_empty(),
             io,
             refund: extra.refund,
             metered,
@@ -92,7 +96,7 @@ impl Cell {
             && self.per_org.is_empty()
             && self.tokens.is_empty()
             && self.account_tokens.is_empty()
-            && self.io.map(|l| &**l).is_empty()
+            && !self.has_io
             && !self.leased
     }
 
@@ -105,7 +109,7 @@ impl Cell {
             per_org: &self.per_org,
             tokens: &self.tokens,
             account_tokens: &self.account_tokens,
-            io: self.io.map(|l| &**l),
+            io: self.has_io.then(|| self.io.map(|l| &**l)),
         }
     }
 

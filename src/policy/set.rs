@@ -198,7 +198,16 @@ impl Applied {
     /// Whether token limits apply.
     #[inline]
     pub(crate) fn has_tokens(&self) -> bool {
-        !self.tokens.is_empty() || !self.account_tokens.is_empty() || !self.limits().io.is_empty()
+        !self.tokens.is_empty() || !self.account_tokens.is_empty() || self.has_io()
+    }
+
+    /// Whether input or output token limits apply.
+    #[inline]
+    fn has_io(&self) -> bool {
+        !(self.io.input.is_empty()
+            && self.io.output.is_empty()
+            && self.io.account_input.is_empty()
+            && self.io.account_output.is_empty())
     }
 
     /// The lists, borrowed.
@@ -210,7 +219,7 @@ impl Applied {
             per_org: self.per_org.as_slice(),
             tokens: self.tokens.as_slice(),
             account_tokens: self.account_tokens.as_slice(),
-            io: self.io.map(LimitBuf::as_slice),
+            io: self.has_io().then(|| self.io.map(LimitBuf::as_slice)),
         }
     }
 }
@@ -224,15 +233,16 @@ pub(crate) struct Limits<'a> {
     pub(crate) per_org: &'a [Limit],
     pub(crate) tokens: &'a [Limit],
     pub(crate) account_tokens: &'a [Limit],
-    /// Input and output token limits.
-    pub(crate) io: IoTokens<&'a [Limit]>,
+    /// Input and output token limits; `None` when none applies (the
+    /// common case, not looked at further).
+    pub(crate) io: Option<IoTokens<&'a [Limit]>>,
 }
 
 impl Limits<'_> {
     /// Whether token limits apply.
     #[inline]
     pub(crate) fn has_tokens(&self) -> bool {
-        !self.tokens.is_empty() || !self.account_tokens.is_empty() || !self.io.is_empty()
+        !self.tokens.is_empty() || !self.account_tokens.is_empty() || self.io.is_some()
     }
 }
 
