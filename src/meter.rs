@@ -151,6 +151,12 @@ impl fmt::Debug for TokenMeter {
     }
 }
 
+/// The largest debt a settlement counts, in bursts of its limit: a
+/// response that reports more tokens than this leaves its key refused for
+/// this many windows (at most a limit's ten-year window each), not
+/// longer.
+pub const MAX_DEBT_WINDOWS: i64 = 10;
+
 /// A response extension for the simple case: the tokens a response used,
 /// read by the layer when the response head passes (added to what the
 /// handler reported through its [`TokenMeter`]): input and output apart
@@ -244,19 +250,19 @@ impl TokenMeter {
     /// Reports `tokens` more used, without a kind: `tokens` limits count
     /// them, input and output limits do not (callable any number of times).
     pub fn add(&self, tokens: u64) {
-        self.inner.used.fetch_add(tokens, Ordering::Relaxed);
+        saturating_add(&self.inner.used, tokens);
     }
 
     /// Reports `tokens` more input (prompt) tokens used: `tokens` and
     /// `input_tokens` limits count them.
     pub fn add_input(&self, tokens: u64) {
-        self.inner.input.fetch_add(tokens, Ordering::Relaxed);
+        saturating_add(&self.inner.input, tokens);
     }
 
     /// Reports `tokens` more output (completion) tokens used: `tokens` and
     /// `output_tokens` limits count them.
     pub fn add_output(&self, tokens: u64) {
-        self.inner.output.fetch_add(tokens, Ordering::Relaxed);
+        saturating_add(&self.inner.output, tokens);
     }
 
     /// Adds what `usage` reports.
@@ -359,7 +365,12 @@ impl Inner {
         let mut n = 0;
         for (i, c) in seed.charges[..len].iter().enumerate() {
             let units = if let Some(kind) = seed.split.kind(i, len, tokens) {
-                i64::try_from(used.of(kind)).unwrap_or(i64::MAX) - i64::from(c.cost)
+                let debt = i64::try_from(used.of(kind)).unwrap_or(i64::MAX) - i64::from(c.cost);
+                // A debt beyond `MAX_DEBT_WINDOWS` of the limit's bursts is
+                // counted as that many: refused for that many windows, on
+                // every backend alike (Redis's script arithmetic is a
+                // double's, the memory backend's a u64 of nanoseconds).
+                debt.min(i64::from(c.limit.max()) * MAX_DEBT_WINDOWS)
             } else if refund {
                 -i64::from(c.cost)
             } else {
@@ -378,11 +389,32 @@ impl Inner {
         #[cfg(feature = "metrics")]
         if let Some(m) = &seed.counters {
             if tokens > 0 {
-                let (used, estimate) = (used.total(), u64::from(seed.estimate));
-                if used > estimate {
-                    m.charged.increment(used - estimate);
+                // What was reserved of each kind against what was used:
+                // all tokens (when limited), else input tokens (the
+                // estimate) and output tokens (1).
+                let estimate = u64::from(seed.estimate);
+                let split = seed.split;
+                let io = usize::from(split.input) + usize::from(split.output);
+                let kinds: &[(u64, u64)] = if tokens > io {
+                    &[(used.total(), estimate)]
                 } else {
-                    m.refunded.increment(estimate - used);
+                    &[
+                        (
+                            if split.input > 0 { used.input } else { 0 },
+                            if split.input > 0 { estimate } else { 0 },
+                        ),
+                        (
+                            if split.output > 0 { used.output } else { 0 },
+                            if split.output > 0 { 1 } else { 0 },
+                        ),
+                    ]
+                };
+                for &(used, reserved) in kinds {
+                    if used > reserved {
+                        m.charged.increment(used - reserved);
+                    } else if reserved > used {
+                        m.refunded.increment(reserved - used);
+                    }
                 }
             }
             if refund {
@@ -393,4 +425,12 @@ impl Inner {
             seed.sink.settle(seed.owner, &adjustments[..n]);
         }
     }
+}
+
+/// Adds `n` to `counter`, stopping at `u64::MAX` (a count reported past it
+/// stays the largest there is: a debt is never forgiven by a wrap).
+fn saturating_add(counter: &AtomicU64, n: u64) {
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_add(n))
+    });
 }

@@ -27,6 +27,9 @@ pub(crate) struct CellHeaders {
     /// Where each limit's quoted name lies in `policy` (start, length), by
     /// charge index.
     names: Box<[(u16, u16)]>,
+    /// Whether the cell has a request limit for the draft fields to
+    /// describe (not a cell with token or concurrency limits only).
+    pub(super) quota: bool,
 }
 
 /// One limit of a cell, as its headers name it.
@@ -120,6 +123,7 @@ impl CellHeaders {
             window: value(window_secs.to_string())?,
             policy: value(policy)?,
             names: names.into_boxed_slice(),
+            quota: limits.iter().any(|l| l.max > 0),
         })
     }
 

@@ -243,6 +243,9 @@ pub(crate) struct HeaderPlan {
     /// Whether a rate limit is described (not concurrency limits only:
     /// a lease's decision with no window).
     rate: bool,
+    /// Whether the decision is a token limit's, which the draft's
+    /// `RateLimit-Policy` (request limits) does not name.
+    token_bound: bool,
     options: HeaderOptions,
 }
 
@@ -354,6 +357,10 @@ impl HeaderPlan {
             lease: d.lease,
             index: d.index,
             rate: !(d.lease.is_some() && d.window.is_zero()),
+            token_bound: options.ietf_draft
+                && [d.tokens, d.input_tokens, d.output_tokens]
+                    .iter()
+                    .any(|t| t.is_some_and(|t| t.index == d.index)),
             options,
         }
     }
@@ -445,8 +452,10 @@ impl HeaderPlan {
             };
             headers.insert(X_RATELIMIT_WINDOW.clone(), window);
         }
-        if self.options.ietf_draft {
+        if self.options.ietf_draft && cell.quota {
             headers.insert(RATELIMIT_POLICY.clone(), cell.policy.clone());
+        }
+        if self.options.ietf_draft && cell.quota && !self.token_bound {
             let name = cell.name(self.index);
             let (mut r, mut t) = (itoa::Buffer::new(), itoa::Buffer::new());
             let (r, t) = (r.format(self.remaining), t.format(self.reset_in));

@@ -120,7 +120,13 @@ impl Gcra {
                 remaining: 0,
             };
         }
-        let earliest = (tat + add + u64::from(reserve) * t).saturating_sub(tau);
+        // Saturating: a debt settled past the arithmetic's range leaves a
+        // TAT at `u64::MAX` (refused for centuries), never an overflow.
+        let reserve_ns = u64::from(reserve).saturating_mul(t);
+        let earliest = tat
+            .saturating_add(add)
+            .saturating_add(reserve_ns)
+            .saturating_sub(tau);
         if now < earliest {
             return Gcra {
                 retry: Some(earliest - now),
@@ -128,7 +134,7 @@ impl Gcra {
                 remaining: 0,
             };
         }
-        let next = tat.max(now) + t + add;
+        let next = tat.max(now).saturating_add(t).saturating_add(add);
         let remaining = ((now + tau + t).saturating_sub(next).min(tau + t) / t) as u32;
         Gcra {
             retry: None,

@@ -8,6 +8,8 @@
 -- it (a settlement of a period that has ended, or of a request Redis's
 -- clock counted in the next period a moment before the layer's clock
 -- reached it, changes nothing); a debt on no counter starts one.
+-- A debt counts at most ten bursts (as the layer's meter bounds it): the
+-- arithmetic is a double's, and a time past 2^53 us would be stored wrong.
 -- Returns the remaining capacity of each bucket afterwards (0 while in debt).
 local now = now_us(ARGV[1])
 local out = {}
@@ -15,7 +17,7 @@ local ci = 0
 for i = 1, #KEYS do
   local t = tonumber(ARGV[3 * i - 1])
   local max = tonumber(ARGV[3 * i])
-  local units = tonumber(ARGV[3 * i + 1])
+  local units = math.min(tonumber(ARGV[3 * i + 1]), 10 * max)
   if t == 0 then
     ci = ci + 1
     local s0, e0, ne, rnow = cal_bounds(1 + 3 * #KEYS, ci)

@@ -152,7 +152,9 @@ fn per_org(
         let entry = format!("tiers.{name}.per_org.{cat}");
         let err = |m: &str| PolicyError::new(&entry, line, m);
         let cell = parse_cell(v).map_err(|m| err(&m))?;
-        if cell.refund.is_some() || cell.tokens.is_some() || cell.concurrency.is_some() {
+        let tokens =
+            cell.tokens.is_some() || cell.input_tokens.is_some() || cell.output_tokens.is_some();
+        if cell.refund.is_some() || tokens || cell.concurrency.is_some() {
             return Err(err(
                 "an organisation takes request limits only (such as \"10000/day\"); set token and concurrency limits per key or per account",
             ));
