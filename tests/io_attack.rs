@@ -917,7 +917,7 @@ async fn redis_faults_during_settlement_never_500() {
             "kill" => server.restart(),
             _ => {}
         }
-        for i in 0..3 {
+        for _ in 0..3 {
             let s = call(&app, &key, &[("x-out", 1)]).await.status;
             assert!(ok(s), "{fault} then back: {s}");
         }
