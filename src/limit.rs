@@ -7,6 +7,8 @@ use std::fmt;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+use crate::key::{DEFAULT_MAX_KEY_LEN, KeyId};
+
 /// The most limits one request is checked against in one category: its
 /// per-key limits and its account's together. A policy that asks for more
 /// is refused when it is built.
@@ -71,6 +73,43 @@ impl Per {
             Per::Account => "account",
             Per::Org => "org",
         }
+    }
+
+    /// `"a key"`, `"an account"` or `"an organisation"`, as errors say it.
+    pub(crate) const fn what(self) -> &'static str {
+        match self {
+            Per::Key => "a key",
+            Per::Account => "an account",
+            Per::Org => "an organisation",
+        }
+    }
+
+    /// The policy file's section of this owner's custom limits.
+    pub(crate) const fn limits_section(self) -> &'static str {
+        match self {
+            Per::Key => "custom_limits",
+            Per::Account => "account_limits",
+            Per::Org => "org_limits",
+        }
+    }
+
+    /// The id a key, account or organisation named `name` is counted (and
+    /// its custom limits and boosts kept) under.
+    pub(crate) fn id_of(self, name: &str) -> KeyId {
+        match self {
+            Per::Key => KeyId::of(name),
+            Per::Account => KeyId::of_account(name),
+            Per::Org => KeyId::of_org(name),
+        }
+    }
+
+    /// Refuses an account's or organisation's name that is empty or
+    /// longer than 256 bytes.
+    pub(crate) fn check_name(self, name: &str) -> Result<(), String> {
+        if name.is_empty() || name.len() > DEFAULT_MAX_KEY_LEN {
+            return Err(format!("{} is a name of 1 to 256 bytes", self.what()));
+        }
+        Ok(())
     }
 }
 

@@ -32,8 +32,8 @@ where
                 names(policy.tiers().map(|t| policy.tier_name(t)))
             )));
         }
-        let account = name_field(body, "account", "an account")?;
-        let org = name_field(body, "org", "an organisation")?;
+        let account = name_field(body, Per::Account)?;
+        let org = name_field(body, Per::Org)?;
         let move_account = match body.get("move_account") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
@@ -98,9 +98,8 @@ where
                 "change them in the file",
             ));
         }
-        let digest = KeyDigest::of(key);
-        let others = self.shared.plane.state().orgs_of_account(account, digest);
-        if !move_account && others.iter().any(|o| o.as_deref() != org) {
+        let state = self.shared.plane.state();
+        if !move_account && state.splits_account(account, KeyDigest::of(key), org) {
             return Err(conflict(
                 "keys provisioned here",
                 "send \"move_account\": true to move them all with this one",
@@ -136,7 +135,7 @@ where
         let adjust = crate::policy::parse_adjust_json(&written)
             .map_err(|m| bad(format!("field `limit`: {m}")))?;
         let mut shown = json!({ "category": category, "limit": written });
-        shown[owner.per.name()] = owner.shown.clone();
+        owner.show(&mut shown);
         Ok((
             Change::PutLimit {
                 key: owner.digest,
@@ -157,7 +156,7 @@ where
         let owner = owner_field(body)?;
         let category = self.category_field(body)?;
         let mut shown = json!({ "category": category, "removed": true });
-        shown[owner.per.name()] = owner.shown.clone();
+        owner.show(&mut shown);
         Ok((
             Change::RemoveLimit {
                 key: owner.digest,
@@ -202,9 +201,9 @@ where
     fn boost_target(&self, body: &Map<String, Value>) -> Result<(BoostFor, KeyId), AdminResponse> {
         if body.get("tier").is_none() {
             let owner = owner_field(body)?;
-            let target = match (owner.per, owner.shown) {
-                (Per::Key, _) => BoostFor::Key(owner.digest),
-                (per, shown) => BoostFor::Owner(per, shown.as_str().unwrap_or_default().into()),
+            let target = match owner.name {
+                None => BoostFor::Key(owner.digest),
+                Some(name) => BoostFor::Owner(owner.per, name),
             };
             return Ok((target, owner.id));
         }
@@ -377,63 +376,59 @@ pub(super) type Changed = Result<(Change, StatusCode, Value, &'static str, KeyId
 struct Owner {
     per: Per,
     digest: KeyDigest,
-    /// How answers show it: a key redacted, an account or org by name.
-    shown: Value,
     /// Its id, for the audit trail.
     id: KeyId,
+    /// An account's or organisation's name (`None`: a key, never shown).
+    name: Option<String>,
+}
+
+impl Owner {
+    /// How answers show it, under its field's name: a key redacted, an
+    /// account or organisation by name.
+    fn show(&self, shown: &mut Value) {
+        shown[self.per.name()] = match &self.name {
+            Some(n) => json!(n),
+            None => json!(self.id.redacted().to_string()),
+        };
+    }
 }
 
 fn owner_field(body: &Map<String, Value>) -> Result<Owner, AdminResponse> {
-    let named = [
-        ("key", Per::Key),
-        ("account", Per::Account),
-        ("org", Per::Org),
-    ];
-    let mut given = named.iter().filter(|(f, _)| body.contains_key(*f));
-    let (Some((field, per)), None) = (given.next(), given.next()) else {
+    let named = [Per::Key, Per::Account, Per::Org];
+    let mut given = named.iter().filter(|per| body.contains_key(per.name()));
+    let (Some(&per), None) = (given.next(), given.next()) else {
         return Err(bad("name one of `key`, `account` or `org`"));
     };
-    if *per == Per::Key {
+    if per == Per::Key {
         let key = key_field(body)?;
-        let id = KeyId::of(&key);
         return Ok(Owner {
-            per: Per::Key,
+            per,
             digest: KeyDigest::of(&key),
-            shown: json!(id.redacted().to_string()),
-            id,
+            id: KeyId::of(&key),
+            name: None,
         });
     }
-    let what = if *per == Per::Org {
-        "an organisation"
-    } else {
-        "an account"
-    };
-    let Some(name) = name_field(body, field, what)? else {
-        return Err(bad(format!(
-            "field `{field}`: {what} is a name of 1 to 256 bytes"
-        )));
+    let Some(name) = name_field(body, per)? else {
+        let m = per.check_name("").unwrap_err();
+        return Err(bad(format!("field `{}`: {m}", per.name())));
     };
     Ok(Owner {
-        per: *per,
-        digest: crate::plane::owner_digest(&name, *per),
-        id: crate::policy::owner_id(&name, *per),
-        shown: json!(name),
+        per,
+        digest: crate::plane::owner_digest(&name, per),
+        id: per.id_of(&name),
+        name: Some(name),
     })
 }
 
-/// An optional name field (`account`, `org`): absent or null, or a string
-/// of 1 to 256 bytes.
-fn name_field(
-    body: &Map<String, Value>,
-    field: &str,
-    what: &str,
-) -> Result<Option<String>, AdminResponse> {
+/// An optional account's or organisation's name (the field `account` or
+/// `org`): absent or null, or a string of 1 to 256 bytes.
+fn name_field(body: &Map<String, Value>, per: Per) -> Result<Option<String>, AdminResponse> {
+    let field = per.name();
+    let refused = |m: String| bad(format!("field `{field}`: {m}"));
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(a)) if !a.is_empty() && a.len() <= 256 => Ok(Some(a.clone())),
-        Some(_) => Err(bad(format!(
-            "field `{field}`: {what} is a name of 1 to 256 bytes"
-        ))),
+        Some(Value::String(a)) => per.check_name(a).map(|()| Some(a.clone())).map_err(refused),
+        Some(_) => Err(refused(per.check_name("").unwrap_err())),
     }
 }
 

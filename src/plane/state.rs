@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::key::{KeyDigest, KeyId};
 use crate::limit::Per;
-use crate::policy::{Adjust, ListedKey, Overlay, Policy, PolicyError, owner_id};
+use crate::policy::{Adjust, ListedKey, Overlay, Policy, PolicyError};
 
 mod fields;
 
@@ -87,7 +87,7 @@ impl BoostFor {
         match self {
             BoostFor::Key(k) => (Some((k.id, Per::Key)), None),
             BoostFor::Tier(t) => (None, Some(t.as_str())),
-            BoostFor::Owner(per, name) => (Some((owner_id(name, *per).as_u64(), *per)), None),
+            BoostFor::Owner(per, name) => (Some((per.id_of(name).as_u64(), *per)), None),
         }
     }
 }
@@ -98,8 +98,8 @@ impl BoostFor {
 pub(crate) fn owner_digest(name: &str, per: Per) -> KeyDigest {
     match per {
         Per::Key => KeyDigest::of(name),
-        Per::Account => KeyDigest::of_owner(owner_id(name, per), 0x5A, name),
-        Per::Org => KeyDigest::of_owner(owner_id(name, per), 0x6F, name),
+        Per::Account => KeyDigest::of_owner(per.id_of(name), 0x5A, name),
+        Per::Org => KeyDigest::of_owner(per.id_of(name), 0x6F, name),
     }
 }
 
@@ -192,7 +192,8 @@ impl OperatorState {
                 move_account,
             } => {
                 if let (true, Some(a)) = (move_account, account) {
-                    for other in self.keys_of_account(a) {
+                    let others: Vec<KeyDigest> = self.in_account(a).map(|(k, _)| k).collect();
+                    for other in others {
                         if let Some(KeyState::Put { org: o, .. }) = self.keys.get_mut(&other) {
                             o.clone_from(org);
                         }
@@ -255,30 +256,36 @@ impl OperatorState {
         self.limits.insert(key, Arc::new(limits));
     }
 
-    /// The keys operators provisioned in `account`.
-    pub(crate) fn keys_of_account(&self, account: &str) -> Vec<KeyDigest> {
-        self.keys
-            .iter()
-            .filter(|(_, s)| matches!(s, KeyState::Put { account: Some(a), .. } if a == account))
-            .map(|(k, _)| *k)
-            .collect()
+    /// The keys operators provisioned in `account`, with their
+    /// organisations.
+    fn in_account<'a>(
+        &'a self,
+        account: &'a str,
+    ) -> impl Iterator<Item = (KeyDigest, Option<&'a str>)> + 'a {
+        self.keys.iter().filter_map(move |(k, s)| match s {
+            KeyState::Put {
+                account: Some(a),
+                org,
+                ..
+            } if a == account => Some((*k, org.as_deref())),
+            _ => None,
+        })
     }
 
-    /// The organisations (`None`: none) of the keys operators provisioned
-    /// in `account`, other than `key`.
-    pub(crate) fn orgs_of_account(&self, account: &str, key: KeyDigest) -> Vec<Option<String>> {
-        self.keys
-            .iter()
-            .filter(|(k, _)| **k != key)
-            .filter_map(|(_, s)| match s {
-                KeyState::Put {
-                    account: Some(a),
-                    org,
-                    ..
-                } if a == account => Some(org.clone()),
-                _ => None,
-            })
-            .collect()
+    /// The keys a `PutKey` of `key` in `account` that moves the account
+    /// touches: `key` and every key provisioned in `account`, once each.
+    fn moved_keys(&self, key: KeyDigest, account: &str) -> Vec<KeyDigest> {
+        let mut keys: Vec<KeyDigest> = self.in_account(account).map(|(k, _)| k).collect();
+        keys.push(key);
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// Whether a key provisioned in `account`, other than `key`, is in
+    /// another organisation than `org` (or in one while `org` is none).
+    pub(crate) fn splits_account(&self, account: &str, key: KeyDigest, org: Option<&str>) -> bool {
+        self.in_account(account).any(|(k, o)| k != key && o != org)
     }
 
     /// Whose custom limits are kept under `key`.
@@ -341,15 +348,11 @@ impl OperatorState {
                 account: Some(a),
                 move_account: true,
                 ..
-            } => {
-                let mut keys = self.keys_of_account(a);
-                keys.push(*key);
-                keys.sort_unstable();
-                keys.dedup();
-                keys.into_iter()
-                    .map(|k| (key_field(k), self.key_value(k)))
-                    .collect()
-            }
+            } => self
+                .moved_keys(*key, a)
+                .into_iter()
+                .map(|k| (key_field(k), self.key_value(k)))
+                .collect(),
             Change::PutKey { key, .. } | Change::RevokeKey { key } => {
                 vec![(key_field(*key), self.key_value(*key))]
             }
@@ -378,10 +381,13 @@ impl OperatorState {
 
     fn key_value(&self, key: KeyDigest) -> Option<String> {
         self.keys.get(&key).map(|s| match s {
-            KeyState::Put { tier, account, org } => match org {
-                None => json!({ "tier": tier, "account": account }).to_string(),
-                Some(o) => json!({ "tier": tier, "account": account, "org": o }).to_string(),
-            },
+            KeyState::Put { tier, account, org } => {
+                let mut v = json!({ "tier": tier, "account": account });
+                if let Some(o) = org {
+                    v["org"] = json!(o);
+                }
+                v.to_string()
+            }
             KeyState::Revoked => json!({ "revoked": true }).to_string(),
         })
     }
@@ -427,10 +433,9 @@ impl OperatorState {
                 move_account: true,
                 ..
             } => {
-                for k in self.keys_of_account(a) {
+                for k in self.moved_keys(*key, a) {
                     self.refresh_key(o, base, k);
                 }
-                self.refresh_key(o, base, *key);
             }
             Change::PutKey { key, .. } => self.refresh_key(o, base, *key),
             Change::RevokeKey { key } => {
@@ -504,16 +509,6 @@ impl OperatorState {
     }
 }
 
-/// The policy file's section of a key's, an account's or an
-/// organisation's custom limits.
-fn limits_section(per: Per) -> &'static str {
-    match per {
-        Per::Key => "custom_limits",
-        Per::Account => "account_limits",
-        Per::Org => "org_limits",
-    }
-}
-
 fn left_out(field: &str, error: &str) {
     tracing::error!(
         entry = %redact_field(field),
@@ -534,16 +529,11 @@ pub(crate) fn validate(base: &Policy, change: &Change) -> Result<(), PolicyError
             org,
             ..
         } => {
-            let name_ok = |n: &Option<String>| {
-                n.as_ref()
-                    .is_none_or(|a| !a.is_empty() && a.len() <= crate::key::DEFAULT_MAX_KEY_LEN)
-            };
+            let names = [(account, Per::Account), (org, Per::Org)].into_iter();
             let r = base.tier_or_err(tier).map(drop).and_then(|()| {
-                match (name_ok(account), name_ok(org)) {
-                    (true, true) => Ok(()),
-                    (false, _) => Err("an account is a name of 1 to 256 bytes".to_owned()),
-                    (_, false) => Err("an organisation is a name of 1 to 256 bytes".to_owned()),
-                }
+                names
+                    .filter_map(|(n, per)| Some(per.check_name(n.as_deref()?)))
+                    .collect()
             });
             (format!("keys.{}", entry(key, "")), r)
         }
@@ -559,7 +549,7 @@ pub(crate) fn validate(base: &Policy, change: &Change) -> Result<(), PolicyError
         } => (
             format!(
                 "{}.{}",
-                limits_section(*per),
+                per.limits_section(),
                 entry(key, &format!(".{category}"))
             ),
             base.check_op_limit(category, Some(adjust), *per),
@@ -567,7 +557,7 @@ pub(crate) fn validate(base: &Policy, change: &Change) -> Result<(), PolicyError
         Change::RemoveLimit { key, per, category } => (
             format!(
                 "{}.{}",
-                limits_section(*per),
+                per.limits_section(),
                 entry(key, &format!(".{category}"))
             ),
             base.check_op_limit(category, None, *per),

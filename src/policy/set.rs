@@ -204,10 +204,7 @@ impl Applied {
     /// Whether input or output token limits apply.
     #[inline]
     fn has_io(&self) -> bool {
-        !(self.io.input.is_empty()
-            && self.io.output.is_empty()
-            && self.io.account_input.is_empty()
-            && self.io.account_output.is_empty())
+        !self.io.map(LimitBuf::as_slice).is_empty()
     }
 
     /// The lists, borrowed.

@@ -6,6 +6,7 @@ use super::{KeyEntry, Located, PolicyBuilder, PolicyError};
 use std::collections::HashMap;
 
 use crate::key::KeyId;
+use crate::limit::Per;
 use crate::policy::keys::{KeyTable, ListedKey};
 
 impl PolicyBuilder {
@@ -35,14 +36,12 @@ impl PolicyBuilder {
                     format!("unknown tier `{tier}` (declared: {})", join(&names.tiers)),
                 )
             })?;
-            let name = |n: Option<&str>, what: &str| match n {
-                Some(a) if a.is_empty() || a.len() > crate::key::DEFAULT_MAX_KEY_LEN => Err(
-                    PolicyError::new(&entry, *line, format!("{what} is a name of 1 to 256 bytes")),
-                ),
-                _ => Ok(()),
-            };
-            name(account.as_deref(), "an account")?;
-            name(org.as_deref(), "an organisation")?;
+            for (name, per) in [(account, Per::Account), (org, Per::Org)] {
+                if let Some(n) = name {
+                    per.check_name(n)
+                        .map_err(|m| PolicyError::new(&entry, *line, m))?;
+                }
+            }
             if let Some(a) = account.as_deref() {
                 match orgs_of.insert(a, org.as_deref()) {
                     Some(before) if before != org.as_deref() => {

@@ -21,8 +21,8 @@ mod tier;
 mod tiers;
 
 pub use error::PolicyError;
+pub(crate) use overrides::reserve_of;
 pub(super) use overrides::{Overrides, check_adjust};
-pub(crate) use overrides::{owner_id, reserve_of};
 pub use routes::Route;
 pub use tier::Tier;
 

@@ -81,9 +81,10 @@ impl PolicyBuilder {
                     (entry, KeyId::of(key))
                 }
                 Per::Account | Per::Org => {
-                    let entry = format!("{}_limits.\"{key}\".{shown}", per.name());
-                    check_owner_name(key, *per).map_err(|m| PolicyError::new(&entry, *line, m))?;
-                    (entry, owner_id(key, *per))
+                    let entry = format!("{}.\"{key}\".{shown}", per.limits_section());
+                    per.check_name(key)
+                        .map_err(|m| PolicyError::new(&entry, *line, m))?;
+                    (entry, per.id_of(key))
                 }
             };
             names
@@ -135,16 +136,13 @@ impl PolicyBuilder {
                     check_key(k, &entry, b.line)?;
                     (Some((KeyId::of(k).as_u64(), Per::Key)), None)
                 }
-                BoostTarget::Account(a) => {
-                    check_owner_name(a, Per::Account).map_err(err)?;
-                    (
-                        Some((owner_id(a, Per::Account).as_u64(), Per::Account)),
-                        None,
-                    )
-                }
-                BoostTarget::Org(o) => {
-                    check_owner_name(o, Per::Org).map_err(err)?;
-                    (Some((owner_id(o, Per::Org).as_u64(), Per::Org)), None)
+                BoostTarget::Account(name) | BoostTarget::Org(name) => {
+                    let per = match &b.target {
+                        BoostTarget::Org(_) => Per::Org,
+                        _ => Per::Account,
+                    };
+                    per.check_name(name).map_err(err)?;
+                    (Some((per.id_of(name).as_u64(), per)), None)
                 }
                 BoostTarget::Tier(t) => (
                     None,
@@ -178,29 +176,6 @@ impl PolicyBuilder {
         }
         Ok(boosts)
     }
-}
-
-/// The id an account's or organisation's custom limits and boosts are
-/// kept under (the id its limits are counted under).
-pub(crate) fn owner_id(name: &str, per: Per) -> KeyId {
-    match per {
-        Per::Key => KeyId::of(name),
-        Per::Account => KeyId::of_account(name),
-        Per::Org => KeyId::of_org(name),
-    }
-}
-
-/// An account's or organisation's name: 1 to 256 bytes.
-pub(crate) fn check_owner_name(name: &str, per: Per) -> Result<(), String> {
-    if name.is_empty() || name.len() > crate::key::DEFAULT_MAX_KEY_LEN {
-        let what = if per == Per::Org {
-            "an organisation"
-        } else {
-            "an account"
-        };
-        return Err(format!("{what} is a name of 1 to 256 bytes"));
-    }
-    Ok(())
 }
 
 /// A list given by a custom limit or a boost of a key, an account or an

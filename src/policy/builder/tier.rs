@@ -160,26 +160,22 @@ impl Tier {
     /// # let _ = free;
     /// ```
     pub fn tokens(
-        mut self,
+        self,
         category: impl Into<String>,
         limits: impl IntoIterator<Item = Limit>,
     ) -> Self {
         let limits = limits.into_iter().collect();
-        self.tokens
-            .push(Located::new((category.into(), limits, false)));
-        self
+        self.token_entry(TokenKind::Total, category.into(), limits, false, None)
     }
 
     /// Token limits counted per account, on top of the per-key ones.
     pub fn per_account_tokens(
-        mut self,
+        self,
         category: impl Into<String>,
         limits: impl IntoIterator<Item = Limit>,
     ) -> Self {
         let limits = limits.into_iter().collect();
-        self.tokens
-            .push(Located::new((category.into(), limits, true)));
-        self
+        self.token_entry(TokenKind::Total, category.into(), limits, true, None)
     }
 
     /// Meters `category`'s *input* tokens (a prompt's): like
@@ -204,13 +200,8 @@ impl Tier {
         category: impl Into<String>,
         limits: impl IntoIterator<Item = Limit>,
     ) -> Self {
-        self.token_entry(
-            TokenKind::Input,
-            category.into(),
-            limits.into_iter().collect(),
-            false,
-            None,
-        )
+        let limits = limits.into_iter().collect();
+        self.token_entry(TokenKind::Input, category.into(), limits, false, None)
     }
 
     /// Meters `category`'s *output* tokens (a completion's): like
@@ -225,13 +216,8 @@ impl Tier {
         category: impl Into<String>,
         limits: impl IntoIterator<Item = Limit>,
     ) -> Self {
-        self.token_entry(
-            TokenKind::Output,
-            category.into(),
-            limits.into_iter().collect(),
-            false,
-            None,
-        )
+        let limits = limits.into_iter().collect();
+        self.token_entry(TokenKind::Output, category.into(), limits, false, None)
     }
 
     /// Input-token limits counted per account, on top of the per-key ones.
@@ -240,13 +226,8 @@ impl Tier {
         category: impl Into<String>,
         limits: impl IntoIterator<Item = Limit>,
     ) -> Self {
-        self.token_entry(
-            TokenKind::Input,
-            category.into(),
-            limits.into_iter().collect(),
-            true,
-            None,
-        )
+        let limits = limits.into_iter().collect();
+        self.token_entry(TokenKind::Input, category.into(), limits, true, None)
     }
 
     /// Output-token limits counted per account, on top of the per-key ones.
@@ -255,13 +236,8 @@ impl Tier {
         category: impl Into<String>,
         limits: impl IntoIterator<Item = Limit>,
     ) -> Self {
-        self.token_entry(
-            TokenKind::Output,
-            category.into(),
-            limits.into_iter().collect(),
-            true,
-            None,
-        )
+        let limits = limits.into_iter().collect();
+        self.token_entry(TokenKind::Output, category.into(), limits, true, None)
     }
 
     /// Refunds requests of every category of the tier whose responses
@@ -322,15 +298,13 @@ impl Tier {
 
     /// Token limits written on `line` (for the loader).
     pub(in crate::policy) fn tokens_at(
-        mut self,
+        self,
         category: String,
         limits: Vec<Limit>,
         per_account: bool,
         line: Option<usize>,
     ) -> Self {
-        self.tokens
-            .push(Located::at((category, limits, per_account), line));
-        self
+        self.token_entry(TokenKind::Total, category, limits, per_account, line)
     }
 
     /// A cell's `input_tokens` and `output_tokens` written on `line` (for

@@ -91,15 +91,6 @@ fn section(per: Per) -> &'static str {
     }
 }
 
-/// An entry's slot among a category's (per key, account, organisation).
-fn slot(per: Per) -> usize {
-    match per {
-        Per::Key => 0,
-        Per::Account => 1,
-        Per::Org => 2,
-    }
-}
-
 fn any<T>(_: &T) -> Result<(), String> {
     Ok(())
 }
@@ -137,7 +128,7 @@ impl Tier {
                 ))
             })?;
             (kind.check)(value).map_err(&err)?;
-            let again = std::mem::replace(&mut seen[id][slot(per)], true);
+            let again = std::mem::replace(&mut seen[id][per as usize], true);
             if let (true, Some(twice)) = (again, kind.twice) {
                 return Err(err(twice(&self.name, cat)));
             }

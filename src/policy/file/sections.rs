@@ -285,7 +285,7 @@ pub(super) fn custom_limits(
                         let key = KeyId::of(key.get_ref()).redacted();
                         format!("custom_limits.\"{key}\".{shown}")
                     }
-                    _ => format!("{}_limits.\"{}\".{shown}", per.name(), key.get_ref()),
+                    _ => format!("{}.\"{}\".{shown}", per.limits_section(), key.get_ref()),
                 };
                 PolicyError::new(entry, line, m)
             })?;
