@@ -7,6 +7,10 @@
 
 mod common;
 
+/// The hostile review's attacks, on this file's fixtures.
+#[path = "orgs/attack.rs"]
+mod attack;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;

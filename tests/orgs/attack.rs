@@ -5,39 +5,17 @@
 //! at most once (the documented bound); names, persistence, Redis faults,
 //! loader edges, reserves and costs hold.
 
-mod common;
-
 use std::time::Duration;
 
+use super::{admin, app, common, secret, writes};
 use common::{call, client, serve};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tierlimit::backend::Backend;
-use tierlimit::{ApiKey, Policy, RateLimitLayer};
-
-const TOKEN: &str = "admin-token-for-org-attack-0123456789";
-
-fn secret() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    #[cfg(feature = "redis")]
-    ONCE.call_once(common::redis::init_secret);
-    #[cfg(not(feature = "redis"))]
-    ONCE.call_once(|| {});
-}
+use tierlimit::{Policy, RateLimitLayer};
 
 fn policy(src: &str) -> Policy {
     secret();
     Policy::from_toml_str(src).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn app<B: Backend>(layer: RateLimitLayer<ApiKey, B>) -> axum::Router {
-    let admin =
-        axum::Router::new().nest_service("/admin/v1", layer.admin_service().token("ops", TOKEN));
-    axum::Router::new()
-        .route("/v1/write", axum::routing::post(|| async { "{}" }))
-        .route_service("/v1/rate_limit", layer.usage_service())
-        .layer(layer)
-        .merge(admin)
 }
 
 async fn memory_server(src: &str) -> common::Server {
@@ -50,41 +28,20 @@ async fn memory_server(src: &str) -> common::Server {
 }
 
 async fn write(s: &common::Server, key: &str) -> reqwest::Response {
-    call(&client(), "POST", &s.url("/v1/write"), key).await
+    super::write(&client(), s, key).await
 }
 
 /// How many of `n` writes as `key` are admitted (any status but 200/429
 /// fails the test).
 async fn admitted(s: &common::Server, key: &str, n: usize) -> u32 {
-    let mut ok = 0;
-    for _ in 0..n {
-        let res = write(s, key).await;
-        match res.status() {
-            StatusCode::OK => ok += 1,
-            StatusCode::TOO_MANY_REQUESTS => {}
-            other => panic!("{key}: unexpected {other}: {:?}", res.text().await),
-        }
-    }
-    ok
-}
-
-async fn admin(s: &common::Server, method: &str, path: &str, body: Value) -> (u16, Value) {
-    let res = client()
-        .request(method.parse().unwrap(), s.url(&format!("/admin/v1{path}")))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
+    writes(&client(), s, key, n).await.0
 }
 
 // ---------------------------------------------------------------------
-// 1. An organisation's limit is not shared by keys whose limits were
-//    scaled (a key or account boost / multiplier): the org bucket's id
-//    depends on the limit's value (`limit_bucket`), so a boosted key
-//    counts in an org bucket of its own.
+// 1. An organisation's limit stays shared by keys whose limits were
+//    scaled (a key or account boost / multiplier): a bucket's id mixes in
+//    its limit (`limit_bucket`), so a multiplier must never reach a
+//    limit a wider owner shares.
 // ---------------------------------------------------------------------
 
 /// Each key 3 writes an hour, each team 4, the org 5.
