@@ -6,6 +6,10 @@
 
 mod common;
 
+/// Key, account and organisation in one check, against seven models.
+#[path = "model/owners.rs"]
+mod owners;
+
 #[allow(unused_imports)]
 use common::one::{CheckOne, CheckOneNow};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -235,35 +239,35 @@ fn multi_steps() -> impl Strategy<Value = MultiSteps> {
     )
 }
 
-fn multi_expected(models: &mut [Model; 2], now: u64, cost: u32, reserves: [u32; 2]) -> Outcome {
+fn multi_expected<const N: usize>(
+    models: &mut [Model; N],
+    now: u64,
+    cost: u32,
+    reserves: [u32; N],
+) -> Outcome {
     if models.iter().any(|m| cost > m.max) {
         return Outcome::CostTooHigh;
     }
-    let mut tries = [
-        Model {
-            tat: models[0].tat,
-            ..models[0]
-        },
-        Model {
-            tat: models[1].tat,
-            ..models[1]
-        },
-    ];
-    let outcomes = [
-        tries[0].check(now, cost, reserves[0]),
-        tries[1].check(now, cost, reserves[1]),
-    ];
-    match outcomes {
-        [
-            Outcome::Allow { remaining: a },
-            Outcome::Allow { remaining: b },
-        ] => {
+    let mut tries = *models;
+    let mut outcomes = [Outcome::CostTooHigh; N];
+    for (i, o) in outcomes.iter_mut().enumerate() {
+        *o = tries[i].check(now, cost, reserves[i]);
+    }
+    let allowed: Option<Vec<u32>> = outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Allow { remaining } => Some(*remaining),
+            _ => None,
+        })
+        .collect();
+    match allowed {
+        Some(remaining) => {
             *models = tries;
             Outcome::Allow {
-                remaining: a.min(b),
+                remaining: remaining.into_iter().min().expect("a model"),
             }
         }
-        _ => {
+        None => {
             let retry = outcomes
                 .iter()
                 .filter_map(|o| match o {

@@ -3,11 +3,9 @@
 //! the organisation's bucket in one check (the organisation the owner, as
 //! the layer makes it when per-organisation limits apply), all or nothing.
 //! The reference is seven GCRA models (four keys, two accounts, one
-//! organisation), each asked on a copy; a request counts in its three only
-//! if all three allow. Random arrivals, keys and costs on a fake clock, on
+//! organisation); a request counts in its three only if all three allow
+//! (`multi_expected`). Random arrivals, keys and costs on a fake clock, on
 //! the memory backend and on the Redis script.
-
-mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -17,40 +15,7 @@ use proptest::prelude::*;
 use tierlimit::backend::{Backend, BackendError, Charge, Check, Decision, PeriodBounds};
 use tierlimit::{Limit, MemoryBackend, key::KeyId};
 
-/// GCRA as governor computes it, in nanoseconds: `max` at once, then one
-/// every `t`.
-#[derive(Clone, Copy, Debug)]
-struct Model {
-    t: u64,
-    max: u32,
-    tat: Option<u64>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Allow { remaining: u32 },
-    Deny { retry: Duration },
-    CostTooHigh,
-}
-
-impl Model {
-    /// Whether `cost` conforms at `now`: the new TAT and what remains, or
-    /// the wait.
-    fn try_at(&self, now: u64, cost: u32) -> Result<(u64, u32), Duration> {
-        let t = i128::from(self.t);
-        let tau = t * i128::from(self.max - 1);
-        let now = i128::from(now);
-        let tat = self.tat.map_or(now, i128::from);
-        let add = t * i128::from(cost - 1);
-        let earliest = tat + add - tau;
-        if now < earliest {
-            return Err(Duration::from_nanos((earliest - now) as u64));
-        }
-        let next = tat.max(now) + t + add;
-        let remaining = ((now + tau + t - next).min(tau + t) / t) as u32;
-        Ok((next as u64, remaining))
-    }
-}
+use super::{Model, multi_expected, observed, setup};
 
 /// The models of one case: keys 0–3, accounts 0–1 (keys 0, 1 in the
 /// first, 2, 3 in the second), the organisation.
@@ -76,35 +41,11 @@ impl Owners {
 
     /// What a request of `key` costing `cost` at `now` gets: all three of
     /// its models allow (and count it), or the longest wait.
-    fn check(&mut self, now: u64, key: usize, cost: u32) -> Outcome {
-        let three = [self.keys[key], self.accounts[key / 2], self.org];
-        if three.iter().any(|m| cost > m.max) {
-            return Outcome::CostTooHigh;
-        }
-        let tries = three.map(|m| m.try_at(now, cost));
-        if let [Ok((k, a)), Ok((ac, b)), Ok((o, c))] = tries {
-            self.keys[key].tat = Some(k);
-            self.accounts[key / 2].tat = Some(ac);
-            self.org.tat = Some(o);
-            return Outcome::Allow {
-                remaining: a.min(b).min(c),
-            };
-        }
-        let retry = tries.iter().filter_map(|t| t.err()).max().unwrap();
-        Outcome::Deny { retry }
-    }
-}
-
-fn observed(result: Result<Decision, BackendError>) -> Outcome {
-    match result {
-        Ok(d) if d.allowed => Outcome::Allow {
-            remaining: d.remaining,
-        },
-        Ok(d) => Outcome::Deny {
-            retry: d.retry_after.expect("a refusal has a retry delay"),
-        },
-        Err(BackendError::CostExceedsLimit { .. }) => Outcome::CostTooHigh,
-        Err(e) => panic!("backend error: {e}"),
+    fn check(&mut self, now: u64, key: usize, cost: u32) -> super::Outcome {
+        let mut three = [self.keys[key], self.accounts[key / 2], self.org];
+        let outcome = multi_expected(&mut three, now, cost, [0; 3]);
+        [self.keys[key], self.accounts[key / 2], self.org] = three;
+        outcome
     }
 }
 
@@ -124,11 +65,6 @@ fn steps() -> impl Strategy<Value = Vec<(u64, usize, u32)>> {
         ),
         1..60,
     )
-}
-
-fn setup() {
-    #[cfg(feature = "redis")]
-    common::redis::init_secret();
 }
 
 static CASES: AtomicU64 = AtomicU64::new(0);
@@ -192,34 +128,13 @@ proptest! {
 #[cfg(all(feature = "redis", feature = "test-util"))]
 mod redis_script {
     use super::*;
-    use common::redis::{RedisServer, available};
     use std::sync::OnceLock;
 
-    type Shared = (
-        RedisServer,
-        FakeRelativeClock,
-        tierlimit::RedisBackend,
-        tokio::runtime::Runtime,
-    );
-
-    fn start() -> Option<Shared> {
-        if !available() {
-            return None;
-        }
-        setup();
-        let server = RedisServer::start();
-        let clock = FakeRelativeClock::default();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let backend = rt.block_on(common::redis::fake_clock_backend(&server, &clock));
-        Some((server, clock, backend, rt))
-    }
-
-    fn shared() -> Option<&'static Shared> {
-        static SHARED: OnceLock<Option<Shared>> = OnceLock::new();
-        SHARED.get_or_init(start).as_ref()
+    fn shared() -> Option<&'static super::super::redis_script::Shared> {
+        static SHARED: OnceLock<Option<super::super::redis_script::Shared>> = OnceLock::new();
+        SHARED
+            .get_or_init(super::super::redis_script::start)
+            .as_ref()
     }
 
     proptest! {
