@@ -9,6 +9,14 @@ mod common;
 #[path = "../examples/axum_tiers.rs"]
 mod demo;
 
+#[allow(dead_code)]
+#[path = "../examples/tonic_grpc.rs"]
+mod grpc_demo;
+
+/// Input and output token limits, on this file's fixtures.
+#[path = "tokens/io.rs"]
+mod io;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -25,28 +33,31 @@ fn setup() {
     common::redis::init_secret();
 }
 
+/// The demo's policy file (the spec's table) with each `(from, to)`
+/// replaced once in the free tier's table (the first) and after it.
+fn demo_policy(replacements: &[(&str, &str)]) -> Policy {
+    let mut text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policy.toml"))
+            .unwrap();
+    for (from, to) in replacements {
+        assert!(text.contains(from), "the spec table moved: no {from}");
+        text = text.replacen(from, to, 1);
+    }
+    Policy::from_toml_str(&text).unwrap()
+}
+
 /// The spec's table, with the token limits on `ai`.
 fn token_policy() -> Policy {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/policy.toml"
-    ))
-    .unwrap()
-    .replacen(
-        "[tiers.free]\nread = \"100/hour\"\nwrite = \"20/hour\"\nai = \"50/hour\"",
-        "[tiers.free]\nread = \"100/hour\"\nwrite = \"20/hour\"\nai = { requests = \"50/hour\", tokens = \"1000/hour\" }",
-        1,
-    )
-    .replacen(
-        "ai = \"500/hour\"",
-        "ai = { requests = \"500/hour\", tokens = [\"20000/minute\", \"500000/day\"] }",
-        1,
-    );
-    assert!(
-        text.contains("tokens = \"1000/hour\""),
-        "the spec table moved"
-    );
-    Policy::from_toml_str(&text).unwrap()
+    demo_policy(&[
+        (
+            "ai = \"50/hour\"",
+            "ai = { requests = \"50/hour\", tokens = \"1000/hour\" }",
+        ),
+        (
+            "ai = \"500/hour\"",
+            "ai = { requests = \"500/hour\", tokens = [\"20000/minute\", \"500000/day\"] }",
+        ),
+    ])
 }
 
 async fn complete(c: &reqwest::Client, url: &str, key: &str, body: Value) -> reqwest::Response {

@@ -6,46 +6,19 @@
 //! over gRPC — while the usage endpoint and the usage feed tell input and
 //! output apart. Every backend runs on a fake clock: nothing sleeps.
 
-mod common;
-
-#[allow(dead_code)]
-#[path = "../examples/axum_tiers.rs"]
-mod demo;
-
-#[allow(dead_code)]
-#[path = "../examples/tonic_grpc.rs"]
-mod grpc_demo;
-
+use super::{common, demo, demo_policy, grpc_demo, setup};
 use common::{client, header, serve};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tierlimit::{Policy, RateLimitLayer, backend::Backend};
 
-/// One key secret for the binary, before any key is hashed (the Redis
-/// tests need one shared by their backends).
-fn setup() {
-    #[cfg(feature = "redis")]
-    common::redis::init_secret();
-}
-
 /// The demo's policy, with input and output token limits on the free
 /// tier's `ai`: 1,000 input tokens and 500 output tokens an hour.
 fn io_policy() -> Policy {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/policy.toml"
-    ))
-    .unwrap()
-    .replacen(
-        "[tiers.free]\nread = \"100/hour\"\nwrite = \"20/hour\"\nai = \"50/hour\"",
-        "[tiers.free]\nread = \"100/hour\"\nwrite = \"20/hour\"\nai = { requests = \"50/hour\", input_tokens = \"1000/hour\", output_tokens = \"500/hour\" }",
-        1,
-    );
-    assert!(
-        text.contains("output_tokens = \"500/hour\" }"),
-        "the spec table moved"
-    );
-    Policy::from_toml_str(&text).unwrap()
+    demo_policy(&[(
+        "ai = \"50/hour\"",
+        "ai = { requests = \"50/hour\", input_tokens = \"1000/hour\", output_tokens = \"500/hour\" }",
+    )])
 }
 
 /// Waits (bounded) until the usage endpoint at `url` shows `want` `ai`
@@ -75,12 +48,7 @@ async fn output_left(c: &reqwest::Client, url: &str, want: u64) -> u64 {
 }
 
 async fn complete(c: &reqwest::Client, url: &str, body: Value) -> reqwest::Response {
-    c.post(url)
-        .header("x-api-key", "free-demo-key")
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
+    super::complete(c, url, "free-demo-key", body).await
 }
 
 /// Two completions of 400 output tokens against 500 an hour: each reserves
