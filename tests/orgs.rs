@@ -93,6 +93,35 @@ fn policy_header(res: &reqwest::Response) -> &str {
         .map_or("", |v| v.to_str().unwrap())
 }
 
+/// `X-RateLimit-Limit` and `-Remaining` of a response.
+fn limit_and_left(res: &reqwest::Response) -> (Option<u64>, Option<u64>) {
+    (
+        header(res, "x-ratelimit-limit"),
+        header(res, "x-ratelimit-remaining"),
+    )
+}
+
+/// `key`'s `write` limits as the usage endpoint of `s` lists them: whom
+/// each is counted per, and its `field` (`limit` or `remaining`).
+async fn usage_limits(s: &common::Server, key: &str, field: &str) -> Vec<(String, u64)> {
+    let usage: Value = call(&client(), "GET", &s.url("/v1/rate_limit"), key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    usage["categories"]["write"]["limits"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{usage}"))
+        .iter()
+        .map(|l| {
+            (
+                l["per"].as_str().unwrap().to_owned(),
+                l[field].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn an_org_limit_binds_across_its_accounts_and_another_org_is_unaffected() {
     let s = memory_server().await;
@@ -106,33 +135,15 @@ async fn an_org_limit_binds_across_its_accounts_and_another_org_is_unaffected() 
     // acme-a-2, same team: the team's 4th; the team binds (0 left).
     let res = write(&c, &s, "acme-a-2").await;
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(
-        (
-            header(&res, "x-ratelimit-limit"),
-            header(&res, "x-ratelimit-remaining")
-        ),
-        (Some(4), Some(0))
-    );
+    assert_eq!(limit_and_left(&res), (Some(4), Some(0)));
     // acme-b-1, another team of acme: the org's 5th; the org binds.
     let res = write(&c, &s, "acme-b-1").await;
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(
-        (
-            header(&res, "x-ratelimit-limit"),
-            header(&res, "x-ratelimit-remaining")
-        ),
-        (Some(5), Some(0))
-    );
+    assert_eq!(limit_and_left(&res), (Some(5), Some(0)));
     // acme-b-2: its key and its team have room, the org has none.
     let res = write(&c, &s, "acme-b-2").await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(
-        (
-            header(&res, "x-ratelimit-limit"),
-            header(&res, "x-ratelimit-remaining")
-        ),
-        (Some(5), Some(0))
-    );
+    assert_eq!(limit_and_left(&res), (Some(5), Some(0)));
     assert_eq!(header(&res, "retry-after"), Some(720), "an hour / 5");
     assert_eq!(
         policy_header(&res),
@@ -140,26 +151,9 @@ async fn an_org_limit_binds_across_its_accounts_and_another_org_is_unaffected() 
     );
     // The refusal took nothing: acme-b-2's own usage shows its 3 and its
     // team's 3 left (b-1 took one), the org's none.
-    let usage: Value = call(&c, "GET", &s.url("/v1/rate_limit"), "acme-b-2")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let limits: Vec<(String, u64)> = usage["categories"]["write"]["limits"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{usage}"))
-        .iter()
-        .map(|l| {
-            (
-                l["per"].as_str().unwrap().to_owned(),
-                l["remaining"].as_u64().unwrap(),
-            )
-        })
-        .collect();
     assert_eq!(
-        limits,
-        [("key".into(), 3), ("account".into(), 3), ("org".into(), 0)],
-        "{usage}"
+        usage_limits(&s, "acme-b-2", "remaining").await,
+        [("key".into(), 3), ("account".into(), 3), ("org".into(), 0)]
     );
     // Another organisation, and a key in none (its own), are unaffected.
     for key in ["globex-1", "solo"] {
@@ -523,30 +517,13 @@ async fn custom_limits_and_boosts_target_an_account_or_an_org() {
     // A key in no account or organisation keeps the tier's limits.
     assert_eq!(writes(&c, &s, "solo", 4).await, (3, Some(3)));
     // The usage endpoint shows the limits that apply to team-a's keys.
-    let usage: Value = call(&c, "GET", &s.url("/v1/rate_limit"), "acme-a-1")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let limits: Vec<(String, u64)> = usage["categories"]["write"]["limits"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{usage}"))
-        .iter()
-        .map(|l| {
-            (
-                l["per"].as_str().unwrap().to_owned(),
-                l["limit"].as_u64().unwrap(),
-            )
-        })
-        .collect();
     assert_eq!(
-        limits,
+        usage_limits(&s, "acme-a-1", "limit").await,
         [
             ("key".into(), 3),
             ("account".into(), 6),
             ("org".into(), 100)
-        ],
-        "{usage}"
+        ]
     );
 }
 
@@ -685,15 +662,8 @@ mod shared {
         // bounded wait for the change to arrive, not for time to pass).
         let c = client();
         let usage = async || -> Vec<u64> {
-            let v: Value = call(&c, "GET", &b.url("/v1/rate_limit"), "acme-a-1")
-                .await
-                .json()
-                .await
-                .unwrap();
-            v["categories"]["write"]["limits"]
-                .as_array()
-                .map(|l| l.iter().filter_map(|l| l["limit"].as_u64()).collect())
-                .unwrap_or_default()
+            let limits = usage_limits(&b, "acme-a-1", "limit").await;
+            limits.into_iter().map(|(_, n)| n).collect()
         };
         let mut seen = usage().await;
         for _ in 0..500 {

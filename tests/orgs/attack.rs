@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use super::{admin, app, common, secret, writes};
+use super::{admin, app, common, secret, usage_limits, writes};
 use common::{call, client, serve};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -929,26 +929,10 @@ write = "5/hour"
         .await;
         assert_eq!(st, 200, "{b}");
         let fresh = instance().await;
-        let usage: Value = call(&client(), "GET", &fresh.url("/v1/rate_limit"), "acme-a-1")
-            .await
-            .json()
-            .await
-            .unwrap();
-        let limits: Vec<(String, u64)> = usage["categories"]["write"]["limits"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{usage}"))
-            .iter()
-            .map(|l| {
-                (
-                    l["per"].as_str().unwrap().to_owned(),
-                    l["limit"].as_u64().unwrap(),
-                )
-            })
-            .collect();
         assert_eq!(
-            limits,
+            usage_limits(&fresh, "acme-a-1", "limit").await,
             [("key".into(), 6), ("account".into(), 8), ("org".into(), 10)],
-            "the file's org limit removed, the org boost x2 applied: {usage}"
+            "the file's org limit removed, the org boost x2 applied"
         );
         let (st, list) = admin(&fresh, "GET", "/boosts", Value::Null).await;
         assert_eq!(st, 200);
