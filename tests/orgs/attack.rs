@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use super::{admin, app, common, secret, usage_limits, writes};
+use super::{ORG_POLICY, admin, app, common, secret, usage_limits, writes};
 use common::{call, client, serve};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -44,34 +44,13 @@ async fn admitted(s: &common::Server, key: &str, n: usize) -> u32 {
 //    limit a wider owner shares.
 // ---------------------------------------------------------------------
 
-/// Each key 3 writes an hour, each team 4, the org 5.
-const ORG: &str = r#"
-categories = ["read", "write"]
-
-[tiers.pro]
-read = "1000/hour"
-write = "3/hour"
-
-[tiers.pro.per_account]
-write = "4/hour"
-
-[tiers.pro.per_org]
-write = "5/hour"
-
-[keys]
-"acme-a-1" = { tier = "pro", account = "team-a", org = "acme" }
-"acme-a-2" = { tier = "pro", account = "team-a", org = "acme" }
-"acme-b-1" = { tier = "pro", account = "team-b", org = "acme" }
-"acme-b-2" = { tier = "pro", account = "team-b", org = "acme" }
-"#;
-
 /// A key boosted x2 (its own 3 → 6) still shares its team's 4 and its
 /// organisation's 5 with every other key: a shared limit is one bucket,
 /// which a key's multiplier leaves alone.
 #[tokio::test]
 async fn a_key_boost_leaves_its_shared_limits_shared() {
     let src = format!(
-        "{ORG}\n[[boosts]]\nkey = \"acme-b-1\"\nadjust = \"x2\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2027-01-01T00:00:00Z\"\n"
+        "{ORG_POLICY}\n[[boosts]]\nkey = \"acme-b-1\"\nadjust = \"x2\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2027-01-01T00:00:00Z\"\n"
     );
     let s = memory_server(&src).await;
     let boosted = admitted(&s, "acme-b-1", 10).await;
@@ -91,7 +70,7 @@ async fn a_key_boost_leaves_its_shared_limits_shared() {
 #[tokio::test]
 async fn an_account_boost_leaves_the_org_limit_shared() {
     let src = format!(
-        "{ORG}\n[[boosts]]\naccount = \"team-b\"\nadjust = \"x2\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2027-01-01T00:00:00Z\"\n"
+        "{ORG_POLICY}\n[[boosts]]\naccount = \"team-b\"\nadjust = \"x2\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2027-01-01T00:00:00Z\"\n"
     );
     let s = memory_server(&src).await;
     let team_b = admitted(&s, "acme-b-1", 10).await + admitted(&s, "acme-b-2", 10).await;
@@ -107,7 +86,7 @@ async fn an_account_boost_leaves_the_org_limit_shared() {
 /// The same with a permanent account custom limit "x2".
 #[tokio::test]
 async fn an_account_multiplier_leaves_the_org_limit_shared() {
-    let src = format!("{ORG}\n[account_limits.\"team-b\"]\nwrite = \"x2\"\n");
+    let src = format!("{ORG_POLICY}\n[account_limits.\"team-b\"]\nwrite = \"x2\"\n");
     let s = memory_server(&src).await;
     let team_b = admitted(&s, "acme-b-1", 10).await + admitted(&s, "acme-b-2", 10).await;
     let team_a = admitted(&s, "acme-a-1", 10).await + admitted(&s, "acme-a-2", 10).await;
@@ -344,7 +323,7 @@ async fn adding_an_account_limit_gives_a_key_at_most_one_fresh_burst() {
 /// one fresh burst of its own limit.
 #[tokio::test]
 async fn moving_a_key_to_another_org_gives_it_at_most_one_fresh_burst() {
-    let s = memory_server(ORG).await;
+    let s = memory_server(ORG_POLICY).await;
     assert_eq!(admitted(&s, "acme-a-1", 4).await, 3);
     let (st, body) = admin(
         &s,
@@ -412,7 +391,7 @@ write = "1/hour"
 
 #[tokio::test]
 async fn admin_names_edges() {
-    let s = memory_server(ORG).await;
+    let s = memory_server(ORG_POLICY).await;
     let long = "o".repeat(257);
     let max = "o".repeat(256);
     for (body, want) in [
@@ -501,7 +480,7 @@ async fn admin_names_edges() {
 /// An org limit from the policy file removed through the admin API.
 #[tokio::test]
 async fn removing_a_file_org_limit() {
-    let src = format!("{ORG}\n[org_limits.\"acme\"]\nwrite = \"1/hour\"\n");
+    let src = format!("{ORG_POLICY}\n[org_limits.\"acme\"]\nwrite = \"1/hour\"\n");
     let s = memory_server(&src).await;
     assert_eq!(
         admitted(&s, "acme-a-1", 3).await,
@@ -689,7 +668,7 @@ mod redis {
             return;
         }
         let src = format!(
-            "{ORG}\n[[boosts]]\nkey = \"acme-b-1\"\nadjust = \"x2\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2027-01-01T00:00:00Z\"\n"
+            "{ORG_POLICY}\n[[boosts]]\nkey = \"acme-b-1\"\nadjust = \"x2\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2027-01-01T00:00:00Z\"\n"
         );
         let server = RedisServer::start();
         let clock = FakeRelativeClock::default();
@@ -849,7 +828,7 @@ write = "5/hour"
                 .connect()
                 .await
                 .unwrap();
-            let s = redis_server(ORG, backend).await;
+            let s = redis_server(ORG_POLICY, backend).await;
             let ok_statuses: &[u16] = match failure {
                 FailurePolicy::FailClosed => &[200, 429, 503],
                 _ => &[200, 429],
@@ -887,7 +866,7 @@ write = "5/hour"
         if !ready() {
             return;
         }
-        let src = format!("{ORG}\n[org_limits.\"acme\"]\nwrite = \"1/hour\"\n");
+        let src = format!("{ORG_POLICY}\n[org_limits.\"acme\"]\nwrite = \"1/hour\"\n");
         let server = RedisServer::start();
         let instance = async || {
             let builder = tierlimit::RedisBackend::builder(server.url());
