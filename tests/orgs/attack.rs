@@ -44,14 +44,19 @@ async fn admitted(s: &common::Server, key: &str, n: usize) -> u32 {
 //    limit a wider owner shares.
 // ---------------------------------------------------------------------
 
+/// The organisation policy with acme-b-1 boosted x2 through 2026.
+fn key_boosted() -> String {
+    format!(
+        "{ORG_POLICY}\n[[boosts]]\nkey = \"acme-b-1\"\nadjust = \"x2\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2027-01-01T00:00:00Z\"\n"
+    )
+}
+
 /// A key boosted x2 (its own 3 → 6) still shares its team's 4 and its
 /// organisation's 5 with every other key: a shared limit is one bucket,
 /// which a key's multiplier leaves alone.
 #[tokio::test]
 async fn a_key_boost_leaves_its_shared_limits_shared() {
-    let src = format!(
-        "{ORG_POLICY}\n[[boosts]]\nkey = \"acme-b-1\"\nadjust = \"x2\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2027-01-01T00:00:00Z\"\n"
-    );
+    let src = key_boosted();
     let s = memory_server(&src).await;
     let boosted = admitted(&s, "acme-b-1", 10).await;
     assert_eq!(boosted, 4, "the boosted key: its team's 4 bind");
@@ -631,6 +636,19 @@ mod redis {
         serve(app(layer)).await
     }
 
+    /// An instance of `src` on `server`, on a clock that stands still.
+    async fn on_node(server: &RedisServer, src: &str) -> common::Server {
+        let clock = FakeRelativeClock::default();
+        redis_server(src, common::redis::fake_clock_backend(server, &clock).await).await
+    }
+
+    /// An instance of `src` on `cluster`, on a clock that stands still.
+    async fn on_cluster(cluster: &RedisCluster, src: &str) -> common::Server {
+        let clock = FakeRelativeClock::default();
+        let backend = common::redis::fake_clock_cluster_backend(cluster, &clock).await;
+        redis_server(src, backend).await
+    }
+
     /// An account's keys share its 4 on Redis.
     #[tokio::test]
     async fn an_accounts_keys_share_its_limit_on_redis() {
@@ -638,12 +656,7 @@ mod redis {
             return;
         }
         let server = RedisServer::start();
-        let clock = FakeRelativeClock::default();
-        let s = redis_server(
-            SHARED,
-            common::redis::fake_clock_backend(&server, &clock).await,
-        )
-        .await;
+        let s = on_node(&server, SHARED).await;
         account_split(&s).await;
     }
 
@@ -654,9 +667,7 @@ mod redis {
             return;
         }
         let cluster = RedisCluster::start();
-        let clock = FakeRelativeClock::default();
-        let backend = common::redis::fake_clock_cluster_backend(&cluster, &clock).await;
-        let s = redis_server(SHARED, backend).await;
+        let s = on_cluster(&cluster, SHARED).await;
         account_split(&s).await;
     }
 
@@ -667,21 +678,10 @@ mod redis {
         if !ready() {
             return;
         }
-        let src = format!(
-            "{ORG_POLICY}\n[[boosts]]\nkey = \"acme-b-1\"\nadjust = \"x2\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2027-01-01T00:00:00Z\"\n"
-        );
+        let src = key_boosted();
         let server = RedisServer::start();
-        let clock = FakeRelativeClock::default();
-        let a = redis_server(
-            &src,
-            common::redis::fake_clock_backend(&server, &clock).await,
-        )
-        .await;
-        let b = redis_server(
-            &src,
-            common::redis::fake_clock_backend(&server, &clock).await,
-        )
-        .await;
+        let a = on_node(&server, &src).await;
+        let b = on_node(&server, &src).await;
         let boosted = admitted(&a, "acme-b-1", 10).await;
         let others = admitted(&b, "acme-a-1", 3).await
             + admitted(&b, "acme-a-2", 3).await
@@ -697,12 +697,7 @@ mod redis {
             return;
         }
         let server = RedisServer::start();
-        let clock = FakeRelativeClock::default();
-        let s = redis_server(
-            PER_KEY_ONLY,
-            common::redis::fake_clock_backend(&server, &clock).await,
-        )
-        .await;
+        let s = on_node(&server, PER_KEY_ONLY).await;
         assert_eq!(admitted(&s, "acme-a-1", 4).await, 3);
         let (st, body) = admin(
             &s,
@@ -774,17 +769,8 @@ write = "5/hour"
             return;
         }
         let server = RedisServer::start();
-        let clock = FakeRelativeClock::default();
-        let a = redis_server(
-            NO_ACCOUNT,
-            common::redis::fake_clock_backend(&server, &clock).await,
-        )
-        .await;
-        let b = redis_server(
-            NO_ACCOUNT,
-            common::redis::fake_clock_backend(&server, &clock).await,
-        )
-        .await;
+        let a = on_node(&server, NO_ACCOUNT).await;
+        let b = on_node(&server, NO_ACCOUNT).await;
         hammer_no_account(a, b).await;
     }
 
@@ -794,17 +780,8 @@ write = "5/hour"
             return;
         }
         let cluster = RedisCluster::start();
-        let clock = FakeRelativeClock::default();
-        let a = redis_server(
-            NO_ACCOUNT,
-            common::redis::fake_clock_cluster_backend(&cluster, &clock).await,
-        )
-        .await;
-        let b = redis_server(
-            NO_ACCOUNT,
-            common::redis::fake_clock_cluster_backend(&cluster, &clock).await,
-        )
-        .await;
+        let a = on_cluster(&cluster, NO_ACCOUNT).await;
+        let b = on_cluster(&cluster, NO_ACCOUNT).await;
         hammer_no_account(a, b).await;
     }
 
