@@ -181,17 +181,17 @@ write = "100/hour"
 [keys]
 "k-x" = { tier = "pro", account = "shared", org = "org-x" }
 "k-y" = { tier = "pro", account = "shared", org = "org-x" }
-"k-none" = { tier = "pro", account = "shared", org = "org-x" }
+"k-z" = { tier = "pro", account = "shared", org = "org-x" }
 "#;
 
 async fn account_split(s: &common::Server) {
     let by_x = admitted(s, "k-x", 6).await;
     let by_y = admitted(s, "k-y", 6).await;
-    let by_none = admitted(s, "k-none", 6).await;
-    let total = by_x + by_y + by_none;
+    let by_z = admitted(s, "k-z", 6).await;
+    let total = by_x + by_y + by_z;
     assert_eq!(
         total, 4,
-        "account `shared` allows 4 writes an hour; admitted {total} (org-x key {by_x}, org-y key {by_y}, no-org key {by_none})"
+        "account `shared` allows 4 writes an hour; admitted {total} (k-x {by_x}, k-y {by_y}, k-z {by_z})"
     );
 }
 
