@@ -60,6 +60,12 @@ fn token_policy() -> Policy {
     ])
 }
 
+/// The usage endpoint at `url` as `key` sees it.
+async fn usage(c: &reqwest::Client, url: &str, key: &str) -> Value {
+    let res = c.get(url).header("x-api-key", key).send().await.unwrap();
+    res.json().await.unwrap()
+}
+
 async fn complete(c: &reqwest::Client, url: &str, key: &str, body: Value) -> reqwest::Response {
     c.post(url)
         .header("x-api-key", key)
@@ -120,15 +126,7 @@ async fn the_fourth_completion_is_refused_for_tokens_while_requests_have_room() 
         "{problem}"
     );
     // The usage endpoint shows both: requests with room, tokens spent.
-    let usage: Value = c
-        .get(server.url("/v1/rate_limit"))
-        .header("x-api-key", "free-demo-key")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage: Value = usage(&c, &server.url("/v1/rate_limit"), "free-demo-key").await;
     let ai = &usage["categories"]["ai"];
     // The binding limit is the token limit, as in the 429's headers.
     assert_eq!(
@@ -235,15 +233,7 @@ async fn tokens_left<E, B>(
 
 /// The `ai` tokens left for `key` now, as the usage endpoint reports them.
 async fn ai_tokens_now(c: &reqwest::Client, server: &common::Server, key: &str) -> u64 {
-    let usage: Value = c
-        .get(server.url("/v1/rate_limit"))
-        .header("x-api-key", key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage: Value = usage(c, &server.url("/v1/rate_limit"), key).await;
     usage["categories"]["ai"]["tokens"]["remaining"]
         .as_u64()
         .unwrap()
@@ -416,15 +406,7 @@ async fn usage_reset_is_the_refusals_reset_while_tokens_are_owed<B: Backend>(bac
     // Full again when the 4,098 tokens are paid: 4,098 × 3.6 s.
     assert_eq!(refused_reset, NOW + 14_753);
 
-    let usage: Value = c
-        .get(server.url("/v1/rate_limit"))
-        .header("x-api-key", "free-demo-key")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage: Value = usage(&c, &server.url("/v1/rate_limit"), "free-demo-key").await;
     let ai = &usage["categories"]["ai"];
     assert_eq!(ai["reset"], refused_reset, "{usage}");
     assert_eq!(ai["limit"], 1000, "{usage}");
@@ -500,15 +482,7 @@ exempt = true
     // backend's own thread): wait, bounded, for the bucket to be full.
     let mut left = 0;
     for _ in 0..2_000 {
-        let usage: Value = c
-            .get(server.url("/usage"))
-            .header("x-api-key", "k")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let usage: Value = usage(&c, &server.url("/usage"), "k").await;
         left = usage["categories"]["read"]["remaining"].as_u64().unwrap();
         if left == 3 {
             break;
@@ -578,15 +552,7 @@ async fn a_response_extension_reports_usage() {
     }
     // The usage route is under the layer here: it counts one `read`, and
     // shows 4 × 25 tokens charged (settled before each response left).
-    let usage: Value = c
-        .get(server.url("/v1/rate_limit"))
-        .header("x-api-key", "k")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage: Value = usage(&c, &server.url("/v1/rate_limit"), "k").await;
     assert_eq!(
         usage["categories"]["ai"]["tokens"]["remaining"],
         1_000_000 - 100,

@@ -6,7 +6,7 @@
 //! over gRPC — while the usage endpoint and the usage feed tell input and
 //! output apart. Every backend runs on a fake clock: nothing sleeps.
 
-use super::{common, demo, demo_policy, grpc_demo, setup};
+use super::{common, demo, demo_policy, grpc_demo, setup, usage};
 use common::{client, header, serve};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -27,15 +27,7 @@ fn io_policy() -> Policy {
 async fn output_left(c: &reqwest::Client, url: &str, want: u64) -> u64 {
     let mut last = u64::MAX;
     for _ in 0..500 {
-        let usage: Value = c
-            .get(url)
-            .header("x-api-key", "free-demo-key")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let usage: Value = usage(c, url, "free-demo-key").await;
         last = usage["categories"]["ai"]["output_tokens"]["remaining"]
             .as_u64()
             .unwrap();
@@ -122,15 +114,7 @@ async fn output_debt_refuses_the_next_request<B: Backend>(backend: B) {
 /// token limits has no token headers.
 async fn usage_tells_input_and_output_apart(c: &reqwest::Client, server: &common::Server) {
     // The usage endpoint shows input and output apart, each with its unit.
-    let usage: Value = c
-        .get(server.url("/v1/rate_limit"))
-        .header("x-api-key", "free-demo-key")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage: Value = usage(c, &server.url("/v1/rate_limit"), "free-demo-key").await;
     let ai = &usage["categories"]["ai"];
     assert_eq!(ai["output_tokens"]["limit"], 500, "{usage}");
     assert_eq!(ai["output_tokens"]["remaining"], 0, "{usage}");
@@ -329,15 +313,7 @@ async fn an_accounts_keys_share_its_output_limit() {
             .unwrap()
     };
     let left = async || {
-        let usage: Value = c
-            .get(server.url("/usage"))
-            .header("x-api-key", "k2")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let usage: Value = usage(&c, &server.url("/usage"), "k2").await;
         usage["categories"]["ai"]["output_tokens"]["remaining"]
             .as_u64()
             .unwrap_or_else(|| panic!("{usage}"))
