@@ -3,7 +3,9 @@
 //! headers, faults and the loader; the defects it found (counts that
 //! wrapped, a debt past the arithmetic's range, per-organisation token
 //! limits dropped, metrics, the draft fields) are tests of their fixes.
-//! Every backend runs on a fake clock: nothing sleeps to let time pass.
+//! Requests go through a real server on 127.0.0.1:0 and a real client
+//! (one streaming test polls its body in process, frame by frame). Every
+//! backend runs on a fake clock: nothing sleeps to let time pass.
 
 mod common;
 
@@ -62,7 +64,7 @@ fn num(h: &HeaderMap, name: &str) -> Option<u64> {
 /// a second `x-out2`; `x-ext-in`/`x-ext-out`/`x-ext-total` as a response
 /// `TokenUsage`), answers `x-status`, waits at the gate with `x-wait`.
 /// Its body is the meter's usage. `/usage` is the usage service.
-fn app<B: Backend>(layer: RateLimitLayer<Ex, B>, gate: Gate) -> Router {
+fn router<B: Backend>(layer: RateLimitLayer<Ex, B>, gate: Gate) -> Router {
     let usage = layer.usage_service();
     Router::new()
         .route(
@@ -120,6 +122,27 @@ fn app<B: Backend>(layer: RateLimitLayer<Ex, B>, gate: Gate) -> Router {
         .layer(layer)
 }
 
+/// `router` of `layer` served on 127.0.0.1:0, with a client of it.
+async fn app<B: Backend>(layer: RateLimitLayer<Ex, B>, gate: Gate) -> App {
+    App::serve(router(layer, gate)).await
+}
+
+/// An app served on loopback, and a client of it (clones share both).
+#[derive(Clone)]
+struct App {
+    server: Arc<common::Server>,
+    client: reqwest::Client,
+}
+
+impl App {
+    async fn serve(router: Router) -> Self {
+        App {
+            server: Arc::new(common::serve(router).await),
+            client: common::client(),
+        }
+    }
+}
+
 struct Answer {
     status: StatusCode,
     headers: HeaderMap,
@@ -140,40 +163,33 @@ impl Answer {
     }
 }
 
-async fn call(app: &Router, key: &str, hs: &[(&str, u64)]) -> Answer {
-    let mut req = Request::post("/ai").header("x-api-key", key);
+async fn call(app: &App, key: &str, hs: &[(&str, u64)]) -> Answer {
+    let mut req = app
+        .client
+        .post(app.server.url("/ai"))
+        .header("x-api-key", key);
     for (k, v) in hs {
         req = req.header(*k, v.to_string());
     }
-    let res = app
-        .clone()
-        .oneshot(req.body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let (parts, body) = res.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
+    let res = req.send().await.unwrap();
     Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body,
+        status: res.status(),
+        headers: res.headers().clone(),
+        body: res.bytes().await.unwrap(),
     }
 }
 
 /// The usage endpoint's `ai` entry for `key`.
-async fn usage(app: &Router, key: &str) -> Value {
-    let req = Request::get("/usage")
-        .header("x-api-key", key)
-        .body(Body::empty())
-        .unwrap();
-    let res = app.clone().oneshot(req).await.unwrap();
-    let body = res.into_body().collect().await.unwrap().to_bytes();
-    let v: Value = serde_json::from_slice(&body).unwrap();
+async fn usage(app: &App, key: &str) -> Value {
+    let url = app.server.url("/usage");
+    let res = app.client.get(url).header("x-api-key", key).send().await;
+    let v: Value = res.unwrap().json().await.unwrap();
     v["categories"]["ai"].clone()
 }
 
 /// What the usage endpoint says is left of the limit of `unit` counted
 /// per `per`.
-async fn left(app: &Router, key: &str, unit: &str, per: &str) -> u64 {
+async fn left(app: &App, key: &str, unit: &str, per: &str) -> u64 {
     let ai = usage(app, key).await;
     ai["limits"]
         .as_array()
@@ -187,7 +203,7 @@ async fn left(app: &Router, key: &str, unit: &str, per: &str) -> u64 {
 
 /// Waits (bounded, yielding) until `left` reaches `want` (settlements land
 /// on Redis's I/O thread a moment later); returns the last value.
-async fn left_eventually(app: &Router, key: &str, unit: &str, per: &str, want: u64) -> u64 {
+async fn left_eventually(app: &App, key: &str, unit: &str, per: &str, want: u64) -> u64 {
     let mut last = u64::MAX;
     for _ in 0..3_000 {
         last = left(app, key, unit, per).await;
@@ -235,7 +251,7 @@ fn layer<B: Backend>(policy: &str, backend: B) -> RateLimitLayer<Ex, B> {
 /// the account's 150 input tokens admit exactly 21 (and no key more than
 /// its 100: 14). Then each reports 5 input and 3 output: the buckets end
 /// at exactly the limit minus what was reported.
-async fn concurrent_admission_is_exact(apps: Vec<Router>, gates: Vec<Gate>) {
+async fn concurrent_admission_is_exact(apps: Vec<App>, gates: Vec<Gate>) {
     let refused = Arc::new(AtomicU64::new(0));
     let per_key = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
     let mut tasks = Vec::new();
@@ -310,7 +326,7 @@ async fn concurrent_admission_is_exact(apps: Vec<Router>, gates: Vec<Gate>) {
 async fn concurrent_admission_is_exact_on_memory() {
     setup();
     let gate = Gate::default();
-    let app = app(layer(POLICY, common::fake_memory()), gate.clone());
+    let app = app(layer(POLICY, common::fake_memory()), gate.clone()).await;
     concurrent_admission_is_exact(vec![app], vec![gate]).await;
 }
 
@@ -327,8 +343,8 @@ async fn concurrent_admission_is_exact_on_redis_two_instances() {
     let b1 = common::redis::fake_clock_backend(&server, &clock).await;
     let b2 = common::redis::fake_clock_backend(&server, &clock).await;
     let apps = vec![
-        app(layer(POLICY, b1), g1.clone()),
-        app(layer(POLICY, b2), g2.clone()),
+        app(layer(POLICY, b1), g1.clone()).await,
+        app(layer(POLICY, b2), g2.clone()).await,
     ];
     concurrent_admission_is_exact(apps, vec![g1, g2]).await;
 }
@@ -346,8 +362,8 @@ async fn concurrent_admission_is_exact_on_cluster_two_instances() {
     let b1 = common::redis::fake_clock_cluster_backend(&cluster, &clock).await;
     let b2 = common::redis::fake_clock_cluster_backend(&cluster, &clock).await;
     let apps = vec![
-        app(layer(POLICY, b1), g1.clone()),
-        app(layer(POLICY, b2), g2.clone()),
+        app(layer(POLICY, b1), g1.clone()).await,
+        app(layer(POLICY, b2), g2.clone()).await,
     ];
     concurrent_admission_is_exact(apps, vec![g1, g2]).await;
 }
@@ -358,7 +374,7 @@ async fn concurrent_admission_is_exact_on_cluster_two_instances() {
 
 /// Input only, output only, both, neither, more input than estimated, a
 /// response extension: each kind settles to exactly what was reported.
-async fn settlement_edges(app: Router) {
+async fn settlement_edges(app: App) {
     let mut used_in = 0;
     let mut used_out = 0;
     let cases: [&[(&str, u64)]; 6] = [
@@ -396,7 +412,7 @@ async fn settlement_edges(app: Router) {
 #[tokio::test]
 async fn settlement_edges_on_memory() {
     setup();
-    settlement_edges(app(layer(POLICY, common::fake_memory()), Gate::default())).await;
+    settlement_edges(app(layer(POLICY, common::fake_memory()), Gate::default()).await).await;
 }
 
 #[cfg(all(feature = "redis", feature = "test-util"))]
@@ -407,7 +423,7 @@ async fn settlement_edges_on_redis_cluster() {
         return;
     }
     let (_cluster, _clock, backend) = common::redis::cluster_on_fake_clock().await;
-    settlement_edges(app(layer(POLICY, backend), Gate::default())).await;
+    settlement_edges(app(layer(POLICY, backend), Gate::default()).await).await;
 }
 
 /// An estimate above the input burst is a 400 that names input tokens
@@ -416,7 +432,7 @@ async fn settlement_edges_on_redis_cluster() {
 #[tokio::test]
 async fn estimate_above_input_burst_is_400() {
     setup();
-    let app = app(layer(POLICY, common::fake_memory()), Gate::default());
+    let app = app(layer(POLICY, common::fake_memory()), Gate::default()).await;
     let a = call(&app, "k1", &[("x-est", 101)]).await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
     let p = a.json();
@@ -433,7 +449,7 @@ async fn estimate_above_input_burst_is_400() {
 #[tokio::test]
 async fn refused_by_output_charges_nothing() {
     setup();
-    let app = app(layer(POLICY, common::fake_memory()), Gate::default());
+    let app = app(layer(POLICY, common::fake_memory()), Gate::default()).await;
     // 60 output on a 50 burst: 10 in debt on the key, 20 left on the account.
     assert_eq!(
         call(&app, "k1", &[("x-out", 60)]).await.status,
@@ -475,7 +491,7 @@ async fn refund_on_5xx_settles_tokens_as_reported() {
         "ai = { requests = \"1000/hour\", input_tokens",
         "ai = { requests = \"1000/hour\", refund_on = [\"5xx\"], input_tokens",
     );
-    let app = app(layer(&policy, common::fake_memory()), Gate::default());
+    let app = app(layer(&policy, common::fake_memory()), Gate::default()).await;
     let a = call(
         &app,
         "k1",
@@ -517,21 +533,25 @@ async fn stream_reporting_after_the_head_settles_once() {
         )
         .route_service("/usage", usage_svc)
         .layer(l);
+    // The stream is polled here, in process, frame by frame (a server
+    // would run ahead of the client); the usage is read through a real
+    // server of the same app (clones share the layer's backend).
+    let served = App::serve(app.clone()).await;
     let req = Request::post("/ai")
         .header("x-api-key", "k1")
         .body(Body::empty())
         .unwrap();
-    let res = app.clone().oneshot(req).await.unwrap();
+    let res = app.oneshot(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     let mut body = res.into_body();
     for _ in 0..4 {
         body.frame().await.unwrap().unwrap();
     }
     // Four chunks polled: 4 × 3 output reported. Nothing settled yet.
-    assert_eq!(left(&app, "k1", "output tokens", "key").await, 49);
+    assert_eq!(left(&served, "k1", "output tokens", "key").await, 49);
     drop(body);
-    assert_eq!(left(&app, "k1", "output tokens", "key").await, 50 - 12);
-    assert_eq!(left(&app, "k1", "input tokens", "key").await, 98);
+    assert_eq!(left(&served, "k1", "output tokens", "key").await, 50 - 12);
+    assert_eq!(left(&served, "k1", "input tokens", "key").await, 98);
 }
 
 /// A total without a kind (`TokenUsage(n)`, the form before input and
@@ -541,7 +561,7 @@ async fn stream_reporting_after_the_head_settles_once() {
 #[tokio::test]
 async fn unsplit_total_counts_in_no_input_or_output_limit() {
     setup();
-    let app = app(layer(POLICY, common::fake_memory()), Gate::default());
+    let app = app(layer(POLICY, common::fake_memory()), Gate::default()).await;
     let a = call(&app, "k1", &[("x-est", 40), ("x-ext-total", 500)]).await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(left(&app, "k1", "input tokens", "key").await, 100);
@@ -561,7 +581,7 @@ async fn unsplit_total_counts_in_no_input_or_output_limit() {
 #[tokio::test]
 async fn reported_counts_saturate_and_never_forgive_a_debt() {
     setup();
-    let app = app(layer(POLICY, common::fake_memory()), Gate::default());
+    let app = app(layer(POLICY, common::fake_memory()), Gate::default()).await;
     let a = call(&app, "k1", &[("x-out", u64::MAX), ("x-out2", 2)]).await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(
@@ -589,7 +609,7 @@ async fn reported_counts_saturate_and_never_forgive_a_debt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_input_debt_refuses_without_a_panic() {
     setup();
-    let app = app(layer(POLICY, common::fake_memory()), Gate::default());
+    let app = app(layer(POLICY, common::fake_memory()), Gate::default()).await;
     let a = call(&app, "k1", &[("x-est", 1), ("x-in", 1_000_000_000)]).await;
     assert_eq!(a.status, StatusCode::OK);
     let next = tokio::spawn({
@@ -617,7 +637,7 @@ async fn a_huge_output_debt_is_kept_on_redis_as_in_memory() {
         return;
     }
     // Memory: refused.
-    let mem = app(layer(POLICY, common::fake_memory()), Gate::default());
+    let mem = app(layer(POLICY, common::fake_memory()), Gate::default()).await;
     assert_eq!(
         call(&mem, "k1", &[("x-out", u64::MAX)]).await.status,
         StatusCode::OK
@@ -628,7 +648,7 @@ async fn a_huge_output_debt_is_kept_on_redis_as_in_memory() {
     );
     // Redis: the same.
     let (_server, _clock, backend) = common::redis::single_node_on_fake_clock().await;
-    let app = app(layer(POLICY, backend), Gate::default());
+    let app = app(layer(POLICY, backend), Gate::default()).await;
     assert_eq!(
         call(&app, "k1", &[("x-out", u64::MAX)]).await.status,
         StatusCode::OK
@@ -657,7 +677,7 @@ async fn token_headers_only_where_used_and_exact_after_debt() {
         .backend(common::fake_memory())
         .unix_clock(|| NOW)
         .build();
-    let app = app(l, Gate::default());
+    let app = app(l, Gate::default()).await;
     let a = call(&app, "k1", &[("x-est", 4), ("x-out", 49)]).await;
     assert_eq!(a.h("x-ratelimit-remaining-input-tokens"), Some(96));
     assert_eq!(a.h("x-ratelimit-remaining-output-tokens"), Some(49));
@@ -687,7 +707,7 @@ async fn a_token_limits_refusal_writes_no_misnamed_draft_ratelimit_field() {
         .backend(common::fake_memory())
         .headers(HeaderOptions::default().ietf_draft(true))
         .build();
-    let app = app(l, Gate::default());
+    let app = app(l, Gate::default()).await;
     assert_eq!(
         call(&app, "k1", &[("x-out", 80)]).await.status,
         StatusCode::OK
@@ -717,7 +737,7 @@ async fn a_tokens_only_cell_writes_no_draft_quota_of_zero() {
         .backend(common::fake_memory())
         .headers(HeaderOptions::default().ietf_draft(true))
         .build();
-    let app = app(l, Gate::default());
+    let app = app(l, Gate::default()).await;
     let a = call(&app, "k1", &[]).await;
     assert_eq!(a.status, StatusCode::OK);
     let p = a.text("ratelimit-policy").unwrap_or_default();
@@ -819,7 +839,7 @@ async fn feed_sums_equal_usage_endpoint() {
         .backend(common::fake_memory())
         .usage_feed(feed.clone())
         .build();
-    let app = app(l, Gate::default());
+    let app = app(l, Gate::default()).await;
     let calls: [(&str, &[(&str, u64)]); 6] = [
         ("k1", &[("x-est", 10), ("x-in", 4), ("x-out", 7)]),
         ("k2", &[("x-in", 11)]),
@@ -874,7 +894,7 @@ async fn redis_faults_during_settlement_never_500() {
         .unwrap();
     let gate = Gate::default();
     let policy = format!("{POLICY}\n\"f-stop\" = \"t\"\n\"f-kill\" = \"t\"\n\"f-flush\" = \"t\"\n");
-    let app = app(layer(&policy, backend), gate.clone());
+    let app = app(layer(&policy, backend), gate.clone()).await;
     let ok = |s: StatusCode| s == StatusCode::OK || s == StatusCode::TOO_MANY_REQUESTS;
     for fault in ["stop", "kill", "flush"] {
         let key = format!("f-{fault}");
@@ -952,7 +972,7 @@ async fn token_metrics_follow_the_input_output_split() {
         .replace("[tiers.t]", "[tiers.m]")
         .replace("[tiers.t.per_account]", "[tiers.m.per_account]")
         .replace("tier = \"t\"", "tier = \"m\"");
-    let app = app(layer(&policy, common::fake_memory()), Gate::default());
+    let app = app(layer(&policy, common::fake_memory()), Gate::default()).await;
     let a = call(&app, "k1", &[("x-est", 10), ("x-in", 2), ("x-out", 400)]).await;
     assert_eq!(a.status, StatusCode::OK);
     let text = handle.render();
@@ -1008,7 +1028,7 @@ async fn calendar_output<B: Backend>(backend: B) {
         .backend(backend)
         .unix_clock(|| NOW)
         .build();
-    let app = app(l, Gate::default());
+    let app = app(l, Gate::default()).await;
     // Nothing reported: the reserved 1 comes back.
     assert_eq!(call(&app, "k1", &[]).await.status, StatusCode::OK);
     assert_eq!(
