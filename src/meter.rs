@@ -395,21 +395,15 @@ impl Inner {
                 let estimate = u64::from(seed.estimate);
                 let split = seed.split;
                 let io = usize::from(split.input) + usize::from(split.output);
-                let kinds: &[(u64, u64)] = if tokens > io {
-                    &[(used.total(), estimate)]
+                let kinds = if tokens > io {
+                    [Some((used.total(), estimate)), None]
                 } else {
-                    &[
-                        (
-                            if split.input > 0 { used.input } else { 0 },
-                            if split.input > 0 { estimate } else { 0 },
-                        ),
-                        (
-                            if split.output > 0 { used.output } else { 0 },
-                            if split.output > 0 { 1 } else { 0 },
-                        ),
+                    [
+                        (split.input > 0).then_some((used.input, estimate)),
+                        (split.output > 0).then_some((used.output, 1)),
                     ]
                 };
-                for &(used, reserved) in kinds {
+                for (used, reserved) in kinds.into_iter().flatten() {
                     if used > reserved {
                         m.charged.increment(used - reserved);
                     } else if reserved > used {
