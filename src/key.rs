@@ -120,7 +120,18 @@ impl KeyId {
     /// Hashes a textual key (an API key, a user id).
     #[inline]
     pub fn of(key: &str) -> Self {
-        KeyId(HASHER.hash_one(key))
+        Self::of_bytes(key.as_bytes())
+    }
+
+    /// The same hash of a key's bytes (`str`'s `Hash`: the bytes, then
+    /// `0xff`), for the request path, which reads keys as bytes.
+    #[inline]
+    pub(crate) fn of_bytes(key: &[u8]) -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = HASHER.build_hasher();
+        h.write(key);
+        h.write_u8(0xff);
+        KeyId(h.finish())
     }
 
     /// Hashes an account name (apart from keys: an account named like a

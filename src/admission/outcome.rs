@@ -118,10 +118,12 @@ impl<'a> Outcome<'a> {
         let lease = self.lease_for(&result);
         // Dropped unadmitted unless the request is let through: no event.
         let usage = self.carried.usage.take();
-        let names = self.names();
         let result = result.map(|d| self.unreserved(d));
         #[cfg(feature = "metrics")]
-        let counters = self.cell.metrics(names.0, names.1);
+        let counters = {
+            let names = self.names();
+            self.cell.metrics(names.0, names.1)
+        };
         match result {
             Ok(d) if d.allowed => {
                 #[cfg(feature = "metrics")]
@@ -153,6 +155,7 @@ impl<'a> Outcome<'a> {
                 self.refused(d, meter.as_ref(), grpc())
             }
             Err(BackendError::CostExceedsLimit { cost, max }) => {
+                let names = self.names();
                 let answer = Answer::CostTooHigh {
                     cost,
                     max,

@@ -121,6 +121,13 @@ impl ApiKey {
 
     /// The raw key of a request, validated, without resolving a tier.
     pub fn read<'r>(&self, headers: &'r HeaderMap) -> Result<&'r str, Rejection> {
+        as_text(self.read_raw(headers)?)
+    }
+
+    /// [`read`](Self::read)'s key as bytes (printable ASCII, checked), as
+    /// the request path reads it: no second pass to make it a `str`.
+    #[inline]
+    fn read_raw<'r>(&self, headers: &'r HeaderMap) -> Result<&'r [u8], Rejection> {
         // The common case in one pass over the key: one `X-API-Key` value,
         // no `Authorization`, the key printable ASCII without spaces.
         // Anything else takes the full path below, whose errors are the
@@ -141,7 +148,7 @@ impl ApiKey {
         {
             return Ok(key);
         }
-        self.read_checked(headers)
+        self.read_checked(headers).map(str::as_bytes)
     }
 
     fn read_checked<'r>(&self, headers: &'r HeaderMap) -> Result<&'r str, Rejection> {
@@ -203,7 +210,7 @@ fn one_key_by_scan(headers: &HeaderMap) -> Option<&http::HeaderValue> {
 /// spaces, and nothing around it but spaces and tabs. Written without early
 /// exits, so the compiler checks many bytes at a time.
 #[inline]
-fn plain_key(value: &[u8], max_len: usize) -> Option<&str> {
+fn plain_key(value: &[u8], max_len: usize) -> Option<&[u8]> {
     let start = value
         .iter()
         .take_while(|&&b| b == b' ' || b == b'\t')
@@ -220,21 +227,29 @@ fn plain_key(value: &[u8], max_len: usize) -> Option<&str> {
     if key.is_empty() || key.len() > max_len || !graphic {
         return None;
     }
-    // Printable ASCII is UTF-8: this cannot fail.
-    std::str::from_utf8(key).ok()
+    Some(key)
+}
+
+/// A key read as bytes (printable ASCII, so UTF-8) as text.
+#[inline]
+fn as_text(key: &[u8]) -> Result<&str, Rejection> {
+    std::str::from_utf8(key)
+        .map_err(|_| Rejection::MalformedKey("the API key must be printable ASCII without spaces"))
 }
 
 impl Extractor for ApiKey {
     #[inline]
     fn extract(&self, req: &RequestRef<'_>, policy: &Policy) -> Result<Identity, Rejection> {
-        let key = self.read(req.headers)?;
-        let id = KeyId::of(key);
-        if policy.has_revocations() && policy.is_revoked(key, id) {
+        let key = self.read_raw(req.headers)?;
+        let id = KeyId::of_bytes(key);
+        if policy.has_revocations() && policy.is_revoked(as_text(key)?, id) {
             return Err(Rejection::UnknownKey);
         }
-        let entry = policy
-            .key_entry(key, id)
-            .or_else(|| self.resolver.as_ref().and_then(|r| r(key)));
+        let entry = match (policy.key_entry_bytes(key, id), &self.resolver) {
+            (Some(entry), _) => Some(entry),
+            (None, Some(resolve)) => resolve(as_text(key)?),
+            (None, None) => None,
+        };
         Ok(Identity::listed(id, entry))
     }
 }

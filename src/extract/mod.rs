@@ -169,6 +169,7 @@ impl Identity {
     }
 
     /// The same identity in organisation `org` (`None`: none).
+    #[cfg(feature = "envoy")]
     pub(crate) const fn in_org(mut self, org: Option<KeyId>) -> Self {
         self.org = org;
         self

@@ -36,12 +36,10 @@ impl KeyText {
 
     /// Whether this is `key`'s text.
     #[inline]
-    fn is(&self, key: &str) -> bool {
+    fn is(&self, key: &[u8]) -> bool {
         match self {
-            KeyText::Inline { len, bytes } => {
-                bytes.get(..usize::from(*len)) == Some(key.as_bytes())
-            }
-            KeyText::Heap(text) => **text == *key,
+            KeyText::Inline { len, bytes } => bytes.get(..usize::from(*len)) == Some(key),
+            KeyText::Heap(text) => text.as_bytes() == key,
         }
     }
 
@@ -162,7 +160,7 @@ impl KeyTable {
         let id = KeyId::of(key).as_u64();
         let mut i = self.home(id);
         while let Some(slot) = &self.slots[i] {
-            if slot.id == id && slot.key.is(key) {
+            if slot.id == id && slot.key.is(key.as_bytes()) {
                 return false;
             }
             i = self.next(i);
@@ -204,7 +202,7 @@ impl KeyTable {
 
     /// The entry of `key`, whose id is `id`, if it is listed.
     #[inline]
-    pub(super) fn find(&self, id: u64, key: &str) -> Option<ListedKey> {
+    pub(super) fn find(&self, id: u64, key: &[u8]) -> Option<ListedKey> {
         if self.slots.is_empty() {
             return None;
         }
@@ -245,16 +243,16 @@ mod tests {
         assert!(!t.insert("k", ListedKey::new(TierId(1))), "listed twice");
         assert!(t.insert("k2", ListedKey::new(TierId(1))));
         assert_eq!(
-            t.find(KeyId::of("k").as_u64(), "k"),
+            t.find(KeyId::of("k").as_u64(), b"k"),
             Some(ListedKey::new(TierId(0)))
         );
         let acme = ListedKey::new(TierId(1))
             .in_account(Some(KeyId::of_account("team")))
             .in_org(Some(KeyId::of_org("acme")));
         assert!(t.insert("k3", acme));
-        assert_eq!(t.find(KeyId::of("k3").as_u64(), "k3"), Some(acme));
+        assert_eq!(t.find(KeyId::of("k3").as_u64(), b"k3"), Some(acme));
         assert_eq!(
-            t.find(KeyId::of("k").as_u64(), "k"),
+            t.find(KeyId::of("k").as_u64(), b"k"),
             Some(ListedKey::new(TierId(0))),
             "a key without an organisation has none"
         );

@@ -290,7 +290,19 @@ impl Policy {
         if let Some(k) = self.ops.as_ref().and_then(|o| o.key(key, id)) {
             return k.entry;
         }
-        self.inner.keys.find(id.as_u64(), key)
+        self.inner.keys.find(id.as_u64(), key.as_bytes())
+    }
+
+    /// [`key_entry`](Self::key_entry) of a key read as bytes (the request
+    /// path's): the operators' entries, rare, are looked up by its text.
+    #[inline]
+    pub(crate) fn key_entry_bytes(&self, key: &[u8], id: KeyId) -> Option<ListedKey> {
+        if self.ops.is_none() {
+            return self.inner.keys.find(id.as_u64(), key);
+        }
+        std::str::from_utf8(key)
+            .ok()
+            .and_then(|text| self.key_entry(text, id))
     }
 
     /// Whether any key is revoked (one branch per request when none is).
