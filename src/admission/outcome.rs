@@ -109,7 +109,38 @@ impl<'a> Outcome<'a> {
     /// Turns a backend's answer into the outcome: the reserve is reported
     /// as part of the limit, and shadow mode turns refusals into counted
     /// passes.
+    #[inline]
     pub(super) fn resolve(
+        &mut self,
+        result: Result<Decision, BackendError>,
+        grpc: impl FnOnce() -> bool,
+    ) -> Resolved {
+        if self.passes(&result) {
+            return Resolved::Pass;
+        }
+        self.resolve_carried(result, grpc)
+    }
+
+    /// An allowed answer with no header to write and no meter, lease or
+    /// usage record to hold: the request passes as it is (and is counted).
+    #[inline(always)]
+    fn passes(&self, result: &Result<Decision, BackendError>) -> bool {
+        let c = &self.carried;
+        let bare = matches!(result, Ok(d) if d.allowed)
+            && c.meter.is_none()
+            && c.lease.is_none()
+            && c.usage.is_none()
+            && !self.options.need_plan();
+        #[cfg(feature = "metrics")]
+        if bare {
+            let names = self.names();
+            self.cell.metrics(names.0, names.1).allowed.increment(1);
+        }
+        bare
+    }
+
+    #[inline(never)]
+    fn resolve_carried(
         &mut self,
         result: Result<Decision, BackendError>,
         grpc: impl FnOnce() -> bool,
@@ -128,13 +159,6 @@ impl<'a> Outcome<'a> {
             Ok(d) if d.allowed => {
                 #[cfg(feature = "metrics")]
                 counters.allowed.increment(1);
-                if meter.is_none() && lease.is_none() && !self.options.need_plan() {
-                    // No header to write, no meter or lease to hold (and
-                    // no usage record: a layer with a feed always makes a
-                    // plan, `HeaderOptions::describe`).
-                    debug_assert!(usage.is_none(), "a usage record passed unadmitted");
-                    return Resolved::Pass;
-                }
                 Resolved::Allow(self.allowed(d, meter, lease, usage))
             }
             Ok(d)
