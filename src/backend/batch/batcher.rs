@@ -1,0 +1,587 @@
+//! The instance's side: local batches per owner and cell, spent without a
+//! round trip, sized to the traffic this instance sees, and given back
+//! when they age out, when the check's limits change, or on shutdown.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry as Slot;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock, Reference};
+
+use super::{BatchStore, GiveBack, Grant, Take, Taken};
+use crate::backend::{Backend, BackendError, Charge, Check, Decision};
+use crate::limit::{Limit, MAX_LIMITS};
+
+const SHARDS: usize = 16;
+
+type Table = HashMap<(u64, u64), Entry, foldhash::fast::RandomState>;
+
+/// Configures a [`Batcher`].
+#[must_use]
+#[derive(Debug)]
+pub struct BatcherBuilder<C = DefaultClock> {
+    clock: C,
+    hold: Duration,
+    max_share: f64,
+    max_entries: usize,
+}
+
+impl<C: Clock> BatcherBuilder<C> {
+    /// Another clock (governor's `FakeRelativeClock` in tests): the one
+    /// [`Batcher::check`] reads. [`Batcher::begin`] takes the time as an
+    /// argument instead.
+    pub fn clock<C2: Clock>(self, clock: C2) -> BatcherBuilder<C2> {
+        BatcherBuilder {
+            clock,
+            hold: self.hold,
+            max_share: self.max_share,
+            max_entries: self.max_entries,
+        }
+    }
+
+    /// How long a batch may be spent after its take was sent, and how far
+    /// past the store's now its slots start (default 100 ms).
+    pub fn hold(mut self, hold: Duration) -> Self {
+        self.hold = hold.max(Duration::from_nanos(1));
+        self
+    }
+
+    /// The largest batch, as a share of the smallest burst (`max`) of a
+    /// check's limits (default 0.1); a batch always holds at least the
+    /// request's cost.
+    pub fn max_share(mut self, share: f64) -> Self {
+        self.max_share = share.clamp(0.0, 1.0);
+        self
+    }
+
+    /// The most owner × cell entries held (default 100,000); past it, new
+    /// ones go to the store one check at a time.
+    pub fn max_entries(mut self, max: usize) -> Self {
+        self.max_entries = max.max(SHARDS);
+        self
+    }
+
+    /// The batcher, over `store`.
+    pub fn build<S: BatchStore>(self, store: S) -> Batcher<S, C> {
+        let start = self.clock.now();
+        Batcher {
+            store,
+            start,
+            clock: self.clock,
+            hold: self.hold.as_nanos().min(u128::from(u64::MAX / 4)) as u64,
+            max_share: self.max_share,
+            per_shard: self.max_entries / SHARDS,
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+}
+
+/// Local batches of a shared [`BatchStore`]: see the [module
+/// docs](super).
+///
+/// A check goes through [`begin`](Self::begin) (spent from a local batch,
+/// or a [`Ticket`] for the store, or passed through) and, after the
+/// store's answer, [`finish`](Self::finish); [`check`](Self::check) does
+/// both with the batcher's clock.
+///
+/// ```
+/// use governor::clock::FakeRelativeClock;
+/// use tierlimit::backend::batch::Batcher;
+/// use tierlimit::backend::{MemoryBackend, Subject};
+/// use tierlimit::{Limit, key::KeyId};
+/// # fn block<F: std::future::Future>(f: F) -> F::Output {
+/// #     let mut f = std::pin::pin!(f);
+/// #     let waker = std::task::Waker::noop();
+/// #     let mut cx = std::task::Context::from_waker(&waker);
+/// #     match f.as_mut().poll(&mut cx) { std::task::Poll::Ready(v) => v, _ => unreachable!() }
+/// # }
+/// let clock = FakeRelativeClock::default();
+/// let store = MemoryBackend::builder().clock(clock.clone()).build();
+/// let batcher = Batcher::builder().clock(clock).build(store);
+/// let s = Subject::new(KeyId::of("k"), 7);
+/// let charge = s.charge(Limit::per_second(10));
+/// assert!(block(batcher.check(&s.check(&charge))).unwrap().allowed);
+/// ```
+pub struct Batcher<S, C: Clock = DefaultClock> {
+    store: S,
+    clock: C,
+    start: C::Instant,
+    hold: u64,
+    max_share: f64,
+    per_shard: usize,
+    shards: Box<[Mutex<Table>]>,
+}
+
+impl<S, C: Clock> fmt::Debug for Batcher<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batcher")
+            .field("hold", &Duration::from_nanos(self.hold))
+            .field("max_share", &self.max_share)
+            .field("batches", &self.batches())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Batcher<()> {
+    /// Configures a batcher (on the system clock).
+    pub fn builder() -> BatcherBuilder {
+        BatcherBuilder {
+            clock: DefaultClock::default(),
+            hold: Duration::from_millis(100),
+            max_share: 0.1,
+            max_entries: 100_000,
+        }
+    }
+}
+
+/// What [`Batcher::begin`] made of a check.
+#[derive(Clone, Copy, Debug)]
+pub enum Step {
+    /// Spent from a local batch: the decision.
+    Done(Decision),
+    /// Ask the store ([`BatchStore::take`] of [`Ticket::take`]), then
+    /// [`Batcher::finish`].
+    Take(Ticket),
+    /// Not batchable (token charges, leases, calendar limits, charges of
+    /// different costs): check it with the backend, untouched.
+    Bypass,
+}
+
+/// A check on its way to the store: what to take, and what to do with the
+/// answer ([`Batcher::finish`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Ticket {
+    owner: u64,
+    known: bool,
+    charges: [Charge; MAX_LIMITS],
+    len: u8,
+    cost: u32,
+    want: u32,
+    hold: u64,
+    sent: u64,
+    cell: u64,
+    signature: u64,
+    batch: bool,
+}
+
+impl Ticket {
+    fn plain(check: &Check<'_>, cost: u32, now: u64) -> Self {
+        let len = check.charges.len().min(MAX_LIMITS);
+        let mut charges = [check.charges[0]; MAX_LIMITS];
+        charges[..len].copy_from_slice(&check.charges[..len]);
+        Ticket {
+            owner: check.owner,
+            known: check.known,
+            charges,
+            len: len as u8,
+            cost,
+            want: cost,
+            hold: 0,
+            sent: now,
+            cell: check.charges[0].bucket,
+            signature: 0,
+            batch: false,
+        }
+    }
+
+    /// What to ask the store for.
+    pub fn take(&self) -> Take<'_> {
+        Take {
+            owner: self.owner,
+            known: self.known,
+            charges: self.charges(),
+            want: self.want,
+            hold: Duration::from_nanos(self.hold),
+        }
+    }
+
+    /// Whether this take asks for a batch (more than the request's cost);
+    /// else it is a normal check.
+    pub fn is_batch(&self) -> bool {
+        self.batch
+    }
+
+    fn charges(&self) -> &[Charge] {
+        &self.charges[..usize::from(self.len)]
+    }
+}
+
+/// One owner × cell: its batch, its in-flight take, and the requests it
+/// saw lately.
+struct Entry {
+    signature: u64,
+    batch: Option<Local>,
+    /// When the in-flight take was sent (a stale one, older than the
+    /// hold, no longer blocks another).
+    inflight: Option<u64>,
+    window: u64,
+    count: u32,
+    prev: u32,
+    seen: u64,
+}
+
+impl Entry {
+    fn new(signature: u64, now: u64) -> Self {
+        Entry {
+            signature,
+            batch: None,
+            inflight: None,
+            window: now,
+            count: 0,
+            prev: 0,
+            seen: now,
+        }
+    }
+
+    fn arrive(&mut self, now: u64, hold: u64) {
+        let since = now.saturating_sub(self.window);
+        if since >= hold {
+            self.prev = if since < 2 * hold { self.count } else { 0 };
+            self.count = 0;
+            self.window = now;
+        }
+        self.count = self.count.saturating_add(1);
+        self.seen = now;
+    }
+}
+
+/// A batch held here.
+#[derive(Clone, Copy, Debug)]
+struct Local {
+    grant: Grant,
+    charges: [Charge; MAX_LIMITS],
+    sent: u64,
+    received: u64,
+    spent: u32,
+}
+
+impl Local {
+    fn charges(&self) -> &[Charge] {
+        &self.charges[..self.grant.limits().len()]
+    }
+
+    /// Spends `n` more units at `now` if every one of them may be spent
+    /// (see the module docs), with the decision to answer.
+    #[inline]
+    fn spend(&mut self, n: u32, now: u64, hold: u64) -> Option<Decision> {
+        let j = self.spent + n;
+        if j > self.grant.units || now.saturating_sub(self.sent) > hold {
+            return None;
+        }
+        let since = now.saturating_sub(self.received);
+        for l in self.grant.limits() {
+            let offset = l.start - self.grant.at;
+            if since + l.cap < offset + u64::from(j) * l.interval {
+                return None;
+            }
+        }
+        self.spent = j;
+        Some(self.decision())
+    }
+
+    /// The store's remaining after the take plus what is left here.
+    fn decision(&self) -> Decision {
+        let unspent = self.grant.units - self.spent;
+        let each = self.charges().iter().zip(self.grant.limits());
+        Decision::binding(each.map(|(c, l)| Decision::allow(&c.limit, l.remaining + unspent)))
+            .unwrap_or_else(|| Decision::allow(&Limit::per_second(1), 1))
+    }
+}
+
+/// A batch leaving, to give back outside the lock.
+struct Retired {
+    owner: u64,
+    local: Local,
+}
+
+impl<S: BatchStore, C: Clock> Batcher<S, C> {
+    /// The store behind.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The batcher's clock now, in nanoseconds since it was built.
+    pub fn now(&self) -> u64 {
+        u64::from(self.clock.now().duration_since(self.start))
+    }
+
+    /// The first half of a check at `now` (nanoseconds on this instance's
+    /// clock): spent from a local batch, or what to ask the store, or
+    /// [`Step::Bypass`] for a check that is not batched. Holds no lock
+    /// once it returns; allocates only for an owner not seen lately.
+    pub fn begin(&self, check: &Check<'_>, now: u64) -> Step {
+        let Some(cost) = routable(check) else {
+            return Step::Bypass;
+        };
+        if check.charges.iter().any(|c| c.reserve > 0) {
+            return Step::Take(Ticket::plain(check, cost, now));
+        }
+        let mut retired = None;
+        let step = {
+            let mut table = self.shard(check.owner);
+            self.step(&mut table, check, cost, now, &mut retired)
+        };
+        if let Some(r) = retired {
+            self.give(&r);
+        }
+        step
+    }
+
+    fn step(
+        &self,
+        table: &mut Table,
+        check: &Check<'_>,
+        cost: u32,
+        now: u64,
+        retired: &mut Option<Retired>,
+    ) -> Step {
+        let signature = signature(check.charges);
+        let plain = Ticket::plain(check, cost, now);
+        let full = table.len() >= self.per_shard;
+        let e = match table.entry((check.owner, plain.cell)) {
+            Slot::Occupied(o) => o.into_mut(),
+            Slot::Vacant(v) if !full => v.insert(Entry::new(signature, now)),
+            Slot::Vacant(_) => return Step::Take(plain),
+        };
+        if e.signature != signature {
+            // Other buckets or limits now (a policy change, a boost):
+            // the old batch goes back, and the counts start again.
+            *retired = e.batch.take().map(|local| Retired { owner: check.owner, local });
+            *e = Entry::new(signature, now);
+        }
+        e.arrive(now, self.hold);
+        if let Some(local) = &mut e.batch {
+            if let Some(d) = local.spend(cost, now, self.hold) {
+                if local.spent == local.grant.units {
+                    e.batch = None;
+                }
+                return Step::Done(d);
+            }
+            *retired = e.batch.take().map(|local| Retired { owner: check.owner, local });
+        }
+        let inflight = e.inflight.is_some_and(|t| now.saturating_sub(t) <= self.hold);
+        let want = self.want(e, cost, check.charges);
+        if inflight || want <= cost {
+            return Step::Take(plain);
+        }
+        e.inflight = Some(now);
+        Step::Take(Ticket {
+            want,
+            hold: self.hold,
+            signature,
+            batch: true,
+            ..plain
+        })
+    }
+
+    /// The batch size for the next take: the requests expected in the
+    /// next half hold, from those seen in the last hold, within the share
+    /// of the smallest burst.
+    fn want(&self, e: &Entry, cost: u32, charges: &[Charge]) -> u32 {
+        let expected = e.prev.max(e.count) / 2;
+        let smallest = charges.iter().map(|c| c.limit.max()).min().unwrap_or(1);
+        let most = ((f64::from(smallest) * self.max_share) as u32).max(cost);
+        expected.saturating_mul(cost).max(cost).min(most)
+    }
+
+    /// The second half: the store's answer to `ticket`'s take, received
+    /// at `now`. A batch is kept for the next requests (its first units
+    /// are this request's); a normal check's decision passes through.
+    pub fn finish(
+        &self,
+        ticket: &Ticket,
+        taken: Result<Taken, BackendError>,
+        now: u64,
+    ) -> Result<Decision, BackendError> {
+        let mut left = None;
+        let answer = match taken {
+            Err(e) => Err(e),
+            Ok(Taken::Checked(d)) => Ok(d),
+            Ok(Taken::Granted(grant)) => {
+                let local = Local {
+                    grant,
+                    charges: ticket.charges,
+                    sent: ticket.sent,
+                    received: now,
+                    spent: ticket.cost.min(grant.units),
+                };
+                if local.spent < grant.units {
+                    left = Some(local);
+                }
+                Ok(local.decision())
+            }
+        };
+        if ticket.batch || left.is_some() {
+            if let Some(r) = self.keep(ticket, left) {
+                self.give(&r);
+            }
+        }
+        answer
+    }
+
+    /// Keeps what is left of a new batch in its entry, if it is the
+    /// entry's in-flight take and the entry's limits are unchanged; else
+    /// it goes back.
+    fn keep(&self, ticket: &Ticket, left: Option<Local>) -> Option<Retired> {
+        let mut table = self.shard(ticket.owner);
+        let back = |local| Retired { owner: ticket.owner, local };
+        let Some(e) = table.get_mut(&(ticket.owner, ticket.cell)) else {
+            return left.map(back);
+        };
+        if !ticket.batch || e.signature != ticket.signature {
+            return left.map(back);
+        }
+        if e.inflight == Some(ticket.sent) {
+            e.inflight = None;
+        }
+        match left {
+            Some(local) if e.batch.is_none() => {
+                e.batch = Some(local);
+                None
+            }
+            other => other.map(back),
+        }
+    }
+
+    fn give(&self, r: &Retired) {
+        let local = &r.local;
+        self.store.give_back(&GiveBack {
+            owner: r.owner,
+            charges: local.charges(),
+            grant: &local.grant,
+            unused: local.grant.units - local.spent,
+        });
+    }
+
+    fn shard(&self, owner: u64) -> MutexGuard<'_, Table> {
+        let i = (owner.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % SHARDS;
+        self.shards[i].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Gives back every batch older than the hold at `now`, and forgets
+    /// owners idle for two holds (call it now and then; requests also
+    /// give an aged batch back when they find it).
+    pub fn flush_aged(&self, now: u64) {
+        let hold = self.hold;
+        self.drain(|e| {
+            let aged = e.batch.is_some_and(|b| now.saturating_sub(b.sent) > hold);
+            let idle = e.batch.is_none() && now.saturating_sub(e.seen) > 2 * hold;
+            (aged, idle)
+        });
+    }
+
+    /// Gives back every batch and forgets every owner (on shutdown).
+    pub fn flush_all(&self) {
+        self.drain(|_| (true, true));
+    }
+
+    /// For each entry, `(give its batch back, forget it)`.
+    fn drain(&self, mut what: impl FnMut(&Entry) -> (bool, bool)) {
+        let mut out = Vec::new();
+        for shard in &self.shards[..] {
+            let mut table = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            table.retain(|&(owner, _), e| {
+                let (back, forget) = what(e);
+                if back && let Some(local) = e.batch.take() {
+                    out.push(Retired { owner, local });
+                }
+                !forget || e.inflight.is_some()
+            });
+            drop(table);
+            for r in out.drain(..) {
+                self.give(&r);
+            }
+        }
+    }
+}
+
+impl<S, C: Clock> Batcher<S, C> {
+    /// How many batches are held here now.
+    pub fn batches(&self) -> usize {
+        self.count(|e| e.batch.is_some())
+    }
+
+    /// Units held here now, not yet spent, across every batch.
+    pub fn unspent(&self) -> u64 {
+        let mut n = 0;
+        self.count(|e| {
+            n += e.batch.map_or(0, |b| u64::from(b.grant.units - b.spent));
+            false
+        });
+        n
+    }
+
+    fn count(&self, mut f: impl FnMut(&Entry) -> bool) -> usize {
+        let shards = self.shards.iter();
+        shards
+            .map(|s| {
+                let table = s.lock().unwrap_or_else(PoisonError::into_inner);
+                table.values().filter(|e| f(e)).count()
+            })
+            .sum()
+    }
+}
+
+impl<S: BatchStore + Backend, C: Clock> Batcher<S, C> {
+    /// Checks one request with the batcher's clock: from a local batch,
+    /// else through the store's take (a check that is not batched goes to
+    /// the store's [`Backend::check`], untouched). Routing every batchable
+    /// check through the take keeps each bucket in one place.
+    pub fn check(
+        &self,
+        check: &Check<'_>,
+    ) -> impl Future<Output = Result<Decision, BackendError>> + Send + '_
+    where
+        C: Sync,
+        C::Instant: Send + Sync,
+    {
+        let next = match self.begin(check, self.now()) {
+            Step::Done(d) => Next::Done(d),
+            Step::Take(t) => Next::Take(self.store.take(&t.take()), t),
+            Step::Bypass => Next::Bypass(Backend::check(&self.store, check)),
+        };
+        async move {
+            match next {
+                Next::Done(d) => Ok(d),
+                Next::Take(f, t) => {
+                    let taken = f.await;
+                    self.finish(&t, taken, self.now())
+                }
+                Next::Bypass(f) => f.await,
+            }
+        }
+    }
+}
+
+enum Next<T, B> {
+    Done(Decision),
+    Take(T, Ticket),
+    Bypass(B),
+}
+
+/// The request charges' common cost, if the check may go through a take:
+/// request charges only (no tokens, no leases, no calendar limits), all of
+/// one cost.
+fn routable(check: &Check<'_>) -> Option<u32> {
+    let first = check.charges.first()?;
+    let ok = check.tokens == 0
+        && check.leases.is_empty()
+        && check.charges.len() <= MAX_LIMITS
+        && check
+            .charges
+            .iter()
+            .all(|c| c.cost == first.cost && !c.limit.period().is_calendar());
+    ok.then_some(first.cost.max(1))
+}
+
+/// The check's buckets and limits, as one number: another one means the
+/// policy (or a boost, or a custom limit) changed what the check counts.
+fn signature(charges: &[Charge]) -> u64 {
+    charges.iter().fold(0xcbf2_9ce4_8422_2325, |h, c| {
+        let l = (u64::from(c.limit.max()) << 32) ^ c.limit.per().as_nanos() as u64;
+        (h ^ c.bucket ^ l.rotate_left(29)).wrapping_mul(0x0100_0000_01b3).rotate_left(23)
+    })
+}
