@@ -266,9 +266,9 @@ impl Local {
     /// Spends `n` more units at `now` if every one of them may be spent
     /// (see the module docs), with the decision to answer.
     #[inline]
-    fn spend(&mut self, n: u32, now: u64, hold: u64) -> Option<Decision> {
+    fn spend(&mut self, n: u32, now: u64) -> Option<Decision> {
         let j = self.spent + n;
-        if j > self.grant.units || now.saturating_sub(self.sent) > hold {
+        if j > self.grant.units || self.aged(now) {
             return None;
         }
         let since = now.saturating_sub(self.received);
@@ -280,6 +280,13 @@ impl Local {
         }
         self.spent = j;
         Some(self.decision())
+    }
+
+    /// Whether the batch may no longer be spent: longer than its hold
+    /// since its take was sent.
+    #[inline]
+    fn aged(&self, now: u64) -> bool {
+        now.saturating_sub(self.sent) > self.grant.hold
     }
 
     /// The store's remaining after the take plus what is left here.
@@ -354,7 +361,7 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
         }
         e.arrive(now, self.hold);
         if let Some(local) = &mut e.batch {
-            if let Some(d) = local.spend(cost, now, self.hold) {
+            if let Some(d) = local.spend(cost, now) {
                 if local.spent == local.grant.units {
                     e.batch = None;
                 }
@@ -363,25 +370,36 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
             *retired = e.batch.take().map(|local| Retired { owner: check.owner, local });
         }
         let inflight = e.inflight.is_some_and(|t| now.saturating_sub(t) <= self.hold);
-        let want = self.want(e, cost, check.charges);
+        let hold = self.hold_for(check.charges);
+        let want = self.want(e, cost, check.charges, hold);
         if inflight || want <= cost {
             return Step::Take(plain);
         }
         e.inflight = Some(now);
         Step::Take(Ticket {
             want,
-            hold: self.hold,
+            hold,
             signature,
             batch: true,
             ..plain
         })
     }
 
-    /// The batch size for the next take: the requests expected in the
-    /// next half hold, from those seen in the last hold, within the share
-    /// of the smallest burst.
-    fn want(&self, e: &Entry, cost: u32, charges: &[Charge]) -> u32 {
-        let expected = e.prev.max(e.count) / 2;
+    /// The hold of a take: the configured one, at most `max_share` of the
+    /// shortest window of the check's limits, so that the refill a batch's
+    /// hold-back skips is never more than a batch could hold.
+    fn hold_for(&self, charges: &[Charge]) -> u64 {
+        let shortest = charges.iter().map(|c| c.limit.per()).min();
+        let shortest = shortest.map_or(0, |p| p.as_nanos().min(u128::from(u64::MAX / 4)) as u64);
+        self.hold.min((shortest as f64 * self.max_share) as u64).max(1)
+    }
+
+    /// The batch size for the next take of a batch held `hold`: the
+    /// requests expected in the next half hold, at the rate seen in the
+    /// last configured hold, within the share of the smallest burst.
+    fn want(&self, e: &Entry, cost: u32, charges: &[Charge], hold: u64) -> u32 {
+        let seen = u128::from(e.prev.max(e.count));
+        let expected = (seen * u128::from(hold) / u128::from(2 * self.hold)) as u32;
         let smallest = charges.iter().map(|c| c.limit.max()).min().unwrap_or(1);
         let most = ((f64::from(smallest) * self.max_share) as u32).max(cost);
         expected.saturating_mul(cost).max(cost).min(most)
@@ -467,7 +485,7 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
     pub fn flush_aged(&self, now: u64) {
         let hold = self.hold;
         self.drain(|e| {
-            let aged = e.batch.is_some_and(|b| now.saturating_sub(b.sent) > hold);
+            let aged = e.batch.is_some_and(|b| b.aged(now));
             let idle = e.batch.is_none() && now.saturating_sub(e.seen) > 2 * hold;
             (aged, idle)
         });
