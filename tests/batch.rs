@@ -4,3 +4,5 @@
 
 #[path = "batch/props.rs"]
 mod props;
+#[path = "batch/memory.rs"]
+mod memory;

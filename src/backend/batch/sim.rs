@@ -108,9 +108,14 @@ impl SimStore {
 
 impl State {
     fn apply(&mut self, now: u64) {
-        self.pending.sort_by_key(|p| (p.0, p.1));
-        while self.pending.first().is_some_and(|p| p.0 <= now) {
-            let (at, owner, charges, grant, unused) = self.pending.remove(0);
+        if self.pending.is_empty() {
+            return;
+        }
+        self.pending.sort_by_key(|p| Reverse((p.0, p.1)));
+        while self.pending.last().is_some_and(|p| p.0 <= now) {
+            let Some((at, owner, charges, grant, unused)) = self.pending.pop() else {
+                break;
+            };
             let back = GiveBack {
                 owner,
                 charges: &charges,
