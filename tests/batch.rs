@@ -2,7 +2,7 @@
 //! simulated store, and the batcher over the memory backend on a fake
 //! clock.
 
-#[path = "batch/props.rs"]
-mod props;
 #[path = "batch/memory.rs"]
 mod memory;
+#[path = "batch/props.rs"]
+mod props;

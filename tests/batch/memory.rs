@@ -85,7 +85,9 @@ impl World {
             wants: Mutex::new(Vec::new()),
         };
         let b = Batcher::builder().clock(self.clock.clone());
-        b.hold(Duration::from_millis(100)).max_share(0.1).build(store)
+        b.hold(Duration::from_millis(100))
+            .max_share(0.1)
+            .build(store)
     }
 
     /// What the bucket could take at once now (`remaining` of a peek).
@@ -95,7 +97,8 @@ impl World {
 }
 
 fn now<F: Future>(f: F) -> F::Output {
-    f.now_or_never().expect("the memory backend answers at once")
+    f.now_or_never()
+        .expect("the memory backend answers at once")
 }
 
 fn subject() -> Subject {
@@ -136,7 +139,10 @@ fn an_aged_batch_goes_back_and_the_next_instance_sees_it() {
     while now(b.check(&s.check(&charge))).unwrap().allowed {
         admitted += 1;
     }
-    assert!(admitted + 1 >= after && admitted <= after, "{admitted} of {after}");
+    assert!(
+        admitted + 1 >= after && admitted <= after,
+        "{admitted} of {after}"
+    );
 }
 
 #[test]
@@ -170,7 +176,11 @@ fn other_limits_send_the_batch_back() {
         ..s.charge(Limit::per_minute(1000))
     };
     let both = [charge, account];
-    assert!(now(a.check(&Check::new(s.key.as_u64(), true, &both))).unwrap().allowed);
+    assert!(
+        now(a.check(&Check::new(s.key.as_u64(), true, &both)))
+            .unwrap()
+            .allowed
+    );
     assert_eq!(a.store().gives.load(Ordering::Relaxed), 1);
     assert_eq!(a.unspent(), 0);
     // Every unused unit is back, less this request's.
@@ -231,17 +241,27 @@ fn a_hot_owner_rarely_asks_the_store() {
 fn reserves_are_normal_checks_and_leases_pass_through() {
     let w = World::new();
     let a = w.instance();
-    let s = Subject { reserve: 2, ..subject() };
+    let s = Subject {
+        reserve: 2,
+        ..subject()
+    };
     let charge = s.charge(hourly());
     for _ in 0..40 {
         assert!(now(a.check(&s.check(&charge))).unwrap().allowed);
     }
     assert!(a.store().wants.lock().unwrap().iter().all(|&k| k == 1));
     assert_eq!(a.batches(), 0);
-    let lease = Lease { bucket: 5, max: 3, per_account: false };
+    let lease = Lease {
+        bucket: 5,
+        max: 3,
+        per_account: false,
+    };
     let leases = [lease];
     let plain = subject().charge(hourly());
-    let check = Check { leases: &leases, ..subject().check(&plain) };
+    let check = Check {
+        leases: &leases,
+        ..subject().check(&plain)
+    };
     assert!(now(a.check(&check)).unwrap().allowed);
     assert_eq!(a.store().checks.load(Ordering::Relaxed), 1);
 }

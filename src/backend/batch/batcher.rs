@@ -213,7 +213,12 @@ impl Ticket {
 /// saw lately.
 struct Entry {
     signature: u64,
+    /// The batch being spent.
     batch: Option<Local>,
+    /// The batch taken ahead, spent when `batch` is done.
+    next: Option<Local>,
+    /// The round trip of a take, smoothed (0: none seen yet).
+    rtt: u64,
     /// When the in-flight take was sent (a stale one, older than the
     /// hold, no longer blocks another).
     inflight: Option<u64>,
@@ -228,6 +233,8 @@ impl Entry {
         Entry {
             signature,
             batch: None,
+            next: None,
+            rtt: 0,
             inflight: None,
             window: now,
             count: 0,
@@ -245,6 +252,46 @@ impl Entry {
         }
         self.count = self.count.saturating_add(1);
         self.seen = now;
+    }
+
+    /// Requests seen in the last hold (the rate).
+    fn seen(&self) -> u32 {
+        self.prev.max(self.count)
+    }
+
+    /// Spends `cost` from the batch if it can, moving on to the next batch
+    /// when it is done (aged or spent out: what is left goes back). With
+    /// fewer units left than this instance spends `during` a round trip,
+    /// if it may take a batch now, the request goes to the store instead,
+    /// for the next batch.
+    fn serve(
+        &mut self,
+        cost: u32,
+        now: u64,
+        can_take: bool,
+        during: u64,
+        owner: u64,
+        retired: &mut [Option<Retired>; 2],
+    ) -> Option<Decision> {
+        for slot in retired.iter_mut() {
+            let local = self.batch.as_mut()?;
+            let left = u64::from(local.grant.units - local.spent);
+            let ahead = can_take && self.next.is_none() && left < during + u64::from(cost);
+            if !ahead && let Some(d) = local.spend(cost, now) {
+                if local.spent == local.grant.units {
+                    self.batch = self.next.take();
+                }
+                return Some(d);
+            }
+            if ahead && !local.aged(now) && left >= u64::from(cost) {
+                return None;
+            }
+            if slot.is_none() {
+                *slot = self.batch.take().map(|local| Retired { owner, local });
+            }
+            self.batch = self.next.take();
+        }
+        None
     }
 }
 
@@ -326,13 +373,13 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
         if check.charges.iter().any(|c| c.reserve > 0) {
             return Step::Take(Ticket::plain(check, cost, now));
         }
-        let mut retired = None;
+        let mut retired = [None, None];
         let step = {
             let mut table = self.shard(check.owner);
             self.step(&mut table, check, cost, now, &mut retired)
         };
-        if let Some(r) = retired {
-            self.give(&r);
+        for r in retired.iter().flatten() {
+            self.give(r);
         }
         step
     }
@@ -343,7 +390,7 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
         check: &Check<'_>,
         cost: u32,
         now: u64,
-        retired: &mut Option<Retired>,
+        retired: &mut [Option<Retired>; 2],
     ) -> Step {
         let signature = signature(check.charges);
         let plain = Ticket::plain(check, cost, now);
@@ -353,26 +400,25 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
             Slot::Vacant(v) if !full => v.insert(Entry::new(signature, now)),
             Slot::Vacant(_) => return Step::Take(plain),
         };
+        let owner = check.owner;
         if e.signature != signature {
             // Other buckets or limits now (a policy change, a boost):
-            // the old batch goes back, and the counts start again.
-            *retired = e.batch.take().map(|local| Retired { owner: check.owner, local });
+            // the old batches go back, and the counts start again.
+            retired[0] = e.batch.take().map(|local| Retired { owner, local });
+            retired[1] = e.next.take().map(|local| Retired { owner, local });
             *e = Entry::new(signature, now);
         }
         e.arrive(now, self.hold);
-        if let Some(local) = &mut e.batch {
-            if let Some(d) = local.spend(cost, now) {
-                if local.spent == local.grant.units {
-                    e.batch = None;
-                }
-                return Step::Done(d);
-            }
-            *retired = e.batch.take().map(|local| Retired { owner: check.owner, local });
-        }
-        let inflight = e.inflight.is_some_and(|t| now.saturating_sub(t) <= self.hold);
         let hold = self.hold_for(check.charges);
+        let inflight = e.inflight.is_some_and(|t| now.saturating_sub(t) <= hold);
         let want = self.want(e, cost, check.charges, hold);
-        if inflight || want <= cost {
+        let can_take = !inflight && want > cost;
+        // Units this instance expects to spend while a take is on its way.
+        let during = u64::from(e.seen()) * e.rtt / self.hold * u64::from(cost);
+        if let Some(d) = e.serve(cost, now, can_take, during, owner, retired) {
+            return Step::Done(d);
+        }
+        if !can_take {
             return Step::Take(plain);
         }
         e.inflight = Some(now);
@@ -391,15 +437,19 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
     fn hold_for(&self, charges: &[Charge]) -> u64 {
         let shortest = charges.iter().map(|c| c.limit.per()).min();
         let shortest = shortest.map_or(0, |p| p.as_nanos().min(u128::from(u64::MAX / 4)) as u64);
-        self.hold.min((shortest as f64 * self.max_share) as u64).max(1)
+        self.hold
+            .min((shortest as f64 * self.max_share) as u64)
+            .max(1)
     }
 
     /// The batch size for the next take of a batch held `hold`: the
-    /// requests expected in the next half hold, at the rate seen in the
-    /// last configured hold, within the share of the smallest burst.
+    /// requests expected in half the time a batch can be spent (its hold
+    /// less the round trip), at the rate seen in the last configured hold,
+    /// within the share of the smallest burst.
     fn want(&self, e: &Entry, cost: u32, charges: &[Charge], hold: u64) -> u32 {
-        let seen = u128::from(e.prev.max(e.count));
-        let expected = (seen * u128::from(hold) / u128::from(2 * self.hold)) as u32;
+        let usable = hold.saturating_sub(e.rtt);
+        let seen = u128::from(e.seen());
+        let expected = (seen * u128::from(usable) / u128::from(2 * self.hold)) as u32;
         let smallest = charges.iter().map(|c| c.limit.max()).min().unwrap_or(1);
         let most = ((f64::from(smallest) * self.max_share) as u32).max(cost);
         expected.saturating_mul(cost).max(cost).min(most)
@@ -433,7 +483,7 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
             }
         };
         if ticket.batch || left.is_some() {
-            if let Some(r) = self.keep(ticket, left) {
+            if let Some(r) = self.keep(ticket, left, now) {
                 self.give(&r);
             }
         }
@@ -443,9 +493,12 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
     /// Keeps what is left of a new batch in its entry, if it is the
     /// entry's in-flight take and the entry's limits are unchanged; else
     /// it goes back.
-    fn keep(&self, ticket: &Ticket, left: Option<Local>) -> Option<Retired> {
+    fn keep(&self, ticket: &Ticket, left: Option<Local>, now: u64) -> Option<Retired> {
         let mut table = self.shard(ticket.owner);
-        let back = |local| Retired { owner: ticket.owner, local };
+        let back = |local| Retired {
+            owner: ticket.owner,
+            local,
+        };
         let Some(e) = table.get_mut(&(ticket.owner, ticket.cell)) else {
             return left.map(back);
         };
@@ -455,9 +508,19 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
         if e.inflight == Some(ticket.sent) {
             e.inflight = None;
         }
+        let rtt = now.saturating_sub(ticket.sent);
+        e.rtt = if e.rtt == 0 {
+            rtt
+        } else {
+            (3 * e.rtt + rtt) / 4
+        };
         match left {
             Some(local) if e.batch.is_none() => {
                 e.batch = Some(local);
+                None
+            }
+            Some(local) if e.next.is_none() => {
+                e.next = Some(local);
                 None
             }
             other => other.map(back),
@@ -466,6 +529,9 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
 
     fn give(&self, r: &Retired) {
         let local = &r.local;
+        if local.spent == local.grant.units {
+            return;
+        }
         self.store.give_back(&GiveBack {
             owner: r.owner,
             charges: local.charges(),
@@ -476,37 +542,45 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
 
     fn shard(&self, owner: u64) -> MutexGuard<'_, Table> {
         let i = (owner.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % SHARDS;
-        self.shards[i].lock().unwrap_or_else(PoisonError::into_inner)
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Gives back every batch older than the hold at `now`, and forgets
+    /// Gives back every batch older than its hold at `now`, and forgets
     /// owners idle for two holds (call it now and then; requests also
     /// give an aged batch back when they find it).
     pub fn flush_aged(&self, now: u64) {
-        let hold = self.hold;
-        self.drain(|e| {
-            let aged = e.batch.is_some_and(|b| b.aged(now));
-            let idle = e.batch.is_none() && now.saturating_sub(e.seen) > 2 * hold;
-            (aged, idle)
-        });
+        self.drain(Some(now));
     }
 
-    /// Gives back every batch and forgets every owner (on shutdown).
+    /// Gives back every batch and forgets every owner (on shutdown; a take
+    /// still on its way gives its batch back when it lands).
     pub fn flush_all(&self) {
-        self.drain(|_| (true, true));
+        self.drain(None);
     }
 
-    /// For each entry, `(give its batch back, forget it)`.
-    fn drain(&self, mut what: impl FnMut(&Entry) -> (bool, bool)) {
+    /// Gives back the batches aged at `now` (all of them: `None`) and
+    /// forgets the entries idle then (all of them).
+    fn drain(&self, now: Option<u64>) {
+        let hold = self.hold;
         let mut out = Vec::new();
         for shard in &self.shards[..] {
             let mut table = shard.lock().unwrap_or_else(PoisonError::into_inner);
             table.retain(|&(owner, _), e| {
-                let (back, forget) = what(e);
-                if back && let Some(local) = e.batch.take() {
-                    out.push(Retired { owner, local });
+                for slot in [&mut e.batch, &mut e.next] {
+                    if let Some(local) = slot.take_if(|b| now.is_none_or(|t| b.aged(t))) {
+                        out.push(Retired { owner, local });
+                    }
                 }
-                !forget || e.inflight.is_some()
+                if e.batch.is_none() {
+                    e.batch = e.next.take();
+                }
+                let Some(now) = now else {
+                    return false;
+                };
+                let idle = e.batch.is_none() && now.saturating_sub(e.seen) > 2 * hold;
+                !idle || e.inflight.is_some()
             });
             drop(table);
             for r in out.drain(..) {
@@ -519,14 +593,16 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
 impl<S, C: Clock> Batcher<S, C> {
     /// How many batches are held here now.
     pub fn batches(&self) -> usize {
-        self.count(|e| e.batch.is_some())
+        self.count(|e| e.batch.is_some()) + self.count(|e| e.next.is_some())
     }
 
     /// Units held here now, not yet spent, across every batch.
     pub fn unspent(&self) -> u64 {
         let mut n = 0;
         self.count(|e| {
-            n += e.batch.map_or(0, |b| u64::from(b.grant.units - b.spent));
+            for b in [e.batch, e.next].iter().flatten() {
+                n += u64::from(b.grant.units - b.spent);
+            }
             false
         });
         n
@@ -600,6 +676,8 @@ fn routable(check: &Check<'_>) -> Option<u32> {
 fn signature(charges: &[Charge]) -> u64 {
     charges.iter().fold(0xcbf2_9ce4_8422_2325, |h, c| {
         let l = (u64::from(c.limit.max()) << 32) ^ c.limit.per().as_nanos() as u64;
-        (h ^ c.bucket ^ l.rotate_left(29)).wrapping_mul(0x0100_0000_01b3).rotate_left(23)
+        (h ^ c.bucket ^ l.rotate_left(29))
+            .wrapping_mul(0x0100_0000_01b3)
+            .rotate_left(23)
     })
 }

@@ -52,7 +52,9 @@ pub struct SimStore {
 
 impl std::fmt::Debug for SimStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimStore").field("stats", &self.stats()).finish()
+        f.debug_struct("SimStore")
+            .field("stats", &self.stats())
+            .finish()
     }
 }
 
@@ -153,7 +155,13 @@ impl BatchStore for SimStore {
     fn give_back(&self, back: &GiveBack<'_>) {
         let mut s = self.state();
         let at = s.now + s.latency;
-        let p = (at, back.owner, back.charges.to_vec(), *back.grant, back.unused);
+        let p = (
+            at,
+            back.owner,
+            back.charges.to_vec(),
+            *back.grant,
+            back.unused,
+        );
         s.pending.push(p);
     }
 }
@@ -182,13 +190,18 @@ impl Oracle {
         let mut spends = self.spends.clone();
         spends.sort_by_key(|s| s.0);
         let mut tats = vec![0u64; limits.len()];
-        spends.iter().filter(|&&(t, n)| !gcra(limits, &mut tats, t, n)).count()
+        spends
+            .iter()
+            .filter(|&&(t, n)| !gcra(limits, &mut tats, t, n))
+            .count()
     }
 
     /// Units one ideal GCRA would admit of `arrivals` `(time, cost)`.
     pub fn ideal(limits: &[Limit], arrivals: &[(u64, u32)]) -> u64 {
         let mut tats = vec![0u64; limits.len()];
-        let ok = arrivals.iter().filter(|&&(t, n)| gcra(limits, &mut tats, t, n));
+        let ok = arrivals
+            .iter()
+            .filter(|&&(t, n)| gcra(limits, &mut tats, t, n));
         ok.map(|a| u64::from(a.1)).sum()
     }
 }

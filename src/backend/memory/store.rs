@@ -429,7 +429,13 @@ impl Reading<'_> {
 
     /// Writes each charge's TAT (`tats`, in charge order) where it lives in
     /// the owner's shard (after [`own_tats`](Self::own_tats)).
-    pub(super) fn write(&self, maps: &mut ShardMaps, charges: &[Charge], tats: &[u64], known: bool) {
+    pub(super) fn write(
+        &self,
+        maps: &mut ShardMaps,
+        charges: &[Charge],
+        tats: &[u64],
+        known: bool,
+    ) {
         if self.acquired > 0 {
             crate::telemetry::tracked_keys(self.acquired as f64);
         }
