@@ -57,7 +57,10 @@
 //!
 //! - `hold` 100 ms: a batch is spent within 100 ms of its take or given
 //!   back. Longer holds batch more but skip up to `hold × rate` of refill
-//!   at every take and strand units longer.
+//!   at every take and strand units longer; a take's hold is at most half
+//!   the shortest window of its limits. The hold must be well above the
+//!   round trip to the store: a batch is spendable only for the hold less
+//!   the round trip (`examples/batch_regions.rs` shows a hold below it).
 //! - `max_share` 10 %: one instance's batch never holds more than a tenth
 //!   of the smallest burst of a check, so ten instances can hold batches at
 //!   once and a client still sees most of its burst wherever it lands.
@@ -65,8 +68,12 @@
 //!   owners go to the store one check at a time.
 //! - The size *k* adapts: 1 request's cost for a cold owner (exactly a
 //!   normal check, with no hold), else the requests this instance expects
-//!   for that owner and cell in the next `hold / 2`, from the count it saw
-//!   in the last `hold`.
+//!   for that owner and cell in half the time a batch can be spent (the
+//!   hold less the last round trip), from the count it saw in the last
+//!   `hold`. One take per owner × cell is on its way at a time (other
+//!   requests meanwhile are normal checks); when a batch has fewer units
+//!   left than a round trip spends, the next request takes the next batch
+//!   ahead.
 
 mod batcher;
 #[doc(hidden)]
