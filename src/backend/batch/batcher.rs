@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock, Reference};
 
-use super::{BatchStore, GiveBack, Grant, Take, Taken};
+use super::entry::{Entry, Local, Retired, routable, signature};
+use super::{BatchStore, GiveBack, Take, Taken};
 use crate::backend::{Backend, BackendError, Charge, Check, Decision};
-use crate::limit::{Limit, MAX_LIMITS};
+use crate::limit::MAX_LIMITS;
 
 const SHARDS: usize = 16;
 
@@ -138,6 +139,9 @@ impl Batcher<()> {
 }
 
 /// What [`Batcher::begin`] made of a check.
+// A ticket carries its charges by value (the take borrows them across the
+// store's await); boxing it would allocate once per store call.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug)]
 pub enum Step {
     /// Spent from a local batch: the decision.
@@ -209,148 +213,6 @@ impl Ticket {
     }
 }
 
-/// One owner × cell: its batch, its in-flight take, and the requests it
-/// saw lately.
-struct Entry {
-    signature: u64,
-    /// The batch being spent.
-    batch: Option<Local>,
-    /// The batch taken ahead, spent when `batch` is done.
-    next: Option<Local>,
-    /// The round trip of a take, smoothed (0: none seen yet).
-    rtt: u64,
-    /// When the in-flight take was sent (a stale one, older than the
-    /// hold, no longer blocks another).
-    inflight: Option<u64>,
-    window: u64,
-    count: u32,
-    prev: u32,
-    seen: u64,
-}
-
-impl Entry {
-    fn new(signature: u64, now: u64) -> Self {
-        Entry {
-            signature,
-            batch: None,
-            next: None,
-            rtt: 0,
-            inflight: None,
-            window: now,
-            count: 0,
-            prev: 0,
-            seen: now,
-        }
-    }
-
-    fn arrive(&mut self, now: u64, hold: u64) {
-        let since = now.saturating_sub(self.window);
-        if since >= hold {
-            self.prev = if since < 2 * hold { self.count } else { 0 };
-            self.count = 0;
-            self.window = now;
-        }
-        self.count = self.count.saturating_add(1);
-        self.seen = now;
-    }
-
-    /// Requests seen in the last hold (the rate).
-    fn seen(&self) -> u32 {
-        self.prev.max(self.count)
-    }
-
-    /// Spends `cost` from the batch if it can, moving on to the next batch
-    /// when it is done (aged or spent out: what is left goes back). With
-    /// fewer units left than this instance spends `during` a round trip,
-    /// if it may take a batch now, the request goes to the store instead,
-    /// for the next batch.
-    fn serve(
-        &mut self,
-        cost: u32,
-        now: u64,
-        can_take: bool,
-        during: u64,
-        owner: u64,
-        retired: &mut [Option<Retired>; 2],
-    ) -> Option<Decision> {
-        for slot in retired.iter_mut() {
-            let local = self.batch.as_mut()?;
-            let left = u64::from(local.grant.units - local.spent);
-            let ahead = can_take && self.next.is_none() && left < during + u64::from(cost);
-            if !ahead && let Some(d) = local.spend(cost, now) {
-                if local.spent == local.grant.units {
-                    self.batch = self.next.take();
-                }
-                return Some(d);
-            }
-            if ahead && !local.aged(now) && left >= u64::from(cost) {
-                return None;
-            }
-            if slot.is_none() {
-                *slot = self.batch.take().map(|local| Retired { owner, local });
-            }
-            self.batch = self.next.take();
-        }
-        None
-    }
-}
-
-/// A batch held here.
-#[derive(Clone, Copy, Debug)]
-struct Local {
-    grant: Grant,
-    charges: [Charge; MAX_LIMITS],
-    sent: u64,
-    received: u64,
-    spent: u32,
-}
-
-impl Local {
-    fn charges(&self) -> &[Charge] {
-        &self.charges[..self.grant.limits().len()]
-    }
-
-    /// Spends `n` more units at `now` if every one of them may be spent
-    /// (see the module docs), with the decision to answer.
-    #[inline]
-    fn spend(&mut self, n: u32, now: u64) -> Option<Decision> {
-        let j = self.spent + n;
-        if j > self.grant.units || self.aged(now) {
-            return None;
-        }
-        let since = now.saturating_sub(self.received);
-        for l in self.grant.limits() {
-            let offset = l.start - self.grant.at;
-            if since + l.cap < offset + u64::from(j) * l.interval {
-                return None;
-            }
-        }
-        self.spent = j;
-        Some(self.decision())
-    }
-
-    /// Whether the batch may no longer be spent: longer than its hold
-    /// since its take was sent.
-    #[inline]
-    fn aged(&self, now: u64) -> bool {
-        now.saturating_sub(self.sent) > self.grant.hold
-    }
-
-    /// The store's remaining after the take plus what is left here.
-    fn decision(&self) -> Decision {
-        let unspent = self.grant.units - self.spent;
-        let each = self.charges().iter().zip(self.grant.limits());
-        Decision::binding(each.map(|(c, l)| Decision::allow(&c.limit, l.remaining + unspent)))
-            .unwrap_or_else(|| Decision::allow(&Limit::per_second(1), 1))
-    }
-}
-
-/// A batch leaving, to give back outside the lock.
-struct Retired {
-    owner: u64,
-    local: Local,
-}
-
 impl<S: BatchStore, C: Clock> Batcher<S, C> {
     /// The store behind.
     pub fn store(&self) -> &S {
@@ -393,12 +255,12 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
         retired: &mut [Option<Retired>; 2],
     ) -> Step {
         let signature = signature(check.charges);
-        let plain = Ticket::plain(check, cost, now);
+        let plain = || Ticket::plain(check, cost, now);
         let full = table.len() >= self.per_shard;
-        let e = match table.entry((check.owner, plain.cell)) {
+        let e = match table.entry((check.owner, check.charges[0].bucket)) {
             Slot::Occupied(o) => o.into_mut(),
             Slot::Vacant(v) if !full => v.insert(Entry::new(signature, now)),
-            Slot::Vacant(_) => return Step::Take(plain),
+            Slot::Vacant(_) => return Step::Take(plain()),
         };
         let owner = check.owner;
         if e.signature != signature {
@@ -419,7 +281,7 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
             return Step::Done(d);
         }
         if !can_take {
-            return Step::Take(plain);
+            return Step::Take(plain());
         }
         e.inflight = Some(now);
         Step::Take(Ticket {
@@ -427,7 +289,7 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
             hold,
             signature,
             batch: true,
-            ..plain
+            ..plain()
         })
     }
 
@@ -482,10 +344,10 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
                 Ok(local.decision())
             }
         };
-        if ticket.batch || left.is_some() {
-            if let Some(r) = self.keep(ticket, left, now) {
-                self.give(&r);
-            }
+        if (ticket.batch || left.is_some())
+            && let Some(r) = self.keep(ticket, left, now)
+        {
+            self.give(&r);
         }
         answer
     }
@@ -650,34 +512,9 @@ impl<S: BatchStore + Backend, C: Clock> Batcher<S, C> {
     }
 }
 
+#[allow(clippy::large_enum_variant)]
 enum Next<T, B> {
     Done(Decision),
     Take(T, Ticket),
     Bypass(B),
-}
-
-/// The request charges' common cost, if the check may go through a take:
-/// request charges only (no tokens, no leases, no calendar limits), all of
-/// one cost.
-fn routable(check: &Check<'_>) -> Option<u32> {
-    let first = check.charges.first()?;
-    let ok = check.tokens == 0
-        && check.leases.is_empty()
-        && check.charges.len() <= MAX_LIMITS
-        && check
-            .charges
-            .iter()
-            .all(|c| c.cost == first.cost && !c.limit.period().is_calendar());
-    ok.then_some(first.cost.max(1))
-}
-
-/// The check's buckets and limits, as one number: another one means the
-/// policy (or a boost, or a custom limit) changed what the check counts.
-fn signature(charges: &[Charge]) -> u64 {
-    charges.iter().fold(0xcbf2_9ce4_8422_2325, |h, c| {
-        let l = (u64::from(c.limit.max()) << 32) ^ c.limit.per().as_nanos() as u64;
-        (h ^ c.bucket ^ l.rotate_left(29))
-            .wrapping_mul(0x0100_0000_01b3)
-            .rotate_left(23)
-    })
 }

@@ -76,6 +76,7 @@
 //!   ahead.
 
 mod batcher;
+mod entry;
 #[doc(hidden)]
 pub mod sim;
 pub(crate) mod step;
@@ -174,6 +175,8 @@ impl Grant {
 }
 
 /// A store's answer to a [`Take`].
+// A grant holds one entry per possible limit, by value: no allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Taken {
     /// A batch: its first `cost` units are the request's.

@@ -246,6 +246,7 @@ pub struct Outcome {
     pub store: Stats,
 }
 
+#[allow(clippy::large_enum_variant)]
 enum Event {
     Arrive(usize, u32),
     AtStore(usize, Ticket),

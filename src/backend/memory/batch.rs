@@ -42,11 +42,12 @@ where
         let maps = &mut *guard;
         let mut read = store.read(maps, charges, take.known, &inner.budget);
         let rolling = charges.iter().all(|c| !c.limit.period().is_calendar());
-        if rolling && let Some(mut tats) = read.own_tats(charges.len(), now) {
-            if let Some(grant) = step::grant(take, &mut tats, now) {
-                read.write(maps, charges, &tats, take.known);
-                return Ok(Taken::Granted(grant));
-            }
+        if rolling
+            && let Some(mut tats) = read.own_tats(charges.len(), now)
+            && let Some(grant) = step::grant(take, &mut tats, now)
+        {
+            read.write(maps, charges, &tats, take.known);
+            return Ok(Taken::Granted(grant));
         }
         read.cancel(&inner.budget);
         drop(read);
