@@ -59,9 +59,10 @@ fn arrivals(s: &Setting, seed: u64) -> Vec<(u64, usize, u32)> {
     all
 }
 
-fn main() {
+/// The settings the table shows.
+fn settings() -> Vec<Setting> {
     let minute = |n| Limit::per_minute(n);
-    let settings = [
+    vec![
         Setting {
             name: "no batches (share 0)",
             regions: 3,
@@ -125,10 +126,14 @@ fn main() {
             hold_ms: 500,
             share: 0.3,
         },
-    ];
+    ]
+}
+
+fn main() {
+    let settings = settings();
     println!(
         "{:<30} {:>9} {:>10} {:>6} {:>7} {:>14}",
-        "setting", "admitted", "allowance", "over", "under", "global rt/req"
+        "setting", "admitted", "allowance", "over", "under", "rt/admitted"
     );
     for (i, s) in settings.iter().enumerate() {
         let r = Run {

@@ -133,32 +133,3 @@ fn one_instance_without_latency_loses_only_the_hold_back() {
         "{o:?}"
     );
 }
-
-#[test]
-#[ignore]
-fn show() {
-    for (lat, n, gap) in [
-        (0, 2, 1_000_000u64),
-        (10_000_000, 2, 1_000_000u64),
-        (5_000_000, 3, 500_000),
-        (20_000_000, 4, 200_000),
-    ] {
-        let limits = if gap == 1_000_000 {
-            vec![Limit::per_second(20000)]
-        } else {
-            vec![Limit::per_second(200), Limit::per_minute(3000)]
-        };
-        let arrivals = (0..4000u64)
-            .map(|i| (i * gap, (i % n) as usize, 1))
-            .collect();
-        let r = Run {
-            hold: Duration::from_millis(100),
-            max_share: 0.1,
-            limits,
-            latencies: vec![lat; n as usize],
-            arrivals,
-        };
-        let o = run(&r);
-        println!("{o:?} bound {}", bound(&r, &o));
-    }
-}

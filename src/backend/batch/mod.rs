@@ -49,7 +49,8 @@
 //!   given back (another take came on top), plus at most `hold × rate` of
 //!   refill that the hold-back skipped. Both come back with the bucket's
 //!   refill.
-//! - **A crashed instance** strands at most its batches (each at most
+//! - **A crashed instance** strands at most its batches (two per owner ×
+//!   cell, the one being spent and the one taken ahead, each at most
 //!   [`max_share`](BatcherBuilder::max_share) of the smallest burst),
 //!   recovered by refill within `units × T + hold`.
 //!
