@@ -7,6 +7,7 @@
 //! with GCRA semantics: `max` requests may come at once, then one every
 //! `per / max`.
 
+pub mod batch;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;

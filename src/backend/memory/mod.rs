@@ -11,6 +11,7 @@
 //!   keys.
 
 mod alone;
+mod batch;
 mod calendar;
 mod gcra;
 mod store;
@@ -26,7 +27,7 @@ use governor::clock::{Clock, DefaultClock, Reference};
 
 use self::alone::Limiters;
 use self::gcra::{adjust, peeked};
-use self::store::{Budget, MultiStore, SHARDS};
+use self::store::{Budget, MultiStore, SHARDS, ShardMaps};
 use self::sweep::MIN_SWEEP;
 use super::{
     Adjustment, Backend, BackendError, Charge, Check, Decision, Lease, LeaseState, MAX_LEASES,
@@ -290,14 +291,21 @@ where
         }
         self.maintain(false);
         let now = self.elapsed();
-        let store = &inner.multi;
         // The one lock of the check, held until it returns: read, decide,
         // then write every charge or none.
-        let mut guard = store
+        let mut guard = inner
+            .multi
             .shard(check.owner)
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let maps = &mut *guard;
+        Ok(self.check_locked(&mut guard, check, now))
+    }
+
+    /// A several-limit check at `now` in its owner's shard, locked.
+    fn check_locked(&self, maps: &mut ShardMaps, check: &Check<'_>, now: u64) -> Decision {
+        let inner = &*self.inner;
+        let store = &inner.multi;
+        let charges = &check.charges[..check.charges.len().min(MAX_LIMITS)];
         let mut read = store.read(maps, charges, check.known, &inner.budget);
         let mut refused = false;
         for (i, c) in charges.iter().enumerate() {
@@ -323,7 +331,7 @@ where
             maps.take_leases(leases);
             read.commit(&mut binder, maps, charges, now, check.known);
         }
-        Ok(decide(binder.finish(), lease))
+        decide(binder.finish(), lease)
     }
 
     /// Releases a request's leases (see [`Backend::release`]): under the

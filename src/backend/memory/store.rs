@@ -401,3 +401,52 @@ impl Reading<'_> {
         }
     }
 }
+
+impl Reading<'_> {
+    /// Every charge's TAT (`now` for a full bucket) when each lives in the
+    /// owner's shard (tracked, or new there); `None` when one lives
+    /// elsewhere (a guest at the cap, a known caller at the hard bound):
+    /// such a check is not batched.
+    pub(super) fn own_tats(&self, n: usize, now: u64) -> Option<[u64; MAX_LIMITS]> {
+        let mut tats = [now; MAX_LIMITS];
+        for (tat, slot) in tats.iter_mut().zip(&self.slots[..n]) {
+            match *slot {
+                Slot::Tracked(t) => *tat = t,
+                Slot::New => {}
+                Slot::Evict | Slot::Overflow(_) => return None,
+            }
+        }
+        Some(tats)
+    }
+
+    /// Gives the budget back the places this reading took, writing nothing.
+    pub(super) fn cancel(&mut self, budget: &Budget) {
+        if self.acquired > 0 {
+            budget.tracked.fetch_sub(self.acquired, Ordering::Relaxed);
+            self.acquired = 0;
+        }
+    }
+
+    /// Writes each charge's TAT (`tats`, in charge order) where it lives in
+    /// the owner's shard (after [`own_tats`](Self::own_tats)).
+    pub(super) fn write(
+        &self,
+        maps: &mut ShardMaps,
+        charges: &[Charge],
+        tats: &[u64],
+        known: bool,
+    ) {
+        if self.acquired > 0 {
+            crate::telemetry::tracked_keys(self.acquired as f64);
+        }
+        for (i, c) in charges.iter().enumerate() {
+            match self.slots[i] {
+                Slot::Tracked(_) => maps.set(c.bucket, tats[i], known),
+                Slot::New => {
+                    maps.table(known).insert(c.bucket, tats[i]);
+                }
+                Slot::Evict | Slot::Overflow(_) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! The instance's side: local batches per owner and cell, spent without a
+//! round trip, sized to the traffic this instance sees, and given back
+//! when they age out, when the check's limits change, or on shutdown.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry as Slot;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock, Reference};
+
+use super::entry::{Entry, Local, Retired, routable, signature};
+use super::{BatchStore, GiveBack, Take, Taken};
+use crate::backend::{Backend, BackendError, Charge, Check, Decision};
+use crate::limit::MAX_LIMITS;
+
+const SHARDS: usize = 16;
+
+type Table = HashMap<(u64, u64), Entry, foldhash::fast::RandomState>;
+
+/// Configures a [`Batcher`].
+#[must_use]
+#[derive(Debug)]
+pub struct BatcherBuilder<C = DefaultClock> {
+    clock: C,
+    hold: Duration,
+    max_share: f64,
+    max_entries: usize,
+}
+
+impl<C: Clock> BatcherBuilder<C> {
+    /// Another clock (governor's `FakeRelativeClock` in tests): the one
+    /// [`Batcher::check`] reads. [`Batcher::begin`] takes the time as an
+    /// argument instead.
+    pub fn clock<C2: Clock>(self, clock: C2) -> BatcherBuilder<C2> {
+        BatcherBuilder {
+            clock,
+            hold: self.hold,
+            max_share: self.max_share,
+            max_entries: self.max_entries,
+        }
+    }
+
+    /// How long a batch may be spent after its take was sent, and how far
+    /// past the store's now its slots start (default 100 ms).
+    pub fn hold(mut self, hold: Duration) -> Self {
+        self.hold = hold.max(Duration::from_nanos(1));
+        self
+    }
+
+    /// The largest batch, as a share of the smallest burst (`max`) of a
+    /// check's limits (default 0.1); a batch always holds at least the
+    /// request's cost.
+    pub fn max_share(mut self, share: f64) -> Self {
+        self.max_share = share.clamp(0.0, 1.0);
+        self
+    }
+
+    /// The most owner × cell entries held (default 100,000); past it, new
+    /// ones go to the store one check at a time.
+    pub fn max_entries(mut self, max: usize) -> Self {
+        self.max_entries = max.max(SHARDS);
+        self
+    }
+
+    /// The batcher, over `store`.
+    pub fn build<S: BatchStore>(self, store: S) -> Batcher<S, C> {
+        let start = self.clock.now();
+        Batcher {
+            store,
+            start,
+            clock: self.clock,
+            hold: self.hold.as_nanos().min(u128::from(u64::MAX / 4)) as u64,
+            max_share: self.max_share,
+            per_shard: self.max_entries / SHARDS,
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+}
+
+/// Local batches of a shared [`BatchStore`]: see the [module
+/// docs](super).
+///
+/// A check goes through [`begin`](Self::begin) (spent from a local batch,
+/// or a [`Ticket`] for the store, or passed through) and, after the
+/// store's answer, [`finish`](Self::finish); [`check`](Self::check) does
+/// both with the batcher's clock.
+///
+/// ```
+/// use governor::clock::FakeRelativeClock;
+/// use tierlimit::backend::batch::Batcher;
+/// use tierlimit::backend::{MemoryBackend, Subject};
+/// use tierlimit::{Limit, key::KeyId};
+/// # fn block<F: std::future::Future>(f: F) -> F::Output {
+/// #     let mut f = std::pin::pin!(f);
+/// #     let waker = std::task::Waker::noop();
+/// #     let mut cx = std::task::Context::from_waker(&waker);
+/// #     match f.as_mut().poll(&mut cx) { std::task::Poll::Ready(v) => v, _ => unreachable!() }
+/// # }
+/// let clock = FakeRelativeClock::default();
+/// let store = MemoryBackend::builder().clock(clock.clone()).build();
+/// let batcher = Batcher::builder().clock(clock).build(store);
+/// let s = Subject::new(KeyId::of("k"), 7);
+/// let charge = s.charge(Limit::per_second(10));
+/// assert!(block(batcher.check(&s.check(&charge))).unwrap().allowed);
+/// ```
+pub struct Batcher<S, C: Clock = DefaultClock> {
+    store: S,
+    clock: C,
+    start: C::Instant,
+    hold: u64,
+    max_share: f64,
+    per_shard: usize,
+    shards: Box<[Mutex<Table>]>,
+}
+
+impl<S, C: Clock> fmt::Debug for Batcher<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batcher")
+            .field("hold", &Duration::from_nanos(self.hold))
+            .field("max_share", &self.max_share)
+            .field("batches", &self.batches())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Batcher<()> {
+    /// Configures a batcher (on the system clock).
+    pub fn builder() -> BatcherBuilder {
+        BatcherBuilder {
+            clock: DefaultClock::default(),
+            hold: Duration::from_millis(100),
+            max_share: 0.1,
+            max_entries: 100_000,
+        }
+    }
+}
+
+/// What [`Batcher::begin`] made of a check.
+// A ticket carries its charges by value (the take borrows them across the
+// store's await); boxing it would allocate once per store call.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Copy, Debug)]
+pub enum Step {
+    /// Spent from a local batch: the decision.
+    Done(Decision),
+    /// Ask the store ([`BatchStore::take`] of [`Ticket::take`]), then
+    /// [`Batcher::finish`].
+    Take(Ticket),
+    /// Not batchable (token charges, leases, calendar limits, charges of
+    /// different costs): check it with the backend, untouched.
+    Bypass,
+}
+
+/// A check on its way to the store: what to take, and what to do with the
+/// answer ([`Batcher::finish`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Ticket {
+    owner: u64,
+    known: bool,
+    charges: [Charge; MAX_LIMITS],
+    len: u8,
+    cost: u32,
+    want: u32,
+    hold: u64,
+    sent: u64,
+    cell: u64,
+    signature: u64,
+    batch: bool,
+}
+
+impl Ticket {
+    fn plain(check: &Check<'_>, cost: u32, now: u64) -> Self {
+        let len = check.charges.len().min(MAX_LIMITS);
+        let mut charges = [check.charges[0]; MAX_LIMITS];
+        charges[..len].copy_from_slice(&check.charges[..len]);
+        Ticket {
+            owner: check.owner,
+            known: check.known,
+            charges,
+            len: len as u8,
+            cost,
+            want: cost,
+            hold: 0,
+            sent: now,
+            cell: check.charges[0].bucket,
+            signature: 0,
+            batch: false,
+        }
+    }
+
+    /// What to ask the store for.
+    pub fn take(&self) -> Take<'_> {
+        Take {
+            owner: self.owner,
+            known: self.known,
+            charges: self.charges(),
+            want: self.want,
+            hold: Duration::from_nanos(self.hold),
+        }
+    }
+
+    /// Whether this take asks for a batch (more than the request's cost);
+    /// else it is a normal check.
+    pub fn is_batch(&self) -> bool {
+        self.batch
+    }
+
+    fn charges(&self) -> &[Charge] {
+        &self.charges[..usize::from(self.len)]
+    }
+}
+
+impl<S: BatchStore, C: Clock> Batcher<S, C> {
+    /// The store behind.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The batcher's clock now, in nanoseconds since it was built.
+    pub fn now(&self) -> u64 {
+        u64::from(self.clock.now().duration_since(self.start))
+    }
+
+    /// The first half of a check at `now` (nanoseconds on this instance's
+    /// clock): spent from a local batch, or what to ask the store, or
+    /// [`Step::Bypass`] for a check that is not batched. Holds no lock
+    /// once it returns; allocates only for an owner not seen lately.
+    pub fn begin(&self, check: &Check<'_>, now: u64) -> Step {
+        let Some(cost) = routable(check) else {
+            return Step::Bypass;
+        };
+        if check.charges.iter().any(|c| c.reserve > 0) {
+            return Step::Take(Ticket::plain(check, cost, now));
+        }
+        let mut retired = [None, None];
+        let step = {
+            let mut table = self.shard(check.owner);
+            self.step(&mut table, check, cost, now, &mut retired)
+        };
+        for r in retired.iter().flatten() {
+            self.give(r);
+        }
+        step
+    }
+
+    fn step(
+        &self,
+        table: &mut Table,
+        check: &Check<'_>,
+        cost: u32,
+        now: u64,
+        retired: &mut [Option<Retired>; 2],
+    ) -> Step {
+        let signature = signature(check.charges);
+        let plain = || Ticket::plain(check, cost, now);
+        let full = table.len() >= self.per_shard;
+        let e = match table.entry((check.owner, check.charges[0].bucket)) {
+            Slot::Occupied(o) => o.into_mut(),
+            Slot::Vacant(v) if !full => v.insert(Entry::new(signature, now)),
+            Slot::Vacant(_) => return Step::Take(plain()),
+        };
+        let owner = check.owner;
+        if e.signature != signature {
+            // Other buckets or limits now (a policy change, a boost):
+            // the old batches go back, and the counts start again.
+            retired[0] = e.batch.take().map(|local| Retired { owner, local });
+            retired[1] = e.next.take().map(|local| Retired { owner, local });
+            *e = Entry::new(signature, now);
+        }
+        e.arrive(now, self.hold);
+        let hold = self.hold_for(check.charges);
+        let inflight = e.inflight.is_some_and(|t| now.saturating_sub(t) <= hold);
+        let want = self.want(e, cost, check.charges, hold);
+        let can_take = !inflight && want > cost;
+        // Units this instance expects to spend while a take is on its way.
+        let during = u64::from(e.seen()) * e.rtt / self.hold * u64::from(cost);
+        if let Some(d) = e.serve(cost, now, can_take, during, owner, retired) {
+            return Step::Done(d);
+        }
+        if !can_take {
+            return Step::Take(plain());
+        }
+        e.inflight = Some(now);
+        Step::Take(Ticket {
+            want,
+            hold,
+            signature,
+            batch: true,
+            ..plain()
+        })
+    }
+
+    /// The hold of a take: the configured one, at most `max_share` of the
+    /// shortest window of the check's limits, so that the refill a batch's
+    /// hold-back skips is never more than a batch could hold.
+    fn hold_for(&self, charges: &[Charge]) -> u64 {
+        let shortest = charges.iter().map(|c| c.limit.per()).min();
+        let shortest = shortest.map_or(0, |p| p.as_nanos().min(u128::from(u64::MAX / 4)) as u64);
+        self.hold
+            .min((shortest as f64 * self.max_share) as u64)
+            .max(1)
+    }
+
+    /// The batch size for the next take of a batch held `hold`: the
+    /// requests expected in half the time a batch can be spent (its hold
+    /// less the round trip), at the rate seen in the last configured hold,
+    /// within the share of the smallest burst.
+    fn want(&self, e: &Entry, cost: u32, charges: &[Charge], hold: u64) -> u32 {
+        let usable = hold.saturating_sub(e.rtt);
+        let seen = u128::from(e.seen());
+        let expected = (seen * u128::from(usable) / u128::from(2 * self.hold)) as u32;
+        let smallest = charges.iter().map(|c| c.limit.max()).min().unwrap_or(1);
+        let most = ((f64::from(smallest) * self.max_share) as u32).max(cost);
+        expected.saturating_mul(cost).max(cost).min(most)
+    }
+
+    /// The second half: the store's answer to `ticket`'s take, received
+    /// at `now`. A batch is kept for the next requests (its first units
+    /// are this request's); a normal check's decision passes through.
+    pub fn finish(
+        &self,
+        ticket: &Ticket,
+        taken: Result<Taken, BackendError>,
+        now: u64,
+    ) -> Result<Decision, BackendError> {
+        let mut left = None;
+        let answer = match taken {
+            Err(e) => Err(e),
+            Ok(Taken::Checked(d)) => Ok(d),
+            Ok(Taken::Granted(grant)) => {
+                let local = Local {
+                    grant,
+                    charges: ticket.charges,
+                    sent: ticket.sent,
+                    received: now,
+                    spent: ticket.cost.min(grant.units),
+                };
+                if local.spent < grant.units {
+                    left = Some(local);
+                }
+                Ok(local.decision())
+            }
+        };
+        if (ticket.batch || left.is_some())
+            && let Some(r) = self.keep(ticket, left, now)
+        {
+            self.give(&r);
+        }
+        answer
+    }
+
+    /// Keeps what is left of a new batch in its entry, if it is the
+    /// entry's in-flight take and the entry's limits are unchanged; else
+    /// it goes back.
+    fn keep(&self, ticket: &Ticket, left: Option<Local>, now: u64) -> Option<Retired> {
+        let mut table = self.shard(ticket.owner);
+        let back = |local| Retired {
+            owner: ticket.owner,
+            local,
+        };
+        let Some(e) = table.get_mut(&(ticket.owner, ticket.cell)) else {
+            return left.map(back);
+        };
+        if !ticket.batch || e.signature != ticket.signature {
+            return left.map(back);
+        }
+        if e.inflight == Some(ticket.sent) {
+            e.inflight = None;
+        }
+        let rtt = now.saturating_sub(ticket.sent);
+        e.rtt = if e.rtt == 0 {
+            rtt
+        } else {
+            (3 * e.rtt + rtt) / 4
+        };
+        match left {
+            Some(local) if e.batch.is_none() => {
+                e.batch = Some(local);
+                None
+            }
+            Some(local) if e.next.is_none() => {
+                e.next = Some(local);
+                None
+            }
+            other => other.map(back),
+        }
+    }
+
+    fn give(&self, r: &Retired) {
+        let local = &r.local;
+        if local.spent == local.grant.units {
+            return;
+        }
+        self.store.give_back(&GiveBack {
+            owner: r.owner,
+            charges: local.charges(),
+            grant: &local.grant,
+            unused: local.grant.units - local.spent,
+        });
+    }
+
+    fn shard(&self, owner: u64) -> MutexGuard<'_, Table> {
+        let i = (owner.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % SHARDS;
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Gives back every batch older than its hold at `now`, and forgets
+    /// owners idle for two holds (call it now and then; requests also
+    /// give an aged batch back when they find it).
+    pub fn flush_aged(&self, now: u64) {
+        self.drain(Some(now));
+    }
+
+    /// Gives back every batch and forgets every owner (on shutdown; a take
+    /// still on its way gives its batch back when it lands).
+    pub fn flush_all(&self) {
+        self.drain(None);
+    }
+
+    /// Gives back the batches aged at `now` (all of them: `None`) and
+    /// forgets the entries idle then (all of them).
+    fn drain(&self, now: Option<u64>) {
+        let hold = self.hold;
+        let mut out = Vec::new();
+        for shard in &self.shards[..] {
+            let mut table = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            table.retain(|&(owner, _), e| {
+                for slot in [&mut e.batch, &mut e.next] {
+                    if let Some(local) = slot.take_if(|b| now.is_none_or(|t| b.aged(t))) {
+                        out.push(Retired { owner, local });
+                    }
+                }
+                if e.batch.is_none() {
+                    e.batch = e.next.take();
+                }
+                let Some(now) = now else {
+                    return false;
+                };
+                let idle = e.batch.is_none() && now.saturating_sub(e.seen) > 2 * hold;
+                !idle || e.inflight.is_some()
+            });
+            drop(table);
+            for r in out.drain(..) {
+                self.give(&r);
+            }
+        }
+    }
+}
+
+impl<S, C: Clock> Batcher<S, C> {
+    /// How many batches are held here now.
+    pub fn batches(&self) -> usize {
+        self.count(|e| e.batch.is_some()) + self.count(|e| e.next.is_some())
+    }
+
+    /// Units held here now, not yet spent, across every batch.
+    pub fn unspent(&self) -> u64 {
+        let mut n = 0;
+        self.count(|e| {
+            for b in [e.batch, e.next].iter().flatten() {
+                n += u64::from(b.grant.units - b.spent);
+            }
+            false
+        });
+        n
+    }
+
+    fn count(&self, mut f: impl FnMut(&Entry) -> bool) -> usize {
+        let shards = self.shards.iter();
+        shards
+            .map(|s| {
+                let table = s.lock().unwrap_or_else(PoisonError::into_inner);
+                table.values().filter(|e| f(e)).count()
+            })
+            .sum()
+    }
+}
+
+impl<S: BatchStore + Backend, C: Clock> Batcher<S, C> {
+    /// Checks one request with the batcher's clock: from a local batch,
+    /// else through the store's take (a check that is not batched goes to
+    /// the store's [`Backend::check`], untouched). Routing every batchable
+    /// check through the take keeps each bucket in one place.
+    pub fn check(
+        &self,
+        check: &Check<'_>,
+    ) -> impl Future<Output = Result<Decision, BackendError>> + Send + '_
+    where
+        C: Sync,
+        C::Instant: Send + Sync,
+    {
+        let next = match self.begin(check, self.now()) {
+            Step::Done(d) => Next::Done(d),
+            Step::Take(t) => Next::Take(self.store.take(&t.take()), t),
+            Step::Bypass => Next::Bypass(Backend::check(&self.store, check)),
+        };
+        async move {
+            match next {
+                Next::Done(d) => Ok(d),
+                Next::Take(f, t) => {
+                    let taken = f.await;
+                    self.finish(&t, taken, self.now())
+                }
+                Next::Bypass(f) => f.await,
+            }
+        }
+    }
+}
+
+#[allow(clippy::large_enum_variant)]
+enum Next<T, B> {
+    Done(Decision),
+    Take(T, Ticket),
+    Bypass(B),
+}

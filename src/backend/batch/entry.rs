@@ -1,0 +1,175 @@
+//! One owner × cell's local state: its batches (spent here, taken
+//! ahead, retired), its in-flight take, and the rate it sees; and what
+//! makes a check batchable.
+
+use super::Grant;
+use crate::backend::{Charge, Check, Decision};
+use crate::limit::{Limit, MAX_LIMITS};
+
+/// One owner × cell: its batch, its in-flight take, and the requests it
+/// saw lately.
+pub(super) struct Entry {
+    pub(super) signature: u64,
+    /// The batch being spent.
+    pub(super) batch: Option<Local>,
+    /// The batch taken ahead, spent when `batch` is done.
+    pub(super) next: Option<Local>,
+    /// The round trip of a take, smoothed (0: none seen yet).
+    pub(super) rtt: u64,
+    /// When the in-flight take was sent (a stale one, older than the
+    /// hold, no longer blocks another).
+    pub(super) inflight: Option<u64>,
+    pub(super) window: u64,
+    pub(super) count: u32,
+    pub(super) prev: u32,
+    pub(super) seen: u64,
+}
+
+impl Entry {
+    pub(super) fn new(signature: u64, now: u64) -> Self {
+        Entry {
+            signature,
+            batch: None,
+            next: None,
+            rtt: 0,
+            inflight: None,
+            window: now,
+            count: 0,
+            prev: 0,
+            seen: now,
+        }
+    }
+
+    pub(super) fn arrive(&mut self, now: u64, hold: u64) {
+        let since = now.saturating_sub(self.window);
+        if since >= hold {
+            self.prev = if since < 2 * hold { self.count } else { 0 };
+            self.count = 0;
+            self.window = now;
+        }
+        self.count = self.count.saturating_add(1);
+        self.seen = now;
+    }
+
+    /// Requests seen in the last hold (the rate).
+    pub(super) fn seen(&self) -> u32 {
+        self.prev.max(self.count)
+    }
+
+    /// Spends `cost` from the batch if it can, moving on to the next batch
+    /// when it is done (aged or spent out: what is left goes back). With
+    /// fewer units left than this instance spends `during` a round trip,
+    /// if it may take a batch now, the request goes to the store instead,
+    /// for the next batch.
+    pub(super) fn serve(
+        &mut self,
+        cost: u32,
+        now: u64,
+        can_take: bool,
+        during: u64,
+        owner: u64,
+        retired: &mut [Option<Retired>; 2],
+    ) -> Option<Decision> {
+        for slot in retired.iter_mut() {
+            let local = self.batch.as_mut()?;
+            let left = u64::from(local.grant.units - local.spent);
+            let ahead = can_take && self.next.is_none() && left < during + u64::from(cost);
+            if !ahead && let Some(d) = local.spend(cost, now) {
+                if local.spent == local.grant.units {
+                    self.batch = self.next.take();
+                }
+                return Some(d);
+            }
+            if ahead && !local.aged(now) && left >= u64::from(cost) {
+                return None;
+            }
+            if slot.is_none() {
+                *slot = self.batch.take().map(|local| Retired { owner, local });
+            }
+            self.batch = self.next.take();
+        }
+        None
+    }
+}
+
+/// A batch held here.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Local {
+    pub(super) grant: Grant,
+    pub(super) charges: [Charge; MAX_LIMITS],
+    pub(super) sent: u64,
+    pub(super) received: u64,
+    pub(super) spent: u32,
+}
+
+impl Local {
+    pub(super) fn charges(&self) -> &[Charge] {
+        &self.charges[..self.grant.limits().len()]
+    }
+
+    /// Spends `n` more units at `now` if every one of them may be spent
+    /// (see the module docs), with the decision to answer.
+    #[inline]
+    pub(super) fn spend(&mut self, n: u32, now: u64) -> Option<Decision> {
+        let j = self.spent + n;
+        if j > self.grant.units || self.aged(now) {
+            return None;
+        }
+        let since = now.saturating_sub(self.received);
+        for l in self.grant.limits() {
+            let offset = l.start - self.grant.at;
+            if since + l.cap < offset + u64::from(j) * l.interval {
+                return None;
+            }
+        }
+        self.spent = j;
+        Some(self.decision())
+    }
+
+    /// Whether the batch may no longer be spent: longer than its hold
+    /// since its take was sent.
+    #[inline]
+    pub(super) fn aged(&self, now: u64) -> bool {
+        now.saturating_sub(self.sent) > self.grant.hold
+    }
+
+    /// The store's remaining after the take plus what is left here.
+    pub(super) fn decision(&self) -> Decision {
+        let unspent = self.grant.units - self.spent;
+        let each = self.charges().iter().zip(self.grant.limits());
+        Decision::binding(each.map(|(c, l)| Decision::allow(&c.limit, l.remaining + unspent)))
+            .unwrap_or_else(|| Decision::allow(&Limit::per_second(1), 1))
+    }
+}
+
+/// A batch leaving, to give back outside the lock.
+pub(super) struct Retired {
+    pub(super) owner: u64,
+    pub(super) local: Local,
+}
+
+/// The request charges' common cost, if the check may go through a take:
+/// request charges only (no tokens, no leases, no calendar limits), all of
+/// one cost.
+pub(super) fn routable(check: &Check<'_>) -> Option<u32> {
+    let first = check.charges.first()?;
+    let ok = check.tokens == 0
+        && check.leases.is_empty()
+        && check.charges.len() <= MAX_LIMITS
+        && check
+            .charges
+            .iter()
+            .all(|c| c.cost == first.cost && !c.limit.period().is_calendar());
+    ok.then_some(first.cost.max(1))
+}
+
+/// The check's buckets and limits, as one number: another one means the
+/// policy (or a boost, or a custom limit) changed what the check counts.
+pub(super) fn signature(charges: &[Charge]) -> u64 {
+    charges.iter().fold(0xcbf2_9ce4_8422_2325, |h, c| {
+        let l = (u64::from(c.limit.max()) << 32) ^ c.limit.per().as_nanos() as u64;
+        (h ^ c.bucket ^ l.rotate_left(29))
+            .wrapping_mul(0x0100_0000_01b3)
+            .rotate_left(23)
+    })
+}

@@ -1,0 +1,283 @@
+//! The batcher over the memory backend, on governor's fake clock: batches
+//! go back when they age, when the check's limits change and on shutdown;
+//! a cold owner is a normal check per request, a hot one rarely asks.
+
+use std::future::{Future, Ready};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use governor::clock::FakeRelativeClock;
+use tierlimit::backend::batch::{BatchStore, Batcher, GiveBack, Take, Taken};
+use tierlimit::backend::{
+    Adjustment, Backend, BackendError, Charge, Check, Decision, Lease, MemoryBackend, Subject,
+};
+use tierlimit::{Limit, key::KeyId};
+
+type Memory = MemoryBackend<FakeRelativeClock>;
+
+/// The memory backend, counting what the batcher asks of it.
+struct Counting {
+    inner: Arc<Memory>,
+    takes: AtomicU64,
+    gives: AtomicU64,
+    checks: AtomicU64,
+    wants: Mutex<Vec<u32>>,
+}
+
+impl BatchStore for Counting {
+    type Future = Ready<Result<Taken, BackendError>>;
+
+    fn take(&self, take: &Take<'_>) -> Self::Future {
+        self.takes.fetch_add(1, Ordering::Relaxed);
+        self.wants.lock().unwrap().push(take.want);
+        self.inner.take(take)
+    }
+
+    fn give_back(&self, back: &GiveBack<'_>) {
+        self.gives.fetch_add(1, Ordering::Relaxed);
+        self.inner.give_back(back);
+    }
+}
+
+impl Backend for Counting {
+    type Future = Ready<Result<Decision, BackendError>>;
+
+    fn check(&self, check: &Check<'_>) -> Self::Future {
+        self.checks.fetch_add(1, Ordering::Relaxed);
+        Backend::check(&*self.inner, check)
+    }
+    fn peek(&self, owner: u64, charge: &Charge) -> Self::Future {
+        self.inner.peek(owner, charge)
+    }
+    fn settle(&self, owner: u64, adjustments: &[Adjustment]) -> Self::Future {
+        self.inner.settle(owner, adjustments)
+    }
+    fn release(&self, owner: u64, leases: &[Lease], lease_id: u64) {
+        self.inner.release(owner, leases, lease_id)
+    }
+    fn peek_lease(&self, owner: u64, lease: &Lease) -> Self::Future {
+        self.inner.peek_lease(owner, lease)
+    }
+}
+
+type Instance = Batcher<Counting, FakeRelativeClock>;
+
+struct World {
+    clock: FakeRelativeClock,
+    memory: Arc<Memory>,
+}
+
+impl World {
+    fn new() -> Self {
+        let clock = FakeRelativeClock::default();
+        let memory = Arc::new(MemoryBackend::builder().clock(clock.clone()).build());
+        World { clock, memory }
+    }
+
+    fn instance(&self) -> Instance {
+        let store = Counting {
+            inner: Arc::clone(&self.memory),
+            takes: AtomicU64::new(0),
+            gives: AtomicU64::new(0),
+            checks: AtomicU64::new(0),
+            wants: Mutex::new(Vec::new()),
+        };
+        let b = Batcher::builder().clock(self.clock.clone());
+        b.hold(Duration::from_millis(100))
+            .max_share(0.1)
+            .build(store)
+    }
+
+    /// What the bucket could take at once now (`remaining` of a peek).
+    fn room(&self, s: &Subject, charge: &Charge) -> u32 {
+        self.memory.peek_now(s.key.as_u64(), charge).remaining
+    }
+}
+
+fn now<F: Future>(f: F) -> F::Output {
+    f.now_or_never()
+        .expect("the memory backend answers at once")
+}
+
+fn subject() -> Subject {
+    Subject::new(KeyId::of("k"), 7)
+}
+
+/// An hour's limit: one unit a second, so that nothing refills while a
+/// test looks.
+fn hourly() -> Limit {
+    Limit::per_hour(3600)
+}
+
+/// Forty requests at once: enough for the instance to batch.
+fn warm(a: &Instance, s: &Subject, charge: &Charge) {
+    for _ in 0..40 {
+        assert!(now(a.check(&s.check(charge))).unwrap().allowed);
+    }
+    assert_eq!(a.batches(), 1);
+    assert!(a.unspent() > 0);
+}
+
+#[test]
+fn an_aged_batch_goes_back_and_the_next_instance_sees_it() {
+    let w = World::new();
+    let (a, b) = (w.instance(), w.instance());
+    let s = subject();
+    let charge = s.charge(hourly());
+    warm(&a, &s, &charge);
+    let (unspent, before) = (a.unspent() as u32, w.room(&s, &charge));
+    w.clock.advance(Duration::from_millis(101));
+    a.flush_aged(a.now());
+    assert_eq!((a.batches(), a.unspent()), (0, 0));
+    let after = w.room(&s, &charge);
+    // Every unused unit is back (and at most one more of refill).
+    assert!((before + unspent..=before + unspent + 1).contains(&after));
+    // The other instance spends them: all of them, then no more.
+    let mut admitted = 0;
+    while now(b.check(&s.check(&charge))).unwrap().allowed {
+        admitted += 1;
+    }
+    assert!(
+        admitted + 1 >= after && admitted <= after,
+        "{admitted} of {after}"
+    );
+}
+
+#[test]
+fn an_aged_batch_goes_back_on_the_next_request() {
+    let w = World::new();
+    let a = w.instance();
+    let s = subject();
+    let charge = s.charge(hourly());
+    warm(&a, &s, &charge);
+    let before = w.room(&s, &charge) + a.unspent() as u32;
+    w.clock.advance(Duration::from_millis(101));
+    assert_eq!(a.store().gives.load(Ordering::Relaxed), 0);
+    assert!(now(a.check(&s.check(&charge))).unwrap().allowed);
+    assert_eq!(a.store().gives.load(Ordering::Relaxed), 1);
+    // What went back, less this request (and what a new batch holds).
+    let after = w.room(&s, &charge) + a.unspent() as u32;
+    assert!(after + 1 >= before, "{after} after, {before} before");
+}
+
+#[test]
+fn other_limits_send_the_batch_back() {
+    let w = World::new();
+    let a = w.instance();
+    let s = subject();
+    let charge = s.charge(hourly());
+    warm(&a, &s, &charge);
+    let (unspent, before) = (a.unspent() as u32, w.room(&s, &charge));
+    // A boost: the same bucket now also counts per account.
+    let account = Charge {
+        bucket: 99,
+        ..s.charge(Limit::per_minute(1000))
+    };
+    let both = [charge, account];
+    assert!(
+        now(a.check(&Check::new(s.key.as_u64(), true, &both)))
+            .unwrap()
+            .allowed
+    );
+    assert_eq!(a.store().gives.load(Ordering::Relaxed), 1);
+    assert_eq!(a.unspent(), 0);
+    // Every unused unit is back, less this request's.
+    assert!(w.room(&s, &charge) + 1 >= before + unspent);
+}
+
+#[test]
+fn flush_all_sends_every_batch_back() {
+    let w = World::new();
+    let a = w.instance();
+    let s = subject();
+    let charge = s.charge(hourly());
+    warm(&a, &s, &charge);
+    let (unspent, before) = (a.unspent() as u32, w.room(&s, &charge));
+    a.flush_all();
+    assert_eq!((a.batches(), a.unspent()), (0, 0));
+    // Back, with the hold-back too (given back before the hold ended).
+    assert!(w.room(&s, &charge) >= before + unspent);
+}
+
+#[test]
+fn a_cold_owner_is_one_normal_check_per_request() {
+    let w = World::new();
+    let a = w.instance();
+    // A twin backend on the same clock, checked without batches.
+    let twin = MemoryBackend::builder().clock(w.clock.clone()).build();
+    let s = subject();
+    let charge = s.charge(Limit::per_minute(3));
+    for _ in 0..20 {
+        let batched = now(a.check(&s.check(&charge))).unwrap();
+        assert_eq!(batched, twin.check_now(&s.check(&charge)).unwrap());
+        w.clock.advance(Duration::from_secs(10));
+    }
+    assert_eq!(a.store().takes.load(Ordering::Relaxed), 20);
+    assert!(a.store().wants.lock().unwrap().iter().all(|&k| k == 1));
+    assert_eq!(a.batches(), 0);
+}
+
+#[test]
+fn a_hot_owner_rarely_asks_the_store() {
+    let w = World::new();
+    let a = w.instance();
+    let s = subject();
+    // 100,000 a second; the owner sends 10,000 a second.
+    let charge = s.charge(Limit::per_minute(6_000_000));
+    let mut admitted = 0u64;
+    for _ in 0..20_000 {
+        let d = now(a.check(&s.check(&charge))).unwrap();
+        assert!(d.allowed && d.remaining <= d.limit);
+        admitted += 1;
+        w.clock.advance(Duration::from_micros(100));
+    }
+    let calls = a.store().takes.load(Ordering::Relaxed) + a.store().gives.load(Ordering::Relaxed);
+    assert!((calls as f64) / (admitted as f64) <= 0.05, "{calls} calls");
+}
+
+#[test]
+fn reserves_are_normal_checks_and_leases_pass_through() {
+    let w = World::new();
+    let a = w.instance();
+    let s = Subject {
+        reserve: 2,
+        ..subject()
+    };
+    let charge = s.charge(hourly());
+    for _ in 0..40 {
+        assert!(now(a.check(&s.check(&charge))).unwrap().allowed);
+    }
+    assert!(a.store().wants.lock().unwrap().iter().all(|&k| k == 1));
+    assert_eq!(a.batches(), 0);
+    let lease = Lease {
+        bucket: 5,
+        max: 3,
+        per_account: false,
+    };
+    let leases = [lease];
+    let plain = subject().charge(hourly());
+    let check = Check {
+        leases: &leases,
+        ..subject().check(&plain)
+    };
+    assert!(now(a.check(&check)).unwrap().allowed);
+    assert_eq!(a.store().checks.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_batch_reports_what_the_bucket_holds() {
+    let w = World::new();
+    let a = w.instance();
+    let s = subject();
+    let charge = s.charge(hourly());
+    let mut last = u32::MAX;
+    for _ in 0..40 {
+        let d = now(a.check(&s.check(&charge))).unwrap();
+        // Never more than the bucket holds, and counting down.
+        assert!(d.remaining <= w.room(&s, &charge) + a.unspent() as u32);
+        assert!(d.remaining < last);
+        last = d.remaining;
+    }
+}
