@@ -20,7 +20,7 @@ use std::future::Future;
 pub(crate) use self::redis::Link;
 #[cfg(feature = "redis")]
 pub use self::redis::{
-    BackendState, FailurePolicy, RedisBackend, RedisBackendBuilder, RedisSetupError,
+    BackendState, Batches, FailurePolicy, RedisBackend, RedisBackendBuilder, RedisSetupError,
 };
 pub use memory::{MemoryBackend, MemoryBackendBuilder};
 

@@ -18,29 +18,35 @@
 //! within the burst window of it (`a + T ≤ s + cap`). A normal check at
 //! `now` takes `a = max(tat, now)`.
 //!
-//! A take at store time `t0` with a hold of `h` places its slots after
-//! `D = t0 + h`: `start = max(tat, D)`, and grants
-//! `g = min_l floor((t0 + cap_l − start_l) / T_l)` units (at most *k*),
-//! all or nothing across the limits. The instance spends unit `j` only
-//! while the time since it sent the take is at most `h` (so the spend is
-//! before `D`, hence before the slot: `a ≥ s`) and once the time since it
-//! received the answer is at least `start_l − t0 + j·T_l − cap_l` for
-//! every limit (so the slot ends within the window: `a + T ≤ s + cap`).
-//! Both use only the instance's own clock, measured from events that
-//! bracket `t0`. A take that cannot grant the request's cost is a normal
-//! check, in the same step. A checker that replays every admitted spend of
-//! every instance in time order through one exact GCRA finds each one
-//! conforming ([`sim::Oracle`], `tests/batch.rs`).
+//! A take at store time `t0` with a hold of `h` counts the request's own
+//! `n` units as a normal check does (from `max(tat, t0)`: the store
+//! decides them at `t0`, as it decides every check) and places the other
+//! units' slots after `D = t0 + h`. `start` is where the first slot would
+//! start were the units together: `start = max(max(tat, t0) + n·T, D) −
+//! n·T`, and the take grants `g = min_l floor((t0 + cap_l − start_l) /
+//! T_l)` units (at most *k*), all or nothing across the limits. The
+//! instance spends unit `j > n` only while the time since it sent the take
+//! is at most `h` (so the spend is before `D`, hence before the slot:
+//! `a ≥ s`) and once the time since it received the answer is at least
+//! `start_l − t0 + j·T_l − cap_l` for every limit (so the slot ends within
+//! the window: `a + T ≤ s + cap`). Both use only the instance's own clock,
+//! measured from events that bracket `t0`. A take that cannot grant the
+//! request's cost is a normal check, in the same step. A checker that
+//! replays every admitted spend of every instance in time order through
+//! one exact GCRA finds each one conforming ([`sim::Oracle`],
+//! `tests/batch.rs`).
+//!
+//! Where `n·T ≥ h` (a limit of 200 an hour, say, with the default hold)
+//! the hold moves no slot: the batch is where normal checks would have
+//! put its units, and batching admits exactly what one-at-a-time checks
+//! would.
 //!
 //! A give-back changes a bucket only while the batch is still on top of it
 //! (its TAT is still the batch's end): it moves the TAT back by the unused
-//! units and, while the hold has not passed, down to
-//! `max(tat_before, now) + used·T` (the used units' slots move to where a
-//! normal check would have put them: still after their spends, which were
-//! all before now ≤ D, and within their windows). Otherwise it does
-//! nothing, so a give-back that arrives late or twice is harmless (with one
-//! edge: a duplicate that finds another batch ending at the very same TAT;
-//! the [`Batcher`] sends each give-back once).
+//! units. Otherwise it does nothing, so a give-back that arrives late or
+//! twice is harmless (with one edge: a duplicate that finds another batch
+//! ending at the very same TAT; the [`Batcher`] sends each give-back
+//! once).
 //!
 //! # Bounds
 //!
@@ -120,7 +126,9 @@ impl Take<'_> {
 /// clock).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GrantedLimit {
-    /// Where the batch's first slot starts (`max(tat, t0 + hold)`).
+    /// Where the batch's first slot would start were its units together:
+    /// the request's own units from `max(tat, t0)`, the others after
+    /// `t0 + hold` (see the module docs).
     pub start: u64,
     /// The limit's emission interval `T`.
     pub interval: u64,
@@ -212,7 +220,8 @@ pub trait BatchStore: Send + Sync + 'static {
 
     /// In one step at the store's now `t0`: grants
     /// `g = min(want, min_l floor((t0 + cap_l − start_l) / T_l))` units
-    /// with `start_l = max(tat_l, t0 + hold)` and sets every
+    /// with `start_l = max(max(tat_l, t0) + n·T_l, t0 + hold) − n·T_l`
+    /// (`n` the cost) and sets every
     /// `tat_l = start_l + g·T_l` if `g` is at least the cost; otherwise
     /// checks the request as a normal check of its cost. A charge with a
     /// reserve is always a normal check.

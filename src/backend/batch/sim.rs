@@ -115,7 +115,7 @@ impl State {
         }
         self.pending.sort_by_key(|p| Reverse((p.0, p.1)));
         while self.pending.last().is_some_and(|p| p.0 <= now) {
-            let Some((at, owner, charges, grant, unused)) = self.pending.pop() else {
+            let Some((_, owner, charges, grant, unused)) = self.pending.pop() else {
                 break;
             };
             let back = GiveBack {
@@ -127,7 +127,7 @@ impl State {
             let mut all = true;
             for (i, c) in charges.iter().enumerate() {
                 let tat = self.tats.get(&c.bucket).copied().unwrap_or(0);
-                match step::given_back(&back, i, tat, at) {
+                match step::given_back(&back, i, tat) {
                     Some(next) => {
                         self.tats.insert(c.bucket, next);
                     }

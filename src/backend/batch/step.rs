@@ -37,7 +37,12 @@ pub(crate) fn grant(take: &Take<'_>, tats: &mut [u64], t0: u64) -> Option<Grant>
     for (i, c) in take.charges.iter().enumerate().take(MAX_LIMITS) {
         let t = interval(&c.limit);
         let cap = u64::from(c.limit.max()) * t;
-        let start = tats[i].max(d);
+        // The request's own units are counted now, as a normal check's;
+        // the others after the hold, where no spend of them can come
+        // before their slots. `start` is where the batch's first slot
+        // would start were the units together.
+        let own = tats[i].max(t0) + u64::from(n) * t;
+        let start = own.max(d) - u64::from(n) * t;
         let room = (t0.saturating_add(cap).saturating_sub(start) / t).min(u64::from(u32::MAX));
         g = g.min(room as u32);
         limits[i] = GrantedLimit {
@@ -101,9 +106,9 @@ pub(crate) fn take(take: &Take<'_>, tats: &mut [u64], t0: u64) -> Taken {
     }
 }
 
-/// The TAT a give-back leaves on limit `i` whose TAT is `tat` at `now`:
+/// The TAT a give-back leaves on limit `i` whose TAT is `tat`:
 /// `None` (nothing changes) unless the batch is still on top of it.
-pub(crate) fn given_back(back: &GiveBack<'_>, i: usize, tat: u64, now: u64) -> Option<u64> {
+pub(crate) fn given_back(back: &GiveBack<'_>, i: usize, tat: u64) -> Option<u64> {
     let g = back.grant;
     let l = g.limits().get(i)?;
     let unused = back.unused.min(g.units);
@@ -111,11 +116,6 @@ pub(crate) fn given_back(back: &GiveBack<'_>, i: usize, tat: u64, now: u64) -> O
         return None;
     }
     let used = g.units - unused;
-    let mut next = l.end(used);
-    if now <= g.at.saturating_add(g.hold) {
-        // Still before every unused slot: the used units' slots move to
-        // where normal checks would have put them.
-        next = next.min(l.before.max(now) + u64::from(used) * l.interval);
-    }
+    let next = l.end(used);
     Some(next)
 }

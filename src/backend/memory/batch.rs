@@ -57,7 +57,6 @@ where
 
     /// A give-back in the owner's shard (see [`BatchStore::give_back`]).
     pub fn give_back_now(&self, back: &GiveBack<'_>) {
-        let now = self.elapsed();
         let mut guard = self
             .inner
             .multi
@@ -68,7 +67,7 @@ where
             let Some(tat) = guard.get(c.bucket) else {
                 continue;
             };
-            if let Some(next) = step::given_back(back, i, tat, now) {
+            if let Some(next) = step::given_back(back, i, tat) {
                 let known = guard.known.contains_key(&c.bucket);
                 guard.set(c.bucket, next, known);
             }

@@ -13,7 +13,7 @@ use super::deny::DenyCache;
 use super::failover::Rebuild;
 use super::io::IoThread;
 use super::leases::LeaseBook;
-use super::{CHECK, Conn, Inner, LEASE, RedisBackend, SETTLE};
+use super::{BATCH, CHECK, Conn, Inner, LEASE, RedisBackend, SETTLE};
 use crate::backend::MemoryBackend;
 
 /// What happens to requests while Redis cannot be reached.
@@ -49,6 +49,7 @@ pub struct RedisBackendBuilder {
     lazy: bool,
     lease_ttl: Duration,
     fake: Option<FakeRelativeClock>,
+    batches: Option<super::Batches>,
 }
 
 /// Why a [`RedisBackend`] could not be made.
@@ -108,6 +109,7 @@ impl RedisBackend {
             lazy: false,
             lease_ttl: Duration::from_secs(60),
             fake: None,
+            batches: None,
         }
     }
 
@@ -197,6 +199,30 @@ impl RedisBackendBuilder {
     /// connection, up to the timeout, and fall back if it does not come.
     pub fn lazy(mut self, lazy: bool) -> Self {
         self.lazy = lazy;
+        self
+    }
+
+    /// Spends shared limits locally: a hot owner's checks take several
+    /// units of its limits from Redis in one call and spend them on this
+    /// instance without a round trip, never admitting more than the
+    /// limits allow across instances; unspent units go back when a batch
+    /// ages out, when its limits change and at
+    /// [`return_batches`](RedisBackend::return_batches). A cold owner's
+    /// checks are one call each, as without batches. Off by default.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), tierlimit::backend::RedisSetupError> {
+    /// use std::time::Duration;
+    /// use tierlimit::backend::{Batches, RedisBackend};
+    ///
+    /// let backend = RedisBackend::builder("redis://127.0.0.1:6379")
+    ///     .batches(Batches::new().hold(Duration::from_millis(100)))
+    ///     .connect()
+    ///     .await?;
+    /// # let _ = backend; Ok(()) }
+    /// ```
+    pub fn batches(mut self, batches: super::Batches) -> Self {
+        self.batches = Some(batches);
         self
     }
 
@@ -304,6 +330,7 @@ impl RedisBackendBuilder {
             script_check: script,
             script_settle: redis::Script::new(SETTLE),
             script_lease: redis::Script::new(LEASE),
+            script_batch: redis::Script::new(BATCH),
             prefix: self.prefix,
             timeout: self.timeout,
             failure: self.failure,
@@ -321,8 +348,12 @@ impl RedisBackendBuilder {
             fake,
             start: Instant::now(),
         };
-        RedisBackend {
-            inner: Arc::new(inner),
-        }
+        let inner = Arc::new(inner);
+        let batches = self.batches.map(|b| {
+            let batcher = super::batch::batcher(&inner, b);
+            super::batch::spawn_aging(&inner, &batcher, b.hold);
+            batcher
+        });
+        RedisBackend { inner, batches }
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::batch::{Batched, granted};
 use super::failover::{PLACEHOLDER, PLACEHOLDER_LEASE, Route};
 use super::io::{EvalError, Script};
 use super::leases::Taken;
@@ -88,24 +89,42 @@ impl RedisBackend {
     }
 
     async fn check_routed(&self, check: &Check<'_>) -> Routed {
+        let (result, taken) = self.routed(check, None).await;
+        let result = result.map(|t| match t {
+            Batched::Checked(d) => d,
+            // A check asks for no batch; a grant could not be its answer.
+            Batched::Granted(_) => Decision::allow(&Limit::per_second(1), 0),
+        });
+        (result, taken)
+    }
+
+    /// A check, or with `batch` a take of a batch (`batch.lua`: the units
+    /// wanted and the hold), through the deny cache, the route and the
+    /// failure policy alike.
+    pub(super) async fn routed(
+        &self,
+        check: &Check<'_>,
+        batch: Option<(u32, Duration)>,
+    ) -> (Result<Batched, BackendError>, Taken) {
         let inner = &self.inner;
+        let checked = |(r, t): Routed| (r.map(Batched::Checked), t);
         if let Some(e) = invalid(check) {
             return (Err(e), Taken::Nowhere);
         }
         let now = inner.local_micros();
         // A recent refusal of this bucket: answered here.
         if let Some(d) = inner.denied(check, now) {
-            return (Ok(d), Taken::Nowhere);
+            return (Ok(Batched::Checked(d)), Taken::Nowhere);
         }
         let route = inner.route(now);
         if route == Route::Around {
-            return inner.fall_back(check);
+            return checked(inner.fall_back(check));
         }
         let Ok(_permit) = inner.in_flight.acquire().await else {
-            return inner.fall_back(check);
+            return checked(inner.fall_back(check));
         };
         if route == Route::Redis && inner.degraded.load(Ordering::Relaxed) {
-            return inner.fall_back(check);
+            return checked(inner.fall_back(check));
         }
         let (k, m) = (check.charges.len(), check.leases.len());
         let calendar = check
@@ -113,25 +132,39 @@ impl RedisBackend {
             .iter()
             .filter(|c| c.limit.period().is_calendar());
         let refused_len = k + 1 + calendar.count();
-        match inner.eval_check(check).await {
+        let answer = match batch {
+            None => inner.eval_check(check).await,
+            Some((want, hold)) => inner.eval_take(check, want, hold).await,
+        };
+        match answer {
+            Ok(v) if batch.is_some() && v.first() == Some(&3) && v.len() == 3 + 3 * k => {
+                inner.succeeded();
+                let (want, hold) = batch.unwrap_or_default();
+                (
+                    Ok(Batched::Granted(granted(check, want, hold, &v))),
+                    Taken::Nowhere,
+                )
+            }
             Ok(v) if v.len() == k + 1 || v.len() == k + m + 1 || v.len() == refused_len => {
                 inner.succeeded();
-                inner.answered(check, &v, now)
+                checked(inner.answered(check, &v, now))
             }
             Ok(v) => {
                 tracing::warn!(
                     len = v.len(),
-                    "redis: unexpected answer from the several-limit script"
+                    "redis: unexpected answer from a check script"
                 );
                 self.release_late(check);
                 inner.failed();
-                inner.fall_back(check)
+                checked(inner.fall_back(check))
             }
             Err(e) => {
+                // A check or take that timed out may still run later: what
+                // it counts is counted once more, never admitted twice.
                 tracing::debug!(error = %e, timeout = ?inner.timeout, "redis check failed");
                 self.release_late(check);
                 inner.failed();
-                inner.fall_back(check)
+                checked(inner.fall_back(check))
             }
         }
     }

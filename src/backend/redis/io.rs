@@ -18,6 +18,8 @@ pub(super) enum Script {
     Settle,
     /// Leases after admission (`lease.lua`).
     Lease,
+    /// Batches taken and given back (`batch.lua`).
+    Batch,
 }
 
 /// Why a script call gave no answer.
@@ -93,6 +95,7 @@ impl Inner {
                 Script::Check => &inner.script_check,
                 Script::Settle => &inner.script_settle,
                 Script::Lease => &inner.script_lease,
+                Script::Batch => &inner.script_batch,
             };
             run_script(script, keys, args, &conn).await
         })

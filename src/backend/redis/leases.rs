@@ -221,7 +221,12 @@ impl RedisBackend {
                 let Some(inner) = weak.upgrade() else {
                     return;
                 };
-                RedisBackend { inner }.renew_leases().await;
+                RedisBackend {
+                    inner,
+                    batches: None,
+                }
+                .renew_leases()
+                .await;
             }
         });
     }

@@ -11,6 +11,7 @@
 //! - `*.lua`: the scripts (`now.lua`, `gcra.lua`, then `check.lua`,
 //!   `settle.lua` or `lease.lua`).
 
+mod batch;
 mod builder;
 mod check;
 mod deny;
@@ -29,6 +30,7 @@ use governor::clock::{Clock, FakeRelativeClock, Reference};
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 
+pub use self::batch::Batches;
 pub use self::builder::{FailurePolicy, RedisBackendBuilder, RedisSetupError};
 pub(crate) use self::io::Link;
 
@@ -66,6 +68,14 @@ const SETTLE: &str = concat!(
     include_str!("settle.lua")
 );
 
+/// Batches: several units of a check's limits taken in one call, and the
+/// unspent ones given back.
+const BATCH: &str = concat!(
+    include_str!("now.lua"),
+    include_str!("gcra.lua"),
+    include_str!("batch.lua")
+);
+
 /// Concurrency leases after admission: release, renew, peek.
 const LEASE: &str = concat!(include_str!("now.lua"), include_str!("lease.lua"));
 
@@ -90,6 +100,7 @@ struct Inner {
     script_check: redis::Script,
     script_settle: redis::Script,
     script_lease: redis::Script,
+    script_batch: redis::Script,
     prefix: String,
     timeout: Duration,
     failure: FailurePolicy,
@@ -146,6 +157,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct RedisBackend {
     inner: Arc<Inner>,
+    /// With batches on: the local batches checks are spent from.
+    batches: Option<Arc<batch::RedisBatcher>>,
 }
 
 impl fmt::Debug for RedisBackend {
@@ -246,6 +259,11 @@ impl Backend for RedisBackend {
     type Future = Pin<Box<dyn Future<Output = Result<Decision, BackendError>> + Send>>;
 
     fn check(&self, check: &Check<'_>) -> Self::Future {
+        if let Some(batcher) = &self.batches
+            && let Some(batched) = self.batched(batcher, check)
+        {
+            return batched;
+        }
         let this = self.clone();
         let charges = Charges::new(check);
         if check.leases.is_empty() {
