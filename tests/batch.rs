@@ -1,8 +1,20 @@
 //! Batches (`tierlimit::backend::batch`): the soundness model on a
 //! simulated store, and the batcher over the memory backend on a fake
-//! clock.
+//! clock; the Redis backend with batches on, against real servers.
 
 #[path = "batch/memory.rs"]
 mod memory;
 #[path = "batch/props.rs"]
 mod props;
+#[cfg(all(feature = "redis", feature = "test-util"))]
+#[path = "batch/redis.rs"]
+mod redis;
+
+#[cfg(all(feature = "redis", feature = "test-util"))]
+mod common;
+
+/// Every test of this binary hashes keys with the secret the Redis tests
+/// need (one secret per process, whichever test hashes first).
+fn secret() {
+    let _ = tierlimit::set_key_secret(b"tierlimit-test-secret-0123456789");
+}

@@ -102,6 +102,7 @@ fn now<F: Future>(f: F) -> F::Output {
 }
 
 fn subject() -> Subject {
+    crate::secret();
     Subject::new(KeyId::of("k"), 7)
 }
 

@@ -349,7 +349,32 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
         {
             self.give(&r);
         }
-        answer
+        // Refused by the store (or unanswered) while this instance holds
+        // units of the same limits (a batch that landed meanwhile, or the
+        // one a take ahead was to follow): the request spends one of those.
+        match answer {
+            Ok(d) if !d.allowed => Ok(self.spend_held(ticket, now).unwrap_or(d)),
+            Err(e) => self.spend_held(ticket, now).ok_or(e),
+            other => other,
+        }
+    }
+
+    /// Spends the ticket's cost from the batch its entry holds, if it can.
+    #[cold]
+    fn spend_held(&self, ticket: &Ticket, now: u64) -> Option<Decision> {
+        let mut table = self.shard(ticket.owner);
+        let e = table.get_mut(&(ticket.owner, ticket.cell))?;
+        // A request that must leave a reserve never spends a batch's units.
+        let reserved = ticket.charges().iter().any(|c| c.reserve > 0);
+        if reserved || e.signature != signature(ticket.charges()) {
+            return None;
+        }
+        let local = e.batch.as_mut()?;
+        let d = local.spend(ticket.cost, now)?;
+        if local.spent == local.grant.units {
+            e.batch = e.next.take();
+        }
+        Some(d)
     }
 
     /// Keeps what is left of a new batch in its entry, if it is the

@@ -312,7 +312,13 @@ pub fn run(run: &Run) -> Outcome {
             }
             Some(Event::Answer(i, tk, taken)) => {
                 store.at(t, run.latencies[i]);
-                let _ = batchers[i].finish(&tk, Ok(taken), t);
+                let refused = matches!(taken, Taken::Checked(d) if !d.allowed);
+                let answer = batchers[i].finish(&tk, Ok(taken), t);
+                if refused && answer.is_ok_and(|d| d.allowed) {
+                    // Refused by the store, served from units in hand.
+                    oracle.record(t, tk.take().cost());
+                    requests += 1;
+                }
             }
             None => {}
         }

@@ -23,8 +23,8 @@ local now = now_us(ARGV[2])
 if ARGV[1] == 'back' then
   local moved = 0
   for i = 1, #KEYS do
-    local fin = tonumber(ARGV[2 + 2 * i])
-    local used_end = tonumber(ARGV[3 + 2 * i])
+    local fin = tonumber(ARGV[1 + 2 * i])
+    local used_end = tonumber(ARGV[2 + 2 * i])
     local tat = tonumber(redis.call('GET', KEYS[i]))
     if tat and tat == fin then
       if used_end <= now then

@@ -1,0 +1,256 @@
+//! The Redis backend with batches on, against real `redis-server`s (a
+//! single node and a Cluster) on a fake clock: exact under bursts across
+//! instances, units given back when a batch ages, at shutdown and after a
+//! limit changes, units in hand serving while Redis is stopped, and few
+//! script calls for a hot key.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use governor::clock::FakeRelativeClock;
+use tierlimit::backend::{
+    Backend, Batches, Charge, Check, RedisBackend, RedisBackendBuilder, Subject,
+};
+use tierlimit::{Limit, key::KeyId};
+
+use crate::common::redis::{RedisCluster, RedisServer, ready};
+
+async fn batched(builder: RedisBackendBuilder, clock: &FakeRelativeClock) -> RedisBackend {
+    builder
+        .fake_clock(clock.clone())
+        .timeout(Duration::from_secs(2))
+        .batches(Batches::new())
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn subject(key: &str) -> Subject {
+    Subject::new(KeyId::of(key), 21)
+}
+
+/// `n` checks of `charge` at once, spread over `instances`: how many
+/// were admitted.
+async fn burst(instances: &[RedisBackend], s: &Subject, charge: &Charge, n: usize) -> u32 {
+    let allowed = Arc::new(AtomicU32::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (b, allowed, s, charge) = (
+            instances[i % instances.len()].clone(),
+            Arc::clone(&allowed),
+            *s,
+            *charge,
+        );
+        tasks.push(tokio::spawn(async move {
+            if b.check(&s.check(&charge)).await.unwrap().allowed {
+                allowed.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    allowed.load(Ordering::Relaxed)
+}
+
+/// Three bursts of 2,000 simultaneous checks from two instances on a
+/// limit of 200: exactly 200 each round, in far fewer script calls than
+/// checks.
+async fn exact_bursts(instances: &[RedisBackend], clock: &FakeRelativeClock) {
+    let s = subject("bursty");
+    let charge = s.charge(Limit::per_hour(200));
+    for round in 0..3 {
+        assert_eq!(
+            burst(instances, &s, &charge, 2_000).await,
+            200,
+            "round {round}"
+        );
+        // The hour passes: the bucket is full again, every batch aged.
+        clock.advance(Duration::from_secs(3_600));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_admit_exactly_the_limit_on_a_single_node() {
+    if !ready() {
+        return;
+    }
+    let server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let a = batched(RedisBackend::builder(server.url()), &clock).await;
+    let b = batched(RedisBackend::builder(server.url()), &clock).await;
+    exact_bursts(&[a, b], &clock).await;
+}
+
+#[tokio::test]
+async fn a_hot_key_makes_few_script_calls() {
+    if !ready() {
+        return;
+    }
+    let server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let a = batched(RedisBackend::builder(server.url()), &clock).await;
+    let s = subject("hot");
+    let charge = s.charge(Limit::per_hour(1_000_000));
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    for _ in 0..2_000 {
+        assert!(a.check(&s.check(&charge)).await.unwrap().allowed);
+        // Half a millisecond between requests: 2,000 a second.
+        clock.advance(Duration::from_micros(500));
+    }
+    let calls = server.command_calls("evalsha");
+    assert!(calls <= 100, "{calls} script calls for 2,000 checks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_admit_exactly_the_limit_on_a_cluster() {
+    if !ready() {
+        return;
+    }
+    let cluster = RedisCluster::start();
+    let clock = FakeRelativeClock::default();
+    let a = batched(RedisBackend::cluster(cluster.urls()), &clock).await;
+    let b = batched(RedisBackend::cluster(cluster.urls()), &clock).await;
+    exact_bursts(&[a, b], &clock).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_limits_are_exact_across_four_batched_instances() {
+    if !ready() {
+        return;
+    }
+    let server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let mut backends = Vec::new();
+    for _ in 0..4 {
+        backends.push(batched(RedisBackend::builder(server.url()), &clock).await);
+    }
+    crate::common::conformance::exact_under_contention(backends).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conformance_table_holds_with_batches_on() {
+    if !ready() {
+        return;
+    }
+    let server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let backend = batched(RedisBackend::builder(server.url()), &clock).await;
+    crate::common::conformance::run(&backend, |d| clock.advance(d)).await;
+    crate::common::conformance::run_multi(&backend, |d| clock.advance(d)).await;
+}
+
+/// A hot owner on `a`: forty checks at once, enough for a batch.
+async fn warm(a: &RedisBackend, s: &Subject, charge: &Charge) {
+    for _ in 0..40 {
+        assert!(a.check(&s.check(charge)).await.unwrap().allowed);
+    }
+    assert!(a.batched_units() > 0, "a batch is held");
+}
+
+/// What the bucket could take at once, as another instance sees it.
+async fn room(b: &RedisBackend, s: &Subject, charge: &Charge) -> u32 {
+    b.peek(s.key.as_u64(), charge).await.unwrap().remaining
+}
+
+#[tokio::test]
+async fn units_come_back_at_shutdown_and_when_a_batch_ages() {
+    if !ready() {
+        return;
+    }
+    let server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let a = batched(RedisBackend::builder(server.url()), &clock).await;
+    let b = batched(RedisBackend::builder(server.url()), &clock).await;
+    let s = subject("returns");
+    let charge = s.charge(Limit::per_hour(3_600));
+    // Shutdown: every unit not spent is Redis's again.
+    warm(&a, &s, &charge).await;
+    let (held, before) = (a.batched_units() as u32, room(&b, &s, &charge).await);
+    a.return_batches().await;
+    assert_eq!(a.batched_units(), 0);
+    let after = room(&b, &s, &charge).await;
+    assert!(
+        (before + held..=before + held + 1).contains(&after),
+        "{before} + {held} → {after}"
+    );
+    // Aged: past the hold, the next check sends the batch back first.
+    warm(&a, &s, &charge).await;
+    let (held, before) = (a.batched_units() as u32, room(&b, &s, &charge).await);
+    clock.advance(Duration::from_millis(150));
+    assert!(a.check(&s.check(&charge)).await.unwrap().allowed);
+    a.return_batches().await;
+    let after = room(&b, &s, &charge).await;
+    // Back: what was held, less this one request (and a second of refill).
+    assert!(
+        after + 1 >= before + held && after <= before + held + 1,
+        "{before} + {held} → {after}"
+    );
+}
+
+#[tokio::test]
+async fn a_changed_limit_sends_the_batch_back() {
+    if !ready() {
+        return;
+    }
+    let server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let a = batched(RedisBackend::builder(server.url()), &clock).await;
+    let b = batched(RedisBackend::builder(server.url()), &clock).await;
+    let s = subject("changes");
+    let old = s.charge(Limit::per_hour(3_600));
+    warm(&a, &s, &old).await;
+    let (held, before) = (a.batched_units() as u32, room(&b, &s, &old).await);
+    // A boost: the same caller, a more generous limit in another bucket.
+    let new = Charge {
+        bucket: old.bucket ^ 0x5a5a,
+        limit: Limit::per_hour(7_200),
+        ..old
+    };
+    let check = Check::new(s.key.as_u64(), true, std::slice::from_ref(&new));
+    assert!(a.check(&check).await.unwrap().allowed);
+    a.return_batches().await;
+    let after = room(&b, &s, &old).await;
+    assert!(
+        (before + held..=before + held + 1).contains(&after),
+        "{before} + {held} → {after}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_in_hand_serve_while_redis_is_stopped_until_they_age() {
+    if !ready() {
+        return;
+    }
+    let server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let a = RedisBackend::builder(server.url())
+        .fake_clock(clock.clone())
+        .timeout(Duration::from_millis(200))
+        .failure_policy(tierlimit::backend::FailurePolicy::FailClosed)
+        .batches(Batches::new())
+        .connect()
+        .await
+        .unwrap();
+    let s = subject("outage");
+    let charge = s.charge(Limit::per_hour(3_600));
+    warm(&a, &s, &charge).await;
+    let held = a.batched_units();
+    server.stop_process();
+    // Every unit in hand is spent with no round trip.
+    for i in 0..held {
+        assert!(
+            a.check(&s.check(&charge)).await.unwrap().allowed,
+            "unit {i} of {held}"
+        );
+    }
+    // Then, and once a batch has aged, the failure policy answers.
+    clock.advance(Duration::from_millis(150));
+    let d = a.check(&s.check(&charge)).await;
+    assert!(
+        d.is_err() || !d.unwrap().allowed,
+        "denied while Redis is stopped"
+    );
+    server.resume();
+}
