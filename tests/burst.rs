@@ -137,6 +137,48 @@ async fn cluster_bursts_on_two_instances_admit_exactly_the_limit() {
     .await;
 }
 
+/// The same bursts with batches on: a hot key's checks are spent from
+/// batches taken from Redis, and still exactly the limit is admitted.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_bursts_on_two_instances_admit_exactly_the_limit() {
+    use common::redis::{RedisServer, available};
+    use tierlimit::backend::Batches;
+    if !available() {
+        return;
+    }
+    setup();
+    let redis = RedisServer::start();
+    bursts_admit_exactly_the_limit(async || {
+        tierlimit::RedisBackend::builder(redis.url())
+            .batches(Batches::new())
+            .connect()
+            .await
+            .unwrap()
+    })
+    .await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_cluster_bursts_on_two_instances_admit_exactly_the_limit() {
+    use common::redis::{RedisCluster, available};
+    use tierlimit::backend::Batches;
+    if !available() {
+        return;
+    }
+    setup();
+    let cluster = RedisCluster::start();
+    bursts_admit_exactly_the_limit(async || {
+        tierlimit::RedisBackend::cluster(cluster.urls())
+            .batches(Batches::new())
+            .connect()
+            .await
+            .unwrap()
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_spray_locks_no_listed_customer_out() {
     setup();

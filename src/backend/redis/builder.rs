@@ -344,6 +344,7 @@ impl RedisBackendBuilder {
             degraded: AtomicBool::new(false),
             next_probe: AtomicU64::new(0),
             deny: DenyCache::default(),
+            batching: self.batches.is_some(),
             leases: LeaseBook::new(self.lease_ttl),
             fake,
             start: Instant::now(),

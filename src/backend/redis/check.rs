@@ -112,8 +112,11 @@ impl RedisBackend {
             return (Err(e), Taken::Nowhere);
         }
         let now = inner.local_micros();
-        // A recent refusal of this bucket: answered here.
-        if let Some(d) = inner.denied(check, now) {
+        // A recent refusal of this bucket: answered here (not with batches
+        // on: units given back make room before the refusal's delay ends).
+        if !inner.batching
+            && let Some(d) = inner.denied(check, now)
+        {
             return (Ok(Batched::Checked(d)), Taken::Nowhere);
         }
         let route = inner.route(now);
@@ -330,7 +333,7 @@ impl Inner {
         if status != 1 && d.allowed {
             d.allowed = false;
         }
-        if status == 0 {
+        if status == 0 && !self.batching {
             self.remember_refusal(check, u64::try_from(v[1]).unwrap_or(0), now);
         }
         let taken = if status == 1 && !check.leases.is_empty() {

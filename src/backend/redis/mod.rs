@@ -118,6 +118,9 @@ struct Inner {
     degraded: AtomicBool,
     next_probe: AtomicU64,
     deny: DenyCache,
+    /// Whether checks go through batches (then refusals are not cached:
+    /// units given back make room before a refusal's delay ends).
+    batching: bool,
     leases: LeaseBook,
     fake: Option<(
         FakeRelativeClock,
