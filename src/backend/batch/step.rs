@@ -44,7 +44,10 @@ pub(crate) fn grant(take: &Take<'_>, tats: &mut [u64], t0: u64) -> Option<Grant>
         let own = tats[i].max(t0) + u64::from(n) * t;
         let start = own.max(d) - u64::from(n) * t;
         let room = (t0.saturating_add(cap).saturating_sub(start) / t).min(u64::from(u32::MAX));
-        g = g.min(room as u32);
+        // A batch leaves at least as many units as it takes: a bucket's
+        // last units go one check at a time, so a burst that empties it
+        // ends as it would without batches.
+        g = g.min((room as u32).saturating_sub(take.want.saturating_sub(n)));
         limits[i] = GrantedLimit {
             start,
             interval: t,

@@ -16,8 +16,10 @@
 --   remaining_1, ...} allowed and counted, {0, retry_1, ...} refused.
 -- back: KEYS[1..k]: the batch's buckets. Per key, from ARGV[3]: the
 --   batch's end and where its used units end (us). A bucket whose TAT is
---   still the batch's end goes back to where the used units end; any
---   other is left alone, so a late give-back changes nothing.
+--   still the batch's end goes back to where the used units end; below
+--   other units, the unused slots become the bucket's hole (gcra.lua),
+--   which refused requests may take. A late give-back (its slots past)
+--   changes nothing.
 --   Returns the number of buckets moved.
 local now = now_us(ARGV[2])
 if ARGV[1] == 'back' then
@@ -32,6 +34,10 @@ if ARGV[1] == 'back' then
       else
         gcra_store(KEYS[i], used_end, now)
       end
+      moved = moved + 1
+    elseif fin > now then
+      -- Other units lie above: these slots become the bucket's hole.
+      holes_add(KEYS[i], used_end, fin, now)
       moved = moved + 1
     end
   end
@@ -50,7 +56,10 @@ for i = 1, k do
   -- is where the first would start were they together.
   local cost = param(i, 3)
   starts[i] = math.max(math.max(tats[i], now) + cost * t, now + hold) - cost * t
-  units = math.min(units, math.floor(math.max(now + t * max - starts[i], 0) / t))
+  -- A batch leaves at least as many units as it takes beyond the cost:
+  -- a bucket's last units go one check at a time.
+  local room = math.floor(math.max(now + t * max - starts[i], 0) / t)
+  units = math.min(units, room - (want - cost))
 end
 local cost = param(1, 3)
 local out = {}
@@ -66,19 +75,34 @@ if units >= cost then
   end
   return out
 end
-local refused = false
+local refused, holes = false, {}
 for i = 1, k do
   out[i] = gcra_wait(tats[i], now, param(i, 1), param(i, 2), param(i, 3), 0)
-  if out[i] > 0 then refused = true end
+  if out[i] > 0 then
+    local hs = holes_get(KEYS[i], now)
+    local j, a = holes_fit(hs, now, param(i, 1), param(i, 2), param(i, 3))
+    if j then
+      holes[i] = {hs, j, a}
+      out[i] = 0
+    else
+      refused = true
+    end
+  end
 end
 if refused then
   table.insert(out, 1, 0)
   return out
 end
 for i = 1, k do
-  local nxt = gcra_take(tats[i], now, param(i, 1), param(i, 3))
-  gcra_store(KEYS[i], nxt, now)
-  out[i] = gcra_capacity(nxt, now, param(i, 1), param(i, 2))
+  if holes[i] then
+    local h = holes[i]
+    holes_take(KEYS[i], h[1], h[2], h[3], param(i, 3), param(i, 1), now)
+    out[i] = gcra_capacity(tats[i], now, param(i, 1), param(i, 2))
+  else
+    local nxt = gcra_take(tats[i], now, param(i, 1), param(i, 3))
+    gcra_store(KEYS[i], nxt, now)
+    out[i] = gcra_capacity(nxt, now, param(i, 1), param(i, 2))
+  end
 end
 table.insert(out, 1, 1)
 return out

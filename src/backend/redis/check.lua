@@ -41,7 +41,7 @@ local member = ARGV[4]
 local ttl = tonumber(ARGV[5])
 local m = #KEYS - k
 local function param(i, j) return tonumber(ARGV[5 + 4 * (i - 1) + j]) end
-local tats, out = {}, {}
+local tats, out, holes = {}, {}, {}
 -- Per calendar charge: {used, its period's start, end, the time, s0}.
 local cal, ci = {}, 0
 local refused = false
@@ -57,6 +57,15 @@ for i = 1, k do
   else
     tats[i] = gcra_tat(KEYS[i], now)
     out[i] = gcra_wait(tats[i], now, param(i, 1), param(i, 2), param(i, 4), param(i, 3))
+    if out[i] > 0 and param(i, 3) == 0 then
+      -- Refused by the bucket: slots a batch gave back may fit.
+      local hs = holes_get(KEYS[i], now)
+      local j, a = holes_fit(hs, now, param(i, 1), param(i, 2), param(i, 4))
+      if j then
+        holes[i] = {hs, j, a}
+        out[i] = 0
+      end
+    end
   end
   if out[i] > 0 then refused = true end
 end
@@ -97,6 +106,10 @@ for i = 1, k do
     local n = c[1] + param(i, 4)
     cal_store(KEYS[i], c[2], c[3], n, c[4])
     out[i] = cal_answer(param(i, 2) - n, c[2], c[5])
+  elseif holes[i] then
+    local h = holes[i]
+    holes_take(KEYS[i], h[1], h[2], h[3], param(i, 4), param(i, 1), now)
+    out[i] = gcra_capacity(tats[i], now, param(i, 1), param(i, 2))
   else
     local nxt = gcra_take(tats[i], now, param(i, 1), param(i, 4))
     gcra_store(KEYS[i], nxt, now)

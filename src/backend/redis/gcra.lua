@@ -35,3 +35,73 @@ end
 local function gcra_store(key, tat, now)
   redis.call('SET', key, string.format('%d', tat), 'PX', string.format('%d', math.ceil((tat - now) / 1000)))
 end
+
+-- A bucket's holes: units batches gave back below the bucket's top, as
+-- ranges of slots [h0, h1) (us), at most 16, beside the bucket (its key +
+-- ':h', "h0 h1 h0 h1 ..."). A request the bucket refuses may take slots of
+-- a hole that start no earlier than now and end within its burst window.
+-- A hole is gone once h1 passes.
+local MAX_HOLES = 16
+
+-- The bucket's live holes, in order of h0.
+local function holes_get(key, now)
+  local v = redis.call('GET', key .. ':h')
+  local out = {}
+  if not v then return out end
+  for a, b in string.gmatch(v, '(%d+) (%d+)') do
+    a, b = tonumber(a), tonumber(b)
+    if b > now and b > a then table.insert(out, {a, b}) end
+  end
+  table.sort(out, function(x, y) return x[1] < y[1] end)
+  return out
+end
+
+-- The first hole where `n` units fit at `now`: its index and where they
+-- start, or nil.
+local function holes_fit(holes, now, t, max, n)
+  for i, h in ipairs(holes) do
+    local a = math.max(h[1], now)
+    if a + n * t <= math.min(h[2], now + t * max) then return i, a end
+  end
+  return nil
+end
+
+-- Stores the holes (none left: the key goes); it expires with the last.
+local function holes_store(key, holes, now)
+  local parts, last = {}, 0
+  for _, h in ipairs(holes) do
+    if h[2] > now and h[2] > h[1] then
+      table.insert(parts, string.format('%d %d', h[1], h[2]))
+      last = math.max(last, h[2])
+    end
+  end
+  if #parts == 0 then
+    redis.call('DEL', key .. ':h')
+    return
+  end
+  redis.call('SET', key .. ':h', table.concat(parts, ' '), 'PX', string.format('%d', math.ceil((last - now) / 1000)))
+end
+
+-- Units given back below the top become a hole, joined to one they touch;
+-- past MAX_HOLES the smallest hole is dropped (its units refill).
+local function holes_add(key, h0, h1, now)
+  local holes = holes_get(key, now)
+  local joined = false
+  for _, h in ipairs(holes) do
+    if h[2] == h0 then h[2] = h1; joined = true; break end
+    if h[1] == h1 then h[1] = h0; joined = true; break end
+  end
+  if not joined then table.insert(holes, {h0, h1}) end
+  if #holes > MAX_HOLES then
+    table.sort(holes, function(x, y) return (x[2] - x[1]) > (y[2] - y[1]) end)
+    table.remove(holes)
+  end
+  holes_store(key, holes, now)
+end
+
+-- Takes `n` units at `a` from hole `i` of `holes` (the slots before `a`
+-- are past: dropped with them).
+local function holes_take(key, holes, i, a, n, t, now)
+  holes[i][1] = a + n * t
+  holes_store(key, holes, now)
+end
