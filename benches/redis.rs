@@ -2,6 +2,10 @@
 //! `redis-benchmark` running the same script with 64 clients in the same
 //! run: the physical limit of this machine's Redis.
 //!
+//! With batches on, the same 64 in flight on one hot key (and on 100,000
+//! keys), the script calls per admitted check (`INFO commandstats`), and
+//! one check at a time next to the memory backend's.
+//!
 //! ```sh
 //! cargo bench --features redis --bench redis
 //! cargo bench --features redis --bench redis -- --test   # once, quickly
@@ -24,7 +28,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tierlimit::{Limit, RedisBackend, backend::Subject, key::KeyId};
+use tierlimit::backend::{Batches, Subject};
+use tierlimit::{Limit, RedisBackend, key::KeyId};
 
 const IN_FLIGHT: usize = 64;
 const KEYS: u64 = 100_000;
@@ -151,6 +156,16 @@ fn bench(c: &mut Criterion) {
     assert!(failed <= 1, "script errors: {evalsha}");
     println!("redis-benchmark, same script, {IN_FLIGHT} clients: {rps} checks per second");
 
+    let batched = rt.block_on(async {
+        RedisBackend::builder(server.url())
+            .timeout(Duration::from_secs(2))
+            .batches(Batches::new())
+            .connect()
+            .await
+            .unwrap()
+    });
+    script_calls_of_a_hot_key(&rt, &server, &batched, &limit);
+
     let mut group = c.benchmark_group("redis checks, 64 in flight");
     group.throughput(Throughput::Elements(IN_FLIGHT as u64));
     group.measurement_time(Duration::from_secs(5));
@@ -169,7 +184,90 @@ fn bench(c: &mut Criterion) {
             })
         })
     });
+    let hot = subject(0);
+    for (name, b) in [
+        ("one hot key", &backend),
+        ("one hot key, batches", &batched),
+    ] {
+        group.bench_function(format!("tierlimit RedisBackend, {name}"), |bench| {
+            bench.iter(|| in_flight(&rt, b, |_| hot, &limit))
+        });
+    }
+    group.bench_function("tierlimit RedisBackend, 100,000 keys, batches", |bench| {
+        bench.iter(|| {
+            in_flight(
+                &rt,
+                &batched,
+                |_| {
+                    n = n.wrapping_add(7919);
+                    subject(n % KEYS)
+                },
+                &limit,
+            )
+        })
+    });
     group.finish();
+
+    // One check at a time: what an admitted request waits for.
+    let memory = tierlimit::MemoryBackend::new();
+    let mut group = c.benchmark_group("one check at a time");
+    group.bench_function("memory backend", |bench| {
+        bench.iter(|| black_box(memory.check_now(&hot.check(&hot.charge(limit))).unwrap()))
+    });
+    group.bench_function("RedisBackend, batches, one hot key", |bench| {
+        bench.iter(|| {
+            rt.block_on(async { black_box(batched.check_one(&hot, &limit).await.unwrap()) })
+        })
+    });
+    group.bench_function("RedisBackend, one hot key", |bench| {
+        bench.iter(|| {
+            rt.block_on(async { black_box(backend.check_one(&hot, &limit).await.unwrap()) })
+        })
+    });
+    group.finish();
+}
+
+/// `IN_FLIGHT` checks at once on `backend`, of the subjects `pick` names.
+fn in_flight(
+    rt: &tokio::runtime::Runtime,
+    backend: &RedisBackend,
+    mut pick: impl FnMut(usize) -> Subject,
+    limit: &Limit,
+) {
+    rt.block_on(async {
+        let mut tasks = Vec::with_capacity(IN_FLIGHT);
+        for i in 0..IN_FLIGHT {
+            tasks.push(backend.check_one(&pick(i), limit));
+        }
+        for d in futures_util::future::join_all(tasks).await {
+            assert!(black_box(d.unwrap()).allowed);
+        }
+    })
+}
+
+/// Script calls per admitted request for one hot key with batches on
+/// (`INFO commandstats` around a fixed number of checks, 64 in flight).
+fn script_calls_of_a_hot_key(
+    rt: &tokio::runtime::Runtime,
+    server: &fixture::RedisServer,
+    batched: &RedisBackend,
+    limit: &Limit,
+) {
+    let hot = Subject::new(KeyId::from_raw(0x5eed), 1);
+    let rounds = if quick() { 50 } else { 2_000 };
+    server.cli(&["CONFIG", "RESETSTAT"]);
+    let started = std::time::Instant::now();
+    for _ in 0..rounds {
+        in_flight(rt, batched, |_| hot, limit);
+    }
+    let elapsed = started.elapsed();
+    let checks = (rounds * IN_FLIGHT) as f64;
+    let calls = server.command_calls("evalsha") as f64;
+    println!(
+        "batches, one hot key, {IN_FLIGHT} in flight: {:.0} admitted checks per second, {:.4} script calls per admitted check",
+        checks / elapsed.as_secs_f64(),
+        calls / checks
+    );
 }
 
 criterion_group!(benches, bench);
