@@ -212,7 +212,9 @@ fn bench(c: &mut Criterion) {
     let memory = tierlimit::MemoryBackend::new();
     let mut group = c.benchmark_group("one check at a time");
     group.bench_function("memory backend", |bench| {
-        bench.iter(|| black_box(memory.check_now(&hot.check(&hot.charge(limit))).unwrap()))
+        bench.iter(|| {
+            rt.block_on(async { black_box(memory.check_one(&hot, &limit).await.unwrap()) })
+        })
     });
     group.bench_function("RedisBackend, batches, one hot key", |bench| {
         bench.iter(|| {

@@ -3,7 +3,6 @@
 //! when they age out, when the check's limits change, or on shutdown.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry as Slot;
 use std::fmt;
 use std::future::Future;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -19,6 +18,52 @@ use crate::limit::MAX_LIMITS;
 const SHARDS: usize = 16;
 
 type Table = HashMap<(u64, u64), Entry, foldhash::fast::RandomState>;
+
+/// Owner × cell pairs seen lately, per shard, before they get an entry.
+const RECENT: usize = 1024;
+
+/// One shard: the entries of owners that came more than once within a
+/// hold, and the last arrival of others (an owner gets an entry, which
+/// costs an allocation and a place in every sweep, only on its second
+/// request within a hold: a key seen now and then stays a normal check
+/// with nothing kept).
+struct Shard {
+    map: Table,
+    recent: Box<[(u64, u64)]>,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard {
+            map: Table::default(),
+            recent: vec![(0, 0); RECENT].into_boxed_slice(),
+        }
+    }
+}
+
+impl Shard {
+    /// Whether `key` came before within `hold` of `now` (it is noted).
+    fn came_lately(&mut self, key: (u64, u64), now: u64, hold: u64) -> bool {
+        let h = (key.0 ^ key.1.rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let slot = &mut self.recent[(h >> 54) as usize % RECENT];
+        let lately = slot.0 == h && now.saturating_sub(slot.1) <= hold;
+        *slot = (h, now);
+        lately
+    }
+}
+
+impl std::ops::Deref for Shard {
+    type Target = Table;
+    fn deref(&self) -> &Table {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Shard {
+    fn deref_mut(&mut self) -> &mut Table {
+        &mut self.map
+    }
+}
 
 /// Configures a [`Batcher`].
 #[must_use]
@@ -113,7 +158,7 @@ pub struct Batcher<S, C: Clock = DefaultClock> {
     hold: u64,
     max_share: f64,
     per_shard: usize,
-    shards: Box<[Mutex<Table>]>,
+    shards: Box<[Mutex<Shard>]>,
 }
 
 impl<S, C: Clock> fmt::Debug for Batcher<S, C> {
@@ -248,7 +293,7 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
 
     fn step(
         &self,
-        table: &mut Table,
+        table: &mut Shard,
         check: &Check<'_>,
         cost: u32,
         now: u64,
@@ -257,11 +302,13 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
         let signature = signature(check.charges);
         let plain = || Ticket::plain(check, cost, now);
         let full = table.len() >= self.per_shard;
-        let e = match table.entry((check.owner, check.charges[0].bucket)) {
-            Slot::Occupied(o) => o.into_mut(),
-            Slot::Vacant(v) if !full => v.insert(Entry::new(signature, now)),
-            Slot::Vacant(_) => return Step::Take(plain()),
-        };
+        let key = (check.owner, check.charges[0].bucket);
+        if !table.contains_key(&key) && (full || !table.came_lately(key, now, self.hold)) {
+            return Step::Take(plain());
+        }
+        let e = table
+            .entry(key)
+            .or_insert_with(|| Entry::new(signature, now));
         let owner = check.owner;
         if e.signature != signature {
             // Other buckets or limits now (a policy change, a boost):
@@ -427,7 +474,7 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
         });
     }
 
-    fn shard(&self, owner: u64) -> MutexGuard<'_, Table> {
+    fn shard(&self, owner: u64) -> MutexGuard<'_, Shard> {
         let i = (owner.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % SHARDS;
         self.shards[i]
             .lock()
