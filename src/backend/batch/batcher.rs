@@ -214,6 +214,9 @@ pub struct Ticket {
     cell: u64,
     signature: u64,
     batch: bool,
+    /// Whether this instance keeps an entry for the owner and cell (its
+    /// answer may then use units held here).
+    tracked: bool,
 }
 
 impl Ticket {
@@ -233,6 +236,7 @@ impl Ticket {
             cell: check.charges[0].bucket,
             signature: 0,
             batch: false,
+            tracked: false,
         }
     }
 
@@ -251,6 +255,15 @@ impl Ticket {
     /// else it is a normal check.
     pub fn is_batch(&self) -> bool {
         self.batch
+    }
+
+    /// Whether [`Batcher::finish`] has anything to do with this take's
+    /// answer: a batch, or a check of an owner this instance holds
+    /// batches for (refused, it may spend units held here). Otherwise the
+    /// take is a normal check in every way, and a store may answer it as
+    /// one, without the batcher.
+    pub fn needs_finish(&self) -> bool {
+        self.batch || self.tracked
     }
 
     fn charges(&self) -> &[Charge] {
@@ -328,7 +341,10 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
             return Step::Done(d);
         }
         if !can_take {
-            return Step::Take(plain());
+            return Step::Take(Ticket {
+                tracked: true,
+                ..plain()
+            });
         }
         e.inflight = Some(now);
         Step::Take(Ticket {

@@ -253,7 +253,11 @@ impl RedisBackend {
     ) -> Option<<RedisBackend as crate::backend::Backend>::Future> {
         let now = self.inner.local_micros().saturating_mul(1_000);
         match batcher.begin(check, now) {
+            // Not batched, or a normal check the batcher has nothing to do
+            // with (a cold owner): the backend's own check, as without
+            // batches (one store: the same keys either way).
             Step::Bypass => None,
+            Step::Take(ticket) if !ticket.needs_finish() => None,
             Step::Done(d) => Some(Box::pin(std::future::ready(Ok(d)))),
             Step::Take(ticket) => {
                 let taken = batcher.store().take(&ticket.take());
