@@ -187,3 +187,6 @@ struct EnvoyDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/overload.md")]
 struct OverloadDoctests;
+#[cfg(all(doctest, feature = "redis"))]
+#[doc = include_str!("../docs/batches.md")]
+struct BatchesDoctests;
