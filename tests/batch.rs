@@ -9,6 +9,9 @@ mod props;
 #[cfg(all(feature = "redis", feature = "test-util"))]
 #[path = "batch/redis.rs"]
 mod redis;
+#[cfg(all(feature = "redis", feature = "test-util"))]
+#[path = "batch/faults.rs"]
+mod faults;
 
 #[cfg(all(feature = "redis", feature = "test-util"))]
 mod common;
