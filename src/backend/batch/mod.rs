@@ -157,6 +157,11 @@ pub struct Grant {
     pub hold: u64,
     /// Units granted (at least the request's cost).
     pub units: u32,
+    /// What names this batch in its store (0: nothing). A store whose
+    /// buckets can be lost and made again (Redis flushed or restarted)
+    /// marks a batch with it, and a give-back acts only on the batch it
+    /// names: another batch ending at the same TAT is not this one.
+    pub tag: u64,
     limits: [GrantedLimit; MAX_LIMITS],
     len: u8,
 }
@@ -171,6 +176,7 @@ impl Grant {
             at,
             hold,
             units,
+            tag: 0,
             limits: all,
             len: len as u8,
         }

@@ -236,6 +236,12 @@ fn charge_key(prefix: &str, owner: u64, bucket: u64) -> String {
     format!("{prefix}:{{{owner:016x}}}:m:{bucket:016x}")
 }
 
+/// The mark of the last batch taken of a check whose first charge is
+/// `bucket` (its tag): a give-back acts only on the batch it names.
+fn batch_key(prefix: &str, owner: u64, bucket: u64) -> String {
+    format!("{prefix}:{{{owner:016x}}}:b:{bucket:016x}")
+}
+
 /// The sorted set of a concurrency bucket's leases (same hash tag as the
 /// owner's charges: one Cluster slot).
 fn lease_key(prefix: &str, owner: u64, bucket: u64) -> String {
