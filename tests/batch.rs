@@ -12,6 +12,9 @@ mod redis;
 #[cfg(all(feature = "redis", feature = "test-util"))]
 #[path = "batch/faults.rs"]
 mod faults;
+#[cfg(all(feature = "redis", feature = "test-util"))]
+#[path = "batch/oracle.rs"]
+mod oracle;
 
 #[cfg(all(feature = "redis", feature = "test-util"))]
 mod common;
