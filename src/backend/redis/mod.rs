@@ -208,10 +208,11 @@ impl Inner {
     }
 }
 
-/// A limit's emission interval in the scripts' unit, microseconds (at
-/// least 1).
+/// A limit's emission interval in the scripts' unit, microseconds,
+/// rounded up: a shorter one would refill faster than the limit (600,000
+/// a second, 1.67 µs, would count 1 µs: a million a second).
 fn interval_us(limit: &Limit) -> u64 {
-    (limit.emission_interval_nanos() / 1_000).max(1)
+    limit.emission_interval_nanos().div_ceil(1_000).max(1)
 }
 
 /// A limit's interval as the scripts read it: 0 marks a calendar limit,
