@@ -38,12 +38,22 @@ impl Fleet {
         n: usize,
         batches: Option<Batches>,
     ) -> Fleet {
+        Self::with_timeout(builder, n, batches, Duration::from_secs(2)).await
+    }
+
+    /// The same, each check given up after `timeout` (failing closed).
+    pub(crate) async fn with_timeout(
+        builder: impl Fn() -> RedisBackendBuilder,
+        n: usize,
+        batches: Option<Batches>,
+        timeout: Duration,
+    ) -> Fleet {
         let clock = FakeRelativeClock::default();
         let mut instances = Vec::new();
         for _ in 0..n {
             let mut b = builder()
                 .fake_clock(clock.clone())
-                .timeout(Duration::from_secs(2))
+                .timeout(timeout)
                 .failure_policy(FailurePolicy::FailClosed);
             if let Some(batches) = batches {
                 b = b.batches(batches);
@@ -72,7 +82,12 @@ impl Fleet {
 
     /// Checks at once at the clock's time (`(instance, cost)` each), of
     /// `charges` (their costs replaced): the units admitted, recorded.
-    pub(crate) async fn step(&mut self, owner: u64, charges: &[Charge], at: &[(usize, u32)]) -> u64 {
+    pub(crate) async fn step(
+        &mut self,
+        owner: u64,
+        charges: &[Charge],
+        at: &[(usize, u32)],
+    ) -> u64 {
         let mut tasks = Vec::new();
         for &(i, cost) in at {
             let b = self.instances[i % self.instances.len()].clone();
@@ -126,20 +141,27 @@ pub(crate) fn charges(key: &str, limits: &[Limit]) -> (u64, Vec<Charge>) {
 /// Random traffic: `steps` steps, each a clock advance (mostly under a
 /// tenth of the shortest window, now and then up to the longest window)
 /// and a burst of up to `most` checks of cost 1..=`cost` spread over the
-/// instances, on an owner of its own: the spends that do not conform,
-/// and the units admitted.
-async fn random_run(
+/// instances, on `key`'s buckets: the spends that do not conform, and the
+/// units admitted, since the fleet's oracle was last reset.
+pub(crate) async fn random_run(
     fleet: &mut Fleet,
-    seed: u64,
+    (seed, key): (u64, &str),
     limits: &[Limit],
     steps: usize,
     (most, cost): (u64, u32),
 ) -> (usize, u64) {
-    fleet.oracle = Oracle::default();
     let mut rng = Rng(seed);
-    let (owner, charges) = charges(&format!("oracle-{seed}"), limits);
-    let window = limits.iter().map(|l| l.per().as_micros() as u64).max().unwrap();
-    let short = limits.iter().map(|l| l.per().as_micros() as u64).min().unwrap();
+    let (owner, charges) = charges(key, limits);
+    let window = limits
+        .iter()
+        .map(|l| l.per().as_micros() as u64)
+        .max()
+        .unwrap();
+    let short = limits
+        .iter()
+        .map(|l| l.per().as_micros() as u64)
+        .min()
+        .unwrap();
     let n = fleet.instances.len() as u64;
     for _ in 0..steps {
         let us = match rng.below(10) {
@@ -160,14 +182,14 @@ async fn random_run(
 /// Two limits (intervals of 50 and 100 ms: a bucket's TTL after a write
 /// outlasts a step), and a hold of a second: a batch's units are placed
 /// after the hold, past several intervals.
-fn limits() -> Vec<Limit> {
+pub(crate) fn limits() -> Vec<Limit> {
     vec![
         Limit::new(200.try_into().unwrap(), Duration::from_secs(10)).unwrap(),
         Limit::new(1_000.try_into().unwrap(), Duration::from_secs(100)).unwrap(),
     ]
 }
 
-fn batches() -> Batches {
+pub(crate) fn batches() -> Batches {
     Batches::new().hold(Duration::from_secs(1)).max_share(0.3)
 }
 
@@ -180,7 +202,9 @@ async fn random_traffic_on_a_single_node_never_over_admits() {
     let url = server.url();
     let mut fleet = Fleet::new(|| RedisBackend::builder(url.clone()), 3, Some(batches())).await;
     for seed in [0x9e37_79b9, 0x1234_5678_9abc, 0xdead_beef] {
-        let (over, admitted) = random_run(&mut fleet, seed, &limits(), 150, (40, 3)).await;
+        fleet.oracle = Oracle::default();
+        let key = format!("oracle-{seed}");
+        let (over, admitted) = random_run(&mut fleet, (seed, &key), &limits(), 150, (40, 3)).await;
         assert_eq!(over, 0, "seed {seed:#x}: {admitted} admitted");
         assert!(admitted > 500, "seed {seed:#x}: {admitted} admitted");
     }
@@ -195,7 +219,9 @@ async fn random_traffic_on_a_cluster_never_over_admits() {
     let urls = cluster.urls();
     let mut fleet = Fleet::new(|| RedisBackend::cluster(urls.clone()), 3, Some(batches())).await;
     for seed in [0x5151_5151, 0x0bad_cafe] {
-        let (over, admitted) = random_run(&mut fleet, seed, &limits(), 150, (40, 2)).await;
+        fleet.oracle = Oracle::default();
+        let key = format!("oracle-{seed}");
+        let (over, admitted) = random_run(&mut fleet, (seed, &key), &limits(), 150, (40, 2)).await;
         assert_eq!(over, 0, "seed {seed:#x}: {admitted} admitted");
         assert!(admitted > 500, "seed {seed:#x}: {admitted} admitted");
     }
@@ -214,7 +240,12 @@ async fn an_interval_between_whole_microseconds_never_over_admits() {
     }
     let server = RedisServer::start();
     let url = server.url();
-    let mut fleet = Fleet::new(|| RedisBackend::builder(url.clone()), 2, Some(Batches::new())).await;
+    let mut fleet = Fleet::new(
+        || RedisBackend::builder(url.clone()),
+        2,
+        Some(Batches::new()),
+    )
+    .await;
     let limit = Limit::new(600_000.try_into().unwrap(), Duration::from_secs(1)).unwrap();
     let (owner, charges) = charges("fractional", &[limit]);
     assert_eq!(fleet.step(owner, &charges, &[(0, 600_000)]).await, 600_000);
@@ -225,5 +256,8 @@ async fn an_interval_between_whole_microseconds_never_over_admits() {
     }
     let admitted = fleet.oracle.admitted();
     let over = fleet.violations(&[limit]);
-    assert_eq!(over, 0, "{admitted} units admitted, {over} checks over the limit");
+    assert_eq!(
+        over, 0,
+        "{admitted} units admitted, {over} checks over the limit"
+    );
 }

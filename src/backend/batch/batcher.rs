@@ -277,7 +277,9 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
         let can_take = !inflight && want > cost;
         // Units this instance expects to spend while a take is on its way.
         let during = u128::from(e.seen()) * u128::from(e.rtt) / u128::from(self.hold);
-        let during = u64::try_from(during).unwrap_or(u64::MAX).saturating_mul(u64::from(cost));
+        let during = u64::try_from(during)
+            .unwrap_or(u64::MAX)
+            .saturating_mul(u64::from(cost));
         if let Some(d) = e.serve(cost, now, can_take, during, owner, retired) {
             return Step::Done(d);
         }

@@ -5,8 +5,8 @@
 //! the failure policy). With batches on ([`RedisBackendBuilder::batches`](super::RedisBackendBuilder::batches)),
 //! the backend's checks go through its [`Batcher`].
 
-use std::sync::Arc;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
