@@ -44,9 +44,10 @@
 //! A give-back changes a bucket only while the batch is still on top of it
 //! (its TAT is still the batch's end): it moves the TAT back by the unused
 //! units. Otherwise it does nothing, so a give-back that arrives late or
-//! twice is harmless (with one edge: a duplicate that finds another batch
-//! ending at the very same TAT; the [`Batcher`] sends each give-back
-//! once).
+//! twice is harmless (with one edge: a duplicate, or a bucket lost and made
+//! again, that finds another batch ending at the very same TAT; the
+//! [`Batcher`] sends each give-back once, and the Redis store marks each
+//! batch with its [`tag`](Grant::tag) and gives back only onto its mark).
 //!
 //! # Bounds
 //!
