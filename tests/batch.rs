@@ -2,8 +2,14 @@
 //! simulated store, and the batcher over the memory backend on a fake
 //! clock; the Redis backend with batches on, against real servers.
 
+#[cfg(all(feature = "redis", feature = "test-util"))]
+#[path = "batch/faults.rs"]
+mod faults;
 #[path = "batch/memory.rs"]
 mod memory;
+#[cfg(all(feature = "redis", feature = "test-util"))]
+#[path = "batch/oracle.rs"]
+mod oracle;
 #[path = "batch/props.rs"]
 mod props;
 #[cfg(all(feature = "redis", feature = "test-util"))]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use governor::clock::FakeRelativeClock;
-use tierlimit::backend::batch::{BatchStore, Batcher, GiveBack, Take, Taken};
+use tierlimit::backend::batch::{BatchStore, Batcher, GiveBack, Step, Take, Taken, Ticket};
 use tierlimit::backend::{
     Adjustment, Backend, BackendError, Charge, Check, Decision, Lease, MemoryBackend, Subject,
 };
@@ -77,6 +77,11 @@ impl World {
     }
 
     fn instance(&self) -> Instance {
+        self.instance_of(100_000)
+    }
+
+    /// An instance keeping at most `entries` owner × cell entries.
+    fn instance_of(&self, entries: usize) -> Instance {
         let store = Counting {
             inner: Arc::clone(&self.memory),
             takes: AtomicU64::new(0),
@@ -87,6 +92,7 @@ impl World {
         let b = Batcher::builder().clock(self.clock.clone());
         b.hold(Duration::from_millis(100))
             .max_share(0.1)
+            .max_entries(entries)
             .build(store)
     }
 
@@ -280,5 +286,92 @@ fn a_batch_reports_what_the_bucket_holds() {
         assert!(d.remaining <= w.room(&s, &charge) + a.unspent() as u32);
         assert!(d.remaining < last);
         last = d.remaining;
+    }
+}
+
+/// Checks of `s` at the clock's time, each answered at once, until one
+/// asks for a batch: that take, not yet sent.
+fn until_a_batch(a: &Instance, s: &Subject, charge: &Charge) -> Ticket {
+    batch_of(a, s, charge).expect("a batch asked for")
+}
+
+/// A take of a batch after at most 100 checks of `s` (none: the table
+/// holds no entry for `s`).
+fn batch_of(a: &Instance, s: &Subject, charge: &Charge) -> Option<Ticket> {
+    for _ in 0..100 {
+        match a.begin(&s.check(charge), a.now()) {
+            Step::Take(t) if t.is_batch() => return Some(t),
+            Step::Take(t) => {
+                let taken = now(a.store().take(&t.take()));
+                a.finish(&t, taken, a.now()).unwrap();
+            }
+            Step::Done(_) | Step::Bypass => {}
+        }
+    }
+    None
+}
+
+/// A key spray whose takes are never answered (each request's future
+/// dropped while its take was on its way: a client gone): once they are
+/// old, their owners are forgotten like idle ones, and a new hot owner
+/// still gets batches.
+#[test]
+fn takes_never_answered_do_not_pin_the_table() {
+    crate::secret();
+    let w = World::new();
+    let a = w.instance_of(16);
+    let mut dropped = 0;
+    for i in 0..200 {
+        let s = Subject::new(KeyId::of(&format!("spray-{i}")), 7);
+        dropped += usize::from(batch_of(&a, &s, &s.charge(hourly())).is_some());
+    }
+    // One per shard got an entry (the table is full), then others none.
+    assert_eq!(dropped, 16);
+    w.clock.advance(Duration::from_secs(10));
+    a.flush_aged(a.now());
+    let hot = Subject::new(KeyId::of("hot"), 7);
+    let charge = hot.charge(hourly());
+    for _ in 0..40 {
+        assert!(now(a.check(&hot.check(&charge))).unwrap().allowed);
+    }
+    assert_eq!(a.batches(), 1, "the hot owner batches");
+}
+
+/// One take answered past the hold (Redis stalled): the round trip it
+/// measured must not keep a hot owner from batching for good.
+#[test]
+fn one_slow_take_does_not_end_batching() {
+    let w = World::new();
+    let a = w.instance();
+    let s = subject();
+    let charge = s.charge(Limit::per_minute(6_000_000));
+    let slow = until_a_batch(&a, &s, &charge);
+    w.clock.advance(Duration::from_millis(150));
+    let taken = now(a.store().take(&slow.take()));
+    assert!(a.finish(&slow, taken, a.now()).unwrap().allowed);
+    let before = a.store().takes.load(Ordering::Relaxed);
+    // 2,000 a second, for a second.
+    for _ in 0..2_000 {
+        assert!(now(a.check(&s.check(&charge))).unwrap().allowed);
+        w.clock.advance(Duration::from_micros(500));
+    }
+    let takes = a.store().takes.load(Ordering::Relaxed) - before;
+    assert!(takes <= 200, "{takes} takes for 2,000 checks");
+}
+
+/// A take answered after the clock jumped far ahead (a year: a suspended
+/// host, a fake clock), then a burst: no arithmetic overflows.
+#[test]
+fn a_take_answered_a_year_later_does_not_overflow() {
+    let w = World::new();
+    let a = w.instance();
+    let s = subject();
+    let charge = s.charge(Limit::per_minute(6_000_000));
+    let slow = until_a_batch(&a, &s, &charge);
+    w.clock.advance(Duration::from_secs(365 * 86_400));
+    let taken = now(a.store().take(&slow.take()));
+    assert!(a.finish(&slow, taken, a.now()).unwrap().allowed);
+    for _ in 0..5_000 {
+        assert!(now(a.check(&s.check(&charge))).unwrap().allowed);
     }
 }

@@ -336,13 +336,21 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
         let want = self.want(e, cost, check.charges, hold);
         let can_take = !inflight && want > cost;
         // Units this instance expects to spend while a take is on its way.
-        let during = u64::from(e.seen()) * e.rtt / self.hold * u64::from(cost);
+        let during = u128::from(e.seen()) * u128::from(e.rtt) / u128::from(self.hold);
+        let during = u64::try_from(during)
+            .unwrap_or(u64::MAX)
+            .saturating_mul(u64::from(cost));
         if let Some(d) = e.serve(cost, now, can_take, during, owner, retired) {
             return Step::Done(d);
         }
         if !can_take {
+            // Kept from batching by the round trip it measured (one slow
+            // take may have made it longer than the hold): the owner's
+            // normal checks measure it again.
+            let probe = !inflight && e.rtt > 0;
             return Step::Take(Ticket {
                 tracked: true,
+                signature: if probe { signature } else { 0 },
                 ..plain()
             });
         }
@@ -407,7 +415,7 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
                 Ok(local.decision())
             }
         };
-        if (ticket.batch || left.is_some())
+        if (ticket.batch || left.is_some() || ticket.signature != 0)
             && let Some(r) = self.keep(ticket, left, now)
         {
             self.give(&r);
@@ -442,7 +450,8 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
 
     /// Keeps what is left of a new batch in its entry, if it is the
     /// entry's in-flight take and the entry's limits are unchanged; else
-    /// it goes back.
+    /// it goes back. A take of the entry's limits (a normal check that
+    /// measures it again too) updates the round trip.
     fn keep(&self, ticket: &Ticket, left: Option<Local>, now: u64) -> Option<Retired> {
         let mut table = self.shard(ticket.owner);
         let back = |local| Retired {
@@ -452,18 +461,21 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
         let Some(e) = table.get_mut(&(ticket.owner, ticket.cell)) else {
             return left.map(back);
         };
-        if !ticket.batch || e.signature != ticket.signature {
+        if e.signature != ticket.signature {
             return left.map(back);
         }
-        if e.inflight == Some(ticket.sent) {
+        if ticket.batch && e.inflight == Some(ticket.sent) {
             e.inflight = None;
         }
         let rtt = now.saturating_sub(ticket.sent);
         e.rtt = if e.rtt == 0 {
             rtt
         } else {
-            (3 * e.rtt + rtt) / 4
+            e.rtt.saturating_mul(3).saturating_add(rtt) / 4
         };
+        if !ticket.batch {
+            return left.map(back);
+        }
         match left {
             Some(local) if e.batch.is_none() => {
                 e.batch = Some(local);
@@ -530,7 +542,11 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
                     return false;
                 };
                 let idle = e.batch.is_none() && now.saturating_sub(e.seen) > 2 * hold;
-                !idle || e.inflight.is_some()
+                // A take older than the hold blocks nothing (its request
+                // may be gone, its answer never to come): it keeps no
+                // idle entry.
+                let waiting = e.inflight.is_some_and(|t| now.saturating_sub(t) <= hold);
+                !idle || waiting
             });
             drop(table);
             for r in out.drain(..) {

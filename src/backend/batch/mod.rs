@@ -44,9 +44,10 @@
 //! A give-back changes a bucket only while the batch is still on top of it
 //! (its TAT is still the batch's end): it moves the TAT back by the unused
 //! units. Otherwise it does nothing, so a give-back that arrives late or
-//! twice is harmless (with one edge: a duplicate that finds another batch
-//! ending at the very same TAT; the [`Batcher`] sends each give-back
-//! once).
+//! twice is harmless (with one edge: a duplicate, or a bucket lost and made
+//! again, that finds another batch ending at the very same TAT; the
+//! [`Batcher`] sends each give-back once, and the Redis store marks each
+//! batch with its [`tag`](Grant::tag) and gives back only onto its mark).
 //!
 //! # Bounds
 //!
@@ -157,6 +158,11 @@ pub struct Grant {
     pub hold: u64,
     /// Units granted (at least the request's cost).
     pub units: u32,
+    /// What names this batch in its store (0: nothing). A store whose
+    /// buckets can be lost and made again (Redis flushed or restarted)
+    /// marks a batch with it, and a give-back acts only on the batch it
+    /// names: another batch ending at the same TAT is not this one.
+    pub tag: u64,
     limits: [GrantedLimit; MAX_LIMITS],
     len: u8,
 }
@@ -171,6 +177,7 @@ impl Grant {
             at,
             hold,
             units,
+            tag: 0,
             limits: all,
             len: len as u8,
         }

@@ -5,26 +5,35 @@
 -- src/backend/batch/mod.rs): a batch's slots start after now + hold, so a
 -- unit spent before then is never counted before it was spent.
 -- ARGV[1]: 'take' or 'back'; ARGV[2]: now (us; empty: Redis TIME).
--- take: KEYS[1..k]: the rate buckets. ARGV[3]: units wanted; ARGV[4]: the
---   hold (us); then per key: interval (us), max, cost.
+-- KEYS[1..k]: the rate buckets; KEYS[k + 1]: the batch's mark (named by
+--   its tag: there from the take to the give-back).
+-- take: ARGV[3]: units wanted; ARGV[4]: the hold (us); then per bucket:
+--   interval (us), max, cost.
 --   Returns {3, now, units, start_1, before_1, remaining_1, ...} with a
 --   batch of `units` (at least the cost: the request's own units counted
 --   from now, as a check counts them, the others after now + hold; start
 --   is where the first would start were they together, and every TAT
---   moves to start + units * interval, all or nothing); else the request is checked as check.lua
+--   moves to start + units * interval, all or nothing), marked with its
+--   tag; else the request is checked as check.lua
 --   checks a request without reserve or leases, in the same call: {1,
 --   remaining_1, ...} allowed and counted, {0, retry_1, ...} refused.
--- back: KEYS[1..k]: the batch's buckets. Per key, from ARGV[3]: the
---   batch's end and where its used units end (us). A bucket whose TAT is
---   still the batch's end goes back to where the used units end; below
---   other units, the unused slots become the bucket's hole (gcra.lua),
---   which refused requests may take. A late give-back (its slots past)
---   changes nothing.
+-- back: per bucket, from ARGV[3]: the batch's end and where its used
+--   units end (us). Nothing changes unless the batch's mark is there (it
+--   goes with the buckets on FLUSHALL or a restart, and the give-back
+--   removes it: a give-back acts once). A bucket whose TAT is still the
+--   batch's end goes back to where the used units end; below other
+--   units, the unused slots become one of the bucket's holes (gcra.lua),
+--   which refused requests may take; slots already past are dropped.
 --   Returns the number of buckets moved.
 local now = now_us(ARGV[2])
+local k = #KEYS - 1
+local mark = KEYS[k + 1]
 if ARGV[1] == 'back' then
+  if redis.call('DEL', mark) == 0 then
+    return 0
+  end
   local moved = 0
-  for i = 1, #KEYS do
+  for i = 1, k do
     local fin = tonumber(ARGV[1 + 2 * i])
     local used_end = tonumber(ARGV[2 + 2 * i])
     local tat = tonumber(redis.call('GET', KEYS[i]))
@@ -45,7 +54,6 @@ if ARGV[1] == 'back' then
 end
 local want = tonumber(ARGV[3])
 local hold = tonumber(ARGV[4])
-local k = #KEYS
 local function param(i, j) return tonumber(ARGV[4 + 3 * (i - 1) + j]) end
 local tats, starts = {}, {}
 local units = want
@@ -65,14 +73,18 @@ local cost = param(1, 3)
 local out = {}
 if units >= cost then
   out = {3, now, units}
+  local last = now
   for i = 1, k do
     local t, max = param(i, 1), param(i, 2)
     local nxt = starts[i] + units * t
     gcra_store(KEYS[i], nxt, now)
+    last = math.max(last, nxt)
     table.insert(out, starts[i])
     table.insert(out, tats[i])
     table.insert(out, gcra_capacity(nxt, now, t, max))
   end
+  -- The mark lives as long as the batch's slots (and its hold).
+  redis.call('SET', mark, '1', 'PX', string.format('%d', math.ceil((math.max(last, now + hold) - now) / 1000) + 1000))
   return out
 end
 local refused, holes = false, {}

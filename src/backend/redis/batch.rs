@@ -5,13 +5,14 @@
 //! the failure policy). With batches on ([`RedisBackendBuilder::batches`](super::RedisBackendBuilder::batches)),
 //! the backend's checks go through its [`Batcher`].
 
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use super::check::Charges;
 use super::io::Script;
-use super::{Inner, RedisBackend, charge_key, interval_us};
+use super::{Inner, RedisBackend, batch_key, charge_key, interval_us};
 pub(super) use crate::backend::batch::Taken as Batched;
 use crate::backend::batch::{
     BatchStore, Batcher, GiveBack, Grant, GrantedLimit, Step, Take, Taken,
@@ -70,6 +71,10 @@ impl Batches {
     }
 }
 
+/// A take of a batch as `routed` sends it: the units wanted, the hold,
+/// and the tag that names the batch in Redis.
+pub(super) type TakeArgs = (u32, Duration, u64);
+
 /// The store a Redis backend's [`Batcher`] takes from: the same
 /// connection, scripts and failure policy, without batches.
 #[derive(Clone)]
@@ -77,6 +82,9 @@ pub(super) struct RedisStore {
     inner: Arc<Inner>,
     /// Give-backs sent and not yet answered (shutdown waits for them).
     pending: Arc<AtomicUsize>,
+    /// The next batch's tag: random per instance, then counting, so that
+    /// no two batches (of any instance) share one.
+    tags: Arc<AtomicU64>,
 }
 
 pub(super) type RedisBatcher = Batcher<RedisStore>;
@@ -86,6 +94,7 @@ pub(super) fn batcher(inner: &Arc<Inner>, b: Batches) -> Arc<RedisBatcher> {
     let store = RedisStore {
         inner: Arc::clone(inner),
         pending: Arc::new(AtomicUsize::new(0)),
+        tags: Arc::new(AtomicU64::new(random_seed())),
     };
     Arc::new(
         Batcher::builder()
@@ -107,8 +116,9 @@ impl RedisStore {
     async fn take_async(self, owned: Owned) -> Result<Taken, BackendError> {
         let take = owned.take();
         let check = Check::new(take.owner, take.known, take.charges);
-        let batch =
-            (take.want > take.cost() && !take.hold.is_zero()).then_some((take.want, take.hold));
+        let tag = self.tags.fetch_add(1, Ordering::Relaxed).max(1);
+        let batch = (take.want > take.cost() && !take.hold.is_zero())
+            .then_some((take.want, take.hold, tag));
         self.backend().routed(&check, batch).await.0
     }
 
@@ -123,9 +133,10 @@ impl RedisStore {
 }
 
 /// The grant in `batch.lua`'s answer `v` (`{3, now, units, start, before,
-/// remaining, ...}`, microseconds) to a take of `want` units held `hold`,
-/// in the store's nanoseconds.
-pub(super) fn granted(check: &Check<'_>, want: u32, hold: Duration, v: &[i64]) -> Grant {
+/// remaining, ...}`, microseconds) to a take `tag` of `want` units held
+/// `hold`, in the store's nanoseconds.
+pub(super) fn granted(check: &Check<'_>, batch: TakeArgs, v: &[i64]) -> Grant {
+    let (want, hold, tag) = batch;
     let us = |x: i64| x.max(0).unsigned_abs().saturating_mul(1_000);
     let mut limits = [GrantedLimit::default(); MAX_LIMITS];
     for (i, c) in check.charges.iter().enumerate().take(MAX_LIMITS) {
@@ -141,7 +152,9 @@ pub(super) fn granted(check: &Check<'_>, want: u32, hold: Duration, v: &[i64]) -
     let units = u32::try_from(v[2].max(0)).unwrap_or(0).min(want);
     let hold = u64::try_from(hold.as_nanos()).unwrap_or(u64::MAX);
     let n = check.charges.len().min(MAX_LIMITS);
-    Grant::new(us(v[1]), hold, units, &limits[..n])
+    let mut grant = Grant::new(us(v[1]), hold, units, &limits[..n]);
+    grant.tag = tag;
+    grant
 }
 
 /// A take, owned (to move into a future).
@@ -190,10 +203,14 @@ impl BatchStore for RedisStore {
         let inner = &self.inner;
         let g = back.grant;
         let used = g.units.saturating_sub(back.unused);
+        if back.charges.is_empty() {
+            return;
+        }
         let keys: Vec<String> = back
             .charges
             .iter()
             .map(|c| charge_key(&inner.prefix, back.owner, c.bucket))
+            .chain([batch_key(&inner.prefix, back.owner, g.tag)])
             .collect();
         let mut args = Vec::with_capacity(2 + 2 * keys.len());
         args.push("back".to_owned());
@@ -215,17 +232,18 @@ impl BatchStore for RedisStore {
 }
 
 impl Inner {
-    /// Runs `batch.lua`'s take of up to `want` units held `hold` once.
+    /// Runs `batch.lua`'s take `tag` of up to `want` units held `hold`
+    /// once.
     pub(super) async fn eval_take(
         self: &Arc<Self>,
         check: &Check<'_>,
-        want: u32,
-        hold: Duration,
+        (want, hold, tag): TakeArgs,
     ) -> Result<Vec<i64>, super::io::EvalError> {
         let keys = check
             .charges
             .iter()
             .map(|c| charge_key(&self.prefix, check.owner, c.bucket))
+            .chain([batch_key(&self.prefix, check.owner, tag)])
             .collect();
         let mut args = Vec::with_capacity(4 + 3 * check.charges.len());
         args.push("take".to_owned());
@@ -286,6 +304,13 @@ impl RedisBackend {
     pub fn batched_units(&self) -> u64 {
         self.batches.as_ref().map_or(0, |b| b.unspent())
     }
+}
+
+/// A random start for an instance's batch tags.
+fn random_seed() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// Gives aged batches back every half hold, for as long as the backend

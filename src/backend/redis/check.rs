@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::batch::{Batched, granted};
+use super::batch::{Batched, TakeArgs, granted};
 use super::failover::{PLACEHOLDER, PLACEHOLDER_LEASE, Route};
 use super::io::{EvalError, Script};
 use super::leases::Taken;
@@ -99,12 +99,12 @@ impl RedisBackend {
     }
 
     /// A check, or with `batch` a take of a batch (`batch.lua`: the units
-    /// wanted and the hold), through the deny cache, the route and the
+    /// wanted, the hold and the batch's tag), through the deny cache, the route and the
     /// failure policy alike.
     pub(super) async fn routed(
         &self,
         check: &Check<'_>,
-        batch: Option<(u32, Duration)>,
+        batch: Option<TakeArgs>,
     ) -> (Result<Batched, BackendError>, Taken) {
         let inner = &self.inner;
         let checked = |(r, t): Routed| (r.map(Batched::Checked), t);
@@ -137,14 +137,14 @@ impl RedisBackend {
         let refused_len = k + 1 + calendar.count();
         let answer = match batch {
             None => inner.eval_check(check).await,
-            Some((want, hold)) => inner.eval_take(check, want, hold).await,
+            Some(take) => inner.eval_take(check, take).await,
         };
         match answer {
             Ok(v) if batch.is_some() && v.first() == Some(&3) && v.len() == 3 + 3 * k => {
                 inner.succeeded();
-                let (want, hold) = batch.unwrap_or_default();
+                let take = batch.unwrap_or_default();
                 (
-                    Ok(Batched::Granted(granted(check, want, hold, &v))),
+                    Ok(Batched::Granted(granted(check, take, &v))),
                     Taken::Nowhere,
                 )
             }

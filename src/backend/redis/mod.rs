@@ -211,10 +211,11 @@ impl Inner {
     }
 }
 
-/// A limit's emission interval in the scripts' unit, microseconds (at
-/// least 1).
+/// A limit's emission interval in the scripts' unit, microseconds,
+/// rounded up: a shorter one would refill faster than the limit (600,000
+/// a second, 1.67 µs, would count 1 µs: a million a second).
 fn interval_us(limit: &Limit) -> u64 {
-    (limit.emission_interval_nanos() / 1_000).max(1)
+    limit.emission_interval_nanos().div_ceil(1_000).max(1)
 }
 
 /// A limit's interval as the scripts read it: 0 marks a calendar limit,
@@ -237,6 +238,14 @@ fn bounds_args(p: &PeriodBounds) -> [String; 4] {
 /// in the limit).
 fn charge_key(prefix: &str, owner: u64, bucket: u64) -> String {
     format!("{prefix}:{{{owner:016x}}}:m:{bucket:016x}")
+}
+
+/// The mark of the batch `tag` of `owner`, there from its take until its
+/// give-back: a give-back acts only while it is there, and once. Buckets
+/// lost (FLUSHALL, a restart without persistence) lose it too, so a late
+/// give-back never returns units of the buckets made again.
+fn batch_key(prefix: &str, owner: u64, tag: u64) -> String {
+    format!("{prefix}:{{{owner:016x}}}:b:{tag:016x}")
 }
 
 /// The sorted set of a concurrency bucket's leases (same hash tag as the
