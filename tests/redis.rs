@@ -191,6 +191,45 @@ async fn accounts_and_lists_across_two_servers_cluster() {
     .await;
 }
 
+/// The same with batches on: an account's keys share its limits exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn accounts_and_lists_across_two_batched_servers_single_node() {
+    if !ready() {
+        return;
+    }
+    let server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    accounts_and_lists_across_two_servers(async || {
+        RedisBackend::builder(server.url())
+            .fake_clock(clock.clone())
+            .timeout(Duration::from_secs(2))
+            .batches(tierlimit::backend::Batches::new())
+            .connect()
+            .await
+            .unwrap()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn accounts_and_lists_across_two_batched_servers_cluster() {
+    if !ready() {
+        return;
+    }
+    let cluster = RedisCluster::start();
+    let clock = FakeRelativeClock::default();
+    accounts_and_lists_across_two_servers(async || {
+        RedisBackend::cluster(cluster.urls())
+            .fake_clock(clock.clone())
+            .timeout(Duration::from_secs(2))
+            .batches(tierlimit::backend::Batches::new())
+            .connect()
+            .await
+            .unwrap()
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn lease_table_single_node() {
     if !ready() {

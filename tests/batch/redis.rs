@@ -139,6 +139,20 @@ async fn the_conformance_table_holds_with_batches_on() {
     let backend = batched(RedisBackend::builder(server.url()), &clock).await;
     crate::common::conformance::run(&backend, |d| clock.advance(d)).await;
     crate::common::conformance::run_multi(&backend, |d| clock.advance(d)).await;
+    crate::common::conformance::owners::run_owners(&backend, |d| clock.advance(d)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conformance_table_holds_with_batches_on_a_cluster() {
+    if !ready() {
+        return;
+    }
+    let cluster = RedisCluster::start();
+    let clock = FakeRelativeClock::default();
+    let backend = batched(RedisBackend::cluster(cluster.urls()), &clock).await;
+    crate::common::conformance::run(&backend, |d| clock.advance(d)).await;
+    crate::common::conformance::run_multi(&backend, |d| clock.advance(d)).await;
+    crate::common::conformance::owners::run_owners(&backend, |d| clock.advance(d)).await;
 }
 
 /// A hot owner on `a`: forty checks at once, enough for a batch.
