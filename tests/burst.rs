@@ -100,83 +100,78 @@ async fn bursts_admit_exactly_the_limit(connect: impl AsyncFn() -> tierlimit::Re
     }
 }
 
+/// The bursts on a single node (`batches`: with batches on, a hot key's
+/// checks spent from batches taken from Redis). The defaults otherwise: a
+/// 50 ms timeout, fallback to memory.
 #[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_bursts_on_two_instances_admit_exactly_the_limit() {
+async fn on_a_single_node(batches: bool) {
     use common::redis::{RedisServer, available};
     if !available() {
         return;
     }
     setup();
     let redis = RedisServer::start();
-    // The defaults: a 50 ms timeout, fallback to memory.
     bursts_admit_exactly_the_limit(async || {
-        tierlimit::RedisBackend::builder(redis.url())
+        with_batches(tierlimit::RedisBackend::builder(redis.url()), batches)
             .connect()
             .await
             .unwrap()
     })
     .await;
+}
+
+/// The bursts on a three-master cluster.
+#[cfg(feature = "redis")]
+async fn on_a_cluster(batches: bool) {
+    use common::redis::{RedisCluster, available};
+    if !available() {
+        return;
+    }
+    setup();
+    let cluster = RedisCluster::start();
+    bursts_admit_exactly_the_limit(async || {
+        with_batches(tierlimit::RedisBackend::cluster(cluster.urls()), batches)
+            .connect()
+            .await
+            .unwrap()
+    })
+    .await;
+}
+
+#[cfg(feature = "redis")]
+fn with_batches(
+    builder: tierlimit::backend::RedisBackendBuilder,
+    batches: bool,
+) -> tierlimit::backend::RedisBackendBuilder {
+    if batches {
+        builder.batches(tierlimit::backend::Batches::new())
+    } else {
+        builder
+    }
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_bursts_on_two_instances_admit_exactly_the_limit() {
+    on_a_single_node(false).await;
 }
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_bursts_on_two_instances_admit_exactly_the_limit() {
-    use common::redis::{RedisCluster, available};
-    if !available() {
-        return;
-    }
-    setup();
-    let cluster = RedisCluster::start();
-    bursts_admit_exactly_the_limit(async || {
-        tierlimit::RedisBackend::cluster(cluster.urls())
-            .connect()
-            .await
-            .unwrap()
-    })
-    .await;
+    on_a_cluster(false).await;
 }
 
-/// The same bursts with batches on: a hot key's checks are spent from
-/// batches taken from Redis, and still exactly the limit is admitted.
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_bursts_on_two_instances_admit_exactly_the_limit() {
-    use common::redis::{RedisServer, available};
-    use tierlimit::backend::Batches;
-    if !available() {
-        return;
-    }
-    setup();
-    let redis = RedisServer::start();
-    bursts_admit_exactly_the_limit(async || {
-        tierlimit::RedisBackend::builder(redis.url())
-            .batches(Batches::new())
-            .connect()
-            .await
-            .unwrap()
-    })
-    .await;
+    on_a_single_node(true).await;
 }
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_cluster_bursts_on_two_instances_admit_exactly_the_limit() {
-    use common::redis::{RedisCluster, available};
-    use tierlimit::backend::Batches;
-    if !available() {
-        return;
-    }
-    setup();
-    let cluster = RedisCluster::start();
-    bursts_admit_exactly_the_limit(async || {
-        tierlimit::RedisBackend::cluster(cluster.urls())
-            .batches(Batches::new())
-            .connect()
-            .await
-            .unwrap()
-    })
-    .await;
+    on_a_cluster(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -165,69 +165,67 @@ async fn accounts_and_lists_across_two_servers(make: impl AsyncFn() -> RedisBack
     assert_eq!(res.headers()["retry-after"], "30");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn accounts_and_lists_across_two_servers_single_node() {
+/// Two servers on one Redis (`batches`: with batches on), on a fake clock.
+async fn accounts_on_a_single_node(batches: bool) {
     if !ready() {
         return;
     }
     let server = RedisServer::start();
     let clock = FakeRelativeClock::default();
     accounts_and_lists_across_two_servers(async || {
-        common::redis::fake_clock_backend(&server, &clock).await
+        on_fake_clock(RedisBackend::builder(server.url()), &clock, batches).await
     })
     .await;
+}
+
+/// Two servers on one Redis Cluster, on a fake clock.
+async fn accounts_on_a_cluster(batches: bool) {
+    if !ready() {
+        return;
+    }
+    let cluster = RedisCluster::start();
+    let clock = FakeRelativeClock::default();
+    accounts_and_lists_across_two_servers(async || {
+        on_fake_clock(RedisBackend::cluster(cluster.urls()), &clock, batches).await
+    })
+    .await;
+}
+
+async fn on_fake_clock(
+    builder: tierlimit::backend::RedisBackendBuilder,
+    clock: &FakeRelativeClock,
+    batches: bool,
+) -> RedisBackend {
+    let builder = builder
+        .fake_clock(clock.clone())
+        .timeout(Duration::from_secs(2));
+    let builder = if batches {
+        builder.batches(tierlimit::backend::Batches::new())
+    } else {
+        builder
+    };
+    builder.connect().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn accounts_and_lists_across_two_servers_single_node() {
+    accounts_on_a_single_node(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn accounts_and_lists_across_two_servers_cluster() {
-    if !ready() {
-        return;
-    }
-    let cluster = RedisCluster::start();
-    let clock = FakeRelativeClock::default();
-    accounts_and_lists_across_two_servers(async || {
-        common::redis::fake_clock_cluster_backend(&cluster, &clock).await
-    })
-    .await;
+    accounts_on_a_cluster(false).await;
 }
 
-/// The same with batches on: an account's keys share its limits exactly.
+/// With batches on, an account's keys share its limits exactly too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn accounts_and_lists_across_two_batched_servers_single_node() {
-    if !ready() {
-        return;
-    }
-    let server = RedisServer::start();
-    let clock = FakeRelativeClock::default();
-    accounts_and_lists_across_two_servers(async || {
-        RedisBackend::builder(server.url())
-            .fake_clock(clock.clone())
-            .timeout(Duration::from_secs(2))
-            .batches(tierlimit::backend::Batches::new())
-            .connect()
-            .await
-            .unwrap()
-    })
-    .await;
+    accounts_on_a_single_node(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn accounts_and_lists_across_two_batched_servers_cluster() {
-    if !ready() {
-        return;
-    }
-    let cluster = RedisCluster::start();
-    let clock = FakeRelativeClock::default();
-    accounts_and_lists_across_two_servers(async || {
-        RedisBackend::cluster(cluster.urls())
-            .fake_clock(clock.clone())
-            .timeout(Duration::from_secs(2))
-            .batches(tierlimit::backend::Batches::new())
-            .connect()
-            .await
-            .unwrap()
-    })
-    .await;
+    accounts_on_a_cluster(true).await;
 }
 
 #[tokio::test]

@@ -7,21 +7,17 @@ use std::time::Duration;
 
 use governor::clock::FakeRelativeClock;
 use tierlimit::backend::{
-    Backend, Batches, Charge, FailurePolicy, RedisBackend, RedisBackendBuilder, Subject,
+    Backend, Charge, FailurePolicy, RedisBackend, RedisBackendBuilder, Subject,
 };
 use tierlimit::{Limit, key::KeyId};
 
 use crate::common::redis::{RedisServer, ready};
 
 async fn batched(builder: RedisBackendBuilder, clock: &FakeRelativeClock) -> RedisBackend {
-    builder
-        .fake_clock(clock.clone())
+    let builder = builder
         .timeout(Duration::from_millis(300))
-        .failure_policy(FailurePolicy::FailClosed)
-        .batches(Batches::new())
-        .connect()
-        .await
-        .unwrap()
+        .failure_policy(FailurePolicy::FailClosed);
+    crate::redis::batched_as(builder, clock).await
 }
 
 fn subject(key: &str) -> Subject {
@@ -100,9 +96,15 @@ async fn a_give_back_after_a_restart_does_not_return_another_batch() {
     // then sent.
     let other = subject("other");
     let probe = other.charge(Limit::per_hour(3_600));
-    let _ = a.check(&other.check(&probe)).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(a.check(&other.check(&probe)).await.unwrap().allowed);
+    let mut back = false;
+    for _ in 0..10_000 {
+        if a.check(&other.check(&probe)).await.is_ok_and(|d| d.allowed) {
+            back = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(back, "a's connection came back");
     let held = a.batched_units();
     a.return_batches().await;
     let admitted = n as u32 + drain(&[&b], &s, &charge, 4_000).await;
@@ -197,8 +199,8 @@ fn io_panics() -> &'static std::sync::atomic::AtomicUsize {
 }
 
 /// The backend dropped while Redis is frozen, with give-backs and takes
-/// on their way: the last of it goes on the I/O thread, when they time
-/// out. Nothing panics there, and Redis, running again, finds the
+/// on their way: the last of it goes on the I/O thread, when they are
+/// answered or time out. Nothing panics there, and Redis, running again, finds the
 /// bucket as the given-back units and the late takes leave it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_a_backend_with_calls_on_their_way_panics_nowhere() {
@@ -228,10 +230,19 @@ async fn dropping_a_backend_with_calls_on_their_way_panics_nowhere() {
         let d = t.await.unwrap();
         assert!(d.is_err() || !d.unwrap().allowed, "fails closed");
     }
-    // The give-backs time out on the I/O thread (300 ms), which then
-    // drops the last of the backend.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Redis runs again: the late calls land (a give-back removes its
+    // batch's mark), and the last of the backend goes on the I/O thread.
     server.resume();
+    for _ in 0..2_000 {
+        if server
+            .cli(&["KEYS", "*:b:*"])
+            .unwrap_or_default()
+            .is_empty()
+        {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
     assert_eq!(
         io_panics().load(Ordering::SeqCst),
         panics,

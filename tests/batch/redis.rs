@@ -17,13 +17,49 @@ use tierlimit::{Limit, key::KeyId};
 use crate::common::redis::{RedisCluster, RedisServer, ready};
 
 async fn batched(builder: RedisBackendBuilder, clock: &FakeRelativeClock) -> RedisBackend {
+    batched_as(builder.timeout(Duration::from_secs(2)), clock).await
+}
+
+/// `builder`, as it is, with batches on `clock`.
+pub(crate) async fn batched_as(
+    builder: RedisBackendBuilder,
+    clock: &FakeRelativeClock,
+) -> RedisBackend {
     builder
         .fake_clock(clock.clone())
-        .timeout(Duration::from_secs(2))
         .batches(Batches::new())
         .connect()
         .await
         .unwrap()
+}
+
+/// A server and two batched instances on it, on one fake clock (`None`:
+/// no `redis-server` here).
+async fn two_instances() -> Option<(RedisServer, FakeRelativeClock, RedisBackend, RedisBackend)> {
+    if !ready() {
+        return None;
+    }
+    let server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let a = batched(RedisBackend::builder(server.url()), &clock).await;
+    let b = batched(RedisBackend::builder(server.url()), &clock).await;
+    Some((server, clock, a, b))
+}
+
+/// `a` made hot on `charge`: the units it holds, and what `b` sees.
+async fn held(a: &RedisBackend, b: &RedisBackend, s: &Subject, charge: &Charge) -> (u32, u32) {
+    warm(a, s, charge).await;
+    (a.batched_units() as u32, room(b, s, charge).await)
+}
+
+/// Every unit held is back, give or take one of refill (`spent`: what
+/// was spent meanwhile).
+fn assert_back(before: u32, held: u32, spent: u32, after: u32) {
+    let back = before + held;
+    assert!(
+        after + spent >= back && after <= back + 1,
+        "{before} + {held} - {spent} → {after}"
+    );
 }
 
 fn subject(key: &str) -> Subject {
@@ -170,52 +206,32 @@ async fn room(b: &RedisBackend, s: &Subject, charge: &Charge) -> u32 {
 
 #[tokio::test]
 async fn units_come_back_at_shutdown_and_when_a_batch_ages() {
-    if !ready() {
+    let Some((_server, clock, a, b)) = two_instances().await else {
         return;
-    }
-    let server = RedisServer::start();
-    let clock = FakeRelativeClock::default();
-    let a = batched(RedisBackend::builder(server.url()), &clock).await;
-    let b = batched(RedisBackend::builder(server.url()), &clock).await;
+    };
     let s = subject("returns");
     let charge = s.charge(Limit::per_hour(3_600));
     // Shutdown: every unit not spent is Redis's again.
-    warm(&a, &s, &charge).await;
-    let (held, before) = (a.batched_units() as u32, room(&b, &s, &charge).await);
+    let (held_now, before) = held(&a, &b, &s, &charge).await;
     a.return_batches().await;
     assert_eq!(a.batched_units(), 0);
-    let after = room(&b, &s, &charge).await;
-    assert!(
-        (before + held..=before + held + 1).contains(&after),
-        "{before} + {held} → {after}"
-    );
+    assert_back(before, held_now, 0, room(&b, &s, &charge).await);
     // Aged: past the hold, the next check sends the batch back first.
-    warm(&a, &s, &charge).await;
-    let (held, before) = (a.batched_units() as u32, room(&b, &s, &charge).await);
+    let (held_now, before) = held(&a, &b, &s, &charge).await;
     clock.advance(Duration::from_millis(150));
     assert!(a.check(&s.check(&charge)).await.unwrap().allowed);
     a.return_batches().await;
-    let after = room(&b, &s, &charge).await;
-    // Back: what was held, less this one request (and a second of refill).
-    assert!(
-        after + 1 >= before + held && after <= before + held + 1,
-        "{before} + {held} → {after}"
-    );
+    assert_back(before, held_now, 1, room(&b, &s, &charge).await);
 }
 
 #[tokio::test]
 async fn a_changed_limit_sends_the_batch_back() {
-    if !ready() {
+    let Some((_server, _clock, a, b)) = two_instances().await else {
         return;
-    }
-    let server = RedisServer::start();
-    let clock = FakeRelativeClock::default();
-    let a = batched(RedisBackend::builder(server.url()), &clock).await;
-    let b = batched(RedisBackend::builder(server.url()), &clock).await;
+    };
     let s = subject("changes");
     let old = s.charge(Limit::per_hour(3_600));
-    warm(&a, &s, &old).await;
-    let (held, before) = (a.batched_units() as u32, room(&b, &s, &old).await);
+    let (held_now, before) = held(&a, &b, &s, &old).await;
     // A boost: the same caller, a more generous limit in another bucket.
     let new = Charge {
         bucket: old.bucket ^ 0x5a5a,
@@ -225,11 +241,7 @@ async fn a_changed_limit_sends_the_batch_back() {
     let check = Check::new(s.key.as_u64(), true, std::slice::from_ref(&new));
     assert!(a.check(&check).await.unwrap().allowed);
     a.return_batches().await;
-    let after = room(&b, &s, &old).await;
-    assert!(
-        (before + held..=before + held + 1).contains(&after),
-        "{before} + {held} → {after}"
-    );
+    assert_back(before, held_now, 0, room(&b, &s, &old).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

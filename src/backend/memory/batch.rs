@@ -24,14 +24,7 @@ where
     pub fn take_now(&self, take: &Take<'_>) -> Result<Taken, BackendError> {
         let inner = &*self.inner;
         let charges = &take.charges[..take.charges.len().min(MAX_LIMITS)];
-        for c in charges {
-            if c.cost > c.limit.max() {
-                return Err(BackendError::CostExceedsLimit {
-                    cost: c.cost,
-                    max: c.limit.max(),
-                });
-            }
-        }
+        super::fits(charges)?;
         self.maintain(false);
         let now = self.elapsed();
         let store = &inner.multi;

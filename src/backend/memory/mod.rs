@@ -281,14 +281,7 @@ where
     fn check_together(&self, check: &Check<'_>) -> Result<Decision, BackendError> {
         let inner = &*self.inner;
         let charges = &check.charges[..check.charges.len().min(MAX_LIMITS)];
-        for c in charges {
-            if c.cost > c.limit.max() {
-                return Err(BackendError::CostExceedsLimit {
-                    cost: c.cost,
-                    max: c.limit.max(),
-                });
-            }
-        }
+        fits(charges)?;
         self.maintain(false);
         let now = self.elapsed();
         // The one lock of the check, held until it returns: read, decide,
@@ -454,5 +447,17 @@ where
 
     fn peek_lease(&self, owner: u64, lease: &Lease) -> Self::Future {
         ready(Ok(self.peek_lease_now(owner, lease)))
+    }
+}
+
+/// Every charge's cost within its limit's burst, or the error that says
+/// which is not (it could never succeed).
+fn fits(charges: &[Charge]) -> Result<(), BackendError> {
+    match charges.iter().find(|c| c.cost > c.limit.max()) {
+        Some(c) => Err(BackendError::CostExceedsLimit {
+            cost: c.cost,
+            max: c.limit.max(),
+        }),
+        None => Ok(()),
     }
 }

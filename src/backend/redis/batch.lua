@@ -106,15 +106,7 @@ if refused then
   return out
 end
 for i = 1, k do
-  if holes[i] then
-    local h = holes[i]
-    holes_take(KEYS[i], h[1], h[2], h[3], param(i, 3), param(i, 1), now)
-    out[i] = gcra_capacity(tats[i], now, param(i, 1), param(i, 2))
-  else
-    local nxt = gcra_take(tats[i], now, param(i, 1), param(i, 3))
-    gcra_store(KEYS[i], nxt, now)
-    out[i] = gcra_capacity(nxt, now, param(i, 1), param(i, 2))
-  end
+  out[i] = gcra_commit(KEYS[i], tats[i], now, param(i, 1), param(i, 2), param(i, 3), holes[i])
 end
 table.insert(out, 1, 1)
 return out

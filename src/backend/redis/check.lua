@@ -106,14 +106,8 @@ for i = 1, k do
     local n = c[1] + param(i, 4)
     cal_store(KEYS[i], c[2], c[3], n, c[4])
     out[i] = cal_answer(param(i, 2) - n, c[2], c[5])
-  elseif holes[i] then
-    local h = holes[i]
-    holes_take(KEYS[i], h[1], h[2], h[3], param(i, 4), param(i, 1), now)
-    out[i] = gcra_capacity(tats[i], now, param(i, 1), param(i, 2))
   else
-    local nxt = gcra_take(tats[i], now, param(i, 1), param(i, 4))
-    gcra_store(KEYS[i], nxt, now)
-    out[i] = gcra_capacity(nxt, now, param(i, 1), param(i, 2))
+    out[i] = gcra_commit(KEYS[i], tats[i], now, param(i, 1), param(i, 2), param(i, 4), holes[i])
   end
 end
 for j = 1, m do

@@ -105,3 +105,16 @@ local function holes_take(key, holes, i, a, n, t, now)
   holes[i][1] = a + n * t
   holes_store(key, holes, now)
 end
+
+-- Counts `n` units of an admitted request in a bucket whose TAT is `tat`:
+-- in the slots `hole` names ({holes, index, start}: a refused bucket's
+-- hole that fits them), else from the top. Its capacity afterwards.
+local function gcra_commit(key, tat, now, t, max, n, hole)
+  if hole then
+    holes_take(key, hole[1], hole[2], hole[3], n, t, now)
+    return gcra_capacity(tat, now, t, max)
+  end
+  local nxt = gcra_take(tat, now, t, n)
+  gcra_store(key, nxt, now)
+  return gcra_capacity(nxt, now, t, max)
+end
