@@ -91,14 +91,8 @@ local refused, holes = false, {}
 for i = 1, k do
   out[i] = gcra_wait(tats[i], now, param(i, 1), param(i, 2), param(i, 3), 0)
   if out[i] > 0 then
-    local hs = holes_get(KEYS[i], now)
-    local j, a = holes_fit(hs, now, param(i, 1), param(i, 2), param(i, 3))
-    if j then
-      holes[i] = {hs, j, a}
-      out[i] = 0
-    else
-      refused = true
-    end
+    holes[i] = holes_find(KEYS[i], now, param(i, 1), param(i, 2), param(i, 3))
+    if holes[i] then out[i] = 0 else refused = true end
   end
 end
 if refused then

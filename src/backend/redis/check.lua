@@ -59,12 +59,8 @@ for i = 1, k do
     out[i] = gcra_wait(tats[i], now, param(i, 1), param(i, 2), param(i, 4), param(i, 3))
     if out[i] > 0 and param(i, 3) == 0 then
       -- Refused by the bucket: slots a batch gave back may fit.
-      local hs = holes_get(KEYS[i], now)
-      local j, a = holes_fit(hs, now, param(i, 1), param(i, 2), param(i, 4))
-      if j then
-        holes[i] = {hs, j, a}
-        out[i] = 0
-      end
+      holes[i] = holes_find(KEYS[i], now, param(i, 1), param(i, 2), param(i, 4))
+      if holes[i] then out[i] = 0 end
     end
   end
   if out[i] > 0 then refused = true end

@@ -66,6 +66,15 @@ local function holes_fit(holes, now, t, max, n)
   return nil
 end
 
+-- Where a request the bucket refused fits in its holes: {holes, index,
+-- start} for gcra_commit, or nil.
+local function holes_find(key, now, t, max, n)
+  local hs = holes_get(key, now)
+  local j, a = holes_fit(hs, now, t, max, n)
+  if j then return {hs, j, a} end
+  return nil
+end
+
 -- Stores the holes (none left: the key goes); it expires with the last.
 local function holes_store(key, holes, now)
   local parts, last = {}, 0
