@@ -19,6 +19,11 @@ mod redis;
 #[cfg(all(feature = "redis", feature = "test-util"))]
 mod common;
 
+#[cfg(all(feature = "redis", feature = "test-util", feature = "tonic"))]
+#[allow(dead_code)]
+#[path = "../examples/tonic_grpc.rs"]
+mod grpc_demo;
+
 /// Every test of this binary hashes keys with the secret the Redis tests
 /// need (one secret per process, whichever test hashes first).
 fn secret() {

@@ -280,3 +280,69 @@ async fn units_in_hand_serve_while_redis_is_stopped_until_they_age() {
     );
     server.resume();
 }
+
+/// Two tonic servers sharing limits through one Redis with batches on:
+/// 400 health checks at once from one key (free: 100 reads an hour) over
+/// both, exactly 100 answered, the others `RESOURCE_EXHAUSTED`.
+#[cfg(feature = "tonic")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_redis_admits_exactly_the_limit_over_grpc() {
+    use crate::common::redis::{RedisServer, ready};
+    use tierlimit::backend::Batches;
+    if !ready() {
+        return;
+    }
+    let redis = RedisServer::start();
+    let mut channels = Vec::new();
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let backend = tierlimit::RedisBackend::builder(redis.url())
+            .batches(Batches::new())
+            .connect()
+            .await
+            .unwrap();
+        let layer = tierlimit::RateLimitLayer::builder(crate::common::spec_policy())
+            .backend(backend)
+            .build();
+        let server = crate::common::serve_grpc(layer, crate::grpc_demo::grpc_routes().await).await;
+        channels.push(grpc_channel(server.addr).await);
+        servers.push(server);
+    }
+    let mut calls = Vec::new();
+    for i in 0..400 {
+        let mut health =
+            tonic_health::pb::health_client::HealthClient::new(channels[i % 2].clone());
+        calls.push(tokio::spawn(async move {
+            health.check(free_key_check()).await.map_err(|s| s.code())
+        }));
+    }
+    let (mut ok, mut exhausted) = (0, 0);
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(tonic::Code::ResourceExhausted) => exhausted += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((ok, exhausted), (100, 300));
+}
+
+#[cfg(feature = "tonic")]
+async fn grpc_channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[cfg(feature = "tonic")]
+fn free_key_check() -> tonic::Request<tonic_health::pb::HealthCheckRequest> {
+    let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    });
+    req.metadata_mut()
+        .insert("x-api-key", "free-demo-key".parse().unwrap());
+    req
+}
