@@ -244,6 +244,39 @@ async fn a_changed_limit_sends_the_batch_back() {
     assert_back(before, held_now, 0, room(&b, &s, &old).await);
 }
 
+/// A refund (a settlement that gives units back) lands while a batch is
+/// held under other units, then the batch goes back: over the hour,
+/// exactly the limit plus what was refunded is admitted (the refund and
+/// the batch's unused units are each given back once).
+#[tokio::test]
+async fn a_refund_and_a_give_back_never_return_the_same_units() {
+    use tierlimit::backend::{Adjustment, PeriodBounds};
+    let Some((_server, _clock, a, b)) = two_instances().await else {
+        return;
+    };
+    let s = subject("refunded");
+    let limit = Limit::per_hour(3_600);
+    let charge = s.charge(limit);
+    warm(&a, &s, &charge).await;
+    let mut admitted = 40;
+    // A normal check on top of a's batch, then a refund of three units.
+    assert!(b.check(&s.check(&charge)).await.unwrap().allowed);
+    admitted += 1;
+    let refund = Adjustment {
+        bucket: charge.bucket,
+        limit,
+        units: -3,
+        period: PeriodBounds::ROLLING,
+    };
+    b.settle(s.key.as_u64(), &[refund]).await.unwrap();
+    a.return_batches().await;
+    while b.check(&s.check(&charge)).await.unwrap().allowed {
+        admitted += 1;
+        assert!(admitted <= 4_000, "no end");
+    }
+    assert_eq!(admitted, 3_600 + 3, "the limit and the 3 refunded");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn units_in_hand_serve_while_redis_is_stopped_until_they_age() {
     if !ready() {

@@ -45,7 +45,8 @@ if ARGV[1] == 'back' then
       end
       moved = moved + 1
     elseif fin > now then
-      -- Other units lie above: these slots become the bucket's hole.
+      -- Other units lie above: these slots become one of the bucket's
+      -- holes.
       holes_add(KEYS[i], used_end, fin, now)
       moved = moved + 1
     end
