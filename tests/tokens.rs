@@ -365,6 +365,19 @@ async fn streams_settle_exactly_once_on_redis() {
     streams_settle_exactly_once(backend).await;
 }
 
+/// The same with batches on: the estimates come from batches, the
+/// settlements land exactly once all the same.
+#[cfg(all(feature = "redis", feature = "test-util"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_settle_exactly_once_on_redis_with_batches() {
+    setup();
+    if !common::redis::ready() {
+        return;
+    }
+    let (_server, _clock, backend) = common::redis::batched_single_node_on_fake_clock().await;
+    streams_settle_exactly_once(backend).await;
+}
+
 /// A key that owes tokens: the usage endpoint's `reset` for `ai` is the
 /// reset its 429 says, hours off, not an hour (what a peek at an empty
 /// bucket said). Both clocks stand still: the backend's and the layer's

@@ -354,6 +354,22 @@ pub async fn single_node_on_fake_clock() -> (
     (server, clock, backend)
 }
 
+/// A fresh single node, a fake clock and a backend reading it with
+/// batches on.
+#[cfg(feature = "test-util")]
+pub async fn batched_single_node_on_fake_clock() -> (
+    RedisServer,
+    governor::clock::FakeRelativeClock,
+    tierlimit::RedisBackend,
+) {
+    let server = RedisServer::start();
+    let clock = governor::clock::FakeRelativeClock::default();
+    let builder =
+        tierlimit::RedisBackend::builder(server.url()).batches(tierlimit::backend::Batches::new());
+    let backend = on_fake_clock(builder, &clock).await;
+    (server, clock, backend)
+}
+
 /// A fresh cluster, a fake clock and a backend reading it; keep the
 /// cluster bound for as long as the backend is used.
 #[cfg(feature = "test-util")]

@@ -163,6 +163,17 @@ async fn output_debt_refuses_the_next_request_on_redis() {
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_debt_refuses_the_next_request_on_redis_with_batches() {
+    setup();
+    if !common::redis::ready() {
+        return;
+    }
+    let (_server, _clock, backend) = common::redis::batched_single_node_on_fake_clock().await;
+    output_debt_refuses_the_next_request(backend).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_debt_refuses_the_next_request_on_redis_cluster() {
     setup();
     if !common::redis::ready() {

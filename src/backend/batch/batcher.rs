@@ -12,7 +12,7 @@ use governor::clock::{Clock, DefaultClock, Reference};
 
 use super::entry::{Entry, Local, Retired, routable, signature};
 use super::{BatchStore, GiveBack, Take, Taken};
-use crate::backend::{Backend, BackendError, Charge, Check, Decision};
+use crate::backend::{Backend, BackendError, Charge, Check, Decision, TokenSplit};
 use crate::limit::MAX_LIMITS;
 
 const SHARDS: usize = 16;
@@ -207,7 +207,8 @@ pub struct Ticket {
     known: bool,
     charges: [Charge; MAX_LIMITS],
     len: u8,
-    cost: u32,
+    tokens: u8,
+    split: TokenSplit,
     want: u32,
     hold: u64,
     sent: u64,
@@ -220,7 +221,7 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    fn plain(check: &Check<'_>, cost: u32, now: u64) -> Self {
+    fn plain(check: &Check<'_>, now: u64) -> Self {
         let len = check.charges.len().min(MAX_LIMITS);
         let mut charges = [check.charges[0]; MAX_LIMITS];
         charges[..len].copy_from_slice(&check.charges[..len]);
@@ -229,8 +230,9 @@ impl Ticket {
             known: check.known,
             charges,
             len: len as u8,
-            cost,
-            want: cost,
+            tokens: check.tokens,
+            split: check.split,
+            want: 1,
             hold: 0,
             sent: now,
             cell: check.charges[0].bucket,
@@ -246,6 +248,8 @@ impl Ticket {
             owner: self.owner,
             known: self.known,
             charges: self.charges(),
+            tokens: self.tokens,
+            split: self.split,
             want: self.want,
             hold: Duration::from_nanos(self.hold),
         }
@@ -287,16 +291,16 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
     /// [`Step::Bypass`] for a check that is not batched. Holds no lock
     /// once it returns; allocates only for an owner not seen lately.
     pub fn begin(&self, check: &Check<'_>, now: u64) -> Step {
-        let Some(cost) = routable(check) else {
+        if !routable(check) {
             return Step::Bypass;
-        };
+        }
         if check.charges.iter().any(|c| c.reserve > 0) {
-            return Step::Take(Ticket::plain(check, cost, now));
+            return Step::Take(Ticket::plain(check, now));
         }
         let mut retired = [None, None];
         let step = {
             let mut table = self.shard(check.owner);
-            self.step(&mut table, check, cost, now, &mut retired)
+            self.step(&mut table, check, now, &mut retired)
         };
         for r in retired.iter().flatten() {
             self.give(r);
@@ -308,12 +312,11 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
         &self,
         table: &mut Shard,
         check: &Check<'_>,
-        cost: u32,
         now: u64,
         retired: &mut [Option<Retired>; 2],
     ) -> Step {
         let signature = signature(check.charges);
-        let plain = || Ticket::plain(check, cost, now);
+        let plain = || Ticket::plain(check, now);
         let full = table.len() >= self.per_shard;
         let key = (check.owner, check.charges[0].bucket);
         if !table.contains_key(&key) && (full || !table.came_lately(key, now, self.hold)) {
@@ -333,14 +336,12 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
         e.arrive(now, self.hold);
         let hold = self.hold_for(check.charges);
         let inflight = e.inflight.is_some_and(|t| now.saturating_sub(t) <= hold);
-        let want = self.want(e, cost, check.charges, hold);
-        let can_take = !inflight && want > cost;
-        // Units this instance expects to spend while a take is on its way.
+        let want = self.want(e, check.charges, hold);
+        let can_take = !inflight && want > 1;
+        // Requests this instance expects to serve while a take is on its way.
         let during = u128::from(e.seen()) * u128::from(e.rtt) / u128::from(self.hold);
-        let during = u64::try_from(during)
-            .unwrap_or(u64::MAX)
-            .saturating_mul(u64::from(cost));
-        if let Some(d) = e.serve(cost, now, can_take, during, owner, retired) {
+        let during = u64::try_from(during).unwrap_or(u64::MAX);
+        if let Some(d) = e.serve(check.charges, now, can_take, during, owner, retired) {
             return Step::Done(d);
         }
         if !can_take {
@@ -375,17 +376,18 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
             .max(1)
     }
 
-    /// The batch size for the next take of a batch held `hold`: the
-    /// requests expected in half the time a batch can be spent (its hold
-    /// less the round trip), at the rate seen in the last configured hold,
-    /// within the share of the smallest burst.
-    fn want(&self, e: &Entry, cost: u32, charges: &[Charge], hold: u64) -> u32 {
+    /// The batch size for the next take of a batch held `hold`, in
+    /// requests' worth (of this request's charges): the requests expected
+    /// in half the time a batch can be spent (its hold less the round
+    /// trip), at the rate seen in the last configured hold, within the
+    /// share of every limit's burst.
+    fn want(&self, e: &Entry, charges: &[Charge], hold: u64) -> u32 {
         let usable = hold.saturating_sub(e.rtt);
         let seen = u128::from(e.seen());
         let expected = (seen * u128::from(usable) / u128::from(2 * self.hold)) as u32;
-        let smallest = charges.iter().map(|c| c.limit.max()).min().unwrap_or(1);
-        let most = ((f64::from(smallest) * self.max_share) as u32).max(cost);
-        expected.saturating_mul(cost).max(cost).min(most)
+        let share = |c: &Charge| (f64::from(c.limit.max()) * self.max_share) as u32 / c.cost.max(1);
+        let most = charges.iter().map(share).min().unwrap_or(0);
+        expected.min(most).max(1)
     }
 
     /// The second half: the store's answer to `ticket`'s take, received
@@ -402,14 +404,20 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
             Err(e) => Err(e),
             Ok(Taken::Checked(d)) => Ok(d),
             Ok(Taken::Granted(grant)) => {
+                let mut spent = [0; MAX_LIMITS];
+                for ((s, c), l) in spent.iter_mut().zip(ticket.charges()).zip(grant.limits()) {
+                    *s = c.cost.max(1).min(l.units);
+                }
                 let local = Local {
                     grant,
                     charges: ticket.charges,
                     sent: ticket.sent,
                     received: now,
-                    spent: ticket.cost.min(grant.units),
+                    spent,
+                    tokens: ticket.tokens,
+                    split: ticket.split,
                 };
-                if local.spent < grant.units {
+                if !local.spent_out() {
                     left = Some(local);
                 }
                 Ok(local.decision())
@@ -441,8 +449,8 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
             return None;
         }
         let local = e.batch.as_mut()?;
-        let d = local.spend(ticket.cost, now)?;
-        if local.spent == local.grant.units {
+        let d = local.spend(ticket.charges(), now)?;
+        if local.spent_out() {
             e.batch = e.next.take();
         }
         Some(d)
@@ -491,15 +499,15 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
 
     fn give(&self, r: &Retired) {
         let local = &r.local;
-        if local.spent == local.grant.units {
-            return;
-        }
-        self.store.give_back(&GiveBack {
+        let back = GiveBack {
             owner: r.owner,
             charges: local.charges(),
             grant: &local.grant,
-            unused: local.grant.units - local.spent,
-        });
+            spent: &local.spent[..local.grant.limits().len()],
+        };
+        if (0..back.charges.len()).any(|i| back.unused(i) > 0) {
+            self.store.give_back(&back);
+        }
     }
 
     fn shard(&self, owner: u64) -> MutexGuard<'_, Shard> {
@@ -567,7 +575,7 @@ impl<S, C: Clock> Batcher<S, C> {
         let mut n = 0;
         self.count(|e| {
             for b in [e.batch, e.next].iter().flatten() {
-                n += u64::from(b.grant.units - b.spent);
+                n += u64::from(b.unspent());
             }
             false
         });

@@ -3,7 +3,7 @@
 //! makes a check batchable.
 
 use super::Grant;
-use crate::backend::{Charge, Check, Decision};
+use crate::backend::{Charge, Check, Decision, TokenSplit};
 use crate::limit::{Limit, MAX_LIMITS};
 
 /// One owner × cell: its batch, its in-flight take, and the requests it
@@ -56,14 +56,14 @@ impl Entry {
         self.prev.max(self.count)
     }
 
-    /// Spends `cost` from the batch if it can, moving on to the next batch
-    /// when it is done (aged or spent out: what is left goes back). With
-    /// fewer units left than this instance spends `during` a round trip,
-    /// if it may take a batch now, the request goes to the store instead,
-    /// for the next batch.
+    /// Spends the request's charges from the batch if it can, moving on
+    /// to the next batch when it is done (aged or spent out: what is left
+    /// goes back). With fewer requests' worth left than this instance
+    /// serves `during` a round trip, if it may take a batch now, the
+    /// request goes to the store instead, for the next batch.
     pub(super) fn serve(
         &mut self,
-        cost: u32,
+        charges: &[Charge],
         now: u64,
         can_take: bool,
         during: u64,
@@ -72,15 +72,15 @@ impl Entry {
     ) -> Option<Decision> {
         for slot in retired.iter_mut() {
             let local = self.batch.as_mut()?;
-            let left = u64::from(local.grant.units - local.spent);
-            let ahead = can_take && self.next.is_none() && left < during + u64::from(cost);
-            if !ahead && let Some(d) = local.spend(cost, now) {
-                if local.spent == local.grant.units {
+            let left = u64::from(local.left(charges));
+            let ahead = can_take && self.next.is_none() && left < during + 1;
+            if !ahead && let Some(d) = local.spend(charges, now) {
+                if local.spent_out() {
                     self.batch = self.next.take();
                 }
                 return Some(d);
             }
-            if ahead && !local.aged(now) && left >= u64::from(cost) {
+            if ahead && !local.aged(now) && left >= 1 {
                 return None;
             }
             if slot.is_none() {
@@ -99,7 +99,12 @@ pub(super) struct Local {
     pub(super) charges: [Charge; MAX_LIMITS],
     pub(super) sent: u64,
     pub(super) received: u64,
-    pub(super) spent: u32,
+    /// Units of each limit spent (the first ones).
+    pub(super) spent: [u32; MAX_LIMITS],
+    /// The check's token charges ([`Check::tokens`], [`Check::split`]),
+    /// for its decisions.
+    pub(super) tokens: u8,
+    pub(super) split: TokenSplit,
 }
 
 impl Local {
@@ -107,23 +112,44 @@ impl Local {
         &self.charges[..self.grant.limits().len()]
     }
 
-    /// Spends `n` more units at `now` if every one of them may be spent
+    /// Spends `charges`' costs at `now` if every unit of them may be spent
     /// (see the module docs), with the decision to answer.
     #[inline]
-    pub(super) fn spend(&mut self, n: u32, now: u64) -> Option<Decision> {
-        let j = self.spent + n;
-        if j > self.grant.units || self.aged(now) {
+    pub(super) fn spend(&mut self, charges: &[Charge], now: u64) -> Option<Decision> {
+        if self.aged(now) || charges.len() != self.grant.limits().len() {
             return None;
         }
         let since = now.saturating_sub(self.received);
-        for l in self.grant.limits() {
+        let mut next = self.spent;
+        for ((l, c), j) in self.grant.limits().iter().zip(charges).zip(&mut next) {
+            *j = j.checked_add(c.cost.max(1))?;
             let offset = l.start - self.grant.at;
-            if since + l.cap < offset + u64::from(j) * l.interval {
+            if *j > l.units || since + l.cap < offset + u64::from(*j) * l.interval {
                 return None;
             }
         }
-        self.spent = j;
+        self.spent = next;
         Some(self.decision())
+    }
+
+    /// Requests' worth of `charges` left (the fewest of any limit).
+    pub(super) fn left(&self, charges: &[Charge]) -> u32 {
+        let each = self.grant.limits().iter().zip(charges).zip(&self.spent);
+        each.map(|((l, c), s)| (l.units - s) / c.cost.max(1))
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Whether some limit has no unit left.
+    pub(super) fn spent_out(&self) -> bool {
+        let each = self.grant.limits().iter().zip(&self.spent);
+        each.clone().any(|(l, s)| *s >= l.units)
+    }
+
+    /// Units held, unspent (of the first limit).
+    pub(super) fn unspent(&self) -> u32 {
+        let first = self.grant.limits().first().map_or(0, |l| l.units);
+        first - self.spent[0].min(first)
     }
 
     /// Whether the batch may no longer be spent: longer than its hold
@@ -133,11 +159,20 @@ impl Local {
         now.saturating_sub(self.sent) > self.grant.hold
     }
 
-    /// The store's remaining after the take plus what is left here.
+    /// Each limit's remaining at the store after the take plus what is
+    /// left of it here; the binding one, as a backend's check says it.
     pub(super) fn decision(&self) -> Decision {
-        let unspent = self.grant.units - self.spent;
-        let each = self.charges().iter().zip(self.grant.limits());
-        Decision::binding(each.map(|(c, l)| Decision::allow(&c.limit, l.remaining + unspent)))
+        let mut each = [Decision::allow(&Limit::per_second(1), 0); MAX_LIMITS];
+        let n = self.grant.limits().len();
+        let held = self
+            .charges()
+            .iter()
+            .zip(self.grant.limits())
+            .zip(&self.spent);
+        for (d, ((c, l), s)) in each.iter_mut().zip(held) {
+            *d = Decision::allow(&c.limit, l.remaining + (l.units - s));
+        }
+        Decision::binding_with_split(&each[..n], usize::from(self.tokens), self.split)
             .unwrap_or_else(|| Decision::allow(&Limit::per_second(1), 1))
     }
 }
@@ -148,19 +183,16 @@ pub(super) struct Retired {
     pub(super) local: Local,
 }
 
-/// The request charges' common cost, if the check may go through a take:
-/// request charges only (no tokens, no leases, no calendar limits), all of
-/// one cost.
-pub(super) fn routable(check: &Check<'_>) -> Option<u32> {
-    let first = check.charges.first()?;
-    let ok = check.tokens == 0
+/// Whether a check may go through a take: no leases, no calendar
+/// limits (request charges of any cost, token charges of any estimate).
+pub(super) fn routable(check: &Check<'_>) -> bool {
+    !check.charges.is_empty()
         && check.leases.is_empty()
         && check.charges.len() <= MAX_LIMITS
         && check
             .charges
             .iter()
-            .all(|c| c.cost == first.cost && !c.limit.period().is_calendar());
-    ok.then_some(first.cost.max(1))
+            .all(|c| !c.limit.period().is_calendar())
 }
 
 /// The check's buckets and limits, as one number: another one means the

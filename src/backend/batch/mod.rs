@@ -96,30 +96,47 @@ pub use self::batcher::{Batcher, BatcherBuilder, Step, Ticket};
 use super::{BackendError, Charge, Decision};
 use crate::limit::MAX_LIMITS;
 
-/// A request for a batch ([`BatchStore::take`]): up to `want` units of
-/// every charge of a check, at least the request's cost, held back
-/// `hold` past the store's now.
+/// A request for a batch ([`BatchStore::take`]): up to `want` requests'
+/// worth of every charge of a check (`want × cost` units of each), at
+/// least the request's own, held back `hold` past the store's now.
 #[derive(Clone, Copy, Debug)]
 pub struct Take<'a> {
     /// The check's owner (the shard, the hash tag).
     pub owner: u64,
     /// Whether the caller is known ([`Check::known`](super::Check::known)).
     pub known: bool,
-    /// The charges, all request charges of the same cost (the request's).
-    /// A charge with a reserve makes the take a normal check.
+    /// The charges, each with the request's cost in it (request units,
+    /// or a token estimate). A charge with a reserve makes the take a
+    /// normal check.
     pub charges: &'a [Charge],
-    /// Units wanted (at least the cost; equal to it for a normal check).
+    /// How many of the last charges are token limits, and which limit
+    /// input and output tokens ([`Check::tokens`](super::Check::tokens),
+    /// [`Check::split`](super::Check::split)), for the decision.
+    pub tokens: u8,
+    /// See `tokens`.
+    pub split: super::TokenSplit,
+    /// Requests' worth wanted (1 for a normal check).
     pub want: u32,
     /// How long after the store's now the batch's slots start (zero for a
     /// normal check).
     pub hold: Duration,
 }
 
-impl Take<'_> {
-    /// The request's cost: the least a grant may hold.
+impl<'a> Take<'a> {
+    /// The check this take is when it is a normal check.
     #[inline]
-    pub fn cost(&self) -> u32 {
-        self.charges.first().map_or(1, |c| c.cost.max(1))
+    pub fn check(&self) -> super::Check<'a> {
+        super::Check {
+            tokens: self.tokens,
+            split: self.split,
+            ..super::Check::new(self.owner, self.known, self.charges)
+        }
+    }
+
+    /// Whether this take asks for more than the request's own units.
+    #[inline]
+    pub fn is_batch(&self) -> bool {
+        self.want > 1 && !self.hold.is_zero()
     }
 }
 
@@ -139,6 +156,8 @@ pub struct GrantedLimit {
     pub before: u64,
     /// What the bucket could take at once after the take.
     pub remaining: u32,
+    /// Units of this limit granted (at least the request's cost in it).
+    pub units: u32,
 }
 
 impl GrantedLimit {
@@ -149,15 +168,13 @@ impl GrantedLimit {
     }
 }
 
-/// A batch granted by a store: `units` of every charge, all or nothing.
+/// A batch granted by a store: units of every charge, all or nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grant {
     /// The store's time of the take (`t0`).
     pub at: u64,
     /// The hold the take asked for, in nanoseconds.
     pub hold: u64,
-    /// Units granted (at least the request's cost).
-    pub units: u32,
     /// What names this batch in its store (0: nothing). A store whose
     /// buckets can be lost and made again (Redis flushed or restarted)
     /// marks a batch with it, and a give-back acts only on the batch it
@@ -168,15 +185,14 @@ pub struct Grant {
 }
 
 impl Grant {
-    /// A grant of `units` at `at`, held `hold`, with one entry per charge.
-    pub fn new(at: u64, hold: u64, units: u32, limits: &[GrantedLimit]) -> Self {
+    /// A grant at `at`, held `hold`, with one entry per charge.
+    pub fn new(at: u64, hold: u64, limits: &[GrantedLimit]) -> Self {
         let len = limits.len().min(MAX_LIMITS);
         let mut all = [GrantedLimit::default(); MAX_LIMITS];
         all[..len].copy_from_slice(&limits[..len]);
         Grant {
             at,
             hold,
-            units,
             tag: 0,
             limits: all,
             len: len as u8,
@@ -195,7 +211,8 @@ impl Grant {
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Taken {
-    /// A batch: its first `cost` units are the request's.
+    /// A batch: its first units of each charge (the charge's cost) are
+    /// the request's.
     Granted(Grant),
     /// Not enough for a batch: the request was checked as a normal check
     /// (allowed and counted, or refused).
@@ -212,8 +229,17 @@ pub struct GiveBack<'a> {
     pub charges: &'a [Charge],
     /// The batch.
     pub grant: &'a Grant,
-    /// Units not spent (the last ones of the batch).
-    pub unused: u32,
+    /// Units of each limit spent (its first ones); the rest go back.
+    pub spent: &'a [u32],
+}
+
+impl GiveBack<'_> {
+    /// Units of limit `i` not spent (the last ones of the batch).
+    #[inline]
+    pub fn unused(&self, i: usize) -> u32 {
+        let units = self.grant.limits().get(i).map_or(0, |l| l.units);
+        units.saturating_sub(self.spent.get(i).copied().unwrap_or(units))
+    }
 }
 
 /// A shared store that hands out batches: the Redis backend, a region's
@@ -225,13 +251,13 @@ pub trait BatchStore: Send + Sync + 'static {
     /// The future of one take.
     type Future: Future<Output = Result<Taken, BackendError>> + Send + Unpin + 'static;
 
-    /// In one step at the store's now `t0`: grants
-    /// `g = min(want, min_l floor((t0 + cap_l − start_l) / T_l))` units
-    /// with `start_l = max(max(tat_l, t0) + n·T_l, t0 + hold) − n·T_l`
-    /// (`n` the cost) and sets every
-    /// `tat_l = start_l + g·T_l` if `g` is at least the cost; otherwise
-    /// checks the request as a normal check of its cost. A charge with a
-    /// reserve is always a normal check.
+    /// In one step at the store's now `t0`: grants each limit `l` (its
+    /// charge's cost `n_l`, `w_l = want × n_l`)
+    /// `g_l = min(w_l, floor((t0 + cap_l − start_l) / T_l) − (w_l − n_l))`
+    /// units with `start_l = max(max(tat_l, t0) + n_l·T_l, t0 + hold) −
+    /// n_l·T_l`, and sets every `tat_l = start_l + g_l·T_l`, if every
+    /// `g_l` is at least `n_l`; otherwise checks the request as a normal
+    /// check. A charge with a reserve is always a normal check.
     fn take(&self, take: &Take<'_>) -> Self::Future;
 
     /// Gives back a batch's unused units: for each charge whose bucket's

@@ -38,7 +38,7 @@ struct State {
     now: u64,
     latency: u64,
     tats: HashMap<u64, u64>,
-    pending: Vec<(u64, u64, Vec<Charge>, Grant, u32)>,
+    pending: Vec<(u64, u64, Vec<Charge>, Grant, Vec<u32>)>,
     stats: Stats,
 }
 
@@ -83,10 +83,10 @@ impl SimStore {
         let taken = step::take(take, &mut tats[..n], t0);
         s.stats.takes += 1;
         if let Taken::Granted(g) = &taken
-            && take.want > take.cost()
+            && take.is_batch()
         {
             s.stats.batches += 1;
-            s.stats.granted += u64::from(g.units);
+            s.stats.granted += u64::from(g.limits().first().map_or(0, |l| l.units));
             let skip = g.limits().iter().zip(&before);
             let skipped = skip.map(|(l, b)| (l.start - b).div_ceil(l.interval)).max();
             s.stats.skipped += skipped.unwrap_or(0);
@@ -115,15 +115,16 @@ impl State {
         }
         self.pending.sort_by_key(|p| Reverse((p.0, p.1)));
         while self.pending.last().is_some_and(|p| p.0 <= now) {
-            let Some((_, owner, charges, grant, unused)) = self.pending.pop() else {
+            let Some((_, owner, charges, grant, spent)) = self.pending.pop() else {
                 break;
             };
             let back = GiveBack {
                 owner,
                 charges: &charges,
                 grant: &grant,
-                unused,
+                spent: &spent,
             };
+            let unused = back.unused(0);
             let mut all = true;
             for (i, c) in charges.iter().enumerate() {
                 let tat = self.tats.get(&c.bucket).copied().unwrap_or(0);
@@ -160,7 +161,7 @@ impl BatchStore for SimStore {
             back.owner,
             back.charges.to_vec(),
             *back.grant,
-            back.unused,
+            back.spent.to_vec(),
         );
         s.pending.push(p);
     }
@@ -305,7 +306,7 @@ pub fn run(run: &Run) -> Outcome {
                     Taken::Checked(d) => d.allowed,
                 };
                 if allowed {
-                    oracle.record(t, tk.take().cost());
+                    oracle.record(t, cost_of(&tk.take()));
                     requests += 1;
                 }
                 next(t + run.latencies[i], Event::Answer(i, tk, taken));
@@ -316,7 +317,7 @@ pub fn run(run: &Run) -> Outcome {
                 let answer = batchers[i].finish(&tk, Ok(taken), t);
                 if refused && answer.is_ok_and(|d| d.allowed) {
                     // Refused by the store, served from units in hand.
-                    oracle.record(t, tk.take().cost());
+                    oracle.record(t, cost_of(&tk.take()));
                     requests += 1;
                 }
             }
@@ -336,4 +337,9 @@ pub fn run(run: &Run) -> Outcome {
         violations: oracle.violations(&run.limits),
         store: store.stats(),
     }
+}
+
+/// A take's request cost (the simulation's charges share one).
+fn cost_of(take: &Take<'_>) -> u32 {
+    take.charges.first().map_or(1, |c| c.cost.max(1))
 }

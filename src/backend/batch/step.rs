@@ -22,19 +22,19 @@ pub(crate) fn capacity(limit: &Limit, tat: u64, now: u64) -> u32 {
 }
 
 /// A take's grant at `t0` on buckets with TATs `tats` (`t0` for a full
-/// one): `Some` grant when it holds at least the cost, with `tats` set to
-/// the batch's ends; `None` (and `tats` untouched) otherwise, or when the
-/// take may not batch (a reserve).
+/// one): `Some` grant when every limit holds at least its charge's cost,
+/// with `tats` set to the batch's ends; `None` (and `tats` untouched)
+/// otherwise, or when the take may not batch (a reserve).
 pub(crate) fn grant(take: &Take<'_>, tats: &mut [u64], t0: u64) -> Option<Grant> {
-    let n = take.cost();
-    if take.charges.iter().any(|c| c.reserve > 0) || take.want < n {
+    if take.charges.iter().any(|c| c.reserve > 0) || !take.is_batch() {
         return None;
     }
     let hold = take.hold.as_nanos().min(u128::from(u64::MAX / 4)) as u64;
     let d = t0.saturating_add(hold);
-    let mut g = take.want;
     let mut limits = [GrantedLimit::default(); MAX_LIMITS];
     for (i, c) in take.charges.iter().enumerate().take(MAX_LIMITS) {
+        let n = c.cost.max(1);
+        let want = take.want.saturating_mul(n);
         let t = interval(&c.limit);
         let cap = u64::from(c.limit.max()) * t;
         // The request's own units are counted now, as a normal check's;
@@ -47,35 +47,36 @@ pub(crate) fn grant(take: &Take<'_>, tats: &mut [u64], t0: u64) -> Option<Grant>
         // A batch leaves at least as many units as it takes: a bucket's
         // last units go one check at a time, so a burst that empties it
         // ends as it would without batches.
-        g = g.min((room as u32).saturating_sub(take.want.saturating_sub(n)));
+        let units = want.min((room as u32).saturating_sub(want - n));
+        if units < n {
+            return None;
+        }
         limits[i] = GrantedLimit {
             start,
             interval: t,
             cap,
             before: tats[i],
             remaining: 0,
+            units,
         };
-    }
-    if g < n {
-        return None;
     }
     let len = take.charges.len().min(MAX_LIMITS);
     for (i, c) in take.charges.iter().enumerate().take(len) {
-        tats[i] = limits[i].end(g);
+        tats[i] = limits[i].end(limits[i].units);
         limits[i].remaining = capacity(&c.limit, tats[i], t0);
     }
-    Some(Grant::new(t0, hold, g, &limits[..len]))
+    Some(Grant::new(t0, hold, &limits[..len]))
 }
 
-/// A normal check of the take's cost at `now` on buckets with TATs `tats`
-/// (`now` for a full one), all or nothing: `tats` are advanced if it is
-/// allowed. The binding limit's decision.
+/// A normal check of the take's charges (each of its cost) at `now` on
+/// buckets with TATs `tats` (`now` for a full one), all or nothing:
+/// `tats` are advanced if it is allowed. The binding limit's decision.
 pub(crate) fn check(take: &Take<'_>, tats: &mut [u64], now: u64) -> Decision {
-    let n = take.cost();
     let charges = &take.charges[..take.charges.len().min(MAX_LIMITS)];
     let mut decisions = [Decision::allow(&Limit::per_second(1), 0); MAX_LIMITS];
     let mut refused = false;
     for (i, c) in charges.iter().enumerate() {
+        let n = c.cost.max(1);
         let t = interval(&c.limit);
         let cap = u64::from(c.limit.max()) * t;
         let need = u64::from(n + c.reserve) * t;
@@ -94,7 +95,7 @@ pub(crate) fn check(take: &Take<'_>, tats: &mut [u64], now: u64) -> Decision {
     }
     if !refused {
         for (i, c) in charges.iter().enumerate() {
-            tats[i] = tats[i].max(now) + u64::from(n) * interval(&c.limit);
+            tats[i] = tats[i].max(now) + u64::from(c.cost.max(1)) * interval(&c.limit);
         }
     }
     Decision::binding(decisions[..charges.len()].iter().copied())
@@ -112,13 +113,10 @@ pub(crate) fn take(take: &Take<'_>, tats: &mut [u64], t0: u64) -> Taken {
 /// The TAT a give-back leaves on limit `i` whose TAT is `tat`:
 /// `None` (nothing changes) unless the batch is still on top of it.
 pub(crate) fn given_back(back: &GiveBack<'_>, i: usize, tat: u64) -> Option<u64> {
-    let g = back.grant;
-    let l = g.limits().get(i)?;
-    let unused = back.unused.min(g.units);
-    if unused == 0 || tat != l.end(g.units) {
+    let l = back.grant.limits().get(i)?;
+    let unused = back.unused(i);
+    if unused == 0 || tat != l.end(l.units) {
         return None;
     }
-    let used = g.units - unused;
-    let next = l.end(used);
-    Some(next)
+    Some(l.end(l.units - unused))
 }

@@ -20,7 +20,7 @@ where
     C::Instant: Send + Sync,
 {
     /// A take in one step (see [`BatchStore::take`]): a batch of up to
-    /// `want` units, else a normal check of the cost in the owner's shard.
+    /// `want` requests' worth, else a normal check in the owner's shard.
     pub fn take_now(&self, take: &Take<'_>) -> Result<Taken, BackendError> {
         let inner = &*self.inner;
         let charges = &take.charges[..take.charges.len().min(MAX_LIMITS)];
@@ -44,7 +44,10 @@ where
         }
         read.cancel(&inner.budget);
         drop(read);
-        let check = Check::new(take.owner, take.known, charges);
+        let check = Check {
+            charges,
+            ..take.check()
+        };
         Ok(Taken::Checked(self.check_locked(maps, &check, now)))
     }
 

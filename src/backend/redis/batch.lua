@@ -7,14 +7,14 @@
 -- ARGV[1]: 'take' or 'back'; ARGV[2]: now (us; empty: Redis TIME).
 -- KEYS[1..k]: the rate buckets; KEYS[k + 1]: the batch's mark (named by
 --   its tag: there from the take to the give-back).
--- take: ARGV[3]: units wanted; ARGV[4]: the hold (us); then per bucket:
---   interval (us), max, cost.
---   Returns {3, now, units, start_1, before_1, remaining_1, ...} with a
---   batch of `units` (at least the cost: the request's own units counted
---   from now, as a check counts them, the others after now + hold; start
---   is where the first would start were they together, and every TAT
---   moves to start + units * interval, all or nothing), marked with its
---   tag; else the request is checked as check.lua
+-- take: ARGV[3]: requests' worth wanted; ARGV[4]: the hold (us); then
+--   per bucket: interval (us), max, cost (the request's units in it).
+--   Returns {3, now, then per bucket start, before, remaining, units}
+--   with a batch (every bucket at least its cost, all or nothing: the
+--   request's own units counted from now, as a check counts them, the
+--   others after now + hold; start is where the first would start were
+--   they together, and the TAT moves to start + units * interval),
+--   marked; else the request is checked as check.lua
 --   checks a request without reserve or leases, in the same call: {1,
 --   remaining_1, ...} allowed and counted, {0, retry_1, ...} refused.
 -- back: per bucket, from ARGV[3]: the batch's end and where its used
@@ -56,33 +56,34 @@ end
 local want = tonumber(ARGV[3])
 local hold = tonumber(ARGV[4])
 local function param(i, j) return tonumber(ARGV[4 + 3 * (i - 1) + j]) end
-local tats, starts = {}, {}
-local units = want
+local tats, starts, units = {}, {}, {}
+local granted = true
 for i = 1, k do
-  local t, max = param(i, 1), param(i, 2)
+  local t, max, cost = param(i, 1), param(i, 2), param(i, 3)
+  local w = want * cost
   tats[i] = gcra_tat(KEYS[i], now)
   -- The request's own units now, the others after the hold; starts[i]
   -- is where the first would start were they together.
-  local cost = param(i, 3)
   starts[i] = math.max(math.max(tats[i], now) + cost * t, now + hold) - cost * t
   -- A batch leaves at least as many units as it takes beyond the cost:
   -- a bucket's last units go one check at a time.
   local room = math.floor(math.max(now + t * max - starts[i], 0) / t)
-  units = math.min(units, room - (want - cost))
+  units[i] = math.min(w, room - (w - cost))
+  if units[i] < cost then granted = false end
 end
-local cost = param(1, 3)
 local out = {}
-if units >= cost then
-  out = {3, now, units}
+if granted then
+  out = {3, now}
   local last = now
   for i = 1, k do
     local t, max = param(i, 1), param(i, 2)
-    local nxt = starts[i] + units * t
+    local nxt = starts[i] + units[i] * t
     gcra_store(KEYS[i], nxt, now)
     last = math.max(last, nxt)
     table.insert(out, starts[i])
     table.insert(out, tats[i])
     table.insert(out, gcra_capacity(nxt, now, t, max))
+    table.insert(out, units[i])
   end
   -- The mark lives as long as the batch's slots (and its hold).
   redis.call('SET', mark, '1', 'PX', string.format('%d', math.ceil((math.max(last, now + hold) - now) / 1000) + 1000))

@@ -115,10 +115,9 @@ impl RedisStore {
 
     async fn take_async(self, owned: Owned) -> Result<Taken, BackendError> {
         let take = owned.take();
-        let check = Check::new(take.owner, take.known, take.charges);
+        let check = take.check();
         let tag = self.tags.fetch_add(1, Ordering::Relaxed).max(1);
-        let batch = (take.want > take.cost() && !take.hold.is_zero())
-            .then_some((take.want, take.hold, tag));
+        let batch = take.is_batch().then_some((take.want, take.hold, tag));
         self.backend().routed(&check, batch).await.0
     }
 
@@ -132,27 +131,29 @@ impl RedisStore {
     }
 }
 
-/// The grant in `batch.lua`'s answer `v` (`{3, now, units, start, before,
-/// remaining, ...}`, microseconds) to a take `tag` of `want` units held
-/// `hold`, in the store's nanoseconds.
+/// The grant in `batch.lua`'s answer `v` (`{3, now, then per bucket:
+/// start, before, remaining, units}`, microseconds) to a take `tag` of
+/// `want` requests' worth held `hold`, in the store's nanoseconds.
 pub(super) fn granted(check: &Check<'_>, batch: TakeArgs, v: &[i64]) -> Grant {
     let (want, hold, tag) = batch;
     let us = |x: i64| x.max(0).unsigned_abs().saturating_mul(1_000);
+    let count = |x: i64| u32::try_from(x.max(0)).unwrap_or(u32::MAX);
     let mut limits = [GrantedLimit::default(); MAX_LIMITS];
     for (i, c) in check.charges.iter().enumerate().take(MAX_LIMITS) {
         let t = interval_us(&c.limit).saturating_mul(1_000);
+        let at = 2 + 4 * i;
         limits[i] = GrantedLimit {
-            start: us(v[3 + 3 * i]),
+            start: us(v[at]),
             interval: t,
             cap: t.saturating_mul(u64::from(c.limit.max())),
-            before: us(v[4 + 3 * i]),
-            remaining: u32::try_from(v[5 + 3 * i].max(0)).unwrap_or(u32::MAX),
+            before: us(v[at + 1]),
+            remaining: count(v[at + 2]),
+            units: count(v[at + 3]).min(want.saturating_mul(c.cost.max(1))),
         };
     }
-    let units = u32::try_from(v[2].max(0)).unwrap_or(0).min(want);
     let hold = u64::try_from(hold.as_nanos()).unwrap_or(u64::MAX);
     let n = check.charges.len().min(MAX_LIMITS);
-    let mut grant = Grant::new(us(v[1]), hold, units, &limits[..n]);
+    let mut grant = Grant::new(us(v[1]), hold, &limits[..n]);
     grant.tag = tag;
     grant
 }
@@ -167,9 +168,8 @@ struct Owned {
 
 impl Owned {
     fn new(take: &Take<'_>) -> Self {
-        let check = Check::new(take.owner, take.known, take.charges);
         Owned {
-            charges: Charges::new(&check),
+            charges: Charges::new(&take.check()),
             want: take.want,
             hold: take.hold,
         }
@@ -181,6 +181,8 @@ impl Owned {
             owner: check.owner,
             known: check.known,
             charges: check.charges,
+            tokens: check.tokens,
+            split: check.split,
             want: self.want,
             hold: self.hold,
         }
@@ -197,12 +199,8 @@ impl BatchStore for RedisStore {
     }
 
     fn give_back(&self, back: &GiveBack<'_>) {
-        if back.unused == 0 {
-            return;
-        }
         let inner = &self.inner;
         let g = back.grant;
-        let used = g.units.saturating_sub(back.unused);
         if back.charges.is_empty() {
             return;
         }
@@ -215,8 +213,9 @@ impl BatchStore for RedisStore {
         let mut args = Vec::with_capacity(2 + 2 * keys.len());
         args.push("back".to_owned());
         args.push(inner.script_now());
-        for l in g.limits() {
-            args.extend([l.end(g.units) / 1_000, l.end(used) / 1_000].map(|n| n.to_string()));
+        for (i, l) in g.limits().iter().enumerate() {
+            let used = l.units - back.unused(i);
+            args.extend([l.end(l.units) / 1_000, l.end(used) / 1_000].map(|n| n.to_string()));
         }
         let inner = Arc::clone(inner);
         let pending = Arc::clone(&self.pending);

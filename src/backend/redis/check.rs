@@ -140,7 +140,7 @@ impl RedisBackend {
             Some(take) => inner.eval_take(check, take).await,
         };
         match answer {
-            Ok(v) if batch.is_some() && v.first() == Some(&3) && v.len() == 3 + 3 * k => {
+            Ok(v) if batch.is_some() && v.first() == Some(&3) && v.len() == 2 + 4 * k => {
                 inner.succeeded();
                 let take = batch.unwrap_or_default();
                 (
