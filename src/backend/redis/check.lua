@@ -32,7 +32,8 @@ if ARGV[1] == 'peek' then
     return {0, math.max(1, ke - at)}
   end
   local tat = gcra_tat(KEYS[1], now)
-  local room = gcra_capacity(tat, now, t, max)
+  -- What the top could take, and the slots batches gave back below it.
+  local room = math.min(max, gcra_capacity(tat, now, t, max) + holes_room(KEYS[1], now, t, max))
   if room > 0 then return {1, room} end
   return {0, gcra_wait(tat, now, t, max, 1, 0)}
 end

@@ -75,6 +75,17 @@ local function holes_find(key, now, t, max, n)
   return nil
 end
 
+-- Units the bucket's holes could take at `now` (slots that start no
+-- earlier than now and end within the window), for a peek.
+local function holes_room(key, now, t, max)
+  local n = 0
+  for _, h in ipairs(holes_get(key, now)) do
+    local a, e = math.max(h[1], now), math.min(h[2], now + t * max)
+    if e > a then n = n + math.floor((e - a) / t) end
+  end
+  return n
+end
+
 -- Stores the holes (none left: the key goes); it expires with the last.
 local function holes_store(key, holes, now)
   local parts, last = {}, 0
