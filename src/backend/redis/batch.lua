@@ -44,6 +44,12 @@ if ARGV[1] == 'back' then
         gcra_store(KEYS[i], used_end, now)
       end
       moved = moved + 1
+    elseif fin > now and (tat or now) < fin then
+      -- A refund moved the top below the batch's end: its unused units
+      -- still ahead come off the top (a full bucket at most), never a
+      -- hole above the top (free twice).
+      gcra_lower(KEYS[i], tat or now, fin - math.max(used_end, now), now)
+      moved = moved + 1
     elseif fin > now then
       -- Other units lie above: these slots become one of the bucket's
       -- holes.

@@ -38,14 +38,18 @@ for i = 1, #KEYS do
     end
     out[i] = math.max(0, max - n)
   else
-    local nxt = math.max(gcra_tat(KEYS[i], now), now) + units * t
-    if nxt <= now then
-      redis.call('DEL', KEYS[i])
-      out[i] = max
-    else
+    local tat = math.max(gcra_tat(KEYS[i], now), now)
+    local nxt
+    if units < 0 then
+      -- A refund: counted slots only (the holes it reaches are free).
+      nxt = gcra_lower(KEYS[i], tat, -units * t, now)
+    elseif units > 0 then
+      nxt = tat + units * t
       gcra_store(KEYS[i], nxt, now)
-      out[i] = gcra_capacity(nxt, now, t, max)
+    else
+      nxt = tat
     end
+    out[i] = gcra_capacity(nxt, now, t, max)
   end
 end
 return out
