@@ -255,3 +255,76 @@ async fn a_give_back_after_a_full_refund_never_overfills_the_bucket() {
     }
     full_refund_and_give_back(true).await;
 }
+
+/// Random traffic of token estimates over three instances, with each
+/// admitted request settled at once now and then (a refund of part or all
+/// of its estimate), and batches given back mid-run (holes below
+/// other units): the tokens admitted never pass the burst, the refill
+/// since the start and every refund.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_estimates_never_over_admit() {
+    use tierlimit::backend::Adjustment;
+    crate::secret();
+    if !ready() {
+        return;
+    }
+    let server = RedisServer::start();
+    let url = server.url();
+    let mut fleet = Fleet::new(|| RedisBackend::builder(url.clone()), 3, Some(batches())).await;
+    for seed in [0x5eed_0001_u64, 0x5eed_0002, 0x5eed_0003] {
+        let owner = KeyId::of(&format!("attack-settle-{seed}")).as_u64();
+        let tokens = lim(2_000, 10);
+        let charges = [charge(owner, 0, lim(1_000, 10)), charge(owner, 1, tokens)];
+        let (mut rng, start) = (Rng(seed), fleet.elapsed);
+        let (mut admitted, mut refunds) = (0_u64, 0_u64);
+        for _ in 0..100 {
+            let us = match rng.below(12) {
+                0 => rng.below(3_000_000),
+                1 => 0,
+                _ => rng.below(100_000),
+            };
+            fleet.advance(Duration::from_micros(us));
+            let mut tasks = Vec::new();
+            for _ in 0..rng.below(30) + 1 {
+                let b = fleet.instances[rng.below(3) as usize].clone();
+                let est = 1 + rng.below(80) as u32;
+                let mine = [charges[0], Charge { cost: est, ..charges[1] }];
+                tasks.push(tokio::spawn(async move {
+                    let check = Check {
+                        tokens: 1,
+                        ..Check::new(owner, true, &mine)
+                    };
+                    b.check(&check).await.unwrap().allowed.then_some(est)
+                }));
+            }
+            for t in tasks {
+                let Some(est) = t.await.unwrap() else { continue };
+                admitted += u64::from(est);
+                if rng.below(3) > 0 {
+                    continue;
+                }
+                let units = -(rng.below(u64::from(est) + 1) as i64);
+                refunds += units.min(0).unsigned_abs();
+                let adj = Adjustment {
+                    bucket: charges[1].bucket,
+                    limit: tokens,
+                    units,
+                    period: PeriodBounds::ROLLING,
+                };
+                let b = &fleet.instances[rng.below(3) as usize];
+                b.settle(owner, &[adj]).await.unwrap();
+            }
+            if rng.below(8) == 0 {
+                fleet.instances[rng.below(3) as usize].return_batches().await;
+            }
+        }
+        let refill = (fleet.elapsed - start) / 5_000_000;
+        let allowance = 2_000 + refill + refunds;
+        assert!(
+            admitted <= allowance,
+            "seed {seed:#x}: {admitted} tokens admitted against {allowance} \
+             (2,000 + {refill} refilled + {refunds} refunded)"
+        );
+        assert!(admitted > 2_000, "seed {seed:#x}: only {admitted}");
+    }
+}
