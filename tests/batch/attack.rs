@@ -166,7 +166,12 @@ async fn split_token_estimates_never_over_admit() {
     if !ready() {
         return;
     }
-    let limits = [lim(1_000, 10), lim(4_000, 10), lim(2_000, 10), lim(1_000, 10)];
+    let limits = [
+        lim(1_000, 10),
+        lim(4_000, 10),
+        lim(2_000, 10),
+        lim(1_000, 10),
+    ];
     let split = TokenSplit {
         input: 1,
         output: 1,
@@ -212,12 +217,22 @@ async fn full_refund_and_give_back(refund_first: bool) {
     let limit = Limit::per_hour(3_600);
     let c = charge(owner, 0, limit);
     for _ in 0..40 {
-        assert!(a.check(&Check::new(owner, true, &[c])).await.unwrap().allowed);
+        assert!(
+            a.check(&Check::new(owner, true, &[c]))
+                .await
+                .unwrap()
+                .allowed
+        );
     }
     let held = a.batched_units();
     assert!(held > 0, "a batch is held");
     // A normal check on top of a's batch: its give-back is a hole.
-    assert!(b.check(&Check::new(owner, true, &[c])).await.unwrap().allowed);
+    assert!(
+        b.check(&Check::new(owner, true, &[c]))
+            .await
+            .unwrap()
+            .allowed
+    );
     let refund = Adjustment {
         bucket: c.bucket,
         limit,
@@ -288,7 +303,13 @@ async fn settled_estimates_never_over_admit() {
             for _ in 0..rng.below(30) + 1 {
                 let b = fleet.instances[rng.below(3) as usize].clone();
                 let est = 1 + rng.below(80) as u32;
-                let mine = [charges[0], Charge { cost: est, ..charges[1] }];
+                let mine = [
+                    charges[0],
+                    Charge {
+                        cost: est,
+                        ..charges[1]
+                    },
+                ];
                 tasks.push(tokio::spawn(async move {
                     let check = Check {
                         tokens: 1,
@@ -298,7 +319,9 @@ async fn settled_estimates_never_over_admit() {
                 }));
             }
             for t in tasks {
-                let Some(est) = t.await.unwrap() else { continue };
+                let Some(est) = t.await.unwrap() else {
+                    continue;
+                };
                 admitted += u64::from(est);
                 if rng.below(3) > 0 {
                     continue;
@@ -315,7 +338,9 @@ async fn settled_estimates_never_over_admit() {
                 b.settle(owner, &[adj]).await.unwrap();
             }
             if rng.below(8) == 0 {
-                fleet.instances[rng.below(3) as usize].return_batches().await;
+                fleet.instances[rng.below(3) as usize]
+                    .return_batches()
+                    .await;
             }
         }
         let refill = (fleet.elapsed - start) / 5_000_000;

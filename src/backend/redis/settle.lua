@@ -1,6 +1,7 @@
 -- tierlimit's settlement: charges changed after the fact, in one call for one
 -- owner (every key shares its hash tag). Per key, `units` more (a debt) or,
--- when negative, fewer (a refund, at most up to a full bucket).
+-- when negative, fewer (a refund, at most up to a full bucket; it passes the
+-- holes it reaches, free already: gcra_lower).
 -- KEYS[i]: the buckets. ARGV[1]: now (us; empty: Redis TIME), then per key:
 -- interval (us; 0: a calendar limit), max, units; then per calendar limit,
 -- in order, the bounds it was charged with (see calendar.lua). A calendar
