@@ -353,3 +353,64 @@ async fn settled_estimates_never_over_admit() {
         assert!(admitted > 2_000, "seed {seed:#x}: only {admitted}");
     }
 }
+
+/// A batch given back below other units leaves a hole; a request that
+/// must leave a reserve never takes it (only the top, less its reserve),
+/// and a request without one then takes the reserve and the hole, exactly:
+/// over the instant, the burst less what was spent, never more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserve_never_takes_a_hole() {
+    crate::secret();
+    if !ready() {
+        return;
+    }
+    let server = RedisServer::start();
+    let clock = governor::clock::FakeRelativeClock::default();
+    let connect = || {
+        RedisBackend::builder(server.url())
+            .timeout(Duration::from_secs(2))
+            .fake_clock(clock.clone())
+            .batches(Batches::new())
+            .connect()
+    };
+    let (a, b) = (connect().await.unwrap(), connect().await.unwrap());
+    let owner = KeyId::of("attack-reserve").as_u64();
+    let c = charge(owner, 0, Limit::per_hour(3_600));
+    for _ in 0..40 {
+        assert!(
+            a.check(&Check::new(owner, true, &[c]))
+                .await
+                .unwrap()
+                .allowed
+        );
+    }
+    let held = a.batched_units() as u32;
+    assert!(held > 0, "a batch is held");
+    assert!(
+        b.check(&Check::new(owner, true, &[c]))
+            .await
+            .unwrap()
+            .allowed
+    );
+    a.return_batches().await;
+    let top = b.peek(owner, &c).await.unwrap().remaining;
+    let reserved = Charge { reserve: 10, ..c };
+    let mut with_reserve = 0;
+    while b
+        .check(&Check::new(owner, true, &[reserved]))
+        .await
+        .unwrap()
+        .allowed
+    {
+        with_reserve += 1;
+        assert!(with_reserve <= 4_000, "no end");
+    }
+    assert_eq!(with_reserve, top - 10, "the top less its reserve, no hole");
+    let rest = drain(&b, owner, &c, 4_000).await;
+    assert_eq!(
+        rest,
+        10 + held,
+        "the reserve and the {held} units of the hole"
+    );
+    assert_eq!(40 + 1 + with_reserve + rest, 3_600, "the burst, exactly");
+}
