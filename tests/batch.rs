@@ -3,6 +3,9 @@
 //! clock; the Redis backend with batches on, against real servers.
 
 #[cfg(all(feature = "redis", feature = "test-util"))]
+#[path = "batch/attack.rs"]
+mod attack;
+#[cfg(all(feature = "redis", feature = "test-util"))]
 #[path = "batch/faults.rs"]
 mod faults;
 #[path = "batch/memory.rs"]

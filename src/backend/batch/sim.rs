@@ -33,12 +33,16 @@ pub struct Stats {
     pub skipped: u64,
 }
 
+/// A give-back on its way: when it arrives, the owner, the charges, the
+/// batch and the units of each limit spent.
+type Pending = (u64, u64, Vec<Charge>, Grant, Vec<u32>);
+
 #[derive(Default)]
 struct State {
     now: u64,
     latency: u64,
     tats: HashMap<u64, u64>,
-    pending: Vec<(u64, u64, Vec<Charge>, Grant, Vec<u32>)>,
+    pending: Vec<Pending>,
     stats: Stats,
 }
 

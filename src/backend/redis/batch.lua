@@ -21,7 +21,9 @@
 --   units end (us). Nothing changes unless the batch's mark is there (it
 --   goes with the buckets on FLUSHALL or a restart, and the give-back
 --   removes it: a give-back acts once). A bucket whose TAT is still the
---   batch's end goes back to where the used units end; below other
+--   batch's end goes back to where the used units end; one a refund
+--   moved below the batch's end goes down by the unused units still
+--   ahead (gcra_lower); below other
 --   units, the unused slots become one of the bucket's holes (gcra.lua),
 --   which refused requests may take; slots already past are dropped.
 --   Returns the number of buckets moved.
@@ -43,6 +45,12 @@ if ARGV[1] == 'back' then
       else
         gcra_store(KEYS[i], used_end, now)
       end
+      moved = moved + 1
+    elseif fin > now and (tat or now) < fin then
+      -- A refund moved the top below the batch's end: its unused units
+      -- still ahead come off the top (a full bucket at most), never a
+      -- hole above the top (free twice).
+      gcra_lower(KEYS[i], tat or now, fin - math.max(used_end, now), now)
       moved = moved + 1
     elseif fin > now then
       -- Other units lie above: these slots become one of the bucket's

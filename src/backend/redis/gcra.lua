@@ -126,6 +126,37 @@ local function holes_take(key, holes, i, a, n, t, now)
   holes_store(key, holes, now)
 end
 
+-- Moves a bucket's top down by `d` (us) of counted slots (a refund, or
+-- a batch's unused units after a refund moved the top below it). A hole
+-- the top reaches is free already: the top passes it without counting it,
+-- and it goes (else it would be free twice, and a bucket refunded to full
+-- would hold more than its burst). Stores the TAT (at or below now: the
+-- key goes, the bucket is full) and returns it.
+local function gcra_lower(key, tat, d, now)
+  local holes = holes_get(key, now)
+  local pos, left, keep = tat, d, #holes
+  while keep >= 1 do
+    local h = holes[keep]
+    local gap = pos - math.min(h[2], pos)
+    if left < gap then break end
+    left = left - gap
+    pos = math.min(h[1], pos)
+    keep = keep - 1
+  end
+  if keep < #holes then
+    local kept = {}
+    for i = 1, keep do kept[i] = holes[i] end
+    holes_store(key, kept, now)
+  end
+  local nxt = pos - left
+  if nxt <= now then
+    redis.call('DEL', key)
+    return now
+  end
+  gcra_store(key, nxt, now)
+  return nxt
+end
+
 -- Counts `n` units of an admitted request in a bucket whose TAT is `tat`:
 -- in the slots `hole` names ({holes, index, start}: a refused bucket's
 -- hole that fits them), else from the top. Its capacity afterwards.

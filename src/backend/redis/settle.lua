@@ -1,6 +1,7 @@
 -- tierlimit's settlement: charges changed after the fact, in one call for one
 -- owner (every key shares its hash tag). Per key, `units` more (a debt) or,
--- when negative, fewer (a refund, at most up to a full bucket).
+-- when negative, fewer (a refund, at most up to a full bucket; it passes the
+-- holes it reaches, free already: gcra_lower).
 -- KEYS[i]: the buckets. ARGV[1]: now (us; empty: Redis TIME), then per key:
 -- interval (us; 0: a calendar limit), max, units; then per calendar limit,
 -- in order, the bounds it was charged with (see calendar.lua). A calendar
@@ -38,14 +39,18 @@ for i = 1, #KEYS do
     end
     out[i] = math.max(0, max - n)
   else
-    local nxt = math.max(gcra_tat(KEYS[i], now), now) + units * t
-    if nxt <= now then
-      redis.call('DEL', KEYS[i])
-      out[i] = max
-    else
+    local tat = math.max(gcra_tat(KEYS[i], now), now)
+    local nxt
+    if units < 0 then
+      -- A refund: counted slots only (the holes it reaches are free).
+      nxt = gcra_lower(KEYS[i], tat, -units * t, now)
+    elseif units > 0 then
+      nxt = tat + units * t
       gcra_store(KEYS[i], nxt, now)
-      out[i] = gcra_capacity(nxt, now, t, max)
+    else
+      nxt = tat
     end
+    out[i] = gcra_capacity(nxt, now, t, max)
   end
 end
 return out
