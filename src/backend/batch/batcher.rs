@@ -11,8 +11,9 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock, Reference};
 
 use super::entry::{Entry, Local, Retired, routable, signature};
-use super::{BatchStore, GiveBack, Take, Taken};
-use crate::backend::{Backend, BackendError, Charge, Check, Decision, TokenSplit};
+use super::ticket::{Step, Ticket};
+use super::{BatchStore, GiveBack, Taken};
+use crate::backend::{Backend, BackendError, Charge, Check, Decision};
 use crate::limit::MAX_LIMITS;
 
 const SHARDS: usize = 16;
@@ -180,98 +181,6 @@ impl Batcher<()> {
             max_share: 0.1,
             max_entries: 100_000,
         }
-    }
-}
-
-/// What [`Batcher::begin`] made of a check.
-// A ticket carries its charges by value (the take borrows them across the
-// store's await); boxing it would allocate once per store call.
-#[allow(clippy::large_enum_variant)]
-#[derive(Clone, Copy, Debug)]
-pub enum Step {
-    /// Spent from a local batch: the decision.
-    Done(Decision),
-    /// Ask the store ([`BatchStore::take`] of [`Ticket::take`]), then
-    /// [`Batcher::finish`].
-    Take(Ticket),
-    /// Not batchable (token charges, leases, calendar limits, charges of
-    /// different costs): check it with the backend, untouched.
-    Bypass,
-}
-
-/// A check on its way to the store: what to take, and what to do with the
-/// answer ([`Batcher::finish`]).
-#[derive(Clone, Copy, Debug)]
-pub struct Ticket {
-    owner: u64,
-    known: bool,
-    charges: [Charge; MAX_LIMITS],
-    len: u8,
-    tokens: u8,
-    split: TokenSplit,
-    want: u32,
-    hold: u64,
-    sent: u64,
-    cell: u64,
-    signature: u64,
-    batch: bool,
-    /// Whether this instance keeps an entry for the owner and cell (its
-    /// answer may then use units held here).
-    tracked: bool,
-}
-
-impl Ticket {
-    fn plain(check: &Check<'_>, now: u64) -> Self {
-        let len = check.charges.len().min(MAX_LIMITS);
-        let mut charges = [check.charges[0]; MAX_LIMITS];
-        charges[..len].copy_from_slice(&check.charges[..len]);
-        Ticket {
-            owner: check.owner,
-            known: check.known,
-            charges,
-            len: len as u8,
-            tokens: check.tokens,
-            split: check.split,
-            want: 1,
-            hold: 0,
-            sent: now,
-            cell: check.charges[0].bucket,
-            signature: 0,
-            batch: false,
-            tracked: false,
-        }
-    }
-
-    /// What to ask the store for.
-    pub fn take(&self) -> Take<'_> {
-        Take {
-            owner: self.owner,
-            known: self.known,
-            charges: self.charges(),
-            tokens: self.tokens,
-            split: self.split,
-            want: self.want,
-            hold: Duration::from_nanos(self.hold),
-        }
-    }
-
-    /// Whether this take asks for a batch (more than the request's cost);
-    /// else it is a normal check.
-    pub fn is_batch(&self) -> bool {
-        self.batch
-    }
-
-    /// Whether [`Batcher::finish`] has anything to do with this take's
-    /// answer: a batch, or a check of an owner this instance holds
-    /// batches for (refused, it may spend units held here). Otherwise the
-    /// take is a normal check in every way, and a store may answer it as
-    /// one, without the batcher.
-    pub fn needs_finish(&self) -> bool {
-        self.batch || self.tracked
-    }
-
-    fn charges(&self) -> &[Charge] {
-        &self.charges[..usize::from(self.len)]
     }
 }
 

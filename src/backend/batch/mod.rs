@@ -65,12 +65,12 @@
 //!
 //! - `hold` 100 ms: a batch is spent within 100 ms of its take or given
 //!   back. Longer holds batch more but skip up to `hold × rate` of refill
-//!   at every take and strand units longer; a take's hold is at most half
-//!   the shortest window of its limits. The hold must be well above the
+//!   at every take and strand units longer; a take's hold is at most
+//!   `max_share` of the shortest window of its limits. The hold must be well above the
 //!   round trip to the store: a batch is spendable only for the hold less
 //!   the round trip (`examples/batch_regions.rs` shows a hold below it).
 //! - `max_share` 10 %: one instance's batch never holds more than a tenth
-//!   of the smallest burst of a check, so ten instances can hold batches at
+//!   of any limit's burst, so ten instances can hold batches at
 //!   once and a client still sees most of its burst wherever it lands.
 //! - `max_entries` 100,000 local batches (owner × cell); past that, new
 //!   owners go to the store one check at a time.
@@ -88,11 +88,13 @@ mod entry;
 #[doc(hidden)]
 pub mod sim;
 pub(crate) mod step;
+mod ticket;
 
 use std::future::Future;
 use std::time::Duration;
 
-pub use self::batcher::{Batcher, BatcherBuilder, Step, Ticket};
+pub use self::batcher::{Batcher, BatcherBuilder};
+pub use self::ticket::{Step, Ticket};
 use super::{BackendError, Charge, Decision};
 use crate::limit::MAX_LIMITS;
 

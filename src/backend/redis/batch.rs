@@ -113,12 +113,18 @@ impl RedisStore {
         }
     }
 
-    async fn take_async(self, owned: Owned) -> Result<Taken, BackendError> {
-        let take = owned.take();
-        let check = take.check();
-        let tag = self.tags.fetch_add(1, Ordering::Relaxed).max(1);
-        let batch = take.is_batch().then_some((take.want, take.hold, tag));
-        self.backend().routed(&check, batch).await.0
+    /// A take of `charges` (a batch of `batch`'s units wanted and hold,
+    /// else a normal check), through the backend's route.
+    async fn take_async(
+        self,
+        charges: Charges,
+        batch: Option<(u32, Duration)>,
+    ) -> Result<Taken, BackendError> {
+        let batch = batch.map(|(want, hold)| {
+            let tag = self.tags.fetch_add(1, Ordering::Relaxed).max(1);
+            (want, hold, tag)
+        });
+        self.backend().routed(&charges.check(), batch).await.0
     }
 
     /// Waits (at most `within`) until every give-back sent has been
@@ -158,44 +164,14 @@ pub(super) fn granted(check: &Check<'_>, batch: TakeArgs, v: &[i64]) -> Grant {
     grant
 }
 
-/// A take, owned (to move into a future).
-#[derive(Clone, Copy)]
-struct Owned {
-    charges: Charges,
-    want: u32,
-    hold: Duration,
-}
-
-impl Owned {
-    fn new(take: &Take<'_>) -> Self {
-        Owned {
-            charges: Charges::new(&take.check()),
-            want: take.want,
-            hold: take.hold,
-        }
-    }
-
-    fn take(&self) -> Take<'_> {
-        let check = self.charges.check();
-        Take {
-            owner: check.owner,
-            known: check.known,
-            charges: check.charges,
-            tokens: check.tokens,
-            split: check.split,
-            want: self.want,
-            hold: self.hold,
-        }
-    }
-}
-
 impl BatchStore for RedisStore {
     type Future =
         std::pin::Pin<Box<dyn std::future::Future<Output = Result<Taken, BackendError>> + Send>>;
 
     fn take(&self, take: &Take<'_>) -> Self::Future {
-        let owned = Owned::new(take);
-        Box::pin(self.clone().take_async(owned))
+        let charges = Charges::new(&take.check());
+        let batch = take.is_batch().then_some((take.want, take.hold));
+        Box::pin(self.clone().take_async(charges, batch))
     }
 
     fn give_back(&self, back: &GiveBack<'_>) {
