@@ -16,7 +16,7 @@ use crate::limit::MAX_LIMITS;
 pub enum Step {
     /// Spent from a local batch: the decision.
     Done(Decision),
-    /// Ask the store ([`BatchStore::take`] of [`Ticket::take`]), then
+    /// Ask the store ([`BatchStore::take`](super::BatchStore::take) of [`Ticket::take`]), then
     /// [`Batcher::finish`](super::Batcher::finish).
     Take(Ticket),
     /// Not batchable (leases, calendar limits): check it with the
