@@ -161,29 +161,34 @@ impl ViewSlot {
         // Read the version first: a view loaded after it is at least as
         // new as the store that set it.
         let version = self.version.load(std::sync::atomic::Ordering::Acquire);
-        if VIEWS.try_with(|_| ()).is_err() {
-            // Thread teardown: no cache.
-            return f(&self.current.load_full());
-        }
-        VIEWS.with(|cache| match cache.try_borrow_mut() {
-            Ok(mut cache) => {
-                let i = match cache.iter().position(|e| e.0 == self.id) {
-                    Some(i) if cache[i].1 == version => i,
-                    Some(i) => {
-                        cache[i] = (self.id, version, self.current.load_full());
-                        i
-                    }
-                    None => {
-                        cache.truncate(CACHED_VIEWS - 1);
-                        cache.insert(0, (self.id, version, self.current.load_full()));
-                        0
-                    }
-                };
-                f(&cache[i].2)
+        let mut f = Some(f);
+        let cached = VIEWS.try_with(|cache| {
+            // A nested call on this thread finds the cache borrowed.
+            let mut cache = cache.try_borrow_mut().ok()?;
+            // The view this thread used last is first: one comparison.
+            match cache.first() {
+                Some(e) if e.0 == self.id && e.1 == version => {}
+                _ => self.refresh(&mut cache, version),
             }
-            // A nested call on this thread: read the slot directly.
-            Err(_) => f(&self.current.load_full()),
-        })
+            Some(f.take().map(|f| f(&cache[0].2)))
+        });
+        match (cached, f) {
+            (Ok(Some(Some(r))), _) => r,
+            // Thread teardown, or a nested call: read the slot directly.
+            (_, Some(f)) => f(&self.current.load_full()),
+            (_, None) => unreachable!("`f` ran, and returned"),
+        }
+    }
+
+    /// Puts this slot's view, loaded at `version`, first in a thread's cache.
+    #[cold]
+    #[inline(never)]
+    fn refresh(&self, cache: &mut ViewCache, version: u64) {
+        if let Some(i) = cache.iter().position(|e| e.0 == self.id) {
+            cache.remove(i);
+        }
+        cache.truncate(CACHED_VIEWS - 1);
+        cache.insert(0, (self.id, version, self.current.load_full()));
     }
 }
 

@@ -13,6 +13,7 @@
 mod alone;
 mod batch;
 mod calendar;
+mod flat;
 mod gcra;
 mod store;
 mod sweep;

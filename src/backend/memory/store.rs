@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::calendar::{self, Counter};
+use super::flat::Buckets;
 use super::gcra::{Gcra, Slot, capacity_at};
 use super::sweep::retain_full;
 use crate::backend::{Charge, Decision, Lease, LeaseState};
@@ -129,20 +130,18 @@ impl Hasher for IdentityHasher {
     }
 }
 
-pub(super) type Table = HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>;
-
 /// One shard: `bucket → TAT`, known callers and guests (unknown keys and
 /// anonymous callers) apart, so that guests can give way at the cap.
 #[derive(Default)]
 pub(super) struct ShardMaps {
-    pub(super) known: Table,
-    pub(super) guests: Table,
+    pub(super) known: Buckets,
+    pub(super) guests: Buckets,
     /// Calendar limits' counters, by bucket.
     pub(super) calendar: HashMap<u64, super::calendar::Counter, BuildHasherDefault<IdentityHasher>>,
     /// Leases held per concurrency bucket (a bucket is dropped when its
     /// last lease is released, so this holds no more than the requests in
     /// flight; it is not charged to the key budget).
-    pub(super) leases: Table,
+    pub(super) leases: Buckets,
 }
 
 impl ShardMaps {
@@ -157,7 +156,7 @@ impl ShardMaps {
         self.known.len() + self.guests.len() + self.calendar.len()
     }
 
-    pub(super) fn table(&mut self, known: bool) -> &mut Table {
+    pub(super) fn table(&mut self, known: bool) -> &mut Buckets {
         if known {
             &mut self.known
         } else {
@@ -194,7 +193,7 @@ impl ShardMaps {
     #[inline]
     pub(super) fn take_leases(&mut self, leases: &[Lease]) {
         for l in leases {
-            *self.leases.entry(l.bucket).or_insert(0) += 1;
+            *self.leases.or_insert(l.bucket, 0) += 1;
         }
     }
 }
@@ -387,7 +386,7 @@ impl Reading<'_> {
                 Slot::Evict => {
                     // At the hard bound: a guest of this shard gives way
                     // (counted when the slot was chosen, so one is there).
-                    if let Some(&victim) = maps.guests.keys().next() {
+                    if let Some(victim) = maps.guests.any_key() {
                         maps.guests.remove(&victim);
                     }
                     maps.known.insert(c.bucket, next);
