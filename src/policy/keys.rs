@@ -2,11 +2,9 @@
 //! key's [`KeyId`] and compared by its full text.
 //!
 //! Built once with the policy and never changed, so it is a plain open
-//! addressing table whose slots hold everything a lookup reads: the key's
-//! id, its text (when short, as most API keys are) and its entry. Finding
-//! a listed key reads one slot, usually one or two adjacent cache lines:
-//! with many keys listed, each further memory access a request makes is
-//! likely a cache miss.
+//! addressing index of small places (id, tier, where the rest is) beside
+//! the entries (the key's text, when short as most API keys are, and its
+//! account). See [`KeyTable`] for why the tier sits in the index.
 
 use std::fmt;
 
@@ -99,58 +97,69 @@ impl ListedKey {
     }
 }
 
-/// One slot: a key's id and what a request needs of its entry, in one
-/// cache line (the text of a key up to [`INLINE_KEY`] bytes included). A
-/// key's organisation is kept beside the slots (few keys have one): the
-/// slot says whether to look.
+/// A listed key's text and account, found through its [`Probe`].
 #[derive(Debug)]
-#[repr(C, align(64))]
 pub(super) struct Slot {
-    id: u64,
     account: u64,
-    tier: TierId,
-    has_account: bool,
-    has_org: bool,
     key: KeyText,
 }
 
 impl Slot {
-    fn new(id: u64, key: &str, entry: ListedKey) -> Self {
-        Slot {
-            id,
-            account: entry.account.map_or(0, KeyId::as_u64),
-            tier: entry.tier,
-            has_account: entry.account.is_some(),
-            has_org: entry.org.is_some(),
-            key: KeyText::new(key),
-        }
-    }
-
     /// The key's text.
     pub(super) fn key(&self) -> &str {
         self.key.as_str()
     }
 }
 
-/// The listed keys, by id (linear probing, at most half full: most
-/// lookups read one slot).
+/// One place in the index: a key's id, its tier, and where its entry is
+/// (16 bytes, four to a cache line).
+#[derive(Clone, Copy, Debug)]
+struct Probe {
+    id: u64,
+    /// `entries` index + 1 (0: a free place).
+    entry: u32,
+    tier: TierId,
+    has_account: bool,
+    has_org: bool,
+}
+
+/// The listed keys, by id: an index of small places (linear probing, at
+/// most half full: most lookups read one) that holds each key's tier, and
+/// the entries (text and account) beside it.
+///
+/// A lookup reads the index, then the entry to compare the key's full
+/// text. With many keys listed both are likely cache misses, but the
+/// second does not hold the request up: the tier came from the index, so
+/// the processor goes on (predicting that the text matches, as it almost
+/// always does) while the comparison's line arrives, and the backend's
+/// own miss overlaps it.
 #[derive(Debug, Default)]
 pub(crate) struct KeyTable {
-    slots: Box<[Option<Slot>]>,
-    /// Each slot's organisation, when any key has one (else empty).
-    orgs: Box<[u64]>,
+    index: Box<[Probe]>,
+    entries: Vec<Slot>,
+    /// Each entry's organisation, when any key has one (else empty).
+    orgs: Vec<u64>,
 }
 
 impl KeyTable {
     /// A table with room for `n` keys.
     pub(super) fn with_capacity(n: usize) -> Self {
-        let mut slots: Vec<Option<Slot>> = Vec::new();
-        if n > 0 {
-            slots.resize_with(2 * n + 1, || None);
-        }
+        let index = if n > 0 {
+            let free = Probe {
+                id: 0,
+                entry: 0,
+                tier: TierId(0),
+                has_account: false,
+                has_org: false,
+            };
+            vec![free; 2 * n + 1].into_boxed_slice()
+        } else {
+            Box::default()
+        };
         KeyTable {
-            slots: slots.into_boxed_slice(),
-            orgs: Box::default(),
+            index,
+            entries: Vec::with_capacity(n),
+            orgs: Vec::new(),
         }
     }
 
@@ -159,70 +168,91 @@ impl KeyTable {
     pub(super) fn insert(&mut self, key: &str, entry: ListedKey) -> bool {
         let id = KeyId::of(key).as_u64();
         let mut i = self.home(id);
-        while let Some(slot) = &self.slots[i] {
-            if slot.id == id && slot.key.is(key.as_bytes()) {
+        while self.index[i].entry != 0 {
+            let p = self.index[i];
+            if p.id == id && self.entries[p.entry as usize - 1].key.is(key.as_bytes()) {
                 return false;
             }
             i = self.next(i);
         }
-        self.slots[i] = Some(Slot::new(id, key, entry));
+        let Ok(at) = u32::try_from(self.entries.len() + 1) else {
+            return false;
+        };
+        self.entries.push(Slot {
+            account: entry.account.map_or(0, KeyId::as_u64),
+            key: KeyText::new(key),
+        });
+        self.index[i] = Probe {
+            id,
+            entry: at,
+            tier: entry.tier,
+            has_account: entry.account.is_some(),
+            has_org: entry.org.is_some(),
+        };
         if let Some(org) = entry.org {
-            if self.orgs.is_empty() {
-                self.orgs = vec![0; self.slots.len()].into_boxed_slice();
-            }
-            self.orgs[i] = org.as_u64();
+            self.orgs.resize(self.entries.len(), 0);
+            self.orgs[at as usize - 1] = org.as_u64();
         }
         true
     }
 
-    /// The entry of the key in slot `i`.
+    /// The entry of the key placed at `p`, whose slot is `slot`.
     #[inline]
-    fn entry(&self, i: usize, slot: &Slot) -> ListedKey {
+    fn entry(&self, p: &Probe, slot: &Slot) -> ListedKey {
         ListedKey {
-            tier: slot.tier,
-            account: slot.has_account.then(|| KeyId::from_raw(slot.account)),
-            org: match slot.has_org {
-                true => self.orgs.get(i).map(|o| KeyId::from_raw(*o)),
+            tier: p.tier,
+            account: p.has_account.then(|| KeyId::from_raw(slot.account)),
+            org: match p.has_org {
+                true => self
+                    .orgs
+                    .get(p.entry as usize - 1)
+                    .map(|o| KeyId::from_raw(*o)),
                 false => None,
             },
         }
     }
 
     /// Where a key of id `id` is looked for first (the id's high bits
-    /// scaled to the table: any size, no division).
+    /// scaled to the index: any size, no division).
     #[inline]
     fn home(&self, id: u64) -> usize {
-        ((u128::from(id) * self.slots.len() as u128) >> 64) as usize
+        ((u128::from(id) * self.index.len() as u128) >> 64) as usize
     }
 
     #[inline]
     fn next(&self, i: usize) -> usize {
-        if i + 1 == self.slots.len() { 0 } else { i + 1 }
+        if i + 1 == self.index.len() { 0 } else { i + 1 }
     }
 
     /// The entry of `key`, whose id is `id`, if it is listed.
     #[inline]
     pub(super) fn find(&self, id: u64, key: &[u8]) -> Option<ListedKey> {
-        if self.slots.is_empty() {
+        if self.index.is_empty() {
             return None;
         }
         let mut i = self.home(id);
-        // A free slot ends the run: the table always has one.
-        while let Some(slot) = &self.slots[i] {
-            if slot.id == id && slot.key.is(key) {
-                return Some(self.entry(i, slot));
+        // A free place ends the run: the index always has one.
+        loop {
+            let p = &self.index[i];
+            if p.entry == 0 {
+                return None;
+            }
+            if p.id == id
+                && let Some(slot) = self.entries.get(p.entry as usize - 1)
+                && slot.key.is(key)
+            {
+                return Some(self.entry(p, slot));
             }
             i = self.next(i);
         }
-        None
     }
 
     /// Every key listed, with its entry, in no particular order.
     pub(super) fn iter(&self) -> impl Iterator<Item = (&str, ListedKey)> + '_ {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.as_ref().map(|s| (s.key(), self.entry(i, s))))
+        self.index.iter().filter(|p| p.entry != 0).filter_map(|p| {
+            let slot = self.entries.get(p.entry as usize - 1)?;
+            Some((slot.key(), self.entry(p, slot)))
+        })
     }
 }
 
@@ -231,9 +261,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_slot_is_one_cache_line() {
-        assert_eq!(std::mem::size_of::<Option<Slot>>(), 64);
-        assert_eq!(std::mem::align_of::<Option<Slot>>(), 64);
+    fn four_places_fit_a_cache_line() {
+        assert_eq!(std::mem::size_of::<Probe>(), 16);
     }
 
     #[test]
