@@ -61,6 +61,38 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(api.read(black_box(req.headers())).unwrap().len()))
     });
 
+    // The same key as `Authorization: Bearer` (the second header the
+    // extractor looks for), and as `X-API-Key` among the headers a real
+    // client sends (the scan reads past them).
+    let mut bearer = Request::get("/v1/account").body(Body::empty()).unwrap();
+    bearer.headers_mut().insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {}", one[0]).parse().unwrap(),
+    );
+    group.bench_function("key extraction, Authorization: Bearer", |b| {
+        b.iter(|| black_box(api.read(black_box(bearer.headers())).unwrap().len()))
+    });
+    let mut busy = request(&one_hv);
+    for (name, value) in [
+        ("host", "api.example.com"),
+        ("user-agent", "curl/8.5.0"),
+        ("accept", "application/json"),
+        ("accept-encoding", "gzip, br"),
+        ("content-type", "application/json"),
+        ("x-request-id", "4bf92f3577b34da6a3ce929d0e0e4736"),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        ("connection", "keep-alive"),
+    ] {
+        busy.headers_mut()
+            .insert(name, HeaderValue::from_static(value));
+    }
+    group.bench_function("key extraction, X-API-Key among 9 headers", |b| {
+        b.iter(|| black_box(api.read(black_box(busy.headers())).unwrap().len()))
+    });
+
     // 3. Key hashing.
     let key = one[0].as_str();
     group.bench_function("key hashing (KeyId::of)", |b| {

@@ -45,6 +45,12 @@ use crate::time::{UnixClock, unix_time};
 use crate::view::{CellView, PolicyView, ViewSlot};
 
 /// What every clone of the service, the layer and its handles share.
+///
+/// Aligned to a cache line, so that in its `Arc` the reference counts
+/// (written by every clone of the service, and axum clones it per
+/// request) sit on a line of their own, apart from the fields every
+/// request reads: threads cloning it do not evict each other's reads.
+#[repr(align(64))]
 pub(crate) struct Shared<E, B> {
     pub(crate) extractor: E,
     /// Shared with the token meters of requests in flight (to settle).

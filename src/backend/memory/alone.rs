@@ -369,7 +369,7 @@ impl StateStore for SharedStore {
             // At the cap, a guest gives way to a known caller: one from this
             // shard if there is one, else the table grows past the cap, up
             // to twice it.
-            if let Some(victim) = maps.guests.any_key() {
+            if let Some(victim) = maps.guests.any_key(key) {
                 maps.guests.remove(&victim);
                 maps.known.insert(key, next.into());
                 return Ok(t);

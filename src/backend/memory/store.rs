@@ -386,7 +386,7 @@ impl Reading<'_> {
                 Slot::Evict => {
                     // At the hard bound: a guest of this shard gives way
                     // (counted when the slot was chosen, so one is there).
-                    if let Some(victim) = maps.guests.any_key() {
+                    if let Some(victim) = maps.guests.any_key(c.bucket) {
                         maps.guests.remove(&victim);
                     }
                     maps.known.insert(c.bucket, next);
