@@ -42,7 +42,7 @@ use crate::limit::MAX_LIMITS;
 ///
 /// State lives in governor rate limiters, one per distinct [`Limit`], keyed
 /// by its charge's bucket ([`Charge::bucket`](super::Charge::bucket), a 64-bit hash) in a sharded table: 16 bytes of
-/// entry per tracked key, about 36 bytes with the table's slack (measured
+/// entry per tracked key, about 34 bytes with the table's slack (measured
 /// by `tests/memory.rs`). Checks are synchronous; the returned future is
 /// ready at once, and nothing is allocated per request once a key is
 /// tracked.
@@ -78,7 +78,7 @@ use crate::limit::MAX_LIMITS;
 ///     [`min_sweep_interval`](MemoryBackendBuilder::min_sweep_interval))
 ///     make room again.
 ///
-/// Memory is bounded by twice `max_keys` entries at all times (about 72
+/// Memory is bounded by twice `max_keys` entries at all times (about 68
 /// bytes per key each, measured by `tests/memory.rs`).
 ///
 /// ```
