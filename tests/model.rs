@@ -177,7 +177,6 @@ proptest! {
 mod redis_script {
     use super::*;
     use common::redis::{RedisServer, available, init_secret};
-    use std::sync::OnceLock;
 
     /// A server, a fake clock and a backend on it, shared by every case
     /// of one test (each test has its own: they move their clocks).
@@ -203,21 +202,47 @@ mod redis_script {
         Some((server, clock, backend, rt))
     }
 
-    fn shared() -> Option<&'static Shared> {
-        static SHARED: OnceLock<Option<Shared>> = OnceLock::new();
-        SHARED.get_or_init(start).as_ref()
+    /// Runs `cases` cases of `strategy`, each given one server, fake clock
+    /// and backend started here for the test (its cases move the clock)
+    /// and stopped when the cases end, failed or not: no server outlives
+    /// its test process.
+    pub(super) fn run<S: Strategy>(
+        cases: u32,
+        strategy: S,
+        case: impl Fn(S::Value, &Shared) -> Result<(), TestCaseError>,
+    ) {
+        let Some(shared) = start() else {
+            return;
+        };
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+            cases,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        });
+        let result = runner.run(&strategy, |v| case(v, &shared));
+        let (server, _clock, backend, rt) = shared;
+        drop(backend);
+        drop(rt);
+        drop(server);
+        if let Err(e) = result {
+            panic!("{e}\n{runner}");
+        }
     }
 
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
-
-        #[test]
-        fn redis_script_matches_the_model(limit in limits(), steps in steps()) {
-            let Some((_server, clock, backend, rt)) = shared() else {
-                return Ok(());
-            };
-            rt.block_on(run_case(limit, &steps, |d| clock.advance(d), async |s, l| backend.check_one(&s, &l).await))?;
-        }
+    #[test]
+    fn redis_script_matches_the_model() {
+        run(
+            128,
+            (limits(), steps()),
+            |(limit, steps), (_, clock, backend, rt)| {
+                rt.block_on(run_case(
+                    limit,
+                    &steps,
+                    |d| clock.advance(d),
+                    async |s, l| backend.check_one(&s, &l).await,
+                ))
+            },
+        );
     }
 }
 
@@ -343,23 +368,18 @@ proptest! {
 #[cfg(all(feature = "redis", feature = "test-util"))]
 mod redis_multi_script {
     use super::*;
-    use std::sync::OnceLock;
 
-    fn shared() -> Option<&'static redis_script::Shared> {
-        static SHARED: OnceLock<Option<redis_script::Shared>> = OnceLock::new();
-        SHARED.get_or_init(redis_script::start).as_ref()
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
-
-        #[test]
-        fn redis_script_matches_the_model_under_two_limits(a in limits(), b in limits(), steps in multi_steps()) {
-            let Some((_server, clock, backend, rt)) = shared() else {
-                return Ok(());
-            };
-            rt.block_on(run_multi_case([a, b], &steps, |d| clock.advance(d), async |c| backend.check(&c).await))?;
-        }
+    #[test]
+    fn redis_script_matches_the_model_under_two_limits() {
+        let cases = (limits(), limits(), multi_steps());
+        redis_script::run(128, cases, |(a, b, steps), (_, clock, backend, rt)| {
+            rt.block_on(run_multi_case(
+                [a, b],
+                &steps,
+                |d| clock.advance(d),
+                async |c| backend.check(&c).await,
+            ))
+        });
     }
 }
 
@@ -530,22 +550,17 @@ proptest! {
 #[cfg(all(feature = "redis", feature = "test-util"))]
 mod redis_calendar_script {
     use super::*;
-    use std::sync::OnceLock;
 
-    fn shared() -> Option<&'static redis_script::Shared> {
-        static SHARED: OnceLock<Option<redis_script::Shared>> = OnceLock::new();
-        SHARED.get_or_init(redis_script::start).as_ref()
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
-
-        #[test]
-        fn redis_script_matches_the_calendar_model(limits in calendar_limits(), steps in calendar_steps()) {
-            let Some((_server, clock, backend, rt)) = shared() else {
-                return Ok(());
-            };
-            rt.block_on(run_calendar_case(limits, &steps, |d| clock.advance(d), async |c| backend.check(&c).await))?;
-        }
+    #[test]
+    fn redis_script_matches_the_calendar_model() {
+        let cases = (calendar_limits(), calendar_steps());
+        redis_script::run(128, cases, |(limits, steps), (_, clock, backend, rt)| {
+            rt.block_on(run_calendar_case(
+                limits,
+                &steps,
+                |d| clock.advance(d),
+                async |c| backend.check(&c).await,
+            ))
+        });
     }
 }

@@ -128,26 +128,17 @@ proptest! {
 #[cfg(all(feature = "redis", feature = "test-util"))]
 mod redis_script {
     use super::*;
-    use std::sync::OnceLock;
 
-    fn shared() -> Option<&'static super::super::redis_script::Shared> {
-        static SHARED: OnceLock<Option<super::super::redis_script::Shared>> = OnceLock::new();
-        SHARED
-            .get_or_init(super::super::redis_script::start)
-            .as_ref()
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
-
-        #[test]
-        fn redis_script_matches_three_owner_levels(
-            k in limits(), a in limits(), o in limits(), steps in steps()
-        ) {
-            let Some((_server, clock, backend, rt)) = shared() else {
-                return Ok(());
-            };
-            rt.block_on(run_case([k, a, o], &steps, |d| clock.advance(d), async |c| backend.check(&c).await))?;
-        }
+    #[test]
+    fn redis_script_matches_three_owner_levels() {
+        let cases = (limits(), limits(), limits(), steps());
+        super::super::redis_script::run(96, cases, |(k, a, o, steps), (_, clock, backend, rt)| {
+            rt.block_on(run_case(
+                [k, a, o],
+                &steps,
+                |d| clock.advance(d),
+                async |c| backend.check(&c).await,
+            ))
+        });
     }
 }
