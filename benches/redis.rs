@@ -28,7 +28,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tierlimit::backend::{Batches, Subject};
+use tierlimit::backend::Subject;
 use tierlimit::{Limit, RedisBackend, key::KeyId};
 
 const IN_FLIGHT: usize = 64;
@@ -156,14 +156,7 @@ fn bench(c: &mut Criterion) {
     assert!(failed <= 1, "script errors: {evalsha}");
     println!("redis-benchmark, same script, {IN_FLIGHT} clients: {rps} checks per second");
 
-    let batched = rt.block_on(async {
-        RedisBackend::builder(server.url())
-            .timeout(Duration::from_secs(2))
-            .batches(Batches::new())
-            .connect()
-            .await
-            .unwrap()
-    });
+    let batched = rt.block_on(fixture::batched_on_the_real_clock(&server));
     script_calls_of_a_hot_key(&rt, &server, &batched, &limit);
 
     let mut group = c.benchmark_group("redis checks, 64 in flight");

@@ -314,22 +314,6 @@ async fn units_in_hand_serve_while_redis_is_stopped_until_they_age() {
     server.resume();
 }
 
-/// A batched backend on `server` on the real clock, as the tests that
-/// count admissions exactly build it: with the 2 s timeout of
-/// [`batched`]'s, not the default 50 ms. A round trip past the timeout is
-/// answered by the failure policy (the fallback, with the whole limit,
-/// admits): on a loaded machine (the whole suite on two cores) a Redis
-/// call does take 50 ms now and then, and the test would count the
-/// failure policy's admissions, not the batches'.
-async fn on_the_real_clock(server: &RedisServer) -> RedisBackend {
-    RedisBackend::builder(server.url())
-        .timeout(Duration::from_secs(2))
-        .batches(Batches::new())
-        .connect()
-        .await
-        .unwrap()
-}
-
 /// Two tonic servers sharing limits through one Redis with batches on:
 /// 400 health checks at once from one key (free: 100 reads an hour) over
 /// both, exactly 100 answered, the others `RESOURCE_EXHAUSTED`.
@@ -344,7 +328,7 @@ async fn batched_redis_admits_exactly_the_limit_over_grpc() {
     let mut channels = Vec::new();
     let mut servers = Vec::new();
     for _ in 0..2 {
-        let backend = on_the_real_clock(&redis).await;
+        let backend = crate::common::redis::batched_on_the_real_clock(&redis).await;
         let layer = tierlimit::RateLimitLayer::builder(crate::common::spec_policy())
             .backend(backend)
             .build();

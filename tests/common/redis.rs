@@ -307,6 +307,22 @@ impl RedisCluster {
     }
 }
 
+/// A batched backend on `server` on the real clock, as code that counts
+/// admissions exactly builds it: with a 2 s timeout, not the default
+/// 50 ms. A round trip past the timeout is answered by the failure policy
+/// (the fallback, with the whole limit, admits): on a loaded machine (the
+/// whole suite on two cores) a Redis call does take 50 ms now and then,
+/// and a test would count the failure policy's admissions, not the
+/// batches'.
+pub async fn batched_on_the_real_clock(server: &RedisServer) -> tierlimit::RedisBackend {
+    tierlimit::RedisBackend::builder(server.url())
+        .timeout(Duration::from_secs(2))
+        .batches(tierlimit::backend::Batches::new())
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// A backend on `server` that reads `clock` instead of Redis's `TIME`.
 #[cfg(feature = "test-util")]
 pub async fn fake_clock_backend(
