@@ -170,10 +170,11 @@ impl ViewSlot {
                 Some(e) if e.0 == self.id && e.1 == version => {}
                 _ => self.refresh(&mut cache, version),
             }
-            Some(f.take().map(|f| f(&cache[0].2)))
+            let f = f.take()?;
+            Some(f(&cache[0].2))
         });
         match (cached, f) {
-            (Ok(Some(Some(r))), _) => r,
+            (Ok(Some(r)), _) => r,
             // Thread teardown, or a nested call: read the slot directly.
             (_, Some(f)) => f(&self.current.load_full()),
             (_, None) => unreachable!("`f` ran, and returned"),

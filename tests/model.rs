@@ -187,7 +187,7 @@ mod redis_script {
         tokio::runtime::Runtime,
     );
 
-    pub(super) fn start() -> Option<Shared> {
+    fn start() -> Option<Shared> {
         if !available() {
             return None;
         }

@@ -491,8 +491,8 @@ impl<T> Found<'_, T> {
     }
 
     /// `n` units, if every one of `lists`' limits could ever admit them:
-    /// else the 400 that says which burst it exceeds. (Plain loops over the
-    /// slices: a chain of iterators is a call per request here.)
+    /// else the 400 that says which burst it exceeds. (One slice at a time:
+    /// a chain of iterators is a call per request here.)
     #[inline(always)]
     #[allow(clippy::result_large_err)] // as `cost`
     fn fits<F, const N: usize>(
@@ -501,27 +501,19 @@ impl<T> Found<'_, T> {
         lists: [&[Limit]; N],
         unit: &'static str,
     ) -> Result<u32, Step<F>> {
-        let mut over = None;
         for list in lists {
-            for l in list {
-                if over.is_none() && n > l.max() {
-                    over = Some(*l);
-                }
-            }
-        }
-        match over {
-            None => Ok(n),
-            Some(l) => {
+            if let Some(l) = list.iter().find(|l| n > l.max()) {
                 let policy = &self.guard.policy;
-                Err(self.answer(Answer::CostTooHigh {
+                return Err(self.answer(Answer::CostTooHigh {
                     cost: n,
                     max: l.max(),
                     tier: policy.tier_name(self.tier),
                     category: policy.category_name(self.category),
                     unit,
-                }))
+                }));
             }
         }
+        Ok(n)
     }
 
     /// The request's token estimate (1 unless the extractor set one),

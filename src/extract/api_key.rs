@@ -9,7 +9,9 @@ use super::{Extractor, Identity, Rejection, RequestRef};
 use crate::key::{DEFAULT_MAX_KEY_LEN, KeyId, key_problem};
 use crate::policy::{ListedKey, Policy, TierId};
 
-static X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+/// The key header's name, as `HeaderName` keeps it (lowercase).
+const X_API_KEY_NAME: &str = "x-api-key";
+static X_API_KEY: http::HeaderName = http::HeaderName::from_static(X_API_KEY_NAME);
 
 type TierFn = dyn Fn(&str) -> Option<ListedKey> + Send + Sync;
 
@@ -199,7 +201,7 @@ fn one_key_by_scan(headers: &HeaderMap) -> Option<&http::HeaderValue> {
             return None;
         }
         // Compared as text of a known length: no call to `memcmp`.
-        if name.as_str() == "x-api-key" && found.replace(value).is_some() {
+        if name.as_str() == X_API_KEY_NAME && found.replace(value).is_some() {
             return None;
         }
     }

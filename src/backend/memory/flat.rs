@@ -129,12 +129,20 @@ impl Buckets {
         self.slots[i] = (key, value);
     }
 
-    /// `value` for `key`, inserting `default` first if it has none.
+    /// `value` for `key`, inserting `default` first if it has none (one
+    /// lookup when it has one).
     pub(super) fn or_insert(&mut self, key: u64, default: u64) -> &mut u64 {
-        if !self.contains_key(&key) {
-            self.insert(key, default);
+        if key == FREE {
+            return self.zero.get_or_insert(default);
         }
-        self.get_mut(&key).expect("inserted above")
+        let i = match self.find(key) {
+            Some(i) => i,
+            None => {
+                self.insert(key, default);
+                self.find(key).expect("inserted above")
+            }
+        };
+        &mut self.slots[i].1
     }
 
     /// Removes `key`; its value, if it had one.
@@ -194,8 +202,7 @@ impl Buckets {
         let mut i = (start + 1) & mask;
         while left > 0 {
             left -= 1;
-            let (key, ref mut value) = self.slots[i];
-            let mut v = *value;
+            let (key, mut v) = self.slots[i];
             if key != FREE && !keep(&key, &mut v) {
                 // The slot now holds the next entry of the run (if any):
                 // look at it again before moving on; it did not count.
