@@ -167,53 +167,63 @@ fn main() {
             times[i].push(run(&rt, router, keys, per_round));
         }
     }
-    let medians: Vec<f64> = times.into_iter().map(median).collect();
+    let medians: Vec<f64> = times.iter().cloned().map(median).collect();
     let bare = medians[0];
-    let added = |name: &str| {
-        rows.iter()
-            .position(|r| r.0 == name)
-            .map_or(f64::NAN, |i| medians[i] - bare)
-    };
+    let index = |name: &str| rows.iter().position(|r| r.0 == name);
+    let added = |name: &str| index(name).map_or(f64::NAN, |i| medians[i] - bare);
     println!(
         "\n{rounds} interleaved rounds of {per_round} requests per row; medians (ns per request)\n"
     );
     let floor = added("no-op layer holding an Arc");
     println!(
-        "| row | per request | added over bare | above the no-op floor | added / tower_governor's | above floor / tower_governor's |"
+        "| row | per request | added over bare | above the no-op floor | added / tower_governor's | above floor / tower_governor's | paired, per round |"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for (i, (name, _, _)) in rows.iter().enumerate() {
         let many = name.contains("100k");
-        let tg = match (name.ends_with("no headers"), many) {
-            (true, false) => added("tower_governor, 1 key, no headers"),
-            (true, true) => added("tower_governor, 100k keys, no headers"),
-            (false, true) => added("tower_governor, 100k keys"),
-            (false, false) => added("tower_governor, 1 key"),
+        let peer = match (name.ends_with("no headers"), many) {
+            (true, false) => "tower_governor, 1 key, no headers",
+            (true, true) => "tower_governor, 100k keys, no headers",
+            (false, true) => "tower_governor, 100k keys",
+            (false, false) => "tower_governor, 1 key",
         };
+        let tg = added(peer);
+        let a = medians[i] - bare;
         if i <= 1 {
-            let a = medians[i] - bare;
-            println!("| {name} | {:.0} | +{a:.0} | — | — | — |", medians[i]);
-        } else {
-            let a = medians[i] - bare;
-            println!(
-                "| {name} | {:.0} | +{a:.0} | +{:.0} | {:.2}× | {:.2}× |",
-                medians[i],
-                a - floor,
-                a / tg,
-                (a - floor) / (tg - floor)
-            );
+            println!("| {name} | {:.0} | +{a:.0} | — | — | — | — |", medians[i]);
+            continue;
         }
+        // Each round's own ratio above its own floor, then their median.
+        let paired = index(peer).map_or(f64::NAN, |p| {
+            median(
+                (0..times[i].len())
+                    .map(|r| (times[i][r] - times[1][r]) / (times[p][r] - times[1][r]))
+                    .collect(),
+            )
+        });
+        println!(
+            "| {name} | {:.0} | +{a:.0} | +{:.0} | {:.2}× | {:.2}× | {paired:.2}× |",
+            medians[i],
+            a - floor,
+            a / tg,
+            (a - floor) / (tg - floor)
+        );
     }
 
     // With `ONLY`, the multi-thread table only on `MT=1`.
     if std::env::var_os("ONLY").is_none() || std::env::var_os("MT").is_some() {
-        multi_thread(&one_hv, rounds.min(5), per_round);
+        let (rounds, requests) = if quick {
+            (1, 64)
+        } else {
+            (env("MT_ROUNDS", 9), env("MT_REQUESTS", 80_000))
+        };
+        multi_thread(&one_hv, rounds, requests);
     }
 }
 
 /// One hot key on a multi-thread runtime with both cores: 8 tasks each send
 /// their share of requests through clones of one router; requests/s.
-fn multi_thread(one: &[HeaderValue], rounds: usize, per_round: usize) {
+fn multi_thread(one: &[HeaderValue], rounds: usize, total: usize) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .build()
@@ -224,7 +234,6 @@ fn multi_thread(one: &[HeaderValue], rounds: usize, per_round: usize) {
         ("tierlimit, 1 hot key", tierlimit(&keys(1))),
     ];
     const TASKS: usize = 8;
-    let total = per_round * 4;
     let go = |router: &Router| -> f64 {
         let start = Instant::now();
         rt.block_on(async {

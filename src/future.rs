@@ -63,11 +63,9 @@ impl<F, S, Req, BF> ResponseFuture<F, S, Req, BF> {
         }
     }
 
-    pub(crate) fn ready(res: Response<Bytes>) -> Self {
+    pub(crate) fn ready(res: Box<Response<Bytes>>) -> Self {
         ResponseFuture {
-            state: State::Ready {
-                res: Some(Box::new(res)),
-            },
+            state: State::Ready { res: Some(res) },
             admitted: None,
             slot: None,
         }

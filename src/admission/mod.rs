@@ -79,8 +79,9 @@ pub(crate) enum Step<BF> {
     /// Allowed: call the inner service, then write its headers (with its
     /// meter and leases).
     Allow(Admitted),
-    /// Answered by the layer (a refusal or a rejection).
-    Answer(Response<Bytes>),
+    /// Answered by the layer (a refusal or a rejection), boxed as the
+    /// response future keeps it: every step moves small.
+    Answer(Box<Response<Bytes>>),
     /// The backend needs a round trip; resolve its answer with `Deferred`.
     Wait(BF, Box<Deferred>),
 }
@@ -232,7 +233,8 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
     ) -> Step<B::Future> {
         let view: &PolicyView = guard;
         let policy: &Policy = &view.policy;
-        let answer = |a: Answer<'_>| Step::Answer(a.into_response(is_grpc(req.headers())));
+        let answer =
+            |a: Answer<'_>| Step::Answer(Box::new(a.into_response(is_grpc(req.headers()))));
         // Identify: who, in which tier.
         let (identity, tier) = match self.identify(&RequestRef::new(req), policy) {
             Ok(found) => found,
@@ -433,7 +435,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 match outcome.resolve(result, || is_grpc(req.headers())) {
                     Resolved::Pass => Step::Pass,
                     Resolved::Allow(admitted) => Step::Allow(admitted),
-                    Resolved::Answer(res) => Step::Answer(res),
+                    Resolved::Answer(res) => Step::Answer(Box::new(res)),
                 }
             }
             Poll::Pending => Step::Wait(
@@ -468,7 +470,7 @@ struct Found<'a, T> {
 
 impl<T> Found<'_, T> {
     fn answer<F>(&self, a: Answer<'_>) -> Step<F> {
-        Step::Answer(a.into_response(is_grpc(self.req.headers())))
+        Step::Answer(Box::new(a.into_response(is_grpc(self.req.headers()))))
     }
 
     /// The request's cost: the route's cost is a floor, an extractor's

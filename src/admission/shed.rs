@@ -38,7 +38,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                     category: "",
                     cell: None,
                 };
-                Step::Answer(shed.into_response(is_grpc(req.headers())))
+                Step::Answer(Box::new(shed.into_response(is_grpc(req.headers()))))
             }
         }
     }

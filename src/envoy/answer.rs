@@ -70,20 +70,17 @@ pub(super) enum Verdict {
 impl Verdict {
     /// The layer's answer, read back: a refusal carries its decision and
     /// its cell, which make its header plan again.
-    pub(super) fn answered(response: Response<Bytes>) -> Self {
+    pub(super) fn answered(response: Box<Response<Bytes>>) -> Self {
         let ext = response.extensions();
         match (ext.get::<Decision>(), ext.get::<CellRef>()) {
             (Some(d), Some(cell)) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
                 let options = HeaderOptions::default();
                 let plan = HeaderPlan::new(d, cell.clone(), options, Duration::ZERO, [None; 3]);
-                Verdict::Refused {
-                    response: Box::new(response),
-                    plan,
-                }
+                Verdict::Refused { response, plan }
             }
             _ => Verdict::Mistake(Mistake {
                 kind: problem_kind(response.body()),
-                response: Box::new(response),
+                response,
             }),
         }
     }

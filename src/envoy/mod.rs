@@ -280,7 +280,7 @@ fn resolved(r: Resolved) -> Verdict {
             }
             Verdict::Allowed(admitted.plan)
         }
-        Resolved::Answer(response) => Verdict::answered(response),
+        Resolved::Answer(response) => Verdict::answered(Box::new(response)),
     }
 }
 

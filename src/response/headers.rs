@@ -255,7 +255,9 @@ struct TokenHeaders {
     /// The burst; 0: no such limit (a limit's burst is at least 1).
     limit: u32,
     remaining: u32,
-    reset_at: u64,
+    /// Unix seconds (a `u32`, as `reset_in`: the plan rides in every
+    /// admitted request's future, and small moves are inline copies).
+    reset_at: u32,
 }
 
 impl TokenHeaders {
@@ -388,7 +390,7 @@ impl HeaderPlan {
             TokenHeaders {
                 limit: shown.limit,
                 remaining: shown.remaining,
-                reset_at: shown.reset,
+                reset_at: secs32(shown.reset),
             }
         })
     }
@@ -402,7 +404,7 @@ impl HeaderPlan {
             if t.limit > 0 {
                 headers.insert((*limit).clone(), int(u64::from(t.limit)));
                 headers.insert((*remaining).clone(), int(u64::from(t.remaining)));
-                headers.insert((*reset).clone(), reset_value(t.reset_at));
+                headers.insert((*reset).clone(), reset_value(u64::from(t.reset_at)));
             }
         }
     }

@@ -243,7 +243,7 @@ where
         })
     }
 
-    #[inline]
+    #[inline(always)]
     fn decide(
         e: &Entry<C>,
         probe: &Probe,
@@ -319,6 +319,7 @@ struct SharedStore(Arc<KeyStore>);
 impl StateStore for SharedStore {
     type Key = Probe;
 
+    #[inline(always)]
     fn measure_and_replace<T, F, E>(&self, probe: &Probe, f: F) -> Result<T, E>
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
