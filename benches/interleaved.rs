@@ -176,7 +176,7 @@ fn main() {
     );
     let floor = added("no-op layer holding an Arc");
     println!(
-        "| row | per request | added over bare | above the no-op floor | added / tower_governor's | above floor / tower_governor's | paired, per round |"
+        "| row | per request | added over bare | above the no-op floor | added / tower_governor's | above floor / tower_governor's | over tower_governor's, paired |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for (i, (name, _, _)) in rows.iter().enumerate() {
@@ -193,16 +193,16 @@ fn main() {
             println!("| {name} | {:.0} | +{a:.0} | — | — | — | — |", medians[i]);
             continue;
         }
-        // Each round's own ratio above its own floor, then their median.
+        // Each round's own difference with the peer, then their median.
         let paired = index(peer).map_or(f64::NAN, |p| {
             median(
                 (0..times[i].len())
-                    .map(|r| (times[i][r] - times[1][r]) / (times[p][r] - times[1][r]))
+                    .map(|r| times[i][r] - times[p][r])
                     .collect(),
             )
         });
         println!(
-            "| {name} | {:.0} | +{a:.0} | +{:.0} | {:.2}× | {:.2}× | {paired:.2}× |",
+            "| {name} | {:.0} | +{a:.0} | +{:.0} | {:.2}× | {:.2}× | {paired:+.0} |",
             medians[i],
             a - floor,
             a / tg,

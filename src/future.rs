@@ -107,29 +107,36 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Inner { fut } => {
-                    // The inner response leaves as it came (no re-boxing).
-                    let res = ready!(fut.poll(cx));
+                    if this.slot.is_none() && this.admitted.is_none() {
+                        // Nothing to do once it answers (a request passed
+                        // with no header to write): its poll is this one,
+                        // and its response is never moved here.
+                        return fut.poll(cx);
+                    }
+                    // The inner response leaves as it came (no re-boxing),
+                    // written in place: a response is moved once, out.
+                    let mut out = ready!(fut.poll(cx));
                     if let Some(slot) = this.slot.take() {
                         // The inner service answered: its latency is a
                         // sample, its place in the capacity free.
                         slot.finish();
                     }
-                    let mut res = res?;
-                    if let Some(admitted) = this.admitted.take() {
-                        admitted.plan.write(res.headers_mut());
-                        if let Some(meter) = admitted.meter {
-                            // The layer's hold ends here: the handler's and
-                            // the body's clones settle when they drop.
-                            meter.on_response(res.status(), res.extensions());
-                        }
-                        if let Some(mut lease) = admitted.lease {
-                            // Held until the body ends or is dropped (with
-                            // a usage feed: the request's usage record).
-                            lease.on_response(res.status());
-                            res = res.map(|body| body.hold(lease));
-                        }
+                    let (Ok(res), Some(admitted)) = (&mut out, this.admitted.take()) else {
+                        return Poll::Ready(out);
+                    };
+                    admitted.plan.write(res.headers_mut());
+                    if let Some(meter) = admitted.meter {
+                        // The layer's hold ends here: the handler's and
+                        // the body's clones settle when they drop.
+                        meter.on_response(res.status(), res.extensions());
                     }
-                    return Poll::Ready(Ok(res));
+                    if let Some(mut lease) = admitted.lease {
+                        // Held until the body ends or is dropped (with a
+                        // usage feed: the request's usage record).
+                        lease.on_response(res.status());
+                        return Poll::Ready(out.map(|res| res.map(|body| body.hold(lease))));
+                    }
+                    return Poll::Ready(out);
                 }
                 StateProj::Ready { res } => {
                     let res = res.take().expect("ResponseFuture polled after completion");
