@@ -121,7 +121,12 @@ where
                         // sample, its place in the capacity free.
                         slot.finish();
                     }
-                    let (Ok(res), Some(admitted)) = (&mut out, this.admitted.take()) else {
+                    // An error leaves as it came; what was admitted stays
+                    // held until the future is dropped.
+                    let Ok(res) = &mut out else {
+                        return Poll::Ready(out);
+                    };
+                    let Some(admitted) = this.admitted.take() else {
                         return Poll::Ready(out);
                     };
                     admitted.plan.write(res.headers_mut());

@@ -248,17 +248,16 @@ fn graphic(bytes: &[u8]) -> bool {
         let above = (x.wrapping_add(ONES) | x) & HIGH;
         below | above
     }
-    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([b'!'; 8]));
-    if bytes.len() < 8 {
-        return bytes.iter().all(|&b| b > b' ' && b < 0x7f);
-    }
-    let (chunks, _) = bytes.as_chunks::<8>();
-    let mut bad = 0;
-    for c in chunks {
-        bad |= outside(u64::from_le_bytes(*c));
-    }
     // The last eight bytes cover the tail (some of them twice).
-    bad |= outside(word(&bytes[bytes.len() - 8..]));
+    let Some(last) = bytes.last_chunk::<8>() else {
+        return bytes.iter().all(u8::is_ascii_graphic);
+    };
+    let (chunks, _) = bytes.as_chunks::<8>();
+    let bad = chunks
+        .iter()
+        .fold(outside(u64::from_le_bytes(*last)), |bad, c| {
+            bad | outside(u64::from_le_bytes(*c))
+        });
     bad == 0
 }
 
