@@ -28,6 +28,10 @@ mod support;
 
 use support::*;
 
+/// The rows every table keeps first: the bare router, the no-op layer
+/// (the floor) and the no-op layers writing two and four fields.
+const FLOORS: usize = 4;
+
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -78,6 +82,8 @@ fn main() {
     let mut rows: Vec<(&str, Router, &[HeaderValue])> = vec![
         ("bare router", bare(), &one_hv),
         ("no-op layer holding an Arc", noop_layer(), &one_hv),
+        ("no-op layer writing 2 fields", fields_layer(2), &one_hv),
+        ("no-op layer writing 4 fields", fields_layer(4), &one_hv),
         ("tower_governor, 1 key", tower_governor(), &one_hv),
         ("tower_governor, 100k keys", tower_governor(), &many_hv),
         ("tower-rate-tier, 1 key", tower_rate_tier(&one), &one_hv),
@@ -134,13 +140,13 @@ fn main() {
         ),
     ];
     // `ONLY=text`: the rows whose name holds it, beside the bare router
-    // and the floor (for a profiler, or a comparison of builds; the
+    // and the floors (for a profiler, or a comparison of builds; the
     // ratios need the peers' rows).
     if let Ok(only) = std::env::var("ONLY") {
         let mut i = 0;
         rows.retain(|r| {
             i += 1;
-            i <= 2 || r.0.contains(&only)
+            i <= FLOORS || r.0.contains(&only)
         });
     }
     for (name, router, keys) in &mut rows {
@@ -151,7 +157,7 @@ fn main() {
         assert_eq!(
             res.headers().contains_key("x-ratelimit-remaining"),
             !(*name == "bare router"
-                || name.starts_with("no-op")
+                || *name == "no-op layer holding an Arc"
                 || name.ends_with("no headers")
                 || name.ends_with("exempt route")),
             "{name}"
@@ -189,7 +195,7 @@ fn main() {
         };
         let tg = added(peer);
         let a = medians[i] - bare;
-        if i <= 1 {
+        if i < FLOORS {
             println!("| {name} | {:.0} | +{a:.0} | — | — | — | — |", medians[i]);
             continue;
         }
@@ -208,6 +214,37 @@ fn main() {
             a / tg,
             (a - floor) / (tg - floor)
         );
+    }
+
+    // At equal work: tierlimit's four fields less what two more fields
+    // cost any layer (the 4-field no-op layer over the 2-field one, paired
+    // by round), beside tower_governor's two.
+    let extra = match (
+        index("no-op layer writing 4 fields"),
+        index("no-op layer writing 2 fields"),
+    ) {
+        (Some(four), Some(two)) => median(
+            (0..times[four].len())
+                .map(|r| times[four][r] - times[two][r])
+                .collect(),
+        ),
+        _ => f64::NAN,
+    };
+    println!("\nTwo more fields cost any layer {extra:+.0} ns (paired). With that taken out:\n");
+    println!("| row | above the no-op floor, less two fields | / tower_governor's |");
+    println!("|---|---:|---:|");
+    for (name, peer) in [
+        ("tierlimit, 1 key", "tower_governor, 1 key"),
+        ("tierlimit, 100k keys", "tower_governor, 100k keys"),
+        ("tierlimit, 1 guest", "tower_governor, 1 key"),
+        ("tierlimit, 100k guests", "tower_governor, 100k keys"),
+    ] {
+        if index(name).is_none() {
+            continue;
+        }
+        let a = added(name) - floor - extra;
+        let tg = added(peer) - floor;
+        println!("| {name} | +{a:.0} | {:.2}× |", a / tg);
     }
 
     // With `ONLY`, the multi-thread table only on `MT=1`.

@@ -164,6 +164,19 @@ pub struct TokenState {
 }
 
 impl Decision {
+    /// An allowed request whose check was not to be described
+    /// ([`Check::describe`](crate::backend::Check::describe) `false`): its
+    /// limit and window, with `remaining` and `reset_after` left at zero
+    /// (nothing reads them).
+    #[inline]
+    pub fn allowed(limit: &Limit) -> Self {
+        Decision {
+            remaining: 0,
+            reset_after: Duration::ZERO,
+            ..Decision::allow(limit, limit.max())
+        }
+    }
+
     /// The decision for an allowed request that leaves `remaining` of
     /// `limit` (GCRA: the bucket is full again `(max - remaining) × per/max`
     /// later, to the emission interval's resolution).

@@ -148,49 +148,74 @@ where
                     this.slot.take();
                     return Poll::Ready(Ok(res.map(ResBody::from_answer)));
                 }
-                StateProj::Checking { checking } => {
-                    let c = checking
-                        .as_mut()
-                        .expect("ResponseFuture polled after completion");
-                    let result = ready!(Pin::new(&mut c.check).poll(cx));
-                    let Checking {
-                        mut inner,
-                        req,
-                        deferred,
-                        ..
-                    } = *checking.take().expect("checked above");
-                    let resolved = deferred.resolve(result);
-                    if let (Some(slot), Resolved::Pass | Resolved::Allow(_)) =
-                        (this.slot.as_mut(), &resolved)
-                    {
-                        // The inner call starts: its latency, not the
-                        // check's, is what the adaptive capacity follows.
-                        slot.restart();
-                    }
-                    match resolved {
-                        Resolved::Pass => {
-                            let fut = inner.call(req);
-                            this.state.set(State::Inner { fut });
-                        }
-                        Resolved::Allow(admitted) => {
-                            let mut req = req;
-                            if let Some(meter) = &admitted.meter {
-                                req.extensions_mut().insert(meter.clone());
-                            }
-                            *this.admitted = Some(admitted);
-                            let fut = inner.call(req);
-                            this.state.set(State::Inner { fut });
-                        }
-                        Resolved::Answer(res) => {
-                            // Refused: its place in the capacity goes back.
-                            this.slot.take();
-                            this.state.set(State::Ready {
-                                res: Some(Box::new(res)),
-                            })
-                        }
-                    }
+                StateProj::Checking { .. } => {
+                    // Out of line: a deferred check's frame (the request,
+                    // the inner call) stays off the common path's stack.
+                    ready!(poll_checking(
+                        this.state.as_mut(),
+                        this.admitted,
+                        this.slot,
+                        cx
+                    ));
                 }
             }
         }
     }
+}
+
+/// Polls a deferred check; once it is resolved, sets the state that
+/// follows (the inner call, or the refusal) for the caller's next turn.
+#[inline(never)]
+fn poll_checking<F, S, ReqBody, BF, ResBody, E>(
+    mut state: Pin<&mut State<F, S, Request<ReqBody>, BF>>,
+    admitted: &mut Option<Admitted>,
+    slot: &mut Option<Slot>,
+    cx: &mut Context<'_>,
+) -> Poll<()>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>, Error = E, Future = F>,
+    BF: Future<Output = Result<Decision, BackendError>> + Unpin,
+{
+    let StateProj::Checking { checking } = state.as_mut().project() else {
+        return Poll::Ready(()); // the caller's state is another one
+    };
+    let c = checking
+        .as_mut()
+        .expect("ResponseFuture polled after completion");
+    let result = ready!(Pin::new(&mut c.check).poll(cx));
+    let Checking {
+        mut inner,
+        req,
+        deferred,
+        ..
+    } = *checking.take().expect("checked above");
+    let resolved = deferred.resolve(result);
+    if let (Some(slot), Resolved::Pass | Resolved::Allow(_)) = (slot.as_mut(), &resolved) {
+        // The inner call starts: its latency, not the check's, is what
+        // the adaptive capacity follows.
+        slot.restart();
+    }
+    match resolved {
+        Resolved::Pass => {
+            let fut = inner.call(req);
+            state.set(State::Inner { fut });
+        }
+        Resolved::Allow(a) => {
+            let mut req = req;
+            if let Some(meter) = &a.meter {
+                req.extensions_mut().insert(meter.clone());
+            }
+            *admitted = Some(a);
+            let fut = inner.call(req);
+            state.set(State::Inner { fut });
+        }
+        Resolved::Answer(res) => {
+            // Refused: its place in the capacity goes back.
+            slot.take();
+            state.set(State::Ready {
+                res: Some(Box::new(res)),
+            })
+        }
+    }
+    Poll::Ready(())
 }

@@ -80,13 +80,29 @@ where
             }
             // A refusal gives its place in the capacity back at once.
             Step::Answer(res) => ResponseFuture::ready(res),
-            Step::Wait(check, deferred) => {
-                // The ready inner service goes with the request; this one
-                // keeps a fresh clone (tower's rule for deferred calls).
-                let clone = self.inner.clone();
-                let inner = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::checking(check, inner, req, deferred, slot)
-            }
+            Step::Wait(check, deferred) => self.wait(check, deferred, req, slot),
         }
+    }
+}
+
+impl<S, E, B> RateLimit<S, E, B> {
+    /// A check that needs a round trip (out of line: its frame, the
+    /// request moved into the future, stays off the common path's stack).
+    #[inline(never)]
+    fn wait<Req, BF>(
+        &mut self,
+        check: BF,
+        deferred: Box<crate::admission::Deferred>,
+        req: Req,
+        slot: Option<crate::overload::Slot>,
+    ) -> ResponseFuture<S::Future, S, Req, BF>
+    where
+        S: Service<Req> + Clone,
+    {
+        // The ready inner service goes with the request; this one keeps a
+        // fresh clone (tower's rule for deferred calls).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::checking(check, inner, req, deferred, slot)
     }
 }

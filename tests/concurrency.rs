@@ -560,6 +560,7 @@ mod redis {
             split: tierlimit::backend::TokenSplit::NONE,
             leases: std::slice::from_ref(lease),
             lease_id: id,
+            describe: true,
         }
     }
 

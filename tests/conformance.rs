@@ -276,3 +276,35 @@ async fn memory_backend_settles_input_and_output_tokens_apart() {
     let backend = MemoryBackend::builder().clock(clock.clone()).build();
     common::conformance::run_split_settle(&backend, |d| clock.advance(d)).await;
 }
+
+#[tokio::test]
+async fn memory_backend_answers_an_undescribed_check_without_describing_it() {
+    use tierlimit::backend::{Check, Decision};
+    let clock = FakeRelativeClock::default();
+    let backend = MemoryBackend::builder().clock(clock.clone()).build();
+    let limit = Limit::per_second(3);
+    let s = Subject::new(KeyId::of("quiet"), 7);
+    let charge = s.charge(limit);
+    let quiet = Check {
+        describe: false,
+        ..s.check(&charge)
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            backend.check_now(&quiet).unwrap(),
+            Decision::allowed(&limit)
+        );
+    }
+    // The fourth is refused, and the refusal is described in full.
+    let refused = backend.check_now(&quiet).unwrap();
+    assert!(!refused.allowed);
+    assert_eq!(refused.limit, 3);
+    assert!(refused.retry_after.is_some_and(|r| r > Duration::ZERO));
+    // One interval later exactly one more is allowed: nothing was lost.
+    clock.advance(Duration::from_millis(334));
+    assert!(backend.check_now(&quiet).unwrap().allowed);
+    assert!(!backend.check_now(&quiet).unwrap().allowed);
+    // A described check reports its bucket's state.
+    let loud = backend.check_one_now(&Subject::new(KeyId::of("loud"), 7), &limit);
+    assert_eq!(loud.unwrap().remaining, 2);
+}

@@ -246,9 +246,6 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             // A tier id from another policy: treat as an unknown key.
             return answer(Answer::Rejected(Rejection::UnknownKey));
         };
-        // Limits: the cell's, with custom limits and boosts applied (when a
-        // policy has any, and they touch this key).
-        let adjusted = self.adjusted(policy, cell, tier, category, &identity);
         let found = Found {
             guard,
             req,
@@ -259,12 +256,45 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             category,
             route_cost,
         };
-        let path = path(cell, adjusted.as_ref());
+        // Limits: the cell's, with custom limits and boosts applied (when a
+        // policy has any, and they touch this key), worked out in a frame
+        // of their own: the limits applied are a few kilobytes, which
+        // would otherwise deepen the stack of every request.
+        if policy.has_adjustments() {
+            return self.admit_adjusted(&found, slot);
+        }
+        self.admit_found(&found, None, slot)
+    }
+
+    /// [`admit_found`](Self::admit_found) under the custom limits and
+    /// boosts that touch the caller, if any.
+    #[inline(never)]
+    fn admit_adjusted<T>(
+        &self,
+        found: &Found<'_, T>,
+        slot: Option<&mut Option<Slot>>,
+    ) -> Step<B::Future> {
+        let policy = &found.guard.policy;
+        let (cell, identity) = (found.cell, &found.identity);
+        let adjusted = self.adjusted(policy, cell, found.tier, found.category, identity);
+        self.admit_found(found, adjusted.as_ref(), slot)
+    }
+
+    /// The request path from its limits on (`adjusted`: `None`, the
+    /// cell's own): (shed) → check → outcome.
+    #[inline(always)]
+    fn admit_found<T>(
+        &self,
+        found: &Found<'_, T>,
+        adjusted: Option<&Applied>,
+        slot: Option<&mut Option<Slot>>,
+    ) -> Step<B::Future> {
+        let path = path(found.cell, adjusted);
         // Shed: under an `[overload]` table, before anything is charged.
-        if let (Some(rules), Some(slot)) = (policy.overload_arc(), slot)
+        if let (Some(rules), Some(slot)) = (found.guard.policy.overload_arc(), slot)
             && (rules.sheds_unlimited() || matches!(path, Path::Check(_)))
         {
-            match self.shed(&found, rules, adjusted.as_ref()) {
+            match self.shed(found, rules, adjusted) {
                 Ok(s) => *slot = Some(s),
                 Err(step) => return step,
             }
@@ -272,9 +302,9 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         match path {
             Path::Pass => match &self.feed {
                 None => Step::Pass,
-                Some(feed) => self.unlimited(feed, &found),
+                Some(feed) => self.unlimited(feed, found),
             },
-            Path::Check(limits) => self.check(&found, limits),
+            Path::Check(limits) => self.check(found, limits),
         }
     }
 
@@ -307,7 +337,10 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             if let Some(feed) = &self.feed {
                 resolving.carried.usage = Some(self.usage(feed, f, cost));
             }
-            let check = Check::new(owner, f.identity.is_known(), std::slice::from_ref(&charge));
+            let check = Check {
+                describe: self.describes(),
+                ..Check::new(owner, f.identity.is_known(), std::slice::from_ref(&charge))
+            };
             return self.resolve_now(f.guard, f.req, self.backend.check(&check), resolving);
         }
         self.check_set(f, applied, cost, estimate, pct)
@@ -362,6 +395,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             split: set.split,
             leases: set.leases(),
             lease_id,
+            describe: f.cell.metered || set.nleases > 0 || self.describes(),
         });
         self.resolve_now(f.guard, f.req, check, resolving)
     }
@@ -406,6 +440,14 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 requests: cost,
             },
         )
+    }
+
+    /// Whether an allowed request's decision is read beyond its verdict:
+    /// headers to write or describe, or a usage record to keep. (A meter
+    /// or leases need it too; a check without them asks this alone.)
+    #[inline]
+    fn describes(&self) -> bool {
+        self.headers.need_plan() || self.feed.is_some()
     }
 
     /// Settles a check at once when the backend answered at once, else

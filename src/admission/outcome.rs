@@ -178,22 +178,29 @@ impl<'a> Outcome<'a> {
                 }
                 self.refused(d, meter.as_ref(), grpc())
             }
-            Err(BackendError::CostExceedsLimit { cost, max }) => {
-                let names = self.names();
-                let answer = Answer::CostTooHigh {
-                    cost,
-                    max,
-                    tier: names.0,
-                    category: names.1,
-                    unit: "requests",
-                };
-                Resolved::Answer(answer.into_response(grpc()))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "rate-limit backend failed; answering 503");
-                Resolved::Answer(Answer::Unavailable.into_response(grpc()))
-            }
+            Err(e) => self.failed(e, grpc()),
         }
+    }
+
+    /// A check that failed: a cost no limit could admit (400), or the
+    /// backend unavailable (503). Out of line, as every rare outcome: its
+    /// frame stays off the stack of the requests that pass.
+    #[cold]
+    #[inline(never)]
+    fn failed(&self, e: BackendError, grpc: bool) -> Resolved {
+        if let BackendError::CostExceedsLimit { cost, max } = e {
+            let names = self.names();
+            let answer = Answer::CostTooHigh {
+                cost,
+                max,
+                tier: names.0,
+                category: names.1,
+                unit: "requests",
+            };
+            return Resolved::Answer(answer.into_response(grpc));
+        }
+        tracing::warn!(error = %e, "rate-limit backend failed; answering 503");
+        Resolved::Answer(Answer::Unavailable.into_response(grpc))
     }
 
     /// The request's leases, if it holds any: leases are held only by an
@@ -287,6 +294,8 @@ impl<'a> Outcome<'a> {
     }
 
     /// A refusal in shadow mode: counted, logged, and let through.
+    #[cold]
+    #[inline(never)]
     fn shadowed(
         &self,
         mut d: Decision,
@@ -310,6 +319,7 @@ impl<'a> Outcome<'a> {
     }
 
     /// A refusal: 429 or `RESOURCE_EXHAUSTED`.
+    #[inline(never)]
     fn refused(&self, d: Decision, meter: Option<&TokenMeter>, grpc: bool) -> Resolved {
         let (tier, category) = self.names();
         let key = self.carried.key;

@@ -242,6 +242,13 @@ pub struct Check<'a> {
     /// Names this request's leases (unique in the process; the layer
     /// numbers them), for [`Backend::release`].
     pub lease_id: u64,
+    /// Whether the caller reads more of an allowed request's decision than
+    /// that it is allowed: its remaining and reset, for headers. When
+    /// `false` (a layer writing no header, with nothing to meter or
+    /// record), a backend may answer an allowed request with
+    /// [`Decision::allowed`], sparing the arithmetic; a refusal is always
+    /// described in full. A backend may ignore it.
+    pub describe: bool,
 }
 
 impl<'a> Check<'a> {
@@ -255,6 +262,7 @@ impl<'a> Check<'a> {
             split: TokenSplit::NONE,
             leases: &[],
             lease_id: 0,
+            describe: true,
         }
     }
 

@@ -156,8 +156,15 @@ where
 {
     /// A check of one charge and nothing else: governor's keyed limiter of
     /// the charge's limit (the fast branch; see [`check_now`](Self::check_now)).
+    /// Undescribed (`describe` false), an allowed request's decision skips
+    /// the remaining capacity's division.
     #[inline]
-    pub(super) fn check_one(&self, charge: &Charge, known: bool) -> Result<Decision, BackendError> {
+    pub(super) fn check_one(
+        &self,
+        charge: &Charge,
+        known: bool,
+        describe: bool,
+    ) -> Result<Decision, BackendError> {
         let inner = &*self.inner;
         let limit = &charge.limit;
         let n = NonZeroU32::new(charge.cost).unwrap_or(NonZeroU32::MIN);
@@ -184,8 +191,8 @@ where
             probe.cost_nanos = limit.emission_interval_nanos() * u64::from(n.get());
         }
         match inner.limiters.get(limit) {
-            Some(e) => Self::decide(e, &probe, n, limit),
-            None => Self::decide(&self.add_limiter(limit), &probe, n, limit),
+            Some(e) => Self::decide(e, &probe, n, limit, describe),
+            None => Self::decide(&self.add_limiter(limit), &probe, n, limit, describe),
         }
     }
 
@@ -249,6 +256,7 @@ where
         probe: &Probe,
         n: NonZeroU32,
         limit: &Limit,
+        describe: bool,
     ) -> Result<Decision, BackendError> {
         // A single cell takes governor's faster path.
         let outcome = if n == NonZeroU32::MIN {
@@ -257,6 +265,7 @@ where
             e.limiter.check_key_n(probe, n)
         };
         match outcome {
+            Ok(Ok(_)) if !describe => Ok(Decision::allowed(limit)),
             Ok(Ok(snapshot)) => Ok(Decision::allow(limit, snapshot.remaining_burst_capacity())),
             Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(e.limiter.clock().now());

@@ -271,7 +271,7 @@ where
     #[inline]
     pub fn check_now(&self, check: &Check<'_>) -> Result<Decision, BackendError> {
         if let Some(charge) = check.alone() {
-            return self.check_one(charge, check.known);
+            return self.check_one(charge, check.known, check.describe);
         }
         self.check_together(check)
     }

@@ -31,6 +31,7 @@ pub(super) struct Charges {
     pub(super) leases: [Lease; MAX_LEASES],
     pub(super) nleases: usize,
     pub(super) lease_id: u64,
+    describe: bool,
 }
 
 impl Charges {
@@ -51,6 +52,7 @@ impl Charges {
             leases,
             nleases,
             lease_id: check.lease_id,
+            describe: check.describe,
         }
     }
 
@@ -63,6 +65,7 @@ impl Charges {
             charges: &self.items[..self.len],
             leases: &self.leases[..self.nleases],
             lease_id: self.lease_id,
+            describe: self.describe,
         }
     }
 }

@@ -45,6 +45,7 @@ pub async fn run_settle<B: Backend>(backend: &B, mut advance: impl FnMut(Duratio
                 split: tierlimit::backend::TokenSplit::NONE,
                 leases: &[],
                 lease_id: 0,
+                describe: true,
             })
             .await
             .unwrap()
@@ -153,6 +154,7 @@ pub async fn run_split_settle<B: Backend>(backend: &B, mut advance: impl FnMut(D
                 },
                 leases: &[],
                 lease_id: 0,
+                describe: true,
             })
             .await
             .unwrap()
