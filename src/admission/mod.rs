@@ -257,27 +257,11 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             route_cost,
         };
         // Limits: the cell's, with custom limits and boosts applied (when a
-        // policy has any, and they touch this key), worked out in a frame
-        // of their own: the limits applied are a few kilobytes, which
-        // would otherwise deepen the stack of every request.
-        if policy.has_adjustments() {
-            return self.admit_adjusted(&found, slot);
-        }
-        self.admit_found(&found, None, slot)
-    }
-
-    /// [`admit_found`](Self::admit_found) under the custom limits and
-    /// boosts that touch the caller, if any.
-    #[inline(never)]
-    fn admit_adjusted<T>(
-        &self,
-        found: &Found<'_, T>,
-        slot: Option<&mut Option<Slot>>,
-    ) -> Step<B::Future> {
-        let policy = &found.guard.policy;
-        let (cell, identity) = (found.cell, &found.identity);
-        let adjusted = self.adjusted(policy, cell, found.tier, found.category, identity);
-        self.admit_found(found, adjusted.as_ref(), slot)
+        // policy has any, and they touch this key). (Worked out in a frame
+        // of its own, the request's stack is some kilobytes shallower, yet
+        // the header rows measured 50-100 ns slower in wall time: kept here.)
+        let adjusted = self.adjusted(policy, cell, tier, category, &found.identity);
+        self.admit_found(&found, adjusted.as_ref(), slot)
     }
 
     /// The request path from its limits on (`adjusted`: `None`, the
