@@ -5,7 +5,7 @@
 //! the multi-threaded hot-key throughput.
 //!
 //! ```sh
-//! cargo bench --bench interleaved            # 15 rounds of 20,000 requests
+//! cargo bench --bench interleaved            # 201 rounds of 2,000 requests
 //! ROUNDS=5 PER_ROUND=10000 cargo bench --bench interleaved
 //! cargo bench --bench interleaved -- --test   # quick mode: every row once
 //! ```
@@ -69,7 +69,7 @@ fn main() {
         println!("quick mode: every row once, nothing measured");
         (1, 32, 1_000)
     } else {
-        (env("ROUNDS", 15), env("PER_ROUND", 20_000), 100_000)
+        (env("ROUNDS", 201), env("PER_ROUND", 2_000), 100_000)
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
