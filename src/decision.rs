@@ -169,7 +169,7 @@ impl Decision {
     /// limit and window, with `remaining` and `reset_after` left at zero
     /// (nothing reads them).
     #[inline]
-    pub fn allowed(limit: &Limit) -> Self {
+    pub fn allow_undescribed(limit: &Limit) -> Self {
         Decision {
             remaining: 0,
             reset_after: Duration::ZERO,

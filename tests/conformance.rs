@@ -292,7 +292,7 @@ async fn memory_backend_answers_an_undescribed_check_without_describing_it() {
     for _ in 0..3 {
         assert_eq!(
             backend.check_now(&quiet).unwrap(),
-            Decision::allowed(&limit)
+            Decision::allow_undescribed(&limit)
         );
     }
     // The fourth is refused, and the refusal is described in full.

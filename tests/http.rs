@@ -520,3 +520,77 @@ async fn the_demo_closes_connections_that_never_finish_their_headers() {
     );
     server.abort();
 }
+
+/// A layer writing no header asks its backend not to describe allowed
+/// requests (`Check::describe` false): it admits and refuses exactly as
+/// one that writes them, reserve included, and its refusals are described
+/// in full (body, `Retry-After`). Two servers, same traffic, same clock
+/// steps.
+#[tokio::test]
+async fn a_layer_writing_no_header_refuses_as_one_that_does() {
+    const RESERVED: &str = r#"
+categories = ["read", "write"]
+[tiers.crit]
+read = "5/minute"
+write = "5/minute"
+priority_reserve = "20%"
+[keys]
+"c" = "crit"
+"#;
+    let start = |headers: HeaderOptions| {
+        let clock = FakeRelativeClock::default();
+        let layer = RateLimitLayer::builder(Policy::from_toml_str(RESERVED).unwrap())
+            .backend(MemoryBackend::builder().clock(clock.clone()).build())
+            .headers(headers)
+            .build();
+        let app = Router::new()
+            .route("/v1/x", get(|| async { "ok" }))
+            .layer(layer);
+        (app, clock)
+    };
+    let (loud, loud_clock) = start(HeaderOptions::default());
+    let (quiet, quiet_clock) = start(HeaderOptions::default().x_ratelimit(false));
+    let (loud, quiet) = (serve(loud).await, serve(quiet).await);
+    let c = client();
+    let send = |server: &common::Server, critical: bool| {
+        let mut req = c.get(server.url("/v1/x")).header("x-api-key", "c");
+        if critical {
+            req = req.header("x-request-priority", "critical");
+        }
+        req.send()
+    };
+    // Normal requests stop at 4 (the reserve is 1), critical ones get the
+    // fifth, the sixth none; a minute later, the same again.
+    let script = [false, false, false, false, false, true, true];
+    for round in 0..2 {
+        let mut admitted = 0;
+        for (i, critical) in script.iter().enumerate() {
+            let l = send(&loud, *critical).await.unwrap();
+            let q = send(&quiet, *critical).await.unwrap();
+            let ctx = format!("round {round}, request {i}");
+            assert_eq!(l.status(), q.status(), "{ctx}");
+            assert_eq!(
+                header(&l, "retry-after"),
+                header(&q, "retry-after"),
+                "{ctx}"
+            );
+            if q.status() == StatusCode::OK {
+                admitted += 1;
+                assert!(q.headers().get("x-ratelimit-remaining").is_none(), "{ctx}");
+                assert!(l.headers().get("x-ratelimit-remaining").is_some(), "{ctx}");
+                continue;
+            }
+            assert_eq!(q.status(), StatusCode::TOO_MANY_REQUESTS, "{ctx}");
+            assert!(header(&q, "retry-after").is_some_and(|r| r > 0), "{ctx}");
+            let (l, q): (Value, Value) = (l.json().await.unwrap(), q.json().await.unwrap());
+            assert_eq!(l, q, "{ctx}");
+            // A normal request's limit is the limit less its reserve.
+            let limit = if *critical { 5 } else { 4 };
+            assert_eq!(q["limit"], limit, "{ctx}");
+        }
+        // Four normal requests and one critical: exactly the limit.
+        assert_eq!(admitted, 5, "round {round}");
+        loud_clock.advance(Duration::from_secs(60));
+        quiet_clock.advance(Duration::from_secs(60));
+    }
+}

@@ -246,7 +246,7 @@ pub struct Check<'a> {
     /// that it is allowed: its remaining and reset, for headers. When
     /// `false` (a layer writing no header, with nothing to meter or
     /// record), a backend may answer an allowed request with
-    /// [`Decision::allowed`], sparing the arithmetic; a refusal is always
+    /// [`Decision::allow_undescribed`], sparing the arithmetic; a refusal is always
     /// described in full. A backend may ignore it.
     pub describe: bool,
 }

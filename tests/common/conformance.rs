@@ -135,7 +135,7 @@ fn subject(key: &str, cost: u32) -> Subject {
 /// Runs the table twice, on fresh keys: checks described, then checks
 /// not to be described ([`Check::describe`] `false`), which must count
 /// alike, refuse at the same steps and describe every refusal in full (an
-/// allowed one may come as [`Decision::allowed`]). `advance` moves the
+/// allowed one may come as [`Decision::allow_undescribed`]). `advance` moves the
 /// backend's clock.
 pub async fn run<B: Backend>(backend: &B, mut advance: impl FnMut(Duration)) {
     run_table(backend, &mut advance, true).await;
@@ -184,7 +184,7 @@ async fn run_table<B: Backend>(backend: &B, advance: &mut impl FnMut(Duration), 
                     retry_after: None,
                     window: Duration::from_secs(10),
                 };
-                if describe || d != Decision::allowed(&limit) {
+                if describe || d != Decision::allow_undescribed(&limit) {
                     assert_eq!(d, want, "{ctx}");
                 }
             }

@@ -265,7 +265,7 @@ where
             e.limiter.check_key_n(probe, n)
         };
         match outcome {
-            Ok(Ok(_)) if !describe => Ok(Decision::allowed(limit)),
+            Ok(Ok(_)) if !describe => Ok(Decision::allow_undescribed(limit)),
             Ok(Ok(snapshot)) => Ok(Decision::allow(limit, snapshot.remaining_burst_capacity())),
             Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(e.limiter.clock().now());
