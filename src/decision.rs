@@ -168,6 +168,14 @@ impl Decision {
     /// ([`Check::describe`](crate::backend::Check::describe) `false`): its
     /// limit and window, with `remaining` and `reset_after` left at zero
     /// (nothing reads them).
+    ///
+    /// ```
+    /// use tierlimit::{Limit, backend::Decision};
+    ///
+    /// let d = Decision::allow_undescribed(&Limit::per_second(10));
+    /// assert!(d.allowed);
+    /// assert_eq!((d.limit, d.remaining, d.retry_after), (10, 0, None));
+    /// ```
     #[inline]
     pub fn allow_undescribed(limit: &Limit) -> Self {
         Decision {
