@@ -176,6 +176,14 @@ fn main() {
     let medians: Vec<f64> = times.iter().cloned().map(median).collect();
     let bare = medians[0];
     let index = |name: &str| rows.iter().position(|r| r.0 == name);
+    // Row `i`'s time less row `p`'s in each round, then their median.
+    let paired = |i: usize, p: usize| {
+        median(
+            (0..times[i].len())
+                .map(|r| times[i][r] - times[p][r])
+                .collect(),
+        )
+    };
     let added = |name: &str| index(name).map_or(f64::NAN, |i| medians[i] - bare);
     println!(
         "\n{rounds} interleaved rounds of {per_round} requests per row; medians (ns per request)\n"
@@ -199,14 +207,7 @@ fn main() {
             println!("| {name} | {:.0} | +{a:.0} | — | — | — | — |", medians[i]);
             continue;
         }
-        // Each round's own difference with the peer, then their median.
-        let paired = index(peer).map_or(f64::NAN, |p| {
-            median(
-                (0..times[i].len())
-                    .map(|r| times[i][r] - times[p][r])
-                    .collect(),
-            )
-        });
+        let paired = index(peer).map_or(f64::NAN, |p| paired(i, p));
         println!(
             "| {name} | {:.0} | +{a:.0} | +{:.0} | {:.2}× | {:.2}× | {paired:+.0} |",
             medians[i],
@@ -223,11 +224,7 @@ fn main() {
         index("no-op layer writing 4 fields"),
         index("no-op layer writing 2 fields"),
     ) {
-        (Some(four), Some(two)) => median(
-            (0..times[four].len())
-                .map(|r| times[four][r] - times[two][r])
-                .collect(),
-        ),
+        (Some(four), Some(two)) => paired(four, two),
         _ => f64::NAN,
     };
     println!("\nTwo more fields cost any layer {extra:+.0} ns (paired). With that taken out:\n");

@@ -261,24 +261,12 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         // of its own, the request's stack is some kilobytes shallower, yet
         // the header rows measured 50-100 ns slower in wall time: kept here.)
         let adjusted = self.adjusted(policy, cell, tier, category, &found.identity);
-        self.admit_found(&found, adjusted.as_ref(), slot)
-    }
-
-    /// The request path from its limits on (`adjusted`: `None`, the
-    /// cell's own): (shed) → check → outcome.
-    #[inline(always)]
-    fn admit_found<T>(
-        &self,
-        found: &Found<'_, T>,
-        adjusted: Option<&Applied>,
-        slot: Option<&mut Option<Slot>>,
-    ) -> Step<B::Future> {
-        let path = path(found.cell, adjusted);
+        let path = path(cell, adjusted.as_ref());
         // Shed: under an `[overload]` table, before anything is charged.
-        if let (Some(rules), Some(slot)) = (found.guard.policy.overload_arc(), slot)
+        if let (Some(rules), Some(slot)) = (policy.overload_arc(), slot)
             && (rules.sheds_unlimited() || matches!(path, Path::Check(_)))
         {
-            match self.shed(found, rules, adjusted) {
+            match self.shed(&found, rules, adjusted.as_ref()) {
                 Ok(s) => *slot = Some(s),
                 Err(step) => return step,
             }
@@ -286,9 +274,9 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         match path {
             Path::Pass => match &self.feed {
                 None => Step::Pass,
-                Some(feed) => self.unlimited(feed, found),
+                Some(feed) => self.unlimited(feed, &found),
             },
-            Path::Check(limits) => self.check(found, limits),
+            Path::Check(limits) => self.check(&found, limits),
         }
     }
 
@@ -322,7 +310,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 resolving.carried.usage = Some(self.usage(feed, f, cost));
             }
             let check = Check {
-                describe: self.describes(),
+                describe: resolving.carried.needs_description(self.headers),
                 ..Check::new(owner, f.identity.is_known(), std::slice::from_ref(&charge))
             };
             return self.resolve_now(f.guard, f.req, self.backend.check(&check), resolving);
@@ -379,7 +367,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             split: set.split,
             leases: set.leases(),
             lease_id,
-            describe: f.cell.metered || set.nleases > 0 || self.describes(),
+            describe: resolving.carried.needs_description(self.headers),
         });
         self.resolve_now(f.guard, f.req, check, resolving)
     }
@@ -424,14 +412,6 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 requests: cost,
             },
         )
-    }
-
-    /// Whether an allowed request's decision is read beyond its verdict:
-    /// headers to write or describe, or a usage record to keep. (A meter
-    /// or leases need it too; a check without them asks this alone.)
-    #[inline]
-    fn describes(&self) -> bool {
-        self.headers.need_plan() || self.feed.is_some()
     }
 
     /// Settles a check at once when the backend answered at once, else

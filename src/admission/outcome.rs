@@ -59,6 +59,17 @@ pub(super) struct Carried {
     pub(super) usage: Option<Box<Usage>>,
 }
 
+impl Carried {
+    /// Whether an allowed request carrying this needs more of its decision
+    /// than the verdict: a header plan to make (`options`), or a meter,
+    /// leases or a usage record to hold. Without, it passes bare, and its
+    /// check need not be described ([`Check::describe`](crate::backend::Check::describe)).
+    #[inline(always)]
+    pub(super) fn needs_description(&self, options: HeaderOptions) -> bool {
+        options.need_plan() || self.meter.is_some() || self.lease.is_some() || self.usage.is_some()
+    }
+}
+
 /// What settling a check needs from the path that made it.
 pub(super) struct Resolving<'a> {
     pub(super) cell: &'a CellView,
@@ -125,12 +136,8 @@ impl<'a> Outcome<'a> {
     /// usage record to hold: the request passes as it is (and is counted).
     #[inline(always)]
     fn passes(&self, result: &Result<Decision, BackendError>) -> bool {
-        let c = &self.carried;
-        let bare = matches!(result, Ok(d) if d.allowed)
-            && c.meter.is_none()
-            && c.lease.is_none()
-            && c.usage.is_none()
-            && !self.options.need_plan();
+        let bare =
+            matches!(result, Ok(d) if d.allowed) && !self.carried.needs_description(self.options);
         #[cfg(feature = "metrics")]
         if bare {
             let names = self.names();
