@@ -188,11 +188,11 @@ impl CellHeaders {
             return; // unlimited: no fields
         }
         if options.x_ratelimit {
-            headers.insert(X_RATELIMIT_LIMIT.clone(), self.limit.clone());
-            headers.insert(X_RATELIMIT_WINDOW.clone(), self.window.clone());
+            headers.insert(X_RATELIMIT_LIMIT, self.limit.clone());
+            headers.insert(X_RATELIMIT_WINDOW, self.window.clone());
         }
         if options.ietf_draft {
-            headers.insert(RATELIMIT_POLICY.clone(), self.policy.clone());
+            headers.insert(RATELIMIT_POLICY, self.policy.clone());
         }
     }
 }

@@ -12,51 +12,51 @@ use crate::time::{ceil_secs, retry_secs};
 
 use super::cell::CellRef;
 
-pub(crate) static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
-pub(crate) static X_RATELIMIT_REMAINING: HeaderName =
+pub(crate) const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+pub(crate) const X_RATELIMIT_REMAINING: HeaderName =
     HeaderName::from_static("x-ratelimit-remaining");
-pub(crate) static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
-pub(crate) static X_RATELIMIT_WINDOW: HeaderName = HeaderName::from_static("x-ratelimit-window");
-pub(crate) static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-pub(crate) static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-static X_RATELIMIT_LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
-static X_RATELIMIT_REMAINING_TOKENS: HeaderName =
+pub(crate) const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+pub(crate) const X_RATELIMIT_WINDOW: HeaderName = HeaderName::from_static("x-ratelimit-window");
+pub(crate) const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+pub(crate) const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const X_RATELIMIT_LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const X_RATELIMIT_REMAINING_TOKENS: HeaderName =
     HeaderName::from_static("x-ratelimit-remaining-tokens");
-static X_RATELIMIT_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
-static X_RATELIMIT_LIMIT_INPUT_TOKENS: HeaderName =
+const X_RATELIMIT_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+const X_RATELIMIT_LIMIT_INPUT_TOKENS: HeaderName =
     HeaderName::from_static("x-ratelimit-limit-input-tokens");
-static X_RATELIMIT_REMAINING_INPUT_TOKENS: HeaderName =
+const X_RATELIMIT_REMAINING_INPUT_TOKENS: HeaderName =
     HeaderName::from_static("x-ratelimit-remaining-input-tokens");
-static X_RATELIMIT_RESET_INPUT_TOKENS: HeaderName =
+const X_RATELIMIT_RESET_INPUT_TOKENS: HeaderName =
     HeaderName::from_static("x-ratelimit-reset-input-tokens");
-static X_RATELIMIT_LIMIT_OUTPUT_TOKENS: HeaderName =
+const X_RATELIMIT_LIMIT_OUTPUT_TOKENS: HeaderName =
     HeaderName::from_static("x-ratelimit-limit-output-tokens");
-static X_RATELIMIT_REMAINING_OUTPUT_TOKENS: HeaderName =
+const X_RATELIMIT_REMAINING_OUTPUT_TOKENS: HeaderName =
     HeaderName::from_static("x-ratelimit-remaining-output-tokens");
-static X_RATELIMIT_RESET_OUTPUT_TOKENS: HeaderName =
+const X_RATELIMIT_RESET_OUTPUT_TOKENS: HeaderName =
     HeaderName::from_static("x-ratelimit-reset-output-tokens");
 
 /// `X-RateLimit-{Limit,Remaining,Reset}-Tokens` and the input and output
 /// ones, by [`TokenKind`] (all, input, output).
-static TOKEN_HEADERS: [[&HeaderName; 3]; 3] = [
+static TOKEN_HEADERS: [[HeaderName; 3]; 3] = [
     [
-        &X_RATELIMIT_LIMIT_TOKENS,
-        &X_RATELIMIT_REMAINING_TOKENS,
-        &X_RATELIMIT_RESET_TOKENS,
+        X_RATELIMIT_LIMIT_TOKENS,
+        X_RATELIMIT_REMAINING_TOKENS,
+        X_RATELIMIT_RESET_TOKENS,
     ],
     [
-        &X_RATELIMIT_LIMIT_INPUT_TOKENS,
-        &X_RATELIMIT_REMAINING_INPUT_TOKENS,
-        &X_RATELIMIT_RESET_INPUT_TOKENS,
+        X_RATELIMIT_LIMIT_INPUT_TOKENS,
+        X_RATELIMIT_REMAINING_INPUT_TOKENS,
+        X_RATELIMIT_RESET_INPUT_TOKENS,
     ],
     [
-        &X_RATELIMIT_LIMIT_OUTPUT_TOKENS,
-        &X_RATELIMIT_REMAINING_OUTPUT_TOKENS,
-        &X_RATELIMIT_RESET_OUTPUT_TOKENS,
+        X_RATELIMIT_LIMIT_OUTPUT_TOKENS,
+        X_RATELIMIT_REMAINING_OUTPUT_TOKENS,
+        X_RATELIMIT_RESET_OUTPUT_TOKENS,
     ],
 ];
-static X_CONCURRENCY_LIMIT: HeaderName = HeaderName::from_static("x-concurrency-limit");
-static X_CONCURRENCY_REMAINING: HeaderName = HeaderName::from_static("x-concurrency-remaining");
+const X_CONCURRENCY_LIMIT: HeaderName = HeaderName::from_static("x-concurrency-limit");
+const X_CONCURRENCY_REMAINING: HeaderName = HeaderName::from_static("x-concurrency-remaining");
 
 /// Which rate-limit header fields are written.
 ///
@@ -402,9 +402,9 @@ impl HeaderPlan {
     fn write_tokens(tokens: &[TokenHeaders; 3], headers: &mut HeaderMap) {
         for (t, [limit, remaining, reset]) in tokens.iter().zip(&TOKEN_HEADERS) {
             if t.limit > 0 {
-                headers.insert((*limit).clone(), int(u64::from(t.limit)));
-                headers.insert((*remaining).clone(), int(u64::from(t.remaining)));
-                headers.insert((*reset).clone(), reset_value(u64::from(t.reset_at)));
+                headers.insert(limit.clone(), int(u64::from(t.limit)));
+                headers.insert(remaining.clone(), int(u64::from(t.remaining)));
+                headers.insert(reset.clone(), reset_value(u64::from(t.reset_at)));
             }
         }
     }
@@ -414,8 +414,8 @@ impl HeaderPlan {
     #[cold]
     #[inline(never)]
     fn write_lease(l: &LeaseState, headers: &mut HeaderMap) {
-        headers.insert(X_CONCURRENCY_LIMIT.clone(), int(u64::from(l.limit)));
-        headers.insert(X_CONCURRENCY_REMAINING.clone(), int(u64::from(l.remaining)));
+        headers.insert(X_CONCURRENCY_LIMIT, int(u64::from(l.limit)));
+        headers.insert(X_CONCURRENCY_REMAINING, int(u64::from(l.remaining)));
     }
 
     /// Writes the headers into `headers` (HTTP headers or gRPC metadata).
@@ -441,21 +441,21 @@ impl HeaderPlan {
             } else {
                 int(u64::from(self.limit))
             };
-            headers.insert(X_RATELIMIT_LIMIT.clone(), limit);
+            headers.insert(X_RATELIMIT_LIMIT, limit);
             headers.insert(
-                X_RATELIMIT_REMAINING.clone(),
+                X_RATELIMIT_REMAINING,
                 int(u64::from(self.remaining)),
             );
-            headers.insert(X_RATELIMIT_RESET.clone(), reset_value(self.reset_at));
+            headers.insert(X_RATELIMIT_RESET, reset_value(self.reset_at));
             let window = if u64::from(self.window) == cell.window_secs {
                 cell.window.clone()
             } else {
                 int(u64::from(self.window))
             };
-            headers.insert(X_RATELIMIT_WINDOW.clone(), window);
+            headers.insert(X_RATELIMIT_WINDOW, window);
         }
         if self.options.ietf_draft && cell.quota {
-            headers.insert(RATELIMIT_POLICY.clone(), cell.policy.clone());
+            headers.insert(RATELIMIT_POLICY, cell.policy.clone());
         }
         if self.options.ietf_draft && cell.quota && !self.token_bound {
             let name = cell.name(self.index);
@@ -463,7 +463,7 @@ impl HeaderPlan {
             let (r, t) = (r.format(self.remaining), t.format(self.reset_in));
             let parts = [name, b";r=", r.as_bytes(), b";t=", t.as_bytes()];
             if let Some(v) = Arena::value(&parts) {
-                headers.insert(RATELIMIT.clone(), v);
+                headers.insert(RATELIMIT, v);
             }
         }
         if self.tokens.iter().any(|t| t.limit > 0) {
