@@ -6,6 +6,10 @@
 #
 #   bash benches/wrk.sh                 # 3 rounds of 10 s, 1 thread, 32 connections
 #   ROUNDS=5 DURATION=5s bash benches/wrk.sh
+#
+# With two or more cores and taskset (util-linux), the server runs on one
+# core and wrk on another (PIN=0: unpinned), so that the two never take
+# turns on one core: the rows then differ by the server's own work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -18,7 +22,12 @@ fi
 cargo bench --quiet --bench wrk_server --no-run
 BIN=$(ls -t "${CARGO_TARGET_DIR:-target}"/release/deps/wrk_server-* | grep -v '\.d$' | head -1)
 OUT=$(mktemp)
-"$BIN" serve >"$OUT" &
+SERVER_CPU=() WRK_CPU=()
+if [ "${PIN:-1}" != 0 ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  SERVER_CPU=(taskset -c 1) WRK_CPU=(taskset -c 0)
+  echo "server pinned to cpu 1, wrk to cpu 0"
+fi
+"${SERVER_CPU[@]}" "$BIN" serve >"$OUT" &
 PID=$!
 trap 'kill $PID 2>/dev/null; rm -f "$OUT"' EXIT
 for _ in $(seq 50); do [ -s "$OUT" ] && break; sleep 0.1; done
@@ -31,7 +40,7 @@ for round in $(seq "$ROUNDS"); do
   for k in $(seq 0 $((n - 1))); do
     entry=${PORTS[$(((k + round) % n))]}
     name=${entry%%=*}; port=${entry##*=}
-    rps=$(wrk -t1 -c"$CONNS" -d"$DURATION" -H "X-API-Key: $KEY" "http://127.0.0.1:$port/v1/account" \
+    rps=$("${WRK_CPU[@]}" wrk -t1 -c"$CONNS" -d"$DURATION" -H "X-API-Key: $KEY" "http://127.0.0.1:$port/v1/account" \
       | awk '/Requests\/sec/ {print $2}')
     echo "round $round  $name  $rps req/s"
     echo "$name $rps" >>"$RESULTS"
