@@ -2,7 +2,7 @@ use std::cell::RefCell;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::decision::{Decision, LeaseState};
@@ -134,7 +134,18 @@ pub(crate) fn int(n: u64) -> HeaderValue {
     }
     let mut digits = itoa::Buffer::new();
     let digits = digits.format(n).as_bytes();
-    Arena::value(&[digits]).unwrap_or_else(|| HeaderValue::from(n))
+    value(Arena::with(|arena| Some(arena.cut(&[digits])))).unwrap_or_else(|| HeaderValue::from(n))
+}
+
+/// Text the arena cut, as a header value (`None` if it is not one).
+///
+/// The arena hands out [`Bytes`] (four words, no padding), made header
+/// values only here: an `Option<HeaderValue>` handed back through the
+/// thread-local's closure was copied with its padding in pieces of other
+/// sizes than were written, which stalls the loads on store forwarding.
+#[inline]
+fn value(text: Option<Bytes>) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(text?).ok()
 }
 
 /// How much text one arena chunk holds: a few hundred values.
@@ -157,7 +168,7 @@ struct Arena {
     /// The last `X-RateLimit-Reset` cut on this thread: the same second is
     /// written by many requests in a row. Dropped before the chunk is
     /// taken back, so it never pins one.
-    reset: Option<(u64, HeaderValue)>,
+    reset: Option<(u64, Bytes)>,
 }
 
 thread_local! {
@@ -175,9 +186,8 @@ impl Arena {
             .flatten()
     }
 
-    /// The concatenation of `parts` as a header value (`None` if it is not
-    /// a valid one).
-    fn cut(&mut self, parts: &[&[u8]]) -> Option<HeaderValue> {
+    /// The concatenation of `parts`, cut from the chunk.
+    fn cut(&mut self, parts: &[&[u8]]) -> Bytes {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         // Near the end of the chunk, take it back as soon as every value
         // cut from it is gone: before the next request's first value,
@@ -192,30 +202,26 @@ impl Arena {
         for part in parts {
             self.buf.extend_from_slice(part);
         }
-        HeaderValue::from_maybe_shared(self.buf.split().freeze()).ok()
-    }
-
-    fn value(parts: &[&[u8]]) -> Option<HeaderValue> {
-        Self::with(|arena| arena.cut(parts))
+        self.buf.split().freeze()
     }
 
     /// The `X-RateLimit-Reset` value for Unix second `secs`.
-    fn reset(&mut self, secs: u64) -> Option<HeaderValue> {
+    fn reset(&mut self, secs: u64) -> Bytes {
         if let Some((s, v)) = &self.reset
             && *s == secs
         {
-            return Some(v.clone());
+            return v.clone();
         }
         let mut digits = itoa::Buffer::new();
-        let v = self.cut(&[digits.format(secs).as_bytes()])?;
+        let v = self.cut(&[digits.format(secs).as_bytes()]);
         self.reset = Some((secs, v.clone()));
-        Some(v)
+        v
     }
 }
 
 /// `X-RateLimit-Reset`'s value: Unix seconds, the same for many requests.
 fn reset_value(secs: u64) -> HeaderValue {
-    Arena::with(|arena| arena.reset(secs)).unwrap_or_else(|| int(secs))
+    value(Arena::with(|arena| Some(arena.reset(secs)))).unwrap_or_else(|| int(secs))
 }
 
 /// The headers of one decision, worked out when the decision is made: an
@@ -442,10 +448,7 @@ impl HeaderPlan {
                 int(u64::from(self.limit))
             };
             headers.insert(X_RATELIMIT_LIMIT, limit);
-            headers.insert(
-                X_RATELIMIT_REMAINING,
-                int(u64::from(self.remaining)),
-            );
+            headers.insert(X_RATELIMIT_REMAINING, int(u64::from(self.remaining)));
             headers.insert(X_RATELIMIT_RESET, reset_value(self.reset_at));
             let window = if u64::from(self.window) == cell.window_secs {
                 cell.window.clone()
@@ -462,7 +465,7 @@ impl HeaderPlan {
             let (mut r, mut t) = (itoa::Buffer::new(), itoa::Buffer::new());
             let (r, t) = (r.format(self.remaining), t.format(self.reset_in));
             let parts = [name, b";r=", r.as_bytes(), b";t=", t.as_bytes()];
-            if let Some(v) = Arena::value(&parts) {
+            if let Some(v) = value(Arena::with(|arena| Some(arena.cut(&parts)))) {
                 headers.insert(RATELIMIT, v);
             }
         }
