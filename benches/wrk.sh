@@ -22,8 +22,13 @@ fi
 cargo bench --quiet --bench wrk_server --no-run
 BIN=$(ls -t "${CARGO_TARGET_DIR:-target}"/release/deps/wrk_server-* | grep -v '\.d$' | head -1)
 OUT=$(mktemp)
-SERVER_CPU=() WRK_CPU=()
-if [ "${PIN:-1}" != 0 ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+# Unpinned, `env` runs each command as it is (an empty array here would be
+# an unbound variable under `set -u` in bash before 4.4, macOS's 3.2). CPUs
+# 0 and 1 must be ones this process may use (a container's cpuset may not
+# hold them: taskset would fail and the server never start).
+SERVER_CPU=(env) WRK_CPU=(env)
+if [ "${PIN:-1}" != 0 ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ] \
+  && taskset -c 0 true 2>/dev/null && taskset -c 1 true 2>/dev/null; then
   SERVER_CPU=(taskset -c 1) WRK_CPU=(taskset -c 0)
   echo "server pinned to cpu 1, wrk to cpu 0"
 fi
