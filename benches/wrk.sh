@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # End to end on loopback: wrk against the bare router, the same router under
-# a no-op layer (what any layer costs), tower_governor and tierlimit
+# a no-op layer (what any layer costs) and under no-op layers writing two
+# and four X-RateLimit-* fields (what the fields cost any layer, written and
+# sent: tower_governor writes two, tierlimit four), tower_governor and tierlimit
 # (benches/wrk_server.rs), rounds interleaved, then each row's
 # median requests/s and its ratio to the bare router's.
 #
@@ -56,8 +58,15 @@ echo "| row | median requests/s | vs bare |"
 echo "|---|---:|---:|"
 median() { grep "^$1 " "$RESULTS" | awk '{print $2}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 BARE=$(median bare)
-for name in bare noop_layer tower_governor tierlimit; do
+for name in bare noop_layer noop_2_fields noop_4_fields tower_governor tierlimit; do
   m=$(median "$name")
   awk -v n="$name" -v m="$m" -v b="$BARE" 'BEGIN {printf "| %s | %.0f | %.1f%% |\n", n, m, 100 * m / b}'
 done
+# At equal work: each limiter above the no-op layer writing as many fields
+# as it does (tower_governor two, tierlimit four), per request.
+per_req() { awk -v m="$1" 'BEGIN {printf "%.0f", 1e9 / m}'; }
+TG=$(per_req "$(median tower_governor)") TL=$(per_req "$(median tierlimit)")
+F2=$(per_req "$(median noop_2_fields)") F4=$(per_req "$(median noop_4_fields)")
+echo
+echo "above the floor writing as many fields, ns per request: tower_governor $((TG - F2)) (over 2 fields), tierlimit $((TL - F4)) (over 4 fields)"
 rm -f "$RESULTS"

@@ -1,12 +1,14 @@
 #![allow(missing_docs)]
 //! The servers `benches/wrk.sh` drives: the benches' bare router, the
-//! same router under a no-op layer (any layer's floor), tower_governor and
+//! same router under a no-op layer (any layer's floor) and under no-op
+//! layers writing two and four `X-RateLimit-*` fields (the floor under
+//! tower_governor's two headers and tierlimit's four), tower_governor and
 //! tierlimit (same routes, same quota, key from `X-API-Key`, headers on),
 //! each on its own loopback port, on one current-thread runtime (wrk gets
 //! the other core).
 //!
-//! `wrk_server serve` prints `bare=PORT noop_layer=PORT tower_governor=PORT
-//! tierlimit=PORT` and serves until killed; under plain `cargo bench` it
+//! `wrk_server serve` prints `bare=PORT noop_layer=PORT noop_2_fields=PORT
+//! noop_4_fields=PORT tower_governor=PORT tierlimit=PORT` and serves until killed; under plain `cargo bench` it
 //! does nothing. Quick mode (`cargo bench --bench wrk_server -- --test`, or
 //! `cargo test --bench wrk_server`: no `--bench` argument, as criterion
 //! decides) starts the same servers, sends each a few requests through a
@@ -20,12 +22,14 @@ use std::net::SocketAddr;
 
 use support::*;
 
-/// The four servers, each on a free loopback port: names, addresses and
+/// The servers, each on a free loopback port: names, addresses and
 /// the tasks serving them.
 async fn start() -> Vec<(&'static str, SocketAddr, tokio::task::JoinHandle<()>)> {
     let apps = [
         ("bare", bare()),
         ("noop_layer", noop_layer()),
+        ("noop_2_fields", fields_layer(2)),
+        ("noop_4_fields", fields_layer(4)),
         ("tower_governor", tower_governor()),
         ("tierlimit", tierlimit(&keys(1))),
     ];

@@ -119,7 +119,9 @@ pub fn noop_layer() -> Router {
 /// two, tierlimit all four.
 pub fn fields_layer(n: usize) -> Router {
     use http::HeaderName;
-    static NAMES: [HeaderName; 4] = [
+    // Constants, built in place: cloning a `static` name stalls on store
+    // forwarding (tierlimit's own names are constants for that reason).
+    const NAMES: [HeaderName; 4] = [
         HeaderName::from_static("x-ratelimit-limit"),
         HeaderName::from_static("x-ratelimit-remaining"),
         HeaderName::from_static("x-ratelimit-reset"),
@@ -129,9 +131,9 @@ pub fn fields_layer(n: usize) -> Router {
     bare().layer(tower::util::MapResponseLayer::new(
         move |mut r: axum::response::Response| {
             let _ = &state;
-            for name in &NAMES[..n] {
+            for name in NAMES.into_iter().take(n) {
                 r.headers_mut()
-                    .insert(name.clone(), HeaderValue::from_static("1000"));
+                    .insert(name, HeaderValue::from_static("1000"));
             }
             r
         },
