@@ -240,21 +240,32 @@ async fn ai_tokens_now(c: &reqwest::Client, server: &common::Server, key: &str) 
 }
 
 /// A streaming endpoint that reports 10 tokens per chunk, 20 chunks, and
-/// counts what it reported (the server-side truth).
-fn streaming_app<B: Backend>(policy: Policy, backend: B, reported: Arc<AtomicU64>) -> Router {
+/// counts what it reported (the server-side truth). After its first chunk
+/// each stream waits for `go`: the clients that go away are gone by then,
+/// so their streams are cut short however fast the machine writes.
+fn streaming_app<B: Backend>(
+    policy: Policy,
+    backend: B,
+    reported: Arc<AtomicU64>,
+    go: tokio::sync::watch::Receiver<bool>,
+) -> Router {
     use axum::response::sse::{Event, Sse};
     let layer = RateLimitLayer::builder(policy).backend(backend).build();
     Router::new()
         .route(
             "/v1/ai/stream",
             axum::routing::post(move |axum::Extension(meter): axum::Extension<TokenMeter>| {
-                let reported = Arc::clone(&reported);
+                let (reported, go) = (Arc::clone(&reported), go.clone());
                 async move {
                     let events = futures_util::stream::unfold(0u32, move |i| {
                         let (meter, reported) = (meter.clone(), Arc::clone(&reported));
+                        let mut go = go.clone();
                         async move {
                             if i == 20 {
                                 return None;
+                            }
+                            if i == 1 {
+                                go.wait_for(|go| *go).await.ok()?;
                             }
                             meter.add(10);
                             reported.fetch_add(10, Ordering::Relaxed);
@@ -304,17 +315,19 @@ async fn streams_settle_exactly_once_then<B: Backend + Clone>(
 ) {
     let reported = Arc::new(AtomicU64::new(0));
     let policy = Policy::from_toml_str(STREAM_POLICY).unwrap();
+    let (go, go_rx) = tokio::sync::watch::channel(false);
     let server = serve(streaming_app(
         policy,
         backend.clone(),
         Arc::clone(&reported),
+        go_rx,
     ))
     .await;
     let c = client();
-    let mut tasks = Vec::new();
+    let (mut leaving, mut staying) = (Vec::new(), Vec::new());
     for i in 0..40 {
         let (c, url) = (c.clone(), server.url("/v1/ai/stream"));
-        tasks.push(tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut res = c.post(url).header("x-api-key", "k").send().await.unwrap();
             assert_eq!(res.status(), StatusCode::OK);
             if i % 3 == 0 {
@@ -324,9 +337,20 @@ async fn streams_settle_exactly_once_then<B: Backend + Clone>(
             } else {
                 while res.chunk().await.unwrap().is_some() {}
             }
-        }));
+        });
+        if i % 3 == 0 {
+            leaving.push(task);
+        } else {
+            staying.push(task);
+        }
     }
-    for t in tasks {
+    let stayed = staying.len() as u64;
+    // The leaving clients are gone before any stream goes on.
+    for t in leaving {
+        t.await.unwrap();
+    }
+    go.send(true).unwrap();
+    for t in staying {
         t.await.unwrap();
     }
     // Every stream settles once its server side is dropped: wait (bounded)
@@ -350,7 +374,7 @@ async fn streams_settle_exactly_once_then<B: Backend + Clone>(
     }
     let total = reported.load(Ordering::Relaxed);
     assert!(total < 40 * 200, "some streams were cut short: {total}");
-    assert!(total >= 27 * 200, "the others ran to the end: {total}");
+    assert!(total >= stayed * 200, "the others ran to the end: {total}");
     assert_eq!(
         left, want,
         "the bucket holds exactly the {total} tokens reported"
