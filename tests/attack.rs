@@ -504,7 +504,7 @@ mod redis_attacks {
         let mut server = RedisServer::start();
         server.kill();
         let backend = RedisBackend::builder(server.url())
-            .timeout(Duration::from_millis(100))
+            .timeout(common::redis::NOT_STALLED)
             .trip_after(1_000_000)
             .lazy(true)
             .connect()
@@ -614,7 +614,7 @@ mod redis_attacks {
     async fn instance(url: String) -> common::Server {
         let builder = RedisBackend::builder(url);
         let layer =
-            common::redis::sharing_operator_state(builder, Duration::from_millis(200), |b| {
+            common::redis::sharing_operator_state(builder, common::redis::NOT_STALLED, |b| {
                 demo::limits(common::spec_policy(), b)
             })
             .await;

@@ -22,7 +22,7 @@ mod demo;
 
 use std::time::Duration;
 
-use common::redis::{RedisServer, ready};
+use common::redis::{NOT_STALLED, RedisServer, ready};
 use serde_json::{Value, json};
 use tierlimit::RedisBackend;
 
@@ -90,7 +90,7 @@ async fn lease_left_behind(stall: Stall) {
     common::redis::init_secret();
     let server = RedisServer::start();
     let backend = RedisBackend::builder(server.url())
-        .timeout(Duration::from_millis(100))
+        .timeout(NOT_STALLED)
         // Every check goes to Redis (none around it while degraded).
         .trip_after(1_000_000)
         .connect()
@@ -179,7 +179,7 @@ write = "1/second"
 async fn calendar_check_run_late(stall: Stall) {
     let server = RedisServer::start();
     let backend = RedisBackend::builder(server.url())
-        .timeout(Duration::from_millis(100))
+        .timeout(NOT_STALLED)
         .trip_after(1_000_000)
         .connect()
         .await
@@ -236,7 +236,7 @@ async fn calendar_checks_run_late_by_a_frozen_redis_count_in_their_period() {
 async fn instance(server: &RedisServer) -> common::Server {
     common::redis::init_secret();
     let builder = RedisBackend::builder(server.url());
-    let layer = common::redis::sharing_operator_state(builder, Duration::from_millis(200), |b| {
+    let layer = common::redis::sharing_operator_state(builder, NOT_STALLED, |b| {
         demo::limits(common::spec_policy(), b)
     })
     .await;
@@ -396,7 +396,7 @@ async fn usage_entries_run_late(stall: Stall) {
     let server = RedisServer::start();
     let sink = RedisStream::new(&server.url(), "usage", 1000)
         .unwrap()
-        .timeout(Duration::from_millis(100));
+        .timeout(NOT_STALLED);
     let feed = UsageFeed::new(sink, 100).unwrap();
     let layer = demo::limits_with_feed(
         common::spec_policy(),

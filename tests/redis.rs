@@ -807,7 +807,7 @@ async fn an_outage_over_admits_at_most_each_instances_share() {
     for _ in 0..2 {
         backends.push(
             RedisBackend::builder(server.url())
-                .timeout(Duration::from_millis(200))
+                .timeout(common::redis::NOT_STALLED)
                 .fallback_share(0.5)
                 .connect()
                 .await

@@ -400,6 +400,13 @@ pub async fn cluster_on_fake_clock() -> (
     (cluster, clock, backend)
 }
 
+/// The timeout of a backend whose checks must time out only while Redis is
+/// stalled (paused or frozen until the test ends the stall): far above a
+/// round trip on a loaded two-core machine (50 ms now and then), so that a
+/// check after the stall is never answered by the fallback instead.
+#[allow(dead_code)]
+pub const NOT_STALLED: Duration = Duration::from_secs(1);
+
 /// The layer `build` makes on a backend on the Redis `builder` names (giving
 /// up after `timeout`), sharing operator state through that Redis.
 pub async fn sharing_operator_state<E>(
