@@ -169,11 +169,13 @@ async fn an_over_limit_answer_is_sent_at_once() {
         assert_eq!(r.overall_code, common::envoy::OVER);
         assert!(!r.raw_body.is_empty());
     }
+    // Held back, every refusal would take about 40 ms: the fastest of nine
+    // tells, whatever the load on the machine slows down.
     took.sort();
     assert!(
-        took[4] < Duration::from_millis(25),
-        "the median refusal took {:?} ({took:?})",
-        took[4]
+        took[0] < Duration::from_millis(25),
+        "the fastest refusal took {:?} ({took:?})",
+        took[0]
     );
 }
 
