@@ -404,7 +404,6 @@ pub async fn cluster_on_fake_clock() -> (
 /// stalled (paused or frozen until the test ends the stall): far above a
 /// round trip on a loaded two-core machine (50 ms now and then), so that a
 /// check after the stall is never answered by the fallback instead.
-#[allow(dead_code)]
 pub const NOT_STALLED: Duration = Duration::from_secs(1);
 
 /// The layer `build` makes on a backend on the Redis `builder` names (giving
