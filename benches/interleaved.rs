@@ -8,7 +8,14 @@
 //! cargo bench --bench interleaved            # 201 rounds of 2,000 requests
 //! ROUNDS=5 PER_ROUND=10000 cargo bench --bench interleaved
 //! cargo bench --bench interleaved -- --test   # quick mode: every row once
+//! PROCESSES=10 cargo bench --bench interleaved   # ten processes, summarised
 //! ```
+//!
+//! One process's figures move with where its code and heap happen to lie
+//! (on a shared VM, ±40 ns per request between two runs of one binary):
+//! `PROCESSES=N` runs the whole bench in N processes one after another
+//! and prints, per row, the median over the processes of each one's ratio
+//! and paired difference, with their range. Quick mode runs two.
 //!
 //! Quick mode (`-- --test`, or `cargo test --bench interleaved`: no
 //! `--bench` argument, as criterion decides) runs every row and prints the
@@ -65,6 +72,11 @@ fn main() {
         return; // `cargo bench -- --list` and friends
     }
     let quick = args.iter().any(|a| a == "--test") || !args.iter().any(|a| a == "--bench");
+    let child = std::env::var_os(CHILD).is_some();
+    let processes = env("PROCESSES", if quick { 2 } else { 1 });
+    if processes > 1 && !child {
+        return across_processes(&args, processes);
+    }
     let (rounds, per_round, many) = if quick {
         println!("quick mode: every row once, nothing measured");
         (1, 32, 1_000)
@@ -217,6 +229,10 @@ fn main() {
             a / tg,
             (a - floor) / (tg - floor)
         );
+        if child {
+            let ratio = (a - floor) / (tg - floor);
+            println!("{RECORD}\t{name}\t{ratio}\t{paired}");
+        }
     }
 
     // At equal work: tierlimit's four fields less what two more fields
@@ -244,6 +260,13 @@ fn main() {
         let a = added(name) - floor - extra;
         let tg = added(peer_of(name)) - floor;
         println!("| {name} | +{a:.0} | {:.2}× |", a / tg);
+        if child {
+            println!(
+                "{RECORD}\t{name}, less two fields\t{}\t{}",
+                a / tg,
+                f64::NAN
+            );
+        }
     }
 
     // With `ONLY`, the multi-thread table only on `MT=1`.
@@ -253,13 +276,77 @@ fn main() {
         } else {
             (env("MT_ROUNDS", 9), env("MT_REQUESTS", 80_000))
         };
-        multi_thread(&one_hv, rounds, requests);
+        multi_thread(&one_hv, rounds, requests, child);
+    }
+}
+
+/// Set in the processes [`across_processes`] starts.
+const CHILD: &str = "TIERLIMIT_INTERLEAVED_CHILD";
+/// Marks a child's machine-readable line: row, ratio to tower_governor's
+/// (above the floor; requests/s for the multi-thread rows), paired ns.
+const RECORD: &str = "@row";
+
+/// Runs the bench in `n` processes one after another (never at once: they
+/// would share the cores) and summarises each row over them.
+fn across_processes(args: &[String], n: usize) {
+    let exe = std::env::current_exe().expect("the bench's own path");
+    let mut rows: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
+    for p in 0..n {
+        let out = std::process::Command::new(&exe)
+            .args(args)
+            .env(CHILD, "1")
+            .output()
+            .expect("a child process of the bench");
+        assert!(out.status.success(), "process {p} failed: {out:?}");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let f: Vec<&str> = line.split('\t').collect();
+            let [RECORD, name, ratio, paired] = f[..] else {
+                continue;
+            };
+            let (ratio, paired) = (ratio.parse().unwrap(), paired.parse().unwrap());
+            match rows.iter_mut().find(|r| r.0 == name) {
+                Some(r) => {
+                    r.1.push(ratio);
+                    r.2.push(paired);
+                }
+                None => rows.push((name.to_owned(), vec![ratio], vec![paired])),
+            }
+        }
+    }
+    assert!(!rows.is_empty(), "the children printed no rows");
+    let range = |v: &[f64], f: &dyn Fn(f64) -> String| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{} | {} – {}", f(median(v.to_vec())), f(lo), f(hi))
+    };
+    println!("\n{n} processes; per row, the median over them and the range\n");
+    println!(
+        "| row | above floor / tower_governor's | range | over tower_governor's, paired (ns) | range | processes at or under tower_governor's |"
+    );
+    println!("|---|---:|---|---:|---|---:|");
+    for (name, ratio, paired) in rows.iter().filter(|r| !r.0.starts_with("tower_governor")) {
+        // Requests/s: higher is better; everything else, lower.
+        let mt = name.contains("hot key");
+        let under = ratio
+            .iter()
+            .filter(|&&r| if mt { r >= 1.0 } else { r <= 1.0 })
+            .count();
+        let paired = if paired.iter().all(|p| p.is_nan()) {
+            "— | —".to_owned()
+        } else {
+            range(paired, &|x| format!("{x:+.0}"))
+        };
+        println!(
+            "| {name} | {} | {paired} | {under} of {} |",
+            range(ratio, &|x| format!("{x:.2}×")),
+            ratio.len()
+        );
     }
 }
 
 /// One hot key on a multi-thread runtime with both cores: 8 tasks each send
 /// their share of requests through clones of one router; requests/s.
-fn multi_thread(one: &[HeaderValue], rounds: usize, total: usize) {
+fn multi_thread(one: &[HeaderValue], rounds: usize, total: usize, child: bool) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .build()
@@ -318,5 +405,12 @@ fn multi_thread(one: &[HeaderValue], rounds: usize, total: usize) {
             medians[i],
             medians[i] / medians[1]
         );
+        if child && i > 1 {
+            println!(
+                "{RECORD}\t{name}\t{}\t{}",
+                medians[i] / medians[1],
+                f64::NAN
+            );
+        }
     }
 }
