@@ -214,6 +214,11 @@ fn one_key_by_scan(headers: &HeaderMap) -> Option<&http::HeaderValue> {
 /// exits, so the compiler checks many bytes at a time.
 #[inline]
 fn plain_key(value: &[u8], max_len: usize) -> Option<&[u8]> {
+    // Usually nothing is around it: the whole value is the key (no bytes
+    // counted one at a time for the spaces and tabs it has not).
+    if !value.is_empty() && value.len() <= max_len && graphic(value) {
+        return Some(value);
+    }
     let start = value
         .iter()
         .take_while(|&&b| b == b' ' || b == b'\t')
@@ -287,7 +292,38 @@ impl Extractor for ApiKey {
 
 #[cfg(test)]
 mod tests {
-    use super::graphic;
+    use super::{graphic, plain_key};
+
+    #[test]
+    fn a_plain_key_is_the_trimmed_value_when_that_is_a_key() {
+        // The reference: trim spaces and tabs, then judge what is left.
+        fn naive(value: &[u8], max_len: usize) -> Option<&[u8]> {
+            let blank = |b: &u8| *b == b' ' || *b == b'\t';
+            let start = value.iter().position(|b| !blank(b)).unwrap_or(value.len());
+            let end = value
+                .iter()
+                .rposition(|b| !blank(b))
+                .map_or(start, |i| i + 1);
+            let key = &value[start..end.max(start)];
+            (!key.is_empty() && key.len() <= max_len && key.iter().all(u8::is_ascii_graphic))
+                .then_some(key)
+        }
+        let max_len = 12;
+        for len in 0..=16 {
+            for pad in ["", " ", "\t", "  \t"] {
+                for inner in [None, Some(b' '), Some(b'\t'), Some(0x7f), Some(0xc3)] {
+                    let mut key = vec![b'k'; len];
+                    if let (Some(b), true) = (inner, len > 2) {
+                        key[len / 2] = b;
+                    }
+                    let value = [pad.as_bytes(), &key, pad.as_bytes()].concat();
+                    for v in [&value[..], &key[..]] {
+                        assert_eq!(plain_key(v, max_len), naive(v, max_len), "{v:?}");
+                    }
+                }
+            }
+        }
+    }
 
     fn naive(bytes: &[u8]) -> bool {
         bytes.iter().all(|&b| b.is_ascii_graphic())

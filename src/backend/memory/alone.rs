@@ -4,7 +4,7 @@
 //! [`SharedStore`]). Peeks and settlements of such a charge find it here.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
+use std::hash::{Hash, Hasher};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
@@ -15,7 +15,7 @@ use governor::state::{RateLimiter, StateStore};
 
 use super::MemoryBackend;
 use super::gcra::adjust;
-use super::store::{Budget, SHARDS, Shard};
+use super::store::{Budget, IdentityHasher, SHARDS, Shard};
 use super::sweep::retain_full;
 use crate::backend::{Adjustment, BackendError, Charge, Decision};
 use crate::limit::Limit;
@@ -50,7 +50,6 @@ const LIMITER_PROBES: usize = 16;
 /// which looks again under the lock.
 pub(super) struct Limiters<C: Clock> {
     slots: Box<[OnceLock<Arc<Entry<C>>>]>,
-    hasher: foldhash::fast::FixedState,
     /// Limits that found no slot (a policy with hundreds of distinct
     /// custom limits): correct, a little slower.
     overflow: Mutex<LimiterMap<C>>,
@@ -62,7 +61,6 @@ impl<C: Clock> Limiters<C> {
     pub(super) fn new() -> Self {
         Limiters {
             slots: (0..LIMITER_SLOTS).map(|_| OnceLock::new()).collect(),
-            hasher: foldhash::fast::FixedState::with_seed(0x7469_6572),
             overflow: Mutex::new(HashMap::default()),
             grow: Mutex::new(()),
         }
@@ -70,7 +68,12 @@ impl<C: Clock> Limiters<C> {
 
     #[inline]
     fn probe_run(&self, limit: &Limit) -> impl Iterator<Item = &OnceLock<Arc<Entry<C>>>> {
-        let h = self.hasher.hash_one(limit) as usize;
+        // A limit hashes to one word already mixed from its fields; one
+        // multiplication spreads it (limits come from the operator's
+        // policy, not from requests: no hashing against flooding needed).
+        let mut word = IdentityHasher::default();
+        limit.hash(&mut word);
+        let h = (word.finish().wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize;
         (0..LIMITER_PROBES).map(move |i| &self.slots[(h + i) % LIMITER_SLOTS])
     }
 
@@ -399,5 +402,42 @@ impl StateStore for SharedStore {
         let (t, next) = f(*overflow)?;
         *overflow = Some(next);
         Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use governor::clock::FakeRelativeClock;
+
+    use super::LIMITER_SLOTS;
+    use crate::backend::{Charge, MemoryBackend};
+    use crate::limit::{Limit, PeriodBounds};
+
+    /// More distinct limits than the table has slots (and limits whose
+    /// words differ by one interval): each is found again, none shares
+    /// another's buckets, every count is exact.
+    #[test]
+    fn every_distinct_limit_has_its_own_limiter() {
+        let backend = MemoryBackend::builder()
+            .clock(FakeRelativeClock::default())
+            .build();
+        let limits: Vec<Limit> = (1..=(LIMITER_SLOTS as u32 * 3))
+            .map(|i| Limit::new(2.try_into().unwrap(), Duration::from_secs(u64::from(i))).unwrap())
+            .collect();
+        let charge = |limit: Limit| Charge {
+            bucket: 7,
+            limit,
+            cost: 1,
+            reserve: 0,
+            period: PeriodBounds::ROLLING,
+        };
+        for round in 0..3 {
+            for l in &limits {
+                let d = backend.check_one(&charge(*l), true, true).unwrap();
+                assert_eq!(d.allowed, round < 2, "{l:?} in round {round}");
+            }
+        }
     }
 }
