@@ -375,3 +375,61 @@ fn a_take_answered_a_year_later_does_not_overflow() {
         assert!(now(a.check(&s.check(&charge))).unwrap().allowed);
     }
 }
+
+/// A take on two limits, one of them nearly used up: every limit is
+/// granted the same number of requests' worth. More units of the larger
+/// limit would be held by no one once the smaller is spent (never spent,
+/// never given back): the larger limit would lose them.
+#[test]
+fn a_take_grants_every_limit_the_same_requests_worth() {
+    let w = World::new();
+    let s = subject();
+    let owner = s.key.as_u64();
+    let charge = |bucket: u64, limit: Limit| Charge {
+        bucket,
+        limit,
+        cost: 1,
+        reserve: 0,
+        period: tierlimit::backend::PeriodBounds::ROLLING,
+    };
+    let charges = [
+        charge(owner ^ 1, Limit::per_hour(40)),
+        charge(owner ^ 2, Limit::per_day(100)),
+    ];
+    // The guard keeps 4 to 8 units: a take of 4 gets what the guard can
+    // spare (a batch leaves as many as it takes), the budget plenty.
+    for left in (4..=8).rev() {
+        while w.memory.peek_now(owner, &charges[0]).remaining > left {
+            assert!(
+                now(w.memory.check(&Check::new(owner, true, &charges)))
+                    .unwrap()
+                    .allowed
+            );
+        }
+        let before = w.memory.peek_now(owner, &charges[1]).remaining;
+        let take = Take {
+            owner,
+            known: true,
+            charges: &charges,
+            tokens: 0,
+            split: tierlimit::backend::TokenSplit::NONE,
+            want: 4,
+            hold: Duration::from_millis(100),
+        };
+        match w.memory.take_now(&take).unwrap() {
+            Taken::Granted(g) => {
+                let [guard, budget] = g.limits() else {
+                    panic!("two limits granted: {:?}", g.limits());
+                };
+                assert_eq!(guard.units, budget.units, "{left} left in the guard");
+                let after = w.memory.peek_now(owner, &charges[1]).remaining;
+                assert_eq!(
+                    before - after,
+                    budget.units,
+                    "the budget gave what was granted"
+                );
+            }
+            Taken::Checked(d) => assert!(d.allowed, "{left} left: {d:?}"),
+        }
+    }
+}

@@ -257,9 +257,13 @@ pub trait BatchStore: Send + Sync + 'static {
     /// charge's cost `n_l`, `w_l = want × n_l`)
     /// `g_l = min(w_l, floor((t0 + cap_l − start_l) / T_l) − (w_l − n_l))`
     /// units with `start_l = max(max(tat_l, t0) + n_l·T_l, t0 + hold) −
-    /// n_l·T_l`, and sets every `tat_l = start_l + g_l·T_l`, if every
-    /// `g_l` is at least `n_l`; otherwise checks the request as a normal
-    /// check. A charge with a reserve is always a normal check.
+    /// n_l·T_l`, if every `g_l` is at least `n_l`; then grants every limit
+    /// the same number of requests' worth, `g = min_l floor(g_l / n_l)`
+    /// (`g·n_l` units of each: a batch is spent up by its smallest limit,
+    /// and no unit of another is left that no one would spend or give
+    /// back), and sets every `tat_l = start_l + g·n_l·T_l`; otherwise
+    /// checks the request as a normal check. A charge with a reserve is
+    /// always a normal check.
     fn take(&self, take: &Take<'_>) -> Self::Future;
 
     /// Gives back a batch's unused units: for each charge whose bucket's

@@ -61,7 +61,15 @@ pub(crate) fn grant(take: &Take<'_>, tats: &mut [u64], t0: u64) -> Option<Grant>
         };
     }
     let len = take.charges.len().min(MAX_LIMITS);
+    // The same number of requests' worth of every limit: the batch is
+    // spent up by its smallest limit, and any more units of another limit
+    // would be held by no one (never spent, never given back).
+    let requests = (0..len)
+        .map(|i| limits[i].units / take.charges[i].cost.max(1))
+        .min()
+        .unwrap_or(0);
     for (i, c) in take.charges.iter().enumerate().take(len) {
+        limits[i].units = requests * c.cost.max(1);
         tats[i] = limits[i].end(limits[i].units);
         limits[i].remaining = capacity(&c.limit, tats[i], t0);
     }
