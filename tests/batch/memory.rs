@@ -433,3 +433,46 @@ fn a_take_grants_every_limit_the_same_requests_worth() {
         }
     }
 }
+
+/// A batch taken at one token estimate and spent at others (estimates
+/// vary per request): when one limit is spent out, the other limit's
+/// units left in the batch must go back, not be dropped.
+#[test]
+fn a_batch_spent_out_on_one_limit_gives_the_others_back() {
+    let w = World::new();
+    let a = w.instance();
+    let s = subject();
+    let owner = s.key.as_u64();
+    let charge = |bucket: u64, limit: Limit, cost: u32| Charge {
+        bucket,
+        limit,
+        cost,
+        reserve: 0,
+        period: tierlimit::backend::PeriodBounds::ROLLING,
+    };
+    // n·T ≥ hold on both limits: no hold-back, the books are exact.
+    let requests = Limit::per_hour(1_000);
+    let tokens = Limit::per_hour(100_000);
+    let (mut admitted, mut token_units) = (0u32, 0u32);
+    for i in 0..60u32 {
+        let cost = if i < 30 { 20 } else { 10 };
+        let charges = [
+            charge(owner ^ 1, requests, 1),
+            charge(owner ^ 2, tokens, cost),
+        ];
+        let d = now(a.check(&Check::new(owner, true, &charges))).unwrap();
+        assert!(d.allowed);
+        admitted += 1;
+        token_units += cost;
+    }
+    a.flush_all();
+    let c = [charge(owner ^ 1, requests, 1), charge(owner ^ 2, tokens, 1)];
+    let req_room = w.memory.peek_now(owner, &c[0]).remaining;
+    let tok_room = w.memory.peek_now(owner, &c[1]).remaining;
+    assert_eq!(1_000 - req_room, admitted, "request units held by no one");
+    assert_eq!(
+        100_000 - tok_room,
+        token_units,
+        "token units held by no one"
+    );
+}

@@ -359,8 +359,17 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
         }
         let local = e.batch.as_mut()?;
         let d = local.spend(ticket.charges(), now)?;
+        let mut done = None;
         if local.spent_out() {
+            done = e.batch.take();
             e.batch = e.next.take();
+        }
+        drop(table);
+        if let Some(local) = done {
+            self.give(&Retired {
+                owner: ticket.owner,
+                local,
+            });
         }
         Some(d)
     }

@@ -76,6 +76,13 @@ impl Entry {
             let ahead = can_take && self.next.is_none() && left < during + 1;
             if !ahead && let Some(d) = local.spend(charges, now) {
                 if local.spent_out() {
+                    // Spent out on one limit: units of another (a request
+                    // of other costs than the take's, a token estimate)
+                    // go back rather than be held by no one.
+                    let done = self.batch.take();
+                    if slot.is_none() {
+                        *slot = done.map(|local| Retired { owner, local });
+                    }
                     self.batch = self.next.take();
                 }
                 return Some(d);
