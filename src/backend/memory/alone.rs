@@ -161,7 +161,7 @@ where
     /// the charge's limit (the fast branch; see [`check_now`](Self::check_now)).
     /// Undescribed (`describe` false), an allowed request's decision skips
     /// the remaining capacity's division.
-    #[inline]
+    #[inline(never)]
     pub(super) fn check_one(
         &self,
         charge: &Charge,

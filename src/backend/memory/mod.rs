@@ -268,7 +268,7 @@ where
     /// all of them or none. The arithmetic is governor's GCRA, the same as
     /// the single-limit path and the Redis script (the conformance suite
     /// runs the same cases through all of them).
-    #[inline]
+    #[inline(always)]
     pub fn check_now(&self, check: &Check<'_>) -> Result<Decision, BackendError> {
         if let Some(charge) = check.alone() {
             return self.check_one(charge, check.known, check.describe);
@@ -429,7 +429,10 @@ where
 {
     type Future = Ready<Result<Decision, BackendError>>;
 
-    #[inline]
+    /// Inlined down to the branch out of line (`check_one` or
+    /// `check_together`): the caller sees the ready future made and can
+    /// take its answer where it is written.
+    #[inline(always)]
     fn check(&self, check: &Check<'_>) -> Self::Future {
         ready(self.check_now(check))
     }
