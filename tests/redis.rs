@@ -1049,3 +1049,58 @@ async fn cluster_failover_under_load_answers_every_request_within_the_bound() {
     );
     assert_eq!(backend.state(), BackendState::Connected);
 }
+
+/// With only peeks coming (a quota endpoint, a quiet spell), a degraded
+/// backend still probes Redis when a probe is due and comes back: a peek
+/// is routed as a check is, and a failed one counts as a failure.
+#[tokio::test]
+async fn peeks_alone_bring_a_degraded_backend_back() {
+    if !ready() {
+        return;
+    }
+    let mut server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let backend = RedisBackend::builder(server.url())
+        .fake_clock(clock.clone())
+        .timeout(Duration::from_millis(200))
+        .retry_interval(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    let limit = Limit::per_hour(5);
+    assert!(
+        backend
+            .check_one(&subject("p"), &limit)
+            .await
+            .unwrap()
+            .allowed
+    );
+    server.kill();
+    // Peeks alone notice the outage too (each failure counts).
+    for _ in 0..10 {
+        backend.peek_one(&subject("p"), &limit).await.unwrap();
+        if backend.state() == BackendState::Degraded {
+            break;
+        }
+    }
+    assert_eq!(
+        backend.state(),
+        BackendState::Degraded,
+        "peeks count failures"
+    );
+    server.restart();
+    let mut back = false;
+    for _ in 0..50 {
+        clock.advance(Duration::from_secs(1));
+        let d = backend.peek_one(&subject("p"), &limit).await.unwrap();
+        if backend.state() == BackendState::Connected {
+            // Redis restarted empty: its answer, the whole limit.
+            assert_eq!((d.limit, d.remaining), (5, 5));
+            back = true;
+            break;
+        }
+        // Not time passing: the client's reconnection to the new process.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "peeks alone brought the backend back to Redis");
+}

@@ -177,11 +177,9 @@ impl RedisBackend {
 
     /// One charge's capacity now, counting nothing.
     pub async fn peek_async(&self, owner: u64, charge: Charge) -> Result<Decision, BackendError> {
-        let inner = &*self.inner;
+        let inner = &self.inner;
         let key = charge_key(&inner.prefix, owner, charge.bucket);
-        if !inner.degraded.load(Ordering::Relaxed)
-            && let Ok(answer) = self.inner.eval_peek(key, &charge).await
-        {
+        if let Some(answer) = inner.read(inner.eval_peek(key, &charge)).await {
             return Ok(peeked(&charge, answer));
         }
         Ok(inner.fallback.peek_now(owner, &charge))

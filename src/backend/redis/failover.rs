@@ -182,6 +182,32 @@ impl Inner {
         }
     }
 
+    /// A read that counts nothing (a peek), routed as checks are: to
+    /// Redis, or as the one probe of a degraded backend, whose success
+    /// brings the backend back; a failure counts as one (and rebuilds a
+    /// cluster's connection). `None`: around Redis, or failed: the caller
+    /// answers from the fallback. (Peeks used to skip Redis while degraded
+    /// and fail silently: with only peeks coming, a backend never came
+    /// back.)
+    pub(super) async fn read<T, E>(
+        self: &Arc<Self>,
+        eval: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Option<T> {
+        if self.route(self.local_micros()) == Route::Around {
+            return None;
+        }
+        match eval.await {
+            Ok(answer) => {
+                self.succeeded();
+                Some(answer)
+            }
+            Err(_) => {
+                self.failed();
+                None
+            }
+        }
+    }
+
     /// How a check goes now: to Redis, to Redis as the one probe of a
     /// degraded backend, or around it (degraded, not yet time to probe).
     pub(super) fn route(&self, now: u64) -> Route {

@@ -271,11 +271,8 @@ impl RedisBackend {
     /// capacity now, in Redis (or in the fallback), taking nothing.
     pub(super) async fn peek_lease_async(&self, owner: u64, lease: Lease) -> Decision {
         let inner = &self.inner;
-        if !inner.degraded.load(Ordering::Relaxed)
-            && let Ok(held) = inner
-                .eval_lease("peek", owner, std::slice::from_ref(&lease), 0)
-                .await
-        {
+        let peek = inner.eval_lease("peek", owner, std::slice::from_ref(&lease), 0);
+        if let Some(held) = inner.read(peek).await {
             return Decision::leases_only(LeaseState {
                 limit: lease.max,
                 remaining: lease
