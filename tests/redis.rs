@@ -56,6 +56,41 @@ fn subject(key: &str) -> Subject {
     Subject::new(KeyId::of(key), 11)
 }
 
+/// A single node and a backend on a fake clock that trips fast: a check
+/// times out after 200 ms, a degraded backend probes every second.
+async fn tripping_backend() -> (RedisServer, FakeRelativeClock, RedisBackend) {
+    let server = RedisServer::start();
+    let clock = FakeRelativeClock::default();
+    let backend = RedisBackend::builder(server.url())
+        .fake_clock(clock.clone())
+        .timeout(Duration::from_millis(200))
+        .retry_interval(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    (server, clock, backend)
+}
+
+/// Advances the clock a retry interval at a time and makes one `request`
+/// after each, until the backend is on Redis again (at most 50 times):
+/// the answer it first got back on Redis.
+async fn until_back<F: std::future::Future<Output = tierlimit::backend::Decision>>(
+    backend: &RedisBackend,
+    clock: &FakeRelativeClock,
+    mut request: impl FnMut() -> F,
+) -> Option<tierlimit::backend::Decision> {
+    for _ in 0..50 {
+        clock.advance(Duration::from_secs(1));
+        let d = request().await;
+        if backend.state() == BackendState::Connected {
+            return Some(d);
+        }
+        // Not time passing: the client's reconnection to the new process.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
 #[tokio::test]
 async fn conformance_single_node() {
     if !ready() {
@@ -470,15 +505,7 @@ async fn redis_down_is_not_an_outage_and_limits_resume_after_restart() {
     capture_logs();
     #[cfg(feature = "metrics")]
     metrics_text(); // install the recorder before the first check
-    let mut server = RedisServer::start();
-    let clock = FakeRelativeClock::default();
-    let backend = RedisBackend::builder(server.url())
-        .fake_clock(clock.clone())
-        .timeout(Duration::from_millis(200))
-        .retry_interval(Duration::from_secs(1))
-        .connect()
-        .await
-        .unwrap();
+    let (mut server, clock, backend) = tripping_backend().await;
     let limit = Limit::per_hour(5);
     for _ in 0..5 {
         assert!(
@@ -543,18 +570,12 @@ async fn redis_down_is_not_an_outage_and_limits_resume_after_restart() {
     // again without restarting anything. Redis restarted empty, so key `k`
     // starts full.
     server.restart();
-    let mut back = false;
-    for _ in 0..50 {
-        clock.advance(Duration::from_secs(1));
-        let d = backend.check_one(&subject("k2"), &limit).await.unwrap();
-        if backend.state() == BackendState::Connected {
-            assert!(d.allowed);
-            back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await; // let the connection come back
-    }
-    assert!(back, "the backend returned to Redis by itself");
+    let d = until_back(&backend, &clock, || async {
+        backend.check_one(&subject("k2"), &limit).await.unwrap()
+    })
+    .await
+    .expect("the backend returned to Redis by itself");
+    assert!(d.allowed);
     assert!(logs().contains("redis reachable again"), "{}", logs());
     #[cfg(feature = "metrics")]
     assert_eq!(
@@ -1058,23 +1079,10 @@ async fn peeks_alone_bring_a_degraded_backend_back() {
     if !ready() {
         return;
     }
-    let mut server = RedisServer::start();
-    let clock = FakeRelativeClock::default();
-    let backend = RedisBackend::builder(server.url())
-        .fake_clock(clock.clone())
-        .timeout(Duration::from_millis(200))
-        .retry_interval(Duration::from_secs(1))
-        .connect()
-        .await
-        .unwrap();
+    let (mut server, clock, backend) = tripping_backend().await;
     let limit = Limit::per_hour(5);
-    assert!(
-        backend
-            .check_one(&subject("p"), &limit)
-            .await
-            .unwrap()
-            .allowed
-    );
+    let first = backend.check_one(&subject("p"), &limit).await.unwrap();
+    assert!(first.allowed);
     server.kill();
     // Peeks alone notice the outage too (each failure counts).
     for _ in 0..10 {
@@ -1089,18 +1097,11 @@ async fn peeks_alone_bring_a_degraded_backend_back() {
         "peeks count failures"
     );
     server.restart();
-    let mut back = false;
-    for _ in 0..50 {
-        clock.advance(Duration::from_secs(1));
-        let d = backend.peek_one(&subject("p"), &limit).await.unwrap();
-        if backend.state() == BackendState::Connected {
-            // Redis restarted empty: its answer, the whole limit.
-            assert_eq!((d.limit, d.remaining), (5, 5));
-            back = true;
-            break;
-        }
-        // Not time passing: the client's reconnection to the new process.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(back, "peeks alone brought the backend back to Redis");
+    let d = until_back(&backend, &clock, || async {
+        backend.peek_one(&subject("p"), &limit).await.unwrap()
+    })
+    .await
+    .expect("peeks alone brought the backend back to Redis");
+    // Redis restarted empty: its answer, the whole limit.
+    assert_eq!((d.limit, d.remaining), (5, 5));
 }
