@@ -359,17 +359,14 @@ impl<S: BatchStore, C: Clock> Batcher<S, C> {
         }
         let local = e.batch.as_mut()?;
         let d = local.spend(ticket.charges(), now)?;
-        let mut done = None;
-        if local.spent_out() {
-            done = e.batch.take();
-            e.batch = e.next.take();
-        }
+        let done = if local.spent_out() {
+            e.retire(ticket.owner)
+        } else {
+            None
+        };
         drop(table);
-        if let Some(local) = done {
-            self.give(&Retired {
-                owner: ticket.owner,
-                local,
-            });
+        if let Some(r) = done {
+            self.give(&r);
         }
         Some(d)
     }

@@ -79,23 +79,24 @@ impl Entry {
                     // Spent out on one limit: units of another (a request
                     // of other costs than the take's, a token estimate)
                     // go back rather than be held by no one.
-                    let done = self.batch.take();
-                    if slot.is_none() {
-                        *slot = done.map(|local| Retired { owner, local });
-                    }
-                    self.batch = self.next.take();
+                    *slot = self.retire(owner);
                 }
                 return Some(d);
             }
             if ahead && !local.aged(now) && left >= 1 {
                 return None;
             }
-            if slot.is_none() {
-                *slot = self.batch.take().map(|local| Retired { owner, local });
-            }
-            self.batch = self.next.take();
+            *slot = self.retire(owner);
         }
         None
+    }
+
+    /// Retires the batch being spent (what it has left goes back) and
+    /// moves the one taken ahead in.
+    pub(super) fn retire(&mut self, owner: u64) -> Option<Retired> {
+        let done = self.batch.take().map(|local| Retired { owner, local });
+        self.batch = self.next.take();
+        done
     }
 }
 

@@ -79,6 +79,7 @@ for i = 1, k do
   units[i] = math.min(w, room - (w - cost))
   if units[i] < cost then granted = false end
 end
+local out = {}
 if granted then
   -- The same number of requests' worth of every limit: the batch is
   -- spent up by its smallest limit, and any more units of another limit
@@ -88,10 +89,7 @@ if granted then
     local r = math.floor(units[i] / math.max(param(i, 3), 1))
     if requests == nil or r < requests then requests = r end
   end
-  for i = 1, k do units[i] = requests * param(i, 3) end
-end
-local out = {}
-if granted then
+  for i = 1, k do units[i] = requests * math.max(param(i, 3), 1) end
   out = {3, now}
   local last = now
   for i = 1, k do
