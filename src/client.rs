@@ -15,8 +15,10 @@
 //! - **No hint**: exponential backoff with full jitter: a random wait in
 //!   `[0, min(cap, base × 2ⁿ))` before retry `n + 1`.
 //! - **Bounds**: at most `max_attempts` attempts in all, no single wait above
-//!   `max_wait`, and no more than `max_total_wait` in all. A hint beyond a
-//!   bound is not slept on: the server's answer is returned at once.
+//!   `max_wait`, and no more than `max_total_wait` slept in all (a wait is
+//!   counted with the timer's one-millisecond tick, so one that would end
+//!   within a millisecond of the bound is not begun). A hint beyond a bound
+//!   is not slept on: the server's answer is returned at once.
 //! - **Only replayable requests are retried**: the body is kept for a
 //!   retry only when its size is known and at most 64 KiB (see
 //!   [`ReplayBody`]), or when the request carries the [`Replayable`]
@@ -302,7 +304,10 @@ where
                     RetryHint::Shed(delay) => Some(delay),
                 };
                 let wait = hint.unwrap_or_else(|| jitter(&rng, policy, retry));
-                if wait > policy.max_wait || waited + wait > policy.max_total_wait {
+                // The timer wakes up to one tick after the instant asked
+                // for, so a wait is counted with that tick: the time slept
+                // in all then stays within the bound.
+                if wait > policy.max_wait || waited + wait + TIMER_TICK > policy.max_total_wait {
                     tracing::debug!(?wait, "rate-limit hint beyond the retry bounds; giving up");
                     return Ok(res);
                 }
@@ -311,8 +316,9 @@ where
                     retry = retry + 1,
                     "rate limited; waiting before retrying"
                 );
+                let slept_from = tokio::time::Instant::now();
                 tokio::time::sleep(wait).await;
-                waited += wait;
+                waited += slept_from.elapsed();
                 std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
                 res = svc.call(rebuild(&parts)).await?;
             }
@@ -320,6 +326,10 @@ where
         })
     }
 }
+
+/// `tokio::time`'s resolution: a sleep ends on the first tick at or after
+/// its deadline.
+const TIMER_TICK: Duration = Duration::from_millis(1);
 
 /// Full jitter: uniform in `[0, min(cap, base × 2^retry))`.
 fn jitter(rng: &AtomicU64, policy: RetryLayer, retry: u32) -> Duration {
