@@ -36,7 +36,7 @@ impl std::fmt::Debug for Deferred {
 
 impl Deferred {
     /// Turns the backend's answer into the outcome (as the ready path does).
-    pub(crate) fn resolve(self, result: Result<Decision, BackendError>) -> Resolved {
+    pub(crate) fn resolve(mut self, result: Result<Decision, BackendError>) -> Resolved {
         #[cfg(feature = "metrics")]
         crate::telemetry::check_duration(self.started.elapsed());
         let Some(cell) = self.view.cell(self.carried.tier, self.carried.category) else {
@@ -48,7 +48,7 @@ impl Deferred {
         let mut outcome = Outcome {
             policy: &self.view.policy,
             cell,
-            carried: self.carried,
+            carried: &mut self.carried,
             shadowed: &self.shadowed,
             options: self.options,
             unix_clock: self.unix_clock.as_ref(),

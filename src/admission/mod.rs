@@ -451,7 +451,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         guard: &Arc<PolicyView>,
         req: &Request<T>,
         mut check: B::Future,
-        s: Resolving<'_>,
+        mut s: Resolving<'_>,
     ) -> Step<B::Future> {
         let policy: &Policy = &guard.policy;
         let polled = Pin::new(&mut check).poll(&mut Context::from_waker(Waker::noop()));
@@ -462,7 +462,9 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 let mut outcome = Outcome {
                     policy,
                     cell: s.cell,
-                    carried: s.carried,
+                    // Borrowed, not moved: what the path just wrote is read
+                    // field by field, never copied out whole.
+                    carried: &mut s.carried,
                     shadowed: &self.shadowed,
                     options: self.headers,
                     unix_clock: self.unix_clock.as_ref(),

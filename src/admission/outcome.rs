@@ -110,7 +110,7 @@ impl<'a> Resolving<'a> {
 pub(super) struct Outcome<'a> {
     pub(super) policy: &'a Policy,
     pub(super) cell: &'a CellView,
-    pub(super) carried: Carried,
+    pub(super) carried: &'a mut Carried,
     pub(super) shadowed: &'a AtomicU64,
     pub(super) options: HeaderOptions,
     pub(super) unix_clock: Option<&'a UnixClock>,

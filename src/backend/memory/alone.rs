@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
 
 use governor::clock::{Clock, Reference};
 use governor::middleware::StateInformationMiddleware;
@@ -161,21 +162,26 @@ where
     /// the charge's limit (the fast branch; see [`check_now`](Self::check_now)).
     /// Undescribed (`describe` false), an allowed request's decision skips
     /// the remaining capacity's division.
-    #[inline(never)]
+    #[inline(always)]
     pub(super) fn check_one(
         &self,
         charge: &Charge,
         known: bool,
         describe: bool,
     ) -> Result<Decision, BackendError> {
+        let n = charge.cost.max(1);
+        self.verdict_one(charge, known, describe)
+            .decision(&charge.limit, n)
+    }
+
+    /// [`check_one`](Self::check_one) up to its [`Verdict`], out of line.
+    #[inline(never)]
+    fn verdict_one(&self, charge: &Charge, known: bool, describe: bool) -> Verdict {
         let inner = &*self.inner;
         let limit = &charge.limit;
         let n = NonZeroU32::new(charge.cost).unwrap_or(NonZeroU32::MIN);
         if n.get() > limit.max() {
-            return Err(BackendError::CostExceedsLimit {
-                cost: n.get(),
-                max: limit.max(),
-            });
+            return Verdict::TooBig;
         }
         // Upkeep first, so that a sweep at the cap makes room for this key.
         self.maintain(false);
@@ -188,14 +194,14 @@ where
         if charge.reserve > 0 {
             if u64::from(n.get()) + u64::from(charge.reserve) > u64::from(limit.max()) {
                 // Only the reserve (or less) could ever be left for it.
-                return Ok(Decision::refuse(limit, n.get(), limit.per()));
+                return Verdict::Reserved;
             }
             probe.reserve_nanos = u64::from(charge.reserve) * limit.emission_interval_nanos();
             probe.cost_nanos = limit.emission_interval_nanos() * u64::from(n.get());
         }
         match inner.limiters.get(limit) {
-            Some(e) => Self::decide(e, &probe, n, limit, describe),
-            None => Self::decide(&self.add_limiter(limit), &probe, n, limit, describe),
+            Some(e) => Self::decide(e, &probe, n, describe),
+            None => Self::decide(&self.add_limiter(limit), &probe, n, describe),
         }
     }
 
@@ -254,13 +260,7 @@ where
     }
 
     #[inline(always)]
-    fn decide(
-        e: &Entry<C>,
-        probe: &Probe,
-        n: NonZeroU32,
-        limit: &Limit,
-        describe: bool,
-    ) -> Result<Decision, BackendError> {
+    fn decide(e: &Entry<C>, probe: &Probe, n: NonZeroU32, describe: bool) -> Verdict {
         // A single cell takes governor's faster path.
         let outcome = if n == NonZeroU32::MIN {
             Ok(e.limiter.check_key(probe))
@@ -268,14 +268,48 @@ where
             e.limiter.check_key_n(probe, n)
         };
         match outcome {
-            Ok(Ok(_)) if !describe => Ok(Decision::allow_undescribed(limit)),
-            Ok(Ok(snapshot)) => Ok(Decision::allow(limit, snapshot.remaining_burst_capacity())),
+            Ok(Ok(_)) if !describe => Verdict::Undescribed,
+            Ok(Ok(snapshot)) => Verdict::Allowed(snapshot.remaining_burst_capacity()),
             Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(e.limiter.clock().now());
-                Ok(Decision::refuse(limit, n.get(), wait))
+                // governor's nanoseconds are a `u64`: so is its wait.
+                Verdict::Refused(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX))
             }
-            Err(_) => Err(BackendError::CostExceedsLimit {
-                cost: n.get(),
+            Err(_) => Verdict::TooBig,
+        }
+    }
+}
+
+/// What a check of one charge found, small enough to come back in
+/// registers: the caller, inlined into the request path, builds the
+/// [`Decision`] where it is used. (A decision written out here and copied
+/// there stalled the copy's loads, which each spanned several of the
+/// stores that wrote it.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Allowed, leaving this many requests' capacity.
+    Allowed(u32),
+    /// Allowed, and no one asked how much is left.
+    Undescribed,
+    /// Refused: conforms after this many nanoseconds.
+    Refused(u64),
+    /// Refused: only the priority reserve, or less, could ever be left.
+    Reserved,
+    /// The cost is above the limit's burst.
+    TooBig,
+}
+
+impl Verdict {
+    /// The decision on a request of `n` units of `limit`.
+    #[inline(always)]
+    fn decision(self, limit: &Limit, n: u32) -> Result<Decision, BackendError> {
+        match self {
+            Verdict::Undescribed => Ok(Decision::allow_undescribed(limit)),
+            Verdict::Allowed(remaining) => Ok(Decision::allow(limit, remaining)),
+            Verdict::Refused(wait) => Ok(Decision::refuse(limit, n, Duration::from_nanos(wait))),
+            Verdict::Reserved => Ok(Decision::refuse(limit, n, limit.per())),
+            Verdict::TooBig => Err(BackendError::CostExceedsLimit {
+                cost: n,
                 max: limit.max(),
             }),
         }
