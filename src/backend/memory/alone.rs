@@ -169,17 +169,17 @@ where
         known: bool,
         describe: bool,
     ) -> Result<Decision, BackendError> {
-        let n = charge.cost.max(1);
-        self.verdict_one(charge, known, describe)
-            .decision(&charge.limit, n)
+        let n = NonZeroU32::new(charge.cost).unwrap_or(NonZeroU32::MIN);
+        self.verdict_one(charge, n, known, describe)
+            .decision(&charge.limit, n.get())
     }
 
     /// [`check_one`](Self::check_one) up to its [`Verdict`], out of line.
+    /// `n`: the charge's cost, at least 1, as the decision reports it.
     #[inline(never)]
-    fn verdict_one(&self, charge: &Charge, known: bool, describe: bool) -> Verdict {
+    fn verdict_one(&self, charge: &Charge, n: NonZeroU32, known: bool, describe: bool) -> Verdict {
         let inner = &*self.inner;
         let limit = &charge.limit;
-        let n = NonZeroU32::new(charge.cost).unwrap_or(NonZeroU32::MIN);
         if n.get() > limit.max() {
             return Verdict::TooBig;
         }
@@ -272,7 +272,8 @@ where
             Ok(Ok(snapshot)) => Verdict::Allowed(snapshot.remaining_burst_capacity()),
             Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(e.limiter.clock().now());
-                // governor's nanoseconds are a `u64`: so is its wait.
+                // governor's wait is made from its `u64` nanoseconds: it
+                // fits, and goes back to the same `Duration`.
                 Verdict::Refused(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX))
             }
             Err(_) => Verdict::TooBig,

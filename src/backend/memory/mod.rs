@@ -429,9 +429,11 @@ where
 {
     type Future = Ready<Result<Decision, BackendError>>;
 
-    /// Inlined down to the branch out of line (`check_one` or
-    /// `check_together`): the caller sees the ready future made and can
-    /// take its answer where it is written.
+    /// Inlined down to the branches out of line (`check_one`'s
+    /// `verdict_one`, or `check_together`): the caller sees the ready
+    /// future made and takes its answer where it is written, and a check
+    /// of one charge builds its decision there from a verdict that came
+    /// back in registers.
     #[inline(always)]
     fn check(&self, check: &Check<'_>) -> Self::Future {
         ready(self.check_now(check))
