@@ -146,6 +146,16 @@ fn always_refusing(
     })
 }
 
+/// One request with an empty body, through `client` once it is ready.
+async fn send_empty<S>(client: &mut S) -> Response<Body>
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+    S::Error: std::fmt::Debug,
+{
+    let ready = client.ready().await.unwrap();
+    ready.call(Request::new(Body::empty())).await.unwrap()
+}
+
 #[tokio::test(start_paused = true)]
 async fn without_hints_full_jitter_and_the_attempt_bound() {
     for _ in 0..20 {
@@ -154,13 +164,7 @@ async fn without_hints_full_jitter_and_the_attempt_bound() {
             .max_attempts(5)
             .backoff(Duration::from_millis(100), Duration::from_millis(300))
             .layer(always_refusing(Arc::clone(&calls)));
-        let res = client
-            .ready()
-            .await
-            .unwrap()
-            .call(Request::new(Body::empty()))
-            .await
-            .unwrap();
+        let res = send_empty(&mut client).await;
         assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
         let calls = calls.lock().unwrap();
         assert_eq!(calls.len(), 5, "max_attempts");
@@ -189,13 +193,7 @@ async fn the_total_wait_bound_holds() {
             .backoff(Duration::from_millis(400), Duration::from_millis(400))
             .layer(always_refusing(Arc::clone(&calls)));
         let start = Instant::now();
-        client
-            .ready()
-            .await
-            .unwrap()
-            .call(Request::new(Body::empty()))
-            .await
-            .unwrap();
+        send_empty(&mut client).await;
         let slept = start.elapsed();
         assert!(slept <= Duration::from_secs(1), "slept {slept:?}");
         assert!(calls.lock().unwrap().len() < 50);
