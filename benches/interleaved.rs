@@ -151,14 +151,14 @@ fn main() {
             &one_hv,
         ),
     ];
-    // `ONLY=text`: the rows whose name holds it, beside the bare router
-    // and the floors (for a profiler, or a comparison of builds; the
-    // ratios need the peers' rows).
+    // `ONLY=text`: the rows whose name holds it, beside the bare router,
+    // the floors and tower_governor's rows, which every ratio is taken
+    // against (for a profiler, or a comparison of builds).
     if let Ok(only) = std::env::var("ONLY") {
         let mut i = 0;
         rows.retain(|r| {
             i += 1;
-            i <= FLOORS || r.0.contains(&only)
+            i <= FLOORS || r.0.starts_with("tower_governor") || r.0.contains(&only)
         });
     }
     for (name, router, keys) in &mut rows {
