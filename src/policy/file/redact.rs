@@ -122,11 +122,16 @@ impl Place {
         walk.place
     }
 
+    /// The keys from the root, without empty ones: a header the parser
+    /// recovers from (`[overrides.."KEY"]`) has an empty key where the API
+    /// key would stand, and the key one further on, where a category is
+    /// named in full. Read without it, the key stands where it is redacted.
     fn path(&self) -> Vec<&str> {
         self.header
             .iter()
             .chain(&self.keys)
             .map(String::as_str)
+            .filter(|k| !k.is_empty())
             .collect()
     }
 
@@ -338,6 +343,23 @@ mod tests {
             ["overrides", "k", "read", "requests"]
         );
         assert_eq!(place(src, "\"k\".read").path(), ["overrides", "k", "read"]);
+    }
+
+    /// A header the parser recovers from with an empty key where the API
+    /// key stands (found by the fuzzer): the key is still the one redacted,
+    /// never named as the category.
+    #[test]
+    fn an_empty_key_in_a_header_does_not_move_the_api_key() {
+        let src = "[overrides..\"SECRET\"]\nread=\"x2\",\"write\"1/s\"\n";
+        let p = place(src, "read=");
+        let entry = p.entry();
+        assert!(!entry.contains("SECRET"), "{entry}");
+        assert_eq!(
+            entry,
+            format!("custom_limits.\"{}\".read", KeyId::of("SECRET").redacted())
+        );
+        let e = crate::Policy::from_toml_str(src).unwrap_err();
+        assert!(!format!("{e} {e:?}").contains("SECRET"), "{e:?}");
     }
 
     #[test]
