@@ -47,7 +47,7 @@ pub fn policy_loader(data: &[u8]) {
 /// parser reads, so a multi-line string is one value whatever its lines
 /// look like.
 pub fn written_only_as_a_key(text: &str, key: &str) -> bool {
-    const KNOWN: [&str; 9] = [
+    const KNOWN: [&str; 14] = [
         "categories",
         "tiers",
         "routes",
@@ -56,7 +56,12 @@ pub fn written_only_as_a_key(text: &str, key: &str) -> bool {
         "shadow",
         "keys",
         "overrides",
+        "custom_limits",
+        "account_limits",
+        "org_limits",
         "boosts",
+        "envoy",
+        "overload",
     ];
     let mut seen = false;
     let mut header: Vec<String> = Vec::new();
@@ -79,13 +84,15 @@ pub fn written_only_as_a_key(text: &str, key: &str) -> bool {
             let at = |j: usize| line.get(j).map(|t| t.1);
             let ok = unknown
                 || match (is_header, header.first().map(String::as_str)) {
-                    // `[keys."KEY"]`, `[overrides."KEY"]`, `[[boosts]]`'s key.
+                    // `[keys."KEY"]`, `[overrides."KEY"]`, `[custom_limits."KEY"]`:
+                    // the header's second name, no other (a key written as
+                    // a category, `[overrides."k"."KEY"]`, is a category).
                     (true, _) => {
                         matches!(
                             section.first().map(String::as_str),
-                            Some("keys" | "overrides")
-                        ) && section.get(1).is_some_and(|n| raw.contains(n.as_str()))
-                            && is_key_token(*kind)
+                            Some("keys" | "overrides" | "custom_limits")
+                        ) && is_key_token(*kind)
+                            && line[..=i].iter().filter_map(name).count() == 2
                     }
                     // `"KEY" = …`, `"KEY".tier = …` under `[keys]`.
                     (false, Some("keys")) => header.len() == 1 && i == 0,

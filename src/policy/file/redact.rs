@@ -101,6 +101,11 @@ struct Place {
     /// The keys of the key/value written there, after the header's: dotted
     /// keys and the keys of inline tables.
     keys: Vec<String>,
+    /// Whether the table header in force is one the parser recovered from
+    /// (an invalid key in it, `[custom_limits.+."KEY"]`, or an error
+    /// event): its keys are not where the file means them, and in a
+    /// section that holds API keys none of them is named.
+    broken: bool,
 }
 
 impl Place {
@@ -126,13 +131,21 @@ impl Place {
     /// recovers from (`[overrides.."KEY"]`) has an empty key where the API
     /// key would stand, and the key one further on, where a category is
     /// named in full. Read without it, the key stands where it is redacted.
+    ///
+    /// A broken header (see `broken`) outside the sections that never hold
+    /// a key is named by its section alone.
     fn path(&self) -> Vec<&str> {
-        self.header
+        let all = self
+            .header
             .iter()
             .chain(&self.keys)
             .map(String::as_str)
-            .filter(|k| !k.is_empty())
-            .collect()
+            .filter(|k| !k.is_empty());
+        let section = self.header.first().map(String::as_str);
+        if self.broken && !section.is_some_and(|s| PLAIN.contains(&s)) {
+            return all.take(1).collect();
+        }
+        all.collect()
     }
 
     /// The entry to name: a path, with any API key redacted.
@@ -206,10 +219,12 @@ impl Walk {
             EventKind::StdTableClose | EventKind::ArrayTableClose => self.close_header(),
             EventKind::SimpleKey => {
                 let mut key = String::new();
+                let mut invalid: Option<toml_parser::ParseError> = None;
                 if let Some(raw) = source.get(event) {
-                    raw.decode_key(&mut key, &mut ());
+                    raw.decode_key(&mut key, &mut invalid);
                 }
                 if self.in_header {
+                    p.broken |= invalid.is_some();
                     p.header.push(key);
                 } else {
                     if !self.dotted {
@@ -218,6 +233,7 @@ impl Walk {
                     p.keys.push(key);
                 }
             }
+            EventKind::Error if self.in_header => p.broken = true,
             EventKind::InlineTableOpen => self.frames.push((true, p.keys.len())),
             EventKind::ArrayOpen => self.frames.push((false, p.keys.len())),
             EventKind::InlineTableClose | EventKind::ArrayClose => {
@@ -345,21 +361,38 @@ mod tests {
         assert_eq!(place(src, "\"k\".read").path(), ["overrides", "k", "read"]);
     }
 
-    /// A header the parser recovers from with an empty key where the API
-    /// key stands (found by the fuzzer): the key is still the one redacted,
-    /// never named as the category.
+    /// A header the parser recovers from (found by the fuzzer and an
+    /// attack): an empty or invalid key where the API key stands moves the
+    /// key to where a category is named in full. Such a header is named by
+    /// its section alone; the sections that never hold a key keep their
+    /// path, and a valid empty key is left out of it.
     #[test]
-    fn an_empty_key_in_a_header_does_not_move_the_api_key() {
-        let src = "[overrides..\"SECRET\"]\nread=\"x2\",\"write\"1/s\"\n";
-        let p = place(src, "read=");
-        let entry = p.entry();
-        assert!(!entry.contains("SECRET"), "{entry}");
-        assert_eq!(
-            entry,
-            format!("custom_limits.\"{}\".read", KeyId::of("SECRET").redacted())
-        );
-        let e = crate::Policy::from_toml_str(src).unwrap_err();
-        assert!(!format!("{e} {e:?}").contains("SECRET"), "{e:?}");
+    fn a_broken_header_names_only_its_section() {
+        for header in [
+            "[overrides..\"SECRET\"]",
+            "[custom_limits.+.\"SECRET\"]",
+            "[overrides.$.'SECRET']",
+            "[overrides.\"\\q\".SECRET]",
+            "[keys.:.\"SECRET\"]",
+            "[custom_limits.+.\"\\u0053ECRET\"]",
+        ] {
+            let src = format!("{header}\nread = \"1/s\"\n");
+            let e = crate::Policy::from_toml_str(&src).unwrap_err();
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains("SECRET"), "{header}: {shown}");
+            let section = if header.contains("keys") {
+                "keys"
+            } else {
+                "custom_limits"
+            };
+            assert_eq!(e.entry(), section, "{header}");
+        }
+        let src = "[tiers.+.free]\nread = \"1/s\"\n";
+        assert_eq!(place(src, "+").path(), ["tiers", "+", "free"]);
+        let src = "[overrides.\"KEY\"]\nread = 1\n[overrides.+.\"KEY\"]\nread = 1\n";
+        assert_eq!(place(src, "read").path(), ["overrides", "KEY", "read"]);
+        let src = "[overrides.\"\".\"KEY\"]\nread = 1\n";
+        assert_eq!(place(src, "read").path(), ["overrides", "KEY", "read"]);
     }
 
     #[test]
