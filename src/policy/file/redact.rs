@@ -106,6 +106,12 @@ struct Place {
     /// event): its keys are not where the file means them, and in a
     /// section that holds API keys none of them is named.
     broken: bool,
+    /// Set when a line ended inside an inline table or an array: how many
+    /// of `keys` stood before the outermost one opened. TOML lets such a
+    /// value run on over lines, so an unfinished one takes in the lines
+    /// after it (`tiers = { free =` then `[keys]` then `"KEY" = …`): keys
+    /// read after the line's end are not named.
+    spilled: Option<usize>,
 }
 
 impl Place {
@@ -145,7 +151,10 @@ impl Place {
         if self.broken && !section.is_some_and(|s| PLAIN.contains(&s)) {
             return all.take(1).collect();
         }
-        all.collect()
+        match self.spilled {
+            Some(n) => all.take(self.header.len() + n).collect(),
+            None => all.collect(),
+        }
     }
 
     /// The entry to name: a path, with any API key redacted.
@@ -234,11 +243,20 @@ impl Walk {
                 }
             }
             EventKind::Error if self.in_header => p.broken = true,
+            EventKind::Newline => {
+                if let Some(&(_, outermost)) = self.frames.first() {
+                    p.spilled.get_or_insert(outermost);
+                }
+            }
             EventKind::InlineTableOpen => self.frames.push((true, p.keys.len())),
             EventKind::ArrayOpen => self.frames.push((false, p.keys.len())),
             EventKind::InlineTableClose | EventKind::ArrayClose => {
                 if let Some((_, len)) = self.frames.pop() {
                     p.keys.truncate(len);
+                }
+                if self.frames.is_empty() {
+                    // Closed: the keys after it are read where they stand.
+                    p.spilled = None;
                 }
             }
             _ => {}
@@ -361,13 +379,15 @@ mod tests {
         assert_eq!(place(src, "\"k\".read").path(), ["overrides", "k", "read"]);
     }
 
-    /// A header the parser recovers from (found by the fuzzer and an
-    /// attack): an empty or invalid key where the API key stands moves the
-    /// key to where a category is named in full. Such a header is named by
-    /// its section alone; the sections that never hold a key keep their
-    /// path, and a valid empty key is left out of it.
+    /// Places the parser recovers from (found by the fuzzer and two
+    /// attacks). A header with an empty or invalid key where the API key
+    /// stands moves the key to where a category is named in full: such a
+    /// header is named by its section alone (the sections that never hold
+    /// a key keep their path, and a valid empty key is left out of it). An
+    /// unfinished inline table or array takes in the lines after it: the
+    /// keys it takes in are not named.
     #[test]
-    fn a_broken_header_names_only_its_section() {
+    fn no_key_is_named_where_the_parser_recovered() {
         for header in [
             "[overrides..\"SECRET\"]",
             "[custom_limits.+.\"SECRET\"]",
@@ -387,6 +407,21 @@ mod tests {
             };
             assert_eq!(e.entry(), section, "{header}");
         }
+        // An unfinished inline table or array takes in the lines after it:
+        // a key it takes in is not named, in any section.
+        for src in [
+            "tiers = { free = \n[keys]\n\"SECRET\" = \"pro\"\n",
+            "[tiers.free]\nread = { requests = \n[keys]\n\"SECRET\" = \"pro\"\n",
+            "[shadow]\nall = { a = \n[custom_limits]\n\"SECRET\".read = \"1/s\"\n",
+            "categories = [ { a = \n[keys]\n'SECRET' = \"pro\"\n",
+            "defaults = { read = \nkeys.\"\\u0053ECRET\" = \"pro\"\n",
+        ] {
+            let e = crate::Policy::from_toml_str(src).unwrap_err();
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains("SECRET"), "{src}: {shown}");
+        }
+        let src = "[tiers.free]\nread = { requests = \"1/s\",\n tokens = 1 }\nwrite = x\n";
+        assert_eq!(place(src, "x\n").path(), ["tiers", "free", "write"]);
         let src = "[tiers.+.free]\nread = \"1/s\"\n";
         assert_eq!(place(src, "+").path(), ["tiers", "+", "free"]);
         let src = "[overrides.\"KEY\"]\nread = 1\n[overrides.+.\"KEY\"]\nread = 1\n";
