@@ -31,7 +31,7 @@ impl PolicyError {
         PolicyError {
             entry: entry.into(),
             line,
-            message: message.into(),
+            message: one_line(message.into()),
             source: None,
         }
     }
@@ -62,6 +62,40 @@ impl PolicyError {
     }
 }
 
+/// `message` on one line: a value it quotes that holds a line break,
+/// written or escaped (a multi-line string, whose lines may look like
+/// anything: a `[keys]` block, a log line), is cut at the break up to its
+/// closing quote, and the cut becomes `…`.
+fn one_line(message: String) -> String {
+    let breaks = ['\n', '\r'];
+    let at = [
+        message.find(breaks),
+        message.find("\\n"),
+        message.find("\\r"),
+    ]
+    .into_iter()
+    .flatten()
+    .min();
+    let Some(at) = at else {
+        return message;
+    };
+    let (before, after) = message.split_at(at);
+    // The quote the break stands in, and its first unescaped close after.
+    let close = before.rfind(['`', '"']).and_then(|open| {
+        let quote = before[open..].chars().next()?;
+        let mut escaped = false;
+        after.char_indices().find_map(|(i, c)| {
+            let closes = c == quote && !escaped;
+            escaped = c == '\\' && !escaped;
+            closes.then_some(i)
+        })
+    });
+    match close {
+        Some(i) => format!("{before}…{}", one_line(after[i..].to_owned())),
+        None => format!("{before}…"),
+    }
+}
+
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "invalid policy entry `{}`", self.entry)?;
@@ -77,5 +111,28 @@ impl std::error::Error for PolicyError {
         self.source
             .as_deref()
             .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A quoted multi-line string (found by an attack: a `[keys]` block in
+    /// a tier's limit) is cut at its first line break, written or escaped.
+    #[test]
+    fn a_message_is_one_line() {
+        let cut = |m: &str| PolicyError::new("e", None, m).message().to_owned();
+        assert_eq!(
+            cut("`[keys]\n\"KEY\" = 1\n` is not a limit"),
+            "`[keys]…` is not a limit"
+        );
+        assert_eq!(
+            cut(r#"invalid type: string "[keys]\n\"KEY\" = \"pro\"\n", expected a sequence"#),
+            r#"invalid type: string "[keys]…", expected a sequence"#
+        );
+        assert_eq!(cut("a\r\nb `c\nd` e"), "a…");
+        assert_eq!(cut("`x\ny` and `z\rw`"), "`x…` and `z…`");
+        assert_eq!(cut("plain"), "plain");
     }
 }

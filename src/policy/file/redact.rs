@@ -141,20 +141,23 @@ impl Place {
     /// A broken header (see `broken`) outside the sections that never hold
     /// a key is named by its section alone.
     fn path(&self) -> Vec<&str> {
-        let all = self
-            .header
+        let section = self.header.first().map(String::as_str);
+        let named = if self.broken && !section.is_some_and(|s| PLAIN.contains(&s)) {
+            1
+        } else {
+            self.spilled.map_or(usize::MAX, |n| self.header.len() + n)
+        };
+        self.header
             .iter()
             .chain(&self.keys)
             .map(String::as_str)
-            .filter(|k| !k.is_empty());
-        let section = self.header.first().map(String::as_str);
-        if self.broken && !section.is_some_and(|s| PLAIN.contains(&s)) {
-            return all.take(1).collect();
-        }
-        match self.spilled {
-            Some(n) => all.take(self.header.len() + n).collect(),
-            None => all.collect(),
-        }
+            .take(named)
+            // A key with a line break is a string that took in the lines
+            // after it (`[tiers.'''` then `[keys]`): it and what follows are
+            // not named.
+            .take_while(|k| !k.contains(['\n', '\r']))
+            .filter(|k| !k.is_empty())
+            .collect()
     }
 
     /// The entry to name: a path, with any API key redacted.
@@ -247,6 +250,9 @@ impl Walk {
                 if let Some(&(_, outermost)) = self.frames.first() {
                     p.spilled.get_or_insert(outermost);
                 }
+                // A header ends with its line, closed or not: an unclosed
+                // one does not take in the keys of the next line.
+                self.close_header();
             }
             EventKind::InlineTableOpen => self.frames.push((true, p.keys.len())),
             EventKind::ArrayOpen => self.frames.push((false, p.keys.len())),
@@ -415,6 +421,15 @@ mod tests {
             "[shadow]\nall = { a = \n[custom_limits]\n\"SECRET\".read = \"1/s\"\n",
             "categories = [ { a = \n[keys]\n'SECRET' = \"pro\"\n",
             "defaults = { read = \nkeys.\"\\u0053ECRET\" = \"pro\"\n",
+            // Nor through empty keys before it, a key that is a string
+            // taking in the lines after it, or a header left unclosed
+            // (found by a third attack).
+            "[tiers.'']\nfree = { read = \n[keys]\n\"SECRET\" = \"pro\"\n",
+            "tiers.\"\".\"\"= { free = \n[keys]\n\"SECRET\" = \"pro\"\n",
+            "[tiers.x]\n'''\n[keys]\n\"SECRET\" = \"pro\"\n",
+            "[tiers.\"\"\"\n[keys]\n\"SECRET\" = \"pro\"\n",
+            "tiers = { free = { '''\n[keys]\n\"SECRET\" = \"pro\"\n''' = 1 } }\n",
+            "[tiers.free\n\"SECRET\" = \"pro\"\n",
         ] {
             let e = crate::Policy::from_toml_str(src).unwrap_err();
             let shown = format!("{e} {e:?}");
