@@ -208,3 +208,52 @@ fn key_seeds_are_checked_by_the_property() {
     }
     assert!(checked >= 7, "{checked}");
 }
+
+/// A value left unfinished in a section that never holds a key (an inline
+/// table or array, which TOML lets run on over lines, a multi-line string,
+/// a header left open) takes in the lines after it. Whatever key it takes
+/// in, in whatever form, no error names it. (The property above cannot
+/// see these: it reads the key where TOML's lexer puts it, inside the
+/// value.) Every opener before every form of a key.
+#[test]
+fn no_unfinished_value_names_a_key_it_takes_in() {
+    let openers = [
+        "tiers = { free = ",
+        "tiers = { free = { read = ",
+        "[tiers.free]\nread = { requests = ",
+        "[tiers.free]\nread = [ ",
+        "categories = [ { a = ",
+        "[defaults]\nread = { a = ",
+        "[shadow]\nall = [ { a = ",
+        "[tiers.'']\nfree = { read = ",
+        "tiers.\"\".\"\"= { free = ",
+        "[tiers.x]\n'''",
+        "[tiers.x]\n\"\"\"",
+        "[tiers.free",
+        "[tiers.free]\nread = \"\"\"",
+        "[tiers.free]\nread = '''",
+    ];
+    let key = SECRET_KEY;
+    let forms = [
+        format!("[keys]\n\"{key}\" = \"free\""),
+        format!("[keys]\n'{key}' = \"pro\""),
+        format!("[keys]\n{key} = \"free\""),
+        format!("[keys]\n\"{key}\".tier = \"free\""),
+        format!("[keys]\n\"{key}\" = {{ tier = \"pro\" }}"),
+        format!("keys.\"{key}\" = \"pro\""),
+        format!("[keys.\"{key}\"]\ntier = \"pro\""),
+        format!("[overrides.\"{key}\"]\nread = \"1/s\""),
+        format!("[custom_limits.\"{key}\"]\nread = \"x2\""),
+    ];
+    for opener in openers {
+        for form in &forms {
+            for end in ["\n", "\n'''\n", "\n\"\"\"\n", "\n}\n", "\n]\n"] {
+                let text = format!("categories = [\"read\"]\n{opener}\n{form}{end}");
+                if let Err(e) = tierlimit::Policy::from_toml_str(&text) {
+                    let shown = format!("{e} {e:?}");
+                    assert!(!shown.contains(key), "{text:?}: {shown}");
+                }
+            }
+        }
+    }
+}

@@ -62,38 +62,53 @@ impl PolicyError {
     }
 }
 
-/// `message` on one line: a value it quotes that holds a line break,
-/// written or escaped (a multi-line string, whose lines may look like
-/// anything: a `[keys]` block, a log line), is cut at the break up to its
-/// closing quote, and the cut becomes `…`.
+/// `message` on one line: a value it quotes (in backticks, or in double
+/// quotes with escapes) that holds a line break, written or escaped (a
+/// multi-line string, whose lines may look like anything: a `[keys]`
+/// block, a log line), is shown as `…`; a break outside quotes ends the
+/// message there.
 fn one_line(message: String) -> String {
-    let breaks = ['\n', '\r'];
-    let at = [
-        message.find(breaks),
-        message.find("\\n"),
-        message.find("\\r"),
-    ]
-    .into_iter()
-    .flatten()
-    .min();
-    let Some(at) = at else {
+    let is_break = |s: &str| s.contains(['\n', '\r']) || s.contains("\\n") || s.contains("\\r");
+    if !is_break(&message) {
         return message;
-    };
-    let (before, after) = message.split_at(at);
-    // The quote the break stands in, and its first unescaped close after.
-    let close = before.rfind(['`', '"']).and_then(|open| {
-        let quote = before[open..].chars().next()?;
-        let mut escaped = false;
-        after.char_indices().find_map(|(i, c)| {
-            let closes = c == quote && !escaped;
-            escaped = c == '\\' && !escaped;
-            closes.then_some(i)
-        })
-    });
-    match close {
-        Some(i) => format!("{before}…{}", one_line(after[i..].to_owned())),
-        None => format!("{before}…"),
     }
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message.as_str();
+    while let Some(c) = rest.chars().next() {
+        let tail = &rest[c.len_utf8()..];
+        let close = match c {
+            '`' => tail.find('`'),
+            '"' => {
+                let mut escaped = false;
+                tail.char_indices().find_map(|(i, d)| {
+                    let closes = d == '"' && !escaped;
+                    escaped = d == '\\' && !escaped;
+                    closes.then_some(i)
+                })
+            }
+            '\n' | '\r' => {
+                out.push('…');
+                return out;
+            }
+            _ => {
+                out.push(c);
+                rest = tail;
+                continue;
+            }
+        };
+        let Some(close) = close else {
+            // Never closed: what follows is the quote.
+            out.push(c);
+            out.push_str(if is_break(tail) { "…" } else { tail });
+            return out;
+        };
+        let content = &tail[..close];
+        out.push(c);
+        out.push_str(if is_break(content) { "…" } else { content });
+        out.push(c);
+        rest = &tail[close + c.len_utf8()..];
+    }
+    out
 }
 
 impl fmt::Display for PolicyError {
@@ -119,20 +134,25 @@ mod tests {
     use super::*;
 
     /// A quoted multi-line string (found by an attack: a `[keys]` block in
-    /// a tier's limit) is cut at its first line break, written or escaped.
+    /// a tier's limit) is not shown, its line breaks written or escaped.
     #[test]
     fn a_message_is_one_line() {
         let cut = |m: &str| PolicyError::new("e", None, m).message().to_owned();
         assert_eq!(
             cut("`[keys]\n\"KEY\" = 1\n` is not a limit"),
-            "`[keys]…` is not a limit"
+            "`…` is not a limit"
         );
         assert_eq!(
             cut(r#"invalid type: string "[keys]\n\"KEY\" = \"pro\"\n", expected a sequence"#),
-            r#"invalid type: string "[keys]…", expected a sequence"#
+            r#"invalid type: string "…", expected a sequence"#
         );
         assert_eq!(cut("a\r\nb `c\nd` e"), "a…");
-        assert_eq!(cut("`x\ny` and `z\rw`"), "`x…` and `z…`");
+        assert_eq!(
+            cut("`keys.\"KEY\" = \"pro\"\n` is not a limit"),
+            "`…` is not a limit"
+        );
+        assert_eq!(cut("`a \"b\" c` then `d\ne"), "`a \"b\" c` then `…");
+        assert_eq!(cut("`x\ny` and `z\rw`"), "`…` and `…`");
         assert_eq!(cut("plain"), "plain");
     }
 }
