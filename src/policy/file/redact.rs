@@ -133,13 +133,14 @@ impl Place {
         walk.place
     }
 
-    /// The keys from the root, without empty ones: a header the parser
-    /// recovers from (`[overrides.."KEY"]`) has an empty key where the API
-    /// key would stand, and the key one further on, where a category is
-    /// named in full. Read without it, the key stands where it is redacted.
+    /// The keys from the root, as far as they can be named:
     ///
-    /// A broken header (see `broken`) outside the sections that never hold
-    /// a key is named by its section alone.
+    /// - a broken header (see `broken`) outside the sections that never
+    ///   hold a key is named by its section alone;
+    /// - keys an unfinished value took in (see `spilled`) are not named,
+    ///   nor a key holding a line break, nor anything after it;
+    /// - empty keys are left out: in `[overrides.""."KEY"]` the API key
+    ///   then stands where it is redacted, not where a category is named.
     fn path(&self) -> Vec<&str> {
         let section = self.header.first().map(String::as_str);
         let named = if self.broken && !section.is_some_and(|s| PLAIN.contains(&s)) {
