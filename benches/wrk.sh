@@ -3,11 +3,15 @@
 # a no-op layer (what any layer costs) and under no-op layers writing two
 # and four X-RateLimit-* fields (what the fields cost any layer, written and
 # sent: tower_governor writes two, tierlimit four), tower_governor and tierlimit
-# (benches/wrk_server.rs), rounds interleaved, then each row's
-# median requests/s and its ratio to the bare router's.
+# with their headers and without (benches/wrk_server.rs), rounds interleaved,
+# then each row's median requests/s and its ratio to the bare router's, and
+# the two limiters paired round by round (tierlimit's requests/s over
+# tower_governor's in the same round: the round's drift, which moves every
+# row of a round alike, divides out).
 #
 #   bash benches/wrk.sh                 # 3 rounds of 10 s, 1 thread, 32 connections
 #   ROUNDS=5 DURATION=5s bash benches/wrk.sh
+#   ROWS="bare tower_governor_no_headers tierlimit_no_headers" ROUNDS=21 DURATION=3s bash benches/wrk.sh
 #
 # With two or more cores and taskset (util-linux), the server runs on one
 # core and wrk on another (PIN=0: unpinned), so that the two never take
@@ -38,35 +42,90 @@ fi
 PID=$!
 trap 'kill $PID 2>/dev/null; rm -f "$OUT"' EXIT
 for _ in $(seq 50); do [ -s "$OUT" ] && break; sleep 0.1; done
-read -r -a PORTS <"$OUT"
+read -r -a ALL <"$OUT"
+# ROWS: the rows to run (default all; bare is always run, as the base).
+PORTS=()
+for entry in "${ALL[@]}"; do
+  name=${entry%%=*}
+  if [ -z "${ROWS:-}" ] || [ "$name" = bare ] || [[ " $ROWS " == *" $name "* ]]; then
+    PORTS+=("$entry")
+  fi
+done
 KEY="key-00000000-abcdefghijklmnop"   # benches/support: keys(1)
 RESULTS=$(mktemp)
 for round in $(seq "$ROUNDS"); do
-  # Rotate the order each round so no row always runs first.
+  # Rotate the order each round so no row always runs first, and run it
+  # backwards every other round so that no row always follows the same one
+  # (what the row before leaves behind, wrk's 32 closing connections say,
+  # then falls on each of two neighbours alike).
   n=${#PORTS[@]}
   for k in $(seq 0 $((n - 1))); do
-    entry=${PORTS[$(((k + round) % n))]}
+    if [ $((round % 2)) = 0 ]; then k=$((n - 1 - k)); fi
+    entry=${PORTS[$(((k + round / 2) % n))]}
     name=${entry%%=*}; port=${entry##*=}
     rps=$("${WRK_CPU[@]}" wrk -t1 -c"$CONNS" -d"$DURATION" -H "X-API-Key: $KEY" "http://127.0.0.1:$port/v1/account" \
       | awk '/Requests\/sec/ {print $2}')
     echo "round $round  $name  $rps req/s"
-    echo "$name $rps" >>"$RESULTS"
+    echo "$name $rps $round" >>"$RESULTS"
   done
 done
 echo
 echo "| row | median requests/s | vs bare |"
 echo "|---|---:|---:|"
 median() { grep "^$1 " "$RESULTS" | awk '{print $2}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+ran() { grep -q "^$1 " "$RESULTS"; }
 BARE=$(median bare)
-for name in bare noop_layer noop_2_fields noop_4_fields tower_governor tierlimit; do
+for entry in "${PORTS[@]}"; do
+  name=${entry%%=*}
   m=$(median "$name")
   awk -v n="$name" -v m="$m" -v b="$BARE" 'BEGIN {printf "| %s | %.0f | %.1f%% |\n", n, m, 100 * m / b}'
 done
+# Paired: in each round, row A's requests/s over row B's (the same as the
+# ratio of their shares of that round's bare router); with floors FA and
+# FB, each row's share of its floor in that round instead: A over the no-op
+# layer writing as many fields as A, against B over B's.
+paired() {
+  local fa=${3:-} fb=${4:-} label="$1 / $2"
+  ran "$1" && ran "$2" || return 0
+  if [ -n "$fa" ]; then
+    ran "$fa" && ran "$fb" || return 0
+    label="($1 / $fa) / ($2 / $fb)"
+  fi
+  awk -v a="$1" -v b="$2" -v fa="$fa" -v fb="$fb" -v label="$label" '
+    $1 == a {x[$3] = $2} $1 == b {y[$3] = $2}
+    fa != "" && $1 == fa {u[$3] = $2} fb != "" && $1 == fb {w[$3] = $2}
+    END {
+      n = 0; up = 0
+      for (r in x) {
+        if (!(r in y) || (fa != "" && !((r in u) && (r in w)))) continue
+        n++; q[n] = fa != "" ? (x[r] / u[r]) / (y[r] / w[r]) : x[r] / y[r]
+        if (q[n] >= 1) up++
+      }
+      if (n == 0) exit
+      for (i = 2; i <= n; i++) { v = q[i]; j = i - 1; while (j > 0 && q[j] > v) { q[j + 1] = q[j]; j-- } q[j + 1] = v }
+      # A 95% interval for the median ratio from the order statistics (the
+      # sign test: it assumes nothing of the ratios'"'"' distribution), once
+      # there are rounds enough (nine or more).
+      lo = int(n / 2 - 0.98 * sqrt(n) + 0.5); hi = int(n / 2 + 1 + 0.98 * sqrt(n) + 0.5)
+      ci = (lo >= 1 && hi <= n) ? sprintf("%.3f – %.3f", q[lo], q[hi]) : "(too few rounds)"
+      printf "| %s | %.3f | %s | %.3f – %.3f | %d of %d |\n", label, n % 2 ? q[(n + 1) / 2] : (q[n / 2] + q[n / 2 + 1]) / 2, ci, q[1], q[n], up, n
+    }' "$RESULTS"
+}
+echo
+echo "| paired, same round | median ratio | 95% interval of the median | range | rounds at or above 1 |"
+echo "|---|---:|---|---|---:|"
+paired tower_governor_no_headers_again tower_governor_no_headers
+paired tierlimit_no_headers tower_governor_no_headers
+paired tierlimit tower_governor
+paired noop_4_fields noop_2_fields
+paired tierlimit tower_governor noop_4_fields noop_2_fields
 # At equal work: each limiter above the no-op layer writing as many fields
 # as it does (tower_governor two, tierlimit four), per request.
-per_req() { awk -v m="$1" 'BEGIN {printf "%.0f", 1e9 / m}'; }
-TG=$(per_req "$(median tower_governor)") TL=$(per_req "$(median tierlimit)")
-F2=$(per_req "$(median noop_2_fields)") F4=$(per_req "$(median noop_4_fields)")
-echo
-echo "above the floor writing as many fields, ns per request: tower_governor $((TG - F2)) (over 2 fields), tierlimit $((TL - F4)) (over 4 fields)"
+if ran tower_governor && ran tierlimit && ran noop_2_fields && ran noop_4_fields; then
+  per_req() { awk -v m="$1" 'BEGIN {printf "%.0f", 1e9 / m}'; }
+  TG=$(per_req "$(median tower_governor)") TL=$(per_req "$(median tierlimit)")
+  F2=$(per_req "$(median noop_2_fields)") F4=$(per_req "$(median noop_4_fields)")
+  echo
+  echo "above the floor writing as many fields, ns per request: tower_governor $((TG - F2)) (over 2 fields), tierlimit $((TL - F4)) (over 4 fields)"
+fi
 rm -f "$RESULTS"
