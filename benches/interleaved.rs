@@ -52,14 +52,25 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// `EVICT=KiB`: the size of a buffer written through after every request
+/// of the single-thread table (not the multi-thread one), which pushes
+/// the path's data, and through the shared levels its code, out of the
+/// caches it is larger than, as a server's kernel and network stack do
+/// between two requests (end to end, 60% of a server's time is in the
+/// kernel): what each row costs from colder caches. Every row writes it
+/// alike, so the floor holds it. Unset: 0, nothing written.
+fn evict_kib() -> usize {
+    std::env::var("EVICT").map_or(0, |v| {
+        v.parse::<usize>()
+            .ok()
+            .filter(|k| k.checked_mul(1024).is_some())
+            .unwrap_or_else(|| panic!("EVICT={v}: a whole number of KiB"))
+    })
+}
+
 thread_local! {
-    /// `EVICT=KiB`: a buffer written through after every request, which
-    /// pushes the path's code and data out of the caches as a server's
-    /// kernel and network stack do between two requests (end to end, 60%
-    /// of a server's time is in the kernel): what each row costs from
-    /// cold caches. Every row writes it alike, so the floor holds it.
     static EVICT: std::cell::RefCell<Vec<u8>> =
-        std::cell::RefCell::new(vec![0; env("EVICT", 0) * 1024]);
+        std::cell::RefCell::new(vec![0; evict_kib() * 1024]);
 }
 
 fn evict() {
@@ -221,6 +232,12 @@ fn main() {
     println!(
         "\n{rounds} interleaved rounds of {per_round} requests per row; medians (ns per request)\n"
     );
+    if evict_kib() > 0 {
+        println!(
+            "{} KiB written through after every request (EVICT; not in the multi-thread table)\n",
+            evict_kib()
+        );
+    }
     let floor = added("no-op layer holding an Arc");
     println!(
         "| row | per request | added over bare | above the no-op floor | added / tower_governor's | above floor / tower_governor's | over tower_governor's, paired |"

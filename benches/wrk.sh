@@ -10,6 +10,7 @@
 # row of a round alike, divides out).
 #
 #   bash benches/wrk.sh                 # 3 rounds of 10 s, 1 thread, 32 connections
+#                                       # (too few for the paired interval: 6 or more)
 #   ROUNDS=5 DURATION=5s bash benches/wrk.sh
 #   ROWS="bare tower_governor_no_headers tierlimit_no_headers" ROUNDS=21 DURATION=3s bash benches/wrk.sh
 #
@@ -40,24 +41,36 @@ if [ "${PIN:-1}" != 0 ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]
 fi
 "${SERVER_CPU[@]}" "$BIN" serve >"$OUT" &
 PID=$!
-trap 'kill $PID 2>/dev/null; rm -f "$OUT"' EXIT
+RESULTS=$(mktemp)
+trap 'kill $PID 2>/dev/null; rm -f "$OUT" "$RESULTS"' EXIT
 for _ in $(seq 50); do [ -s "$OUT" ] && break; sleep 0.1; done
 read -r -a ALL <"$OUT"
-# ROWS: the rows to run (default all; bare is always run, as the base).
+# ROWS: the rows to run, separated by spaces (default all; bare is always
+# run, as the base). A name the server does not print is an error.
+NAMES=" ${ALL[*]%%=*} "
+WANT=" "
+for w in ${ROWS:-}; do
+  if [[ "$NAMES" != *" $w "* ]]; then
+    echo "ROWS: no row named '$w' (the rows:$NAMES)" >&2
+    exit 1
+  fi
+  WANT+="$w "
+done
 PORTS=()
 for entry in "${ALL[@]}"; do
   name=${entry%%=*}
-  if [ -z "${ROWS:-}" ] || [ "$name" = bare ] || [[ " $ROWS " == *" $name "* ]]; then
+  if [ "$WANT" = " " ] || [ "$name" = bare ] || [[ "$WANT" == *" $name "* ]]; then
     PORTS+=("$entry")
   fi
 done
 KEY="key-00000000-abcdefghijklmnop"   # benches/support: keys(1)
-RESULTS=$(mktemp)
 for round in $(seq "$ROUNDS"); do
-  # Rotate the order each round so no row always runs first, and run it
-  # backwards every other round so that no row always follows the same one
-  # (what the row before leaves behind, wrk's 32 closing connections say,
-  # then falls on each of two neighbours alike).
+  # Each round starts one row further on than two rounds before, and
+  # every other round runs backwards, the mirror of the round after it:
+  # so each row follows each of its neighbours alike (what the row before
+  # leaves behind, wrk's 32 closing connections say, falls on both), and
+  # a steady drift across a mirrored pair of rounds cancels. (Where two
+  # such pairs meet, one row runs twice in a row.)
   n=${#PORTS[@]}
   for k in $(seq 0 $((n - 1))); do
     if [ $((round % 2)) = 0 ]; then k=$((n - 1 - k)); fi
@@ -65,6 +78,10 @@ for round in $(seq "$ROUNDS"); do
     name=${entry%%=*}; port=${entry##*=}
     rps=$("${WRK_CPU[@]}" wrk -t1 -c"$CONNS" -d"$DURATION" -H "X-API-Key: $KEY" "http://127.0.0.1:$port/v1/account" \
       | awk '/Requests\/sec/ {print $2}')
+    if ! awk -v r="${rps:-0}" 'BEGIN {exit !(r + 0 > 0)}'; then
+      echo "wrk: no requests/s from $name in round $round" >&2
+      exit 1
+    fi
     echo "round $round  $name  $rps req/s"
     echo "$name $rps $round" >>"$RESULTS"
   done
@@ -72,7 +89,7 @@ done
 echo
 echo "| row | median requests/s | vs bare |"
 echo "|---|---:|---:|"
-median() { grep "^$1 " "$RESULTS" | awk '{print $2}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+median() { grep "^$1 " "$RESULTS" | awk '{print $2}' | sort -n | awk '{a[NR]=$1} END {print NR % 2 ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 ran() { grep -q "^$1 " "$RESULTS"; }
 BARE=$(median bare)
 for entry in "${PORTS[@]}"; do
@@ -85,12 +102,16 @@ done
 # FB, each row's share of its floor in that round instead: A over the no-op
 # layer writing as many fields as A, against B over B's.
 paired() {
-  local fa=${3:-} fb=${4:-} label="$1 / $2"
-  ran "$1" && ran "$2" || return 0
+  local fa=${3:-} fb=${4:-} label="$1 / $2" row
   if [ -n "$fa" ]; then
-    ran "$fa" && ran "$fb" || return 0
     label="($1 / $fa) / ($2 / $fb)"
   fi
+  for row in "$1" "$2" $fa $fb; do
+    if ! ran "$row"; then
+      echo "| $label | not run ($row) | | | |"
+      return 0
+    fi
+  done
   awk -v a="$1" -v b="$2" -v fa="$fa" -v fb="$fb" -v label="$label" '
     $1 == a {x[$3] = $2} $1 == b {y[$3] = $2}
     fa != "" && $1 == fa {u[$3] = $2} fb != "" && $1 == fb {w[$3] = $2}
@@ -105,7 +126,8 @@ paired() {
       for (i = 2; i <= n; i++) { v = q[i]; j = i - 1; while (j > 0 && q[j] > v) { q[j + 1] = q[j]; j-- } q[j + 1] = v }
       # A 95% interval for the median ratio from the order statistics (the
       # sign test: it assumes nothing of the ratios'"'"' distribution), once
-      # there are rounds enough (nine or more).
+      # there are rounds enough (six or more; up to eight it is the whole
+      # range).
       lo = int(n / 2 - 0.98 * sqrt(n) + 0.5); hi = int(n / 2 + 1 + 0.98 * sqrt(n) + 0.5)
       ci = (lo >= 1 && hi <= n) ? sprintf("%.3f – %.3f", q[lo], q[hi]) : "(too few rounds)"
       printf "| %s | %.3f | %s | %.3f – %.3f | %d of %d |\n", label, n % 2 ? q[(n + 1) / 2] : (q[n / 2] + q[n / 2 + 1]) / 2, ci, q[1], q[n], up, n
@@ -116,6 +138,7 @@ echo "| paired, same round | median ratio | 95% interval of the median | range |
 echo "|---|---:|---|---|---:|"
 paired tower_governor_no_headers_again tower_governor_no_headers
 paired tierlimit_no_headers tower_governor_no_headers
+paired tierlimit_no_headers tower_governor_no_headers_again
 paired tierlimit tower_governor
 paired noop_4_fields noop_2_fields
 paired tierlimit tower_governor noop_4_fields noop_2_fields
