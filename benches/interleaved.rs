@@ -232,10 +232,10 @@ fn main() {
     println!(
         "\n{rounds} interleaved rounds of {per_round} requests per row; medians (ns per request)\n"
     );
-    if evict_kib() > 0 {
+    let evict = evict_kib();
+    if evict > 0 {
         println!(
-            "{} KiB written through after every request (EVICT; not in the multi-thread table)\n",
-            evict_kib()
+            "{evict} KiB written through after every request (EVICT; not in the multi-thread table)\n"
         );
     }
     let floor = added("no-op layer holding an Arc");

@@ -89,7 +89,9 @@ done
 echo
 echo "| row | median requests/s | vs bare |"
 echo "|---|---:|---:|"
-median() { grep "^$1 " "$RESULTS" | awk '{print $2}' | sort -n | awk '{a[NR]=$1} END {print NR % 2 ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+# The median of q[1..n], sorted: one definition for the rows and the pairs.
+MEDIAN='function median(q, n) { return n % 2 ? q[(n + 1) / 2] : (q[n / 2] + q[n / 2 + 1]) / 2 }'
+median() { grep "^$1 " "$RESULTS" | awk '{print $2}' | sort -n | awk "$MEDIAN"' {a[NR]=$1} END {print median(a, NR)}'; }
 ran() { grep -q "^$1 " "$RESULTS"; }
 BARE=$(median bare)
 for entry in "${PORTS[@]}"; do
@@ -112,7 +114,7 @@ paired() {
       return 0
     fi
   done
-  awk -v a="$1" -v b="$2" -v fa="$fa" -v fb="$fb" -v label="$label" '
+  awk -v a="$1" -v b="$2" -v fa="$fa" -v fb="$fb" -v label="$label" "$MEDIAN"'
     $1 == a {x[$3] = $2} $1 == b {y[$3] = $2}
     fa != "" && $1 == fa {u[$3] = $2} fb != "" && $1 == fb {w[$3] = $2}
     END {
@@ -130,7 +132,7 @@ paired() {
       # range).
       lo = int(n / 2 - 0.98 * sqrt(n) + 0.5); hi = int(n / 2 + 1 + 0.98 * sqrt(n) + 0.5)
       ci = (lo >= 1 && hi <= n) ? sprintf("%.3f – %.3f", q[lo], q[hi]) : "(too few rounds)"
-      printf "| %s | %.3f | %s | %.3f – %.3f | %d of %d |\n", label, n % 2 ? q[(n + 1) / 2] : (q[n / 2] + q[n / 2 + 1]) / 2, ci, q[1], q[n], up, n
+      printf "| %s | %.3f | %s | %.3f – %.3f | %d of %d |\n", label, median(q, n), ci, q[1], q[n], up, n
     }' "$RESULTS"
 }
 echo
@@ -151,4 +153,3 @@ if ran tower_governor && ran tierlimit && ran noop_2_fields && ran noop_4_fields
   echo
   echo "above the floor writing as many fields, ns per request: tower_governor $((TG - F2)) (over 2 fields), tierlimit $((TL - F4)) (over 4 fields)"
 fi
-rm -f "$RESULTS"
