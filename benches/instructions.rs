@@ -12,6 +12,11 @@
 //! done
 //! ```
 //!
+//! With `--cache-sim=yes` callgrind also models the processor's caches, and
+//! `Collected` lists `Ir Dr Dw I1mr D1mr D1mw …`: the same difference gives
+//! the L1 instruction and data misses per request (docs/benchmarks.md has
+//! the loop), that is, how much code and memory a request touches.
+//!
 //! Under plain `cargo bench` (no row named) it does nothing. In quick mode
 //! (`cargo bench --bench instructions -- --test`, or `cargo test --bench
 //! instructions`: no `--bench` argument, as criterion decides) it runs every

@@ -16,7 +16,9 @@
 //! (on a shared VM, ±40 ns per request between two runs of one binary):
 //! `PROCESSES=N` runs the whole bench in N processes one after another
 //! and prints, per row, the median over the processes of each one's ratio
-//! and paired difference, with their range. Quick mode runs two.
+//! and paired difference, with their range. Each process after the first
+//! moves its heap first (see `shift_heap`), so that the median is taken
+//! over layouts. Quick mode runs two.
 //!
 //! Quick mode (`-- --test`, or `cargo test --bench interleaved`: no
 //! `--bench` argument, as criterion decides) runs every row and prints the
@@ -109,6 +111,7 @@ fn main() {
     if processes > 1 && !child {
         return across_processes(&args, processes);
     }
+    let shift = shift_heap();
     let (rounds, per_round, many) = if quick {
         println!("quick mode: every row once, nothing measured");
         (1, 32, 1_000)
@@ -232,6 +235,9 @@ fn main() {
     println!(
         "\n{rounds} interleaved rounds of {per_round} requests per row; medians (ns per request)\n"
     );
+    if shift > 0 {
+        println!("heap moved by {shift} bytes (the process's layout; see `shift_heap`)\n");
+    }
     let evict = evict_kib();
     if evict > 0 {
         println!(
@@ -324,6 +330,31 @@ const CHILD: &str = "TIERLIMIT_INTERLEAVED_CHILD";
 /// (above the floor; requests/s for the multi-thread rows), paired ns.
 const RECORD: &str = "@row";
 
+/// Set in each child: bytes allocated (and kept) before anything else, so
+/// that every later heap object lies at another offset in its page.
+const SHIFT: &str = "TIERLIMIT_INTERLEAVED_HEAP_SHIFT";
+
+/// Process `p`'s heap shift: whole cache lines, spread over a page (the
+/// offsets that decide which L1 set a line falls in), 0 for the first.
+fn heap_shift(p: usize) -> usize {
+    (p * 37 % 64) * 64
+}
+
+/// Moves the heap by [`SHIFT`] bytes (a child's), before the routers are
+/// built. Where objects lie in their pages decides which of them share a
+/// set of an 8-way L1 data cache; a row can gain or lose tens of
+/// nanoseconds from that alone, in every round of one process. The stack
+/// moves by itself (the kernel starts it at a random offset); the heap
+/// does not. Varied across processes, the median over them is taken over
+/// layouts, not one.
+fn shift_heap() -> usize {
+    let shift = std::env::var(SHIFT).map_or(0, |v| v.parse().unwrap_or(0));
+    if shift > 0 {
+        std::mem::forget(black_box(Vec::<u8>::with_capacity(shift)));
+    }
+    shift
+}
+
 /// Runs the bench in `n` processes one after another (never at once: they
 /// would share the cores) and summarises each row over them.
 fn across_processes(args: &[String], n: usize) {
@@ -333,6 +364,7 @@ fn across_processes(args: &[String], n: usize) {
         let out = std::process::Command::new(&exe)
             .args(args)
             .env(CHILD, "1")
+            .env(SHIFT, heap_shift(p).to_string())
             .output()
             .expect("a child process of the bench");
         assert!(out.status.success(), "process {p} failed: {out:?}");
