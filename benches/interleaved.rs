@@ -331,24 +331,36 @@ const CHILD: &str = "TIERLIMIT_INTERLEAVED_CHILD";
 const RECORD: &str = "@row";
 
 /// Set in each child: bytes allocated (and kept) before anything else, so
-/// that every later heap object lies at another offset in its page.
+/// that the main thread's later small heap objects lie at other offsets in
+/// their pages.
 const SHIFT: &str = "TIERLIMIT_INTERLEAVED_HEAP_SHIFT";
 
 /// Process `p`'s heap shift: whole cache lines, spread over a page (the
-/// offsets that decide which L1 set a line falls in), 0 for the first.
+/// offsets that decide which L1 set a line falls in), 0 for the first;
+/// the 64 offsets repeat from the 65th process on.
 fn heap_shift(p: usize) -> usize {
     (p * 37 % 64) * 64
 }
 
-/// Moves the heap by [`SHIFT`] bytes (a child's), before the routers are
-/// built. Where objects lie in their pages decides which of them share a
-/// set of an 8-way L1 data cache; a row can gain or lose tens of
-/// nanoseconds from that alone, in every round of one process. The stack
-/// moves by itself (the kernel starts it at a random offset); the heap
-/// does not. Varied across processes, the median over them is taken over
-/// layouts, not one.
+/// Moves the heap by about [`SHIFT`] bytes (a child's), before the runtime
+/// and the routers are built. Where objects lie in their pages decides
+/// which of them share a set of an 8-way L1 data cache; a row can gain or
+/// lose tens of nanoseconds from that alone, in every round of one
+/// process. The stack moves by itself (the kernel starts it at a random
+/// offset); the heap does not.
+///
+/// Only what the allocator cuts from the main arena moves: the main
+/// thread's objects below its `mmap` threshold (128 KiB). The 100,000-key
+/// tables are `mmap`ed, page-aligned, and the multi-thread runtime's
+/// workers have arenas of their own. Varied across processes, the median
+/// over them is taken over those layouts, not one.
 fn shift_heap() -> usize {
-    let shift = std::env::var(SHIFT).map_or(0, |v| v.parse().unwrap_or(0));
+    let shift = std::env::var(SHIFT).map_or(0, |v| {
+        v.parse::<usize>()
+            .ok()
+            .filter(|s| *s < 4096 && s % 64 == 0)
+            .unwrap_or_else(|| panic!("{SHIFT}={v}: whole cache lines, under a page"))
+    });
     if shift > 0 {
         std::mem::forget(black_box(Vec::<u8>::with_capacity(shift)));
     }
