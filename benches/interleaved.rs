@@ -49,6 +49,17 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// `name`'s value, a whole number `ok` accepts; 0 when unset. Any other
+/// value stops the bench, saying what it must be (`what`).
+fn env_checked(name: &str, ok: impl Fn(usize) -> bool, what: &str) -> usize {
+    std::env::var(name).map_or(0, |v| {
+        v.parse::<usize>()
+            .ok()
+            .filter(|n| ok(*n))
+            .unwrap_or_else(|| panic!("{name}={v}: {what}"))
+    })
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -62,12 +73,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// kernel): what each row costs from colder caches. Every row writes it
 /// alike, so the floor holds it. Unset: 0, nothing written.
 fn evict_kib() -> usize {
-    std::env::var("EVICT").map_or(0, |v| {
-        v.parse::<usize>()
-            .ok()
-            .filter(|k| k.checked_mul(1024).is_some())
-            .unwrap_or_else(|| panic!("EVICT={v}: a whole number of KiB"))
-    })
+    env_checked(
+        "EVICT",
+        |k| k.checked_mul(1024).is_some(),
+        "a whole number of KiB",
+    )
 }
 
 thread_local! {
@@ -355,12 +365,11 @@ fn heap_shift(p: usize) -> usize {
 /// workers have arenas of their own. Varied across processes, the median
 /// over them is taken over those layouts, not one.
 fn shift_heap() -> usize {
-    let shift = std::env::var(SHIFT).map_or(0, |v| {
-        v.parse::<usize>()
-            .ok()
-            .filter(|s| *s < 4096 && s % 64 == 0)
-            .unwrap_or_else(|| panic!("{SHIFT}={v}: whole cache lines, under a page"))
-    });
+    let shift = env_checked(
+        SHIFT,
+        |s| s < 4096 && s % 64 == 0,
+        "whole cache lines, under a page",
+    );
     if shift > 0 {
         std::mem::forget(black_box(Vec::<u8>::with_capacity(shift)));
     }
