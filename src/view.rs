@@ -176,7 +176,10 @@ impl ViewSlot {
         match (cached, f) {
             (Ok(Some(r)), _) => r,
             // Thread teardown, or a nested call: read the slot directly.
-            (_, Some(f)) => f(&self.current.load_full()),
+            (_, Some(f)) => {
+                std::hint::cold_path();
+                f(&self.current.load_full())
+            }
             (_, None) => unreachable!("`f` ran, and returned"),
         }
     }

@@ -137,8 +137,10 @@ impl ApiKey {
         let one = if headers.len() <= SCAN_MAX {
             one_key_by_scan(headers)
         } else if headers.contains_key(header::AUTHORIZATION) {
+            std::hint::cold_path();
             None
         } else {
+            std::hint::cold_path();
             let mut values = headers.get_all(&X_API_KEY).iter();
             match (values.next(), values.next()) {
                 (Some(value), None) => Some(value),
@@ -150,6 +152,7 @@ impl ApiKey {
         {
             return Ok(key);
         }
+        std::hint::cold_path();
         self.read_checked(headers).map(str::as_bytes)
     }
 
@@ -218,6 +221,7 @@ fn plain_key(value: &[u8], max_len: usize) -> Option<&[u8]> {
     // Usually nothing is around it: the whole value is the key, and no
     // bytes are counted one at a time for spaces and tabs it has not.
     let key = if value.first().is_some_and(blank) || value.last().is_some_and(blank) {
+        std::hint::cold_path();
         let start = value.iter().take_while(|b| blank(b)).count();
         let rest = &value[start..];
         &rest[..rest.len() - rest.iter().rev().take_while(|b| blank(b)).count()]
@@ -272,11 +276,15 @@ impl Extractor for ApiKey {
         let key = self.read_raw(req.headers)?;
         let id = KeyId::of_bytes(key);
         if policy.has_revocations() && policy.is_revoked(as_text(key)?, id) {
+            std::hint::cold_path();
             return Err(Rejection::UnknownKey);
         }
         let entry = match (policy.key_entry_bytes(key, id), &self.resolver) {
             (Some(entry), _) => Some(entry),
-            (None, Some(resolve)) => resolve(as_text(key)?),
+            (None, Some(resolve)) => {
+                std::hint::cold_path();
+                resolve(as_text(key)?)
+            }
             (None, None) => None,
         };
         Ok(Identity::listed(id, entry))

@@ -48,6 +48,9 @@ pub(crate) struct Cell {
     pub(crate) account_scope: u64,
     /// The same for the cell's per-organisation limits.
     pub(crate) org_scope: u64,
+    /// The tier's priority reserve, in percent (0: none), in each of its
+    /// cells: a request reads it from the cell it has in hand.
+    pub(crate) reserve: u8,
 }
 
 impl Cell {
@@ -85,6 +88,7 @@ impl Cell {
             scope: hash_str(&format!("{tier}\0{category}")),
             account_scope: hash_str(&format!("{tier}\0{category}\0account")),
             org_scope: hash_str(&format!("{tier}\0{category}\0org")),
+            reserve: 0,
         }
     }
 

@@ -122,7 +122,6 @@ pub(super) struct PolicyInner {
     pub(super) revoked: HashTable<Box<str>>,
     pub(super) unknown_key: Option<TierId>,
     pub(super) missing_key: Option<TierId>,
-    pub(super) reserves: Box<[u8]>,
     pub(super) overrides: builder::Overrides,
     /// The same custom limits as written (by category and `*`), for the
     /// operators' layer to replace some of them.
@@ -475,7 +474,9 @@ impl Policy {
     /// The share of each burst a tier reserves for critical requests, in
     /// percent (0: the tier ignores `X-Request-Priority`).
     pub fn priority_reserve(&self, tier: TierId) -> u8 {
-        self.inner.reserves.get(tier.index()).copied().unwrap_or(0)
+        // Each of the tier's cells holds it (the request path reads it there).
+        let first = tier.index().saturating_mul(self.inner.categories.len());
+        self.inner.cells.get(first).map_or(0, |c| c.reserve)
     }
 
     /// Whether shadow mode applies to a tier and category.

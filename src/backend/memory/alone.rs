@@ -192,6 +192,7 @@ where
             cost_nanos: 0,
         };
         if charge.reserve > 0 {
+            std::hint::cold_path();
             if u64::from(n.get()) + u64::from(charge.reserve) > u64::from(limit.max()) {
                 // Only the reserve (or less) could ever be left for it.
                 return Verdict::Reserved;
@@ -201,7 +202,10 @@ where
         }
         match inner.limiters.get(limit) {
             Some(e) => Self::decide(e, &probe, n, describe),
-            None => Self::decide(&self.add_limiter(limit), &probe, n, describe),
+            None => {
+                std::hint::cold_path();
+                Self::decide(&self.add_limiter(limit), &probe, n, describe)
+            }
         }
     }
 
@@ -308,11 +312,17 @@ impl Verdict {
             Verdict::Undescribed => Ok(Decision::allow_undescribed(limit)),
             Verdict::Allowed(remaining) => Ok(Decision::allow(limit, remaining)),
             Verdict::Refused(wait) => Ok(Decision::refuse(limit, n, Duration::from_nanos(wait))),
-            Verdict::Reserved => Ok(Decision::refuse(limit, n, limit.per())),
-            Verdict::TooBig => Err(BackendError::CostExceedsLimit {
-                cost: n,
-                max: limit.max(),
-            }),
+            Verdict::Reserved => {
+                std::hint::cold_path();
+                Ok(Decision::refuse(limit, n, limit.per()))
+            }
+            Verdict::TooBig => {
+                std::hint::cold_path();
+                Err(BackendError::CostExceedsLimit {
+                    cost: n,
+                    max: limit.max(),
+                })
+            }
         }
     }
 }

@@ -16,7 +16,7 @@ impl PolicyBuilder {
     pub fn build(self) -> Result<Policy, PolicyError> {
         let categories = self.build_categories()?;
         let (tiers, cells) = self.build_tiers(&categories)?;
-        let names = Names {
+        let mut names = Names {
             categories,
             tiers,
             cells,
@@ -35,6 +35,10 @@ impl PolicyBuilder {
         let keys = self.build_keys(&names)?;
         let revoked = self.build_revoked();
         let reserves = self.build_reserves(&names)?;
+        let per_tier = names.categories.len().max(1);
+        for (i, cell) in names.cells.iter_mut().enumerate() {
+            cell.reserve = reserves.get(i / per_tier).copied().unwrap_or(0);
+        }
         let (overrides, override_sources) = self.build_overrides(&names)?;
         let boosts = self.build_boosts(&names)?;
         let (shadow_tiers, shadow_categories) = self.build_shadow(&names)?;
@@ -59,7 +63,6 @@ impl PolicyBuilder {
         };
         Ok(Policy {
             inner: Arc::new(PolicyInner {
-                reserves: reserves.into_boxed_slice(),
                 overrides,
                 override_sources,
                 boosts: boosts.into_boxed_slice(),

@@ -523,3 +523,37 @@ fn policies_at_the_edges_are_refused() {
     );
     assert_eq!(err(&src).entry(), "boosts[0]");
 }
+
+#[test]
+fn each_cell_carries_its_own_tiers_reserve() {
+    // The request path reads a tier's reserve from the cell it has in
+    // hand: every cell of a tier, and only of that tier, carries it.
+    let p = Policy::from_toml_str(
+        r#"
+categories = ["read", "write", "ai"]
+[tiers.free]
+read = "10/second"
+write = "10/second"
+ai = "10/second"
+[tiers.pro]
+read = "100/second"
+write = "100/second"
+ai = "100/second"
+priority_reserve = "20%"
+[tiers.team]
+read = "100/second"
+write = "100/second"
+ai = "100/second"
+priority_reserve = "5%"
+"#,
+    )
+    .unwrap();
+    for (tier, pct) in [("free", 0), ("pro", 20), ("team", 5)] {
+        let t = p.tier(tier).unwrap();
+        assert_eq!(p.priority_reserve(t), pct, "{tier}");
+        for category in ["read", "write", "ai"] {
+            let c = p.category(category).unwrap();
+            assert_eq!(p.cell(t, c).unwrap().reserve, pct, "{tier}.{category}");
+        }
+    }
+}
