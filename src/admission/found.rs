@@ -1,6 +1,8 @@
 //! A request classified and identified, its cell found ([`Found`]), and
 //! what is read off it before the check: its cost, its token estimate and
 //! its priority reserve, each a ready answer when the request cannot go on.
+//! [`answered`] builds every answer of the path's own (rejections before a
+//! request is found, costs no limit admits, sheds), out of line.
 
 use std::hint::cold_path;
 use std::sync::Arc;

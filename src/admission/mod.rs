@@ -14,11 +14,13 @@
 //! into headers or an answer; `deferred` is a check under way; `priority`
 //! reads a request's priority.
 //!
-//! Branches no admitted request of a plain policy takes (rejections,
-//! features the policy does not use, a backend that must wait) are marked
-//! with [`cold_path`], and the rare answers are built out of line: the
-//! compiler then keeps the code every request runs closer together, on
-//! fewer cache lines.
+//! Branches an admitted request under a plain policy and the memory
+//! backend does not take (rejections, features the policy does not use, a
+//! backend that answers later, as Redis does, where the round trip dwarfs
+//! the layout) are marked with [`cold_path`], and the rare answers are
+//! built out of line: the compiler then keeps the code every such request
+//! runs closer together, on fewer cache lines. Layout only: every branch
+//! behaves as before.
 
 use std::hint::cold_path;
 use std::pin::Pin;

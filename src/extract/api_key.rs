@@ -137,10 +137,8 @@ impl ApiKey {
         let one = if headers.len() <= SCAN_MAX {
             one_key_by_scan(headers)
         } else if headers.contains_key(header::AUTHORIZATION) {
-            std::hint::cold_path();
             None
         } else {
-            std::hint::cold_path();
             let mut values = headers.get_all(&X_API_KEY).iter();
             match (values.next(), values.next()) {
                 (Some(value), None) => Some(value),
@@ -152,7 +150,6 @@ impl ApiKey {
         {
             return Ok(key);
         }
-        std::hint::cold_path();
         self.read_checked(headers).map(str::as_bytes)
     }
 
@@ -281,10 +278,7 @@ impl Extractor for ApiKey {
         }
         let entry = match (policy.key_entry_bytes(key, id), &self.resolver) {
             (Some(entry), _) => Some(entry),
-            (None, Some(resolve)) => {
-                std::hint::cold_path();
-                resolve(as_text(key)?)
-            }
+            (None, Some(resolve)) => resolve(as_text(key)?),
             (None, None) => None,
         };
         Ok(Identity::listed(id, entry))
