@@ -339,17 +339,11 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
     fn check<T>(&self, f: &Found<'_, T>, applied: Limits<'_>) -> Step<B::Future> {
         let cost = match f.cost([applied.per_key, applied.per_account, applied.per_org]) {
             Ok(cost) => cost,
-            Err(step) => {
-                cold_path();
-                return step;
-            }
+            Err(step) => return step,
         };
         let pct = match f.reserve_pct() {
             Ok(pct) => pct,
-            Err(step) => {
-                cold_path();
-                return step;
-            }
+            Err(step) => return step,
         };
         let estimate = if applied.has_tokens() {
             cold_path();
