@@ -5,7 +5,7 @@
 //! ```sh
 //! cargo bench --bench instructions --no-run
 //! B=$(ls -t ${CARGO_TARGET_DIR:-target}/release/deps/instructions-* | grep -v '\.d$' | head -1)
-//! for row in bare noop tierlimit tower_governor tower_rate_tier tierlimit_no_headers tower_governor_no_headers tierlimit_two_limits tierlimit_tokens tierlimit_concurrency; do
+//! for row in bare noop tierlimit tower_governor tower_rate_tier tierlimit_no_headers tower_governor_no_headers tierlimit_guests tierlimit_guests_no_headers tierlimit_two_limits tierlimit_tokens tierlimit_concurrency; do
 //!   a=$(valgrind --tool=callgrind --callgrind-out-file=/dev/null $B $row 1000 2>&1 | grep -oP 'Collected : \K\d+')
 //!   b=$(valgrind --tool=callgrind --callgrind-out-file=/dev/null $B $row 11000 2>&1 | grep -oP 'Collected : \K\d+')
 //!   echo "$row $(( (b - a) / 10000 )) instructions per request"
@@ -40,6 +40,8 @@ const ROWS: &[&str] = &[
     "tower_rate_tier",
     "tierlimit_no_headers",
     "tower_governor_no_headers",
+    "tierlimit_guests",
+    "tierlimit_guests_no_headers",
     "tierlimit_two_limits",
     "tierlimit_tokens",
     "tierlimit_concurrency",
@@ -87,6 +89,8 @@ fn run(row: &str, n: usize) {
         "tierlimit_tokens" => tierlimit_tokens(&one),
         "tierlimit_concurrency" => tierlimit_concurrency(&one),
         "tower_governor_no_headers" => tower_governor_no_headers(),
+        "tierlimit_guests" => tierlimit_guests(),
+        "tierlimit_guests_no_headers" => tierlimit_guests_no_headers(),
         other => panic!("unknown row {other}"),
     };
     let key: HeaderValue = one[0].parse().unwrap();
