@@ -475,8 +475,7 @@ impl Policy {
     /// percent (0: the tier ignores `X-Request-Priority`).
     pub fn priority_reserve(&self, tier: TierId) -> u8 {
         // Each of the tier's cells holds it (the request path reads it there).
-        let first = tier.index().saturating_mul(self.inner.categories.len());
-        self.inner.cells.get(first).map_or(0, |c| c.reserve)
+        self.cell(tier, CategoryId(0)).map_or(0, |c| c.reserve)
     }
 
     /// Whether shadow mode applies to a tier and category.
