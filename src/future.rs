@@ -10,7 +10,7 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::admission::{Admitted, Deferred, Resolved};
+use crate::admission::{Admitted, Resolved, Waiting};
 use crate::backend::{BackendError, Decision};
 use crate::overload::Slot;
 use crate::response::AnswerBody;
@@ -42,10 +42,9 @@ pin_project! {
 
 /// A backend check under way, with the ready inner service and the request.
 struct Checking<S, Req, BF> {
-    check: BF,
+    waiting: Box<Waiting<BF>>,
     inner: S,
     req: Req,
-    deferred: Box<Deferred>,
 }
 
 impl<F, S, Req, BF> fmt::Debug for ResponseFuture<F, S, Req, BF> {
@@ -72,19 +71,17 @@ impl<F, S, Req, BF> ResponseFuture<F, S, Req, BF> {
     }
 
     pub(crate) fn checking(
-        check: BF,
+        waiting: Box<Waiting<BF>>,
         inner: S,
         req: Req,
-        deferred: Box<Deferred>,
         slot: Option<Slot>,
     ) -> Self {
         ResponseFuture {
             state: State::Checking {
                 checking: Some(Box::new(Checking {
-                    check,
+                    waiting,
                     inner,
                     req,
-                    deferred,
                 })),
             },
             admitted: None,
@@ -182,14 +179,13 @@ where
     let c = checking
         .as_mut()
         .expect("ResponseFuture polled after completion");
-    let result = ready!(Pin::new(&mut c.check).poll(cx));
+    let result = ready!(Pin::new(&mut c.waiting.check).poll(cx));
     let Checking {
         mut inner,
         req,
-        deferred,
-        ..
+        waiting,
     } = *checking.take().expect("checked above");
-    let resolved = deferred.resolve(result);
+    let resolved = waiting.deferred.resolve(result);
     if let (Some(slot), Resolved::Pass | Resolved::Allow(_)) = (slot.as_mut(), &resolved) {
         // The inner call starts: its latency, not the check's, is what
         // the adaptive capacity follows.

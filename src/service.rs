@@ -69,18 +69,22 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let mut slot = None;
-        match self.shared.admit(&req, &mut slot) {
-            Step::Pass => ResponseFuture::inner(self.inner.call(req), None, slot),
-            Step::Allow(admitted) => {
+        let mut admitted = None;
+        match self.shared.admit(&req, &mut slot, &mut admitted) {
+            // Nothing to write or hold: the future is made with none.
+            Step::Call if admitted.is_none() => {
+                ResponseFuture::inner(self.inner.call(req), None, slot)
+            }
+            Step::Call => {
                 let mut req = req;
-                if let Some(meter) = &admitted.meter {
+                if let Some(meter) = admitted.as_ref().and_then(|a| a.meter.as_ref()) {
                     req.extensions_mut().insert(meter.clone());
                 }
-                ResponseFuture::inner(self.inner.call(req), Some(admitted), slot)
+                ResponseFuture::inner(self.inner.call(req), admitted, slot)
             }
             // A refusal gives its place in the capacity back at once.
             Step::Answer(res) => ResponseFuture::ready(res),
-            Step::Wait(check, deferred) => self.wait(check, deferred, req, slot),
+            Step::Wait(waiting) => self.wait(waiting, req, slot),
         }
     }
 }
@@ -91,8 +95,7 @@ impl<S, E, B> RateLimit<S, E, B> {
     #[inline(never)]
     fn wait<Req, BF>(
         &mut self,
-        check: BF,
-        deferred: Box<crate::admission::Deferred>,
+        waiting: Box<crate::admission::Waiting<BF>>,
         req: Req,
         slot: Option<crate::overload::Slot>,
     ) -> ResponseFuture<S::Future, S, Req, BF>
@@ -103,6 +106,6 @@ impl<S, E, B> RateLimit<S, E, B> {
         // fresh clone (tower's rule for deferred calls).
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::checking(check, inner, req, deferred, slot)
+        ResponseFuture::checking(waiting, inner, req, slot)
     }
 }

@@ -12,6 +12,14 @@ use crate::response::{Answer, HeaderOptions};
 use crate::time::UnixClock;
 use crate::view::PolicyView;
 
+/// A backend's check under way and what resolving its answer needs, in
+/// one box.
+pub(crate) struct Waiting<BF> {
+    /// The backend's check.
+    pub(crate) check: BF,
+    pub(crate) deferred: Deferred,
+}
+
 /// A check under way: everything needed to resolve it, owned.
 pub(crate) struct Deferred {
     pub(super) view: Arc<PolicyView>,

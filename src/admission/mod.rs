@@ -1,7 +1,8 @@
 //! The request path: **classify → identify → limits → check → outcome**.
 //!
-//! [`Shared::admit`] reads a request's head and returns a [`Step`]: pass
-//! (not limited), allow (with the headers to write), answer (a refusal or a
+//! [`Shared::admit`] reads a request's head and returns a [`Step`]: call
+//! the inner service (with what an admitted request holds, its
+//! [`Admitted`], written where the caller keeps it), answer (a refusal or a
 //! rejection, ready to send) or wait (a backend that needs a round trip).
 //! A deferred check carries everything it needs in an owned [`Deferred`],
 //! whose [`resolve`](Deferred::resolve) turns the backend's answer into the
@@ -39,7 +40,7 @@ mod priority;
 mod shed;
 
 pub(crate) use charges::ChargeSet;
-pub(crate) use deferred::Deferred;
+pub(crate) use deferred::{Deferred, Waiting};
 pub(crate) use outcome::{Admitted, Resolved};
 
 use found::{Found, answered};
@@ -85,17 +86,23 @@ pub(crate) struct Shared<E, B> {
 }
 
 /// What the layer does with a request, decided before any inner call.
+///
+/// Two words, returned in registers: what an admitted request holds (its
+/// headers, meter and leases, an [`Admitted`] of about a hundred bytes)
+/// is written once, where the caller keeps it, instead of moving out of
+/// the path's frames inside every step (three whole copies per request,
+/// of a request that had nothing to hold too).
 pub(crate) enum Step<BF> {
-    /// Not limited: call the inner service, write no headers.
-    Pass,
-    /// Allowed: call the inner service, then write its headers (with its
-    /// meter and leases).
-    Allow(Admitted),
+    /// Call the inner service; then write the headers of, and hold the
+    /// meter and leases of, the [`Admitted`] the path wrote, if it wrote
+    /// one (none: not limited, or nothing to write or hold).
+    Call,
     /// Answered by the layer (a refusal or a rejection), boxed as the
-    /// response future keeps it: every step moves small.
+    /// response future keeps it.
     Answer(Box<Response<Bytes>>),
-    /// The backend needs a round trip; resolve its answer with `Deferred`.
-    Wait(BF, Box<Deferred>),
+    /// The backend needs a round trip: its check and everything needed to
+    /// resolve its answer.
+    Wait(Box<Waiting<BF>>),
 }
 
 impl<E, B> Shared<E, B> {
@@ -207,9 +214,17 @@ impl<E: Extractor, B> Shared<E, B> {
 impl<E: Extractor, B: Backend> Shared<E, B> {
     /// The whole request path up to the backend's answer. Under an
     /// `[overload]` table, an admitted request's place in the capacity goes
-    /// into `slot`, to be held until the inner service answers.
-    pub(crate) fn admit<T>(&self, req: &Request<T>, slot: &mut Option<Slot>) -> Step<B::Future> {
-        self.view.with(|view| self.admit_in(view, req, slot))
+    /// into `slot`, to be held until the inner service answers; what an
+    /// admitted request holds (headers to write, a meter, leases) goes into
+    /// `admitted`.
+    pub(crate) fn admit<T>(
+        &self,
+        req: &Request<T>,
+        slot: &mut Option<Slot>,
+        admitted: &mut Option<Admitted>,
+    ) -> Step<B::Future> {
+        self.view
+            .with(|view| self.admit_in(view, req, slot, admitted))
     }
 
     fn admit_in<T>(
@@ -217,6 +232,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         guard: &Arc<PolicyView>,
         req: &Request<T>,
         slot: &mut Option<Slot>,
+        admitted: &mut Option<Admitted>,
     ) -> Step<B::Future> {
         // Classify: which category, at what cost (exempt routes pass).
         match guard.policy.classify(req.method(), req.uri().path()) {
@@ -224,11 +240,11 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 cold_path();
                 match guard.policy.overload_arc() {
                     Some(rules) if rules.sheds_exempt_routes() => self.exempt(rules, req, slot),
-                    _ => Step::Pass,
+                    _ => Step::Call,
                 }
             }
             Target::Category { category, cost } => {
-                self.admit_to(guard, req, category, cost, Some(slot))
+                self.admit_to(guard, req, category, cost, Some(slot), admitted)
             }
         }
     }
@@ -245,6 +261,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         category: CategoryId,
         route_cost: u32,
         slot: Option<&mut Option<Slot>>,
+        admitted: &mut Option<Admitted>,
     ) -> Step<B::Future> {
         let view: &PolicyView = guard;
         let policy: &Policy = &view.policy;
@@ -281,9 +298,9 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         // deep for every request.
         if policy.has_adjustments() {
             cold_path();
-            return self.admit_adjusted(&found, slot);
+            return self.admit_adjusted(&found, slot, admitted);
         }
-        self.admit_limited(&found, None, slot)
+        self.admit_limited(&found, None, slot, admitted)
     }
 
     /// [`admit_to`](Self::admit_to) under a policy with custom limits or
@@ -293,10 +310,11 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         &self,
         found: &Found<'_, T>,
         slot: Option<&mut Option<Slot>>,
+        admitted: &mut Option<Admitted>,
     ) -> Step<B::Future> {
         let f = found;
         let adjusted = self.adjusted(&f.guard.policy, f.cell, f.tier, f.category, &f.identity);
-        self.admit_limited(found, adjusted.as_ref(), slot)
+        self.admit_limited(found, adjusted.as_ref(), slot, admitted)
     }
 
     /// The rest of the request path once its limits are known (`adjusted`:
@@ -307,6 +325,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         found: &Found<'_, T>,
         adjusted: Option<&Applied>,
         slot: Option<&mut Option<Slot>>,
+        admitted: &mut Option<Admitted>,
     ) -> Step<B::Future> {
         let policy: &Policy = &found.guard.policy;
         let path = path(found.cell, adjusted);
@@ -324,11 +343,11 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             Path::Pass => {
                 cold_path();
                 match &self.feed {
-                    None => Step::Pass,
-                    Some(feed) => self.unlimited(feed, found),
+                    None => Step::Call,
+                    Some(feed) => self.unlimited(feed, found, admitted),
                 }
             }
-            Path::Check(limits) => self.check(found, limits),
+            Path::Check(limits) => self.check(found, limits, admitted),
         }
     }
 
@@ -336,7 +355,12 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
     /// nothing: one [`Check`]. A check of one charge alone (the common
     /// case) is built on the spot; any other from a [`ChargeSet`].
     #[inline(always)]
-    fn check<T>(&self, f: &Found<'_, T>, applied: Limits<'_>) -> Step<B::Future> {
+    fn check<T>(
+        &self,
+        f: &Found<'_, T>,
+        applied: Limits<'_>,
+        admitted: &mut Option<Admitted>,
+    ) -> Step<B::Future> {
         let cost = match f.cost([applied.per_key, applied.per_account, applied.per_org]) {
             Ok(cost) => cost,
             Err(step) => return step,
@@ -367,10 +391,11 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 describe: resolving.carried.needs_description(self.headers),
                 ..Check::new(owner, f.identity.is_known(), std::slice::from_ref(&charge))
             };
-            return self.resolve_now(f.guard, f.req, self.backend.check(&check), resolving);
+            let check = self.backend.check(&check);
+            return self.resolve_now(f.guard, f.req, check, resolving, admitted);
         }
         cold_path();
-        self.check_set(f, applied, cost, estimate, pct)
+        self.check_set(f, applied, cost, estimate, pct, admitted)
     }
 
     /// A check built from a [`ChargeSet`]: several limits, tokens, leases.
@@ -382,6 +407,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         cost: u32,
         estimate: u32,
         pct: Option<u8>,
+        admitted: &mut Option<Admitted>,
     ) -> Step<B::Future> {
         let reserve = |max| pct.map_or(0, |p| reserve_for(p, max));
         let mut set = ChargeSet::new(f.cell, applied, &f.identity, cost, estimate, reserve);
@@ -424,14 +450,19 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             lease_id,
             describe: resolving.carried.needs_description(self.headers),
         });
-        self.resolve_now(f.guard, f.req, check, resolving)
+        self.resolve_now(f.guard, f.req, check, resolving, admitted)
     }
 
     /// A request nothing limits, admitted with only its usage record (the
     /// layer has a feed: it is billed all the same).
     #[cold]
     #[inline(never)]
-    fn unlimited<T>(&self, feed: &UsageFeed, f: &Found<'_, T>) -> Step<B::Future> {
+    fn unlimited<T>(
+        &self,
+        feed: &UsageFeed,
+        f: &Found<'_, T>,
+        admitted: &mut Option<Admitted>,
+    ) -> Step<B::Future> {
         let route = f.route_cost;
         let cost = f.identity.cost().map_or(route, |n| route.saturating_mul(n));
         let usage = self.usage(feed, f, cost);
@@ -441,11 +472,12 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             .ietf_draft(false);
         let d = Decision::allow(&Limit::per_second(1), 1);
         let headers = f.cell_view.headers.clone();
-        Step::Allow(Admitted {
+        *admitted = Some(Admitted {
             plan: HeaderPlan::new(&d, headers, none, std::time::Duration::ZERO, [None; 3]),
             meter: None,
             lease: Some(usage.admit(None, None)),
-        })
+        });
+        Step::Call
     }
 
     /// The usage record of request `f` of `cost` units (the layer has a
@@ -478,6 +510,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         req: &Request<T>,
         mut check: B::Future,
         mut s: Resolving<'_>,
+        admitted: &mut Option<Admitted>,
     ) -> Step<B::Future> {
         let policy: &Policy = &guard.policy;
         let polled = Pin::new(&mut check).poll(&mut Context::from_waker(Waker::noop()));
@@ -496,16 +529,19 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                     unix_clock: self.unix_clock.as_ref(),
                 };
                 match outcome.resolve(result, || is_grpc(req.headers())) {
-                    Resolved::Pass => Step::Pass,
-                    Resolved::Allow(admitted) => Step::Allow(admitted),
+                    Resolved::Pass => Step::Call,
+                    Resolved::Allow(a) => {
+                        *admitted = Some(a);
+                        Step::Call
+                    }
                     Resolved::Answer(res) => Step::Answer(Box::new(res)),
                 }
             }
             Poll::Pending => {
                 cold_path();
-                Step::Wait(
+                Step::Wait(Box::new(Waiting {
                     check,
-                    Box::new(Deferred {
+                    deferred: Deferred {
                         view: Arc::clone(guard),
                         carried: s.carried,
                         grpc: is_grpc(req.headers()),
@@ -514,8 +550,8 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                         unix_clock: self.unix_clock.clone(),
                         #[cfg(feature = "metrics")]
                         started: s.started,
-                    }),
-                )
+                    },
+                }))
             }
         }
     }

@@ -359,20 +359,15 @@ mod tests {
     use crate::admission::Step;
     use crate::backend::{BackendError, Decision};
 
-    /// What every admitted request moves from the admission path into its
-    /// response future stays within 128 bytes, which the compiler copies
-    /// inline: larger, each move is a call to `memcpy` (about 30
-    /// instructions; the step leaves the policy view's closure in two
-    /// moves, measured with callgrind).
+    /// What an admitted request moves into its response future stays
+    /// within 128 bytes, which the compiler copies inline: larger, each
+    /// move is a call to `memcpy` (about 30 instructions, measured with
+    /// callgrind). The step the path returns is two words, in registers.
     #[test]
     fn a_step_moves_inline() {
         type MemoryCheck = Ready<Result<Decision, BackendError>>;
         assert!(size_of::<Admitted>() <= 128, "{}", size_of::<Admitted>());
         assert!(size_of::<Option<Admitted>>() <= 128);
-        assert!(
-            size_of::<Step<MemoryCheck>>() <= 128,
-            "{}",
-            size_of::<Step<MemoryCheck>>()
-        );
+        assert_eq!(size_of::<Step<MemoryCheck>>(), 2 * size_of::<usize>());
     }
 }

@@ -28,7 +28,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         match self.overload.enter(rules, SHED_FULL) {
             Some(s) => {
                 *slot = Some(s);
-                Step::Pass
+                Step::Call
             }
             None => {
                 crate::telemetry::shed_exempt();

@@ -81,7 +81,7 @@ pub use envoy_types;
 use answer::{Mistake, Verdict};
 use descriptor::{Descriptors, Read};
 
-use crate::admission::{Resolved, Shared, Step};
+use crate::admission::{Resolved, Shared, Step, Waiting};
 use crate::backend::{Backend, MemoryBackend};
 use crate::layer::RateLimitLayer;
 pub use crate::policy::{DescriptorKeys, EnvoySettings};
@@ -186,7 +186,10 @@ impl<B: Backend> RateLimitServer<B> {
         for p in pending {
             verdicts.push(match p {
                 Pending::Done(v) => v,
-                Pending::Wait(check, deferred) => resolved(deferred.resolve(check.await)),
+                Pending::Wait(waiting) => {
+                    let Waiting { check, deferred } = *waiting;
+                    resolved(deferred.resolve(check.await))
+                }
             });
         }
         answer::respond(verdicts)
@@ -242,15 +245,18 @@ impl<B: Backend> RateLimitServer<B> {
         Read::served(policy, category)?;
         let cost = cost_of(d, hits);
         let req = read.request(policy, cost)?;
+        let mut admitted = None;
         Ok(
             match self
                 .shared
-                .admit_to(guard, &req, category, route_cost, None)
+                .admit_to(guard, &req, category, route_cost, None, &mut admitted)
             {
-                Step::Pass => Pending::Done(Verdict::Unlimited),
-                Step::Allow(admitted) => Pending::Done(resolved(Resolved::Allow(admitted))),
+                Step::Call => match admitted {
+                    None => Pending::Done(Verdict::Unlimited),
+                    Some(a) => Pending::Done(resolved(Resolved::Allow(a))),
+                },
                 Step::Answer(response) => Pending::Done(Verdict::answered(response)),
-                Step::Wait(check, deferred) => Pending::Wait(check, deferred),
+                Step::Wait(waiting) => Pending::Wait(waiting),
             },
         )
     }
@@ -287,5 +293,5 @@ fn resolved(r: Resolved) -> Verdict {
 /// A descriptor started: answered, or waiting for the backend.
 enum Pending<F> {
     Done(Verdict),
-    Wait(F, Box<crate::admission::Deferred>),
+    Wait(Box<Waiting<F>>),
 }
