@@ -178,10 +178,21 @@ impl Decision {
     /// ```
     #[inline]
     pub fn allow_undescribed(limit: &Limit) -> Self {
+        // Written out, not `allow` with two fields replaced: the reset
+        // `allow` works out is not worked out only to be dropped.
         Decision {
+            allowed: true,
+            limit: limit.max(),
             remaining: 0,
             reset_after: Duration::ZERO,
-            ..Decision::allow(limit, limit.max())
+            retry_after: None,
+            window: limit.per(),
+            index: 0,
+            tokens: None,
+            input_tokens: None,
+            output_tokens: None,
+            lease: None,
+            period: limit.period(),
         }
     }
 
@@ -433,6 +444,7 @@ impl Decision {
     }
 }
 
+#[inline]
 fn nanos(n: u128) -> Duration {
     Duration::from_nanos(n.min(u128::from(u64::MAX)) as u64)
 }

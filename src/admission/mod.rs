@@ -347,11 +347,12 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                     Some(feed) => self.unlimited(feed, found, admitted),
                 }
             }
-            Path::Check(limits) => self.check(found, limits, admitted),
+            Path::Check(limits) => self.check(found, limits, adjusted, admitted),
         }
     }
 
-    /// A request under every limit that applies to it, at once, all or
+    /// A request under every limit that applies to it (`applied`, the
+    /// limits `adjusted` gives: `None`, the cell's own), at once, all or
     /// nothing: one [`Check`]. A check of one charge alone (the common
     /// case) is built on the spot; any other from a [`ChargeSet`].
     #[inline(always)]
@@ -359,6 +360,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         &self,
         f: &Found<'_, T>,
         applied: Limits<'_>,
+        adjusted: Option<&Applied>,
         admitted: &mut Option<Admitted>,
     ) -> Step<B::Future> {
         let cost = match f.cost([applied.per_key, applied.per_account, applied.per_org]) {
@@ -395,20 +397,24 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             return self.resolve_now(f.guard, f.req, check, resolving, admitted);
         }
         cold_path();
-        self.check_set(f, applied, cost, estimate, pct, admitted)
+        self.check_set(f, adjusted, cost, estimate, pct, admitted)
     }
 
     /// A check built from a [`ChargeSet`]: several limits, tokens, leases.
+    /// Its limits are read again from `adjusted` (`None`: the cell's own),
+    /// not handed over: a list of limits passed to a function out of line
+    /// is written out in memory first, on the path of every request.
     #[inline(never)]
     fn check_set<T>(
         &self,
         f: &Found<'_, T>,
-        applied: Limits<'_>,
+        adjusted: Option<&Applied>,
         cost: u32,
         estimate: u32,
         pct: Option<u8>,
         admitted: &mut Option<Admitted>,
     ) -> Step<B::Future> {
+        let applied = adjusted.map_or_else(|| f.cell.limits(), Applied::limits);
         let reserve = |max| pct.map_or(0, |p| reserve_for(p, max));
         let mut set = ChargeSet::new(f.cell, applied, &f.identity, cost, estimate, reserve);
         if set.has_calendar() {
