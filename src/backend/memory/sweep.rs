@@ -109,15 +109,27 @@ where
     /// for steps only once in [`STEP_CHECK_EVERY`] on its thread (a clock
     /// read costs more than the rest of the upkeep); a late look catches up
     /// on every step missed, and the reaper looks on every tick.
-    #[inline]
+    ///
+    /// Most requests find nothing to do: that test is made in line, the
+    /// work out of line (its frame is not set up for requests that only
+    /// look).
+    #[inline(always)]
     pub(super) fn maintain(&self, every_time: bool) {
-        let inner = &*self.inner;
-        let budget = &inner.budget;
-        if budget.tracked.load(Ordering::Relaxed) >= budget.next_sweep.load(Ordering::Relaxed) {
-            self.full_sweep(false);
-            return;
+        let budget = &self.inner.budget;
+        let full =
+            budget.tracked.load(Ordering::Relaxed) >= budget.next_sweep.load(Ordering::Relaxed);
+        if full || every_time || step_check_due() {
+            self.upkeep(full);
         }
-        if !every_time && !step_check_due() {
+    }
+
+    /// [`maintain`](Self::maintain)'s work: a whole sweep when the table
+    /// has grown (`full`), else a steady step if one is due.
+    #[inline(never)]
+    fn upkeep(&self, full: bool) {
+        let inner = &*self.inner;
+        if full {
+            self.full_sweep(false);
             return;
         }
         let now = self.elapsed();
