@@ -185,7 +185,9 @@ where
         req,
         waiting,
     } = *checking.take().expect("checked above");
-    let resolved = waiting.deferred.resolve(result);
+    // The finished check is dropped here, before the outcome.
+    let Waiting { deferred, .. } = *waiting;
+    let resolved = deferred.resolve(result);
     if let (Some(slot), Resolved::Pass | Resolved::Allow(_)) = (slot.as_mut(), &resolved) {
         // The inner call starts: its latency, not the check's, is what
         // the adaptive capacity follows.

@@ -62,7 +62,6 @@ impl<T> Found<'_, T> {
     /// count multiplies it; 0 is a rejection, and a cost above any of
     /// `limits`' bursts could never succeed.
     #[inline(always)]
-    #[allow(clippy::result_large_err)] // the answer itself, moved once, on the error path only
     pub(super) fn cost<F>(&self, limits: [&[Limit]; 3]) -> Result<u32, Step<F>> {
         let route = self.route_cost;
         let cost = self
@@ -82,7 +81,6 @@ impl<T> Found<'_, T> {
     /// else the 400 that says which burst it exceeds. (One slice at a time:
     /// a chain of iterators is a call per request here.)
     #[inline(always)]
-    #[allow(clippy::result_large_err)] // as `cost`
     fn fits<F, const N: usize>(
         &self,
         n: u32,
@@ -100,7 +98,6 @@ impl<T> Found<'_, T> {
     /// The request's token estimate (1 unless the extractor set one),
     /// which must fit the burst of every limit that reserves it: of all
     /// tokens and of input tokens (output limits reserve 1).
-    #[allow(clippy::result_large_err)] // as `cost`
     pub(super) fn estimate<F>(&self, applied: Limits<'_>) -> Result<u32, Step<F>> {
         let estimate = self.identity.tokens().unwrap_or(1).max(1);
         let lists = [applied.tokens, applied.account_tokens];
@@ -113,7 +110,6 @@ impl<T> Found<'_, T> {
     /// it (`None`: no reserve, or a critical request). Only tiers with a
     /// reserve read `X-Request-Priority`.
     #[inline(always)]
-    #[allow(clippy::result_large_err)] // as `cost`
     pub(super) fn reserve_pct<F>(&self) -> Result<Option<u8>, Step<F>> {
         let pct = self.cell.reserve;
         if pct == 0 {

@@ -354,7 +354,9 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
     /// A request under every limit that applies to it (`applied`, the
     /// limits `adjusted` gives: `None`, the cell's own), at once, all or
     /// nothing: one [`Check`]. A check of one charge alone (the common
-    /// case) is built on the spot; any other from a [`ChargeSet`].
+    /// case) is built on the spot; any other from a [`ChargeSet`], which
+    /// reads the limits from `adjusted` again: `applied` must be what
+    /// [`path`] gave for them.
     #[inline(always)]
     fn check<T>(
         &self,
@@ -415,6 +417,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         admitted: &mut Option<Admitted>,
     ) -> Step<B::Future> {
         let applied = adjusted.map_or_else(|| f.cell.limits(), Applied::limits);
+        debug_assert!(matches!(path(f.cell, adjusted), Path::Check(l) if l == applied));
         let reserve = |max| pct.map_or(0, |p| reserve_for(p, max));
         let mut set = ChargeSet::new(f.cell, applied, &f.identity, cost, estimate, reserve);
         if set.has_calendar() {

@@ -49,7 +49,6 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
     /// when the tier's fraction is taken.
     #[cold]
     #[inline(never)]
-    #[allow(clippy::result_large_err)] // the answer itself, moved once, when shed
     pub(super) fn shed<T>(
         &self,
         f: &Found<'_, T>,

@@ -157,7 +157,7 @@ pub(crate) struct Applied {
 /// Input and output token limits, per key (per account in a pooled tier)
 /// and per account: four lists of one kind `L` (a cell's boxes, an
 /// [`Applied`]'s buffers, borrowed slices).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct IoTokens<L> {
     pub(crate) input: L,
     pub(crate) output: L,
@@ -223,7 +223,7 @@ impl Applied {
 
 /// The limits that apply to one request, borrowed from its cell or from
 /// an [`Applied`] on the stack (slices: nothing copied).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Limits<'a> {
     pub(crate) per_key: &'a [Limit],
     pub(crate) per_account: &'a [Limit],
