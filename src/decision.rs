@@ -178,22 +178,9 @@ impl Decision {
     /// ```
     #[inline]
     pub fn allow_undescribed(limit: &Limit) -> Self {
-        // Written out, not `allow` with two fields replaced: the reset
-        // `allow` works out is not worked out only to be dropped.
-        Decision {
-            allowed: true,
-            limit: limit.max(),
-            remaining: 0,
-            reset_after: Duration::ZERO,
-            retry_after: None,
-            window: limit.per(),
-            index: 0,
-            tokens: None,
-            input_tokens: None,
-            output_tokens: None,
-            lease: None,
-            period: limit.period(),
-        }
+        // Not `allow` with two fields replaced: the reset `allow` works
+        // out would be worked out only to be dropped.
+        Self::allowed(limit, 0, Duration::ZERO)
     }
 
     /// The decision for an allowed request that leaves `remaining` of
@@ -202,13 +189,20 @@ impl Decision {
     #[inline]
     pub fn allow(limit: &Limit, remaining: u32) -> Self {
         let remaining = remaining.min(limit.max());
+        let reset_after = nanos(
+            u128::from(limit.max() - remaining) * u128::from(limit.emission_interval_nanos()),
+        );
+        Self::allowed(limit, remaining, reset_after)
+    }
+
+    /// An allowed request's decision under `limit`.
+    #[inline]
+    fn allowed(limit: &Limit, remaining: u32, reset_after: Duration) -> Self {
         Decision {
             allowed: true,
             limit: limit.max(),
             remaining,
-            reset_after: nanos(
-                u128::from(limit.max() - remaining) * u128::from(limit.emission_interval_nanos()),
-            ),
+            reset_after,
             retry_after: None,
             window: limit.per(),
             index: 0,
