@@ -186,7 +186,8 @@ where
         waiting,
     } = *checking.take().expect("checked above");
     // The finished check is dropped here, before the outcome.
-    let Waiting { deferred, .. } = *waiting;
+    let Waiting { check, deferred } = *waiting;
+    drop(check);
     let resolved = deferred.resolve(result);
     if let (Some(slot), Resolved::Pass | Resolved::Allow(_)) = (slot.as_mut(), &resolved) {
         // The inner call starts: its latency, not the check's, is what

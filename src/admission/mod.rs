@@ -90,7 +90,7 @@ pub(crate) struct Shared<E, B> {
 /// Two words, returned in registers: what an admitted request holds (its
 /// headers, meter and leases, an [`Admitted`] of about a hundred bytes)
 /// is written once, where the caller keeps it, instead of moving out of
-/// the path's frames inside every step (three whole copies per request,
+/// the path's frames inside every step (two whole copies per request,
 /// of a request that had nothing to hold too).
 pub(crate) enum Step<BF> {
     /// Call the inner service; then write the headers of, and hold the
@@ -399,6 +399,10 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             return self.resolve_now(f.guard, f.req, check, resolving, admitted);
         }
         cold_path();
+        debug_assert_eq!(
+            applied,
+            adjusted.map_or_else(|| f.cell.limits(), Applied::limits)
+        );
         self.check_set(f, adjusted, cost, estimate, pct, admitted)
     }
 
@@ -417,7 +421,6 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         admitted: &mut Option<Admitted>,
     ) -> Step<B::Future> {
         let applied = adjusted.map_or_else(|| f.cell.limits(), Applied::limits);
-        debug_assert!(matches!(path(f.cell, adjusted), Path::Check(l) if l == applied));
         let reserve = |max| pct.map_or(0, |p| reserve_for(p, max));
         let mut set = ChargeSet::new(f.cell, applied, &f.identity, cost, estimate, reserve);
         if set.has_calendar() {
