@@ -251,10 +251,9 @@ impl<B: Backend> RateLimitServer<B> {
                 .shared
                 .admit_to(guard, &req, category, route_cost, None, &mut admitted)
             {
-                Step::Call => match admitted {
-                    None => Pending::Done(Verdict::Unlimited),
-                    Some(a) => Pending::Done(resolved(Resolved::Allow(a))),
-                },
+                Step::Call => {
+                    Pending::Done(resolved(admitted.map_or(Resolved::Pass, Resolved::Allow)))
+                }
                 Step::Answer(response) => Pending::Done(Verdict::answered(response)),
                 Step::Wait(waiting) => Pending::Wait(waiting),
             },
@@ -277,8 +276,8 @@ fn cost_of(d: &RateLimitDescriptor, request: u32) -> u32 {
 /// released at once.
 fn resolved(r: Resolved) -> Verdict {
     match r {
-        // Never for the service's own checks (they always describe their
-        // decision): nothing to describe.
+        // Nothing limits the descriptor (the service's own checks always
+        // describe their decision, so a check never passes bare).
         Resolved::Pass => Verdict::Unlimited,
         Resolved::Allow(admitted) => {
             if let Some(meter) = &admitted.meter {
