@@ -243,7 +243,10 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         admitted: &mut Option<Admitted>,
     ) -> Step<B::Future> {
         // Classify: which category, at what cost (exempt routes pass).
-        match guard.policy.classify(req.method(), req.uri().path()) {
+        match guard
+            .policy
+            .classify_lazily(req.method(), || req.uri().path())
+        {
             Target::Exempt => {
                 cold_path();
                 match guard.policy.overload_arc() {

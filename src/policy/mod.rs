@@ -262,10 +262,23 @@ impl Policy {
     /// category for its method.
     #[inline]
     pub fn classify(&self, method: &Method, path: &str) -> Target {
+        self.classify_lazily(method, || path)
+    }
+
+    /// [`classify`](Self::classify), reading the path only under a policy
+    /// with routes: a request's `Uri::path` (a slice with its bounds
+    /// checked) is then never worked out on the path of a policy without
+    /// them.
+    #[inline]
+    pub(crate) fn classify_lazily<'p>(
+        &self,
+        method: &Method,
+        path: impl FnOnce() -> &'p str,
+    ) -> Target {
         if self.inner.routes.is_empty() {
             self.by_method(method)
         } else {
-            self.classify_routes(method, path)
+            self.classify_routes(method, path())
         }
     }
 
