@@ -50,6 +50,31 @@ fn builds_and_classifies() {
     assert_eq!(p.classify(&Method::GET, "/healthz"), Target::Exempt);
 }
 
+/// The request path's classification reads the path only when a route
+/// needs it: never under a policy without routes, once under one with.
+#[test]
+fn classifies_reading_the_path_only_for_routes() {
+    let calls = std::cell::Cell::new(0);
+    let path = || {
+        calls.set(calls.get() + 1);
+        "/healthz"
+    };
+    let plain = base().build().unwrap();
+    let read = plain.category("read").unwrap();
+    assert_eq!(
+        plain.classify_lazily(&Method::GET, path),
+        Target::Category {
+            category: read,
+            cost: 1
+        }
+    );
+    assert_eq!(calls.get(), 0);
+
+    let routed = base().route(Route::exempt("/healthz")).build().unwrap();
+    assert_eq!(routed.classify_lazily(&Method::GET, path), Target::Exempt);
+    assert_eq!(calls.get(), 1);
+}
+
 #[test]
 fn errors_name_the_entry() {
     let e = base().tier(Tier::new("free")).build().unwrap_err();
