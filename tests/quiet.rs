@@ -1,0 +1,200 @@
+//! A layer that writes no rate-limit header (`x_ratelimit(false)`, the
+//! draft off, no usage feed) takes the request path's bare branch: an
+//! allowed request passes without what it would carry to be described.
+//! Everything else must be as with headers: exact counts under a burst,
+//! refusals described (429 with `Retry-After`, gRPC `RESOURCE_EXHAUSTED`),
+//! shadow mode, and a backend that answers later (Redis), fails or stops.
+//! (The reserve and refusals step by step, beside a layer that writes the
+//! headers: `http::a_layer_writing_no_header_refuses_as_one_that_does`.)
+
+mod common;
+
+#[cfg(feature = "tonic")]
+#[allow(dead_code)]
+#[path = "../examples/tonic_grpc.rs"]
+mod demo;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use axum::Router;
+use axum::routing::get;
+use common::{client, fake_memory, serve};
+use tierlimit::{HeaderOptions, Policy, RateLimitLayer};
+
+/// Every test starts here: the key secret the Redis test needs is set
+/// before any key is hashed (a policy's keys are, when it is read).
+fn secret() {
+    static SECRET: std::sync::Once = std::sync::Once::new();
+    SECRET.call_once(|| tierlimit::set_key_secret(b"tierlimit-test-secret-0123456789").unwrap());
+}
+
+/// Headers off: the bare branch.
+fn quiet() -> HeaderOptions {
+    HeaderOptions::default()
+        .x_ratelimit(false)
+        .ietf_draft(false)
+}
+
+fn policy(limit: &str, extra: &str) -> Policy {
+    Policy::from_toml_str(&format!(
+        "categories = [\"read\", \"write\"]\n[tiers.t]\nread = \"{limit}\"\nwrite = \"{limit}\"\n[keys]\n\"k\" = \"t\"\n{extra}"
+    ))
+    .unwrap()
+}
+
+fn app<B: tierlimit::backend::Backend>(layer: RateLimitLayer<tierlimit::ApiKey, B>) -> Router {
+    Router::new()
+        .route("/v1/x", get(|| async { "ok" }))
+        .layer(layer)
+}
+
+/// `tasks` tasks sending `each` requests as key `k` to `urls` (in turn):
+/// the statuses counted, each 429 checked for `Retry-After`, each 200 for
+/// no rate-limit header.
+async fn burst(urls: &[String], tasks: usize, each: usize) -> (u32, u32) {
+    let (ok, refused) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let mut running = Vec::new();
+    for t in 0..tasks {
+        let (c, url) = (client(), urls[t % urls.len()].clone());
+        let (ok, refused) = (Arc::clone(&ok), Arc::clone(&refused));
+        running.push(tokio::spawn(async move {
+            for _ in 0..each {
+                let res = c.get(&url).header("x-api-key", "k").send().await.unwrap();
+                match res.status().as_u16() {
+                    200 => {
+                        assert!(res.headers().get("x-ratelimit-remaining").is_none());
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    429 => {
+                        assert!(res.headers().get("retry-after").is_some());
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    s => panic!("status {s}: {}", res.text().await.unwrap()),
+                }
+            }
+        }));
+    }
+    for t in running {
+        t.await.unwrap();
+    }
+    (ok.load(Ordering::Relaxed), refused.load(Ordering::Relaxed))
+}
+
+/// 400 requests from 32 tasks at once, more than two cores serve at once,
+/// against 50 a day: exactly 50 pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writing_no_header_admits_exactly_the_limit_under_a_burst() {
+    secret();
+    let layer = RateLimitLayer::builder(policy("50/day", ""))
+        .backend(fake_memory())
+        .headers(quiet())
+        .build();
+    let server = serve(app(layer)).await;
+    assert_eq!(burst(&[server.url("/v1/x")], 32, 12).await, (50, 334));
+}
+
+/// Shadow mode writing no header: every request passes, the would-be
+/// refusals are counted.
+#[tokio::test]
+async fn writing_no_header_in_shadow_mode_passes_and_counts() {
+    secret();
+    let layer = RateLimitLayer::builder(policy("2/day", "[shadow]\ntiers = [\"t\"]\n"))
+        .backend(fake_memory())
+        .headers(quiet())
+        .build();
+    let server = serve(app(layer.clone())).await;
+    assert_eq!(burst(&[server.url("/v1/x")], 1, 5).await, (5, 0));
+    assert_eq!(layer.shadow_refusals(), 3);
+}
+
+/// gRPC writing no header: the 101st read is `RESOURCE_EXHAUSTED` with its
+/// retry metadata; the calls before carry no rate-limit metadata.
+#[cfg(feature = "tonic")]
+#[tokio::test]
+async fn grpc_writing_no_header_is_exhausted_past_the_limit() {
+    secret();
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let layer = RateLimitLayer::builder(common::spec_policy())
+        .backend(fake_memory())
+        .headers(quiet())
+        .build();
+    let server = common::serve_grpc(layer, demo::grpc_routes().await).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .timeout(std::time::Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let check = || {
+        let mut req = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        req.metadata_mut()
+            .insert("x-api-key", "free-demo-key".parse().unwrap());
+        req
+    };
+    for i in 0..100 {
+        let res = health
+            .check(check())
+            .await
+            .unwrap_or_else(|e| panic!("{i}: {e}"));
+        assert!(res.metadata().get("x-ratelimit-limit").is_none());
+    }
+    let status = health.check(check()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(status.metadata().get("retry-after").unwrap(), "36");
+}
+
+/// Two servers writing no header on one Redis: the check answers later, and
+/// exactly the limit passes across both; with Redis gone and the backend
+/// failing closed, a 503, not a pass.
+#[cfg(all(feature = "redis", feature = "test-util"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writing_no_header_on_redis_is_exact_across_servers_and_fails_closed() {
+    use common::redis::{RedisServer, available, fake_clock_backend};
+    use tierlimit::backend::FailurePolicy;
+
+    secret();
+    let headers = quiet();
+    if !available() {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let clock = governor::clock::FakeRelativeClock::default();
+    let mut urls = Vec::new();
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let layer = RateLimitLayer::builder(policy("40/day", ""))
+            .backend(fake_clock_backend(&redis, &clock).await)
+            .headers(headers)
+            .build();
+        let s = serve(app(layer)).await;
+        urls.push(s.url("/v1/x"));
+        servers.push(s);
+    }
+    assert_eq!(burst(&urls, 16, 10).await, (40, 120));
+
+    let backend = tierlimit::RedisBackend::builder(redis.url())
+        .failure_policy(FailurePolicy::FailClosed)
+        .timeout(std::time::Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap();
+    let layer = RateLimitLayer::builder(policy("40/day", ""))
+        .backend(backend)
+        .headers(headers)
+        .build();
+    let s = serve(app(layer)).await;
+    redis.kill();
+    let res = client()
+        .get(s.url("/v1/x"))
+        .header("x-api-key", "k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+}
