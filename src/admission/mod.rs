@@ -394,11 +394,17 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             0
         };
         let reserve = |max| pct.map_or(0, |p| reserve_for(p, max));
-        if let Some((owner, charge)) = ChargeSet::alone(f.cell, applied, &f.identity, cost, reserve)
-        {
-            if self.feed.is_none() && !self.headers.need_plan() {
+        // Nothing to describe (no header to write, no usage record): the
+        // bare branch, one charge at a time.
+        if self.feed.is_none() && !self.headers.need_plan() {
+            if let Some((owner, charge)) =
+                ChargeSet::alone(f.cell, applied, &f.identity, cost, reserve)
+            {
                 return self.check_bare(f, owner, &charge, admitted);
             }
+        } else if let Some((owner, charge)) =
+            ChargeSet::alone(f.cell, applied, &f.identity, cost, reserve)
+        {
             let mut resolving = f.resolving();
             resolving.carried.reserves[0] = charge.reserve;
             if let Some(feed) = &self.feed {
