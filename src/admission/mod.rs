@@ -448,9 +448,8 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             #[cfg(feature = "metrics")]
             {
                 crate::telemetry::check_duration(started.elapsed());
-                let policy = &f.guard.policy;
-                let names = (policy.tier_name(f.tier), policy.category_name(f.category));
-                f.cell_view.metrics(names.0, names.1).allowed.increment(1);
+                f.cell_view
+                    .count_allowed(&f.guard.policy, f.tier, f.category);
             }
             return Step::Call;
         }
@@ -491,9 +490,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 crate::telemetry::check_duration(started.elapsed());
                 self.ready(&f.guard.policy, f.req, result, resolving, admitted)
             }
-            // Polled again there, as a future may be: still waiting, it
-            // is handed to the response future.
-            Poll::Pending => self.resolve_now(f.guard, f.req, check, resolving, admitted),
+            Poll::Pending => self.wait(f.guard, f.req, check, resolving),
         }
     }
 
@@ -657,20 +654,33 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             }
             Poll::Pending => {
                 cold_path();
-                Step::Wait(Box::new(Waiting {
-                    check,
-                    deferred: Deferred {
-                        view: Arc::clone(guard),
-                        carried: s.carried,
-                        grpc: is_grpc(req.headers()),
-                        shadowed: Arc::clone(&self.shadowed),
-                        options: self.headers,
-                        unix_clock: self.unix_clock.clone(),
-                        #[cfg(feature = "metrics")]
-                        started: s.started,
-                    },
-                }))
+                self.wait(guard, req, check, s)
             }
         }
+    }
+
+    /// A check the backend has not answered yet (Redis), handed to the
+    /// response future with everything needed to resolve its answer.
+    #[inline(always)]
+    fn wait<T>(
+        &self,
+        guard: &Arc<PolicyView>,
+        req: &Request<T>,
+        check: B::Future,
+        s: Resolving<'_>,
+    ) -> Step<B::Future> {
+        Step::Wait(Box::new(Waiting {
+            check,
+            deferred: Deferred {
+                view: Arc::clone(guard),
+                carried: s.carried,
+                grpc: is_grpc(req.headers()),
+                shadowed: Arc::clone(&self.shadowed),
+                options: self.headers,
+                unix_clock: self.unix_clock.clone(),
+                #[cfg(feature = "metrics")]
+                started: s.started,
+            },
+        }))
     }
 }
