@@ -92,16 +92,6 @@ impl CellView {
             .clone()
     }
 
-    /// Counts an allowed request of the cell (`tier`, `category`: its ids
-    /// in `policy`) that passes with nothing to describe: on the request
-    /// path's bare branch and as the outcome of a check alike.
-    #[cfg(feature = "metrics")]
-    #[inline]
-    pub(crate) fn count_allowed(&self, policy: &Policy, tier: TierId, category: CategoryId) {
-        let names = (policy.tier_name(tier), policy.category_name(category));
-        self.metrics(names.0, names.1).allowed.increment(1);
-    }
-
     /// The cell's request counters, made on first use with its names.
     #[cfg(feature = "metrics")]
     pub(crate) fn metrics(&self, tier: &str, category: &str) -> &crate::telemetry::CellMetrics {

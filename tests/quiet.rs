@@ -1,11 +1,11 @@
 //! A layer that writes no rate-limit header (`x_ratelimit(false)`, the
-//! draft off, no usage feed) takes the request path's bare branch: an
-//! allowed request passes without what it would carry to be described.
-//! Everything else must be as with headers: exact counts under a burst,
-//! refusals described (429 with `Retry-After`, gRPC `RESOURCE_EXHAUSTED`),
-//! shadow mode, and a backend that answers later (Redis), fails or stops.
-//! (The reserve and refusals step by step, beside a layer that writes the
-//! headers: `http::a_layer_writing_no_header_refuses_as_one_that_does`.)
+//! draft off, no usage feed): its checks are not described, and an
+//! allowed request carries nothing to its response. Everything else must
+//! be as with headers: exact counts under a burst, refusals described
+//! (429 with `Retry-After`, gRPC `RESOURCE_EXHAUSTED`), shadow mode, and a
+//! backend that answers later (Redis), fails or stops. (The reserve and
+//! refusals step by step, beside a layer that writes the headers:
+//! `http::a_layer_writing_no_header_refuses_as_one_that_does`.)
 
 mod common;
 
@@ -29,7 +29,7 @@ fn secret() {
     SECRET.call_once(|| tierlimit::set_key_secret(b"tierlimit-test-secret-0123456789").unwrap());
 }
 
-/// Headers off: the bare branch.
+/// Headers off.
 fn quiet() -> HeaderOptions {
     HeaderOptions::default()
         .x_ratelimit(false)

@@ -47,7 +47,7 @@ use found::{Found, answered};
 use outcome::{Outcome, Resolving};
 use priority::reserve_for;
 
-use crate::backend::{Backend, BackendError, Charge, Check, Decision};
+use crate::backend::{Backend, Check, Decision};
 use crate::extract::{Extractor, Identity, PeerIp, Rejection, RequestRef, is_grpc};
 use crate::feed::{Usage, UsageFeed};
 use crate::overload::{Overload, Slot};
@@ -394,16 +394,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             0
         };
         let reserve = |max| pct.map_or(0, |p| reserve_for(p, max));
-        // Nothing to describe (no header to write, no usage record): the
-        // bare branch, one charge at a time.
-        if self.feed.is_none() && !self.headers.need_plan() {
-            if let Some((owner, charge)) =
-                ChargeSet::alone(f.cell, applied, &f.identity, cost, reserve)
-            {
-                return self.check_bare(f, owner, &charge, admitted);
-            }
-        } else if let Some((owner, charge)) =
-            ChargeSet::alone(f.cell, applied, &f.identity, cost, reserve)
+        if let Some((owner, charge)) = ChargeSet::alone(f.cell, applied, &f.identity, cost, reserve)
         {
             let mut resolving = f.resolving();
             resolving.carried.reserves[0] = charge.reserve;
@@ -411,117 +402,16 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
                 cold_path();
                 resolving.carried.usage = Some(self.usage(feed, f, cost));
             }
-            // Described: a header plan to make, or a usage record.
-            debug_assert!(resolving.carried.needs_description(self.headers));
-            let check = Check::new(owner, f.identity.is_known(), std::slice::from_ref(&charge));
+            let check = Check {
+                describe: resolving.carried.needs_description(self.headers),
+                ..Check::new(owner, f.identity.is_known(), std::slice::from_ref(&charge))
+            };
             let check = self.backend.check(&check);
             return self.resolve_now(f.guard, f.req, check, resolving, admitted);
         }
         cold_path();
         debug_assert_eq!(applied, limits(f.cell, adjusted));
         self.check_set(f, adjusted, cost, estimate, pct, admitted)
-    }
-
-    /// A check of one charge with nothing to describe (no header to write,
-    /// no usage record): an allowed answer passes as it is, and only any
-    /// other answer (a refusal, an error, a round trip) is settled with what
-    /// the request carries, made then.
-    #[inline(always)]
-    fn check_bare<T>(
-        &self,
-        f: &Found<'_, T>,
-        owner: u64,
-        charge: &Charge,
-        admitted: &mut Option<Admitted>,
-    ) -> Step<B::Future> {
-        let check = Check {
-            describe: false,
-            ..Check::new(owner, f.identity.is_known(), std::slice::from_ref(charge))
-        };
-        #[cfg(feature = "metrics")]
-        let started = std::time::Instant::now();
-        let mut check = self.backend.check(&check);
-        let polled = Pin::new(&mut check).poll(&mut Context::from_waker(Waker::noop()));
-        if let Poll::Ready(Ok(d)) = &polled
-            && d.allowed
-        {
-            #[cfg(feature = "metrics")]
-            {
-                crate::telemetry::check_duration(started.elapsed());
-                f.cell_view
-                    .count_allowed(&f.guard.policy, f.tier, f.category);
-            }
-            return Step::Call;
-        }
-        self.settle_bare(
-            f,
-            check,
-            polled,
-            charge.reserve,
-            #[cfg(feature = "metrics")]
-            started,
-            admitted,
-        )
-    }
-
-    /// [`check_bare`](Self::check_bare)'s other answers, out of line: a
-    /// ready one is resolved as [`resolve_now`](Self::resolve_now)
-    /// resolves it, a pending one handed to it.
-    #[cold]
-    #[inline(never)]
-    fn settle_bare<T>(
-        &self,
-        f: &Found<'_, T>,
-        check: B::Future,
-        polled: Poll<Result<Decision, BackendError>>,
-        reserve: u32,
-        #[cfg(feature = "metrics")] started: std::time::Instant,
-        admitted: &mut Option<Admitted>,
-    ) -> Step<B::Future> {
-        let mut resolving = f.resolving();
-        resolving.carried.reserves[0] = reserve;
-        #[cfg(feature = "metrics")]
-        {
-            resolving.started = started;
-        }
-        match polled {
-            Poll::Ready(result) => {
-                #[cfg(feature = "metrics")]
-                crate::telemetry::check_duration(started.elapsed());
-                self.ready(&f.guard.policy, f.req, result, resolving, admitted)
-            }
-            Poll::Pending => self.wait(f.guard, f.req, check, resolving),
-        }
-    }
-
-    /// A check the backend answered (`result`) turned into the step.
-    #[inline(always)]
-    fn ready<T>(
-        &self,
-        policy: &Policy,
-        req: &Request<T>,
-        result: Result<Decision, BackendError>,
-        mut s: Resolving<'_>,
-        admitted: &mut Option<Admitted>,
-    ) -> Step<B::Future> {
-        let mut outcome = Outcome {
-            policy,
-            cell: s.cell,
-            // Borrowed, not moved: what the path just wrote is read
-            // field by field, never copied out whole.
-            carried: &mut s.carried,
-            shadowed: &self.shadowed,
-            options: self.headers,
-            unix_clock: self.unix_clock.as_ref(),
-        };
-        match outcome.resolve(result, || is_grpc(req.headers())) {
-            Resolved::Pass => Step::Call,
-            Resolved::Allow(a) => {
-                *admitted = Some(a);
-                Step::Call
-            }
-            Resolved::Answer(res) => Step::Answer(Box::new(res)),
-        }
     }
 
     /// A check built from a [`ChargeSet`]: several limits, tokens, leases.
@@ -641,7 +531,7 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
         guard: &Arc<PolicyView>,
         req: &Request<T>,
         mut check: B::Future,
-        s: Resolving<'_>,
+        mut s: Resolving<'_>,
         admitted: &mut Option<Admitted>,
     ) -> Step<B::Future> {
         let policy: &Policy = &guard.policy;
@@ -650,37 +540,41 @@ impl<E: Extractor, B: Backend> Shared<E, B> {
             Poll::Ready(result) => {
                 #[cfg(feature = "metrics")]
                 crate::telemetry::check_duration(s.started.elapsed());
-                self.ready(policy, req, result, s, admitted)
+                let mut outcome = Outcome {
+                    policy,
+                    cell: s.cell,
+                    // Borrowed, not moved: what the path just wrote is read
+                    // field by field, never copied out whole.
+                    carried: &mut s.carried,
+                    shadowed: &self.shadowed,
+                    options: self.headers,
+                    unix_clock: self.unix_clock.as_ref(),
+                };
+                match outcome.resolve(result, || is_grpc(req.headers())) {
+                    Resolved::Pass => Step::Call,
+                    Resolved::Allow(a) => {
+                        *admitted = Some(a);
+                        Step::Call
+                    }
+                    Resolved::Answer(res) => Step::Answer(Box::new(res)),
+                }
             }
             Poll::Pending => {
                 cold_path();
-                self.wait(guard, req, check, s)
+                Step::Wait(Box::new(Waiting {
+                    check,
+                    deferred: Deferred {
+                        view: Arc::clone(guard),
+                        carried: s.carried,
+                        grpc: is_grpc(req.headers()),
+                        shadowed: Arc::clone(&self.shadowed),
+                        options: self.headers,
+                        unix_clock: self.unix_clock.clone(),
+                        #[cfg(feature = "metrics")]
+                        started: s.started,
+                    },
+                }))
             }
         }
-    }
-
-    /// A check the backend has not answered yet (Redis), handed to the
-    /// response future with everything needed to resolve its answer.
-    #[inline(always)]
-    fn wait<T>(
-        &self,
-        guard: &Arc<PolicyView>,
-        req: &Request<T>,
-        check: B::Future,
-        s: Resolving<'_>,
-    ) -> Step<B::Future> {
-        Step::Wait(Box::new(Waiting {
-            check,
-            deferred: Deferred {
-                view: Arc::clone(guard),
-                carried: s.carried,
-                grpc: is_grpc(req.headers()),
-                shadowed: Arc::clone(&self.shadowed),
-                options: self.headers,
-                unix_clock: self.unix_clock.clone(),
-                #[cfg(feature = "metrics")]
-                started: s.started,
-            },
-        }))
     }
 }

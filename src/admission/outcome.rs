@@ -140,8 +140,8 @@ impl<'a> Outcome<'a> {
             matches!(result, Ok(d) if d.allowed) && !self.carried.needs_description(self.options);
         #[cfg(feature = "metrics")]
         if bare {
-            let (tier, category) = (self.carried.tier, self.carried.category);
-            self.cell.count_allowed(self.policy, tier, category);
+            let names = self.names();
+            self.cell.metrics(names.0, names.1).allowed.increment(1);
         }
         bare
     }
