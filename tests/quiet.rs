@@ -3,7 +3,7 @@
 //! allowed request carries nothing to its response. Everything else must
 //! be as with headers: exact counts under a burst, refusals described
 //! (429 with `Retry-After`, gRPC `RESOURCE_EXHAUSTED`), shadow mode, and a
-//! backend that answers later (Redis), fails or stops. (The reserve and
+//! backend that answers later (Redis) or stops. (The reserve and
 //! refusals step by step, beside a layer that writes the headers:
 //! `http::a_layer_writing_no_header_refuses_as_one_that_does`.)
 
@@ -81,8 +81,8 @@ async fn burst(urls: &[String], tasks: usize, each: usize) -> (u32, u32) {
     (ok.load(Ordering::Relaxed), refused.load(Ordering::Relaxed))
 }
 
-/// 384 requests from 32 tasks at once, more than two cores serve at once,
-/// against 50 a day: exactly 50 pass.
+/// 384 requests from 32 tasks at once (more than two cores serve at
+/// once) against 50 a day: exactly 50 pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writing_no_header_admits_exactly_the_limit_under_a_burst() {
     secret();
@@ -170,7 +170,7 @@ async fn writing_no_header_on_redis_is_exact_across_servers_and_fails_closed() {
     let mut servers = Vec::new();
     for _ in 0..2 {
         // Failing closed, with time to spare: a slow machine can fail
-        // the test with a 503, never admit more by falling back.
+        // the test (a 503, a timeout), never admit more by falling back.
         let backend = RedisBackend::builder(redis.url())
             .fake_clock(clock.clone())
             .failure_policy(FailurePolicy::FailClosed)
