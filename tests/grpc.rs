@@ -7,10 +7,9 @@ mod common;
 #[path = "../examples/tonic_grpc.rs"]
 mod demo;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{client, spec_policy, unix_now};
+use common::{client, grpc_channel, spec_policy, unix_now};
 use governor::clock::FakeRelativeClock;
 use tierlimit::{ApiKey, MemoryBackend, RateLimitLayer};
 use tonic::Code;
@@ -30,15 +29,6 @@ fn fake_layer(clock: &FakeRelativeClock) -> Layer {
 /// A tonic server with the layer and the demo's services, on 127.0.0.1:0.
 async fn tonic_server(layer: Layer) -> common::Server {
     common::serve_grpc(layer, demo::grpc_routes().await).await
-}
-
-async fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .unwrap()
 }
 
 fn check_request(headers: &[(&'static str, &str)]) -> tonic::Request<HealthCheckRequest> {
@@ -66,7 +56,7 @@ fn meta(md: &tonic::metadata::MetadataMap, key: &str) -> Option<u64> {
 async fn allowed_calls_carry_rate_limit_metadata() {
     let clock = FakeRelativeClock::default();
     let server = tonic_server(fake_layer(&clock)).await;
-    let mut health = HealthClient::new(channel(server.addr).await);
+    let mut health = HealthClient::new(grpc_channel(server.addr).await);
     let before = unix_now();
     let res = health
         .check(check_request(&[("x-api-key", "free-demo-key")]))
@@ -86,7 +76,7 @@ async fn allowed_calls_carry_rate_limit_metadata() {
 
     // Bearer in `authorization` works too; the demo's own service is ai.
     let req = completion_as("hi", 0, "authorization", "Bearer pro-demo-key");
-    let res = demo::inference::complete(channel(server.addr).await, req)
+    let res = demo::inference::complete(grpc_channel(server.addr).await, req)
         .await
         .unwrap();
     assert_eq!(meta(res.metadata(), "x-ratelimit-limit"), Some(500));
@@ -99,7 +89,7 @@ async fn allowed_calls_carry_rate_limit_metadata() {
 async fn the_101st_check_is_resource_exhausted_with_retry_details() {
     let clock = FakeRelativeClock::default();
     let server = tonic_server(fake_layer(&clock)).await;
-    let mut health = HealthClient::new(channel(server.addr).await);
+    let mut health = HealthClient::new(grpc_channel(server.addr).await);
     for i in 0..100 {
         let res = health
             .check(check_request(&[("x-api-key", "free-demo-key")]))
@@ -156,7 +146,7 @@ async fn the_101st_check_is_resource_exhausted_with_retry_details() {
 async fn bad_keys_get_unauthenticated_or_invalid_argument_never_internal() {
     let clock = FakeRelativeClock::default();
     let server = tonic_server(fake_layer(&clock)).await;
-    let mut health = HealthClient::new(channel(server.addr).await);
+    let mut health = HealthClient::new(grpc_channel(server.addr).await);
     let long = "k".repeat(300);
     let cases: [(&[(&'static str, &str)], Code); 5] = [
         (&[], Code::Unauthenticated),
@@ -184,7 +174,7 @@ async fn mixed_server_answers_each_protocol_in_its_own_form() {
     let app = demo::mixed_app(fake_layer(&clock)).await;
     let server = common::serve(app).await;
     let http = client();
-    let mut health = HealthClient::new(channel(server.addr).await);
+    let mut health = HealthClient::new(grpc_channel(server.addr).await);
 
     let check = || check_request(&[("x-api-key", "free-demo-key")]);
     let account = || {
@@ -224,7 +214,7 @@ async fn mixed_server_answers_each_protocol_in_its_own_form() {
 
     // The AI category over gRPC: the demo service on the same port.
     let req = completion("x", 0);
-    let res = demo::inference::complete(channel(server.addr).await, req)
+    let res = demo::inference::complete(grpc_channel(server.addr).await, req)
         .await
         .unwrap();
     assert_eq!(meta(res.metadata(), "x-ratelimit-limit"), Some(50));
@@ -323,7 +313,7 @@ category = "read"
         .backend(MemoryBackend::builder().clock(clock.clone()).build())
         .build();
     let server = tonic_server(layer).await;
-    let mut health = HealthClient::new(channel(server.addr).await);
+    let mut health = HealthClient::new(grpc_channel(server.addr).await);
     let check = || check_request(&[("x-api-key", "free-demo-key")]);
     let res = health.check(check()).await.unwrap();
     assert_eq!(meta(res.metadata(), "x-ratelimit-limit"), Some(2));
@@ -418,10 +408,12 @@ async fn unary_completions_settle_tokens_and_the_fourth_is_resource_exhausted() 
     let layer = token_layer(&clock);
     let server = tonic_server(layer.clone()).await;
     for left in [999, 599, 199] {
-        let res =
-            demo::inference::complete(channel(server.addr).await, completion("hello world", 398))
-                .await
-                .unwrap();
+        let res = demo::inference::complete(
+            grpc_channel(server.addr).await,
+            completion("hello world", 398),
+        )
+        .await
+        .unwrap();
         assert_eq!(meta(res.metadata(), "x-ratelimit-limit-tokens"), Some(1000));
         assert_eq!(
             meta(res.metadata(), "x-ratelimit-remaining-tokens"),
@@ -429,10 +421,12 @@ async fn unary_completions_settle_tokens_and_the_fourth_is_resource_exhausted() 
         );
         assert_eq!(res.into_inner().total_tokens, 400);
     }
-    let status =
-        demo::inference::complete(channel(server.addr).await, completion("hello world", 398))
-            .await
-            .unwrap_err();
+    let status = demo::inference::complete(
+        grpc_channel(server.addr).await,
+        completion("hello world", 398),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(meta(status.metadata(), "retry-after"), Some(724));
     assert_quota_says(&status, "ai token limit of 1000 per 3600 s");
@@ -446,7 +440,7 @@ async fn a_server_stream_settles_when_it_ends_or_the_client_goes_away() {
     let server = tonic_server(layer.clone()).await;
     // To the end: 3 prompt words + 40 tokens in 3 messages.
     let res = demo::inference::complete_stream(
-        channel(server.addr).await,
+        grpc_channel(server.addr).await,
         completion("one two three", 40),
     )
     .await

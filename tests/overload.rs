@@ -314,7 +314,6 @@ async fn an_adaptive_capacity_is_reported_by_the_usage_endpoint_and_the_admin_ap
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shed_grpc_call_is_unavailable_with_a_pushback_and_retry_info() {
-    use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_types::StatusExt;
 
@@ -339,21 +338,8 @@ async fn a_shed_grpc_call_is_unavailable_with_a_pushback_and_retry_info() {
             .send()
             .await;
     })]);
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", s.addr))
-        .unwrap()
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .unwrap();
-    let mut health = HealthClient::new(channel);
-    let call = || {
-        let mut req = tonic::Request::new(HealthCheckRequest {
-            service: String::new(),
-        });
-        req.metadata_mut()
-            .insert("x-api-key", "enterprise-demo-key".parse().unwrap());
-        req
-    };
+    let mut health = HealthClient::new(common::grpc_channel(s.addr).await);
+    let call = || common::health_check("enterprise-demo-key");
     // Until the held request is counted, a check may pass.
     let mut status = None;
     for _ in 0..2_000 {

@@ -23,7 +23,9 @@ use common::{client, fake_memory, serve};
 use tierlimit::{HeaderOptions, Policy, RateLimitLayer};
 
 /// Every test starts here: the key secret the Redis test needs is set
-/// before any key is hashed (a policy's keys are, when it is read).
+/// before any key is hashed (a policy's keys are, when it is read). The
+/// same as `common::redis::SECRET`, which exists only with the `redis`
+/// feature (and which a bench includes by path, outside `common`).
 fn secret() {
     static SECRET: std::sync::Once = std::sync::Once::new();
     SECRET.call_once(|| tierlimit::set_key_secret(b"tierlimit-test-secret-0123456789").unwrap());
@@ -113,30 +115,17 @@ async fn writing_no_header_in_shadow_mode_passes_and_counts() {
 #[cfg(feature = "tonic")]
 #[tokio::test]
 async fn grpc_writing_no_header_is_exhausted_past_the_limit() {
-    secret();
-    use tonic_health::pb::HealthCheckRequest;
+    use common::{grpc_channel, health_check};
     use tonic_health::pb::health_client::HealthClient;
 
+    secret();
     let layer = RateLimitLayer::builder(common::spec_policy())
         .backend(fake_memory())
         .headers(quiet())
         .build();
     let server = common::serve_grpc(layer, demo::grpc_routes().await).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .timeout(std::time::Duration::from_secs(10))
-        .connect()
-        .await
-        .unwrap();
-    let mut health = HealthClient::new(channel);
-    let check = || {
-        let mut req = tonic::Request::new(HealthCheckRequest {
-            service: String::new(),
-        });
-        req.metadata_mut()
-            .insert("x-api-key", "free-demo-key".parse().unwrap());
-        req
-    };
+    let mut health = HealthClient::new(grpc_channel(server.addr).await);
+    let check = || health_check("free-demo-key");
     for i in 0..100 {
         let res = health
             .check(check())

@@ -333,7 +333,7 @@ async fn batched_redis_admits_exactly_the_limit_over_grpc() {
             .backend(backend)
             .build();
         let server = crate::common::serve_grpc(layer, crate::grpc_demo::grpc_routes().await).await;
-        channels.push(grpc_channel(server.addr).await);
+        channels.push(crate::common::grpc_channel(server.addr).await);
         servers.push(server);
     }
     let mut calls = Vec::new();
@@ -341,7 +341,10 @@ async fn batched_redis_admits_exactly_the_limit_over_grpc() {
         let mut health =
             tonic_health::pb::health_client::HealthClient::new(channels[i % 2].clone());
         calls.push(tokio::spawn(async move {
-            health.check(free_key_check()).await.map_err(|s| s.code())
+            health
+                .check(crate::common::health_check("free-demo-key"))
+                .await
+                .map_err(|s| s.code())
         }));
     }
     let (mut ok, mut exhausted) = (0, 0);
@@ -353,26 +356,6 @@ async fn batched_redis_admits_exactly_the_limit_over_grpc() {
         }
     }
     assert_eq!((ok, exhausted), (100, 300));
-}
-
-#[cfg(feature = "tonic")]
-async fn grpc_channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
-    tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .unwrap()
-}
-
-#[cfg(feature = "tonic")]
-fn free_key_check() -> tonic::Request<tonic_health::pb::HealthCheckRequest> {
-    let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
-        service: String::new(),
-    });
-    req.metadata_mut()
-        .insert("x-api-key", "free-demo-key".parse().unwrap());
-    req
 }
 
 /// Token charges are batched like request units: each request takes its

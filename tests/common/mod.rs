@@ -87,6 +87,26 @@ pub async fn serve_grpc<B: tierlimit::backend::Backend>(
     Server { addr, task }
 }
 
+/// A gRPC channel to `addr` that gives up rather than hang a test.
+pub async fn grpc_channel(addr: SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// A health check (`grpc.health.v1.Health/Check`, of the whole server)
+/// sent as the API key `key`.
+pub fn health_check(key: &str) -> tonic::Request<tonic_health::pb::HealthCheckRequest> {
+    let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    });
+    req.metadata_mut().insert("x-api-key", key.parse().unwrap());
+    req
+}
+
 /// An HTTP client that gives up rather than hang a test.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
