@@ -16,7 +16,8 @@
 //! (on a shared VM, ±40 ns per request between two runs of one binary):
 //! `PROCESSES=N` runs the whole bench in N processes one after another
 //! and prints, per row, the median over the processes of each one's ratio
-//! and paired difference, with their range. Each process after the first
+//! and paired difference, with their range and, from six processes on, a
+//! 95% interval for that median (see `interval`). Each process after the first
 //! moves its heap first (see `shift_heap`), so that the median is taken
 //! over layouts. Quick mode runs two.
 //!
@@ -410,11 +411,13 @@ fn across_processes(args: &[String], n: usize) {
         let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         format!("{} | {} – {}", f(median(v.to_vec())), f(lo), f(hi))
     };
-    println!("\n{n} processes; per row, the median over them and the range\n");
     println!(
-        "| row | above floor / tower_governor's | range | over tower_governor's, paired (ns) | range | processes at or under tower_governor's |"
+        "\n{n} processes; per row, the median over them, the range and a 95% interval for that median (needs 6 processes or more)\n"
     );
-    println!("|---|---:|---|---:|---|---:|");
+    println!(
+        "| row | above floor / tower_governor's | range | 95% interval | over tower_governor's, paired (ns) | range | 95% interval | processes at or under tower_governor's |"
+    );
+    println!("|---|---:|---|---|---:|---|---|---:|");
     for (name, ratio, paired) in rows.iter().filter(|r| !r.0.starts_with("tower_governor")) {
         // Requests/s: higher is better; everything else, lower.
         let mt = name.contains("hot key");
@@ -423,16 +426,45 @@ fn across_processes(args: &[String], n: usize) {
             .filter(|&&r| if mt { r >= 1.0 } else { r <= 1.0 })
             .count();
         let paired = if paired.iter().all(|p| p.is_nan()) {
-            "— | —".to_owned()
+            "— | — | —".to_owned()
         } else {
-            range(paired, &|x| format!("{x:+.0}"))
+            let ns = |x: f64| format!("{x:+.0}");
+            format!("{} | {}", range(paired, &ns), interval(paired, &ns))
         };
+        let times = |x: f64| format!("{x:.2}×");
         println!(
-            "| {name} | {} | {paired} | {under} of {} |",
-            range(ratio, &|x| format!("{x:.2}×")),
+            "| {name} | {} | {} | {paired} | {under} of {} |",
+            range(ratio, &times),
+            interval(ratio, &times),
             ratio.len()
         );
     }
+}
+
+/// A distribution-free 95% interval for the median of `v` (one value per
+/// process, each process its own layout): the order statistics
+/// `x(k)`, `x(n+1-k)` for the largest `k` with P(Binomial(n, ½) < k) ≤
+/// 2.5%. Fewer than 6 values have none ("—").
+fn interval(v: &[f64], f: &dyn Fn(f64) -> String) -> String {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    // P(B < k) for B ~ Binomial(n, ½), k = 1, 2, …
+    let mut below = 0.0;
+    let mut choose = 1.0; // C(n, k - 1)
+    let mut k = 0;
+    for j in 0..n {
+        below += choose / 2f64.powi(n as i32);
+        if below > 0.025 {
+            break;
+        }
+        k = j + 1;
+        choose = choose * (n - j) as f64 / (j + 1) as f64;
+    }
+    if k == 0 {
+        return "—".to_owned();
+    }
+    format!("{} – {}", f(v[k - 1]), f(v[n - k]))
 }
 
 /// One hot key on a multi-thread runtime with both cores: 8 tasks each send
