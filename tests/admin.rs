@@ -488,17 +488,9 @@ async fn a_key_revoked_through_the_admin_api_is_unauthenticated_over_grpc() {
     let server = common::serve_grpc(layer.clone(), health).await;
     let addr = server.addr;
     let check = async |key: &str| {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        });
-        req.metadata_mut().insert("x-api-key", key.parse().unwrap());
+        let channel = common::grpc_channel(addr).await;
         tonic_health::pb::health_client::HealthClient::new(channel)
-            .check(req)
+            .check(common::health_check(key))
             .await
             .map(drop)
             .map_err(|s| s.code())

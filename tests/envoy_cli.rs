@@ -52,12 +52,7 @@ async fn rls_answers_checks_health_and_the_admin_api_on_one_port() {
     assert_eq!(r.overall_code, OK);
     assert_eq!(r.statuses[0].limit_remaining, 999);
     // The health service reports the rate limit service.
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .unwrap();
+    let channel = common::grpc_channel(addr).await;
     let health = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: "envoy.service.ratelimit.v3.RateLimitService".into(),
@@ -195,11 +190,7 @@ async fn without_admin_token_the_admin_api_is_not_found() {
         .unwrap();
     assert_eq!(res.status(), 404);
     // gRPC callers of a service not served still hear UNIMPLEMENTED.
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = common::grpc_channel(addr).await;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let status = grpc

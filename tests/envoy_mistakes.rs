@@ -222,11 +222,7 @@ async fn bytes_that_are_not_utf8_are_a_mistake_not_a_grpc_error() {
     use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
     let clock = FakeRelativeClock::default();
     let s = serve(RateLimitServer::new(&layer(POLICY, &clock))).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", s.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = common::grpc_channel(s.addr).await;
     let mut grpc = tonic::client::Grpc::new(channel);
     let entry = |k: &[u8], v: &[u8]| RawEntry {
         key: k.to_vec(),

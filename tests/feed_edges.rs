@@ -229,7 +229,6 @@ async fn a_failing_sink_counts_its_events_as_failed() {
 /// trailers are sent; a rejected call none.
 #[tokio::test]
 async fn each_admitted_grpc_call_is_one_event() {
-    use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
     setup();
     let (seen, sink) = collecting();
@@ -240,19 +239,8 @@ async fn each_admitted_grpc_call_is_one_event() {
         .build();
     let (_reporter, health) = tonic_health::server::health_reporter();
     let server = common::serve_grpc(layer, tonic::service::Routes::new(health)).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = HealthClient::new(channel);
-    let check = |key: &str| {
-        let mut req = tonic::Request::new(HealthCheckRequest {
-            service: String::new(),
-        });
-        req.metadata_mut().insert("x-api-key", key.parse().unwrap());
-        req
-    };
+    let mut client = HealthClient::new(common::grpc_channel(server.addr).await);
+    let check = common::health_check;
     for _ in 0..3 {
         client.check(check("free-demo-key")).await.unwrap();
     }

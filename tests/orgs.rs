@@ -363,22 +363,13 @@ async fn an_org_refusal_over_grpc_is_resource_exhausted() {
     let (_reporter, health) = tonic_health::server::health_reporter();
     let routes = tonic::service::Routes::new(health);
     let s = common::serve_grpc(layer, routes).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", s.addr))
-        .unwrap()
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .unwrap();
+    let channel = common::grpc_channel(s.addr).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let mut codes = Vec::new();
     for key in [
         "acme-a-1", "acme-a-1", "acme-a-2", "acme-b-1", "acme-b-2", "acme-b-2",
     ] {
-        let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        });
-        req.metadata_mut().insert("x-api-key", key.parse().unwrap());
-        codes.push(match health.check(req).await {
+        codes.push(match health.check(common::health_check(key)).await {
             Ok(_) => tonic::Code::Ok,
             Err(status) => {
                 let limit = status.metadata().get("x-ratelimit-limit").unwrap();

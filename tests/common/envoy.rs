@@ -2,7 +2,6 @@
 //! 127.0.0.1:0 and a real tonic client from the same Envoy types.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
@@ -63,13 +62,7 @@ pub async fn serve<B: tierlimit::backend::Backend>(server: RateLimitServer<B>) -
 }
 
 pub async fn client(addr: SocketAddr) -> RateLimitServiceClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .unwrap();
-    RateLimitServiceClient::new(channel)
+    RateLimitServiceClient::new(super::grpc_channel(addr).await)
 }
 
 pub fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {

@@ -190,7 +190,6 @@ async fn output_debt_refuses_the_next_request_on_redis_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_debt_refuses_the_next_call_over_grpc() {
     use tonic::Code;
-    use tonic::transport::Channel;
     setup();
     let layer = RateLimitLayer::builder(io_policy())
         .backend(common::fake_memory())
@@ -200,11 +199,7 @@ async fn output_debt_refuses_the_next_call_over_grpc() {
     let usage_url = usage.url("/v1/rate_limit");
     let c = client();
     let server = common::serve_grpc(layer, grpc_demo::grpc_routes().await).await;
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = common::grpc_channel(server.addr).await;
     let call = || {
         let mut req = tonic::Request::new(grpc_demo::inference::CompleteRequest {
             prompt: "a b c".into(),
