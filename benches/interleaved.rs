@@ -117,6 +117,9 @@ fn main() {
         return; // `cargo bench -- --list` and friends
     }
     let quick = args.iter().any(|a| a == "--test") || !args.iter().any(|a| a == "--bench");
+    if quick && std::env::var_os(CHILD).is_none() {
+        check_interval();
+    }
     let child = std::env::var_os(CHILD).is_some();
     let processes = env("PROCESSES", if quick { 2 } else { 1 });
     if processes > 1 && !child {
@@ -444,11 +447,15 @@ fn across_processes(args: &[String], n: usize) {
 /// A distribution-free 95% interval for the median of `v` (one value per
 /// process, each process its own layout): the order statistics
 /// `x(k)`, `x(n+1-k)` for the largest `k` with P(Binomial(n, ½) < k) ≤
-/// 2.5%. Fewer than 6 values have none ("—").
+/// 2.5%. Fewer than 6 values have none ("—"), nor more than 1,000 (where
+/// ½ⁿ is no longer a float).
 fn interval(v: &[f64], f: &dyn Fn(f64) -> String) -> String {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
+    if n > 1000 {
+        return "—".to_owned();
+    }
     // P(B < k) for B ~ Binomial(n, ½), k = 1, 2, …
     let mut below = 0.0;
     let mut choose = 1.0; // C(n, k - 1)
@@ -465,6 +472,22 @@ fn interval(v: &[f64], f: &dyn Fn(f64) -> String) -> String {
         return "—".to_owned();
     }
     format!("{} – {}", f(v[k - 1]), f(v[n - k]))
+}
+
+/// `interval` on values whose answer is known: the order statistics a
+/// binomial table gives (n = 6: the 1st and 6th; 10: 2nd and 9th; 16: 4th
+/// and 13th; 101: 41st and 61st), none below 6 values, any order in.
+fn check_interval() {
+    let of = |n: usize| -> String {
+        let v: Vec<f64> = (1..=n).rev().map(|i| i as f64).collect();
+        interval(&v, &|x| format!("{x}"))
+    };
+    assert_eq!(of(5), "—");
+    assert_eq!(of(6), "1 – 6");
+    assert_eq!(of(10), "2 – 9");
+    assert_eq!(of(16), "4 – 13");
+    assert_eq!(of(101), "41 – 61");
+    assert_eq!(of(1001), "—");
 }
 
 /// One hot key on a multi-thread runtime with both cores: 8 tasks each send
