@@ -422,13 +422,21 @@ fn across_processes(args: &[String], n: usize) {
     );
     println!("|---|---:|---|---|---:|---|---|---:|");
     for (name, ratio, paired) in rows.iter().filter(|r| !r.0.starts_with("tower_governor")) {
+        // A row without a figure (NaN: no paired column) in some process
+        // is summarised over the processes that have one.
+        let measured =
+            |v: &[f64]| -> Vec<f64> { v.iter().copied().filter(|x| !x.is_nan()).collect() };
+        let (ratio, paired) = (&measured(ratio), &measured(paired));
+        if ratio.is_empty() {
+            continue;
+        }
         // Requests/s: higher is better; everything else, lower.
         let mt = name.contains("hot key");
         let under = ratio
             .iter()
             .filter(|&&r| if mt { r >= 1.0 } else { r <= 1.0 })
             .count();
-        let paired = if paired.iter().all(|p| p.is_nan()) {
+        let paired = if paired.is_empty() {
             "— | — | —".to_owned()
         } else {
             let ns = |x: f64| format!("{x:+.0}");
@@ -447,8 +455,9 @@ fn across_processes(args: &[String], n: usize) {
 /// A distribution-free 95% interval for the median of `v` (one value per
 /// process, each process its own layout): the order statistics
 /// `x(k)`, `x(n+1-k)` for the largest `k` with P(Binomial(n, ½) < k) ≤
-/// 2.5%. Fewer than 6 values have none ("—"), nor more than 1,000 (where
-/// ½ⁿ is no longer a float).
+/// 2.5%, which covers the median at least 95% of the time. Fewer than 6
+/// values have none ("—"), nor more than 1,000 (2ⁿ overflows a float from
+/// 1,024 on).
 fn interval(v: &[f64], f: &dyn Fn(f64) -> String) -> String {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));

@@ -59,7 +59,7 @@ async fn allowed_calls_carry_rate_limit_metadata() {
     let mut health = HealthClient::new(grpc_channel(server.addr).await);
     let before = unix_now();
     let res = health
-        .check(check_request(&[("x-api-key", "free-demo-key")]))
+        .check(common::health_check("free-demo-key"))
         .await
         .unwrap();
     let md = res.metadata();
@@ -91,13 +91,11 @@ async fn the_101st_check_is_resource_exhausted_with_retry_details() {
     let server = tonic_server(fake_layer(&clock)).await;
     let mut health = HealthClient::new(grpc_channel(server.addr).await);
     for i in 0..100 {
-        let res = health
-            .check(check_request(&[("x-api-key", "free-demo-key")]))
-            .await;
+        let res = health.check(common::health_check("free-demo-key")).await;
         assert!(res.is_ok(), "call {}: {res:?}", i + 1);
     }
     let status = health
-        .check(check_request(&[("x-api-key", "free-demo-key")]))
+        .check(common::health_check("free-demo-key"))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
@@ -136,7 +134,7 @@ async fn the_101st_check_is_resource_exhausted_with_retry_details() {
     clock.advance(Duration::from_secs(36));
     assert!(
         health
-            .check(check_request(&[("x-api-key", "free-demo-key")]))
+            .check(common::health_check("free-demo-key"))
             .await
             .is_ok()
     );
@@ -176,7 +174,7 @@ async fn mixed_server_answers_each_protocol_in_its_own_form() {
     let http = client();
     let mut health = HealthClient::new(grpc_channel(server.addr).await);
 
-    let check = || check_request(&[("x-api-key", "free-demo-key")]);
+    let check = || common::health_check("free-demo-key");
     let account = || {
         http.get(server.url("/v1/account"))
             .header("x-api-key", "free-demo-key")
@@ -220,7 +218,7 @@ async fn mixed_server_answers_each_protocol_in_its_own_form() {
     assert_eq!(meta(res.metadata(), "x-ratelimit-limit"), Some(50));
     // A gRPC caller never sees an HTTP 429, even for bad keys.
     let status = health
-        .check(check_request(&[("x-api-key", "nope")]))
+        .check(common::health_check("nope"))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
@@ -314,7 +312,7 @@ category = "read"
         .build();
     let server = tonic_server(layer).await;
     let mut health = HealthClient::new(grpc_channel(server.addr).await);
-    let check = || check_request(&[("x-api-key", "free-demo-key")]);
+    let check = || common::health_check("free-demo-key");
     let res = health.check(check()).await.unwrap();
     assert_eq!(meta(res.metadata(), "x-ratelimit-limit"), Some(2));
     assert_eq!(meta(res.metadata(), "x-ratelimit-window"), Some(1));
