@@ -16,8 +16,9 @@
 //! (on a shared VM, ±40 ns per request between two runs of one binary):
 //! `PROCESSES=N` runs the whole bench in N processes one after another
 //! and prints, per row, the median over the processes of each one's ratio
-//! and paired difference, with their range and, from six processes on, a
-//! 95% interval for that median (see `interval`). Each process after the first
+//! and paired difference, with their range and, from six processes on, an
+//! interval holding the median over layouts with 95% confidence (see
+//! `interval`). Each process after the first
 //! moves its heap first (see `shift_heap`), so that the median is taken
 //! over layouts. Quick mode runs two.
 //!
@@ -415,7 +416,7 @@ fn across_processes(args: &[String], n: usize) {
         format!("{} | {} – {}", f(median(v.to_vec())), f(lo), f(hi))
     };
     println!(
-        "\n{n} processes; per row, the median over them, the range and a 95% interval for that median (needs 6 processes or more)\n"
+        "\n{n} processes; per row, the median over them, the range and an interval holding the median over layouts with 95% confidence (6 to 1,000 processes)\n"
     );
     println!(
         "| row | above floor / tower_governor's | range | 95% interval | over tower_governor's, paired (ns) | range | 95% interval | processes at or under tower_governor's |"
