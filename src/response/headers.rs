@@ -169,10 +169,10 @@ const SLACK: usize = 512;
 /// a new chunk allocated: two allocations per few hundred values.
 struct Arena {
     buf: BytesMut,
-    /// The last `X-RateLimit-Reset` cut on this thread: the same second is
-    /// written by many requests in a row. Dropped before the chunk is
-    /// taken back, so it never pins one.
-    reset: Option<(u64, Bytes)>,
+    /// The last `X-RateLimit-Reset` value made on this thread, checked
+    /// once: the same second is written by many requests in a row.
+    /// Dropped before the chunk is taken back, so it never pins one.
+    reset: Option<(u64, HeaderValue)>,
 }
 
 thread_local! {
@@ -209,23 +209,35 @@ impl Arena {
         self.buf.split().freeze()
     }
 
-    /// The `X-RateLimit-Reset` value for Unix second `secs`.
-    fn reset(&mut self, secs: u64) -> Bytes {
-        if let Some((s, v)) = &self.reset
-            && *s == secs
-        {
-            return v.clone();
+    /// The `X-RateLimit-Reset` value for Unix second `secs`: cut and
+    /// checked (as a header value) once per second, then shared.
+    fn reset(&mut self, secs: u64) -> Option<&HeaderValue> {
+        if !matches!(&self.reset, Some((s, _)) if *s == secs) {
+            let mut digits = itoa::Buffer::new();
+            let v = value(Some(self.cut(&[digits.format(secs).as_bytes()])))?;
+            self.reset = Some((secs, v));
         }
-        let mut digits = itoa::Buffer::new();
-        let v = self.cut(&[digits.format(secs).as_bytes()]);
-        self.reset = Some((secs, v.clone()));
-        v
+        self.reset.as_ref().map(|(_, v)| v)
     }
 }
 
-/// `X-RateLimit-Reset`'s value: Unix seconds, the same for many requests.
-fn reset_value(secs: u64) -> HeaderValue {
-    value(Arena::with(|arena| arena.reset(secs))).unwrap_or_else(|| int(secs))
+/// Writes a reset field (`name`: Unix seconds `secs`, the same for many
+/// requests in a row), inserted where the arena lends the shared value:
+/// a value handed back out of the thread-local's closure would be copied
+/// with its padding (see [`value`]).
+fn insert_reset(headers: &mut HeaderMap, name: HeaderName, secs: u64) {
+    let mut name = Some(name);
+    Arena::with(|arena| {
+        if let Some(v) = arena.reset(secs)
+            && let Some(name) = name.take()
+        {
+            headers.insert(name, v.clone());
+        }
+    });
+    // Past the arena (busy, or at a thread's teardown).
+    if let Some(name) = name {
+        headers.insert(name, int(secs));
+    }
 }
 
 /// The headers of one decision, worked out when the decision is made: an
@@ -414,7 +426,7 @@ impl HeaderPlan {
             if t.limit > 0 {
                 headers.insert(limit.clone(), int(u64::from(t.limit)));
                 headers.insert(remaining.clone(), int(u64::from(t.remaining)));
-                headers.insert(reset.clone(), reset_value(u64::from(t.reset_at)));
+                insert_reset(headers, reset.clone(), u64::from(t.reset_at));
             }
         }
     }
@@ -453,7 +465,7 @@ impl HeaderPlan {
             };
             headers.insert(X_RATELIMIT_LIMIT, limit);
             headers.insert(X_RATELIMIT_REMAINING, int(u64::from(self.remaining)));
-            headers.insert(X_RATELIMIT_RESET, reset_value(self.reset_at));
+            insert_reset(headers, X_RATELIMIT_RESET, self.reset_at);
             let window = if u64::from(self.window) == cell.window_secs {
                 cell.window.clone()
             } else {

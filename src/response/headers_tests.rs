@@ -42,6 +42,14 @@ fn arena_values_survive_the_chunk_being_reused_or_replaced() {
     }
 }
 
+/// `X-RateLimit-Reset`'s value for `secs`, as a response gets it.
+fn reset_value(secs: u64) -> HeaderValue {
+    let mut headers = HeaderMap::new();
+    insert_reset(&mut headers, X_RATELIMIT_RESET, secs);
+    assert_eq!(headers.len(), 1);
+    headers.remove(X_RATELIMIT_RESET).unwrap()
+}
+
 /// On a thread of its own: an arena no other test has touched.
 fn on_fresh_thread(f: impl FnOnce() + Send + 'static) {
     std::thread::spawn(f).join().unwrap();
