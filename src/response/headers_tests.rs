@@ -73,6 +73,33 @@ fn reset_values_follow_the_second() {
 }
 
 #[test]
+fn a_reset_field_written_again_replaces_the_first() {
+    on_fresh_thread(|| {
+        let mut headers = HeaderMap::new();
+        // The same second, a later one, then back: one field each time,
+        // holding the last second written (the memo's value or a new one).
+        for secs in [
+            1_800_000_000u64,
+            1_800_000_000,
+            1_800_000_001,
+            7,
+            1_800_000_000,
+        ] {
+            insert_reset(&mut headers, X_RATELIMIT_RESET, secs);
+            let all: Vec<_> = headers.get_all(X_RATELIMIT_RESET).iter().collect();
+            assert_eq!(all.len(), 1, "{secs}");
+            assert_eq!(all[0].to_str().unwrap(), secs.to_string());
+        }
+        // A second field beside it (a token reset) leaves it alone.
+        let token_reset = &TOKEN_HEADERS[0][2];
+        insert_reset(&mut headers, token_reset.clone(), 1_800_000_005);
+        assert_eq!(headers.len(), 2);
+        assert_eq!(headers[X_RATELIMIT_RESET], "1800000000");
+        assert_eq!(headers[token_reset], "1800000005");
+    });
+}
+
+#[test]
 fn the_reset_cache_never_keeps_a_chunk_from_being_taken_back() {
     on_fresh_thread(|| {
         let first = int(5_000);
