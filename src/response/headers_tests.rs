@@ -136,6 +136,13 @@ fn a_busy_arena_falls_back_without_panicking() {
         let mut headers = HeaderMap::new();
         plan().write(&mut headers);
         assert_exact(&headers);
+        // A reset field written again past the arena replaces the first.
+        let mut headers = HeaderMap::new();
+        for secs in [1_800_000_000u64, 1_800_000_001] {
+            insert_reset(&mut headers, X_RATELIMIT_RESET, secs);
+        }
+        let all: Vec<_> = headers.get_all(X_RATELIMIT_RESET).iter().collect();
+        assert_eq!(all, ["1800000001"]);
     });
 }
 
