@@ -50,6 +50,17 @@ fn reset_value(secs: u64) -> HeaderValue {
     headers.remove(X_RATELIMIT_RESET).unwrap()
 }
 
+/// Writes the reset field for each of `seconds` into `headers` in turn:
+/// after each write the map holds that field once, with that second.
+fn assert_each_write_replaces(headers: &mut HeaderMap, seconds: &[u64]) {
+    for &secs in seconds {
+        insert_reset(headers, X_RATELIMIT_RESET, secs);
+        let all: Vec<_> = headers.get_all(X_RATELIMIT_RESET).iter().collect();
+        assert_eq!(all.len(), 1, "{secs}");
+        assert_eq!(all[0].to_str().unwrap(), secs.to_string());
+    }
+}
+
 /// On a thread of its own: an arena no other test has touched.
 fn on_fresh_thread(f: impl FnOnce() + Send + 'static) {
     std::thread::spawn(f).join().unwrap();
@@ -76,20 +87,16 @@ fn reset_values_follow_the_second() {
 fn a_reset_field_written_again_replaces_the_first() {
     on_fresh_thread(|| {
         let mut headers = HeaderMap::new();
-        // The same second, a later one, then back: one field each time,
-        // holding the last second written (the memo's value or a new one).
-        for secs in [
-            1_800_000_000u64,
+        // The same second, a later one, then back (the memo's value or a
+        // new one each time).
+        let seconds = [
+            1_800_000_000,
             1_800_000_000,
             1_800_000_001,
             7,
             1_800_000_000,
-        ] {
-            insert_reset(&mut headers, X_RATELIMIT_RESET, secs);
-            let all: Vec<_> = headers.get_all(X_RATELIMIT_RESET).iter().collect();
-            assert_eq!(all.len(), 1, "{secs}");
-            assert_eq!(all[0].to_str().unwrap(), secs.to_string());
-        }
+        ];
+        assert_each_write_replaces(&mut headers, &seconds);
         // A second field beside it (a token reset) leaves it alone.
         let token_reset = &TOKEN_HEADERS[0][2];
         insert_reset(&mut headers, token_reset.clone(), 1_800_000_005);
@@ -137,12 +144,7 @@ fn a_busy_arena_falls_back_without_panicking() {
         plan().write(&mut headers);
         assert_exact(&headers);
         // A reset field written again past the arena replaces the first.
-        let mut headers = HeaderMap::new();
-        for secs in [1_800_000_000u64, 1_800_000_001] {
-            insert_reset(&mut headers, X_RATELIMIT_RESET, secs);
-        }
-        let all: Vec<_> = headers.get_all(X_RATELIMIT_RESET).iter().collect();
-        assert_eq!(all, ["1800000001"]);
+        assert_each_write_replaces(&mut HeaderMap::new(), &[1_800_000_000, 1_800_000_001]);
     });
 }
 
