@@ -19,6 +19,10 @@
 //! measures nothing.
 #![allow(missing_docs)]
 
+#[path = "../tests/common/secret.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod secret;
+
 #[path = "../tests/common/redis.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod fixture;

@@ -15,6 +15,10 @@
 //! `TIERLIMIT_REQUIRE_REDIS=1` (CI), which makes that a failure.
 #![allow(missing_docs)]
 
+#[path = "../tests/common/secret.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod secret;
+
 #[path = "../tests/common/redis.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod fixture;

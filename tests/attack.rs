@@ -18,7 +18,7 @@ use std::time::Duration;
 /// set first whichever test runs first (a key hashed before it is set
 /// would fix a random one).
 fn secret() {
-    let _ = tierlimit::set_key_secret(b"tierlimit-test-secret-0123456789");
+    let _ = tierlimit::set_key_secret(common::secret::SECRET);
 }
 
 /// Whether Redis tests can run here; sets the secret.

@@ -30,5 +30,5 @@ mod grpc_demo;
 /// Every test of this binary hashes keys with the secret the Redis tests
 /// need (one secret per process, whichever test hashes first).
 fn secret() {
-    let _ = tierlimit::set_key_secret(b"tierlimit-test-secret-0123456789");
+    let _ = tierlimit::set_key_secret(common::secret::SECRET);
 }

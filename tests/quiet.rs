@@ -23,12 +23,9 @@ use common::{client, fake_memory, serve};
 use tierlimit::{HeaderOptions, Policy, RateLimitLayer};
 
 /// Every test starts here: the key secret the Redis test needs is set
-/// before any key is hashed (a policy's keys are, when it is read). The
-/// same as `common::redis::SECRET`, which exists only with the `redis`
-/// feature (and which a bench includes by path, outside `common`).
+/// before any key is hashed (a policy's keys are, when it is read).
 fn secret() {
-    static SECRET: std::sync::Once = std::sync::Once::new();
-    SECRET.call_once(|| tierlimit::set_key_secret(b"tierlimit-test-secret-0123456789").unwrap());
+    common::secret::init_secret();
 }
 
 /// Headers off.

@@ -9,6 +9,7 @@ pub mod feed;
 pub mod one;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod secret;
 
 use std::net::SocketAddr;
 use std::time::Duration;

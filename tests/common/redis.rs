@@ -7,12 +7,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Every instance in a test binary hashes keys with this secret.
-pub const SECRET: &[u8] = b"tierlimit-test-secret-0123456789";
-
-pub fn init_secret() {
-    tierlimit::set_key_secret(SECRET).expect("one secret per test binary");
-}
+// `common::secret`; a bench that includes this file by path includes
+// `secret.rs` beside it.
+#[allow(unused_imports)] // not every binary sets it through here
+pub use super::secret::init_secret;
 
 /// Whether Redis tests can run here (see [`available`]); sets the secret.
 pub fn ready() -> bool {
