@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 // `common::secret`; a bench that includes this file by path includes
 // `secret.rs` beside it.
-#[allow(unused_imports)] // not every binary sets it through here
 pub use super::secret::init_secret;
 
 /// Whether Redis tests can run here (see [`available`]); sets the secret.
