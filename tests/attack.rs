@@ -15,8 +15,8 @@ mod demo;
 use std::time::Duration;
 
 /// Every test of this binary hashes keys with the tests' secret
-/// (`common::secret`), set first whichever test runs first (a key hashed before it is set
-/// would fix a random one).
+/// (`common::secret`), set first whichever test runs first (a key hashed
+/// before it is set would fix a random one).
 fn secret() {
     let _ = tierlimit::set_key_secret(common::secret::SECRET);
 }

@@ -29,7 +29,7 @@ mod grpc_demo;
 
 /// Every test of this binary hashes keys with the secret the Redis tests
 /// need (one secret per process, whichever test hashes first). Without
-/// them (and `common`), nothing needs it.
+/// the Redis features (and so `common`), nothing needs it.
 fn secret() {
     #[cfg(all(feature = "redis", feature = "test-util"))]
     let _ = tierlimit::set_key_secret(common::secret::SECRET);
