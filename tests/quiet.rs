@@ -22,12 +22,6 @@ use axum::routing::get;
 use common::{client, fake_memory, serve};
 use tierlimit::{HeaderOptions, Policy, RateLimitLayer};
 
-/// Every test starts here: the key secret the Redis test needs is set
-/// before any key is hashed (a policy's keys are, when it is read).
-fn secret() {
-    common::secret::init_secret();
-}
-
 /// Headers off.
 fn quiet() -> HeaderOptions {
     HeaderOptions::default()
@@ -84,7 +78,7 @@ async fn burst(urls: &[String], tasks: usize, each: usize) -> (u32, u32) {
 /// once) against 50 a day: exactly 50 pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writing_no_header_admits_exactly_the_limit_under_a_burst() {
-    secret();
+    common::secret::init_secret();
     let layer = RateLimitLayer::builder(policy("50/day", ""))
         .backend(fake_memory())
         .headers(quiet())
@@ -97,7 +91,7 @@ async fn writing_no_header_admits_exactly_the_limit_under_a_burst() {
 /// refusals are counted.
 #[tokio::test]
 async fn writing_no_header_in_shadow_mode_passes_and_counts() {
-    secret();
+    common::secret::init_secret();
     let layer = RateLimitLayer::builder(policy("2/day", "[shadow]\ntiers = [\"t\"]\n"))
         .backend(fake_memory())
         .headers(quiet())
@@ -115,7 +109,7 @@ async fn grpc_writing_no_header_is_exhausted_past_the_limit() {
     use common::{grpc_channel, health_check};
     use tonic_health::pb::health_client::HealthClient;
 
-    secret();
+    common::secret::init_secret();
     let layer = RateLimitLayer::builder(common::spec_policy())
         .backend(fake_memory())
         .headers(quiet())
@@ -145,7 +139,7 @@ async fn writing_no_header_on_redis_is_exact_across_servers_and_fails_closed() {
     use tierlimit::RedisBackend;
     use tierlimit::backend::FailurePolicy;
 
-    secret();
+    common::secret::init_secret();
     let headers = quiet();
     if !available() {
         return;
